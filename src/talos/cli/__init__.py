@@ -1,0 +1,1 @@
+"""The ``talos`` command line: one module per command group."""

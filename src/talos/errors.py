@@ -1,0 +1,316 @@
+"""Every exception Talos raises on purpose.
+
+The tree::
+
+    TalosError                      diagnostics() -> guidance for the CLI
+    ├── ConfigurationError
+    │   └── IdentityExists
+    ├── ProtocolError
+    │   ├── LocalProtocolError      the caller misused the API
+    │   └── RemoteProtocolError     the peer (or the bytes) misbehaved
+    │       ├── MalformedFrame
+    │       └── UnsupportedVersion
+    ├── CryptoError
+    │   ├── DecryptionFailed        opaque on purpose: no oracle for attackers
+    │   ├── DuplicateMessage
+    │   ├── StaleMessage
+    │   ├── TooManySkippedKeys
+    │   └── KeyAgreementFailed
+    ├── VerificationError
+    │   ├── SignatureInvalid
+    │   ├── KeyLogInvalid           fork, gap, replayed sequence, broken pre-rotation
+    │   ├── CapabilityDenied
+    │   │   ├── Expired
+    │   │   ├── NotYetValid
+    │   │   ├── ScopeMismatch
+    │   │   ├── Revoked
+    │   │   ├── RevocationListStale
+    │   │   └── ChainTooDeep
+    │   ├── InclusionProofError
+    │   ├── ConsistencyError        carries both roots and the proof
+    │   └── AnchorMismatch
+    ├── DeliveryError
+    │   ├── PeerRejected
+    │   ├── DeliveryTimeout
+    │   └── QueueFull
+    ├── StorageError
+    │   ├── AuditFull
+    │   ├── StoreCorrupted          names where and what
+    │   │   └── KeyFileCorrupted
+    │   ├── IdentityNotFound
+    │   └── BackupInvalid           wrong passphrase or damaged backup
+    ├── DiscoveryError
+    │   ├── PeerNotFound
+    │   └── RegistryUnavailable
+    ├── AnchoringError
+    └── SessionError
+
+The library raises these and stays quiet; the CLI prints ``diagnostics()``,
+which adds what an operator can do about it. Messages never include secrets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TalosError(Exception):
+    """Base class of every error Talos raises deliberately."""
+
+    #: What an operator can try; subclasses override it.
+    hint: str = ""
+
+    def diagnostics(self) -> str:
+        """Human-oriented explanation: the message plus a suggested next step."""
+        text = f"{type(self).__name__}: {self}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+# -- configuration ----------------------------------------------------------
+
+
+class ConfigurationError(TalosError):
+    """The caller's configuration or arguments are invalid."""
+
+    hint = "check the command-line options, environment variables and agent home"
+
+
+class IdentityExists(ConfigurationError):
+    """An identity already lives in this home and would be overwritten."""
+
+    hint = (
+        "use `talos init --new-identity` to archive it and create a new one "
+        "(capabilities granted to the old identity are lost)"
+    )
+
+
+# -- protocol ---------------------------------------------------------------
+
+
+class ProtocolError(TalosError):
+    """A protocol rule was broken."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side misused the API (a bug in the caller, not the peer)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """Bytes from the peer or the network are not acceptable."""
+
+    hint = "the sender runs an incompatible or misbehaving implementation, or data was corrupted"
+
+
+class MalformedFrame(RemoteProtocolError):
+    """An encoded frame is not well formed: size, structure, fields or types."""
+
+
+class UnsupportedVersion(RemoteProtocolError):
+    """A frame or persisted object uses a format version this build does not know."""
+
+    hint = "upgrade Talos on the side that cannot read the newer format"
+
+
+# -- cryptography -------------------------------------------------------------
+
+
+class CryptoError(TalosError):
+    """A cryptographic operation did not succeed."""
+
+
+class DecryptionFailed(CryptoError):
+    """A ciphertext could not be authenticated. Deliberately says nothing more."""
+
+    hint = (
+        "if this repeats for one peer, the session state has diverged: "
+        "reset and re-establish the session"
+    )
+
+
+class DuplicateMessage(CryptoError):
+    """This message was already received and processed."""
+
+
+class StaleMessage(CryptoError):
+    """This message is older than the replay window and cannot be checked for replay."""
+
+    hint = "check both clocks (`talos diagnose --check-clock`) and the replay window"
+
+
+class TooManySkippedKeys(CryptoError):
+    """Accepting this message would skip more message keys than the session allows."""
+
+    hint = "many messages were lost in transit; reset the session if this persists"
+
+
+class KeyAgreementFailed(CryptoError):
+    """X3DH or a DH ratchet step could not produce a shared secret."""
+
+    hint = "fetch a fresh prekey bundle for the peer and establish the session again"
+
+
+# -- verification -----------------------------------------------------------
+
+
+class VerificationError(TalosError):
+    """Something claimed could not be verified."""
+
+
+class SignatureInvalid(VerificationError):
+    """A signature does not verify under the expected key."""
+
+    hint = "possibly tampering or corruption; the event is recorded in the audit log"
+
+
+class KeyLogInvalid(VerificationError):
+    """A key event log is not a valid, linear, correctly pre-rotated history."""
+
+    def __init__(self, message: str, *, sequence: int | None = None) -> None:
+        super().__init__(message)
+        #: The sequence number of the first offending event, when known.
+        self.sequence = sequence
+
+
+class CapabilityDenied(VerificationError):
+    """A capability does not authorize the requested action."""
+
+
+class Expired(CapabilityDenied):
+    """The capability (or one in its delegation chain) has expired."""
+
+
+class NotYetValid(CapabilityDenied):
+    """The capability is not valid yet (or its issuer's clock is skewed)."""
+
+
+class ScopeMismatch(CapabilityDenied):
+    """The capability does not cover this action or resource."""
+
+
+class Revoked(CapabilityDenied):
+    """The capability (or one in its chain) was revoked by its issuer."""
+
+
+class RevocationListStale(CapabilityDenied):
+    """The issuer's revocation list is too old to trust in the configured mode."""
+
+
+class ChainTooDeep(CapabilityDenied):
+    """The delegation chain is longer than allowed."""
+
+
+class InclusionProofError(VerificationError):
+    """A Merkle inclusion proof does not lead to the expected root."""
+
+
+class ConsistencyError(VerificationError):
+    """Two tree heads are not consistent: carries both roots and the proof as evidence."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        size1: int,
+        size2: int,
+        root1: bytes,
+        root2: bytes,
+        proof: Sequence[bytes],
+    ) -> None:
+        super().__init__(message)
+        self.size1 = size1
+        self.size2 = size2
+        self.root1 = root1
+        self.root2 = root2
+        self.proof = tuple(proof)
+
+
+class AnchorMismatch(VerificationError):
+    """A root anchored externally differs from the local one."""
+
+
+# -- delivery ---------------------------------------------------------------
+
+
+class DeliveryError(TalosError):
+    """A message could not be delivered as requested."""
+
+
+class PeerRejected(DeliveryError):
+    """The peer received the message and refused it, with its signed reason."""
+
+
+class DeliveryTimeout(DeliveryError):
+    """No acknowledgement arrived in time."""
+
+
+class QueueFull(DeliveryError):
+    """The outbox holds ``queue_limit`` messages already."""
+
+
+# -- storage ----------------------------------------------------------------
+
+
+class StorageError(TalosError):
+    """Persistent state could not be read or written."""
+
+
+class AuditFull(StorageError):
+    """The audit log reached its size limit or the disk is full."""
+
+    hint = "free disk space or raise audit max_size; committed entries are intact"
+
+
+class StoreCorrupted(StorageError):
+    """Persistent data fails its integrity check."""
+
+    def __init__(self, message: str, *, where: str, what: str) -> None:
+        super().__init__(message)
+        self.where = where
+        self.what = what
+
+
+class KeyFileCorrupted(StoreCorrupted):
+    """An identity key file is damaged or cannot be decrypted."""
+
+    hint = "restore the identity with `talos recover --backup FILE`"
+
+
+class IdentityNotFound(StorageError):
+    """The agent home holds no identity."""
+
+    hint = "create one with `talos init --name NAME` or point --home / TALOS_HOME elsewhere"
+
+
+class BackupInvalid(StorageError):
+    """A backup cannot be opened: wrong passphrase, or the file is damaged."""
+
+    hint = "check the passphrase and the backup file; nothing was overwritten"
+
+
+# -- discovery, anchoring, sessions ------------------------------------------
+
+
+class DiscoveryError(TalosError):
+    """A peer could not be located."""
+
+
+class PeerNotFound(DiscoveryError):
+    """No registry, DHT node or cache knows this peer."""
+
+
+class RegistryUnavailable(DiscoveryError):
+    """The registry could not be reached."""
+
+    hint = "check `talos diagnose --network`; enable DHT discovery as a fallback"
+
+
+class AnchoringError(TalosError):
+    """An audit checkpoint could not be anchored."""
+
+
+class SessionError(TalosError):
+    """A session is missing or in a state that does not allow the operation."""
+
+    hint = "establish the session again (`reset_session` then `establish_session`)"

@@ -1,0 +1,1 @@
+"""Persistent state: key files in the agent home (and, later, LMDB stores)."""

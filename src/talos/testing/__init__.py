@@ -1,0 +1,66 @@
+"""Fakes for time and randomness, for Talos's tests and for yours.
+
+Only time and randomness are faked in Talos's own test suite; everything
+else (sockets, LMDB, processes) is real.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+__all__ = ["FakeClock", "SeededRng"]
+
+
+class FakeClock:
+    """A clock that moves only when told to.
+
+    ``time()`` and ``monotonic()`` advance together through :meth:`advance`;
+    :meth:`set_time` moves only the wall clock, the way an operator (or NTP)
+    stepping the system clock would.
+    """
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self._wall = float(start)
+        self._mono = 0.0
+
+    def time(self) -> float:
+        return self._wall
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass (must not be negative)."""
+        if seconds < 0:
+            raise ValueError("time does not run backwards; use set_time() to step the clock")
+        self._wall += seconds
+        self._mono += seconds
+
+    def set_time(self, wall: float) -> None:
+        """Step the wall clock to ``wall`` without touching the monotonic clock."""
+        self._wall = float(wall)
+
+
+class SeededRng:
+    """Deterministic bytes from a seed (HMAC-SHA256 in counter mode).
+
+    Reproducible, and distinct seeds give independent streams. Never use it
+    outside tests: anyone who knows the seed knows every key.
+    """
+
+    def __init__(self, seed: int | bytes = 0) -> None:
+        if isinstance(seed, int):
+            seed = seed.to_bytes(16, "big", signed=True)
+        self._key = hashlib.sha256(b"talos.testing.SeededRng" + seed).digest()
+        self._counter = 0
+
+    def bytes(self, n: int) -> bytes:
+        if n < 0:
+            raise ValueError("n must not be negative")
+        out = bytearray()
+        while len(out) < n:
+            block = self._counter.to_bytes(8, "big")
+            out += hmac.digest(self._key, block, "sha256")
+            self._counter += 1
+        return bytes(out[:n])
