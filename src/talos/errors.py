@@ -38,6 +38,7 @@ The tree::
     │   ├── StoreCorrupted          names where and what
     │   │   └── KeyFileCorrupted
     │   ├── IdentityNotFound
+    │   ├── WrongPassphrase         the key file is intact; the passphrase is not right
     │   └── BackupInvalid           wrong passphrase or damaged backup
     ├── DiscoveryError
     │   ├── PeerNotFound
@@ -281,6 +282,12 @@ class IdentityNotFound(StorageError):
     """The agent home holds no identity."""
 
     hint = "create one with `talos init --name NAME` or point --home / TALOS_HOME elsewhere"
+
+
+class WrongPassphrase(StorageError):
+    """The key file is intact but the passphrase does not open it."""
+
+    hint = "supply the key passphrase with --key-passphrase-file or TALOS_KEY_PASSPHRASE"
 
 
 class BackupInvalid(StorageError):

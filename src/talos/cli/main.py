@@ -1,0 +1,84 @@
+"""Entry point of the ``talos`` command and its error handling.
+
+Library code raises :class:`~talos.errors.TalosError`; this module turns it into
+a message on stderr (``diagnostics()``, which adds guidance) and an exit code,
+never a traceback. Exit codes are documented in ``docs/cli.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from talos.cli.backup import backup, recover
+from talos.cli.context import CliContext
+from talos.cli.identity import init, rotate, whoami
+from talos.errors import (
+    BackupInvalid,
+    IdentityExists,
+    IdentityNotFound,
+    StoreCorrupted,
+    TalosError,
+    WrongPassphrase,
+)
+from talos.storage.home import default_home
+
+__all__ = ["EXIT_CODES", "cli", "main"]
+
+#: Exit status per error family; the first matching class wins.
+EXIT_CODES: tuple[tuple[type[TalosError], int], ...] = (
+    (StoreCorrupted, 3),
+    (IdentityNotFound, 4),
+    (IdentityExists, 4),
+    (WrongPassphrase, 5),
+    (BackupInvalid, 5),
+    (TalosError, 1),
+)
+
+
+def exit_code_for(error: TalosError) -> int:
+    """The documented exit status for ``error``."""
+    return next(code for kind, code in EXIT_CODES if isinstance(error, kind))
+
+
+class TalosGroup(click.Group):
+    """A click group that reports Talos errors as messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TalosError as error:
+            Console(stderr=True, highlight=False).print(
+                f"[bold red]error:[/] {error.diagnostics()}", markup=True, soft_wrap=True
+            )
+            ctx.exit(exit_code_for(error))
+
+
+@click.group(cls=TalosGroup)
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TALOS_HOME",
+    default=None,
+    help="Agent home directory (default: $TALOS_HOME or ~/.talos).",
+)
+@click.version_option(package_name="talos")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None) -> None:
+    """Talos: secure, authorized, auditable messaging between software agents."""
+    ctx.obj = CliContext(home=home or default_home())
+
+
+cli.add_command(init)
+cli.add_command(whoami)
+cli.add_command(rotate)
+cli.add_command(backup)
+cli.add_command(recover)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="talos")

@@ -1,0 +1,163 @@
+"""An agent's identity: its key event log plus the secrets behind it.
+
+An :class:`Identity` holds
+
+* the current Ed25519 signing key and the X25519 identity DH key, both named
+  by the newest event of the key log;
+* the *pre-rotated* next signing key, committed to (by digest only) in that
+  event — it must be backed up with everything else, since it is the only
+  way to rotate after the current key is lost or stolen;
+* the verified :class:`~talos.core.keylog.KeyLog` itself.
+
+Identities are immutable: :meth:`Identity.rotate` returns a new one. The
+secret serialization (:meth:`to_secret_bytes`) is what the key file and the
+backup encrypt; it is versioned and strictly decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from talos.core.clock import Clock, time_ms
+from talos.core.crypto import KEY_SIZE, DHKey, SigningKey, constant_time_equal, sha256
+from talos.core.encoding import canonical_dumps, strict_loads
+from talos.core.keylog import KeyLog, KeyState, next_key_digest
+from talos.core.rng import Rng
+from talos.errors import ConfigurationError, KeyLogInvalid, MalformedFrame, UnsupportedVersion
+
+__all__ = ["SECRET_FORMAT_VERSION", "Identity", "fingerprint"]
+
+SECRET_FORMAT_VERSION: Final = 1
+_SECRET_FIELDS = frozenset({"v", "name", "sk", "dh", "next", "log"})
+_MAX_SECRET_SIZE = 1 << 20
+_MAX_NAME = 128
+
+
+def fingerprint(public_key: bytes) -> str:
+    """A short, human-comparable fingerprint of a public key (SHA-256, 4-hex groups)."""
+    digest = sha256(public_key).hex()[:32]
+    return ":".join(digest[i : i + 4] for i in range(0, 32, 4))
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An agent's secrets and its verified key event log."""
+
+    name: str
+    signing_key: SigningKey
+    dh_key: DHKey
+    next_signing_key: SigningKey
+    keylog: KeyLog
+
+    @classmethod
+    def create(cls, name: str, *, rng: Rng, clock: Clock) -> Identity:
+        """Generate a new identity (inception) named ``name``."""
+        _check_name(name)
+        signing = SigningKey.generate(rng)
+        dh = DHKey.generate(rng)
+        nxt = SigningKey.generate(rng)
+        log = KeyLog.incept(signing, dh.public, nxt.public_key, now_ms=time_ms(clock))
+        return cls(name, signing, dh, nxt, log)
+
+    @property
+    def agent_id(self) -> str:
+        return self.keylog.agent_id
+
+    @property
+    def state(self) -> KeyState:
+        return self.keylog.state
+
+    @property
+    def sequence(self) -> int:
+        return self.keylog.state.sequence
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.signing_key.public_key.raw)
+
+    def rotate(self, *, rng: Rng, clock: Clock) -> Identity:
+        """Planned rotation: promote the pre-committed key, commit to a fresh one.
+
+        The identity DH key is replaced too, so sessions established after the
+        rotation use keys the old signing key never vouched for.
+        """
+        new_dh = DHKey.generate(rng)
+        new_next = SigningKey.generate(rng)
+        log = self.keylog.rotate(
+            self.next_signing_key, new_dh.public, new_next.public_key, now_ms=time_ms(clock)
+        )
+        return Identity(self.name, self.next_signing_key, new_dh, new_next, log)
+
+    # -- secret serialization ---------------------------------------------
+
+    def to_secret_bytes(self) -> bytes:
+        """Every secret plus the log, as versioned canonical CBOR. Encrypt before storing."""
+        return canonical_dumps(
+            {
+                "v": SECRET_FORMAT_VERSION,
+                "name": self.name,
+                "sk": self.signing_key.seed(),
+                "dh": self.dh_key.private_bytes(),
+                "next": self.next_signing_key.seed(),
+                "log": self.keylog.to_bytes(),
+            }
+        )
+
+    @classmethod
+    def from_secret_bytes(cls, data: bytes) -> Identity:
+        """Rebuild an identity and check its secrets match its verified log.
+
+        Raises:
+            MalformedFrame: not a well-formed identity record.
+            UnsupportedVersion: written by a newer format version.
+            KeyLogInvalid: the log is invalid, or the secrets do not match it.
+        """
+        raw = strict_loads(data, max_size=_MAX_SECRET_SIZE)
+        if not isinstance(raw, dict) or set(raw) != _SECRET_FIELDS:
+            raise MalformedFrame("identity record has the wrong fields")
+        if raw["v"] != SECRET_FORMAT_VERSION:
+            raise UnsupportedVersion(f"identity record version {raw['v']!r} is not supported")
+        name = raw["name"]
+        if not isinstance(name, str):
+            raise MalformedFrame("identity name must be text")
+        for field in ("sk", "dh", "next", "log"):
+            if type(raw[field]) is not bytes:
+                raise MalformedFrame(f"identity field {field!r} must be bytes")
+        for field in ("sk", "dh", "next"):
+            if len(raw[field]) != KEY_SIZE:
+                raise MalformedFrame(f"identity field {field!r} must be {KEY_SIZE} bytes")
+        identity = cls(
+            name,
+            SigningKey(raw["sk"]),
+            DHKey(raw["dh"]),
+            SigningKey(raw["next"]),
+            KeyLog.from_bytes(raw["log"]),
+        )
+        identity._check_consistent()
+        return identity
+
+    def _check_consistent(self) -> None:
+        state = self.keylog.state
+        if not constant_time_equal(self.signing_key.public_key.raw, state.signing_key.raw):
+            raise KeyLogInvalid("signing key does not match the key log")
+        if not constant_time_equal(self.dh_key.public, state.dh_key):
+            raise KeyLogInvalid("identity DH key does not match the key log")
+        committed = next_key_digest(self.next_signing_key.public_key)
+        if not constant_time_equal(committed, state.next_digest):
+            raise KeyLogInvalid("pre-rotated key does not match the key log's commitment")
+
+    def public_summary(self) -> dict[str, Any]:
+        """What ``whoami`` shows: nothing secret."""
+        return {
+            "agent_id": self.agent_id,
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "signing_key": self.signing_key.public_key.raw.hex(),
+            "sequence": self.sequence,
+        }
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name) > _MAX_NAME or not name.isprintable():
+        raise ConfigurationError(f"agent name must be 1-{_MAX_NAME} printable characters")

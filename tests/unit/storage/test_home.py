@@ -1,0 +1,146 @@
+"""The agent home on a real filesystem: atomic writes, corruption, archives, backups."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from talos.core.crypto import Argon2Params
+from talos.core.identity import Identity
+from talos.errors import (
+    BackupInvalid,
+    ConfigurationError,
+    IdentityNotFound,
+    KeyFileCorrupted,
+    WrongPassphrase,
+)
+from talos.storage.home import AgentHome, atomic_write
+from talos.testing import FakeClock, SeededRng
+
+FAST = Argon2Params(time_cost=1, memory_kib=64, parallelism=1)
+
+
+@pytest.fixture
+def identity(rng: SeededRng, clock: FakeClock) -> Identity:
+    return Identity.create("alice", rng=rng, clock=clock)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> AgentHome:
+    return AgentHome(tmp_path / "home")
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_local_key_mode(home: AgentHome, identity: Identity, rng: SeededRng) -> None:
+    home.save_identity(identity, rng=rng, passphrase=None)
+    assert home.load_identity(passphrase=None).agent_id == identity.agent_id
+    assert stat.S_IMODE(home.local_key_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.identity_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.path.stat().st_mode) == 0o700
+    assert not home.needs_passphrase()
+
+
+def test_local_key_is_reused_across_saves(
+    home: AgentHome, identity: Identity, rng: SeededRng, clock: FakeClock
+) -> None:
+    home.save_identity(identity, rng=rng, passphrase=None)
+    key = home.local_key_path.read_bytes()
+    home.save_identity(identity.rotate(rng=rng, clock=clock), rng=rng, passphrase=None)
+    assert home.local_key_path.read_bytes() == key
+    assert home.load_identity(passphrase=None).sequence == 1
+
+
+def test_passphrase_mode(home: AgentHome, identity: Identity, rng: SeededRng) -> None:
+    home.save_identity(identity, rng=rng, passphrase=b"pw", params=FAST)
+    assert home.needs_passphrase()
+    assert not home.local_key_path.exists()
+    assert home.load_identity(passphrase=b"pw").agent_id == identity.agent_id
+    with pytest.raises(WrongPassphrase, match="wrong passphrase"):
+        home.load_identity(passphrase=b"nope")
+    with pytest.raises(WrongPassphrase, match="protected by a passphrase"):
+        home.load_identity(passphrase=None)
+
+
+def test_missing_identity(home: AgentHome) -> None:
+    with pytest.raises(IdentityNotFound):
+        home.load_identity(passphrase=None)
+
+
+@pytest.mark.parametrize("offset", [0, 7, 9, 40, 100, -40, -1])
+def test_corrupted_key_file_names_the_file(
+    home: AgentHome, identity: Identity, rng: SeededRng, offset: int
+) -> None:
+    home.save_identity(identity, rng=rng, passphrase=None)
+    _flip(home.identity_path, offset)
+    with pytest.raises(KeyFileCorrupted) as info:
+        home.load_identity(passphrase=None)
+    assert info.value.where == str(home.identity_path)
+    assert "talos recover --backup" in info.value.diagnostics()
+
+
+def test_truncated_key_file(home: AgentHome, identity: Identity, rng: SeededRng) -> None:
+    home.save_identity(identity, rng=rng, passphrase=None)
+    home.identity_path.write_bytes(home.identity_path.read_bytes()[:50])
+    with pytest.raises(KeyFileCorrupted):
+        home.load_identity(passphrase=None)
+
+
+def test_corrupted_local_key(home: AgentHome, identity: Identity, rng: SeededRng) -> None:
+    home.save_identity(identity, rng=rng, passphrase=None)
+    _flip(home.local_key_path, 12)
+    with pytest.raises(KeyFileCorrupted) as info:
+        home.load_identity(passphrase=None)
+    assert info.value.where == str(home.local_key_path)
+
+
+def test_local_key_readable_by_others_is_refused(
+    home: AgentHome, identity: Identity, rng: SeededRng
+) -> None:
+    home.save_identity(identity, rng=rng, passphrase=None)
+    os.chmod(home.local_key_path, 0o644)
+    with pytest.raises(ConfigurationError, match="chmod 600"):
+        home.load_identity(passphrase=None)
+
+
+def test_archive_keeps_old_files(
+    home: AgentHome, identity: Identity, rng: SeededRng, clock: FakeClock
+) -> None:
+    home.save_identity(identity, rng=rng, passphrase=None)
+    before = home.identity_path.read_bytes()
+    target = home.archive_identity(clock=clock)
+    assert not home.has_identity()
+    assert (target / "identity.key").read_bytes() == before
+    assert (target / "identity.localkey").exists()
+
+
+def test_backup_round_trip_and_failures(
+    tmp_path: Path, identity: Identity, rng: SeededRng
+) -> None:
+    out = tmp_path / "backup.enc"
+    AgentHome.write_backup(out, identity, passphrase=b"pw", rng=rng, params=FAST)
+    restored = AgentHome.read_backup(out, passphrase=b"pw")
+    assert restored.agent_id == identity.agent_id
+    assert restored.next_signing_key.public_key == identity.next_signing_key.public_key
+    with pytest.raises(BackupInvalid, match="wrong passphrase"):
+        AgentHome.read_backup(out, passphrase=b"bad")
+    _flip(out, 60)
+    with pytest.raises(BackupInvalid, match="damaged"):
+        AgentHome.read_backup(out, passphrase=b"pw")
+    with pytest.raises(BackupInvalid, match="does not exist"):
+        AgentHome.read_backup(tmp_path / "missing", passphrase=b"pw")
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    atomic_write(target, b"one")
+    atomic_write(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
