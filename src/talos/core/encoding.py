@@ -36,7 +36,10 @@ def canonical_dumps(value: Any) -> bytes:
         MalformedFrame: ``value`` holds something outside the Talos data model.
     """
     _check_model(value, 0)
-    return cbor2.dumps(value, canonical=True)
+    try:
+        return cbor2.dumps(value, canonical=True)
+    except UnicodeEncodeError:
+        raise MalformedFrame("text is not encodable as UTF-8 (lone surrogate)") from None
 
 
 def strict_loads(data: bytes, *, max_size: int) -> Any:
@@ -65,8 +68,7 @@ def strict_loads(data: bytes, *, max_size: int) -> Any:
 
 
 def _check_model(value: Any, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise MalformedFrame(f"nesting deeper than {MAX_DEPTH}")
+    """``depth`` counts the containers around ``value``; at most MAX_DEPTH may nest."""
     kind = type(value)
     if kind is bytes or kind is str or kind is bool or value is None:
         return
@@ -74,6 +76,8 @@ def _check_model(value: Any, depth: int) -> None:
         if not -(2**64) <= value < 2**64:
             raise MalformedFrame("integer out of the 64-bit range")
         return
+    if (kind is list or kind is tuple or kind is dict) and depth >= MAX_DEPTH:
+        raise MalformedFrame(f"nesting deeper than {MAX_DEPTH}")
     if kind is list or kind is tuple:
         for item in value:
             _check_model(item, depth + 1)

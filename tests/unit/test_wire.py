@@ -1,0 +1,395 @@
+"""Envelope encoding, decoding and signatures (talos.core.wire)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import cbor2
+import pytest
+
+from talos.core.agent_id import agent_id_from_digest
+from talos.core.crypto import SigningKey, sha256
+from talos.core.encoding import canonical_dumps, strict_loads
+from talos.core.wire import (
+    DOMAIN_PREFIX,
+    FIELDS,
+    MAX_FRAME_SIZE,
+    MAX_REASON_LENGTH,
+    MAX_TIMESTAMP_MS,
+    AckStatus,
+    Envelope,
+    EnvelopeType,
+    ErrorCode,
+    UnverifiedEnvelope,
+    decode,
+    new_instance_id,
+    new_message_id,
+    seal,
+    verify,
+)
+from talos.errors import (
+    LocalProtocolError,
+    MalformedFrame,
+    RemoteProtocolError,
+    SignatureInvalid,
+    UnsupportedVersion,
+)
+from talos.testing import SeededRng
+
+ALICE = agent_id_from_digest(sha256(b"alice"))
+BOB = agent_id_from_digest(sha256(b"bob"))
+KEY = SigningKey(bytes(range(32)))
+OTHER_KEY = SigningKey(bytes(32))
+NOW_MS = 1_700_000_000_000
+
+
+def sample(kind: EnvelopeType, rng: SeededRng | None = None) -> Envelope:
+    """A valid envelope of every type, with a 200-byte ciphertext for content types."""
+    rng = rng or SeededRng(7)
+    common: dict[str, Any] = {
+        "type": kind,
+        "message_id": new_message_id(rng),
+        "sender": ALICE,
+        "sender_instance": new_instance_id(rng),
+        "recipient": BOB,
+        "timestamp_ms": NOW_MS,
+    }
+    if kind is EnvelopeType.MESSAGE:
+        return Envelope(**common, ratchet_header=rng.bytes(40), ciphertext=rng.bytes(200))
+    if kind is EnvelopeType.INITIAL:
+        return Envelope(
+            **common,
+            ratchet_header=rng.bytes(40),
+            ciphertext=rng.bytes(200),
+            capability_ref=rng.bytes(32),
+            x3dh_header=rng.bytes(100),
+        )
+    if kind is EnvelopeType.ACK:
+        return Envelope(**common, ref_id=rng.bytes(16), status=AckStatus.DUPLICATE)
+    return Envelope(
+        **common,
+        ref_id=rng.bytes(16),
+        error_code=ErrorCode.DECRYPT_FAILED,
+        reason="cannot decrypt: unknown ratchet key",
+        ratchet_key=rng.bytes(32),
+    )
+
+
+def frame_map(kind: EnvelopeType) -> dict[str, Any]:
+    return dict(cbor2.loads(seal(sample(kind), KEY)))
+
+
+def resign(body: dict[str, Any], key: SigningKey = KEY) -> bytes:
+    """Encode a hand-made map with a valid signature, to test structure checks alone."""
+    body = {k: v for k, v in body.items() if k != "sig"}
+    return canonical_dumps({**body, "sig": key.sign(DOMAIN_PREFIX + canonical_dumps(body))})
+
+
+ALL_TYPES = list(EnvelopeType)
+
+
+# -- round trips ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ALL_TYPES)
+def test_round_trip_every_type(kind: EnvelopeType) -> None:
+    envelope = sample(kind)
+    frame = seal(envelope, KEY)
+    unverified = decode(frame)
+    assert isinstance(unverified, UnverifiedEnvelope)
+    assert verify(unverified, KEY.public_key) == envelope
+
+
+@pytest.mark.parametrize("kind", ALL_TYPES)
+def test_encoding_is_deterministic_and_canonical(kind: EnvelopeType) -> None:
+    frame = seal(sample(kind), KEY)
+    assert seal(verify(decode(frame), KEY.public_key), KEY) == frame
+    assert canonical_dumps(strict_loads(frame, max_size=MAX_FRAME_SIZE)) == frame
+
+
+def test_unverified_envelope_exposes_routing_fields_only() -> None:
+    envelope = sample(EnvelopeType.MESSAGE)
+    unverified = decode(seal(envelope, KEY))
+    assert unverified.type is EnvelopeType.MESSAGE
+    assert unverified.sender == ALICE
+    assert unverified.recipient == BOB
+    assert unverified.message_id == envelope.message_id
+    assert unverified.sender_instance == envelope.sender_instance
+    assert unverified.timestamp_ms == NOW_MS
+    assert len(unverified.signature) == 64
+    assert not hasattr(unverified, "ciphertext")
+
+
+def test_decoded_enums_are_enum_members() -> None:
+    ack = verify(decode(seal(sample(EnvelopeType.ACK), KEY)), KEY.public_key)
+    assert ack.status is AckStatus.DUPLICATE
+    err = verify(decode(seal(sample(EnvelopeType.ERROR), KEY)), KEY.public_key)
+    assert err.error_code is ErrorCode.DECRYPT_FAILED
+
+
+def test_error_without_optional_fields() -> None:
+    envelope = dataclasses.replace(sample(EnvelopeType.ERROR), ref_id=None, ratchet_key=None)
+    assert verify(decode(seal(envelope, KEY)), KEY.public_key) == envelope
+
+
+def test_fresh_ids_come_from_the_rng() -> None:
+    assert new_message_id(SeededRng(1)) == new_message_id(SeededRng(1))
+    assert new_message_id(SeededRng(1)) != new_message_id(SeededRng(2))
+    assert len(new_message_id(SeededRng(1))) == 16
+    assert len(new_instance_id(SeededRng(1))) == 16
+
+
+def test_signature_is_domain_separated() -> None:
+    raw = frame_map(EnvelopeType.MESSAGE)
+    signature = raw.pop("sig")
+    KEY.public_key.verify(signature, DOMAIN_PREFIX + canonical_dumps(raw))
+    with pytest.raises(SignatureInvalid):
+        KEY.public_key.verify(signature, canonical_dumps(raw))
+
+
+# -- signatures ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ALL_TYPES)
+def test_wrong_key_is_rejected(kind: EnvelopeType) -> None:
+    unverified = decode(seal(sample(kind), KEY))
+    with pytest.raises(SignatureInvalid):
+        verify(unverified, OTHER_KEY.public_key)
+
+
+@pytest.mark.parametrize("kind", ALL_TYPES)
+def test_every_flipped_bit_is_detected(kind: EnvelopeType) -> None:
+    frame = seal(sample(kind), KEY)
+    for index in range(len(frame)):
+        for bit in (0x01, 0x80):
+            tampered = bytearray(frame)
+            tampered[index] ^= bit
+            with pytest.raises((SignatureInvalid, MalformedFrame, UnsupportedVersion)):
+                verify(decode(bytes(tampered)), KEY.public_key)
+
+
+def test_changed_field_with_old_signature_is_rejected() -> None:
+    raw = frame_map(EnvelopeType.MESSAGE)
+    raw["to"] = ALICE
+    with pytest.raises(SignatureInvalid):
+        verify(decode(canonical_dumps(raw)), KEY.public_key)
+
+
+def test_truncated_and_extended_frames_are_malformed() -> None:
+    frame = seal(sample(EnvelopeType.MESSAGE), KEY)
+    for cut in range(len(frame)):
+        with pytest.raises(MalformedFrame):
+            decode(frame[:cut])
+    with pytest.raises(MalformedFrame):
+        decode(frame + b"\x00")
+
+
+# -- exact field sets ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ALL_TYPES)
+def test_every_missing_field_is_malformed(kind: EnvelopeType) -> None:
+    raw = frame_map(kind)
+    for key in raw.keys() - {"v"}:
+        body = {k: v for k, v in raw.items() if k != key}
+        with pytest.raises(MalformedFrame):
+            decode(canonical_dumps(body))
+
+
+EXTRA_FIELDS = [
+    (kind, extra)
+    for kind in EnvelopeType
+    for extra in ("x", "x3dh", "ref", "st", "code", "why", "rk")
+    if extra not in {f.key for f in FIELDS[kind]}
+]
+
+
+@pytest.mark.parametrize(("kind", "extra"), EXTRA_FIELDS)
+def test_extra_field_is_malformed(kind: EnvelopeType, extra: str) -> None:
+    raw = frame_map(kind)
+    raw[extra] = b"\x00" * 16
+    with pytest.raises(MalformedFrame, match="unexpected"):
+        decode(resign(raw))
+
+
+def test_field_table_is_exact_per_type() -> None:
+    keys = {kind: {f.key for f in row} for kind, row in FIELDS.items()}
+    assert keys[EnvelopeType.INITIAL] - keys[EnvelopeType.MESSAGE] == {"x3dh"}
+    assert {"ref", "st"} <= keys[EnvelopeType.ACK]
+    assert {"ref", "code", "why", "rk"} <= keys[EnvelopeType.ERROR]
+    for kind in ALL_TYPES:
+        assert set(frame_map(kind)) == keys[kind] | {"v", "t", "sig"}
+
+
+WRONG_VALUES: list[tuple[EnvelopeType, str, Any]] = [
+    (EnvelopeType.MESSAGE, "id", b"\x00" * 15),
+    (EnvelopeType.MESSAGE, "id", b"\x00" * 17),
+    (EnvelopeType.MESSAGE, "id", "0" * 16),
+    (EnvelopeType.MESSAGE, "inst", b"\x00" * 8),
+    (EnvelopeType.MESSAGE, "inst", None),
+    (EnvelopeType.MESSAGE, "from", "did:talos:zNOPE"),
+    (EnvelopeType.MESSAGE, "from", ALICE.encode()),
+    (EnvelopeType.MESSAGE, "to", "did:talos:z" + "1" * 1000),
+    (EnvelopeType.MESSAGE, "ts", -1),
+    (EnvelopeType.MESSAGE, "ts", MAX_TIMESTAMP_MS + 1),
+    (EnvelopeType.MESSAGE, "ts", True),
+    (EnvelopeType.MESSAGE, "ts", "now"),
+    (EnvelopeType.MESSAGE, "rh", b""),
+    (EnvelopeType.MESSAGE, "rh", b"\x00" * 1025),
+    (EnvelopeType.MESSAGE, "ct", b""),
+    (EnvelopeType.MESSAGE, "ct", "text"),
+    (EnvelopeType.MESSAGE, "cap", b""),
+    (EnvelopeType.MESSAGE, "cap", 5),
+    (EnvelopeType.MESSAGE, "t", 99),
+    (EnvelopeType.MESSAGE, "t", "message"),
+    (EnvelopeType.MESSAGE, "t", False),
+    (EnvelopeType.INITIAL, "x3dh", b""),
+    (EnvelopeType.INITIAL, "x3dh", None),
+    (EnvelopeType.ACK, "ref", None),
+    (EnvelopeType.ACK, "ref", b"\x00" * 32),
+    (EnvelopeType.ACK, "st", 7),
+    (EnvelopeType.ACK, "st", -1),
+    (EnvelopeType.ACK, "ct", b"\x00"),
+    (EnvelopeType.ACK, "rh", b"\x00"),
+    (EnvelopeType.ACK, "cap", b"\x00" * 32),
+    (EnvelopeType.ERROR, "code", 0),
+    (EnvelopeType.ERROR, "why", "x" * (MAX_REASON_LENGTH + 1)),
+    (EnvelopeType.ERROR, "why", "\x1b[2Jcleared"),
+    (EnvelopeType.ERROR, "why", b"bytes"),
+    (EnvelopeType.ERROR, "rk", b"\x00" * 31),
+    (EnvelopeType.ERROR, "ref", b""),
+]
+
+
+@pytest.mark.parametrize(("kind", "key", "value"), WRONG_VALUES)
+def test_wrong_type_or_size_is_malformed(kind: EnvelopeType, key: str, value: Any) -> None:
+    raw = frame_map(kind)
+    raw[key] = value
+    with pytest.raises(MalformedFrame):
+        decode(resign(raw))
+
+
+@pytest.mark.parametrize("value", [b"\x00" * 63, b"\x00" * 65, None, "sig"])
+def test_bad_signature_field_is_malformed(value: Any) -> None:
+    raw = frame_map(EnvelopeType.MESSAGE)
+    raw["sig"] = value
+    with pytest.raises(MalformedFrame):
+        decode(canonical_dumps(raw))
+
+
+@pytest.mark.parametrize("value", [[1, 2], {"v": 1}, b"\xa0", "text", 1, None])
+def test_non_map_frames_are_malformed(value: Any) -> None:
+    with pytest.raises(MalformedFrame):
+        decode(canonical_dumps(value))
+
+
+# -- versions, sizes, canonical form ------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [0, 2, 255, 2**32])
+def test_unknown_version_is_unsupported(version: int) -> None:
+    raw = frame_map(EnvelopeType.MESSAGE)
+    raw["v"] = version
+    with pytest.raises(UnsupportedVersion):
+        decode(canonical_dumps(raw))
+
+
+def test_unknown_version_wins_over_unknown_fields() -> None:
+    with pytest.raises(UnsupportedVersion):
+        decode(canonical_dumps({"v": 2, "future": b"anything"}))
+
+
+@pytest.mark.parametrize("version", [None, "1", True, b"\x01"])
+def test_non_integer_version_is_malformed(version: Any) -> None:
+    raw = frame_map(EnvelopeType.MESSAGE)
+    raw["v"] = version
+    with pytest.raises(MalformedFrame):
+        decode(canonical_dumps(raw))
+
+
+def test_oversized_frame_is_rejected_before_parsing() -> None:
+    envelope = dataclasses.replace(sample(EnvelopeType.MESSAGE), ciphertext=b"\x00" * 2000)
+    frame = seal(envelope, KEY)
+    with pytest.raises(MalformedFrame, match="exceeds"):
+        decode(frame, max_size=len(frame) - 1)
+    assert decode(frame, max_size=len(frame)).message_id == envelope.message_id
+    with pytest.raises(MalformedFrame, match="exceeds"):
+        decode(b"\x00" * (MAX_FRAME_SIZE + 1))
+
+
+def test_non_canonical_encodings_are_malformed() -> None:
+    raw = frame_map(EnvelopeType.MESSAGE)
+    # Unsorted keys.
+    unsorted = cbor2.dumps(dict(sorted(raw.items(), reverse=True)))
+    assert unsorted != canonical_dumps(raw)
+    with pytest.raises(MalformedFrame):
+        decode(unsorted)
+    # Non-shortest integer: the version written as a two-byte integer.
+    canonical = canonical_dumps(raw)
+    long_version = canonical.replace(b"\x61v\x01", b"\x61v\x18\x01", 1)
+    assert long_version != canonical
+    with pytest.raises(MalformedFrame):
+        decode(long_version)
+    # Indefinite-length map.
+    with pytest.raises(MalformedFrame):
+        decode(b"\xbf" + canonical[1:] + b"\xff")
+
+
+def test_duplicate_keys_are_malformed() -> None:
+    canonical = canonical_dumps(frame_map(EnvelopeType.ACK))
+    count = canonical[0] & 0x1F
+    duplicated = bytes([0xA0 | (count + 1)]) + canonical[1:] + b"\x61v\x01"
+    with pytest.raises(MalformedFrame):
+        decode(duplicated)
+
+
+def test_tags_are_malformed() -> None:
+    raw = frame_map(EnvelopeType.MESSAGE)
+    raw["ts"] = cbor2.CBORTag(1, NOW_MS)
+    with pytest.raises(MalformedFrame):
+        decode(cbor2.dumps(raw, canonical=True))
+
+
+def test_errors_are_remote_protocol_errors() -> None:
+    assert issubclass(MalformedFrame, RemoteProtocolError)
+    assert issubclass(UnsupportedVersion, RemoteProtocolError)
+
+
+# -- sealing validates like decoding ---------------------------------------------------
+
+
+BAD_LOCAL: list[tuple[EnvelopeType, dict[str, Any]]] = [
+    (EnvelopeType.MESSAGE, {"message_id": b"short"}),
+    (EnvelopeType.MESSAGE, {"sender": "alice"}),
+    (EnvelopeType.MESSAGE, {"timestamp_ms": -5}),
+    (EnvelopeType.MESSAGE, {"x3dh_header": b"\x00" * 10}),
+    (EnvelopeType.MESSAGE, {"status": AckStatus.ACCEPTED}),
+    (EnvelopeType.MESSAGE, {"ciphertext": bytearray(b"\x00")}),
+    (EnvelopeType.INITIAL, {"x3dh_header": None}),
+    (EnvelopeType.ACK, {"status": None}),
+    (EnvelopeType.ACK, {"status": 9}),
+    (EnvelopeType.ACK, {"ciphertext": b"\x00"}),
+    (EnvelopeType.ACK, {"reason": "not for acks"}),
+    (EnvelopeType.ERROR, {"reason": "\ud800"}),
+    (EnvelopeType.ERROR, {"error_code": None}),
+]
+
+
+@pytest.mark.parametrize(("kind", "changes"), BAD_LOCAL)
+def test_seal_rejects_invalid_envelopes(kind: EnvelopeType, changes: dict[str, Any]) -> None:
+    envelope = dataclasses.replace(sample(kind), **changes)
+    with pytest.raises(LocalProtocolError):
+        seal(envelope, KEY)
+
+
+def test_seal_rejects_unknown_type() -> None:
+    envelope = dataclasses.replace(sample(EnvelopeType.MESSAGE), type=7)
+    with pytest.raises(LocalProtocolError):
+        seal(envelope, KEY)
+
+
+def test_seal_rejects_oversized_envelopes() -> None:
+    envelope = dataclasses.replace(sample(EnvelopeType.MESSAGE), ciphertext=b"\x00" * 1000)
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        seal(envelope, KEY, max_size=500)
