@@ -121,9 +121,7 @@ def test_archive_keeps_old_files(
     assert (target / "identity.localkey").exists()
 
 
-def test_backup_round_trip_and_failures(
-    tmp_path: Path, identity: Identity, rng: SeededRng
-) -> None:
+def test_backup_round_trip_and_failures(tmp_path: Path, identity: Identity, rng: SeededRng) -> None:
     out = tmp_path / "backup.enc"
     AgentHome.write_backup(out, identity, passphrase=b"pw", rng=rng, params=FAST)
     restored = AgentHome.read_backup(out, passphrase=b"pw")
