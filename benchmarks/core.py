@@ -104,6 +104,7 @@ class Agents:
         opk = next(iter(self.store.one_time_prekey_publics()))
         init = initiate(
             self.store.bundle(opk),
+            peer_agent_id=bob.agent_id,
             peer_signing_key=bob.signing_key.public_key.raw,
             peer_identity_dh=bob.dh_key.public,
             agent_id=alice.agent_id,
@@ -111,7 +112,13 @@ class Agents:
             identity_dh=alice.dh_key,
             rng=self.rng,
         )
-        resp = respond(self.store, init.header)
+        resp = respond(
+            self.store,
+            init.header,
+            peer_agent_id=alice.agent_id,
+            peer_signing_key=alice.signing_key.public_key.raw,
+            peer_identity_dh=alice.dh_key.public,
+        )
         a = Session.initiator(
             init.shared_key, init.associated_data, init.their_ratchet_key, self.rng
         )

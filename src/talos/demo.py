@@ -19,12 +19,13 @@ from rich.console import Console
 
 from talos.core import wire
 from talos.core.clock import time_ms
+from talos.core.crypto import sha256
 from talos.core.identity import Identity
 from talos.core.keylog import KeyLog
 from talos.core.ratchet import Session
 from talos.core.replay import ReplayWindow
 from talos.core.x3dh import InitialHeader, PrekeyBundle, PrekeyStore, initiate, respond
-from talos.errors import TalosError
+from talos.errors import LocalProtocolError, TalosError
 from talos.storage.home import AgentHome
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
 
@@ -41,6 +42,8 @@ class Agent:
     replay: ReplayWindow = field(default_factory=ReplayWindow)
     #: Peers' key event logs, verified from bytes: the only source of their keys.
     known: dict[str, KeyLog] = field(default_factory=dict)
+    #: Our X3DH prekeys, if we published a bundle.
+    prekeys: PrekeyStore | None = None
 
     @property
     def name(self) -> str:
@@ -68,27 +71,39 @@ class Agent:
         )
         return wire.seal(envelope, self.identity.signing_key)
 
-    def receive(self, frame: bytes, store: PrekeyStore | None = None) -> str:
+    def receive(self, frame: bytes) -> str:
         """Decode, verify, replay-check, decrypt; commit state only on success."""
         unverified = wire.decode(frame)
         sender = self.known[unverified.sender].state
         envelope = wire.verify(unverified, sender.signing_key)
+        if envelope.recipient != self.identity.agent_id:
+            raise LocalProtocolError("envelope addressed to another agent")
+        # Replay ids are scoped by sender: one peer cannot burn another's ids.
+        replay_id = sha256(envelope.sender.encode() + envelope.message_id)
         now = SYSTEM_CLOCK.time()
-        self.replay.check(envelope.message_id, envelope.timestamp_ms, int(now * 1000))
-        if envelope.type is wire.EnvelopeType.INITIAL and store is not None:
-            header = InitialHeader.from_bytes(envelope.x3dh_header or b"")
-            response = respond(store, header)
+        self.replay.check(replay_id, envelope.timestamp_ms, int(now * 1000))
+        prekeys = self.prekeys
+        if envelope.type is wire.EnvelopeType.INITIAL and prekeys is not None:
+            response = respond(
+                prekeys,
+                InitialHeader.from_bytes(envelope.x3dh_header or b""),
+                peer_agent_id=envelope.sender,
+                peer_signing_key=sender.signing_key.raw,
+                peer_identity_dh=sender.dh_key,
+            )
             session = Session.responder(
                 response.shared_key, response.associated_data, response.our_ratchet_key, SYSTEM_RNG
             )
+            prekeys = response.store  # the one-time prekey is used up
         else:
             session = self.sessions[envelope.sender]
         text, successor = session.decrypt_uncommitted(
             envelope.ratchet_header, envelope.ciphertext, now=now
         )
-        # Commit: the session successor and the replay record together.
+        # Commit together: session successor, prekey store, replay record.
         self.sessions[envelope.sender] = successor
-        self.replay.record(envelope.message_id, envelope.timestamp_ms, int(now * 1000))
+        self.prekeys = prekeys
+        self.replay.record(replay_id, envelope.timestamp_ms, int(now * 1000))
         return text.decode()
 
 
@@ -114,7 +129,7 @@ def run(root: Path) -> None:
     alice_id = bob.learn(alice.identity.keylog.to_bytes())
 
     console.rule("2. X3DH")
-    store = PrekeyStore.create(
+    bob.prekeys = store = PrekeyStore.create(
         agent_id=bob_id,
         signing_key=bob.identity.signing_key,
         identity_dh=bob.identity.dh_key,
@@ -129,6 +144,7 @@ def run(root: Path) -> None:
     bob_keys = alice.known[bob_id].state
     init = initiate(
         bundle,
+        peer_agent_id=bob_id,
         peer_signing_key=bob_keys.signing_key.raw,
         peer_identity_dh=bob_keys.dh_key,
         agent_id=alice_id,
@@ -148,7 +164,7 @@ def run(root: Path) -> None:
         "hello bob, this opens our session",
         x3dh_header=init.header.to_bytes(),
     )
-    step("a → b", f"{bob.receive(first, store)!r}  ({len(first)} bytes on the wire)")
+    step("a → b", f"{bob.receive(first)!r}  ({len(first)} bytes on the wire)")
     conversation = [
         (bob, alice, "hi alice, session established"),
         (alice, bob, "can you summarize the report?"),

@@ -166,3 +166,21 @@ def test_whoami_without_identity(talos: Talos) -> None:
     result = talos("whoami")
     assert result.returncode == 4
     assert "talos init" in result.stderr
+
+
+def test_recover_refuses_to_roll_back_a_rotated_identity(
+    talos: Talos, passfile: Path, tmp_path: Path
+) -> None:
+    talos.ok("init", "--name", "alice")
+    backup = tmp_path / "alice.bak"
+    talos.ok("backup", "--out", str(backup), "--passphrase-file", str(passfile))
+    talos.ok("rotate")
+    result = talos("recover", "--backup", str(backup), "--passphrase-file", str(passfile))
+    assert result.returncode == 4
+    assert "newer" in result.stderr
+    assert _whoami(talos)["sequence"] == 1
+    forced = talos(
+        "recover", "--backup", str(backup), "--passphrase-file", str(passfile), "--force"
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert _whoami(talos)["sequence"] == 0

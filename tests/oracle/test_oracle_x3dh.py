@@ -88,6 +88,7 @@ def store(bob: Agent) -> x3dh.PrekeyStore:
 def ours_initiates(alice: Agent, bob: Agent, store: x3dh.PrekeyStore, opk_id: int | None):
     return x3dh._initiate_from_parts(
         store.bundle(opk_id),
+        peer_agent_id=bob.agent_id,
         peer_signing_key=bob.signing.public_key.raw,
         peer_identity_dh=bob.dh.public,
         agent_id=alice.agent_id,
@@ -144,7 +145,13 @@ def test_theirs_initiates_ours_responds(alice, bob, store, with_opk):
         signed_prekey_id=store.current_signed_prekey.prekey_id,
         one_time_prekey_id=opk_id if with_opk else None,
     )
-    reply = x3dh.respond(store, ours)
+    reply = x3dh.respond(
+        store,
+        ours,
+        peer_agent_id=alice.agent_id,
+        peer_signing_key=alice.signing.public_key.raw,
+        peer_identity_dh=alice.dh.public,
+    )
     assert reply.shared_key == sk
     assert (opk_id in reply.store.one_time_prekeys) is not with_opk
 

@@ -149,3 +149,12 @@ def test_unknown_event_version_is_reported(rng: SeededRng) -> None:
     raw["v"] = 2
     with pytest.raises(UnsupportedVersion):
         KeyEvent.from_dict(raw)
+
+
+def test_boolean_version_is_not_version_one(rng: SeededRng) -> None:
+    """CBOR ``true`` must not pass for 1: one value, one encoding."""
+    log, _ = _log(rng, 0)
+    raw = log.events[0].to_dict()
+    raw["v"] = True
+    with pytest.raises(MalformedFrame, match="integer version"):
+        KeyEvent.from_dict(raw)

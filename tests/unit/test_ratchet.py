@@ -14,6 +14,7 @@ from talos.core.ratchet import (
     Session,
 )
 from talos.errors import (
+    ConfigurationError,
     CryptoError,
     DecryptionFailed,
     DuplicateMessage,
@@ -401,6 +402,9 @@ def test_header_parsing():
     assert RatchetHeader.from_bytes(header.to_bytes()) == header
 
 
-def test_limits_must_be_positive():
-    with pytest.raises(ValueError, match="positive"):
-        RatchetLimits(max_skip=0)
+@pytest.mark.parametrize(
+    "limits", [{"max_skip": 0}, {"max_stored": -1}, {"max_age": 0}, {"max_skip": "a"}]
+)
+def test_limits_must_be_positive(limits):
+    with pytest.raises(ConfigurationError, match="positive"):
+        RatchetLimits(**limits)

@@ -68,3 +68,20 @@ def test_exactly_one_key_source(rng: SeededRng) -> None:
         seal(b"s", kind=KIND_BACKUP, rng=rng)
     with pytest.raises(CryptoError):
         seal(b"s", kind=KIND_BACKUP, rng=rng, passphrase=b"p", raw_key=b"k" * 32)
+
+
+@pytest.mark.parametrize(
+    ("t_cost", "memory", "lanes"), [(64, 64, 1), (1, 4 * 1024 * 1024, 1), (1, 1024, 64), (0, 0, 0)]
+)
+def test_hostile_argon2_parameters_are_refused_before_hashing(
+    rng: SeededRng, t_cost: int, memory: int, lanes: int
+) -> None:
+    import struct
+
+    from talos.core.crypto import sha256
+
+    data = bytearray(seal(b"s", kind=KIND_BACKUP, rng=rng, passphrase=b"pw", params=FAST))
+    struct.pack_into(">III", data, 10, t_cost, memory, lanes)
+    body = bytes(data[:-32])
+    with pytest.raises(StoreCorrupted, match="argon2"):
+        open_sealed(body + sha256(body), kind=KIND_BACKUP, passphrase=b"pw")

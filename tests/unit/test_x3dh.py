@@ -37,6 +37,7 @@ class Agent:
     def initiate(self, peer: Agent, bundle: x3dh.PrekeyBundle, rng: SeededRng) -> x3dh.Initiation:
         return x3dh.initiate(
             bundle,
+            peer_agent_id=peer.agent_id,
             peer_signing_key=peer.signing.public_key.raw,
             peer_identity_dh=peer.dh.public,
             agent_id=self.agent_id,
@@ -44,6 +45,18 @@ class Agent:
             identity_dh=self.dh,
             rng=rng,
         )
+
+    def as_sender(self) -> dict[str, object]:
+        """The verified identity a responder checks the initial header against."""
+        return {
+            "peer_agent_id": self.agent_id,
+            "peer_signing_key": self.signing.public_key.raw,
+            "peer_identity_dh": self.dh.public,
+        }
+
+
+def respond(store: x3dh.PrekeyStore, header: x3dh.InitialHeader, sender: Agent) -> x3dh.Response:
+    return x3dh.respond(store, header, **sender.as_sender())  # type: ignore[arg-type]
 
 
 def make_agent(rng: SeededRng, name: bytes) -> Agent:
@@ -74,7 +87,7 @@ def store(bob: Agent, rng: SeededRng) -> x3dh.PrekeyStore:
 @pytest.mark.parametrize("opk_id", [None, 1])
 def test_both_sides_derive_the_same_key_and_ad(alice, bob, store, rng, opk_id):
     start = alice.initiate(bob, store.bundle(opk_id), rng)
-    reply = x3dh.respond(store, start.header)
+    reply = respond(store, start.header, alice)
     assert reply.shared_key == start.shared_key
     assert len(start.shared_key) == 32
     assert reply.associated_data == start.associated_data
@@ -96,6 +109,7 @@ def test_shared_key_follows_the_spec_formula(alice, bob, store):
     bundle = store.bundle(2)
     start = x3dh._initiate_from_parts(
         bundle,
+        peer_agent_id=bob.agent_id,
         peer_signing_key=bob.signing.public_key.raw,
         peer_identity_dh=bob.dh.public,
         agent_id=alice.agent_id,
@@ -119,8 +133,13 @@ def test_shared_key_follows_the_spec_formula(alice, bob, store):
 def test_ad_binds_both_identities_in_order(alice, bob, store, rng):
     start = alice.initiate(bob, store.bundle(), rng)
     mallory = make_agent(SeededRng(77), b"mallory")
-    forged = replace(start.header, agent_id=mallory.agent_id)
-    assert x3dh.respond(store, forged).associated_data != start.associated_data
+    forged = replace(
+        start.header,
+        agent_id=mallory.agent_id,
+        identity_signing_key=mallory.signing.public_key.raw,
+        identity_dh_key=mallory.dh.public,
+    )
+    assert respond(store, forged, mallory).associated_data != start.associated_data
     swapped = x3dh._associated_data(
         (bob.agent_id, bob.signing.public_key.raw, bob.dh.public),
         (alice.agent_id, alice.signing.public_key.raw, alice.dh.public),
@@ -133,11 +152,11 @@ def test_ad_binds_both_identities_in_order(alice, bob, store, rng):
 
 def test_one_time_prekey_is_single_use(alice, bob, store, rng):
     start = alice.initiate(bob, store.bundle(1), rng)
-    reply = x3dh.respond(store, start.header)
+    reply = respond(store, start.header, alice)
     assert 1 not in reply.store.one_time_prekeys
     assert 1 in store.one_time_prekeys  # the original store is untouched
     with pytest.raises(KeyAgreementFailed):
-        x3dh.respond(reply.store, start.header)
+        respond(reply.store, start.header, alice)
     with pytest.raises(KeyAgreementFailed):
         reply.store.without_one_time_prekey(1)
 
@@ -145,9 +164,9 @@ def test_one_time_prekey_is_single_use(alice, bob, store, rng):
 def test_unknown_prekeys_are_refused(alice, bob, store, rng):
     start = alice.initiate(bob, store.bundle(0), rng)
     with pytest.raises(KeyAgreementFailed):
-        x3dh.respond(store, replace(start.header, one_time_prekey_id=99))
+        respond(store, replace(start.header, one_time_prekey_id=99), alice)
     with pytest.raises(KeyAgreementFailed):
-        x3dh.respond(store, replace(start.header, signed_prekey_id=7))
+        respond(store, replace(start.header, signed_prekey_id=7), alice)
     with pytest.raises(KeyAgreementFailed):
         store.bundle(99)
 
@@ -164,11 +183,11 @@ def test_rotation_keeps_the_previous_signed_prekey(alice, bob, store, rng):
     old = alice.initiate(bob, store.bundle(), rng)
     rotated = store.rotate_signed_prekey(bob.signing, rng)
     assert rotated.current_signed_prekey.prekey_id == 1
-    assert x3dh.respond(rotated, old.header).shared_key == old.shared_key
+    assert respond(rotated, old.header, alice).shared_key == old.shared_key
     twice = rotated.rotate_signed_prekey(bob.signing, rng)
     assert [s.prekey_id for s in twice.signed_prekeys] == [1, 2]
     with pytest.raises(KeyAgreementFailed):
-        x3dh.respond(twice, old.header)
+        respond(twice, old.header, alice)
 
 
 # -- signatures and bad keys -------------------------------------------------------
@@ -193,6 +212,7 @@ def test_bad_spk_signature_is_refused(alice, bob, store, rng, change):
     with pytest.raises(SignatureInvalid):
         x3dh.initiate(
             bundle,
+            peer_agent_id=bob.agent_id,
             peer_signing_key=bob.signing.public_key.raw,
             peer_identity_dh=peer_dh,
             agent_id=alice.agent_id,
@@ -229,7 +249,7 @@ def test_low_order_keys_fail_key_agreement(alice, bob, store, rng, point):
     start = alice.initiate(bob, store.bundle(0), rng)
     for field in ("ephemeral_key", "identity_dh_key"):
         with pytest.raises(KeyAgreementFailed):
-            x3dh.respond(store, replace(start.header, **{field: point}))
+            respond(store, replace(start.header, **{field: point}), alice)
 
 
 # -- encodings -------------------------------------------------------------------
@@ -242,7 +262,7 @@ def test_bundle_header_and_store_round_trip(alice, bob, store, rng):
     assert x3dh.InitialHeader.from_bytes(start.header.to_bytes()) == start.header
     loaded = x3dh.PrekeyStore.from_bytes(store.to_bytes())
     assert loaded.to_bytes() == store.to_bytes()
-    assert x3dh.respond(loaded, start.header).shared_key == start.shared_key
+    assert respond(loaded, start.header, alice).shared_key == start.shared_key
 
 
 def test_store_repr_hides_secrets(store):
@@ -288,3 +308,37 @@ def test_wrong_field_types_are_malformed(store):
         broken = dict(data, **{key: bad})
         with pytest.raises(MalformedFrame):
             x3dh.PrekeyBundle.from_bytes(canonical_dumps(broken))
+
+
+# -- the initial header is bound to the authenticated sender ---------------------
+
+
+def test_header_resigned_by_another_peer_is_refused(alice, bob, store, rng):
+    """Unknown-key share: Mallory re-wraps Alice's first message as her own."""
+    start = alice.initiate(bob, store.bundle(0), rng)
+    mallory = make_agent(SeededRng(77), b"mallory")
+    with pytest.raises(KeyAgreementFailed, match="authenticated sender"):
+        respond(store, start.header, mallory)
+
+
+@pytest.mark.parametrize("field", ["identity_signing_key", "identity_dh_key"])
+def test_header_with_keys_other_than_the_verified_ones_is_refused(alice, bob, store, rng, field):
+    start = alice.initiate(bob, store.bundle(0), rng)
+    stale = replace(start.header, **{field: DHKey(bytes([9] * 32)).public})
+    with pytest.raises(KeyAgreementFailed, match="authenticated sender"):
+        respond(store, stale, alice)
+
+
+def test_bundle_for_another_agent_id_is_refused(alice, bob, store, rng):
+    mallory = make_agent(SeededRng(77), b"mallory")
+    with pytest.raises(SignatureInvalid, match="identity"):
+        x3dh.initiate(
+            store.bundle(0),
+            peer_agent_id=mallory.agent_id,
+            peer_signing_key=bob.signing.public_key.raw,
+            peer_identity_dh=bob.dh.public,
+            agent_id=alice.agent_id,
+            identity_signing_key=alice.signing.public_key.raw,
+            identity_dh=alice.dh,
+            rng=rng,
+        )

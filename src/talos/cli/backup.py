@@ -103,10 +103,12 @@ def recover(
 
 
 def _refuse_replacing_intact(home: AgentHome, restored: Identity, key_file: Path | None) -> None:
-    """Refuse to overwrite an intact identity unless it is the same one at an older state.
+    """Refuse to replace an intact identity unless the backup holds the same history, as new.
 
-    A damaged key file is exactly what recovery is for; an intact one that we
-    cannot open (wrong or missing passphrase) is not touched without --force.
+    A damaged key file is exactly what recovery is for. An intact one is kept
+    (without --force) when it belongs to another agent, is at a newer key
+    sequence, has a different history at the same sequence (a fork), was
+    written by a newer Talos, or cannot be opened for lack of its passphrase.
     """
     try:
         current = home.load_identity(passphrase=passphrase_from(key_file, KEY_ENV))
@@ -115,7 +117,11 @@ def _refuse_replacing_intact(home: AgentHome, restored: Identity, key_file: Path
             f"{home.path} holds an intact, passphrase-protected identity; give its passphrase "
             "(--key-passphrase-file or $TALOS_KEY_PASSPHRASE) or use --force"
         ) from None
-    except (StorageError, VerificationError, UnsupportedVersion):
+    except UnsupportedVersion:
+        raise IdentityExists(
+            f"{home.path} holds an identity written by a newer Talos; use --force to replace it"
+        ) from None
+    except (StorageError, VerificationError):
         return
     if current.agent_id != restored.agent_id:
         raise IdentityExists(
@@ -126,4 +132,10 @@ def _refuse_replacing_intact(home: AgentHome, restored: Identity, key_file: Path
         raise IdentityExists(
             f"{home.path} holds this identity at key sequence {current.sequence}, newer than "
             f"the backup's {restored.sequence}; use --force to roll back anyway"
+        )
+    ours = restored.keylog.events[current.sequence]
+    if ours.digest() != current.state.last_digest:
+        raise IdentityExists(
+            f"{home.path} holds a different key history at sequence {current.sequence} "
+            "than the backup (a fork); use --force to replace it"
         )

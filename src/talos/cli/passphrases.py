@@ -28,12 +28,15 @@ _MAX_PASSPHRASE = 4096
 
 def _from_file(path: Path) -> bytes:
     try:
-        data = path.read_bytes()[: _MAX_PASSPHRASE + 2]
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_PASSPHRASE + 3)
     except OSError as exc:
         raise ConfigurationError(f"cannot read passphrase file {path}: {exc.strerror}") from exc
     data = data.rstrip(b"\r\n")
     if not data:
         raise ConfigurationError(f"passphrase file {path} is empty")
+    if len(data) > _MAX_PASSPHRASE:
+        raise ConfigurationError(f"passphrase file {path} is longer than {_MAX_PASSPHRASE} bytes")
     return data
 
 

@@ -21,9 +21,15 @@ from typing import Any
 
 import cbor2
 
-from talos.errors import MalformedFrame
+from talos.errors import MalformedFrame, UnsupportedVersion
 
-__all__ = ["MAX_DEPTH", "canonical_dumps", "strict_loads"]
+__all__ = [
+    "MAX_DEPTH",
+    "canonical_dumps",
+    "check_versioned_map",
+    "strict_loads",
+    "strict_versioned_map",
+]
 
 #: Deepest nesting of arrays and maps accepted by :func:`strict_loads`.
 MAX_DEPTH = 16
@@ -64,6 +70,40 @@ def strict_loads(data: bytes, *, max_size: int) -> Any:
     _check_model(value, 0)
     if cbor2.dumps(value, canonical=True) != data:
         raise MalformedFrame("not in canonical CBOR form")
+    return value
+
+
+def strict_versioned_map(
+    data: bytes, *, max_size: int, fields: frozenset[str], version: int, what: str
+) -> dict[str, Any]:
+    """Decode a persisted or received object: a CBOR map with exactly ``fields``.
+
+    The version (key ``"v"``) must be an integer (``true`` is not 1) and is
+    checked before the field set, so that a newer format is reported as
+    such rather than as garbage.
+
+    Raises:
+        MalformedFrame: not canonical CBOR, not a map, no integer version, or
+            the wrong keys.
+        UnsupportedVersion: an integer version other than ``version``.
+    """
+    value = strict_loads(data, max_size=max_size)
+    return check_versioned_map(value, fields=fields, version=version, what=what)
+
+
+def check_versioned_map(
+    value: Any, *, fields: frozenset[str], version: int, what: str
+) -> dict[str, Any]:
+    """:func:`strict_versioned_map` for a value already decoded (e.g. nested)."""
+    if type(value) is not dict:
+        raise MalformedFrame(f"{what} must be a CBOR map")
+    found = value.get("v")
+    if type(found) is not int:
+        raise MalformedFrame(f"{what} has no integer version")
+    if found != version:
+        raise UnsupportedVersion(f"{what} version {found} is not supported")
+    if value.keys() != fields:
+        raise MalformedFrame(f"{what} must have exactly the fields {sorted(fields)}")
     return value
 
 

@@ -16,15 +16,15 @@ backup encrypt; it is versioned and strictly decoded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from talos.core.clock import Clock, time_ms
 from talos.core.crypto import KEY_SIZE, DHKey, SigningKey, constant_time_equal, sha256
-from talos.core.encoding import canonical_dumps, strict_loads
+from talos.core.encoding import canonical_dumps, strict_versioned_map
 from talos.core.keylog import KeyLog, KeyState, next_key_digest
 from talos.core.rng import Rng
-from talos.errors import ConfigurationError, KeyLogInvalid, MalformedFrame, UnsupportedVersion
+from talos.errors import ConfigurationError, KeyLogInvalid, MalformedFrame
 
 __all__ = ["SECRET_FORMAT_VERSION", "Identity", "fingerprint"]
 
@@ -47,7 +47,8 @@ class Identity:
     name: str
     signing_key: SigningKey
     dh_key: DHKey
-    next_signing_key: SigningKey
+    #: Never shown: the log publishes only its digest until the rotation.
+    next_signing_key: SigningKey = field(repr=False)
     keylog: KeyLog
 
     @classmethod
@@ -113,20 +114,22 @@ class Identity:
             UnsupportedVersion: written by a newer format version.
             KeyLogInvalid: the log is invalid, or the secrets do not match it.
         """
-        raw = strict_loads(data, max_size=_MAX_SECRET_SIZE)
-        if not isinstance(raw, dict) or set(raw) != _SECRET_FIELDS:
-            raise MalformedFrame("identity record has the wrong fields")
-        if raw["v"] != SECRET_FORMAT_VERSION:
-            raise UnsupportedVersion(f"identity record version {raw['v']!r} is not supported")
+        raw = strict_versioned_map(
+            data,
+            max_size=_MAX_SECRET_SIZE,
+            fields=_SECRET_FIELDS,
+            version=SECRET_FORMAT_VERSION,
+            what="identity record",
+        )
         name = raw["name"]
-        if not isinstance(name, str):
-            raise MalformedFrame("identity name must be text")
-        for field in ("sk", "dh", "next", "log"):
-            if type(raw[field]) is not bytes:
-                raise MalformedFrame(f"identity field {field!r} must be bytes")
-        for field in ("sk", "dh", "next"):
-            if len(raw[field]) != KEY_SIZE:
-                raise MalformedFrame(f"identity field {field!r} must be {KEY_SIZE} bytes")
+        if not isinstance(name, str) or not _valid_name(name):
+            raise MalformedFrame(f"identity name must be 1-{_MAX_NAME} printable characters")
+        for key in ("sk", "dh", "next", "log"):
+            if type(raw[key]) is not bytes:
+                raise MalformedFrame(f"identity field {key!r} must be bytes")
+        for key in ("sk", "dh", "next"):
+            if len(raw[key]) != KEY_SIZE:
+                raise MalformedFrame(f"identity field {key!r} must be {KEY_SIZE} bytes")
         identity = cls(
             name,
             SigningKey(raw["sk"]),
@@ -158,6 +161,10 @@ class Identity:
         }
 
 
+def _valid_name(name: str) -> bool:
+    return 0 < len(name) <= _MAX_NAME and name.isprintable()
+
+
 def _check_name(name: str) -> None:
-    if not name or len(name) > _MAX_NAME or not name.isprintable():
+    if not _valid_name(name):
         raise ConfigurationError(f"agent name must be 1-{_MAX_NAME} printable characters")

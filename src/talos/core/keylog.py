@@ -29,8 +29,13 @@ from typing import Any, Final
 
 from talos.core.agent_id import agent_id_from_digest
 from talos.core.crypto import KEY_SIZE, SIGNATURE_SIZE, SigningKey, VerifyKey, sha256
-from talos.core.encoding import canonical_dumps, strict_loads
-from talos.errors import KeyLogInvalid, MalformedFrame, SignatureInvalid, UnsupportedVersion
+from talos.core.encoding import (
+    canonical_dumps,
+    check_versioned_map,
+    strict_loads,
+    strict_versioned_map,
+)
+from talos.errors import KeyLogInvalid, MalformedFrame, SignatureInvalid
 
 __all__ = [
     "EVENT_VERSION",
@@ -48,6 +53,7 @@ _NEXT_DOMAIN = b"talos/keylog/next/v1\x00"
 _MAX_EVENT_SIZE = 4096
 _MAX_LOG_SIZE = 1 << 20
 _FIELDS = frozenset({"v", "k", "s", "p", "sk", "dh", "n", "t", "sig"})
+_LOG_FIELDS = frozenset({"v", "events"})
 
 
 def next_key_digest(key: VerifyKey) -> bytes:
@@ -107,10 +113,7 @@ class KeyEvent:
             MalformedFrame: wrong fields or types.
             UnsupportedVersion: an event version this build does not know.
         """
-        if not isinstance(raw, dict) or set(raw) != _FIELDS:
-            raise MalformedFrame("key event must be a map with exactly the event fields")
-        if raw["v"] != EVENT_VERSION:
-            raise UnsupportedVersion(f"key event version {raw['v']!r} is not supported")
+        raw = check_versioned_map(raw, fields=_FIELDS, version=EVENT_VERSION, what="key event")
         kind, seq, prior, t = raw["k"], raw["s"], raw["p"], raw["t"]
         if kind not in (INCEPTION, ROTATION):
             raise MalformedFrame("unknown key event kind")
@@ -216,11 +219,9 @@ class KeyLog:
             MalformedFrame, UnsupportedVersion: not a well-formed log.
             KeyLogInvalid: well formed but not a valid history.
         """
-        raw = strict_loads(data, max_size=_MAX_LOG_SIZE)
-        if not isinstance(raw, dict) or set(raw) != {"v", "events"}:
-            raise MalformedFrame("key log must be a map with 'v' and 'events'")
-        if raw["v"] != EVENT_VERSION:
-            raise UnsupportedVersion(f"key log version {raw['v']!r} is not supported")
+        raw = strict_versioned_map(
+            data, max_size=_MAX_LOG_SIZE, fields=_LOG_FIELDS, version=EVENT_VERSION, what="key log"
+        )
         if not isinstance(raw["events"], list):
             raise MalformedFrame("key log events must be a list")
         return cls.verify([KeyEvent.from_dict(item) for item in raw["events"]])

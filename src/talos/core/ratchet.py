@@ -47,15 +47,15 @@ from talos.core.crypto import (
     hkdf_sha256,
     hmac_sha256,
 )
-from talos.core.encoding import canonical_dumps, strict_loads
+from talos.core.encoding import canonical_dumps, strict_versioned_map
 from talos.core.rng import Rng
 from talos.errors import (
+    ConfigurationError,
     DecryptionFailed,
     DuplicateMessage,
     MalformedFrame,
     SessionError,
     TooManySkippedKeys,
-    UnsupportedVersion,
 )
 
 __all__ = [
@@ -94,7 +94,7 @@ class RatchetLimits:
     """Bounds on skipped message keys (defaults follow common Signal practice).
 
     Raises (on construction):
-        ValueError: a bound is not positive.
+        ConfigurationError: a bound is not a positive number.
     """
 
     #: Most keys derived for one chain in a single step (spec ``MAX_SKIP``).
@@ -105,8 +105,11 @@ class RatchetLimits:
     max_age: float = 3600.0
 
     def __post_init__(self) -> None:
-        if self.max_skip < 1 or self.max_stored < 1 or not self.max_age > 0:
-            raise ValueError("ratchet limits must be positive")
+        counts = (self.max_skip, self.max_stored)
+        if any(type(c) is not int or c < 1 for c in counts) or not (
+            isinstance(self.max_age, int | float) and self.max_age > 0
+        ):
+            raise ConfigurationError("ratchet limits must be positive numbers")
 
 
 DEFAULT_LIMITS: Final = RatchetLimits()
@@ -467,13 +470,13 @@ def _decode_state(data: bytes) -> dict[str, Any]:
         MalformedFrame: wrong structure, types or sizes.
         UnsupportedVersion: unknown version.
     """
-    v = strict_loads(data, max_size=_MAX_STATE_SIZE)
-    if type(v) is not dict or type(v.get("v")) is not int:
-        raise MalformedFrame("session state must be a map with an integer version")
-    if v["v"] != FORMAT_VERSION:
-        raise UnsupportedVersion(f"session state version {v['v']} is not supported")
-    if v.keys() != _STATE_FIELDS:
-        raise MalformedFrame("session state has the wrong fields")
+    v = strict_versioned_map(
+        data,
+        max_size=_MAX_STATE_SIZE,
+        fields=_STATE_FIELDS,
+        version=FORMAT_VERSION,
+        what="session state",
+    )
     if type(v["ad"]) is not bytes:
         raise MalformedFrame("associated data must be bytes")
     for name in ("rk", "dhs"):
@@ -483,6 +486,8 @@ def _decode_state(data: bytes) -> dict[str, Any]:
             _check_key(v[name])
     for name in ("ns", "nr", "pn"):
         _check_counter(v[name])
+    if v["ns"] > _MAX_U32 or v["pn"] > _MAX_U32:
+        raise MalformedFrame("sending counters must fit the 32-bit header fields")
     if type(v["skipped"]) is not list or type(v["retired"]) is not list:
         raise MalformedFrame("skipped keys and retired keys must be lists")
     for entry in v["skipped"]:

@@ -17,7 +17,12 @@ Layout (all integers big-endian)::
 Two checks answer two questions. The checksum says whether the file is
 intact, so damage is reported as *corruption* rather than as a wrong
 passphrase; the AEAD tag then says whether the key (passphrase) is right.
-The checksum is over ciphertext only and reveals nothing about the secrets.
+The checksum covers the public header and the ciphertext, nothing secret.
+
+The argon2 cost in a header is attacker-controlled (anyone can hand us a
+"backup"), so opening enforces :data:`MAX_OPEN_PARAMS`, far below what
+:class:`~talos.core.crypto.Argon2Params` can express: a crafted file cannot
+make ``talos recover`` allocate gigabytes or spin for minutes.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ _KDF_ARGON2ID = 1
 _HEADER = struct.Struct(">6s2sBBIII16s12s")
 _SALT_SIZE = 16
 _CHECKSUM_SIZE = 32
+#: The most an opened file may ask of argon2: 1 GiB, 10 passes, 16 lanes.
+MAX_OPEN_PARAMS: Final = Argon2Params(time_cost=10, memory_kib=1024 * 1024, parallelism=16)
 
 
 def seal(
@@ -149,9 +156,16 @@ def open_sealed(
         try:
             params = Argon2Params(t_cost, memory, lanes)
         except CryptoError:
+            params = None
+        limit = MAX_OPEN_PARAMS
+        if params is None or (
+            params.time_cost > limit.time_cost
+            or params.memory_kib > limit.memory_kib
+            or params.parallelism > limit.parallelism
+        ):
             raise StoreCorrupted(
-                "argon2 parameters out of range", where="sealed", what="kdf parameters"
-            ) from None
+                "argon2 parameters out of the accepted range", where="sealed", what="kdf parameters"
+            )
         key = argon2id(passphrase, salt, params)
     else:
         if raw_key is None or len(raw_key) != KEY_SIZE:

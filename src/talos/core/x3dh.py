@@ -48,14 +48,13 @@ from talos.core.crypto import (
     hkdf_sha256,
     sha256,
 )
-from talos.core.encoding import canonical_dumps, strict_loads
+from talos.core.encoding import canonical_dumps, strict_versioned_map
 from talos.core.rng import Rng
 from talos.errors import (
     CryptoError,
     KeyAgreementFailed,
     MalformedFrame,
     SignatureInvalid,
-    UnsupportedVersion,
 )
 
 __all__ = [
@@ -112,23 +111,10 @@ def _check_agent(value: object) -> None:
 
 
 def _decode_map(data: bytes, *, max_size: int, fields: frozenset[str], what: str) -> dict[str, Any]:
-    """Decode a versioned CBOR map with exactly ``fields``.
-
-    Raises:
-        MalformedFrame: not canonical CBOR, not a map, or the wrong keys.
-        UnsupportedVersion: the version is not :data:`FORMAT_VERSION`.
-    """
-    value = strict_loads(data, max_size=max_size)
-    if type(value) is not dict:
-        raise MalformedFrame(f"{what} must be a CBOR map")
-    version = value.get("v")
-    if type(version) is not int:
-        raise MalformedFrame(f"{what} has no integer version")
-    if version != FORMAT_VERSION:
-        raise UnsupportedVersion(f"{what} version {version} is not supported")
-    if value.keys() != fields:
-        raise MalformedFrame(f"{what} must have exactly the fields {sorted(fields)}")
-    return value
+    """Decode a versioned CBOR map with exactly ``fields`` (see strict_versioned_map)."""
+    return strict_versioned_map(
+        data, max_size=max_size, fields=fields, version=FORMAT_VERSION, what=what
+    )
 
 
 def _spk_message(identity_dh: bytes, prekey_id: int, prekey: bytes) -> bytes:
@@ -568,6 +554,7 @@ def _responder_shared_key(
 def initiate(
     bundle: PrekeyBundle,
     *,
+    peer_agent_id: str,
     peer_signing_key: bytes,
     peer_identity_dh: bytes,
     agent_id: str,
@@ -587,6 +574,7 @@ def initiate(
     """
     return _initiate_from_parts(
         bundle,
+        peer_agent_id=peer_agent_id,
         peer_signing_key=peer_signing_key,
         peer_identity_dh=peer_identity_dh,
         agent_id=agent_id,
@@ -599,6 +587,7 @@ def initiate(
 def _initiate_from_parts(
     bundle: PrekeyBundle,
     *,
+    peer_agent_id: str,
     peer_signing_key: bytes,
     peer_identity_dh: bytes,
     agent_id: str,
@@ -607,11 +596,11 @@ def _initiate_from_parts(
     ephemeral: DHKey,
 ) -> Initiation:
     """:func:`initiate` with the ephemeral key supplied (deterministic test seam)."""
-    if not (
-        constant_time_equal(bundle.identity_signing_key, peer_signing_key)
-        and constant_time_equal(bundle.identity_dh_key, peer_identity_dh)
+    if not _names_peer(
+        (bundle.agent_id, bundle.identity_signing_key, bundle.identity_dh_key),
+        (peer_agent_id, peer_signing_key, peer_identity_dh),
     ):
-        raise SignatureInvalid("bundle identity keys differ from the peer's verified keys")
+        raise SignatureInvalid("bundle identity differs from the peer's verified identity")
     bundle.verify()
     header = InitialHeader(
         agent_id,
@@ -631,17 +620,45 @@ def _initiate_from_parts(
     return Initiation(sk, ad, header, bundle.signed_prekey)
 
 
-def respond(store: PrekeyStore, header: InitialHeader) -> Response:
+def _names_peer(claimed: tuple[str, bytes, bytes], verified: tuple[str, bytes, bytes]) -> bool:
+    """Whether an identity claimed in a bundle or header is exactly the verified one."""
+    same_keys = constant_time_equal(claimed[1], verified[1]) & constant_time_equal(
+        claimed[2], verified[2]
+    )
+    return claimed[0] == verified[0] and same_keys
+
+
+def respond(
+    store: PrekeyStore,
+    header: InitialHeader,
+    *,
+    peer_agent_id: str,
+    peer_signing_key: bytes,
+    peer_identity_dh: bytes,
+) -> Response:
     """Complete the agreement started by ``header`` (spec §3.4).
+
+    ``peer_agent_id`` is the authenticated sender of the envelope that carried
+    ``header`` and the two keys are that agent's current keys from its
+    verified key event log. The header must name exactly that identity:
+    otherwise a peer could re-sign someone else's first message as its own
+    and have the session (and every later message) attributed to it (an
+    unknown-key-share attack).
 
     ``store`` is left unchanged; the returned :attr:`Response.store` lacks the
     one-time prekey used, and must replace ``store`` once the first message
     has decrypted (persist both in one transaction).
 
     Raises:
-        KeyAgreementFailed: the signed prekey or one-time prekey is unknown or
-            already used, or a header key is of low order.
+        KeyAgreementFailed: the header does not name the authenticated sender
+            and its verified keys, the signed prekey or one-time prekey is
+            unknown or already used, or a header key is of low order.
     """
+    if not _names_peer(
+        (header.agent_id, header.identity_signing_key, header.identity_dh_key),
+        (peer_agent_id, peer_signing_key, peer_identity_dh),
+    ):
+        raise KeyAgreementFailed("initial header does not name the authenticated sender")
     spk = store.signed_prekey(header.signed_prekey_id)
     opk = None
     new_store = store

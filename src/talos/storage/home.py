@@ -27,7 +27,14 @@ from talos.core.clock import Clock
 from talos.core.crypto import KEY_SIZE, Argon2Params, constant_time_equal, sha256
 from talos.core.identity import Identity
 from talos.core.rng import Rng
-from talos.core.sealed import KIND_BACKUP, KIND_KEYFILE, open_sealed, seal, uses_passphrase
+from talos.core.sealed import (
+    KIND_BACKUP,
+    KIND_KEYFILE,
+    check_intact,
+    open_sealed,
+    seal,
+    uses_passphrase,
+)
 from talos.errors import (
     BackupInvalid,
     ConfigurationError,
@@ -131,11 +138,13 @@ class AgentHome:
         return self.identity_path.exists()
 
     def needs_passphrase(self) -> bool:
-        """Whether the stored key file is passphrase-protected (False if unreadable)."""
+        """Whether the stored key file is passphrase-protected (False if unreadable or damaged)."""
         try:
-            return uses_passphrase(_read(self.identity_path))
-        except (OSError, StorageError):
+            data = _read(self.identity_path)
+            check_intact(data, kind=KIND_KEYFILE)
+        except (OSError, StorageError, UnsupportedVersion):
             return False
+        return uses_passphrase(data)
 
     # -- identity ------------------------------------------------------------
 
@@ -199,6 +208,12 @@ class AgentHome:
             data = _read(path)
         except FileNotFoundError:
             raise IdentityNotFound(f"no identity in {self.path}") from None
+        try:
+            check_intact(data, kind=KIND_KEYFILE)
+        except StoreCorrupted as exc:
+            raise KeyFileCorrupted(
+                f"key file {path} is corrupted ({exc})", where=str(path), what=exc.what
+            ) from None
         raw_key = None if uses_passphrase(data) else self._read_local_key()
         try:
             payload = open_sealed(data, kind=KIND_KEYFILE, passphrase=passphrase, raw_key=raw_key)

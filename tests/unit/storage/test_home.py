@@ -142,3 +142,16 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
     atomic_write(target, b"two")
     assert target.read_bytes() == b"two"
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+@pytest.mark.parametrize("offset", [9, 20, -1])
+def test_damaged_passphrase_key_file_is_reported_as_itself(
+    home: AgentHome, identity: Identity, rng: SeededRng, offset: int
+) -> None:
+    """Damage must not be mistaken for a missing local key or a wrong passphrase."""
+    home.save_identity(identity, rng=rng, passphrase=b"pw", params=FAST)
+    _flip(home.identity_path, offset)
+    assert not home.needs_passphrase()
+    with pytest.raises(KeyFileCorrupted) as info:
+        home.load_identity(passphrase=b"pw")
+    assert info.value.where == str(home.identity_path)
