@@ -25,7 +25,8 @@ The tree::
     │   │   ├── ScopeMismatch
     │   │   ├── Revoked
     │   │   ├── RevocationListStale
-    │   │   └── ChainTooDeep
+    │   │   ├── ChainTooDeep
+    │   │   └── CapabilitySignatureInvalid   (also a SignatureInvalid)
     │   ├── InclusionProofError
     │   ├── ConsistencyError        carries both roots and the proof
     │   └── AnchorMismatch
@@ -200,6 +201,15 @@ class RevocationListStale(CapabilityDenied):
 
 class ChainTooDeep(CapabilityDenied):
     """The delegation chain is longer than allowed."""
+
+
+class CapabilitySignatureInvalid(CapabilityDenied, SignatureInvalid):
+    """A capability in the chain is forged, tampered, or signed by an unknown key.
+
+    Both a :class:`CapabilityDenied` (so one ``except`` denies every bad
+    capability) and a :class:`SignatureInvalid` (so it counts as a signature
+    failure for monitoring).
+    """
 
 
 class InclusionProofError(VerificationError):
