@@ -65,6 +65,7 @@ class Setup:
             expires=NOW + 3600,
             now=NOW,
             rng=rng,
+            delegations=4,
         )
         token = self.root
         for n in range(1, 5):

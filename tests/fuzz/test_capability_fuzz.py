@@ -48,6 +48,7 @@ ROOT = issue(
     expires=NOW + 3600,
     now=NOW,
     rng=_rng,
+    delegations=1,
 )
 CHILD = delegate(
     ROOT, B.signing_key, key_sequence=0, subject=C.agent_id, now=NOW, rng=_rng, actions=["tool.x"]

@@ -70,6 +70,7 @@ def test_delegation_never_widens(
         expires=NOW + 60,
         now=NOW,
         rng=_rng,
+        delegations=1,
     )
     try:
         child = delegate(

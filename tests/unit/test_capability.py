@@ -115,6 +115,7 @@ def link(world: World, depth: int, level: Level, parent: Capability | None) -> C
         issued_at_ms=round((NOW + level.iat) * 1000),
         not_before_ms=round((NOW + level.nbf) * 1000),
         expires_ms=round((NOW + level.exp) * 1000),
+        delegations=MAX_CHAIN_LENGTH - depth,
         parent=parent,
     )
     return token.signed_by(signer.signing_key)
@@ -321,6 +322,7 @@ def _root(world: World, **kw: Any) -> Capability:
         "expires": NOW + HOUR,
         "now": NOW,
         "rng": world.rng,
+        "delegations": 2,
     }
     return issue(world.agents[0].signing_key, **{**args, **kw})
 
@@ -893,3 +895,58 @@ def test_signed_bytes_memo_never_survives_a_change(world: World) -> None:
         assert changed.signed_bytes() != token.signed_bytes()
         with pytest.raises(SignatureInvalid):
             run(check, changed)
+
+
+# -- the delegation budget ------------------------------------------------------------
+
+
+def test_non_delegable_token_cannot_be_delegated(world: World) -> None:
+    root = _root(world, delegations=0)
+    with pytest.raises(LocalProtocolError, match="not delegable"):
+        delegate(
+            root,
+            world.agents[1].signing_key,
+            key_sequence=0,
+            subject=world.agents[2].agent_id,
+            now=NOW,
+            rng=world.rng,
+        )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_delegating_a_non_delegable_token_is_refused_on_verify(world: World, kind: str) -> None:
+    """A holder who signs a child anyway gets it refused by every verifier."""
+    root = _root(world, delegations=0)
+    child = replace(
+        root,
+        issuer=world.agents[1].agent_id,
+        subject=world.agents[2].agent_id,
+        token_id=b"\x07" * 16,
+        parent=root,
+    ).signed_by(world.agents[1].signing_key)
+    check = checker(kind, world, world.synced_state(), policy(world))
+    with pytest.raises(ScopeMismatch, match="depth 2: the parent token is not delegable"):
+        run(check, child)
+
+
+def test_delegation_budget_shrinks_and_cannot_grow(world: World) -> None:
+    root = _root(world, delegations=2)
+    child = delegate(
+        root,
+        world.agents[1].signing_key,
+        key_sequence=0,
+        subject=world.agents[2].agent_id,
+        now=NOW,
+        rng=world.rng,
+    )
+    assert child.delegations == 1
+    with pytest.raises(LocalProtocolError, match="more further delegation"):
+        delegate(
+            root,
+            world.agents[1].signing_key,
+            key_sequence=0,
+            subject=world.agents[2].agent_id,
+            now=NOW,
+            rng=world.rng,
+            delegations=2,
+        )

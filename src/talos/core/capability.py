@@ -106,7 +106,7 @@ MAX_ALLOWED_PER_TOKEN: Final = 64
 _MAX_U32: Final = 2**32 - 1
 _MAX_MS: Final = 2**63 - 1
 TOKEN_FIELDS: Final = frozenset(
-    {"v", "id", "iss", "ks", "sub", "aud", "act", "res", "iat", "nbf", "exp", "par", "sig"}
+    {"v", "id", "iss", "ks", "sub", "aud", "act", "res", "iat", "nbf", "exp", "dlg", "par", "sig"}
 )
 # Printable ASCII except space and "*"; then an optional trailing "*".
 _PATTERN: Final = re.compile(r"[!-)+-~]{1,256}|[!-)+-~]{0,255}\*")
@@ -159,6 +159,8 @@ class Capability:
     issued_at_ms: int
     not_before_ms: int
     expires_ms: int
+    #: How many further delegations the subject may make (0: not delegable).
+    delegations: int = 0
     parent: Capability | None = None
     signature: bytes = b""
     # Memo of signed_bytes(). init=False, so dataclasses.replace() never carries it
@@ -193,6 +195,7 @@ class Capability:
             "iat": self.issued_at_ms,
             "nbf": self.not_before_ms,
             "exp": self.expires_ms,
+            "dlg": self.delegations,
             "par": None if self.parent is None else self.parent.to_dict(),
         }
 
@@ -287,6 +290,7 @@ def _parse(raw: Any, levels: int) -> Capability:
         issued_at_ms=_uint("issue time", raw["iat"], _MAX_MS),
         not_before_ms=_uint("not-before", raw["nbf"], _MAX_MS),
         expires_ms=_uint("expiry", raw["exp"], _MAX_MS),
+        delegations=_uint("delegations", raw["dlg"], MAX_CHAIN_LENGTH - 1),
         parent=None if raw["par"] is None else _parse(raw["par"], levels - 1),
         signature=_signature(raw["sig"]),
     )
@@ -349,8 +353,12 @@ def issue(
     now: float,
     rng: Rng,
     not_before: float | None = None,
+    delegations: int = 0,
 ) -> Capability:
     """Issue a root token. Times are seconds; ``not_before`` defaults to ``now``.
+
+    ``delegations`` is how many times the subject (and those it delegates to)
+    may delegate further; 0 makes the token non-delegable.
 
     Raises:
         LocalProtocolError: a malformed field (agent id, pattern, times), or
@@ -368,6 +376,7 @@ def issue(
         issued_at_ms=issued,
         not_before_ms=issued if not_before is None else math.ceil(not_before * 1000),
         expires_ms=math.floor(expires * 1000),
+        delegations=delegations,
     )
     return _sealed(token, signing_key)
 
@@ -384,11 +393,13 @@ def delegate(
     resources: Iterable[str] | None = None,
     expires: float | None = None,
     not_before: float | None = None,
+    delegations: int | None = None,
 ) -> Capability:
     """Delegate ``parent`` (held by its subject, who signs) to ``subject``.
 
     Omitted scope and expiry are the parent's; ``not_before`` defaults to the
-    later of ``now`` and the parent's.
+    later of ``now`` and the parent's; ``delegations`` defaults to one fewer
+    than the parent allows.
 
     Raises:
         LocalProtocolError: the child would be wider than the parent (rule 3),
@@ -407,6 +418,7 @@ def delegate(
         issued_at_ms=issued,
         not_before_ms=math.ceil(nbf),
         expires_ms=parent.expires_ms if expires is None else math.floor(expires * 1000),
+        delegations=max(parent.delegations - 1, 0) if delegations is None else delegations,
         parent=parent,
     )
     reason = _attenuation_error(token, parent)
@@ -540,6 +552,10 @@ def _attenuation_error(child: Capability, parent: Capability) -> str | None:
         return "issued by an agent that does not hold the parent"
     if child.audience != parent.audience:
         return "audience differs from the parent's"
+    if parent.delegations < 1:
+        return "the parent token is not delegable"
+    if child.delegations > parent.delegations - 1:
+        return "allows more further delegation than the parent"
     if not _covered(child.actions, parent.actions):
         return "actions wider than the parent's"
     if not _covered(child.resources, parent.resources):
