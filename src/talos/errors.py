@@ -163,7 +163,7 @@ class VerificationError(TalosError):
 class SignatureInvalid(VerificationError):
     """A signature does not verify under the expected key."""
 
-    hint = "possibly tampering or corruption; the event is recorded in the audit log"
+    hint = "possibly tampering or corruption; the sender is not blocked automatically"
 
 
 class KeyLogInvalid(VerificationError):
@@ -210,6 +210,11 @@ class CapabilitySignatureInvalid(CapabilityDenied, SignatureInvalid):
     capability) and a :class:`SignatureInvalid` (so it counts as a signature
     failure for monitoring).
     """
+
+    hint = (
+        "if the issuer is simply unknown here, import its key log "
+        "(`talos capabilities add TOKEN --issuer-log FILE`); otherwise suspect tampering"
+    )
 
 
 class InclusionProofError(VerificationError):

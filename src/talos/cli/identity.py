@@ -13,7 +13,7 @@ from talos.cli.context import CliContext
 from talos.cli.passphrases import KEY_ENV, existing_passphrase, new_passphrase
 from talos.core.identity import Identity
 from talos.errors import IdentityExists
-from talos.storage.home import AgentHome
+from talos.storage.home import AgentHome, atomic_write
 
 __all__ = [
     "choose_key_passphrase",
@@ -87,11 +87,21 @@ def init(
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--export-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the public key event log here (for peers and `capabilities add`).",
+)
 @key_passphrase_option
 @click.pass_obj
-def whoami(ctx: CliContext, as_json: bool, key_passphrase_file: Path | None) -> None:
+def whoami(
+    ctx: CliContext, as_json: bool, export_log: Path | None, key_passphrase_file: Path | None
+) -> None:
     """Show this agent's ID, name, key fingerprint and key event sequence."""
     identity = load_identity(ctx.agent_home, key_passphrase_file)
+    if export_log is not None:
+        atomic_write(export_log, identity.keylog.to_bytes(), mode=0o644)
     summary = identity.public_summary()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))

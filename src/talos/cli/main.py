@@ -14,10 +14,12 @@ import click
 from rich.console import Console
 
 from talos.cli.backup import backup, recover
+from talos.cli.capabilities import EXIT_DENIED, capabilities
 from talos.cli.context import CliContext
 from talos.cli.identity import init, rotate, whoami
 from talos.errors import (
     BackupInvalid,
+    CapabilityDenied,
     IdentityExists,
     IdentityNotFound,
     StoreCorrupted,
@@ -35,6 +37,7 @@ EXIT_CODES: tuple[tuple[type[TalosError], int], ...] = (
     (IdentityExists, 4),
     (WrongPassphrase, 5),
     (BackupInvalid, 5),
+    (CapabilityDenied, EXIT_DENIED),
     (TalosError, 1),
 )
 
@@ -77,6 +80,7 @@ cli.add_command(whoami)
 cli.add_command(rotate)
 cli.add_command(backup)
 cli.add_command(recover)
+cli.add_command(capabilities)
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ One LMDB environment at ``<home>/capabilities/`` with four named databases:
 ``granted``      token id -> token bytes, tokens this agent issued
 ``held``         token id -> token bytes, tokens granted to this agent
 ``revocations``  issuer agent id -> record {list bytes, last synchronized time}
+``reasons``      token id -> why this agent revoked it (text, for operators)
+``keylogs``      agent id -> that agent's key event log, as last verified
 ``meta``         format version
 
 The store keeps encoded bytes and knows nothing of their meaning: decoding
@@ -31,7 +33,7 @@ __all__ = ["TokenStore"]
 FORMAT_VERSION: Final = 1
 _MAP_SIZE = 256 << 20
 _MAX_RECORD = 1 << 20
-_DATABASES = (b"granted", b"held", b"revocations", b"meta")
+_DATABASES = (b"granted", b"held", b"revocations", b"reasons", b"keylogs", b"meta")
 
 
 class TokenStore:
@@ -139,6 +141,30 @@ class TokenStore:
                     what="revocation record",
                 ) from None
             yield issuer, data, synced / 1000
+
+    def put_reason(self, token_id: bytes, reason: str) -> None:
+        """Remember why a token was revoked."""
+        self._put(b"reasons", token_id, reason.encode())
+
+    def reason(self, token_id: bytes) -> str | None:
+        with self._env.begin(db=self._dbs[b"reasons"]) as txn:
+            value = txn.get(token_id)
+        return None if value is None else bytes(value).decode(errors="replace")
+
+    # -- peers' key logs --------------------------------------------------------
+
+    def put_keylog(self, agent_id: str, data: bytes) -> None:
+        """Store a key log the caller has verified (and checked against the old one)."""
+        self._put(b"keylogs", agent_id.encode(), data)
+
+    def keylog(self, agent_id: str) -> bytes | None:
+        with self._env.begin(db=self._dbs[b"keylogs"]) as txn:
+            value = txn.get(agent_id.encode())
+        return None if value is None else bytes(value)
+
+    def keylogs(self) -> Iterator[bytes]:
+        """Every stored key log (to be verified again by the reader)."""
+        return self._values(b"keylogs")
 
     # -- internals --------------------------------------------------------------
 

@@ -41,7 +41,7 @@ def test_damaged_revocation_record_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "caps"
     with TokenStore.open(path) as store:
         store.put_revocation_list("did:talos:zA", b"v1", synced_at=1.0)
-    env = lmdb.open(str(path), max_dbs=4)
+    env = lmdb.open(str(path), max_dbs=8)
     with env.begin(write=True, db=env.open_db(b"revocations")) as txn:
         txn.put(b"did:talos:zA", b"\xff\x00garbage")
     env.close()
@@ -52,7 +52,7 @@ def test_damaged_revocation_record_is_reported(tmp_path: Path) -> None:
 def test_newer_format_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "caps"
     TokenStore.open(path).close()
-    env = lmdb.open(str(path), max_dbs=4)
+    env = lmdb.open(str(path), max_dbs=8)
     with env.begin(write=True, db=env.open_db(b"meta")) as txn:
         txn.put(b"version", b"2")
     env.close()
