@@ -1,12 +1,33 @@
-"""The audit log's public face: Merkle proof verification (RFC 9162).
+"""The audit log's public face: the log itself, its records, and proof verification.
 
-Anyone holding a log's signed tree heads can check inclusion and consistency
-proofs with these functions alone. The ``AuditLog`` itself (LMDB-backed,
-append-only, with checkpoints and anchoring) arrives in this package later.
+:class:`AuditLog` is the LMDB-backed, append-only, Merkle-hashed log every
+agent keeps. Anyone holding a log's signed checkpoints can check inclusion
+and consistency proofs with :func:`verify_inclusion` and
+:func:`verify_consistency` alone (RFC 9162).
 """
 
 from __future__ import annotations
 
+from talos.audit.log import (
+    DEFAULT_BLOCK_ENTRIES,
+    DEFAULT_BLOCK_SECONDS,
+    AuditLog,
+    AuditRecord,
+    ChainProblem,
+    ChainReport,
+)
+from talos.core.audit.checkpoint import (
+    Block,
+    Checkpoint,
+    ConsistencyProof,
+    InclusionProof,
+    LogSigner,
+    NoteSignature,
+    note_key_hash,
+    parse_verifier_key,
+    verifier_key,
+)
+from talos.core.audit.entry import AuditEntry, AuditKind
 from talos.core.audit.merkle import (
     EMPTY_ROOT,
     leaf_hash,
@@ -15,15 +36,34 @@ from talos.core.audit.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from talos.errors import ConsistencyError, InclusionProofError
+from talos.errors import AuditFull, ConsistencyError, InclusionProofError, StoreCorrupted
 
 __all__ = [
+    "DEFAULT_BLOCK_ENTRIES",
+    "DEFAULT_BLOCK_SECONDS",
     "EMPTY_ROOT",
+    "AuditEntry",
+    "AuditFull",
+    "AuditKind",
+    "AuditLog",
+    "AuditRecord",
+    "Block",
+    "ChainProblem",
+    "ChainReport",
+    "Checkpoint",
     "ConsistencyError",
+    "ConsistencyProof",
+    "InclusionProof",
     "InclusionProofError",
+    "LogSigner",
+    "NoteSignature",
+    "StoreCorrupted",
     "leaf_hash",
     "node_hash",
+    "note_key_hash",
+    "parse_verifier_key",
     "root_from_leaves",
+    "verifier_key",
     "verify_consistency",
     "verify_inclusion",
 ]
