@@ -5,6 +5,11 @@ Layout of a home directory (mode 0700)::
     identity.key         sealed container (kind KF) holding Identity secrets
     identity.localkey    only without a passphrase: the random key that opens
                          identity.key, mode 0600, with its own checksum
+    keylog.cbor          the public key event log (no secrets), readable
+                         without the passphrase: audit verification and
+                         peers use it; always re-verified when read
+    audit/               the audit log (LMDB), see talos.audit
+    capabilities/        tokens, revocation lists, peers' key logs (LMDB)
     archive/<stamp>/     identities set aside by ``init --new-identity`` or
                          replaced by ``recover``; never deleted by Talos
 
@@ -26,6 +31,7 @@ from typing import Final
 from talos.core.clock import Clock
 from talos.core.crypto import KEY_SIZE, Argon2Params, constant_time_equal, sha256
 from talos.core.identity import Identity
+from talos.core.keylog import KeyLog
 from talos.core.rng import Rng
 from talos.core.sealed import (
     KIND_BACKUP,
@@ -52,6 +58,8 @@ from talos.errors import (
 __all__ = ["AgentHome", "atomic_write", "default_home"]
 
 IDENTITY_FILE: Final = "identity.key"
+KEYLOG_FILE: Final = "keylog.cbor"
+AUDIT_DIR: Final = "audit"
 LOCAL_KEY_FILE: Final = "identity.localkey"
 ARCHIVE_DIR: Final = "archive"
 _LOCAL_KEY_MAGIC = b"TALOSLK1"
@@ -123,6 +131,33 @@ class AgentHome:
     def local_key_path(self) -> Path:
         return self.path / LOCAL_KEY_FILE
 
+    @property
+    def keylog_path(self) -> Path:
+        return self.path / KEYLOG_FILE
+
+    @property
+    def audit_path(self) -> Path:
+        return self.path / AUDIT_DIR
+
+    def load_public_keylog(self) -> KeyLog | None:
+        """The public key log, verified, or None if the home has none.
+
+        Raises:
+            StoreCorrupted: the file exists but is not a valid key log.
+        """
+        try:
+            data = _read(self.keylog_path)
+        except FileNotFoundError:
+            return None
+        try:
+            return KeyLog.from_bytes(data)
+        except (MalformedFrame, UnsupportedVersion, KeyLogInvalid) as exc:
+            raise StoreCorrupted(
+                f"public key log {self.keylog_path} is invalid: {exc}",
+                where=str(self.keylog_path),
+                what="key log",
+            ) from None
+
     def ensure(self) -> None:
         """Create the home (0700) if it does not exist.
 
@@ -166,6 +201,8 @@ class AgentHome:
             KeyFileCorrupted: the local key is damaged while a key file needs it.
         """
         self.ensure()
+        # Public first: a crash leaves a log at least as new as the secrets'.
+        atomic_write(self.keylog_path, identity.keylog.to_bytes(), mode=0o644)
         payload = identity.to_secret_bytes()
         if passphrase is not None:
             sealed = seal(payload, kind=KIND_KEYFILE, rng=rng, passphrase=passphrase, params=params)
@@ -268,7 +305,7 @@ class AgentHome:
         target = self.path / ARCHIVE_DIR / stamp
         try:
             target.mkdir(mode=0o700, parents=True, exist_ok=False)
-            for name in (IDENTITY_FILE, LOCAL_KEY_FILE):
+            for name in (IDENTITY_FILE, LOCAL_KEY_FILE, KEYLOG_FILE):
                 source = self.path / name
                 if source.exists():
                     os.replace(source, target / name)

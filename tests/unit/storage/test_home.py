@@ -15,6 +15,7 @@ from talos.errors import (
     ConfigurationError,
     IdentityNotFound,
     KeyFileCorrupted,
+    StoreCorrupted,
     WrongPassphrase,
 )
 from talos.storage.home import AgentHome, atomic_write
@@ -155,3 +156,21 @@ def test_damaged_passphrase_key_file_is_reported_as_itself(
     with pytest.raises(KeyFileCorrupted) as info:
         home.load_identity(passphrase=b"pw")
     assert info.value.where == str(home.identity_path)
+
+
+def test_public_keylog_follows_the_identity(
+    home: AgentHome, identity: Identity, rng: SeededRng, clock: FakeClock
+) -> None:
+    assert home.load_public_keylog() is None
+    home.save_identity(identity, rng=rng, passphrase=b"pw", params=FAST)
+    log = home.load_public_keylog()
+    assert log is not None
+    assert log.agent_id == identity.agent_id
+    rotated = identity.rotate(rng=rng, clock=clock)
+    home.save_identity(rotated, rng=rng, passphrase=b"pw", params=FAST)
+    again = home.load_public_keylog()
+    assert again is not None
+    assert again.state.sequence == 1
+    home.keylog_path.write_bytes(b"\xa0")
+    with pytest.raises(StoreCorrupted):
+        home.load_public_keylog()
