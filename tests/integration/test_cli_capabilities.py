@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from talos.audit import AuditLog
+
 
 def talos(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
@@ -108,6 +110,16 @@ def test_grant_verify_revoke(homes: tuple[Path, str, Path, str]) -> None:
     listed = json.loads(ok(alice, "capabilities", "list", "--json"))
     assert [(r["token_id"], r["direction"], r["state"]) for r in listed] == [
         (token_id, "granted", "revoked")
+    ]
+    with AuditLog.open(alice / "audit", readonly=True) as log:
+        kinds = [(e.kind, e.peer) for e in log.query()]
+        assert log.verify_chain().ok
+    assert kinds == [
+        ("CAPABILITY_GRANTED", bob_id),
+        ("CAPABILITY_DENIED", bob_id),
+        ("CAPABILITY_DENIED", homes[1]),
+        ("CAPABILITY_REVOKED", None),
+        ("CAPABILITY_DENIED", bob_id),
     ]
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from talos.audit import AuditLog
+
 
 class Talos:
     """Runs ``python -m talos`` against one home, without a terminal."""
@@ -145,6 +147,9 @@ def test_rotate_keeps_id_and_advances_sequence(talos: Talos) -> None:
     assert after["agent_id"] == agent_id
     assert after["sequence"] == 1
     assert after["fingerprint"] != before["fingerprint"]
+    with AuditLog.open(Path(talos.env["TALOS_HOME"]) / "audit", readonly=True) as log:
+        (entry,) = log.query(kind="KEY_ROTATED")
+    assert entry.data == {"sequence": 1, "fingerprint": after["fingerprint"]}
 
 
 def test_passphrase_protected_key_file(talos: Talos, home: Path, tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +23,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from talos.audit import AuditKind, AuditLog
 from talos.cli.context import CliContext
 from talos.cli.identity import key_passphrase_option, load_identity
 from talos.core.agent_id import check_agent_id
@@ -70,13 +71,29 @@ def parse_duration(text: str) -> float:
 
 @dataclass
 class Book:
-    """This agent's identity, token store, known keys and revocation state."""
+    """This agent's identity, token store, known keys, revocation state and audit log."""
 
     identity: Identity
     store: TokenStore
     keys: IssuerKeys
     revocations: RevocationState
     now: float
+    _open_audit: Callable[[], AuditLog]
+    _audit: AuditLog | None = None
+
+    def record(self, kind: str, data: dict[str, Any], *, peer: str | None = None) -> None:
+        """Append to the audit log (opened on first use), durably, before any effect shows.
+
+        Raises:
+            AuditFull: the log is full; the caller's action must not proceed.
+        """
+        if self._audit is None:
+            self._audit = self._open_audit()
+        self._audit.append(kind, data, peer=peer)
+
+    def close(self) -> None:
+        if self._audit is not None:
+            self._audit.close()
 
     @property
     def me(self) -> str:
@@ -111,7 +128,7 @@ def open_book(ctx: CliContext, key_passphrase_file: Path | None) -> Iterator[Boo
     """Load identity, store, known key logs and revocation lists (verified)."""
     identity = load_identity(ctx.agent_home, key_passphrase_file)
     now = ctx.clock.time()
-    with TokenStore.open(ctx.home / "capabilities") as store:
+    with TokenStore.open(ctx.home / "capabilities") as store, ExitStack() as cleanup:
         keys = IssuerKeys([identity.keylog])
         for data in store.keylogs():
             try:
@@ -124,7 +141,11 @@ def open_book(ctx: CliContext, key_passphrase_file: Path | None) -> Iterator[Boo
             revocations.mark_synced(issuer, synced_at)
         # This agent's own list is authoritative by definition: always current.
         revocations.mark_synced(identity.agent_id, now)
-        yield Book(identity, store, keys, revocations, now)
+        book = Book(
+            identity, store, keys, revocations, now, lambda: ctx.open_audit_log(identity=identity)
+        )
+        cleanup.callback(book.close)
+        yield book
 
 
 def _agent(text: str, option: str) -> str:
@@ -178,6 +199,17 @@ def grant(
             rng=ctx.rng,
             delegations=CapabilityPolicy(audience=book.me).max_depth - 1 if delegable else 0,
         )
+        book.record(
+            AuditKind.CAPABILITY_GRANTED,
+            {
+                "token": token.token_id,
+                "actions": sorted(token.actions),
+                "resources": sorted(token.resources),
+                "expires_ms": token.expires_ms,
+                "delegations": token.delegations,
+            },
+            peer=token.subject,
+        )
         book.store.add_granted(token.token_id, token.to_bytes())  # persisted before shown
     click.echo(token.to_text())
 
@@ -229,6 +261,16 @@ def verify_command(
             )
         except CapabilityDenied as error:
             denial = error
+            book.record(
+                AuditKind.CAPABILITY_DENIED,
+                {
+                    "token": capability.token_id,
+                    "reason": type(error).__name__,
+                    "action": action[:256],
+                    "resource": resource[:256],
+                },
+                peer=holder or capability.subject,
+            )
     _report_verdict(capability, denial, warnings, as_json)
     if denial is not None:
         raise click.exceptions.Exit(EXIT_DENIED)
@@ -273,6 +315,10 @@ def revoke(ctx: CliContext, token_id: str, reason: str, key_passphrase_file: Pat
     with open_book(ctx, key_passphrase_file) as book:
         revised = book.own_list().revise(now=book.now, token_ids=[ident])
         signed = revised.signed_by(book.identity.signing_key, book.identity.sequence)
+        book.record(
+            AuditKind.CAPABILITY_REVOKED,
+            {"token": ident, "reason": reason[:512], "list_version": signed.version},
+        )
         book.store.put_revocation_list(book.me, signed.to_bytes(), synced_at=book.now)
         book.store.put_reason(ident, reason)
         known = book.store.find(ident) is not None
@@ -328,6 +374,11 @@ def add(
             ),
             keys=book.keys,
             holder=book.me,
+        )
+        book.record(
+            "CAPABILITY_RECEIVED",
+            {"token": capability.token_id, "actions": sorted(capability.actions)},
+            peer=capability.issuer,
         )
         book.store.add_held(capability.token_id, capability.to_bytes())
     click.echo(f"stored capability {capability.token_id.hex()} from {capability.issuer}")

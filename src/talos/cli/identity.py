@@ -9,10 +9,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from talos.audit import AuditKind
 from talos.cli.context import CliContext
 from talos.cli.passphrases import KEY_ENV, existing_passphrase, new_passphrase
 from talos.core.identity import Identity
-from talos.errors import IdentityExists
+from talos.errors import IdentityExists, StorageError
 from talos.storage.home import AgentHome, atomic_write
 
 __all__ = [
@@ -129,6 +130,24 @@ def rotate(ctx: CliContext, key_passphrase_file: Path | None) -> None:
     identity = home.load_identity(passphrase=passphrase)
     rotated = identity.rotate(rng=ctx.rng, clock=ctx.clock)
     home.save_identity(rotated, rng=ctx.rng, passphrase=passphrase)
+    _record_rotation(ctx, rotated)
     click.echo(f"rotated {rotated.agent_id} to key sequence {rotated.sequence}")
     click.echo(f"new fingerprint {rotated.fingerprint}")
     _err.print("note: take a new backup; older ones hold an outdated key event log")
+
+
+def _record_rotation(ctx: CliContext, rotated: Identity) -> None:
+    """Audit the rotation, signed by the new key.
+
+    The rotation itself is never held back by the audit log: after a key
+    compromise, rotating matters more than recording. A failure is reported.
+    """
+    try:
+        with ctx.open_audit_log(identity=rotated) as log:
+            log.append(
+                AuditKind.KEY_ROTATED,
+                {"sequence": rotated.sequence, "fingerprint": rotated.fingerprint},
+                peer=rotated.agent_id,
+            )
+    except StorageError as error:
+        _err.print(f"[yellow]warning:[/] the rotation was not recorded in the audit log: {error}")
