@@ -1,0 +1,62 @@
+"""``audit_config`` parsing, and that its size limit really bounds the log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from talos.audit import AuditLog
+from talos.audit.config import MIN_SIZE_BYTES, AuditConfig
+from talos.errors import AuditFull, ConfigurationError
+from talos.testing import FakeClock
+
+
+def test_defaults() -> None:
+    assert AuditConfig.from_mapping(None) == AuditConfig()
+    assert AuditConfig.from_mapping({}).max_size_bytes is None
+
+
+def test_seed_spelling() -> None:
+    config = AuditConfig.from_mapping({"max_size_gb": 10, "prune_after_anchor": True})
+    assert config.max_size_bytes == 10 * (1 << 30)
+    assert config.prune_after_anchor is True
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"max_size": 10},
+        {"max_size_gb": "10"},
+        {"max_size_gb": True},
+        {"max_size_gb": float("inf")},
+        {"max_size_gb": 0.0001},
+        {"prune_after_anchor": "yes"},
+        {"block_entries": 0},
+        {"block_seconds": -1},
+    ],
+)
+def test_bad_values_are_refused(raw: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        AuditConfig.from_mapping(raw)
+
+
+def _fill(log: AuditLog) -> int:
+    """Append batches until the log is full; return how many entries went in."""
+    for batch in range(10_000):
+        records = [("MESSAGE_SENT", {"n": n, "h": bytes(32)}, None) for n in range(100)]
+        try:
+            log.append_many(records)
+        except AuditFull:
+            return batch * 100
+    raise AssertionError("the size limit was never reached")
+
+
+def test_size_limit_reaches_the_log(tmp_path: Path) -> None:
+    config = AuditConfig.from_mapping({"max_size_gb": MIN_SIZE_BYTES / (1 << 30)})
+    with AuditLog.open(tmp_path / "log", clock=FakeClock(), **config.open_arguments()) as log:
+        appended = _fill(log)
+    assert appended > 100
+    with AuditLog.open(tmp_path / "log", readonly=True) as log:
+        assert log.size == appended
+        assert log.verify_chain().ok
