@@ -23,7 +23,7 @@ inception; :class:`KeyState` is the result, never an input to trust.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -39,6 +39,9 @@ from talos.errors import KeyLogInvalid, MalformedFrame, SignatureInvalid
 
 __all__ = [
     "EVENT_VERSION",
+    "IssuerKeys",
+    "KeyLookup",
+    "resolve_key",
     "KeyEvent",
     "KeyLog",
     "KeyState",
@@ -355,3 +358,44 @@ def _apply_rotation(state: KeyState, event: KeyEvent) -> KeyState:
         next_digest=event.next_digest,
         last_digest=event.digest(),
     )
+
+
+# -- key lookup for verifiers ----------------------------------------------------
+
+#: Resolves (issuer agent id, key sequence) to the issuer's verify key at that
+#: sequence, from a *verified* key log; ``None`` when unknown.
+KeyLookup = Callable[[str, int], VerifyKey | None]
+
+
+class IssuerKeys:
+    """A :data:`KeyLookup` over verified key logs: the key at sequence n is event n's."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, logs: Iterable[KeyLog] = ()) -> None:
+        self._keys: dict[str, tuple[VerifyKey, ...]] = {}
+        for log in logs:
+            self.add(log)
+
+    def add(self, log: KeyLog) -> None:
+        """Learn (or extend) an agent's keys from its verified log."""
+        self._keys[log.agent_id] = tuple(VerifyKey(e.signing_key) for e in log.events)
+
+    def __call__(self, agent_id: str, sequence: int) -> VerifyKey | None:
+        keys = self._keys.get(agent_id)
+        if keys is None or not 0 <= sequence < len(keys):
+            return None
+        return keys[sequence]
+
+
+def resolve_key(keys: KeyLookup, issuer: str, sequence: int) -> VerifyKey:
+    """The issuer's key at ``sequence``.
+
+    Raises:
+        SignatureInvalid: no verified key log knows it (so nothing it signed
+            can be checked).
+    """
+    key = keys(issuer, sequence)
+    if key is None:
+        raise SignatureInvalid(f"no verified key for {issuer} at key sequence {sequence}")
+    return key

@@ -41,21 +41,20 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from talos.core.agent_id import check_agent_id
-from talos.core.crypto import SIGNATURE_SIZE, SigningKey, VerifyKey
+from talos.core.crypto import SIGNATURE_SIZE, SigningKey
 from talos.core.encoding import canonical_dumps, strict_loads
-from talos.core.keylog import KeyLog
+from talos.core.keylog import IssuerKeys, KeyLookup, resolve_key
 from talos.errors import (
     ConfigurationError,
     LocalProtocolError,
     MalformedFrame,
     RevocationListStale,
     Revoked,
-    SignatureInvalid,
     UnsupportedVersion,
 )
 
@@ -89,45 +88,6 @@ TOKEN_ID_SIZE: Final = 16
 _MAX_U32: Final = 2**32 - 1
 _MAX_MS: Final = 2**63 - 1
 _FIELDS: Final = frozenset({"v", "iss", "ver", "iat", "ks", "ids", "before", "keys", "sig"})
-
-#: Resolves (issuer agent id, key sequence) to the issuer's verify key at that
-#: sequence, from a *verified* key log; ``None`` when unknown.
-KeyLookup = Callable[[str, int], VerifyKey | None]
-
-
-class IssuerKeys:
-    """A :data:`KeyLookup` over verified key logs: the key at sequence n is event n's."""
-
-    __slots__ = ("_keys",)
-
-    def __init__(self, logs: Iterable[KeyLog] = ()) -> None:
-        self._keys: dict[str, tuple[VerifyKey, ...]] = {}
-        for log in logs:
-            self.add(log)
-
-    def add(self, log: KeyLog) -> None:
-        """Learn (or extend) an agent's keys from its verified log."""
-        self._keys[log.agent_id] = tuple(VerifyKey(e.signing_key) for e in log.events)
-
-    def __call__(self, agent_id: str, sequence: int) -> VerifyKey | None:
-        keys = self._keys.get(agent_id)
-        if keys is None or not 0 <= sequence < len(keys):
-            return None
-        return keys[sequence]
-
-
-def resolve_key(keys: KeyLookup, issuer: str, sequence: int) -> VerifyKey:
-    """The issuer's key at ``sequence``.
-
-    Raises:
-        SignatureInvalid: no verified key log knows it (so nothing it signed
-            can be checked).
-    """
-    key = keys(issuer, sequence)
-    if key is None:
-        raise SignatureInvalid(f"no verified key for {issuer} at key sequence {sequence}")
-    return key
-
 
 # -- the list -----------------------------------------------------------------------
 
