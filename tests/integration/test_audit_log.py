@@ -12,6 +12,7 @@ import lmdb
 import pytest
 
 from talos.audit import (
+    AuditEntry,
     AuditFull,
     AuditKind,
     AuditLog,
@@ -22,6 +23,7 @@ from talos.audit import (
 )
 from talos.core.audit.merkle import NodeID, leaf_hash, root_from_leaves
 from talos.core.crypto import SigningKey
+from talos.core.encoding import canonical_dumps
 from talos.errors import (
     BackupInvalid,
     ConfigurationError,
@@ -69,6 +71,20 @@ def _flip(path: Path, db: bytes, key: bytes, offset: int) -> None:
             txn.put(key, bytes(raw), db=handle)
     finally:
         env.close()
+
+
+def _stored(log: AuditLog, seq: int) -> bytes:
+    """The entry bytes as stored (after the 32-byte leaf hash)."""
+    with log._store.read() as txn:
+        value = log._store.entry(txn, seq)
+    assert value is not None
+    return bytes(value[32:])
+
+
+def _canonical(entry: AuditEntry) -> bytes:
+    """The entry in canonical CBOR, by the general encoder (not the log's hand encoding)."""
+    fields = {"v": 1, "s": entry.seq, "t": entry.time_ms, "k": entry.kind, "p": entry.peer}
+    return canonical_dumps({**fields, "d": dict(entry.data)})
 
 
 # -- basics --------------------------------------------------------------------------
@@ -403,6 +419,98 @@ async def test_group_commit_failure_reaches_every_caller(tmp_path: Path, clock: 
     with _open(tmp_path / "log", clock) as again:
         assert again.size == size
         assert again.verify_chain().ok
+
+
+@pytest.mark.asyncio
+async def test_group_commit_seals_blocks_inside_one_batch(tmp_path: Path, clock: FakeClock) -> None:
+    log = _open(tmp_path / "log", clock, block_entries=10)
+    log.append("MESSAGE_SENT", {"first": True})
+    clock.advance(5)
+    before = log._store.env.info()["last_txnid"]
+    seqs = await asyncio.gather(
+        *(
+            log.append_async(AuditKind.MESSAGE_RECEIVED, {"n": i}, peer=f"p{i % 3}")
+            for i in range(36)
+        )
+    )
+    assert seqs == list(range(1, 37))
+    assert log._store.env.info()["last_txnid"] == before + 1
+    assert log.block_count == 3
+    blocks = [log.block(h) for h in range(3)]
+    assert [(b.first_seq, b.last_seq) for b in blocks] == [(0, 9), (10, 19), (20, 29)]
+    for block in blocks:
+        assert block.root == log.root_at(block.tree_size)
+    entries = list(log.entries())
+    assert {e.time_ms for e in entries[1:]} == {entries[0].time_ms + 5000}  # one time per batch
+    assert log.root() == root_from_leaves([leaf_hash(e.to_bytes()) for e in entries])
+    assert log.verify_chain().ok
+    assert [e.seq for e in log.query(peer="p1")] == list(range(2, 37, 3))
+    await log.aclose()
+
+
+def test_data_maps_are_canonical_whatever_their_key_order(tmp_path: Path, clock: FakeClock) -> None:
+    with _open(tmp_path / "log", clock) as log:
+        log.append("MESSAGE_SENT", {"size": 1, "hash": b"h" * 32, "id": "x"})
+        log.append("MESSAGE_SENT", {"id": "x", "hash": b"h" * 32, "size": 1})
+        log.append("MESSAGE_SENT", {"hash": b"h" * 32, "id": "x", "size": 1})
+        for seq in range(3):
+            assert _stored(log, seq) == _canonical(log.entry(seq))
+            assert list(log.entry(seq).data) == ["id", "hash", "size"]  # shortest key first
+
+        class Key(str):
+            pass
+
+        # The shape {"size", "hash", "id"} is known now; its checks still apply.
+        refused: list[dict[Any, Any]] = [
+            {Key("size"): 1, "hash": b"h" * 32, "id": "x"},
+            {"size": 1, "hash": b"h" * 65, "id": "x"},
+            {"size": 1.0, "hash": b"h" * 32, "id": "x"},
+            {"size": 2**64, "hash": b"h" * 32, "id": "x"},
+            {"size": 1, "hash": b"h" * 32, "id": "x" * 513},
+            {"size": 1, "hash": b"h" * 32, "id": "\ud800"},
+        ]
+        for data in refused:
+            with pytest.raises(LocalProtocolError):
+                log.append("MESSAGE_SENT", data)
+        log.append("MESSAGE_SENT", {"size": [1, {"b": 2, "a": 1}], "hash": None, "id": True})
+        assert list(log.entry(3).data["size"][1]) == ["a", "b"]
+        assert _stored(log, 3) == _canonical(log.entry(3))
+        assert log.size == 4
+        assert log.verify_chain(deep=True).ok
+
+
+@pytest.mark.asyncio
+async def test_kinds_and_peers_are_checked_on_every_path(tmp_path: Path, clock: FakeClock) -> None:
+    log = _open(tmp_path / "log", clock)
+    await log.append_async(AuditKind.MESSAGE_SENT, {}, peer="bob")
+    await log.append_async("MESSAGE_SENT", {}, peer="bob")
+    assert type(log.entry(0).kind) is str
+    assert _stored(log, 0) == _canonical(log.entry(0))
+    assert _stored(log, 1) == _canonical(log.entry(1))
+    assert len(log.query(kind=AuditKind.MESSAGE_SENT, peer="bob")) == 2
+    for kind, peer in [("lower", None), (5, None), (["X"], None), ("X", ""), ("X", ["p"])]:
+        with pytest.raises(LocalProtocolError):
+            await log.append_async(kind, {}, peer=peer)  # type: ignore[arg-type]
+        with pytest.raises(LocalProtocolError):
+            log.append(kind, {}, peer=peer)  # type: ignore[arg-type]
+    assert log.size == 2
+    await log.aclose()
+
+
+def test_stray_rows_beyond_the_size_refuse_the_append(tmp_path: Path, clock: FakeClock) -> None:
+    with _open(tmp_path / "log", clock) as log:
+        _fill(log, 3)
+        root = log.root()
+    env = lmdb.open(str(tmp_path / "log"), max_dbs=8)
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(u64(5), b"\x00" * 40, db=env.open_db(b"entries", txn=txn))
+    finally:
+        env.close()
+    with _open(tmp_path / "log", clock) as log:
+        with pytest.raises(StoreCorrupted):
+            log.append_many([("MESSAGE_SENT", {"n": i}, None) for i in range(4)])
+        assert (log.size, log.root()) == (3, root)
 
 
 # -- backup and restore --------------------------------------------------------------

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import shutil
+import struct
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +57,7 @@ from talos.core.audit.entry import (
     check_peer,
     encode_data,
     entry_middle,
-    finish_entry,
+    finish_entries,
 )
 from talos.core.audit.merkle import (
     EMPTY_ROOT,
@@ -117,6 +119,8 @@ DEFAULT_BLOCK_SECONDS: Final = 60.0
 
 _PROGRESS_EVERY = 1 << 16
 _sha256 = hashlib.sha256
+_pack_u64 = struct.Struct(">Q").pack  # storage.lmdb.u64
+_pack_node = struct.Struct(">QB").pack  # storage.lmdb.node_key: (last leaf, level)
 
 
 class AuditRecord(NamedTuple):
@@ -127,8 +131,7 @@ class AuditRecord(NamedTuple):
     peer: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Prepared:
+class _Prepared(NamedTuple):
     """A validated record: its seq-independent bytes and its index key prefixes."""
 
     middle: bytes
@@ -222,20 +225,6 @@ class _WriterState:
             self.root,
         )
 
-    def push(self, leaf: bytes) -> list[tuple[NodeID, bytes]]:
-        """Add leaf ``size``; return the perfect subtrees it completes (levels >= 1)."""
-        completed: list[tuple[NodeID, bytes]] = []
-        value, index, level = leaf, self.size, 0
-        stack = self.stack
-        while index & 1:
-            value = node_hash(stack.pop(), value)
-            index >>= 1
-            level += 1
-            completed.append((NodeID(level, index), value))
-        stack.append(value)
-        self.size += 1
-        return completed
-
     def fold(self) -> bytes:
         return fold_subtrees(self.stack) if self.stack else EMPTY_ROOT
 
@@ -300,7 +289,7 @@ class AuditLog:
         the tree is read on the first append (O(log n)). Group commits run in
         a worker thread so the event loop keeps serving during ``fsync``;
         ``commit_thread=False`` commits on the loop itself, which is about
-        15% faster and blocks the loop for each ``fsync``.
+        8% faster and blocks the loop for each ``fsync``.
 
         Raises:
             ConfigurationError: ``max_size_bytes`` too small, or a block
@@ -574,39 +563,68 @@ class AuditLog:
         return oldest is not None and now - oldest >= self._block_ms
 
     def _commit(self, records: Sequence[_Prepared]) -> list[int]:
-        """One write transaction for ``records`` (lock held). State changes only on success."""
+        """One write transaction for ``records`` (lock held). State changes only on success.
+
+        The whole batch gets one time, ``max(clock, previous time)``: that is
+        what stamping each entry in turn gave too, as times never go back.
+        Entries, nodes and index rows are built first and then written with
+        one ``putmulti`` per sub-database; entry and node keys only grow.
+        """
         self._check_writable()
         state = self._writer_state().copy()
         now = time_ms(self._clock)
         store = self._store
-        seqs: list[int] = []
+        first = state.size
         with self._write_txn() as txn:
-            entries = txn.cursor(db=store.entries)
-            nodes = txn.cursor(db=store.nodes)
-            index = txn.cursor(db=store.index)
             if self._block_due(state, now):
                 self._seal(txn, state, now)
-            for record in records:
-                seq = state.size
-                stamp = max(now, state.time_ms)
-                raw = finish_entry(seq, stamp, record.middle)
+            if records:
+                state.time_ms = max(now, state.time_ms)
+            raws = finish_entries(first, state.time_ms, [r.middle for r in records])
+            entry_rows: list[tuple[bytes, bytes]] = []
+            node_rows: list[tuple[bytes, bytes]] = []
+            index_rows: list[tuple[bytes, bytes]] = []
+            stack = state.stack
+            for seq, (raw, record) in enumerate(zip(raws, records, strict=True), first):
                 leaf = _sha256(b"\x00" + raw).digest()  # RFC 9162 leaf, as merkle.leaf_hash
-                key = u64(seq)
-                entries.put(key, leaf + raw, append=True)
-                for node, value in state.push(leaf):
-                    nodes.put(node_key(node), value, append=True)
-                index.put(record.kind_key + key, b"")
+                key = _pack_u64(seq)
+                entry_rows.append((key, leaf + raw))
+                # Leaf ``seq`` completes one perfect subtree per trailing 1 bit of
+                # ``seq``, lowest first; each of them ends at leaf ``seq``.
+                value, bits, level = leaf, seq, 0
+                while bits & 1:
+                    value = _sha256(b"\x01" + stack.pop() + value).digest()  # merkle.node_hash
+                    bits >>= 1
+                    level += 1
+                    node_rows.append((_pack_node(seq, level), value))
+                stack.append(value)
+                index_rows.append((record.kind_key + key, b""))
                 if record.peer_key is not None:
-                    index.put(record.peer_key + key, b"")
-                state.time_ms = stamp
+                    index_rows.append((record.peer_key + key, b""))
+                state.size = seq + 1
                 if state.oldest_unsealed_ms is None:
-                    state.oldest_unsealed_ms = stamp
+                    state.oldest_unsealed_ms = state.time_ms
                 if state.size - state.sealed_size >= self._block_entries:
                     self._seal(txn, state, now)
-                seqs.append(seq)
+            self._append_rows(txn, store.entries, entry_rows)
+            self._append_rows(txn, store.nodes, node_rows)
+            # In arrival order: sorting them first was no faster and left the
+            # index a third larger (more half-full pages after splits).
+            txn.cursor(db=store.index).putmulti(index_rows)
             self._put_head(txn, state)
         self._install(state)
-        return seqs
+        return list(range(first, state.size))
+
+    def _append_rows(
+        self, txn: lmdb.Transaction[bytes], db: Any, rows: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Put rows whose keys are past every stored key (LMDB skips any that are not)."""
+        if rows and txn.cursor(db=db).putmulti(rows, append=True)[1] != len(rows):
+            raise StoreCorrupted(
+                f"audit log {self.path} holds rows beyond its stored size; run verify_chain",
+                where="meta",
+                what="rows beyond size",
+            )
 
     @contextlib.contextmanager
     def _write_txn(self) -> Iterator[lmdb.Transaction[bytes]]:
@@ -1133,11 +1151,34 @@ def _settle(future: asyncio.Future[int], seq: int | None, error: Exception | Non
 
 def _prepare(kind: str, data: Mapping[str, Any], peer: str | None) -> _Prepared:
     """Validate and encode a record before any lock is taken (worst-case size check)."""
+    # The caches below take plain text: anything else (an AuditKind, a bad
+    # type) is checked, and turned into a plain ``str`` or refused, first.
+    if type(kind) is not str:
+        kind = check_kind(kind)
+    if peer is not None and type(peer) is not str:
+        peer = check_peer(peer)
+    kind, kind_key = _kind_key(kind)
+    peer_key = None
+    if peer is not None:
+        peer, peer_key = _peer_key(peer)
+    return _Prepared(entry_middle(kind, peer, encode_data(data)), kind_key, peer_key)
+
+
+# A process logs few kinds and a bounded working set of peers: checking and
+# encoding each once saves a regex match and two key encodings per append.
+@functools.lru_cache(maxsize=256)
+def _kind_key(kind: str) -> tuple[str, bytes]:
+    """The checked kind (a plain ``str``) and its index key prefix."""
     kind = check_kind(kind)
-    peer = check_peer(peer)
-    middle = entry_middle(kind, peer, encode_data(data))
-    peer_key = None if peer is None else index_key(b"p", peer, 0)[:-8]
-    return _Prepared(middle, index_key(b"k", kind, 0)[:-8], peer_key)
+    return kind, index_key(b"k", kind, 0)[:-8]
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_key(peer: str) -> tuple[str, bytes]:
+    """The checked peer (a plain ``str``) and its index key prefix."""
+    check_peer(peer)
+    peer = str(peer)
+    return peer, index_key(b"p", peer, 0)[:-8]
 
 
 class _ChainScan:

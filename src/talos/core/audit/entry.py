@@ -22,8 +22,9 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
@@ -47,6 +48,7 @@ __all__ = [
     "encode_data",
     "encode_entry",
     "entry_middle",
+    "finish_entries",
     "finish_entry",
 ]
 
@@ -264,13 +266,71 @@ def encode_data(data: Mapping[str, Any]) -> bytes:
         LocalProtocolError: not a mapping with text keys, outside the CBOR data
             model, or breaking the size bounds.
     """
-    if not isinstance(data, Mapping):
-        raise LocalProtocolError("audit data must be a mapping")
-    ordered = _check_data(dict(data))
+    ordered = _ordered_flat(data) if type(data) is dict else None
+    if ordered is None:
+        if not isinstance(data, Mapping):
+            raise LocalProtocolError("audit data must be a mapping")
+        ordered = _check_data(dict(data))
     try:
         return bytes(cbor2.dumps(ordered))
     except UnicodeEncodeError:
         raise LocalProtocolError("audit data text is not encodable as UTF-8") from None
+
+
+#: Canonical key order of the data maps seen so far, by their keys in insertion order.
+#: Callers log a handful of shapes (``{"message_id", "hash", "size"}``, ...), so
+#: after the first entry of a shape its keys need no re-encoding and no sort.
+_KEY_ORDERS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_MAX_KEY_ORDERS: Final = 512
+
+
+def _ordered_flat(data: dict[str, Any]) -> dict[str, Any] | None:
+    """:func:`_check_data` for the common case, a map of scalars; ``None`` otherwise.
+
+    Returns the same dict as ``_check_data(data)``, with the same checks on
+    keys and values, or ``None`` for anything else (a nested value, a bad
+    key, a shape not yet seen); the caller then takes the general path,
+    which also raises the error, if any.
+    """
+    keys = tuple(data)
+    order = _KEY_ORDERS.get(keys)
+    if order is None:
+        if len(_KEY_ORDERS) >= _MAX_KEY_ORDERS or len(keys) > 32:
+            return None
+        for key in keys:
+            if type(key) is not str or len(key) > MAX_TEXT_FIELD or not _encodable(key):
+                return None
+        order = tuple(sorted(keys, key=lambda k: (len(k.encode("utf-8")), k.encode("utf-8"))))
+        _KEY_ORDERS[keys] = order
+    else:
+        for key in keys:
+            if type(key) is not str:  # a str subclass equal to a cached key
+                return None
+    ordered = {}
+    for key in order:
+        value = data[key]
+        kind = type(value)
+        if kind is bytes:
+            if len(value) > MAX_BYTES_FIELD:
+                return None
+        elif kind is str:
+            if len(value) > MAX_TEXT_FIELD:
+                return None
+        elif kind is int:
+            if not -(2**64) <= value < 2**64:
+                return None
+        elif kind is not bool and value is not None:
+            return None
+        ordered[key] = value
+    return ordered
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_entry(seq: int, time_ms: int, kind: str, peer: str | None, data: bytes) -> bytes:
@@ -304,7 +364,7 @@ def entry_middle(kind: str, peer: str | None, data: bytes) -> bytes:
             would exceed :data:`MAX_ENTRY_SIZE` (checked for the largest).
     """
     peer_bytes = b"\xf6" if peer is None else _text(peer)
-    middle = b"".join((data, b"\x61k", _text(kind), b"\x61p", peer_bytes))
+    middle = b"".join((data, _kind_field(kind), peer_bytes))
     if len(middle) + _ENVELOPE_MAX > MAX_ENTRY_SIZE:
         raise LocalProtocolError(
             f"audit entry would exceed the {MAX_ENTRY_SIZE}-byte limit; log hashes, not payloads"
@@ -312,11 +372,32 @@ def entry_middle(kind: str, peer: str | None, data: bytes) -> bytes:
     return middle
 
 
+@functools.lru_cache(maxsize=256)
+def _kind_field(kind: str) -> bytes:
+    """``"k": kind, "p":`` (the bytes between data and peer); an application logs few kinds."""
+    return b"\x61k" + _text(kind) + b"\x61p"
+
+
 def finish_entry(seq: int, time_ms: int, middle: bytes) -> bytes:
     """Complete an entry from :func:`entry_middle` (keys in canonical order: d k p s t v)."""
-    return b"".join(
-        (b"\xa6\x61d", middle, b"\x61s", _head(0, seq), b"\x61t", _head(0, time_ms), b"\x61v\x01")
-    )
+    return b"".join((b"\xa6\x61d", middle, b"\x61s", _head(0, seq), _tail(time_ms)))
+
+
+def finish_entries(first_seq: int, time_ms: int, middles: Sequence[bytes]) -> list[bytes]:
+    """:func:`finish_entry` for consecutive seqs from ``first_seq`` that share one time.
+
+    A group commit stamps its whole batch with one time, so the time is
+    encoded once per batch rather than once per entry.
+    """
+    tail = _tail(time_ms)
+    return [
+        b"".join((b"\xa6\x61d", middle, b"\x61s", _head(0, seq), tail))
+        for seq, middle in enumerate(middles, first_seq)
+    ]
+
+
+def _tail(time_ms: int) -> bytes:
+    return b"\x61t" + _head(0, time_ms) + b"\x61v\x01"
 
 
 def _head(major: int, value: int) -> bytes:
