@@ -32,6 +32,8 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.core
+	$(BIN)/python -m benchmarks.capabilities
+	$(BIN)/python -m benchmarks.audit
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
