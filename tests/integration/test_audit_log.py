@@ -566,3 +566,35 @@ def test_readonly_log_reads_but_does_not_write(tmp_path: Path, clock: FakeClock)
         with pytest.raises(LocalProtocolError):
             log.append("MESSAGE_SENT", {})
     assert leaf_hash(b"") != root
+
+
+# -- other state in the same transaction ----------------------------------------------
+
+
+def test_append_with_commits_entries_and_rows_together(tmp_path: Path) -> None:
+    """An agent's state change and the audit entry recording it land together or not at all."""
+    path = tmp_path / "shared"
+    with AuditLog.open(path, clock=FakeClock(), extra_databases=("inbox",)) as log:
+        inbox = log.database("inbox")
+
+        def deliver(txn: Any) -> None:
+            txn.put(b"m1", b"hello", db=inbox)
+
+        (seq,) = log.append_with([("MESSAGE_RECEIVED", {"id": b"m1"}, None)], deliver)
+        assert seq == 0
+
+        def fail(txn: Any) -> None:
+            txn.put(b"m2", b"lost", db=inbox)
+            raise RuntimeError("crash before commit")
+
+        with pytest.raises(RuntimeError):
+            log.append_with([("MESSAGE_RECEIVED", {"id": b"m2"}, None)], fail)
+        assert log.size == 1
+        with pytest.raises(LocalProtocolError):
+            log.database("outbox")
+    with AuditLog.open(path, readonly=True, extra_databases=("inbox",)) as log:
+        assert log.size == 1
+        with log.snapshot() as txn:
+            assert txn.get(b"m1", db=log.database("inbox")) == b"hello"
+            assert txn.get(b"m2", db=log.database("inbox")) is None
+        assert log.verify_chain().ok

@@ -282,8 +282,14 @@ class AuditLog:
         block_seconds: float = DEFAULT_BLOCK_SECONDS,
         readonly: bool = False,
         commit_thread: bool = True,
+        extra_databases: Sequence[str] = (),
     ) -> AuditLog:
         """Open the log in directory ``path``, creating it unless ``readonly``.
+
+        ``extra_databases`` are named databases for other state kept in the
+        same LMDB environment (an agent's sessions, inbox, outbox...), so that
+        :meth:`append_with` can commit an audit entry and the state change it
+        records in one transaction.
 
         The size and root come from the metadata (O(1)); the right border of
         the tree is read on the first append (O(log n)). Group commits run in
@@ -300,7 +306,12 @@ class AuditLog:
         """
         if block_entries < 1 or not block_seconds > 0:
             raise ConfigurationError("block_entries and block_seconds must be positive")
-        store = AuditStore.open(Path(path), max_size_bytes=max_size_bytes, readonly=readonly)
+        store = AuditStore.open(
+            Path(path),
+            max_size_bytes=max_size_bytes,
+            readonly=readonly,
+            extra_databases=extra_databases,
+        )
         return cls(
             store,
             clock=clock,
@@ -434,6 +445,43 @@ class AuditLog:
         with self._lock:
             return self._commit([record])[0]
 
+    def append_with(
+        self,
+        records: Iterable[tuple[str, Mapping[str, Any], str | None]],
+        apply: Callable[[lmdb.Transaction[bytes]], None],
+    ) -> list[int]:
+        """Append ``records`` and run ``apply(txn)`` in the same durable transaction.
+
+        ``apply`` writes the caller's own rows into databases named at
+        :meth:`open` (see :meth:`database`). All or nothing: if ``apply`` or
+        the append fails, neither the entries nor the rows are written, and
+        the exception propagates. Returns the entries' sequence numbers.
+
+        Raises:
+            The same as :meth:`append`, and whatever ``apply`` raises.
+        """
+        prepared = [_prepare(kind, data, peer) for kind, data, peer in records]
+        with self._lock:
+            return self._commit(prepared, apply)
+
+    def database(self, name: str) -> Any:
+        """The handle of an extra database named at :meth:`open`.
+
+        Raises:
+            LocalProtocolError: no such database was opened.
+        """
+        try:
+            return self._store.extra[name]
+        except KeyError:
+            raise LocalProtocolError(f"no extra database {name!r} in this audit log") from None
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[lmdb.Transaction[bytes]]:
+        """A read transaction: a consistent view of the log and the extra databases."""
+        self._check_open()
+        with self._store.read() as txn:
+            yield txn
+
     def append_many(
         self, records: Iterable[tuple[str, Mapping[str, Any], str | None]]
     ) -> list[int]:
@@ -562,7 +610,11 @@ class AuditLog:
         oldest = state.oldest_unsealed_ms
         return oldest is not None and now - oldest >= self._block_ms
 
-    def _commit(self, records: Sequence[_Prepared]) -> list[int]:
+    def _commit(
+        self,
+        records: Sequence[_Prepared],
+        apply: Callable[[lmdb.Transaction[bytes]], None] | None = None,
+    ) -> list[int]:
         """One write transaction for ``records`` (lock held). State changes only on success.
 
         The whole batch gets one time, ``max(clock, previous time)``: that is
@@ -612,6 +664,8 @@ class AuditLog:
             # index a third larger (more half-full pages after splits).
             txn.cursor(db=store.index).putmulti(index_rows)
             self._put_head(txn, state)
+            if apply is not None:
+                apply(txn)
         self._install(state)
         return list(range(first, state.size))
 

@@ -44,10 +44,10 @@ import errno
 import os
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import lmdb
 import lmdb.verify
@@ -74,6 +74,8 @@ DEFAULT_MAP_SIZE: Final = 1 << 40
 
 #: Smallest ``max_size_bytes`` accepted: room for the metadata and a few pages.
 MIN_SIZE_BYTES: Final = 256 * 1024
+#: Databases other state may keep in the audit environment (see AuditStore.open).
+MAX_EXTRA_DATABASES: Final = 8
 
 _MDB_MAGIC = 0xBEEFC0DE
 _U64 = struct.Struct(">Q")
@@ -243,7 +245,12 @@ class AuditStore:
     """
 
     def __init__(
-        self, env: lmdb.Environment, path: Path, max_size_bytes: int | None, readonly: bool
+        self,
+        env: lmdb.Environment,
+        path: Path,
+        max_size_bytes: int | None,
+        readonly: bool,
+        extra_databases: Sequence[str] = (),
     ) -> None:
         self.env = env
         self.path = path
@@ -257,6 +264,12 @@ class AuditStore:
                 self.blocks = env.open_db(b"blocks", txn=txn, create=not readonly)
                 self.index = env.open_db(b"index", txn=txn, create=not readonly)
                 self.meta = env.open_db(b"meta", txn=txn, create=not readonly)
+                #: Databases of the agent's own state that share this environment,
+                #: so one transaction can cover an audit entry and the state it records.
+                self.extra: dict[str, Any] = {
+                    name: env.open_db(b"x:" + name.encode(), txn=txn, create=not readonly)
+                    for name in extra_databases
+                }
             except BaseException:
                 if txn is not None:
                     txn.abort()
@@ -273,11 +286,14 @@ class AuditStore:
         readonly: bool = False,
         lock: bool = True,
         verify_structure: bool = False,
+        extra_databases: Sequence[str] = (),
     ) -> AuditStore:
         """Open (or create, unless ``readonly``) the environment in directory ``path``.
 
         ``lock=False`` (read-only only) opens a copy that no writer uses, such
-        as a backup, without creating ``lock.mdb`` in it.
+        as a backup, without creating ``lock.mdb`` in it. ``extra_databases``
+        names databases of other state kept in the same environment (at most
+        :data:`MAX_EXTRA_DATABASES`; stored as ``x:<name>``).
 
         Raises:
             ConfigurationError: ``max_size_bytes`` is below :data:`MIN_SIZE_BYTES`.
@@ -285,6 +301,8 @@ class AuditStore:
                 finds it invalid.
             StorageError: the directory is missing (read-only) or cannot be used.
         """
+        if len(extra_databases) > MAX_EXTRA_DATABASES:
+            raise ConfigurationError(f"at most {MAX_EXTRA_DATABASES} extra databases")
         if max_size_bytes is not None and max_size_bytes < MIN_SIZE_BYTES:
             raise ConfigurationError(f"max_size_bytes must be at least {MIN_SIZE_BYTES}")
         if readonly and not (path / DATA_FILE).exists():
@@ -310,12 +328,12 @@ class AuditStore:
                 writemap=False,
                 map_async=False,
                 meminit=False,
-                max_dbs=8,
+                max_dbs=8 + MAX_EXTRA_DATABASES,
                 max_readers=126,
                 mode=0o600,
             )
         try:
-            return cls(env, path, max_size_bytes, readonly)
+            return cls(env, path, max_size_bytes, readonly, extra_databases)
         except BaseException:
             env.close()
             raise
