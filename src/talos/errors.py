@@ -32,6 +32,7 @@ The tree::
     │   └── AnchorMismatch
     ├── DeliveryError
     │   ├── PeerRejected
+    │   ├── PeerUnreachable
     │   ├── DeliveryTimeout
     │   └── QueueFull
     ├── StorageError
@@ -255,6 +256,12 @@ class DeliveryError(TalosError):
 
 class PeerRejected(DeliveryError):
     """The peer received the message and refused it, with its signed reason."""
+
+
+class PeerUnreachable(DeliveryError):
+    """No connection to the peer could be made or kept (it may be offline)."""
+
+    hint = "the message stays queued; check the peer's endpoint and `talos diagnose --network`"
 
 
 class DeliveryTimeout(DeliveryError):

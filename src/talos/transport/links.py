@@ -1,0 +1,174 @@
+"""WebSocket links: the listener, outgoing connections, and the frame pump."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, WebSocketException
+
+from talos.core.wire import MAX_FRAME_SIZE
+from talos.errors import PeerUnreachable
+
+__all__ = ["FrameHandler", "Link", "Transport"]
+
+_log = logging.getLogger("talos.transport")
+
+#: Called for every binary frame received on any link.
+FrameHandler = Callable[["Link", bytes], Awaitable[None]]
+
+
+class Link:
+    """One open WebSocket to a peer, whichever side opened it."""
+
+    def __init__(self, socket: ClientConnection | ServerConnection, *, outgoing: bool) -> None:
+        self._socket = socket
+        self.outgoing = outgoing
+        #: The agent at the other end, once an authenticated envelope named it.
+        self.peer: str | None = None
+        self.closed = asyncio.Event()
+
+    @property
+    def remote(self) -> str:
+        address: Any = self._socket.remote_address
+        return f"{address[0]}:{address[1]}" if address else "?"
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed.is_set()
+
+    async def send(self, frame: bytes) -> None:
+        """Send one frame.
+
+        Raises:
+            PeerUnreachable: the connection is closed or broke while sending.
+        """
+        if self.closed.is_set():
+            raise PeerUnreachable(f"connection to {self.peer or self.remote} is closed")
+        try:
+            await self._socket.send(frame)
+        except (ConnectionClosed, OSError) as exc:
+            self.closed.set()
+            raise PeerUnreachable(f"connection to {self.peer or self.remote} broke: {exc}") from exc
+
+    async def close(self) -> None:
+        self.closed.set()
+        with contextlib.suppress(WebSocketException, OSError):
+            await self._socket.close()
+
+    async def pump(self, on_frame: FrameHandler) -> None:
+        """Hand every binary frame to ``on_frame`` until the connection ends.
+
+        Text frames are a protocol violation: the link is closed. A handler
+        error is logged and does not end the link (one bad frame must not cut
+        a peer off).
+        """
+        try:
+            async for message in self._socket:
+                if not isinstance(message, bytes):
+                    _log.warning("closing link from %s: text frame", self.remote)
+                    break
+                try:
+                    await on_frame(self, message)
+                except Exception:
+                    _log.exception("frame handler failed for a frame from %s", self.remote)
+        except (ConnectionClosed, OSError):
+            pass
+        finally:
+            await self.close()
+
+
+class Transport:
+    """Listens for links and opens them; every received frame goes to ``on_frame``."""
+
+    def __init__(
+        self,
+        on_frame: FrameHandler,
+        *,
+        ping_interval: float = 10.0,
+        ping_timeout: float = 10.0,
+        open_timeout: float = 5.0,
+        max_frame: int = MAX_FRAME_SIZE,
+    ) -> None:
+        self._on_frame = on_frame
+        self._options: dict[str, Any] = {
+            "compression": None,
+            "max_size": max_frame,
+            "ping_interval": ping_interval,
+            "ping_timeout": ping_timeout,
+        }
+        self._open_timeout = open_timeout
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._links: set[Link] = set()
+        self.on_link: Callable[[Link], None] | None = None
+
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        """Start accepting links; returns the bound address (``port=0`` picks one).
+
+        Raises:
+            PeerUnreachable: the address cannot be bound.
+        """
+        try:
+            self._server = await serve(self._accept, host, port, **self._options)
+        except OSError as exc:
+            raise PeerUnreachable(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        bound = next(iter(self._server.sockets)).getsockname()
+        return str(bound[0]), int(bound[1])
+
+    async def _accept(self, socket: ServerConnection) -> None:
+        link = Link(socket, outgoing=False)
+        self._track(link)
+        await link.pump(self._on_frame)
+
+    async def connect(self, endpoint: str) -> Link:
+        """Open a link to ``endpoint`` (``ws://host:port``) and start pumping its frames.
+
+        Raises:
+            PeerUnreachable: refused, unreachable, timed out, or not a WebSocket peer.
+        """
+        try:
+            socket = await connect(
+                endpoint, open_timeout=self._open_timeout, proxy=None, **self._options
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI, WebSocketException) as exc:
+            raise PeerUnreachable(f"cannot connect to {endpoint}: {exc}") from exc
+        link = Link(socket, outgoing=True)
+        self._track(link)
+        task = asyncio.create_task(link.pump(self._on_frame), name=f"talos-link-{endpoint}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return link
+
+    def _track(self, link: Link) -> None:
+        self._links.add(link)
+        if self.on_link is not None:
+            self.on_link(link)
+
+        async def forget() -> None:
+            await link.closed.wait()
+            self._links.discard(link)
+
+        task = asyncio.create_task(forget())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop listening and close every link."""
+        if self._server is not None:
+            self._server.close()
+        for link in list(self._links):
+            await link.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,0 +1,114 @@
+"""The WebSocket transport over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from talos.errors import PeerUnreachable
+from talos.transport import Link, Transport
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.frames: asyncio.Queue[tuple[Link, bytes]] = asyncio.Queue()
+
+    async def __call__(self, link: Link, frame: bytes) -> None:
+        await self.frames.put((link, frame))
+
+    async def next(self) -> tuple[Link, bytes]:
+        return await asyncio.wait_for(self.frames.get(), 5)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.asyncio
+async def test_one_link_carries_frames_both_ways() -> None:
+    a_in, b_in = Inbox(), Inbox()
+    a, b = Transport(a_in), Transport(b_in)
+    try:
+        host, port = await b.listen("127.0.0.1", 0)
+        link = await a.connect(f"ws://{host}:{port}")
+        await link.send(b"\x00hello")
+        inbound, frame = await b_in.next()
+        assert frame == b"\x00hello"
+        assert not inbound.outgoing
+        await inbound.send(b"\x01reply")  # the same connection, the other direction
+        back, frame = await a_in.next()
+        assert back is link
+        assert frame == b"\x01reply"
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.asyncio
+async def test_unreachable_peer() -> None:
+    transport = Transport(Inbox())
+    try:
+        with pytest.raises(PeerUnreachable, match="cannot connect"):
+            await transport.connect(f"ws://127.0.0.1:{free_port()}")
+    finally:
+        await transport.close()
+
+
+@pytest.mark.asyncio
+async def test_closed_peer_makes_send_fail_cleanly() -> None:
+    a, b = Transport(Inbox()), Transport(Inbox())
+    host, port = await b.listen("127.0.0.1", 0)
+    link = await a.connect(f"ws://{host}:{port}")
+    await b.close()
+    await asyncio.wait_for(link.closed.wait(), 5)
+    with pytest.raises(PeerUnreachable):
+        await link.send(b"x")
+    await a.close()
+
+
+@pytest.mark.asyncio
+async def test_oversized_frame_closes_the_link_not_the_listener() -> None:
+    b_in = Inbox()
+    a, b = Transport(Inbox()), Transport(b_in, max_frame=1024)
+    try:
+        host, port = await b.listen("127.0.0.1", 0)
+        big = await a.connect(f"ws://{host}:{port}")
+        await big.send(b"x" * 4096)
+        await asyncio.wait_for(big.closed.wait(), 5)
+        small = await a.connect(f"ws://{host}:{port}")
+        await small.send(b"ok")
+        _, frame = await b_in.next()
+        assert frame == b"ok"
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.asyncio
+async def test_a_failing_handler_does_not_cut_the_peer_off() -> None:
+    seen: list[bytes] = []
+
+    async def fragile(link: Link, frame: bytes) -> None:
+        seen.append(frame)
+        if frame == b"boom":
+            raise RuntimeError("handler bug")
+
+    a, b = Transport(Inbox()), Transport(fragile)
+    try:
+        host, port = await b.listen("127.0.0.1", 0)
+        link = await a.connect(f"ws://{host}:{port}")
+        await link.send(b"boom")
+        await link.send(b"after")
+        for _ in range(100):
+            if seen == [b"boom", b"after"]:
+                break
+            await asyncio.sleep(0.02)
+        assert seen == [b"boom", b"after"]
+        assert link.is_open
+    finally:
+        await a.close()
+        await b.close()
