@@ -13,6 +13,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from talos.cli.audit import audit
 from talos.cli.backup import backup, recover
 from talos.cli.capabilities import EXIT_DENIED, capabilities
 from talos.cli.context import CliContext
@@ -81,6 +82,7 @@ cli.add_command(rotate)
 cli.add_command(backup)
 cli.add_command(recover)
 cli.add_command(capabilities)
+cli.add_command(audit)
 
 
 def main() -> None:

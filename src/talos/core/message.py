@@ -1,0 +1,84 @@
+"""Application payloads: what ``send`` accepts and ``receive`` gives back.
+
+``data`` may be ``bytes``, ``str`` or any JSON-able value. It is wrapped in a
+small versioned CBOR map that records which it was, so the receiver gets
+back the same type: ``{"v": 1, "k": "b" | "s" | "j", "d": bytes | text}``
+(JSON values travel as their canonical JSON text, so they round-trip exactly
+as JSON does). The wrapped bytes are what the ratchet encrypts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+from talos.core.encoding import canonical_dumps, strict_versioned_map
+from talos.errors import LocalProtocolError, MalformedFrame
+
+__all__ = ["MAX_PAYLOAD_SIZE", "Message", "decode_payload", "encode_payload"]
+
+PAYLOAD_VERSION: Final = 1
+#: Largest application payload, leaving room for headers in a 1 MiB frame.
+MAX_PAYLOAD_SIZE: Final = 900 * 1024
+_FIELDS: Final = frozenset({"v", "k", "d"})
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as the application receives it."""
+
+    sender: str
+    message_id: bytes
+    data: Any
+    sent_at: float
+    capability_id: bytes | None = None
+
+
+def encode_payload(data: Any) -> bytes:
+    """Wrap ``data`` (bytes, str or JSON-able) for encryption.
+
+    Raises:
+        LocalProtocolError: not bytes, str or JSON-able, or too large.
+    """
+    if isinstance(data, bytes | bytearray | memoryview):
+        body: dict[str, Any] = {"v": PAYLOAD_VERSION, "k": "b", "d": bytes(data)}
+    elif isinstance(data, str):
+        body = {"v": PAYLOAD_VERSION, "k": "s", "d": data}
+    else:
+        try:
+            text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise LocalProtocolError(
+                f"message data is not bytes, str or JSON-able: {exc}"
+            ) from None
+        body = {"v": PAYLOAD_VERSION, "k": "j", "d": text}
+    try:
+        encoded = canonical_dumps(body)
+    except MalformedFrame as exc:
+        raise LocalProtocolError(f"message data cannot be encoded: {exc}") from None
+    if len(encoded) > MAX_PAYLOAD_SIZE:
+        raise LocalProtocolError(f"message of {len(encoded)} bytes exceeds {MAX_PAYLOAD_SIZE}")
+    return encoded
+
+
+def decode_payload(raw: bytes) -> Any:
+    """Unwrap a decrypted payload.
+
+    Raises:
+        MalformedFrame, UnsupportedVersion: not a well-formed payload.
+    """
+    body = strict_versioned_map(
+        raw, max_size=MAX_PAYLOAD_SIZE, fields=_FIELDS, version=PAYLOAD_VERSION, what="payload"
+    )
+    kind, data = body["k"], body["d"]
+    if kind == "b" and type(data) is bytes:
+        return data
+    if kind == "s" and type(data) is str:
+        return data
+    if kind == "j" and type(data) is str:
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise MalformedFrame("payload JSON is not valid") from None
+    raise MalformedFrame("payload kind and data do not match")

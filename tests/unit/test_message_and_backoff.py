@@ -1,0 +1,71 @@
+"""Application payload wrapping and the retry schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from talos.core.backoff import Backoff
+from talos.core.message import MAX_PAYLOAD_SIZE, decode_payload, encode_payload
+from talos.errors import ConfigurationError, LocalProtocolError, MalformedFrame, UnsupportedVersion
+from talos.testing import SeededRng
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@pytest.mark.parametrize("data", [b"\x00bytes", "text", {"a": [1, 2, None]}, [1, "x"], 7, None])
+def test_round_trip_keeps_the_type(data: Any) -> None:
+    assert decode_payload(encode_payload(data)) == data
+    assert type(decode_payload(encode_payload(data))) is type(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON)
+def test_json_values_round_trip(data: Any) -> None:
+    assert decode_payload(encode_payload(data)) == data
+
+
+def test_unencodable_and_oversized() -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_payload({1, 2})
+    with pytest.raises(LocalProtocolError):
+        encode_payload(float("nan"))
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        encode_payload(b"x" * MAX_PAYLOAD_SIZE)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_decoder_only_raises_documented_errors(raw: bytes) -> None:
+    try:
+        decode_payload(raw)
+    except (MalformedFrame, UnsupportedVersion):
+        pass
+
+
+def test_backoff_grows_jitters_and_caps() -> None:
+    schedule = Backoff(base=0.5, cap=30.0)
+    rng = SeededRng(3)
+    delays = [schedule.delay(n, rng) for n in range(12)]
+    for n, delay in enumerate(delays):
+        ceiling = min(30.0, 0.5 * 2**n)
+        assert ceiling / 2 <= delay <= ceiling
+    assert max(delays) <= 30.0
+    assert len({round(d, 6) for d in delays}) == len(delays)  # jittered
+    assert schedule.delay(10**6, rng) <= 30.0
+
+
+def test_backoff_validation() -> None:
+    with pytest.raises(ConfigurationError):
+        Backoff(base=0, cap=1)
+    with pytest.raises(ConfigurationError):
+        Backoff(base=5, cap=1)
