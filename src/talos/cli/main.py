@@ -18,6 +18,7 @@ from talos.cli.backup import backup, recover
 from talos.cli.capabilities import EXIT_DENIED, capabilities
 from talos.cli.context import CliContext
 from talos.cli.identity import init, rotate, whoami
+from talos.cli.registry import registry
 from talos.errors import (
     BackupInvalid,
     CapabilityDenied,
@@ -83,6 +84,7 @@ cli.add_command(backup)
 cli.add_command(recover)
 cli.add_command(capabilities)
 cli.add_command(audit)
+cli.add_command(registry)
 
 
 def main() -> None:

@@ -1,0 +1,278 @@
+"""The registry's HTTP API in-process (ASGI): statuses, reasons, bounds, schema, fuzz."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+from dataclasses import replace
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from registry_fixtures import CBOR, Agent, Served
+
+from talos.core.keylog import KeyLog
+from talos.core.peer_record import PeerRecord
+from talos.core.x3dh import PrekeyBundle
+from talos.registry.api import MAX_BODY
+from talos.testing import FakeClock
+
+pytestmark = pytest.mark.asyncio
+
+
+async def put(served: Served, path: str, body: bytes) -> httpx.Response:
+    return await served.http.put(path, content=body, headers=CBOR)
+
+
+def error(response: httpx.Response) -> tuple[int, str]:
+    body = response.json()
+    assert set(body) == {"error", "reason"}
+    assert body["reason"]
+    return response.status_code, body["error"]
+
+
+async def publish(served: Served, agent: Agent) -> None:
+    response = await put(
+        served, f"/v1/agents/{agent.agent_id}/keylog", agent.identity.keylog.to_bytes()
+    )
+    assert response.status_code == 200, response.text
+
+
+async def test_time(served: Served, clock: FakeClock) -> None:
+    response = await served.http.get("/v1/time")
+    assert response.json() == {"time_ms": int(clock.time() * 1000)}
+
+
+async def test_keylog_publish_fetch_rotate_fork(served: Served, alice: Agent) -> None:
+    path = f"/v1/agents/{alice.agent_id}/keylog"
+    assert error(await served.http.get(path)) == (404, "PeerNotFound")
+    await publish(served, alice)
+    fetched = await served.http.get(path)
+    assert fetched.headers["content-type"] == "application/cbor"
+    assert KeyLog.from_bytes(fetched.content).agent_id == alice.agent_id
+    twin = replace(alice, rng=type(alice.rng)(5))
+    alice.rotate()
+    twin.rotate()
+    assert (await put(served, path, alice.identity.keylog.to_bytes())).json() == {
+        "changed": True,
+        "sequence": 1,
+    }
+    response = await put(served, path, twin.identity.keylog.to_bytes())
+    assert error(response) == (409, "KeyLogInvalid")
+    assert "fork" in response.json()["reason"]
+    assert [e.kind for e in served.store.security_events()] == ["keylog-fork"]
+
+
+async def test_keylog_for_another_agent_path(served: Served, alice: Agent, bob: Agent) -> None:
+    response = await put(
+        served, f"/v1/agents/{bob.agent_id}/keylog", alice.identity.keylog.to_bytes()
+    )
+    assert error(response) == (400, "AgentMismatch")
+
+
+async def test_invalid_keylog_is_422(served: Served, alice: Agent) -> None:
+    log = alice.identity.keylog
+    event = replace(log.events[0], timestamp_ms=1)  # signature no longer matches
+    body = KeyLog.__new__(KeyLog)
+    body._events, body._state = (event,), log.state  # bypass verification to forge bytes
+    response = await put(served, f"/v1/agents/{alice.agent_id}/keylog", body.to_bytes())
+    assert error(response) == (422, "KeyLogInvalid")
+
+
+async def test_prekeys_and_bundles(served: Served, alice: Agent) -> None:
+    await publish(served, alice)
+    base = f"/v1/agents/{alice.agent_id}"
+    assert error(await served.http.get(f"{base}/bundle")) == (404, "PeerNotFound")
+    upload = alice.upload(2)
+    response = await put(served, f"{base}/prekeys", upload.to_bytes())
+    assert response.json() == {"sequence": 1, "one_time_prekeys": 2}
+    assert error(await put(served, f"{base}/prekeys", upload.to_bytes())) == (409, "StaleSequence")
+    ids = []
+    for _ in range(3):
+        bundle = PrekeyBundle.from_bytes((await served.http.get(f"{base}/bundle")).content)
+        bundle.verify()
+        ids.append(bundle.one_time_prekey_id)
+    assert ids == [0, 1, None]
+    status = await served.http.get(f"{base}/prekeys")
+    assert status.json() == {"sequence": 1, "one_time_prekeys": 0}
+
+
+async def test_records(served: Served, alice: Agent, clock: FakeClock) -> None:
+    await publish(served, alice)
+    base = f"/v1/agents/{alice.agent_id}"
+    assert error(await served.http.get(f"{base}/record")) == (404, "PeerNotFound")
+    one = alice.record(instance=b"\x01" * 16, lifetime=60)
+    two = alice.record(instance=b"\x02" * 16, lifetime=600)
+    assert (await put(served, f"{base}/record", one.to_bytes())).json() == {"sequence": 1}
+    assert (await put(served, f"{base}/record", two.to_bytes())).status_code == 200
+    assert error(await put(served, f"{base}/record", one.to_bytes())) == (409, "StaleSequence")
+    assert PeerRecord.from_bytes((await served.http.get(f"{base}/record")).content) == two
+    listed = (await served.http.get(f"{base}/instances")).json()
+    assert [i["instance_id"] for i in listed] == ["02" * 16, "01" * 16]
+    assert listed[1] == {
+        "instance_id": "01" * 16,
+        "endpoint": one.endpoint,
+        "sequence": 1,
+        "issued_ms": one.issued_ms,
+        "expires_ms": one.expires_ms,
+        "record": one.to_bytes().hex(),
+    }
+    clock.advance(601)
+    assert error(await served.http.get(f"{base}/record")) == (404, "PeerNotFound")
+    assert (await served.http.get(f"{base}/instances")).json() == []
+    expired = alice.record(lifetime=1)
+    clock.advance(100)
+    assert error(await put(served, f"{base}/record", expired.to_bytes())) == (422, "StaleMessage")
+
+
+async def test_revocations(served: Served, alice: Agent) -> None:
+    path = f"/v1/revocations/{alice.agent_id}"
+    assert error(await served.http.get(path)) == (404, "PeerNotFound")
+    await publish(served, alice)
+    v2 = alice.revocations(2, ids=(b"\x01" * 16,))
+    assert (await put(served, path, v2.to_bytes())).json() == {"outcome": "adopted", "version": 2}
+    assert (await served.http.get(path)).content == v2.to_bytes()
+    assert error(await put(served, path, alice.revocations(1).to_bytes())) == (409, "StaleSequence")
+    fork = alice.revocations(2, ids=(b"\x02" * 16,))
+    assert error(await put(served, path, fork.to_bytes())) == (409, "RevocationListForked")
+    shrink = alice.revocations(3)
+    response = await put(served, path, shrink.to_bytes())
+    assert error(response) == (409, "RevocationListNotAppendOnly")
+
+
+async def test_unsigned_submissions_are_403(served: Served, alice: Agent) -> None:
+    await publish(served, alice)
+    base = f"/v1/agents/{alice.agent_id}"
+    unsigned_record = replace(alice.record(), signature=bytes(64))
+    assert error(await put(served, f"{base}/record", unsigned_record.to_bytes())) == (
+        403,
+        "SignatureInvalid",
+    )
+    unsigned_upload = replace(alice.upload(1), signature=bytes(64))
+    assert error(await put(served, f"{base}/prekeys", unsigned_upload.to_bytes())) == (
+        403,
+        "SignatureInvalid",
+    )
+    unsigned_list = replace(alice.revocations(1), signature=bytes(64))
+    response = await put(served, f"/v1/revocations/{alice.agent_id}", unsigned_list.to_bytes())
+    assert error(response) == (403, "SignatureInvalid")
+
+
+async def test_unknown_agent_is_409(served: Served, alice: Agent) -> None:
+    response = await put(served, f"/v1/agents/{alice.agent_id}/record", alice.record().to_bytes())
+    assert error(response) == (409, "UnknownAgent")
+
+
+async def test_body_limits_and_media_type(served: Served, alice: Agent) -> None:
+    path = f"/v1/agents/{alice.agent_id}/keylog"
+    big = await put(served, path, b"\x00" * (MAX_BODY + 1))
+    assert error(big) == (413, "PayloadTooLarge")
+
+    async def chunks() -> object:
+        for _ in range(MAX_BODY // 65536 + 2):
+            yield b"\x00" * 65536
+
+    streamed = await served.http.put(path, content=chunks(), headers=CBOR)  # no Content-Length
+    assert error(streamed) == (413, "PayloadTooLarge")
+    wrong = await served.http.put(path, content=b"x", headers={"content-type": "text/plain"})
+    assert error(wrong) == (415, "UnsupportedMediaType")
+    assert error(await put(served, path, b"")) == (400, "MalformedFrame")
+
+
+async def test_bad_paths_and_methods(served: Served) -> None:
+    assert error(await served.http.get("/v1/agents/not-an-id/keylog")) == (400, "MalformedFrame")
+    assert error(await served.http.get("/nowhere")) == (404, "NotFound")
+    assert error(await served.http.post("/v1/time")) == (405, "MethodNotAllowed")
+
+
+async def test_openapi_documents_every_route(served: Served) -> None:
+    schema = (await served.http.get("/openapi.json")).json()
+    paths = schema["paths"]
+    assert set(paths) == {
+        "/v1/time",
+        "/v1/agents/{agent_id}/keylog",
+        "/v1/agents/{agent_id}/prekeys",
+        "/v1/agents/{agent_id}/bundle",
+        "/v1/agents/{agent_id}/record",
+        "/v1/agents/{agent_id}/instances",
+        "/v1/revocations/{issuer}",
+    }
+    for path, methods in paths.items():
+        for method, operation in methods.items():
+            assert operation["summary"], (path, method)
+            assert "200" in operation["responses"], (path, method)
+            if method == "put":
+                assert "application/cbor" in operation["requestBody"]["content"]
+                assert {"400", "403", "409", "413"} <= set(operation["responses"])
+
+
+async def test_concurrent_bundle_fetches(served: Served, alice: Agent) -> None:
+    await publish(served, alice)
+    base = f"/v1/agents/{alice.agent_id}"
+    await put(served, f"{base}/prekeys", alice.upload(10).to_bytes())
+    answers = await asyncio.gather(*(served.http.get(f"{base}/bundle") for _ in range(20)))
+    ids = [PrekeyBundle.from_bytes(a.content).one_time_prekey_id for a in answers]
+    assert sorted(i for i in ids if i is not None) == list(range(10))
+    assert ids.count(None) == 10
+
+
+# -- fuzz: malformed input never causes a 5xx ---------------------------------------------
+
+_PUT_PATHS = ["keylog", "prekeys", "record"]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kind=st.sampled_from([*_PUT_PATHS, "revocations"]),
+    body=st.one_of(
+        st.binary(max_size=300),
+        st.sampled_from(["keylog", "upload", "record", "revocations"]).flatmap(
+            lambda what: st.tuples(st.just(what), st.integers(0, 10_000), st.integers(0, 255))
+        ),
+    ),
+    agent_path=st.sampled_from(["alice", "bob", "junk"]),
+)
+async def test_fuzz_submissions_never_5xx(
+    served: Served, alice: Agent, bob: Agent, kind: str, body: object, agent_path: str
+) -> None:
+    if not served.store.keylog(alice.agent_id):
+        await publish(served, alice)
+    valid = {
+        "keylog": alice.identity.keylog.to_bytes(),
+        "upload": alice.upload(1, sequence=7).to_bytes(),
+        "record": alice.record(sequence=7).to_bytes(),
+        "revocations": alice.revocations(1).to_bytes(),
+    }
+    if isinstance(body, tuple):  # flip one byte of a valid object
+        what, position, value = body
+        data = bytearray(valid[what])
+        data[position % len(data)] ^= value or 1
+        payload = bytes(data)
+    else:
+        assert isinstance(body, bytes)
+        payload = body
+    agent = {"alice": alice.agent_id, "bob": bob.agent_id, "junk": "did:talos:z0"}[agent_path]
+    path = f"/v1/revocations/{agent}" if kind == "revocations" else f"/v1/agents/{agent}/{kind}"
+    response = await put(served, path, payload)
+    assert 200 <= response.status_code < 500, response.text
+    if response.status_code >= 400:
+        error(response)
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    agent=st.text(max_size=80),
+    route=st.sampled_from(["keylog", "prekeys", "bundle", "record", "instances"]),
+)
+async def test_fuzz_lookups_never_5xx(served: Served, agent: str, route: str) -> None:
+    quoted = urllib.parse.quote(agent, safe="")
+    for path in (f"/v1/agents/{quoted}/{route}", f"/v1/revocations/{quoted}"):
+        response = await served.http.get(path)
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            error(response)
