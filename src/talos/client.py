@@ -1,0 +1,1084 @@
+"""TalosClient: one agent — identity, sessions, durable delivery, audit.
+
+This is the composition root: it picks the concrete parts (the agent home,
+the LMDB-backed audit log and agent state, the WebSocket transport, the
+registry client) and runs the two flows of ARCHITECTURE §5.
+
+Send: authorize (local capability check) → persist to the outbox together
+with its audit entry → encrypt (the new ratchet state is persisted before
+the ciphertext leaves) → sign → transmit → wait for the recipient's signed
+ACK → remove from the outbox (with its audit entry). Failures retry with
+exponential backoff and jitter capped at ``reconnect_interval``; what is not
+delivered stays queued and is delivered, in order, when the peer returns.
+
+Receive: decode → verify the signature with the sender's verified key log →
+recipient, replay and clock-skew checks → capability check → decrypt →
+one transaction {ratchet state, replay entry, audit entry, inbox message}
+→ signed ACK → wake the application. Anything rejected changes no state and
+is answered with a signed ERROR naming the reason (except forgeries, which
+are only audited).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal
+
+from talos.audit import AuditKind, AuditLog, LogSigner
+from talos.audit.config import AuditConfig
+from talos.core import wire
+from talos.core.backoff import Backoff
+from talos.core.capability import Capability, CapabilityPolicy, verify
+from talos.core.clock import Clock, time_ms
+from talos.core.encoding import canonical_dumps, strict_versioned_map
+from talos.core.identity import Identity
+from talos.core.keylog import IssuerKeys, KeyLog
+from talos.core.message import Message, decode_payload, encode_payload
+from talos.core.peer_record import PeerRecord
+from talos.core.prekeys import PrekeyUpload
+from talos.core.ratchet import Session
+from talos.core.revocation import (
+    RevocationList,
+    RevocationMode,
+    RevocationPolicy,
+    RevocationState,
+)
+from talos.core.rng import Rng
+from talos.core.x3dh import InitialHeader, PrekeyBundle, PrekeyStore, initiate, respond
+from talos.discovery.registry_client import RegistryClient
+from talos.errors import (
+    CapabilityDenied,
+    ConfigurationError,
+    CryptoError,
+    DeliveryTimeout,
+    DiscoveryError,
+    DuplicateMessage,
+    IdentityNotFound,
+    MalformedFrame,
+    PeerNotFound,
+    PeerRejected,
+    PeerUnreachable,
+    RemoteProtocolError,
+    SessionError,
+    SignatureInvalid,
+    StaleMessage,
+    TalosError,
+    UnsupportedVersion,
+)
+from talos.peers import PeerDirectory, RegistrySource
+from talos.storage.agent_state import AgentState, InboxMessage, OutboxItem, derive_storage_key
+from talos.storage.home import AgentHome, default_home
+from talos.storage.tokens import TokenStore
+from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
+from talos.transport import Link, Transport
+
+__all__ = ["SendResult", "TalosClient"]
+
+_log = logging.getLogger("talos.client")
+
+#: One-time prekeys kept published at the registry.
+ONE_TIME_PREKEYS: Final = 20
+#: How long our peer records stay valid (re-announced well before).
+RECORD_LIFETIME: Final = 3600.0
+#: How long one transmission waits for its ACK before it is retried.
+ACK_TIMEOUT: Final = 10.0
+#: Least time between two automatic session resets for one peer.
+RESET_INTERVAL: Final = 5.0
+_SESSION_FIELDS: Final = frozenset({"v", "s", "x"})
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What :meth:`TalosClient.send` achieved."""
+
+    status: Literal["delivered", "queued"]
+    message_id: str
+    trace_id: str
+
+
+class _Creating:
+    """``TalosClient.create(...)``: awaitable, or an async context manager that closes."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self._kwargs = kwargs
+        self._client: TalosClient | None = None
+
+    def __await__(self) -> Generator[Any, None, TalosClient]:
+        return TalosClient._start(**self._kwargs).__await__()
+
+    async def __aenter__(self) -> TalosClient:
+        self._client = await TalosClient._start(**self._kwargs)
+        return self._client
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+class TalosClient:
+    """One agent. Create with ``await TalosClient.create(name, home=...)``."""
+
+    @staticmethod
+    def create(
+        name: str,
+        *,
+        home: str | Path | None = None,
+        registry_url: str | None = None,
+        listen: str = "127.0.0.1:0",
+        discovery: tuple[str, ...] | list[str] = ("registry",),
+        dht_bootstrap: list[tuple[str, int]] | None = None,
+        offline_mode: bool = False,
+        queue_limit: int = 1000,
+        reconnect_interval: float = 30.0,
+        replay_window: float = 3600.0,
+        revocation_mode: str = "strict",
+        revocation_max_age: float = 300.0,
+        audit_config: dict[str, Any] | None = None,
+        metrics_port: int | None = None,
+        accept_policy: str = "capability",
+        passphrase: bytes | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: Rng = SYSTEM_RNG,
+    ) -> _Creating:
+        """Open (or create) the agent in ``home`` and start it.
+
+        Unused today: ``dht_bootstrap`` and ``metrics_port`` (the DHT and
+        metrics arrive with later work; passing them is accepted).
+
+        Raises:
+            ConfigurationError: an invalid option.
+            StorageError: the home, audit log or state cannot be opened.
+        """
+        return _Creating(dict(locals()))
+
+    # -- start and stop -----------------------------------------------------------------
+
+    @classmethod
+    async def _start(cls, **options: Any) -> TalosClient:
+        client = cls(**options)
+        try:
+            await client._open()
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        home: str | Path | None,
+        registry_url: str | None,
+        listen: str,
+        discovery: tuple[str, ...] | list[str],
+        dht_bootstrap: list[tuple[str, int]] | None,
+        offline_mode: bool,
+        queue_limit: int,
+        reconnect_interval: float,
+        replay_window: float,
+        revocation_mode: str,
+        revocation_max_age: float,
+        audit_config: dict[str, Any] | None,
+        metrics_port: int | None,
+        accept_policy: str,
+        passphrase: bytes | None,
+        clock: Clock,
+        rng: Rng,
+    ) -> None:
+        if accept_policy not in ("capability", "open"):
+            raise ConfigurationError("accept_policy must be 'capability' or 'open'")
+        if queue_limit < 1:
+            raise ConfigurationError("queue_limit must be positive")
+        try:
+            mode = RevocationMode(revocation_mode)
+        except ValueError:
+            raise ConfigurationError(f"unknown revocation_mode {revocation_mode!r}") from None
+        self._name = name
+        self._home = AgentHome(Path(home) if home is not None else default_home())
+        self._registry_url = registry_url if "registry" in discovery else None
+        self._listen = _parse_listen(listen)
+        self._offline = offline_mode
+        self._queue_limit = queue_limit
+        self._backoff = Backoff(base=min(0.2, reconnect_interval), cap=reconnect_interval)
+        self._replay_window = replay_window
+        self._revocation_policy = RevocationPolicy(mode=mode, max_age=revocation_max_age)
+        self._audit_config = AuditConfig.from_mapping(audit_config)
+        self._accept_open = accept_policy == "open"
+        self._passphrase = passphrase
+        self._clock, self._rng = clock, rng
+        self._instance = wire.new_instance_id(rng)
+        self._closed = False
+        # Filled in by _open().
+        self._identity: Identity
+        self._log: AuditLog | None = None
+        self._state: AgentState
+        self._tokens: TokenStore | None = None
+        self._registry: RegistryClient | None = None
+        self._peers: PeerDirectory
+        self._prekeys: PrekeyStore
+        self._transport: Transport | None = None
+        self._endpoint = ""
+        self._links: dict[str, Link] = {}
+        self._sessions: dict[str, tuple[Session, bytes | None]] = {}
+        self._acks: dict[bytes, asyncio.Future[None]] = {}
+        #: Set when the peer answered DECRYPT_FAILED for a message: retry it now.
+        self._nacks: dict[bytes, asyncio.Event] = {}
+        self._flushers: dict[str, asyncio.Task[None]] = {}
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._inbox_ready = asyncio.Event()
+        self._last_reset: dict[str, float] = {}
+        self._revocations = RevocationState()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.registry_reachable: bool | None = None
+
+    async def _open(self) -> None:
+        self._identity = self._load_identity()
+        identity = self._identity
+        signer = LogSigner(identity.signing_key, identity.agent_id, f"{identity.agent_id}/audit")
+        self._log = AuditLog.open(
+            self._home.audit_path,
+            clock=self._clock,
+            signer=signer,
+            extra_databases=AgentState.DATABASES,
+            **self._audit_config.open_arguments(),
+        )
+        self._state = AgentState(
+            self._log,
+            storage_key=derive_storage_key(identity.signing_key.seed()),
+            clock=self._clock,
+            rng=self._rng,
+            replay_window_ms=int(self._replay_window * 1000),
+        )
+        self._tokens = TokenStore.open(self._home.path / "capabilities")
+        if self._registry_url is not None:
+            self._registry = RegistryClient(self._registry_url)
+        sources = [RegistrySource(self._registry)] if self._registry is not None else []
+        self._peers = PeerDirectory(
+            self._state,
+            sources,
+            clock=self._clock,
+            own=identity.keylog,
+            on_source_down=self._source_down,
+        )
+        self._load_revocations()
+        self._prekeys = self._load_prekeys()
+        self._transport = Transport(self._on_frame)
+        host, port = await self._transport.listen(*self._listen)
+        self._endpoint = f"ws://{host}:{port}"
+        if self._registry is not None and not self._offline:
+            await self._announce()
+        for peer in self._state.peers_with_pending():
+            self._kick(peer)
+
+    def _load_identity(self) -> Identity:
+        try:
+            return self._home.load_identity(passphrase=self._passphrase)
+        except IdentityNotFound:
+            identity = Identity.create(self._name, rng=self._rng, clock=self._clock)
+            self._home.save_identity(identity, rng=self._rng, passphrase=self._passphrase)
+            return identity
+
+    def _load_prekeys(self) -> PrekeyStore:
+        data = self._state.prekeys()
+        if data is not None:
+            store = PrekeyStore.from_bytes(data)
+            if store.identity_signing_key == self._identity.signing_key.public_key.raw:
+                return store
+        store = PrekeyStore.create(
+            agent_id=self.agent_id,
+            signing_key=self._identity.signing_key,
+            identity_dh=self._identity.dh_key,
+            rng=self._rng,
+        ).add_one_time_prekeys(ONE_TIME_PREKEYS, self._rng)
+        self._state.put_prekeys(store.to_bytes())
+        return store
+
+    def _load_revocations(self) -> None:
+        """Known key logs (imported with capabilities) and revocation lists, verified."""
+        assert self._tokens is not None  # noqa: S101 -- opened just before
+        keys = IssuerKeys([self._identity.keylog])
+        for data in self._tokens.keylogs():
+            with contextlib.suppress(TalosError):
+                log = self._peers.learn_log(KeyLog.from_bytes(data))
+                keys.add(log)
+        for issuer, data, synced in self._tokens.revocation_lists():
+            with contextlib.suppress(TalosError):
+                self._revocations.apply(RevocationList.from_bytes(data), keys=keys)
+                self._revocations.mark_synced(issuer, synced)
+        self._revocations.mark_synced(self.agent_id, self._clock.time())
+
+    async def _announce(self) -> None:
+        """Publish key log, prekeys and where we listen; a down registry is not fatal."""
+        registry, identity = self._registry, self._identity
+        assert registry is not None  # noqa: S101 -- only called with a registry
+        try:
+            await registry.publish_keylog(identity.keylog)
+            upload = PrekeyUpload.from_store(
+                self._prekeys,
+                identity.signing_key,
+                key_sequence=identity.sequence,
+                sequence=time_ms(self._clock),
+            )
+            await registry.publish_prekeys(upload)
+            await registry.publish_record(self.peer_record())
+            self.registry_reachable = True
+        except DiscoveryError as exc:
+            self._source_down("registry", exc)
+        except PeerRejected as exc:
+            _log.warning("registry refused our announcement: %s", exc)
+
+    def _source_down(self, name: str, exc: Exception) -> None:
+        if name == "registry":
+            self.registry_reachable = False
+        _log.warning("%s unavailable: %s", name, exc)
+
+    async def close(self) -> None:
+        """Stop delivering, close links and stores. Queued messages stay queued."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in [*self._flushers.values(), *self._background]:
+            task.cancel()
+        for task in [*self._flushers.values(), *self._background]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for future in self._acks.values():
+            if not future.done():
+                future.cancel()
+        if self._transport is not None:
+            await self._transport.close()
+        if self._registry is not None:
+            await self._registry.aclose()
+        if self._tokens is not None:
+            self._tokens.close()
+        if self._log is not None:
+            self._log.close()
+
+    async def __aenter__(self) -> TalosClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- identity and sessions ------------------------------------------------------
+
+    @property
+    def agent_id(self) -> str:
+        return self._identity.agent_id
+
+    @property
+    def endpoint(self) -> str:
+        """``ws://host:port`` this agent listens on."""
+        return self._endpoint
+
+    def peer_record(self, *, lifetime: float = RECORD_LIFETIME) -> PeerRecord:
+        """A freshly signed record of where this instance listens."""
+        return PeerRecord.create(
+            self._identity.signing_key,
+            agent_id=self.agent_id,
+            key_sequence=self._identity.sequence,
+            instance_id=self._instance,
+            endpoint=self._endpoint,
+            sequence=time_ms(self._clock),
+            now=self._clock.time(),
+            lifetime=lifetime,
+        )
+
+    def contact_card(self) -> bytes:
+        """Key log and peer record in one blob, for introductions without a registry."""
+        return canonical_dumps(
+            {
+                "v": 1,
+                "log": self._identity.keylog.to_bytes(),
+                "rec": self.peer_record().to_bytes(),
+            }
+        )
+
+    def add_contact(self, card: bytes) -> str:
+        """Learn a peer from its :meth:`contact_card`; returns its agent id.
+
+        Raises:
+            MalformedFrame, UnsupportedVersion: not a contact card.
+            KeyLogInvalid: its key log is invalid or forks what we know.
+            SignatureInvalid, StaleMessage: its record does not verify now.
+        """
+        raw = strict_versioned_map(
+            card,
+            max_size=1 << 20,
+            fields=frozenset({"v", "log", "rec"}),
+            version=1,
+            what="contact card",
+        )
+        if type(raw["log"]) is not bytes or type(raw["rec"]) is not bytes:
+            raise MalformedFrame("contact card fields must be bytes")
+        log = self._peers.learn_log(KeyLog.from_bytes(raw["log"]))
+        record = PeerRecord.from_bytes(raw["rec"])
+        if record.agent_id != log.agent_id:
+            raise MalformedFrame("contact card record names another agent")
+        self._peers.learn_record(record)
+        return log.agent_id
+
+    def get_prekey_bundle(self) -> PrekeyBundle:
+        """A bundle for :meth:`establish_session` out of band (signed prekey, no one-time key)."""
+        return self._prekeys.bundle(None)
+
+    async def establish_session(self, peer_id: str, bundle: PrekeyBundle | None = None) -> None:
+        """Run X3DH with ``peer_id`` (fetching a bundle from the registry if none is given).
+
+        Raises:
+            PeerNotFound: the peer's key log (or a bundle) cannot be found.
+            SignatureInvalid: the bundle is not vouched for by the peer's key log.
+            KeyAgreementFailed: a bundle key is unusable.
+        """
+        log = await self._peers.keylog(peer_id)
+        if bundle is None:
+            if self._registry is None:
+                raise PeerNotFound("no bundle given and no registry to fetch one from")
+            bundle = await self._registry.fetch_bundle(peer_id)
+        state = log.state
+        me = self._identity
+        start = initiate(
+            bundle,
+            peer_agent_id=peer_id,
+            peer_signing_key=state.signing_key.raw,
+            peer_identity_dh=state.dh_key,
+            agent_id=me.agent_id,
+            identity_signing_key=me.signing_key.public_key.raw,
+            identity_dh=me.dh_key,
+            rng=self._rng,
+        )
+        session = Session.initiator(
+            start.shared_key, start.associated_data, start.their_ratchet_key, self._rng
+        )
+        header = start.header.to_bytes()
+        self._state.put_session(
+            peer_id,
+            _session_record(session, header),
+            audit=[(AuditKind.SESSION_ESTABLISHED, {"role": "initiator"}, peer_id)],
+        )
+        self._sessions[peer_id] = (session, header)
+
+    async def reset_session(self, peer_id: str) -> None:
+        """Forget the session with ``peer_id``; the next message establishes a new one."""
+        self._sessions.pop(peer_id, None)
+        self._state.drop_session(
+            peer_id, audit=[(AuditKind.SESSION_RESET, {"reason": "requested"}, peer_id)]
+        )
+
+    def _session(self, peer: str) -> tuple[Session, bytes | None] | None:
+        cached = self._sessions.get(peer)
+        if cached is None:
+            data = self._state.session(peer)
+            if data is None:
+                return None
+            cached = _load_session(data, self._rng)
+            self._sessions[peer] = cached
+        return cached
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def send(
+        self,
+        peer_id: str,
+        data: Any,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 -- the seed's documented send() signature
+        retry_count: int = 3,
+        on_failure: Literal["queue", "raise"] = "queue",
+        capability: str | Capability | None = None,
+    ) -> SendResult:
+        """Send ``data`` (bytes, str or JSON-able) to ``peer_id``; durable before it returns.
+
+        ``timeout`` bounds the whole call; within it up to ``retry_count``
+        retries follow the backoff schedule. Then ``on_failure="queue"``
+        leaves the message queued for background delivery (status
+        ``"queued"``), ``"raise"`` removes it and raises.
+
+        Raises:
+            CapabilityDenied: the capability to attach is invalid (nothing sent or queued).
+            QueueFull: ``queue_limit`` messages are queued already (nothing queued).
+            PeerRejected: the peer refused the message, with its signed reason.
+            DeliveryTimeout: not delivered in time with ``on_failure="raise"``.
+            LocalProtocolError: ``data`` cannot be encoded.
+        """
+        if on_failure not in ("queue", "raise"):
+            raise ConfigurationError("on_failure must be 'queue' or 'raise'")
+        payload = encode_payload(data)
+        with contextlib.suppress(PeerNotFound, DiscoveryError):
+            await self._peers.keylog(peer_id)  # to check the capability's issuer locally
+        token = self._capability_for(peer_id, capability)
+        message_id = wire.new_message_id(self._rng)
+        trace_id = secrets.token_hex(8)
+        self._state.enqueue(
+            peer_id,
+            message_id,
+            payload,
+            capability=None if token is None else token.to_bytes(),
+            queue_limit=self._queue_limit,
+            audit=[
+                (
+                    AuditKind.MESSAGE_SENT,
+                    {
+                        "id": message_id,
+                        "sha256": hashlib.sha256(payload).digest(),
+                        "size": len(payload),
+                        "trace": trace_id,
+                    },
+                    peer_id,
+                )
+            ],
+        )
+        result = SendResult("queued", message_id.hex(), trace_id)
+        if self._offline:
+            return result
+        acked = self._acks.setdefault(message_id, asyncio.get_running_loop().create_future())
+        self._kick(peer_id)
+        try:
+            await asyncio.wait_for(asyncio.shield(acked), timeout)
+        except TimeoutError:
+            if on_failure == "raise":
+                await self._give_up(message_id, peer_id, "timeout")
+                raise DeliveryTimeout(
+                    f"no acknowledgement from {peer_id} within {timeout:g} s"
+                ) from None
+            return result
+        return SendResult("delivered", result.message_id, trace_id)
+
+    def _capability_for(self, peer: str, given: str | Capability | None) -> Capability | None:
+        """The token to attach: the one given, else a held one for message.send to ``peer``.
+
+        Raises:
+            CapabilityDenied: the token does not authorize sending to ``peer`` now.
+            MalformedFrame: ``given`` is not a token.
+        """
+        if isinstance(given, str):
+            given = Capability.from_text(given)
+        candidates = [given] if given is not None else self._held_tokens(peer)
+        denial: CapabilityDenied | None = None
+        for token in candidates:
+            try:
+                self._check_token(token, audience=peer, holder=self.agent_id)
+            except CapabilityDenied as exc:
+                denial = exc
+                continue
+            return token
+        if given is not None and denial is not None:
+            raise denial
+        return None
+
+    def _held_tokens(self, peer: str) -> list[Capability]:
+        assert self._tokens is not None  # noqa: S101 -- open while the client is
+        tokens = []
+        for data in self._tokens.held():
+            with contextlib.suppress(MalformedFrame, UnsupportedVersion):
+                token = Capability.from_bytes(data)
+                if token.audience == peer:
+                    tokens.append(token)
+        return tokens
+
+    def _check_token(self, token: Capability, *, audience: str, holder: str) -> None:
+        keys = IssuerKeys(
+            [
+                log
+                for a in {token.issuer for token in token.chain()}
+                if (log := self._peers.known_log(a)) is not None
+            ]
+        )
+        policy = CapabilityPolicy(
+            audience=audience,
+            revocation=(
+                self._revocation_policy
+                if audience == self.agent_id
+                else RevocationPolicy(mode=RevocationMode.OFFLINE)
+            ),
+        )
+        verify(
+            token,
+            action="message.send",
+            resource=f"inbox/{holder}" if audience == self.agent_id else f"inbox/{self.agent_id}",
+            now=self._clock.time(),
+            revocations=self._revocations,
+            policy=policy,
+            keys=keys,
+            holder=holder,
+        )
+
+    def _kick(self, peer: str) -> None:
+        """Make sure a delivery loop runs for ``peer`` and wake it."""
+        if self._offline or self._closed:
+            return
+        self._wakeups.setdefault(peer, asyncio.Event()).set()
+        task = self._flushers.get(peer)
+        if task is None or task.done():
+            self._flushers[peer] = asyncio.create_task(self._deliver_loop(peer))
+
+    async def _deliver_loop(self, peer: str) -> None:
+        """Deliver ``peer``'s queue in order, retrying with backoff until it is empty."""
+        attempt = 0
+        wake = self._wakeups.setdefault(peer, asyncio.Event())
+        while not self._closed:
+            wake.clear()
+            pending = self._state.pending(peer)
+            if not pending:
+                await wake.wait()
+                continue
+            try:
+                for item in pending:
+                    await self._deliver(peer, item)
+                attempt = 0
+            except (PeerUnreachable, PeerNotFound, DeliveryTimeout, SessionError) as exc:
+                delay = self._backoff.delay(attempt, self._rng)
+                attempt += 1
+                _log.info("delivery to %s failed (%s); retry in %.2f s", peer, exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), delay)
+
+    async def _deliver(self, peer: str, item: OutboxItem) -> None:
+        """Transmit one queued message and wait for its ACK (or a signed refusal)."""
+        if self._state.outbox_item(item.message_id) is None:
+            return  # acknowledged meanwhile
+        acked = self._acks.setdefault(item.message_id, asyncio.get_running_loop().create_future())
+        if acked.done():
+            return
+        link = await self._link(peer)
+        frame = await self._encrypt(peer, item)
+        nack = self._nacks.setdefault(item.message_id, asyncio.Event())
+        nack.clear()
+        await link.send(frame)
+        refused: asyncio.Future[Any] = asyncio.ensure_future(nack.wait())
+        waiters: set[asyncio.Future[Any]] = {acked, refused}
+        try:
+            done, _ = await asyncio.wait(
+                waiters, timeout=ACK_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            refused.cancel()
+        if acked in done:
+            with contextlib.suppress(PeerRejected, asyncio.CancelledError):
+                acked.result()
+            return
+        if refused in done:
+            raise SessionError(f"{peer} could not decrypt; the session was reset")
+        raise DeliveryTimeout(f"no ACK from {peer} within {ACK_TIMEOUT:g} s")
+
+    async def _encrypt(self, peer: str, item: OutboxItem) -> bytes:
+        current = self._session(peer)
+        if current is None:
+            await self.establish_session(peer)
+            current = self._session(peer)
+            if current is None:
+                raise SessionError(f"no session with {peer}")
+        session, x3dh = current
+        now = self._clock.time()
+        header, ciphertext = session.encrypt(item.payload, now=now)
+        # Persist the advanced ratchet (with the attempt) before the ciphertext leaves.
+        record = _session_record(session, x3dh)
+        if self._state.record_attempt(item.message_id, now, session=record) is None:
+            self._state.put_session(peer, record)
+        envelope = wire.Envelope(
+            type=wire.EnvelopeType.INITIAL if x3dh else wire.EnvelopeType.MESSAGE,
+            message_id=item.message_id,
+            sender=self.agent_id,
+            sender_instance=self._instance,
+            recipient=peer,
+            timestamp_ms=time_ms(self._clock),
+            ratchet_header=header,
+            ciphertext=ciphertext,
+            capability_ref=item.capability,
+            x3dh_header=x3dh,
+        )
+        return wire.seal(envelope, self._identity.signing_key)
+
+    async def _link(self, peer: str) -> Link:
+        link = self._links.get(peer)
+        if link is not None and link.is_open:
+            return link
+        record = await self._peers.endpoint(peer)
+        assert self._transport is not None  # noqa: S101 -- open while the client is
+        try:
+            link = await self._transport.connect(record.endpoint)
+        except PeerUnreachable:
+            record = await self._peers.endpoint(peer, refresh=True)
+            link = await self._transport.connect(record.endpoint)
+        link.peer = peer
+        self._links[peer] = link
+        return link
+
+    async def _give_up(self, message_id: bytes, peer: str, reason: str) -> None:
+        self._state.remove(
+            message_id,
+            audit=[(AuditKind.DELIVERY_FAILED, {"id": message_id, "reason": reason}, peer)],
+        )
+        self._nacks.pop(message_id, None)
+        future = self._acks.pop(message_id, None)
+        if future is not None and not future.done():
+            future.cancel()
+
+    # -- receiving --------------------------------------------------------------------
+
+    async def receive(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 -- the documented receive() signature
+    ) -> Message | None:
+        """The next received message, or ``None`` after ``timeout`` seconds.
+
+        A message is removed from the durable inbox before it is returned
+        (at most once to the application).
+        """
+        deadline = None if timeout is None else self._clock.monotonic() + timeout
+        while True:
+            taken = self._state.take(1)
+            if taken:
+                return _message(taken[0])
+            self._inbox_ready.clear()
+            remaining = None if deadline is None else deadline - self._clock.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._inbox_ready.wait(), remaining)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Every received message, as it arrives."""
+        while not self._closed:
+            message = await self.receive(timeout=None)
+            if message is not None:
+                yield message
+
+    async def _on_frame(self, link: Link, frame: bytes) -> None:
+        try:
+            unverified = wire.decode(frame)
+        except RemoteProtocolError as exc:
+            _log.warning("dropping a malformed frame from %s: %s", link.remote, exc)
+            return
+        if unverified.recipient != self.agent_id:
+            _log.warning(
+                "dropping a frame for %s received by %s", unverified.recipient, self.agent_id
+            )
+            return
+        sender = unverified.sender
+        try:
+            log = await self._peers.keylog(sender)
+        except (PeerNotFound, TalosError) as exc:
+            _log.warning("dropping a frame from unknown agent %s: %s", sender, exc)
+            return
+        try:
+            envelope = wire.verify(unverified, log.state.signing_key)
+        except SignatureInvalid:
+            self._audit(AuditKind.SIGNATURE_FAILURE, {"id": unverified.message_id}, sender)
+            _log.warning("signature failure on a frame from %s (not blocked)", sender)
+            return
+        link.peer = sender
+        self._links.setdefault(sender, link)
+        if not self._links[sender].is_open:
+            self._links[sender] = link
+        kind = envelope.type
+        if kind in (wire.EnvelopeType.MESSAGE, wire.EnvelopeType.INITIAL):
+            await self._receive_message(link, envelope, log.state)
+        elif kind is wire.EnvelopeType.ACK:
+            self._on_ack(envelope)
+        elif kind is wire.EnvelopeType.ERROR:
+            await self._on_error(envelope)
+
+    async def _receive_message(self, link: Link, envelope: wire.Envelope, sender_keys: Any) -> None:
+        sender = envelope.sender
+        now = self._clock.time()
+        replay_id = hashlib.sha256(sender.encode() + envelope.message_id).digest()
+        try:
+            self._state.replay_window.check(replay_id, envelope.timestamp_ms, int(now * 1000))
+        except DuplicateMessage:
+            self._audit(AuditKind.REPLAY_DROPPED, {"id": envelope.message_id}, sender)
+            await self._answer(link, envelope, ack=wire.AckStatus.DUPLICATE)
+            return
+        except StaleMessage as exc:
+            self._audit(
+                AuditKind.PEER_REJECTED, {"id": envelope.message_id, "reason": "stale"}, sender
+            )
+            await self._refuse(link, envelope, wire.ErrorCode.STALE, str(exc)[:200])
+            return
+        capability_id = None
+        if not self._accept_open:
+            try:
+                capability_id = self._authorize(envelope)
+            except CapabilityDenied as exc:
+                self._audit(
+                    AuditKind.CAPABILITY_DENIED,
+                    {"id": envelope.message_id, "reason": type(exc).__name__},
+                    sender,
+                )
+                await self._refuse(link, envelope, wire.ErrorCode.CAPABILITY_DENIED, str(exc)[:200])
+                return
+        try:
+            plaintext, successor, prekeys, established = self._decrypt(envelope, sender_keys)
+            data = decode_payload(plaintext)
+        except (CryptoError, SessionError, RemoteProtocolError) as exc:
+            self._audit(
+                AuditKind.DECRYPTION_FAILURE,
+                {"id": envelope.message_id, "reason": type(exc).__name__},
+                sender,
+            )
+            await self._refuse(
+                link, envelope, wire.ErrorCode.DECRYPT_FAILED, "cannot decrypt; re-establish"
+            )
+            return
+        del data  # decoded only to refuse undecodable payloads before committing
+        audit: list[tuple[str, dict[str, Any], str | None]] = [
+            (
+                AuditKind.MESSAGE_RECEIVED,
+                {"id": envelope.message_id, "sha256": hashlib.sha256(plaintext).digest()},
+                sender,
+            )
+        ]
+        if established:
+            audit.append((AuditKind.SESSION_ESTABLISHED, {"role": "responder"}, sender))
+        self._state.commit_receive(
+            sender,
+            session=_session_record(successor, None),
+            replay_id=replay_id,
+            timestamp_ms=envelope.timestamp_ms,
+            message=InboxMessage(
+                sender=sender,
+                message_id=envelope.message_id,
+                data=plaintext,
+                sent_at_ms=envelope.timestamp_ms,
+                received_at_ms=time_ms(self._clock),
+                capability_id=capability_id,
+            ),
+            prekeys=None if prekeys is None else prekeys.to_bytes(),
+            audit=audit,
+        )
+        self._sessions[sender] = (successor, None)
+        if prekeys is not None:
+            self._prekeys = prekeys
+        await self._answer(link, envelope, ack=wire.AckStatus.ACCEPTED)
+        self._inbox_ready.set()
+
+    def _authorize(self, envelope: wire.Envelope) -> bytes:
+        """Check the attached capability; returns its id.
+
+        Raises:
+            CapabilityDenied: missing or not valid for this sender and agent.
+        """
+        from talos.errors import ScopeMismatch
+
+        if envelope.capability_ref is None:
+            raise ScopeMismatch("no capability attached; this agent requires one")
+        try:
+            token = Capability.from_bytes(envelope.capability_ref)
+        except (MalformedFrame, UnsupportedVersion) as exc:
+            raise ScopeMismatch(f"attached capability is malformed: {exc}") from None
+        self._check_token(token, audience=self.agent_id, holder=envelope.sender)
+        return token.token_id
+
+    def _decrypt(
+        self, envelope: wire.Envelope, sender_keys: Any
+    ) -> tuple[bytes, Session, PrekeyStore | None, bool]:
+        """Decrypt without committing: plaintext, successor session, new prekeys, new session?"""
+        now = self._clock.time()
+        if envelope.type is wire.EnvelopeType.INITIAL:
+            header = InitialHeader.from_bytes(envelope.x3dh_header or b"")
+            response = respond(
+                self._prekeys,
+                header,
+                peer_agent_id=envelope.sender,
+                peer_signing_key=sender_keys.signing_key.raw,
+                peer_identity_dh=sender_keys.dh_key,
+            )
+            session = Session.responder(
+                response.shared_key, response.associated_data, response.our_ratchet_key, self._rng
+            )
+            plaintext, successor = session.decrypt_uncommitted(
+                envelope.ratchet_header, envelope.ciphertext, now=now
+            )
+            return plaintext, successor, response.store, True
+        current = self._session(envelope.sender)
+        if current is None:
+            raise SessionError(f"no session with {envelope.sender}")
+        plaintext, successor = current[0].decrypt_uncommitted(
+            envelope.ratchet_header, envelope.ciphertext, now=now
+        )
+        return plaintext, successor, None, False
+
+    async def _answer(self, link: Link, envelope: wire.Envelope, *, ack: wire.AckStatus) -> None:
+        reply = wire.Envelope(
+            type=wire.EnvelopeType.ACK,
+            message_id=wire.new_message_id(self._rng),
+            sender=self.agent_id,
+            sender_instance=self._instance,
+            recipient=envelope.sender,
+            timestamp_ms=time_ms(self._clock),
+            ref_id=envelope.message_id,
+            status=ack,
+        )
+        with contextlib.suppress(PeerUnreachable):
+            await link.send(wire.seal(reply, self._identity.signing_key))
+
+    async def _refuse(
+        self, link: Link, envelope: wire.Envelope, code: wire.ErrorCode, reason: str
+    ) -> None:
+        _log.info("refusing a message from %s: %s (%s)", envelope.sender, code.name, reason)
+        reply = wire.Envelope(
+            type=wire.EnvelopeType.ERROR,
+            message_id=wire.new_message_id(self._rng),
+            sender=self.agent_id,
+            sender_instance=self._instance,
+            recipient=envelope.sender,
+            timestamp_ms=time_ms(self._clock),
+            ref_id=envelope.message_id,
+            error_code=code,
+            reason="".join(c for c in reason if c.isprintable())[:200] or code.name,
+        )
+        with contextlib.suppress(PeerUnreachable):
+            await link.send(wire.seal(reply, self._identity.signing_key))
+
+    def _queued_for(self, ref: bytes | None, peer: str) -> bool:
+        """Whether ``ref`` is a message we queued for ``peer`` and still wait on."""
+        if ref is None:
+            return False
+        item = self._state.outbox_item(ref)
+        return item is not None and item.peer == peer
+
+    def _on_ack(self, envelope: wire.Envelope) -> None:
+        ref = envelope.ref_id
+        if ref is None or not self._queued_for(ref, envelope.sender):
+            return  # not ours, not from the peer we sent it to, or already acknowledged
+        self._state.remove(
+            ref,
+            audit=[
+                (
+                    AuditKind.MESSAGE_DELIVERED,
+                    {"id": ref, "status": int(envelope.status or 0)},
+                    envelope.sender,
+                )
+            ],
+        )
+        current = self._sessions.get(envelope.sender)
+        if current is not None and current[1] is not None:
+            # The peer holds the session now: later messages need no X3DH header.
+            session = current[0]
+            self._state.put_session(envelope.sender, _session_record(session, None))
+            self._sessions[envelope.sender] = (session, None)
+        self._nacks.pop(ref, None)
+        future = self._acks.pop(ref, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def _on_error(self, envelope: wire.Envelope) -> None:
+        ref, peer = envelope.ref_id, envelope.sender
+        if ref is None or not self._queued_for(ref, peer):
+            return
+        if envelope.error_code is wire.ErrorCode.DECRYPT_FAILED:
+            now = self._clock.time()
+            if now - self._last_reset.get(peer, -RESET_INTERVAL) >= RESET_INTERVAL:
+                self._last_reset[peer] = now
+                self._sessions.pop(peer, None)
+                self._state.drop_session(
+                    peer,
+                    audit=[(AuditKind.SESSION_RESET, {"reason": "peer could not decrypt"}, peer)],
+                )
+            nack = self._nacks.get(ref)
+            if nack is not None:
+                nack.set()  # the waiting delivery retries with a fresh session
+            return
+        reason = envelope.reason or envelope.error_code.name if envelope.error_code else "refused"
+        self._state.remove(
+            ref,
+            audit=[(AuditKind.PEER_REJECTED, {"id": ref, "reason": str(reason)[:200]}, peer)],
+        )
+        self._nacks.pop(ref, None)
+        future = self._acks.pop(ref, None)
+        if future is not None and not future.done():
+            future.set_exception(PeerRejected(f"{peer} refused the message: {reason}"))
+
+    def _audit(self, kind: str, data: dict[str, Any], peer: str | None) -> None:
+        assert self._log is not None  # noqa: S101 -- open while the client is
+        try:
+            self._log.append(kind, data, peer=peer)
+        except TalosError as exc:
+            _log.warning("audit entry %s not written: %s", kind, exc)
+
+    # -- status ---------------------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        """Messages waiting in the outbox."""
+        return self._state.outbox_count()
+
+    def status(self) -> dict[str, Any]:
+        """What ``talos status`` shows: identity, endpoint, queue, sessions, registry."""
+        return {
+            "agent_id": self.agent_id,
+            "instance_id": self._instance.hex(),
+            "endpoint": self._endpoint,
+            "offline_mode": self._offline,
+            "queue_depth": self.queue_depth(),
+            "queued_by_peer": {
+                peer: len(self._state.pending(peer)) for peer in self._state.peers_with_pending()
+            },
+            "inbox_depth": self._state.inbox_count(),
+            "sessions": sorted(self._state.session_peers()),
+            "connected": sorted(peer for peer, link in self._links.items() if link.is_open),
+            "registry": self._registry_url,
+            "registry_reachable": self.registry_reachable,
+        }
+
+    def known_peers(self) -> list[dict[str, Any]]:
+        """Peers with a cached, verified record: what ``talos peers`` lists."""
+        rows = []
+        for data in self._state.peer_records():
+            with contextlib.suppress(MalformedFrame, UnsupportedVersion):
+                record = PeerRecord.from_bytes(data)
+                rows.append(
+                    {
+                        "agent_id": record.agent_id,
+                        "endpoint": record.endpoint,
+                        "instance_id": record.instance_id.hex(),
+                        "expires_ms": record.expires_ms,
+                        "session": self._state.session(record.agent_id) is not None,
+                        "connected": (
+                            record.agent_id in self._links and self._links[record.agent_id].is_open
+                        ),
+                    }
+                )
+        return rows
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigurationError(f"listen must be HOST:PORT, not {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def _session_record(session: Session, x3dh: bytes | None) -> bytes:
+    return canonical_dumps({"v": 1, "s": session.to_bytes(), "x": x3dh})
+
+
+def _load_session(data: bytes, rng: Rng) -> tuple[Session, bytes | None]:
+    raw = strict_versioned_map(
+        data, max_size=16 << 20, fields=_SESSION_FIELDS, version=1, what="session record"
+    )
+    if type(raw["s"]) is not bytes or not (raw["x"] is None or type(raw["x"]) is bytes):
+        raise MalformedFrame("session record fields have the wrong types")
+    return Session.from_bytes(raw["s"], rng=rng), raw["x"]
+
+
+def _message(item: InboxMessage) -> Message:
+    return Message(
+        sender=item.sender,
+        message_id=item.message_id,
+        data=decode_payload(item.data),
+        sent_at=item.sent_at_ms / 1000,
+        capability_id=item.capability_id,
+    )

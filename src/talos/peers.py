@@ -1,0 +1,218 @@
+"""Who a peer is and where it listens: verified key logs and peer records.
+
+Lookups go local cache → registry → DHT. Whatever comes back is verified
+before use: key logs by :class:`~talos.core.keylog.KeyLog` (self-certifying,
+and extend-only against what we knew), peer records by the agent's key. The
+cache holds only verified data and is persisted, so established peers stay
+reachable with the registry and the DHT both down (seed: "Registry
+Unavailable").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from talos.core.clock import Clock
+from talos.core.crypto import VerifyKey
+from talos.core.keylog import KeyLog, KeyLookup
+from talos.core.peer_record import PeerRecord
+from talos.discovery.registry_client import RegistryClient
+from talos.errors import (
+    DiscoveryError,
+    KeyLogInvalid,
+    MalformedFrame,
+    PeerNotFound,
+    RegistryUnavailable,
+    SignatureInvalid,
+    StaleMessage,
+    UnsupportedVersion,
+)
+
+__all__ = ["PeerCache", "PeerDirectory", "RecordSource", "RegistrySource"]
+
+_log = logging.getLogger("talos.discovery")
+
+
+class PeerCache(Protocol):
+    """Durable storage of verified key logs and peer records (see AgentState)."""
+
+    def keylog(self, agent_id: str, /) -> bytes | None: ...
+    def put_keylog(self, agent_id: str, data: bytes, /) -> object: ...
+    def peer_record(self, agent_id: str, /) -> bytes | None: ...
+    def put_peer_record(self, record: bytes, /) -> object: ...
+
+
+class RecordSource(Protocol):
+    """A discovery backend (registry client or DHT node)."""
+
+    name: str
+
+    async def keylog(self, agent_id: str, known: KeyLog | None) -> KeyLog: ...
+    async def record(self, agent_id: str, keys: KeyLookup, now: float) -> PeerRecord: ...
+
+
+_SOURCE_ERRORS = (
+    DiscoveryError,
+    KeyLogInvalid,
+    MalformedFrame,
+    UnsupportedVersion,
+    SignatureInvalid,
+    StaleMessage,
+)
+
+
+class PeerDirectory:
+    """Verified identities and endpoints of the agents we talk to."""
+
+    def __init__(
+        self,
+        cache: PeerCache,
+        sources: Sequence[RecordSource],
+        *,
+        clock: Clock,
+        own: KeyLog,
+        on_source_down: Callable[[str, Exception], None] | None = None,
+    ) -> None:
+        self._cache = cache
+        self._sources = list(sources)
+        self._clock = clock
+        self._logs: dict[str, KeyLog] = {own.agent_id: own}
+        self._on_source_down = on_source_down
+
+    # -- key logs -----------------------------------------------------------------
+
+    def known_log(self, agent_id: str) -> KeyLog | None:
+        """The verified key log we hold (memory, then the durable cache)."""
+        log = self._logs.get(agent_id)
+        if log is None:
+            data = self._cache.keylog(agent_id)
+            if data is not None:
+                try:
+                    log = KeyLog.from_bytes(data)
+                except (MalformedFrame, UnsupportedVersion, KeyLogInvalid):
+                    _log.warning("cached key log of %s does not verify; ignoring it", agent_id)
+                    return None
+                self._logs[agent_id] = log
+        return log
+
+    def learn_log(self, log: KeyLog) -> KeyLog:
+        """Adopt a verified log, extend-only against the one we knew.
+
+        Raises:
+            KeyLogInvalid: it forks or rolls back the known history.
+        """
+        known = self.known_log(log.agent_id)
+        if known is not None:
+            if len(log) < len(known):
+                if known.events[: len(log)] != log.events:
+                    raise KeyLogInvalid(f"key log of {log.agent_id} forks the known one")
+                return known
+            log = known.extend(log.events)
+        if known is None or len(log) != len(known):
+            self._cache.put_keylog(log.agent_id, log.to_bytes())
+        self._logs[log.agent_id] = log
+        return log
+
+    async def keylog(self, agent_id: str, *, refresh: bool = False) -> KeyLog:
+        """A peer's verified key log; asks discovery when unknown (or ``refresh``).
+
+        Raises:
+            PeerNotFound: no source knows it (or all are down) and it is not cached.
+            KeyLogInvalid: a source offered a fork of the known history.
+        """
+        known = self.known_log(agent_id)
+        if known is not None and not refresh:
+            return known
+        for source in self._sources:
+            try:
+                fetched = await source.keylog(agent_id, known)
+            except KeyLogInvalid:
+                raise
+            except _SOURCE_ERRORS as exc:
+                self._source_failed(source, exc)
+                continue
+            return self.learn_log(fetched)
+        if known is not None:
+            return known
+        raise PeerNotFound(f"no key log for {agent_id} in the cache or any discovery source")
+
+    def signing_key(self, agent_id: str, sequence: int) -> VerifyKey | None:
+        """:data:`KeyLookup` over the known logs (no network)."""
+        log = self.known_log(agent_id)
+        if log is None or not 0 <= sequence < len(log):
+            return None
+        return VerifyKey(log.events[sequence].signing_key)
+
+    # -- endpoints ----------------------------------------------------------------
+
+    def cached_record(self, agent_id: str) -> PeerRecord | None:
+        """The cached record, if it still verifies and is current."""
+        data = self._cache.peer_record(agent_id)
+        if data is None:
+            return None
+        try:
+            record = PeerRecord.from_bytes(data)
+            record.verify(self.signing_key, now=self._clock.time())
+        except (MalformedFrame, UnsupportedVersion, SignatureInvalid, StaleMessage):
+            return None
+        return record
+
+    def learn_record(self, record: PeerRecord) -> None:
+        """Cache a record after verifying it (newer sequences replace older).
+
+        Raises:
+            SignatureInvalid, StaleMessage: it does not verify now.
+        """
+        record.verify(self.signing_key, now=self._clock.time())
+        cached = self.cached_record(record.agent_id)
+        if cached is None or record.sequence > cached.sequence:
+            self._cache.put_peer_record(record.to_bytes())
+
+    async def endpoint(self, agent_id: str, *, refresh: bool = False) -> PeerRecord:
+        """Where ``agent_id`` listens: cache first (unless ``refresh``), then sources.
+
+        Raises:
+            PeerNotFound: nobody knows a current record and none is cached.
+        """
+        cached = self.cached_record(agent_id)
+        if cached is not None and not refresh:
+            return cached
+        await self.keylog(agent_id)
+        for source in self._sources:
+            try:
+                record = await source.record(agent_id, self.signing_key, self._clock.time())
+            except _SOURCE_ERRORS as exc:
+                self._source_failed(source, exc)
+                continue
+            self.learn_record(record)
+            return record
+        if cached is not None:
+            return cached
+        raise PeerNotFound(f"no current endpoint for {agent_id}")
+
+    def _source_failed(self, source: RecordSource, exc: Exception) -> None:
+        if isinstance(exc, RegistryUnavailable | DiscoveryError) and not isinstance(
+            exc, PeerNotFound
+        ):
+            _log.warning("discovery source %s unavailable: %s", source.name, exc)
+            if self._on_source_down is not None:
+                self._on_source_down(source.name, exc)
+        else:
+            _log.info("discovery source %s: %s", source.name, exc)
+
+
+class RegistrySource:
+    """The registry as a :class:`RecordSource`."""
+
+    name = "registry"
+
+    def __init__(self, client: RegistryClient) -> None:
+        self._client = client
+
+    async def keylog(self, agent_id: str, known: KeyLog | None) -> KeyLog:
+        return await self._client.fetch_keylog(agent_id, known)
+
+    async def record(self, agent_id: str, keys: KeyLookup, now: float) -> PeerRecord:
+        return await self._client.fetch_record(agent_id, keys, now)

@@ -1,0 +1,236 @@
+"""TalosClient end to end: real sockets, real LMDB, a real registry process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from talos.audit import AuditLog
+from talos.client import TalosClient
+from talos.core import wire
+from talos.errors import PeerRejected, QueueFull
+from talos.storage.agent_state import AgentState
+from talos.testing.processes import RegistryProcess, registry_process
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    with registry_process(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+def cli(home: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "talos", "--home", str(home), *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def audit_kinds(home: Path) -> list[str]:
+    with AuditLog.open(home / "audit", readonly=True, extra_databases=AgentState.DATABASES) as log:
+        assert log.verify_chain().ok
+        return [entry.kind for entry in log.query()]
+
+
+async def test_two_agents_without_a_registry(tmp_path: Path) -> None:
+    """Contact cards and an out-of-band bundle: sessions, both directions, one link."""
+    async with (
+        TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
+        TalosClient.create("bob", home=tmp_path / "b", discovery=[], accept_policy="open") as b,
+    ):
+        a.add_contact(b.contact_card())
+        b.add_contact(a.contact_card())
+        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+        sent = await a.send(b.agent_id, "hello bob", timeout=10)
+        assert sent.status == "delivered"
+        got = await b.receive(timeout=10)
+        assert got is not None
+        assert (got.sender, got.data, got.message_id.hex()) == (
+            a.agent_id,
+            "hello bob",
+            sent.message_id,
+        )
+        assert (await b.send(a.agent_id, {"n": 1}, timeout=10)).status == "delivered"
+        back = await a.receive(timeout=10)
+        assert back is not None
+        assert back.data == {"n": 1}
+        for n in range(20):
+            await a.send(b.agent_id, n.to_bytes(2, "big"), timeout=10)
+        received = [await b.receive(timeout=10) for _ in range(20)]
+        assert [m.data for m in received if m is not None] == [
+            n.to_bytes(2, "big") for n in range(20)
+        ]
+        assert a.queue_depth() == b.queue_depth() == 0
+        assert await b.receive(timeout=0.05) is None
+    kinds = audit_kinds(tmp_path / "b")
+    assert kinds.count("MESSAGE_RECEIVED") == 21
+    assert "SESSION_ESTABLISHED" in kinds
+
+
+async def test_capabilities_are_required_and_attached(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """Bob accepts only what he authorized; Alice's held token is attached for her."""
+    alice_home, bob_home, carol_home = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    alice_id = cli(alice_home, "init", "--name", "alice")
+    cli(bob_home, "init", "--name", "bob")
+    cli(carol_home, "init", "--name", "carol")
+    token = cli(
+        bob_home,
+        "capabilities",
+        "grant",
+        "--to",
+        alice_id,
+        "--action",
+        "message.send",
+        "--expires-in",
+        "1h",
+    )
+    cli(bob_home, "whoami", "--export-log", str(tmp_path / "bob.log"))
+    cli(alice_home, "capabilities", "add", token, "--issuer-log", str(tmp_path / "bob.log"))
+
+    url = registry.url
+    async with (
+        TalosClient.create("bob", home=bob_home, registry_url=url) as bob,
+        TalosClient.create("alice", home=alice_home, registry_url=url) as alice,
+        TalosClient.create("carol", home=carol_home, registry_url=url) as carol,
+    ):
+        sent = await alice.send(bob.agent_id, "authorized", timeout=10)
+        assert sent.status == "delivered"
+        got = await bob.receive(timeout=10)
+        assert got is not None
+        assert got.data == "authorized"
+        assert got.capability_id is not None
+
+        with pytest.raises(PeerRejected, match="capability"):
+            await carol.send(bob.agent_id, "unauthorized", timeout=10)
+        assert carol.queue_depth() == 0
+        assert await bob.receive(timeout=0.2) is None
+    kinds = audit_kinds(bob_home)
+    assert "CAPABILITY_DENIED" in kinds
+    assert "PEER_REJECTED" in audit_kinds(carol_home)
+
+
+async def test_offline_peer_gets_its_queue_when_it_returns(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    url = registry.url
+    bob_home = tmp_path / "b"
+    async with TalosClient.create(
+        "bob", home=bob_home, registry_url=url, accept_policy="open"
+    ) as b:
+        bob_id = b.agent_id
+    async with TalosClient.create(
+        "alice", home=tmp_path / "a", registry_url=url, reconnect_interval=0.5
+    ) as alice:
+        results = [await alice.send(bob_id, f"m{n}", timeout=0.5) for n in range(3)]
+        assert [r.status for r in results] == ["queued"] * 3
+        assert alice.queue_depth() == 3
+        async with TalosClient.create(
+            "bob", home=bob_home, registry_url=url, accept_policy="open"
+        ) as bob:
+            received = [await bob.receive(timeout=15) for _ in range(3)]
+            assert [m.data for m in received if m is not None] == ["m0", "m1", "m2"]
+            for _ in range(100):
+                if alice.queue_depth() == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert alice.queue_depth() == 0
+
+
+async def test_offline_mode_queues_and_bounds_the_queue(tmp_path: Path) -> None:
+    async with TalosClient.create(
+        "alice", home=tmp_path / "a", discovery=[], offline_mode=True, queue_limit=3
+    ) as alice:
+        peer = alice.agent_id  # any agent id; nothing is sent in offline mode
+        for n in range(3):
+            assert (await alice.send(peer, n)).status == "queued"
+        with pytest.raises(QueueFull):
+            await alice.send(peer, 4)
+        assert alice.queue_depth() == 3
+    kinds = audit_kinds(tmp_path / "a")
+    assert kinds.count("MESSAGE_SENT") == 3
+
+
+async def test_replayed_and_forged_frames_change_nothing(tmp_path: Path) -> None:
+    async with (
+        TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
+        TalosClient.create("bob", home=tmp_path / "b", discovery=[], accept_policy="open") as b,
+    ):
+        a.add_contact(b.contact_card())
+        b.add_contact(a.contact_card())
+        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+        captured: list[bytes] = []
+        original = a._link
+
+        async def recording_link(peer: str):  # type: ignore[no-untyped-def]
+            link = await original(peer)
+            send = link.send
+
+            async def record(frame: bytes) -> None:
+                captured.append(frame)
+                await send(frame)
+
+            link.send = record  # type: ignore[method-assign]
+            return link
+
+        a._link = recording_link  # type: ignore[method-assign]
+        await a.send(b.agent_id, "once", timeout=10)
+        assert (await b.receive(timeout=10)) is not None
+        link = b._links[a.agent_id]
+        frame = captured[0]
+        await a._links[b.agent_id].send(frame)  # the same frame again: a replay
+        tampered = bytearray(frame)
+        tampered[-70] ^= 1  # inside the ciphertext: the signature no longer verifies
+        await a._links[b.agent_id].send(bytes(tampered))
+        await a._links[b.agent_id].send(b"\xa0garbage")
+        await a.send(b.agent_id, "still fine", timeout=10)
+        later = await b.receive(timeout=10)
+        assert later is not None
+        assert later.data == "still fine"
+        assert await b.receive(timeout=0.2) is None
+        assert link.is_open
+        assert wire.decode(frame).type is wire.EnvelopeType.INITIAL
+    kinds = audit_kinds(tmp_path / "b")
+    assert kinds.count("MESSAGE_RECEIVED") == 2
+    assert kinds.count("REPLAY_DROPPED") == 1
+    assert kinds.count("SIGNATURE_FAILURE") == 1
+
+
+async def test_session_corruption_heals_by_reestablishing(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """The receiver lost its session: it answers DECRYPT_FAILED; the sender re-establishes."""
+    url = registry.url
+    async with (
+        TalosClient.create(
+            "alice", home=tmp_path / "a", registry_url=url, accept_policy="open"
+        ) as a,
+        TalosClient.create("bob", home=tmp_path / "b", registry_url=url, accept_policy="open") as b,
+    ):
+        assert (await a.send(b.agent_id, "before", timeout=10)).status == "delivered"
+        assert (await b.receive(timeout=10)) is not None
+        await b.reset_session(a.agent_id)  # Bob's ratchet state is gone
+        sent = await a.send(b.agent_id, "after", timeout=20)
+        assert sent.status == "delivered"
+        got = await b.receive(timeout=10)
+        assert got is not None
+        assert got.data == "after"
+    assert "SESSION_RESET" in audit_kinds(tmp_path / "a")
+    assert "DECRYPTION_FAILURE" in audit_kinds(tmp_path / "b")
