@@ -62,6 +62,7 @@ from talos.errors import (
     DiscoveryError,
     DuplicateMessage,
     IdentityNotFound,
+    LocalProtocolError,
     MalformedFrame,
     PeerNotFound,
     PeerRejected,
@@ -732,23 +733,43 @@ class TalosClient:
     async def receive(
         self,
         timeout: float | None = None,  # noqa: ASYNC109 -- the documented receive() signature
+        *,
+        auto_ack: bool = True,
     ) -> Message | None:
         """The next received message, or ``None`` after ``timeout`` seconds.
 
-        A message is removed from the durable inbox before it is returned
-        (at most once to the application).
+        With ``auto_ack`` (the default) the message leaves the durable inbox
+        before it is returned: at most once to the application, and a crash
+        right after this call loses it for the application. With
+        ``auto_ack=False`` it stays in the inbox until :meth:`acknowledge`:
+        at least once; after a crash it is returned again, and its
+        ``message_id`` lets the application drop what it already processed.
         """
         deadline = None if timeout is None else self._clock.monotonic() + timeout
         while True:
-            taken = self._state.take(1)
-            if taken:
-                return _message(taken[0])
+            if auto_ack:
+                taken = self._state.take(1)
+                if taken:
+                    return _message(taken[0])
+            else:
+                for seq, item in self._state.inbox(limit=1):
+                    return _message(item, seq)
             self._inbox_ready.clear()
             remaining = None if deadline is None else deadline - self._clock.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._inbox_ready.wait(), remaining)
+
+    def acknowledge(self, message: Message) -> None:
+        """Remove a message received with ``auto_ack=False`` from the durable inbox.
+
+        Raises:
+            LocalProtocolError: the message was not received with ``auto_ack=False``.
+        """
+        if message.inbox_seq is None:
+            raise LocalProtocolError("only messages received with auto_ack=False are acknowledged")
+        self._state.acknowledge(message.inbox_seq)
 
     async def messages(self) -> AsyncIterator[Message]:
         """Every received message, as it arrives."""
@@ -1074,11 +1095,12 @@ def _load_session(data: bytes, rng: Rng) -> tuple[Session, bytes | None]:
     return Session.from_bytes(raw["s"], rng=rng), raw["x"]
 
 
-def _message(item: InboxMessage) -> Message:
+def _message(item: InboxMessage, inbox_seq: int | None = None) -> Message:
     return Message(
         sender=item.sender,
         message_id=item.message_id,
         data=decode_payload(item.data),
         sent_at=item.sent_at_ms / 1000,
         capability_id=item.capability_id,
+        inbox_seq=inbox_seq,
     )

@@ -234,3 +234,22 @@ async def test_session_corruption_heals_by_reestablishing(
         assert got.data == "after"
     assert "SESSION_RESET" in audit_kinds(tmp_path / "a")
     assert "DECRYPTION_FAILURE" in audit_kinds(tmp_path / "b")
+
+
+async def test_at_least_once_receive_survives_a_restart(tmp_path: Path) -> None:
+    async with (
+        TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
+        TalosClient.create("bob", home=tmp_path / "b", discovery=[], accept_policy="open") as b,
+    ):
+        a.add_contact(b.contact_card())
+        b.add_contact(a.contact_card())
+        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+        assert (await a.send(b.agent_id, "keep me", timeout=10)).status == "delivered"
+        first = await b.receive(timeout=10, auto_ack=False)
+        assert first is not None
+    async with TalosClient.create("bob", home=tmp_path / "b", discovery=[]) as b:
+        again = await b.receive(timeout=1, auto_ack=False)
+        assert again is not None
+        assert again.message_id == first.message_id
+        b.acknowledge(again)
+        assert await b.receive(timeout=0.1, auto_ack=False) is None

@@ -33,6 +33,8 @@ class Message:
     data: Any
     sent_at: float
     capability_id: bytes | None = None
+    #: Position in the durable inbox when received with ``auto_ack=False``.
+    inbox_seq: int | None = None
 
 
 def encode_payload(data: Any) -> bytes:
