@@ -53,6 +53,7 @@ from talos.core.revocation import (
 )
 from talos.core.rng import Rng
 from talos.core.x3dh import InitialHeader, PrekeyBundle, PrekeyStore, initiate, respond
+from talos.discovery.dht import DhtNode
 from talos.discovery.registry_client import RegistryClient
 from talos.errors import (
     CapabilityDenied,
@@ -74,7 +75,7 @@ from talos.errors import (
     TalosError,
     UnsupportedVersion,
 )
-from talos.peers import PeerDirectory, RegistrySource
+from talos.peers import DhtSource, PeerDirectory, RecordSource, RegistrySource
 from talos.storage.agent_state import AgentState, InboxMessage, OutboxItem, derive_storage_key
 from talos.storage.home import AgentHome, default_home
 from talos.storage.tokens import TokenStore
@@ -141,6 +142,7 @@ class TalosClient:
         listen: str = "127.0.0.1:0",
         discovery: tuple[str, ...] | list[str] = ("registry",),
         dht_bootstrap: list[tuple[str, int]] | None = None,
+        dht_port: int = 0,
         offline_mode: bool = False,
         queue_limit: int = 1000,
         reconnect_interval: float = 30.0,
@@ -156,8 +158,11 @@ class TalosClient:
     ) -> _Creating:
         """Open (or create) the agent in ``home`` and start it.
 
-        Unused today: ``dht_bootstrap`` and ``metrics_port`` (the DHT and
-        metrics arrive with later work; passing them is accepted).
+        ``discovery`` orders the sources asked for unknown peers
+        (``"registry"``, ``"dht"``); the local cache of verified records is
+        always asked first. With ``"dht"`` the agent runs a DHT node on UDP
+        ``dht_port`` (0: any) joined through ``dht_bootstrap``.
+        ``metrics_port`` is accepted and unused until metrics exist.
 
         Raises:
             ConfigurationError: an invalid option.
@@ -186,6 +191,7 @@ class TalosClient:
         listen: str,
         discovery: tuple[str, ...] | list[str],
         dht_bootstrap: list[tuple[str, int]] | None,
+        dht_port: int,
         offline_mode: bool,
         queue_limit: int,
         reconnect_interval: float,
@@ -209,7 +215,14 @@ class TalosClient:
             raise ConfigurationError(f"unknown revocation_mode {revocation_mode!r}") from None
         self._name = name
         self._home = AgentHome(Path(home) if home is not None else default_home())
+        unknown = set(discovery) - {"registry", "dht"}
+        if unknown:
+            raise ConfigurationError(f"unknown discovery sources {sorted(unknown)}")
+        self._discovery = list(discovery)
         self._registry_url = registry_url if "registry" in discovery else None
+        self._dht_bootstrap = list(dht_bootstrap or [])
+        self._dht_port = dht_port
+        self._dht: DhtNode | None = None
         self._listen = _parse_listen(listen)
         self._offline = offline_mode
         self._queue_limit = queue_limit
@@ -266,7 +279,15 @@ class TalosClient:
         self._tokens = TokenStore.open(self._home.path / "capabilities")
         if self._registry_url is not None:
             self._registry = RegistryClient(self._registry_url)
-        sources = [RegistrySource(self._registry)] if self._registry is not None else []
+        if "dht" in self._discovery:
+            self._dht = DhtNode(clock=self._clock, rng=self._rng)
+            await self._dht.start(self._dht_port, self._listen[0], self._dht_bootstrap)
+        sources: list[RecordSource] = []
+        for name in self._discovery:
+            if name == "registry" and self._registry is not None:
+                sources.append(RegistrySource(self._registry))
+            elif name == "dht" and self._dht is not None:
+                sources.append(DhtSource(self._dht, self._clock))
         self._peers = PeerDirectory(
             self._state,
             sources,
@@ -281,6 +302,8 @@ class TalosClient:
         self._endpoint = f"ws://{host}:{port}"
         if self._registry is not None and not self._offline:
             await self._announce()
+        if self._dht is not None and not self._offline:
+            await self._announce_dht()
         for peer in self._state.peers_with_pending():
             self._kick(peer)
 
@@ -341,6 +364,23 @@ class TalosClient:
         except PeerRejected as exc:
             _log.warning("registry refused our announcement: %s", exc)
 
+    async def _announce_dht(self) -> None:
+        """Publish our record (with our key log) on the DHT; failures are not fatal."""
+        assert self._dht is not None  # noqa: S101 -- only called with a DHT node
+        try:
+            accepted = await self._dht.publish(
+                self.peer_record().to_bytes(), self._identity.keylog.to_bytes()
+            )
+        except (DiscoveryError, LocalProtocolError) as exc:
+            _log.warning("DHT announcement failed: %s", exc)
+            return
+        _log.info("announced on the DHT; %d nodes accepted the record", accepted)
+
+    @property
+    def dht_address(self) -> tuple[str, int] | None:
+        """UDP address of this agent's DHT node, if it runs one."""
+        return None if self._dht is None else self._dht.address
+
     def _source_down(self, name: str, exc: Exception) -> None:
         if name == "registry":
             self.registry_reachable = False
@@ -363,6 +403,8 @@ class TalosClient:
             await self._transport.close()
         if self._registry is not None:
             await self._registry.aclose()
+        if self._dht is not None:
+            await self._dht.stop()
         if self._tokens is not None:
             self._tokens.close()
         if self._log is not None:

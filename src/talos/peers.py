@@ -18,6 +18,7 @@ from talos.core.clock import Clock
 from talos.core.crypto import VerifyKey
 from talos.core.keylog import KeyLog, KeyLookup
 from talos.core.peer_record import PeerRecord
+from talos.discovery.dht import DhtNode
 from talos.discovery.registry_client import RegistryClient
 from talos.errors import (
     DiscoveryError,
@@ -30,7 +31,7 @@ from talos.errors import (
     UnsupportedVersion,
 )
 
-__all__ = ["PeerCache", "PeerDirectory", "RecordSource", "RegistrySource"]
+__all__ = ["DhtSource", "PeerCache", "PeerDirectory", "RecordSource", "RegistrySource"]
 
 _log = logging.getLogger("talos.discovery")
 
@@ -216,3 +217,22 @@ class RegistrySource:
 
     async def record(self, agent_id: str, keys: KeyLookup, now: float) -> PeerRecord:
         return await self._client.fetch_record(agent_id, keys, now)
+
+
+class DhtSource:
+    """The Kademlia DHT as a :class:`RecordSource` (values carry their key log)."""
+
+    name = "dht"
+
+    def __init__(self, node: DhtNode, clock: Clock) -> None:
+        self._node = node
+        self._clock = clock
+
+    async def keylog(self, agent_id: str, known: KeyLog | None) -> KeyLog:
+        entry = await self._node.lookup(agent_id, now=self._clock.time(), known_log=known)
+        return entry.log
+
+    async def record(self, agent_id: str, keys: KeyLookup, now: float) -> PeerRecord:
+        record = await self._node.resolve(agent_id, now=now)
+        record.verify(keys, now=now)
+        return record

@@ -253,3 +253,38 @@ async def test_at_least_once_receive_survives_a_restart(tmp_path: Path) -> None:
         assert again.message_id == first.message_id
         b.acknowledge(again)
         assert await b.receive(timeout=0.1, auto_ack=False) is None
+
+
+async def test_registry_down_peer_moved_is_found_through_the_dht(tmp_path: Path) -> None:
+    """Existing sessions survive a registry outage; a peer's new endpoint comes from the DHT."""
+    with registry_process(tmp_path / "registry") as server:
+        async with TalosClient.create(
+            "alice",
+            home=tmp_path / "a",
+            registry_url=server.url,
+            discovery=["registry", "dht"],
+            accept_policy="open",
+            reconnect_interval=0.5,
+        ) as alice:
+            assert alice.dht_address is not None
+            bob_options = {
+                "home": tmp_path / "b",
+                "registry_url": server.url,
+                "discovery": ["registry", "dht"],
+                "dht_bootstrap": [alice.dht_address],
+                "accept_policy": "open",
+            }
+            async with TalosClient.create("bob", **bob_options) as bob:  # type: ignore[arg-type]
+                bob_id, first_endpoint = bob.agent_id, bob.endpoint
+                assert (await alice.send(bob_id, "via registry", timeout=10)).status == "delivered"
+                assert (await bob.receive(timeout=10)) is not None
+            server.stop()  # the registry is gone for good
+            async with TalosClient.create("bob", **bob_options) as bob:  # type: ignore[arg-type]
+                assert bob.endpoint != first_endpoint
+                assert bob.status()["registry_reachable"] is False
+                sent = await alice.send(bob_id, "via the DHT", timeout=20)
+                assert sent.status == "delivered"
+                got = await bob.receive(timeout=10)
+                assert got is not None
+                assert got.data == "via the DHT"
+            assert alice.status()["registry_reachable"] is False
