@@ -6,7 +6,20 @@ Run it with ``talos registry serve``; build the application with
 
 from __future__ import annotations
 
-from talos.registry.app import create_app
+from typing import TYPE_CHECKING, Any
+
 from talos.registry.store import RegistryStore
 
+if TYPE_CHECKING:
+    from talos.registry.app import create_app
+
 __all__ = ["RegistryStore", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # The web stack is imported only when the application is built.
+    if name == "create_app":
+        from talos.registry.app import create_app
+
+        return create_app
+    raise AttributeError(f"module 'talos.registry' has no attribute {name!r}")
