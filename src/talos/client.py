@@ -59,6 +59,7 @@ from talos.errors import (
     CapabilityDenied,
     ConfigurationError,
     CryptoError,
+    DeliveryError,
     DeliveryTimeout,
     DiscoveryError,
     DuplicateMessage,
@@ -69,6 +70,8 @@ from talos.errors import (
     PeerRejected,
     PeerUnreachable,
     RemoteProtocolError,
+    RevocationListStale,
+    ScopeMismatch,
     SessionError,
     SignatureInvalid,
     StaleMessage,
@@ -304,6 +307,8 @@ class TalosClient:
             await self._announce()
         if self._dht is not None and not self._offline:
             await self._announce_dht()
+        if not self._offline and (self._registry is not None or self._dht is not None):
+            self._spawn(self._reannounce())
         for peer in self._state.peers_with_pending():
             self._kick(peer)
 
@@ -364,6 +369,20 @@ class TalosClient:
         except PeerRejected as exc:
             _log.warning("registry refused our announcement: %s", exc)
 
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reannounce(self) -> None:
+        """Announce again well before our records expire (and retry a down registry)."""
+        while not self._closed:
+            await asyncio.sleep(RECORD_LIFETIME / 4)
+            if self._registry is not None:
+                await self._announce()
+            if self._dht is not None:
+                await self._announce_dht()
+
     async def _announce_dht(self) -> None:
         """Publish our record (with our key log) on the DHT; failures are not fatal."""
         assert self._dht is not None  # noqa: S101 -- only called with a DHT node
@@ -398,7 +417,11 @@ class TalosClient:
                 await task
         for future in self._acks.values():
             if not future.done():
-                future.cancel()
+                future.set_exception(
+                    DeliveryError("the client closed; the message stays queued for next time")
+                )
+                future.exception()  # retrieved here; a waiting send() sees it too
+        self._inbox_ready.set()
         if self._transport is not None:
             await self._transport.close()
         if self._registry is not None:
@@ -513,6 +536,7 @@ class TalosClient:
             audit=[(AuditKind.SESSION_ESTABLISHED, {"role": "initiator"}, peer_id)],
         )
         self._sessions[peer_id] = (session, header)
+        self._kick(peer_id)
 
     async def reset_session(self, peer_id: str) -> None:
         """Forget the session with ``peer_id``; the next message establishes a new one."""
@@ -589,6 +613,7 @@ class TalosClient:
             return result
         acked = self._acks.setdefault(message_id, asyncio.get_running_loop().create_future())
         self._kick(peer_id)
+        acked.add_done_callback(_retrieve)
         try:
             await asyncio.wait_for(asyncio.shield(acked), timeout)
         except TimeoutError:
@@ -633,6 +658,21 @@ class TalosClient:
         return tokens
 
     def _check_token(self, token: Capability, *, audience: str, holder: str) -> None:
+        """Verify ``token`` for sending to ``audience`` as ``holder``.
+
+        The resource is the recipient's inbox, ``inbox/<audience>``. A token
+        is only good for its audience if the audience issued its root: nobody
+        can authorize themselves to write to someone else's inbox.
+
+        Raises:
+            CapabilityDenied: it does not authorize the message now.
+        """
+        root = token.chain()[0]
+        if root.issuer != audience:
+            raise ScopeMismatch(f"capability chain starts at {root.issuer}, not at {audience}")
+        now = self._clock.time()
+        # This agent's own revocation list is the authority: always current.
+        self._revocations.mark_synced(self.agent_id, now)
         keys = IssuerKeys(
             [
                 log
@@ -651,8 +691,8 @@ class TalosClient:
         verify(
             token,
             action="message.send",
-            resource=f"inbox/{holder}" if audience == self.agent_id else f"inbox/{self.agent_id}",
-            now=self._clock.time(),
+            resource=f"inbox/{audience}",
+            now=now,
             revocations=self._revocations,
             policy=policy,
             keys=keys,
@@ -682,10 +722,11 @@ class TalosClient:
                 for item in pending:
                     await self._deliver(peer, item)
                 attempt = 0
-            except (PeerUnreachable, PeerNotFound, DeliveryTimeout, SessionError) as exc:
+            except TalosError as exc:
                 delay = self._backoff.delay(attempt, self._rng)
                 attempt += 1
-                _log.info("delivery to %s failed (%s); retry in %.2f s", peer, exc, delay)
+                level = logging.INFO if attempt < 5 else logging.WARNING
+                _log.log(level, "delivery to %s failed (%s); retry in %.2f s", peer, exc, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), delay)
 
@@ -737,7 +778,10 @@ class TalosClient:
             sender=self.agent_id,
             sender_instance=self._instance,
             recipient=peer,
-            timestamp_ms=time_ms(self._clock),
+            # The time it was queued, on every retry: the receiver's replay
+            # window then refuses (STALE) rather than re-accepts a message
+            # retried after the window forgot its id.
+            timestamp_ms=item.enqueued_ms,
             ratchet_header=header,
             ciphertext=ciphertext,
             capability_ref=item.capability,
@@ -788,7 +832,7 @@ class TalosClient:
         ``message_id`` lets the application drop what it already processed.
         """
         deadline = None if timeout is None else self._clock.monotonic() + timeout
-        while True:
+        while not self._closed:
             if auto_ack:
                 taken = self._state.take(1)
                 if taken:
@@ -802,6 +846,7 @@ class TalosClient:
                 return None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._inbox_ready.wait(), remaining)
+        return None
 
     def acknowledge(self, message: Message) -> None:
         """Remove a message received with ``auto_ack=False`` from the durable inbox.
@@ -843,10 +888,9 @@ class TalosClient:
             self._audit(AuditKind.SIGNATURE_FAILURE, {"id": unverified.message_id}, sender)
             _log.warning("signature failure on a frame from %s (not blocked)", sender)
             return
-        link.peer = sender
-        self._links.setdefault(sender, link)
-        if not self._links[sender].is_open:
-            self._links[sender] = link
+        # A valid frame proves who signed it, not who holds the socket (it may
+        # be a replay): replies go back on this link, but outgoing traffic
+        # only ever uses links this agent opened to a verified endpoint.
         kind = envelope.type
         if kind in (wire.EnvelopeType.MESSAGE, wire.EnvelopeType.INITIAL):
             await self._receive_message(link, envelope, log.state)
@@ -881,7 +925,12 @@ class TalosClient:
                     {"id": envelope.message_id, "reason": type(exc).__name__},
                     sender,
                 )
-                await self._refuse(link, envelope, wire.ErrorCode.CAPABILITY_DENIED, str(exc)[:200])
+                code = (
+                    wire.ErrorCode.UNAVAILABLE
+                    if isinstance(exc, RevocationListStale)
+                    else wire.ErrorCode.CAPABILITY_DENIED
+                )
+                await self._refuse(link, envelope, code, str(exc)[:200])
                 return
         try:
             plaintext, successor, prekeys, established = self._decrypt(envelope, sender_keys)
@@ -934,8 +983,6 @@ class TalosClient:
         Raises:
             CapabilityDenied: missing or not valid for this sender and agent.
         """
-        from talos.errors import ScopeMismatch
-
         if envelope.capability_ref is None:
             raise ScopeMismatch("no capability attached; this agent requires one")
         try:
@@ -1042,6 +1089,11 @@ class TalosClient:
         ref, peer = envelope.ref_id, envelope.sender
         if ref is None or not self._queued_for(ref, peer):
             return
+        if envelope.error_code is wire.ErrorCode.UNAVAILABLE:
+            nack = self._nacks.get(ref)
+            if nack is not None:
+                nack.set()  # not a refusal: the delivery task retries with backoff
+            return
         if envelope.error_code is wire.ErrorCode.DECRYPT_FAILED:
             now = self._clock.time()
             if now - self._last_reset.get(peer, -RESET_INTERVAL) >= RESET_INTERVAL:
@@ -1115,6 +1167,12 @@ class TalosClient:
                     }
                 )
         return rows
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a future's outcome as seen (queued sends may be refused much later)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -598,3 +600,35 @@ def test_append_with_commits_entries_and_rows_together(tmp_path: Path) -> None:
             assert txn.get(b"m1", db=log.database("inbox")) == b"hello"
             assert txn.get(b"m2", db=log.database("inbox")) is None
         assert log.verify_chain().ok
+
+
+def test_a_second_process_writing_does_not_break_the_first(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A CLI command appending while an agent holds the log open must not break either."""
+    path = tmp_path / "log"
+    other = (
+        "import sys; from talos.audit import AuditLog\n"
+        "with AuditLog.open(sys.argv[1], block_entries=5) as log:\n"
+        "    for n in sys.argv[2:]:\n"
+        "        log.append('MESSAGE_SENT', {'n': int(n)})\n"
+        "    log.seal_block()\n"
+    )
+    with _open(path, clock, block_entries=5) as agent:
+        agent.append("MESSAGE_SENT", {"n": 0})
+        expected = [0]
+        for batch in ([1, 2], [5], [8, 9, 10]):
+            subprocess.run(
+                [sys.executable, "-c", other, str(path), *map(str, batch)], check=True, timeout=60
+            )
+            expected += batch
+            nxt = batch[-1] + 1
+            agent.append("MESSAGE_SENT", {"n": nxt})
+            expected.append(nxt)
+        assert agent.size == len(expected)
+        leaves = [agent.entry(seq).leaf_hash() for seq in range(agent.size)]
+        assert agent.root() == root_from_leaves(leaves)
+    with _open(path, clock) as log:
+        report = log.verify_chain()
+        assert report.ok, report.problem
+        assert [entry.data["n"] for entry in log.entries()] == expected

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from talos.audit import AuditLog
 from talos.client import TalosClient
 from talos.core import wire
-from talos.errors import PeerRejected, QueueFull
+from talos.errors import CapabilityDenied, PeerRejected, QueueFull
 from talos.storage.agent_state import AgentState
 from talos.testing.processes import RegistryProcess, registry_process
 
@@ -193,7 +194,7 @@ async def test_replayed_and_forged_frames_change_nothing(tmp_path: Path) -> None
         a._link = recording_link  # type: ignore[method-assign]
         await a.send(b.agent_id, "once", timeout=10)
         assert (await b.receive(timeout=10)) is not None
-        link = b._links[a.agent_id]
+        link = a._links[b.agent_id]
         frame = captured[0]
         await a._links[b.agent_id].send(frame)  # the same frame again: a replay
         tampered = bytearray(frame)
@@ -205,7 +206,8 @@ async def test_replayed_and_forged_frames_change_nothing(tmp_path: Path) -> None
         assert later is not None
         assert later.data == "still fine"
         assert await b.receive(timeout=0.2) is None
-        assert link.is_open
+        assert link.is_open  # bad frames did not cost Alice her connection
+        assert a.agent_id not in b._links  # an incoming link is never used to send
         assert wire.decode(frame).type is wire.EnvelopeType.INITIAL
     kinds = audit_kinds(tmp_path / "b")
     assert kinds.count("MESSAGE_RECEIVED") == 2
@@ -288,3 +290,74 @@ async def test_registry_down_peer_moved_is_found_through_the_dht(tmp_path: Path)
                 assert got is not None
                 assert got.data == "via the DHT"
             assert alice.status()["registry_reachable"] is False
+
+
+async def test_a_self_issued_capability_is_refused(tmp_path: Path) -> None:
+    """Nobody can authorize themselves to write to someone else's inbox."""
+    from talos.core.capability import issue
+    from talos.storage.home import AgentHome
+    from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
+
+    async with (
+        TalosClient.create("mallory", home=tmp_path / "m", discovery=[]) as mallory,
+        TalosClient.create("bob", home=tmp_path / "b", discovery=[]) as bob,
+    ):
+        mallory.add_contact(bob.contact_card())
+        bob.add_contact(mallory.contact_card())
+        await mallory.establish_session(bob.agent_id, bob.get_prekey_bundle())
+        me = AgentHome(tmp_path / "m").load_identity(passphrase=None)
+        forged = issue(
+            me.signing_key,
+            issuer=me.agent_id,
+            key_sequence=0,
+            subject=me.agent_id,
+            audience=bob.agent_id,
+            actions=["message.send"],
+            resources=["*"],
+            expires=SYSTEM_CLOCK.time() + 600,
+            now=SYSTEM_CLOCK.time(),
+            rng=SYSTEM_RNG,
+        )
+        with pytest.raises(CapabilityDenied, match="starts at"):
+            await mallory.send(bob.agent_id, "let me in", capability=forged, timeout=5)
+        assert mallory.queue_depth() == 0
+        # Sent anyway (as a modified client would), Bob refuses it too.
+        mallory._check_token = lambda *a, **k: None  # type: ignore[method-assign]
+        with pytest.raises(PeerRejected, match="starts at"):
+            await mallory.send(bob.agent_id, "let me in", capability=forged, timeout=10)
+        assert await bob.receive(timeout=0.2) is None
+
+
+async def test_strict_mode_keeps_accepting_after_max_age(tmp_path: Path) -> None:
+    """An agent's own revocation list never goes stale for itself."""
+    from talos.testing import FakeClock
+
+    clock = FakeClock(start=time.time())
+    alice_home, bob_home = tmp_path / "a", tmp_path / "b"
+    alice_id = cli(alice_home, "init", "--name", "alice")
+    cli(bob_home, "init", "--name", "bob")
+    token = cli(
+        bob_home,
+        "capabilities",
+        "grant",
+        "--to",
+        alice_id,
+        "--action",
+        "message.send",
+        "--expires-in",
+        "2h",
+    )
+    cli(bob_home, "whoami", "--export-log", str(tmp_path / "bob.log"))
+    cli(alice_home, "capabilities", "add", token, "--issuer-log", str(tmp_path / "bob.log"))
+    async with (
+        TalosClient.create("alice", home=alice_home, discovery=[], clock=clock) as alice,
+        TalosClient.create("bob", home=bob_home, discovery=[], clock=clock) as bob,
+    ):
+        alice.add_contact(bob.contact_card())
+        bob.add_contact(alice.contact_card())
+        await alice.establish_session(bob.agent_id, bob.get_prekey_bundle())
+        assert (await alice.send(bob.agent_id, "t0", timeout=10)).status == "delivered"
+        clock.advance(301)
+        assert (await alice.send(bob.agent_id, "t301", timeout=10)).status == "delivered"
+        received = [await bob.receive(timeout=5) for _ in range(2)]
+        assert [m.data for m in received if m is not None] == ["t0", "t301"]

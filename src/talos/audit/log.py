@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, NamedTuple, Self
+from typing import Any, Final, NamedTuple, Self, TypeVar
 
 import lmdb
 
@@ -190,6 +190,14 @@ class ChainReport:
             elif problem.height is not None:
                 where = f"height {problem.height}"
             raise StoreCorrupted(f"audit chain damaged: {problem}", where=where, what=problem.what)
+
+
+class _StaleWriter(Exception):
+    """Another process committed since this writer loaded its state: reload and retry."""
+
+
+_STALE_RETRIES: Final = 5
+_T = TypeVar("_T")
 
 
 class _Broken(Exception):
@@ -586,16 +594,22 @@ class AuditLog:
         """
         self._check_writable()
         with self._lock:
-            state = self._writer_state().copy()
-            if state.size == state.sealed_size:
-                return None
-            with self._write_txn() as txn:
-                block = self._seal(txn, state, time_ms(self._clock))
-                self._put_head(txn, state)
-            self._install(state)
-            return block
+            return self._with_fresh_writer(self._seal_now)
+
+    def _seal_now(self) -> Block | None:
+        state = self._writer_state().copy()
+        if state.size == state.sealed_size:
+            return None
+        with self._write_txn() as txn:
+            block = self._seal(txn, state, time_ms(self._clock))
+            self._put_head(txn, state)
+        self._install(state)
+        return block
 
     def _seal_if_due(self) -> None:
+        self._with_fresh_writer(self._seal_if_due_once)
+
+    def _seal_if_due_once(self) -> None:
         state = self._writer_state()
         now = time_ms(self._clock)
         if not self._block_due(state, now):
@@ -611,6 +625,33 @@ class AuditLog:
         return oldest is not None and now - oldest >= self._block_ms
 
     def _commit(
+        self,
+        records: Sequence[_Prepared],
+        apply: Callable[[lmdb.Transaction[bytes]], None] | None = None,
+    ) -> list[int]:
+        """:meth:`_commit_once`, again from disk if another process wrote meanwhile."""
+        return self._with_fresh_writer(lambda: self._commit_once(records, apply))
+
+    def _with_fresh_writer(self, operation: Callable[[], _T]) -> _T:
+        """Run a write ``operation``; if another process (e.g. a CLI command next to a
+        running agent) changed the log since our state was loaded, reload and retry.
+
+        LMDB serializes writers across processes; this writer's cached tree
+        border is what must not go stale, so :meth:`_write_txn` checks it
+        against the stored head inside the exclusive write transaction.
+
+        Raises:
+            StorageError: the log kept changing under this writer.
+        """
+        for _ in range(_STALE_RETRIES):
+            try:
+                return operation()
+            except _StaleWriter:
+                self._writer = None
+                self._refresh_head()
+        raise StorageError(f"audit log {self.path} keeps changing under this writer")
+
+    def _commit_once(
         self,
         records: Sequence[_Prepared],
         apply: Callable[[lmdb.Transaction[bytes]], None] | None = None,
@@ -685,6 +726,7 @@ class AuditLog:
         """A write transaction whose AuditFull is logged and explained."""
         try:
             with self._store.write() as txn:
+                self._check_head(txn)
                 yield txn
         except AuditFull as exc:
             limit = self._store.max_size_bytes
@@ -695,6 +737,20 @@ class AuditLog:
             )
             _log.warning("%s (%s)", message, exc)
             raise AuditFull(message) from exc
+
+    def _check_head(self, txn: lmdb.Transaction[bytes]) -> None:
+        """Raise _StaleWriter if the stored head is not the one our writer state knows."""
+        writer = self._writer
+        if writer is None:
+            return
+        size = self._store.meta_value(txn, b"size")
+        blocks = self._store.meta_value(txn, b"blocks")
+        stored = (
+            0 if size is None else read_u64(size),
+            0 if blocks is None else read_u64(blocks),
+        )
+        if stored != (writer.size, writer.blocks):
+            raise _StaleWriter
 
     def _put_head(self, txn: lmdb.Transaction[bytes], state: _WriterState) -> None:
         state.root = state.fold()

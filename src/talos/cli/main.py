@@ -13,6 +13,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from talos.cli.agent import inbox, peers, run, send, status
 from talos.cli.audit import audit
 from talos.cli.backup import backup, recover
 from talos.cli.capabilities import EXIT_DENIED, capabilities
@@ -85,6 +86,8 @@ cli.add_command(recover)
 cli.add_command(capabilities)
 cli.add_command(audit)
 cli.add_command(registry)
+for command in (run, send, inbox, peers, status):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -100,6 +100,7 @@ class ErrorCode(enum.IntEnum):
     CAPABILITY_DENIED = 3  #: the capability reference did not authorize the message
     STALE = 4  #: timestamp outside the replay window or clock-skew tolerance
     UNSUPPORTED = 5  #: a type or feature the recipient does not implement
+    UNAVAILABLE = 6  #: the recipient cannot decide now (e.g. a stale revocation list); retry
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,288 @@
+"""``talos run`` and the commands that use it, as real processes over a real registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from talos.cli.agent import MAX_REQUEST, exit_code_for_name, running_agent_pid
+from talos.testing.processes import RegistryProcess, registry_process
+
+_READY = re.compile(r"agent (\S+) listening on (\S+)")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    with registry_process(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+def talos_command(*args: str) -> list[str]:
+    """The ``talos`` command line."""
+    return [sys.executable, "-m", "talos", *args]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
+
+
+def talos(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 -- our own interpreter and module
+        talos_command("--home", str(home), *args),
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def ok(home: Path, *args: str) -> str:
+    result = talos(home, *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def read_line(stream: Any, deadline: float) -> str:
+    """One line from a child's stdout pipe, or "" if none came before ``deadline``."""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        if ready:
+            return str(stream.readline().decode())
+    return ""
+
+
+@dataclass
+class Daemon:
+    """A ``talos run`` child process."""
+
+    process: subprocess.Popen[bytes]
+    home: Path
+    log: Path
+    agent_id: str = ""
+
+    def wait_ready(self) -> Daemon:
+        line = read_line(self.process.stdout, time.monotonic() + 30)
+        match = _READY.search(line)
+        assert match, f"not ready: {line!r}\n{self.log.read_text()}"
+        self.agent_id = match.group(1)
+        return self
+
+    def stop(self) -> int:
+        """SIGTERM, then wait (kill after 15 s); the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., Daemon]]:
+    """Starts ``talos run`` processes; every one is stopped at the end."""
+    started: list[Daemon] = []
+
+    def launch(home: Path, *args: str, ready: bool = True) -> Daemon:
+        log = home.parent / f"{home.name}-{len(started)}.log"
+        with log.open("ab") as stderr:
+            process = subprocess.Popen(  # noqa: S603 -- our own interpreter and module
+                talos_command("--home", str(home), "run", *args),
+                env=_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+            )
+        daemon = Daemon(process, home, log)
+        started.append(daemon)
+        return daemon.wait_ready() if ready else daemon
+
+    yield launch
+    for daemon in started:
+        daemon.stop()
+
+
+def until(check: Callable[[], Any], *, seconds: float = 30.0) -> Any:
+    """Poll ``check`` until it returns something truthy (bounded)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met within {seconds} s")
+
+
+def test_send_inbox_status_and_delivery_after_restart(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+) -> None:
+    alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
+    ok(alice_home, "init", "--name", "alice")
+    bob_id = ok(bob_home, "init", "--name", "bob")
+    # Granted before the agent runs: the agent owns the audit log while it runs.
+    own = ok(alice_home, "capabilities", "grant", "--to", bob_id, "--action", "message.send",
+             "--expires-in", "1h")  # fmt: skip
+    url = ["--registry", registry.url]
+    bob = start(bob_home, *url, "--accept", "open")
+    alice = start(alice_home, *url, "--reconnect-interval", "1")
+    assert bob.agent_id == bob_id
+
+    sent = ok(alice_home, "send", bob_id, "hello bob", "--timeout", "10")
+    assert sent.startswith("delivered ")
+    assert ok(alice_home, "send", bob_id, '{"n": 1}', "--json").startswith("delivered ")
+    messages = json.loads(ok(bob_home, "inbox", "--json"))
+    assert [(m["sender"], m["type"], m["data"]) for m in messages] == [
+        (alice.agent_id, "text", "hello bob"),
+        (alice.agent_id, "json", {"n": 1}),
+    ]
+    assert messages[0]["message_id"] == sent.split()[1]
+    assert json.loads(ok(bob_home, "inbox", "--json")) == []  # taken: shown once
+
+    state = json.loads(ok(alice_home, "status", "--json"))
+    assert state["queue_depth"] == 0
+    assert bob_id in state["sessions"]
+    assert state["registry_reachable"] is True
+    assert "queue depth   0" in ok(alice_home, "status")
+    assert bob_id in [row["agent_id"] for row in json.loads(ok(alice_home, "peers", "--json"))]
+
+    # A capability not valid for this peer is refused before anything is queued (exit 6).
+    refused = talos(alice_home, "send", bob_id, "x", "--capability", own)
+    assert refused.returncode == exit_code_for_name("CapabilityDenied") == 6, refused.stderr
+    assert "error: " in refused.stderr
+
+    assert bob.stop() == 0
+    assert not (bob_home / "control.sock").exists()
+    queued = ok(alice_home, "send", bob_id, "while you were away", "--timeout", "1")
+    assert queued.startswith("queued ")
+    timed_out = talos(
+        alice_home, "send", bob_id, "given up", "--timeout", "0.5", "--on-failure", "raise"
+    )
+    assert timed_out.returncode == 1
+    assert "error: DeliveryTimeout:" in timed_out.stderr
+    assert json.loads(ok(alice_home, "status", "--json"))["queue_depth"] == 1
+
+    start(bob_home, *url, "--accept", "open")
+    follow = subprocess.Popen(  # noqa: S603 -- our own interpreter and module
+        talos_command("--home", str(bob_home), "inbox", "--follow", "--json"),
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        line = read_line(follow.stdout, time.monotonic() + 30)
+        assert json.loads(line)["data"] == "while you were away"
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(timeout=15) == 0
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+        follow.communicate()
+    until(lambda: json.loads(ok(alice_home, "status", "--json"))["queue_depth"] == 0)
+
+
+def test_one_agent_per_home(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    home = tmp_path / "solo"
+    ok(home, "init", "--name", "solo")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(home / "control.sock"))  # left behind as a crashed agent would
+    stale.close()
+
+    first = start(home)  # the stale socket is replaced
+    assert stat.S_IMODE((home / "control.sock").stat().st_mode) == 0o600
+    second = start(home, ready=False)
+    assert second.process.wait(timeout=30) == 1
+    assert "AgentAlreadyRunning" in second.log.read_text()
+    assert ok(home, "status").startswith("agent")
+    assert running_agent_pid(home) == first.process.pid
+
+    assert first.stop() == 0
+    assert not (home / "control.sock").exists()
+    assert running_agent_pid(home) is None
+    result = talos(home, "send", first.agent_id, "anyone?")
+    assert result.returncode == 1
+    assert f"no Talos agent is running for home {home}" in result.stderr
+    assert "talos run" in result.stderr
+
+
+def _ask(conn: socket.socket, stream: Any, request: bytes) -> dict[str, Any]:
+    conn.sendall(request)
+    answer: dict[str, Any] = json.loads(stream.readline())
+    return answer
+
+
+def test_control_socket_refuses_bad_requests(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    home = tmp_path / "c"
+    ok(home, "init", "--name", "c")
+    daemon = start(home, "--offline")
+    peer = daemon.agent_id
+    bad = {
+        b"not json\n": "MalformedFrame",
+        b"[1, 2]\n": "MalformedFrame",
+        b'{"op": 7}\n': "MalformedFrame",
+        b"\xff\xfe\n": "MalformedFrame",
+        b'{"op": "reboot"}\n': "ConfigurationError",
+        b'{"op": "status", "verbose": true}\n': "ConfigurationError",
+        b'{"op": "send", "peer": "bob", "text": "hi"}\n': "ConfigurationError",
+        b'{"op": "send", "peer": "%s", "text": 5}\n' % peer.encode(): "ConfigurationError",
+        b'{"op": "send", "peer": "%s"}\n' % peer.encode(): "ConfigurationError",
+        b'{"op": "send", "peer": "%s", "text": "x", "timeout": -1}\n'
+        % peer.encode(): "ConfigurationError",
+        b'{"op": "send", "peer": "%s", "text": "x", "capability": "nope"}\n'
+        % peer.encode(): "MalformedFrame",
+        b'{"op": "send", "peer": "%s", "text": "\\ud800"}\n' % peer.encode(): "ConfigurationError",
+        b"[" * 100_000 + b"\n": "MalformedFrame",
+        b'{"op": "inbox", "take": "yes"}\n': "ConfigurationError",
+        b'{"op": "inbox", "limit": 0}\n': "ConfigurationError",
+        b"{" + b" " * MAX_REQUEST + b"}\n": "MalformedFrame",
+    }
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(home / "control.sock"))
+        stream = conn.makefile("rb")
+        for request, error in bad.items():
+            answer = _ask(conn, stream, request)
+            assert (answer["ok"], answer["error"]) == (False, error), request[:80]
+            assert answer["message"]
+        # The same connection still works, and so does the daemon.
+        assert _ask(conn, stream, b'{"op": "inbox"}\n') == {"ok": True, "messages": []}
+        assert _ask(conn, stream, b'{"op": "peers"}\n') == {"ok": True, "peers": []}
+        queued = _ask(conn, stream, b'{"op": "send", "peer": "%s", "json": [1]}\n' % peer.encode())
+        assert (queued["ok"], queued["status"]) == (True, "queued")  # offline: queued at once
+        stream.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(home / "control.sock"))
+        conn.sendall(b'{"op": "status"}')  # no newline: the end of input ends it
+        conn.shutdown(socket.SHUT_WR)
+        with conn.makefile("rb") as stream:
+            assert json.loads(stream.readline())["status"]["agent_id"] == peer
+    assert daemon.process.poll() is None
+    assert json.loads(ok(home, "status", "--json"))["queue_depth"] == 1
+
+
+def test_exit_codes_follow_the_error_class() -> None:
+    assert exit_code_for_name("StoreCorrupted") == 3
+    assert exit_code_for_name("Expired") == 6
+    assert exit_code_for_name("PeerRejected") == 1
+    assert exit_code_for_name("NoSuchError") == 1
+    assert exit_code_for_name("ConfigurationError") == 1
