@@ -743,19 +743,23 @@ class TalosClient:
         nack.clear()
         await link.send(frame)
         refused: asyncio.Future[Any] = asyncio.ensure_future(nack.wait())
-        waiters: set[asyncio.Future[Any]] = {acked, refused}
+        dropped: asyncio.Future[Any] = asyncio.ensure_future(link.closed.wait())
+        waiters: set[asyncio.Future[Any]] = {acked, refused, dropped}
         try:
             done, _ = await asyncio.wait(
                 waiters, timeout=ACK_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             refused.cancel()
+            dropped.cancel()
         if acked in done:
-            with contextlib.suppress(PeerRejected, asyncio.CancelledError):
+            with contextlib.suppress(PeerRejected, asyncio.CancelledError, DeliveryError):
                 acked.result()
             return
         if refused in done:
-            raise SessionError(f"{peer} could not decrypt; the session was reset")
+            raise SessionError(f"{peer} could not decrypt or accept it yet; retrying")
+        if dropped in done:
+            raise PeerUnreachable(f"the connection to {peer} closed before the ACK")
         raise DeliveryTimeout(f"no ACK from {peer} within {ACK_TIMEOUT:g} s")
 
     async def _encrypt(self, peer: str, item: OutboxItem) -> bytes:
