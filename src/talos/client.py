@@ -1150,6 +1150,7 @@ class TalosClient:
             "connected": sorted(peer for peer, link in self._links.items() if link.is_open),
             "registry": self._registry_url,
             "registry_reachable": self.registry_reachable,
+            "dht": None if self._dht is None else "{}:{}".format(*self._dht.address),
         }
 
     def known_peers(self) -> list[dict[str, Any]]:

@@ -527,13 +527,18 @@ def _parse_bootstrap(
     show_default=True,
     help="Most messages the outbox may hold.",
 )
-@click.option("--dht-port", type=click.IntRange(0, 65535), default=None, help="(not available yet)")
+@click.option(
+    "--dht-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Run a DHT node on this UDP port (0: any) as the registry's fallback.",
+)
 @click.option(
     "--dht-bootstrap",
     multiple=True,
     metavar="HOST:PORT",
     callback=_parse_bootstrap,
-    help="(not available yet)",
+    help="A DHT node to join through (repeatable; implies DHT discovery).",
 )
 @click.option(
     "--metrics-port", type=click.IntRange(0, 65535), default=None, help="(not available yet)"
@@ -571,7 +576,8 @@ def run(
         raise IdentityNotFound(
             f"no identity in {home.path}; run `talos init --name NAME` or pass --name"
         )
-    _warn(dht=dht_port is not None or bool(dht_bootstrap), metrics=metrics_port is not None)
+    _warn(metrics=metrics_port is not None)
+    use_dht = dht_port is not None or bool(dht_bootstrap)
     if accept == "open":
         _err.print("[yellow]warning:[/] --accept open: messages are accepted without capability")
     passphrase = None
@@ -590,6 +596,9 @@ def run(
             "accept_policy": accept,
             "reconnect_interval": reconnect_interval,
             "queue_limit": queue_limit,
+            "discovery": ["registry", "dht"] if use_dht else ["registry"],
+            "dht_port": dht_port or 0,
+            "dht_bootstrap": dht_bootstrap,
             "passphrase": passphrase,
             "clock": ctx.clock,
             "rng": ctx.rng,
@@ -597,10 +606,8 @@ def run(
         asyncio.run(_daemon(name or home.path.name, options, path))
 
 
-def _warn(*, dht: bool, metrics: bool) -> None:
+def _warn(*, metrics: bool) -> None:
     """Options for parts that land later are accepted (so scripts keep working), not used."""
-    if dht:
-        _err.print("[yellow]warning:[/] DHT discovery is not available yet; DHT options ignored")
     if metrics:
         _err.print("[yellow]warning:[/] metrics are not available yet; --metrics-port ignored")
 

@@ -238,7 +238,11 @@ def verify_command(
     as_json: bool,
     key_passphrase_file: Path | None,
 ) -> None:
-    """Check that TOKEN lets its holder do ACTION on RESOURCE here. Exit 0 if so, 6 if not."""
+    """Check that TOKEN lets its holder do ACTION on RESOURCE here. Exit 0 if so, 6 if not.
+
+    Only tokens whose delegation chain starts at this agent can authorize
+    anything here.
+    """
     warnings: list[StaleListAccepted] = []
     capability = _token(token)
     with open_book(ctx, key_passphrase_file) as book:
@@ -249,6 +253,9 @@ def verify_command(
         )
         denial: CapabilityDenied | None = None
         try:
+            root = capability.chain()[0]
+            if root.issuer != book.me:
+                raise ScopeMismatch(f"capability chain starts at {root.issuer}, not at this agent")
             verify(
                 capability,
                 action=action,
