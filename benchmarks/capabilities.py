@@ -13,14 +13,10 @@ cryptography and is compared with the same floor only to show the gap.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.core import Result, measure, render
+from benchmarks.core import RESULTS, Result, measure, render, write_results
 from talos.core.capability import (
     Capability,
     CapabilityPolicy,
@@ -34,7 +30,6 @@ from talos.core.identity import Identity
 from talos.core.revocation import IssuerKeys, RevocationList, RevocationState
 from talos.testing import FakeClock, SeededRng
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NOW = 1_700_000_000.0
 ACTION, RESOURCE = "message.send", "inbox/public/1"
 
@@ -170,20 +165,7 @@ def main() -> None:
     seconds, repeats = (0.05, 2) if args.quick else (0.5, 5)
     results = run(seconds, repeats)
     print(render(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {
-                "suite": "capabilities",
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                "processor_count": os.cpu_count(),
-                "results": [asdict(r) for r in results],
-            },
-            indent=2,
-        )
-    )
-    print(f"\nJSON written to {args.json}")
+    write_results(args.json, "capabilities", results)
 
 
 if __name__ == "__main__":

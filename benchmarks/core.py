@@ -213,6 +213,20 @@ def render(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def write_results(path: Path, suite: str, results: list[Result]) -> None:
+    """Write one suite's results, with the machine they were measured on, as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "suite": suite,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor_count": os.cpu_count(),
+        "results": [asdict(r) for r in results],
+    }
+    path.write_text(json.dumps(document, indent=2))
+    print(f"\nJSON written to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
@@ -221,20 +235,7 @@ def main() -> None:
     seconds, repeats = (0.05, 2) if args.quick else (0.5, 5)
     results = run(seconds, repeats)
     print(render(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {
-                "suite": "core",
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                "processor_count": os.cpu_count(),
-                "results": [asdict(r) for r in results],
-            },
-            indent=2,
-        )
-    )
-    print(f"\nJSON written to {args.json}")
+    write_results(args.json, "core", results)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,69 +23,18 @@ from talos.discovery import RegistryClient, RegistryRejected
 from talos.errors import RegistryUnavailable
 from talos.registry.store import RegistryStore
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
+from talos.testing.processes import RegistryProcess, free_port, start_registry
 
 _TALOS = [sys.executable, "-m", "talos"]
-_READY_TIMEOUT = 20.0
 
 
 def talos_command(*args: str) -> list[str]:
-    """The argv that runs ``talos ARGS`` (the one place to change to ``-m talos``)."""
+    """The argv that runs ``talos ARGS``."""
     return [*_TALOS, *args]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Registry:
-    process: subprocess.Popen[bytes]
-    url: str
-    db: Path
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_registry(db: Path, log: Path) -> Registry:
-    """Start ``talos registry serve`` and wait until it answers /v1/time."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            talos_command(
-                "registry", "serve", "--host", "127.0.0.1", "--port", str(port), "--db", str(db)
-            ),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env=env,
-        )
-    registry = Registry(process, f"http://127.0.0.1:{port}", db)
-    deadline = time.monotonic() + _READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"registry exited early:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{registry.url}/v1/time", timeout=1).status_code == 200:
-                return registry
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    registry.stop()
-    raise AssertionError(f"registry not ready after {_READY_TIMEOUT} s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
     base = tmp_path_factory.mktemp("registry")
     served = start_registry(base / "registry.db", base / "stderr.log")
     try:
@@ -130,7 +77,7 @@ class Agent:
 
 
 @pytest.mark.asyncio
-async def test_key_log_publish_rotate_and_fork(registry: Registry) -> None:
+async def test_key_log_publish_rotate_and_fork(registry: RegistryProcess) -> None:
     alice = Agent.create("alice")
     next_key = alice.identity.next_signing_key
     async with RegistryClient(registry.url) as client:
@@ -150,7 +97,7 @@ async def test_key_log_publish_rotate_and_fork(registry: Registry) -> None:
 
 
 @pytest.mark.asyncio
-async def test_each_one_time_prekey_once_under_concurrency(registry: Registry) -> None:
+async def test_each_one_time_prekey_once_under_concurrency(registry: RegistryProcess) -> None:
     bob = Agent.create("bob")
     store = bob.prekeys.add_one_time_prekeys(10, SYSTEM_RNG)
     upload = PrekeyUpload.from_store(store, bob.identity.signing_key, key_sequence=0, sequence=1)
@@ -173,7 +120,7 @@ async def test_each_one_time_prekey_once_under_concurrency(registry: Registry) -
 
 
 @pytest.mark.asyncio
-async def test_records_stale_expired_and_instances(registry: Registry) -> None:
+async def test_records_stale_expired_and_instances(registry: RegistryProcess) -> None:
     carol = Agent.create("carol")
     keys = IssuerKeys([carol.identity.keylog])
     async with RegistryClient(registry.url) as client:
@@ -194,7 +141,7 @@ async def test_records_stale_expired_and_instances(registry: Registry) -> None:
 
 
 @pytest.mark.asyncio
-async def test_revocation_merge_and_fork(registry: Registry) -> None:
+async def test_revocation_merge_and_fork(registry: RegistryProcess) -> None:
     dave = Agent.create("dave")
     key = dave.identity.signing_key
     v1 = RevocationList.create(dave.agent_id, now=time.time()).signed_by(key, 0)
@@ -218,7 +165,9 @@ async def test_revocation_merge_and_fork(registry: Registry) -> None:
     "body",
     [b"", b"\x00", b"\xa1\x61v\x01", b"\xff" * 1000, b"\x9f" * 64],
 )
-async def test_malformed_and_unsigned_bodies_are_4xx(registry: Registry, body: bytes) -> None:
+async def test_malformed_and_unsigned_bodies_are_4xx(
+    registry: RegistryProcess, body: bytes
+) -> None:
     erin = Agent.create("erin")
     unsigned = PeerRecord.create(
         erin.identity.signing_key,
@@ -249,7 +198,7 @@ async def test_malformed_and_unsigned_bodies_are_4xx(registry: Registry, body: b
 
 
 @pytest.mark.asyncio
-async def test_openapi_is_published(registry: Registry) -> None:
+async def test_openapi_is_published(registry: RegistryProcess) -> None:
     async with httpx.AsyncClient(base_url=registry.url) as http:
         schema = (await http.get("/openapi.json")).json()
     assert "/v1/agents/{agent_id}/bundle" in schema["paths"]
