@@ -253,6 +253,8 @@ class TalosClient:
         self._acks: dict[bytes, asyncio.Future[None]] = {}
         #: Set when the peer answered DECRYPT_FAILED for a message: retry it now.
         self._nacks: dict[bytes, asyncio.Event] = {}
+        #: Failed delivery attempts per queued message (while a send() waits on it).
+        self._failures: dict[bytes, int] = {}
         self._flushers: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._inbox_ready = asyncio.Event()
@@ -614,16 +616,35 @@ class TalosClient:
         acked = self._acks.setdefault(message_id, asyncio.get_running_loop().create_future())
         self._kick(peer_id)
         acked.add_done_callback(_retrieve)
-        try:
-            await asyncio.wait_for(asyncio.shield(acked), timeout)
-        except TimeoutError:
-            if on_failure == "raise":
-                await self._give_up(message_id, peer_id, "timeout")
-                raise DeliveryTimeout(
-                    f"no acknowledgement from {peer_id} within {timeout:g} s"
-                ) from None
-            return result
-        return SendResult("delivered", result.message_id, trace_id)
+        if await self._await_delivery(message_id, acked, timeout, retry_count):
+            return SendResult("delivered", result.message_id, trace_id)
+        self._failures.pop(message_id, None)
+        if on_failure == "raise":
+            await self._give_up(message_id, peer_id, "timeout")
+            raise DeliveryTimeout(
+                f"not delivered to {peer_id} within {timeout:g} s and {retry_count} retries"
+            )
+        return result
+
+    async def _await_delivery(
+        self, message_id: bytes, acked: asyncio.Future[None], seconds: float, retry_count: int
+    ) -> bool:
+        """Wait for the ACK until ``seconds`` pass or more than ``retry_count`` attempts failed.
+
+        Raises:
+            PeerRejected: the peer refused the message.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(asyncio.shield(acked), min(remaining, 0.2))
+            except TimeoutError:
+                if self._failures.get(message_id, 0) > retry_count:
+                    return False
+                continue
+            return True
+        return False
 
     def _capability_for(self, peer: str, given: str | Capability | None) -> Capability | None:
         """The token to attach: the one given, else a held one for message.send to ``peer``.
@@ -718,11 +739,16 @@ class TalosClient:
             if not pending:
                 await wake.wait()
                 continue
+            head = pending[0].message_id
             try:
                 for item in pending:
+                    head = item.message_id
                     await self._deliver(peer, item)
                 attempt = 0
             except TalosError as exc:
+                # Counted per message for send(retry_count=...): in order, the
+                # message that failed is the one this attempt was about.
+                self._failures[head] = self._failures.get(head, 0) + 1
                 delay = self._backoff.delay(attempt, self._rng)
                 attempt += 1
                 level = logging.INFO if attempt < 5 else logging.WARNING
@@ -814,6 +840,7 @@ class TalosClient:
             audit=[(AuditKind.DELIVERY_FAILED, {"id": message_id, "reason": reason}, peer)],
         )
         self._nacks.pop(message_id, None)
+        self._failures.pop(message_id, None)
         future = self._acks.pop(message_id, None)
         if future is not None and not future.done():
             future.cancel()
@@ -1068,6 +1095,7 @@ class TalosClient:
         ref = envelope.ref_id
         if ref is None or not self._queued_for(ref, envelope.sender):
             return  # not ours, not from the peer we sent it to, or already acknowledged
+        self._failures.pop(ref, None)
         self._state.remove(
             ref,
             audit=[
@@ -1117,6 +1145,7 @@ class TalosClient:
             audit=[(AuditKind.PEER_REJECTED, {"id": ref, "reason": str(reason)[:200]}, peer)],
         )
         self._nacks.pop(ref, None)
+        self._failures.pop(ref, None)
         future = self._acks.pop(ref, None)
         if future is not None and not future.done():
             future.set_exception(PeerRejected(f"{peer} refused the message: {reason}"))

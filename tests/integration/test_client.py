@@ -15,7 +15,7 @@ import pytest
 from talos.audit import AuditLog
 from talos.client import TalosClient
 from talos.core import wire
-from talos.errors import CapabilityDenied, PeerRejected, QueueFull
+from talos.errors import CapabilityDenied, DeliveryTimeout, PeerRejected, QueueFull
 from talos.storage.agent_state import AgentState
 from talos.testing.processes import RegistryProcess, registry_process
 
@@ -361,3 +361,25 @@ async def test_strict_mode_keeps_accepting_after_max_age(tmp_path: Path) -> None
         assert (await alice.send(bob.agent_id, "t301", timeout=10)).status == "delivered"
         received = [await bob.receive(timeout=5) for _ in range(2)]
         assert [m.data for m in received if m is not None] == ["t0", "t301"]
+
+
+async def test_retry_count_bounds_a_send_to_an_unreachable_peer(tmp_path: Path) -> None:
+    """With the peer gone, on_failure="raise" gives up after retry_count failed attempts."""
+    async with TalosClient.create(
+        "bob", home=tmp_path / "b", discovery=[], accept_policy="open"
+    ) as bob:
+        card = bob.contact_card()
+        bundle = bob.get_prekey_bundle()
+    async with TalosClient.create(
+        "alice", home=tmp_path / "a", discovery=[], reconnect_interval=0.2
+    ) as alice:
+        peer = alice.add_contact(card)
+        await alice.establish_session(peer, bundle)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(DeliveryTimeout, match="2 retries"):
+            await alice.send(peer, "nobody home", timeout=30, retry_count=2, on_failure="raise")
+        assert asyncio.get_running_loop().time() - started < 20  # well before the timeout
+        assert alice.queue_depth() == 0
+        queued = await alice.send(peer, "keep it", timeout=30, retry_count=1)
+        assert queued.status == "queued"
+        assert alice.queue_depth() == 1
