@@ -341,7 +341,9 @@ async def test_sender_killed_and_restarted(
         kills_after_sends=moments,
         starts=sender.starts,
     )
-    assert counts.extra["statuses"].get("recovered") == 1
+    # The forced kill always lands between send() and the journal; a random
+    # kill may land there too, so at least one message is recovered.
+    assert counts.extra["statuses"].get("recovered", 0) >= 1
     check(counts, total)
 
 
