@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
+import weakref
 from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,8 @@ class TalosClient:
         self._acks: dict[bytes, asyncio.Future[None]] = {}
         #: Set when the peer answered DECRYPT_FAILED for a message: retry it now.
         self._nacks: dict[bytes, asyncio.Event] = {}
+        #: Incoming links we already answered with our revocation list.
+        self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         #: Failed delivery attempts per queued message (while a send() waits on it).
         self._failures: dict[bytes, int] = {}
         self._flushers: dict[str, asyncio.Task[None]] = {}
@@ -365,6 +368,7 @@ class TalosClient:
             )
             await registry.publish_prekeys(upload)
             await registry.publish_record(self.peer_record())
+            await self._publish_revocations()
             self.registry_reachable = True
         except DiscoveryError as exc:
             self._source_down("registry", exc)
@@ -832,7 +836,75 @@ class TalosClient:
             link = await self._transport.connect(record.endpoint)
         link.peer = peer
         self._links[peer] = link
+        await self._offer_revocations(link, peer)
         return link
+
+    async def _publish_revocations(self) -> None:
+        """Put our own list in the registry, where verifiers of our delegations find it."""
+        data = self._own_revocation_list()
+        if data is None or self._registry is None:
+            return
+        with contextlib.suppress(PeerRejected):  # the registry holds this version already
+            await self._registry.publish_revocations(RevocationList.from_bytes(data))
+
+    def _refresh_own_revocations(self) -> None:
+        """Adopt a newer own list written by ``talos capabilities revoke`` while we run."""
+        data = self._own_revocation_list()
+        current = self._revocations.list_for(self.agent_id)
+        if data is None or (current is not None and current.to_bytes() == data):
+            return
+        with contextlib.suppress(TalosError):
+            self._revocations.apply(
+                RevocationList.from_bytes(data), keys=IssuerKeys([self._identity.keylog])
+            )
+
+    def _own_revocation_list(self) -> bytes | None:
+        assert self._tokens is not None  # noqa: S101 -- open while the client is
+        for issuer, data, _ in self._tokens.revocation_lists():
+            if issuer == self.agent_id:
+                return data
+        return None
+
+    async def _offer_revocations(self, link: Link, peer: str) -> None:
+        """Send our own signed revocation list: both sides converge on every connection."""
+        data = self._own_revocation_list()
+        if data is None:
+            return
+        envelope = wire.Envelope(
+            type=wire.EnvelopeType.REVOCATIONS,
+            message_id=wire.new_message_id(self._rng),
+            sender=self.agent_id,
+            sender_instance=self._instance,
+            recipient=peer,
+            timestamp_ms=time_ms(self._clock),
+            revocation_list=data,
+        )
+        with contextlib.suppress(PeerUnreachable):
+            await link.send(wire.seal(envelope, self._identity.signing_key))
+
+    async def _on_revocations(self, link: Link, envelope: wire.Envelope, log: KeyLog) -> None:
+        """Adopt a peer's own revocation list (verified, merged, persisted); answer with ours."""
+        sender, now = envelope.sender, self._clock.time()
+        try:
+            offered = RevocationList.from_bytes(envelope.revocation_list or b"")
+            if offered.issuer != sender:
+                raise MalformedFrame("a peer may only offer its own revocation list")
+            result = self._revocations.apply(offered, keys=IssuerKeys([log]))
+        except (RemoteProtocolError, SignatureInvalid) as exc:
+            self._audit(AuditKind.SIGNATURE_FAILURE, {"what": "revocation list"}, sender)
+            _log.warning("refusing a revocation list from %s: %s", sender, exc)
+            return
+        if result.security_event:
+            self._audit("REVOCATION_CONFLICT", {"outcome": result.outcome.name}, sender)
+            _log.warning("revocation list conflict from %s: %s", sender, result.outcome.name)
+        assert self._tokens is not None  # noqa: S101 -- open while the client is
+        kept = self._revocations.list_for(sender)
+        if kept is not None:
+            self._tokens.put_revocation_list(sender, kept.to_bytes(), synced_at=now)
+        self._revocations.mark_synced(sender, now)
+        if not link.outgoing and link not in self._answered:
+            self._answered.add(link)
+            await self._offer_revocations(link, sender)
 
     async def _give_up(self, message_id: bytes, peer: str, reason: str) -> None:
         self._state.remove(
@@ -929,6 +1001,8 @@ class TalosClient:
             self._on_ack(envelope)
         elif kind is wire.EnvelopeType.ERROR:
             await self._on_error(envelope)
+        elif kind is wire.EnvelopeType.REVOCATIONS:
+            await self._on_revocations(link, envelope, log)
 
     async def _receive_message(self, link: Link, envelope: wire.Envelope, sender_keys: Any) -> None:
         sender = envelope.sender
@@ -949,7 +1023,7 @@ class TalosClient:
         capability_id = None
         if not self._accept_open:
             try:
-                capability_id = self._authorize(envelope)
+                capability_id = await self._authorize(envelope)
             except CapabilityDenied as exc:
                 self._audit(
                     AuditKind.CAPABILITY_DENIED,
@@ -1008,20 +1082,54 @@ class TalosClient:
         await self._answer(link, envelope, ack=wire.AckStatus.ACCEPTED)
         self._inbox_ready.set()
 
-    def _authorize(self, envelope: wire.Envelope) -> bytes:
+    async def _authorize(self, envelope: wire.Envelope) -> bytes:
         """Check the attached capability; returns its id.
+
+        Before checking, the key logs of every issuer in the chain are looked
+        up, and any issuer whose revocation list is older than the policy's
+        ``max_age`` is synchronized from the registry (if it can be reached).
 
         Raises:
             CapabilityDenied: missing or not valid for this sender and agent.
         """
+        self._refresh_own_revocations()
         if envelope.capability_ref is None:
             raise ScopeMismatch("no capability attached; this agent requires one")
         try:
             token = Capability.from_bytes(envelope.capability_ref)
         except (MalformedFrame, UnsupportedVersion) as exc:
             raise ScopeMismatch(f"attached capability is malformed: {exc}") from None
+        for issuer in {link.issuer for link in token.chain()} - {self.agent_id}:
+            with contextlib.suppress(TalosError):
+                await self._peers.keylog(issuer)
+            await self._sync_revocations(issuer)
         self._check_token(token, audience=self.agent_id, holder=envelope.sender)
         return token.token_id
+
+    async def _sync_revocations(self, issuer: str) -> None:
+        """Fetch ``issuer``'s list from the registry when ours is older than ``max_age``."""
+        now = self._clock.time()
+        synced = self._revocations.last_synced(issuer)
+        fresh = synced is not None and now - synced <= self._revocation_policy.max_age
+        if fresh or self._registry is None:
+            return
+        log = self._peers.known_log(issuer)
+        if log is None:
+            return
+        try:
+            offered = await self._registry.fetch_revocations(issuer, IssuerKeys([log]))
+        except TalosError as exc:
+            _log.info("revocation list of %s not refreshed: %s", issuer, exc)
+            return
+        if offered is not None:
+            result = self._revocations.apply(offered, keys=IssuerKeys([log]))
+            if result.security_event:
+                self._audit("REVOCATION_CONFLICT", {"outcome": result.outcome.name}, issuer)
+            kept = self._revocations.list_for(issuer)
+            if kept is not None:
+                assert self._tokens is not None  # noqa: S101 -- open while the client is
+                self._tokens.put_revocation_list(issuer, kept.to_bytes(), synced_at=now)
+        self._revocations.mark_synced(issuer, now)
 
     def _decrypt(
         self, envelope: wire.Envelope, sender_keys: Any

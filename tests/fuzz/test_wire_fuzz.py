@@ -46,6 +46,7 @@ def _sample(kind: EnvelopeType) -> Envelope:
             "reason": "unknown ratchet key",
             "ratchet_key": b"k" * 32,
         },
+        EnvelopeType.REVOCATIONS: {"revocation_list": b"l" * 64},
     }[kind]
     return Envelope(
         type=kind,

@@ -383,3 +383,66 @@ async def test_retry_count_bounds_a_send_to_an_unreachable_peer(tmp_path: Path) 
         queued = await alice.send(peer, "keep it", timeout=30, retry_count=1)
         assert queued.status == "queued"
         assert alice.queue_depth() == 1
+
+
+async def test_revocation_by_a_delegator_reaches_the_audience_on_connection(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """Bob → Carol → Alice; Carol revokes Alice's token; Bob enforces it once Carol connects."""
+    from talos.core.capability import Capability, delegate
+    from talos.storage.home import AgentHome
+    from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
+
+    homes = {name: tmp_path / name for name in ("alice", "bob", "carol")}
+    ids = {name: cli(home, "init", "--name", name) for name, home in homes.items()}
+    logs = {}
+    for name, home in homes.items():
+        logs[name] = tmp_path / f"{name}.log"
+        cli(home, "whoami", "--export-log", str(logs[name]))
+    root = cli(
+        homes["bob"],
+        "capabilities",
+        "grant",
+        "--to",
+        ids["carol"],
+        "--action",
+        "message.send",
+        "--expires-in",
+        "1h",
+        "--delegable",
+    )
+    cli(homes["carol"], "capabilities", "add", root, "--issuer-log", str(logs["bob"]))
+    carol = AgentHome(homes["carol"]).load_identity(passphrase=None)
+    child = delegate(
+        Capability.from_text(root),
+        carol.signing_key,
+        key_sequence=0,
+        subject=ids["alice"],
+        now=SYSTEM_CLOCK.time(),
+        rng=SYSTEM_RNG,
+    )
+    cli(
+        homes["alice"],
+        "capabilities",
+        "add",
+        child.to_text(),
+        "--issuer-log",
+        str(logs["bob"]),
+        "--issuer-log",
+        str(logs["carol"]),
+    )
+
+    url = registry.url
+    async with (
+        TalosClient.create("bob", home=homes["bob"], registry_url=url) as bob,
+        TalosClient.create("alice", home=homes["alice"], registry_url=url) as alice,
+        TalosClient.create("carol", home=homes["carol"], registry_url=url) as carol_agent,
+    ):
+        assert (await alice.send(bob.agent_id, "delegated", timeout=10)).status == "delivered"
+        cli(homes["carol"], "capabilities", "revoke", child.token_id.hex(), "--reason", "left")
+        # Carol talks to Bob: her revocation list travels with the new connection.
+        assert (await carol_agent.send(bob.agent_id, "hi", timeout=10)).status == "delivered"
+        with pytest.raises(PeerRejected, match="revoked"):
+            await alice.send(bob.agent_id, "after revocation", timeout=10)
+        received = [await bob.receive(timeout=5) for _ in range(2)]
+        assert [m.data for m in received if m is not None] == ["delegated", "hi"]

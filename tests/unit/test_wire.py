@@ -67,6 +67,8 @@ def sample(kind: EnvelopeType, rng: SeededRng | None = None) -> Envelope:
         )
     if kind is EnvelopeType.ACK:
         return Envelope(**common, ref_id=rng.bytes(16), status=AckStatus.DUPLICATE)
+    if kind is EnvelopeType.REVOCATIONS:
+        return Envelope(**common, revocation_list=rng.bytes(120))
     return Envelope(
         **common,
         ref_id=rng.bytes(16),

@@ -72,6 +72,7 @@ MAX_TIMESTAMP_MS: Final = 2**63 - 1
 MAX_RATCHET_HEADER_SIZE: Final = 1024
 MAX_X3DH_HEADER_SIZE: Final = 4096
 MAX_CAPABILITY_REF_SIZE: Final = 16 * 1024
+MAX_REVOCATION_LIST_SIZE: Final = 512 * 1024
 #: Longest error reason, in characters (printable text only).
 MAX_REASON_LENGTH: Final = 200
 
@@ -83,6 +84,7 @@ class EnvelopeType(enum.IntEnum):
     INITIAL = 2  #: the first message of a session: also carries the X3DH initial header
     ACK = 3  #: acknowledges one message id with an :class:`AckStatus`
     ERROR = 4  #: a signed error report (e.g. DECRYPT_FAILED) about one message
+    REVOCATIONS = 5  #: the sender's own signed revocation list, sent on every connection
 
 
 class AckStatus(enum.IntEnum):
@@ -135,6 +137,8 @@ class Envelope:
     reason: str | None = None
     #: ERROR only, optional: the ratchet public key the recipient failed on.
     ratchet_key: bytes | None = None
+    #: REVOCATIONS only: the sender's signed revocation list (opaque here).
+    revocation_list: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +328,15 @@ FIELDS: Final[Mapping[EnvelopeType, tuple[Field, ...]]] = {
         Field("code", "error_code", _enum_member(ErrorCode), _dump_enum),
         Field("why", "reason", _reason),
         Field("rk", "ratchet_key", _nullable(_exactly("ratchet key", KEY_SIZE))),
+    ),
+    EnvelopeType.REVOCATIONS: (
+        *_COMMON,
+        *_NO_CONTENT,
+        Field(
+            "rl",
+            "revocation_list",
+            _byte_string("revocation list", min_size=1, max_size=MAX_REVOCATION_LIST_SIZE),
+        ),
     ),
 }
 _HEADER_KEYS: Final = frozenset({"v", "t", "sig"})

@@ -78,7 +78,7 @@ class Link:
                 except Exception:
                     _log.exception("frame handler failed for a frame from %s", self.remote)
         except (ConnectionClosed, OSError):
-            pass
+            _log.debug("link from %s ended", self.remote)
         finally:
             await self.close()
 

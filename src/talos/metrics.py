@@ -1,0 +1,399 @@
+"""Prometheus metrics for one agent: every collector Talos exports, in one place.
+
+Each :class:`AgentMetrics` owns its own :class:`~prometheus_client.CollectorRegistry`
+(never the process-wide default), so several agents, or several tests, can live
+in one process without their series clashing. Every series, including each known
+value of a labelled one, exists from construction with its zero value, so alert
+rules and dashboards never meet a missing series.
+
+Nothing here does I/O until :meth:`AgentMetrics.serve` is called.
+
+The names used by the seed's alert rules (``deploy/prometheus/talos-alerts.yml``)
+are ``talos_audit_anchor_failures_total``, ``talos_session_failures_total``,
+``talos_signature_failures_total`` and ``talos_revocation_list_age_seconds``.
+See ``docs/metrics.md`` for the full list.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable
+from typing import Final
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.context_managers import Timer
+
+from talos.core import wire
+from talos.errors import CapabilityDenied
+
+__all__ = [
+    "DENIAL_REASONS",
+    "OTHER",
+    "REJECTION_REASONS",
+    "AgentMetrics",
+]
+
+#: Label value for a reason this module does not know (keeps label cardinality bounded).
+OTHER: Final = "other"
+
+_SIGNATURE_DENIAL: Final = "CapabilitySignatureInvalid"
+
+
+def _denial_reasons() -> tuple[str, ...]:
+    """``CapabilityDenied`` and every subclass of it, by class name, plus ``other``."""
+    names: list[str] = []
+    pending: list[type[CapabilityDenied]] = [CapabilityDenied]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ not in names:
+            names.append(cls.__name__)
+        pending.extend(cls.__subclasses__())
+    return (*sorted(names), OTHER)
+
+
+def _rejection_reasons() -> tuple[str, ...]:
+    """Why a recipient refused a message: the wire error codes, lower-cased, plus ``other``."""
+    return (*(code.name.lower() for code in wire.ErrorCode), OTHER)
+
+
+#: Values of the ``reason`` label of ``talos_capabilities_denied_total``.
+DENIAL_REASONS: Final = _denial_reasons()
+#: Values of the ``reason`` label of ``talos_messages_rejected_total``.
+REJECTION_REASONS: Final = _rejection_reasons()
+
+_SIZE_BUCKETS: Final = tuple(float(64 * 4**i) for i in range(10))  # 64 B .. 16 MiB
+_FAST_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+_NETWORK_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _label(reason: str | BaseException | type[BaseException], known: Iterable[str]) -> str:
+    if isinstance(reason, BaseException):
+        name = type(reason).__name__
+    elif isinstance(reason, type):
+        name = reason.__name__
+    else:
+        name = reason
+    return name if name in known else OTHER
+
+
+class AgentMetrics:
+    """The Prometheus collectors of one agent, and the events that move them.
+
+    Args:
+        uses_registry: ``False`` for an agent configured without a registry:
+            ``talos_registry_up`` is then NaN ("not applicable") rather than 0, so
+            the registry-unreachable alert stays quiet for it.
+    """
+
+    def __init__(self, *, uses_registry: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        r = self.registry
+
+        # -- sessions ----------------------------------------------------------
+        self.sessions_active = Gauge(
+            "talos_sessions_active", "Peers with an established ratchet session.", registry=r
+        )
+        self.sessions_established = Counter(
+            "talos_sessions_established",
+            "Sessions established (as initiator or responder).",
+            registry=r,
+        )
+        self.session_failures = Counter(
+            "talos_session_failures",
+            "Session establishments that failed (key agreement, bundle or peer errors).",
+            registry=r,
+        )
+        self.session_resets = Counter(
+            "talos_session_resets", "Sessions torn down and re-established.", registry=r
+        )
+        self.session_establishment_seconds = Histogram(
+            "talos_session_establishment_seconds",
+            "Time to establish a session, bundle fetch included.",
+            buckets=_NETWORK_BUCKETS,
+            registry=r,
+        )
+
+        # -- messages ----------------------------------------------------------
+        self.messages_sent = Counter(
+            "talos_messages_sent", "Messages accepted by send() for delivery.", registry=r
+        )
+        self.messages_received = Counter(
+            "talos_messages_received",
+            "Messages received, authorized, decrypted and stored.",
+            registry=r,
+        )
+        self.messages_delivered = Counter(
+            "talos_messages_delivered",
+            "Outgoing messages acknowledged by their recipient.",
+            registry=r,
+        )
+        self.messages_rejected = Counter(
+            "talos_messages_rejected",
+            "Messages refused, by the recipient's wire error code.",
+            ["reason"],
+            registry=r,
+        )
+        self.messages_queued = Gauge(
+            "talos_messages_queued",
+            "Outgoing messages waiting in the outbox for delivery.",
+            registry=r,
+        )
+        self.message_send_seconds = Histogram(
+            "talos_message_send_seconds",
+            "Time from send() to the recipient's acknowledgement.",
+            buckets=_NETWORK_BUCKETS,
+            registry=r,
+        )
+        self.message_size_bytes = Histogram(
+            "talos_message_size_bytes",
+            "Plaintext size of messages, by direction.",
+            ["direction"],
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+
+        # -- capabilities ------------------------------------------------------
+        self.capabilities_granted = Counter(
+            "talos_capabilities_granted", "Capabilities issued or delegated.", registry=r
+        )
+        self.capabilities_revoked = Counter(
+            "talos_capabilities_revoked", "Capabilities revoked by this agent.", registry=r
+        )
+        self.capabilities_denied = Counter(
+            "talos_capabilities_denied",
+            "Capability checks that denied an action, by denial class.",
+            ["reason"],
+            registry=r,
+        )
+        self.capability_verification_seconds = Histogram(
+            "talos_capability_verification_seconds",
+            "Time to verify a capability chain.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+
+        # -- audit -------------------------------------------------------------
+        self.audit_entries = Counter(
+            "talos_audit_entries", "Entries appended to the audit log.", registry=r
+        )
+        self.audit_size_bytes = Gauge(
+            "talos_audit_size_bytes", "Size of the audit log on disk.", registry=r
+        )
+        self.audit_anchor_attempts = Counter(
+            "talos_audit_anchor_attempts",
+            "Attempts to anchor an audit checkpoint externally.",
+            registry=r,
+        )
+        self.audit_anchor_failures = Counter(
+            "talos_audit_anchor_failures", "Audit anchoring attempts that failed.", registry=r
+        )
+
+        # -- security events ---------------------------------------------------
+        self.signature_failures = Counter(
+            "talos_signature_failures",
+            "Signatures that did not verify (envelopes, records, capabilities).",
+            registry=r,
+        )
+        self.replays_dropped = Counter(
+            "talos_replays_dropped", "Duplicate (replayed) messages dropped.", registry=r
+        )
+        self.revocation_list_age_seconds = Gauge(
+            "talos_revocation_list_age_seconds",
+            "Age of the oldest revocation list in use (+Inf if never synced, 0 if none).",
+            registry=r,
+        )
+        self.clock_offset_seconds = Gauge(
+            "talos_clock_offset_seconds",
+            "Measured offset of the local clock from the registry/peers (positive: ahead).",
+            registry=r,
+        )
+        self.duplicate_instances = Counter(
+            "talos_duplicate_instances_detected",
+            "Times one identity was seen running as two instances.",
+            registry=r,
+        )
+        self.registry_up = Gauge(
+            "talos_registry_up",
+            "1 if the last contact with the registry succeeded, 0 if not (NaN: no registry).",
+            registry=r,
+        )
+
+        # Every labelled series exists from start-up.
+        for reason in REJECTION_REASONS:
+            self.messages_rejected.labels(reason=reason)
+        for reason in DENIAL_REASONS:
+            self.capabilities_denied.labels(reason=reason)
+        for direction in ("sent", "received"):
+            self.message_size_bytes.labels(direction=direction)
+        if not uses_registry:
+            self.registry_up.set(math.nan)
+
+    # -- sessions ---------------------------------------------------------------
+
+    def session_established(self, seconds: float | None = None) -> None:
+        """A session was established, taking ``seconds`` when the caller timed it."""
+        self.sessions_established.inc()
+        if seconds is not None:
+            self.session_establishment_seconds.observe(seconds)
+
+    def session_failed(self) -> None:
+        self.session_failures.inc()
+
+    def session_reset(self) -> None:
+        self.session_resets.inc()
+
+    def set_active_sessions(self, count: int) -> None:
+        self.sessions_active.set(count)
+
+    # -- messages ---------------------------------------------------------------
+
+    def message_sent(self, size: int) -> None:
+        """send() accepted a message of ``size`` plaintext bytes."""
+        self.messages_sent.inc()
+        self.message_size_bytes.labels(direction="sent").observe(size)
+
+    def message_received(self, size: int) -> None:
+        self.messages_received.inc()
+        self.message_size_bytes.labels(direction="received").observe(size)
+
+    def message_delivered(self, seconds: float | None = None) -> None:
+        """The recipient acknowledged a message, ``seconds`` after send() when known."""
+        self.messages_delivered.inc()
+        if seconds is not None:
+            self.message_send_seconds.observe(seconds)
+
+    def message_rejected(self, reason: str | wire.ErrorCode) -> None:
+        """A message was refused; ``reason`` is a :class:`wire.ErrorCode` or its lower-case name."""
+        name = reason.name.lower() if isinstance(reason, wire.ErrorCode) else reason
+        self.messages_rejected.labels(reason=_label(name, REJECTION_REASONS)).inc()
+
+    def set_queue_depth(self, depth: int) -> None:
+        self.messages_queued.set(depth)
+
+    # -- capabilities -----------------------------------------------------------
+
+    def capability_granted(self) -> None:
+        self.capabilities_granted.inc()
+
+    def capability_revoked(self) -> None:
+        self.capabilities_revoked.inc()
+
+    def capability_denied(self, reason: str | BaseException | type[BaseException]) -> None:
+        """A capability check denied an action.
+
+        ``reason`` is the :class:`~talos.errors.CapabilityDenied` raised, its class or
+        its class name; unknown names are counted as ``other``. A
+        ``CapabilitySignatureInvalid`` denial is also a signature failure, so it
+        counts in ``talos_signature_failures_total`` too (callers should not count
+        it twice).
+        """
+        label = _label(reason, DENIAL_REASONS)
+        self.capabilities_denied.labels(reason=label).inc()
+        if label == _SIGNATURE_DENIAL:
+            self.signature_failures.inc()
+
+    def capability_verified(self, seconds: float) -> None:
+        """A capability chain was verified (allowed or denied) in ``seconds``."""
+        self.capability_verification_seconds.observe(seconds)
+
+    def time_capability_verification(self) -> Timer:
+        """``with metrics.time_capability_verification(): verify(...)`` observes the duration."""
+        return self.capability_verification_seconds.time()
+
+    # -- audit ------------------------------------------------------------------
+
+    def audit_appended(self, count: int = 1, *, size_bytes: int | None = None) -> None:
+        """``count`` entries were appended; ``size_bytes`` is the log's new size if known."""
+        self.audit_entries.inc(count)
+        if size_bytes is not None:
+            self.audit_size_bytes.set(size_bytes)
+
+    def set_audit_size(self, size_bytes: int) -> None:
+        self.audit_size_bytes.set(size_bytes)
+
+    def audit_anchor_attempted(self, *, succeeded: bool) -> None:
+        self.audit_anchor_attempts.inc()
+        if not succeeded:
+            self.audit_anchor_failures.inc()
+
+    # -- security events --------------------------------------------------------
+
+    def signature_failed(self) -> None:
+        self.signature_failures.inc()
+
+    def replay_dropped(self) -> None:
+        self.replays_dropped.inc()
+
+    def set_revocation_list_age(self, seconds: float) -> None:
+        """E.g. ``RevocationState.revocation_list_age_seconds(now)`` (may be +Inf)."""
+        self.revocation_list_age_seconds.set(seconds)
+
+    def set_clock_offset(self, seconds: float) -> None:
+        self.clock_offset_seconds.set(seconds)
+
+    def duplicate_instance_detected(self) -> None:
+        self.duplicate_instances.inc()
+
+    def set_registry_reachable(self, reachable: bool) -> None:
+        self.registry_up.set(1 if reachable else 0)
+
+    # -- exposition -------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format (what ``/metrics`` answers)."""
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
+        """Serve ``/metrics`` over HTTP on ``host:port`` (0: any free port) in a thread.
+
+        Returns the address actually bound. Call :meth:`close` to stop it.
+        """
+        if self._server is not None:
+            raise RuntimeError("metrics endpoint already running")
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server, self._thread = server, thread
+        bound_host, bound_port = server.server_address[:2]
+        return str(bound_host), int(bound_port)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The address being served, or ``None``."""
+        if self._server is None:
+            return None
+        bound_host, bound_port = self._server.server_address[:2]
+        return str(bound_host), int(bound_port)
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint, if any (idempotent)."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)

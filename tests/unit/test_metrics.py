@@ -1,0 +1,248 @@
+"""AgentMetrics: every series from start-up, events move the right ones, /metrics serves."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from talos import errors
+from talos.core import wire
+from talos.metrics import DENIAL_REASONS, OTHER, REJECTION_REASONS, AgentMetrics
+
+#: The names the seed's alert rules use (as their ``_total`` counter form where counters).
+SEED_SERIES = (
+    "talos_audit_anchor_failures_total",
+    "talos_session_failures_total",
+    "talos_signature_failures_total",
+    "talos_revocation_list_age_seconds",
+)
+
+#: Every unlabelled counter/gauge sample exported, all 0 at start-up.
+SCALAR_SERIES = (
+    *SEED_SERIES,
+    "talos_sessions_active",
+    "talos_sessions_established_total",
+    "talos_session_resets_total",
+    "talos_messages_sent_total",
+    "talos_messages_received_total",
+    "talos_messages_delivered_total",
+    "talos_messages_queued",
+    "talos_capabilities_granted_total",
+    "talos_capabilities_revoked_total",
+    "talos_audit_entries_total",
+    "talos_audit_size_bytes",
+    "talos_audit_anchor_attempts_total",
+    "talos_replays_dropped_total",
+    "talos_clock_offset_seconds",
+    "talos_duplicate_instances_detected_total",
+    "talos_registry_up",
+)
+
+HISTOGRAMS = (
+    "talos_session_establishment_seconds",
+    "talos_message_send_seconds",
+    "talos_capability_verification_seconds",
+)
+
+
+def samples(metrics: AgentMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Parse ``render()`` back: (sample name, sorted labels) -> value."""
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(metrics: AgentMetrics, name: str, **labels: str) -> float:
+    return samples(metrics)[(name, tuple(sorted(labels.items())))]
+
+
+def test_every_series_exists_at_zero_from_start_up() -> None:
+    metrics = AgentMetrics()
+    got = samples(metrics)
+    for name in SCALAR_SERIES:
+        assert got[(name, ())] == 0, name
+    for name in HISTOGRAMS:
+        assert got[(f"{name}_count", ())] == 0, name
+        assert got[(f"{name}_bucket", (("le", "+Inf"),))] == 0, name
+    for direction in ("sent", "received"):
+        assert got[("talos_message_size_bytes_count", (("direction", direction),))] == 0
+    for reason in DENIAL_REASONS:
+        assert got[("talos_capabilities_denied_total", (("reason", reason),))] == 0, reason
+    for reason in REJECTION_REASONS:
+        assert got[("talos_messages_rejected_total", (("reason", reason),))] == 0, reason
+
+
+def test_seed_names_are_in_the_exposition_text() -> None:
+    text = AgentMetrics().render().decode()
+    for name in SEED_SERIES:
+        assert f"\n{name} 0.0\n" in text, name
+
+
+def test_denial_reasons_cover_every_capability_denied_subclass() -> None:
+    for cls in (
+        errors.CapabilityDenied,
+        errors.Expired,
+        errors.NotYetValid,
+        errors.ScopeMismatch,
+        errors.Revoked,
+        errors.RevocationListStale,
+        errors.ChainTooDeep,
+        errors.CapabilitySignatureInvalid,
+    ):
+        assert cls.__name__ in DENIAL_REASONS
+    assert OTHER in DENIAL_REASONS
+    assert {code.name.lower() for code in wire.ErrorCode} < set(REJECTION_REASONS)
+
+
+def test_session_events() -> None:
+    metrics = AgentMetrics()
+    metrics.session_established(0.2)
+    metrics.session_established()
+    metrics.session_failed()
+    metrics.session_reset()
+    metrics.set_active_sessions(3)
+    assert value(metrics, "talos_sessions_established_total") == 2
+    assert value(metrics, "talos_session_failures_total") == 1
+    assert value(metrics, "talos_session_resets_total") == 1
+    assert value(metrics, "talos_sessions_active") == 3
+    assert value(metrics, "talos_session_establishment_seconds_count") == 1
+    assert value(metrics, "talos_session_establishment_seconds_sum") == pytest.approx(0.2)
+    assert value(metrics, "talos_session_establishment_seconds_bucket", le="0.25") == 1
+    assert value(metrics, "talos_session_establishment_seconds_bucket", le="0.1") == 0
+
+
+def test_message_events() -> None:
+    metrics = AgentMetrics()
+    metrics.message_sent(100)
+    metrics.message_sent(5000)
+    metrics.message_received(10)
+    metrics.message_delivered(0.03)
+    metrics.message_delivered()
+    metrics.message_rejected(wire.ErrorCode.STALE)
+    metrics.message_rejected("capability_denied")
+    metrics.message_rejected("made-up")
+    metrics.set_queue_depth(7)
+    assert value(metrics, "talos_messages_sent_total") == 2
+    assert value(metrics, "talos_messages_received_total") == 1
+    assert value(metrics, "talos_messages_delivered_total") == 2
+    assert value(metrics, "talos_message_send_seconds_count") == 1
+    assert value(metrics, "talos_messages_queued") == 7
+    assert value(metrics, "talos_message_size_bytes_count", direction="sent") == 2
+    assert value(metrics, "talos_message_size_bytes_sum", direction="sent") == 5100
+    assert value(metrics, "talos_message_size_bytes_bucket", direction="sent", le="256.0") == 1
+    assert value(metrics, "talos_message_size_bytes_count", direction="received") == 1
+    assert value(metrics, "talos_messages_rejected_total", reason="stale") == 1
+    assert value(metrics, "talos_messages_rejected_total", reason="capability_denied") == 1
+    assert value(metrics, "talos_messages_rejected_total", reason=OTHER) == 1
+    assert value(metrics, "talos_messages_rejected_total", reason="decrypt_failed") == 0
+    metrics.set_queue_depth(0)
+    assert value(metrics, "talos_messages_queued") == 0
+
+
+def test_capability_events() -> None:
+    metrics = AgentMetrics()
+    metrics.capability_granted()
+    metrics.capability_revoked()
+    metrics.capability_revoked()
+    metrics.capability_denied(errors.Expired("gone"))
+    metrics.capability_denied(errors.Revoked)
+    metrics.capability_denied("ScopeMismatch")
+    metrics.capability_denied("NoSuchReason")
+    metrics.capability_verified(0.001)
+    with metrics.time_capability_verification():
+        pass
+    assert value(metrics, "talos_capabilities_granted_total") == 1
+    assert value(metrics, "talos_capabilities_revoked_total") == 2
+    for reason in ("Expired", "Revoked", "ScopeMismatch", OTHER):
+        assert value(metrics, "talos_capabilities_denied_total", reason=reason) == 1, reason
+    assert value(metrics, "talos_capabilities_denied_total", reason="NotYetValid") == 0
+    assert value(metrics, "talos_capability_verification_seconds_count") == 2
+    # Only a forged capability is also a signature failure.
+    assert value(metrics, "talos_signature_failures_total") == 0
+    metrics.capability_denied(errors.CapabilitySignatureInvalid("forged"))
+    assert (
+        value(metrics, "talos_capabilities_denied_total", reason="CapabilitySignatureInvalid") == 1
+    )
+    assert value(metrics, "talos_signature_failures_total") == 1
+
+
+def test_audit_events() -> None:
+    metrics = AgentMetrics()
+    metrics.audit_appended()
+    metrics.audit_appended(3, size_bytes=4096)
+    metrics.audit_anchor_attempted(succeeded=True)
+    metrics.audit_anchor_attempted(succeeded=False)
+    assert value(metrics, "talos_audit_entries_total") == 4
+    assert value(metrics, "talos_audit_size_bytes") == 4096
+    metrics.set_audit_size(8192)
+    assert value(metrics, "talos_audit_size_bytes") == 8192
+    assert value(metrics, "talos_audit_anchor_attempts_total") == 2
+    assert value(metrics, "talos_audit_anchor_failures_total") == 1
+
+
+def test_security_events_and_gauges() -> None:
+    metrics = AgentMetrics()
+    metrics.signature_failed()
+    metrics.replay_dropped()
+    metrics.replay_dropped()
+    metrics.duplicate_instance_detected()
+    metrics.set_revocation_list_age(42.5)
+    metrics.set_clock_offset(-3.25)
+    metrics.set_registry_reachable(True)
+    assert value(metrics, "talos_signature_failures_total") == 1
+    assert value(metrics, "talos_replays_dropped_total") == 2
+    assert value(metrics, "talos_duplicate_instances_detected_total") == 1
+    assert value(metrics, "talos_revocation_list_age_seconds") == 42.5
+    assert value(metrics, "talos_clock_offset_seconds") == -3.25
+    assert value(metrics, "talos_registry_up") == 1
+    metrics.set_registry_reachable(False)
+    assert value(metrics, "talos_registry_up") == 0
+    # RevocationState reports +Inf for a list that was never synced.
+    metrics.set_revocation_list_age(math.inf)
+    assert value(metrics, "talos_revocation_list_age_seconds") == math.inf
+
+
+def test_registry_up_is_not_applicable_without_a_registry() -> None:
+    assert math.isnan(value(AgentMetrics(uses_registry=False), "talos_registry_up"))
+
+
+def test_two_agents_in_one_process_do_not_clash() -> None:
+    alice, bob = AgentMetrics(), AgentMetrics()
+    alice.message_sent(10)
+    alice.capability_denied("Expired")
+    assert value(alice, "talos_messages_sent_total") == 1
+    assert value(bob, "talos_messages_sent_total") == 0
+    assert value(bob, "talos_capabilities_denied_total", reason="Expired") == 0
+    assert alice.registry is not bob.registry
+
+
+def test_serve_answers_http_get_on_loopback() -> None:
+    metrics = AgentMetrics()
+    other = AgentMetrics()
+    try:
+        host, port = metrics.serve(0)
+        assert host == "127.0.0.1"
+        assert port > 0
+        assert metrics.address == (host, port)
+        with pytest.raises(RuntimeError):
+            metrics.serve(0)
+        metrics.replay_dropped()
+        other.serve(0)
+        response = httpx.get(f"http://{host}:{port}/metrics", timeout=5)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        assert "\ntalos_replays_dropped_total 1.0\n" in response.text
+        for name in SEED_SERIES:
+            assert name in response.text
+    finally:
+        metrics.close()
+        other.close()
+    metrics.close()  # idempotent
+    assert metrics.address is None
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://{host}:{port}/metrics", timeout=1)
