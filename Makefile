@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck imports pytest bench clean
+.PHONY: demo test lint typecheck imports pytest alerts bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m talos.demo
 
-test: lint typecheck imports pytest
+test: lint typecheck imports alerts pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -26,6 +26,9 @@ typecheck: $(STAMP)
 
 imports: $(STAMP)
 	$(BIN)/lint-imports
+
+alerts:
+	bash deploy/prometheus/check.sh
 
 pytest: $(STAMP)
 	$(BIN)/pytest -n 2 -q
