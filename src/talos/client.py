@@ -79,6 +79,7 @@ from talos.errors import (
     TalosError,
     UnsupportedVersion,
 )
+from talos.metrics import AgentMetrics
 from talos.peers import DhtSource, PeerDirectory, RecordSource, RegistrySource
 from talos.storage.agent_state import AgentState, InboxMessage, OutboxItem, derive_storage_key
 from talos.storage.home import AgentHome, default_home
@@ -166,7 +167,8 @@ class TalosClient:
         (``"registry"``, ``"dht"``); the local cache of verified records is
         always asked first. With ``"dht"`` the agent runs a DHT node on UDP
         ``dht_port`` (0: any) joined through ``dht_bootstrap``.
-        ``metrics_port`` is accepted and unused until metrics exist.
+        With ``metrics_port`` (0: any) Prometheus metrics are served at
+        ``/metrics``; :attr:`metrics` is always there.
 
         Raises:
             ConfigurationError: an invalid option.
@@ -265,6 +267,9 @@ class TalosClient:
         self._revocations = RevocationState()
         self._background: set[asyncio.Task[Any]] = set()
         self.registry_reachable: bool | None = None
+        #: Prometheus collectors of this agent (served on ``metrics_port`` if given).
+        self.metrics = AgentMetrics(uses_registry=registry_url is not None)
+        self._metrics_port = metrics_port
 
     async def _open(self) -> None:
         self._identity = self._load_identity()
@@ -305,6 +310,8 @@ class TalosClient:
         )
         self._load_revocations()
         self._prekeys = self._load_prekeys()
+        if self._metrics_port is not None:
+            self.metrics.serve(self._metrics_port, self._listen[0])
         self._transport = Transport(self._on_frame)
         host, port = await self._transport.listen(*self._listen)
         self._endpoint = f"ws://{host}:{port}"
@@ -370,6 +377,7 @@ class TalosClient:
             await registry.publish_record(self.peer_record())
             await self._publish_revocations()
             self.registry_reachable = True
+            self.metrics.set_registry_reachable(True)
         except DiscoveryError as exc:
             self._source_down("registry", exc)
         except PeerRejected as exc:
@@ -409,6 +417,7 @@ class TalosClient:
     def _source_down(self, name: str, exc: Exception) -> None:
         if name == "registry":
             self.registry_reachable = False
+            self.metrics.set_registry_reachable(False)
         _log.warning("%s unavailable: %s", name, exc)
 
     async def close(self) -> None:
@@ -438,6 +447,7 @@ class TalosClient:
             self._tokens.close()
         if self._log is not None:
             self._log.close()
+        self.metrics.close()
 
     async def __aenter__(self) -> TalosClient:
         return self
@@ -542,6 +552,7 @@ class TalosClient:
             audit=[(AuditKind.SESSION_ESTABLISHED, {"role": "initiator"}, peer_id)],
         )
         self._sessions[peer_id] = (session, header)
+        self.metrics.session_established()
         self._kick(peer_id)
 
     async def reset_session(self, peer_id: str) -> None:
@@ -615,6 +626,8 @@ class TalosClient:
             ],
         )
         result = SendResult("queued", message_id.hex(), trace_id)
+        self.metrics.message_sent(len(payload))
+        self.metrics.set_queue_depth(self.queue_depth())
         if self._offline:
             return result
         acked = self._acks.setdefault(message_id, asyncio.get_running_loop().create_future())
@@ -989,6 +1002,7 @@ class TalosClient:
             envelope = wire.verify(unverified, log.state.signing_key)
         except SignatureInvalid:
             self._audit(AuditKind.SIGNATURE_FAILURE, {"id": unverified.message_id}, sender)
+            self.metrics.signature_failed()
             _log.warning("signature failure on a frame from %s (not blocked)", sender)
             return
         # A valid frame proves who signed it, not who holds the socket (it may
@@ -1012,6 +1026,7 @@ class TalosClient:
             self._state.replay_window.check(replay_id, envelope.timestamp_ms, int(now * 1000))
         except DuplicateMessage:
             self._audit(AuditKind.REPLAY_DROPPED, {"id": envelope.message_id}, sender)
+            self.metrics.replay_dropped()
             await self._answer(link, envelope, ack=wire.AckStatus.DUPLICATE)
             return
         except StaleMessage as exc:
@@ -1030,6 +1045,7 @@ class TalosClient:
                     {"id": envelope.message_id, "reason": type(exc).__name__},
                     sender,
                 )
+                self.metrics.capability_denied(exc)
                 code = (
                     wire.ErrorCode.UNAVAILABLE
                     if isinstance(exc, RevocationListStale)
@@ -1041,6 +1057,7 @@ class TalosClient:
             plaintext, successor, prekeys, established = self._decrypt(envelope, sender_keys)
             data = decode_payload(plaintext)
         except (CryptoError, SessionError, RemoteProtocolError) as exc:
+            self.metrics.session_failed()
             self._audit(
                 AuditKind.DECRYPTION_FAILURE,
                 {"id": envelope.message_id, "reason": type(exc).__name__},
@@ -1077,6 +1094,9 @@ class TalosClient:
             audit=audit,
         )
         self._sessions[sender] = (successor, None)
+        self.metrics.message_received(len(plaintext))
+        if established:
+            self.metrics.session_established()
         if prekeys is not None:
             self._prekeys = prekeys
         await self._answer(link, envelope, ack=wire.AckStatus.ACCEPTED)
@@ -1130,6 +1150,7 @@ class TalosClient:
                 assert self._tokens is not None  # noqa: S101 -- open while the client is
                 self._tokens.put_revocation_list(issuer, kept.to_bytes(), synced_at=now)
         self._revocations.mark_synced(issuer, now)
+        self.metrics.set_revocation_list_age(self._revocations.revocation_list_age_seconds(now))
 
     def _decrypt(
         self, envelope: wire.Envelope, sender_keys: Any
@@ -1204,6 +1225,7 @@ class TalosClient:
         if ref is None or not self._queued_for(ref, envelope.sender):
             return  # not ours, not from the peer we sent it to, or already acknowledged
         self._failures.pop(ref, None)
+        self.metrics.message_delivered()
         self._state.remove(
             ref,
             audit=[
@@ -1214,6 +1236,7 @@ class TalosClient:
                 )
             ],
         )
+        self.metrics.set_queue_depth(self.queue_depth())
         current = self._sessions.get(envelope.sender)
         if current is not None and current[1] is not None:
             # The peer holds the session now: later messages need no X3DH header.
@@ -1239,6 +1262,7 @@ class TalosClient:
             if now - self._last_reset.get(peer, -RESET_INTERVAL) >= RESET_INTERVAL:
                 self._last_reset[peer] = now
                 self._sessions.pop(peer, None)
+                self.metrics.session_reset()
                 self._state.drop_session(
                     peer,
                     audit=[(AuditKind.SESSION_RESET, {"reason": "peer could not decrypt"}, peer)],
@@ -1248,6 +1272,7 @@ class TalosClient:
                 nack.set()  # the waiting delivery retries with a fresh session
             return
         reason = envelope.reason or envelope.error_code.name if envelope.error_code else "refused"
+        self.metrics.message_rejected(envelope.error_code or "other")
         self._state.remove(
             ref,
             audit=[(AuditKind.PEER_REJECTED, {"id": ref, "reason": str(reason)[:200]}, peer)],

@@ -446,3 +446,33 @@ async def test_revocation_by_a_delegator_reaches_the_audience_on_connection(
             await alice.send(bob.agent_id, "after revocation", timeout=10)
         received = [await bob.receive(timeout=5) for _ in range(2)]
         assert [m.data for m in received if m is not None] == ["delegated", "hi"]
+
+
+async def test_metrics_follow_what_happens(tmp_path: Path) -> None:
+    import httpx
+
+    async with (
+        TalosClient.create(
+            "alice", home=tmp_path / "a", discovery=[], accept_policy="open", metrics_port=0
+        ) as a,
+        TalosClient.create("bob", home=tmp_path / "b", discovery=[], accept_policy="open") as b,
+    ):
+        a.add_contact(b.contact_card())
+        b.add_contact(a.contact_card())
+        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+        for n in range(3):
+            await a.send(b.agent_id, n, timeout=10)
+        host, port = a.metrics.address or ("", 0)
+        async with httpx.AsyncClient() as http:
+            page = (await http.get(f"http://{host}:{port}/metrics")).text
+        assert "talos_messages_sent_total 3.0" in page
+        assert "talos_messages_delivered_total 3.0" in page
+        assert "talos_messages_queued 0.0" in page
+        assert b"talos_messages_received_total 3.0" in b.metrics.render()
+        for name in (
+            "talos_signature_failures_total",
+            "talos_revocation_list_age_seconds",
+            "talos_session_failures_total",
+            "talos_audit_anchor_failures_total",
+        ):
+            assert name in page

@@ -541,7 +541,10 @@ def _parse_bootstrap(
     help="A DHT node to join through (repeatable; implies DHT discovery).",
 )
 @click.option(
-    "--metrics-port", type=click.IntRange(0, 65535), default=None, help="(not available yet)"
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics on this port (0: any).",
 )
 @click.option("--log-level", type=click.Choice(_LEVELS), default="info", show_default=True)
 @key_passphrase_option
@@ -576,7 +579,6 @@ def run(
         raise IdentityNotFound(
             f"no identity in {home.path}; run `talos init --name NAME` or pass --name"
         )
-    _warn(metrics=metrics_port is not None)
     use_dht = dht_port is not None or bool(dht_bootstrap)
     if accept == "open":
         _err.print("[yellow]warning:[/] --accept open: messages are accepted without capability")
@@ -599,17 +601,12 @@ def run(
             "discovery": ["registry", "dht"] if use_dht else ["registry"],
             "dht_port": dht_port or 0,
             "dht_bootstrap": dht_bootstrap,
+            "metrics_port": metrics_port,
             "passphrase": passphrase,
             "clock": ctx.clock,
             "rng": ctx.rng,
         }
         asyncio.run(_daemon(name or home.path.name, options, path))
-
-
-def _warn(*, metrics: bool) -> None:
-    """Options for parts that land later are accepted (so scripts keep working), not used."""
-    if metrics:
-        _err.print("[yellow]warning:[/] metrics are not available yet; --metrics-port ignored")
 
 
 async def _daemon(name: str, options: dict[str, Any], path: Path) -> None:
