@@ -1053,6 +1053,11 @@ class TalosClient:
                 )
                 await self._refuse(link, envelope, code, str(exc)[:200])
                 return
+        if self._we_keep_our_handshake(envelope):
+            await self._refuse(
+                link, envelope, wire.ErrorCode.UNAVAILABLE, "both sides opened a session; use mine"
+            )
+            return
         try:
             plaintext, successor, prekeys, established = self._decrypt(envelope, sender_keys)
             data = decode_payload(plaintext)
@@ -1151,6 +1156,20 @@ class TalosClient:
                 self._tokens.put_revocation_list(issuer, kept.to_bytes(), synced_at=now)
         self._revocations.mark_synced(issuer, now)
         self.metrics.set_revocation_list_age(self._revocations.revocation_list_age_seconds(now))
+
+    def _we_keep_our_handshake(self, envelope: wire.Envelope) -> bool:
+        """Tie-break when both agents started a session with each other at once.
+
+        Each side holds its own initiator session (not yet acknowledged) and
+        receives the other's X3DH initial message. The agent with the lower
+        id keeps its own: it answers UNAVAILABLE (retry later, not a reset),
+        and the other adopts the winner's session when that initial message
+        arrives, then re-sends in it.
+        """
+        if envelope.type is not wire.EnvelopeType.INITIAL or self.agent_id > envelope.sender:
+            return False
+        current = self._session(envelope.sender)
+        return current is not None and current[1] is not None
 
     def _decrypt(
         self, envelope: wire.Envelope, sender_keys: Any

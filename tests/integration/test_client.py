@@ -476,3 +476,24 @@ async def test_metrics_follow_what_happens(tmp_path: Path) -> None:
             "talos_audit_anchor_failures_total",
         ):
             assert name in page
+
+
+async def test_both_sides_opening_a_session_at_once_converge(tmp_path: Path) -> None:
+    async with (
+        TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
+        TalosClient.create("bob", home=tmp_path / "b", discovery=[], accept_policy="open") as b,
+    ):
+        a.add_contact(b.contact_card())
+        b.add_contact(a.contact_card())
+        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+        await b.establish_session(a.agent_id, a.get_prekey_bundle())
+        for round_ in range(3):
+            sent = await asyncio.gather(
+                a.send(b.agent_id, f"a{round_}", timeout=15),
+                b.send(a.agent_id, f"b{round_}", timeout=15),
+            )
+            assert [r.status for r in sent] == ["delivered", "delivered"]
+        to_b = [await b.receive(timeout=5) for _ in range(3)]
+        to_a = [await a.receive(timeout=5) for _ in range(3)]
+        assert [m.data for m in to_b if m is not None] == ["a0", "a1", "a2"]
+        assert [m.data for m in to_a if m is not None] == ["b0", "b1", "b2"]
