@@ -76,6 +76,7 @@ from talos.errors import (
     SessionError,
     SignatureInvalid,
     StaleMessage,
+    StoreCorrupted,
     TalosError,
     UnsupportedVersion,
 )
@@ -563,12 +564,27 @@ class TalosClient:
         )
 
     def _session(self, peer: str) -> tuple[Session, bytes | None] | None:
+        """The session with ``peer``; a stored one that is damaged is discarded.
+
+        Seed, "Session State Corruption": a session that cannot be read is
+        dropped (audited as SESSION_RESET) and treated as absent, so the
+        sender re-establishes and the receiver answers DECRYPT_FAILED, which
+        makes the peer do the same.
+        """
         cached = self._sessions.get(peer)
         if cached is None:
-            data = self._state.session(peer)
-            if data is None:
+            try:
+                data = self._state.session(peer)
+                if data is None:
+                    return None
+                cached = _load_session(data, self._rng)
+            except (StoreCorrupted, MalformedFrame, UnsupportedVersion) as exc:
+                _log.warning("the stored session with %s is damaged (%s); discarding it", peer, exc)
+                self._state.drop_session(
+                    peer, audit=[(AuditKind.SESSION_RESET, {"reason": "corrupted"}, peer)]
+                )
+                self.metrics.session_reset()
                 return None
-            cached = _load_session(data, self._rng)
             self._sessions[peer] = cached
         return cached
 

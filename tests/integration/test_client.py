@@ -497,3 +497,37 @@ async def test_both_sides_opening_a_session_at_once_converge(tmp_path: Path) -> 
         to_a = [await a.receive(timeout=5) for _ in range(3)]
         assert [m.data for m in to_b if m is not None] == ["a0", "a1", "a2"]
         assert [m.data for m in to_a if m is not None] == ["b0", "b1", "b2"]
+
+
+async def test_a_corrupted_session_row_heals(tmp_path: Path, registry: RegistryProcess) -> None:
+    """Seed, Session State Corruption: the damaged side discards it; both re-establish."""
+    import lmdb
+
+    url = registry.url
+    options = {"registry_url": url, "accept_policy": "open"}
+    async with (
+        TalosClient.create("alice", home=tmp_path / "a", **options) as a,  # type: ignore[arg-type]
+        TalosClient.create("bob", home=tmp_path / "b", **options) as b,  # type: ignore[arg-type]
+    ):
+        alice_id, bob_id = a.agent_id, b.agent_id
+        assert (await a.send(bob_id, "before", timeout=10)).status == "delivered"
+        assert (await b.receive(timeout=10)) is not None
+    env = lmdb.open(str(tmp_path / "b" / "audit"), max_dbs=32)
+    sessions = env.open_db(b"x:sessions")
+    with env.begin(write=True, db=sessions) as txn:
+        for key, value in list(txn.cursor()):
+            damaged = bytearray(value)
+            damaged[len(damaged) // 2] ^= 0xFF
+            txn.put(key, bytes(damaged))
+    env.close()
+    async with (
+        TalosClient.create("alice", home=tmp_path / "a", **options) as a,  # type: ignore[arg-type]
+        TalosClient.create("bob", home=tmp_path / "b", **options) as b,  # type: ignore[arg-type]
+    ):
+        assert (await a.send(bob_id, "after", timeout=20)).status == "delivered"
+        got = await b.receive(timeout=10)
+        assert got is not None
+        assert got.data == "after"
+        assert (await b.send(alice_id, "and back", timeout=20)).status == "delivered"
+    kinds = audit_kinds(tmp_path / "b")
+    assert "SESSION_RESET" in kinds
