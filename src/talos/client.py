@@ -46,6 +46,7 @@ from talos.core.message import Message, decode_payload, encode_payload
 from talos.core.peer_record import PeerRecord
 from talos.core.prekeys import PrekeyUpload
 from talos.core.ratchet import Session
+from talos.core.ratelimit import RateLimiter
 from talos.core.revocation import (
     RevocationList,
     RevocationMode,
@@ -257,6 +258,9 @@ class TalosClient:
         self._acks: dict[bytes, asyncio.Future[None]] = {}
         #: Set when the peer answered DECRYPT_FAILED for a message: retry it now.
         self._nacks: dict[bytes, asyncio.Event] = {}
+        #: Bounds on what unauthenticated input can make us do (audit writes, lookups).
+        self._noisy_audits = RateLimiter(rate=1.0, burst=20)
+        self._unknown_lookups = RateLimiter(rate=2.0, burst=20)
         #: Incoming links we already answered with our revocation list.
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         #: Failed delivery attempts per queued message (while a send() waits on it).
@@ -1009,6 +1013,11 @@ class TalosClient:
             )
             return
         sender = unverified.sender
+        if self._peers.known_log(sender) is None and not self._unknown_lookups.allow(
+            "lookup", self._clock.monotonic()
+        ):
+            _log.debug("dropping a frame from unknown %s: lookup rate limit", sender)
+            return
         try:
             log = await self._peers.keylog(sender)
         except (PeerNotFound, TalosError) as exc:
@@ -1017,7 +1026,7 @@ class TalosClient:
         try:
             envelope = wire.verify(unverified, log.state.signing_key)
         except SignatureInvalid:
-            self._audit(AuditKind.SIGNATURE_FAILURE, {"id": unverified.message_id}, sender)
+            self._audit_noisy(AuditKind.SIGNATURE_FAILURE, {"id": unverified.message_id}, sender)
             self.metrics.signature_failed()
             _log.warning("signature failure on a frame from %s (not blocked)", sender)
             return
@@ -1041,7 +1050,7 @@ class TalosClient:
         try:
             self._state.replay_window.check(replay_id, envelope.timestamp_ms, int(now * 1000))
         except DuplicateMessage:
-            self._audit(AuditKind.REPLAY_DROPPED, {"id": envelope.message_id}, sender)
+            self._audit_noisy(AuditKind.REPLAY_DROPPED, {"id": envelope.message_id}, sender)
             self.metrics.replay_dropped()
             await self._answer(link, envelope, ack=wire.AckStatus.DUPLICATE)
             return
@@ -1317,6 +1326,18 @@ class TalosClient:
         future = self._acks.pop(ref, None)
         if future is not None and not future.done():
             future.set_exception(PeerRejected(f"{peer} refused the message: {reason}"))
+
+    def _audit_noisy(self, kind: str, data: dict[str, Any], peer: str) -> None:
+        """Audit an event anyone can trigger at will, at most ~1/s per (kind, peer).
+
+        Past the limit the event is still counted in the metrics and logged at
+        debug level, but not written: a flood of forged or replayed frames
+        must not fill the disk (and so stop the agent) through its own log.
+        """
+        if self._noisy_audits.allow((kind, peer), self._clock.monotonic()):
+            self._audit(kind, data, peer)
+        else:
+            _log.debug("%s from %s not audited: rate limit", kind, peer)
 
     def _audit(self, kind: str, data: dict[str, Any], peer: str | None) -> None:
         assert self._log is not None  # noqa: S101 -- open while the client is

@@ -17,6 +17,7 @@ from talos.client import TalosClient
 from talos.core import wire
 from talos.errors import CapabilityDenied, DeliveryTimeout, PeerRejected, QueueFull
 from talos.storage.agent_state import AgentState
+from talos.storage.home import AgentHome
 from talos.testing.processes import RegistryProcess, registry_process
 
 pytestmark = pytest.mark.asyncio
@@ -531,3 +532,37 @@ async def test_a_corrupted_session_row_heals(tmp_path: Path, registry: RegistryP
         assert (await b.send(alice_id, "and back", timeout=20)).status == "delivered"
     kinds = audit_kinds(tmp_path / "b")
     assert "SESSION_RESET" in kinds
+
+
+async def test_a_flood_of_forged_frames_cannot_fill_the_audit_log(tmp_path: Path) -> None:
+    async with (
+        TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
+        TalosClient.create("bob", home=tmp_path / "b", discovery=[], accept_policy="open") as b,
+    ):
+        a.add_contact(b.contact_card())
+        b.add_contact(a.contact_card())
+        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+        await a.send(b.agent_id, "hello", timeout=10)
+        link = a._links[b.agent_id]
+        envelope = wire.Envelope(
+            type=wire.EnvelopeType.MESSAGE,
+            message_id=b"\x01" * 16,
+            sender=a.agent_id,
+            sender_instance=b"\x02" * 16,
+            recipient=b.agent_id,
+            timestamp_ms=int(time.time() * 1000),
+            ratchet_header=b"h" * 40,
+            ciphertext=b"c" * 40,
+        )
+        frame = bytearray(
+            wire.seal(
+                envelope, AgentHome(tmp_path / "a").load_identity(passphrase=None).signing_key
+            )
+        )
+        frame[-1] ^= 1  # the signature no longer verifies
+        for _ in range(200):
+            await link.send(bytes(frame))
+        await a.send(b.agent_id, "still here", timeout=10)  # ordered after the flood
+        assert b"talos_signature_failures_total 200.0" in b.metrics.render()
+    kinds = audit_kinds(tmp_path / "b")
+    assert 1 <= kinds.count("SIGNATURE_FAILURE") <= 25
