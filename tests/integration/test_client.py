@@ -296,7 +296,6 @@ async def test_registry_down_peer_moved_is_found_through_the_dht(tmp_path: Path)
 async def test_a_self_issued_capability_is_refused(tmp_path: Path) -> None:
     """Nobody can authorize themselves to write to someone else's inbox."""
     from talos.core.capability import issue
-    from talos.storage.home import AgentHome
     from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
 
     async with (
@@ -391,7 +390,6 @@ async def test_revocation_by_a_delegator_reaches_the_audience_on_connection(
 ) -> None:
     """Bob → Carol → Alice; Carol revokes Alice's token; Bob enforces it once Carol connects."""
     from talos.core.capability import Capability, delegate
-    from talos.storage.home import AgentHome
     from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
 
     homes = {name: tmp_path / name for name in ("alice", "bob", "carol")}
