@@ -893,10 +893,8 @@ class TalosClient:
 
     def _own_revocation_list(self) -> bytes | None:
         assert self._tokens is not None  # noqa: S101 -- open while the client is
-        for issuer, data, _ in self._tokens.revocation_lists():
-            if issuer == self.agent_id:
-                return data
-        return None
+        stored = self._tokens.revocation_list(self.agent_id)
+        return None if stored is None else stored[0]
 
     async def _offer_revocations(self, link: Link, peer: str) -> None:
         """Send our own signed revocation list: both sides converge on every connection."""

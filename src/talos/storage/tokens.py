@@ -126,21 +126,38 @@ class TokenStore:
         with self._env.begin(db=self._dbs[b"revocations"]) as txn:
             items = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
         for key, value in items:
-            try:
-                record = strict_loads(value, max_size=_MAX_RECORD)
-                issuer = key.decode()
-                if not isinstance(record, dict) or set(record) != {"list", "synced_ms"}:
-                    raise MalformedFrame("bad revocation record")
-                data, synced = record["list"], record["synced_ms"]
-                if type(data) is not bytes or type(synced) is not int:
-                    raise MalformedFrame("bad revocation record fields")
-            except (MalformedFrame, UnicodeDecodeError) as exc:
-                raise StoreCorrupted(
-                    f"revocation record in {self._path} is damaged: {exc}",
-                    where=str(self._path),
-                    what="revocation record",
-                ) from None
-            yield issuer, data, synced / 1000
+            yield self._revocation_record(key, value)
+
+    def revocation_list(self, issuer: str) -> tuple[bytes, float] | None:
+        """``(list bytes, synchronized at)`` of one issuer, or None (one read).
+
+        Raises:
+            StoreCorrupted: the record is damaged.
+        """
+        key = issuer.encode()
+        with self._env.begin(db=self._dbs[b"revocations"]) as txn:
+            value = txn.get(key)
+        if value is None:
+            return None
+        _, data, synced = self._revocation_record(key, bytes(value))
+        return data, synced
+
+    def _revocation_record(self, key: bytes, value: bytes) -> tuple[str, bytes, float]:
+        try:
+            record = strict_loads(value, max_size=_MAX_RECORD)
+            issuer = key.decode()
+            if not isinstance(record, dict) or set(record) != {"list", "synced_ms"}:
+                raise MalformedFrame("bad revocation record")
+            data, synced = record["list"], record["synced_ms"]
+            if type(data) is not bytes or type(synced) is not int:
+                raise MalformedFrame("bad revocation record fields")
+        except (MalformedFrame, UnicodeDecodeError) as exc:
+            raise StoreCorrupted(
+                f"revocation record in {self._path} is damaged: {exc}",
+                where=str(self._path),
+                what="revocation record",
+            ) from None
+        return issuer, data, synced / 1000
 
     def put_reason(self, token_id: bytes, reason: str) -> None:
         """Remember why a token was revoked."""

@@ -66,3 +66,10 @@ def test_not_an_lmdb_directory(tmp_path: Path) -> None:
     (path / "data.mdb").write_bytes(b"this is not lmdb" * 512)
     with pytest.raises(StoreCorrupted):
         TokenStore.open(path)
+
+
+def test_one_revocation_list_by_issuer(tmp_path: Path) -> None:
+    with TokenStore.open(tmp_path / "caps") as store:
+        assert store.revocation_list("did:talos:zA") is None
+        store.put_revocation_list("did:talos:zA", b"v1", synced_at=7.5)
+        assert store.revocation_list("did:talos:zA") == (b"v1", 7.5)
