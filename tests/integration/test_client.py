@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,9 @@ def audit_kinds(home: Path) -> list[str]:
         return [entry.kind for entry in log.query()]
 
 
-async def test_two_agents_without_a_registry(tmp_path: Path) -> None:
-    """Contact cards and an out-of-band bundle: sessions, both directions, one link."""
+@asynccontextmanager
+async def introduced(tmp_path: Path) -> AsyncIterator[tuple[TalosClient, TalosClient]]:
+    """Alice and Bob without a registry: contact cards exchanged, Alice's session open."""
     async with (
         TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
         TalosClient.create("bob", home=tmp_path / "b", discovery=[], accept_policy="open") as b,
@@ -59,6 +61,12 @@ async def test_two_agents_without_a_registry(tmp_path: Path) -> None:
         a.add_contact(b.contact_card())
         b.add_contact(a.contact_card())
         await a.establish_session(b.agent_id, b.get_prekey_bundle())
+        yield a, b
+
+
+async def test_two_agents_without_a_registry(tmp_path: Path) -> None:
+    """Contact cards and an out-of-band bundle: sessions, both directions, one link."""
+    async with introduced(tmp_path) as (a, b):
         sent = await a.send(b.agent_id, "hello bob", timeout=10)
         assert sent.status == "delivered"
         got = await b.receive(timeout=10)
@@ -171,13 +179,7 @@ async def test_offline_mode_queues_and_bounds_the_queue(tmp_path: Path) -> None:
 
 
 async def test_replayed_and_forged_frames_change_nothing(tmp_path: Path) -> None:
-    async with (
-        TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
-        TalosClient.create("bob", home=tmp_path / "b", discovery=[], accept_policy="open") as b,
-    ):
-        a.add_contact(b.contact_card())
-        b.add_contact(a.contact_card())
-        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+    async with introduced(tmp_path) as (a, b):
         captured: list[bytes] = []
         original = a._link
 
@@ -240,13 +242,7 @@ async def test_session_corruption_heals_by_reestablishing(
 
 
 async def test_at_least_once_receive_survives_a_restart(tmp_path: Path) -> None:
-    async with (
-        TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
-        TalosClient.create("bob", home=tmp_path / "b", discovery=[], accept_policy="open") as b,
-    ):
-        a.add_contact(b.contact_card())
-        b.add_contact(a.contact_card())
-        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+    async with introduced(tmp_path) as (a, b):
         assert (await a.send(b.agent_id, "keep me", timeout=10)).status == "delivered"
         first = await b.receive(timeout=10, auto_ack=False)
         assert first is not None
@@ -478,13 +474,7 @@ async def test_metrics_follow_what_happens(tmp_path: Path) -> None:
 
 
 async def test_both_sides_opening_a_session_at_once_converge(tmp_path: Path) -> None:
-    async with (
-        TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
-        TalosClient.create("bob", home=tmp_path / "b", discovery=[], accept_policy="open") as b,
-    ):
-        a.add_contact(b.contact_card())
-        b.add_contact(a.contact_card())
-        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+    async with introduced(tmp_path) as (a, b):
         await b.establish_session(a.agent_id, a.get_prekey_bundle())
         for round_ in range(3):
             sent = await asyncio.gather(
@@ -533,13 +523,7 @@ async def test_a_corrupted_session_row_heals(tmp_path: Path, registry: RegistryP
 
 
 async def test_a_flood_of_forged_frames_cannot_fill_the_audit_log(tmp_path: Path) -> None:
-    async with (
-        TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
-        TalosClient.create("bob", home=tmp_path / "b", discovery=[], accept_policy="open") as b,
-    ):
-        a.add_contact(b.contact_card())
-        b.add_contact(a.contact_card())
-        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+    async with introduced(tmp_path) as (a, b):
         await a.send(b.agent_id, "hello", timeout=10)
         link = a._links[b.agent_id]
         envelope = wire.Envelope(
