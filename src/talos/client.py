@@ -39,6 +39,7 @@ from talos.core import wire
 from talos.core.backoff import Backoff
 from talos.core.capability import Capability, CapabilityPolicy, verify
 from talos.core.clock import Clock, time_ms
+from talos.core.clocksync import WARN_OFFSET, InstanceTracker, PeerClocks, offset_from
 from talos.core.encoding import canonical_dumps, strict_versioned_map
 from talos.core.identity import Identity
 from talos.core.keylog import IssuerKeys, KeyLog
@@ -97,6 +98,13 @@ _log = logging.getLogger("talos.client")
 ONE_TIME_PREKEYS: Final = 20
 #: How long our peer records stay valid (re-announced well before).
 RECORD_LIFETIME: Final = 3600.0
+#: Refusals logged as security events (WARNING), and their log event names.
+_SECURITY_REFUSALS: Final = frozenset({wire.ErrorCode.CAPABILITY_DENIED, wire.ErrorCode.STALE})
+_REFUSAL_EVENTS: Final = {
+    wire.ErrorCode.CAPABILITY_DENIED: "capability_denied",
+    wire.ErrorCode.STALE: "stale_message",
+    wire.ErrorCode.DECRYPT_FAILED: "decrypt_failed",
+}
 #: How long one transmission waits for its ACK before it is retried.
 ACK_TIMEOUT: Final = 10.0
 #: Least time between two automatic session resets for one peer.
@@ -270,6 +278,13 @@ class TalosClient:
         self._inbox_ready = asyncio.Event()
         self._last_reset: dict[str, float] = {}
         self._revocations = RevocationState()
+        #: When each in-flight message last left (our clock), for ACK clock samples.
+        self._sent_at: dict[bytes, float] = {}
+        self._peer_clocks = PeerClocks()
+        self._clock_warned: dict[str, float] = {}
+        #: Offset of our clock from the registry's (seconds, positive: we are ahead).
+        self.registry_offset: float | None = None
+        self._instances = InstanceTracker()
         self._background: set[asyncio.Task[Any]] = set()
         self.registry_reachable: bool | None = None
         #: Prometheus collectors of this agent (served on ``metrics_port`` if given).
@@ -381,12 +396,54 @@ class TalosClient:
             await registry.publish_prekeys(upload)
             await registry.publish_record(self.peer_record())
             await self._publish_revocations()
+            await self._measure_registry_clock(registry)
             self.registry_reachable = True
             self.metrics.set_registry_reachable(True)
         except DiscoveryError as exc:
             self._source_down("registry", exc)
         except PeerRejected as exc:
-            _log.warning("registry refused our announcement: %s", exc)
+            _log.warning(
+                "registry refused our announcement: %s",
+                exc,
+                extra={"event": "registry_rejected", "peer_id": None},
+            )
+
+    async def _measure_registry_clock(self, registry: RegistryClient) -> None:
+        """Estimate our offset from the registry's clock (best of three round trips)."""
+        best = None
+        for _ in range(3):
+            t1 = self._clock.time()
+            try:
+                server = await registry.time_ms() / 1000
+            except TalosError as exc:
+                _log.info("registry time not measured: %s", exc)
+                return
+            sample = offset_from(t1, server, server, self._clock.time())
+            if best is None or sample.delay < best.delay:
+                best = sample
+        assert best is not None  # noqa: S101 -- three samples were taken
+        self.registry_offset = -best.offset
+        self.metrics.set_clock_offset(self.registry_offset)
+        self._warn_clock("registry", self.registry_offset)
+
+    def _warn_clock(self, reference: str, ours_minus_theirs: float) -> None:
+        """Log a clock_skew warning (at most once a minute per reference) above WARN_OFFSET."""
+        if abs(ours_minus_theirs) <= WARN_OFFSET:
+            return
+        now = self._clock.monotonic()
+        if now - self._clock_warned.get(reference, -120.0) < 60.0:
+            return
+        self._clock_warned[reference] = now
+        _log.warning(
+            "our clock is %+.1f s off %s's; beyond 60 s envelopes and capabilities are refused",
+            ours_minus_theirs,
+            reference,
+            extra={
+                "event": "clock_skew",
+                "peer_id": None if reference == "registry" else reference,
+                "offset_s": round(ours_minus_theirs, 3),
+            },
+        )
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -410,7 +467,7 @@ class TalosClient:
                 self.peer_record().to_bytes(), self._identity.keylog.to_bytes()
             )
         except (DiscoveryError, LocalProtocolError) as exc:
-            _log.warning("DHT announcement failed: %s", exc)
+            _log.warning("DHT announcement failed: %s", exc, extra={"event": "dht_unreachable"})
             return
         _log.info("announced on the DHT; %d nodes accepted the record", accepted)
 
@@ -423,7 +480,12 @@ class TalosClient:
         if name == "registry":
             self.registry_reachable = False
             self.metrics.set_registry_reachable(False)
-        _log.warning("%s unavailable: %s", name, exc)
+        _log.warning(
+            "%s unavailable: %s",
+            name,
+            exc,
+            extra={"event": "registry_unreachable" if name == "registry" else "dht_unreachable"},
+        )
 
     async def close(self) -> None:
         """Stop delivering, close links and stores. Queued messages stay queued."""
@@ -583,7 +645,12 @@ class TalosClient:
                     return None
                 cached = _load_session(data, self._rng)
             except (StoreCorrupted, MalformedFrame, UnsupportedVersion) as exc:
-                _log.warning("the stored session with %s is damaged (%s); discarding it", peer, exc)
+                _log.warning(
+                    "the stored session with %s is damaged (%s); discarding it",
+                    peer,
+                    exc,
+                    extra={"event": "session_reset", "peer_id": peer, "reason": "damaged"},
+                )
                 self._state.drop_session(
                     peer, audit=[(AuditKind.SESSION_RESET, {"reason": "corrupted"}, peer)]
                 )
@@ -789,7 +856,14 @@ class TalosClient:
                 delay = self._backoff.delay(attempt, self._rng)
                 attempt += 1
                 level = logging.INFO if attempt < 5 else logging.WARNING
-                _log.log(level, "delivery to %s failed (%s); retry in %.2f s", peer, exc, delay)
+                _log.log(
+                    level,
+                    "delivery to %s failed (%s); retry in %.2f s",
+                    peer,
+                    exc,
+                    delay,
+                    extra={"event": "delivery_retry", "peer_id": peer, "attempt": attempt},
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), delay)
 
@@ -804,6 +878,7 @@ class TalosClient:
         frame = await self._encrypt(peer, item)
         nack = self._nacks.setdefault(item.message_id, asyncio.Event())
         nack.clear()
+        self._sent_at[item.message_id] = self._clock.time()
         await link.send(frame)
         refused: asyncio.Future[Any] = asyncio.ensure_future(nack.wait())
         dropped: asyncio.Future[Any] = asyncio.ensure_future(link.closed.wait())
@@ -923,11 +998,21 @@ class TalosClient:
             result = self._revocations.apply(offered, keys=IssuerKeys([log]))
         except (RemoteProtocolError, SignatureInvalid) as exc:
             self._audit(AuditKind.SIGNATURE_FAILURE, {"what": "revocation list"}, sender)
-            _log.warning("refusing a revocation list from %s: %s", sender, exc)
+            _log.warning(
+                "refusing a revocation list from %s: %s",
+                sender,
+                exc,
+                extra={"event": "revocation_conflict", "peer_id": sender},
+            )
             return
         if result.security_event:
             self._audit("REVOCATION_CONFLICT", {"outcome": result.outcome.name}, sender)
-            _log.warning("revocation list conflict from %s: %s", sender, result.outcome.name)
+            _log.warning(
+                "revocation list conflict from %s: %s",
+                sender,
+                result.outcome.name,
+                extra={"event": "revocation_conflict", "peer_id": sender},
+            )
         assert self._tokens is not None  # noqa: S101 -- open while the client is
         kept = self._revocations.list_for(sender)
         if kept is not None:
@@ -944,6 +1029,7 @@ class TalosClient:
         )
         self._nacks.pop(message_id, None)
         self._failures.pop(message_id, None)
+        self._sent_at.pop(message_id, None)
         future = self._acks.pop(message_id, None)
         if future is not None and not future.done():
             future.cancel()
@@ -1003,7 +1089,12 @@ class TalosClient:
         try:
             unverified = wire.decode(frame)
         except RemoteProtocolError as exc:
-            _log.warning("dropping a malformed frame from %s: %s", link.remote, exc)
+            _log.warning(
+                "dropping a malformed frame from %s: %s",
+                link.remote,
+                exc,
+                extra={"event": "malformed_frame", "remote": link.remote},
+            )
             return
         if unverified.recipient != self.agent_id:
             _log.warning(
@@ -1019,15 +1110,43 @@ class TalosClient:
         try:
             log = await self._peers.keylog(sender)
         except (PeerNotFound, TalosError) as exc:
-            _log.warning("dropping a frame from unknown agent %s: %s", sender, exc)
+            _log.warning(
+                "dropping a frame from unknown agent %s: %s",
+                sender,
+                exc,
+                extra={"event": "unknown_sender", "peer_id": sender},
+            )
             return
         try:
             envelope = wire.verify(unverified, log.state.signing_key)
         except SignatureInvalid:
-            self._audit_noisy(AuditKind.SIGNATURE_FAILURE, {"id": unverified.message_id}, sender)
+            audited = self._audit_noisy(
+                AuditKind.SIGNATURE_FAILURE, {"id": unverified.message_id}, sender
+            )
             self.metrics.signature_failed()
-            _log.warning("signature failure on a frame from %s (not blocked)", sender)
+            _log.log(
+                logging.WARNING if audited else logging.DEBUG,
+                "signature failure on a frame from %s (not blocked)",
+                sender,
+                extra={
+                    "event": "signature_failure",
+                    "peer_id": sender,
+                    "message_id": unverified.message_id.hex(),
+                    "remote": link.remote,
+                },
+            )
             return
+        if self._instances.observe(sender, envelope.sender_instance):
+            self.metrics.duplicate_instance_detected()
+            _log.warning(
+                "%s is sending from two instances at once (split brain?)",
+                sender,
+                extra={
+                    "event": "duplicate_instance",
+                    "peer_id": sender,
+                    "instance_id": envelope.sender_instance.hex(),
+                },
+            )
         # A valid frame proves who signed it, not who holds the socket (it may
         # be a replay): replies go back on this link, but outgoing traffic
         # only ever uses links this agent opened to a verified endpoint.
@@ -1048,15 +1167,34 @@ class TalosClient:
         try:
             self._state.replay_window.check(replay_id, envelope.timestamp_ms, int(now * 1000))
         except DuplicateMessage:
-            self._audit_noisy(AuditKind.REPLAY_DROPPED, {"id": envelope.message_id}, sender)
+            audited = self._audit_noisy(
+                AuditKind.REPLAY_DROPPED, {"id": envelope.message_id}, sender
+            )
             self.metrics.replay_dropped()
+            _log.log(
+                logging.WARNING if audited else logging.DEBUG,
+                "dropped a replayed message from %s (acknowledged again)",
+                sender,
+                extra={
+                    "event": "replay_dropped",
+                    "peer_id": sender,
+                    "message_id": envelope.message_id.hex(),
+                },
+            )
             await self._answer(link, envelope, ack=wire.AckStatus.DUPLICATE)
             return
         except StaleMessage as exc:
             self._audit(
                 AuditKind.PEER_REJECTED, {"id": envelope.message_id, "reason": "stale"}, sender
             )
-            await self._refuse(link, envelope, wire.ErrorCode.STALE, str(exc)[:200])
+            skewed = envelope.timestamp_ms > int(now * 1000)
+            await self._refuse(
+                link,
+                envelope,
+                wire.ErrorCode.STALE,
+                str(exc)[:200],
+                event="clock_skew" if skewed else "stale_message",
+            )
             return
         capability_id = None
         if not self._accept_open:
@@ -1238,9 +1376,27 @@ class TalosClient:
             await link.send(wire.seal(reply, self._identity.signing_key))
 
     async def _refuse(
-        self, link: Link, envelope: wire.Envelope, code: wire.ErrorCode, reason: str
+        self,
+        link: Link,
+        envelope: wire.Envelope,
+        code: wire.ErrorCode,
+        reason: str,
+        *,
+        event: str | None = None,
     ) -> None:
-        _log.info("refusing a message from %s: %s (%s)", envelope.sender, code.name, reason)
+        _log.log(
+            logging.WARNING if code in _SECURITY_REFUSALS else logging.INFO,
+            "refusing a message from %s: %s (%s)",
+            envelope.sender,
+            code.name,
+            reason,
+            extra={
+                "event": event or _REFUSAL_EVENTS.get(code, "refused"),
+                "peer_id": envelope.sender,
+                "message_id": envelope.message_id.hex(),
+                "code": code.name,
+            },
+        )
         reply = wire.Envelope(
             type=wire.EnvelopeType.ERROR,
             message_id=wire.new_message_id(self._rng),
@@ -1267,6 +1423,7 @@ class TalosClient:
         if ref is None or not self._queued_for(ref, envelope.sender):
             return  # not ours, not from the peer we sent it to, or already acknowledged
         self._failures.pop(ref, None)
+        self._clock_sample(envelope)
         self.metrics.message_delivered()
         self._state.remove(
             ref,
@@ -1289,6 +1446,21 @@ class TalosClient:
         future = self._acks.pop(ref, None)
         if future is not None and not future.done():
             future.set_result(None)
+
+    def _clock_sample(self, envelope: wire.Envelope) -> None:
+        """Estimate the peer's clock offset from a signed ACK to a message we timed."""
+        assert envelope.ref_id is not None  # noqa: S101 -- checked by the caller
+        sent = self._sent_at.pop(envelope.ref_id, None)
+        if sent is None:
+            return
+        theirs = envelope.timestamp_ms / 1000
+        best = self._peer_clocks.add(
+            envelope.sender, offset_from(sent, theirs, theirs, self._clock.time())
+        )
+        self._warn_clock(envelope.sender, -best.offset)
+        if self.registry_offset is None:
+            offsets = sorted(-s.offset for s in self._peer_clocks.estimates().values())
+            self.metrics.set_clock_offset(offsets[len(offsets) // 2])
 
     async def _on_error(self, envelope: wire.Envelope) -> None:
         ref, peer = envelope.ref_id, envelope.sender
@@ -1321,21 +1493,24 @@ class TalosClient:
         )
         self._nacks.pop(ref, None)
         self._failures.pop(ref, None)
+        self._sent_at.pop(ref, None)
         future = self._acks.pop(ref, None)
         if future is not None and not future.done():
             future.set_exception(PeerRejected(f"{peer} refused the message: {reason}"))
 
-    def _audit_noisy(self, kind: str, data: dict[str, Any], peer: str) -> None:
+    def _audit_noisy(self, kind: str, data: dict[str, Any], peer: str) -> bool:
         """Audit an event anyone can trigger at will, at most ~1/s per (kind, peer).
 
         Past the limit the event is still counted in the metrics and logged at
         debug level, but not written: a flood of forged or replayed frames
         must not fill the disk (and so stop the agent) through its own log.
+        Returns whether it was audited (callers log a warning only then).
         """
         if self._noisy_audits.allow((kind, peer), self._clock.monotonic()):
             self._audit(kind, data, peer)
-        else:
-            _log.debug("%s from %s not audited: rate limit", kind, peer)
+            return True
+        _log.debug("%s from %s not audited: rate limit", kind, peer)
+        return False
 
     def _audit(self, kind: str, data: dict[str, Any], peer: str | None) -> None:
         assert self._log is not None  # noqa: S101 -- open while the client is
@@ -1351,7 +1526,13 @@ class TalosClient:
         return self._state.outbox_count()
 
     def status(self) -> dict[str, Any]:
-        """What ``talos status`` shows: identity, endpoint, queue, sessions, registry."""
+        """What ``talos status`` shows: identity, endpoint, queue, sessions, registry, clocks.
+
+        ``clock_offset_s`` is our offset from the registry's clock (positive:
+        we are ahead); ``peer_clock`` holds each peer's offset from ours
+        (positive: the peer is ahead), estimated from signed ACKs.
+        """
+        now = self._clock.time()
         return {
             "agent_id": self.agent_id,
             "instance_id": self._instance.hex(),
@@ -1367,6 +1548,16 @@ class TalosClient:
             "registry": self._registry_url,
             "registry_reachable": self.registry_reachable,
             "dht": None if self._dht is None else "{}:{}".format(*self._dht.address),
+            "clock_offset_s": self.registry_offset,
+            "peer_clock": {
+                peer: {
+                    "offset_s": round(sample.offset, 6),
+                    "delay_s": round(sample.delay, 6),
+                    "age_s": round(max(0.0, now - sample.at), 3),
+                }
+                for peer, sample in self._peer_clocks.estimates().items()
+            },
+            "duplicate_instances": dict(self._instances.duplicates),
         }
 
     def known_peers(self) -> list[dict[str, Any]]:

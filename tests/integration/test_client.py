@@ -548,3 +548,95 @@ async def test_a_flood_of_forged_frames_cannot_fill_the_audit_log(tmp_path: Path
         assert b"talos_signature_failures_total 200.0" in b.metrics.render()
     kinds = audit_kinds(tmp_path / "b")
     assert 1 <= kinds.count("SIGNATURE_FAILURE") <= 25
+
+
+def sample(client: TalosClient, name: str) -> float:
+    """The value of one unlabelled series in the client's /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(client.metrics.render().decode()):
+        for s in family.samples:
+            if s.name == name and not s.labels:
+                return float(s.value)
+    raise AssertionError(f"no series {name}")
+
+
+class _ShiftedClock:
+    """The system clock, ``shift`` seconds ahead (a host whose clock is off)."""
+
+    def __init__(self, shift: float) -> None:
+        self.shift = shift
+
+    def time(self) -> float:
+        return time.time() + self.shift
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+async def test_peer_clock_offset_is_measured_from_signed_acks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bob's clock runs 20 s ahead: within tolerance, delivered, but measured and warned."""
+    async with (
+        TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
+        TalosClient.create(
+            "bob",
+            home=tmp_path / "b",
+            discovery=[],
+            accept_policy="open",
+            clock=_ShiftedClock(20.0),
+        ) as b,
+    ):
+        a.add_contact(b.contact_card())
+        b.add_contact(a.contact_card())
+        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+        assert a.status()["peer_clock"] == {}
+        with caplog.at_level("WARNING", logger="talos.client"):
+            for n in range(3):
+                assert (await a.send(b.agent_id, n, timeout=10)).status == "delivered"
+        measured = a.status()["peer_clock"][b.agent_id]
+        assert measured["offset_s"] == pytest.approx(20.0, abs=0.5)
+        assert 0 <= measured["delay_s"] < 1.0
+        assert sample(a, "talos_clock_offset_seconds") == pytest.approx(-20.0, abs=0.5)
+        skew = [r for r in caplog.records if getattr(r, "event", None) == "clock_skew"]
+        assert len(skew) == 1  # once per minute per peer, not once per ACK
+        assert skew[0].peer_id == b.agent_id  # type: ignore[attr-defined]
+
+
+async def test_one_identity_in_two_processes_is_detected(tmp_path: Path) -> None:
+    """Two copies of Bob's home run at once; Alice sees his instance ids alternate."""
+    import shutil
+
+    async with TalosClient.create(
+        "alice", home=tmp_path / "a", discovery=[], accept_policy="open"
+    ) as a:
+        async with TalosClient.create("bob", home=tmp_path / "b", discovery=[]) as b:
+            card = b.contact_card()
+        shutil.copytree(tmp_path / "b", tmp_path / "b2")
+        async with (
+            TalosClient.create("bob", home=tmp_path / "b", discovery=[]) as b1,
+            TalosClient.create("bob", home=tmp_path / "b2", discovery=[]) as b2,
+        ):
+            assert b1.agent_id == b2.agent_id
+            for bob in (b1, b2):
+                bob.add_contact(a.contact_card())
+                await bob.establish_session(a.agent_id, a.get_prekey_bundle())
+            a.add_contact(card)
+            await b1.send(a.agent_id, "from one", timeout=10)
+            assert a.status()["duplicate_instances"] == {}
+            await b2.send(a.agent_id, "from two", timeout=10, on_failure="queue")
+            assert a.status()["duplicate_instances"] == {}  # could be a restart
+            await b1.send(a.agent_id, "from one again", timeout=3, on_failure="queue")
+            assert a.status()["duplicate_instances"] == {b1.agent_id: 1}
+            assert sample(a, "talos_duplicate_instances_detected_total") == 1.0
+
+
+async def test_offset_from_the_registry_clock_is_exported(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    async with TalosClient.create(
+        "alice", home=tmp_path / "a", registry_url=registry.url, clock=_ShiftedClock(-30.0)
+    ) as a:
+        assert a.status()["clock_offset_s"] == pytest.approx(-30.0, abs=0.5)
+        assert sample(a, "talos_clock_offset_seconds") == pytest.approx(-30.0, abs=0.5)
