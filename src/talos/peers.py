@@ -34,6 +34,8 @@ from talos.errors import (
 __all__ = ["DhtSource", "PeerCache", "PeerDirectory", "RecordSource", "RegistrySource"]
 
 _log = logging.getLogger("talos.discovery")
+#: Log event of a discovery source that is down, by source name (docs/operations.md, "Logs").
+_UNREACHABLE_EVENTS = {"registry": "registry_unreachable", "dht": "dht_unreachable"}
 
 
 class PeerCache(Protocol):
@@ -93,7 +95,11 @@ class PeerDirectory:
                 try:
                     log = KeyLog.from_bytes(data)
                 except (MalformedFrame, UnsupportedVersion, KeyLogInvalid):
-                    _log.warning("cached key log of %s does not verify; ignoring it", agent_id)
+                    _log.warning(
+                        "cached key log of %s does not verify; ignoring it",
+                        agent_id,
+                        extra={"event": "peer_cache_invalid", "peer_id": agent_id},
+                    )
                     return None
                 self._logs[agent_id] = log
         return log
@@ -132,7 +138,7 @@ class PeerDirectory:
             except KeyLogInvalid:
                 raise
             except _SOURCE_ERRORS as exc:
-                self._source_failed(source, exc)
+                self._source_failed(source, exc, agent_id)
                 continue
             return self.learn_log(fetched)
         if known is not None:
@@ -185,7 +191,7 @@ class PeerDirectory:
             try:
                 record = await source.record(agent_id, self.signing_key, self._clock.time())
             except _SOURCE_ERRORS as exc:
-                self._source_failed(source, exc)
+                self._source_failed(source, exc, agent_id)
                 continue
             self.learn_record(record)
             return record
@@ -209,11 +215,20 @@ class PeerDirectory:
             return None
         return record
 
-    def _source_failed(self, source: RecordSource, exc: Exception) -> None:
+    def _source_failed(self, source: RecordSource, exc: Exception, agent_id: str) -> None:
         if isinstance(exc, RegistryUnavailable | DiscoveryError) and not isinstance(
             exc, PeerNotFound
         ):
-            _log.warning("discovery source %s unavailable: %s", source.name, exc)
+            _log.warning(
+                "discovery source %s unavailable: %s",
+                source.name,
+                exc,
+                extra={
+                    "event": _UNREACHABLE_EVENTS.get(source.name, "discovery_unreachable"),
+                    "peer_id": agent_id,
+                    "source": source.name,
+                },
+            )
             if self._on_source_down is not None:
                 self._on_source_down(source.name, exc)
         else:

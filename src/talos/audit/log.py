@@ -735,7 +735,7 @@ class AuditLog:
                 f"audit log {self.path} is full ({detail}); the entry was not written and "
                 f"all {self._size} committed entries are intact"
             )
-            _log.warning("%s (%s)", message, exc)
+            _log.warning("%s (%s)", message, exc, extra={"event": "audit_full"})
             raise AuditFull(message) from exc
 
     def _check_head(self, txn: lmdb.Transaction[bytes]) -> None:
@@ -1204,7 +1204,11 @@ class AuditLog:
         except OSError as exc:
             raise StorageError(f"could not restore {target}: {exc.strerror or exc}") from exc
         _log.warning(
-            "audit log %s restored from %s; previous log kept at %s", target, source, moved
+            "audit log %s restored from %s; previous log kept at %s",
+            target,
+            source,
+            moved,
+            extra={"event": "audit_restored"},
         )
         return moved
 

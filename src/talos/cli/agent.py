@@ -63,6 +63,7 @@ from talos.errors import (
     MalformedFrame,
     TalosError,
 )
+from talos.logs import LOG_FORMATS, LogFormat, configure_logging
 
 __all__ = [
     "AgentAlreadyRunning",
@@ -474,13 +475,8 @@ def _claim_socket(path: Path) -> None:
     raise AgentAlreadyRunning(f"another Talos agent is serving {path}")
 
 
-def _configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("talos")
-    logger.addHandler(handler)
-    logger.setLevel(level.upper())
-    logger.propagate = False
+def _configure_logging(level: str, fmt: LogFormat = "text") -> None:
+    configure_logging(level=level, fmt=fmt)
 
 
 def _parse_bootstrap(
@@ -547,6 +543,14 @@ def _parse_bootstrap(
     help="Serve Prometheus metrics on this port (0: any).",
 )
 @click.option("--log-level", type=click.Choice(_LEVELS), default="info", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    envvar="TALOS_LOG_FORMAT",
+    help="Log lines on stderr: text, or one JSON object per line (else $TALOS_LOG_FORMAT).",
+)
 @key_passphrase_option
 @click.pass_obj
 def run(
@@ -562,6 +566,7 @@ def run(
     dht_bootstrap: list[tuple[str, int]],
     metrics_port: int | None,
     log_level: str,
+    log_format: LogFormat,
     key_passphrase_file: Path | None,
 ) -> None:
     """Run this home's agent in the foreground until SIGTERM or Ctrl-C.
@@ -586,7 +591,7 @@ def run(
     if home.needs_passphrase():
         passphrase = existing_passphrase(key_passphrase_file, KEY_ENV, "Key")
     path = control_path(home.path)
-    _configure_logging(log_level)
+    _configure_logging(log_level, log_format)
     home.ensure()
     with _daemon_lock(home.path):
         _claim_socket(path)

@@ -567,10 +567,16 @@ class DhtNode:
         try:
             reached = await self.bootstrap(bootstrap)
         except DiscoveryError as exc:
-            log.warning("DHT bootstrap did not complete: %s", exc)
+            log.warning(
+                "DHT bootstrap did not complete: %s", exc, extra={"event": "dht_unreachable"}
+            )
             return
         if reached == 0:
-            log.warning("no DHT bootstrap node answered: %s", list(bootstrap))
+            log.warning(
+                "no DHT bootstrap node answered: %s",
+                list(bootstrap),
+                extra={"event": "dht_unreachable"},
+            )
 
     async def stop(self) -> None:
         """Close the socket and settle every outstanding RPC and background task."""
@@ -708,7 +714,11 @@ class DhtNode:
                 host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM
             )
         except OSError:
-            log.warning("cannot resolve DHT bootstrap host %s", host)
+            log.warning(
+                "cannot resolve DHT bootstrap host %s",
+                host,
+                extra={"event": "dht_unreachable", "host": host},
+            )
             return None
         ip, resolved_port = str(infos[0][4][0]), int(infos[0][4][1])
         ok, node_id = await self._server.protocol.ping((ip, resolved_port), self.node_id)

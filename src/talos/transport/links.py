@@ -71,12 +71,20 @@ class Link:
         try:
             async for message in self._socket:
                 if not isinstance(message, bytes):
-                    _log.warning("closing link from %s: text frame", self.remote)
+                    _log.warning(
+                        "closing link from %s: text frame",
+                        self.remote,
+                        extra={"event": "malformed_frame", "peer_id": self.peer},
+                    )
                     break
                 try:
                     await on_frame(self, message)
                 except Exception:
-                    _log.exception("frame handler failed for a frame from %s", self.remote)
+                    _log.exception(
+                        "frame handler failed for a frame from %s",
+                        self.remote,
+                        extra={"event": "frame_handler_failed", "peer_id": self.peer},
+                    )
         except (ConnectionClosed, OSError):
             _log.debug("link from %s ended", self.remote)
         finally:

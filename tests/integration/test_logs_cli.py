@@ -1,0 +1,81 @@
+"""``talos run --log-format json`` as a real process: every stderr line is a JSON event."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REQUIRED = ("timestamp", "level", "component", "event", "message")
+RFC3339_MS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def _closed_udp_port() -> int:
+    """A loopback UDP port nobody listens on (a DHT bootstrap node that never answers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _run_until_ready_then_stop(home: Path, args: list[str], env: dict[str, str]) -> list[str]:
+    """Start ``talos run``, wait for its ready line, SIGTERM it; its stderr lines."""
+    log = home.parent / "agent.log"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "talos", "--home", str(home), "run", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        line = process.stdout.readline().decode() if ready else ""
+        assert "listening on" in line, f"not ready: {line!r}\n{log.read_text()}"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    return log.read_text().splitlines()
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_run_writes_one_json_object_per_stderr_line(tmp_path: Path, how: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
+    args = ["--name", "alice", "--dht-port", "0"]
+    args += ["--dht-bootstrap", f"127.0.0.1:{_closed_udp_port()}"]
+    if how == "option":
+        args += ["--log-format", "json"]
+    else:
+        env["TALOS_LOG_FORMAT"] = "json"
+
+    lines = _run_until_ready_then_stop(tmp_path / "alice", args, env)
+
+    events = [json.loads(line) for line in lines]  # every line parses
+    assert events, "the agent logged nothing"
+    for event in events:
+        assert isinstance(event, dict)
+        assert set(REQUIRED) <= set(event), event
+        assert RFC3339_MS_UTC.fullmatch(event["timestamp"]), event
+        assert not event["component"].startswith("talos.")
+    messages = [(e["component"], e["message"]) for e in events if e["level"] == "info"]
+    assert any(c == "agent" and m.startswith("control socket ") for c, m in messages)
+    assert any(c == "agent" and m.startswith("stopping") for c, m in messages)
+    # A warning carries its event name (docs/operations.md, "Logs").
+    unreachable = [e for e in events if e["event"] == "dht_unreachable"]
+    assert unreachable
+    assert {e["level"] for e in unreachable} == {"warning"}
+    assert unreachable[0]["component"] == "discovery.dht"
