@@ -2,7 +2,8 @@
 
 Logs (startup, access lines, security events such as key log forks) go to
 stderr. SIGINT / SIGTERM stop the server gracefully: requests in flight
-finish and the database is closed.
+finish and the database is closed. ``GET /metrics`` answers Prometheus text
+on the API port, and with ``--metrics-port`` on a port of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import click
 
+from talos.logs import LOG_FORMATS, LogFormat
 from talos.registry.store import RegistryStore
 
 __all__ = ["registry"]
@@ -41,8 +43,30 @@ def registry() -> None:
 @click.option(
     "--log-level", type=click.Choice(_LEVELS), default="info", show_default=True, help="Log level."
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    envvar="TALOS_LOG_FORMAT",
+    help="Log lines on stderr: text, or one JSON object per line (else $TALOS_LOG_FORMAT).",
+)
 @click.option("--access-log/--no-access-log", default=True, help="Log every request.")
-def serve(host: str, port: int, db_path: Path, log_level: str, access_log: bool) -> None:
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also serve Prometheus /metrics on this port of HOST (0: any free port).",
+)
+def serve(
+    host: str,
+    port: int,
+    db_path: Path,
+    log_level: str,
+    log_format: LogFormat,
+    access_log: bool,
+    metrics_port: int | None,
+) -> None:
     """Serve the registry API on HOST:PORT, storing its state in the --db file.
 
     The database is opened once before listening, so a bad path or a damaged
@@ -53,27 +77,49 @@ def serve(host: str, port: int, db_path: Path, log_level: str, access_log: bool)
     import uvicorn
 
     from talos.registry.app import create_app
+    from talos.registry.metrics import RegistryMetrics
 
     RegistryStore.open(db_path).close()
-    uvicorn.run(
-        create_app(db_path),
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=access_log,
-        log_config=_log_config(log_level),
-        server_header=False,
-    )
+    metrics = RegistryMetrics()
+    if metrics_port is not None:
+        metrics.serve(metrics_port, host)  # bound before the API: a busy port fails the start
+    try:
+        uvicorn.run(
+            create_app(db_path, metrics=metrics),
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=access_log,
+            log_config=_log_config(log_level, log_format),
+            server_header=False,
+        )
+    finally:
+        metrics.close()
 
 
-def _log_config(level: str) -> dict[str, Any]:
-    """uvicorn's default logging, with access lines and Talos's logger on stderr too."""
+def _log_config(level: str, fmt: LogFormat = "text") -> dict[str, Any]:
+    """uvicorn's default logging, with access lines and Talos's logger on stderr too.
+
+    Talos's own records always go through :mod:`talos.logs` (escaped, with
+    their ``extra`` fields); with ``fmt="json"`` uvicorn's startup and access
+    lines do too, so every line on stderr is one JSON object.
+    """
     import uvicorn.config
 
     config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    talos_formatter = {"()": "talos.logs.formatter", "fmt": fmt, "level": level.upper()}
+    config["formatters"]["talos"] = talos_formatter
+    if fmt == "json":
+        config["formatters"]["default"] = talos_formatter
+        config["formatters"]["access"] = talos_formatter
     config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    config["handlers"]["talos"] = {
+        "formatter": "talos",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
     config["loggers"]["talos"] = {
-        "handlers": ["default"],
+        "handlers": ["talos"],
         "level": level.upper(),
         "propagate": False,
     }

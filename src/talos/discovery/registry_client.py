@@ -19,11 +19,17 @@ an expired record                           :class:`~talos.errors.StaleMessage`
 
 A refused submission is not retried: the registry said why, and sending the
 same bytes again gets the same answer.
+
+Duplicate reports (split brain, :meth:`RegistryClient.duplicates`) are the
+registry's own judgement and carry no signature; the signed records behind
+them are in :meth:`RegistryClient.instances`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -32,7 +38,7 @@ import httpx
 
 from talos.core.agent_id import check_agent_id
 from talos.core.keylog import KeyLog, KeyLookup
-from talos.core.peer_record import PeerRecord
+from talos.core.peer_record import INSTANCE_ID_SIZE, MAX_ENDPOINT_LENGTH, PeerRecord
 from talos.core.prekeys import PrekeyUpload
 from talos.core.revocation import RevocationList
 from talos.core.x3dh import PrekeyBundle
@@ -48,12 +54,26 @@ from talos.errors import (
     StaleMessage,
 )
 
-__all__ = ["DEFAULT_TIMEOUT", "MAX_RESPONSE", "PrekeyStatus", "RegistryClient", "RegistryRejected"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "MAX_RESPONSE",
+    "DuplicateInstance",
+    "DuplicateReport",
+    "PrekeyStatus",
+    "RegistryClient",
+    "RegistryRejected",
+]
 
 DEFAULT_TIMEOUT: Final = 5.0
 #: Largest answer read from the registry (a key log or revocation list is at most 1 MiB).
 MAX_RESPONSE: Final = (1 << 20) + 4096
 _CBOR: Final = "application/cbor"
+_U64: Final = 2**64 - 1
+_INSTANCE_HEX: Final = re.compile(f"[0-9a-f]{{{2 * INSTANCE_ID_SIZE}}}")
+_INSTANCE_FIELDS: Final = frozenset(
+    {"instance_id", "endpoint", "first_seen_ms", "issued_ms", "expires_ms"}
+)
+log = logging.getLogger("talos.discovery")
 
 
 class RegistryRejected(PeerRejected):
@@ -82,6 +102,36 @@ class PrekeyStatus:
 
     sequence: int
     one_time_prekeys: int
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateInstance:
+    """A live instance of an agent in a :class:`DuplicateReport`.
+
+    ``instance_id`` is lower-case hex; ``first_seen_ms`` is when the registry
+    first accepted a record of the instance (its clock), ``issued_ms`` and
+    ``expires_ms`` are those of the instance's newest record.
+    """
+
+    instance_id: str
+    endpoint: str
+    first_seen_ms: int
+    issued_ms: int
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateReport:
+    """The registry's view of whether one identity runs as overlapping instances.
+
+    ``duplicate`` is true when two live instances kept announcing
+    concurrently (a restart is not a duplicate); ``instances`` are the live
+    ones, newest first. See ``docs/design/registry.md`` ("Split brain").
+    """
+
+    agent_id: str
+    duplicate: bool
+    instances: tuple[DuplicateInstance, ...]
 
 
 class RegistryClient:
@@ -279,6 +329,59 @@ class RegistryClient:
             checked.append(record)
         return checked
 
+    # -- split brain ----------------------------------------------------------------------
+
+    async def duplicates(self, agent_id: str) -> DuplicateReport:
+        """Whether ``agent_id`` runs as overlapping instances, and its live instances.
+
+        An agent the registry knows nothing about is reported as not duplicated
+        with no instances. The report is the registry's judgement, unsigned.
+
+        Raises:
+            MalformedFrame: the answer is not a report on ``agent_id`` in the
+                documented shape.
+            PeerNotFound: the registry is older than this route.
+            RegistryUnavailable, RegistryRejected: see the module table.
+        """
+        agent_id = _agent(agent_id)
+        answer = _json(await self._request("GET", f"/v1/agents/{agent_id}/duplicates"))
+        report = _duplicate_report(answer)
+        if report.agent_id != agent_id:
+            raise MalformedFrame(f"registry answered another agent's report for {agent_id}")
+        return report
+
+    async def all_duplicates(self) -> list[DuplicateReport]:
+        """Every identity the registry sees running as overlapping instances, by agent id.
+
+        The registry lists at most 1000; when it had more, a warning is
+        logged (``talos.discovery``) and the first ones are returned.
+
+        Raises:
+            MalformedFrame: the answer is not in the documented shape, or lists
+                an identity twice or one that is not duplicated.
+            PeerNotFound: the registry is older than this route.
+            RegistryUnavailable, RegistryRejected: see the module table.
+        """
+        answer = _json_object(await self._request("GET", "/v1/duplicates"))
+        if set(answer) != {"duplicates", "truncated"}:
+            raise MalformedFrame("registry duplicates answer has unexpected fields")
+        items, truncated = answer["duplicates"], answer["truncated"]
+        if type(items) is not list or type(truncated) is not bool:
+            raise MalformedFrame("registry duplicates answer has fields of the wrong type")
+        reports = [_duplicate_report(item) for item in items]
+        if not all(r.duplicate for r in reports):
+            raise MalformedFrame("registry listed an identity that is not duplicated")
+        if len({r.agent_id for r in reports}) != len(reports):
+            raise MalformedFrame("registry listed an identity twice")
+        if truncated:
+            log.warning(
+                "registry %s lists only %d duplicated identities; there are more",
+                self.base_url,
+                len(reports),
+                extra={"event": "duplicates_truncated", "peer_id": None},
+            )
+        return reports
+
     # -- revocation lists ---------------------------------------------------------------
 
     async def publish_revocations(self, lst: RevocationList) -> str:
@@ -416,6 +519,36 @@ def _instance_record(item: Any, agent_id: str) -> PeerRecord:
     if record.agent_id != agent_id:
         raise MalformedFrame(f"registry listed another agent's record for {agent_id}")
     return record
+
+
+def _duplicate_report(item: Any) -> DuplicateReport:
+    """Raises: MalformedFrame: not ``{"agent_id", "duplicate", "instances"}`` as documented."""
+    if type(item) is not dict or set(item) != {"agent_id", "duplicate", "instances"}:
+        raise MalformedFrame("registry duplicate report has unexpected fields")
+    agent_id, duplicate, instances = item["agent_id"], item["duplicate"], item["instances"]
+    if type(agent_id) is not str or type(duplicate) is not bool or type(instances) is not list:
+        raise MalformedFrame("registry duplicate report has fields of the wrong type")
+    listed = tuple(_duplicate_instance(i) for i in instances)
+    if len({i.instance_id for i in listed}) != len(listed):
+        raise MalformedFrame("registry duplicate report lists an instance twice")
+    if duplicate and len(listed) < 2:
+        raise MalformedFrame("registry reports a duplicate with fewer than two instances")
+    return DuplicateReport(check_agent_id(agent_id), duplicate, listed)
+
+
+def _duplicate_instance(item: Any) -> DuplicateInstance:
+    """Raises: MalformedFrame: not an instance entry as documented."""
+    if type(item) is not dict or set(item) != _INSTANCE_FIELDS:
+        raise MalformedFrame("registry duplicate instance has unexpected fields")
+    instance_id, endpoint = item["instance_id"], item["endpoint"]
+    if type(instance_id) is not str or not _INSTANCE_HEX.fullmatch(instance_id):
+        raise MalformedFrame(f"registry instance id is not {INSTANCE_ID_SIZE} bytes of hex")
+    if type(endpoint) is not str or not 0 < len(endpoint) <= MAX_ENDPOINT_LENGTH:
+        raise MalformedFrame("registry instance endpoint is not a short string")
+    times = [item[key] for key in ("first_seen_ms", "issued_ms", "expires_ms")]
+    if any(type(t) is not int or not 0 <= t <= _U64 for t in times):
+        raise MalformedFrame("registry instance times are not unsigned 64-bit integers")
+    return DuplicateInstance(instance_id, endpoint, times[0], times[1], times[2])
 
 
 def _agent(agent_id: str) -> str:

@@ -18,6 +18,11 @@ objects; small answers are JSON. Every refusal is JSON
 
 Handlers decode and verify in a worker thread (signature checks and SQLite
 block), so the event loop keeps serving while they run.
+
+Besides ``/v1``, ``GET /metrics`` answers the Prometheus text of
+:class:`~talos.registry.metrics.RegistryMetrics` (left out of the schema: it
+is for scrapers, not clients). Refused submissions are logged at INFO as
+``registry_rejected`` events and counted; see ``docs/metrics.md``.
 """
 
 from __future__ import annotations
@@ -46,9 +51,10 @@ from talos.errors import (
     StorageError,
     TalosError,
 )
-from talos.registry.store import Refused, RegistryStore
+from talos.registry.metrics import CONTENT_TYPE, RegistryMetrics
+from talos.registry.store import DuplicateStatus, Refused, RegistryStore
 
-__all__ = ["CBOR", "MAX_BODY", "install_error_handlers", "router"]
+__all__ = ["CBOR", "MAX_BODY", "install_error_handlers", "metrics_router", "router"]
 
 #: Media type of every binary body.
 CBOR: Final = "application/cbor"
@@ -57,6 +63,15 @@ MAX_BODY: Final = 1 << 20
 
 log = logging.getLogger("talos.registry")
 router = APIRouter(prefix="/v1")
+metrics_router = APIRouter()
+
+#: Route templates of submissions, by the kind label of their rejections.
+_SUBMISSIONS: Final = {
+    "/v1/agents/{agent_id}/keylog": "keylog",
+    "/v1/agents/{agent_id}/prekeys": "prekeys",
+    "/v1/agents/{agent_id}/record": "record",
+    "/v1/revocations/{issuer}": "revocations",
+}
 
 
 # -- documented shapes --------------------------------------------------------------
@@ -110,6 +125,31 @@ class Instance(BaseModel):
     record: str
 
 
+class DuplicateInstance(BaseModel):
+    """A live instance in a duplicate report; ``first_seen_ms`` is the registry's clock."""
+
+    instance_id: str
+    endpoint: str
+    first_seen_ms: int
+    issued_ms: int
+    expires_ms: int
+
+
+class DuplicateReport(BaseModel):
+    """Whether the agent runs as overlapping instances (split brain), and its live instances."""
+
+    agent_id: str
+    duplicate: bool
+    instances: list[DuplicateInstance]
+
+
+class DuplicateList(BaseModel):
+    """Duplicated identities by agent id; ``truncated`` when more exist than are listed."""
+
+    duplicates: list[DuplicateReport]
+    truncated: bool
+
+
 _BINARY: Final = {"schema": {"type": "string", "format": "binary"}}
 
 
@@ -144,6 +184,11 @@ def _binary_ok(what: str) -> dict[int | str, dict[str, Any]]:
 def _context(request: Request) -> tuple[RegistryStore, Clock]:
     state = request.app.state
     return state.store, state.clock
+
+
+def _metrics(request: Request) -> RegistryMetrics:
+    metrics: RegistryMetrics = request.app.state.metrics
+    return metrics
 
 
 def _agent(agent_id: str) -> str:
@@ -287,6 +332,7 @@ async def get_bundle(agent_id: str, request: Request) -> Response:
     bundle = await run_in_threadpool(store.take_bundle, _agent(agent_id))
     if bundle is None:
         raise PeerNotFound(f"no prekeys for {agent_id}")
+    _metrics(request).bundle_served(with_one_time_prekey=bundle.one_time_prekey_id is not None)
     return _cbor(bundle.to_bytes())
 
 
@@ -297,14 +343,19 @@ async def get_bundle(agent_id: str, request: Request) -> Response:
     openapi_extra=_body_doc("a signed PeerRecord"),
 )
 async def put_record(agent_id: str, request: Request) -> RecordAccepted:
-    """Store a record signed by the current key, unexpired, with a higher sequence."""
+    """Store a record signed by the current key, unexpired, with a higher sequence.
+
+    A record that shows the agent running as overlapping instances is
+    accepted like any other, and logged and counted as a duplicate.
+    """
     store, clock = _context(request)
     body = await _read_body(request)
 
     def work() -> RecordAccepted:
         record = PeerRecord.from_bytes(body)
         _same_agent(_agent(agent_id), record.agent_id)
-        store.put_record(record, now=clock.time())
+        if store.put_record(record, now=clock.time()):
+            _metrics(request).duplicate_detected()
         return RecordAccepted(sequence=record.sequence)
 
     return await run_in_threadpool(work)
@@ -347,6 +398,56 @@ async def get_instances(agent_id: str, request: Request) -> list[Instance]:
     ]
 
 
+@router.get(
+    "/agents/{agent_id}/duplicates",
+    summary="Whether an agent runs as two overlapping instances (split brain)",
+    responses=_errors(400, 503),
+)
+async def get_duplicates(agent_id: str, request: Request) -> DuplicateReport:
+    """The agent's live instances and whether any two kept announcing concurrently.
+
+    A restart leaves the old instance live for up to an hour, but it never
+    announces again, so it is not a duplicate. An unknown agent is not a
+    duplicate and has no instances.
+    """
+    store, clock = _context(request)
+    status = await run_in_threadpool(
+        store.duplicate_status, _agent(agent_id), now_ms=time_ms(clock)
+    )
+    return _report(status)
+
+
+@router.get(
+    "/duplicates",
+    summary="Every agent running as overlapping instances",
+    responses=_errors(503),
+)
+async def get_all_duplicates(request: Request) -> DuplicateList:
+    """Duplicated identities by agent id: at most 1000 (``truncated`` says when cut short)."""
+    store, clock = _context(request)
+    statuses, truncated = await run_in_threadpool(
+        lambda: store.duplicate_statuses(now_ms=time_ms(clock))
+    )
+    return DuplicateList(duplicates=[_report(s) for s in statuses], truncated=truncated)
+
+
+def _report(status: DuplicateStatus) -> DuplicateReport:
+    return DuplicateReport(
+        agent_id=status.agent_id,
+        duplicate=status.duplicate,
+        instances=[
+            DuplicateInstance(
+                instance_id=i.instance_id.hex(),
+                endpoint=i.endpoint,
+                first_seen_ms=i.first_seen_ms,
+                issued_ms=i.issued_ms,
+                expires_ms=i.expires_ms,
+            )
+            for i in status.instances
+        ],
+    )
+
+
 @router.put(
     "/revocations/{issuer}",
     summary="Publish an issuer's revocation list",
@@ -382,6 +483,13 @@ async def get_revocations(issuer: str, request: Request) -> Response:
     return _cbor(data)
 
 
+@metrics_router.get("/metrics", include_in_schema=False)
+async def get_metrics(request: Request) -> Response:
+    """The registry's Prometheus metrics (the gauges read the database)."""
+    text = await run_in_threadpool(_metrics(request).render)
+    return Response(content=text, media_type=CONTENT_TYPE)
+
+
 # -- error answers ------------------------------------------------------------------
 
 
@@ -404,13 +512,18 @@ def _status_of(error: TalosError) -> int:
 async def _on_error(request: Request, exc: Exception) -> JSONResponse:
     """The JSON answer for any failure (registered once per exception family)."""
     if isinstance(exc, Refused):
-        return _answer(exc.status, exc.kind, exc.reason)
+        return _refusal(request, exc.status, exc.kind, exc.reason)
     if isinstance(exc, TalosError):
         status = _status_of(exc)
         if status == 503:
-            log.error("storage failure: %s", exc)
+            _metrics(request).storage_failed()
+            log.error(
+                "storage failure: %s",
+                exc,
+                extra={"event": "registry_storage_failure", "peer_id": None},
+            )
             return _answer(503, type(exc).__name__, "registry storage failure; try again later")
-        return _answer(status, type(exc).__name__, str(exc))
+        return _refusal(request, status, type(exc).__name__, str(exc))
     if isinstance(exc, StarletteHTTPException):
         kinds = {404: "NotFound", 405: "MethodNotAllowed"}
         return _answer(exc.status_code, kinds.get(exc.status_code, "HTTPError"), str(exc.detail))
@@ -418,6 +531,41 @@ async def _on_error(request: Request, exc: Exception) -> JSONResponse:
         return _answer(422, "ValidationError", "request does not match the API")
     log.error("unexpected error", exc_info=exc)
     return _answer(500, "InternalError", "unexpected registry error")
+
+
+def _refusal(request: Request, status: int, error: str, reason: str) -> JSONResponse:
+    """A 4xx answer; a refused submission is also logged and counted."""
+    route = getattr(request.scope.get("route"), "path", None)
+    kind = _SUBMISSIONS.get(route) if request.method == "PUT" and route else None
+    if kind is not None:
+        _metrics(request).submission_rejected(kind, error)
+        peer = _path_agent(request)
+        log.info(
+            "refused %s submission for %s: %s (%s)",
+            kind,
+            peer or "an invalid agent id",
+            error,
+            reason,
+            extra={
+                "event": "registry_rejected",
+                "peer_id": peer,
+                "kind": kind,
+                "reason": error,
+                "status": status,
+            },
+        )
+    return _answer(status, error, reason)
+
+
+def _path_agent(request: Request) -> str | None:
+    """The agent id in the path, if it is one (never an arbitrary string into the logs)."""
+    candidate = request.path_params.get("agent_id", request.path_params.get("issuer"))
+    if not isinstance(candidate, str):
+        return None
+    try:
+        return check_agent_id(candidate)
+    except TalosError:
+        return None
 
 
 def install_error_handlers(app: FastAPI) -> None:

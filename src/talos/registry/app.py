@@ -3,19 +3,24 @@
 This is the registry's composition root (ARCHITECTURE §1): the only place
 that picks the concrete store and clock. The store is opened when the
 application starts (lifespan) and closed when it stops, so a bad database
-path fails the start, not the first request.
+path fails the start, not the first request. The metrics (a
+:class:`~talos.registry.metrics.RegistryMetrics`) exist from construction;
+their gauges read the store while it is open.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from starlette.routing import BaseRoute
 
-from talos.core.clock import Clock
-from talos.registry.api import install_error_handlers, router
+from talos.core.clock import Clock, time_ms
+from talos.registry.api import install_error_handlers, metrics_router, router
+from talos.registry.metrics import RegistryMetrics, RequestMetricsMiddleware
 from talos.registry.store import RegistryStore
 from talos.system import SYSTEM_CLOCK
 
@@ -30,22 +35,45 @@ clients verify everything it serves.
 """
 
 
-def create_app(db_path: Path | str, *, clock: Clock = SYSTEM_CLOCK) -> FastAPI:
+log = logging.getLogger("talos.registry")
+
+
+def create_app(
+    db_path: Path | str,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    metrics: RegistryMetrics | None = None,
+) -> FastAPI:
     """The registry application storing its state in the SQLite file ``db_path``.
+
+    ``metrics`` (a fresh :class:`RegistryMetrics` by default) is where the
+    application counts; pass one whose :meth:`~RegistryMetrics.serve` already
+    runs to expose it on a port of its own too. ``app.state.metrics`` holds it.
 
     Starting the application (its lifespan) raises
     :class:`~talos.errors.StorageError` or
     :class:`~talos.errors.StoreCorrupted` when the database cannot be opened.
     """
+    collectors = RegistryMetrics() if metrics is None else metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = RegistryStore.open(db_path)
         app.state.store = store
         app.state.clock = clock
+        collectors.attach(lambda: store.live_counts(now_ms=time_ms(clock)))
+        if collectors.address is not None:
+            host, port = collectors.address
+            log.info(
+                "registry metrics on http://%s:%d/metrics",
+                host,
+                port,
+                extra={"event": "registry_metrics_listening", "peer_id": None, "port": port},
+            )
         try:
             yield
         finally:
+            collectors.detach()
             store.close()
 
     app = FastAPI(
@@ -55,5 +83,20 @@ def create_app(db_path: Path | str, *, clock: Clock = SYSTEM_CLOCK) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(metrics_router)
     install_error_handlers(app)
+    app.state.metrics = collectors
+    # Included routers may be wrapped in app.routes: list their routes directly.
+    collectors.declare_routes(_route_methods([*app.routes, *router.routes, *metrics_router.routes]))
+    app.add_middleware(RequestMetricsMiddleware, metrics=collectors)
     return app
+
+
+def _route_methods(routes: Iterable[BaseRoute]) -> list[tuple[str, str]]:
+    """(method, path template) of every HTTP route."""
+    pairs: list[tuple[str, str]] = []
+    for route in routes:
+        path, methods = getattr(route, "path", None), getattr(route, "methods", None)
+        if isinstance(path, str) and methods:
+            pairs.extend((method, path) for method in sorted(methods))
+    return pairs

@@ -6,7 +6,8 @@ Tables:
 ``prekeys``          agent id -> the accepted :class:`~talos.core.prekeys.PrekeyUpload`
 ``one_time_prekeys`` (agent id, prekey id) -> public key: the pool still to hand out
 ``used_prekeys``     (agent id, public key): every one-time prekey already handed out
-``records``          (agent id, instance id) -> the newest peer record of that instance
+``records``          (agent id, instance id) -> the newest peer record of that instance,
+                     when and with which sequence the instance was first seen
 ``record_sequences`` agent id -> the highest peer record sequence ever accepted
 ``revocations``      issuer -> the revocation list in use
 ``security_events``  forks and append-only violations, with the offered bytes as evidence
@@ -18,6 +19,10 @@ check that only one of them may pass. In particular a one-time prekey is
 removed in the same transaction that hands it out, and is remembered in
 ``used_prekeys`` so that a later upload that lists it again cannot make the
 registry hand it out twice.
+
+Schema version 2 added ``records.first_seen_ms`` and ``records.first_sequence``
+(split-brain detection, :mod:`talos.registry.duplicates`); a version 1 file is
+migrated when it is opened, in one transaction.
 
 Submissions are refused with :class:`Refused` (a status, a kind and a
 reason), which the API turns into a 4xx answer; it never leaves the server.
@@ -52,16 +57,28 @@ from talos.errors import (
     StoreCorrupted,
     TalosError,
 )
+from talos.registry.duplicates import Activity, duplicated, newly_overlapping
 
 __all__ = [
+    "MAX_LISTED_DUPLICATES",
+    "MAX_LISTED_INSTANCES",
     "SCHEMA_VERSION",
+    "DuplicateStatus",
     "InstanceInfo",
+    "LiveCounts",
     "Refused",
     "RegistryStore",
     "SecurityEvent",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+#: Most instances listed for one agent in a duplicate report (newest first).
+MAX_LISTED_INSTANCES: Final = 1000
+#: Most duplicated identities listed at once, and most instances across them.
+MAX_LISTED_DUPLICATES: Final = 1000
+_MAX_LISTED_TOTAL: Final = 2000
+#: SQLite integers are signed 64-bit; record fields are unsigned 64-bit.
+_MAX_SQL_INT: Final = 2**63 - 1
 log = logging.getLogger("talos.registry")
 _T = TypeVar("_T")
 
@@ -80,7 +97,9 @@ CREATE TABLE IF NOT EXISTS used_prekeys (
 CREATE TABLE IF NOT EXISTS records (
     agent_id TEXT NOT NULL, instance_id BLOB NOT NULL, sequence INTEGER NOT NULL,
     endpoint TEXT NOT NULL, issued_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
-    record BLOB NOT NULL, PRIMARY KEY (agent_id, instance_id));
+    record BLOB NOT NULL, first_seen_ms INTEGER NOT NULL, first_sequence INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, instance_id));
+CREATE INDEX IF NOT EXISTS records_by_expiry ON records (expires_ms);
 CREATE TABLE IF NOT EXISTS record_sequences (
     agent_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS revocations (
@@ -89,6 +108,46 @@ CREATE TABLE IF NOT EXISTS revocations (
 CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, kind TEXT NOT NULL,
     agent_id TEXT NOT NULL, reason TEXT NOT NULL, known BLOB, offered BLOB NOT NULL);
+"""
+
+#: Statements taking a database at schema version ``N`` (the key) to ``N + 1``.
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    # 1 -> 2: when and with which sequence each instance was first seen. For rows
+    # written before, the newest record is the oldest evidence left: the instance
+    # was first seen no later than it (it was accepted near its issue time).
+    1: (
+        "ALTER TABLE records ADD COLUMN first_seen_ms INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE records ADD COLUMN first_sequence INTEGER NOT NULL DEFAULT 0",
+        "UPDATE records SET first_seen_ms = issued_ms, first_sequence = sequence",
+    ),
+}
+
+# Duplicated agents, as talos.registry.duplicates.duplicated decides (tests check that
+# they agree), in one sorted pass rather than a quadratic self-join: a live instance is
+# overlapped when an instance first seen before it announced after it was first seen
+# ("earlier"), or when two first seen with the same sequence both announced again.
+_DUPLICATED_AGENTS: Final = """
+WITH live AS (
+    SELECT agent_id, first_sequence,
+        max(sequence) OVER (PARTITION BY agent_id ORDER BY first_sequence
+                            RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier,
+        sum(sequence > first_sequence) OVER (PARTITION BY agent_id, first_sequence) AS tied
+    FROM records WHERE expires_ms > :now)
+SELECT DISTINCT agent_id FROM live WHERE earlier > first_sequence OR tied > 1
+ORDER BY agent_id LIMIT :limit
+"""
+_PUT_RECORD: Final = """
+INSERT INTO records (agent_id, instance_id, sequence, endpoint, issued_ms, expires_ms, record,
+                     first_seen_ms, first_sequence)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (agent_id, instance_id) DO UPDATE SET
+    sequence=excluded.sequence, endpoint=excluded.endpoint, issued_ms=excluded.issued_ms,
+    expires_ms=excluded.expires_ms, record=excluded.record
+"""
+_LIVE_INSTANCES: Final = """
+SELECT instance_id, endpoint, sequence, issued_ms, expires_ms, record, first_seen_ms,
+       first_sequence
+FROM records WHERE agent_id=? AND expires_ms > ? ORDER BY sequence DESC LIMIT ?
 """
 
 
@@ -108,7 +167,11 @@ class Refused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class InstanceInfo:
-    """One live instance of an agent, as its newest peer record announces it."""
+    """One live instance of an agent, as its newest peer record announces it.
+
+    ``first_seen_ms`` (the registry's clock) and ``first_sequence`` describe
+    the first record accepted from the instance.
+    """
 
     instance_id: bytes
     endpoint: str
@@ -116,6 +179,30 @@ class InstanceInfo:
     issued_ms: int
     expires_ms: int
     record: bytes
+    first_seen_ms: int = 0
+    first_sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateStatus:
+    """Whether an agent runs as overlapping instances, and its live instances (newest first).
+
+    ``instances`` lists at most :data:`MAX_LISTED_INSTANCES`; ``duplicate``
+    considers all of them.
+    """
+
+    agent_id: str
+    duplicate: bool
+    instances: tuple[InstanceInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCounts:
+    """What the registry's gauges show: agents and instances with a live record."""
+
+    agents: int
+    instances: int
+    duplicate_identities: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,16 +435,22 @@ class RegistryStore:
 
     # -- peer records -------------------------------------------------------------------
 
-    def put_record(self, record: PeerRecord, *, now: float) -> None:
+    def put_record(self, record: PeerRecord, *, now: float) -> tuple[bytes, ...]:
         """Store a peer record signed by the agent's current key, current at ``now``.
+
+        Returns the instance ids this record newly shows running concurrently
+        (:func:`~talos.registry.duplicates.newly_overlapping`, logged as a
+        ``duplicate_instance`` warning); empty when it reveals nothing new.
 
         Raises:
             Refused: 409 unknown agent, not the current key, or a sequence not
                 above every record accepted for the agent; 403 bad signature;
-                422 expired or issued in the future beyond the clock skew.
+                422 expired or issued in the future beyond the clock skew;
+                400 a sequence or time too large to store.
         """
+        now_ms = int(now * 1000)
 
-        def operation(db: sqlite3.Connection) -> None:
+        def operation(db: sqlite3.Connection) -> tuple[bytes, ...]:
             log = _require_keylog(db, record.agent_id)
             if record.key_sequence != log.state.sequence:
                 raise Refused(
@@ -367,9 +460,11 @@ class RegistryStore:
                     f"the current key is {log.state.sequence}",
                 )
             _verified(lambda: record.verify(IssuerKeys([log]), now=now))
-            if record.expires_ms <= int(now * 1000):
+            if record.expires_ms <= now_ms:
                 # Within the clock-skew tolerance for peers, but never served: refuse.
                 raise Refused(422, "StaleMessage", f"peer record of {record.agent_id} expired")
+            if max(record.sequence, record.expires_ms) > _MAX_SQL_INT:
+                raise Refused(400, "MalformedFrame", "record sequence or expiry beyond 2**63 - 1")
             agent = record.agent_id
             best = _int(db, "SELECT sequence FROM record_sequences WHERE agent_id=?", agent)
             if best is not None and record.sequence <= best:
@@ -379,11 +474,13 @@ class RegistryStore:
             db.execute(
                 "INSERT OR REPLACE INTO record_sequences VALUES (?, ?)", (agent, record.sequence)
             )
+            db.execute("DELETE FROM records WHERE agent_id=? AND expires_ms <= ?", (agent, now_ms))
+            others = _activities(db, agent, now_ms)
+            before = others.pop(record.instance_id, None)
+            first = record.sequence if before is None else before.first_sequence
+            after = Activity(record.instance_id, first, record.sequence)
             db.execute(
-                "DELETE FROM records WHERE agent_id=? AND expires_ms < ?", (agent, int(now * 1000))
-            )
-            db.execute(
-                "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?, ?)",
+                _PUT_RECORD,
                 (
                     agent,
                     record.instance_id,
@@ -392,24 +489,80 @@ class RegistryStore:
                     record.issued_ms,
                     record.expires_ms,
                     record.to_bytes(),
+                    now_ms,
+                    record.sequence,
                 ),
             )
+            return newly_overlapping(before, after, others.values())
 
-        self._run(operation)
+        found = self._run(operation)
+        if found:
+            log.warning(
+                "identity %s announced by %d instances at once (split brain): %s",
+                record.agent_id,
+                len(found),
+                ", ".join(i.hex() for i in found),
+                extra={
+                    "event": "duplicate_instance",
+                    "peer_id": record.agent_id,
+                    "instances": [i.hex() for i in found],
+                },
+            )
+        return found
 
     def instances(self, agent_id: str, *, now_ms: int) -> list[InstanceInfo]:
         """The agent's live (unexpired at ``now_ms``) instances, newest sequence first."""
+        return self._run(lambda db: _live_instances(db, agent_id, now_ms))
 
-        def operation(db: sqlite3.Connection) -> list[InstanceInfo]:
-            rows = db.execute(
-                "SELECT instance_id, endpoint, sequence, issued_ms, expires_ms, record "
-                "FROM records WHERE agent_id=? AND expires_ms > ? ORDER BY sequence DESC",
-                (agent_id, now_ms),
+    # -- split brain ------------------------------------------------------------------
+
+    def duplicate_status(self, agent_id: str, *, now_ms: int) -> DuplicateStatus:
+        """Whether ``agent_id`` runs as overlapping live instances (:mod:`.duplicates`).
+
+        An agent without live records is not a duplicate and lists no instances.
+        """
+
+        def operation(db: sqlite3.Connection) -> DuplicateStatus:
+            duplicate = duplicated(_activities(db, agent_id, now_ms).values())
+            listed = _live_instances(db, agent_id, now_ms, MAX_LISTED_INSTANCES)
+            return DuplicateStatus(agent_id, duplicate, tuple(listed))
+
+        return self._run(operation)
+
+    def duplicate_statuses(self, *, now_ms: int) -> tuple[list[DuplicateStatus], bool]:
+        """Every duplicated identity, by agent id, and whether the list was cut short.
+
+        At most :data:`MAX_LISTED_DUPLICATES` identities, and no more
+        instances in all than keep the answer well under a client's 1 MiB.
+        """
+
+        def operation(db: sqlite3.Connection) -> tuple[list[DuplicateStatus], bool]:
+            agents = db.execute(
+                _DUPLICATED_AGENTS, {"now": now_ms, "limit": MAX_LISTED_DUPLICATES + 1}
             ).fetchall()
-            return [
-                InstanceInfo(bytes(r[0]), r[1], int(r[2]), int(r[3]), int(r[4]), bytes(r[5]))
-                for r in rows
-            ]
+            listed: list[DuplicateStatus] = []
+            total = 0
+            for (agent,) in agents[:MAX_LISTED_DUPLICATES]:
+                live = _live_instances(db, agent, now_ms, MAX_LISTED_INSTANCES)
+                if total + len(live) > _MAX_LISTED_TOTAL:
+                    return listed, True
+                total += len(live)
+                listed.append(DuplicateStatus(agent, True, tuple(live)))
+            return listed, len(agents) > MAX_LISTED_DUPLICATES
+
+        return self._run(operation)
+
+    def live_counts(self, *, now_ms: int) -> LiveCounts:
+        """Agents and instances with a live record, and identities that are duplicated."""
+
+        def operation(db: sqlite3.Connection) -> LiveCounts:
+            agents, instances = db.execute(
+                "SELECT count(DISTINCT agent_id), count(*) FROM records WHERE expires_ms > ?",
+                (now_ms,),
+            ).fetchone()
+            # Duplicated identities are few (each one is an incident): count them here.
+            duplicates = db.execute(_DUPLICATED_AGENTS, {"now": now_ms, "limit": -1}).fetchall()
+            return LiveCounts(int(agents), int(instances), len(duplicates))
 
         return self._run(operation)
 
@@ -559,14 +712,66 @@ def _initialize(db: sqlite3.Connection, path: Path) -> None:
         # FULL: a power cut must not forget that a one-time prekey was handed out.
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(_SCHEMA)
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        _create_or_migrate(db, path)
     except sqlite3.DatabaseError as exc:
         if isinstance(exc, sqlite3.OperationalError):
             raise StorageError(f"cannot open registry database {path}: {exc}") from exc
         raise StoreCorrupted(
             f"{path} is not a registry database: {exc}", where=str(path), what="format"
         ) from exc
+
+
+def _create_or_migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Create the schema, or migrate an older one, in one transaction.
+
+    The version is read again under the write lock, so two processes opening
+    the same old file migrate it once.
+
+    Raises:
+        StorageError: a newer schema appeared meanwhile.
+        sqlite3.DatabaseError: the database failed (rolled back).
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StorageError(f"registry database {path} has schema {version}: upgrade Talos")
+        for step in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
+            log.info("migrating registry database %s from schema %d", path, step)
+            for statement in _MIGRATIONS[step]:
+                db.execute(statement)
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _live_instances(
+    db: sqlite3.Connection, agent_id: str, now_ms: int, limit: int = -1
+) -> list[InstanceInfo]:
+    """The agent's instances unexpired at ``now_ms``, newest sequence first (``limit``: all)."""
+    rows = db.execute(_LIVE_INSTANCES, (agent_id, now_ms, limit)).fetchall()
+    return [
+        InstanceInfo(
+            bytes(r[0]), r[1], int(r[2]), int(r[3]), int(r[4]), bytes(r[5]), int(r[6]), int(r[7])
+        )
+        for r in rows
+    ]
+
+
+def _activities(db: sqlite3.Connection, agent_id: str, now_ms: int) -> dict[bytes, Activity]:
+    """What the rule needs of the agent's live instances, by instance id (no record bytes)."""
+    rows = db.execute(
+        "SELECT instance_id, first_sequence, sequence FROM records "
+        "WHERE agent_id=? AND expires_ms > ?",
+        (agent_id, now_ms),
+    ).fetchall()
+    return {bytes(r[0]): Activity(bytes(r[0]), int(r[1]), int(r[2])) for r in rows}
 
 
 def _blob(db: sqlite3.Connection, query: str, *args: object) -> bytes | None:
@@ -666,7 +871,13 @@ def _record_event(
     known: bytes | None,
     offered: bytes,
 ) -> None:
-    log.warning("security event %s for %s: %s", kind, agent_id, reason)
+    log.warning(
+        "security event %s for %s: %s",
+        kind,
+        agent_id,
+        reason,
+        extra={"event": kind.replace("-", "_"), "peer_id": agent_id, "kind": kind},
+    )
     db.execute(
         "INSERT INTO security_events (at_ms, kind, agent_id, reason, known, offered) "
         "VALUES (?, ?, ?, ?, ?, ?)",

@@ -196,6 +196,8 @@ async def test_openapi_documents_every_route(served: Served) -> None:
         "/v1/agents/{agent_id}/bundle",
         "/v1/agents/{agent_id}/record",
         "/v1/agents/{agent_id}/instances",
+        "/v1/agents/{agent_id}/duplicates",
+        "/v1/duplicates",
         "/v1/revocations/{issuer}",
     }
     for path, methods in paths.items():

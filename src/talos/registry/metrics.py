@@ -1,0 +1,321 @@
+"""Prometheus metrics of the registry server: every ``talos_registry_*`` series.
+
+Like :class:`talos.metrics.AgentMetrics`, each :class:`RegistryMetrics` owns a
+private :class:`~prometheus_client.CollectorRegistry`, and every series,
+including each expected value of a labelled one, exists from construction
+with its zero value. The gauges (live agents, live instances, duplicated
+identities) are read from the store at scrape time, so they are right even
+when records simply expire; until a store is attached they are zero.
+
+The same text is served at ``GET /metrics`` on the API port and, with
+``talos registry serve --metrics-port N``, on a port of its own. See
+``docs/metrics.md`` ("Registry") for the list.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from talos.errors import ConfigurationError, StorageError
+from talos.registry.store import LiveCounts
+
+__all__ = [
+    "CONTENT_TYPE",
+    "OTHER",
+    "REJECTION_REASONS",
+    "STATUS_CLASSES",
+    "SUBMISSION_KINDS",
+    "RegistryMetrics",
+    "RequestMetricsMiddleware",
+]
+
+#: Media type of the exposition text.
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+#: Label value for anything outside the known values (keeps label cardinality bounded).
+OTHER: Final = "other"
+#: Values of the ``status`` label of ``talos_registry_requests_total``.
+STATUS_CLASSES: Final = ("2xx", "3xx", "4xx", "5xx")
+#: Values of the ``kind`` label of ``talos_registry_rejections_total``.
+SUBMISSION_KINDS: Final = ("keylog", "prekeys", "record", "revocations")
+#: Values of the ``reason`` label of ``talos_registry_rejections_total``: the
+#: ``error`` names a refusal can carry (``docs/design/registry.md``), plus ``other``.
+REJECTION_REASONS: Final = (
+    "AgentMismatch",
+    "ClientDisconnect",
+    "KeyLogInvalid",
+    "KeyLogRollback",
+    "MalformedFrame",
+    "NotCurrentKey",
+    "PayloadTooLarge",
+    "RevocationListForked",
+    "RevocationListNotAppendOnly",
+    "SignatureInvalid",
+    "StaleMessage",
+    "StaleSequence",
+    "UnknownAgent",
+    "UnsupportedMediaType",
+    "UnsupportedVersion",
+    OTHER,
+)
+_METHODS: Final = ("GET", "PUT")
+_LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+log = logging.getLogger("talos.registry")
+
+
+class RegistryMetrics:
+    """The registry's Prometheus collectors, and the events that move them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        r = self.registry
+        # First, so that a database failure while reading the gauges is counted
+        # in the same scrape.
+        self._live = _LiveGauges(self)
+        r.register(self._live)
+        self.requests = Counter(
+            "talos_registry_requests",
+            "HTTP requests answered, by method, route template and status class.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "talos_registry_request_duration_seconds",
+            "Time to answer an HTTP request, by method and route template.",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejections = Counter(
+            "talos_registry_rejections",
+            "Submissions refused with a 4xx, by submission kind and refusal name.",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.duplicate_instances = Counter(
+            "talos_registry_duplicate_instances",
+            "Accepted peer records that revealed an identity running as overlapping instances.",
+            registry=r,
+        )
+        self.one_time_prekeys_served = Counter(
+            "talos_registry_one_time_prekeys_served",
+            "One-time prekeys handed out in bundles (each once).",
+            registry=r,
+        )
+        self.bundles_without_one_time_prekey = Counter(
+            "talos_registry_bundles_without_one_time_prekey",
+            "Bundles served without a one-time prekey because the agent's pool was empty.",
+            registry=r,
+        )
+        self.sqlite_errors = Counter(
+            "talos_registry_sqlite_errors",
+            "Database failures (answered 503, or a gauge that could not be read).",
+            registry=r,
+        )
+        for kind in SUBMISSION_KINDS:
+            for reason in REJECTION_REASONS:
+                self.rejections.labels(kind=kind, reason=reason)
+        self._declare(OTHER, OTHER)
+
+    def declare_routes(self, routes: Iterable[tuple[str, str]]) -> None:
+        """Create the request series of each (method, route template) at zero."""
+        for method, route in routes:
+            if method in _METHODS:
+                self._declare(method, route)
+
+    def _declare(self, method: str, route: str) -> None:
+        for status in STATUS_CLASSES:
+            self.requests.labels(method=method, route=route, status=status)
+        self.request_seconds.labels(method=method, route=route)
+
+    # -- the store behind the gauges ------------------------------------------------------
+
+    def attach(self, counts: Callable[[], LiveCounts]) -> None:
+        """Read the gauges from ``counts`` (the store, at the current time) from now on."""
+        self._live.source = counts
+
+    def detach(self) -> None:
+        """Gauges read zero again (the store is closing)."""
+        self._live.source = None
+
+    # -- events -------------------------------------------------------------------------
+
+    def request_answered(self, method: str, route: str, status: int, seconds: float) -> None:
+        """An HTTP request got ``status`` after ``seconds``; unknown labels become ``other``."""
+        method = method if method in _METHODS else OTHER
+        status_class = f"{status // 100}xx"
+        if status_class not in STATUS_CLASSES:
+            status_class = "5xx"
+        self.requests.labels(method=method, route=route, status=status_class).inc()
+        self.request_seconds.labels(method=method, route=route).observe(seconds)
+
+    def submission_rejected(self, kind: str, reason: str) -> None:
+        """A ``kind`` submission was refused with the error name ``reason``."""
+        kind = kind if kind in SUBMISSION_KINDS else OTHER
+        reason = reason if reason in REJECTION_REASONS else OTHER
+        self.rejections.labels(kind=kind, reason=reason).inc()
+
+    def duplicate_detected(self) -> None:
+        self.duplicate_instances.inc()
+
+    def bundle_served(self, *, with_one_time_prekey: bool) -> None:
+        if with_one_time_prekey:
+            self.one_time_prekeys_served.inc()
+        else:
+            self.bundles_without_one_time_prekey.inc()
+
+    def storage_failed(self) -> None:
+        self.sqlite_errors.inc()
+
+    # -- exposition -----------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text format (what ``/metrics`` answers); reads the store."""
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
+        """Serve ``/metrics`` on ``host:port`` (0: any free port) in a thread.
+
+        Returns the address bound; :meth:`close` stops it.
+
+        Raises:
+            ConfigurationError: the address cannot be bound (in use, not local).
+        """
+        if self._server is not None:
+            raise RuntimeError("metrics endpoint already running")
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot serve metrics on {host}:{port}: {exc}") from None
+        self._server, self._thread = server, thread
+        bound_host, bound_port = server.server_address[:2]
+        return str(bound_host), int(bound_port)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The metrics port's address, or ``None`` when it is not served."""
+        if self._server is None:
+            return None
+        bound_host, bound_port = self._server.server_address[:2]
+        return str(bound_host), int(bound_port)
+
+    def close(self) -> None:
+        """Stop the metrics port, if any (idempotent)."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+
+class _LiveGauges(Collector):
+    """The gauges read from the store when scraped (NaN when the database fails)."""
+
+    _HELP: Final = {
+        "talos_registry_live_agents": "Agents with at least one unexpired peer record.",
+        "talos_registry_live_instances": "Unexpired peer records (one per agent instance).",
+        "talos_registry_duplicate_identities": (
+            "Agents whose live instances overlap (split brain; see docs/design/registry.md)."
+        ),
+    }
+
+    def __init__(self, metrics: RegistryMetrics) -> None:
+        self._metrics = metrics
+        self.source: Callable[[], LiveCounts] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        for name, text in self._HELP.items():
+            yield GaugeMetricFamily(name, text)
+
+    def collect(self) -> Iterator[Metric]:
+        values = self._read()
+        for (name, text), value in zip(self._HELP.items(), values, strict=True):
+            yield GaugeMetricFamily(name, text, value=value)
+
+    def _read(self) -> tuple[float, float, float]:
+        source = self.source
+        if source is None:
+            return 0.0, 0.0, 0.0
+        try:
+            counts = source()
+        except StorageError as exc:
+            self._metrics.storage_failed()
+            log.error(
+                "cannot read the registry gauges: %s",
+                exc,
+                extra={"event": "registry_storage_failure", "peer_id": None},
+            )
+            return math.nan, math.nan, math.nan
+        return float(counts.agents), float(counts.instances), float(counts.duplicate_identities)
+
+
+class RequestMetricsMiddleware:
+    """ASGI middleware counting and timing every HTTP request by its route template.
+
+    Requests that match no route are labelled ``other``, so the number of
+    series stays bounded whatever paths clients send.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: RegistryMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # an exception that escapes becomes a 500 outside this middleware
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            route = getattr(scope.get("route"), "path", None)
+            self.metrics.request_answered(
+                scope["method"],
+                route if isinstance(route, str) else OTHER,
+                status,
+                time.perf_counter() - started,
+            )
