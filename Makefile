@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck imports pytest alerts bench clean
+.PHONY: demo test lint typecheck imports pytest alerts faketime bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ imports: $(STAMP)
 alerts:
 	bash deploy/prometheus/check.sh
 
-pytest: $(STAMP)
+# The clock-skew tests run agents under Debian's faketime (installed when missing).
+faketime:
+	bash .ci/install-faketime.sh
+
+pytest: $(STAMP) faketime
 	$(BIN)/pytest -n 2 -q
 
 bench: $(STAMP)

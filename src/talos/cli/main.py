@@ -18,6 +18,7 @@ from talos.cli.audit import audit
 from talos.cli.backup import backup, recover
 from talos.cli.capabilities import EXIT_DENIED, capabilities
 from talos.cli.context import CliContext
+from talos.cli.diagnose import diagnose
 from talos.cli.identity import init, rotate, whoami
 from talos.cli.registry import registry
 from talos.errors import (
@@ -86,6 +87,7 @@ cli.add_command(recover)
 cli.add_command(capabilities)
 cli.add_command(audit)
 cli.add_command(registry)
+cli.add_command(diagnose)
 for command in (run, send, inbox, peers, status):
     cli.add_command(command)
 

@@ -1,0 +1,283 @@
+"""A host clock that is wrong, for real: Talos processes under libfaketime.
+
+Failure-Modes ("Clock Skew"): a clock that is significantly wrong makes
+timestamp checks fail and capabilities look mistimed; ``talos diagnose
+--check-clock`` detects it. Here whole ``talos`` processes run under Debian's
+``faketime`` (libfaketime, preloaded), which shifts what the process reads
+from the wall clock, and every other process keeps the true time:
+
+* ``diagnose --check-clock`` measures the shift against a real registry;
+* a message from an agent 10 minutes ahead is refused by its peer, with a
+  reason that names clock skew;
+* a capability issued by that agent is rejected by the other agent, with a
+  reason that names clock skew (it was issued in the other's future).
+
+``faketime`` forks the program it runs, so every process here gets its own
+process group and is stopped through it. ``FAKETIME_DONT_FAKE_MONOTONIC``
+keeps the monotonic clock (asyncio's timers) true; only the wall clock is
+shifted. Without ``faketime`` on PATH (``.ci/install-faketime.sh`` installs
+it) these tests are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from talos.cli.diagnose import REJECT_TOLERANCE
+from talos.testing.processes import RegistryProcess, registry_process
+
+FAKETIME = shutil.which(os.environ.get("FAKETIME", "faketime"))
+pytestmark = pytest.mark.skipif(
+    FAKETIME is None,
+    reason="faketime is not on PATH: install the Debian package 'faketime' "
+    "(.ci/install-faketime.sh does)",
+)
+
+TALOS = [sys.executable, "-m", "talos"]
+AHEAD = 600.0  # seconds: faketime -f '+10m'
+_READY = re.compile(r"agent (\S+) listening on (\S+)")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TALOS_", "FAKETIME"))}
+    env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+    return env
+
+
+def _command(args: tuple[str, ...], shift: str | None) -> list[str]:
+    assert FAKETIME is not None
+    return [FAKETIME, "-f", shift, *args] if shift else list(args)
+
+
+def talos(home: Path, *args: str, shift: str | None = None) -> subprocess.CompletedProcess[str]:
+    """One ``talos`` command, its wall clock shifted by ``shift`` (faketime syntax)."""
+    result = subprocess.run(
+        _command((*TALOS, "--home", str(home), *args), shift),
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        start_new_session=True,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def ok(home: Path, *args: str, shift: str | None = None) -> str:
+    result = talos(home, *args, shift=shift)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    with registry_process(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module", autouse=True)
+def faketime_works() -> None:
+    """faketime must shift Python's wall clock here, or these tests would prove nothing."""
+    probe = subprocess.run(
+        _command((sys.executable, "-c", "import time; print(time.time())"), "+10m"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    shifted = float(probe.stdout.strip() or 0) - time.time()
+    if not AHEAD - 30 < shifted < AHEAD + 30:
+        pytest.fail(f"faketime does not shift Python's clock ({shifted:.1f} s): {probe.stderr}")
+
+
+@dataclass
+class Daemon:
+    """A ``talos run`` process (under faketime, its wrapper) in a process group of its own."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def wait_ready(self) -> str:
+        deadline, line = time.monotonic() + 30, ""
+        while time.monotonic() < deadline and not line:
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.5)
+            if ready and self.process.stdout is not None:
+                line = self.process.stdout.readline().decode()
+        match = _READY.search(line)
+        assert match, f"not ready: {line!r}\n{self.log.read_text()}"
+        return match.group(1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def launch(home: Path, *args: str, shift: str | None = None) -> Daemon:
+        log = home.parent / f"{home.name}.log"
+        with log.open("ab") as stderr:
+            process = subprocess.Popen(
+                _command((*TALOS, "--home", str(home), "run", *args), shift),
+                env=_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        daemon = Daemon(process, log)
+        started.append(daemon)
+        daemon.wait_ready()
+        return daemon
+
+    yield launch
+    for daemon in started:
+        daemon.stop()
+
+
+def _clock(
+    home: Path, registry: RegistryProcess, *extra: str, shift: str | None, code: int
+) -> dict:
+    result = talos(
+        home, "diagnose", "--check-clock", "--registry", registry.url, "--json", *extra, shift=shift
+    )
+    assert result.returncode == code, (result.stdout, result.stderr)
+    (finding,) = [
+        f for f in json.loads(result.stdout)["checks"]["clock"] if f["subject"] == "registry"
+    ]
+    return dict(finding)
+
+
+def test_diagnose_measures_a_shifted_clock(tmp_path: Path, registry: RegistryProcess) -> None:
+    home = tmp_path / "home"  # no identity needed to measure a clock
+    ahead = _clock(home, registry, shift="+10m", code=1)
+    assert ahead["status"] == "fail"
+    assert abs(ahead["offset_s"] - AHEAD) < 5
+    assert f"beyond the {REJECT_TOLERANCE:g} s clock-skew tolerance" in ahead["detail"]
+    assert "NTP" in ahead["hint"]
+
+    true = _clock(home, registry, shift=None, code=0)
+    assert true["status"] == "ok"
+    assert abs(true["offset_s"]) < 1.0
+
+    behind = _clock(home, registry, shift="-10s", code=0)
+    assert behind["status"] == "warn"  # above the 5 s default threshold, within tolerance
+    assert abs(behind["offset_s"] + 10) < 2
+    assert "behind" in behind["detail"]
+    relaxed = _clock(home, registry, "--warn-threshold", "30", shift="-10s", code=0)
+    assert relaxed["status"] == "ok"
+
+    text = talos(home, "diagnose", "--check-clock", "--registry", registry.url, shift="+10m")
+    assert text.returncode == 1
+    assert re.search(r"FAIL\s+registry\s+this host's clock is 6\d\d\.\d+ s ahead of", text.stdout)
+    assert not home.exists()
+
+
+def test_a_message_from_an_agent_ten_minutes_ahead_is_refused_as_clock_skew(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+) -> None:
+    ahead, bob = tmp_path / "ahead", tmp_path / "bob"
+    ahead_id = ok(ahead, "init", "--name", "ahead")
+    bob_id = ok(bob, "init", "--name", "bob")
+    url = ["--registry", registry.url]
+    start(bob, *url, "--accept", "open")
+    start(ahead, *url, shift="+10m")
+
+    result = talos(ahead, "send", bob_id, "hello from the future", "--timeout", "10", shift="+10m")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "error: PeerRejected:" in result.stderr
+    assert f"{bob_id} refused the message" in result.stderr
+    assert "clock skew" in result.stderr
+    assert re.search(r"timestamp is 59\d{4} ms ahead of the local clock", result.stderr)
+    # Nothing reached bob's inbox, and the refusal is in his audit log.
+    assert json.loads(ok(bob, "inbox", "--json")) == []
+    refusals = json.loads(ok(bob, "audit", "query", "--type", "PEER_REJECTED", "--json"))
+    assert [(e["peer"], e["data"]["reason"]) for e in refusals] == [(ahead_id, "stale")]
+
+    # The agent that is ahead can see why: its clock against the registry.
+    report = talos(ahead, "diagnose", "--check-clock", "--json", shift="+10m")
+    assert report.returncode == 1
+    (measured,) = [
+        f for f in json.loads(report.stdout)["checks"]["clock"] if f["subject"] == "registry"
+    ]
+    assert measured["status"] == "fail"
+    assert abs(measured["offset_s"] - AHEAD) < 5
+
+
+def test_a_capability_issued_ten_minutes_ahead_is_rejected_as_clock_skew(tmp_path: Path) -> None:
+    ahead, bob = tmp_path / "ahead", tmp_path / "bob"
+    ok(ahead, "init", "--name", "ahead")
+    bob_id = ok(bob, "init", "--name", "bob")
+    keylog = tmp_path / "ahead.keylog"
+    ok(ahead, "whoami", "--export-log", str(keylog))
+    token = ok(
+        ahead,
+        "capabilities",
+        "grant",
+        "--to",
+        bob_id,
+        "--action",
+        "message.send",
+        "--expires-in",
+        "1h",
+        shift="+10m",
+    )
+    result = talos(bob, "capabilities", "add", token, "--issuer-log", str(keylog))
+    assert result.returncode == 6, (result.stdout, result.stderr)
+    assert "NotYetValid" in result.stderr
+    assert "in the future" in result.stderr
+    assert "clock skew" in result.stderr
+    # The issuer itself, its clock still ahead, holds the token for valid.
+    listed = json.loads(ok(ahead, "capabilities", "list", "--json", shift="+10m"))
+    assert [row["state"] for row in listed] == ["valid"]
+
+
+def test_a_peer_thirty_seconds_ahead_is_a_warning_from_its_acks(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+) -> None:
+    alice, ahead = tmp_path / "alice", tmp_path / "ahead"
+    ok(alice, "init", "--name", "alice")
+    ahead_id = ok(ahead, "init", "--name", "ahead")
+    url = ["--registry", registry.url]
+    start(ahead, *url, "--accept", "open", shift="+30s")  # within the tolerance: it works
+    start(alice, *url)
+    assert ok(alice, "send", ahead_id, "hi", "--timeout", "10").startswith("delivered")
+
+    def peer_clock(*extra: str, code: int) -> dict[str, object]:
+        result = talos(alice, "diagnose", "--check-clock", "--json", *extra)
+        assert result.returncode == code, (result.stdout, result.stderr)
+        (peer,) = [
+            f for f in json.loads(result.stdout)["checks"]["clock"] if f["subject"] == "peer"
+        ]
+        return dict(peer)
+
+    measured = peer_clock(code=0)  # a warning, not a problem
+    assert (measured["agent_id"], measured["status"]) == (ahead_id, "warn")
+    assert abs(float(str(measured["offset_s"])) - 30) < 3
+    assert "ahead of this host's" in str(measured["detail"])
+    assert peer_clock("--warn-threshold", "45", code=0)["status"] == "ok"
