@@ -84,7 +84,14 @@ from talos.errors import (
 )
 from talos.metrics import AgentMetrics
 from talos.peers import DhtSource, PeerDirectory, RecordSource, RegistrySource
-from talos.storage.agent_state import AgentState, InboxMessage, OutboxItem, derive_storage_key
+from talos.storage.agent_state import (
+    AgentState,
+    Enqueue,
+    InboxMessage,
+    OutboxItem,
+    Received,
+    derive_storage_key,
+)
 from talos.storage.home import AgentHome, default_home
 from talos.storage.tokens import TokenStore
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
@@ -107,6 +114,8 @@ _REFUSAL_EVENTS: Final = {
 }
 #: How long one transmission waits for its ACK before it is retried.
 ACK_TIMEOUT: Final = 10.0
+#: Messages in flight to one peer at a time (sent back to back, one commit).
+SEND_WINDOW: Final = 64
 #: Least time between two automatic session resets for one peer.
 RESET_INTERVAL: Final = 5.0
 _SESSION_FIELDS: Final = frozenset({"v", "s", "x"})
@@ -273,9 +282,21 @@ class TalosClient:
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         #: Failed delivery attempts per queued message (while a send() waits on it).
         self._failures: dict[bytes, int] = {}
+        #: send() calls waiting for the next group commit of the outbox.
+        self._enqueues: list[tuple[Enqueue, asyncio.Future[None]]] = []
+        #: Received messages decrypted but not yet committed (see _settle), the
+        #: sessions they advanced, and their replay ids.
+        self._staged: list[tuple[Received, Link, wire.Envelope]] = []
+        self._staged_sessions: dict[str, Session] = {}
+        self._staged_ids: set[bytes] = set()
+        self._acknowledging: set[asyncio.Task[None]] = set()
+        #: ACKed messages waiting for the next group commit of their removal.
+        self._removing: dict[bytes, wire.Envelope] = {}
         self._flushers: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._inbox_ready = asyncio.Event()
+        #: The last inbox sequence number receive(auto_ack=False) returned.
+        self._inbox_cursor = -1
         self._last_reset: dict[str, float] = {}
         self._revocations = RevocationState()
         #: When each in-flight message last left (our clock), for ACK clock samples.
@@ -492,9 +513,13 @@ class TalosClient:
         if self._closed:
             return
         self._closed = True
-        for task in [*self._flushers.values(), *self._background]:
+        if self._acknowledging:
+            # Committed receives are ACKed before the links close (else the
+            # senders retry, and are answered DUPLICATE next time).
+            await asyncio.wait(set(self._acknowledging), timeout=1.0)
+        for task in [*self._flushers.values(), *self._background, *self._acknowledging]:
             task.cancel()
-        for task in [*self._flushers.values(), *self._background]:
+        for task in [*self._flushers.values(), *self._background, *self._acknowledging]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for future in self._acks.values():
@@ -503,6 +528,10 @@ class TalosClient:
                     DeliveryError("the client closed; the message stays queued for next time")
                 )
                 future.exception()  # retrieved here; a waiting send() sees it too
+        self._flush_enqueues()
+        self._flush_acks()
+        # Received but not committed: not acknowledged either, so their senders retry.
+        self._staged, self._staged_sessions, self._staged_ids = [], {}, set()
         self._inbox_ready.set()
         if self._transport is not None:
             await self._transport.close()
@@ -613,6 +642,7 @@ class TalosClient:
             start.shared_key, start.associated_data, start.their_ratchet_key, self._rng
         )
         header = start.header.to_bytes()
+        self._settle()
         self._state.put_session(
             peer_id,
             _session_record(session, header),
@@ -624,13 +654,19 @@ class TalosClient:
 
     async def reset_session(self, peer_id: str) -> None:
         """Forget the session with ``peer_id``; the next message establishes a new one."""
+        self._settle()
         self._sessions.pop(peer_id, None)
         self._state.drop_session(
             peer_id, audit=[(AuditKind.SESSION_RESET, {"reason": "requested"}, peer_id)]
         )
 
     def _session(self, peer: str) -> tuple[Session, bytes | None] | None:
-        """The session with ``peer``; a stored one that is damaged is discarded.
+        """The session with ``peer`` after committing staged receives (see _settle)."""
+        self._settle()
+        return self._committed_session(peer)
+
+    def _committed_session(self, peer: str) -> tuple[Session, bytes | None] | None:
+        """The committed session with ``peer``; a stored one that is damaged is discarded.
 
         Seed, "Session State Corruption": a session that cannot be read is
         dropped (audited as SESSION_RESET) and treated as absent, so the
@@ -693,24 +729,25 @@ class TalosClient:
         token = self._capability_for(peer_id, capability)
         message_id = wire.new_message_id(self._rng)
         trace_id = secrets.token_hex(8)
-        self._state.enqueue(
-            peer_id,
-            message_id,
-            payload,
-            capability=None if token is None else token.to_bytes(),
-            queue_limit=self._queue_limit,
-            audit=[
-                (
-                    AuditKind.MESSAGE_SENT,
-                    {
-                        "id": message_id,
-                        "sha256": hashlib.sha256(payload).digest(),
-                        "size": len(payload),
-                        "trace": trace_id,
-                    },
-                    peer_id,
-                )
-            ],
+        await self._enqueue(
+            Enqueue(
+                peer_id,
+                message_id,
+                payload,
+                None if token is None else token.to_bytes(),
+                audit=[
+                    (
+                        AuditKind.MESSAGE_SENT,
+                        {
+                            "id": message_id,
+                            "sha256": hashlib.sha256(payload).digest(),
+                            "size": len(payload),
+                            "trace": trace_id,
+                        },
+                        peer_id,
+                    )
+                ],
+            )
         )
         result = SendResult("queued", message_id.hex(), trace_id)
         self.metrics.message_sent(len(payload))
@@ -729,6 +766,44 @@ class TalosClient:
                 f"not delivered to {peer_id} within {timeout:g} s and {retry_count} retries"
             )
         return result
+
+    async def _enqueue(self, request: Enqueue) -> None:
+        """Queue durably; sends made in the same event-loop tick share one commit.
+
+        A caller cancelled before the commit withdraws its message; after
+        it, the message stays queued (like any queued message).
+
+        Raises:
+            QueueFull, LocalProtocolError, AuditFull, StorageError: as
+            :meth:`AgentState.enqueue`; nothing of this message was written.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueues.append((request, future))
+        if len(self._enqueues) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_enqueues)
+        await future
+
+    def _flush_enqueues(self) -> None:
+        batch = [(r, f) for r, f in self._enqueues if not f.done()]
+        self._enqueues = []
+        if not batch:
+            return
+        try:
+            results = self._state.enqueue_many(
+                [request for request, _ in batch], queue_limit=self._queue_limit
+            )
+        except Exception as exc:  # handed to every sender in the batch
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, OutboxItem):
+                future.set_result(None)
+            else:
+                future.set_exception(result)
 
     async def _await_delivery(
         self, message_id: bytes, acked: asyncio.Future[None], seconds: float, retry_count: int
@@ -845,9 +920,11 @@ class TalosClient:
                 continue
             head = pending[0].message_id
             try:
-                for item in pending:
-                    head = item.message_id
-                    await self._deliver(peer, item)
+                while pending:
+                    window = pending[: self._window_size(peer)]
+                    head = window[0].message_id
+                    await self._deliver_window(peer, window)
+                    pending = pending[len(window) :]
                 attempt = 0
             except TalosError as exc:
                 # Counted per message for send(retry_count=...): in order, the
@@ -867,29 +944,58 @@ class TalosClient:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), delay)
 
-    async def _deliver(self, peer: str, item: OutboxItem) -> None:
-        """Transmit one queued message and wait for its ACK (or a signed refusal)."""
-        if self._state.outbox_item(item.message_id) is None:
-            return  # acknowledged meanwhile
-        acked = self._acks.setdefault(item.message_id, asyncio.get_running_loop().create_future())
-        if acked.done():
+    def _window_size(self, peer: str) -> int:
+        """How many messages may be in flight to ``peer``: one until the peer holds
+        the session (each X3DH initial message would start a new one), then SEND_WINDOW."""
+        current = self._sessions.get(peer)
+        return SEND_WINDOW if current is not None and current[1] is None else 1
+
+    async def _deliver_window(self, peer: str, items: list[OutboxItem]) -> None:
+        """Transmit queued messages back to back, then wait for every ACK (or a refusal).
+
+        Raises:
+            SessionError: the peer could not decrypt or accept one yet (retried).
+            PeerUnreachable: the connection dropped before the ACKs.
+            DeliveryTimeout: no ACK within ACK_TIMEOUT.
+        """
+        loop = asyncio.get_running_loop()
+        items = [
+            item
+            for item in items
+            if not self._acks.setdefault(item.message_id, loop.create_future()).done()
+            and item.message_id not in self._removing
+        ]
+        if not items:
             return
         link = await self._link(peer)
-        frame = await self._encrypt(peer, item)
-        nack = self._nacks.setdefault(item.message_id, asyncio.Event())
-        nack.clear()
-        self._sent_at[item.message_id] = self._clock.time()
-        await link.send(frame)
-        refused: asyncio.Future[Any] = asyncio.ensure_future(nack.wait())
+        frames = await self._encrypt(peer, items)
+        for item, frame in zip(items, frames, strict=True):
+            self._nacks.setdefault(item.message_id, asyncio.Event()).clear()
+            self._sent_at[item.message_id] = self._clock.time()
+            await link.send(frame)
+        deadline = loop.time() + ACK_TIMEOUT
         dropped: asyncio.Future[Any] = asyncio.ensure_future(link.closed.wait())
-        waiters: set[asyncio.Future[Any]] = {acked, refused, dropped}
+        try:
+            for item in items:
+                await self._await_ack(peer, item.message_id, dropped, deadline)
+        finally:
+            dropped.cancel()
+
+    async def _await_ack(
+        self, peer: str, message_id: bytes, dropped: asyncio.Future[Any], deadline: float
+    ) -> None:
+        acked = self._acks.get(message_id)
+        if acked is None or acked.done():
+            return  # acknowledged (and released) already
+        nack = self._nacks.setdefault(message_id, asyncio.Event())
+        refused: asyncio.Future[Any] = asyncio.ensure_future(nack.wait())
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
             done, _ = await asyncio.wait(
-                waiters, timeout=ACK_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+                {acked, refused, dropped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             refused.cancel()
-            dropped.cancel()
         if acked in done:
             with contextlib.suppress(PeerRejected, asyncio.CancelledError, DeliveryError):
                 acked.result()
@@ -900,7 +1006,9 @@ class TalosClient:
             raise PeerUnreachable(f"the connection to {peer} closed before the ACK")
         raise DeliveryTimeout(f"no ACK from {peer} within {ACK_TIMEOUT:g} s")
 
-    async def _encrypt(self, peer: str, item: OutboxItem) -> bytes:
+    async def _encrypt(self, peer: str, items: list[OutboxItem]) -> list[bytes]:
+        """Encrypt and sign ``items`` for ``peer``; the advanced ratchet and the attempts
+        are durable (one commit) before any of the frames is returned."""
         current = self._session(peer)
         if current is None:
             await self.establish_session(peer)
@@ -909,27 +1017,32 @@ class TalosClient:
                 raise SessionError(f"no session with {peer}")
         session, x3dh = current
         now = self._clock.time()
-        header, ciphertext = session.encrypt(item.payload, now=now)
-        # Persist the advanced ratchet (with the attempt) before the ciphertext leaves.
-        record = _session_record(session, x3dh)
-        if self._state.record_attempt(item.message_id, now, session=record) is None:
-            self._state.put_session(peer, record)
-        envelope = wire.Envelope(
-            type=wire.EnvelopeType.INITIAL if x3dh else wire.EnvelopeType.MESSAGE,
-            message_id=item.message_id,
-            sender=self.agent_id,
-            sender_instance=self._instance,
-            recipient=peer,
-            # The time it was queued, on every retry: the receiver's replay
-            # window then refuses (STALE) rather than re-accepts a message
-            # retried after the window forgot its id.
-            timestamp_ms=item.enqueued_ms,
-            ratchet_header=header,
-            ciphertext=ciphertext,
-            capability_ref=item.capability,
-            x3dh_header=x3dh,
+        sealed = [session.encrypt(item.payload, now=now) for item in items]
+        # Persist the advanced ratchet (with the attempts) before a ciphertext leaves.
+        self._state.record_attempts(
+            peer, [item.message_id for item in items], now, session=_session_record(session, x3dh)
         )
-        return wire.seal(envelope, self._identity.signing_key)
+        return [
+            wire.seal(
+                wire.Envelope(
+                    type=wire.EnvelopeType.INITIAL if x3dh else wire.EnvelopeType.MESSAGE,
+                    message_id=item.message_id,
+                    sender=self.agent_id,
+                    sender_instance=self._instance,
+                    recipient=peer,
+                    # The time it was queued, on every retry: the receiver's replay
+                    # window then refuses (STALE) rather than re-accepts a message
+                    # retried after the window forgot its id.
+                    timestamp_ms=item.enqueued_ms,
+                    ratchet_header=header,
+                    ciphertext=ciphertext,
+                    capability_ref=item.capability,
+                    x3dh_header=x3dh,
+                ),
+                self._identity.signing_key,
+            )
+            for item, (header, ciphertext) in zip(items, sealed, strict=True)
+        ]
 
     async def _link(self, peer: str) -> Link:
         link = self._links.get(peer)
@@ -1050,6 +1163,9 @@ class TalosClient:
         ``auto_ack=False`` it stays in the inbox until :meth:`acknowledge`:
         at least once; after a crash it is returned again, and its
         ``message_id`` lets the application drop what it already processed.
+        Each such call returns the next message after the previous one, so
+        an application can process several and acknowledge them together
+        (one commit); a restart starts again at the oldest unacknowledged.
         """
         deadline = None if timeout is None else self._clock.monotonic() + timeout
         while not self._closed:
@@ -1058,7 +1174,8 @@ class TalosClient:
                 if taken:
                     return _message(taken[0])
             else:
-                for seq, item in self._state.inbox(limit=1):
+                for seq, item in self._state.inbox(after=self._inbox_cursor, limit=1):
+                    self._inbox_cursor = seq
                     return _message(item, seq)
             self._inbox_ready.clear()
             remaining = None if deadline is None else deadline - self._clock.monotonic()
@@ -1068,15 +1185,22 @@ class TalosClient:
                 await asyncio.wait_for(self._inbox_ready.wait(), remaining)
         return None
 
-    def acknowledge(self, message: Message) -> None:
-        """Remove a message received with ``auto_ack=False`` from the durable inbox.
+    def acknowledge(self, *messages: Message) -> None:
+        """Remove messages received with ``auto_ack=False`` from the durable inbox
+        (all in one commit).
 
         Raises:
-            LocalProtocolError: the message was not received with ``auto_ack=False``.
+            LocalProtocolError: a message was not received with ``auto_ack=False``.
         """
-        if message.inbox_seq is None:
-            raise LocalProtocolError("only messages received with auto_ack=False are acknowledged")
-        self._state.acknowledge(message.inbox_seq)
+        seqs = []
+        for message in messages:
+            if message.inbox_seq is None:
+                raise LocalProtocolError(
+                    "only messages received with auto_ack=False are acknowledged"
+                )
+            seqs.append(message.inbox_seq)
+        if seqs:
+            self._state.acknowledge(*seqs)
 
     async def messages(self) -> AsyncIterator[Message]:
         """Every received message, as it arrives."""
@@ -1164,6 +1288,10 @@ class TalosClient:
         sender = envelope.sender
         now = self._clock.time()
         replay_id = hashlib.sha256(sender.encode() + envelope.message_id).digest()
+        if replay_id in self._staged_ids:
+            return  # a copy is being committed; its ACK follows the commit
+        if envelope.type is not wire.EnvelopeType.MESSAGE:
+            self._settle()  # X3DH consumes prekeys and replaces the session: not batched
         try:
             self._state.replay_window.check(replay_id, envelope.timestamp_ms, int(now * 1000))
         except DuplicateMessage:
@@ -1234,6 +1362,11 @@ class TalosClient:
             )
             return
         del data  # decoded only to refuse undecodable payloads before committing
+        if not established:
+            # Committed with whatever else arrives in this event-loop tick (one
+            # fsync for all), then acknowledged: see _flush_receives.
+            self._stage_receive(link, envelope, replay_id, plaintext, successor, capability_id)
+            return
         audit: list[tuple[str, dict[str, Any], str | None]] = [
             (
                 AuditKind.MESSAGE_RECEIVED,
@@ -1267,6 +1400,89 @@ class TalosClient:
             self._prekeys = prekeys
         await self._answer(link, envelope, ack=wire.AckStatus.ACCEPTED)
         self._inbox_ready.set()
+
+    def _stage_receive(
+        self,
+        link: Link,
+        envelope: wire.Envelope,
+        replay_id: bytes,
+        plaintext: bytes,
+        successor: Session,
+        capability_id: bytes | None,
+    ) -> None:
+        """Hold a decrypted message for the next group commit (nothing is output yet).
+
+        Until then ``successor`` is the session later frames from this sender
+        are decrypted with (so a batch chains), but nothing else may use it:
+        every other reader of sessions settles the batch first (:meth:`_settle`).
+        """
+        sender = envelope.sender
+        self._staged_sessions[sender] = successor
+        self._staged_ids.add(replay_id)
+        received = Received(
+            sender,
+            _session_record(successor, None),
+            replay_id,
+            envelope.timestamp_ms,
+            InboxMessage(
+                sender=sender,
+                message_id=envelope.message_id,
+                data=plaintext,
+                sent_at_ms=envelope.timestamp_ms,
+                received_at_ms=time_ms(self._clock),
+                capability_id=capability_id,
+            ),
+            audit=[
+                (
+                    AuditKind.MESSAGE_RECEIVED,
+                    {"id": envelope.message_id, "sha256": hashlib.sha256(plaintext).digest()},
+                    sender,
+                )
+            ],
+        )
+        self._staged.append((received, link, envelope))
+        if len(self._staged) == 1:
+            asyncio.get_running_loop().call_soon(self._settle)
+
+    def _settle(self) -> None:
+        """Commit the staged receives in one transaction, then acknowledge them.
+
+        If the commit fails nothing is acknowledged and the staged sessions
+        are forgotten: the sender retries, and the messages are decrypted
+        again from the committed state.
+        """
+        staged, self._staged = self._staged, []
+        sessions, self._staged_sessions = self._staged_sessions, {}
+        self._staged_ids = set()
+        if not staged:
+            return
+        try:
+            self._state.commit_receive_many([received for received, _, _ in staged])
+        except TalosError as exc:
+            _log.warning(
+                "%d received messages not committed (the senders will retry): %s",
+                len(staged),
+                exc,
+            )
+            return
+        for peer, session in sessions.items():
+            self._sessions[peer] = (session, None)
+        for received, _, _ in staged:
+            self.metrics.message_received(len(received.message.data))
+        task = asyncio.create_task(
+            self._acknowledge_staged([(link, envelope) for _, link, envelope in staged])
+        )
+        self._acknowledging.add(task)
+        task.add_done_callback(self._acknowledging.discard)
+
+    async def _acknowledge_staged(self, answers: list[tuple[Link, wire.Envelope]]) -> None:
+        """ACK committed messages, then tell receive() they are there (so an
+        application that stops once it has them does not cut the ACKs short)."""
+        try:
+            for link, envelope in answers:
+                await self._answer(link, envelope, ack=wire.AckStatus.ACCEPTED)
+        finally:
+            self._inbox_ready.set()
 
     async def _authorize(self, envelope: wire.Envelope) -> bytes:
         """Check the attached capability; returns its id.
@@ -1353,7 +1569,11 @@ class TalosClient:
                 envelope.ratchet_header, envelope.ciphertext, now=now
             )
             return plaintext, successor, response.store, True
-        current = self._session(envelope.sender)
+        staged = self._staged_sessions.get(envelope.sender)
+        if staged is not None:
+            current: tuple[Session, bytes | None] | None = (staged, None)
+        else:
+            current = self._committed_session(envelope.sender)
         if current is None:
             raise SessionError(f"no session with {envelope.sender}")
         plaintext, successor = current[0].decrypt_uncommitted(
@@ -1420,22 +1640,47 @@ class TalosClient:
 
     def _on_ack(self, envelope: wire.Envelope) -> None:
         ref = envelope.ref_id
-        if ref is None or not self._queued_for(ref, envelope.sender):
+        if ref is None or ref in self._removing or not self._queued_for(ref, envelope.sender):
             return  # not ours, not from the peer we sent it to, or already acknowledged
+        # ACKs that arrive together are removed from the outbox in one commit.
+        self._removing[ref] = envelope
+        if len(self._removing) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        """Remove acknowledged messages in one commit, then release their senders."""
+        acks, self._removing = self._removing, {}
+        if not acks:
+            return
+        try:
+            self._state.remove_many(
+                [
+                    (
+                        ref,
+                        [
+                            (
+                                AuditKind.MESSAGE_DELIVERED,
+                                {"id": ref, "status": int(ack.status or 0)},
+                                ack.sender,
+                            )
+                        ],
+                    )
+                    for ref, ack in acks.items()
+                ]
+            )
+        except TalosError as exc:
+            # Still queued: the retry is answered DUPLICATE and removal is tried again.
+            _log.warning("acknowledged messages not removed from the outbox: %s", exc)
+            return
+        for ref, ack in acks.items():
+            self._delivered(ref, ack)
+        self.metrics.set_queue_depth(self.queue_depth())
+
+    def _delivered(self, ref: bytes, envelope: wire.Envelope) -> None:
         self._failures.pop(ref, None)
         self._clock_sample(envelope)
         self.metrics.message_delivered()
-        self._state.remove(
-            ref,
-            audit=[
-                (
-                    AuditKind.MESSAGE_DELIVERED,
-                    {"id": ref, "status": int(envelope.status or 0)},
-                    envelope.sender,
-                )
-            ],
-        )
-        self.metrics.set_queue_depth(self.queue_depth())
+        self._settle()
         current = self._sessions.get(envelope.sender)
         if current is not None and current[1] is not None:
             # The peer holds the session now: later messages need no X3DH header.
@@ -1475,6 +1720,7 @@ class TalosClient:
             now = self._clock.time()
             if now - self._last_reset.get(peer, -RESET_INTERVAL) >= RESET_INTERVAL:
                 self._last_reset[peer] = now
+                self._settle()
                 self._sessions.pop(peer, None)
                 self.metrics.session_reset()
                 self._state.drop_session(

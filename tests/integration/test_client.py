@@ -640,3 +640,17 @@ async def test_offset_from_the_registry_clock_is_exported(
     ) as a:
         assert a.status()["clock_offset_s"] == pytest.approx(-30.0, abs=0.5)
         assert sample(a, "talos_clock_offset_seconds") == pytest.approx(-30.0, abs=0.5)
+
+
+async def test_at_least_once_messages_are_acknowledged_together(tmp_path: Path) -> None:
+    """receive(auto_ack=False) walks the inbox; one acknowledge() removes a batch."""
+    async with introduced(tmp_path) as (a, b):
+        for n in range(5):
+            assert (await a.send(b.agent_id, n, timeout=10)).status == "delivered"
+        got = [await b.receive(timeout=5, auto_ack=False) for _ in range(5)]
+        assert [m.data for m in got if m is not None] == [0, 1, 2, 3, 4]
+        assert await b.receive(timeout=0.05, auto_ack=False) is None
+        b.acknowledge(*[m for m in got[:3] if m is not None])
+    async with TalosClient.create("bob", home=tmp_path / "b", discovery=[]) as b:
+        rest = [await b.receive(timeout=1, auto_ack=False) for _ in range(2)]
+        assert [m.data for m in rest if m is not None] == [3, 4]

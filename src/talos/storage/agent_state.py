@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
@@ -152,6 +152,30 @@ class OutboxItem:
     enqueued_ms: int
     attempts: int = 0
     last_attempt_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueue:
+    """One message to queue with :meth:`AgentState.enqueue_many`."""
+
+    peer: str
+    message_id: bytes
+    payload: bytes
+    capability: bytes | None
+    audit: AuditRecords = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One received message to commit with :meth:`AgentState.commit_receive_many`."""
+
+    peer: str
+    session: bytes
+    replay_id: bytes
+    timestamp_ms: int
+    message: InboxMessage
+    prekeys: bytes | None = None
+    audit: AuditRecords = ()
 
 
 class _Unchanged(Exception):
@@ -440,30 +464,59 @@ class AgentState:
             LocalProtocolError: bad arguments or audit record.
             AuditFull, StorageError: nothing was written.
         """
+        received = Received(peer, session, replay_id, timestamp_ms, message, prekeys, audit)
+        return self.commit_receive_many([received])[0]
+
+    def commit_receive_many(self, batch: Sequence[Received]) -> list[int]:
+        """Commit several received messages in one transaction (group commit).
+
+        Each is committed as by :meth:`commit_receive`, in order; a peer's
+        session ends as the last one given for it. All or nothing: if any
+        message is a duplicate (also of an earlier one in ``batch``) or
+        stale, nothing is written. Returns the inbox sequence numbers.
+
+        Raises:
+            The same as :meth:`commit_receive`.
+        """
         with self._lock:
             now = time_ms(self._clock)
-            self._replay.check(replay_id, timestamp_ms, now)
+            seen: set[bytes] = set()
+            for item in batch:
+                self._replay.check(item.replay_id, item.timestamp_ms, now)
+                if item.replay_id in seen:
+                    raise DuplicateMessage("message id was already received")
+                seen.add(item.replay_id)
             floor = max(self._replay.floor_ms, now - self._replay.window_ms)
-            session_key = _peer_key(peer)
-            sealed_session = self._seal(_bytes("session", session), ("session", peer))
+            sessions = {
+                _peer_key(item.peer): self._seal(
+                    _bytes("session", item.session), ("session", item.peer)
+                )
+                for item in batch
+            }
             sealed_prekeys = None
-            if prekeys is not None:
-                sealed_prekeys = self._seal(_bytes("prekeys", prekeys), ("prekeys",))
-            inbox_row = self._inbox_row(message)
-            seq = -1
+            for item in batch:
+                if item.prekeys is not None:
+                    sealed_prekeys = self._seal(_bytes("prekeys", item.prekeys), ("prekeys",))
+            rows = [self._inbox_row(item.message) for item in batch]
+            seqs: list[int] = []
 
             def apply(txn: lmdb.Transaction[bytes]) -> None:
-                nonlocal seq
-                self._put_replay(txn, replay_id, timestamp_ms, floor)
-                txn.put(session_key, sealed_session, db=self._db["sessions"])
+                seqs.clear()
+                for item in batch:
+                    self._put_replay(txn, item.replay_id, item.timestamp_ms, floor)
+                for key, sealed in sessions.items():
+                    txn.put(key, sealed, db=self._db["sessions"])
                 if sealed_prekeys is not None:
                     txn.put(b"prekeys", sealed_prekeys, db=self._db["agent"])
-                seq = self._next_seq(txn, b"inbox_next")
-                txn.put(_U64.pack(seq), inbox_row, db=self._db["inbox"])
+                for row in rows:
+                    seq = self._next_seq(txn, b"inbox_next")
+                    txn.put(_U64.pack(seq), row, db=self._db["inbox"])
+                    seqs.append(seq)
 
-            self._commit(audit, apply)
-            self._replay.record(replay_id, timestamp_ms, now)
-            return seq
+            self._commit([record for item in batch for record in item.audit], apply)
+            for item in batch:
+                self._replay.record(item.replay_id, item.timestamp_ms, now)
+            return seqs
 
     def commit_duplicate(self, *, audit: AuditRecords) -> None:
         """Audit a dropped duplicate (REPLAY_DROPPED): audit entries only, no state change.
@@ -616,17 +669,21 @@ class AgentState:
                 return []
         return taken
 
-    def acknowledge(self, seq: int, *, audit: AuditRecords = ()) -> bool:
-        """Remove inbox message ``seq`` after processing it; False (nothing written) if absent.
+    def acknowledge(self, *seqs: int, audit: AuditRecords = ()) -> bool:
+        """Remove inbox messages ``seqs`` after processing them, in one commit.
+
+        True if any was still there; False, and nothing written (not even
+        ``audit``), if none was.
 
         Raises:
-            LocalProtocolError: bad audit record.
+            LocalProtocolError: a bad sequence number or audit record.
             AuditFull, StorageError: nothing removed.
         """
-        key = _U64.pack(_seq(seq))
+        keys = [_U64.pack(_seq(seq)) for seq in seqs]
 
         def apply(txn: lmdb.Transaction[bytes]) -> None:
-            if not txn.delete(key, db=self._db["inbox"]):
+            removed = [txn.delete(key, db=self._db["inbox"]) for key in keys]
+            if not any(removed):
                 raise _Unchanged
 
         with self._lock:
@@ -652,36 +709,92 @@ class AgentState:
                 a bad audit record; nothing written.
             AuditFull, StorageError: nothing was written.
         """
-        peer_prefix = _peer_prefix(peer)
-        _message_id(message_id)
-        payload = _bytes("payload", payload)
-        if len(payload) > MAX_PAYLOAD_SIZE:
-            raise LocalProtocolError(f"payload larger than {MAX_PAYLOAD_SIZE} bytes")
-        if capability is not None:
-            capability = _bytes("capability", capability)
+        request = Enqueue(peer, message_id, payload, capability, audit)
+        result = self.enqueue_many([request], queue_limit=queue_limit)[0]
+        if isinstance(result, (QueueFull, LocalProtocolError)):
+            raise result
+        return result
+
+    def enqueue_many(
+        self, requests: Sequence[Enqueue], *, queue_limit: int
+    ) -> list[OutboxItem | QueueFull | LocalProtocolError]:
+        """Queue several messages in one transaction (group commit of concurrent sends).
+
+        Each request is checked on its own: one past ``queue_limit``, with bad
+        arguments or with an id already queued gets its error in the result
+        list (and nothing of it is written); the others are committed together.
+
+        Raises:
+            LocalProtocolError: ``queue_limit`` is not a positive integer, or a
+                bad audit record (nothing written).
+            AuditFull, StorageError: nothing was written.
+        """
         if type(queue_limit) is not int or queue_limit < 1:
             raise LocalProtocolError("queue_limit must be a positive integer")
         now = time_ms(self._clock)
-        item = OutboxItem(-1, peer, message_id, payload, capability, now)
-        sealed = self._seal(payload, ("outbox", peer, message_id))
-
-        def apply(txn: lmdb.Transaction[bytes]) -> None:
-            nonlocal item
-            queued = int(txn.stat(self._db["outbox"])["entries"])
-            if queued >= queue_limit:
-                raise QueueFull(f"the outbox holds {queued} messages (queue_limit {queue_limit})")
-            index = self._db["outbox_index"]
-            if txn.get(b"m" + message_id, db=index) is not None:
-                raise LocalProtocolError("a message with this id is queued already")
-            seq = self._next_seq(txn, b"outbox_next")
-            item = OutboxItem(seq, peer, message_id, payload, capability, now)
-            txn.put(_U64.pack(seq), _outbox_row(item, sealed), db=self._db["outbox"])
-            txn.put(b"m" + message_id, _U64.pack(seq), db=index)
-            txn.put(peer_prefix + _U64.pack(seq), b"", db=index)
-
+        results: list[OutboxItem | QueueFull | LocalProtocolError | None] = []
+        accepted: list[tuple[int, Enqueue, bytes]] = []
         with self._lock:
-            self._commit(audit, apply)
-        return item
+            with self._log.snapshot() as txn:
+                queued = int(txn.stat(self._db["outbox"])["entries"])
+                index = self._db["outbox_index"]
+                ids: set[bytes] = set()
+                for request in requests:
+                    try:
+                        sealed = self._check_enqueue(request)
+                        if queued >= queue_limit:
+                            raise QueueFull(
+                                f"the outbox holds {queued} messages (queue_limit {queue_limit})"
+                            )
+                        mid = request.message_id
+                        if mid in ids or txn.get(b"m" + mid, db=index) is not None:
+                            raise LocalProtocolError("a message with this id is queued already")
+                    except (QueueFull, LocalProtocolError) as exc:
+                        results.append(exc)
+                        continue
+                    ids.add(request.message_id)
+                    queued += 1
+                    accepted.append((len(results), request, sealed))
+                    results.append(None)  # the item, once committed
+            if not accepted:
+                return [r for r in results if r is not None]
+
+            def apply(txn: lmdb.Transaction[bytes]) -> None:
+                outbox, index = self._db["outbox"], self._db["outbox_index"]
+                if int(txn.stat(outbox)["entries"]) + len(accepted) > queue_limit:
+                    raise QueueFull("the outbox filled up meanwhile (another writer)")
+                for position, request, sealed in accepted:
+                    seq = self._next_seq(txn, b"outbox_next")
+                    item = OutboxItem(
+                        seq,
+                        request.peer,
+                        request.message_id,
+                        request.payload,
+                        request.capability,
+                        now,
+                    )
+                    txn.put(_U64.pack(seq), _outbox_row(item, sealed), db=outbox)
+                    txn.put(b"m" + request.message_id, _U64.pack(seq), db=index)
+                    txn.put(_peer_prefix(request.peer) + _U64.pack(seq), b"", db=index)
+                    results[position] = item
+
+            self._commit([record for _, request, _ in accepted for record in request.audit], apply)
+        return [r for r in results if r is not None]
+
+    def _check_enqueue(self, request: Enqueue) -> bytes:
+        """Validate one request; its payload sealed for the outbox.
+
+        Raises:
+            LocalProtocolError: a bad argument.
+        """
+        _peer_prefix(request.peer)
+        _message_id(request.message_id)
+        payload = _bytes("payload", request.payload)
+        if len(payload) > MAX_PAYLOAD_SIZE:
+            raise LocalProtocolError(f"payload larger than {MAX_PAYLOAD_SIZE} bytes")
+        if request.capability is not None:
+            _bytes("capability", request.capability)
+        return self._seal(payload, ("outbox", request.peer, request.message_id))
 
     def _outbox_fields(self, key: bytes, raw: bytes) -> dict[str, Any]:
         """The checked fields of an outbox row (payload still sealed)."""
@@ -784,23 +897,48 @@ class AgentState:
             StoreCorrupted: the stored row is damaged.
             AuditFull, StorageError: nothing removed.
         """
-        id_key = b"m" + _message_id(message_id)
+        return self.remove_many([(message_id, audit)])[0]
 
-        def apply(txn: lmdb.Transaction[bytes]) -> None:
-            index, outbox = self._db["outbox_index"], self._db["outbox"]
-            seq_key = txn.get(id_key, db=index)
-            if seq_key is None:
-                raise _Unchanged
-            raw = txn.get(seq_key, db=outbox)
-            if raw is None:
-                raise _corrupt("outbox_index", message_id.hex(), "points to no outbox row")
-            peer = self._outbox_fields(seq_key, raw)["peer"]
-            txn.delete(seq_key, db=outbox)
-            txn.delete(id_key, db=index)
-            txn.delete(_peer_prefix(peer) + seq_key, db=index)
+    def remove_many(self, removals: Sequence[tuple[bytes, AuditRecords]]) -> list[bool]:
+        """Remove several queued messages in one transaction (group commit of ACKs).
 
+        Each ``(message_id, audit)`` is handled as by :meth:`remove`: one that
+        is not queued gives False and writes nothing, not even its audit.
+
+        Raises:
+            The same as :meth:`remove`.
+        """
+        keys = [b"m" + _message_id(message_id) for message_id, _ in removals]
         with self._lock:
-            return self._commit(audit, apply)
+            with self._log.snapshot() as txn:
+                index = self._db["outbox_index"]
+                present = [txn.get(key, db=index) is not None for key in keys]
+            chosen = {key for key, there in zip(keys, present, strict=True) if there}
+            if not chosen:
+                return present
+
+            def apply(txn: lmdb.Transaction[bytes]) -> None:
+                index, outbox = self._db["outbox_index"], self._db["outbox"]
+                for id_key in chosen:
+                    seq_key = txn.get(id_key, db=index)
+                    if seq_key is None:
+                        raise _corrupt("outbox_index", id_key[1:].hex(), "vanished meanwhile")
+                    raw = txn.get(seq_key, db=outbox)
+                    if raw is None:
+                        raise _corrupt("outbox_index", id_key[1:].hex(), "points to no outbox row")
+                    peer = self._outbox_fields(seq_key, raw)["peer"]
+                    txn.delete(seq_key, db=outbox)
+                    txn.delete(id_key, db=index)
+                    txn.delete(_peer_prefix(peer) + seq_key, db=index)
+
+            records = [
+                record
+                for (_, audit), there in zip(removals, present, strict=True)
+                if there
+                for record in audit
+            ]
+            self._commit(records, apply)
+        return present
 
     def record_attempt(
         self,
@@ -848,6 +986,44 @@ class AgentState:
         with self._lock:
             self._commit(audit, apply)
         return updated
+
+    def record_attempts(
+        self, peer: str, message_ids: Sequence[bytes], now: float, *, session: bytes
+    ) -> int:
+        """Count one delivery attempt at ``now`` for each of ``message_ids`` (a window of
+        messages to ``peer``) and store ``session`` (the session after encrypting them
+        all), in one transaction. Ids no longer queued are skipped; the session is
+        written in any case. Returns how many attempts were counted.
+
+        Raises:
+            LocalProtocolError: a bad message id or session.
+            StoreCorrupted: a stored row is damaged.
+            AuditFull, StorageError: nothing was written.
+        """
+        keys = [b"m" + _message_id(message_id) for message_id in message_ids]
+        at_ms = int(now * 1000)
+        sealed = self._seal(_bytes("session", session), ("session", peer))
+        counted = 0
+
+        def apply(txn: lmdb.Transaction[bytes]) -> None:
+            nonlocal counted
+            counted = 0
+            outbox = self._db["outbox"]
+            for id_key in keys:
+                seq_key = txn.get(id_key, db=self._db["outbox_index"])
+                raw = None if seq_key is None else txn.get(seq_key, db=outbox)
+                if seq_key is None or raw is None:
+                    continue
+                row = self._outbox_fields(seq_key, raw)
+                row["n"] += 1
+                row["last"] = at_ms
+                txn.put(seq_key, canonical_dumps(row), db=outbox)
+                counted += 1
+            txn.put(_peer_key(peer), sealed, db=self._db["sessions"])
+
+        with self._lock:
+            self._commit((), apply)
+        return counted
 
     # -- peer cache ------------------------------------------------------------------
 
