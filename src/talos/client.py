@@ -407,6 +407,9 @@ class TalosClient:
         registry, identity = self._registry, self._identity
         assert registry is not None  # noqa: S101 -- only called with a registry
         try:
+            # First: a clock far off makes the registry refuse what follows,
+            # and the offset is what tells the operator why.
+            await self._measure_registry_clock(registry)
             await registry.publish_keylog(identity.keylog)
             upload = PrekeyUpload.from_store(
                 self._prekeys,
@@ -417,7 +420,6 @@ class TalosClient:
             await registry.publish_prekeys(upload)
             await registry.publish_record(self.peer_record())
             await self._publish_revocations()
-            await self._measure_registry_clock(registry)
             self.registry_reachable = True
             self.metrics.set_registry_reachable(True)
         except DiscoveryError as exc:
@@ -1635,8 +1637,10 @@ class TalosClient:
         """Whether ``ref`` is a message we queued for ``peer`` and still wait on."""
         if ref is None:
             return False
-        item = self._state.outbox_item(ref)
-        return item is not None and item.peer == peer
+        try:
+            return self._state.is_queued_for(ref, peer)
+        except LocalProtocolError:
+            return False  # not an id (or peer id) this agent could have queued
 
     def _on_ack(self, envelope: wire.Envelope) -> None:
         ref = envelope.ref_id

@@ -28,7 +28,13 @@ from talos.errors import (
     StaleMessage,
     StoreCorrupted,
 )
-from talos.storage.agent_state import AgentState, InboxMessage, derive_storage_key
+from talos.storage.agent_state import (
+    AgentState,
+    Enqueue,
+    InboxMessage,
+    Received,
+    derive_storage_key,
+)
 from talos.storage.lmdb import MIN_SIZE_BYTES
 from talos.testing import FakeClock, SeededRng
 
@@ -685,3 +691,98 @@ def test_kill_9_mid_stream_keeps_whole_commits_only(tmp_path: Path) -> None:
             committed = log.size
         assert committed in (reported, reported + 1)
         _check_state(home, committed)
+
+
+# -- group commits ------------------------------------------------------------------
+
+
+def test_enqueue_many_commits_the_acceptable_ones_together(
+    log: AuditLog, state: AgentState
+) -> None:
+    """One transaction for the batch; the request past the limit and the repeated
+    id get their own errors and leave nothing behind."""
+    _enqueue(state, BOB, b"m0")
+    size = log.size
+    requests = [
+        Enqueue(BOB, b"m1", b"one", None, _sent(b"m1")),
+        Enqueue(BOB, b"m0", b"again", None, _sent(b"m0")),  # queued already
+        Enqueue(ALICE, b"m2", b"two", b"cap", _sent(b"m2", ALICE)),
+        Enqueue(BOB, b"m3", b"three", None, _sent(b"m3")),  # past the limit of 3
+    ]
+    results = state.enqueue_many(requests, queue_limit=3)
+    assert [type(r).__name__ for r in results] == [
+        "OutboxItem",
+        "LocalProtocolError",
+        "OutboxItem",
+        "QueueFull",
+    ]
+    assert [i.message_id for i in state.pending()] == [b"m0", b"m1", b"m2"]
+    assert state.pending(ALICE)[0].capability == b"cap"
+    assert log.size == size + 2  # the audit entries of the two committed ones only
+    assert [e.data["id"] for e in log.entries(size)] == [b"m1", b"m2"]
+
+
+def test_remove_many_skips_what_is_not_queued(log: AuditLog, state: AgentState) -> None:
+    for mid in (b"a", b"b", b"c"):
+        _enqueue(state, BOB, mid)
+    size = log.size
+    removed = state.remove_many([(b"a", _sent(b"a")), (b"x", _sent(b"x")), (b"c", _sent(b"c"))])
+    assert removed == [True, False, True]
+    assert [i.message_id for i in state.pending()] == [b"b"]
+    assert log.size == size + 2
+    assert state.remove_many([(b"a", _sent(b"a"))]) == [False]
+    assert log.size == size + 2
+
+
+def test_record_attempts_counts_a_window_and_stores_the_session(state: AgentState) -> None:
+    for mid in (b"a", b"b"):
+        _enqueue(state, BOB, mid)
+    assert state.record_attempts(BOB, [b"a", b"b", b"gone"], 12.5, session=b"after two") == 2
+    assert [(i.attempts, i.last_attempt_ms) for i in state.pending()] == [(1, 12500)] * 2
+    assert state.session(BOB) == b"after two"
+
+
+def test_commit_receive_many_is_all_or_nothing(
+    log: AuditLog, state: AgentState, clock: FakeClock
+) -> None:
+    now = time_ms(clock)
+
+    def received(mid: bytes, session: bytes) -> Received:
+        return Received(
+            BOB, session, mid, now, _message(clock, mid, b"data " + mid), audit=_received(mid)
+        )
+
+    seqs = state.commit_receive_many([received(b"r1", b"s1"), received(b"r2", b"s2")])
+    assert seqs == [0, 1]
+    assert state.session(BOB) == b"s2"  # the last one given for the peer
+    assert [m.data for _, m in state.inbox()] == [b"data r1", b"data r2"]
+    size = log.size
+    with pytest.raises(DuplicateMessage):
+        state.commit_receive_many([received(b"r3", b"s3"), received(b"r3", b"s4")])
+    with pytest.raises(DuplicateMessage):
+        state.commit_receive_many([received(b"r4", b"s4"), received(b"r1", b"s5")])
+    assert log.size == size
+    assert state.session(BOB) == b"s2"
+    assert b"r3" not in state.replay_window
+    assert b"r4" not in state.replay_window
+
+
+def test_acknowledge_removes_several_in_one_commit(
+    log: AuditLog, state: AgentState, clock: FakeClock
+) -> None:
+    for mid in (b"r1", b"r2", b"r3"):
+        _receive(state, clock, mid)
+    size = log.size
+    assert state.acknowledge(0, 2, 7, audit=_received(b"ack"))
+    assert [seq for seq, _ in state.inbox()] == [1]
+    assert log.size == size + 1
+    assert not state.acknowledge(0, 2)
+
+
+def test_is_queued_for_names_the_peer(state: AgentState) -> None:
+    _enqueue(state, BOB, b"m1")
+    assert state.is_queued_for(b"m1", BOB)
+    assert not state.is_queued_for(b"m1", ALICE)
+    assert not state.is_queued_for(b"m2", BOB)
+    state.remove(b"m1")
+    assert not state.is_queued_for(b"m1", BOB)

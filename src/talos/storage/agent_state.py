@@ -866,6 +866,18 @@ class AgentState:
             raise _corrupt("outbox_index", message_id.hex(), "points to no outbox row")
         return self._decode_outbox(seq_key, raw)
 
+    def is_queued_for(self, message_id: bytes, peer: str) -> bool:
+        """Whether ``message_id`` is queued for ``peer`` (index lookups only, nothing decrypted).
+
+        Raises:
+            LocalProtocolError: a bad message id or peer id.
+        """
+        id_key, prefix = b"m" + _message_id(message_id), _peer_prefix(peer)
+        with self._log.snapshot() as txn:
+            index = self._db["outbox_index"]
+            seq_key = txn.get(id_key, db=index)
+            return seq_key is not None and txn.get(prefix + seq_key, db=index) is not None
+
     def peers_with_pending(self) -> list[str]:
         """Peers with at least one queued message, sorted by id bytes."""
         peers: list[str] = []
