@@ -112,3 +112,42 @@ async def test_a_failing_handler_does_not_cut_the_peer_off() -> None:
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.asyncio
+async def test_incoming_links_are_capped_and_outgoing_ones_are_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past max_incoming, handshakes get 503; closing one link frees a place."""
+    server_in = Inbox()
+    server = Transport(server_in, max_incoming=2)
+    clients = [Transport(Inbox()) for _ in range(4)]
+    try:
+        host, port = await server.listen("127.0.0.1", 0)
+        endpoint = f"ws://{host}:{port}"
+        first = await clients[0].connect(endpoint)
+        await clients[1].connect(endpoint)
+        with caplog.at_level("WARNING", logger="talos.transport"):
+            with pytest.raises(PeerUnreachable, match="503"):
+                await clients[2].connect(endpoint)
+        assert server.refused == 1
+        assert [getattr(r, "event", None) for r in caplog.records] == ["connection_limit"]
+        # The server's own outgoing link is not counted against the limit.
+        other = Transport(Inbox())
+        try:
+            other_host, other_port = await other.listen("127.0.0.1", 0)
+            await server.connect(f"ws://{other_host}:{other_port}")
+        finally:
+            await other.close()
+        await first.close()
+        for _ in range(50):
+            if sum(1 for link in server._links if not link.outgoing) < 2:  # noqa: SLF001
+                break
+            await asyncio.sleep(0.02)
+        late = await clients[3].connect(endpoint)
+        await late.send(b"\x00in")
+        _, frame = await server_in.next()
+        assert frame == b"\x00in"
+    finally:
+        for transport in (server, *clients):
+            await transport.close()

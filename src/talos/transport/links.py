@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from http import HTTPStatus
+from typing import Any, Final
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -91,8 +92,18 @@ class Link:
             await self.close()
 
 
+#: Incoming links one agent keeps open at once; more are refused at the handshake.
+MAX_INCOMING: Final = 256
+
+
 class Transport:
-    """Listens for links and opens them; every received frame goes to ``on_frame``."""
+    """Listens for links and opens them; every received frame goes to ``on_frame``.
+
+    At most ``max_incoming`` incoming links are open at once: a further
+    handshake is answered HTTP 503 before any frame is read, so a flood of
+    connections costs a socket each, not a pump, and links this agent opened
+    itself are never displaced.
+    """
 
     def __init__(
         self,
@@ -102,8 +113,12 @@ class Transport:
         ping_timeout: float = 10.0,
         open_timeout: float = 5.0,
         max_frame: int = MAX_FRAME_SIZE,
+        max_incoming: int = MAX_INCOMING,
     ) -> None:
         self._on_frame = on_frame
+        self._max_incoming = max_incoming
+        #: Handshakes refused because ``max_incoming`` links were open.
+        self.refused = 0
         self._options: dict[str, Any] = {
             "compression": None,
             "max_size": max_frame,
@@ -123,11 +138,30 @@ class Transport:
             PeerUnreachable: the address cannot be bound.
         """
         try:
-            self._server = await serve(self._accept, host, port, **self._options)
+            self._server = await serve(
+                self._accept, host, port, process_request=self._admit, **self._options
+            )
         except OSError as exc:
             raise PeerUnreachable(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         bound = next(iter(self._server.sockets)).getsockname()
         return str(bound[0]), int(bound[1])
+
+    def _admit(self, connection: ServerConnection, request: Any) -> Any:
+        """Refuse the handshake (503) when ``max_incoming`` incoming links are open."""
+        del request
+        incoming = sum(1 for link in self._links if not link.outgoing)
+        if incoming < self._max_incoming:
+            return None
+        self.refused += 1
+        if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, 8th...: no log flood
+            _log.warning(
+                "refused an incoming connection: %d links open (limit %d); %d refused so far",
+                incoming,
+                self._max_incoming,
+                self.refused,
+                extra={"event": "connection_limit", "refused": self.refused},
+            )
+        return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
 
     async def _accept(self, socket: ServerConnection) -> None:
         link = Link(socket, outgoing=False)
