@@ -83,6 +83,17 @@ EVENTS: Final = frozenset(
         "frame_handler_failed",
         "audit_full",
         "audit_restored",
+        "stale_message",
+        "unknown_sender",
+        "refused",
+        "connection_limit",
+        # the registry
+        "keylog_fork",
+        "revocation_forked",
+        "revocation_not_append_only",
+        "duplicates_truncated",
+        "registry_metrics_listening",
+        "registry_storage_failure",
     }
 )
 

@@ -286,3 +286,27 @@ def test_exit_codes_follow_the_error_class() -> None:
     assert exit_code_for_name("PeerRejected") == 1
     assert exit_code_for_name("NoSuchError") == 1
     assert exit_code_for_name("ConfigurationError") == 1
+
+
+def test_metrics_port_is_announced_and_a_busy_one_is_a_clean_error(
+    tmp_path: Path, start: Callable[..., Daemon]
+) -> None:
+    home = tmp_path / "metered"
+    ok(home, "init", "--name", "metered")
+    daemon = start(home, "--offline", "--metrics-port", "0")
+    assert daemon.process.stdout is not None
+    line = daemon.process.stdout.readline().decode()  # printed and flushed with the first
+    found = re.search(r"metrics on (http://127\.0\.0\.1:(\d+)/metrics)", line)
+    assert found, line
+    import urllib.request
+
+    with urllib.request.urlopen(found.group(1), timeout=10) as response:  # noqa: S310 -- loopback
+        assert b"talos_messages_queued" in response.read()
+
+    other = tmp_path / "second"
+    ok(other, "init", "--name", "second")
+    busy = start(other, "--offline", "--metrics-port", found.group(2), ready=False)
+    assert busy.process.wait(timeout=30) == 1
+    text = busy.log.read_text()
+    assert "cannot serve metrics" in text
+    assert "Traceback" not in text

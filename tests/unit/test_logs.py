@@ -351,3 +351,22 @@ def test_registry_json_logging_sends_uvicorn_lines_through_the_json_formatter() 
     text = _log_config("info", "text")
     assert text["formatters"]["default"]["()"] == "uvicorn.logging.DefaultFormatter"
     assert text["formatters"]["talos"]["fmt"] == "text"
+
+
+def test_every_event_name_in_the_code_is_documented() -> None:
+    """Event names written as literals in src/talos, and the refusal events, are in EVENTS."""
+    import re
+    from pathlib import Path
+
+    import talos
+    from talos.client import _REFUSAL_EVENTS
+    from talos.logs import DEFAULT_EVENT, EVENTS
+
+    root = Path(talos.__file__).parent
+    used = {
+        name
+        for path in root.rglob("*.py")
+        for name in re.findall(r'"event": "([a-z_]+)"', path.read_text())
+    }
+    used |= set(_REFUSAL_EVENTS.values()) | {"refused", "stale_message"}
+    assert used - {DEFAULT_EVENT} <= EVENTS, sorted(used - EVENTS - {DEFAULT_EVENT})

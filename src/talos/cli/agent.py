@@ -624,6 +624,8 @@ async def _daemon(name: str, options: dict[str, Any], path: Path) -> None:
         await server.start()
         try:
             click.echo(f"agent {client.agent_id} listening on {client.endpoint}")
+            if client.metrics.address is not None:
+                click.echo("metrics on http://{}:{}/metrics".format(*client.metrics.address))
             sys.stdout.flush()
             _log.info("control socket %s; queue depth %d", path, client.queue_depth())
             await stop.wait()
