@@ -493,7 +493,9 @@ class TalosClient:
         assert self._dht is not None  # noqa: S101 -- only called with a DHT node
         try:
             accepted = await self._dht.publish(
-                self.peer_record().to_bytes(), self._identity.keylog.to_bytes()
+                self.peer_record().to_bytes(),
+                self._identity.keylog.to_bytes(),
+                self.get_prekey_bundle().to_bytes(),
             )
         except (DiscoveryError, LocalProtocolError) as exc:
             _log.warning("DHT announcement failed: %s", exc, extra={"event": "dht_unreachable"})
@@ -622,7 +624,8 @@ class TalosClient:
         return self._prekeys.bundle(None)
 
     async def establish_session(self, peer_id: str, bundle: PrekeyBundle | None = None) -> None:
-        """Run X3DH with ``peer_id`` (fetching a bundle from the registry if none is given).
+        """Run X3DH with ``peer_id``; without a ``bundle``, one comes from the registry, or
+        from the peer's DHT value when the registry cannot be reached.
 
         Raises:
             PeerNotFound: the peer's key log (or a bundle) cannot be found.
@@ -631,9 +634,7 @@ class TalosClient:
         """
         log = await self._peers.keylog(peer_id)
         if bundle is None:
-            if self._registry is None:
-                raise PeerNotFound("no bundle given and no registry to fetch one from")
-            bundle = await self._registry.fetch_bundle(peer_id)
+            bundle = await self._fetch_bundle(peer_id, log)
         state = log.state
         me = self._identity
         start = initiate(
@@ -659,6 +660,37 @@ class TalosClient:
         self._sessions[peer_id] = (session, header)
         self.metrics.session_established()
         self._kick(peer_id)
+
+    async def _fetch_bundle(self, peer_id: str, log: KeyLog) -> PrekeyBundle:
+        """The registry's bundle (with a one-time prekey when it has one); if the registry
+        is down or does not know the peer, the signed-prekey-only bundle the peer
+        publishes on the DHT (weaker forward secrecy for the first message only).
+
+        Raises:
+            PeerNotFound: neither source has a bundle.
+            DiscoveryError: the registry is down and there is no DHT.
+        """
+        failure: TalosError | None = None
+        if self._registry is not None:
+            try:
+                return await self._registry.fetch_bundle(peer_id)
+            except PeerNotFound as exc:
+                failure = exc
+            except DiscoveryError as exc:
+                self._source_down("registry", exc)
+                failure = exc
+        if self._dht is not None:
+            try:
+                entry = await self._dht.lookup(peer_id, now=self._clock.time(), known_log=log)
+            except (PeerNotFound, DiscoveryError) as exc:
+                failure = failure or exc
+            else:
+                if entry.bundle is not None:
+                    _log.info("prekey bundle of %s taken from the DHT", peer_id)
+                    return entry.bundle
+        if failure is not None:
+            raise failure
+        raise PeerNotFound(f"no bundle for {peer_id}: no registry, and no DHT bundle")
 
     async def reset_session(self, peer_id: str) -> None:
         """Forget the session with ``peer_id``; the next message establishes a new one."""

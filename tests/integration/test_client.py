@@ -670,3 +670,32 @@ async def test_concurrent_sends_share_commits_and_arrive_in_order(tmp_path: Path
         assert a._log is not None  # noqa: SLF001
         # Every message is audited as sent and delivered, whatever the batching.
         assert a._log.size - size >= 400  # noqa: SLF001
+
+
+async def test_a_new_peer_is_reached_through_the_dht_alone(tmp_path: Path) -> None:
+    """Registry down, never talked before: key log, endpoint and prekey bundle all come
+    from the DHT, and the first message is delivered."""
+    with registry_process(tmp_path / "registry") as server:
+        options = {"discovery": ["registry", "dht"], "accept_policy": "open"}
+        async with TalosClient.create(
+            "alice",
+            home=tmp_path / "a",
+            registry_url=server.url,
+            **options,  # type: ignore[arg-type]
+        ) as alice:
+            async with TalosClient.create(
+                "bob",
+                home=tmp_path / "b",
+                registry_url=server.url,
+                dht_bootstrap=[alice.dht_address],
+                **options,  # type: ignore[arg-type]
+            ) as bob:
+                server.stop()
+                sent = await alice.send(bob.agent_id, "first contact", timeout=20)
+                assert sent.status == "delivered"
+                got = await bob.receive(timeout=10)
+                assert got is not None
+                assert got.data == "first contact"
+                assert alice.status()["registry_reachable"] is False
+    kinds = audit_kinds(tmp_path / "b")
+    assert "SESSION_ESTABLISHED" in kinds

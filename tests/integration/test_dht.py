@@ -7,6 +7,7 @@ attacker is a stock ``kademlia`` node, which stores and sends anything.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -20,6 +21,7 @@ from kademlia.node import Node
 from talos.core.identity import Identity
 from talos.core.keylog import KeyLog
 from talos.core.peer_record import PeerRecord
+from talos.core.x3dh import PrekeyBundle, PrekeyStore
 from talos.discovery.dht import (
     MAX_VALUE_SIZE,
     DhtNode,
@@ -65,6 +67,23 @@ def value(rec: PeerRecord, log: KeyLog | None = None) -> bytes:
     return encode_value(rec.to_bytes(), (log or ALICE.keylog).to_bytes())
 
 
+def prekeys(identity: Identity) -> PrekeyStore:
+    return PrekeyStore.create(
+        agent_id=identity.agent_id,
+        signing_key=identity.signing_key,
+        identity_dh=identity.dh_key,
+        rng=_rng,
+    ).add_one_time_prekeys(1, _rng)
+
+
+ALICE_PREKEYS = prekeys(ALICE)
+ALICE_BUNDLE = ALICE_PREKEYS.bundle(None)
+
+
+def with_bundle(rec: PeerRecord, bundle: PrekeyBundle, log: KeyLog | None = None) -> bytes:
+    return encode_value(rec.to_bytes(), (log or ALICE.keylog).to_bytes(), bundle.to_bytes())
+
+
 GOOD = value(record(sequence=5))
 BAD_VALUES = {
     "forged: signed by another key": value(record(sequence=9, signer=MALLORY)),
@@ -80,6 +99,17 @@ BAD_VALUES = {
     "empty": b"",
     "truncated": GOOD[:-1],
     "oversized": b"\x00" * (MAX_VALUE_SIZE + 1),
+    "another agent's prekey bundle": with_bundle(record(sequence=9), prekeys(MALLORY).bundle()),
+    "a bundle with a one-time prekey": with_bundle(
+        record(sequence=9), ALICE_PREKEYS.bundle(next(iter(ALICE_PREKEYS.one_time_prekeys)))
+    ),
+    "a bundle of superseded keys": with_bundle(
+        record(ALICE_ROTATED, sequence=9), ALICE_BUNDLE, ALICE_ROTATED.keylog
+    ),
+    "a bundle with a forged signed prekey": with_bundle(
+        record(sequence=9),
+        dataclasses.replace(ALICE_BUNDLE, signed_prekey_signature=bytes(64)),
+    ),
 }
 
 
@@ -221,6 +251,22 @@ async def test_publish_on_one_node_resolve_on_another(cluster: list[DhtNode]) ->
     entry = await cluster[2].lookup(ALICE.agent_id, now=NOW, known_log=ALICE.keylog)
     assert entry.record == rec
     assert entry.log.agent_id == ALICE.agent_id
+
+
+@pytest.mark.asyncio
+async def test_a_prekey_bundle_travels_with_the_record(cluster: list[DhtNode]) -> None:
+    """A signed-prekey-only bundle is published, stored and verified with the record."""
+    rec = record(sequence=6)
+    accepted = await cluster[1].publish(
+        rec.to_bytes(), ALICE.keylog.to_bytes(), ALICE_BUNDLE.to_bytes()
+    )
+    assert accepted == 3
+    entry = await cluster[3].lookup(ALICE.agent_id, now=NOW, known_log=ALICE.keylog)
+    assert entry.record == rec
+    assert entry.bundle == ALICE_BUNDLE
+    plain = await publish(cluster[0], record(sequence=7))
+    assert plain >= 1
+    assert (await cluster[2].lookup(ALICE.agent_id, now=NOW)).bundle is None
 
 
 @pytest.mark.asyncio

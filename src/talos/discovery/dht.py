@@ -52,10 +52,11 @@ from kademlia.storage import IStorage  # type: ignore[import-untyped, unused-ign
 from talos.core.agent_id import check_agent_id
 from talos.core.clock import Clock
 from talos.core.crypto import sha256
-from talos.core.encoding import canonical_dumps, strict_versioned_map
+from talos.core.encoding import canonical_dumps, check_versioned_map, strict_loads
 from talos.core.keylog import IssuerKeys, KeyLog
 from talos.core.peer_record import PeerRecord
 from talos.core.rng import Rng
+from talos.core.x3dh import PrekeyBundle
 from talos.errors import (
     DiscoveryError,
     LocalProtocolError,
@@ -91,6 +92,8 @@ DEFAULT_LOOKUP_TIMEOUT: Final = 4.0
 DEFAULT_MAX_ENTRIES: Final = 10_000
 _ID_SIZE: Final = 20
 _FIELDS: Final = frozenset({"v", "rec", "log"})
+#: With the optional prekey bundle (signed prekey only, never a one-time key).
+_FIELDS_WITH_BUNDLE: Final = _FIELDS | {"pre"}
 
 Address = tuple[str, int]
 _T = TypeVar("_T")
@@ -106,22 +109,37 @@ def dht_key(agent_id: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class DhtEntry:
-    """A verified DHT value: the peer record and the key log that vouches for it."""
+    """A verified DHT value: the peer record, the key log that vouches for it, and
+    (optionally) a prekey bundle to start a session without the registry."""
 
     record: PeerRecord
     log: KeyLog
+    bundle: PrekeyBundle | None = None
 
     def to_bytes(self) -> bytes:
-        return encode_value(self.record.to_bytes(), self.log.to_bytes())
+        return encode_value(
+            self.record.to_bytes(),
+            self.log.to_bytes(),
+            None if self.bundle is None else self.bundle.to_bytes(),
+        )
 
 
-def encode_value(record_bytes: bytes, keylog_bytes: bytes) -> bytes:
-    """Bundle a serialized peer record and key log into one DHT value.
+def encode_value(
+    record_bytes: bytes, keylog_bytes: bytes, bundle_bytes: bytes | None = None
+) -> bytes:
+    """Bundle a serialized peer record, key log and (optional) prekey bundle into one
+    DHT value.
+
+    The prekey bundle carries the signed prekey only: a DHT value is read by
+    anyone, so a one-time prekey in it would be handed out many times.
 
     Raises:
         MalformedFrame: the bundle would exceed :data:`MAX_VALUE_SIZE`.
     """
-    value = canonical_dumps({"v": VALUE_VERSION, "rec": record_bytes, "log": keylog_bytes})
+    fields: dict[str, object] = {"v": VALUE_VERSION, "rec": record_bytes, "log": keylog_bytes}
+    if bundle_bytes is not None:
+        fields["pre"] = bundle_bytes
+    value = canonical_dumps(fields)
     if len(value) > MAX_VALUE_SIZE:
         raise MalformedFrame(
             f"DHT value of {len(value)} bytes exceeds the {MAX_VALUE_SIZE}-byte limit "
@@ -155,10 +173,10 @@ def verify_value(
     """
     if type(value) is not bytes:
         raise MalformedFrame("DHT value must be bytes")
-    raw = strict_versioned_map(
-        value, max_size=MAX_VALUE_SIZE, fields=_FIELDS, version=VALUE_VERSION, what="DHT value"
-    )
-    if type(raw["rec"]) is not bytes or type(raw["log"]) is not bytes:
+    decoded = strict_loads(value, max_size=MAX_VALUE_SIZE)
+    fields = _FIELDS_WITH_BUNDLE if type(decoded) is dict and "pre" in decoded else _FIELDS
+    raw = check_versioned_map(decoded, fields=fields, version=VALUE_VERSION, what="DHT value")
+    if any(type(raw[name]) is not bytes for name in fields - {"v"}):
         raise MalformedFrame("DHT value fields must be byte strings")
     record = PeerRecord.from_bytes(raw["rec"])
     keylog = KeyLog.from_bytes(raw["log"])
@@ -171,7 +189,30 @@ def verify_value(
             f"not the current key {keylog.state.sequence}"
         )
     record.verify(IssuerKeys([keylog]), now=now, clock_skew=clock_skew)
-    return DhtEntry(record, keylog)
+    bundle = None if "pre" not in raw else _verified_bundle(raw["pre"], keylog)
+    return DhtEntry(record, keylog, bundle)
+
+
+def _verified_bundle(data: bytes, keylog: KeyLog) -> PrekeyBundle:
+    """A carried prekey bundle, checked against the agent's current keys.
+
+    Raises:
+        MalformedFrame: not a bundle, another agent's, or with a one-time prekey.
+        UnsupportedVersion: a bundle format this build does not know.
+        SignatureInvalid: not the current keys, or the signed prekey does not verify.
+    """
+    bundle = PrekeyBundle.from_bytes(data)
+    if bundle.agent_id != keylog.agent_id:
+        raise MalformedFrame("DHT value carries another agent's prekey bundle")
+    if bundle.one_time_prekey is not None:
+        raise MalformedFrame("a DHT prekey bundle must not carry a one-time prekey")
+    state = keylog.state
+    if bundle.identity_signing_key != state.signing_key.raw or bundle.identity_dh_key != (
+        state.dh_key
+    ):
+        raise SignatureInvalid("DHT prekey bundle is not made with the agent's current keys")
+    bundle.verify()
+    return bundle
 
 
 def _merge_logs(known: KeyLog | None, carried: KeyLog, agent_id: str) -> KeyLog:
@@ -604,8 +645,11 @@ class DhtNode:
 
         return await self._deadline(join(), "bootstrap")
 
-    async def publish(self, record_bytes: bytes, keylog_bytes: bytes) -> int:
-        """Store a signed record (with its agent's key log) locally and on the closest nodes.
+    async def publish(
+        self, record_bytes: bytes, keylog_bytes: bytes, bundle_bytes: bytes | None = None
+    ) -> int:
+        """Store a signed record (with its agent's key log and, optionally, a prekey
+        bundle without one-time key) locally and on the closest nodes.
 
         Returns the number of *other* nodes that accepted it (0 when this
         node knows no others yet; the record is still served from here).
@@ -618,7 +662,7 @@ class DhtNode:
         """
         protocol = self._protocol()
         try:
-            value = encode_value(record_bytes, keylog_bytes)
+            value = encode_value(record_bytes, keylog_bytes, bundle_bytes)
             entry = verify_value(value, now=self._clock.time())
         except TalosError as exc:
             raise LocalProtocolError(f"refusing to publish: {exc}") from None
