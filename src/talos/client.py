@@ -348,6 +348,7 @@ class TalosClient:
             clock=self._clock,
             own=identity.keylog,
             on_source_down=self._source_down,
+            on_source_up=self._source_up,
         )
         self._load_revocations()
         self._prekeys = self._load_prekeys()
@@ -506,6 +507,14 @@ class TalosClient:
     def dht_address(self) -> tuple[str, int] | None:
         """UDP address of this agent's DHT node, if it runs one."""
         return None if self._dht is None else self._dht.address
+
+    def _source_up(self, name: str) -> None:
+        """A discovery source answered: the registry gauge follows every contact."""
+        if name == "registry" and self.registry_reachable is not True:
+            if self.registry_reachable is False:
+                _log.info("registry reachable again", extra={"event": "registry_reachable"})
+            self.registry_reachable = True
+            self.metrics.set_registry_reachable(True)
 
     def _source_down(self, name: str, exc: Exception) -> None:
         if name == "registry":
@@ -673,12 +682,15 @@ class TalosClient:
         failure: TalosError | None = None
         if self._registry is not None:
             try:
-                return await self._registry.fetch_bundle(peer_id)
+                bundle = await self._registry.fetch_bundle(peer_id)
             except PeerNotFound as exc:
                 failure = exc
             except DiscoveryError as exc:
                 self._source_down("registry", exc)
                 failure = exc
+            else:
+                self._source_up("registry")
+                return bundle
         if self._dht is not None:
             try:
                 entry = await self._dht.lookup(peer_id, now=self._clock.time(), known_log=log)

@@ -87,6 +87,7 @@ EVENTS: Final = frozenset(
         "unknown_sender",
         "refused",
         "connection_limit",
+        "registry_reachable",
         # the registry
         "keylog_fork",
         "revocation_forked",

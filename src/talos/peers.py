@@ -77,12 +77,14 @@ class PeerDirectory:
         clock: Clock,
         own: KeyLog,
         on_source_down: Callable[[str, Exception], None] | None = None,
+        on_source_up: Callable[[str], None] | None = None,
     ) -> None:
         self._cache = cache
         self._sources = list(sources)
         self._clock = clock
         self._logs: dict[str, KeyLog] = {own.agent_id: own}
         self._on_source_down = on_source_down
+        self._on_source_up = on_source_up
 
     # -- key logs -----------------------------------------------------------------
 
@@ -140,6 +142,7 @@ class PeerDirectory:
             except _SOURCE_ERRORS as exc:
                 self._source_failed(source, exc, agent_id)
                 continue
+            self._source_answered(source)
             return self.learn_log(fetched)
         if known is not None:
             return known
@@ -193,6 +196,7 @@ class PeerDirectory:
             except _SOURCE_ERRORS as exc:
                 self._source_failed(source, exc, agent_id)
                 continue
+            self._source_answered(source)
             self.learn_record(record)
             return record
         if cached is not None:
@@ -233,6 +237,11 @@ class PeerDirectory:
                 self._on_source_down(source.name, exc)
         else:
             _log.info("discovery source %s: %s", source.name, exc)
+            self._source_answered(source)  # it answered, if only "not found"
+
+    def _source_answered(self, source: RecordSource) -> None:
+        if self._on_source_up is not None:
+            self._on_source_up(source.name)
 
 
 class RegistrySource:

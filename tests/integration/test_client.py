@@ -16,7 +16,7 @@ import pytest
 from talos.audit import AuditLog
 from talos.client import TalosClient
 from talos.core import wire
-from talos.errors import CapabilityDenied, DeliveryTimeout, PeerRejected, QueueFull
+from talos.errors import CapabilityDenied, DeliveryTimeout, PeerNotFound, PeerRejected, QueueFull
 from talos.storage.agent_state import AgentState
 from talos.storage.home import AgentHome
 from talos.testing.processes import RegistryProcess, registry_process
@@ -699,3 +699,27 @@ async def test_a_new_peer_is_reached_through_the_dht_alone(tmp_path: Path) -> No
                 assert alice.status()["registry_reachable"] is False
     kinds = audit_kinds(tmp_path / "b")
     assert "SESSION_ESTABLISHED" in kinds
+
+
+async def test_registry_gauge_recovers_on_the_next_answer(tmp_path: Path) -> None:
+    """Down after a failed lookup, up again as soon as the registry answers one."""
+    from talos.testing.processes import start_registry
+
+    with registry_process(tmp_path / "registry") as server:
+        async with TalosClient.create("alice", home=tmp_path / "a", registry_url=server.url) as a:
+            assert sample(a, "talos_registry_up") == 1.0
+            server.stop()
+            from talos.core.agent_id import agent_id_from_digest
+
+            unknown = agent_id_from_digest(b"\x05" * 32)
+            with pytest.raises(PeerNotFound):
+                await a._peers.keylog(unknown, refresh=True)  # noqa: SLF001
+            assert sample(a, "talos_registry_up") == 0.0
+            again = start_registry(server.db, tmp_path / "registry2.log", port=server.port)
+            try:
+                with pytest.raises(PeerNotFound):  # the registry answers: not known
+                    await a._peers.keylog(unknown, refresh=True)  # noqa: SLF001
+                assert sample(a, "talos_registry_up") == 1.0
+                assert a.status()["registry_reachable"] is True
+            finally:
+                again.stop()
