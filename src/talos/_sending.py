@@ -1,0 +1,566 @@
+"""The send path of :class:`~talos.client.TalosClient` (see ARCHITECTURE §5).
+
+Authorize (local capability check) → persist to the outbox together with
+its audit entry → encrypt (the new ratchet state is persisted before the
+ciphertext leaves) → sign → transmit → wait for the recipient's signed ACK
+→ remove from the outbox (with its audit entry). Failures retry with
+exponential backoff and jitter capped at ``reconnect_interval``; what is not
+delivered stays queued and is delivered, in order, when the peer returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from talos._client_base import ClientBase, _session_record
+from talos.audit import AuditKind
+from talos.core import wire
+from talos.core.capability import Capability, CapabilityPolicy, verify
+from talos.core.clocksync import offset_from
+from talos.core.keylog import IssuerKeys
+from talos.core.message import encode_payload
+from talos.core.revocation import RevocationMode, RevocationPolicy
+from talos.errors import (
+    CapabilityDenied,
+    ConfigurationError,
+    DeliveryError,
+    DeliveryTimeout,
+    DiscoveryError,
+    LocalProtocolError,
+    MalformedFrame,
+    PeerNotFound,
+    PeerRejected,
+    PeerUnreachable,
+    ScopeMismatch,
+    SessionError,
+    TalosError,
+    UnsupportedVersion,
+)
+from talos.storage.agent_state import Enqueue, OutboxItem
+from talos.transport import Link
+
+_log = logging.getLogger("talos.client")
+
+#: How long one transmission waits for its ACK before it is retried.
+ACK_TIMEOUT: Final = 10.0
+#: Messages in flight to one peer at a time (sent back to back, one commit).
+SEND_WINDOW: Final = 64
+#: Least time between two automatic session resets for one peer.
+RESET_INTERVAL: Final = 5.0
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What :meth:`TalosClient.send` achieved."""
+
+    status: Literal["delivered", "queued"]
+    message_id: str
+    trace_id: str
+
+
+class SendingMixin(ClientBase):
+    """Send, queue and deliver messages; handle the peer's ACKs and ERRORs."""
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def send(
+        self,
+        peer_id: str,
+        data: Any,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 -- the seed's documented send() signature
+        retry_count: int = 3,
+        on_failure: Literal["queue", "raise"] = "queue",
+        capability: str | Capability | None = None,
+    ) -> SendResult:
+        """Send ``data`` (bytes, str or JSON-able) to ``peer_id``; durable before it returns.
+
+        ``timeout`` bounds the whole call; within it up to ``retry_count``
+        retries follow the backoff schedule. Then ``on_failure="queue"``
+        leaves the message queued for background delivery (status
+        ``"queued"``), ``"raise"`` removes it and raises.
+
+        Raises:
+            CapabilityDenied: the capability to attach is invalid (nothing sent or queued).
+            QueueFull: ``queue_limit`` messages are queued already (nothing queued).
+            PeerRejected: the peer refused the message, with its signed reason.
+            DeliveryTimeout: not delivered in time with ``on_failure="raise"``.
+            LocalProtocolError: ``data`` cannot be encoded.
+        """
+        if on_failure not in ("queue", "raise"):
+            raise ConfigurationError("on_failure must be 'queue' or 'raise'")
+        payload = encode_payload(data)
+        with contextlib.suppress(PeerNotFound, DiscoveryError):
+            await self._peers.keylog(peer_id)  # to check the capability's issuer locally
+        token = self._capability_for(peer_id, capability)
+        message_id = wire.new_message_id(self._rng)
+        trace_id = secrets.token_hex(8)
+        await self._enqueue(
+            Enqueue(
+                peer_id,
+                message_id,
+                payload,
+                None if token is None else token.to_bytes(),
+                audit=[
+                    (
+                        AuditKind.MESSAGE_SENT,
+                        {
+                            "id": message_id,
+                            "sha256": hashlib.sha256(payload).digest(),
+                            "size": len(payload),
+                            "trace": trace_id,
+                        },
+                        peer_id,
+                    )
+                ],
+            )
+        )
+        result = SendResult("queued", message_id.hex(), trace_id)
+        self.metrics.message_sent(len(payload))
+        self.metrics.set_queue_depth(self.queue_depth())
+        if self._offline:
+            return result
+        acked = self._acks.setdefault(message_id, asyncio.get_running_loop().create_future())
+        self._kick(peer_id)
+        acked.add_done_callback(_retrieve)
+        if await self._await_delivery(message_id, acked, timeout, retry_count):
+            return SendResult("delivered", result.message_id, trace_id)
+        self._failures.pop(message_id, None)
+        if on_failure == "raise":
+            await self._give_up(message_id, peer_id, "timeout")
+            raise DeliveryTimeout(
+                f"not delivered to {peer_id} within {timeout:g} s and {retry_count} retries"
+            )
+        return result
+
+    async def _enqueue(self, request: Enqueue) -> None:
+        """Queue durably; sends made in the same event-loop tick share one commit.
+
+        A caller cancelled before the commit withdraws its message; after
+        it, the message stays queued (like any queued message).
+
+        Raises:
+            QueueFull, LocalProtocolError, AuditFull, StorageError: as
+            :meth:`AgentState.enqueue`; nothing of this message was written.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueues.append((request, future))
+        if len(self._enqueues) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_enqueues)
+        await future
+
+    def _flush_enqueues(self) -> None:
+        batch = [(r, f) for r, f in self._enqueues if not f.done()]
+        self._enqueues = []
+        if not batch:
+            return
+        try:
+            results = self._state.enqueue_many(
+                [request for request, _ in batch], queue_limit=self._queue_limit
+            )
+        except Exception as exc:  # handed to every sender in the batch
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, OutboxItem):
+                future.set_result(None)
+            else:
+                future.set_exception(result)
+
+    async def _await_delivery(
+        self, message_id: bytes, acked: asyncio.Future[None], seconds: float, retry_count: int
+    ) -> bool:
+        """Wait for the ACK until ``seconds`` pass or more than ``retry_count`` attempts failed.
+
+        Raises:
+            PeerRejected: the peer refused the message.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(asyncio.shield(acked), min(remaining, 0.2))
+            except TimeoutError:
+                if self._failures.get(message_id, 0) > retry_count:
+                    return False
+                continue
+            return True
+        return False
+
+    def _capability_for(self, peer: str, given: str | Capability | None) -> Capability | None:
+        """The token to attach: the one given, else a held one for message.send to ``peer``.
+
+        Raises:
+            CapabilityDenied: the token does not authorize sending to ``peer`` now.
+            MalformedFrame: ``given`` is not a token.
+        """
+        if isinstance(given, str):
+            given = Capability.from_text(given)
+        candidates = [given] if given is not None else self._held_tokens(peer)
+        denial: CapabilityDenied | None = None
+        for token in candidates:
+            try:
+                self._check_token(token, audience=peer, holder=self.agent_id)
+            except CapabilityDenied as exc:
+                denial = exc
+                continue
+            return token
+        if given is not None and denial is not None:
+            raise denial
+        return None
+
+    def _held_tokens(self, peer: str) -> list[Capability]:
+        assert self._tokens is not None  # noqa: S101 -- open while the client is
+        tokens = []
+        for data in self._tokens.held():
+            with contextlib.suppress(MalformedFrame, UnsupportedVersion):
+                token = Capability.from_bytes(data)
+                if token.audience == peer:
+                    tokens.append(token)
+        return tokens
+
+    def _check_token(self, token: Capability, *, audience: str, holder: str) -> None:
+        """Verify ``token`` for sending to ``audience`` as ``holder``.
+
+        The resource is the recipient's inbox, ``inbox/<audience>``. A token
+        is only good for its audience if the audience issued its root: nobody
+        can authorize themselves to write to someone else's inbox.
+
+        Raises:
+            CapabilityDenied: it does not authorize the message now.
+        """
+        root = token.chain()[0]
+        if root.issuer != audience:
+            raise ScopeMismatch(f"capability chain starts at {root.issuer}, not at {audience}")
+        now = self._clock.time()
+        # This agent's own revocation list is the authority: always current.
+        self._revocations.mark_synced(self.agent_id, now)
+        keys = IssuerKeys(
+            [
+                log
+                for a in {token.issuer for token in token.chain()}
+                if (log := self._peers.known_log(a)) is not None
+            ]
+        )
+        policy = CapabilityPolicy(
+            audience=audience,
+            revocation=(
+                self._revocation_policy
+                if audience == self.agent_id
+                else RevocationPolicy(mode=RevocationMode.OFFLINE)
+            ),
+        )
+        verify(
+            token,
+            action="message.send",
+            resource=f"inbox/{audience}",
+            now=now,
+            revocations=self._revocations,
+            policy=policy,
+            keys=keys,
+            holder=holder,
+        )
+
+    def _kick(self, peer: str) -> None:
+        """Make sure a delivery loop runs for ``peer`` and wake it."""
+        if self._offline or self._closed:
+            return
+        self._wakeups.setdefault(peer, asyncio.Event()).set()
+        task = self._flushers.get(peer)
+        if task is None or task.done():
+            self._flushers[peer] = asyncio.create_task(self._deliver_loop(peer))
+
+    async def _deliver_loop(self, peer: str) -> None:
+        """Deliver ``peer``'s queue in order, retrying with backoff until it is empty."""
+        attempt = 0
+        wake = self._wakeups.setdefault(peer, asyncio.Event())
+        while not self._closed:
+            wake.clear()
+            pending = self._state.pending(peer)
+            if not pending:
+                await wake.wait()
+                continue
+            head = pending[0].message_id
+            try:
+                while pending:
+                    window = pending[: self._window_size(peer)]
+                    head = window[0].message_id
+                    await self._deliver_window(peer, window)
+                    pending = pending[len(window) :]
+                attempt = 0
+            except TalosError as exc:
+                # Counted per message for send(retry_count=...): in order, the
+                # message that failed is the one this attempt was about.
+                self._failures[head] = self._failures.get(head, 0) + 1
+                delay = self._backoff.delay(attempt, self._rng)
+                attempt += 1
+                level = logging.INFO if attempt < 5 else logging.WARNING
+                _log.log(
+                    level,
+                    "delivery to %s failed (%s); retry in %.2f s",
+                    peer,
+                    exc,
+                    delay,
+                    extra={"event": "delivery_retry", "peer_id": peer, "attempt": attempt},
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), delay)
+
+    def _window_size(self, peer: str) -> int:
+        """How many messages may be in flight to ``peer``: one until the peer holds
+        the session (each X3DH initial message would start a new one), then SEND_WINDOW."""
+        current = self._sessions.get(peer)
+        return SEND_WINDOW if current is not None and current[1] is None else 1
+
+    async def _deliver_window(self, peer: str, items: list[OutboxItem]) -> None:
+        """Transmit queued messages back to back, then wait for every ACK (or a refusal).
+
+        Raises:
+            SessionError: the peer could not decrypt or accept one yet (retried).
+            PeerUnreachable: the connection dropped before the ACKs.
+            DeliveryTimeout: no ACK within ACK_TIMEOUT.
+        """
+        loop = asyncio.get_running_loop()
+        items = [
+            item
+            for item in items
+            if not self._acks.setdefault(item.message_id, loop.create_future()).done()
+            and item.message_id not in self._removing
+        ]
+        if not items:
+            return
+        link = await self._link(peer)
+        frames = await self._encrypt(peer, items)
+        for item, frame in zip(items, frames, strict=True):
+            self._nacks.setdefault(item.message_id, asyncio.Event()).clear()
+            self._sent_at[item.message_id] = self._clock.time()
+            await link.send(frame)
+        deadline = loop.time() + ACK_TIMEOUT
+        dropped: asyncio.Future[Any] = asyncio.ensure_future(link.closed.wait())
+        try:
+            for item in items:
+                await self._await_ack(peer, item.message_id, dropped, deadline)
+        finally:
+            dropped.cancel()
+
+    async def _await_ack(
+        self, peer: str, message_id: bytes, dropped: asyncio.Future[Any], deadline: float
+    ) -> None:
+        acked = self._acks.get(message_id)
+        if acked is None or acked.done():
+            return  # acknowledged (and released) already
+        nack = self._nacks.setdefault(message_id, asyncio.Event())
+        refused: asyncio.Future[Any] = asyncio.ensure_future(nack.wait())
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            done, _ = await asyncio.wait(
+                {acked, refused, dropped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            refused.cancel()
+        if acked in done:
+            with contextlib.suppress(PeerRejected, asyncio.CancelledError, DeliveryError):
+                acked.result()
+            return
+        if refused in done:
+            raise SessionError(f"{peer} could not decrypt or accept it yet; retrying")
+        if dropped in done:
+            raise PeerUnreachable(f"the connection to {peer} closed before the ACK")
+        raise DeliveryTimeout(f"no ACK from {peer} within {ACK_TIMEOUT:g} s")
+
+    async def _encrypt(self, peer: str, items: list[OutboxItem]) -> list[bytes]:
+        """Encrypt and sign ``items`` for ``peer``; the advanced ratchet and the attempts
+        are durable (one commit) before any of the frames is returned."""
+        current = self._session(peer)
+        if current is None:
+            await self.establish_session(peer)
+            current = self._session(peer)
+            if current is None:
+                raise SessionError(f"no session with {peer}")
+        session, x3dh = current
+        now = self._clock.time()
+        sealed = [session.encrypt(item.payload, now=now) for item in items]
+        # Persist the advanced ratchet (with the attempts) before a ciphertext leaves.
+        self._state.record_attempts(
+            peer, [item.message_id for item in items], now, session=_session_record(session, x3dh)
+        )
+        return [
+            wire.seal(
+                wire.Envelope(
+                    type=wire.EnvelopeType.INITIAL if x3dh else wire.EnvelopeType.MESSAGE,
+                    message_id=item.message_id,
+                    sender=self.agent_id,
+                    sender_instance=self._instance,
+                    recipient=peer,
+                    # The time it was queued, on every retry: the receiver's replay
+                    # window then refuses (STALE) rather than re-accepts a message
+                    # retried after the window forgot its id.
+                    timestamp_ms=item.enqueued_ms,
+                    ratchet_header=header,
+                    ciphertext=ciphertext,
+                    capability_ref=item.capability,
+                    x3dh_header=x3dh,
+                ),
+                self._identity.signing_key,
+            )
+            for item, (header, ciphertext) in zip(items, sealed, strict=True)
+        ]
+
+    async def _link(self, peer: str) -> Link:
+        link = self._links.get(peer)
+        if link is not None and link.is_open:
+            return link
+        record = await self._peers.endpoint(peer)
+        assert self._transport is not None  # noqa: S101 -- open while the client is
+        try:
+            link = await self._transport.connect(record.endpoint)
+        except PeerUnreachable:
+            record = await self._peers.endpoint(peer, refresh=True)
+            link = await self._transport.connect(record.endpoint)
+        link.peer = peer
+        self._links[peer] = link
+        await self._offer_revocations(link, peer)
+        return link
+
+    async def _give_up(self, message_id: bytes, peer: str, reason: str) -> None:
+        self._state.remove(
+            message_id,
+            audit=[(AuditKind.DELIVERY_FAILED, {"id": message_id, "reason": reason}, peer)],
+        )
+        self._nacks.pop(message_id, None)
+        self._failures.pop(message_id, None)
+        self._sent_at.pop(message_id, None)
+        future = self._acks.pop(message_id, None)
+        if future is not None and not future.done():
+            future.cancel()
+
+    def _queued_for(self, ref: bytes | None, peer: str) -> bool:
+        """Whether ``ref`` is a message we queued for ``peer`` and still wait on."""
+        if ref is None:
+            return False
+        try:
+            return self._state.is_queued_for(ref, peer)
+        except LocalProtocolError:
+            return False  # not an id (or peer id) this agent could have queued
+
+    def _on_ack(self, envelope: wire.Envelope) -> None:
+        ref = envelope.ref_id
+        if ref is None or ref in self._removing or not self._queued_for(ref, envelope.sender):
+            return  # not ours, not from the peer we sent it to, or already acknowledged
+        # ACKs that arrive together are removed from the outbox in one commit.
+        self._removing[ref] = envelope
+        if len(self._removing) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        """Remove acknowledged messages in one commit, then release their senders."""
+        acks, self._removing = self._removing, {}
+        if not acks:
+            return
+        try:
+            self._state.remove_many(
+                [
+                    (
+                        ref,
+                        [
+                            (
+                                AuditKind.MESSAGE_DELIVERED,
+                                {"id": ref, "status": int(ack.status or 0)},
+                                ack.sender,
+                            )
+                        ],
+                    )
+                    for ref, ack in acks.items()
+                ]
+            )
+        except TalosError as exc:
+            # Still queued: the retry is answered DUPLICATE and removal is tried again.
+            _log.warning("acknowledged messages not removed from the outbox: %s", exc)
+            return
+        for ref, ack in acks.items():
+            self._delivered(ref, ack)
+        self.metrics.set_queue_depth(self.queue_depth())
+
+    def _delivered(self, ref: bytes, envelope: wire.Envelope) -> None:
+        self._failures.pop(ref, None)
+        self._clock_sample(envelope)
+        self.metrics.message_delivered()
+        self._settle()
+        current = self._sessions.get(envelope.sender)
+        if current is not None and current[1] is not None:
+            # The peer holds the session now: later messages need no X3DH header.
+            session = current[0]
+            self._state.put_session(envelope.sender, _session_record(session, None))
+            self._sessions[envelope.sender] = (session, None)
+        self._nacks.pop(ref, None)
+        future = self._acks.pop(ref, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def _clock_sample(self, envelope: wire.Envelope) -> None:
+        """Estimate the peer's clock offset from a signed ACK to a message we timed."""
+        assert envelope.ref_id is not None  # noqa: S101 -- checked by the caller
+        sent = self._sent_at.pop(envelope.ref_id, None)
+        if sent is None:
+            return
+        theirs = envelope.timestamp_ms / 1000
+        best = self._peer_clocks.add(
+            envelope.sender, offset_from(sent, theirs, theirs, self._clock.time())
+        )
+        self._warn_clock(envelope.sender, -best.offset)
+        if self.registry_offset is None:
+            offsets = sorted(-s.offset for s in self._peer_clocks.estimates().values())
+            self.metrics.set_clock_offset(offsets[len(offsets) // 2])
+
+    async def _on_error(self, envelope: wire.Envelope) -> None:
+        ref, peer = envelope.ref_id, envelope.sender
+        if ref is None or not self._queued_for(ref, peer):
+            return
+        if envelope.error_code is wire.ErrorCode.UNAVAILABLE:
+            nack = self._nacks.get(ref)
+            if nack is not None:
+                nack.set()  # not a refusal: the delivery task retries with backoff
+            return
+        if envelope.error_code is wire.ErrorCode.DECRYPT_FAILED:
+            now = self._clock.time()
+            if now - self._last_reset.get(peer, -RESET_INTERVAL) >= RESET_INTERVAL:
+                self._last_reset[peer] = now
+                self._settle()
+                self._sessions.pop(peer, None)
+                self.metrics.session_reset()
+                self._state.drop_session(
+                    peer,
+                    audit=[(AuditKind.SESSION_RESET, {"reason": "peer could not decrypt"}, peer)],
+                )
+            nack = self._nacks.get(ref)
+            if nack is not None:
+                nack.set()  # the waiting delivery retries with a fresh session
+            return
+        reason = envelope.reason or envelope.error_code.name if envelope.error_code else "refused"
+        self.metrics.message_rejected(envelope.error_code or "other")
+        self._state.remove(
+            ref,
+            audit=[(AuditKind.PEER_REJECTED, {"id": ref, "reason": str(reason)[:200]}, peer)],
+        )
+        self._nacks.pop(ref, None)
+        self._failures.pop(ref, None)
+        self._sent_at.pop(ref, None)
+        future = self._acks.pop(ref, None)
+        if future is not None and not future.done():
+            future.set_exception(PeerRejected(f"{peer} refused the message: {reason}"))
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a future's outcome as seen (queued sends may be refused much later)."""
+    if not future.cancelled():
+        future.exception()
