@@ -210,8 +210,6 @@ class ReceivingMixin(ClientBase):
         replay_id = hashlib.sha256(sender.encode() + envelope.message_id).digest()
         if replay_id in self._staged_ids:
             return  # a copy is being committed; its ACK follows the commit
-        if envelope.type is not wire.EnvelopeType.MESSAGE:
-            self._settle()  # X3DH consumes prekeys and replaces the session: not batched
         try:
             self._state.replay_window.check(replay_id, envelope.timestamp_ms, int(now * 1000))
         except DuplicateMessage:
@@ -261,6 +259,16 @@ class ReceivingMixin(ClientBase):
                 link, envelope, wire.ErrorCode.UNAVAILABLE, "both sides opened a session; use mine"
             )
             return
+        # The checks above may have waited: look again, just before decrypting (nothing
+        # awaits from here until the message is staged or committed).
+        if replay_id in self._staged_ids:
+            return  # a copy arrived meanwhile and is being committed
+        if envelope.type is not wire.EnvelopeType.MESSAGE:
+            self._settle()  # X3DH consumes prekeys and replaces the session: not batched
+        try:
+            self._state.replay_window.check(replay_id, envelope.timestamp_ms, time_ms(self._clock))
+        except (DuplicateMessage, StaleMessage):
+            return  # changed while we waited: the retry gets the answer
         try:
             plaintext, successor, prekeys, established = self._decrypt(envelope, sender_keys)
             data = decode_payload(plaintext)

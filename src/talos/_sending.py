@@ -122,6 +122,8 @@ class SendingMixin(ClientBase):
             )
         )
         result = SendResult("queued", message_id.hex(), trace_id)
+        if self._closed:
+            return result  # committed by close(); delivered after the next start
         self.metrics.message_sent(len(payload))
         self.metrics.set_queue_depth(self.queue_depth())
         if self._offline:
@@ -331,17 +333,20 @@ class SendingMixin(ClientBase):
             DeliveryTimeout: no ACK within ACK_TIMEOUT.
         """
         loop = asyncio.get_running_loop()
+        link = await self._link(peer)
+        # Given up, refused or acknowledged since the queue was read: not sent again.
         items = [
             item
             for item in items
-            if not self._acks.setdefault(item.message_id, loop.create_future()).done()
-            and item.message_id not in self._removing
+            if item.message_id not in self._removing
+            and self._state.is_queued_for(item.message_id, peer)
+            and not self._acks.setdefault(item.message_id, loop.create_future()).done()
         ]
         if not items:
             return
-        link = await self._link(peer)
-        frames = await self._encrypt(peer, items)
-        for item, frame in zip(items, frames, strict=True):
+        sealed = await self._encrypt(peer, items)
+        items = [item for item, _ in sealed]
+        for item, frame in sealed:
             self._nacks.setdefault(item.message_id, asyncio.Event()).clear()
             self._sent_at[item.message_id] = self._clock.time()
             await link.send(frame)
@@ -378,9 +383,10 @@ class SendingMixin(ClientBase):
             raise PeerUnreachable(f"the connection to {peer} closed before the ACK")
         raise DeliveryTimeout(f"no ACK from {peer} within {ACK_TIMEOUT:g} s")
 
-    async def _encrypt(self, peer: str, items: list[OutboxItem]) -> list[bytes]:
+    async def _encrypt(self, peer: str, items: list[OutboxItem]) -> list[tuple[OutboxItem, bytes]]:
         """Encrypt and sign ``items`` for ``peer``; the advanced ratchet and the attempts
-        are durable (one commit) before any of the frames is returned."""
+        are durable (one commit) before any of the frames is returned. Items no longer
+        queued by then (e.g. given up while a session was opened) are left out."""
         current = self._session(peer)
         if current is None:
             await self.establish_session(peer)
@@ -391,29 +397,38 @@ class SendingMixin(ClientBase):
         now = self._clock.time()
         sealed = [session.encrypt(item.payload, now=now) for item in items]
         # Persist the advanced ratchet (with the attempts) before a ciphertext leaves.
-        self._state.record_attempts(
-            peer, [item.message_id for item in items], now, session=_session_record(session, x3dh)
+        counted = set(
+            self._state.record_attempts(
+                peer,
+                [item.message_id for item in items],
+                now,
+                session=_session_record(session, x3dh),
+            )
         )
         return [
-            wire.seal(
-                wire.Envelope(
-                    type=wire.EnvelopeType.INITIAL if x3dh else wire.EnvelopeType.MESSAGE,
-                    message_id=item.message_id,
-                    sender=self.agent_id,
-                    sender_instance=self._instance,
-                    recipient=peer,
-                    # The time it was queued, on every retry: the receiver's replay
-                    # window then refuses (STALE) rather than re-accepts a message
-                    # retried after the window forgot its id.
-                    timestamp_ms=item.enqueued_ms,
-                    ratchet_header=header,
-                    ciphertext=ciphertext,
-                    capability_ref=item.capability,
-                    x3dh_header=x3dh,
+            (
+                item,
+                wire.seal(
+                    wire.Envelope(
+                        type=wire.EnvelopeType.INITIAL if x3dh else wire.EnvelopeType.MESSAGE,
+                        message_id=item.message_id,
+                        sender=self.agent_id,
+                        sender_instance=self._instance,
+                        recipient=peer,
+                        # The time it was queued, on every retry: the receiver's replay
+                        # window then refuses (STALE) rather than re-accepts a message
+                        # retried after the window forgot its id.
+                        timestamp_ms=item.enqueued_ms,
+                        ratchet_header=header,
+                        ciphertext=ciphertext,
+                        capability_ref=item.capability,
+                        x3dh_header=x3dh,
+                    ),
+                    self._identity.signing_key,
                 ),
-                self._identity.signing_key,
             )
             for item, (header, ciphertext) in zip(items, sealed, strict=True)
+            if item.message_id in counted
         ]
 
     async def _link(self, peer: str) -> Link:
@@ -488,11 +503,20 @@ class SendingMixin(ClientBase):
             _log.warning("acknowledged messages not removed from the outbox: %s", exc)
             return
         for ref, ack in acks.items():
-            self._delivered(ref, ack)
+            try:
+                self._delivered(ref, ack)
+            except TalosError as exc:  # removed and released already; the rest goes on
+                _log.warning("after the ACK of %s: %s", ref.hex(), exc)
         self.metrics.set_queue_depth(self.queue_depth())
 
     def _delivered(self, ref: bytes, envelope: wire.Envelope) -> None:
+        """Release the sender of ``ref`` (its removal is committed), then note what the
+        ACK proves about the session and the peer's clock."""
         self._failures.pop(ref, None)
+        self._nacks.pop(ref, None)
+        future = self._acks.pop(ref, None)
+        if future is not None and not future.done():
+            future.set_result(None)
         self._clock_sample(envelope)
         self.metrics.message_delivered()
         self._settle()
@@ -502,10 +526,6 @@ class SendingMixin(ClientBase):
             session = current[0]
             self._state.put_session(envelope.sender, _session_record(session, None))
             self._sessions[envelope.sender] = (session, None)
-        self._nacks.pop(ref, None)
-        future = self._acks.pop(ref, None)
-        if future is not None and not future.done():
-            future.set_result(None)
 
     def _clock_sample(self, envelope: wire.Envelope) -> None:
         """Estimate the peer's clock offset from a signed ACK to a message we timed."""

@@ -509,16 +509,16 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         for task in [*self._flushers.values(), *self._background, *self._acknowledging]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # Received but not committed: not acknowledged either, so their senders retry.
+        self._staged, self._staged_sessions, self._staged_ids = [], {}, set()
+        self._flush_enqueues()
+        self._flush_acks()  # ACKs already in: removed, and their senders released
         for future in self._acks.values():
             if not future.done():
                 future.set_exception(
                     DeliveryError("the client closed; the message stays queued for next time")
                 )
                 future.exception()  # retrieved here; a waiting send() sees it too
-        self._flush_enqueues()
-        self._flush_acks()
-        # Received but not committed: not acknowledged either, so their senders retry.
-        self._staged, self._staged_sessions, self._staged_ids = [], {}, set()
         self._inbox_ready.set()
         if self._transport is not None:
             await self._transport.close()

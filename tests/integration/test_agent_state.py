@@ -737,7 +737,8 @@ def test_remove_many_skips_what_is_not_queued(log: AuditLog, state: AgentState) 
 def test_record_attempts_counts_a_window_and_stores_the_session(state: AgentState) -> None:
     for mid in (b"a", b"b"):
         _enqueue(state, BOB, mid)
-    assert state.record_attempts(BOB, [b"a", b"b", b"gone"], 12.5, session=b"after two") == 2
+    counted = state.record_attempts(BOB, [b"a", b"b", b"gone"], 12.5, session=b"after two")
+    assert counted == [b"a", b"b"]
     assert [(i.attempts, i.last_attempt_ms) for i in state.pending()] == [(1, 12500)] * 2
     assert state.session(BOB) == b"after two"
 

@@ -723,3 +723,16 @@ async def test_registry_gauge_recovers_on_the_next_answer(tmp_path: Path) -> Non
                 assert a.status()["registry_reachable"] is True
             finally:
                 again.stop()
+
+
+async def test_a_message_no_longer_queued_is_not_sent_again(tmp_path: Path) -> None:
+    """A delivery window read before a message was given up does not transmit it."""
+    async with introduced(tmp_path) as (a, b):
+        assert (await a.send(b.agent_id, "warm up", timeout=10)).status == "delivered"
+        assert await b.receive(timeout=5) is not None
+        item = a._state.enqueue(  # noqa: SLF001 -- queued behind the delivery task's back
+            b.agent_id, wire.new_message_id(a._rng), b"\xa0", capability=None, queue_limit=10
+        )
+        a._state.remove(item.message_id)  # noqa: SLF001 -- as send(on_failure="raise") does
+        await asyncio.wait_for(a._deliver_window(b.agent_id, [item]), 2)  # noqa: SLF001
+        assert await b.receive(timeout=0.3) is None

@@ -482,7 +482,9 @@ class AgentState:
             now = time_ms(self._clock)
             seen: set[bytes] = set()
             for item in batch:
-                self._replay.check(item.replay_id, item.timestamp_ms, now)
+                # As of its arrival (the caller checked then; a batch waits a moment).
+                at = min(now, item.message.received_at_ms)
+                self._replay.check(item.replay_id, item.timestamp_ms, at)
                 if item.replay_id in seen:
                     raise DuplicateMessage("message id was already received")
                 seen.add(item.replay_id)
@@ -515,7 +517,9 @@ class AgentState:
 
             self._commit([record for item in batch for record in item.audit], apply)
             for item in batch:
-                self._replay.record(item.replay_id, item.timestamp_ms, now)
+                self._replay.record(
+                    item.replay_id, item.timestamp_ms, min(now, item.message.received_at_ms)
+                )
             return seqs
 
     def commit_duplicate(self, *, audit: AuditRecords) -> None:
@@ -1001,11 +1005,11 @@ class AgentState:
 
     def record_attempts(
         self, peer: str, message_ids: Sequence[bytes], now: float, *, session: bytes
-    ) -> int:
+    ) -> list[bytes]:
         """Count one delivery attempt at ``now`` for each of ``message_ids`` (a window of
         messages to ``peer``) and store ``session`` (the session after encrypting them
         all), in one transaction. Ids no longer queued are skipped; the session is
-        written in any case. Returns how many attempts were counted.
+        written in any case. Returns the ids whose attempt was counted, in order.
 
         Raises:
             LocalProtocolError: a bad message id or session.
@@ -1015,11 +1019,10 @@ class AgentState:
         keys = [b"m" + _message_id(message_id) for message_id in message_ids]
         at_ms = int(now * 1000)
         sealed = self._seal(_bytes("session", session), ("session", peer))
-        counted = 0
+        counted: list[bytes] = []
 
         def apply(txn: lmdb.Transaction[bytes]) -> None:
-            nonlocal counted
-            counted = 0
+            counted.clear()
             outbox = self._db["outbox"]
             for id_key in keys:
                 seq_key = txn.get(id_key, db=self._db["outbox_index"])
@@ -1030,7 +1033,7 @@ class AgentState:
                 row["n"] += 1
                 row["last"] = at_ms
                 txn.put(seq_key, canonical_dumps(row), db=outbox)
-                counted += 1
+                counted.append(id_key[1:])
             txn.put(_peer_key(peer), sealed, db=self._db["sessions"])
 
         with self._lock:
