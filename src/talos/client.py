@@ -321,13 +321,7 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         self._load_revocations()
         self._prekeys = self._load_prekeys()
         if self._metrics_port is not None:
-            try:
-                self.metrics.serve(self._metrics_port, self._listen[0])
-            except OSError as exc:
-                raise ConfigurationError(
-                    f"cannot serve metrics on {self._listen[0]}:{self._metrics_port}: "
-                    f"{exc.strerror or exc}"
-                ) from None
+            self.metrics.serve(self._metrics_port, self._listen[0])
         self._transport = Transport(self._on_frame)
         host, port = await self._transport.listen(*self._listen)
         self._endpoint = f"ws://{host}:{port}"

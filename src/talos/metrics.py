@@ -33,7 +33,7 @@ from prometheus_client import (
 from prometheus_client.context_managers import Timer
 
 from talos.core import wire
-from talos.errors import CapabilityDenied
+from talos.errors import CapabilityDenied, ConfigurationError
 
 __all__ = [
     "DENIAL_REASONS",
@@ -110,8 +110,7 @@ class AgentMetrics:
 
     def __init__(self, *, uses_registry: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._endpoint = MetricsEndpoint(self.registry)
         r = self.registry
 
         # -- sessions ----------------------------------------------------------
@@ -369,13 +368,41 @@ class AgentMetrics:
         return generate_latest(self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
-        """Serve ``/metrics`` over HTTP on ``host:port`` (0: any free port) in a thread.
+        """Serve ``/metrics`` on ``host:port`` (0: any free port); see :class:`MetricsEndpoint`."""
+        return self._endpoint.serve(port, host)
 
-        Returns the address actually bound. Call :meth:`close` to stop it.
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The address being served, or ``None``."""
+        return self._endpoint.address
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint, if any (idempotent)."""
+        self._endpoint.close()
+
+
+class MetricsEndpoint:
+    """``/metrics`` of one collector registry over HTTP, served from a thread."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
+        """Start serving on ``host:port`` (0: any free port); returns the address bound.
+
+        Raises:
+            ConfigurationError: the address cannot be bound (in use, not local).
         """
         if self._server is not None:
             raise RuntimeError("metrics endpoint already running")
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self._registry)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+            ) from None
         self._server, self._thread = server, thread
         bound_host, bound_port = server.server_address[:2]
         return str(bound_host), int(bound_port)
@@ -389,7 +416,7 @@ class AgentMetrics:
         return str(bound_host), int(bound_port)
 
     def close(self) -> None:
-        """Stop the HTTP endpoint, if any (idempotent)."""
+        """Stop serving, if serving (idempotent)."""
         server, thread = self._server, self._thread
         self._server = self._thread = None
         if server is not None:

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,13 +26,13 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
-    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from talos.errors import ConfigurationError, StorageError
+from talos.errors import StorageError
+from talos.metrics import MetricsEndpoint
 from talos.registry.store import LiveCounts
 
 __all__ = [
@@ -100,8 +98,7 @@ class RegistryMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._endpoint = MetricsEndpoint(self.registry)
         r = self.registry
         # First, so that a database failure while reading the gauges is counted
         # in the same scrape.
@@ -208,40 +205,21 @@ class RegistryMetrics:
         return generate_latest(self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
-        """Serve ``/metrics`` on ``host:port`` (0: any free port) in a thread.
-
-        Returns the address bound; :meth:`close` stops it.
+        """Serve ``/metrics`` on ``host:port`` (0: any free port); see :class:`MetricsEndpoint`.
 
         Raises:
             ConfigurationError: the address cannot be bound (in use, not local).
         """
-        if self._server is not None:
-            raise RuntimeError("metrics endpoint already running")
-        try:
-            server, thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            raise ConfigurationError(f"cannot serve metrics on {host}:{port}: {exc}") from None
-        self._server, self._thread = server, thread
-        bound_host, bound_port = server.server_address[:2]
-        return str(bound_host), int(bound_port)
+        return self._endpoint.serve(port, host)
 
     @property
     def address(self) -> tuple[str, int] | None:
         """The metrics port's address, or ``None`` when it is not served."""
-        if self._server is None:
-            return None
-        bound_host, bound_port = self._server.server_address[:2]
-        return str(bound_host), int(bound_port)
+        return self._endpoint.address
 
     def close(self) -> None:
         """Stop the metrics port, if any (idempotent)."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        self._endpoint.close()
 
 
 class _LiveGauges(Collector):
