@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import socket
 import stat
@@ -13,16 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from daemons import Daemon, daemons, read_line
 
 from talos.cli.agent import MAX_REQUEST, exit_code_for_name, running_agent_pid
 from talos.testing.processes import RegistryProcess, registry_process
-
-_READY = re.compile(r"agent (\S+) listening on (\S+)")
 
 
 @pytest.fixture(scope="module")
@@ -58,67 +55,11 @@ def ok(home: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
-def read_line(stream: Any, deadline: float) -> str:
-    """One line from a child's stdout pipe, or "" if none came before ``deadline``."""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
-        if ready:
-            return str(stream.readline().decode())
-    return ""
-
-
-@dataclass
-class Daemon:
-    """A ``talos run`` child process."""
-
-    process: subprocess.Popen[bytes]
-    home: Path
-    log: Path
-    agent_id: str = ""
-
-    def wait_ready(self) -> Daemon:
-        line = read_line(self.process.stdout, time.monotonic() + 30)
-        match = _READY.search(line)
-        assert match, f"not ready: {line!r}\n{self.log.read_text()}"
-        self.agent_id = match.group(1)
-        return self
-
-    def stop(self) -> int:
-        """SIGTERM, then wait (kill after 15 s); the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        return self.process.returncode
-
-
 @pytest.fixture
 def start() -> Iterator[Callable[..., Daemon]]:
     """Starts ``talos run`` processes; every one is stopped at the end."""
-    started: list[Daemon] = []
-
-    def launch(home: Path, *args: str, ready: bool = True) -> Daemon:
-        log = home.parent / f"{home.name}-{len(started)}.log"
-        with log.open("ab") as stderr:
-            process = subprocess.Popen(  # noqa: S603 -- our own interpreter and module
-                talos_command("--home", str(home), "run", *args),
-                env=_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-            )
-        daemon = Daemon(process, home, log)
-        started.append(daemon)
-        return daemon.wait_ready() if ready else daemon
-
-    yield launch
-    for daemon in started:
-        daemon.stop()
+    with daemons(_env()) as group:
+        yield group.start
 
 
 def until(check: Callable[[], Any], *, seconds: float = 30.0) -> Any:

@@ -6,20 +6,17 @@ import asyncio
 import json
 import os
 import re
-import select
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lmdb
 import pytest
+from daemons import TALOS, Daemon, daemons
 
 from talos.audit import AuditLog, LogSigner
 from talos.cli.diagnose import REJECT_TOLERANCE, best_sample, clock_status, disk_status
@@ -35,8 +32,6 @@ from talos.storage.lmdb import u64
 from talos.system import SYSTEM_CLOCK
 from talos.testing.processes import RegistryProcess, registry_process
 
-TALOS = [sys.executable, "-m", "talos"]
-_READY = re.compile(r"agent (\S+) listening on (\S+)")
 CHECKS = ["clock", "duplicates", "network", "storage"]
 
 
@@ -95,61 +90,11 @@ def one(report: dict[str, Any], check: str, subject: str) -> dict[str, Any]:
     return finding
 
 
-@dataclass
-class Daemon:
-    """A ``talos run`` child process."""
-
-    process: subprocess.Popen[bytes]
-    home: Path
-    log: Path
-    agent_id: str = ""
-
-    def wait_ready(self) -> Daemon:
-        deadline = time.monotonic() + 30
-        line = ""
-        while time.monotonic() < deadline and not line:
-            ready, _, _ = select.select([self.process.stdout], [], [], 0.5)
-            if ready and self.process.stdout is not None:
-                line = self.process.stdout.readline().decode()
-        match = _READY.search(line)
-        assert match, f"not ready: {line!r}\n{self.log.read_text()}"
-        self.agent_id = match.group(1)
-        return self
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-
 @pytest.fixture
 def start() -> Iterator[Callable[..., Daemon]]:
     """Starts ``talos run`` processes; every one is stopped at the end."""
-    started: list[Daemon] = []
-
-    def launch(home: Path, *args: str) -> Daemon:
-        log = home.parent / f"{home.name}-{len(started)}.log"
-        with log.open("ab") as stderr:
-            process = subprocess.Popen(
-                [*TALOS, "--home", str(home), "run", *args],
-                env=_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-            )
-        daemon = Daemon(process, home, log)
-        started.append(daemon)
-        return daemon.wait_ready()
-
-    yield launch
-    for daemon in started:
-        daemon.stop()
+    with daemons(_env()) as group:
+        yield group.start
 
 
 def free_udp_port() -> int:

@@ -24,17 +24,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from daemons import TALOS, Daemon, daemons
 
 from talos.cli.diagnose import REJECT_TOLERANCE
 from talos.testing.processes import RegistryProcess, registry_process
@@ -46,9 +44,7 @@ pytestmark = pytest.mark.skipif(
     "(.ci/install-faketime.sh does)",
 )
 
-TALOS = [sys.executable, "-m", "talos"]
 AHEAD = 600.0  # seconds: faketime -f '+10m'
-_READY = re.compile(r"agent (\S+) listening on (\S+)")
 
 
 def _env() -> dict[str, str]:
@@ -106,58 +102,15 @@ def faketime_works() -> None:
         pytest.fail(f"faketime does not shift Python's clock ({shifted:.1f} s): {probe.stderr}")
 
 
-@dataclass
-class Daemon:
-    """A ``talos run`` process (under faketime, its wrapper) in a process group of its own."""
-
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def wait_ready(self) -> str:
-        deadline, line = time.monotonic() + 30, ""
-        while time.monotonic() < deadline and not line:
-            ready, _, _ = select.select([self.process.stdout], [], [], 0.5)
-            if ready and self.process.stdout is not None:
-                line = self.process.stdout.readline().decode()
-        match = _READY.search(line)
-        assert match, f"not ready: {line!r}\n{self.log.read_text()}"
-        return match.group(1)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-
 @pytest.fixture
 def start() -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
+    """Starts ``talos run`` processes, each under faketime when given a ``shift``."""
+    with daemons(_env()) as group:
 
-    def launch(home: Path, *args: str, shift: str | None = None) -> Daemon:
-        log = home.parent / f"{home.name}.log"
-        with log.open("ab") as stderr:
-            process = subprocess.Popen(
-                _command((*TALOS, "--home", str(home), "run", *args), shift),
-                env=_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                start_new_session=True,
-            )
-        daemon = Daemon(process, log)
-        started.append(daemon)
-        daemon.wait_ready()
-        return daemon
+        def launch(home: Path, *args: str, shift: str | None = None) -> Daemon:
+            return group.start(home, *args, prefix=_command((), shift))
 
-    yield launch
-    for daemon in started:
-        daemon.stop()
+        yield launch
 
 
 def _clock(

@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
-import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from daemons import daemons
 
 REQUIRED = ("timestamp", "level", "component", "event", "message")
 RFC3339_MS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -27,29 +24,10 @@ def _closed_udp_port() -> int:
 
 def _run_until_ready_then_stop(home: Path, args: list[str], env: dict[str, str]) -> list[str]:
     """Start ``talos run``, wait for its ready line, SIGTERM it; its stderr lines."""
-    log = home.parent / "agent.log"
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "talos", "--home", str(home), "run", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-        )
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 30)
-        line = process.stdout.readline().decode() if ready else ""
-        assert "listening on" in line, f"not ready: {line!r}\n{log.read_text()}"
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0, log.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
-    return log.read_text().splitlines()
+    with daemons(env) as group:
+        daemon = group.start(home, *args)
+        assert daemon.stop() == 0, daemon.log.read_text()
+    return daemon.log.read_text().splitlines()
 
 
 @pytest.mark.parametrize("how", ["option", "environment"])
