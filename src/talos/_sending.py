@@ -333,18 +333,20 @@ class SendingMixin(ClientBase):
             DeliveryTimeout: no ACK within ACK_TIMEOUT.
         """
         loop = asyncio.get_running_loop()
-        link = await self._link(peer)
-        # Given up, refused or acknowledged since the queue was read: not sent again.
         items = [
             item
             for item in items
             if item.message_id not in self._removing
-            and self._state.is_queued_for(item.message_id, peer)
             and not self._acks.setdefault(item.message_id, loop.create_future()).done()
         ]
         if not items:
             return
+        link = await self._link(peer)
+        # Only what is still queued when the attempts commit is sent (a message given
+        # up or refused since the queue was read is not).
         sealed = await self._encrypt(peer, items)
+        for gone in {item.message_id for item in items} - {item.message_id for item, _ in sealed}:
+            self._acks.pop(gone, None)  # nobody waits on it any more
         items = [item for item, _ in sealed]
         for item, frame in sealed:
             self._nacks.setdefault(item.message_id, asyncio.Event()).clear()
