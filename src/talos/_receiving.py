@@ -221,7 +221,7 @@ class ReceivingMixin(ClientBase):
                 envelope.message_id,
                 sender,
             )
-            await self._answer(link, envelope, ack=wire.AckStatus.DUPLICATE)
+            await self._answer(link, sender, [envelope.message_id], wire.AckStatus.DUPLICATE)
             return
         except StaleMessage as exc:
             self._audit(
@@ -320,7 +320,7 @@ class ReceivingMixin(ClientBase):
             self.metrics.session_established()
         if prekeys is not None:
             self._prekeys = prekeys
-        await self._answer(link, envelope, ack=wire.AckStatus.ACCEPTED)
+        await self._answer(link, sender, [envelope.message_id], wire.AckStatus.ACCEPTED)
         self._inbox_ready.set()
 
     def _stage_receive(
@@ -398,11 +398,19 @@ class ReceivingMixin(ClientBase):
         task.add_done_callback(self._acknowledging.discard)
 
     async def _acknowledge_staged(self, answers: list[tuple[Link, wire.Envelope]]) -> None:
-        """ACK committed messages, then tell receive() they are there (so an
-        application that stops once it has them does not cut the ACKs short)."""
+        """ACK committed messages (one signed ACK per link and sender for the whole
+        batch), then tell receive() they are there (so an application that stops once
+        it has them does not cut the ACKs short)."""
+        groups: dict[tuple[int, str], tuple[Link, list[bytes]]] = {}
+        for link, envelope in answers:
+            groups.setdefault((id(link), envelope.sender), (link, []))[1].append(
+                envelope.message_id
+            )
         try:
-            for link, envelope in answers:
-                await self._answer(link, envelope, ack=wire.AckStatus.ACCEPTED)
+            for (_, sender), (link, ids) in groups.items():
+                for start in range(0, len(ids), wire.MAX_ACK_REFS):
+                    chunk = ids[start : start + wire.MAX_ACK_REFS]
+                    await self._answer(link, sender, chunk, wire.AckStatus.ACCEPTED)
         finally:
             self._inbox_ready.set()
 
@@ -503,16 +511,19 @@ class ReceivingMixin(ClientBase):
         )
         return plaintext, successor, None, False
 
-    async def _answer(self, link: Link, envelope: wire.Envelope, *, ack: wire.AckStatus) -> None:
+    async def _answer(
+        self, link: Link, sender: str, ids: list[bytes], status: wire.AckStatus
+    ) -> None:
+        """Acknowledge ``ids`` (distinct, at most MAX_ACK_REFS) from ``sender``, signed once."""
         reply = wire.Envelope(
             type=wire.EnvelopeType.ACK,
             message_id=wire.new_message_id(self._rng),
             sender=self.agent_id,
             sender_instance=self._instance,
-            recipient=envelope.sender,
+            recipient=sender,
             timestamp_ms=time_ms(self._clock),
-            ref_id=envelope.message_id,
-            status=ack,
+            ref_ids=tuple(ids),
+            status=status,
         )
         with contextlib.suppress(PeerUnreachable):
             await link.send(wire.seal(reply, self._identity.signing_key))

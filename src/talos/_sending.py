@@ -29,7 +29,6 @@ from talos.core.revocation import RevocationMode, RevocationPolicy
 from talos.errors import (
     CapabilityDenied,
     ConfigurationError,
-    DeliveryError,
     DeliveryTimeout,
     DiscoveryError,
     LocalProtocolError,
@@ -283,27 +282,49 @@ class SendingMixin(ClientBase):
             self._flushers[peer] = asyncio.create_task(self._deliver_loop(peer))
 
     async def _deliver_loop(self, peer: str) -> None:
-        """Deliver ``peer``'s queue in order, retrying with backoff until it is empty."""
+        """Deliver ``peer``'s queue in order, retrying with backoff until it is empty.
+
+        A sliding window: up to :meth:`_window_size` messages are in flight
+        (transmitted, not yet acknowledged); as ACKs free room, the next
+        messages are encrypted and transmitted, a quarter window or more at a
+        time so that each transmission's commit serves several messages. A
+        refusal to decrypt, a dropped link or a missing ACK ends the window:
+        after the backoff everything still queued is sent again from the
+        oldest (the receiver answers DUPLICATE for what it already has).
+        """
         attempt = 0
         wake = self._wakeups.setdefault(peer, asyncio.Event())
+        inflight: dict[bytes, tuple[int, float]] = {}  # message id → (seq, ACK deadline)
         while not self._closed:
             wake.clear()
-            pending = self._state.pending(peer)
-            if not pending:
-                await wake.wait()
-                continue
-            head = pending[0].message_id
+            head: bytes | None = next(iter(inflight), None)
             try:
-                while pending:
-                    window = pending[: self._window_size(peer)]
-                    head = window[0].message_id
-                    await self._deliver_window(peer, window)
-                    pending = pending[len(window) :]
-                attempt = 0
+                if self._settle_inflight(peer, inflight):
+                    attempt = 0
+                window = self._window_size(peer)
+                room = window - len(inflight)
+                if room > 0 and (not inflight or room >= max(1, window // 4)):
+                    after = max((seq for seq, _ in inflight.values()), default=None)
+                    items = self._state.pending(peer, after=after, limit=room)
+                    if items:
+                        head = head or items[0].message_id
+                        if await self._transmit(peer, items, inflight):
+                            continue
+                if not inflight:
+                    # Nothing to send, or only messages whose ACK is being committed:
+                    # an ACK, a refusal or a new message wakes this loop.
+                    await wake.wait()
+                    continue
+                await self._await_progress(peer, wake, inflight)
             except TalosError as exc:
-                # Counted per message for send(retry_count=...): in order, the
-                # message that failed is the one this attempt was about.
-                self._failures[head] = self._failures.get(head, 0) + 1
+                inflight.clear()
+                if head is None:
+                    pending = self._state.pending(peer, limit=1)
+                    head = pending[0].message_id if pending else None
+                if head is not None:
+                    # Counted per message for send(retry_count=...): in order, the
+                    # message that failed is the oldest one this attempt was about.
+                    self._failures[head] = self._failures.get(head, 0) + 1
                 delay = self._backoff.delay(attempt, self._rng)
                 attempt += 1
                 level = logging.INFO if attempt < 5 else logging.WARNING
@@ -324,13 +345,66 @@ class SendingMixin(ClientBase):
         current = self._sessions.get(peer)
         return SEND_WINDOW if current is not None and current[1] is None else 1
 
-    async def _deliver_window(self, peer: str, items: list[OutboxItem]) -> None:
-        """Transmit queued messages back to back, then wait for every ACK (or a refusal).
+    def _settle_inflight(self, peer: str, inflight: dict[bytes, tuple[int, float]]) -> bool:
+        """Forget in-flight messages that are done (acknowledged, refused or given up);
+        True if any was.
 
         Raises:
             SessionError: the peer could not decrypt or accept one yet (retried).
-            PeerUnreachable: the connection dropped before the ACKs.
-            DeliveryTimeout: no ACK within ACK_TIMEOUT.
+            DeliveryTimeout: one waited longer than ACK_TIMEOUT for its ACK.
+        """
+        done = [
+            message_id
+            for message_id in inflight
+            if message_id in self._removing
+            or (future := self._acks.get(message_id)) is None
+            or future.done()
+        ]
+        for message_id in done:
+            del inflight[message_id]
+        now = asyncio.get_running_loop().time()
+        for message_id, (_, deadline) in inflight.items():
+            nack = self._nacks.get(message_id)
+            if nack is not None and nack.is_set():
+                raise SessionError(f"{peer} could not decrypt or accept a message yet; retrying")
+            if now >= deadline:
+                raise DeliveryTimeout(f"no ACK from {peer} within {ACK_TIMEOUT:g} s")
+        return bool(done)
+
+    async def _await_progress(
+        self, peer: str, wake: asyncio.Event, inflight: dict[bytes, tuple[int, float]]
+    ) -> None:
+        """Wait for news about ``peer`` (an ACK, an ERROR, a new message) or the
+        oldest ACK deadline.
+
+        Raises:
+            PeerUnreachable: the connection dropped with messages in flight.
+        """
+        link = self._links.get(peer)
+        if link is None or not link.is_open:
+            raise PeerUnreachable(f"the connection to {peer} closed before the ACKs")
+        loop = asyncio.get_running_loop()
+        timeout = max(0.0, min(deadline for _, deadline in inflight.values()) - loop.time())
+        woken = asyncio.ensure_future(wake.wait())
+        dropped = asyncio.ensure_future(link.closed.wait())
+        try:
+            await asyncio.wait(
+                {woken, dropped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            woken.cancel()
+            dropped.cancel()
+        if dropped.done() and not dropped.cancelled():
+            raise PeerUnreachable(f"the connection to {peer} closed before the ACKs")
+
+    async def _transmit(
+        self, peer: str, items: list[OutboxItem], inflight: dict[bytes, tuple[int, float]]
+    ) -> int:
+        """Encrypt ``items`` (one commit), transmit them back to back and note them in
+        flight; returns how many were transmitted.
+
+        Raises:
+            PeerUnreachable, DiscoveryError, SessionError: no link or session (retried).
         """
         loop = asyncio.get_running_loop()
         items = [
@@ -340,50 +414,20 @@ class SendingMixin(ClientBase):
             and not self._acks.setdefault(item.message_id, loop.create_future()).done()
         ]
         if not items:
-            return
+            return 0
         link = await self._link(peer)
         # Only what is still queued when the attempts commit is sent (a message given
         # up or refused since the queue was read is not).
         sealed = await self._encrypt(peer, items)
         for gone in {item.message_id for item in items} - {item.message_id for item, _ in sealed}:
             self._acks.pop(gone, None)  # nobody waits on it any more
-        items = [item for item, _ in sealed]
+        deadline = loop.time() + ACK_TIMEOUT
         for item, frame in sealed:
             self._nacks.setdefault(item.message_id, asyncio.Event()).clear()
             self._sent_at[item.message_id] = self._clock.time()
+            inflight[item.message_id] = (item.seq, deadline)
             await link.send(frame)
-        deadline = loop.time() + ACK_TIMEOUT
-        dropped: asyncio.Future[Any] = asyncio.ensure_future(link.closed.wait())
-        try:
-            for item in items:
-                await self._await_ack(peer, item.message_id, dropped, deadline)
-        finally:
-            dropped.cancel()
-
-    async def _await_ack(
-        self, peer: str, message_id: bytes, dropped: asyncio.Future[Any], deadline: float
-    ) -> None:
-        acked = self._acks.get(message_id)
-        if acked is None or acked.done():
-            return  # acknowledged (and released) already
-        nack = self._nacks.setdefault(message_id, asyncio.Event())
-        refused: asyncio.Future[Any] = asyncio.ensure_future(nack.wait())
-        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-        try:
-            done, _ = await asyncio.wait(
-                {acked, refused, dropped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            refused.cancel()
-        if acked in done:
-            with contextlib.suppress(PeerRejected, asyncio.CancelledError, DeliveryError):
-                acked.result()
-            return
-        if refused in done:
-            raise SessionError(f"{peer} could not decrypt or accept it yet; retrying")
-        if dropped in done:
-            raise PeerUnreachable(f"the connection to {peer} closed before the ACK")
-        raise DeliveryTimeout(f"no ACK from {peer} within {ACK_TIMEOUT:g} s")
+        return len(sealed)
 
     async def _encrypt(self, peer: str, items: list[OutboxItem]) -> list[tuple[OutboxItem, bytes]]:
         """Encrypt and sign ``items`` for ``peer``; the advanced ratchet and the attempts
@@ -471,13 +515,15 @@ class SendingMixin(ClientBase):
             return False  # not an id (or peer id) this agent could have queued
 
     def _on_ack(self, envelope: wire.Envelope) -> None:
-        ref = envelope.ref_id
-        if ref is None or ref in self._removing or not self._queued_for(ref, envelope.sender):
-            return  # not ours, not from the peer we sent it to, or already acknowledged
-        # ACKs that arrive together are removed from the outbox in one commit.
-        self._removing[ref] = envelope
-        if len(self._removing) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_acks)
+        """Note every id ``envelope`` acknowledges that we queued for its sender and
+        still wait on; they are removed from the outbox together (see _flush_acks)."""
+        for ref in envelope.ref_ids or ():
+            if ref in self._removing or not self._queued_for(ref, envelope.sender):
+                continue  # not ours, not from the peer we sent it to, or already acknowledged
+            # ACKs that arrive together are removed from the outbox in one commit.
+            self._removing[ref] = envelope
+            if len(self._removing) == 1:
+                asyncio.get_running_loop().call_soon(self._flush_acks)
 
     def _flush_acks(self) -> None:
         """Remove acknowledged messages in one commit, then release their senders."""
@@ -503,24 +549,39 @@ class SendingMixin(ClientBase):
         except TalosError as exc:
             # Still queued: the retry is answered DUPLICATE and removal is tried again.
             _log.warning("acknowledged messages not removed from the outbox: %s", exc)
+            self._wake({ack.sender for ack in acks.values()})
             return
+        envelopes: dict[int, tuple[wire.Envelope, list[bytes]]] = {}
         for ref, ack in acks.items():
+            self._release(ref)
+            envelopes.setdefault(id(ack), (ack, []))[1].append(ref)
+        for ack, refs in envelopes.values():
             try:
-                self._delivered(ref, ack)
+                self._delivered(ack, refs)
             except TalosError as exc:  # removed and released already; the rest goes on
-                _log.warning("after the ACK of %s: %s", ref.hex(), exc)
+                _log.warning("after an ACK from %s: %s", ack.sender, exc)
+        self._wake({ack.sender for ack, _ in envelopes.values()})
         self.metrics.set_queue_depth(self.queue_depth())
 
-    def _delivered(self, ref: bytes, envelope: wire.Envelope) -> None:
-        """Release the sender of ``ref`` (its removal is committed), then note what the
-        ACK proves about the session and the peer's clock."""
+    def _wake(self, peers: set[str]) -> None:
+        for peer in peers:
+            wake = self._wakeups.get(peer)
+            if wake is not None:
+                wake.set()
+
+    def _release(self, ref: bytes) -> None:
+        """Release the sender of ``ref`` (its removal is committed)."""
         self._failures.pop(ref, None)
         self._nacks.pop(ref, None)
         future = self._acks.pop(ref, None)
         if future is not None and not future.done():
             future.set_result(None)
-        self._clock_sample(envelope)
         self.metrics.message_delivered()
+
+    def _delivered(self, envelope: wire.Envelope, refs: list[bytes]) -> None:
+        """Note what an ACK (for ``refs``, removed and released) proves about the
+        session and the peer's clock."""
+        self._clock_sample(envelope, refs)
         self._settle()
         current = self._sessions.get(envelope.sender)
         if current is not None and current[1] is not None:
@@ -529,12 +590,13 @@ class SendingMixin(ClientBase):
             self._state.put_session(envelope.sender, _session_record(session, None))
             self._sessions[envelope.sender] = (session, None)
 
-    def _clock_sample(self, envelope: wire.Envelope) -> None:
-        """Estimate the peer's clock offset from a signed ACK to a message we timed."""
-        assert envelope.ref_id is not None  # noqa: S101 -- checked by the caller
-        sent = self._sent_at.pop(envelope.ref_id, None)
-        if sent is None:
+    def _clock_sample(self, envelope: wire.Envelope, refs: list[bytes]) -> None:
+        """Estimate the peer's clock offset from a signed ACK to messages we timed
+        (the one sent last bounds the offset most tightly)."""
+        times = [t for ref in refs if (t := self._sent_at.pop(ref, None)) is not None]
+        if not times:
             return
+        sent = max(times)
         theirs = envelope.timestamp_ms / 1000
         best = self._peer_clocks.add(
             envelope.sender, offset_from(sent, theirs, theirs, self._clock.time())
@@ -552,6 +614,7 @@ class SendingMixin(ClientBase):
             nack = self._nacks.get(ref)
             if nack is not None:
                 nack.set()  # not a refusal: the delivery task retries with backoff
+                self._wake({peer})
             return
         if envelope.error_code is wire.ErrorCode.DECRYPT_FAILED:
             now = self._clock.time()
@@ -567,6 +630,7 @@ class SendingMixin(ClientBase):
             nack = self._nacks.get(ref)
             if nack is not None:
                 nack.set()  # the waiting delivery retries with a fresh session
+                self._wake({peer})
             return
         reason = envelope.reason or envelope.error_code.name if envelope.error_code else "refused"
         self.metrics.message_rejected(envelope.error_code or "other")
@@ -580,6 +644,7 @@ class SendingMixin(ClientBase):
         future = self._acks.pop(ref, None)
         if future is not None and not future.done():
             future.set_exception(PeerRejected(f"{peer} refused the message: {reason}"))
+        self._wake({peer})
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -39,7 +39,7 @@ def _sample(kind: EnvelopeType) -> Envelope:
             "capability_ref": b"p" * 32,
             "x3dh_header": b"x" * 100,
         },
-        EnvelopeType.ACK: {"ref_id": b"r" * 16, "status": AckStatus.ACCEPTED},
+        EnvelopeType.ACK: {"ref_ids": (b"r" * 16, b"s" * 16), "status": AckStatus.ACCEPTED},
         EnvelopeType.ERROR: {
             "ref_id": b"r" * 16,
             "error_code": ErrorCode.DECRYPT_FAILED,

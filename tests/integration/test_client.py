@@ -734,5 +734,5 @@ async def test_a_message_no_longer_queued_is_not_sent_again(tmp_path: Path) -> N
             b.agent_id, wire.new_message_id(a._rng), b"\xa0", capability=None, queue_limit=10
         )
         a._state.remove(item.message_id)  # noqa: SLF001 -- as send(on_failure="raise") does
-        await asyncio.wait_for(a._deliver_window(b.agent_id, [item]), 2)  # noqa: SLF001
+        assert await asyncio.wait_for(a._transmit(b.agent_id, [item], {}), 2) == 0  # noqa: SLF001
         assert await b.receive(timeout=0.3) is None

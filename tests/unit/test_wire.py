@@ -14,6 +14,7 @@ from talos.core.encoding import canonical_dumps, strict_loads
 from talos.core.wire import (
     DOMAIN_PREFIX,
     FIELDS,
+    MAX_ACK_REFS,
     MAX_FRAME_SIZE,
     MAX_REASON_LENGTH,
     MAX_TIMESTAMP_MS,
@@ -66,7 +67,9 @@ def sample(kind: EnvelopeType, rng: SeededRng | None = None) -> Envelope:
             x3dh_header=rng.bytes(100),
         )
     if kind is EnvelopeType.ACK:
-        return Envelope(**common, ref_id=rng.bytes(16), status=AckStatus.DUPLICATE)
+        return Envelope(
+            **common, ref_ids=(rng.bytes(16), rng.bytes(16)), status=AckStatus.DUPLICATE
+        )
     if kind is EnvelopeType.REVOCATIONS:
         return Envelope(**common, revocation_list=rng.bytes(120))
     return Envelope(
@@ -218,7 +221,8 @@ def test_extra_field_is_malformed(kind: EnvelopeType, extra: str) -> None:
 def test_field_table_is_exact_per_type() -> None:
     keys = {kind: {f.key for f in row} for kind, row in FIELDS.items()}
     assert keys[EnvelopeType.INITIAL] - keys[EnvelopeType.MESSAGE] == {"x3dh"}
-    assert {"ref", "st"} <= keys[EnvelopeType.ACK]
+    assert {"refs", "st"} <= keys[EnvelopeType.ACK]
+    assert "ref" not in keys[EnvelopeType.ACK]
     assert {"ref", "code", "why", "rk"} <= keys[EnvelopeType.ERROR]
     for kind in ALL_TYPES:
         assert set(frame_map(kind)) == keys[kind] | {"v", "t", "sig"}
@@ -248,8 +252,13 @@ WRONG_VALUES: list[tuple[EnvelopeType, str, Any]] = [
     (EnvelopeType.MESSAGE, "t", False),
     (EnvelopeType.INITIAL, "x3dh", b""),
     (EnvelopeType.INITIAL, "x3dh", None),
-    (EnvelopeType.ACK, "ref", None),
-    (EnvelopeType.ACK, "ref", b"\x00" * 32),
+    (EnvelopeType.ACK, "refs", None),
+    (EnvelopeType.ACK, "refs", []),
+    (EnvelopeType.ACK, "refs", b"\x00" * 16),
+    (EnvelopeType.ACK, "refs", [b"\x00" * 32]),
+    (EnvelopeType.ACK, "refs", [b"\x00" * 16, b"\x00" * 16]),
+    (EnvelopeType.ACK, "refs", [b"\x00" * 16, "0" * 16]),
+    (EnvelopeType.ACK, "refs", [bytes([i % 256, i // 256]) * 8 for i in range(257)]),
     (EnvelopeType.ACK, "st", 7),
     (EnvelopeType.ACK, "st", -1),
     (EnvelopeType.ACK, "ct", b"\x00"),
@@ -373,6 +382,11 @@ BAD_LOCAL: list[tuple[EnvelopeType, dict[str, Any]]] = [
     (EnvelopeType.ACK, {"status": 9}),
     (EnvelopeType.ACK, {"ciphertext": b"\x00"}),
     (EnvelopeType.ACK, {"reason": "not for acks"}),
+    (EnvelopeType.ACK, {"ref_ids": ()}),
+    (EnvelopeType.ACK, {"ref_ids": (b"r" * 16, b"r" * 16)}),
+    (EnvelopeType.ACK, {"ref_ids": (b"short",)}),
+    (EnvelopeType.ACK, {"ref_ids": tuple(bytes([i % 256, i // 256]) * 8 for i in range(257))}),
+    (EnvelopeType.ACK, {"ref_id": b"r" * 16}),
     (EnvelopeType.ERROR, {"reason": "\ud800"}),
     (EnvelopeType.ERROR, {"error_code": None}),
 ]
@@ -395,3 +409,11 @@ def test_seal_rejects_oversized_envelopes() -> None:
     envelope = dataclasses.replace(sample(EnvelopeType.MESSAGE), ciphertext=b"\x00" * 1000)
     with pytest.raises(LocalProtocolError, match="exceeds"):
         seal(envelope, KEY, max_size=500)
+
+
+def test_one_ack_names_up_to_max_ack_refs_ids() -> None:
+    ids = tuple(bytes([i % 256, i // 256]) * 8 for i in range(MAX_ACK_REFS))
+    envelope = dataclasses.replace(sample(EnvelopeType.ACK), ref_ids=ids)
+    decoded = verify(decode(seal(envelope, KEY)), KEY.public_key)
+    assert decoded.ref_ids == ids
+    assert decoded == envelope

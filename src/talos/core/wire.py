@@ -40,6 +40,7 @@ from talos.errors import LocalProtocolError, MalformedFrame, UnsupportedVersion
 __all__ = [
     "DOMAIN_PREFIX",
     "FIELDS",
+    "MAX_ACK_REFS",
     "MAX_FRAME_SIZE",
     "MAX_REASON_LENGTH",
     "MAX_TIMESTAMP_MS",
@@ -75,6 +76,9 @@ MAX_CAPABILITY_REF_SIZE: Final = 16 * 1024
 MAX_REVOCATION_LIST_SIZE: Final = 512 * 1024
 #: Longest error reason, in characters (printable text only).
 MAX_REASON_LENGTH: Final = 200
+#: Most message ids one ACK may acknowledge (a receiver acknowledges a whole
+#: committed batch with one signature).
+MAX_ACK_REFS: Final = 256
 
 
 class EnvelopeType(enum.IntEnum):
@@ -82,7 +86,7 @@ class EnvelopeType(enum.IntEnum):
 
     MESSAGE = 1  #: a Double Ratchet message
     INITIAL = 2  #: the first message of a session: also carries the X3DH initial header
-    ACK = 3  #: acknowledges one message id with an :class:`AckStatus`
+    ACK = 3  #: acknowledges one or more message ids with one :class:`AckStatus`
     ERROR = 4  #: a signed error report (e.g. DECRYPT_FAILED) about one message
     REVOCATIONS = 5  #: the sender's own signed revocation list, sent on every connection
 
@@ -127,8 +131,10 @@ class Envelope:
     capability_ref: bytes | None = None
     #: INITIAL: the X3DH initial header, opaque to this module.
     x3dh_header: bytes | None = None
-    #: ACK: the id acknowledged; ERROR: the id of the failing message, if any.
+    #: ERROR only: the id of the failing message, if any.
     ref_id: bytes | None = None
+    #: ACK only: the ids acknowledged (1 to :data:`MAX_ACK_REFS`, distinct).
+    ref_ids: tuple[bytes, ...] | None = None
     #: ACK only.
     status: AckStatus | None = None
     #: ERROR only.
@@ -225,6 +231,23 @@ def _nullable(parse: Callable[[Any], _T]) -> Callable[[Any], _T | None]:
     return parse_nullable
 
 
+def _id_list(value: Any) -> tuple[bytes, ...]:
+    if type(value) is not list and type(value) is not tuple:
+        raise MalformedFrame("acknowledged ids must be an array")
+    if not 1 <= len(value) <= MAX_ACK_REFS:
+        raise MalformedFrame(f"an ACK names 1..{MAX_ACK_REFS} ids, got {len(value)}")
+    for item in value:
+        if type(item) is not bytes or len(item) != MESSAGE_ID_SIZE:
+            raise MalformedFrame(f"acknowledged ids must be {MESSAGE_ID_SIZE}-byte strings")
+    if len(set(value)) != len(value):
+        raise MalformedFrame("acknowledged ids must be distinct")
+    return tuple(value)
+
+
+def _dump_id_list(value: Any) -> Any:
+    return list(value) if type(value) is tuple else value
+
+
 def _null(value: Any) -> None:
     if value is not None:
         raise MalformedFrame("field must be null for this envelope type")
@@ -318,7 +341,7 @@ FIELDS: Final[Mapping[EnvelopeType, tuple[Field, ...]]] = {
     EnvelopeType.ACK: (
         *_COMMON,
         *_NO_CONTENT,
-        Field("ref", "ref_id", _exactly("acknowledged id", MESSAGE_ID_SIZE)),
+        Field("refs", "ref_ids", _id_list, _dump_id_list),
         Field("st", "status", _enum_member(AckStatus), _dump_enum),
     ),
     EnvelopeType.ERROR: (

@@ -825,17 +825,23 @@ class AgentState:
         return OutboxItem(seq, peer, mid, payload, row["cap"], row["enq"], row["n"], row["last"])
 
     def _outbox_rows(
-        self, txn: lmdb.Transaction[bytes], peer: str | None
+        self,
+        txn: lmdb.Transaction[bytes],
+        peer: str | None,
+        *,
+        after: int | None = None,
+        limit: int | None = None,
     ) -> list[tuple[bytes, bytes]]:
         db = self._db["outbox"]
         if peer is None:
             return list(txn.cursor(db=db).iternext())
         prefix = _peer_prefix(peer)
-        rows = []
+        rows: list[tuple[bytes, bytes]] = []
         cursor = txn.cursor(db=self._db["outbox_index"])
-        if cursor.set_range(prefix):
+        start = prefix if after is None else prefix + _U64.pack(after + 1)
+        if cursor.set_range(start):
             for key in cursor.iternext(keys=True, values=False):
-                if not key.startswith(prefix):
+                if not key.startswith(prefix) or (limit is not None and len(rows) >= limit):
                     break
                 seq_key = key[len(prefix) :]
                 value = txn.get(seq_key, db=db)
@@ -844,15 +850,23 @@ class AgentState:
                 rows.append((seq_key, value))
         return rows
 
-    def pending(self, peer: str | None = None) -> list[OutboxItem]:
+    def pending(
+        self, peer: str | None = None, *, after: int | None = None, limit: int | None = None
+    ) -> list[OutboxItem]:
         """Queued messages (decrypted) in enqueue order, for ``peer`` or for everyone.
+
+        For one ``peer``, ``after`` skips the messages queued up to that
+        :attr:`OutboxItem.seq` (e.g. those in flight) and ``limit`` bounds
+        how many are read.
 
         Raises:
             LocalProtocolError: ``peer`` is not a valid peer id.
             StoreCorrupted: a stored row is damaged.
         """
+        if peer is None and (after is not None or limit is not None):
+            raise LocalProtocolError("after and limit apply to one peer's queue")
         with self._log.snapshot() as txn:
-            rows = self._outbox_rows(txn, peer)
+            rows = self._outbox_rows(txn, peer, after=after, limit=limit)
         return [self._decode_outbox(key, value) for key, value in rows]
 
     def outbox_item(self, message_id: bytes) -> OutboxItem | None:
