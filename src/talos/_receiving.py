@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -341,9 +342,10 @@ class ReceivingMixin(ClientBase):
         sender = envelope.sender
         self._staged_sessions[sender] = successor
         self._staged_ids.add(replay_id)
+        # The session record is filled in at the commit: only each sender's last counts.
         received = Received(
             sender,
-            _session_record(successor, None),
+            b"",
             replay_id,
             envelope.timestamp_ms,
             InboxMessage(
@@ -378,8 +380,14 @@ class ReceivingMixin(ClientBase):
         self._staged_ids = set()
         if not staged:
             return
+        records = {peer: _session_record(session, None) for peer, session in sessions.items()}
         try:
-            self._state.commit_receive_many([received for received, _, _ in staged])
+            self._state.commit_receive_many(
+                [
+                    dataclasses.replace(received, session=records[received.peer])
+                    for received, _, _ in staged
+                ]
+            )
         except TalosError as exc:
             _log.warning(
                 "%d received messages not committed (the senders will retry): %s",

@@ -107,6 +107,10 @@ def check_versioned_map(
     return value
 
 
+#: Types that are always inside the data model (``int`` is not: its range is checked).
+_PLAIN_SCALARS: frozenset[type] = frozenset({bytes, str, bool, type(None)})
+
+
 def _check_model(value: Any, depth: int) -> None:
     """``depth`` counts the containers around ``value``; at most MAX_DEPTH may nest."""
     kind = type(value)
@@ -118,15 +122,18 @@ def _check_model(value: Any, depth: int) -> None:
         return
     if (kind is list or kind is tuple or kind is dict) and depth >= MAX_DEPTH:
         raise MalformedFrame(f"nesting deeper than {MAX_DEPTH}")
+    # Scalars inside containers are checked inline (most values are), saving a call each.
     if kind is list or kind is tuple:
         for item in value:
-            _check_model(item, depth + 1)
+            if type(item) not in _PLAIN_SCALARS:
+                _check_model(item, depth + 1)
         return
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str:
                 raise MalformedFrame("map keys must be text strings")
-            _check_model(item, depth + 1)
+            if type(item) not in _PLAIN_SCALARS:
+                _check_model(item, depth + 1)
         return
     raise MalformedFrame(f"{kind.__name__} is outside the Talos CBOR data model")
 

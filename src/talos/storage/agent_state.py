@@ -489,11 +489,10 @@ class AgentState:
                     raise DuplicateMessage("message id was already received")
                 seen.add(item.replay_id)
             floor = max(self._replay.floor_ms, now - self._replay.window_ms)
+            last = {item.peer: item for item in batch}  # a peer's session ends as its last
             sessions = {
-                _peer_key(item.peer): self._seal(
-                    _bytes("session", item.session), ("session", item.peer)
-                )
-                for item in batch
+                _peer_key(peer): self._seal(_bytes("session", item.session), ("session", peer))
+                for peer, item in last.items()
             }
             sealed_prekeys = None
             for item in batch:
