@@ -12,6 +12,7 @@ its own. It also holds the session record helpers the parts share.
 from __future__ import annotations
 
 import asyncio
+import collections
 import weakref
 from typing import TYPE_CHECKING, Any, Final
 
@@ -35,7 +36,7 @@ from talos.discovery.registry_client import RegistryClient
 from talos.errors import MalformedFrame
 from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
-from talos.storage.agent_state import AgentState, Enqueue, Received
+from talos.storage.agent_state import AgentState, Enqueue, InboxMessage, Received
 from talos.storage.home import AgentHome
 from talos.storage.tokens import TokenStore
 from talos.transport import Link, Transport
@@ -93,9 +94,15 @@ class ClientBase:
     _staged_ids: set[bytes]
     _acknowledging: set[asyncio.Task[None]]
     _removing: dict[bytes, wire.Envelope]
+    _removal_running: dict[bytes, wire.Envelope]
+    _remover: asyncio.Task[None] | None
     _flushers: dict[str, asyncio.Task[None]]
     _wakeups: dict[str, asyncio.Event]
+    _inflight: dict[str, dict[bytes, tuple[int, float]]]
+    _outgoing: dict[str, list[tuple[bytes, bytes]]]
     _inbox_ready: asyncio.Event
+    _takers: collections.deque[asyncio.Future[InboxMessage]]
+    _unclaimed: collections.deque[InboxMessage]
     _inbox_cursor: int
     _last_reset: dict[str, float]
     _revocations: RevocationState

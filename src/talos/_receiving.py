@@ -73,7 +73,9 @@ class ReceivingMixin(ClientBase):
 
         With ``auto_ack`` (the default) the message leaves the durable inbox
         before it is returned: at most once to the application, and a crash
-        right after this call loses it for the application. With
+        right after this call loses it for the application. (A call already
+        waiting is handed the next message by the commit that receives it; if
+        that call is cancelled at that moment, the next call returns it.) With
         ``auto_ack=False`` it stays in the inbox until :meth:`acknowledge`:
         at least once; after a crash it is returned again, and its
         ``message_id`` lets the application drop what it already processed.
@@ -84,6 +86,8 @@ class ReceivingMixin(ClientBase):
         deadline = None if timeout is None else self._clock.monotonic() + timeout
         while not self._closed:
             if auto_ack:
+                if self._unclaimed:
+                    return _message(self._unclaimed.popleft())
                 taken = self._state.take(1)
                 if taken:
                     return _message(taken[0])
@@ -95,9 +99,33 @@ class ReceivingMixin(ClientBase):
             remaining = None if deadline is None else deadline - self._clock.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
+            if auto_ack:
+                handed = await self._wait_as_taker(remaining)
+                if handed is not None:
+                    return _message(handed)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._inbox_ready.wait(), remaining)
         return None
+
+    async def _wait_as_taker(self, seconds: float | None) -> InboxMessage | None:
+        """Wait up to ``seconds`` for the next receive commit to hand over a message
+        (taken in that commit: no separate removal), or for the inbox to fill."""
+        taker: asyncio.Future[InboxMessage] = asyncio.get_running_loop().create_future()
+        self._takers.append(taker)
+        ready = asyncio.ensure_future(self._inbox_ready.wait())
+        waiters: set[asyncio.Future[Any]] = {taker, ready}
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            if taker.done() and not taker.cancelled():
+                self._unclaimed.append(taker.result())  # taken already: the next call gets it
+            raise
+        finally:
+            ready.cancel()
+            if not taker.done():
+                taker.cancel()  # _settle skips it
+        return None if taker.cancelled() else taker.result()
 
     def acknowledge(self, *messages: Message) -> None:
         """Remove messages received with ``auto_ack=False`` from the durable inbox
@@ -381,12 +409,20 @@ class ReceivingMixin(ClientBase):
         if not staged:
             return
         records = {peer: _session_record(session, None) for peer, session in sessions.items()}
+        while self._takers and self._takers[0].done():
+            self._takers.popleft()
+        # Messages for receive() calls already waiting are taken in this same commit
+        # (unless older ones wait in the inbox: order is kept).
+        takers = [taker for taker in self._takers if not taker.done()][: len(staged)]
+        if takers and (self._unclaimed or self._state.inbox_count()):
+            takers = []
         try:
             self._state.commit_receive_many(
                 [
                     dataclasses.replace(received, session=records[received.peer])
                     for received, _, _ in staged
-                ]
+                ],
+                taken=len(takers),
             )
         except TalosError as exc:
             _log.warning(
@@ -397,6 +433,9 @@ class ReceivingMixin(ClientBase):
             return
         for peer, session in sessions.items():
             self._sessions[peer] = (session, None)
+        for taker, (received, _, _) in zip(takers, staged, strict=False):
+            self._takers.remove(taker)
+            taker.set_result(received.message)
         for received, _, _ in staged:
             self.metrics.message_received(len(received.message.data))
         task = asyncio.create_task(

@@ -25,6 +25,7 @@ from talos.core.capability import Capability, CapabilityPolicy, verify
 from talos.core.clocksync import offset_from
 from talos.core.keylog import IssuerKeys
 from talos.core.message import encode_payload
+from talos.core.ratchet import Session
 from talos.core.revocation import RevocationMode, RevocationPolicy
 from talos.errors import (
     CapabilityDenied,
@@ -161,9 +162,17 @@ class SendingMixin(ClientBase):
         self._enqueues = []
         if not batch:
             return
+        requests = [request for request, _ in batch]
+        now = self._clock.time()
+        through = self._encrypt_through(requests, now)
         try:
             results = self._state.enqueue_many(
-                [request for request, _ in batch], queue_limit=self._queue_limit
+                requests,
+                queue_limit=self._queue_limit,
+                attempted={
+                    peer: _session_record(session, None) for peer, (session, _) in through.items()
+                },
+                attempt_at=now,
             )
         except Exception as exc:  # handed to every sender in the batch
             for _, future in batch:
@@ -171,12 +180,75 @@ class SendingMixin(ClientBase):
                     future.set_exception(exc)
             return
         for (_, future), result in zip(batch, results, strict=True):
+            if isinstance(result, OutboxItem) and result.peer in through:
+                self._hand_over(result, through[result.peer][1][result.message_id], now)
             if future.done():
                 continue
             if isinstance(result, OutboxItem):
                 future.set_result(None)
             else:
                 future.set_exception(result)
+        for peer in through:
+            self._kick(peer)
+
+    def _encrypt_through(
+        self, requests: list[Enqueue], now: float
+    ) -> dict[str, tuple[Session, dict[bytes, tuple[bytes, bytes]]]]:
+        """The send fast path: encrypt now the messages to peers whose delivery is idle.
+
+        A peer qualifies when its session is established and acknowledged,
+        its link is open, everything queued for it is in flight already (so
+        order is kept) and the window has room. Its messages are encrypted
+        here, in order, so that queueing them, counting the attempt and
+        persisting the ratchet is one commit instead of two. Returns, per
+        peer, the advanced session and each message's (header, ciphertext).
+        """
+        if self._offline or self._closed:
+            return {}
+        wanted: dict[str, list[Enqueue]] = {}
+        for request in requests:
+            wanted.setdefault(request.peer, []).append(request)
+        if self.queue_depth() + len(requests) > self._queue_limit:
+            return {}  # some may be refused: leave them all to the delivery loop
+        through: dict[str, tuple[Session, dict[bytes, tuple[bytes, bytes]]]] = {}
+        for peer, mine in wanted.items():
+            current = self._sessions.get(peer)
+            link = self._links.get(peer)
+            inflight = self._inflight.setdefault(peer, {})
+            if (
+                current is None
+                or current[1] is not None
+                or peer in self._staged_sessions
+                or link is None
+                or not link.is_open
+                or len(inflight) + len(mine) > SEND_WINDOW
+            ):
+                continue
+            after = max((seq for seq, _ in inflight.values()), default=None)
+            if self._state.pending(peer, after=after, limit=1):
+                continue  # older messages wait for the delivery loop: keep the order
+            session = current[0]
+            through[peer] = (
+                session,
+                {r.message_id: session.encrypt(r.payload, now=now) for r in mine},
+            )
+        return through
+
+    def _hand_over(self, item: OutboxItem, sealed: tuple[bytes, bytes], now: float) -> None:
+        """Sign a fast-path message (its ratchet is durable) and give it to the delivery
+        loop to transmit, as in flight."""
+        header, ciphertext = sealed
+        loop = asyncio.get_running_loop()
+        self._acks.setdefault(item.message_id, loop.create_future())
+        self._nacks.setdefault(item.message_id, asyncio.Event()).clear()
+        self._sent_at[item.message_id] = now
+        self._inflight.setdefault(item.peer, {})[item.message_id] = (
+            item.seq,
+            loop.time() + ACK_TIMEOUT,
+        )
+        self._outgoing.setdefault(item.peer, []).append(
+            (item.message_id, self._seal_message(item, header, ciphertext, None))
+        )
 
     async def _await_delivery(
         self, message_id: bytes, acked: asyncio.Future[None], seconds: float, retry_count: int
@@ -294,11 +366,19 @@ class SendingMixin(ClientBase):
         """
         attempt = 0
         wake = self._wakeups.setdefault(peer, asyncio.Event())
-        inflight: dict[bytes, tuple[int, float]] = {}  # message id → (seq, ACK deadline)
+        inflight = self._inflight.setdefault(peer, {})
         while not self._closed:
             wake.clear()
             head: bytes | None = next(iter(inflight), None)
             try:
+                outgoing = self._outgoing.pop(peer, None)
+                if outgoing:  # encrypted by the send fast path, in flight already
+                    link = self._links.get(peer)
+                    if link is None or not link.is_open:
+                        raise PeerUnreachable(f"the connection to {peer} closed")
+                    for message_id, frame in outgoing:
+                        if message_id in self._acks:  # not given up or refused meanwhile
+                            await link.send(frame)
                 if self._settle_inflight(peer, inflight):
                     attempt = 0
                 window = self._window_size(peer)
@@ -318,6 +398,7 @@ class SendingMixin(ClientBase):
                 await self._await_progress(peer, wake, inflight)
             except TalosError as exc:
                 inflight.clear()
+                self._outgoing.pop(peer, None)  # still queued: encrypted again on retry
                 if head is None:
                     pending = self._state.pending(peer, limit=1)
                     head = pending[0].message_id if pending else None
@@ -356,7 +437,7 @@ class SendingMixin(ClientBase):
         done = [
             message_id
             for message_id in inflight
-            if message_id in self._removing
+            if self._being_removed(message_id)
             or (future := self._acks.get(message_id)) is None
             or future.done()
         ]
@@ -410,7 +491,7 @@ class SendingMixin(ClientBase):
         items = [
             item
             for item in items
-            if item.message_id not in self._removing
+            if not self._being_removed(item.message_id)
             and not self._acks.setdefault(item.message_id, loop.create_future()).done()
         ]
         if not items:
@@ -452,30 +533,32 @@ class SendingMixin(ClientBase):
             )
         )
         return [
-            (
-                item,
-                wire.seal(
-                    wire.Envelope(
-                        type=wire.EnvelopeType.INITIAL if x3dh else wire.EnvelopeType.MESSAGE,
-                        message_id=item.message_id,
-                        sender=self.agent_id,
-                        sender_instance=self._instance,
-                        recipient=peer,
-                        # The time it was queued, on every retry: the receiver's replay
-                        # window then refuses (STALE) rather than re-accepts a message
-                        # retried after the window forgot its id.
-                        timestamp_ms=item.enqueued_ms,
-                        ratchet_header=header,
-                        ciphertext=ciphertext,
-                        capability_ref=item.capability,
-                        x3dh_header=x3dh,
-                    ),
-                    self._identity.signing_key,
-                ),
-            )
+            (item, self._seal_message(item, header, ciphertext, x3dh))
             for item, (header, ciphertext) in zip(items, sealed, strict=True)
             if item.message_id in counted
         ]
+
+    def _seal_message(
+        self, item: OutboxItem, header: bytes, ciphertext: bytes, x3dh: bytes | None
+    ) -> bytes:
+        return wire.seal(
+            wire.Envelope(
+                type=wire.EnvelopeType.INITIAL if x3dh else wire.EnvelopeType.MESSAGE,
+                message_id=item.message_id,
+                sender=self.agent_id,
+                sender_instance=self._instance,
+                recipient=item.peer,
+                # The time it was queued, on every retry: the receiver's replay
+                # window then refuses (STALE) rather than re-accepts a message
+                # retried after the window forgot its id.
+                timestamp_ms=item.enqueued_ms,
+                ratchet_header=header,
+                ciphertext=ciphertext,
+                capability_ref=item.capability,
+                x3dh_header=x3dh,
+            ),
+            self._identity.signing_key,
+        )
 
     async def _link(self, peer: str) -> Link:
         link = self._links.get(peer)
@@ -516,20 +599,42 @@ class SendingMixin(ClientBase):
 
     def _on_ack(self, envelope: wire.Envelope) -> None:
         """Note every id ``envelope`` acknowledges that we queued for its sender and
-        still wait on; they are removed from the outbox together (see _flush_acks)."""
+        still wait on; they are removed from the outbox together (see _remove_acked)."""
         for ref in envelope.ref_ids or ():
-            if ref in self._removing or not self._queued_for(ref, envelope.sender):
+            if self._being_removed(ref) or not self._queued_for(ref, envelope.sender):
                 continue  # not ours, not from the peer we sent it to, or already acknowledged
-            # ACKs that arrive together are removed from the outbox in one commit.
             self._removing[ref] = envelope
-            if len(self._removing) == 1:
-                asyncio.get_running_loop().call_soon(self._flush_acks)
+        if self._removing and not self._closed and (self._remover is None or self._remover.done()):
+            self._remover = asyncio.create_task(self._removal_loop())
+
+    def _being_removed(self, ref: bytes) -> bool:
+        return ref in self._removing or ref in self._removal_running
+
+    async def _removal_loop(self) -> None:
+        """Remove acknowledged messages from the outbox, one commit per batch of ACKs.
+
+        The commit runs in a worker thread (LMDB releases the GIL while it
+        syncs), so frames that arrive meanwhile are verified and decrypted
+        instead of waiting behind it; ACKs that arrive meanwhile form the next
+        batch. Senders are released once their removal is durable.
+        """
+        while self._removing:
+            acks, self._removing = self._removing, {}
+            self._removal_running = acks
+            try:
+                removed = await asyncio.to_thread(self._remove_acked, acks)
+            finally:
+                self._removal_running = {}
+            self._after_removal(acks, removed=removed)
 
     def _flush_acks(self) -> None:
-        """Remove acknowledged messages in one commit, then release their senders."""
+        """Remove the acknowledged messages not yet removed now, on this thread (close)."""
         acks, self._removing = self._removing, {}
-        if not acks:
-            return
+        if acks:
+            self._after_removal(acks, removed=self._remove_acked(acks))
+
+    def _remove_acked(self, acks: dict[bytes, wire.Envelope]) -> bool:
+        """One commit removing ``acks`` from the outbox with their audit entries."""
         try:
             self._state.remove_many(
                 [
@@ -549,6 +654,12 @@ class SendingMixin(ClientBase):
         except TalosError as exc:
             # Still queued: the retry is answered DUPLICATE and removal is tried again.
             _log.warning("acknowledged messages not removed from the outbox: %s", exc)
+            return False
+        return True
+
+    def _after_removal(self, acks: dict[bytes, wire.Envelope], *, removed: bool) -> None:
+        """Release the senders of removed messages; wake the delivery loops either way."""
+        if not removed:
             self._wake({ack.sender for ack in acks.values()})
             return
         envelopes: dict[int, tuple[wire.Envelope, list[bytes]]] = {}

@@ -27,6 +27,7 @@ are only audited).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import weakref
@@ -82,7 +83,13 @@ from talos.errors import (
 )
 from talos.metrics import AgentMetrics
 from talos.peers import DhtSource, PeerDirectory, RecordSource, RegistrySource
-from talos.storage.agent_state import AgentState, Enqueue, Received, derive_storage_key
+from talos.storage.agent_state import (
+    AgentState,
+    Enqueue,
+    InboxMessage,
+    Received,
+    derive_storage_key,
+)
 from talos.storage.home import AgentHome, default_home
 from talos.storage.tokens import TokenStore
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
@@ -260,9 +267,22 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         self._acknowledging: set[asyncio.Task[None]] = set()
         #: ACKed messages waiting for the next group commit of their removal.
         self._removing: dict[bytes, wire.Envelope] = {}
+        #: ... and those whose removal is being committed (in a worker thread).
+        self._removal_running: dict[bytes, wire.Envelope] = {}
+        self._remover: asyncio.Task[None] | None = None
         self._flushers: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
+        #: Per peer: messages transmitted and not yet acknowledged, id → (outbox
+        #: seq, ACK deadline), and frames encrypted by the send fast path that
+        #: the peer's delivery loop transmits next.
+        self._inflight: dict[str, dict[bytes, tuple[int, float]]] = {}
+        self._outgoing: dict[str, list[tuple[bytes, bytes]]] = {}
         self._inbox_ready = asyncio.Event()
+        #: receive(auto_ack=True) calls waiting for a message: the next receive
+        #: commit hands messages to them directly (see _settle), and messages
+        #: handed to a call cancelled before it returned wait here for the next.
+        self._takers: collections.deque[asyncio.Future[InboxMessage]] = collections.deque()
+        self._unclaimed: collections.deque[InboxMessage] = collections.deque()
         #: The last inbox sequence number receive(auto_ack=False) returned.
         self._inbox_cursor = -1
         self._last_reset: dict[str, float] = {}
@@ -498,6 +518,10 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
             # Committed receives are ACKed before the links close (else the
             # senders retry, and are answered DUPLICATE next time).
             await asyncio.wait(set(self._acknowledging), timeout=1.0)
+        if self._remover is not None:
+            # Its commit runs in a thread and cannot be cancelled: let it finish.
+            with contextlib.suppress(Exception):
+                await self._remover
         for task in [*self._flushers.values(), *self._background, *self._acknowledging]:
             task.cancel()
         for task in [*self._flushers.values(), *self._background, *self._acknowledging]:

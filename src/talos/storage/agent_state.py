@@ -467,13 +467,18 @@ class AgentState:
         received = Received(peer, session, replay_id, timestamp_ms, message, prekeys, audit)
         return self.commit_receive_many([received])[0]
 
-    def commit_receive_many(self, batch: Sequence[Received]) -> list[int]:
+    def commit_receive_many(self, batch: Sequence[Received], *, taken: int = 0) -> list[int]:
         """Commit several received messages in one transaction (group commit).
 
         Each is committed as by :meth:`commit_receive`, in order; a peer's
         session ends as the last one given for it. All or nothing: if any
         message is a duplicate (also of an earlier one in ``batch``) or
         stale, nothing is written. Returns the inbox sequence numbers.
+
+        The first ``taken`` messages are committed as received *and* taken,
+        as if :meth:`take` had removed them in the same transaction: they get
+        no inbox row, and the caller hands them to a waiting application
+        (at most once; use only when the inbox holds nothing older).
 
         Raises:
             The same as :meth:`commit_receive`.
@@ -498,7 +503,9 @@ class AgentState:
             for item in batch:
                 if item.prekeys is not None:
                     sealed_prekeys = self._seal(_bytes("prekeys", item.prekeys), ("prekeys",))
-            rows = [self._inbox_row(item.message) for item in batch]
+            if type(taken) is not int or not 0 <= taken <= len(batch):
+                raise LocalProtocolError("taken must count messages of the batch")
+            rows = [self._inbox_row(item.message) for item in batch[taken:]]
             seqs: list[int] = []
 
             def apply(txn: lmdb.Transaction[bytes]) -> None:
@@ -719,13 +726,24 @@ class AgentState:
         return result
 
     def enqueue_many(
-        self, requests: Sequence[Enqueue], *, queue_limit: int
+        self,
+        requests: Sequence[Enqueue],
+        *,
+        queue_limit: int,
+        attempted: Mapping[str, bytes] | None = None,
+        attempt_at: float | None = None,
     ) -> list[OutboxItem | QueueFull | LocalProtocolError]:
         """Queue several messages in one transaction (group commit of concurrent sends).
 
         Each request is checked on its own: one past ``queue_limit``, with bad
         arguments or with an id already queued gets its error in the result
         list (and nothing of it is written); the others are committed together.
+
+        ``attempted`` maps peers whose messages the caller already encrypted
+        to the session record after that encryption: their messages are
+        queued with one attempt counted at ``attempt_at``, and the session is
+        stored in the same transaction (the send fast path: queue, count the
+        attempt and persist the ratchet with one commit, before transmitting).
 
         Raises:
             LocalProtocolError: ``queue_limit`` is not a positive integer, or a
@@ -735,6 +753,14 @@ class AgentState:
         if type(queue_limit) is not int or queue_limit < 1:
             raise LocalProtocolError("queue_limit must be a positive integer")
         now = time_ms(self._clock)
+        attempted = attempted or {}
+        if attempted and attempt_at is None:
+            raise LocalProtocolError("attempted sessions need attempt_at")
+        attempt_ms = None if attempt_at is None else int(attempt_at * 1000)
+        sessions = {
+            _peer_key(peer): self._seal(_bytes("session", record), ("session", peer))
+            for peer, record in attempted.items()
+        }
         results: list[OutboxItem | QueueFull | LocalProtocolError | None] = []
         accepted: list[tuple[int, Enqueue, bytes]] = []
         with self._lock:
@@ -768,6 +794,7 @@ class AgentState:
                     raise QueueFull("the outbox filled up meanwhile (another writer)")
                 for position, request, sealed in accepted:
                     seq = self._next_seq(txn, b"outbox_next")
+                    tried = request.peer in attempted
                     item = OutboxItem(
                         seq,
                         request.peer,
@@ -775,11 +802,15 @@ class AgentState:
                         request.payload,
                         request.capability,
                         now,
+                        1 if tried else 0,
+                        attempt_ms if tried else None,
                     )
                     txn.put(_U64.pack(seq), _outbox_row(item, sealed), db=outbox)
                     txn.put(b"m" + request.message_id, _U64.pack(seq), db=index)
                     txn.put(_peer_prefix(request.peer) + _U64.pack(seq), b"", db=index)
                     results[position] = item
+                for key, session in sessions.items():
+                    txn.put(key, session, db=self._db["sessions"])
 
             self._commit([record for _, request, _ in accepted for record in request.audit], apply)
         return [r for r in results if r is not None]
