@@ -787,3 +787,55 @@ def test_is_queued_for_names_the_peer(state: AgentState) -> None:
     assert not state.is_queued_for(b"m2", BOB)
     state.remove(b"m1")
     assert not state.is_queued_for(b"m1", BOB)
+
+
+def test_commit_receive_many_can_take_the_first_messages(
+    log: AuditLog, state: AgentState, clock: FakeClock
+) -> None:
+    now = time_ms(clock)
+    batch = [
+        Received(BOB, b"s" + mid, mid, now, _message(clock, mid, mid), audit=_received(mid))
+        for mid in (b"r1", b"r2", b"r3")
+    ]
+    size = log.size
+    assert state.commit_receive_many(batch, taken=2) == [0]
+    assert [m.data for _, m in state.inbox()] == [b"r3"]  # the first two were handed over
+    assert log.size == size + 3  # every receipt is audited
+    assert all(mid in state.replay_window for mid in (b"r1", b"r2", b"r3"))
+    assert state.session(BOB) == b"sr3"
+    for taken in (-1, 4, True):
+        with pytest.raises(LocalProtocolError):
+            state.commit_receive_many(batch, taken=taken)
+
+
+def test_enqueue_many_can_count_the_first_attempt_and_store_the_session(
+    log: AuditLog, state: AgentState, clock: FakeClock
+) -> None:
+    size = log.size
+    items = state.enqueue_many(
+        [Enqueue(BOB, b"m1", b"x", None, _sent(b"m1")), Enqueue(ALICE, b"m2", b"y", None)],
+        queue_limit=10,
+        attempted={BOB: b"session after m1"},
+        attempt_at=clock.time(),
+    )
+    assert [(i.message_id, i.attempts) for i in items] == [(b"m1", 1), (b"m2", 0)]  # type: ignore[union-attr]
+    assert items[0].last_attempt_ms == time_ms(clock)  # type: ignore[union-attr]
+    assert state.session(BOB) == b"session after m1"
+    assert state.session(ALICE) is None
+    assert log.size == size + 1
+    assert [(i.message_id, i.attempts) for i in state.pending(BOB)] == [(b"m1", 1)]
+    with pytest.raises(LocalProtocolError):
+        state.enqueue_many([Enqueue(BOB, b"m3", b"x", None)], queue_limit=10, attempted={BOB: b"s"})
+
+
+def test_pending_reads_one_peers_queue_after_a_sequence_number(state: AgentState) -> None:
+    for n in range(6):
+        _enqueue(state, BOB if n % 2 == 0 else ALICE, b"m%d" % n)
+    bob = state.pending(BOB)
+    assert [i.message_id for i in bob] == [b"m0", b"m2", b"m4"]
+    assert [i.message_id for i in state.pending(BOB, after=bob[0].seq)] == [b"m2", b"m4"]
+    assert [i.message_id for i in state.pending(BOB, after=bob[0].seq, limit=1)] == [b"m2"]
+    assert state.pending(BOB, after=bob[-1].seq) == []
+    assert state.pending(BOB, limit=0) == []
+    with pytest.raises(LocalProtocolError):
+        state.pending(None, limit=1)

@@ -483,6 +483,8 @@ class AgentState:
         Raises:
             The same as :meth:`commit_receive`.
         """
+        if type(taken) is not int or not 0 <= taken <= len(batch):
+            raise LocalProtocolError("taken must count messages of the batch")
         with self._lock:
             now = time_ms(self._clock)
             seen: set[bytes] = set()
@@ -503,8 +505,6 @@ class AgentState:
             for item in batch:
                 if item.prekeys is not None:
                     sealed_prekeys = self._seal(_bytes("prekeys", item.prekeys), ("prekeys",))
-            if type(taken) is not int or not 0 <= taken <= len(batch):
-                raise LocalProtocolError("taken must count messages of the batch")
             rows = [self._inbox_row(item.message) for item in batch[taken:]]
             seqs: list[int] = []
 
