@@ -53,6 +53,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import lmdb
+
 from talos.client import TalosClient
 from talos.core.crypto import SigningKey, aead_decrypt, aead_encrypt
 from talos.core.message import Message
@@ -109,6 +111,22 @@ def crypto_floor(seconds: float, repeats: int) -> dict[str, float]:
         + parts["aes_gcm_decrypt_100B"]
     )
     return parts
+
+
+def durable_commit_us(directory: Path, count: int) -> float:
+    """Median µs of one small durable LMDB commit (sync and metasync, as Talos opens
+    its stores) in ``directory``, i.e. on the disk the agents use."""
+    env = lmdb.open(str(directory), map_size=64 << 20, sync=True, metasync=True)
+    try:
+        times = []
+        for n in range(count):
+            start = time.perf_counter()
+            with env.begin(write=True) as txn:
+                txn.put(n.to_bytes(8, "big"), PAYLOAD * 3)
+            times.append((time.perf_counter() - start) * 1e6)
+    finally:
+        env.close()
+    return statistics.median(times)
 
 
 # -- bob: the other process -----------------------------------------------------------
@@ -302,6 +320,10 @@ async def bench(
 ) -> tuple[list[Result], dict[str, dict[str, Any]]]:
     floors = crypto_floor(*((0.05, 2) if quick else (0.5, 5)))
     floor = floors["per_message"]
+    commit = durable_commit_us(root / "commit-floor", 50 if quick else 300)
+    # A round trip, durable on both sides, crosses at least four commits in series
+    # (request queued, received; response queued, received) and two messages' crypto.
+    rtt_floor = 4 * commit + 2 * floor
     messages, trips, sessions, profiled = (
         (500, 100, 5, 300) if quick else (10_000, 1_000, 15, 2_000)
     )
@@ -346,6 +368,21 @@ async def bench(
             "Ed25519 sign + verify + 2× AES-GCM (100 B)",
         )
     )
+    results.append(
+        Result("durable_commit", commit, "µs", commit, None, None, None, "LMDB sync commit, p50")
+    )
+    results.append(
+        Result(
+            "rtt_floor",
+            rtt_floor,
+            "µs",
+            rtt_floor,
+            rtt_floor / floor,
+            None,
+            None,
+            "4 durable commits in series + 2 messages' crypto",
+        )
+    )
     per_message = 1e6 / rate
     results.append(
         Result(
@@ -372,7 +409,8 @@ async def bench(
                 value / floor,
                 target,
                 value <= limit,
-                f"request + response through both applications, {trips} round trips",
+                f"request + response through both applications, {trips} round trips; "
+                f"{value / rtt_floor:.1f}× the round-trip floor",
             )
         )
     for part in ("establish", "first_message", "total"):

@@ -693,8 +693,10 @@ class SendingMixin(ClientBase):
         """Note what an ACK (for ``refs``, removed and released) proves about the
         session and the peer's clock."""
         self._clock_sample(envelope, refs)
-        self._settle()
         current = self._sessions.get(envelope.sender)
+        if current is not None and current[1] is not None:
+            self._settle()  # a staged receive may have advanced (and confirmed) the session
+            current = self._sessions.get(envelope.sender)
         if current is not None and current[1] is not None:
             # The peer holds the session now: later messages need no X3DH header.
             session = current[0]
