@@ -29,7 +29,10 @@ suite.
 The crypto floor is measured in this process in the same run: one Ed25519
 signature, one verification and two AES-GCM operations on 100 bytes, the
 least any signed, encrypted, decrypted message costs. Each figure is also
-given as a ratio to it. A final profiling pass (not timed) runs cProfile on
+given as a ratio to it. The round-trip floor is four durable LMDB commits
+in series (measured on the same disk, with Talos's sync settings) plus two
+messages' crypto: a request/response that is durable on both sides cannot
+be faster. A final profiling pass (not timed) runs cProfile on
 both sides while alice sends messages, and prints where the time goes.
 """
 
@@ -444,7 +447,8 @@ def render(results: list[Result], profile: dict[str, dict[str, Any]]) -> str:
     for side, summary in profile.items():
         lines.append(
             f"\nprofile, {side}, {summary['messages']} messages: "
-            f"{summary['commits_per_message']} LMDB commits (fsync) per message, "
+            f"{summary['commits_per_message']} LMDB commits (fsync) per message on the "
+            "event-loop thread (ACK removals commit in a worker thread), "
             f"{summary['mean_commit_us']:.0f} µs each, {summary['share']:.0%} of the time"
         )
         lines.append(f"  {'share':>6} {'own s':>8} {'calls':>9}  function")
