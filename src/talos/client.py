@@ -139,6 +139,7 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         home: str | Path | None = None,
         registry_url: str | None = None,
         listen: str = "127.0.0.1:0",
+        announce: str | None = None,
         discovery: tuple[str, ...] | list[str] = ("registry",),
         dht_bootstrap: list[tuple[str, int]] | None = None,
         dht_port: int = 0,
@@ -161,6 +162,10 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         (``"registry"``, ``"dht"``); the local cache of verified records is
         always asked first. With ``"dht"`` the agent runs a DHT node on UDP
         ``dht_port`` (0: any) joined through ``dht_bootstrap``.
+        ``announce`` (``HOST`` or ``HOST:PORT``) is the address peers are
+        told to connect to, when it differs from ``listen`` (NAT, a proxy,
+        or ``listen`` on every interface, which needs it); its port
+        defaults to the one listened on.
         With ``metrics_port`` (0: any) Prometheus metrics are served at
         ``/metrics``; :attr:`metrics` is always there.
 
@@ -189,6 +194,7 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         home: str | Path | None,
         registry_url: str | None,
         listen: str,
+        announce: str | None,
         discovery: tuple[str, ...] | list[str],
         dht_bootstrap: list[tuple[str, int]] | None,
         dht_port: int,
@@ -224,6 +230,7 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         self._dht_port = dht_port
         self._dht: DhtNode | None = None
         self._listen = _parse_listen(listen)
+        self._announce_as = _parse_announce(announce, self._listen[0])
         self._offline = offline_mode
         self._queue_limit = queue_limit
         self._backoff = Backoff(base=min(0.2, reconnect_interval), cap=reconnect_interval)
@@ -344,7 +351,9 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
             self.metrics.serve(self._metrics_port, self._listen[0])
         self._transport = Transport(self._on_frame)
         host, port = await self._transport.listen(*self._listen)
-        self._endpoint = f"ws://{host}:{port}"
+        announced_host, announced_port = self._announce_as
+        host = announced_host or host
+        self._endpoint = f"ws://{f'[{host}]' if ':' in host else host}:{announced_port or port}"
         if self._registry is not None and not self._offline:
             await self._announce()
         if self._dht is not None and not self._offline:
@@ -816,6 +825,35 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
                     }
                 )
         return rows
+
+
+#: Hosts that mean "every interface": never an address a peer can connect to.
+_WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 -- recognized, not bound
+
+
+def _parse_announce(announce: str | None, listen_host: str) -> tuple[str | None, int | None]:
+    """The announced (host, port); ``None`` parts come from the listening socket.
+
+    Raises:
+        ConfigurationError: malformed, a wildcard, or missing while ``listen``
+            is on every interface.
+    """
+    if announce is None:
+        if listen_host in _WILDCARD_HOSTS:
+            raise ConfigurationError(
+                f"listening on every interface ({listen_host or '*'}): give the address "
+                "peers reach this agent at with announce='HOST[:PORT]' (talos run --announce)"
+            )
+        return None, None
+    host, colon, port = announce.rpartition(":")
+    if not colon or "]" in port:  # HOST alone (also a bracketed IPv6 address)
+        host, port = announce, ""
+    host = host.strip("[]")
+    if host in _WILDCARD_HOSTS or any(c.isspace() or c in "/?#@" for c in host):
+        raise ConfigurationError(f"announce must be HOST or HOST:PORT, not {announce!r}")
+    if port and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise ConfigurationError(f"announce must be HOST or HOST:PORT, not {announce!r}")
+    return host, int(port) if port else None
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:

@@ -251,3 +251,25 @@ def test_metrics_port_is_announced_and_a_busy_one_is_a_clean_error(
     text = busy.log.read_text()
     assert "cannot serve metrics" in text
     assert "Traceback" not in text
+
+
+def test_listening_on_every_interface_needs_an_announced_address(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+) -> None:
+    """``--listen 0.0.0.0:PORT`` alone would announce an address nobody can reach;
+    with ``--announce`` peers find the agent through the registry at that address."""
+    carol_home, dave_home = tmp_path / "carol", tmp_path / "dave"
+    ok(carol_home, "init", "--name", "carol")
+    ok(dave_home, "init", "--name", "dave")
+    url = ["--registry", registry.url]
+    refused = talos(carol_home, "run", *url, "--listen", "0.0.0.0:0")
+    assert refused.returncode != 0
+    assert "--announce" in refused.stderr
+    carol = start(
+        carol_home, *url, "--listen", "0.0.0.0:0", "--announce", "127.0.0.1", "--accept", "open"
+    )
+    endpoint = json.loads(ok(carol_home, "status", "--json"))["endpoint"]
+    assert re.fullmatch(r"ws://127\.0\.0\.1:\d+", endpoint), endpoint
+    start(dave_home, *url)
+    sent = ok(dave_home, "send", carol.agent_id, "found you", "--timeout", "10")
+    assert sent.startswith("delivered ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +18,14 @@ from talos.audit import AuditLog
 from talos.client import TalosClient
 from talos.core import wire
 from talos.core.message import encode_payload
-from talos.errors import CapabilityDenied, DeliveryTimeout, PeerNotFound, PeerRejected, QueueFull
+from talos.errors import (
+    CapabilityDenied,
+    ConfigurationError,
+    DeliveryTimeout,
+    PeerNotFound,
+    PeerRejected,
+    QueueFull,
+)
 from talos.storage.agent_state import AgentState, InboxMessage
 from talos.storage.home import AgentHome
 from talos.testing.processes import RegistryProcess, registry_process
@@ -864,3 +872,44 @@ async def test_a_message_handed_to_a_cancelled_receive_goes_to_the_next_one(
         again = await b.receive(timeout=0)
         assert again is not None
         assert again.message_id == handed.message_id
+
+
+@pytest.mark.parametrize(
+    ("listen", "announce"),
+    [
+        ("0.0.0.0:0", None),
+        ("[::]:0", None),
+        ("127.0.0.1:0", "0.0.0.0"),  # noqa: S104 -- refused, never bound
+        ("127.0.0.1:0", "host:0"),
+        ("127.0.0.1:0", "host:port"),
+        ("127.0.0.1:0", "two words"),
+        ("127.0.0.1:0", "host/path"),
+        ("127.0.0.1:0", ""),
+    ],
+)
+async def test_an_unreachable_announced_address_is_refused(
+    tmp_path: Path, listen: str, announce: str | None
+) -> None:
+    with pytest.raises(ConfigurationError, match="announce"):
+        await TalosClient.create(
+            "alice", home=tmp_path / "a", discovery=[], listen=listen, announce=announce
+        )
+
+
+@pytest.mark.parametrize(
+    ("announce", "expected"),
+    [
+        ("localhost", r"ws://localhost:\d+"),
+        ("localhost:4242", "ws://localhost:4242"),
+        ("[::1]", r"ws://\[::1\]:\d+"),
+        ("[::1]:4242", r"ws://\[::1\]:4242"),
+    ],
+)
+async def test_the_announced_address_is_the_endpoint(
+    tmp_path: Path, announce: str, expected: str
+) -> None:
+    async with TalosClient.create(
+        "alice", home=tmp_path / "a", discovery=[], listen="127.0.0.1:0", announce=announce
+    ) as a:
+        assert re.fullmatch(expected, a.endpoint), a.endpoint
+        assert a.peer_record().endpoint == a.endpoint

@@ -501,6 +501,13 @@ def _parse_bootstrap(
     help="Registry URL (else $TALOS_REGISTRY_URL; without one, no registry is used).",
 )
 @click.option("--listen", default="127.0.0.1:0", show_default=True, help="HOST:PORT to serve.")
+@click.option(
+    "--announce",
+    default=None,
+    metavar="HOST[:PORT]",
+    help="Address peers are told to connect to (required with --listen 0.0.0.0:PORT); "
+    "the port defaults to the one listened on.",
+)
 @click.option("--offline", is_flag=True, help="Queue every send; make no network attempt.")
 @click.option(
     "--accept",
@@ -558,6 +565,7 @@ def run(
     name: str | None,
     registry_url: str | None,
     listen: str,
+    announce: str | None,
     offline: bool,
     accept: str,
     reconnect_interval: float,
@@ -599,6 +607,7 @@ def run(
             "home": home.path,
             "registry_url": registry_url,
             "listen": listen,
+            "announce": announce,
             "offline_mode": offline,
             "accept_policy": accept,
             "reconnect_interval": reconnect_interval,
