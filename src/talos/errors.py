@@ -4,7 +4,10 @@ The tree::
 
     TalosError                      diagnostics() -> guidance for the CLI
     ├── ConfigurationError
-    │   └── IdentityExists
+    │   ├── IdentityExists
+    │   └── AgentAlreadyRunning     a daemon serves (or holds) this home
+    ├── AgentNotRunning             no daemon answers on the home's control socket
+    ├── AgentUnresponsive
     ├── ProtocolError
     │   ├── LocalProtocolError      the caller misused the API
     │   └── RemoteProtocolError     the peer (or the bytes) misbehaved
@@ -343,3 +346,24 @@ class SessionError(TalosError):
     """A session is missing or in a state that does not allow the operation."""
 
     hint = "establish the session again (`reset_session` then `establish_session`)"
+
+
+# -- the local agent daemon (talos run) ----------------------------------------
+
+
+class AgentNotRunning(TalosError):
+    """No daemon answers on the home's control socket."""
+
+    hint = "commands reach the agent through <home>/control.sock; check --home / TALOS_HOME"
+
+
+class AgentAlreadyRunning(ConfigurationError):
+    """A daemon already serves this home (or a command needs it stopped)."""
+
+    hint = "stop it first (SIGTERM or Ctrl-C), or give this agent its own --home"
+
+
+class AgentUnresponsive(TalosError):
+    """The daemon accepted the connection but gave no usable answer."""
+
+    hint = "see the agent's log (its stderr); restart it with `talos run` if it hangs"

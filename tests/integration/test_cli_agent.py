@@ -273,3 +273,33 @@ def test_listening_on_every_interface_needs_an_announced_address(
     start(dave_home, *url)
     sent = ok(dave_home, "send", carol.agent_id, "found you", "--timeout", "10")
     assert sent.startswith("delivered ")
+
+
+def test_commands_that_replace_what_the_agent_holds_wait_until_it_stops(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+) -> None:
+    """rotate, recover and audit restore are refused while the home's agent runs
+    (it would sign with a retired key, or write into a log swapped under it)."""
+    home = tmp_path / "erin"
+    ok(home, "init", "--name", "erin")
+    passfile = tmp_path / "pass"
+    passfile.write_text("correct horse battery staple\n")
+    backup = tmp_path / "erin.backup"
+    ok(home, "backup", "--out", str(backup), "--passphrase-file", str(passfile))
+    assert start(home, "--registry", registry.url).stop() == 0  # creates its audit log
+    ok(home, "audit", "backup", "--out", str(tmp_path / "log-backup"))
+    before = ok(home, "whoami", "--json")
+    erin = start(home, "--registry", registry.url)
+    for command in (
+        ["rotate"],
+        ["recover", "--backup", str(backup), "--passphrase-file", str(passfile), "--force"],
+        ["audit", "restore", "--backup", str(tmp_path / "log-backup")],
+    ):
+        refused = talos(home, *command)
+        assert refused.returncode == exit_code_for_name("AgentAlreadyRunning"), refused.stderr
+        assert "AgentAlreadyRunning" in refused.stderr
+        assert f"talos {command[0]}" in refused.stderr
+    assert ok(home, "whoami", "--json") == before  # nothing changed
+    assert erin.stop() == 0
+    assert ok(home, "rotate").startswith("rotated ")
+    assert ok(home, "whoami", "--json") != before

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -53,11 +52,15 @@ from rich.table import Table
 import talos.errors
 from talos.cli.context import CliContext
 from talos.cli.identity import key_passphrase_option
+from talos.cli.lockfile import daemon_lock, running_agent_pid
 from talos.cli.passphrases import KEY_ENV, existing_passphrase
 from talos.client import TalosClient
 from talos.core.agent_id import check_agent_id
 from talos.core.message import Message
 from talos.errors import (
+    AgentAlreadyRunning,
+    AgentNotRunning,
+    AgentUnresponsive,
     ConfigurationError,
     IdentityNotFound,
     MalformedFrame,
@@ -81,7 +84,6 @@ _log = logging.getLogger("talos.agent")
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 SOCKET_NAME: Final = "control.sock"
-LOCK_NAME: Final = "control.lock"
 #: Largest request line (a maximal message, JSON-escaped, fits).
 MAX_REQUEST: Final = 8 << 20
 #: Largest response line the commands accept.
@@ -100,24 +102,6 @@ _SEND_FIELDS: Final = frozenset(
     {"op", "peer", "text", "json", "timeout", "retry_count", "on_failure", "capability"}
 )
 _INBOX_FIELDS: Final = frozenset({"op", "take", "limit", "wait"})
-
-
-class AgentNotRunning(TalosError):
-    """No daemon answers on the home's control socket."""
-
-    hint = "commands reach the agent through <home>/control.sock; check --home / TALOS_HOME"
-
-
-class AgentAlreadyRunning(ConfigurationError):
-    """Another daemon already serves this home."""
-
-    hint = "stop it first (SIGTERM or Ctrl-C), or give this agent its own --home"
-
-
-class AgentUnresponsive(TalosError):
-    """The daemon accepted the connection but gave no usable answer."""
-
-    hint = "see the agent's log (its stderr); restart it with `talos run` if it hangs"
 
 
 # -- the daemon side --------------------------------------------------------------------
@@ -395,60 +379,6 @@ def message_json(message: Message) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _daemon_lock(home: Path) -> Iterator[None]:
-    """Hold ``<home>/control.lock`` (with our pid in it) while the daemon runs.
-
-    Raises:
-        AgentAlreadyRunning: another process holds it.
-        StorageError: the lock file cannot be opened.
-    """
-    path = home / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise talos.errors.StorageError(f"cannot open {path}: {exc.strerror or exc}") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise AgentAlreadyRunning(
-                f"another Talos agent (pid {pid}) is running for home {home}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def running_agent_pid(home: Path) -> int | None:
-    """The pid of the daemon holding ``home`` (0 if unknown), or None if none runs.
-
-    For commands that write the home's stores directly (the audit log, the
-    token store): while a daemon runs, those belong to it.
-
-    Raises:
-        StorageError: the lock file exists but cannot be opened.
-    """
-    path = home / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise talos.errors.StorageError(f"cannot open {path}: {exc.strerror or exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else 0
-    finally:
-        os.close(fd)
-    return None
-
-
 def _claim_socket(path: Path) -> None:
     """Remove a stale socket at ``path``; refuse if a daemon answers on it.
 
@@ -601,7 +531,7 @@ def run(
     path = control_path(home.path)
     _configure_logging(log_level, log_format)
     home.ensure()
-    with _daemon_lock(home.path):
+    with daemon_lock(home.path):
         _claim_socket(path)
         options: dict[str, Any] = {
             "home": home.path,

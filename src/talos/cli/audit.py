@@ -55,6 +55,7 @@ from talos.audit import (
 )
 from talos.cli.context import CliContext
 from talos.cli.identity import key_passphrase_option, load_identity
+from talos.cli.lockfile import refuse_while_running
 from talos.core.audit.merkle import NodeID
 from talos.core.crypto import VerifyKey
 from talos.core.identity import fingerprint
@@ -1007,8 +1008,11 @@ def restore_command(ctx: CliContext, backup_dir: Path, log: Path | None) -> None
 
     The backup's file structure and whole chain are verified first (block
     signatures against this agent's key log when it has one). A damaged backup
-    is refused (exit 5) and nothing changes. Stop the agent before restoring.
+    is refused (exit 5) and nothing changes. Refused while this home's agent
+    runs: the log is its store.
     """
+    if log is None:
+        refuse_while_running(ctx.agent_home.path, "talos audit restore")
     path = ctx.audit_path(log)
     trusted = ctx.trusted_log_keys()
     try:

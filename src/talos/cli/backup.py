@@ -9,6 +9,7 @@ from rich.console import Console
 
 from talos.cli.context import CliContext
 from talos.cli.identity import choose_key_passphrase, key_passphrase_option, load_identity
+from talos.cli.lockfile import refuse_while_running
 from talos.cli.passphrases import (
     BACKUP_ENV,
     KEY_ENV,
@@ -84,8 +85,12 @@ def recover(
     passphrase_file: Path | None,
     key_passphrase_file: Path | None,
 ) -> None:
-    """Restore the identity from a backup; the replaced key files are archived, not deleted."""
+    """Restore the identity from a backup; the replaced key files are archived, not deleted.
+
+    Refused while this home's agent runs (stop it first).
+    """
     home = ctx.agent_home
+    refuse_while_running(home.path, "talos recover")
     passphrase = existing_passphrase(passphrase_file, BACKUP_ENV, "Backup")
     if passphrase is None:
         raise ConfigurationError(

@@ -57,10 +57,11 @@ from websockets.exceptions import WebSocketException
 
 from talos.audit import AuditLog
 from talos.audit.config import AuditConfig
-from talos.cli.agent import _call, _parse_bootstrap, running_agent_pid
+from talos.cli.agent import _call, _parse_bootstrap
 from talos.cli.audit import scan_chain
 from talos.cli.context import CliContext
 from talos.cli.identity import key_passphrase_option
+from talos.cli.lockfile import running_agent_pid
 from talos.cli.passphrases import KEY_ENV, existing_passphrase
 from talos.core.capability import DEFAULT_CLOCK_SKEW, Capability
 from talos.core.clock import Clock

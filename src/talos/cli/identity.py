@@ -11,6 +11,7 @@ from rich.table import Table
 
 from talos.audit import AuditKind
 from talos.cli.context import CliContext
+from talos.cli.lockfile import refuse_while_running
 from talos.cli.passphrases import KEY_ENV, existing_passphrase, new_passphrase
 from talos.core.identity import Identity
 from talos.errors import IdentityExists, StorageError
@@ -122,8 +123,13 @@ def whoami(
 @key_passphrase_option
 @click.pass_obj
 def rotate(ctx: CliContext, key_passphrase_file: Path | None) -> None:
-    """Planned key rotation: promote the pre-committed key, commit to a new one."""
+    """Planned key rotation: promote the pre-committed key, commit to a new one.
+
+    Refused while this home's agent runs: it would go on signing with the
+    retired key. Stop it, rotate, start it again.
+    """
     home = ctx.agent_home
+    refuse_while_running(home.path, "talos rotate")
     passphrase = None
     if home.needs_passphrase():
         passphrase = existing_passphrase(key_passphrase_file, KEY_ENV, "Key")
