@@ -102,7 +102,6 @@ class ClientBase:
     _outgoing: dict[str, list[tuple[bytes, bytes]]]
     _inbox_ready: asyncio.Event
     _takers: collections.deque[asyncio.Future[InboxMessage]]
-    _unclaimed: collections.deque[InboxMessage]
     _inbox_cursor: int
     _last_reset: dict[str, float]
     _revocations: RevocationState

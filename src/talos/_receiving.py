@@ -75,7 +75,8 @@ class ReceivingMixin(ClientBase):
         before it is returned: at most once to the application, and a crash
         right after this call loses it for the application. (A call already
         waiting is handed the next message by the commit that receives it; if
-        that call is cancelled at that moment, the next call returns it.) With
+        that call is cancelled at that moment, the message is put back at the
+        end of the inbox.) With
         ``auto_ack=False`` it stays in the inbox until :meth:`acknowledge`:
         at least once; after a crash it is returned again, and its
         ``message_id`` lets the application drop what it already processed.
@@ -86,8 +87,6 @@ class ReceivingMixin(ClientBase):
         deadline = None if timeout is None else self._clock.monotonic() + timeout
         while not self._closed:
             if auto_ack:
-                if self._unclaimed:
-                    return _message(self._unclaimed.popleft())
                 taken = self._state.take(1)
                 if taken:
                     return _message(taken[0])
@@ -119,12 +118,28 @@ class ReceivingMixin(ClientBase):
             await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             if taker.done() and not taker.cancelled():
-                self._unclaimed.append(taker.result())  # taken already: the next call gets it
+                # Taken by the receive commit for this call, which will not return it:
+                # back into the durable inbox, for the next call.
+                try:
+                    self._state.return_to_inbox([taker.result()])
+                except TalosError as exc:
+                    _log.error(
+                        "a received message handed to a cancelled receive() could not be "
+                        "put back in the inbox: %s",
+                        exc,
+                        extra={
+                            "event": "message_lost",
+                            "message_id": taker.result().message_id.hex(),
+                        },
+                    )
+                self._inbox_ready.set()
             raise
         finally:
             ready.cancel()
             if not taker.done():
-                taker.cancel()  # _settle skips it
+                taker.cancel()
+            with contextlib.suppress(ValueError):
+                self._takers.remove(taker)
         return None if taker.cancelled() else taker.result()
 
     def acknowledge(self, *messages: Message) -> None:
@@ -414,7 +429,7 @@ class ReceivingMixin(ClientBase):
         # Messages for receive() calls already waiting are taken in this same commit
         # (unless older ones wait in the inbox: order is kept).
         takers = [taker for taker in self._takers if not taker.done()][: len(staged)]
-        if takers and (self._unclaimed or self._state.inbox_count()):
+        if takers and self._state.inbox_count():
             takers = []
         try:
             self._state.commit_receive_many(
@@ -434,7 +449,6 @@ class ReceivingMixin(ClientBase):
         for peer, session in sessions.items():
             self._sessions[peer] = (session, None)
         for taker, (received, _, _) in zip(takers, staged, strict=False):
-            self._takers.remove(taker)
             taker.set_result(received.message)
         for received, _, _ in staged:
             self.metrics.message_received(len(received.message.data))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import secrets
@@ -164,7 +165,11 @@ class SendingMixin(ClientBase):
             return
         requests = [request for request, _ in batch]
         now = self._clock.time()
-        through = self._encrypt_through(requests, now)
+        try:
+            through = self._encrypt_through(requests, now)
+        except TalosError as exc:  # the delivery loop encrypts them instead
+            _log.warning("send fast path not taken: %s", exc)
+            through = {}
         try:
             results = self._state.enqueue_many(
                 requests,
@@ -181,7 +186,10 @@ class SendingMixin(ClientBase):
             return
         for (_, future), result in zip(batch, results, strict=True):
             if isinstance(result, OutboxItem) and result.peer in through:
-                self._hand_over(result, through[result.peer][1][result.message_id], now)
+                try:
+                    self._hand_over(result, through[result.peer][1][result.message_id], now)
+                except TalosError as exc:  # queued: the delivery loop takes it from here
+                    _log.warning("send fast path not taken for a message: %s", exc)
             if future.done():
                 continue
             if isinstance(result, OutboxItem):
@@ -238,6 +246,7 @@ class SendingMixin(ClientBase):
         """Sign a fast-path message (its ratchet is durable) and give it to the delivery
         loop to transmit, as in flight."""
         header, ciphertext = sealed
+        frame = self._seal_message(item, header, ciphertext, None)
         loop = asyncio.get_running_loop()
         self._acks.setdefault(item.message_id, loop.create_future())
         self._nacks.setdefault(item.message_id, asyncio.Event()).clear()
@@ -246,9 +255,7 @@ class SendingMixin(ClientBase):
             item.seq,
             loop.time() + ACK_TIMEOUT,
         )
-        self._outgoing.setdefault(item.peer, []).append(
-            (item.message_id, self._seal_message(item, header, ciphertext, None))
-        )
+        self._outgoing.setdefault(item.peer, []).append((item.message_id, frame))
 
     async def _await_delivery(
         self, message_id: bytes, acked: asyncio.Future[None], seconds: float, retry_count: int
@@ -621,11 +628,28 @@ class SendingMixin(ClientBase):
         while self._removing:
             acks, self._removing = self._removing, {}
             self._removal_running = acks
+            commit = asyncio.ensure_future(asyncio.to_thread(self._remove_acked, acks))
             try:
-                removed = await asyncio.to_thread(self._remove_acked, acks)
-            finally:
-                self._removal_running = {}
-            self._after_removal(acks, removed=removed)
+                # A thread cannot be cancelled: whatever happens to this task, the
+                # outcome of its commit is acted on once it is known.
+                await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                commit.add_done_callback(functools.partial(self._removal_done, acks))
+                raise
+            except Exception:  # noqa: S110 -- the outcome is read from the future below
+                pass
+            self._removal_done(acks, commit)
+
+    def _removal_done(self, acks: dict[bytes, wire.Envelope], commit: asyncio.Future[bool]) -> None:
+        self._removal_running = {}
+        if commit.cancelled():
+            removed = False
+        elif (error := commit.exception()) is not None:
+            _log.error("removing acknowledged messages failed: %r", error)
+            removed = False
+        else:
+            removed = commit.result()
+        self._after_removal(acks, removed=removed)
 
     def _flush_acks(self) -> None:
         """Remove the acknowledged messages not yet removed now, on this thread (close)."""
@@ -660,7 +684,13 @@ class SendingMixin(ClientBase):
     def _after_removal(self, acks: dict[bytes, wire.Envelope], *, removed: bool) -> None:
         """Release the senders of removed messages; wake the delivery loops either way."""
         if not removed:
-            self._wake({ack.sender for ack in acks.values()})
+            # Still queued, but below what the delivery loops have in flight: they
+            # start again from the oldest message (the peer answers DUPLICATE).
+            peers = {ack.sender for ack in acks.values()}
+            for peer in peers:
+                self._inflight.get(peer, {}).clear()
+                self._outgoing.pop(peer, None)
+            self._wake(peers)
             return
         envelopes: dict[int, tuple[wire.Envelope, list[bytes]]] = {}
         for ref, ack in acks.items():

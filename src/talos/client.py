@@ -286,10 +286,8 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         self._outgoing: dict[str, list[tuple[bytes, bytes]]] = {}
         self._inbox_ready = asyncio.Event()
         #: receive(auto_ack=True) calls waiting for a message: the next receive
-        #: commit hands messages to them directly (see _settle), and messages
-        #: handed to a call cancelled before it returned wait here for the next.
+        #: commit hands messages to them directly (see _settle).
         self._takers: collections.deque[asyncio.Future[InboxMessage]] = collections.deque()
-        self._unclaimed: collections.deque[InboxMessage] = collections.deque()
         #: The last inbox sequence number receive(auto_ack=False) returned.
         self._inbox_cursor = -1
         self._last_reset: dict[str, float] = {}
@@ -530,7 +528,7 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         if self._remover is not None:
             # Its commit runs in a thread and cannot be cancelled: let it finish.
             with contextlib.suppress(Exception):
-                await self._remover
+                await asyncio.shield(self._remover)
         for task in [*self._flushers.values(), *self._background, *self._acknowledging]:
             task.cancel()
         for task in [*self._flushers.values(), *self._background, *self._acknowledging]:

@@ -88,6 +88,7 @@ EVENTS: Final = frozenset(
         "refused",
         "connection_limit",
         "registry_reachable",
+        "message_lost",
         # the registry
         "keylog_fork",
         "revocation_forked",

@@ -25,6 +25,7 @@ from talos.errors import (
     PeerNotFound,
     PeerRejected,
     QueueFull,
+    StorageError,
 )
 from talos.storage.agent_state import AgentState, InboxMessage
 from talos.storage.home import AgentHome
@@ -853,14 +854,18 @@ async def test_a_waiting_receive_is_handed_its_message_by_the_receive_commit(
         assert await b.receive(timeout=0.05) is None
 
 
-async def test_a_message_handed_to_a_cancelled_receive_goes_to_the_next_one(
+async def test_a_message_handed_to_a_cancelled_receive_goes_back_to_the_inbox(
     tmp_path: Path,
 ) -> None:
-    """Cancelled right after the commit handed it a message: the next receive() gets it."""
+    """Cancelled right after the commit handed it a message: the message goes back
+    into the durable inbox (it survives a restart); no waiter is left behind."""
     async with introduced(tmp_path) as (a, b):
         assert (await a.send(b.agent_id, "first", timeout=10)).status == "delivered"
         first = await b.receive(timeout=5)
         assert first is not None
+        for _ in range(20):  # receive() calls that time out leave no waiter behind
+            assert await b.receive(timeout=0.001) is None
+        assert len(b._takers) == 0  # noqa: SLF001
         waiting = asyncio.create_task(b.receive(timeout=10))
         await asyncio.sleep(0.05)
         assert len(b._takers) == 1  # noqa: SLF001
@@ -869,9 +874,12 @@ async def test_a_message_handed_to_a_cancelled_receive_goes_to_the_next_one(
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
+        assert len(b._takers) == 0  # noqa: SLF001
+    async with TalosClient.create("bob", home=tmp_path / "b", discovery=[]) as b:
         again = await b.receive(timeout=0)
         assert again is not None
         assert again.message_id == handed.message_id
+        assert again.data == "handed"
 
 
 @pytest.mark.parametrize(
@@ -913,3 +921,45 @@ async def test_the_announced_address_is_the_endpoint(
     ) as a:
         assert re.fullmatch(expected, a.endpoint), a.endpoint
         assert a.peer_record().endpoint == a.endpoint
+
+
+async def test_a_failing_fast_path_falls_back_to_the_delivery_loop(tmp_path: Path) -> None:
+    """If the fast path cannot read the queue, send() is not left waiting: the message
+    is queued and the delivery loop delivers it."""
+    async with introduced(tmp_path) as (a, b):
+        assert (await a.send(b.agent_id, "warm up", timeout=10)).status == "delivered"
+        depth = a.queue_depth
+        failures = [StorageError("disk hiccup")]
+
+        def flaky() -> int:
+            if failures:
+                raise failures.pop()  # the fast path's first step
+            return depth()
+
+        a.queue_depth = flaky  # type: ignore[method-assign]
+        sent = await asyncio.wait_for(a.send(b.agent_id, "still delivered", timeout=10), 15)
+        assert sent.status == "delivered"
+        assert failures == []
+
+
+async def test_a_failed_removal_is_retried_under_steady_traffic(tmp_path: Path) -> None:
+    """An ACKed message whose removal commit failed is sent again (answered DUPLICATE)
+    and removed, even while later messages keep the window busy."""
+    async with introduced(tmp_path) as (a, b):
+        assert (await a.send(b.agent_id, "warm up", timeout=10)).status == "delivered"
+        remove_many = a._state.remove_many  # noqa: SLF001
+        failures = [StorageError("disk hiccup")]
+
+        def flaky(*args: object, **kwargs: object) -> object:
+            if failures:
+                raise failures.pop()
+            return remove_many(*args, **kwargs)  # type: ignore[arg-type]
+
+        a._state.remove_many = flaky  # type: ignore[method-assign]  # noqa: SLF001
+        results = await asyncio.gather(*(a.send(b.agent_id, n, timeout=20) for n in range(300)))
+        assert {r.status for r in results} == {"delivered"}
+        assert failures == []
+        assert a.queue_depth() == 0
+        got = [await b.receive(timeout=5) for _ in range(301)]
+        assert sorted(m.data for m in got[1:] if m is not None) == list(range(300))
+        assert await b.receive(timeout=0.05) is None

@@ -59,7 +59,9 @@ __all__ = [
     "verify",
 ]
 
-WIRE_VERSION: Final = 1
+#: 2: an ACK names a list of ids (``refs``) instead of one (``ref``). Version 1
+#: peers and version 2 peers refuse each other's frames as unsupported.
+WIRE_VERSION: Final = 2
 #: Domain separation: an envelope signature can never be mistaken for a
 #: signature over any other Talos object (key events, capabilities, ...).
 DOMAIN_PREFIX: Final = b"talos/envelope/v1\x00"

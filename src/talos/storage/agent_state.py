@@ -644,6 +644,32 @@ class AgentState:
         with self._log.snapshot() as txn:
             return int(txn.stat(self._db["inbox"])["entries"])
 
+    def return_to_inbox(self, messages: Sequence[InboxMessage]) -> list[int]:
+        """Put messages taken from the inbox back (at its end), in one commit.
+
+        For messages taken for an application that, as it turned out, was no
+        longer there to get them (e.g. a cancelled ``receive()``). Returns
+        their new sequence numbers.
+
+        Raises:
+            LocalProtocolError: a bad message.
+            AuditFull, StorageError: nothing was written.
+        """
+        rows = [self._inbox_row(message) for message in messages]
+        seqs: list[int] = []
+
+        def apply(txn: lmdb.Transaction[bytes]) -> None:
+            seqs.clear()
+            for row in rows:
+                seq = self._next_seq(txn, b"inbox_next")
+                txn.put(_U64.pack(seq), row, db=self._db["inbox"])
+                seqs.append(seq)
+
+        if rows:
+            with self._lock:
+                self._commit((), apply)
+        return seqs
+
     def take(self, limit: int = 1, *, audit: AuditRecords = ()) -> list[InboxMessage]:
         """Remove and return the oldest ``limit`` messages (persist-then-release).
 
