@@ -106,6 +106,7 @@ class ClientBase:
     _last_reset: dict[str, float]
     _revocations: RevocationState
     _sent_at: dict[bytes, float]
+    _handshake_of: dict[bytes, bytes]
     _peer_clocks: PeerClocks
     _clock_warned: dict[str, float]
     registry_offset: float | None

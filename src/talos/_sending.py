@@ -539,6 +539,9 @@ class SendingMixin(ClientBase):
                 session=_session_record(session, x3dh),
             )
         )
+        if x3dh is not None:
+            for item in items:  # an ACK to these confirms this handshake, no other
+                self._handshake_of[item.message_id] = x3dh
         return [
             (item, self._seal_message(item, header, ciphertext, x3dh))
             for item, (header, ciphertext) in zip(items, sealed, strict=True)
@@ -591,6 +594,7 @@ class SendingMixin(ClientBase):
         self._nacks.pop(message_id, None)
         self._failures.pop(message_id, None)
         self._sent_at.pop(message_id, None)
+        self._handshake_of.pop(message_id, None)
         future = self._acks.pop(message_id, None)
         if future is not None and not future.done():
             future.cancel()
@@ -723,11 +727,14 @@ class SendingMixin(ClientBase):
         """Note what an ACK (for ``refs``, removed and released) proves about the
         session and the peer's clock."""
         self._clock_sample(envelope, refs)
+        handshakes = {self._handshake_of.pop(ref, None) for ref in refs}
         current = self._sessions.get(envelope.sender)
         if current is not None and current[1] is not None:
             self._settle()  # a staged receive may have advanced (and confirmed) the session
             current = self._sessions.get(envelope.sender)
-        if current is not None and current[1] is not None:
+        # Only an ACK to a message sent with this session's X3DH header proves the peer
+        # holds it (the session may have been reset and opened again since).
+        if current is not None and current[1] is not None and current[1] in handshakes:
             # The peer holds the session now: later messages need no X3DH header.
             session = current[0]
             self._state.put_session(envelope.sender, _session_record(session, None))
@@ -784,6 +791,7 @@ class SendingMixin(ClientBase):
         self._nacks.pop(ref, None)
         self._failures.pop(ref, None)
         self._sent_at.pop(ref, None)
+        self._handshake_of.pop(ref, None)
         future = self._acks.pop(ref, None)
         if future is not None and not future.done():
             future.set_exception(PeerRejected(f"{peer} refused the message: {reason}"))

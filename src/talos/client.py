@@ -294,6 +294,8 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         self._revocations = RevocationState()
         #: When each in-flight message last left (our clock), for ACK clock samples.
         self._sent_at: dict[bytes, float] = {}
+        #: X3DH header each in-flight INITIAL message was sent with.
+        self._handshake_of: dict[bytes, bytes] = {}
         self._peer_clocks = PeerClocks()
         self._clock_warned: dict[str, float] = {}
         #: Offset of our clock from the registry's (seconds, positive: we are ahead).

@@ -963,3 +963,26 @@ async def test_a_failed_removal_is_retried_under_steady_traffic(tmp_path: Path) 
         got = [await b.receive(timeout=5) for _ in range(301)]
         assert sorted(m.data for m in got[1:] if m is not None) == list(range(300))
         assert await b.receive(timeout=0.05) is None
+
+
+async def test_only_an_ack_to_this_handshake_confirms_the_session(tmp_path: Path) -> None:
+    """An ACK for a message sent under an earlier session (reset since) does not mark
+    the new, unconfirmed session as held by the peer."""
+    async with introduced(tmp_path) as (a, b):
+        current = a._sessions[b.agent_id]  # noqa: SLF001
+        assert current[1] is not None  # X3DH header pending: not confirmed yet
+        stale_ack = wire.Envelope(
+            type=wire.EnvelopeType.ACK,
+            message_id=b"\x02" * 16,
+            sender=b.agent_id,
+            sender_instance=b"\x03" * 16,
+            recipient=a.agent_id,
+            timestamp_ms=int(time.time() * 1000),
+            ref_ids=(b"\x04" * 16,),
+            status=wire.AckStatus.ACCEPTED,
+        )
+        a._delivered(stale_ack, [b"\x04" * 16])  # noqa: SLF001 -- a message of an old session
+        assert a._sessions[b.agent_id][1] is not None  # noqa: SLF001
+        # The real first message confirms it.
+        assert (await a.send(b.agent_id, "first", timeout=10)).status == "delivered"
+        assert a._sessions[b.agent_id][1] is None  # noqa: SLF001
