@@ -6,6 +6,8 @@ import asyncio
 import socket
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from talos.errors import PeerUnreachable
 from talos.transport import Link, Transport
@@ -151,3 +153,34 @@ async def test_incoming_links_are_capped_and_outgoing_ones_are_not(
     finally:
         for transport in (server, *clients):
             await transport.close()
+
+
+@pytest.mark.asyncio
+async def test_one_remote_address_cannot_take_every_place(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past max_per_host links from one address, that address is refused (503) while
+    another address still gets in."""
+    server_in = Inbox()
+    server = Transport(server_in, max_incoming=10, max_per_host=2)
+    opened = []
+    try:
+        host, port = await server.listen("127.0.0.1", 0)
+        endpoint = f"ws://{host}:{port}"
+        for _ in range(2):
+            opened.append(await connect(endpoint, local_addr=("127.0.0.2", 0)))
+        with caplog.at_level("WARNING", logger="talos.transport"):
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(endpoint, local_addr=("127.0.0.2", 0))
+        assert refused.value.response.status_code == 503
+        assert server.refused == 1
+        assert [getattr(r, "remote", None) for r in caplog.records] == ["127.0.0.2"]
+        other = await connect(endpoint, local_addr=("127.0.0.3", 0))  # another address
+        opened.append(other)
+        await other.send(b"\x00other")
+        _, frame = await server_in.next()
+        assert frame == b"\x00other"
+    finally:
+        for socket in opened:
+            await socket.close()
+        await server.close()

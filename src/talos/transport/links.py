@@ -40,6 +40,12 @@ class Link:
         return f"{address[0]}:{address[1]}" if address else "?"
 
     @property
+    def remote_host(self) -> str:
+        """The remote IP address alone (``"?"`` if unknown)."""
+        address: Any = self._socket.remote_address
+        return str(address[0]) if address else "?"
+
+    @property
     def is_open(self) -> bool:
         return not self.closed.is_set()
 
@@ -94,15 +100,19 @@ class Link:
 
 #: Incoming links one agent keeps open at once; more are refused at the handshake.
 MAX_INCOMING: Final = 256
+#: Of those, the most from one remote address: one flooding host cannot take
+#: every place (agents behind one NAT share an address, hence a generous share).
+MAX_INCOMING_PER_HOST: Final = 64
 
 
 class Transport:
     """Listens for links and opens them; every received frame goes to ``on_frame``.
 
-    At most ``max_incoming`` incoming links are open at once: a further
-    handshake is answered HTTP 503 before any frame is read, so a flood of
-    connections costs a socket each, not a pump, and links this agent opened
-    itself are never displaced.
+    At most ``max_incoming`` incoming links are open at once, and at most
+    ``max_per_host`` from one remote address: a further handshake is
+    answered HTTP 503 before any frame is read, so a flood of connections
+    costs a socket each, not a pump, one host cannot take every place, and
+    links this agent opened itself are never displaced.
     """
 
     def __init__(
@@ -114,9 +124,11 @@ class Transport:
         open_timeout: float = 5.0,
         max_frame: int = MAX_FRAME_SIZE,
         max_incoming: int = MAX_INCOMING,
+        max_per_host: int = MAX_INCOMING_PER_HOST,
     ) -> None:
         self._on_frame = on_frame
         self._max_incoming = max_incoming
+        self._max_per_host = max_per_host
         #: Handshakes refused because ``max_incoming`` links were open.
         self.refused = 0
         self._options: dict[str, Any] = {
@@ -147,19 +159,27 @@ class Transport:
         return str(bound[0]), int(bound[1])
 
     def _admit(self, connection: ServerConnection, request: Any) -> Any:
-        """Refuse the handshake (503) when ``max_incoming`` incoming links are open."""
+        """Refuse the handshake (503) when ``max_incoming`` incoming links are open,
+        or ``max_per_host`` from the same remote address."""
         del request
-        incoming = sum(1 for link in self._links if not link.outgoing)
-        if incoming < self._max_incoming:
+        address: Any = connection.remote_address
+        host = str(address[0]) if address else "?"
+        incoming = [link for link in self._links if not link.outgoing]
+        from_host = sum(1 for link in incoming if link.remote_host == host)
+        if len(incoming) < self._max_incoming and from_host < self._max_per_host:
             return None
         self.refused += 1
         if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, 8th...: no log flood
             _log.warning(
-                "refused an incoming connection: %d links open (limit %d); %d refused so far",
-                incoming,
+                "refused an incoming connection from %s: %d links open (limit %d), "
+                "%d from that address (limit %d); %d refused so far",
+                host,
+                len(incoming),
                 self._max_incoming,
+                from_host,
+                self._max_per_host,
                 self.refused,
-                extra={"event": "connection_limit", "refused": self.refused},
+                extra={"event": "connection_limit", "refused": self.refused, "remote": host},
             )
         return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
 
