@@ -6,13 +6,15 @@ path) and :mod:`talos._revocation_exchange` (revocation lists between
 agents). This base declares, as annotations only, the attributes
 ``TalosClient.__init__`` and ``_open`` fill in, and (for the type checker
 only) the methods one part calls in another, so each mixin type-checks on
-its own. It also holds the session record helpers the parts share.
+its own. It also holds what the parts share: sending a signed control
+envelope and the session record helpers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import weakref
 from typing import TYPE_CHECKING, Any, Final
 
@@ -21,7 +23,7 @@ from talos.audit.config import AuditConfig
 from talos.core import wire
 from talos.core.backoff import Backoff
 from talos.core.capability import Capability
-from talos.core.clock import Clock
+from talos.core.clock import Clock, time_ms
 from talos.core.clocksync import InstanceTracker, PeerClocks
 from talos.core.encoding import canonical_dumps, strict_versioned_map
 from talos.core.identity import Identity
@@ -33,7 +35,7 @@ from talos.core.rng import Rng
 from talos.core.x3dh import PrekeyBundle, PrekeyStore
 from talos.discovery.dht import DhtNode
 from talos.discovery.registry_client import RegistryClient
-from talos.errors import MalformedFrame
+from talos.errors import MalformedFrame, PeerUnreachable
 from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
 from talos.storage.agent_state import AgentState, Enqueue, InboxMessage, Received
@@ -144,6 +146,23 @@ class ClientBase:
         async def _on_revocations(
             self, link: Link, envelope: wire.Envelope, log: KeyLog
         ) -> None: ...
+
+    async def _send_signed(
+        self, link: Link, recipient: str, kind: wire.EnvelopeType, **fields: Any
+    ) -> None:
+        """Sign and send a control envelope (ACK, ERROR, REVOCATIONS) on ``link``,
+        best effort: a link that dropped meanwhile is not an error."""
+        envelope = wire.Envelope(
+            type=kind,
+            message_id=wire.new_message_id(self._rng),
+            sender=self.agent_id,
+            sender_instance=self._instance,
+            recipient=recipient,
+            timestamp_ms=time_ms(self._clock),
+            **fields,
+        )
+        with contextlib.suppress(PeerUnreachable):
+            await link.send(wire.seal(envelope, self._identity.signing_key))
 
 
 def _session_record(session: Session, x3dh: bytes | None) -> bytes:

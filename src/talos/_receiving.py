@@ -34,7 +34,6 @@ from talos.errors import (
     LocalProtocolError,
     MalformedFrame,
     PeerNotFound,
-    PeerUnreachable,
     RemoteProtocolError,
     RevocationListStale,
     ScopeMismatch,
@@ -576,18 +575,9 @@ class ReceivingMixin(ClientBase):
         self, link: Link, sender: str, ids: list[bytes], status: wire.AckStatus
     ) -> None:
         """Acknowledge ``ids`` (distinct, at most MAX_ACK_REFS) from ``sender``, signed once."""
-        reply = wire.Envelope(
-            type=wire.EnvelopeType.ACK,
-            message_id=wire.new_message_id(self._rng),
-            sender=self.agent_id,
-            sender_instance=self._instance,
-            recipient=sender,
-            timestamp_ms=time_ms(self._clock),
-            ref_ids=tuple(ids),
-            status=status,
+        await self._send_signed(
+            link, sender, wire.EnvelopeType.ACK, ref_ids=tuple(ids), status=status
         )
-        with contextlib.suppress(PeerUnreachable):
-            await link.send(wire.seal(reply, self._identity.signing_key))
 
     async def _refuse(
         self,
@@ -611,19 +601,14 @@ class ReceivingMixin(ClientBase):
                 "code": code.name,
             },
         )
-        reply = wire.Envelope(
-            type=wire.EnvelopeType.ERROR,
-            message_id=wire.new_message_id(self._rng),
-            sender=self.agent_id,
-            sender_instance=self._instance,
-            recipient=envelope.sender,
-            timestamp_ms=time_ms(self._clock),
+        await self._send_signed(
+            link,
+            envelope.sender,
+            wire.EnvelopeType.ERROR,
             ref_id=envelope.message_id,
             error_code=code,
             reason="".join(c for c in reason if c.isprintable())[:200] or code.name,
         )
-        with contextlib.suppress(PeerUnreachable):
-            await link.send(wire.seal(reply, self._identity.signing_key))
 
 
 def _message(item: InboxMessage, inbox_seq: int | None = None) -> Message:

@@ -12,13 +12,11 @@ import logging
 from talos._client_base import ClientBase
 from talos.audit import AuditKind
 from talos.core import wire
-from talos.core.clock import time_ms
 from talos.core.keylog import IssuerKeys, KeyLog
 from talos.core.revocation import RevocationList
 from talos.errors import (
     MalformedFrame,
     PeerRejected,
-    PeerUnreachable,
     RemoteProtocolError,
     SignatureInvalid,
     TalosError,
@@ -62,17 +60,7 @@ class RevocationExchangeMixin(ClientBase):
         data = self._own_revocation_list()
         if data is None:
             return
-        envelope = wire.Envelope(
-            type=wire.EnvelopeType.REVOCATIONS,
-            message_id=wire.new_message_id(self._rng),
-            sender=self.agent_id,
-            sender_instance=self._instance,
-            recipient=peer,
-            timestamp_ms=time_ms(self._clock),
-            revocation_list=data,
-        )
-        with contextlib.suppress(PeerUnreachable):
-            await link.send(wire.seal(envelope, self._identity.signing_key))
+        await self._send_signed(link, peer, wire.EnvelopeType.REVOCATIONS, revocation_list=data)
 
     async def _on_revocations(self, link: Link, envelope: wire.Envelope, log: KeyLog) -> None:
         """Adopt a peer's own revocation list (verified, merged, persisted); answer with ours."""

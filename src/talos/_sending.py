@@ -611,10 +611,14 @@ class SendingMixin(ClientBase):
     def _on_ack(self, envelope: wire.Envelope) -> None:
         """Note every id ``envelope`` acknowledges that we queued for its sender and
         still wait on; they are removed from the outbox together (see _remove_acked)."""
-        for ref in envelope.ref_ids or ():
-            if self._being_removed(ref) or not self._queued_for(ref, envelope.sender):
-                continue  # not ours, not from the peer we sent it to, or already acknowledged
-            self._removing[ref] = envelope
+        fresh = [ref for ref in envelope.ref_ids or () if not self._being_removed(ref)]
+        try:
+            queued = self._state.queued_for(envelope.sender, fresh) if fresh else set()
+        except LocalProtocolError:
+            queued = set()  # not a peer id this agent could have queued for
+        for ref in fresh:
+            if ref in queued:  # ours, for the peer that acknowledges it, not yet removed
+                self._removing[ref] = envelope
         if self._removing and not self._closed and (self._remover is None or self._remover.done()):
             self._remover = asyncio.create_task(self._removal_loop())
 
@@ -635,13 +639,12 @@ class SendingMixin(ClientBase):
             commit = asyncio.ensure_future(asyncio.to_thread(self._remove_acked, acks))
             try:
                 # A thread cannot be cancelled: whatever happens to this task, the
-                # outcome of its commit is acted on once it is known.
-                await asyncio.shield(commit)
+                # outcome of its commit is acted on once it is known (wait() neither
+                # raises the commit's error nor cancels it).
+                await asyncio.wait({commit})
             except asyncio.CancelledError:
                 commit.add_done_callback(functools.partial(self._removal_done, acks))
                 raise
-            except Exception:  # noqa: S110 -- the outcome is read from the future below
-                pass
             self._removal_done(acks, commit)
 
     def _removal_done(self, acks: dict[bytes, wire.Envelope], commit: asyncio.Future[bool]) -> None:

@@ -839,3 +839,12 @@ def test_pending_reads_one_peers_queue_after_a_sequence_number(state: AgentState
     assert state.pending(BOB, limit=0) == []
     with pytest.raises(LocalProtocolError):
         state.pending(None, limit=1)
+
+
+def test_queued_for_answers_for_several_ids_at_once(state: AgentState) -> None:
+    _enqueue(state, BOB, b"m1")
+    _enqueue(state, BOB, b"m2")
+    _enqueue(state, ALICE, b"m3")
+    assert state.queued_for(BOB, [b"m1", b"m2", b"m3", b"m4"]) == {b"m1", b"m2"}
+    assert state.queued_for(ALICE, [b"m1", b"m3"]) == {b"m3"}
+    assert state.queued_for(BOB, []) == set()

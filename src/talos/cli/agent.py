@@ -53,6 +53,7 @@ import talos.errors
 from talos.cli.context import CliContext
 from talos.cli.identity import key_passphrase_option
 from talos.cli.lockfile import daemon_lock, running_agent_pid
+from talos.cli.options import log_format_option
 from talos.cli.passphrases import KEY_ENV, existing_passphrase
 from talos.client import TalosClient
 from talos.core.agent_id import check_agent_id
@@ -66,7 +67,7 @@ from talos.errors import (
     MalformedFrame,
     TalosError,
 )
-from talos.logs import LOG_FORMATS, LogFormat, configure_logging
+from talos.logs import LogFormat, configure_logging
 
 __all__ = [
     "AgentAlreadyRunning",
@@ -480,14 +481,7 @@ def _parse_bootstrap(
     help="Serve Prometheus metrics on this port (0: any).",
 )
 @click.option("--log-level", type=click.Choice(_LEVELS), default="info", show_default=True)
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default="text",
-    show_default=True,
-    envvar="TALOS_LOG_FORMAT",
-    help="Log lines on stderr: text, or one JSON object per line (else $TALOS_LOG_FORMAT).",
-)
+@log_format_option
 @key_passphrase_option
 @click.pass_obj
 def run(

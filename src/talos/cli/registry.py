@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from talos.logs import LOG_FORMATS, LogFormat
+from talos.cli.options import log_format_option
+from talos.logs import LogFormat
 from talos.registry.store import RegistryStore
 
 __all__ = ["registry"]
@@ -43,14 +44,7 @@ def registry() -> None:
 @click.option(
     "--log-level", type=click.Choice(_LEVELS), default="info", show_default=True, help="Log level."
 )
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default="text",
-    show_default=True,
-    envvar="TALOS_LOG_FORMAT",
-    help="Log lines on stderr: text, or one JSON object per line (else $TALOS_LOG_FORMAT).",
-)
+@log_format_option
 @click.option("--access-log/--no-access-log", default=True, help="Log every request.")
 @click.option(
     "--metrics-port",

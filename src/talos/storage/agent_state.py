@@ -516,10 +516,7 @@ class AgentState:
                     txn.put(key, sealed, db=self._db["sessions"])
                 if sealed_prekeys is not None:
                     txn.put(b"prekeys", sealed_prekeys, db=self._db["agent"])
-                for row in rows:
-                    seq = self._next_seq(txn, b"inbox_next")
-                    txn.put(_U64.pack(seq), row, db=self._db["inbox"])
-                    seqs.append(seq)
+                seqs.extend(self._append_inbox(txn, rows))
 
             self._commit([record for item in batch for record in item.audit], apply)
             for item in batch:
@@ -659,15 +656,20 @@ class AgentState:
         seqs: list[int] = []
 
         def apply(txn: lmdb.Transaction[bytes]) -> None:
-            seqs.clear()
-            for row in rows:
-                seq = self._next_seq(txn, b"inbox_next")
-                txn.put(_U64.pack(seq), row, db=self._db["inbox"])
-                seqs.append(seq)
+            seqs[:] = self._append_inbox(txn, rows)
 
         if rows:
             with self._lock:
                 self._commit((), apply)
+        return seqs
+
+    def _append_inbox(self, txn: lmdb.Transaction[bytes], rows: Sequence[bytes]) -> list[int]:
+        """Write sealed inbox rows at the end of the inbox; their sequence numbers."""
+        seqs = []
+        for row in rows:
+            seq = self._next_seq(txn, b"inbox_next")
+            txn.put(_U64.pack(seq), row, db=self._db["inbox"])
+            seqs.append(seq)
         return seqs
 
     def take(self, limit: int = 1, *, audit: AuditRecords = ()) -> list[InboxMessage]:
@@ -946,11 +948,24 @@ class AgentState:
         Raises:
             LocalProtocolError: a bad message id or peer id.
         """
-        id_key, prefix = b"m" + _message_id(message_id), _peer_prefix(peer)
+        return bool(self.queued_for(peer, [message_id]))
+
+    def queued_for(self, peer: str, message_ids: Iterable[bytes]) -> set[bytes]:
+        """Those of ``message_ids`` queued for ``peer``, in one read (index lookups only).
+
+        Raises:
+            LocalProtocolError: a bad message id or peer id.
+        """
+        prefix = _peer_prefix(peer)
+        keys = [(message_id, b"m" + _message_id(message_id)) for message_id in message_ids]
+        found: set[bytes] = set()
         with self._log.snapshot() as txn:
             index = self._db["outbox_index"]
-            seq_key = txn.get(id_key, db=index)
-            return seq_key is not None and txn.get(prefix + seq_key, db=index) is not None
+            for message_id, id_key in keys:
+                seq_key = txn.get(id_key, db=index)
+                if seq_key is not None and txn.get(prefix + seq_key, db=index) is not None:
+                    found.add(message_id)
+        return found
 
     def peers_with_pending(self) -> list[str]:
         """Peers with at least one queued message, sorted by id bytes."""
