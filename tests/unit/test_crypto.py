@@ -36,6 +36,28 @@ def test_rfc8032_test_vector_1() -> None:
     assert key.sign(b"").hex().startswith("e5564300c360ac729086e2cc806e828a")
 
 
+def test_small_order_key_signs_nothing() -> None:
+    # The identity point as a public key, with R = identity and S = 0, satisfies the
+    # cofactorless equation for every message; OpenSSL accepts it, libsodium does not.
+    # Such a key would "sign" anything, so no identity may be built on one.
+    identity_point = bytes([1]) + bytes(31)
+    trivial = identity_point + bytes(32)
+    for message in (b"", b"any message"):
+        with pytest.raises(SignatureInvalid):
+            VerifyKey(identity_point).verify(trivial, message)
+
+
+def test_non_canonical_s_is_refused(rng: SeededRng) -> None:
+    # S + L verifies the same equation as S; a malleable copy must not pass as a
+    # second valid signature (replay sets key on ids, audit entries on bytes).
+    key = SigningKey.generate(rng)
+    sig = key.sign(b"m")
+    order = 2**252 + 27742317777372353535851937790883648493
+    s = int.from_bytes(sig[32:], "little") + order
+    with pytest.raises(SignatureInvalid):
+        key.public_key.verify(sig[:32] + s.to_bytes(32, "little"), b"m")
+
+
 def test_x25519_agreement_and_low_order_points(rng: SeededRng) -> None:
     a, b = DHKey.generate(rng), DHKey.generate(rng)
     assert a.exchange(b.public) == b.exchange(a.public)
