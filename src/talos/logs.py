@@ -96,6 +96,7 @@ EVENTS: Final = frozenset(
         "duplicates_truncated",
         "registry_metrics_listening",
         "registry_storage_failure",
+        "one_time_prekeys_withheld",
     }
 )
 

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from talos.core.identity import Identity
 from talos.core.peer_record import PeerRecord
 from talos.core.prekeys import PrekeyUpload
-from talos.core.x3dh import PrekeyStore
+from talos.core.x3dh import PrekeyBundle, PrekeyStore
 from talos.discovery import RegistryClient, RegistryRejected
 from talos.discovery.registry_client import DuplicateReport
 from talos.system import SYSTEM_RNG
@@ -47,6 +47,7 @@ FAMILIES = {
     "talos_registry_duplicate_instances": "counter",
     "talos_registry_one_time_prekeys_served": "counter",
     "talos_registry_bundles_without_one_time_prekey": "counter",
+    "talos_registry_one_time_prekeys_withheld": "counter",
     "talos_registry_sqlite_errors": "counter",
 }
 
@@ -104,7 +105,9 @@ class Served:
         return self.scrape()[(name, frozenset(labels.items()))]
 
 
-def serve_with_metrics(directory: Path, db: Path | None = None) -> Served:
+def serve_with_metrics(
+    directory: Path, db: Path | None = None, extra: tuple[str, ...] = ()
+) -> Served:
     """``talos registry serve --metrics-port 0``, ready, with the metrics port from its log."""
     directory.mkdir(parents=True, exist_ok=True)
     db = db or directory / "registry.db"
@@ -112,7 +115,7 @@ def serve_with_metrics(directory: Path, db: Path | None = None) -> Served:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
     argv = [sys.executable, "-m", "talos", "registry", "serve", "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--db", str(db), "--metrics-port", "0"]
+    argv += ["--port", str(port), "--db", str(db), "--metrics-port", "0", *extra]
     with log.open("ab") as stderr:
         process = subprocess.Popen(  # noqa: S603 -- our own interpreter and module
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env
@@ -252,6 +255,40 @@ async def test_counters_move(registry: Served) -> None:
     assert moved("talos_registry_requests_total", **bundle_route) == 2
     assert moved("talos_registry_live_instances") == 1
     assert re.search(r"refused record submission for \S+: StaleSequence", registry.log.read_text())
+
+
+@pytest.mark.asyncio
+async def test_one_time_prekeys_are_not_drained_by_one_address(tmp_path: Path) -> None:
+    """``--one-time-prekeys-per-minute 2``: the third bundle 127.0.0.1 takes has no
+    one-time prekey, 127.0.0.2 still gets one, and the operator sees both."""
+    served = serve_with_metrics(tmp_path, extra=("--one-time-prekeys-per-minute", "2"))
+    try:
+        agent = Agent.create("drained", minutes_ago=1)
+        prekeys = PrekeyStore.create(
+            agent_id=agent.agent_id,
+            signing_key=agent.identity.signing_key,
+            identity_dh=agent.identity.dh_key,
+            rng=SYSTEM_RNG,
+        ).add_one_time_prekeys(5, SYSTEM_RNG)
+        upload = PrekeyUpload.from_store(
+            prekeys, agent.identity.signing_key, key_sequence=0, sequence=1
+        )
+        async with RegistryClient(served.url) as client:
+            await client.publish_keylog(agent.identity.keylog)
+            await client.publish_prekeys(upload)
+            taken = [(await client.fetch_bundle(agent.agent_id)).one_time_prekey_id for _ in "abc"]
+        assert taken == [0, 1, None]
+        other = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx.AsyncClient(transport=other) as http:
+            answer = await http.get(f"{served.url}/v1/agents/{agent.agent_id}/bundle")
+        assert PrekeyBundle.from_bytes(answer.content).one_time_prekey_id == 2
+        assert served.value("talos_registry_one_time_prekeys_withheld_total") == 1
+        assert served.value("talos_registry_one_time_prekeys_served_total") == 3
+        assert served.value("talos_registry_bundles_without_one_time_prekey_total") == 0
+        log = served.log.read_text()
+        assert f"withholding one-time prekeys of {agent.agent_id} from 127.0.0.1" in log
+    finally:
+        served.server.stop()
 
 
 # -- split brain --------------------------------------------------------------------------------

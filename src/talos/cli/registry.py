@@ -16,7 +16,7 @@ import click
 
 from talos.cli.options import log_format_option
 from talos.logs import LogFormat
-from talos.registry.store import RegistryStore
+from talos.registry.store import ONE_TIME_PREKEYS_PER_MINUTE, RegistryStore
 
 __all__ = ["registry"]
 
@@ -52,6 +52,14 @@ def registry() -> None:
     default=None,
     help="Also serve Prometheus /metrics on this port of HOST (0: any free port).",
 )
+@click.option(
+    "--one-time-prekeys-per-minute",
+    type=click.IntRange(0),
+    default=ONE_TIME_PREKEYS_PER_MINUTE,
+    show_default=True,
+    help="One-time prekeys of an agent one client address may take per minute "
+    "(0: no bound); past it, bundles carry none.",
+)
 def serve(
     host: str,
     port: int,
@@ -60,6 +68,7 @@ def serve(
     log_format: LogFormat,
     access_log: bool,
     metrics_port: int | None,
+    one_time_prekeys_per_minute: int,
 ) -> None:
     """Serve the registry API on HOST:PORT, storing its state in the --db file.
 
@@ -79,7 +88,11 @@ def serve(
         metrics.serve(metrics_port, host)  # bound before the API: a busy port fails the start
     try:
         uvicorn.run(
-            create_app(db_path, metrics=metrics),
+            create_app(
+                db_path,
+                metrics=metrics,
+                one_time_prekeys_per_minute=one_time_prekeys_per_minute,
+            ),
             host=host,
             port=port,
             log_level=log_level,

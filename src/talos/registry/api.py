@@ -27,6 +27,7 @@ is for scrapers, not clients). Refused submissions are logged at INFO as
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Final
 
@@ -43,6 +44,7 @@ from talos.core.clock import Clock, time_ms
 from talos.core.keylog import KeyLog
 from talos.core.peer_record import PeerRecord
 from talos.core.prekeys import PrekeyUpload
+from talos.core.ratelimit import RateLimiter
 from talos.core.revocation import RevocationList
 from talos.errors import (
     KeyLogInvalid,
@@ -327,12 +329,31 @@ async def get_prekey_status(agent_id: str, request: Request) -> PrekeyStatus:
     },
 )
 async def get_bundle(agent_id: str, request: Request) -> Response:
-    """A bundle with one unused one-time prekey, handed out once (atomically)."""
-    store, _ = _context(request)
-    bundle = await run_in_threadpool(store.take_bundle, _agent(agent_id))
+    """A bundle with one unused one-time prekey, handed out once (atomically).
+
+    One client address takes at most its share of an agent's one-time
+    prekeys (``create_app(one_time_prekeys_per_minute=...)``); past it, the
+    bundle carries none, so the X3DH that follows starts from the signed
+    prekey alone and the pool is kept for everyone else.
+    """
+    store, clock = _context(request)
+    agent = _agent(agent_id)
+    address = request.client.host if request.client is not None else ""
+    limiter: RateLimiter | None = request.app.state.prekey_limiter
+    one_time = limiter is None or limiter.allow((address, agent), clock.monotonic())
+    bundle = await run_in_threadpool(functools.partial(store.take_bundle, agent, one_time=one_time))
     if bundle is None:
         raise PeerNotFound(f"no prekeys for {agent_id}")
-    _metrics(request).bundle_served(with_one_time_prekey=bundle.one_time_prekey_id is not None)
+    _metrics(request).bundle_served(
+        with_one_time_prekey=bundle.one_time_prekey_id is not None, withheld=not one_time
+    )
+    if not one_time and request.app.state.prekey_warnings.allow(address, clock.monotonic()):
+        log.warning(
+            "withholding one-time prekeys of %s from %s: it took its share",
+            agent,
+            address,
+            extra={"event": "one_time_prekeys_withheld", "peer_id": agent, "address": address},
+        )
     return _cbor(bundle.to_bytes())
 
 

@@ -19,12 +19,14 @@ from fastapi import FastAPI
 from starlette.routing import BaseRoute
 
 from talos.core.clock import Clock, time_ms
+from talos.core.ratelimit import RateLimiter
+from talos.errors import ConfigurationError
 from talos.registry.api import install_error_handlers, metrics_router, router
 from talos.registry.metrics import RegistryMetrics, RequestMetricsMiddleware
-from talos.registry.store import RegistryStore
+from talos.registry.store import ONE_TIME_PREKEYS_PER_MINUTE, RegistryStore
 from talos.system import SYSTEM_CLOCK
 
-__all__ = ["create_app"]
+__all__ = ["ONE_TIME_PREKEYS_PER_MINUTE", "create_app"]
 
 _DESCRIPTION = """\
 Stores verified key event logs, prekeys (each one-time prekey handed out
@@ -43,6 +45,7 @@ def create_app(
     *,
     clock: Clock = SYSTEM_CLOCK,
     metrics: RegistryMetrics | None = None,
+    one_time_prekeys_per_minute: int = ONE_TIME_PREKEYS_PER_MINUTE,
 ) -> FastAPI:
     """The registry application storing its state in the SQLite file ``db_path``.
 
@@ -50,10 +53,19 @@ def create_app(
     application counts; pass one whose :meth:`~RegistryMetrics.serve` already
     runs to expose it on a port of its own too. ``app.state.metrics`` holds it.
 
+    ``one_time_prekeys_per_minute`` bounds how fast one client address can
+    drain an agent's one-time prekeys (0: no bound); past it, bundles are
+    served without one.
+
+    Raises:
+        ConfigurationError: ``one_time_prekeys_per_minute`` is negative.
+
     Starting the application (its lifespan) raises
     :class:`~talos.errors.StorageError` or
     :class:`~talos.errors.StoreCorrupted` when the database cannot be opened.
     """
+    if one_time_prekeys_per_minute < 0:
+        raise ConfigurationError("one_time_prekeys_per_minute must be 0 (no bound) or more")
     collectors = RegistryMetrics() if metrics is None else metrics
 
     @asynccontextmanager
@@ -86,6 +98,17 @@ def create_app(
     app.include_router(metrics_router)
     install_error_handlers(app)
     app.state.metrics = collectors
+    app.state.prekey_limiter = (
+        RateLimiter(
+            rate=one_time_prekeys_per_minute / 60,
+            burst=one_time_prekeys_per_minute,
+            max_keys=65_536,
+        )
+        if one_time_prekeys_per_minute > 0
+        else None
+    )
+    # One warning per address per minute; the metric counts every withheld prekey.
+    app.state.prekey_warnings = RateLimiter(rate=1 / 60, burst=1)
     # Included routers may be wrapped in app.routes: list their routes directly.
     collectors.declare_routes(_route_methods([*app.routes, *router.routes, *metrics_router.routes]))
     app.add_middleware(RequestMetricsMiddleware, metrics=collectors)

@@ -138,6 +138,12 @@ class RegistryMetrics:
             "Bundles served without a one-time prekey because the agent's pool was empty.",
             registry=r,
         )
+        self.one_time_prekeys_withheld = Counter(
+            "talos_registry_one_time_prekeys_withheld",
+            "Bundles served without a one-time prekey because the asking address "
+            "took its share of that agent's prekeys (drain protection).",
+            registry=r,
+        )
         self.sqlite_errors = Counter(
             "talos_registry_sqlite_errors",
             "Database failures (answered 503, or a gauge that could not be read).",
@@ -189,9 +195,11 @@ class RegistryMetrics:
     def duplicate_detected(self) -> None:
         self.duplicate_instances.inc()
 
-    def bundle_served(self, *, with_one_time_prekey: bool) -> None:
+    def bundle_served(self, *, with_one_time_prekey: bool, withheld: bool = False) -> None:
         if with_one_time_prekey:
             self.one_time_prekeys_served.inc()
+        elif withheld:
+            self.one_time_prekeys_withheld.inc()
         else:
             self.bundles_without_one_time_prekey.inc()
 

@@ -62,6 +62,7 @@ from talos.registry.duplicates import Activity, duplicated, newly_overlapping
 __all__ = [
     "MAX_LISTED_DUPLICATES",
     "MAX_LISTED_INSTANCES",
+    "ONE_TIME_PREKEYS_PER_MINUTE",
     "SCHEMA_VERSION",
     "DuplicateStatus",
     "InstanceInfo",
@@ -70,6 +71,11 @@ __all__ = [
     "RegistryStore",
     "SecurityEvent",
 ]
+
+#: One-time prekeys of one agent that one client address may take per minute
+#: (and in a burst); the server hands out bundles without one past that. An
+#: agent opening sessions to many peers takes one prekey per peer.
+ONE_TIME_PREKEYS_PER_MINUTE = 20
 
 SCHEMA_VERSION: Final = 2
 #: Most instances listed for one agent in a duplicate report (newest first).
@@ -384,12 +390,13 @@ class RegistryStore:
 
         return self._run(operation)
 
-    def take_bundle(self, agent_id: str) -> PrekeyBundle | None:
+    def take_bundle(self, agent_id: str, *, one_time: bool = True) -> PrekeyBundle | None:
         """A bundle with one unused one-time prekey, consumed atomically; ``None`` if unknown.
 
         The prekey is deleted from the pool and remembered as used in the
         same transaction that returns it: it is handed out once. When the
-        pool is empty the bundle carries no one-time prekey.
+        pool is empty, or ``one_time`` is false (the caller is rate-limited),
+        the bundle carries no one-time prekey and nothing is consumed.
 
         Raises:
             StorageError: the database failed (nothing was consumed).
@@ -401,6 +408,8 @@ class RegistryStore:
             if raw is None or log is None:
                 return None
             upload = _decode_stored(lambda: PrekeyUpload.from_bytes(raw), "prekeys", agent_id)
+            if not one_time:
+                return upload.bundle(log.state, None)
             row = db.execute(
                 "DELETE FROM one_time_prekeys WHERE rowid = (SELECT rowid FROM one_time_prekeys "
                 "WHERE agent_id=? ORDER BY prekey_id LIMIT 1) RETURNING prekey_id, public_key",

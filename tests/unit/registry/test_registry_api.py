@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import urllib.parse
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +16,10 @@ from registry_fixtures import CBOR, Agent, Served
 from talos.core.keylog import KeyLog
 from talos.core.peer_record import PeerRecord
 from talos.core.x3dh import PrekeyBundle
+from talos.errors import ConfigurationError
+from talos.registry import create_app
 from talos.registry.api import MAX_BODY
+from talos.registry.store import ONE_TIME_PREKEYS_PER_MINUTE
 from talos.testing import FakeClock
 
 pytestmark = pytest.mark.asyncio
@@ -217,6 +221,65 @@ async def test_concurrent_bundle_fetches(served: Served, alice: Agent) -> None:
     ids = [PrekeyBundle.from_bytes(a.content).one_time_prekey_id for a in answers]
     assert sorted(i for i in ids if i is not None) == list(range(10))
     assert ids.count(None) == 10
+
+
+async def test_one_address_takes_only_its_share_of_one_time_prekeys(
+    served: Served, alice: Agent, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Drain protection: past ONE_TIME_PREKEYS_PER_MINUTE from one address, bundles
+    carry no one-time prekey and the pool is kept for other addresses."""
+    await publish(served, alice)
+    base = f"/v1/agents/{alice.agent_id}"
+    await put(served, f"{base}/prekeys", alice.upload(ONE_TIME_PREKEYS_PER_MINUTE + 10).to_bytes())
+
+    async def take(http: httpx.AsyncClient) -> int | None:
+        response = await http.get(f"{base}/bundle")
+        bundle = PrekeyBundle.from_bytes(response.content)
+        bundle.verify()
+        return bundle.one_time_prekey_id
+
+    share = [await take(served.http) for _ in range(ONE_TIME_PREKEYS_PER_MINUTE)]
+    assert None not in share
+    assert len(set(share)) == ONE_TIME_PREKEYS_PER_MINUTE
+    assert [await take(served.http) for _ in range(5)] == [None] * 5
+    left = (await served.http.get(f"{base}/prekeys")).json()["one_time_prekeys"]
+    assert left == 10
+    metrics = served.app.state.metrics
+    assert metrics.one_time_prekeys_withheld._value.get() == 5
+    assert metrics.bundles_without_one_time_prekey._value.get() == 0
+    withheld = [r for r in caplog.records if getattr(r, "event", "") == "one_time_prekeys_withheld"]
+    assert len(withheld) == 1  # one warning per address per minute, not one per bundle
+    assert withheld[0].address == "127.0.0.1"
+
+    other = httpx.ASGITransport(app=served.app, client=("10.0.0.2", 4000))
+    async with httpx.AsyncClient(transport=other, base_url="http://registry") as http:
+        assert await take(http) is not None  # another address still gets one
+    clock.advance(60 / ONE_TIME_PREKEYS_PER_MINUTE)
+    assert await take(served.http) is not None  # the share refills with time
+    assert await take(served.http) is None
+
+
+async def test_unbounded_prekeys_when_configured(
+    tmp_path: Path, clock: FakeClock, alice: Agent
+) -> None:
+    with pytest.raises(ConfigurationError):
+        create_app(tmp_path / "r.db", clock=clock, one_time_prekeys_per_minute=-1)
+    app = create_app(tmp_path / "r.db", clock=clock, one_time_prekeys_per_minute=0)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://registry") as http:
+            served = Served(app, http, transport)
+            await publish(served, alice)
+            base = f"/v1/agents/{alice.agent_id}"
+            count = ONE_TIME_PREKEYS_PER_MINUTE + 5
+            await put(served, f"{base}/prekeys", alice.upload(count).to_bytes())
+            ids = [
+                PrekeyBundle.from_bytes(
+                    (await http.get(f"{base}/bundle")).content
+                ).one_time_prekey_id
+                for _ in range(count)
+            ]
+            assert None not in ids
 
 
 # -- fuzz: malformed input never causes a 5xx ---------------------------------------------
