@@ -43,6 +43,10 @@ from talos.storage.home import AgentHome
 from talos.storage.tokens import TokenStore
 from talos.transport import Link, Transport
 
+#: A peer's messages in flight: message id -> (outbox seq, ACK deadline on the
+#: loop clock, payload bytes).
+InFlight = dict[bytes, tuple[int, float, int]]
+
 #: Fields of a stored session record.
 _SESSION_FIELDS: Final = frozenset({"v", "s", "x"})
 
@@ -100,7 +104,7 @@ class ClientBase:
     _remover: asyncio.Task[None] | None
     _flushers: dict[str, asyncio.Task[None]]
     _wakeups: dict[str, asyncio.Event]
-    _inflight: dict[str, dict[bytes, tuple[int, float]]]
+    _inflight: dict[str, InFlight]
     _outgoing: dict[str, list[tuple[bytes, bytes]]]
     _inbox_ready: asyncio.Event
     _takers: collections.deque[asyncio.Future[InboxMessage]]

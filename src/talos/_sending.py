@@ -19,7 +19,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from talos._client_base import ClientBase, _session_record
+from talos._client_base import ClientBase, InFlight, _session_record
 from talos.audit import AuditKind
 from talos.core import wire
 from talos.core.capability import Capability, CapabilityPolicy, verify
@@ -51,7 +51,11 @@ _log = logging.getLogger("talos.client")
 #: How long one transmission waits for its ACK before it is retried.
 ACK_TIMEOUT: Final = 10.0
 #: Messages in flight to one peer at a time (sent back to back, one commit).
-SEND_WINDOW: Final = 64
+SEND_WINDOW: Final = 256
+#: Payload bytes in flight to one peer at a time (one message always may be):
+#: large messages must not wait behind so many others that their ACK_TIMEOUT
+#: runs out on a slow link (4 MiB at 1 MB/s is 4 s).
+SEND_WINDOW_BYTES: Final = 4 * 1024 * 1024
 #: Least time between two automatic session resets for one peer.
 RESET_INTERVAL: Final = 5.0
 
@@ -230,9 +234,11 @@ class SendingMixin(ClientBase):
                 or link is None
                 or not link.is_open
                 or len(inflight) + len(mine) > SEND_WINDOW
+                or _bytes_in_flight(inflight) + sum(len(r.payload) for r in mine)
+                > SEND_WINDOW_BYTES
             ):
                 continue
-            after = max((seq for seq, _ in inflight.values()), default=None)
+            after = max((seq for seq, _, _ in inflight.values()), default=None)
             if self._state.pending(peer, after=after, limit=1):
                 continue  # older messages wait for the delivery loop: keep the order
             session = current[0]
@@ -254,6 +260,7 @@ class SendingMixin(ClientBase):
         self._inflight.setdefault(item.peer, {})[item.message_id] = (
             item.seq,
             loop.time() + ACK_TIMEOUT,
+            len(item.payload),
         )
         self._outgoing.setdefault(item.peer, []).append((item.message_id, frame))
 
@@ -391,8 +398,12 @@ class SendingMixin(ClientBase):
                 window = self._window_size(peer)
                 room = window - len(inflight)
                 if room > 0 and (not inflight or room >= max(1, window // 4)):
-                    after = max((seq for seq, _ in inflight.values()), default=None)
-                    items = self._state.pending(peer, after=after, limit=room)
+                    after = max((seq for seq, _, _ in inflight.values()), default=None)
+                    items = _within_bytes(
+                        self._state.pending(peer, after=after, limit=room),
+                        SEND_WINDOW_BYTES - _bytes_in_flight(inflight),
+                        at_least_one=not inflight,
+                    )
                     if items:
                         head = head or items[0].message_id
                         if await self._transmit(peer, items, inflight):
@@ -433,7 +444,7 @@ class SendingMixin(ClientBase):
         current = self._sessions.get(peer)
         return SEND_WINDOW if current is not None and current[1] is None else 1
 
-    def _settle_inflight(self, peer: str, inflight: dict[bytes, tuple[int, float]]) -> bool:
+    def _settle_inflight(self, peer: str, inflight: InFlight) -> bool:
         """Forget in-flight messages that are done (acknowledged, refused or given up);
         True if any was.
 
@@ -451,7 +462,7 @@ class SendingMixin(ClientBase):
         for message_id in done:
             del inflight[message_id]
         now = asyncio.get_running_loop().time()
-        for message_id, (_, deadline) in inflight.items():
+        for message_id, (_, deadline, _) in inflight.items():
             nack = self._nacks.get(message_id)
             if nack is not None and nack.is_set():
                 raise SessionError(f"{peer} could not decrypt or accept a message yet; retrying")
@@ -459,9 +470,7 @@ class SendingMixin(ClientBase):
                 raise DeliveryTimeout(f"no ACK from {peer} within {ACK_TIMEOUT:g} s")
         return bool(done)
 
-    async def _await_progress(
-        self, peer: str, wake: asyncio.Event, inflight: dict[bytes, tuple[int, float]]
-    ) -> None:
+    async def _await_progress(self, peer: str, wake: asyncio.Event, inflight: InFlight) -> None:
         """Wait for news about ``peer`` (an ACK, an ERROR, a new message) or the
         oldest ACK deadline.
 
@@ -472,7 +481,7 @@ class SendingMixin(ClientBase):
         if link is None or not link.is_open:
             raise PeerUnreachable(f"the connection to {peer} closed before the ACKs")
         loop = asyncio.get_running_loop()
-        timeout = max(0.0, min(deadline for _, deadline in inflight.values()) - loop.time())
+        timeout = max(0.0, min(deadline for _, deadline, _ in inflight.values()) - loop.time())
         woken = asyncio.ensure_future(wake.wait())
         dropped = asyncio.ensure_future(link.closed.wait())
         try:
@@ -485,9 +494,7 @@ class SendingMixin(ClientBase):
         if dropped.done() and not dropped.cancelled():
             raise PeerUnreachable(f"the connection to {peer} closed before the ACKs")
 
-    async def _transmit(
-        self, peer: str, items: list[OutboxItem], inflight: dict[bytes, tuple[int, float]]
-    ) -> int:
+    async def _transmit(self, peer: str, items: list[OutboxItem], inflight: InFlight) -> int:
         """Encrypt ``items`` (one commit), transmit them back to back and note them in
         flight; returns how many were transmitted.
 
@@ -513,7 +520,7 @@ class SendingMixin(ClientBase):
         for item, frame in sealed:
             self._nacks.setdefault(item.message_id, asyncio.Event()).clear()
             self._sent_at[item.message_id] = self._clock.time()
-            inflight[item.message_id] = (item.seq, deadline)
+            inflight[item.message_id] = (item.seq, deadline, len(item.payload))
             await link.send(frame)
         return len(sealed)
 
@@ -805,3 +812,19 @@ def _retrieve(future: asyncio.Future[None]) -> None:
     """Mark a future's outcome as seen (queued sends may be refused much later)."""
     if not future.cancelled():
         future.exception()
+
+
+def _bytes_in_flight(inflight: InFlight) -> int:
+    return sum(size for _, _, size in inflight.values())
+
+
+def _within_bytes(items: list[OutboxItem], budget: int, *, at_least_one: bool) -> list[OutboxItem]:
+    """The longest prefix of ``items`` whose payloads fit in ``budget`` bytes (at
+    least the first when ``at_least_one``: a message larger than the budget still goes,
+    alone)."""
+    taken = 0
+    for count, item in enumerate(items):
+        taken += len(item.payload)
+        if taken > budget:
+            return items[: max(count, 1 if at_least_one else 0)]
+    return items

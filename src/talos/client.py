@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from talos._client_base import _SESSION_FIELDS as _SESSION_FIELDS
-from talos._client_base import _load_session
+from talos._client_base import InFlight, _load_session
 from talos._client_base import _session_record as _session_record
 from talos._receiving import _REFUSAL_EVENTS as _REFUSAL_EVENTS
 from talos._receiving import _SECURITY_REFUSALS as _SECURITY_REFUSALS
@@ -282,7 +282,7 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         #: Per peer: messages transmitted and not yet acknowledged, id → (outbox
         #: seq, ACK deadline), and frames encrypted by the send fast path that
         #: the peer's delivery loop transmits next.
-        self._inflight: dict[str, dict[bytes, tuple[int, float]]] = {}
+        self._inflight: dict[str, InFlight] = {}
         self._outgoing: dict[str, list[tuple[bytes, bytes]]] = {}
         self._inbox_ready = asyncio.Event()
         #: receive(auto_ack=True) calls waiting for a message: the next receive

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from talos._sending import SEND_WINDOW_BYTES
 from talos.audit import AuditLog
 from talos.client import TalosClient
 from talos.core import wire
@@ -680,6 +681,32 @@ async def test_concurrent_sends_share_commits_and_arrive_in_order(tmp_path: Path
         assert a._log is not None  # noqa: SLF001
         # Every message is audited as sent and delivered, whatever the batching.
         assert a._log.size - size >= 400  # noqa: SLF001
+
+
+async def test_large_messages_are_windowed_by_bytes(tmp_path: Path) -> None:
+    """Twelve 800 kB messages at once: never more than SEND_WINDOW_BYTES of payload in
+    flight (so the last one's ACK deadline is not spent waiting behind the others),
+    all delivered, in order."""
+    async with introduced(tmp_path) as (a, b):
+        seen: list[int] = []
+        sampling = True
+
+        async def sample_in_flight() -> None:
+            while sampling:
+                inflight = a._inflight.get(b.agent_id, {})  # noqa: SLF001 -- the window
+                seen.append(sum(size for _, _, size in inflight.values()))
+                await asyncio.sleep(0.001)
+
+        sampler = asyncio.create_task(sample_in_flight())
+        blobs = [bytes([n]) * 800_000 for n in range(12)]
+        results = await asyncio.gather(*(a.send(b.agent_id, blob, timeout=60) for blob in blobs))
+        sampling = False
+        await sampler
+        assert {r.status for r in results} == {"delivered"}
+        assert max(seen) <= SEND_WINDOW_BYTES < sum(map(len, blobs))
+        assert max(seen) > 800_000  # several were in flight together, not one at a time
+        got = [await b.receive(timeout=10) for _ in blobs]
+        assert [m.data for m in got if m is not None] == blobs
 
 
 async def test_a_new_peer_is_reached_through_the_dht_alone(tmp_path: Path) -> None:
