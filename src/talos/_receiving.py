@@ -210,6 +210,7 @@ class ReceivingMixin(ClientBase):
                 remote=link.remote,
             )
             return
+        link.mark_verified()  # a signed envelope for us: this link keeps its place
         if self._instances.observe(sender, envelope.sender_instance):
             self.metrics.duplicate_instance_detected()
             _log.warning(

@@ -87,6 +87,7 @@ EVENTS: Final = frozenset(
         "unknown_sender",
         "refused",
         "connection_limit",
+        "unverified_link",
         "registry_reachable",
         "message_lost",
         # the registry

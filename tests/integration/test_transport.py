@@ -14,10 +14,16 @@ from talos.transport import Link, Transport
 
 
 class Inbox:
-    def __init__(self) -> None:
+    """Collects frames; with ``verify`` it treats a frame starting with ``b"v"`` as a
+    verified envelope (as the client does after checking a signature)."""
+
+    def __init__(self, *, verify: bool = False) -> None:
         self.frames: asyncio.Queue[tuple[Link, bytes]] = asyncio.Queue()
+        self._verify = verify
 
     async def __call__(self, link: Link, frame: bytes) -> None:
+        if self._verify and frame.startswith(b"v"):
+            link.mark_verified()
         await self.frames.put((link, frame))
 
     async def next(self) -> tuple[Link, bytes]:
@@ -122,7 +128,8 @@ async def test_incoming_links_are_capped_and_outgoing_ones_are_not(
 ) -> None:
     """Past max_incoming, handshakes get 503; closing one link frees a place."""
     server_in = Inbox()
-    server = Transport(server_in, max_incoming=2)
+    # Links here never verify, and are never old enough to be displaced.
+    server = Transport(server_in, max_incoming=2, evictable_after=60.0)
     clients = [Transport(Inbox()) for _ in range(4)]
     try:
         host, port = await server.listen("127.0.0.1", 0)
@@ -162,7 +169,7 @@ async def test_one_remote_address_cannot_take_every_place(
     """Past max_per_host links from one address, that address is refused (503) while
     another address still gets in."""
     server_in = Inbox()
-    server = Transport(server_in, max_incoming=10, max_per_host=2)
+    server = Transport(server_in, max_incoming=10, max_per_host=2, evictable_after=60.0)
     opened = []
     try:
         host, port = await server.listen("127.0.0.1", 0)
@@ -182,5 +189,82 @@ async def test_one_remote_address_cannot_take_every_place(
         assert frame == b"\x00other"
     finally:
         for socket in opened:
+            await socket.close()
+        await server.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unverified_incoming_link_is_closed_after_verify_within(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A connection that sends nothing verifiable loses its place; a verified one keeps it."""
+    server_in = Inbox(verify=True)
+    server = Transport(server_in, verify_within=0.3)
+    try:
+        host, port = await server.listen("127.0.0.1", 0)
+        endpoint = f"ws://{host}:{port}"
+        with caplog.at_level("WARNING", logger="talos.transport"):
+            silent = await connect(endpoint)
+            talker = await connect(endpoint)
+            await talker.send(b"unverifiable")
+            peer = await connect(endpoint)
+            await peer.send(b"v: a verified envelope")
+            for _ in range(2):
+                await server_in.next()
+            await asyncio.wait_for(silent.wait_closed(), 5)
+            await asyncio.wait_for(talker.wait_closed(), 5)
+        assert server.unverified_closed == 2
+        events = [getattr(r, "event", None) for r in caplog.records]
+        assert events == ["unverified_link", "unverified_link"]
+        await asyncio.sleep(0.3)  # past verify_within: the verified link is still served
+        await peer.send(b"still here")
+        _, frame = await server_in.next()
+        assert frame == b"still here"
+        await peer.close()
+    finally:
+        await server.close()
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_unverified_links_cannot_keep_a_peer_out() -> None:
+    """Every place held by idle connections from one address after another: a newcomer
+    displaces the oldest idle one; a verified peer is never displaced."""
+    server_in = Inbox(verify=True)
+    server = Transport(server_in, max_incoming=3, evictable_after=0.1, verify_within=60.0)
+    flood = []
+    try:
+        host, port = await server.listen("127.0.0.1", 0)
+        endpoint = f"ws://{host}:{port}"
+        for n in range(3):
+            flood.append(await connect(endpoint, local_addr=(f"127.0.0.{10 + n}", 0)))
+        await asyncio.sleep(0.15)
+        peer = await connect(endpoint, local_addr=("127.0.0.3", 0))  # admitted, not 503
+        await peer.send(b"v: hello")
+        _, frame = await server_in.next()
+        assert frame == b"v: hello"
+        await asyncio.wait_for(flood[0].wait_closed(), 5)  # the oldest idle one went
+        for n in range(4):  # the flood goes on: it only displaces itself
+            await asyncio.sleep(0.15)
+            flood.append(await connect(endpoint, local_addr=(f"127.0.0.{20 + n}", 0)))
+        await peer.send(b"v: still here")
+        _, frame = await server_in.next()
+        assert frame == b"v: still here"
+        assert server.unverified_closed == 5
+        assert server.refused == 0
+        # Two more peers take the last places held by the flood; with every place
+        # verified, a newcomer is refused.
+        await asyncio.sleep(0.15)
+        peers = [peer]
+        for n in range(2):
+            peers.append(await connect(endpoint, local_addr=(f"127.0.0.{4 + n}", 0)))
+            await peers[-1].send(b"v: me too")
+            await server_in.next()
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(endpoint, local_addr=("127.0.0.6", 0))
+        assert refused.value.response.status_code == 503
+        for one in peers:
+            await one.close()
+    finally:
+        for socket in flood:
             await socket.close()
         await server.close()

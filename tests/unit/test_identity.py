@@ -69,3 +69,25 @@ def test_repr_never_shows_secrets(rng: SeededRng, clock: FakeClock) -> None:
     for secret in (a.signing_key.seed(), a.dh_key.private_bytes(), a.next_signing_key.seed()):
         assert secret.hex() not in text
         assert secret.hex()[:16] not in text
+
+
+def test_no_identity_or_key_log_exists_unverified(rng: SeededRng, clock: FakeClock) -> None:
+    """The constructors cannot be used to skip verification."""
+    import dataclasses
+
+    from talos.core.crypto import SigningKey
+    from talos.core.keylog import KeyLog
+
+    identity = Identity.create("alice", rng=rng, clock=clock)
+    log = identity.keylog
+    with pytest.raises(TypeError, match="KeyLog.verify"):
+        KeyLog(log.events, log.state, _verified=object())
+    assert KeyLog.verify(log.events).state == log.state  # the way in
+    stranger = SigningKey.generate(rng)
+    with pytest.raises(KeyLogInvalid, match="signing key"):
+        dataclasses.replace(identity, signing_key=stranger)
+    with pytest.raises(KeyLogInvalid, match="pre-rotated"):
+        dataclasses.replace(identity, next_signing_key=stranger)
+    other = Identity.create("bob", rng=rng, clock=clock)
+    with pytest.raises(KeyLogInvalid):
+        dataclasses.replace(identity, keylog=other.keylog)

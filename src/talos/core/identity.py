@@ -42,7 +42,12 @@ def fingerprint(public_key: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """An agent's secrets and its verified key event log."""
+    """An agent's secrets and its verified key event log.
+
+    Build one with :meth:`create`, :meth:`rotate` or :meth:`from_secret_bytes`;
+    the constructor itself refuses secrets that do not match the log
+    (``KeyLogInvalid``).
+    """
 
     name: str
     signing_key: SigningKey
@@ -130,15 +135,21 @@ class Identity:
         for key in ("sk", "dh", "next"):
             if len(raw[key]) != KEY_SIZE:
                 raise MalformedFrame(f"identity field {key!r} must be {KEY_SIZE} bytes")
-        identity = cls(
+        return cls(
             name,
             SigningKey(raw["sk"]),
             DHKey(raw["dh"]),
             SigningKey(raw["next"]),
             KeyLog.from_bytes(raw["log"]),
         )
-        identity._check_consistent()
-        return identity
+
+    def __post_init__(self) -> None:
+        """Every identity, however built, holds the keys its verified log names.
+
+        Raises:
+            KeyLogInvalid: a secret key does not match the log.
+        """
+        self._check_consistent()
 
     def _check_consistent(self) -> None:
         state = self.keylog.state

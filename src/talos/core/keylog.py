@@ -173,6 +173,10 @@ class KeyState:
     last_digest: bytes
 
 
+#: Proof, inside this module, that a KeyLog's events were verified.
+_VERIFIED: Final = object()
+
+
 class KeyLog:
     """A verified, linear key event log.
 
@@ -182,7 +186,15 @@ class KeyLog:
 
     __slots__ = ("_events", "_state")
 
-    def __init__(self, events: tuple[KeyEvent, ...], state: KeyState) -> None:
+    def __init__(self, events: tuple[KeyEvent, ...], state: KeyState, *, _verified: object) -> None:
+        """Not for direct use: a log exists only once its events verified.
+
+        Raises:
+            TypeError: called from outside this module (use :meth:`verify`,
+                :meth:`from_bytes` or :meth:`incept`).
+        """
+        if _verified is not _VERIFIED:
+            raise TypeError("build a KeyLog with KeyLog.verify, from_bytes or incept")
         self._events = events
         self._state = state
 
@@ -212,7 +224,7 @@ class KeyLog:
         state = _inception_state(events[0])
         for event in events[1:]:
             state = _apply_rotation(state, event)
-        return cls(tuple(events), state)
+        return cls(tuple(events), state, _verified=_VERIFIED)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KeyLog:
@@ -285,7 +297,7 @@ class KeyLog:
                 f"fork: a different key event with sequence {seq} is already known", sequence=seq
             )
         state = _apply_rotation(self._state, event)
-        return KeyLog((*self._events, event), state)
+        return KeyLog((*self._events, event), state, _verified=_VERIFIED)
 
     def extend(self, events: Sequence[KeyEvent]) -> KeyLog:
         """Accept a peer's copy of this log that may be longer.

@@ -32,7 +32,17 @@ class Link:
         self.outgoing = outgoing
         #: The agent at the other end, once an authenticated envelope named it.
         self.peer: str | None = None
+        #: Whether a frame whose signature verified has arrived on this link
+        #: (:meth:`mark_verified`); an incoming link without one is evictable.
+        self.verified = False
+        #: When the link opened, on the event loop's clock.
+        self.opened_at = asyncio.get_running_loop().time()
         self.closed = asyncio.Event()
+
+    def mark_verified(self) -> None:
+        """Note that a correctly signed envelope arrived here: the link is a peer's,
+        not (only) a connection holding a place."""
+        self.verified = True
 
     @property
     def remote(self) -> str:
@@ -103,16 +113,28 @@ MAX_INCOMING: Final = 256
 #: Of those, the most from one remote address: one flooding host cannot take
 #: every place (agents behind one NAT share an address, hence a generous share).
 MAX_INCOMING_PER_HOST: Final = 64
+#: Seconds an incoming link may stay open without a verified envelope. A peer
+#: sends one (its revocation list) as soon as it connects.
+VERIFY_WITHIN: Final = 10.0
+#: An unverified incoming link younger than this is not evicted for a newcomer,
+#: so a flood cannot push a real peer out before its first frame is checked.
+EVICTABLE_AFTER: Final = 0.5
 
 
 class Transport:
     """Listens for links and opens them; every received frame goes to ``on_frame``.
 
     At most ``max_incoming`` incoming links are open at once, and at most
-    ``max_per_host`` from one remote address: a further handshake is
-    answered HTTP 503 before any frame is read, so a flood of connections
-    costs a socket each, not a pump, one host cannot take every place, and
-    links this agent opened itself are never displaced.
+    ``max_per_host`` from one remote address. An incoming link earns its
+    place with a verified envelope (:meth:`Link.mark_verified`, called by
+    the client): one that has none after ``verify_within`` seconds is
+    closed, and when the places are taken a newcomer displaces the oldest
+    unverified link (at least ``evictable_after`` seconds old) rather than
+    being refused. Only when every place is held by a verified or very new
+    link is a further handshake answered HTTP 503, before any frame is
+    read. So a flood of connections, from however many addresses, can only
+    churn among its own connections; verified peers and the links this
+    agent opened itself are never displaced.
     """
 
     def __init__(
@@ -125,12 +147,18 @@ class Transport:
         max_frame: int = MAX_FRAME_SIZE,
         max_incoming: int = MAX_INCOMING,
         max_per_host: int = MAX_INCOMING_PER_HOST,
+        verify_within: float = VERIFY_WITHIN,
+        evictable_after: float = EVICTABLE_AFTER,
     ) -> None:
         self._on_frame = on_frame
         self._max_incoming = max_incoming
         self._max_per_host = max_per_host
+        self._verify_within = verify_within
+        self._evictable_after = evictable_after
         #: Handshakes refused because ``max_incoming`` links were open.
         self.refused = 0
+        #: Incoming links closed without a verified envelope (timed out or displaced).
+        self.unverified_closed = 0
         self._options: dict[str, Any] = {
             "compression": None,
             "max_size": max_frame,
@@ -159,14 +187,22 @@ class Transport:
         return str(bound[0]), int(bound[1])
 
     def _admit(self, connection: ServerConnection, request: Any) -> Any:
-        """Refuse the handshake (503) when ``max_incoming`` incoming links are open,
-        or ``max_per_host`` from the same remote address."""
+        """Admit the handshake, displacing the oldest unverified link if the places
+        are taken; refuse it (503) when ``max_incoming`` incoming links, or
+        ``max_per_host`` from the same remote address, hold their places."""
         del request
         address: Any = connection.remote_address
         host = str(address[0]) if address else "?"
-        incoming = [link for link in self._links if not link.outgoing]
-        from_host = sum(1 for link in incoming if link.remote_host == host)
-        if len(incoming) < self._max_incoming and from_host < self._max_per_host:
+        incoming = [link for link in self._links if not link.outgoing and link.is_open]
+        from_host = [link for link in incoming if link.remote_host == host]
+        if len(incoming) < self._max_incoming and len(from_host) < self._max_per_host:
+            return None
+        # Full: a place held without a verified envelope goes to the newcomer.
+        crowded = from_host if len(from_host) >= self._max_per_host else incoming
+        ripe = asyncio.get_running_loop().time() - self._evictable_after
+        unverified = [link for link in crowded if not link.verified and link.opened_at <= ripe]
+        if unverified:
+            self._drop_unverified(min(unverified, key=lambda link: link.opened_at), host)
             return None
         self.refused += 1
         if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, 8th...: no log flood
@@ -176,17 +212,48 @@ class Transport:
                 host,
                 len(incoming),
                 self._max_incoming,
-                from_host,
+                len(from_host),
                 self._max_per_host,
                 self.refused,
                 extra={"event": "connection_limit", "refused": self.refused, "remote": host},
             )
         return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
 
+    def _drop_unverified(self, link: Link, newcomer: str | None) -> None:
+        """Close an incoming link that holds a place without a verified envelope."""
+        self._links.discard(link)  # its place is free now, not when the close completes
+        link.closed.set()
+        task = asyncio.ensure_future(link.close())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self.unverified_closed += 1
+        if self.unverified_closed & (self.unverified_closed - 1) == 0:  # 1st, 2nd, 4th...
+            why = "timed out" if newcomer is None else f"displaced by a connection from {newcomer}"
+            _log.warning(
+                "closed an incoming link from %s without a verified envelope (%s); "
+                "%d closed so far",
+                link.remote_host,
+                why,
+                self.unverified_closed,
+                extra={
+                    "event": "unverified_link",
+                    "remote": link.remote_host,
+                    "closed": self.unverified_closed,
+                },
+            )
+
     async def _accept(self, socket: ServerConnection) -> None:
         link = Link(socket, outgoing=False)
         self._track(link)
-        await link.pump(self._on_frame)
+        expiry = asyncio.get_running_loop().call_later(self._verify_within, self._expire, link)
+        try:
+            await link.pump(self._on_frame)
+        finally:
+            expiry.cancel()
+
+    def _expire(self, link: Link) -> None:
+        if link.is_open and not link.verified:
+            self._drop_unverified(link, None)
 
     async def connect(self, endpoint: str) -> Link:
         """Open a link to ``endpoint`` (``ws://host:port``) and start pumping its frames.
