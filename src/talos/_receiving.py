@@ -210,7 +210,6 @@ class ReceivingMixin(ClientBase):
                 remote=link.remote,
             )
             return
-        link.mark_verified()  # a signed envelope for us: this link keeps its place
         if self._instances.observe(sender, envelope.sender_instance):
             self.metrics.duplicate_instance_detected()
             _log.warning(
@@ -328,6 +327,9 @@ class ReceivingMixin(ClientBase):
             )
             return
         del data  # decoded only to refuse undecodable payloads before committing
+        # Signed, fresh, not a replay, authorized, decrypted: this link is a peer's and
+        # keeps its place against floods of idle connections (see Transport).
+        link.mark_verified(sender)
         if not established:
             # Committed with whatever else arrives in this event-loop tick (one
             # fsync for all), then acknowledged: see _flush_receives.

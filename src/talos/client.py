@@ -280,8 +280,8 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         self._flushers: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         #: Per peer: messages transmitted and not yet acknowledged, id → (outbox
-        #: seq, ACK deadline), and frames encrypted by the send fast path that
-        #: the peer's delivery loop transmits next.
+        #: seq, ACK deadline, payload bytes), and frames encrypted by the send
+        #: fast path that the peer's delivery loop transmits next.
         self._inflight: dict[str, InFlight] = {}
         self._outgoing: dict[str, list[tuple[bytes, bytes]]] = {}
         self._inbox_ready = asyncio.Event()

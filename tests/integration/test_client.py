@@ -709,17 +709,17 @@ async def test_large_messages_are_windowed_by_bytes(tmp_path: Path) -> None:
         assert [m.data for m in got if m is not None] == blobs
 
 
-async def test_a_peers_link_is_marked_verified_by_its_first_signed_envelope(
+async def test_a_peers_link_is_marked_verified_by_its_first_accepted_message(
     tmp_path: Path,
 ) -> None:
-    """The receive path marks the incoming link once a signature verified: that link
-    keeps its place against floods of idle connections (tests/integration/test_transport.py)."""
+    """The receive path marks the incoming link once a message passed every check:
+    that link keeps its place against floods (tests/integration/test_transport.py)."""
     async with introduced(tmp_path) as (a, b):
         await a.send(b.agent_id, "hello", timeout=10)
         assert b._transport is not None  # noqa: SLF001 -- the links
         incoming = [link for link in b._transport._links if not link.outgoing]  # noqa: SLF001
         assert incoming
-        assert all(link.verified for link in incoming)
+        assert [link.verified_by for link in incoming] == [a.agent_id] * len(incoming)
 
 
 async def test_a_new_peer_is_reached_through_the_dht_alone(tmp_path: Path) -> None:

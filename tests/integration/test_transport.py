@@ -14,16 +14,16 @@ from talos.transport import Link, Transport
 
 
 class Inbox:
-    """Collects frames; with ``verify`` it treats a frame starting with ``b"v"`` as a
-    verified envelope (as the client does after checking a signature)."""
+    """Collects frames; with ``verify`` it treats a frame ``b"v:NAME ..."`` as a message
+    from NAME that passed every check (as the client does before committing it)."""
 
     def __init__(self, *, verify: bool = False) -> None:
         self.frames: asyncio.Queue[tuple[Link, bytes]] = asyncio.Queue()
         self._verify = verify
 
     async def __call__(self, link: Link, frame: bytes) -> None:
-        if self._verify and frame.startswith(b"v"):
-            link.mark_verified()
+        if self._verify and frame.startswith(b"v:"):
+            link.mark_verified(frame[2:].split()[0].decode())
         await self.frames.put((link, frame))
 
     async def next(self) -> tuple[Link, bytes]:
@@ -208,7 +208,7 @@ async def test_an_unverified_incoming_link_is_closed_after_verify_within(
             talker = await connect(endpoint)
             await talker.send(b"unverifiable")
             peer = await connect(endpoint)
-            await peer.send(b"v: a verified envelope")
+            await peer.send(b"v:alice an accepted message")
             for _ in range(2):
                 await server_in.next()
             await asyncio.wait_for(silent.wait_closed(), 5)
@@ -239,16 +239,16 @@ async def test_a_flood_of_unverified_links_cannot_keep_a_peer_out() -> None:
             flood.append(await connect(endpoint, local_addr=(f"127.0.0.{10 + n}", 0)))
         await asyncio.sleep(0.15)
         peer = await connect(endpoint, local_addr=("127.0.0.3", 0))  # admitted, not 503
-        await peer.send(b"v: hello")
+        await peer.send(b"v:alice hello")
         _, frame = await server_in.next()
-        assert frame == b"v: hello"
+        assert frame == b"v:alice hello"
         await asyncio.wait_for(flood[0].wait_closed(), 5)  # the oldest idle one went
         for n in range(4):  # the flood goes on: it only displaces itself
             await asyncio.sleep(0.15)
             flood.append(await connect(endpoint, local_addr=(f"127.0.0.{20 + n}", 0)))
-        await peer.send(b"v: still here")
+        await peer.send(b"v:alice still here")
         _, frame = await server_in.next()
-        assert frame == b"v: still here"
+        assert frame == b"v:alice still here"
         assert server.unverified_closed == 5
         assert server.refused == 0
         # Two more peers take the last places held by the flood; with every place
@@ -257,7 +257,7 @@ async def test_a_flood_of_unverified_links_cannot_keep_a_peer_out() -> None:
         peers = [peer]
         for n in range(2):
             peers.append(await connect(endpoint, local_addr=(f"127.0.0.{4 + n}", 0)))
-            await peers[-1].send(b"v: me too")
+            await peers[-1].send(f"v:peer{n} me too".encode())
             await server_in.next()
         with pytest.raises(InvalidStatus) as refused:
             await connect(endpoint, local_addr=("127.0.0.6", 0))
@@ -267,4 +267,54 @@ async def test_a_flood_of_unverified_links_cannot_keep_a_peer_out() -> None:
     finally:
         for socket in flood:
             await socket.close()
+        await server.close()
+
+
+@pytest.mark.asyncio
+async def test_one_sender_keeps_only_its_newest_verified_links() -> None:
+    """Verified links beyond max_verified_per_peer of one sender are displaceable (one
+    identity cannot hold every place); another sender's link is not."""
+    server_in = Inbox(verify=True)
+    server = Transport(server_in, max_incoming=3, evictable_after=0.1, max_verified_per_peer=1)
+    try:
+        host, port = await server.listen("127.0.0.1", 0)
+        endpoint = f"ws://{host}:{port}"
+        old = await connect(endpoint)
+        await old.send(b"v:mallory one")
+        await server_in.next()
+        new = await connect(endpoint)
+        await new.send(b"v:mallory two")
+        await server_in.next()
+        alice = await connect(endpoint)
+        await alice.send(b"v:alice hi")
+        await server_in.next()
+        await asyncio.sleep(0.15)
+        newcomer = await connect(endpoint)
+        await asyncio.wait_for(old.wait_closed(), 5)  # mallory's older link went
+        for socket, text in ((new, b"v:mallory three"), (alice, b"v:alice again")):
+            await socket.send(text)
+            _, frame = await server_in.next()
+            assert frame == text
+        for socket in (new, alice, newcomer):
+            await socket.close()
+    finally:
+        await server.close()
+
+
+@pytest.mark.asyncio
+async def test_a_request_that_is_no_handshake_displaces_nobody() -> None:
+    """Places are only given up for a completed WebSocket handshake."""
+    server = Transport(Inbox(), max_incoming=1, evictable_after=0.0)
+    try:
+        host, port = await server.listen("127.0.0.1", 0)
+        held = await connect(f"ws://{host}:{port}")
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        status = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        assert status.split()[1] in (b"400", b"426")
+        assert server.unverified_closed == 0
+        await held.send(b"still open")
+        await held.close()
+    finally:
         await server.close()

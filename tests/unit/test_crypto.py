@@ -103,3 +103,13 @@ def test_reprs_hide_secrets(rng: SeededRng) -> None:
     sk, dh = SigningKey.generate(rng), DHKey.generate(rng)
     assert sk.seed().hex()[:16] not in repr(sk)
     assert dh.private_bytes().hex()[:16] not in repr(dh)
+
+
+def test_a_signing_key_is_not_pickled_or_copied(rng: SeededRng) -> None:
+    import copy
+    import pickle
+
+    key = SigningKey.generate(rng)
+    for leak in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            leak(key)

@@ -35,3 +35,12 @@ def test_time_going_backwards_grants_nothing() -> None:
 def test_validation() -> None:
     with pytest.raises(ConfigurationError):
         RateLimiter(rate=0, burst=1)
+
+
+def test_forget_drops_a_bucket() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1)
+    assert limiter.allow("k", 0.0)
+    assert not limiter.allow("k", 0.0)
+    limiter.forget("k")
+    limiter.forget("never seen")
+    assert limiter.allow("k", 0.0)  # a fresh bucket

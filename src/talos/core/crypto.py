@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Any
 
 from argon2.low_level import Type as _Argon2Type
 from argon2.low_level import hash_secret_raw as _argon2_hash
@@ -146,6 +147,11 @@ class SigningKey:
 
     def __repr__(self) -> str:
         return f"SigningKey(public={self.public_key.raw.hex()[:16]}...)"
+
+    def __reduce__(self) -> Any:
+        # The seed would travel in clear through pickle or copy: store it with
+        # seed() under encryption (talos.storage.home), never this way.
+        raise TypeError("a SigningKey cannot be pickled or copied")
 
 
 class DHKey:

@@ -42,3 +42,8 @@ class RateLimiter:
         if len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
         return allowed
+
+    def forget(self, key: Hashable) -> None:
+        """Drop ``key``'s bucket (it was charged for something that turned out not to
+        count), so that keys nobody needs cannot push real ones out."""
+        self._buckets.pop(key, None)

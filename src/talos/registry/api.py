@@ -28,6 +28,7 @@ is for scrapers, not clients). Refused submissions are logged at INFO as
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 from typing import Any, Final
 
@@ -56,7 +57,14 @@ from talos.errors import (
 from talos.registry.metrics import CONTENT_TYPE, RegistryMetrics
 from talos.registry.store import DuplicateStatus, Refused, RegistryStore
 
-__all__ = ["CBOR", "MAX_BODY", "install_error_handlers", "metrics_router", "router"]
+__all__ = [
+    "CBOR",
+    "MAX_BODY",
+    "PrekeyLimiter",
+    "install_error_handlers",
+    "metrics_router",
+    "router",
+]
 
 #: Media type of every binary body.
 CBOR: Final = "application/cbor"
@@ -181,6 +189,44 @@ def _binary_ok(what: str) -> dict[int | str, dict[str, Any]]:
 
 
 # -- plumbing -----------------------------------------------------------------------
+
+
+class PrekeyLimiter:
+    """How many one-time prekeys a client may take: ``per_agent`` per minute of each
+    agent's pool, and ten times that per minute across all agents.
+
+    The second bucket bounds how fast one client can cycle through agents, so
+    it cannot push its own per-agent buckets out of the bounded table to start
+    them afresh; requests for unknown agents :meth:`forget` theirs.
+    """
+
+    def __init__(self, per_agent: int) -> None:
+        self._pairs = RateLimiter(rate=per_agent / 60, burst=per_agent, max_keys=65_536)
+        self._clients = RateLimiter(rate=10 * per_agent / 60, burst=10 * per_agent, max_keys=16_384)
+
+    def allow(self, client: str, agent: str, now: float) -> bool:
+        return self._clients.allow(client, now) and self._pairs.allow((client, agent), now)
+
+    def forget(self, client: str, agent: str) -> None:
+        self._pairs.forget((client, agent))
+
+
+def _client_key(request: Request) -> str:
+    """Who is asking, for rate limits: the address uvicorn reports (an IPv6 client
+    by its /64, which one host holds whole). That is the TCP peer's, or the
+    forwarded one when the peer is a proxy uvicorn trusts (``FORWARDED_ALLOW_IPS``,
+    by default only this host): a client's own forwarding header counts for
+    nothing."""
+    host = request.client.host if request.client is not None else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return (
+        str(address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) else host
+    )
 
 
 def _context(request: Request) -> tuple[RegistryStore, Clock]:
@@ -338,11 +384,13 @@ async def get_bundle(agent_id: str, request: Request) -> Response:
     """
     store, clock = _context(request)
     agent = _agent(agent_id)
-    address = request.client.host if request.client is not None else ""
-    limiter: RateLimiter | None = request.app.state.prekey_limiter
-    one_time = limiter is None or limiter.allow((address, agent), clock.monotonic())
+    address = _client_key(request)
+    limiter: PrekeyLimiter | None = request.app.state.prekey_limiter
+    one_time = limiter is None or limiter.allow(address, agent, clock.monotonic())
     bundle = await run_in_threadpool(functools.partial(store.take_bundle, agent, one_time=one_time))
     if bundle is None:
+        if limiter is not None:
+            limiter.forget(address, agent)  # unknown agents must not push real buckets out
         raise PeerNotFound(f"no prekeys for {agent_id}")
     _metrics(request).bundle_served(
         with_one_time_prekey=bundle.one_time_prekey_id is not None, withheld=not one_time

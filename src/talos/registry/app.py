@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute
 from talos.core.clock import Clock, time_ms
 from talos.core.ratelimit import RateLimiter
 from talos.errors import ConfigurationError
-from talos.registry.api import install_error_handlers, metrics_router, router
+from talos.registry.api import PrekeyLimiter, install_error_handlers, metrics_router, router
 from talos.registry.metrics import RegistryMetrics, RequestMetricsMiddleware
 from talos.registry.store import ONE_TIME_PREKEYS_PER_MINUTE, RegistryStore
 from talos.system import SYSTEM_CLOCK
@@ -99,13 +99,7 @@ def create_app(
     install_error_handlers(app)
     app.state.metrics = collectors
     app.state.prekey_limiter = (
-        RateLimiter(
-            rate=one_time_prekeys_per_minute / 60,
-            burst=one_time_prekeys_per_minute,
-            max_keys=65_536,
-        )
-        if one_time_prekeys_per_minute > 0
-        else None
+        PrekeyLimiter(one_time_prekeys_per_minute) if one_time_prekeys_per_minute > 0 else None
     )
     # One warning per address per minute; the metric counts every withheld prekey.
     app.state.prekey_warnings = RateLimiter(rate=1 / 60, burst=1)

@@ -14,7 +14,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, WebSocketException
 
 from talos.core.wire import MAX_FRAME_SIZE
-from talos.errors import PeerUnreachable
+from talos.errors import ConfigurationError, PeerUnreachable
 
 __all__ = ["FrameHandler", "Link", "Transport"]
 
@@ -32,17 +32,23 @@ class Link:
         self.outgoing = outgoing
         #: The agent at the other end, once an authenticated envelope named it.
         self.peer: str | None = None
-        #: Whether a frame whose signature verified has arrived on this link
-        #: (:meth:`mark_verified`); an incoming link without one is evictable.
-        self.verified = False
-        #: When the link opened, on the event loop's clock.
+        #: The agent whose accepted message last arrived here (:meth:`mark_verified`).
+        self.verified_by: str | None = None
+        #: When that was, and when the link opened, on the event loop's clock.
+        self.verified_at: float | None = None
         self.opened_at = asyncio.get_running_loop().time()
         self.closed = asyncio.Event()
 
-    def mark_verified(self) -> None:
-        """Note that a correctly signed envelope arrived here: the link is a peer's,
-        not (only) a connection holding a place."""
-        self.verified = True
+    @property
+    def verified(self) -> bool:
+        return self.verified_by is not None
+
+    def mark_verified(self, sender: str) -> None:
+        """Note that a message from ``sender`` arrived here and was accepted (signed,
+        fresh, not a replay, authorized, decrypted): the link is a peer's, not a
+        connection holding a place. The client calls this; see :class:`Transport`."""
+        self.verified_by = sender
+        self.verified_at = asyncio.get_running_loop().time()
 
     @property
     def remote(self) -> str:
@@ -113,12 +119,15 @@ MAX_INCOMING: Final = 256
 #: Of those, the most from one remote address: one flooding host cannot take
 #: every place (agents behind one NAT share an address, hence a generous share).
 MAX_INCOMING_PER_HOST: Final = 64
-#: Seconds an incoming link may stay open without a verified envelope. A peer
-#: sends one (its revocation list) as soon as it connects.
+#: Seconds an incoming link may stay open without an accepted message. A peer
+#: connects to send one; an idle link it opened is simply opened again later.
 VERIFY_WITHIN: Final = 10.0
-#: An unverified incoming link younger than this is not evicted for a newcomer,
-#: so a flood cannot push a real peer out before its first frame is checked.
-EVICTABLE_AFTER: Final = 0.5
+#: An incoming link younger than this is not displaced by a newcomer, so that a
+#: real peer has time for its first message (a key-log lookup may precede it).
+EVICTABLE_AFTER: Final = 2.0
+#: Verified incoming links kept per sending agent; its older ones are
+#: displaceable like unverified ones (one identity cannot hold every place).
+MAX_VERIFIED_PER_PEER: Final = 4
 
 
 class Transport:
@@ -126,15 +135,16 @@ class Transport:
 
     At most ``max_incoming`` incoming links are open at once, and at most
     ``max_per_host`` from one remote address. An incoming link earns its
-    place with a verified envelope (:meth:`Link.mark_verified`, called by
-    the client): one that has none after ``verify_within`` seconds is
-    closed, and when the places are taken a newcomer displaces the oldest
-    unverified link (at least ``evictable_after`` seconds old) rather than
-    being refused. Only when every place is held by a verified or very new
-    link is a further handshake answered HTTP 503, before any frame is
-    read. So a flood of connections, from however many addresses, can only
-    churn among its own connections; verified peers and the links this
-    agent opened itself are never displaced.
+    place with an accepted message (:meth:`Link.mark_verified`, called by
+    the client once a message passed every check): one without after
+    ``verify_within`` seconds is closed. When the places are taken, a
+    newcomer that completes its WebSocket handshake displaces the oldest
+    displaceable link: unverified, or beyond the newest
+    ``max_verified_per_peer`` of the same sender, and at least
+    ``evictable_after`` seconds old. When there is none, the handshake is
+    answered HTTP 503 before any frame is read. So a flood of connections,
+    from however many addresses, churns among its own connections, and the
+    links this agent opened itself are never displaced.
     """
 
     def __init__(
@@ -149,7 +159,16 @@ class Transport:
         max_per_host: int = MAX_INCOMING_PER_HOST,
         verify_within: float = VERIFY_WITHIN,
         evictable_after: float = EVICTABLE_AFTER,
+        max_verified_per_peer: int = MAX_VERIFIED_PER_PEER,
     ) -> None:
+        """Raises:
+        ConfigurationError: a limit is not positive (``evictable_after`` may be 0).
+        """
+        if min(max_incoming, max_per_host, max_verified_per_peer) < 1 or not (
+            verify_within > 0 and evictable_after >= 0
+        ):
+            raise ConfigurationError("transport limits must be positive")
+        self._max_verified_per_peer = max_verified_per_peer
         self._on_frame = on_frame
         self._max_incoming = max_incoming
         self._max_per_host = max_per_host
@@ -187,23 +206,16 @@ class Transport:
         return str(bound[0]), int(bound[1])
 
     def _admit(self, connection: ServerConnection, request: Any) -> Any:
-        """Admit the handshake, displacing the oldest unverified link if the places
-        are taken; refuse it (503) when ``max_incoming`` incoming links, or
-        ``max_per_host`` from the same remote address, hold their places."""
+        """Refuse the handshake (503) when the places are taken (``max_incoming``
+        incoming links, or ``max_per_host`` from the same remote address) and none
+        can be displaced. Nothing is displaced here: only a completed handshake
+        does that (:meth:`_make_room`), so a malformed request cannot."""
         del request
         address: Any = connection.remote_address
         host = str(address[0]) if address else "?"
-        incoming = [link for link in self._links if not link.outgoing and link.is_open]
-        from_host = [link for link in incoming if link.remote_host == host]
-        if len(incoming) < self._max_incoming and len(from_host) < self._max_per_host:
+        if self._displaceable(host, exclude=None) is not False:
             return None
-        # Full: a place held without a verified envelope goes to the newcomer.
-        crowded = from_host if len(from_host) >= self._max_per_host else incoming
-        ripe = asyncio.get_running_loop().time() - self._evictable_after
-        unverified = [link for link in crowded if not link.verified and link.opened_at <= ripe]
-        if unverified:
-            self._drop_unverified(min(unverified, key=lambda link: link.opened_at), host)
-            return None
+        incoming, from_host = self._incoming(host)
         self.refused += 1
         if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, 8th...: no log flood
             _log.warning(
@@ -219,8 +231,52 @@ class Transport:
             )
         return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
 
-    def _drop_unverified(self, link: Link, newcomer: str | None) -> None:
-        """Close an incoming link that holds a place without a verified envelope."""
+    def _incoming(self, host: str) -> tuple[list[Link], list[Link]]:
+        incoming = [link for link in self._links if not link.outgoing and link.is_open]
+        return incoming, [link for link in incoming if link.remote_host == host]
+
+    def _displaceable(self, host: str, *, exclude: Link | None) -> Link | None | bool:
+        """``None`` if a link from ``host`` fits; else the link to displace for it,
+        or ``False`` when every place is held (``exclude`` does not count)."""
+        incoming, from_host = self._incoming(host)
+        incoming = [link for link in incoming if link is not exclude]
+        from_host = [link for link in from_host if link is not exclude]
+        if len(incoming) < self._max_incoming and len(from_host) < self._max_per_host:
+            return None
+        crowded = from_host if len(from_host) >= self._max_per_host else incoming
+        newest: dict[str, list[float]] = {}
+        for link in incoming:
+            if link.verified_by is not None and link.verified_at is not None:
+                newest.setdefault(link.verified_by, []).append(link.verified_at)
+        kept = {
+            sender: sorted(times)[-self._max_verified_per_peer :]
+            for sender, times in newest.items()
+        }
+        ripe = asyncio.get_running_loop().time() - self._evictable_after
+        candidates = [
+            link
+            for link in crowded
+            if link.opened_at <= ripe
+            and (link.verified_by is None or link.verified_at not in kept[link.verified_by])
+        ]
+        return min(candidates, key=lambda link: link.opened_at) if candidates else False
+
+    def _make_room(self, link: Link) -> None:
+        """After ``link``'s handshake: if it took a place that was not free,
+        displace the oldest displaceable link, or close ``link`` itself when
+        another newcomer took that one first."""
+        victim = self._displaceable(link.remote_host, exclude=link)
+        if victim is None:
+            return
+        if victim is False:
+            self.refused += 1
+            self._drop(link, "no place left for it")
+            return
+        assert isinstance(victim, Link)  # noqa: S101 -- narrowed for mypy
+        self._drop(victim, f"displaced by a connection from {link.remote_host}")
+
+    def _drop(self, link: Link, why: str) -> None:
+        """Close an incoming link that holds a place it has not earned."""
         self._links.discard(link)  # its place is free now, not when the close completes
         link.closed.set()
         task = asyncio.ensure_future(link.close())
@@ -228,10 +284,8 @@ class Transport:
         task.add_done_callback(self._tasks.discard)
         self.unverified_closed += 1
         if self.unverified_closed & (self.unverified_closed - 1) == 0:  # 1st, 2nd, 4th...
-            why = "timed out" if newcomer is None else f"displaced by a connection from {newcomer}"
             _log.warning(
-                "closed an incoming link from %s without a verified envelope (%s); "
-                "%d closed so far",
+                "closed an incoming link from %s (%s); %d closed so far",
                 link.remote_host,
                 why,
                 self.unverified_closed,
@@ -245,6 +299,7 @@ class Transport:
     async def _accept(self, socket: ServerConnection) -> None:
         link = Link(socket, outgoing=False)
         self._track(link)
+        self._make_room(link)
         expiry = asyncio.get_running_loop().call_later(self._verify_within, self._expire, link)
         try:
             await link.pump(self._on_frame)
@@ -253,7 +308,7 @@ class Transport:
 
     def _expire(self, link: Link) -> None:
         if link.is_open and not link.verified:
-            self._drop_unverified(link, None)
+            self._drop(link, f"no accepted message within {self._verify_within:g} s")
 
     async def connect(self, endpoint: str) -> Link:
         """Open a link to ``endpoint`` (``ws://host:port``) and start pumping its frames.

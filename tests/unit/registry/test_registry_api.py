@@ -13,12 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from registry_fixtures import CBOR, Agent, Served
 
+from talos.core.agent_id import agent_id_from_digest
 from talos.core.keylog import KeyLog
 from talos.core.peer_record import PeerRecord
 from talos.core.x3dh import PrekeyBundle
 from talos.errors import ConfigurationError
 from talos.registry import create_app
-from talos.registry.api import MAX_BODY
+from talos.registry.api import MAX_BODY, PrekeyLimiter
 from talos.registry.store import ONE_TIME_PREKEYS_PER_MINUTE
 from talos.testing import FakeClock
 
@@ -257,6 +258,51 @@ async def test_one_address_takes_only_its_share_of_one_time_prekeys(
     clock.advance(60 / ONE_TIME_PREKEYS_PER_MINUTE)
     assert await take(served.http) is not None  # the share refills with time
     assert await take(served.http) is None
+
+
+async def test_prekey_limits_key_ipv6_clients_by_their_64_and_bound_them_across_agents(
+    tmp_path: Path, clock: FakeClock, alice: Agent, bob: Agent
+) -> None:
+    app = create_app(tmp_path / "r.db", clock=clock, one_time_prekeys_per_minute=1)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://registry") as http:
+            served = Served(app, http, transport)
+            for agent in (alice, bob):
+                await publish(served, agent)
+                await put(
+                    served, f"/v1/agents/{agent.agent_id}/prekeys", agent.upload(5).to_bytes()
+                )
+
+        async def take(client: str, agent: Agent) -> int | None:
+            asgi = httpx.ASGITransport(app=app, client=(client, 1234))
+            async with httpx.AsyncClient(transport=asgi, base_url="http://registry") as http:
+                answer = await http.get(f"/v1/agents/{agent.agent_id}/bundle")
+            return PrekeyBundle.from_bytes(answer.content).one_time_prekey_id
+
+        assert await take("2001:db8::1", alice) is not None
+        assert await take("2001:db8::2", alice) is None  # the same /64: the same client
+        assert await take("2001:db8:0:1::5", alice) is not None  # another /64
+        assert await take("::ffff:192.0.2.7", alice) is not None  # IPv4-mapped: by its IPv4
+        assert await take("192.0.2.7", alice) is None
+        assert await take("2001:db8::1", bob) is not None  # per agent
+
+        # Unknown agents leave no bucket behind (they cannot push real ones out).
+        asgi = httpx.ASGITransport(app=app, client=("192.0.2.9", 1))
+        async with httpx.AsyncClient(transport=asgi, base_url="http://registry") as http:
+            unknown = agent_id_from_digest(b"\x07" * 32)
+            assert (await http.get(f"/v1/agents/{unknown}/bundle")).status_code == 404
+        pairs = app.state.prekey_limiter._pairs._buckets  # noqa: SLF001 -- the table itself
+        assert ("192.0.2.9", unknown) not in pairs
+        assert ("192.0.2.7", alice.agent_id) in pairs
+
+
+async def test_one_client_takes_at_most_ten_agents_worth_per_minute() -> None:
+    limiter = PrekeyLimiter(2)
+    taken = [limiter.allow("c", f"agent{n}", 0.0) for n in range(11) for _ in range(2)]
+    assert taken == [True] * 20 + [False] * 2
+    assert limiter.allow("other", "agent0", 0.0)
+    assert limiter.allow("c", "agent0", 60.0)  # refilled
 
 
 async def test_unbounded_prekeys_when_configured(
