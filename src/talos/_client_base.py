@@ -94,6 +94,7 @@ class ClientBase:
     _unknown_lookups: RateLimiter
     _answered: weakref.WeakSet[Link]
     _failures: dict[bytes, int]
+    _failure_tick: asyncio.Future[None] | None
     _enqueues: list[tuple[Enqueue, asyncio.Future[None]]]
     _staged: list[tuple[Received, Link, wire.Envelope]]
     _staged_sessions: dict[str, Session]

@@ -274,15 +274,24 @@ class SendingMixin(ClientBase):
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while (remaining := deadline - loop.time()) > 0:
-            try:
-                await asyncio.wait_for(asyncio.shield(acked), min(remaining, 0.2))
-            except TimeoutError:
-                if self._failures.get(message_id, 0) > retry_count:
-                    return False
-                continue
-            return True
-        return False
+        while True:
+            if acked.done():
+                acked.result()  # raises the peer's refusal
+                return True
+            if self._failures.get(message_id, 0) > retry_count:
+                return False
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            # Woken by the ACK, or by any failed attempt (rare) to look at the count
+            # again: no polling, which cost thousands of wake-ups a second when
+            # thousands of send() calls wait at once.
+            tick = self._failure_tick
+            if tick is None or tick.done():
+                tick = self._failure_tick = loop.create_future()
+            await asyncio.wait(
+                (acked, tick), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
 
     def _capability_for(self, peer: str, given: str | Capability | None) -> Capability | None:
         """The token to attach: the one given, else a held one for message.send to ``peer``.
@@ -424,6 +433,8 @@ class SendingMixin(ClientBase):
                     # Counted per message for send(retry_count=...): in order, the
                     # message that failed is the oldest one this attempt was about.
                     self._failures[head] = self._failures.get(head, 0) + 1
+                    if self._failure_tick is not None and not self._failure_tick.done():
+                        self._failure_tick.set_result(None)  # send() calls look again
                 delay = self._backoff.delay(attempt, self._rng)
                 attempt += 1
                 level = logging.INFO if attempt < 5 else logging.WARNING

@@ -264,6 +264,9 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         #: Failed delivery attempts per queued message (while a send() waits on it).
         self._failures: dict[bytes, int] = {}
+        #: Resolved (and replaced) whenever a delivery attempt fails: send() calls
+        #: waiting for their ACK then check their retry count.
+        self._failure_tick: asyncio.Future[None] | None = None
         #: send() calls waiting for the next group commit of the outbox.
         self._enqueues: list[tuple[Enqueue, asyncio.Future[None]]] = []
         #: Received messages decrypted but not yet committed (see _settle), the
