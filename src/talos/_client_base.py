@@ -110,6 +110,7 @@ class ClientBase:
     _inbox_ready: asyncio.Event
     _takers: collections.deque[asyncio.Future[InboxMessage]]
     _inbox_cursor: int
+    _read_ahead: collections.deque[tuple[int, InboxMessage]] | None
     _last_reset: dict[str, float]
     _revocations: RevocationState
     _sent_at: dict[bytes, float]

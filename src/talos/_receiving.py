@@ -11,6 +11,7 @@ are only audited).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -57,6 +58,10 @@ _REFUSAL_EVENTS: Final = {
 }
 
 
+#: Messages receive(auto_ack=False) may have waiting in memory (see _follow_inbox).
+READ_AHEAD_LIMIT: Final = 4096
+
+
 class ReceivingMixin(ClientBase):
     """Receive, check, decrypt, commit and acknowledge messages; hand them to the application."""
 
@@ -88,11 +93,20 @@ class ReceivingMixin(ClientBase):
             if auto_ack:
                 taken = self._state.take(1)
                 if taken:
+                    self._read_ahead = None  # it may hold the row just taken
                     return _message(taken[0])
+            elif self._read_ahead is not None:
+                if self._read_ahead:
+                    seq, item = self._read_ahead.popleft()
+                    self._inbox_cursor = seq
+                    return _message(item, seq)
             else:
                 for seq, item in self._state.inbox(after=self._inbox_cursor, limit=1):
                     self._inbox_cursor = seq
                     return _message(item, seq)
+                # Everything after the cursor is read: from now on the receive commits
+                # hand their rows over in memory too (see _follow_inbox).
+                self._read_ahead = collections.deque()
             self._inbox_ready.clear()
             remaining = None if deadline is None else deadline - self._clock.monotonic()
             if remaining is not None and remaining <= 0:
@@ -120,7 +134,8 @@ class ReceivingMixin(ClientBase):
                 # Taken by the receive commit for this call, which will not return it:
                 # back into the durable inbox, for the next call.
                 try:
-                    self._state.return_to_inbox([taker.result()])
+                    seqs = self._state.return_to_inbox([taker.result()])
+                    self._follow_inbox(seqs, [taker.result()])
                 except TalosError as exc:
                     _log.error(
                         "a received message handed to a cancelled receive() could not be "
@@ -140,6 +155,19 @@ class ReceivingMixin(ClientBase):
             with contextlib.suppress(ValueError):
                 self._takers.remove(taker)
         return None if taker.cancelled() else taker.result()
+
+    def _follow_inbox(self, seqs: list[int], messages: list[InboxMessage]) -> None:
+        """Messages just written at the end of the inbox: when receive(auto_ack=False)
+        has read everything before them, it gets these from memory (they are in the
+        inbox, durable, until acknowledged) instead of reading and decrypting the
+        rows back. Past READ_AHEAD_LIMIT unread it goes back to reading the inbox."""
+        ahead = self._read_ahead
+        if ahead is None:
+            return
+        if len(seqs) != len(messages) or len(ahead) + len(seqs) > READ_AHEAD_LIMIT:
+            self._read_ahead = None
+            return
+        ahead.extend(zip(seqs, messages, strict=True))
 
     def acknowledge(self, *messages: Message) -> None:
         """Remove messages received with ``auto_ack=False`` from the durable inbox
@@ -344,22 +372,24 @@ class ReceivingMixin(ClientBase):
         ]
         if established:
             audit.append((AuditKind.SESSION_ESTABLISHED, {"role": "responder"}, sender))
-        self._state.commit_receive(
+        message = InboxMessage(
+            sender=sender,
+            message_id=envelope.message_id,
+            data=plaintext,
+            sent_at_ms=envelope.timestamp_ms,
+            received_at_ms=time_ms(self._clock),
+            capability_id=capability_id,
+        )
+        seq = self._state.commit_receive(
             sender,
             session=_session_record(successor, None),
             replay_id=replay_id,
             timestamp_ms=envelope.timestamp_ms,
-            message=InboxMessage(
-                sender=sender,
-                message_id=envelope.message_id,
-                data=plaintext,
-                sent_at_ms=envelope.timestamp_ms,
-                received_at_ms=time_ms(self._clock),
-                capability_id=capability_id,
-            ),
+            message=message,
             prekeys=None if prekeys is None else prekeys.to_bytes(),
             audit=audit,
         )
+        self._follow_inbox([seq], [message])
         self._sessions[sender] = (successor, None)
         self.metrics.message_received(len(plaintext))
         if established:
@@ -434,7 +464,7 @@ class ReceivingMixin(ClientBase):
         if takers and self._state.inbox_count():
             takers = []
         try:
-            self._state.commit_receive_many(
+            seqs = self._state.commit_receive_many(
                 [
                     dataclasses.replace(received, session=records[received.peer])
                     for received, _, _ in staged
@@ -452,6 +482,7 @@ class ReceivingMixin(ClientBase):
             self._sessions[peer] = (session, None)
         for taker, (received, _, _) in zip(takers, staged, strict=False):
             taker.set_result(received.message)
+        self._follow_inbox(seqs, [received.message for received, _, _ in staged[len(takers) :]])
         for received, _, _ in staged:
             self.metrics.message_received(len(received.message.data))
         task = asyncio.create_task(

@@ -291,8 +291,10 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         #: receive(auto_ack=True) calls waiting for a message: the next receive
         #: commit hands messages to them directly (see _settle).
         self._takers: collections.deque[asyncio.Future[InboxMessage]] = collections.deque()
-        #: The last inbox sequence number receive(auto_ack=False) returned.
+        #: The last inbox sequence number receive(auto_ack=False) returned, and,
+        #: once it has read the inbox to its end, the rows written since, in memory.
         self._inbox_cursor = -1
+        self._read_ahead: collections.deque[tuple[int, InboxMessage]] | None = None
         self._last_reset: dict[str, float] = {}
         self._revocations = RevocationState()
         #: When each in-flight message last left (our clock), for ACK clock samples.

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -665,6 +666,64 @@ async def test_at_least_once_messages_are_acknowledged_together(tmp_path: Path) 
     async with TalosClient.create("bob", home=tmp_path / "b", discovery=[]) as b:
         rest = [await b.receive(timeout=1, auto_ack=False) for _ in range(2)]
         assert [m.data for m in rest if m is not None] == [3, 4]
+
+
+async def test_an_at_least_once_reader_that_keeps_up_is_handed_messages_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once receive(auto_ack=False) has read the inbox to its end, the receive commits
+    hand their rows over in memory (no read-back); the rows stay until acknowledged,
+    so a restart still returns every unacknowledged message, in order."""
+    async with introduced(tmp_path) as (a, b):
+        await a.send(b.agent_id, "before", timeout=10)
+        first = await b.receive(timeout=5, auto_ack=False)  # read from the inbox
+        assert first is not None
+        assert await b.receive(timeout=0.05, auto_ack=False) is None  # at its end now
+        reads: list[int] = []
+        inbox = b._state.inbox  # noqa: SLF001 -- counting read-backs
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            reads.append(1)
+            return inbox(*args, **kwargs)
+
+        monkeypatch.setattr(b._state, "inbox", counted)  # noqa: SLF001
+        results = await asyncio.gather(*(a.send(b.agent_id, n, timeout=10) for n in range(20)))
+        assert {r.status for r in results} == {"delivered"}
+        got = [await b.receive(timeout=5, auto_ack=False) for _ in range(20)]
+        assert [m.data for m in got if m is not None] == list(range(20))
+        assert reads == []  # every one came from memory
+        seqs = [m.inbox_seq or 0 for m in got if m is not None]
+        assert seqs == sorted(seqs)
+        assert seqs[0] > (first.inbox_seq or 0)
+        b.acknowledge(first, *[m for m in got[:15] if m is not None])
+    async with TalosClient.create("bob", home=tmp_path / "b", discovery=[]) as b:
+        rest = [await b.receive(timeout=1, auto_ack=False) for _ in range(5)]
+        assert [m.data for m in rest if m is not None] == [15, 16, 17, 18, 19]
+        assert await b.receive(timeout=0.05, auto_ack=False) is None
+
+
+async def test_an_at_least_once_reader_far_behind_reads_the_inbox_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past READ_AHEAD_LIMIT unread, memory is let go and the inbox is read: nothing is
+    skipped or repeated; taking with auto_ack=True also makes it read the inbox."""
+    import talos._receiving
+
+    monkeypatch.setattr(talos._receiving, "READ_AHEAD_LIMIT", 3)
+    async with introduced(tmp_path) as (a, b):
+        assert await b.receive(timeout=0.05, auto_ack=False) is None  # at its end
+        for n in range(5):
+            await a.send(b.agent_id, n, timeout=10)
+        got = [await b.receive(timeout=5, auto_ack=False) for _ in range(5)]
+        assert [m.data for m in got if m is not None] == [0, 1, 2, 3, 4]
+        assert await b.receive(timeout=0.05, auto_ack=False) is None
+        for n in (5, 6):
+            await a.send(b.agent_id, n, timeout=10)
+        taken = await b.receive(timeout=5)  # auto_ack: removes the oldest row (0)
+        assert taken is not None
+        assert taken.data == 0
+        after = [await b.receive(timeout=5, auto_ack=False) for _ in range(2)]
+        assert [m.data for m in after if m is not None] == [5, 6]
 
 
 async def test_concurrent_sends_share_commits_and_arrive_in_order(tmp_path: Path) -> None:

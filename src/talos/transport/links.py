@@ -32,9 +32,9 @@ class Link:
         self.outgoing = outgoing
         #: The agent at the other end, once an authenticated envelope named it.
         self.peer: str | None = None
-        #: The agent whose accepted message last arrived here (:meth:`mark_verified`).
+        #: The agent whose accepted message arrived here (:meth:`mark_verified`).
         self.verified_by: str | None = None
-        #: When that was, and when the link opened, on the event loop's clock.
+        #: When its first one did, and when the link opened, on the loop's clock.
         self.verified_at: float | None = None
         self.opened_at = asyncio.get_running_loop().time()
         self.closed = asyncio.Event()
@@ -47,8 +47,9 @@ class Link:
         """Note that a message from ``sender`` arrived here and was accepted (signed,
         fresh, not a replay, authorized, decrypted): the link is a peer's, not a
         connection holding a place. The client calls this; see :class:`Transport`."""
-        self.verified_by = sender
-        self.verified_at = asyncio.get_running_loop().time()
+        if self.verified_by != sender:  # called per message: only the first counts
+            self.verified_by = sender
+            self.verified_at = asyncio.get_running_loop().time()
 
     @property
     def remote(self) -> str:
