@@ -111,6 +111,7 @@ class ClientBase:
     _takers: collections.deque[asyncio.Future[InboxMessage]]
     _inbox_cursor: int
     _read_ahead: collections.deque[tuple[int, InboxMessage]] | None
+    _read_ahead_bytes: int
     _last_reset: dict[str, float]
     _revocations: RevocationState
     _sent_at: dict[bytes, float]

@@ -58,8 +58,10 @@ _REFUSAL_EVENTS: Final = {
 }
 
 
-#: Messages receive(auto_ack=False) may have waiting in memory (see _follow_inbox).
+#: Messages, and payload bytes, receive(auto_ack=False) may have waiting in memory
+#: (see _follow_inbox).
 READ_AHEAD_LIMIT: Final = 4096
+READ_AHEAD_BYTES: Final = 8 * 1024 * 1024
 
 
 class ReceivingMixin(ClientBase):
@@ -98,6 +100,7 @@ class ReceivingMixin(ClientBase):
             elif self._read_ahead is not None:
                 if self._read_ahead:
                     seq, item = self._read_ahead.popleft()
+                    self._read_ahead_bytes -= len(item.data)
                     self._inbox_cursor = seq
                     return _message(item, seq)
             else:
@@ -107,6 +110,7 @@ class ReceivingMixin(ClientBase):
                 # Everything after the cursor is read: from now on the receive commits
                 # hand their rows over in memory too (see _follow_inbox).
                 self._read_ahead = collections.deque()
+                self._read_ahead_bytes = 0
             self._inbox_ready.clear()
             remaining = None if deadline is None else deadline - self._clock.monotonic()
             if remaining is not None and remaining <= 0:
@@ -160,14 +164,21 @@ class ReceivingMixin(ClientBase):
         """Messages just written at the end of the inbox: when receive(auto_ack=False)
         has read everything before them, it gets these from memory (they are in the
         inbox, durable, until acknowledged) instead of reading and decrypting the
-        rows back. Past READ_AHEAD_LIMIT unread it goes back to reading the inbox."""
+        rows back. Past READ_AHEAD_LIMIT messages or READ_AHEAD_BYTES unread it lets
+        them go and reads the inbox again."""
         ahead = self._read_ahead
         if ahead is None:
             return
-        if len(seqs) != len(messages) or len(ahead) + len(seqs) > READ_AHEAD_LIMIT:
+        size = self._read_ahead_bytes + sum(len(message.data) for message in messages)
+        if (
+            len(seqs) != len(messages)
+            or len(ahead) + len(seqs) > READ_AHEAD_LIMIT
+            or size > READ_AHEAD_BYTES
+        ):
             self._read_ahead = None
             return
         ahead.extend(zip(seqs, messages, strict=True))
+        self._read_ahead_bytes = size
 
     def acknowledge(self, *messages: Message) -> None:
         """Remove messages received with ``auto_ack=False`` from the durable inbox

@@ -295,6 +295,7 @@ class TalosClient(SendingMixin, ReceivingMixin, RevocationExchangeMixin):
         #: once it has read the inbox to its end, the rows written since, in memory.
         self._inbox_cursor = -1
         self._read_ahead: collections.deque[tuple[int, InboxMessage]] | None = None
+        self._read_ahead_bytes = 0
         self._last_reset: dict[str, float] = {}
         self._revocations = RevocationState()
         #: When each in-flight message last left (our clock), for ACK clock samples.

@@ -726,6 +726,24 @@ async def test_an_at_least_once_reader_far_behind_reads_the_inbox_again(
         assert [m.data for m in after if m is not None] == [5, 6]
 
 
+async def test_large_messages_are_not_held_in_memory_for_a_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past READ_AHEAD_BYTES of unread payload the memory copy is let go; the reader
+    gets every message from the inbox, in order."""
+    import talos._receiving
+
+    monkeypatch.setattr(talos._receiving, "READ_AHEAD_BYTES", 1000)
+    async with introduced(tmp_path) as (a, b):
+        assert await b.receive(timeout=0.05, auto_ack=False) is None  # at its end
+        blobs = [bytes([n]) * 600 for n in range(3)]
+        for blob in blobs:
+            await a.send(b.agent_id, blob, timeout=10)
+        assert b._read_ahead is None  # noqa: SLF001 -- 1,800 bytes > 1,000: let go
+        got = [await b.receive(timeout=5, auto_ack=False) for _ in blobs]
+        assert [m.data for m in got if m is not None] == blobs
+
+
 async def test_concurrent_sends_share_commits_and_arrive_in_order(tmp_path: Path) -> None:
     """200 send() calls at once: grouped into few outbox commits and send windows,
     received (group-committed) in the order the calls were made, nothing twice."""
