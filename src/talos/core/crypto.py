@@ -143,7 +143,7 @@ class SigningKey:
 
     def sign(self, data: bytes) -> bytes:
         """Return the 64-byte Ed25519 signature of ``data``."""
-        return _sodium_sign(data, self._secret)[:SIGNATURE_SIZE]
+        return _sodium_sign(bytes(data), self._secret)[:SIGNATURE_SIZE]
 
     def __repr__(self) -> str:
         return f"SigningKey(public={self.public_key.raw.hex()[:16]}...)"
