@@ -374,23 +374,8 @@ class ReceivingMixin(ClientBase):
             # fsync for all), then acknowledged: see _flush_receives.
             self._stage_receive(link, envelope, replay_id, plaintext, successor, capability_id)
             return
-        audit: list[tuple[str, dict[str, Any], str | None]] = [
-            (
-                AuditKind.MESSAGE_RECEIVED,
-                {"id": envelope.message_id, "sha256": hashlib.sha256(plaintext).digest()},
-                sender,
-            )
-        ]
-        if established:
-            audit.append((AuditKind.SESSION_ESTABLISHED, {"role": "responder"}, sender))
-        message = InboxMessage(
-            sender=sender,
-            message_id=envelope.message_id,
-            data=plaintext,
-            sent_at_ms=envelope.timestamp_ms,
-            received_at_ms=time_ms(self._clock),
-            capability_id=capability_id,
-        )
+        message, received_audit = self._inboxed(envelope, plaintext, capability_id)
+        audit = [received_audit, (AuditKind.SESSION_ESTABLISHED, {"role": "responder"}, sender)]
         seq = self._state.commit_receive(
             sender,
             session=_session_record(successor, None),
@@ -403,12 +388,27 @@ class ReceivingMixin(ClientBase):
         self._follow_inbox([seq], [message])
         self._sessions[sender] = (successor, None)
         self.metrics.message_received(len(plaintext))
-        if established:
-            self.metrics.session_established()
+        self.metrics.session_established()
         if prekeys is not None:
             self._prekeys = prekeys
         await self._answer(link, sender, [envelope.message_id], wire.AckStatus.ACCEPTED)
         self._inbox_ready.set()
+
+    def _inboxed(
+        self, envelope: wire.Envelope, plaintext: bytes, capability_id: bytes | None
+    ) -> tuple[InboxMessage, tuple[str, dict[str, Any], str | None]]:
+        """A received message's inbox row and its MESSAGE_RECEIVED audit record."""
+        message = InboxMessage(
+            sender=envelope.sender,
+            message_id=envelope.message_id,
+            data=plaintext,
+            sent_at_ms=envelope.timestamp_ms,
+            received_at_ms=time_ms(self._clock),
+            capability_id=capability_id,
+        )
+        digest = hashlib.sha256(plaintext).digest()
+        fields = {"id": envelope.message_id, "sha256": digest}
+        return message, (AuditKind.MESSAGE_RECEIVED, fields, envelope.sender)
 
     def _stage_receive(
         self,
@@ -428,27 +428,10 @@ class ReceivingMixin(ClientBase):
         sender = envelope.sender
         self._staged_sessions[sender] = successor
         self._staged_ids.add(replay_id)
+        message, received_audit = self._inboxed(envelope, plaintext, capability_id)
         # The session record is filled in at the commit: only each sender's last counts.
         received = Received(
-            sender,
-            b"",
-            replay_id,
-            envelope.timestamp_ms,
-            InboxMessage(
-                sender=sender,
-                message_id=envelope.message_id,
-                data=plaintext,
-                sent_at_ms=envelope.timestamp_ms,
-                received_at_ms=time_ms(self._clock),
-                capability_id=capability_id,
-            ),
-            audit=[
-                (
-                    AuditKind.MESSAGE_RECEIVED,
-                    {"id": envelope.message_id, "sha256": hashlib.sha256(plaintext).digest()},
-                    sender,
-                )
-            ],
+            sender, b"", replay_id, envelope.timestamp_ms, message, audit=[received_audit]
         )
         self._staged.append((received, link, envelope))
         if len(self._staged) == 1:

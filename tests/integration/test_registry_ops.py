@@ -185,6 +185,16 @@ class Agent:
             lifetime=LIFETIME,
         )
 
+    def prekeys(self, one_time: int) -> PrekeyUpload:
+        """A first prekey upload with ``one_time`` one-time prekeys."""
+        store = PrekeyStore.create(
+            agent_id=self.agent_id,
+            signing_key=self.identity.signing_key,
+            identity_dh=self.identity.dh_key,
+            rng=SYSTEM_RNG,
+        ).add_one_time_prekeys(one_time, SYSTEM_RNG)
+        return PrekeyUpload.from_store(store, self.identity.signing_key, key_sequence=0, sequence=1)
+
     async def announce(self, client: RegistryClient, instance: bytes, then: float) -> None:
         """Publish a record of ``instance``, then let ``then`` minutes pass."""
         await client.publish_record(self.record(instance))
@@ -224,18 +234,9 @@ async def test_counters_move(registry: Served) -> None:
     stale_record = {"kind": "record", "reason": "StaleSequence"}
     before = registry.scrape()
     agent = Agent.create("counted", minutes_ago=1)
-    prekeys = PrekeyStore.create(
-        agent_id=agent.agent_id,
-        signing_key=agent.identity.signing_key,
-        identity_dh=agent.identity.dh_key,
-        rng=SYSTEM_RNG,
-    ).add_one_time_prekeys(1, SYSTEM_RNG)
-    upload = PrekeyUpload.from_store(
-        prekeys, agent.identity.signing_key, key_sequence=0, sequence=1
-    )
     async with RegistryClient(registry.url) as client:
         await client.publish_keylog(agent.identity.keylog)
-        await client.publish_prekeys(upload)
+        await client.publish_prekeys(agent.prekeys(1))
         with_key = await client.fetch_bundle(agent.agent_id)
         without = await client.fetch_bundle(agent.agent_id)
         assert (with_key.one_time_prekey_id, without.one_time_prekey_id) == (0, None)
@@ -264,18 +265,9 @@ async def test_one_time_prekeys_are_not_drained_by_one_address(tmp_path: Path) -
     served = serve_with_metrics(tmp_path, extra=("--one-time-prekeys-per-minute", "2"))
     try:
         agent = Agent.create("drained", minutes_ago=1)
-        prekeys = PrekeyStore.create(
-            agent_id=agent.agent_id,
-            signing_key=agent.identity.signing_key,
-            identity_dh=agent.identity.dh_key,
-            rng=SYSTEM_RNG,
-        ).add_one_time_prekeys(5, SYSTEM_RNG)
-        upload = PrekeyUpload.from_store(
-            prekeys, agent.identity.signing_key, key_sequence=0, sequence=1
-        )
         async with RegistryClient(served.url) as client:
             await client.publish_keylog(agent.identity.keylog)
-            await client.publish_prekeys(upload)
+            await client.publish_prekeys(agent.prekeys(5))
             taken = [(await client.fetch_bundle(agent.agent_id)).one_time_prekey_id for _ in "abc"]
         assert taken == [0, 1, None]
         other = httpx.AsyncHTTPTransport(local_address="127.0.0.2")

@@ -37,7 +37,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.bindings import crypto_sign as _sodium_sign
 from nacl.bindings import crypto_sign_open as _sodium_open
 from nacl.bindings import crypto_sign_seed_keypair as _sodium_seed_keypair
-from nacl.exceptions import BadSignatureError as _SodiumBadSignature
 from nacl.exceptions import CryptoError as _SodiumError
 
 from talos.core.rng import Rng
@@ -103,7 +102,7 @@ class VerifyKey:
             raise SignatureInvalid("signature must be 64 bytes")
         try:
             _sodium_open(signature + data, self.raw)
-        except (_SodiumBadSignature, _SodiumError):
+        except _SodiumError:  # BadSignatureError is one
             # libsodium also lands here for a small-order or non-canonical key.
             raise SignatureInvalid("Ed25519 signature does not verify") from None
 

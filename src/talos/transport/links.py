@@ -177,7 +177,8 @@ class Transport:
         self._evictable_after = evictable_after
         #: Handshakes refused because ``max_incoming`` links were open.
         self.refused = 0
-        #: Incoming links closed without a verified envelope (timed out or displaced).
+        #: Incoming links closed for their place (no accepted message in time,
+        #: displaced by a newcomer, or a newcomer that found no place after all).
         self.unverified_closed = 0
         self._options: dict[str, Any] = {
             "compression": None,
@@ -214,7 +215,8 @@ class Transport:
         del request
         address: Any = connection.remote_address
         host = str(address[0]) if address else "?"
-        if self._displaceable(host, exclude=None) is not False:
+        fits, victim = self._displaceable(host, exclude=None)
+        if fits or victim is not None:
             return None
         incoming, from_host = self._incoming(host)
         self.refused += 1
@@ -236,14 +238,14 @@ class Transport:
         incoming = [link for link in self._links if not link.outgoing and link.is_open]
         return incoming, [link for link in incoming if link.remote_host == host]
 
-    def _displaceable(self, host: str, *, exclude: Link | None) -> Link | None | bool:
-        """``None`` if a link from ``host`` fits; else the link to displace for it,
-        or ``False`` when every place is held (``exclude`` does not count)."""
+    def _displaceable(self, host: str, *, exclude: Link | None) -> tuple[bool, Link | None]:
+        """Whether a link from ``host`` fits; if not, the link to displace for it
+        (``None`` when every place is held). ``exclude`` does not count."""
         incoming, from_host = self._incoming(host)
         incoming = [link for link in incoming if link is not exclude]
         from_host = [link for link in from_host if link is not exclude]
         if len(incoming) < self._max_incoming and len(from_host) < self._max_per_host:
-            return None
+            return True, None
         crowded = from_host if len(from_host) >= self._max_per_host else incoming
         newest: dict[str, list[float]] = {}
         for link in incoming:
@@ -260,20 +262,19 @@ class Transport:
             if link.opened_at <= ripe
             and (link.verified_by is None or link.verified_at not in kept[link.verified_by])
         ]
-        return min(candidates, key=lambda link: link.opened_at) if candidates else False
+        return False, min(candidates, key=lambda link: link.opened_at, default=None)
 
     def _make_room(self, link: Link) -> None:
         """After ``link``'s handshake: if it took a place that was not free,
         displace the oldest displaceable link, or close ``link`` itself when
         another newcomer took that one first."""
-        victim = self._displaceable(link.remote_host, exclude=link)
-        if victim is None:
+        fits, victim = self._displaceable(link.remote_host, exclude=link)
+        if fits:
             return
-        if victim is False:
+        if victim is None:
             self.refused += 1
             self._drop(link, "no place left for it")
             return
-        assert isinstance(victim, Link)  # noqa: S101 -- narrowed for mypy
         self._drop(victim, f"displaced by a connection from {link.remote_host}")
 
     def _drop(self, link: Link, why: str) -> None:
