@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from talos._sending import SEND_WINDOW_BYTES
 from talos.audit import AuditLog
 from talos.client import TalosClient
 from talos.core import wire
+from talos.core.delivery import SEND_WINDOW_BYTES, Window
 from talos.core.message import encode_payload
 from talos.errors import (
     CapabilityDenied,
@@ -193,7 +193,7 @@ async def test_offline_mode_queues_and_bounds_the_queue(tmp_path: Path) -> None:
 async def test_replayed_and_forged_frames_change_nothing(tmp_path: Path) -> None:
     async with introduced(tmp_path) as (a, b):
         captured: list[bytes] = []
-        original = a._link
+        original = a._parts.deliverer.link
 
         async def recording_link(peer: str):  # type: ignore[no-untyped-def]
             link = await original(peer)
@@ -206,23 +206,23 @@ async def test_replayed_and_forged_frames_change_nothing(tmp_path: Path) -> None
             link.send = record  # type: ignore[method-assign]
             return link
 
-        a._link = recording_link  # type: ignore[method-assign]
+        a._parts.deliverer.link = recording_link  # type: ignore[method-assign]
         await a.send(b.agent_id, "once", timeout=10)
         assert (await b.receive(timeout=10)) is not None
-        link = a._links[b.agent_id]
+        link = a._parts.deliverer.links[b.agent_id]
         frame = captured[0]
-        await a._links[b.agent_id].send(frame)  # the same frame again: a replay
+        await a._parts.deliverer.links[b.agent_id].send(frame)  # the same frame again: a replay
         tampered = bytearray(frame)
         tampered[-70] ^= 1  # inside the ciphertext: the signature no longer verifies
-        await a._links[b.agent_id].send(bytes(tampered))
-        await a._links[b.agent_id].send(b"\xa0garbage")
+        await a._parts.deliverer.links[b.agent_id].send(bytes(tampered))
+        await a._parts.deliverer.links[b.agent_id].send(b"\xa0garbage")
         await a.send(b.agent_id, "still fine", timeout=10)
         later = await b.receive(timeout=10)
         assert later is not None
         assert later.data == "still fine"
         assert await b.receive(timeout=0.2) is None
         assert link.is_open  # bad frames did not cost Alice her connection
-        assert a.agent_id not in b._links  # an incoming link is never used to send
+        assert a.agent_id not in b._parts.deliverer.links  # an incoming link is never used to send
         assert wire.decode(frame).type is wire.EnvelopeType.INITIAL
     kinds = audit_kinds(tmp_path / "b")
     assert kinds.count("MESSAGE_RECEIVED") == 2
@@ -330,7 +330,7 @@ async def test_a_self_issued_capability_is_refused(tmp_path: Path) -> None:
             await mallory.send(bob.agent_id, "let me in", capability=forged, timeout=5)
         assert mallory.queue_depth() == 0
         # Sent anyway (as a modified client would), Bob refuses it too.
-        mallory._check_token = lambda *a, **k: None  # type: ignore[method-assign]
+        mallory._parts.capabilities.check = lambda *a, **k: None  # type: ignore[method-assign]
         with pytest.raises(PeerRejected, match="starts at"):
             await mallory.send(bob.agent_id, "let me in", capability=forged, timeout=10)
         assert await bob.receive(timeout=0.2) is None
@@ -537,7 +537,7 @@ async def test_a_corrupted_session_row_heals(tmp_path: Path, registry: RegistryP
 async def test_a_flood_of_forged_frames_cannot_fill_the_audit_log(tmp_path: Path) -> None:
     async with introduced(tmp_path) as (a, b):
         await a.send(b.agent_id, "hello", timeout=10)
-        link = a._links[b.agent_id]
+        link = a._parts.deliverer.links[b.agent_id]
         envelope = wire.Envelope(
             type=wire.EnvelopeType.MESSAGE,
             message_id=b"\x01" * 16,
@@ -707,9 +707,9 @@ async def test_an_at_least_once_reader_far_behind_reads_the_inbox_again(
 ) -> None:
     """Past READ_AHEAD_LIMIT unread, memory is let go and the inbox is read: nothing is
     skipped or repeated; taking with auto_ack=True also makes it read the inbox."""
-    import talos._receiving
+    import talos.client.inbox
 
-    monkeypatch.setattr(talos._receiving, "READ_AHEAD_LIMIT", 3)
+    monkeypatch.setattr(talos.client.inbox, "READ_AHEAD_LIMIT", 3)
     async with introduced(tmp_path) as (a, b):
         assert await b.receive(timeout=0.05, auto_ack=False) is None  # at its end
         for n in range(5):
@@ -731,15 +731,15 @@ async def test_large_messages_are_not_held_in_memory_for_a_reader(
 ) -> None:
     """Past READ_AHEAD_BYTES of unread payload the memory copy is let go; the reader
     gets every message from the inbox, in order."""
-    import talos._receiving
+    import talos.client.inbox
 
-    monkeypatch.setattr(talos._receiving, "READ_AHEAD_BYTES", 1000)
+    monkeypatch.setattr(talos.client.inbox, "READ_AHEAD_BYTES", 1000)
     async with introduced(tmp_path) as (a, b):
         assert await b.receive(timeout=0.05, auto_ack=False) is None  # at its end
         blobs = [bytes([n]) * 600 for n in range(3)]
         for blob in blobs:
             await a.send(b.agent_id, blob, timeout=10)
-        assert b._read_ahead is None  # noqa: SLF001 -- 1,800 bytes > 1,000: let go
+        assert b._parts.inbox.read_ahead is None  # noqa: SLF001 -- 1,800 bytes > 1,000: let go
         got = [await b.receive(timeout=5, auto_ack=False) for _ in blobs]
         assert [m.data for m in got if m is not None] == blobs
 
@@ -760,25 +760,25 @@ async def test_concurrent_sends_share_commits_and_arrive_in_order(tmp_path: Path
         assert a._log.size - size >= 400  # noqa: SLF001
 
 
-async def test_large_messages_are_windowed_by_bytes(tmp_path: Path) -> None:
+async def test_large_messages_are_windowed_by_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Twelve 800 kB messages at once: never more than SEND_WINDOW_BYTES of payload in
     flight (so the last one's ACK deadline is not spent waiting behind the others),
     all delivered, in order."""
     async with introduced(tmp_path) as (a, b):
         seen: list[int] = []
-        sampling = True
+        window = a._parts.deliverer.core.window(b.agent_id)  # noqa: SLF001 -- observed exactly
+        transmitted = Window.transmitted
 
-        async def sample_in_flight() -> None:
-            while sampling:
-                inflight = a._inflight.get(b.agent_id, {})  # noqa: SLF001 -- the window
-                seen.append(sum(size for _, _, size in inflight.values()))
-                await asyncio.sleep(0.001)
+        def observed(self: Window, *args: Any, **kwargs: Any) -> None:
+            transmitted(self, *args, **kwargs)
+            if self is window:
+                seen.append(window.bytes_in_flight())  # after every transmission
 
-        sampler = asyncio.create_task(sample_in_flight())
+        monkeypatch.setattr(Window, "transmitted", observed)
         blobs = [bytes([n]) * 800_000 for n in range(12)]
         results = await asyncio.gather(*(a.send(b.agent_id, blob, timeout=60) for blob in blobs))
-        sampling = False
-        await sampler
         assert {r.status for r in results} == {"delivered"}
         assert max(seen) <= SEND_WINDOW_BYTES < sum(map(len, blobs))
         assert max(seen) > 800_000  # several were in flight together, not one at a time
@@ -861,7 +861,10 @@ async def test_a_message_no_longer_queued_is_not_sent_again(tmp_path: Path) -> N
             b.agent_id, wire.new_message_id(a._rng), b"\xa0", capability=None, queue_limit=10
         )
         a._state.remove(item.message_id)  # noqa: SLF001 -- as send(on_failure="raise") does
-        assert await asyncio.wait_for(a._transmit(b.agent_id, [item], {}), 2) == 0  # noqa: SLF001
+        assert (
+            await asyncio.wait_for(a._parts.deliverer._transmit(b.agent_id, [item], Window()), 2)
+            == 0
+        )  # noqa: SLF001
         assert await b.receive(timeout=0.3) is None
 
 
@@ -871,13 +874,13 @@ async def test_one_ack_acknowledges_a_whole_committed_batch(tmp_path: Path) -> N
     async with introduced(tmp_path) as (a, b):
         assert (await a.send(b.agent_id, "warm up", timeout=10)).status == "delivered"
         acks: list[tuple[bytes, ...]] = []
-        answer = b._answer  # noqa: SLF001 -- observed, then called through
+        answer = b._parts.batch._signer.answer  # noqa: SLF001 -- observed, then called through
 
         async def observed(link: object, sender: str, ids: list[bytes], status: object) -> None:
             acks.append(tuple(ids))
             await answer(link, sender, ids, status)  # type: ignore[arg-type]
 
-        b._answer = observed  # type: ignore[method-assign]  # noqa: SLF001
+        b._parts.batch._signer.answer = observed  # type: ignore[method-assign]  # noqa: SLF001
         results = await asyncio.gather(*(a.send(b.agent_id, n, timeout=30) for n in range(100)))
         assert {r.status for r in results} == {"delivered"}
         named = [message_id for ids in acks for message_id in ids]
@@ -982,16 +985,16 @@ async def test_a_message_handed_to_a_cancelled_receive_goes_back_to_the_inbox(
         assert first is not None
         for _ in range(20):  # receive() calls that time out leave no waiter behind
             assert await b.receive(timeout=0.001) is None
-        assert len(b._takers) == 0  # noqa: SLF001
+        assert len(b._parts.inbox.takers) == 0  # noqa: SLF001
         waiting = asyncio.create_task(b.receive(timeout=10))
         await asyncio.sleep(0.05)
-        assert len(b._takers) == 1  # noqa: SLF001
+        assert len(b._parts.inbox.takers) == 1  # noqa: SLF001
         handed = InboxMessage(a.agent_id, b"\x01" * 16, encode_payload("handed"), 0, 0, None)
-        b._takers[0].set_result(handed)  # noqa: SLF001 -- as _settle does after its commit
+        b._parts.inbox.takers[0].set_result(handed)  # noqa: SLF001 -- as _settle does after its commit
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        assert len(b._takers) == 0  # noqa: SLF001
+        assert len(b._parts.inbox.takers) == 0  # noqa: SLF001
     async with TalosClient.create("bob", home=tmp_path / "b", discovery=[]) as b:
         again = await b.receive(timeout=0)
         assert again is not None
@@ -1045,7 +1048,7 @@ async def test_a_failing_fast_path_falls_back_to_the_delivery_loop(tmp_path: Pat
     is queued and the delivery loop delivers it."""
     async with introduced(tmp_path) as (a, b):
         assert (await a.send(b.agent_id, "warm up", timeout=10)).status == "delivered"
-        depth = a.queue_depth
+        depth = a._state.outbox_count  # noqa: SLF001 -- the fast path's first read
         failures = [StorageError("disk hiccup")]
 
         def flaky() -> int:
@@ -1053,7 +1056,7 @@ async def test_a_failing_fast_path_falls_back_to_the_delivery_loop(tmp_path: Pat
                 raise failures.pop()  # the fast path's first step
             return depth()
 
-        a.queue_depth = flaky  # type: ignore[method-assign]
+        a._state.outbox_count = flaky  # type: ignore[method-assign]  # noqa: SLF001
         sent = await asyncio.wait_for(a.send(b.agent_id, "still delivered", timeout=10), 15)
         assert sent.status == "delivered"
         assert failures == []
@@ -1086,8 +1089,9 @@ async def test_only_an_ack_to_this_handshake_confirms_the_session(tmp_path: Path
     """An ACK for a message sent under an earlier session (reset since) does not mark
     the new, unconfirmed session as held by the peer."""
     async with introduced(tmp_path) as (a, b):
-        current = a._sessions[b.agent_id]  # noqa: SLF001
-        assert current[1] is not None  # X3DH header pending: not confirmed yet
+        current = a._parts.sessions.table.committed(b.agent_id)  # noqa: SLF001
+        assert current is not None
+        assert current.handshake is not None  # X3DH header pending: not confirmed yet
         stale_ack = wire.Envelope(
             type=wire.EnvelopeType.ACK,
             message_id=b"\x02" * 16,
@@ -1098,8 +1102,46 @@ async def test_only_an_ack_to_this_handshake_confirms_the_session(tmp_path: Path
             ref_ids=(b"\x04" * 16,),
             status=wire.AckStatus.ACCEPTED,
         )
-        a._delivered(stale_ack, [b"\x04" * 16])  # noqa: SLF001 -- a message of an old session
-        assert a._sessions[b.agent_id][1] is not None  # noqa: SLF001
+        a._parts.acks._delivered(stale_ack, [None])  # noqa: SLF001 -- a message of an old session
+        assert not a._parts.sessions.table.committed(b.agent_id).confirmed  # type: ignore[union-attr]  # noqa: SLF001
         # The real first message confirms it.
         assert (await a.send(b.agent_id, "first", timeout=10)).status == "delivered"
-        assert a._sessions[b.agent_id][1] is None  # noqa: SLF001
+        assert a._parts.sessions.table.committed(b.agent_id).confirmed  # type: ignore[union-attr]  # noqa: SLF001
+
+
+async def test_receive_timeout_runs_on_the_injected_clock(tmp_path: Path) -> None:
+    """Every deadline is measured on the agent's clock: a receive() waiting on a FakeClock
+    returns None once the clock is advanced past its timeout, and not before."""
+    from talos.testing import FakeClock
+
+    clock = FakeClock(start=time.time())
+    async with TalosClient.create("bob", home=tmp_path / "b", discovery=[], clock=clock) as b:
+        for auto_ack in (True, False):
+            waiting = asyncio.create_task(b.receive(timeout=30, auto_ack=auto_ack))
+            await asyncio.sleep(0.2)  # real time passes: the agent's clock does not
+            assert not waiting.done()
+            clock.advance(10)
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            clock.advance(21)
+            assert await asyncio.wait_for(waiting, 5) is None
+
+
+async def test_trace_ids_come_from_the_injected_rng(tmp_path: Path) -> None:
+    """Ids an agent makes (message and trace ids) come from its Rng: two agents with the
+    same seeded Rng queue the same ids."""
+    from talos.testing import SeededRng
+
+    ids = []
+    for home in ("a1", "a2"):
+        async with TalosClient.create(
+            "alice",
+            home=tmp_path / home,
+            discovery=[],
+            offline_mode=True,
+            accept_policy="open",
+            rng=SeededRng(7),
+        ) as a:
+            result = await a.send("bob" * 10, "queued")
+            ids.append((result.message_id, result.trace_id))
+    assert ids[0] == ids[1]

@@ -359,7 +359,7 @@ def test_every_event_name_in_the_code_is_documented() -> None:
     from pathlib import Path
 
     import talos
-    from talos.client import _REFUSAL_EVENTS
+    from talos.core.incoming import REFUSAL_EVENTS as _REFUSAL_EVENTS
     from talos.logs import DEFAULT_EVENT, EVENTS
 
     root = Path(talos.__file__).parent

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 
 __all__ = ["FakeClock", "SeededRng"]
 
@@ -23,6 +24,25 @@ class FakeClock:
     def __init__(self, start: float = 1_700_000_000.0) -> None:
         self._wall = float(start)
         self._mono = 0.0
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` whenever the clock is moved; returns the unsubscribe call.
+
+        Talos's timers use this: a wait on a FakeClock ends when the clock is
+        advanced past its deadline, never by real time passing.
+        """
+        self._listeners.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+        return unsubscribe
+
+    def _moved(self) -> None:
+        for callback in list(self._listeners):
+            callback()
 
     def time(self) -> float:
         return self._wall
@@ -36,10 +56,12 @@ class FakeClock:
             raise ValueError("time does not run backwards; use set_time() to step the clock")
         self._wall += seconds
         self._mono += seconds
+        self._moved()
 
     def set_time(self, wall: float) -> None:
         """Step the wall clock to ``wall`` without touching the monotonic clock."""
         self._wall = float(wall)
+        self._moved()
 
 
 class SeededRng:

@@ -1,0 +1,12 @@
+"""The agent: :class:`TalosClient`, its public API, and the drivers it wires.
+
+See :mod:`talos.client.api` for how the parts fit together, and
+``docs/design/layout.md`` for who owns what.
+"""
+
+from __future__ import annotations
+
+from talos.client.api import TalosClient
+from talos.client.sending import SendResult
+
+__all__ = ["SendResult", "TalosClient"]

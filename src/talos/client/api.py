@@ -1,0 +1,510 @@
+"""TalosClient: one agent — identity, sessions, durable delivery, audit.
+
+This is the composition root and the public API. It opens the concrete
+parts (the agent home, the LMDB-backed audit log and agent state, the
+WebSocket transport, the registry client and DHT node) and hands each
+driver what it needs through its constructor:
+
+* :class:`~talos.client.sending.Sender`: ``send()`` and the outbox commit;
+* :class:`~talos.client.delivery.Deliverer`: per-peer delivery, ACKs, ERRORs;
+* :class:`~talos.client.receiving.Receiver` and ``ReceiveBatch``: every
+  incoming frame, and the group commit of received messages;
+* :class:`~talos.client.inbox.InboxReader`: ``receive()`` and ``acknowledge()``;
+* :class:`~talos.client.sessions.Sessions`: X3DH, session records, prekeys;
+* :class:`~talos.client.revocations.Capabilities`: tokens and revocation lists;
+* :class:`~talos.client.discovery.Discovery`: announcements and bundles.
+
+The decisions those drivers act on are pure and live in :mod:`talos.core`
+(:mod:`~talos.core.delivery`, :mod:`~talos.core.sessions`,
+:mod:`~talos.core.incoming`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Generator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from talos.audit import AuditLog, LogSigner
+from talos.client.clocks import ClockWatch
+from talos.client.config import ClientConfig
+from talos.client.discovery import RECORD_LIFETIME, Discovery
+from talos.client.sending import SendResult
+from talos.client.status import known_peer_rows, status_report
+from talos.client.wiring import Parts, assemble
+from talos.core import wire
+from talos.core.capability import Capability
+from talos.core.clock import Clock, time_ms
+from talos.core.encoding import canonical_dumps, strict_versioned_map
+from talos.core.identity import Identity
+from talos.core.keylog import KeyLog
+from talos.core.message import Message
+from talos.core.peer_record import PeerRecord
+from talos.core.prekeys import PrekeyUpload
+from talos.core.rng import Rng
+from talos.core.x3dh import PrekeyBundle
+from talos.discovery.dht import DhtNode
+from talos.discovery.registry_client import RegistryClient
+from talos.errors import IdentityNotFound, LocalProtocolError, MalformedFrame
+from talos.metrics import AgentMetrics
+from talos.peers import PeerDirectory
+from talos.storage.agent_state import AgentState, derive_storage_key
+from talos.storage.home import AgentHome
+from talos.storage.tokens import TokenStore
+from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
+from talos.transport import Transport
+
+__all__ = ["SendResult", "TalosClient"]
+
+
+class _Creating:
+    """``TalosClient.create(...)``: awaitable, or an async context manager that closes."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self._config = config
+        self._client: TalosClient | None = None
+
+    def __await__(self) -> Generator[Any, None, TalosClient]:
+        return TalosClient._start(self._config).__await__()
+
+    async def __aenter__(self) -> TalosClient:
+        self._client = await TalosClient._start(self._config)
+        return self._client
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+class TalosClient:
+    """One agent. Create with ``await TalosClient.create(name, home=...)``."""
+
+    @staticmethod
+    def create(
+        name: str,
+        *,
+        home: str | Path | None = None,
+        registry_url: str | None = None,
+        listen: str = "127.0.0.1:0",
+        announce: str | None = None,
+        discovery: tuple[str, ...] | list[str] = ("registry",),
+        dht_bootstrap: list[tuple[str, int]] | None = None,
+        dht_port: int = 0,
+        offline_mode: bool = False,
+        queue_limit: int = 1000,
+        reconnect_interval: float = 30.0,
+        replay_window: float = 3600.0,
+        revocation_mode: str = "strict",
+        revocation_max_age: float = 300.0,
+        audit_config: dict[str, Any] | None = None,
+        metrics_port: int | None = None,
+        accept_policy: str = "capability",
+        passphrase: bytes | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: Rng = SYSTEM_RNG,
+    ) -> _Creating:
+        """Open (or create) the agent in ``home`` and start it.
+
+        ``discovery`` orders the sources asked for unknown peers
+        (``"registry"``, ``"dht"``); the local cache of verified records is
+        always asked first. With ``"dht"`` the agent runs a DHT node on UDP
+        ``dht_port`` (0: any) joined through ``dht_bootstrap``.
+        ``announce`` (``HOST`` or ``HOST:PORT``) is the address peers are
+        told to connect to, when it differs from ``listen`` (NAT, a proxy,
+        or ``listen`` on every interface, which needs it); its port
+        defaults to the one listened on.
+        With ``metrics_port`` (0: any) Prometheus metrics are served at
+        ``/metrics``; :attr:`metrics` is always there. Every timer and
+        deadline runs on ``clock``; every id and key comes from ``rng``.
+
+        Raises:
+            ConfigurationError: an invalid option.
+            StorageError: the home, audit log or state cannot be opened.
+        """
+        options = dict(locals())
+        return _Creating(ClientConfig.from_options(options.pop("name"), **options))
+
+    # -- start and stop -----------------------------------------------------------------
+
+    @classmethod
+    async def _start(cls, config: ClientConfig) -> TalosClient:
+        client = cls(config)
+        try:
+            await client._open()
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    def __init__(self, config: ClientConfig) -> None:
+        self._config = config
+        self._home = AgentHome(config.home)
+        self._clock, self._rng = config.clock, config.rng
+        self._instance = wire.new_instance_id(config.rng)
+        self._closed = False
+        self._log: AuditLog | None = None
+        self._tokens: TokenStore | None = None
+        self._transport: Transport | None = None
+        self._discovery: Discovery | None = None
+        self._endpoint = ""
+        self._background: set[asyncio.Task[Any]] = set()
+        #: Prometheus collectors of this agent (served on ``metrics_port`` if given).
+        self.metrics = AgentMetrics(uses_registry=config.registry_url is not None)
+        self._clocks = ClockWatch(config.clock, self.metrics)
+        # Filled in by _open().
+        self._identity: Identity
+        self._state: AgentState
+        self._peers: PeerDirectory
+        self._parts: Parts | None = None
+
+    async def _open(self) -> None:
+        config, clock, rng = self._config, self._clock, self._rng
+        self._identity = identity = self._load_identity()
+        signer = LogSigner(identity.signing_key, identity.agent_id, f"{identity.agent_id}/audit")
+        self._log = AuditLog.open(
+            self._home.audit_path,
+            clock=clock,
+            signer=signer,
+            extra_databases=AgentState.DATABASES,
+            **config.audit.open_arguments(),
+        )
+        self._state = AgentState(
+            self._log,
+            storage_key=derive_storage_key(identity.signing_key.seed()),
+            clock=clock,
+            rng=rng,
+            replay_window_ms=int(config.replay_window * 1000),
+        )
+        self._tokens = TokenStore.open(self._home.path / "capabilities")
+        registry = None if config.registry_url is None else RegistryClient(config.registry_url)
+        dht = DhtNode(clock=clock, rng=rng) if "dht" in config.discovery else None
+        discovery = self._discovery = Discovery(
+            registry=registry, dht=dht, clock=clock, metrics=self.metrics, clocks=self._clocks
+        )
+        if dht is not None:
+            await dht.start(config.dht_port, config.listen[0], list(config.dht_bootstrap))
+        if config.metrics_port is not None:
+            self.metrics.serve(config.metrics_port, config.listen[0])
+        self._transport = Transport(self._on_frame)
+        self._parts = assemble(
+            config=config,
+            identity=identity,
+            instance=self._instance,
+            log=self._log,
+            state=self._state,
+            tokens=self._tokens,
+            discovery=discovery,
+            transport=self._transport,
+            metrics=self.metrics,
+            clocks=self._clocks,
+            closed=self._is_closed,
+        )
+        self._peers = self._parts.peers
+        host, port = await self._transport.listen(*config.listen)
+        announced_host, announced_port = config.announce
+        host = announced_host or host
+        self._endpoint = f"ws://{f'[{host}]' if ':' in host else host}:{announced_port or port}"
+        if not config.offline and (registry is not None or dht is not None):
+            await self._announce()
+            self._spawn(discovery.reannounce(self._is_closed, self._announce))
+        for peer in self._state.peers_with_pending():
+            self._drivers.deliverer.kick(peer)
+
+    @property
+    def _drivers(self) -> Parts:
+        if self._parts is None:
+            raise LocalProtocolError("the client is not open")
+        return self._parts
+
+    async def _on_frame(self, link: Any, frame: bytes) -> None:
+        await self._drivers.receiver.on_frame(link, frame)
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    def _load_identity(self) -> Identity:
+        config = self._config
+        try:
+            return self._home.load_identity(passphrase=config.passphrase)
+        except IdentityNotFound:
+            identity = Identity.create(config.name, rng=self._rng, clock=self._clock)
+            self._home.save_identity(identity, rng=self._rng, passphrase=config.passphrase)
+            return identity
+
+    async def _announce(self) -> None:
+        """Publish to the registry and the DHT; a source that is down is not fatal."""
+        discovery = self._discovery
+        assert discovery is not None  # noqa: S101 -- open while the client is
+        if discovery.registry is not None:
+            await discovery.announce(
+                self._identity,
+                lambda: PrekeyUpload.from_store(
+                    self._drivers.sessions.prekeys,
+                    self._identity.signing_key,
+                    key_sequence=self._identity.sequence,
+                    sequence=time_ms(self._clock),
+                ),
+                self.peer_record,
+                self._drivers.capabilities.publish,
+            )
+        if discovery.dht is not None:
+            await discovery.announce_dht(
+                self.peer_record().to_bytes(),
+                self._identity.keylog.to_bytes(),
+                self.get_prekey_bundle().to_bytes(),
+            )
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @property
+    def dht_address(self) -> tuple[str, int] | None:
+        """UDP address of this agent's DHT node, if it runs one."""
+        dht = None if self._discovery is None else self._discovery.dht
+        return None if dht is None else dht.address
+
+    @property
+    def registry_reachable(self) -> bool | None:
+        """Whether the registry answered last time it was asked (``None``: not yet)."""
+        return None if self._discovery is None else self._discovery.reachable
+
+    @property
+    def registry_offset(self) -> float | None:
+        """Offset of our clock from the registry's (seconds, positive: we are ahead)."""
+        return self._clocks.registry_offset
+
+    async def close(self) -> None:
+        """Stop delivering, close links and stores. Queued messages stay queued."""
+        if self._closed:
+            return
+        self._closed = True
+        parts = self._parts
+        if parts is not None and parts.batch.acknowledging:
+            # Committed receives are ACKed before the links close (else the
+            # senders retry, and are answered DUPLICATE next time).
+            await asyncio.wait(set(parts.batch.acknowledging), timeout=1.0)
+        if parts is not None:
+            await parts.acks.stop()
+            await parts.deliverer.stop()
+        tasks = [*self._background, *(parts.batch.acknowledging if parts else ())]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if parts is not None:
+            # Received but not committed: not acknowledged either, so their senders retry.
+            parts.batch.discard()
+            parts.sender.flush()
+            parts.acks.flush()  # ACKs already in: removed, and their senders released
+            parts.deliverer.release_waiters()
+            parts.inbox.ready.set()
+        if self._transport is not None:
+            await self._transport.close()
+        if self._discovery is not None:
+            await self._discovery.close()
+        if self._tokens is not None:
+            self._tokens.close()
+        if self._log is not None:
+            self._log.close()
+        self.metrics.close()
+
+    async def __aenter__(self) -> TalosClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- messages ---------------------------------------------------------------------------
+
+    async def send(
+        self,
+        peer_id: str,
+        data: Any,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 -- the seed's documented send() signature
+        retry_count: int = 3,
+        on_failure: Literal["queue", "raise"] = "queue",
+        capability: str | Capability | None = None,
+    ) -> SendResult:
+        """Send ``data`` (bytes, str or JSON-able) to ``peer_id``; durable before it returns.
+
+        ``timeout`` bounds the whole call; within it up to ``retry_count``
+        retries follow the backoff schedule. Then ``on_failure="queue"``
+        leaves the message queued for background delivery (status
+        ``"queued"``), ``"raise"`` removes it and raises.
+
+        Raises:
+            CapabilityDenied: the capability to attach is invalid (nothing sent or queued).
+            QueueFull: ``queue_limit`` messages are queued already (nothing queued).
+            PeerRejected: the peer refused the message, with its signed reason.
+            DeliveryTimeout: not delivered in time with ``on_failure="raise"``.
+            LocalProtocolError: ``data`` cannot be encoded.
+        """
+        return await self._drivers.sender.send(
+            peer_id,
+            data,
+            timeout=timeout,
+            retry_count=retry_count,
+            on_failure=on_failure,
+            capability=capability,
+        )
+
+    async def receive(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 -- the documented receive() signature
+        *,
+        auto_ack: bool = True,
+    ) -> Message | None:
+        """The next received message, or ``None`` after ``timeout`` seconds (on the
+        agent's clock).
+
+        With ``auto_ack`` (the default) the message leaves the durable inbox
+        before it is returned: at most once to the application, and a crash
+        right after this call loses it for the application. (A call already
+        waiting is handed the next message by the commit that receives it; if
+        that call is cancelled at that moment, the message is put back at the
+        end of the inbox.) With
+        ``auto_ack=False`` it stays in the inbox until :meth:`acknowledge`:
+        at least once; after a crash it is returned again, and its
+        ``message_id`` lets the application drop what it already processed.
+        Each such call returns the next message after the previous one, so
+        an application can process several and acknowledge them together
+        (one commit); a restart starts again at the oldest unacknowledged.
+        """
+        return await self._drivers.inbox.receive(timeout, auto_ack=auto_ack)
+
+    def acknowledge(self, *messages: Message) -> None:
+        """Remove messages received with ``auto_ack=False`` from the durable inbox
+        (all in one commit).
+
+        Raises:
+            LocalProtocolError: a message was not received with ``auto_ack=False``.
+        """
+        self._drivers.inbox.acknowledge(*messages)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Every received message, as it arrives."""
+        async for message in self._drivers.inbox.messages():
+            yield message
+
+    # -- identity and sessions ------------------------------------------------------
+
+    @property
+    def agent_id(self) -> str:
+        return self._identity.agent_id
+
+    @property
+    def endpoint(self) -> str:
+        """``ws://host:port`` this agent listens on."""
+        return self._endpoint
+
+    def peer_record(self, *, lifetime: float = RECORD_LIFETIME) -> PeerRecord:
+        """A freshly signed record of where this instance listens."""
+        return PeerRecord.create(
+            self._identity.signing_key,
+            agent_id=self.agent_id,
+            key_sequence=self._identity.sequence,
+            instance_id=self._instance,
+            endpoint=self._endpoint,
+            sequence=time_ms(self._clock),
+            now=self._clock.time(),
+            lifetime=lifetime,
+        )
+
+    def contact_card(self) -> bytes:
+        """Key log and peer record in one blob, for introductions without a registry."""
+        return canonical_dumps(
+            {
+                "v": 1,
+                "log": self._identity.keylog.to_bytes(),
+                "rec": self.peer_record().to_bytes(),
+            }
+        )
+
+    def add_contact(self, card: bytes) -> str:
+        """Learn a peer from its :meth:`contact_card`; returns its agent id.
+
+        Raises:
+            MalformedFrame, UnsupportedVersion: not a contact card.
+            KeyLogInvalid: its key log is invalid or forks what we know.
+            SignatureInvalid, StaleMessage: its record does not verify now.
+        """
+        raw = strict_versioned_map(
+            card,
+            max_size=1 << 20,
+            fields=frozenset({"v", "log", "rec"}),
+            version=1,
+            what="contact card",
+        )
+        if type(raw["log"]) is not bytes or type(raw["rec"]) is not bytes:
+            raise MalformedFrame("contact card fields must be bytes")
+        log = self._peers.learn_log(KeyLog.from_bytes(raw["log"]))
+        record = PeerRecord.from_bytes(raw["rec"])
+        if record.agent_id != log.agent_id:
+            raise MalformedFrame("contact card record names another agent")
+        self._peers.learn_record(record)
+        return log.agent_id
+
+    def get_prekey_bundle(self) -> PrekeyBundle:
+        """A bundle for :meth:`establish_session` out of band (signed prekey, no one-time key)."""
+        return self._drivers.sessions.prekeys.bundle(None)
+
+    async def establish_session(self, peer_id: str, bundle: PrekeyBundle | None = None) -> None:
+        """Run X3DH with ``peer_id``; without a ``bundle``, one comes from the registry, or
+        from the peer's DHT value when the registry cannot be reached.
+
+        Raises:
+            PeerNotFound: the peer's key log (or a bundle) cannot be found.
+            SignatureInvalid: the bundle is not vouched for by the peer's key log.
+            KeyAgreementFailed: a bundle key is unusable.
+        """
+        await self._drivers.sessions.establish(peer_id, bundle)
+        self._drivers.deliverer.kick(peer_id)
+
+    async def reset_session(self, peer_id: str) -> None:
+        """Forget the session with ``peer_id``; the next message establishes a new one."""
+        self._drivers.sessions.reset(peer_id, "requested")
+
+    # -- status ---------------------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        """Messages waiting in the outbox."""
+        return self._state.outbox_count()
+
+    def status(self) -> dict[str, Any]:
+        """What ``talos status`` shows: identity, endpoint, queue, sessions, registry, clocks.
+
+        ``clock_offset_s`` is our offset from the registry's clock (positive:
+        we are ahead); ``peer_clock`` holds each peer's offset from ours
+        (positive: the peer is ahead), estimated from signed ACKs.
+        """
+        dht = self.dht_address
+        return status_report(
+            self._state,
+            agent_id=self.agent_id,
+            instance=self._instance,
+            endpoint=self._endpoint,
+            offline=self._config.offline,
+            links=self._drivers.deliverer.links,
+            registry=self._config.registry_url,
+            registry_reachable=self.registry_reachable,
+            dht=None if dht is None else "{}:{}".format(*dht),
+            clocks=self._clocks,
+            now=self._clock.time(),
+            duplicates=self._drivers.receiver.instances.duplicates,
+        )
+
+    def known_peers(self) -> list[dict[str, Any]]:
+        """Peers with a cached, verified record: what ``talos peers`` lists."""
+        return known_peer_rows(self._state, self._drivers.deliverer.links)

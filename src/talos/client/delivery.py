@@ -1,0 +1,399 @@
+"""Delivering the outbox: the asyncio driver of :mod:`talos.core.delivery`.
+
+One loop per peer delivers its queue in order, retrying with backoff until
+it is empty: a sliding window of messages in flight that ACKs free room in
+(what comes back is handled by :mod:`talos.client.acks`). Every message
+ends through :meth:`Deliverer.finish`, which tells its waiting ``send()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from talos.audit import AuditKind
+from talos.client import timing
+from talos.client.revocations import Capabilities
+from talos.client.sessions import Sessions
+from talos.core import wire
+from talos.core.backoff import Backoff
+from talos.core.clock import Clock
+from talos.core.delivery import (
+    ACK_TIMEOUT,
+    SEND_WINDOW_BYTES,
+    Delivery,
+    Outcome,
+    Pending,
+    Window,
+    window_size,
+)
+from talos.core.identity import Identity
+from talos.core.rng import Rng
+from talos.core.sessions import encode_record
+from talos.errors import (
+    DeliveryError,
+    PeerUnreachable,
+    SessionError,
+    TalosError,
+)
+from talos.metrics import AgentMetrics
+from talos.peers import PeerDirectory
+from talos.storage.agent_state import AgentState, OutboxItem
+from talos.transport import Link, Transport
+
+_log = logging.getLogger("talos.client")
+
+
+class Deliverer:
+    """Per-peer delivery loops, outgoing links, and the outcome of every message."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        instance: bytes,
+        state: AgentState,
+        sessions: Sessions,
+        peers: PeerDirectory,
+        transport: Transport,
+        capabilities: Capabilities,
+        metrics: AgentMetrics,
+        clock: Clock,
+        rng: Rng,
+        backoff: Backoff,
+        closed: Callable[[], bool],
+        offline: bool,
+    ) -> None:
+        self._identity, self._instance = identity, instance
+        self._state, self._sessions, self._peers = state, sessions, peers
+        self._transport, self._capabilities = transport, capabilities
+        self._metrics = metrics
+        self._clock, self._rng, self._backoff = clock, rng, backoff
+        #: Whether the client closed; in offline mode nothing is delivered.
+        self._closed, self._offline = closed, offline
+        self.core = Delivery()
+        #: Outgoing links by peer (only links this agent opened carry its messages).
+        self.links: dict[str, Link] = {}
+        #: send() calls waiting for their message's outcome.
+        self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        #: Resolved (and replaced) whenever a delivery attempt fails: send() calls
+        #: waiting for their ACK then check their retry count.
+        self._failure_tick: asyncio.Future[None] | None = None
+        self._loops: dict[str, asyncio.Task[None]] = {}
+        self._wakeups: dict[str, asyncio.Event] = {}
+
+    # -- send() calls --------------------------------------------------------------------
+
+    def waiter(self, message_id: bytes, peer: str) -> asyncio.Future[None]:
+        """The future a send() call awaits: its message's outcome."""
+        self.core.track(message_id, peer)
+        future = self._waiters.get(message_id)
+        if future is None:
+            future = self._waiters[message_id] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_retrieve)
+        return future
+
+    async def await_delivery(
+        self, message_id: bytes, acked: asyncio.Future[None], seconds: float, retry_count: int
+    ) -> bool:
+        """Wait for the ACK until ``seconds`` pass or more than ``retry_count`` attempts failed.
+
+        Raises:
+            PeerRejected: the peer refused the message.
+        """
+        deadline = self._clock.monotonic() + seconds
+        while True:
+            if acked.done():
+                acked.result()  # raises the peer's refusal
+                return True
+            record = self.core.get(message_id)
+            if record is not None and record.failures > retry_count:
+                return False
+            if deadline - self._clock.monotonic() <= 0:
+                return False
+            # Woken by the ACK, or by any failed attempt (rare) to look at the count
+            # again: no polling, which cost thousands of wake-ups a second when
+            # thousands of send() calls wait at once.
+            tick = self._failure_tick
+            if tick is None or tick.done():
+                tick = self._failure_tick = asyncio.get_running_loop().create_future()
+            await timing.wait_first(self._clock, deadline, (acked, tick))
+
+    def finish(self, message_id: bytes, outcome: Outcome, error: Exception | None = None) -> None:
+        """``message_id`` is done: tell its send() call, if one waits."""
+        self.core.finish(message_id, outcome)
+        future = self._waiters.pop(message_id, None)
+        if future is None or future.done() or outcome is Outcome.UNQUEUED:
+            return  # an unqueued message's send() call gave up or was answered already
+        if outcome is Outcome.DELIVERED:
+            future.set_result(None)
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.cancel()
+
+    def give_up(self, message_id: bytes, peer: str, reason: str) -> None:
+        self._state.remove(
+            message_id,
+            audit=[(AuditKind.DELIVERY_FAILED, {"id": message_id, "reason": reason}, peer)],
+        )
+        self.finish(message_id, Outcome.GIVEN_UP)
+
+    # -- the delivery loops ---------------------------------------------------------------
+
+    def kick(self, peer: str) -> None:
+        """Make sure a delivery loop runs for ``peer`` and wake it."""
+        if self._offline or self._closed():
+            return
+        self._wakeups.setdefault(peer, asyncio.Event()).set()
+        task = self._loops.get(peer)
+        if task is None or task.done():
+            self._loops[peer] = asyncio.create_task(self._deliver_loop(peer))
+
+    def wake(self, peers: set[str]) -> None:
+        for peer in peers:
+            wake = self._wakeups.get(peer)
+            if wake is not None:
+                wake.set()
+
+    async def _deliver_loop(self, peer: str) -> None:
+        """Deliver ``peer``'s queue in order, retrying with backoff until it is empty.
+
+        Up to the window's size are in flight; as ACKs free room, the next
+        messages are encrypted and transmitted, a quarter window or more at a
+        time so that each transmission's commit serves several messages. A
+        refusal to decrypt, a dropped link or a missing ACK fails the window:
+        after the backoff everything still queued is sent again from the oldest.
+        """
+        attempt = 0
+        wake = self._wakeups.setdefault(peer, asyncio.Event())
+        window = self.core.window(peer)
+        while not self._closed():
+            wake.clear()
+            head = window.head()
+            try:
+                outgoing = window.take_outgoing()
+                if outgoing:  # encrypted by the send fast path, in flight already
+                    link = self.links.get(peer)
+                    if link is None or not link.is_open:
+                        raise PeerUnreachable(f"the connection to {peer} closed")
+                    for message_id, frame in outgoing:
+                        if self.core.get(message_id) is not None:  # not given up or refused
+                            await link.send(frame)
+                check = window.tick(self._clock.monotonic(), self.core)
+                if check.failure is not None:
+                    raise check.failure
+                if check.progressed:
+                    attempt = 0
+                size = self._window_size(peer)
+                room = size - len(window)
+                if room > 0 and (not window.inflight or room >= max(1, size // 4)):
+                    items = _within_bytes(
+                        self._state.pending(peer, after=window.last_seq(), limit=room),
+                        SEND_WINDOW_BYTES - window.bytes_in_flight(),
+                        at_least_one=not window.inflight,
+                    )
+                    if items:
+                        head = head or items[0].message_id
+                        if await self._transmit(peer, items, window):
+                            continue
+                if not window.inflight:
+                    # Nothing to send, or only messages whose ACK is being committed:
+                    # an ACK, a refusal or a new message wakes this loop.
+                    await wake.wait()
+                    continue
+                await self._await_progress(peer, wake, window)
+            except TalosError as exc:
+                window.failed()  # still queued: encrypted again on retry
+                if head is None:
+                    pending = self._state.pending(peer, limit=1)
+                    head = pending[0].message_id if pending else None
+                # Counted per message for send(retry_count=...): in order, the
+                # message that failed is the oldest one this attempt was about.
+                if head is not None and self.core.count_failure(head):
+                    if self._failure_tick is not None and not self._failure_tick.done():
+                        self._failure_tick.set_result(None)  # send() calls look again
+                delay = self._backoff.delay(attempt, self._rng)
+                attempt += 1
+                level = logging.INFO if attempt < 5 else logging.WARNING
+                _log.log(
+                    level,
+                    "delivery to %s failed (%s); retry in %.2f s",
+                    peer,
+                    exc,
+                    delay,
+                    extra={"event": "delivery_retry", "peer_id": peer, "attempt": attempt},
+                )
+                await timing.sleep(self._clock, delay, wake)
+
+    def _window_size(self, peer: str) -> int:
+        entry = self._sessions.table.committed(peer)
+        return window_size(entry is not None and entry.confirmed)
+
+    async def _await_progress(self, peer: str, wake: asyncio.Event, window: Window) -> None:
+        """Wait for news about ``peer`` (an ACK, an ERROR, a new message) or the
+        oldest ACK deadline.
+
+        Raises:
+            PeerUnreachable: the connection dropped with messages in flight.
+        """
+        link = self.links.get(peer)
+        if link is None or not link.is_open:
+            raise PeerUnreachable(f"the connection to {peer} closed before the ACKs")
+        woken = asyncio.ensure_future(wake.wait())
+        dropped = asyncio.ensure_future(link.closed.wait())
+        try:
+            await timing.wait_first(self._clock, window.next_deadline(), (woken, dropped))
+        finally:
+            woken.cancel()
+            dropped.cancel()
+        if dropped.done() and not dropped.cancelled():
+            raise PeerUnreachable(f"the connection to {peer} closed before the ACKs")
+
+    async def _transmit(self, peer: str, items: list[OutboxItem], window: Window) -> int:
+        """Encrypt ``items`` (one commit), transmit them back to back and note them in
+        flight; returns how many were transmitted.
+
+        Raises:
+            PeerUnreachable, DiscoveryError, SessionError: no link or session (retried).
+        """
+        items = [item for item in items if not self.core.being_removed(item.message_id)]
+        if not items:
+            return 0
+        records = {item.message_id: self.core.track(item.message_id, peer) for item in items}
+        link = await self.link(peer)
+        # Only what is still queued when the attempts commit is sent (a message given
+        # up or refused since the queue was read is not).
+        sealed = await self._encrypt(peer, items, records)
+        for gone in records.keys() - {item.message_id for item, _ in sealed}:
+            self.finish(gone, Outcome.UNQUEUED)  # nobody waits on it any more
+        deadline = self._clock.monotonic() + ACK_TIMEOUT
+        for item, frame in sealed:
+            window.transmitted(
+                records[item.message_id],
+                seq=item.seq,
+                size=len(item.payload),
+                sent_at=self._clock.time(),
+                deadline=deadline,
+            )
+            await link.send(frame)
+        return len(sealed)
+
+    async def _encrypt(
+        self, peer: str, items: list[OutboxItem], records: dict[bytes, Pending]
+    ) -> list[tuple[OutboxItem, bytes]]:
+        """Encrypt and sign ``items`` for ``peer``; the advanced ratchet and the attempts
+        are durable (one commit) before any of the frames is returned. Items no longer
+        queued by then (e.g. given up while a session was opened) are left out."""
+        entry = self._sessions.current(peer)
+        if entry is None:
+            await self._sessions.establish(peer)
+            self.kick(peer)
+            entry = self._sessions.current(peer)
+            if entry is None:
+                raise SessionError(f"no session with {peer}")
+        now = self._clock.time()
+        sealed = [entry.session.encrypt(item.payload, now=now) for item in items]
+        # Persist the advanced ratchet (with the attempts) before a ciphertext leaves.
+        counted = set(
+            self._state.record_attempts(
+                peer, [item.message_id for item in items], now, session=encode_record(entry)
+            )
+        )
+        if entry.handshake is not None:
+            for item in items:  # an ACK to these confirms this handshake, no other
+                records[item.message_id].handshake = entry.handshake
+        return [
+            (item, self.seal(item, header, ciphertext, entry.handshake))
+            for item, (header, ciphertext) in zip(items, sealed, strict=True)
+            if item.message_id in counted
+        ]
+
+    def seal(self, item: OutboxItem, header: bytes, ciphertext: bytes, x3dh: bytes | None) -> bytes:
+        return wire.seal(
+            wire.Envelope(
+                type=wire.EnvelopeType.INITIAL if x3dh else wire.EnvelopeType.MESSAGE,
+                message_id=item.message_id,
+                sender=self._identity.agent_id,
+                sender_instance=self._instance,
+                recipient=item.peer,
+                # The time it was queued, on every retry: the receiver's replay
+                # window then refuses (STALE) rather than re-accepts a message
+                # retried after the window forgot its id.
+                timestamp_ms=item.enqueued_ms,
+                ratchet_header=header,
+                ciphertext=ciphertext,
+                capability_ref=item.capability,
+                x3dh_header=x3dh,
+            ),
+            self._identity.signing_key,
+        )
+
+    def hand_over(self, item: OutboxItem, sealed: tuple[bytes, bytes], now: float) -> None:
+        """Sign a fast-path message (its ratchet is durable) and give it to the delivery
+        loop to transmit, as in flight."""
+        header, ciphertext = sealed
+        frame = self.seal(item, header, ciphertext, None)
+        window = self.core.window(item.peer)
+        window.transmitted(
+            self.core.track(item.message_id, item.peer),
+            seq=item.seq,
+            size=len(item.payload),
+            sent_at=now,
+            deadline=self._clock.monotonic() + ACK_TIMEOUT,
+        )
+        window.outgoing.append((item.message_id, frame))
+
+    async def link(self, peer: str) -> Link:
+        link = self.links.get(peer)
+        if link is not None and link.is_open:
+            return link
+        record = await self._peers.endpoint(peer)
+        try:
+            link = await self._transport.connect(record.endpoint)
+        except PeerUnreachable:
+            record = await self._peers.endpoint(peer, refresh=True)
+            link = await self._transport.connect(record.endpoint)
+        link.peer = peer
+        self.links[peer] = link
+        await self._capabilities.offer(link, peer)
+        return link
+
+    # -- closing ---------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop every delivery loop."""
+        for task in self._loops.values():
+            task.cancel()
+        for task in self._loops.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def release_waiters(self) -> None:
+        """The client closed: every waiting send() learns its message stays queued."""
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(
+                    DeliveryError("the client closed; the message stays queued for next time")
+                )
+                future.exception()  # retrieved here; a waiting send() sees it too
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a future's outcome as seen (queued sends may be refused much later)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _within_bytes(items: list[OutboxItem], budget: int, *, at_least_one: bool) -> list[OutboxItem]:
+    """The longest prefix of ``items`` whose payloads fit in ``budget`` bytes (at
+    least the first when ``at_least_one``: a message larger than the budget still goes,
+    alone)."""
+    taken = 0
+    for count, item in enumerate(items):
+        taken += len(item.payload)
+        if taken > budget:
+            return items[: max(count, 1 if at_least_one else 0)]
+    return items

@@ -1,0 +1,176 @@
+"""Handing received messages to the application: ``receive()`` and ``acknowledge()``.
+
+Messages wait in the durable inbox. ``receive(auto_ack=True)`` takes the
+oldest out (one commit) before returning it; a call already waiting is
+handed the next message by the very commit that receives it (see
+:class:`~talos.client.receiving.ReceiveBatch`), so it costs no commit of its
+own. ``receive(auto_ack=False)`` reads in order without removing; once it
+has read the inbox to its end, later receive commits hand it their rows in
+memory too (bounded by READ_AHEAD_LIMIT and READ_AHEAD_BYTES).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
+
+from talos.client import timing
+from talos.core.clock import Clock
+from talos.core.message import Message, decode_payload
+from talos.errors import LocalProtocolError, TalosError
+from talos.storage.agent_state import AgentState, InboxMessage
+
+_log = logging.getLogger("talos.client")
+
+#: Messages, and payload bytes, receive(auto_ack=False) may have waiting in memory.
+READ_AHEAD_LIMIT: Final = 4096
+READ_AHEAD_BYTES: Final = 8 * 1024 * 1024
+
+
+class InboxReader:
+    """The application's side of the inbox."""
+
+    def __init__(self, state: AgentState, clock: Clock, closed: Callable[[], bool]) -> None:
+        self._state, self._clock, self._closed = state, clock, closed
+        #: Set whenever the inbox may have grown (or the client closes).
+        self.ready = asyncio.Event()
+        #: receive(auto_ack=True) calls waiting for a message, oldest first.
+        self.takers: collections.deque[asyncio.Future[InboxMessage]] = collections.deque()
+        #: The last inbox sequence number receive(auto_ack=False) returned, and,
+        #: once it has read the inbox to its end, the rows written since, in memory.
+        self._cursor = -1
+        self.read_ahead: collections.deque[tuple[int, InboxMessage]] | None = None
+        self._read_ahead_bytes = 0
+
+    async def receive(self, seconds: float | None, *, auto_ack: bool) -> Message | None:
+        """See :meth:`TalosClient.receive`."""
+        deadline = None if seconds is None else self._clock.monotonic() + seconds
+        while not self._closed():
+            if auto_ack:
+                taken = self._state.take(1)
+                if taken:
+                    self.read_ahead = None  # it may hold the row just taken
+                    return to_message(taken[0])
+            elif self.read_ahead is not None:
+                if self.read_ahead:
+                    seq, item = self.read_ahead.popleft()
+                    self._read_ahead_bytes -= len(item.data)
+                    self._cursor = seq
+                    return to_message(item, seq)
+            else:
+                for seq, item in self._state.inbox(after=self._cursor, limit=1):
+                    self._cursor = seq
+                    return to_message(item, seq)
+                # Everything after the cursor is read: from now on the receive commits
+                # hand their rows over in memory too (see follow).
+                self.read_ahead = collections.deque()
+                self._read_ahead_bytes = 0
+            self.ready.clear()
+            if deadline is not None and deadline - self._clock.monotonic() <= 0:
+                return None
+            if auto_ack:
+                handed = await self._wait_as_taker(deadline)
+                if handed is not None:
+                    return to_message(handed)
+                continue
+            ready = asyncio.ensure_future(self.ready.wait())
+            try:
+                await timing.wait_first(self._clock, deadline, [ready])
+            finally:
+                ready.cancel()
+        return None
+
+    async def _wait_as_taker(self, deadline: float | None) -> InboxMessage | None:
+        """Wait until ``deadline`` for the next receive commit to hand over a message
+        (taken in that commit: no separate removal), or for the inbox to fill."""
+        taker: asyncio.Future[InboxMessage] = asyncio.get_running_loop().create_future()
+        self.takers.append(taker)
+        ready = asyncio.ensure_future(self.ready.wait())
+        waiters: set[asyncio.Future[Any]] = {taker, ready}
+        try:
+            await timing.wait_first(self._clock, deadline, waiters)
+        except asyncio.CancelledError:
+            if taker.done() and not taker.cancelled():
+                # Taken by the receive commit for this call, which will not return it:
+                # back into the durable inbox, for the next call.
+                try:
+                    seqs = self._state.return_to_inbox([taker.result()])
+                    self.follow(seqs, [taker.result()])
+                except TalosError as exc:
+                    _log.error(
+                        "a received message handed to a cancelled receive() could not be "
+                        "put back in the inbox: %s",
+                        exc,
+                        extra={
+                            "event": "message_lost",
+                            "message_id": taker.result().message_id.hex(),
+                        },
+                    )
+                self.ready.set()
+            raise
+        finally:
+            ready.cancel()
+            if not taker.done():
+                taker.cancel()
+            with contextlib.suppress(ValueError):
+                self.takers.remove(taker)
+        return None if taker.cancelled() else taker.result()
+
+    def waiting_takers(self, most: int) -> list[asyncio.Future[InboxMessage]]:
+        """Up to ``most`` receive() calls waiting now, oldest first."""
+        while self.takers and self.takers[0].done():
+            self.takers.popleft()
+        return [taker for taker in self.takers if not taker.done()][:most]
+
+    def follow(self, seqs: list[int], messages: list[InboxMessage]) -> None:
+        """Messages just written at the end of the inbox: when receive(auto_ack=False)
+        has read everything before them, it gets these from memory (they are in the
+        inbox, durable, until acknowledged) instead of reading and decrypting the
+        rows back. Past READ_AHEAD_LIMIT messages or READ_AHEAD_BYTES unread it lets
+        them go and reads the inbox again."""
+        ahead = self.read_ahead
+        if ahead is None:
+            return
+        size = self._read_ahead_bytes + sum(len(message.data) for message in messages)
+        if (
+            len(seqs) != len(messages)
+            or len(ahead) + len(seqs) > READ_AHEAD_LIMIT
+            or size > READ_AHEAD_BYTES
+        ):
+            self.read_ahead = None
+            return
+        ahead.extend(zip(seqs, messages, strict=True))
+        self._read_ahead_bytes = size
+
+    def acknowledge(self, *messages: Message) -> None:
+        """See :meth:`TalosClient.acknowledge`."""
+        seqs = []
+        for message in messages:
+            if message.inbox_seq is None:
+                raise LocalProtocolError(
+                    "only messages received with auto_ack=False are acknowledged"
+                )
+            seqs.append(message.inbox_seq)
+        if seqs:
+            self._state.acknowledge(*seqs)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        while not self._closed():
+            message = await self.receive(None, auto_ack=True)
+            if message is not None:
+                yield message
+
+
+def to_message(item: InboxMessage, inbox_seq: int | None = None) -> Message:
+    return Message(
+        sender=item.sender,
+        message_id=item.message_id,
+        data=decode_payload(item.data),
+        sent_at=item.sent_at_ms / 1000,
+        capability_id=item.capability_id,
+        inbox_seq=inbox_seq,
+    )

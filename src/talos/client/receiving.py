@@ -1,0 +1,397 @@
+"""The receive path (see ARCHITECTURE §5 and :mod:`talos.core.incoming`).
+
+Decode → verify the signature with the sender's verified key log →
+freshness (replay window, clock skew) → capability → decrypt → one
+transaction {ratchet state, replay entry, audit entry, inbox message} →
+signed ACK → wake the application. Anything refused changes no state and
+is answered with a signed ERROR naming the reason (except forgeries, which
+are only audited). Messages on an established session are staged and
+committed together with whatever else arrives in the same event-loop tick
+(:class:`ReceiveBatch`): one fsync for all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from talos.audit import AuditKind
+from talos.client.control import Auditor, Signer
+from talos.client.inbox import InboxReader
+from talos.client.revocations import Capabilities
+from talos.client.sessions import Sessions
+from talos.core import incoming, wire
+from talos.core.clock import Clock, time_ms
+from talos.core.clocksync import InstanceTracker
+from talos.core.keylog import KeyLog
+from talos.core.message import decode_payload
+from talos.core.ratchet import Session
+from talos.core.ratelimit import RateLimiter
+from talos.core.rng import Rng
+from talos.core.sessions import SessionEntry, SessionTable, encode_record
+from talos.core.x3dh import InitialHeader, PrekeyStore, respond
+from talos.errors import (
+    CapabilityDenied,
+    CryptoError,
+    PeerNotFound,
+    RemoteProtocolError,
+    SessionError,
+    SignatureInvalid,
+    TalosError,
+)
+from talos.metrics import AgentMetrics
+from talos.peers import PeerDirectory
+from talos.storage.agent_state import AgentState, InboxMessage, Received
+from talos.transport import Link
+
+_log = logging.getLogger("talos.client")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Staged:
+    """A decrypted message waiting for the group commit, and where to ACK it."""
+
+    received: Received
+    link: Link
+    envelope: wire.Envelope
+
+
+class ReceiveBatch:
+    """Received messages decrypted but not yet committed, the sessions they advanced
+    (staged in the :class:`SessionTable`) and their replay ids."""
+
+    def __init__(
+        self,
+        *,
+        table: SessionTable,
+        state: AgentState,
+        inbox: InboxReader,
+        signer: Signer,
+        metrics: AgentMetrics,
+    ) -> None:
+        self._table, self._state, self._inbox = table, state, inbox
+        self._signer, self._metrics = signer, metrics
+        self._staged: list[_Staged] = []
+        self.ids: set[bytes] = set()
+        #: ACKs of committed batches being sent (close() lets them finish).
+        self.acknowledging: set[asyncio.Task[None]] = set()
+
+    def stage(
+        self, link: Link, envelope: wire.Envelope, received: Received, successor: Session
+    ) -> None:
+        """Hold a decrypted message for the next group commit (nothing is output yet).
+
+        Until then ``successor`` is the session later frames from this sender
+        are decrypted with (so a batch chains), but nothing else may use it:
+        every other reader of sessions settles the batch first (:meth:`settle`).
+        """
+        self._table.stage(envelope.sender, successor)
+        self.ids.add(received.replay_id)
+        self._staged.append(_Staged(received, link, envelope))
+        if len(self._staged) == 1:
+            asyncio.get_running_loop().call_soon(self.settle)
+
+    def discard(self) -> None:
+        """Forget what is staged: not acknowledged either, so the senders retry."""
+        self._staged, self.ids = [], set()
+        self._table.discard_staged()
+
+    def settle(self) -> None:
+        """Commit the staged receives in one transaction, then acknowledge them.
+
+        If the commit fails nothing is acknowledged and the staged sessions
+        are forgotten: the sender retries, and the messages are decrypted
+        again from the committed state.
+        """
+        staged, self._staged = self._staged, []
+        sessions = self._table.take_staged()
+        self.ids = set()
+        if not staged:
+            return
+        records = {peer: encode_record(SessionEntry(s)) for peer, s in sessions.items()}
+        # Messages for receive() calls already waiting are taken in this same commit
+        # (unless older ones wait in the inbox: order is kept).
+        takers = self._inbox.waiting_takers(len(staged))
+        if takers and self._state.inbox_count():
+            takers = []
+        try:
+            seqs = self._state.commit_receive_many(
+                [dataclasses.replace(s.received, session=records[s.received.peer]) for s in staged],
+                taken=len(takers),
+            )
+        except TalosError as exc:
+            _log.warning(
+                "%d received messages not committed (the senders will retry): %s",
+                len(staged),
+                exc,
+            )
+            return
+        for peer, session in sessions.items():
+            self._table.commit(peer, SessionEntry(session))
+        for taker, item in zip(takers, staged, strict=False):
+            taker.set_result(item.received.message)
+        self._inbox.follow(seqs, [s.received.message for s in staged[len(takers) :]])
+        for item in staged:
+            self._metrics.message_received(len(item.received.message.data))
+        task = asyncio.create_task(self._acknowledge([(s.link, s.envelope) for s in staged]))
+        self.acknowledging.add(task)
+        task.add_done_callback(self.acknowledging.discard)
+
+    async def _acknowledge(self, answers: list[tuple[Link, wire.Envelope]]) -> None:
+        """ACK committed messages (one signed ACK per link and sender for the whole
+        batch), then tell receive() they are there (so an application that stops once
+        it has them does not cut the ACKs short)."""
+        groups: dict[tuple[int, str], tuple[Link, list[bytes]]] = {}
+        for link, envelope in answers:
+            groups.setdefault((id(link), envelope.sender), (link, []))[1].append(
+                envelope.message_id
+            )
+        try:
+            for (_, sender), (link, ids) in groups.items():
+                for start in range(0, len(ids), wire.MAX_ACK_REFS):
+                    chunk = ids[start : start + wire.MAX_ACK_REFS]
+                    await self._signer.answer(link, sender, chunk, wire.AckStatus.ACCEPTED)
+        finally:
+            self._inbox.ready.set()
+
+
+class Receiver:
+    """Handles every frame that arrives on any link."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        state: AgentState,
+        sessions: Sessions,
+        batch: ReceiveBatch,
+        inbox: InboxReader,
+        peers: PeerDirectory,
+        capabilities: Capabilities | None,
+        signer: Signer,
+        auditor: Auditor,
+        metrics: AgentMetrics,
+        clock: Clock,
+        rng: Rng,
+        on_ack: Callable[[wire.Envelope], None],
+        on_error: Callable[[wire.Envelope], Awaitable[None]],
+        on_revocations: Callable[[Link, wire.Envelope, KeyLog], Awaitable[None]],
+    ) -> None:
+        self._me = agent_id
+        self._state, self._sessions, self._batch, self._inbox = state, sessions, batch, inbox
+        self._peers, self._capabilities = peers, capabilities
+        self._signer, self._auditor, self._metrics = signer, auditor, metrics
+        self._clock, self._rng = clock, rng
+        self._on_ack, self._on_error, self._on_revocations = on_ack, on_error, on_revocations
+        self._unknown_lookups = RateLimiter(rate=2.0, burst=20)
+        self.instances = InstanceTracker()
+
+    async def on_frame(self, link: Link, frame: bytes) -> None:
+        try:
+            unverified = wire.decode(frame)
+        except RemoteProtocolError as exc:
+            _log.warning(
+                "dropping a malformed frame from %s: %s",
+                link.remote,
+                exc,
+                extra={"event": "malformed_frame", "remote": link.remote},
+            )
+            return
+        if unverified.recipient != self._me:
+            _log.warning("dropping a frame for %s received by %s", unverified.recipient, self._me)
+            return
+        sender = unverified.sender
+        if self._peers.known_log(sender) is None and not self._unknown_lookups.allow(
+            "lookup", self._clock.monotonic()
+        ):
+            _log.debug("dropping a frame from unknown %s: lookup rate limit", sender)
+            return
+        try:
+            log = await self._peers.keylog(sender)
+        except (PeerNotFound, TalosError) as exc:
+            _log.warning(
+                "dropping a frame from unknown agent %s: %s",
+                sender,
+                exc,
+                extra={"event": "unknown_sender", "peer_id": sender},
+            )
+            return
+        try:
+            envelope = wire.verify(unverified, log.state.signing_key)
+        except SignatureInvalid:
+            self._metrics.signature_failed()
+            self._auditor.noisy_event(
+                AuditKind.SIGNATURE_FAILURE,
+                "signature_failure",
+                "signature failure on a frame from %s (not blocked)",
+                unverified.message_id,
+                sender,
+                remote=link.remote,
+            )
+            return
+        if self.instances.observe(sender, envelope.sender_instance):
+            self._metrics.duplicate_instance_detected()
+            _log.warning(
+                "%s is sending from two instances at once (split brain?)",
+                sender,
+                extra={
+                    "event": "duplicate_instance",
+                    "peer_id": sender,
+                    "instance_id": envelope.sender_instance.hex(),
+                },
+            )
+        # A valid frame proves who signed it, not who holds the socket (it may
+        # be a replay): replies go back on this link, but outgoing traffic
+        # only ever uses links this agent opened to a verified endpoint.
+        kind = envelope.type
+        if kind in (wire.EnvelopeType.MESSAGE, wire.EnvelopeType.INITIAL):
+            await self._receive_message(link, envelope, log.state)
+        elif kind is wire.EnvelopeType.ACK:
+            self._on_ack(envelope)
+        elif kind is wire.EnvelopeType.ERROR:
+            await self._on_error(envelope)
+        elif kind is wire.EnvelopeType.REVOCATIONS:
+            await self._on_revocations(link, envelope, log)
+
+    async def _refuse(self, link: Link, envelope: wire.Envelope, refusal: incoming.Refusal) -> None:
+        if refusal.audit is not None:
+            kind, fields = refusal.audit
+            self._auditor.audit(kind, fields, envelope.sender)
+        await self._signer.refuse(link, envelope, refusal)
+
+    async def _receive_message(self, link: Link, envelope: wire.Envelope, sender_keys: Any) -> None:
+        sender = envelope.sender
+        replay_id = hashlib.sha256(sender.encode() + envelope.message_id).digest()
+        verdict = incoming.check_fresh(
+            self._state.replay_window, replay_id, envelope, time_ms(self._clock), self._batch.ids
+        )
+        if isinstance(verdict, incoming.Ignore):
+            return  # a copy is being committed; its ACK follows the commit
+        if isinstance(verdict, incoming.Duplicate):
+            self._metrics.replay_dropped()
+            self._auditor.noisy_event(
+                AuditKind.REPLAY_DROPPED,
+                "replay_dropped",
+                "dropped a replayed message from %s (acknowledged again)",
+                envelope.message_id,
+                sender,
+            )
+            await self._signer.answer(link, sender, [envelope.message_id], wire.AckStatus.DUPLICATE)
+            return
+        if verdict is not None:
+            await self._refuse(link, envelope, verdict)
+            return
+        capability_id = None
+        if self._capabilities is not None:
+            try:
+                capability_id = await self._capabilities.authorize(envelope)
+            except CapabilityDenied as exc:
+                refusal = incoming.capability_refusal(envelope, exc)
+                self._metrics.capability_denied(exc)
+                await self._refuse(link, envelope, refusal)
+                return
+        if incoming.keeps_own_handshake(envelope, self._me, self._awaiting_confirmation):
+            await self._refuse(link, envelope, incoming.simultaneous_open_refusal())
+            return
+        # The checks above may have waited: look again, just before decrypting (nothing
+        # awaits from here until the message is staged or committed).
+        if replay_id in self._batch.ids:
+            return  # a copy arrived meanwhile and is being committed
+        if envelope.type is not wire.EnvelopeType.MESSAGE:
+            self._batch.settle()  # X3DH consumes prekeys and replaces the session: not batched
+        if incoming.check_fresh(
+            self._state.replay_window, replay_id, envelope, time_ms(self._clock), frozenset()
+        ):
+            return  # changed while we waited: the retry gets the answer
+        try:
+            plaintext, successor, prekeys, established = self._decrypt(envelope, sender_keys)
+            decode_payload(plaintext)  # refuses undecodable payloads before committing
+        except (CryptoError, SessionError, RemoteProtocolError) as exc:
+            self._metrics.session_failed()
+            await self._refuse(link, envelope, incoming.decrypt_refusal(envelope, exc))
+            return
+        # Signed, fresh, not a replay, authorized, decrypted: this link is a peer's and
+        # keeps its place against floods of idle connections (see Transport).
+        link.mark_verified(sender)
+        message, received_audit = self._inboxed(envelope, plaintext, capability_id)
+        if not established:
+            # Committed with whatever else arrives in this event-loop tick (one
+            # fsync for all), then acknowledged. The session record is filled in at
+            # the commit: only each sender's last counts.
+            received = Received(
+                sender, b"", replay_id, envelope.timestamp_ms, message, audit=[received_audit]
+            )
+            self._batch.stage(link, envelope, received, successor)
+            return
+        audit = [received_audit, (AuditKind.SESSION_ESTABLISHED, {"role": "responder"}, sender)]
+        entry = SessionEntry(successor)
+        seq = self._state.commit_receive(
+            sender,
+            session=encode_record(entry),
+            replay_id=replay_id,
+            timestamp_ms=envelope.timestamp_ms,
+            message=message,
+            prekeys=None if prekeys is None else prekeys.to_bytes(),
+            audit=audit,
+        )
+        self._inbox.follow([seq], [message])
+        self._sessions.table.commit(sender, entry)
+        self._metrics.message_received(len(plaintext))
+        self._metrics.session_established()
+        if prekeys is not None:
+            self._sessions.prekeys = prekeys
+        await self._signer.answer(link, sender, [envelope.message_id], wire.AckStatus.ACCEPTED)
+        self._inbox.ready.set()
+
+    def _awaiting_confirmation(self, peer: str) -> bool:
+        current = self._sessions.current(peer)
+        return current is not None and not current.confirmed
+
+    def _inboxed(
+        self, envelope: wire.Envelope, plaintext: bytes, capability_id: bytes | None
+    ) -> tuple[InboxMessage, tuple[str, dict[str, Any], str | None]]:
+        """A received message's inbox row and its MESSAGE_RECEIVED audit record."""
+        message = InboxMessage(
+            sender=envelope.sender,
+            message_id=envelope.message_id,
+            data=plaintext,
+            sent_at_ms=envelope.timestamp_ms,
+            received_at_ms=time_ms(self._clock),
+            capability_id=capability_id,
+        )
+        digest = hashlib.sha256(plaintext).digest()
+        fields = {"id": envelope.message_id, "sha256": digest}
+        return message, (AuditKind.MESSAGE_RECEIVED, fields, envelope.sender)
+
+    def _decrypt(
+        self, envelope: wire.Envelope, sender_keys: Any
+    ) -> tuple[bytes, Session, PrekeyStore | None, bool]:
+        """Decrypt without committing: plaintext, successor session, new prekeys, new session?"""
+        now = self._clock.time()
+        if envelope.type is wire.EnvelopeType.INITIAL:
+            header = InitialHeader.from_bytes(envelope.x3dh_header or b"")
+            response = respond(
+                self._sessions.prekeys,
+                header,
+                peer_agent_id=envelope.sender,
+                peer_signing_key=sender_keys.signing_key.raw,
+                peer_identity_dh=sender_keys.dh_key,
+            )
+            session = Session.responder(
+                response.shared_key, response.associated_data, response.our_ratchet_key, self._rng
+            )
+            plaintext, successor = session.decrypt_uncommitted(
+                envelope.ratchet_header, envelope.ciphertext, now=now
+            )
+            return plaintext, successor, response.store, True
+        current = self._sessions.for_decrypt(envelope.sender)
+        if current is None:
+            raise SessionError(f"no session with {envelope.sender}")
+        plaintext, successor = current.decrypt_uncommitted(
+            envelope.ratchet_header, envelope.ciphertext, now=now
+        )
+        return plaintext, successor, None, False

@@ -1,0 +1,274 @@
+"""Capabilities in use: checking tokens, and revocation lists between agents.
+
+An incoming message is authorized by the capability it carries: its chain
+must start at this agent, verify with the issuers' key logs, and not be
+revoked. Revocation lists are kept fresh three ways: this agent's own list
+is always current (and re-read when ``talos capabilities revoke`` writes a
+new one while the agent runs); issuers' lists older than the policy's
+``max_age`` are fetched from the registry before a check; and both sides of
+every connection offer their own signed list, which the other verifies,
+merges and persists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+
+from talos.audit import AuditKind
+from talos.client.control import Auditor, Signer
+from talos.core import wire
+from talos.core.capability import Capability, CapabilityPolicy, verify
+from talos.core.clock import Clock
+from talos.core.identity import Identity
+from talos.core.keylog import IssuerKeys, KeyLog
+from talos.core.revocation import RevocationList, RevocationMode, RevocationPolicy, RevocationState
+from talos.discovery.registry_client import RegistryClient
+from talos.errors import (
+    CapabilityDenied,
+    MalformedFrame,
+    PeerRejected,
+    RemoteProtocolError,
+    ScopeMismatch,
+    SignatureInvalid,
+    TalosError,
+    UnsupportedVersion,
+)
+from talos.metrics import AgentMetrics
+from talos.peers import PeerDirectory
+from talos.storage.tokens import TokenStore
+from talos.transport import Link
+
+_log = logging.getLogger("talos.client")
+
+
+class Capabilities:
+    """Tokens held and checked by this agent, and the revocation lists behind them."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        tokens: TokenStore,
+        peers: PeerDirectory,
+        registry: RegistryClient | None,
+        policy: RevocationPolicy,
+        clock: Clock,
+        metrics: AgentMetrics,
+        auditor: Auditor,
+        signer: Signer,
+    ) -> None:
+        self._identity, self._tokens, self._peers = identity, tokens, peers
+        self._registry, self._policy, self._clock = registry, policy, clock
+        self._metrics, self._auditor, self._signer = metrics, auditor, signer
+        self.revocations = RevocationState()
+        #: Incoming links we already answered with our revocation list.
+        self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
+        self._load()
+
+    @property
+    def _me(self) -> str:
+        return self._identity.agent_id
+
+    def _load(self) -> None:
+        """Known key logs (imported with capabilities) and revocation lists, verified."""
+        keys = IssuerKeys([self._identity.keylog])
+        for data in self._tokens.keylogs():
+            with contextlib.suppress(TalosError):
+                log = self._peers.learn_log(KeyLog.from_bytes(data))
+                keys.add(log)
+        for issuer, data, synced in self._tokens.revocation_lists():
+            with contextlib.suppress(TalosError):
+                self.revocations.apply(RevocationList.from_bytes(data), keys=keys)
+                self.revocations.mark_synced(issuer, synced)
+        self.revocations.mark_synced(self._me, self._clock.time())
+
+    # -- tokens ---------------------------------------------------------------------
+
+    def for_sending(self, peer: str, given: str | Capability | None) -> Capability | None:
+        """The token to attach: the one given, else a held one for message.send to ``peer``.
+
+        Raises:
+            CapabilityDenied: the token does not authorize sending to ``peer`` now.
+            MalformedFrame: ``given`` is not a token.
+        """
+        if isinstance(given, str):
+            given = Capability.from_text(given)
+        candidates = [given] if given is not None else self._held(peer)
+        denial: CapabilityDenied | None = None
+        for token in candidates:
+            try:
+                self.check(token, audience=peer, holder=self._me)
+            except CapabilityDenied as exc:
+                denial = exc
+                continue
+            return token
+        if given is not None and denial is not None:
+            raise denial
+        return None
+
+    def _held(self, peer: str) -> list[Capability]:
+        tokens = []
+        for data in self._tokens.held():
+            with contextlib.suppress(MalformedFrame, UnsupportedVersion):
+                token = Capability.from_bytes(data)
+                if token.audience == peer:
+                    tokens.append(token)
+        return tokens
+
+    def check(self, token: Capability, *, audience: str, holder: str) -> None:
+        """Verify ``token`` for sending to ``audience`` as ``holder``.
+
+        The resource is the recipient's inbox, ``inbox/<audience>``. A token
+        is only good for its audience if the audience issued its root: nobody
+        can authorize themselves to write to someone else's inbox.
+
+        Raises:
+            CapabilityDenied: it does not authorize the message now.
+        """
+        root = token.chain()[0]
+        if root.issuer != audience:
+            raise ScopeMismatch(f"capability chain starts at {root.issuer}, not at {audience}")
+        now = self._clock.time()
+        # This agent's own revocation list is the authority: always current.
+        self.revocations.mark_synced(self._me, now)
+        keys = IssuerKeys(
+            [
+                log
+                for a in {token.issuer for token in token.chain()}
+                if (log := self._peers.known_log(a)) is not None
+            ]
+        )
+        policy = CapabilityPolicy(
+            audience=audience,
+            revocation=(
+                self._policy
+                if audience == self._me
+                else RevocationPolicy(mode=RevocationMode.OFFLINE)
+            ),
+        )
+        verify(
+            token,
+            action="message.send",
+            resource=f"inbox/{audience}",
+            now=now,
+            revocations=self.revocations,
+            policy=policy,
+            keys=keys,
+            holder=holder,
+        )
+
+    async def authorize(self, envelope: wire.Envelope) -> bytes:
+        """Check the capability attached to an incoming message; returns its id.
+
+        Before checking, the key logs of every issuer in the chain are looked
+        up, and any issuer whose revocation list is older than the policy's
+        ``max_age`` is synchronized from the registry (if it can be reached).
+
+        Raises:
+            CapabilityDenied: missing or not valid for this sender and agent.
+        """
+        self.refresh_own()
+        if envelope.capability_ref is None:
+            raise ScopeMismatch("no capability attached; this agent requires one")
+        try:
+            token = Capability.from_bytes(envelope.capability_ref)
+        except (MalformedFrame, UnsupportedVersion) as exc:
+            raise ScopeMismatch(f"attached capability is malformed: {exc}") from None
+        for issuer in {link.issuer for link in token.chain()} - {self._me}:
+            with contextlib.suppress(TalosError):
+                await self._peers.keylog(issuer)
+            await self._sync(issuer)
+        self.check(token, audience=self._me, holder=envelope.sender)
+        return token.token_id
+
+    async def _sync(self, issuer: str) -> None:
+        """Fetch ``issuer``'s list from the registry when ours is older than ``max_age``."""
+        now = self._clock.time()
+        synced = self.revocations.last_synced(issuer)
+        fresh = synced is not None and now - synced <= self._policy.max_age
+        if fresh or self._registry is None:
+            return
+        log = self._peers.known_log(issuer)
+        if log is None:
+            return
+        try:
+            offered = await self._registry.fetch_revocations(issuer, IssuerKeys([log]))
+        except TalosError as exc:
+            _log.info("revocation list of %s not refreshed: %s", issuer, exc)
+            return
+        if offered is not None:
+            result = self.revocations.apply(offered, keys=IssuerKeys([log]))
+            if result.security_event:
+                self._auditor.audit("REVOCATION_CONFLICT", {"outcome": result.outcome.name}, issuer)
+            kept = self.revocations.list_for(issuer)
+            if kept is not None:
+                self._tokens.put_revocation_list(issuer, kept.to_bytes(), synced_at=now)
+        self.revocations.mark_synced(issuer, now)
+        self._metrics.set_revocation_list_age(self.revocations.revocation_list_age_seconds(now))
+
+    # -- revocation lists between agents ------------------------------------------------
+
+    async def publish(self) -> None:
+        """Put our own list in the registry, where verifiers of our delegations find it."""
+        data = self._own_list()
+        if data is None or self._registry is None:
+            return
+        with contextlib.suppress(PeerRejected):  # the registry holds this version already
+            await self._registry.publish_revocations(RevocationList.from_bytes(data))
+
+    def refresh_own(self) -> None:
+        """Adopt a newer own list written by ``talos capabilities revoke`` while we run."""
+        data = self._own_list()
+        current = self.revocations.list_for(self._me)
+        if data is None or (current is not None and current.to_bytes() == data):
+            return
+        with contextlib.suppress(TalosError):
+            self.revocations.apply(
+                RevocationList.from_bytes(data), keys=IssuerKeys([self._identity.keylog])
+            )
+
+    def _own_list(self) -> bytes | None:
+        stored = self._tokens.revocation_list(self._me)
+        return None if stored is None else stored[0]
+
+    async def offer(self, link: Link, peer: str) -> None:
+        """Send our own signed revocation list: both sides converge on every connection."""
+        data = self._own_list()
+        if data is None:
+            return
+        await self._signer.send(link, peer, wire.EnvelopeType.REVOCATIONS, revocation_list=data)
+
+    async def on_revocations(self, link: Link, envelope: wire.Envelope, log: KeyLog) -> None:
+        """Adopt a peer's own revocation list (verified, merged, persisted); answer with ours."""
+        sender, now = envelope.sender, self._clock.time()
+        try:
+            offered = RevocationList.from_bytes(envelope.revocation_list or b"")
+            if offered.issuer != sender:
+                raise MalformedFrame("a peer may only offer its own revocation list")
+            result = self.revocations.apply(offered, keys=IssuerKeys([log]))
+        except (RemoteProtocolError, SignatureInvalid) as exc:
+            self._auditor.audit(AuditKind.SIGNATURE_FAILURE, {"what": "revocation list"}, sender)
+            _log.warning(
+                "refusing a revocation list from %s: %s",
+                sender,
+                exc,
+                extra={"event": "revocation_conflict", "peer_id": sender},
+            )
+            return
+        if result.security_event:
+            self._auditor.audit("REVOCATION_CONFLICT", {"outcome": result.outcome.name}, sender)
+            _log.warning(
+                "revocation list conflict from %s: %s",
+                sender,
+                result.outcome.name,
+                extra={"event": "revocation_conflict", "peer_id": sender},
+            )
+        kept = self.revocations.list_for(sender)
+        if kept is not None:
+            self._tokens.put_revocation_list(sender, kept.to_bytes(), synced_at=now)
+        self.revocations.mark_synced(sender, now)
+        if not link.outgoing and link not in self._answered:
+            self._answered.add(link)
+            await self.offer(link, sender)

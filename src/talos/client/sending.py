@@ -1,0 +1,243 @@
+"""``send()``: authorize, queue durably, and (when the peer's delivery is idle)
+encrypt on the way in (see ARCHITECTURE §5).
+
+Authorize (local capability check) → persist to the outbox together with
+its audit entry → encrypt (the new ratchet state is persisted before the
+ciphertext leaves) → sign → transmit → wait for the recipient's signed ACK
+→ remove from the outbox (with its audit entry). Sends made in the same
+event-loop tick share one commit. On the fast path (an idle, confirmed
+session on an open link) that one commit also counts the attempt and
+stores the advanced ratchet, and the delivery loop transmits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from talos.audit import AuditKind
+from talos.client.delivery import Deliverer
+from talos.client.revocations import Capabilities
+from talos.client.sessions import Sessions
+from talos.core import wire
+from talos.core.capability import Capability
+from talos.core.clock import Clock
+from talos.core.delivery import SEND_WINDOW, SEND_WINDOW_BYTES
+from talos.core.message import encode_payload
+from talos.core.ratchet import Session
+from talos.core.rng import Rng
+from talos.core.sessions import SessionEntry, encode_record
+from talos.errors import (
+    ConfigurationError,
+    DeliveryTimeout,
+    DiscoveryError,
+    PeerNotFound,
+    TalosError,
+)
+from talos.metrics import AgentMetrics
+from talos.peers import PeerDirectory
+from talos.storage.agent_state import AgentState, Enqueue, OutboxItem
+
+_log = logging.getLogger("talos.client")
+
+#: Encrypted fast-path messages, by peer: the advanced session and each message's
+#: (ratchet header, ciphertext).
+_Through = dict[str, tuple[Session, dict[bytes, tuple[bytes, bytes]]]]
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What :meth:`TalosClient.send` achieved."""
+
+    status: Literal["delivered", "queued"]
+    message_id: str
+    trace_id: str
+
+
+class Sender:
+    """The application's side of the outbox."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        state: AgentState,
+        sessions: Sessions,
+        deliverer: Deliverer,
+        capabilities: Capabilities,
+        peers: PeerDirectory,
+        metrics: AgentMetrics,
+        clock: Clock,
+        rng: Rng,
+        queue_limit: int,
+        offline: bool,
+        closed: Callable[[], bool],
+    ) -> None:
+        self._me = agent_id
+        self._state, self._sessions, self._deliverer = state, sessions, deliverer
+        self._capabilities, self._peers, self._metrics = capabilities, peers, metrics
+        self._clock, self._rng = clock, rng
+        self._queue_limit, self._offline, self._closed = queue_limit, offline, closed
+        #: send() calls waiting for the next group commit of the outbox.
+        self._enqueues: list[tuple[Enqueue, asyncio.Future[None]]] = []
+
+    async def send(
+        self,
+        peer_id: str,
+        data: Any,
+        *,
+        timeout: float,  # noqa: ASYNC109 -- the seed's documented send() signature
+        retry_count: int,
+        on_failure: Literal["queue", "raise"],
+        capability: str | Capability | None,
+    ) -> SendResult:
+        """See :meth:`TalosClient.send`."""
+        if on_failure not in ("queue", "raise"):
+            raise ConfigurationError("on_failure must be 'queue' or 'raise'")
+        payload = encode_payload(data)
+        with contextlib.suppress(PeerNotFound, DiscoveryError):
+            await self._peers.keylog(peer_id)  # to check the capability's issuer locally
+        token = self._capabilities.for_sending(peer_id, capability)
+        message_id = wire.new_message_id(self._rng)
+        trace_id = self._rng.bytes(8).hex()
+        await self._enqueue(
+            Enqueue(
+                peer_id,
+                message_id,
+                payload,
+                None if token is None else token.to_bytes(),
+                audit=[
+                    (
+                        AuditKind.MESSAGE_SENT,
+                        {
+                            "id": message_id,
+                            "sha256": hashlib.sha256(payload).digest(),
+                            "size": len(payload),
+                            "trace": trace_id,
+                        },
+                        peer_id,
+                    )
+                ],
+            )
+        )
+        result = SendResult("queued", message_id.hex(), trace_id)
+        if self._closed():
+            return result  # committed by close(); delivered after the next start
+        self._metrics.message_sent(len(payload))
+        self._metrics.set_queue_depth(self._state.outbox_count())
+        if self._offline:
+            return result
+        acked = self._deliverer.waiter(message_id, peer_id)
+        self._deliverer.kick(peer_id)
+        deliverer = self._deliverer
+        if await deliverer.await_delivery(message_id, acked, timeout, retry_count):
+            return SendResult("delivered", result.message_id, trace_id)
+        if on_failure == "raise":
+            deliverer.give_up(message_id, peer_id, "timeout")
+            raise DeliveryTimeout(
+                f"not delivered to {peer_id} within {timeout:g} s and {retry_count} retries"
+            )
+        return result
+
+    async def _enqueue(self, request: Enqueue) -> None:
+        """Queue durably; sends made in the same event-loop tick share one commit.
+
+        A caller cancelled before the commit withdraws its message; after
+        it, the message stays queued (like any queued message).
+
+        Raises:
+            QueueFull, LocalProtocolError, AuditFull, StorageError: as
+            :meth:`AgentState.enqueue`; nothing of this message was written.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueues.append((request, future))
+        if len(self._enqueues) == 1:
+            asyncio.get_running_loop().call_soon(self.flush)
+        await future
+
+    def flush(self) -> None:
+        """Commit the sends of this tick (also called by close())."""
+        batch = [(r, f) for r, f in self._enqueues if not f.done()]
+        self._enqueues = []
+        if not batch:
+            return
+        requests = [request for request, _ in batch]
+        now = self._clock.time()
+        try:
+            through = self._encrypt_through(requests, now)
+        except TalosError as exc:  # the delivery loop encrypts them instead
+            _log.warning("send fast path not taken: %s", exc)
+            through = {}
+        try:
+            results = self._state.enqueue_many(
+                requests,
+                queue_limit=self._queue_limit,
+                attempted={
+                    peer: encode_record(SessionEntry(session))
+                    for peer, (session, _) in through.items()
+                },
+                attempt_at=now,
+            )
+        except Exception as exc:  # handed to every sender in the batch
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if isinstance(result, OutboxItem) and result.peer in through:
+                try:
+                    self._deliverer.hand_over(
+                        result, through[result.peer][1][result.message_id], now
+                    )
+                except TalosError as exc:  # queued: the delivery loop takes it from here
+                    _log.warning("send fast path not taken for a message: %s", exc)
+            if future.done():
+                continue
+            if isinstance(result, OutboxItem):
+                future.set_result(None)
+            else:
+                future.set_exception(result)
+        for peer in through:
+            self._deliverer.kick(peer)
+
+    def _encrypt_through(self, requests: list[Enqueue], now: float) -> _Through:
+        """The send fast path: encrypt now the messages to peers whose delivery is idle.
+
+        A peer qualifies when its session is established and acknowledged,
+        its link is open, everything queued for it is in flight already (so
+        order is kept) and the window has room. Its messages are encrypted
+        here, in order, so that queueing them, counting the attempt and
+        persisting the ratchet is one commit instead of two.
+        """
+        if self._offline or self._closed():
+            return {}
+        wanted: dict[str, list[Enqueue]] = {}
+        for request in requests:
+            wanted.setdefault(request.peer, []).append(request)
+        if self._state.outbox_count() + len(requests) > self._queue_limit:
+            return {}  # some may be refused: leave them all to the delivery loop
+        through: _Through = {}
+        for peer, mine in wanted.items():
+            session = self._sessions.table.usable_for_fast_send(peer)
+            link = self._deliverer.links.get(peer)
+            window = self._deliverer.core.window(peer)
+            if (
+                session is None
+                or link is None
+                or not link.is_open
+                or len(window) + len(mine) > SEND_WINDOW
+                or window.bytes_in_flight() + sum(len(r.payload) for r in mine) > SEND_WINDOW_BYTES
+            ):
+                continue
+            if self._state.pending(peer, after=window.last_seq(), limit=1):
+                continue  # older messages wait for the delivery loop: keep the order
+            through[peer] = (
+                session,
+                {r.message_id: session.encrypt(r.payload, now=now) for r in mine},
+            )
+        return through

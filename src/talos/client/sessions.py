@@ -1,0 +1,159 @@
+"""The agent's sessions: loading, opening (X3DH), persisting, resetting.
+
+The in-memory truth is a :class:`~talos.core.sessions.SessionTable`; this
+driver keeps it and the durable records in step (persist first, then
+update the table) and owns the agent's prekeys, which X3DH consumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from talos.audit import AuditKind
+from talos.core.identity import Identity
+from talos.core.keylog import KeyLog
+from talos.core.ratchet import Session
+from talos.core.rng import Rng
+from talos.core.sessions import SessionEntry, SessionTable, decode_record, encode_record
+from talos.core.x3dh import PrekeyBundle, PrekeyStore, initiate
+from talos.errors import MalformedFrame, StoreCorrupted, UnsupportedVersion
+from talos.metrics import AgentMetrics
+from talos.peers import PeerDirectory
+from talos.storage.agent_state import AgentState
+
+_log = logging.getLogger("talos.client")
+
+#: One-time prekeys kept published at the registry.
+ONE_TIME_PREKEYS = 20
+
+
+class Sessions:
+    """Sessions with peers, and this agent's prekeys."""
+
+    def __init__(
+        self,
+        *,
+        table: SessionTable,
+        state: AgentState,
+        identity: Identity,
+        peers: PeerDirectory,
+        metrics: AgentMetrics,
+        rng: Rng,
+        settle: Callable[[], None],
+        fetch_bundle: Callable[[str, KeyLog], Awaitable[PrekeyBundle]],
+    ) -> None:
+        self.table = table
+        self._state, self._identity, self._peers = state, identity, peers
+        self._metrics, self._rng = metrics, rng
+        #: Commits the receives staged in the table (see ReceiveBatch.settle).
+        self._settle = settle
+        self._fetch_bundle = fetch_bundle
+        self.prekeys = self._load_prekeys()
+
+    def _load_prekeys(self) -> PrekeyStore:
+        data = self._state.prekeys()
+        if data is not None:
+            store = PrekeyStore.from_bytes(data)
+            if store.identity_signing_key == self._identity.signing_key.public_key.raw:
+                return store
+        store = PrekeyStore.create(
+            agent_id=self._identity.agent_id,
+            signing_key=self._identity.signing_key,
+            identity_dh=self._identity.dh_key,
+            rng=self._rng,
+        ).add_one_time_prekeys(ONE_TIME_PREKEYS, self._rng)
+        self._state.put_prekeys(store.to_bytes())
+        return store
+
+    def current(self, peer: str) -> SessionEntry | None:
+        """The session with ``peer`` after committing staged receives."""
+        self._settle()
+        return self.committed(peer)
+
+    def committed(self, peer: str) -> SessionEntry | None:
+        """The committed session with ``peer``; a stored one that is damaged is discarded.
+
+        Seed, "Session State Corruption": a session that cannot be read is
+        dropped (audited as SESSION_RESET) and treated as absent, so the
+        sender re-establishes and the receiver answers DECRYPT_FAILED, which
+        makes the peer do the same.
+        """
+        entry = self.table.committed(peer)
+        if entry is not None:
+            return entry
+        try:
+            data = self._state.session(peer)
+            if data is None:
+                return None
+            entry = decode_record(data, self._rng)
+        except (StoreCorrupted, MalformedFrame, UnsupportedVersion) as exc:
+            _log.warning(
+                "the stored session with %s is damaged (%s); discarding it",
+                peer,
+                exc,
+                extra={"event": "session_reset", "peer_id": peer, "reason": "damaged"},
+            )
+            self._state.drop_session(
+                peer, audit=[(AuditKind.SESSION_RESET, {"reason": "corrupted"}, peer)]
+            )
+            self._metrics.session_reset()
+            return None
+        self.table.commit(peer, entry)
+        return entry
+
+    def for_decrypt(self, peer: str) -> Session | None:
+        """The session the next message from ``peer`` decrypts with (staged, else
+        committed)."""
+        staged = self.table.staged(peer)
+        if staged is not None:
+            return staged
+        entry = self.committed(peer)
+        return None if entry is None else entry.session
+
+    async def establish(self, peer: str, bundle: PrekeyBundle | None = None) -> None:
+        """Run X3DH with ``peer`` (see TalosClient.establish_session)."""
+        log = await self._peers.keylog(peer)
+        if bundle is None:
+            bundle = await self._fetch_bundle(peer, log)
+        state = log.state
+        me = self._identity
+        start = initiate(
+            bundle,
+            peer_agent_id=peer,
+            peer_signing_key=state.signing_key.raw,
+            peer_identity_dh=state.dh_key,
+            agent_id=me.agent_id,
+            identity_signing_key=me.signing_key.public_key.raw,
+            identity_dh=me.dh_key,
+            rng=self._rng,
+        )
+        session = Session.initiator(
+            start.shared_key, start.associated_data, start.their_ratchet_key, self._rng
+        )
+        entry = SessionEntry(session, start.header.to_bytes())
+        self._settle()
+        self._state.put_session(
+            peer,
+            encode_record(entry),
+            audit=[(AuditKind.SESSION_ESTABLISHED, {"role": "initiator"}, peer)],
+        )
+        self.table.commit(peer, entry)
+        self._metrics.session_established()
+
+    def reset(self, peer: str, reason: str) -> None:
+        """Forget the session with ``peer`` (audited as SESSION_RESET with ``reason``)."""
+        self._settle()
+        self.table.drop(peer)
+        self._state.drop_session(peer, audit=[(AuditKind.SESSION_RESET, {"reason": reason}, peer)])
+
+    def confirm(self, peer: str, handshakes: set[bytes | None]) -> None:
+        """An ACK from ``peer`` to messages sent with ``handshakes`` arrived: if one is
+        the handshake its session awaits confirmation for, the peer holds the session
+        and later messages need no X3DH header."""
+        if self.table.awaiting_confirmation(peer):
+            self._settle()  # a staged receive may have advanced (and confirmed) the session
+        confirmed = self.table.confirmable(peer, handshakes)
+        if confirmed is not None:
+            self._state.put_session(peer, encode_record(confirmed))
+            self.table.commit(peer, confirmed)

@@ -1,0 +1,169 @@
+"""Assembling an agent's drivers from its opened resources.
+
+:func:`assemble` builds every driver of :class:`~talos.client.TalosClient`
+and hands each its collaborators through its constructor; nothing here
+does I/O. The resources it takes (audit log, agent state, token store,
+transport, discovery) are opened, and closed, by the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from talos.audit import AuditLog
+from talos.client.acks import Acknowledgements
+from talos.client.clocks import ClockWatch
+from talos.client.config import ClientConfig
+from talos.client.control import Auditor, Signer
+from talos.client.delivery import Deliverer
+from talos.client.discovery import Discovery
+from talos.client.inbox import InboxReader
+from talos.client.receiving import ReceiveBatch, Receiver
+from talos.client.revocations import Capabilities
+from talos.client.sending import Sender
+from talos.client.sessions import Sessions
+from talos.core.identity import Identity
+from talos.core.sessions import SessionTable
+from talos.metrics import AgentMetrics
+from talos.peers import DhtSource, PeerDirectory, RecordSource, RegistrySource
+from talos.storage.agent_state import AgentState
+from talos.storage.tokens import TokenStore
+from talos.transport import Transport
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """The drivers of one agent (see talos.client.api for what each does)."""
+
+    peers: PeerDirectory
+    capabilities: Capabilities
+    sessions: Sessions
+    inbox: InboxReader
+    batch: ReceiveBatch
+    deliverer: Deliverer
+    acks: Acknowledgements
+    sender: Sender
+    receiver: Receiver
+
+
+def peer_directory(
+    config: ClientConfig, state: AgentState, identity: Identity, discovery: Discovery
+) -> PeerDirectory:
+    """Verified peers: the local cache first, then the sources in ``config``'s order."""
+    sources: list[RecordSource] = []
+    for name in config.discovery:
+        if name == "registry" and discovery.registry is not None:
+            sources.append(RegistrySource(discovery.registry))
+        elif name == "dht" and discovery.dht is not None:
+            sources.append(DhtSource(discovery.dht, config.clock))
+    return PeerDirectory(
+        state,
+        sources,
+        clock=config.clock,
+        own=identity.keylog,
+        on_source_down=discovery.source_down,
+        on_source_up=discovery.source_up,
+    )
+
+
+def assemble(
+    *,
+    config: ClientConfig,
+    identity: Identity,
+    instance: bytes,
+    log: AuditLog,
+    state: AgentState,
+    tokens: TokenStore,
+    discovery: Discovery,
+    transport: Transport,
+    metrics: AgentMetrics,
+    clocks: ClockWatch,
+    closed: Callable[[], bool],
+) -> Parts:
+    clock, rng = config.clock, config.rng
+    peers = peer_directory(config, state, identity, discovery)
+    auditor = Auditor(log, clock)
+    signer = Signer(identity, instance, clock, rng)
+    capabilities = Capabilities(
+        identity=identity,
+        tokens=tokens,
+        peers=peers,
+        registry=discovery.registry,
+        policy=config.revocation_policy,
+        clock=clock,
+        metrics=metrics,
+        auditor=auditor,
+        signer=signer,
+    )
+    table = SessionTable()
+    inbox = InboxReader(state, clock, closed)
+    batch = ReceiveBatch(table=table, state=state, inbox=inbox, signer=signer, metrics=metrics)
+    sessions = Sessions(
+        table=table,
+        state=state,
+        identity=identity,
+        peers=peers,
+        metrics=metrics,
+        rng=rng,
+        settle=batch.settle,
+        fetch_bundle=discovery.fetch_bundle,
+    )
+    deliverer = Deliverer(
+        identity=identity,
+        instance=instance,
+        state=state,
+        sessions=sessions,
+        peers=peers,
+        transport=transport,
+        capabilities=capabilities,
+        metrics=metrics,
+        clock=clock,
+        rng=rng,
+        backoff=config.backoff,
+        closed=closed,
+        offline=config.offline,
+    )
+    acks = Acknowledgements(
+        core=deliverer.core,
+        state=state,
+        sessions=sessions,
+        metrics=metrics,
+        clocks=clocks,
+        clock=clock,
+        finish=deliverer.finish,
+        wake=deliverer.wake,
+        closed=closed,
+    )
+    sender = Sender(
+        agent_id=identity.agent_id,
+        state=state,
+        sessions=sessions,
+        deliverer=deliverer,
+        capabilities=capabilities,
+        peers=peers,
+        metrics=metrics,
+        clock=clock,
+        rng=rng,
+        queue_limit=config.queue_limit,
+        offline=config.offline,
+        closed=closed,
+    )
+    receiver = Receiver(
+        agent_id=identity.agent_id,
+        state=state,
+        sessions=sessions,
+        batch=batch,
+        inbox=inbox,
+        peers=peers,
+        capabilities=None if config.accept_open else capabilities,
+        signer=signer,
+        auditor=auditor,
+        metrics=metrics,
+        clock=clock,
+        rng=rng,
+        on_ack=acks.on_ack,
+        on_error=acks.on_error,
+        on_revocations=capabilities.on_revocations,
+    )
+    return Parts(peers, capabilities, sessions, inbox, batch, deliverer, acks, sender, receiver)
