@@ -8,5 +8,13 @@ from __future__ import annotations
 
 from talos.client.api import TalosClient
 from talos.client.sending import SendResult
+from talos.core.delivery import ACK_TIMEOUT, RESET_INTERVAL, SEND_WINDOW, SEND_WINDOW_BYTES
 
-__all__ = ["SendResult", "TalosClient"]
+__all__ = [
+    "ACK_TIMEOUT",
+    "RESET_INTERVAL",
+    "SEND_WINDOW",
+    "SEND_WINDOW_BYTES",
+    "SendResult",
+    "TalosClient",
+]

@@ -63,15 +63,15 @@ __all__ = ["SendResult", "TalosClient"]
 class _Creating:
     """``TalosClient.create(...)``: awaitable, or an async context manager that closes."""
 
-    def __init__(self, config: ClientConfig) -> None:
-        self._config = config
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._options = options
         self._client: TalosClient | None = None
 
     def __await__(self) -> Generator[Any, None, TalosClient]:
-        return TalosClient._start(self._config).__await__()
+        return TalosClient._start(self._options).__await__()
 
     async def __aenter__(self) -> TalosClient:
-        self._client = await TalosClient._start(self._config)
+        self._client = await TalosClient._start(self._options)
         return self._client
 
     async def __aexit__(
@@ -129,14 +129,14 @@ class TalosClient:
             ConfigurationError: an invalid option.
             StorageError: the home, audit log or state cannot be opened.
         """
-        options = dict(locals())
-        return _Creating(ClientConfig.from_options(options.pop("name"), **options))
+        return _Creating(dict(locals()))
 
     # -- start and stop -----------------------------------------------------------------
 
     @classmethod
-    async def _start(cls, config: ClientConfig) -> TalosClient:
-        client = cls(config)
+    async def _start(cls, options: dict[str, Any]) -> TalosClient:
+        options = dict(options)
+        client = cls(ClientConfig.from_options(options.pop("name"), **options))
         try:
             await client._open()
         except BaseException:
@@ -291,7 +291,9 @@ class TalosClient:
         parts = self._parts
         if parts is not None and parts.batch.acknowledging:
             # Committed receives are ACKed before the links close (else the
-            # senders retry, and are answered DUPLICATE next time).
+            # senders retry, and are answered DUPLICATE next time). A grace in
+            # real seconds, not on the agent's clock: closing must not hang on a
+            # fake clock nobody advances.
             await asyncio.wait(set(parts.batch.acknowledging), timeout=1.0)
         if parts is not None:
             await parts.acks.stop()

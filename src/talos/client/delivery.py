@@ -268,7 +268,10 @@ class Deliverer:
         # up or refused since the queue was read is not).
         sealed = await self._encrypt(peer, items, records)
         for gone in records.keys() - {item.message_id for item, _ in sealed}:
-            self.finish(gone, Outcome.UNQUEUED)  # nobody waits on it any more
+            # Given up or refused meanwhile: nobody waits on it any more. (One whose ACK
+            # is being committed right now is finished by that removal, as delivered.)
+            if not self.core.being_removed(gone):
+                self.finish(gone, Outcome.UNQUEUED)
         deadline = self._clock.monotonic() + ACK_TIMEOUT
         for item, frame in sealed:
             window.transmitted(

@@ -30,7 +30,8 @@ class FakeClock:
         """Call ``callback`` whenever the clock is moved; returns the unsubscribe call.
 
         Talos's timers use this: a wait on a FakeClock ends when the clock is
-        advanced past its deadline, never by real time passing.
+        advanced past its deadline, never by real time passing. Move the clock
+        from the event loop's thread (callbacks run where ``advance`` is called).
         """
         self._listeners.append(callback)
 
