@@ -34,6 +34,7 @@ from talos.transport.admission import (
     Admit,
     Displace,
     LinkFacts,
+    Refuse,
 )
 
 __all__ = [
@@ -69,6 +70,7 @@ class Link:
         self._socket = socket
         self._clock = clock
         self.outgoing = outgoing
+        #: Its place in the opening order (:attr:`LinkFacts.serial`).
         self.serial = next(_serials)
         #: The agent at the other end, once an authenticated envelope named it.
         self.peer: str | None = None
@@ -256,7 +258,7 @@ class Transport:
         address: Any = connection.remote_address
         host = str(address[0]) if address else "?"
         decision = self._policy.decide(host, self._incoming(), self._clock.monotonic())
-        if isinstance(decision, Admit | Displace):
+        if not isinstance(decision, Refuse):
             return None
         self.refused += 1
         if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, 8th...: no log flood
@@ -292,14 +294,14 @@ class Transport:
         displace the oldest displaceable link, or close ``link`` itself when
         another newcomer took that one first."""
         now = self._clock.monotonic()
-        decision = self._policy.decide(link.remote_host, self._incoming(exclude=link), now)
-        if isinstance(decision, Admit):
-            return
-        if not isinstance(decision, Displace):
-            self.refused += 1
-            self._drop(link, "no place left for it")
-            return
-        self._drop_each([decision.victim], f"displaced by a connection from {link.remote_host}")
+        match self._policy.decide(link.remote_host, self._incoming(exclude=link), now):
+            case Admit():
+                pass
+            case Displace(victim=victim):
+                self._drop_each([victim], f"displaced by a connection from {link.remote_host}")
+            case Refuse():
+                self.refused += 1
+                self._drop(link, "no place left for it")
 
     def _drop(self, link: Link, why: str) -> None:
         """Close an incoming link that holds a place it has not earned."""
