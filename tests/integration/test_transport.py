@@ -10,6 +10,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from talos.errors import PeerUnreachable
+from talos.testing import FakeClock
 from talos.transport import Link, Transport
 
 
@@ -197,18 +198,19 @@ async def test_one_remote_address_cannot_take_every_place(
 async def test_an_unverified_incoming_link_is_closed_after_verify_within(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A connection that sends nothing verifiable loses its place; a verified one keeps it."""
+    """A connection that sends nothing verifiable loses its place; a verified one keeps it.
+    On the real clock: the transport's own timer closes the links when they fall due."""
     server_in = Inbox(verify=True)
     server = Transport(server_in, verify_within=0.3)
     try:
         host, port = await server.listen("127.0.0.1", 0)
         endpoint = f"ws://{host}:{port}"
         with caplog.at_level("WARNING", logger="talos.transport"):
+            peer = await connect(endpoint)  # opened first: it falls due first
+            await peer.send(b"v:alice an accepted message")
             silent = await connect(endpoint)
             talker = await connect(endpoint)
             await talker.send(b"unverifiable")
-            peer = await connect(endpoint)
-            await peer.send(b"v:alice an accepted message")
             for _ in range(2):
                 await server_in.next()
             await asyncio.wait_for(silent.wait_closed(), 5)
@@ -216,7 +218,43 @@ async def test_an_unverified_incoming_link_is_closed_after_verify_within(
         assert server.unverified_closed == 2
         events = [getattr(r, "event", None) for r in caplog.records]
         assert events == ["unverified_link", "unverified_link"]
-        await asyncio.sleep(0.3)  # past verify_within: the verified link is still served
+        # The peer opened before the two closed ones, so it is past verify_within too:
+        # the verified link is still served.
+        await peer.send(b"still here")
+        _, frame = await server_in.next()
+        assert frame == b"still here"
+        await peer.close()
+    finally:
+        await server.close()
+
+
+@pytest.mark.asyncio
+async def test_the_transports_clock_decides_when_an_unverified_link_is_due() -> None:
+    """Link times come from the injected clock; moving it past verify_within makes the
+    unverified link due (close_overdue applies the rule without waiting for the timer),
+    never the verified one."""
+    clock = FakeClock()
+    clock.advance(100.0)
+    server_in = Inbox(verify=True)
+    server = Transport(server_in, verify_within=10.0, clock=clock)
+    try:
+        host, port = await server.listen("127.0.0.1", 0)
+        endpoint = f"ws://{host}:{port}"
+        silent = await connect(endpoint)
+        peer = await connect(endpoint)
+        await peer.send(b"v:alice an accepted message")
+        await server_in.next()
+        incoming = [link for link in server._links if not link.outgoing]  # noqa: SLF001
+        assert sorted(link.opened_at for link in incoming) == [100.0, 100.0]
+        assert [link.verified_at for link in incoming if link.verified] == [100.0]
+        clock.advance(9.5)
+        assert server.close_overdue() == 0
+        clock.advance(0.5)
+        assert server.close_overdue() == 1
+        await asyncio.wait_for(silent.wait_closed(), 5)
+        assert server.unverified_closed == 1
+        clock.advance(1000.0)
+        assert server.close_overdue() == 0
         await peer.send(b"still here")
         _, frame = await server_in.next()
         assert frame == b"still here"
@@ -229,22 +267,25 @@ async def test_an_unverified_incoming_link_is_closed_after_verify_within(
 async def test_a_flood_of_unverified_links_cannot_keep_a_peer_out() -> None:
     """Every place held by idle connections from one address after another: a newcomer
     displaces the oldest idle one; a verified peer is never displaced."""
+    clock = FakeClock()
     server_in = Inbox(verify=True)
-    server = Transport(server_in, max_incoming=3, evictable_after=0.1, verify_within=60.0)
+    server = Transport(
+        server_in, max_incoming=3, evictable_after=0.1, verify_within=60.0, clock=clock
+    )
     flood = []
     try:
         host, port = await server.listen("127.0.0.1", 0)
         endpoint = f"ws://{host}:{port}"
         for n in range(3):
             flood.append(await connect(endpoint, local_addr=(f"127.0.0.{10 + n}", 0)))
-        await asyncio.sleep(0.15)
+        clock.advance(0.15)
         peer = await connect(endpoint, local_addr=("127.0.0.3", 0))  # admitted, not 503
         await peer.send(b"v:alice hello")
         _, frame = await server_in.next()
         assert frame == b"v:alice hello"
         await asyncio.wait_for(flood[0].wait_closed(), 5)  # the oldest idle one went
         for n in range(4):  # the flood goes on: it only displaces itself
-            await asyncio.sleep(0.15)
+            clock.advance(0.15)
             flood.append(await connect(endpoint, local_addr=(f"127.0.0.{20 + n}", 0)))
         await peer.send(b"v:alice still here")
         _, frame = await server_in.next()
@@ -253,7 +294,7 @@ async def test_a_flood_of_unverified_links_cannot_keep_a_peer_out() -> None:
         assert server.refused == 0
         # Two more peers take the last places held by the flood; with every place
         # verified, a newcomer is refused.
-        await asyncio.sleep(0.15)
+        clock.advance(0.15)
         peers = [peer]
         for n in range(2):
             peers.append(await connect(endpoint, local_addr=(f"127.0.0.{4 + n}", 0)))
@@ -274,8 +315,11 @@ async def test_a_flood_of_unverified_links_cannot_keep_a_peer_out() -> None:
 async def test_one_sender_keeps_only_its_newest_verified_links() -> None:
     """Verified links beyond max_verified_per_peer of one sender are displaceable (one
     identity cannot hold every place); another sender's link is not."""
+    clock = FakeClock()
     server_in = Inbox(verify=True)
-    server = Transport(server_in, max_incoming=3, evictable_after=0.1, max_verified_per_peer=1)
+    server = Transport(
+        server_in, max_incoming=3, evictable_after=0.1, max_verified_per_peer=1, clock=clock
+    )
     try:
         host, port = await server.listen("127.0.0.1", 0)
         endpoint = f"ws://{host}:{port}"
@@ -288,7 +332,7 @@ async def test_one_sender_keeps_only_its_newest_verified_links() -> None:
         alice = await connect(endpoint)
         await alice.send(b"v:alice hi")
         await server_in.next()
-        await asyncio.sleep(0.15)
+        clock.advance(0.15)
         newcomer = await connect(endpoint)
         await asyncio.wait_for(old.wait_closed(), 5)  # mallory's older link went
         for socket, text in ((new, b"v:mallory three"), (alice, b"v:alice again")):

@@ -10,8 +10,27 @@ from the first authenticated envelope (:attr:`Link.peer`).
 Keepalive pings detect dead connections; compression is off (ciphertext
 does not compress, and compression over secrets invites length oracles).
 Every failure leaves as :class:`~talos.errors.PeerUnreachable`.
+
+Which incoming links are kept is decided, sans I/O, in
+:mod:`talos.transport.admission`; :mod:`talos.transport.links` holds the
+sockets and acts on those decisions.
 """
 
+from talos.transport.admission import (
+    EVICTABLE_AFTER,
+    MAX_INCOMING,
+    MAX_INCOMING_PER_HOST,
+    MAX_VERIFIED_PER_PEER,
+    VERIFY_WITHIN,
+)
 from talos.transport.links import Link, Transport
 
-__all__ = ["Link", "Transport"]
+__all__ = [
+    "EVICTABLE_AFTER",
+    "MAX_INCOMING",
+    "MAX_INCOMING_PER_HOST",
+    "MAX_VERIFIED_PER_PEER",
+    "VERIFY_WITHIN",
+    "Link",
+    "Transport",
+]

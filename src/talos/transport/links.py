@@ -1,42 +1,84 @@
-"""WebSocket links: the listener, outgoing connections, and the frame pump."""
+"""WebSocket links: the listener, outgoing connections, and the frame pump.
+
+:class:`Transport` acts on the admission decisions of
+:class:`~talos.transport.admission.AdmissionPolicy`: it feeds the policy the
+facts of its open incoming links and the time on its injected clock, and
+refuses, displaces or closes the links the policy names.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, WebSocketException
 
+from talos.core.clock import Clock
 from talos.core.wire import MAX_FRAME_SIZE
-from talos.errors import ConfigurationError, PeerUnreachable
+from talos.errors import PeerUnreachable
+from talos.system import SYSTEM_CLOCK
+from talos.transport.admission import (
+    EVICTABLE_AFTER,
+    MAX_INCOMING,
+    MAX_INCOMING_PER_HOST,
+    MAX_VERIFIED_PER_PEER,
+    VERIFY_WITHIN,
+    AdmissionPolicy,
+    Admit,
+    Displace,
+    LinkFacts,
+    Refuse,
+)
 
-__all__ = ["FrameHandler", "Link", "Transport"]
+__all__ = [
+    "EVICTABLE_AFTER",
+    "MAX_INCOMING",
+    "MAX_INCOMING_PER_HOST",
+    "MAX_VERIFIED_PER_PEER",
+    "VERIFY_WITHIN",
+    "FrameHandler",
+    "Link",
+    "Transport",
+]
 
 _log = logging.getLogger("talos.transport")
 
 #: Called for every binary frame received on any link.
 FrameHandler = Callable[["Link", bytes], Awaitable[None]]
 
+#: Opening order of links in this process (:attr:`LinkFacts.serial`).
+_serials = itertools.count()
+
 
 class Link:
     """One open WebSocket to a peer, whichever side opened it."""
 
-    def __init__(self, socket: ClientConnection | ServerConnection, *, outgoing: bool) -> None:
+    def __init__(
+        self,
+        socket: ClientConnection | ServerConnection,
+        *,
+        outgoing: bool,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._socket = socket
+        self._clock = clock
         self.outgoing = outgoing
+        #: Its place in the opening order (:attr:`LinkFacts.serial`).
+        self.serial = next(_serials)
         #: The agent at the other end, once an authenticated envelope named it.
         self.peer: str | None = None
         #: The agent whose accepted message arrived here (:meth:`mark_verified`).
         self.verified_by: str | None = None
-        #: When its first one did, and when the link opened, on the loop's clock.
+        #: When its first one did, and when the link opened, on ``clock.monotonic()``.
         self.verified_at: float | None = None
-        self.opened_at = asyncio.get_running_loop().time()
+        self.opened_at = clock.monotonic()
         self.closed = asyncio.Event()
 
     @property
@@ -49,7 +91,18 @@ class Link:
         connection holding a place. The client calls this; see :class:`Transport`."""
         if self.verified_by != sender:  # called per message: only the first counts
             self.verified_by = sender
-            self.verified_at = asyncio.get_running_loop().time()
+            self.verified_at = self._clock.monotonic()
+
+    @property
+    def facts(self) -> LinkFacts:
+        """What the admission policy knows of this link, as of now."""
+        return LinkFacts(
+            serial=self.serial,
+            host=self.remote_host,
+            opened_at=self.opened_at,
+            verified_by=self.verified_by,
+            verified_at=self.verified_at,
+        )
 
     @property
     def remote(self) -> str:
@@ -115,22 +168,6 @@ class Link:
             await self.close()
 
 
-#: Incoming links one agent keeps open at once; more are refused at the handshake.
-MAX_INCOMING: Final = 256
-#: Of those, the most from one remote address: one flooding host cannot take
-#: every place (agents behind one NAT share an address, hence a generous share).
-MAX_INCOMING_PER_HOST: Final = 64
-#: Seconds an incoming link may stay open without an accepted message. A peer
-#: connects to send one; an idle link it opened is simply opened again later.
-VERIFY_WITHIN: Final = 10.0
-#: An incoming link younger than this is not displaced by a newcomer, so that a
-#: real peer has time for its first message (a key-log lookup may precede it).
-EVICTABLE_AFTER: Final = 2.0
-#: Verified incoming links kept per sending agent; its older ones are
-#: displaceable like unverified ones (one identity cannot hold every place).
-MAX_VERIFIED_PER_PEER: Final = 4
-
-
 class Transport:
     """Listens for links and opens them; every received frame goes to ``on_frame``.
 
@@ -145,7 +182,9 @@ class Transport:
     ``evictable_after`` seconds old. When there is none, the handshake is
     answered HTTP 503 before any frame is read. So a flood of connections,
     from however many addresses, churns among its own connections, and the
-    links this agent opened itself are never displaced.
+    links this agent opened itself are never displaced. The rules are
+    :class:`~talos.transport.admission.AdmissionPolicy`'s; every time they
+    read comes from ``clock.monotonic()``.
     """
 
     def __init__(
@@ -161,20 +200,20 @@ class Transport:
         verify_within: float = VERIFY_WITHIN,
         evictable_after: float = EVICTABLE_AFTER,
         max_verified_per_peer: int = MAX_VERIFIED_PER_PEER,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """Raises:
         ConfigurationError: a limit is not positive (``evictable_after`` may be 0).
         """
-        if min(max_incoming, max_per_host, max_verified_per_peer) < 1 or not (
-            verify_within > 0 and evictable_after >= 0
-        ):
-            raise ConfigurationError("transport limits must be positive")
-        self._max_verified_per_peer = max_verified_per_peer
+        self._policy = AdmissionPolicy(
+            max_incoming=max_incoming,
+            max_per_host=max_per_host,
+            verify_within=verify_within,
+            evictable_after=evictable_after,
+            max_verified_per_peer=max_verified_per_peer,
+        )
+        self._clock = clock
         self._on_frame = on_frame
-        self._max_incoming = max_incoming
-        self._max_per_host = max_per_host
-        self._verify_within = verify_within
-        self._evictable_after = evictable_after
         #: Handshakes refused because ``max_incoming`` links were open.
         self.refused = 0
         #: Incoming links closed for their place (no accepted message in time,
@@ -190,6 +229,9 @@ class Transport:
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._links: set[Link] = set()
+        #: The one timer that wakes when the first unverified link falls due.
+        self._expiry: asyncio.TimerHandle | None = None
+        self._closing = False
         self.on_link: Callable[[Link], None] | None = None
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
@@ -215,67 +257,51 @@ class Transport:
         del request
         address: Any = connection.remote_address
         host = str(address[0]) if address else "?"
-        fits, victim = self._displaceable(host, exclude=None)
-        if fits or victim is not None:
+        decision = self._policy.decide(host, self._incoming(), self._clock.monotonic())
+        if not isinstance(decision, Refuse):
             return None
-        incoming, from_host = self._incoming(host)
         self.refused += 1
         if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, 8th...: no log flood
             _log.warning(
                 "refused an incoming connection from %s: %d links open (limit %d), "
                 "%d from that address (limit %d); %d refused so far",
                 host,
-                len(incoming),
-                self._max_incoming,
-                len(from_host),
-                self._max_per_host,
+                decision.incoming,
+                self._policy.max_incoming,
+                decision.from_host,
+                self._policy.max_per_host,
                 self.refused,
                 extra={"event": "connection_limit", "refused": self.refused, "remote": host},
             )
         return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
 
-    def _incoming(self, host: str) -> tuple[list[Link], list[Link]]:
-        incoming = [link for link in self._links if not link.outgoing and link.is_open]
-        return incoming, [link for link in incoming if link.remote_host == host]
+    def _incoming(self, *, exclude: Link | None = None) -> list[LinkFacts]:
+        """The facts of the open incoming links (but ``exclude``)."""
+        return [link.facts for link in self._incoming_links() if link is not exclude]
 
-    def _displaceable(self, host: str, *, exclude: Link | None) -> tuple[bool, Link | None]:
-        """Whether a link from ``host`` fits; if not, the link to displace for it
-        (``None`` when every place is held). ``exclude`` does not count."""
-        incoming, from_host = self._incoming(host)
-        incoming = [link for link in incoming if link is not exclude]
-        from_host = [link for link in from_host if link is not exclude]
-        if len(incoming) < self._max_incoming and len(from_host) < self._max_per_host:
-            return True, None
-        crowded = from_host if len(from_host) >= self._max_per_host else incoming
-        newest: dict[str, list[float]] = {}
-        for link in incoming:
-            if link.verified_by is not None and link.verified_at is not None:
-                newest.setdefault(link.verified_by, []).append(link.verified_at)
-        kept = {
-            sender: sorted(times)[-self._max_verified_per_peer :]
-            for sender, times in newest.items()
-        }
-        ripe = asyncio.get_running_loop().time() - self._evictable_after
-        candidates = [
-            link
-            for link in crowded
-            if link.opened_at <= ripe
-            and (link.verified_by is None or link.verified_at not in kept[link.verified_by])
-        ]
-        return False, min(candidates, key=lambda link: link.opened_at, default=None)
+    def _incoming_links(self) -> list[Link]:
+        return [link for link in self._links if not link.outgoing and link.is_open]
+
+    def _drop_each(self, chosen: Iterable[LinkFacts], why: str) -> None:
+        """Close the incoming links the policy chose (by their facts)."""
+        serials = {facts.serial for facts in chosen}
+        for link in self._incoming_links():
+            if link.serial in serials:
+                self._drop(link, why)
 
     def _make_room(self, link: Link) -> None:
         """After ``link``'s handshake: if it took a place that was not free,
         displace the oldest displaceable link, or close ``link`` itself when
         another newcomer took that one first."""
-        fits, victim = self._displaceable(link.remote_host, exclude=link)
-        if fits:
-            return
-        if victim is None:
-            self.refused += 1
-            self._drop(link, "no place left for it")
-            return
-        self._drop(victim, f"displaced by a connection from {link.remote_host}")
+        now = self._clock.monotonic()
+        match self._policy.decide(link.remote_host, self._incoming(exclude=link), now):
+            case Admit():
+                pass
+            case Displace(victim=victim):
+                self._drop_each([victim], f"displaced by a connection from {link.remote_host}")
+            case Refuse():
+                self.refused += 1
+                self._drop(link, "no place left for it")
 
     def _drop(self, link: Link, why: str) -> None:
         """Close an incoming link that holds a place it has not earned."""
@@ -299,18 +325,39 @@ class Transport:
             )
 
     async def _accept(self, socket: ServerConnection) -> None:
-        link = Link(socket, outgoing=False)
+        link = Link(socket, outgoing=False, clock=self._clock)
         self._track(link)
         self._make_room(link)
-        expiry = asyncio.get_running_loop().call_later(self._verify_within, self._expire, link)
-        try:
-            await link.pump(self._on_frame)
-        finally:
-            expiry.cancel()
+        if self._expiry is None and link.is_open:
+            self._arm_expiry()
+        await link.pump(self._on_frame)
 
-    def _expire(self, link: Link) -> None:
-        if link.is_open and not link.verified:
-            self._drop(link, f"no accepted message within {self._verify_within:g} s")
+    def close_overdue(self) -> int:
+        """Close every incoming link that is unverified ``verify_within`` seconds
+        after it opened, by the transport's clock; returns how many.
+
+        The transport's own timer calls this when the first such link falls due,
+        so callers need not; one that moves an injected clock forward may call it
+        to apply the rule at once instead of waiting for that timer.
+        """
+        overdue = self._policy.overdue(self._incoming(), self._clock.monotonic())
+        self._drop_each(overdue, f"no accepted message within {self._policy.verify_within:g} s")
+        self._arm_expiry()
+        return len(overdue)
+
+    def _arm_expiry(self) -> None:
+        """Set the timer for the first unverified link to fall due (none: no timer).
+
+        It waits on the event loop, in real seconds, for as long as the clock says
+        is left; what is due when it fires is decided by the clock again, so under a
+        clock that has not moved that far it only sets itself again."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        deadline = self._policy.next_deadline(self._incoming())
+        if deadline is not None and not self._closing:
+            delay = max(0.0, deadline - self._clock.monotonic())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self.close_overdue)
 
     async def connect(self, endpoint: str) -> Link:
         """Open a link to ``endpoint`` (``ws://host:port``) and start pumping its frames.
@@ -324,7 +371,7 @@ class Transport:
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI, WebSocketException) as exc:
             raise PeerUnreachable(f"cannot connect to {endpoint}: {exc}") from exc
-        link = Link(socket, outgoing=True)
+        link = Link(socket, outgoing=True, clock=self._clock)
         self._track(link)
         task = asyncio.create_task(link.pump(self._on_frame), name=f"talos-link-{endpoint}")
         self._tasks.add(task)
@@ -346,10 +393,14 @@ class Transport:
 
     async def close(self) -> None:
         """Stop listening and close every link."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for link in list(self._links):
             await link.close()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
