@@ -1,9 +1,10 @@
-"""HTTP routes of the registry (``/v1``), and the mapping of refusals to 4xx answers.
+"""HTTP routes of the registry (``/v1``): decode, check the path, call the store, answer.
 
 Binary bodies (key logs, prekey uploads and bundles, peer records, revocation
 lists) are ``application/cbor``, exactly the canonical bytes of the core
-objects; small answers are JSON. Every refusal is JSON
-``{"error": <Talos exception or rule>, "reason": <text>}`` with a 4xx status:
+objects; small answers are JSON (:mod:`talos.registry.bodies`). Every refusal
+is JSON ``{"error": <Talos exception or rule>, "reason": <text>}`` with a 4xx
+status (:mod:`talos.registry.answers` holds the table):
 
 =====  =====================================================================
 400    malformed or unsupported bytes, a path that names another agent
@@ -17,7 +18,8 @@ objects; small answers are JSON. Every refusal is JSON
 =====  =====================================================================
 
 Handlers decode and verify in a worker thread (signature checks and SQLite
-block), so the event loop keeps serving while they run.
+block), so the event loop keeps serving while they run. Bundles are handed
+out under the per-address shares of :mod:`talos.registry.drain`.
 
 Besides ``/v1``, ``GET /metrics`` answers the Prometheus text of
 :class:`~talos.registry.metrics.RegistryMetrics` (left out of the schema: it
@@ -28,16 +30,11 @@ is for scrapers, not clients). Refused submissions are logged at INFO as
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
-from typing import Any, Final
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from talos.core.agent_id import check_agent_id
@@ -45,17 +42,31 @@ from talos.core.clock import Clock, time_ms
 from talos.core.keylog import KeyLog
 from talos.core.peer_record import PeerRecord
 from talos.core.prekeys import PrekeyUpload
-from talos.core.ratelimit import RateLimiter
 from talos.core.revocation import RevocationList
-from talos.errors import (
-    KeyLogInvalid,
-    PeerNotFound,
-    SignatureInvalid,
-    StorageError,
-    TalosError,
+from talos.errors import PeerNotFound
+from talos.registry.admission import Refusal, RefusalKind, Refused, check_same_agent
+from talos.registry.answers import install_error_handlers
+from talos.registry.bodies import (
+    CBOR,
+    MAX_BODY,
+    PUT_ERRORS,
+    DuplicateInstance,
+    DuplicateList,
+    DuplicateReport,
+    Instance,
+    KeyLogAccepted,
+    PrekeysAccepted,
+    PrekeyStatus,
+    RecordAccepted,
+    RevocationsAccepted,
+    TimeBody,
+    binary_ok,
+    body_doc,
+    error_docs,
 )
+from talos.registry.drain import PrekeyLimiter, client_key
 from talos.registry.metrics import CONTENT_TYPE, RegistryMetrics
-from talos.registry.store import DuplicateStatus, Refused, RegistryStore
+from talos.registry.store import DuplicateStatus, RegistryStore
 
 __all__ = [
     "CBOR",
@@ -66,149 +77,12 @@ __all__ = [
     "router",
 ]
 
-#: Media type of every binary body.
-CBOR: Final = "application/cbor"
-#: Largest accepted request body (a key log or revocation list is at most 1 MiB).
-MAX_BODY: Final = 1 << 20
-
 log = logging.getLogger("talos.registry")
 router = APIRouter(prefix="/v1")
 metrics_router = APIRouter()
 
-#: Route templates of submissions, by the kind label of their rejections.
-_SUBMISSIONS: Final = {
-    "/v1/agents/{agent_id}/keylog": "keylog",
-    "/v1/agents/{agent_id}/prekeys": "prekeys",
-    "/v1/agents/{agent_id}/record": "record",
-    "/v1/revocations/{issuer}": "revocations",
-}
-
-
-# -- documented shapes --------------------------------------------------------------
-
-
-class ErrorBody(BaseModel):
-    """Why a request was refused."""
-
-    error: str
-    reason: str
-
-
-class TimeBody(BaseModel):
-    """The registry's wall clock, for clock-skew checks."""
-
-    time_ms: int
-
-
-class KeyLogAccepted(BaseModel):
-    changed: bool
-    sequence: int
-
-
-class PrekeysAccepted(BaseModel):
-    sequence: int
-    one_time_prekeys: int
-
-
-class PrekeyStatus(BaseModel):
-    sequence: int
-    one_time_prekeys: int
-
-
-class RecordAccepted(BaseModel):
-    sequence: int
-
-
-class RevocationsAccepted(BaseModel):
-    outcome: str
-    version: int
-
-
-class Instance(BaseModel):
-    """A live instance of an agent; ``record`` is the signed peer record (hex) to verify."""
-
-    instance_id: str
-    endpoint: str
-    sequence: int
-    issued_ms: int
-    expires_ms: int
-    record: str
-
-
-class DuplicateInstance(BaseModel):
-    """A live instance in a duplicate report; ``first_seen_ms`` is the registry's clock."""
-
-    instance_id: str
-    endpoint: str
-    first_seen_ms: int
-    issued_ms: int
-    expires_ms: int
-
-
-class DuplicateReport(BaseModel):
-    """Whether the agent runs as overlapping instances (split brain), and its live instances."""
-
-    agent_id: str
-    duplicate: bool
-    instances: list[DuplicateInstance]
-
-
-class DuplicateList(BaseModel):
-    """Duplicated identities by agent id; ``truncated`` when more exist than are listed."""
-
-    duplicates: list[DuplicateReport]
-    truncated: bool
-
-
-_BINARY: Final = {"schema": {"type": "string", "format": "binary"}}
-
-
-def _body_doc(what: str) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "description": what, "content": {CBOR: _BINARY}}}
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    text = {
-        400: "malformed or unsupported bytes, or the path names another agent",
-        403: "bad signature",
-        404: "nothing stored for this agent",
-        409: "stale sequence, fork, rollback, unknown agent or not the current key",
-        413: f"body larger than {MAX_BODY} bytes",
-        415: f"body is not {CBOR}",
-        422: "invalid key log, or expired / future-dated record",
-        503: "registry storage failure",
-    }
-    return {s: {"model": ErrorBody, "description": text[s]} for s in statuses}
-
-
-_PUT_ERRORS: Final = (400, 403, 409, 413, 415, 422, 503)
-
-
-def _binary_ok(what: str) -> dict[int | str, dict[str, Any]]:
-    return {200: {"description": what, "content": {CBOR: _BINARY}}}
-
 
 # -- plumbing -----------------------------------------------------------------------
-
-
-class PrekeyLimiter:
-    """How many one-time prekeys a client may take: ``per_agent`` per minute of each
-    agent's pool, and ten times that per minute across all agents.
-
-    The second bucket bounds how fast one client can cycle through agents, so
-    it cannot push its own per-agent buckets out of the bounded table to start
-    them afresh; requests for unknown agents :meth:`forget` theirs.
-    """
-
-    def __init__(self, per_agent: int) -> None:
-        self._pairs = RateLimiter(rate=per_agent / 60, burst=per_agent, max_keys=65_536)
-        self._clients = RateLimiter(rate=10 * per_agent / 60, burst=10 * per_agent, max_keys=16_384)
-
-    def allow(self, client: str, agent: str, now: float) -> bool:
-        return self._clients.allow(client, now) and self._pairs.allow((client, agent), now)
-
-    def forget(self, client: str, agent: str) -> None:
-        self._pairs.forget((client, agent))
 
 
 def _client_key(request: Request) -> str:
@@ -217,16 +91,7 @@ def _client_key(request: Request) -> str:
     forwarded one when the peer is a proxy uvicorn trusts (``FORWARDED_ALLOW_IPS``,
     by default only this host): a client's own forwarding header counts for
     nothing."""
-    host = request.client.host if request.client is not None else ""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return (
-        str(address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) else host
-    )
+    return client_key(request.client.host if request.client is not None else "")
 
 
 def _context(request: Request) -> tuple[RegistryStore, Clock]:
@@ -245,36 +110,41 @@ def _agent(agent_id: str) -> str:
 
 
 def _same_agent(path: str, found: str) -> None:
-    if path != found:
-        raise Refused(400, "AgentMismatch", f"body is for {found}, the path names {path}")
+    """Raises: Refused: the body is for another agent than the path names."""
+    refusal = check_same_agent(path, found)
+    if refusal is not None:
+        raise Refused(refusal)
+
+
+def _refused(kind: RefusalKind, reason: str) -> Refused:
+    return Refused(Refusal(kind, reason))
 
 
 async def _read_body(request: Request) -> bytes:
     """The request body, bounded by :data:`MAX_BODY` and required to be CBOR.
 
     Raises:
-        Refused: 415 wrong media type, 413 too large, 400 a bad length or a
-            client that went away.
+        Refused: not CBOR, too large, a bad length or a client that went away.
     """
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != CBOR:
-        raise Refused(415, "UnsupportedMediaType", f"send the body as {CBOR}")
+        raise _refused(RefusalKind.UNSUPPORTED_MEDIA_TYPE, f"send the body as {CBOR}")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise Refused(400, "MalformedFrame", "invalid Content-Length")
+            raise _refused(RefusalKind.MALFORMED, "invalid Content-Length")
         if int(declared) > MAX_BODY:
-            raise Refused(413, "PayloadTooLarge", f"body exceeds {MAX_BODY} bytes")
+            raise _refused(RefusalKind.TOO_LARGE, f"body exceeds {MAX_BODY} bytes")
     chunks: list[bytes] = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > MAX_BODY:
-                raise Refused(413, "PayloadTooLarge", f"body exceeds {MAX_BODY} bytes")
+                raise _refused(RefusalKind.TOO_LARGE, f"body exceeds {MAX_BODY} bytes")
             chunks.append(chunk)
     except ClientDisconnect:
-        raise Refused(400, "ClientDisconnect", "the body was not received") from None
+        raise _refused(RefusalKind.BODY_NOT_RECEIVED, "the body was not received") from None
     return b"".join(chunks)
 
 
@@ -295,8 +165,8 @@ async def get_time(request: Request) -> TimeBody:
 @router.put(
     "/agents/{agent_id}/keylog",
     summary="Publish or extend an agent's key event log",
-    responses=_errors(*_PUT_ERRORS),
-    openapi_extra=_body_doc("the whole key event log (KeyLog bytes)"),
+    responses=error_docs(*PUT_ERRORS),
+    openapi_extra=body_doc("the whole key event log (KeyLog bytes)"),
 )
 async def put_keylog(agent_id: str, request: Request) -> KeyLogAccepted:
     """Store a verified log; a known agent's log may only be extended.
@@ -320,7 +190,7 @@ async def put_keylog(agent_id: str, request: Request) -> KeyLogAccepted:
     "/agents/{agent_id}/keylog",
     summary="Fetch an agent's key event log",
     response_class=Response,
-    responses={**_binary_ok("KeyLog bytes: verify them"), **_errors(400, 404, 503)},
+    responses={**binary_ok("KeyLog bytes: verify them"), **error_docs(400, 404, 503)},
 )
 async def get_keylog(agent_id: str, request: Request) -> Response:
     """The stored log. Clients verify it (and that it extends what they knew)."""
@@ -334,8 +204,8 @@ async def get_keylog(agent_id: str, request: Request) -> Response:
 @router.put(
     "/agents/{agent_id}/prekeys",
     summary="Publish the signed prekey and a pool of one-time prekeys",
-    responses=_errors(*_PUT_ERRORS),
-    openapi_extra=_body_doc("a signed PrekeyUpload"),
+    responses=error_docs(*PUT_ERRORS),
+    openapi_extra=body_doc("a signed PrekeyUpload"),
 )
 async def put_prekeys(agent_id: str, request: Request) -> PrekeysAccepted:
     """Replace the agent's prekeys. Signed by its current key; the sequence must increase."""
@@ -354,7 +224,7 @@ async def put_prekeys(agent_id: str, request: Request) -> PrekeysAccepted:
 @router.get(
     "/agents/{agent_id}/prekeys",
     summary="How many one-time prekeys are left",
-    responses=_errors(400, 404, 503),
+    responses=error_docs(400, 404, 503),
 )
 async def get_prekey_status(agent_id: str, request: Request) -> PrekeyStatus:
     """The accepted upload sequence and the one-time prekeys still to hand out (to refill)."""
@@ -370,8 +240,8 @@ async def get_prekey_status(agent_id: str, request: Request) -> PrekeyStatus:
     summary="Take a prekey bundle (consumes one one-time prekey)",
     response_class=Response,
     responses={
-        **_binary_ok("PrekeyBundle bytes; without one-time prekey when none is left"),
-        **_errors(400, 404, 503),
+        **binary_ok("PrekeyBundle bytes; without one-time prekey when none is left"),
+        **error_docs(400, 404, 503),
     },
 )
 async def get_bundle(agent_id: str, request: Request) -> Response:
@@ -408,8 +278,8 @@ async def get_bundle(agent_id: str, request: Request) -> Response:
 @router.put(
     "/agents/{agent_id}/record",
     summary="Announce where an agent instance listens",
-    responses=_errors(*_PUT_ERRORS),
-    openapi_extra=_body_doc("a signed PeerRecord"),
+    responses=error_docs(*PUT_ERRORS),
+    openapi_extra=body_doc("a signed PeerRecord"),
 )
 async def put_record(agent_id: str, request: Request) -> RecordAccepted:
     """Store a record signed by the current key, unexpired, with a higher sequence.
@@ -434,7 +304,7 @@ async def put_record(agent_id: str, request: Request) -> RecordAccepted:
     "/agents/{agent_id}/record",
     summary="Fetch the live peer record with the highest sequence",
     response_class=Response,
-    responses={**_binary_ok("PeerRecord bytes: verify them"), **_errors(400, 404, 503)},
+    responses={**binary_ok("PeerRecord bytes: verify them"), **error_docs(400, 404, 503)},
 )
 async def get_record(agent_id: str, request: Request) -> Response:
     """The newest unexpired record; 404 when none is live."""
@@ -448,7 +318,7 @@ async def get_record(agent_id: str, request: Request) -> Response:
 @router.get(
     "/agents/{agent_id}/instances",
     summary="List an agent's live instances (split-brain detection)",
-    responses=_errors(400, 503),
+    responses=error_docs(400, 503),
 )
 async def get_instances(agent_id: str, request: Request) -> list[Instance]:
     """Every live instance id with its newest record; two at once means a duplicate agent."""
@@ -470,7 +340,7 @@ async def get_instances(agent_id: str, request: Request) -> list[Instance]:
 @router.get(
     "/agents/{agent_id}/duplicates",
     summary="Whether an agent runs as two overlapping instances (split brain)",
-    responses=_errors(400, 503),
+    responses=error_docs(400, 503),
 )
 async def get_duplicates(agent_id: str, request: Request) -> DuplicateReport:
     """The agent's live instances and whether any two kept announcing concurrently.
@@ -489,7 +359,7 @@ async def get_duplicates(agent_id: str, request: Request) -> DuplicateReport:
 @router.get(
     "/duplicates",
     summary="Every agent running as overlapping instances",
-    responses=_errors(503),
+    responses=error_docs(503),
 )
 async def get_all_duplicates(request: Request) -> DuplicateList:
     """Duplicated identities by agent id: at most 1000 (``truncated`` says when cut short)."""
@@ -520,8 +390,8 @@ def _report(status: DuplicateStatus) -> DuplicateReport:
 @router.put(
     "/revocations/{issuer}",
     summary="Publish an issuer's revocation list",
-    responses=_errors(*_PUT_ERRORS),
-    openapi_extra=_body_doc("a signed RevocationList"),
+    responses=error_docs(*PUT_ERRORS),
+    openapi_extra=body_doc("a signed RevocationList"),
 )
 async def put_revocations(issuer: str, request: Request) -> RevocationsAccepted:
     """Merge the list with the stored one; older (stale), forked or shrinking lists get 409."""
@@ -541,7 +411,7 @@ async def put_revocations(issuer: str, request: Request) -> RevocationsAccepted:
     "/revocations/{issuer}",
     summary="Fetch an issuer's revocation list",
     response_class=Response,
-    responses={**_binary_ok("RevocationList bytes: verify them"), **_errors(400, 404, 503)},
+    responses={**binary_ok("RevocationList bytes: verify them"), **error_docs(400, 404, 503)},
 )
 async def get_revocations(issuer: str, request: Request) -> Response:
     """The list in use for ``issuer``."""
@@ -557,87 +427,3 @@ async def get_metrics(request: Request) -> Response:
     """The registry's Prometheus metrics (the gauges read the database)."""
     text = await run_in_threadpool(_metrics(request).render)
     return Response(content=text, media_type=CONTENT_TYPE)
-
-
-# -- error answers ------------------------------------------------------------------
-
-
-def _answer(status: int, error: str, reason: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": error, "reason": reason})
-
-
-def _status_of(error: TalosError) -> int:
-    if isinstance(error, PeerNotFound):
-        return 404
-    if isinstance(error, SignatureInvalid):
-        return 403
-    if isinstance(error, KeyLogInvalid):
-        return 422
-    if isinstance(error, StorageError):
-        return 503
-    return 400
-
-
-async def _on_error(request: Request, exc: Exception) -> JSONResponse:
-    """The JSON answer for any failure (registered once per exception family)."""
-    if isinstance(exc, Refused):
-        return _refusal(request, exc.status, exc.kind, exc.reason)
-    if isinstance(exc, TalosError):
-        status = _status_of(exc)
-        if status == 503:
-            _metrics(request).storage_failed()
-            log.error(
-                "storage failure: %s",
-                exc,
-                extra={"event": "registry_storage_failure", "peer_id": None},
-            )
-            return _answer(503, type(exc).__name__, "registry storage failure; try again later")
-        return _refusal(request, status, type(exc).__name__, str(exc))
-    if isinstance(exc, StarletteHTTPException):
-        kinds = {404: "NotFound", 405: "MethodNotAllowed"}
-        return _answer(exc.status_code, kinds.get(exc.status_code, "HTTPError"), str(exc.detail))
-    if isinstance(exc, RequestValidationError):
-        return _answer(422, "ValidationError", "request does not match the API")
-    log.error("unexpected error", exc_info=exc)
-    return _answer(500, "InternalError", "unexpected registry error")
-
-
-def _refusal(request: Request, status: int, error: str, reason: str) -> JSONResponse:
-    """A 4xx answer; a refused submission is also logged and counted."""
-    route = getattr(request.scope.get("route"), "path", None)
-    kind = _SUBMISSIONS.get(route) if request.method == "PUT" and route else None
-    if kind is not None:
-        _metrics(request).submission_rejected(kind, error)
-        peer = _path_agent(request)
-        log.info(
-            "refused %s submission for %s: %s (%s)",
-            kind,
-            peer or "an invalid agent id",
-            error,
-            reason,
-            extra={
-                "event": "registry_rejected",
-                "peer_id": peer,
-                "kind": kind,
-                "reason": error,
-                "status": status,
-            },
-        )
-    return _answer(status, error, reason)
-
-
-def _path_agent(request: Request) -> str | None:
-    """The agent id in the path, if it is one (never an arbitrary string into the logs)."""
-    candidate = request.path_params.get("agent_id", request.path_params.get("issuer"))
-    if not isinstance(candidate, str):
-        return None
-    try:
-        return check_agent_id(candidate)
-    except TalosError:
-        return None
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Make every failure a JSON ``{"error", "reason"}`` answer with the right status."""
-    for family in (Refused, TalosError, StarletteHTTPException, RequestValidationError, Exception):
-        app.add_exception_handler(family, _on_error)

@@ -21,9 +21,11 @@ from starlette.routing import BaseRoute
 from talos.core.clock import Clock, time_ms
 from talos.core.ratelimit import RateLimiter
 from talos.errors import ConfigurationError
-from talos.registry.api import PrekeyLimiter, install_error_handlers, metrics_router, router
+from talos.registry.answers import install_error_handlers
+from talos.registry.api import metrics_router, router
+from talos.registry.drain import ONE_TIME_PREKEYS_PER_MINUTE, PrekeyLimiter
 from talos.registry.metrics import RegistryMetrics, RequestMetricsMiddleware
-from talos.registry.store import ONE_TIME_PREKEYS_PER_MINUTE, RegistryStore
+from talos.registry.store import RegistryStore
 from talos.system import SYSTEM_CLOCK
 
 __all__ = ["ONE_TIME_PREKEYS_PER_MINUTE", "create_app"]

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from talos.errors import StorageError
 from talos.metrics import MetricsEndpoint
-from talos.registry.store import LiveCounts
+from talos.registry.backend import LiveCounts
 
 __all__ = [
     "CONTENT_TYPE",

@@ -19,8 +19,8 @@ from talos.core.peer_record import PeerRecord
 from talos.core.x3dh import PrekeyBundle
 from talos.errors import ConfigurationError
 from talos.registry import create_app
-from talos.registry.api import MAX_BODY, PrekeyLimiter
-from talos.registry.store import ONE_TIME_PREKEYS_PER_MINUTE
+from talos.registry.bodies import MAX_BODY
+from talos.registry.drain import ONE_TIME_PREKEYS_PER_MINUTE, PrekeyLimiter
 from talos.testing import FakeClock
 
 pytestmark = pytest.mark.asyncio

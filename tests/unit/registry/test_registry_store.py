@@ -12,6 +12,7 @@ from registry_fixtures import Agent, make_agent
 
 from talos.core.peer_record import PeerRecord
 from talos.errors import StorageError, StoreCorrupted
+from talos.registry.answers import REFUSAL_STATUS
 from talos.registry.store import Refused, RegistryStore
 from talos.testing import FakeClock
 
@@ -19,7 +20,10 @@ NOW_MS = 1_700_000_000_000
 
 
 def refused(status: int, kind: str) -> pytest.RaisesExc[Refused]:
-    return pytest.raises(Refused, check=lambda e: (e.status, e.kind) == (status, kind))
+    """The store refuses with ``kind``, which the API answers with ``status``."""
+    return pytest.raises(
+        Refused, check=lambda e: (REFUSAL_STATUS[e.kind], e.kind) == (status, kind)
+    )
 
 
 # -- key logs -------------------------------------------------------------------------
