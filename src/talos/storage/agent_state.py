@@ -96,7 +96,7 @@ class AgentState:
             ) from None
         self._log = log
         meta = Meta(db["agent"], sealer)
-        self._sessions = Sessions(db["sessions"], db["agent"], sealer)
+        self._sessions = Sessions(db["sessions"], meta, sealer)
         self._inbox = Inbox(db["inbox"], meta, sealer)
         self._outbox = Outbox(db["outbox"], db["outbox_index"], meta, sealer)
         self._peers = PeerCache(db["peers"])

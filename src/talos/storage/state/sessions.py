@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from talos.storage.state.commit import Unchanged
+from talos.storage.state.meta import Meta
 from talos.storage.state.rows import as_bytes, peer_key, text
 from talos.storage.state.sealing import Sealer
 
@@ -22,9 +23,9 @@ if TYPE_CHECKING:
 class Sessions:
     """The ``sessions`` database and the ``agent["prekeys"]`` row."""
 
-    def __init__(self, db: lmdb._Database, meta: lmdb._Database, sealer: Sealer) -> None:
+    def __init__(self, db: lmdb._Database, meta: Meta, sealer: Sealer) -> None:
         self._db = db
-        self._meta = meta
+        self._meta = meta.db
         self._sealer = sealer
 
     # -- sessions --------------------------------------------------------------------
