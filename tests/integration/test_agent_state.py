@@ -33,7 +33,6 @@ from talos.storage.agent_state import (
     Enqueue,
     InboxMessage,
     Received,
-    derive_storage_key,
 )
 from talos.storage.lmdb import MIN_SIZE_BYTES
 from talos.testing import FakeClock, SeededRng
@@ -423,14 +422,6 @@ def test_sealed_value_moved_to_another_row_fails(home: Path, clock: FakeClock) -
     _rewrite(home, "sessions", BOB.encode(), alice)
     with _open(home, clock) as log, pytest.raises(StoreCorrupted, match="sessions"):
         _state(log, clock).session(BOB)
-
-
-def test_derive_storage_key() -> None:
-    key = derive_storage_key(bytes(32))
-    assert len(key) == 32
-    assert key != derive_storage_key(b"\x01" * 32)
-    with pytest.raises(ConfigurationError):
-        derive_storage_key(b"short")
 
 
 # -- receiving and the replay set --------------------------------------------------------

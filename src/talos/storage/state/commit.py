@@ -1,0 +1,69 @@
+"""One unit of work of the agent state: rows of several parts and the audit entries
+that record them, written in **one** transaction of the audit log's environment.
+
+The parts write through functions that take the open transaction; the façade
+and the flows (:mod:`.receiving`, :mod:`.sending`) gather those writes into one
+``apply(txn)`` and hand it to :meth:`UnitOfWork.commit`. Mutations hold
+:attr:`UnitOfWork.lock` from their first read to their commit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from talos.storage.state.meta import Meta
+
+if TYPE_CHECKING:
+    import lmdb
+
+    from talos.audit.log import AuditLog
+
+#: Audit records to commit with a change: ``(kind, data, peer)``, e.g. AuditRecord.
+AuditRecords = Iterable[tuple[str, Mapping[str, Any], str | None]]
+
+Apply = Callable[["lmdb.Transaction[bytes]"], None]
+
+
+class Unchanged(Exception):
+    """Raised inside a commit that would change nothing: aborts it, audit entries included."""
+
+
+class UnitOfWork:
+    """Commits through ``log.append_with``; the first commit also writes the header."""
+
+    def __init__(self, log: AuditLog, meta: Meta, *, initialized: bool) -> None:
+        self.log = log
+        #: Serializes mutations (LMDB has one writer; this also covers the reads before it).
+        self.lock = threading.Lock()
+        self._meta = meta
+        self._initialized = initialized
+
+    def commit(self, audit: AuditRecords, apply: Apply) -> bool:
+        """Run ``apply`` and append ``audit`` in one transaction; False if ``apply`` said
+        nothing changes (raised :class:`Unchanged`: then nothing, not even the audit
+        entries, was written).
+
+        Raises:
+            LocalProtocolError: an invalid audit record (before the transaction).
+            AuditFull: no room; nothing was written.
+            StorageError: LMDB failed; nothing was written.
+        """
+        records = list(audit)
+        run = apply if self._initialized else self._with_header(apply)
+        try:
+            self.log.append_with(records, run)
+        except Unchanged:
+            return False
+        self._initialized = True
+        return True
+
+    def _with_header(self, apply: Apply) -> Apply:
+        meta = self._meta
+
+        def run(txn: lmdb.Transaction[bytes]) -> None:
+            apply(txn)
+            meta.write_header(txn)
+
+        return run
