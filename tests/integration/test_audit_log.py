@@ -34,7 +34,8 @@ from talos.errors import (
     SignatureInvalid,
     StoreCorrupted,
 )
-from talos.storage.lmdb import u64
+from talos.storage.environment import Environment
+from talos.storage.lmdb import MAX_EXTRA_DATABASES, u64
 from talos.testing import FakeClock
 
 KEY = SigningKey(bytes(range(32)))
@@ -601,6 +602,39 @@ def test_append_with_commits_entries_and_rows_together(tmp_path: Path) -> None:
             assert txn.get(b"m1", db=log.database("inbox")) == b"hello"
             assert txn.get(b"m2", db=log.database("inbox")) is None
         assert log.verify_chain().ok
+
+
+def test_a_log_built_on_an_open_environment_leaves_it_open(tmp_path: Path) -> None:
+    """The second way in: AuditLog(environment) shares an environment its owner closes."""
+    environment = Environment.open(tmp_path / "shared", extra_databases=("inbox",))
+    try:
+        with AuditLog(environment, clock=FakeClock()) as log:
+            inbox = log.database("inbox")
+            assert log.environment is environment
+
+            def deliver(txn: Any) -> None:
+                txn.put(b"m1", b"hello", db=inbox)
+
+            log.append_with([("MESSAGE_RECEIVED", {"id": b"m1"}, None)], deliver)
+        with environment.read() as txn:
+            assert txn.get(b"m1", db=environment.database("inbox")) == b"hello"
+            assert txn.get(u64(0), db=environment.audit.entries) is not None
+        with AuditLog(environment, clock=FakeClock()) as again:
+            assert again.size == 1
+            assert again.verify_chain().ok
+        with pytest.raises(LocalProtocolError):
+            environment.database("outbox")
+    finally:
+        environment.close()
+
+
+def test_the_environment_refuses_too_many_extra_databases(tmp_path: Path) -> None:
+    names = [f"db{index}" for index in range(MAX_EXTRA_DATABASES + 1)]
+    with pytest.raises(ConfigurationError, match="extra databases"):
+        Environment.open(tmp_path / "crowded", extra_databases=names)
+    with pytest.raises(ConfigurationError, match="extra databases"):
+        AuditLog.open(tmp_path / "crowded", extra_databases=names)
+    assert not (tmp_path / "crowded").exists()
 
 
 def test_a_second_process_writing_does_not_break_the_first(

@@ -15,16 +15,8 @@ close) and hands each operation to the module that owns it:
 The log lives in the agent's LMDB environment
 (:class:`talos.storage.environment.Environment`), which may hold other state
 too: :meth:`AuditLog.append_with` commits audit entries and that state's rows
-in one transaction.
-
-Rules this module keeps:
-
-* When ``append`` (or the awaited ``append_async``) returns, the entry's
-  transaction is synced to disk.
-* LMDB has no checksums, so every read that feeds a decision re-hashes.
-* A full disk or map raises :class:`~talos.errors.AuditFull`; the failed
-  transaction is aborted, in-memory state is left as it was, and everything
-  committed before stays.
+in one transaction. When an append returns, its transaction is on disk;
+every read that feeds a decision re-hashes (LMDB has no checksums).
 """
 
 from __future__ import annotations
@@ -32,7 +24,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import lmdb
@@ -99,9 +90,7 @@ class AuditLog:
         commit_thread: bool = True,
         close_environment: bool = False,
     ) -> None:
-        """Build the log on an open ``environment`` (what :meth:`open` does).
-
-        The environment is closed with the log only if ``close_environment``.
+        """Build the log on an open ``environment``; closed with it if ``close_environment``.
 
         Raises:
             ConfigurationError: a block setting is not positive.
@@ -115,7 +104,6 @@ class AuditLog:
         self._store = store
         self._environment = environment
         self._close_environment = close_environment
-        self._clock = clock
         self._signer = signer
         self._head = head
         sealer = BlockSealer(
@@ -209,23 +197,13 @@ class AuditLog:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     @property
@@ -480,11 +458,10 @@ class AuditLog:
     ) -> ChainReport:
         """Re-hash every entry, rebuild every node and root, check every block.
 
-        Stops at the first problem, in sequence order, and reports where it is
-        and what is wrong. Blocks are checked against the key each one names;
-        with ``trusted_keys`` every block must also be signed by one of them.
-        ``deep`` also decodes every entry strictly (about 3x slower).
-        ``progress(done, total)`` is called every 65,536 entries.
+        Stops at the first problem and reports where and what it is (see
+        :mod:`talos.audit.integrity`). With ``trusted_keys`` every block must
+        be signed by one of them. ``deep`` also decodes every entry strictly
+        (about 3x slower). ``progress(done, total)`` is called every 65,536 entries.
 
         Raises:
             StorageError: LMDB failed while reading (corruption is reported,
@@ -517,11 +494,10 @@ class AuditLog:
     ) -> Path | None:
         """Replace the log at ``path`` with a verified copy of ``backup``.
 
-        The backup is checked first: its file structure (read without
-        mapping), then its whole chain. A corrupt backup is refused and
-        nothing changes. The log being replaced is moved aside to
-        ``<path>.replaced-<UTC stamp>`` and never deleted; that path is
-        returned (``None`` if there was no log). The log must not be open.
+        The backup's file structure and whole chain are checked first; a
+        corrupt backup is refused and nothing changes. The replaced log is
+        moved to ``<path>.replaced-<UTC stamp>``, never deleted, and that path
+        is returned (``None`` if there was none). The log must not be open.
 
         Raises:
             BackupInvalid: the backup is missing, damaged or fails verify_chain.
