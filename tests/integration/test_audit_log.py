@@ -23,6 +23,7 @@ from talos.audit import (
     verify_consistency,
     verify_inclusion,
 )
+from talos.audit.store import node_key
 from talos.core.audit.merkle import NodeID, leaf_hash, root_from_leaves
 from talos.core.crypto import SigningKey
 from talos.core.encoding import canonical_dumps
@@ -33,7 +34,8 @@ from talos.errors import (
     SignatureInvalid,
     StoreCorrupted,
 )
-from talos.storage.lmdb import node_key, u64
+from talos.storage.environment import Environment
+from talos.storage.lmdb import MAX_EXTRA_DATABASES, u64
 from talos.testing import FakeClock
 
 KEY = SigningKey(bytes(range(32)))
@@ -77,8 +79,8 @@ def _flip(path: Path, db: bytes, key: bytes, offset: int) -> None:
 
 def _stored(log: AuditLog, seq: int) -> bytes:
     """The entry bytes as stored (after the 32-byte leaf hash)."""
-    with log._store.read() as txn:
-        value = log._store.entry(txn, seq)
+    with log.snapshot() as txn:
+        value = txn.get(u64(seq), db=log.environment.audit.entries)
     assert value is not None
     return bytes(value[32:])
 
@@ -373,10 +375,10 @@ def test_full_log_raises_and_keeps_every_committed_entry(
 @pytest.mark.asyncio
 async def test_group_commit_one_transaction_per_tick(tmp_path: Path, clock: FakeClock) -> None:
     log = _open(tmp_path / "log", clock)
-    before = log._store.env.info()["last_txnid"]
+    before = log.environment.last_transaction()
     seqs = await asyncio.gather(*(log.append_async("MESSAGE_SENT", {"n": i}) for i in range(300)))
     assert sorted(seqs) == list(range(300))
-    assert log._store.env.info()["last_txnid"] == before + 1
+    assert log.environment.last_transaction() == before + 1
     assert [log.entry(s).data["n"] for s in seqs] == list(range(300))
     await log.aclose()
 
@@ -428,7 +430,7 @@ async def test_group_commit_seals_blocks_inside_one_batch(tmp_path: Path, clock:
     log = _open(tmp_path / "log", clock, block_entries=10)
     log.append("MESSAGE_SENT", {"first": True})
     clock.advance(5)
-    before = log._store.env.info()["last_txnid"]
+    before = log.environment.last_transaction()
     seqs = await asyncio.gather(
         *(
             log.append_async(AuditKind.MESSAGE_RECEIVED, {"n": i}, peer=f"p{i % 3}")
@@ -436,7 +438,7 @@ async def test_group_commit_seals_blocks_inside_one_batch(tmp_path: Path, clock:
         )
     )
     assert seqs == list(range(1, 37))
-    assert log._store.env.info()["last_txnid"] == before + 1
+    assert log.environment.last_transaction() == before + 1
     assert log.block_count == 3
     blocks = [log.block(h) for h in range(3)]
     assert [(b.first_seq, b.last_seq) for b in blocks] == [(0, 9), (10, 19), (20, 29)]
@@ -600,6 +602,39 @@ def test_append_with_commits_entries_and_rows_together(tmp_path: Path) -> None:
             assert txn.get(b"m1", db=log.database("inbox")) == b"hello"
             assert txn.get(b"m2", db=log.database("inbox")) is None
         assert log.verify_chain().ok
+
+
+def test_a_log_built_on_an_open_environment_leaves_it_open(tmp_path: Path) -> None:
+    """The second way in: AuditLog(environment) shares an environment its owner closes."""
+    environment = Environment.open(tmp_path / "shared", extra_databases=("inbox",))
+    try:
+        with AuditLog(environment, clock=FakeClock()) as log:
+            inbox = log.database("inbox")
+            assert log.environment is environment
+
+            def deliver(txn: Any) -> None:
+                txn.put(b"m1", b"hello", db=inbox)
+
+            log.append_with([("MESSAGE_RECEIVED", {"id": b"m1"}, None)], deliver)
+        with environment.read() as txn:
+            assert txn.get(b"m1", db=environment.database("inbox")) == b"hello"
+            assert txn.get(u64(0), db=environment.audit.entries) is not None
+        with AuditLog(environment, clock=FakeClock()) as again:
+            assert again.size == 1
+            assert again.verify_chain().ok
+        with pytest.raises(LocalProtocolError):
+            environment.database("outbox")
+    finally:
+        environment.close()
+
+
+def test_the_environment_refuses_too_many_extra_databases(tmp_path: Path) -> None:
+    names = [f"db{index}" for index in range(MAX_EXTRA_DATABASES + 1)]
+    with pytest.raises(ConfigurationError, match="extra databases"):
+        Environment.open(tmp_path / "crowded", extra_databases=names)
+    with pytest.raises(ConfigurationError, match="extra databases"):
+        AuditLog.open(tmp_path / "crowded", extra_databases=names)
+    assert not (tmp_path / "crowded").exists()
 
 
 def test_a_second_process_writing_does_not_break_the_first(

@@ -199,7 +199,7 @@ def test_a_sigbus_in_the_scan_is_reported_and_the_parent_survives(
     (hooks / "sitecustomize.py").write_text(
         "import os, sys\n"
         "if '--multiprocessing-fork' in sys.argv:\n"
-        "    import talos.audit.log as log_module\n"
+        "    import talos.audit.integrity as log_module\n"
         "    checked = log_module.check_data_file\n"
         "    def check_then_truncate(path, **options):\n"
         "        info = checked(path, **options)\n"

@@ -1,0 +1,142 @@
+"""Queries over the audit log: filters by kind, peer and time, through the index.
+
+Rules this module keeps:
+
+* Kind and peer filters walk the ``index`` database (``b"k"``/``b"p"`` rows);
+  time filters are binary searches over entry times, which never decrease.
+* The index is a hint, never trusted: every returned entry is read with
+  :meth:`talos.audit.store.AuditStore.entry` (re-hashed, decoded strictly)
+  and re-checked against the filters, so a damaged index row cannot smuggle
+  in a wrong entry.
+* ``last`` walks backwards from the newest match and stops after ``last``.
+
+Imported by :mod:`talos.audit.log`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lmdb
+
+from talos.audit.store import AuditStore, index_key
+from talos.core.audit.entry import AuditEntry, check_kind, check_peer
+from talos.errors import LocalProtocolError
+from talos.storage.lmdb import read_u64, u64
+
+__all__ = ["Query"]
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Filters of :meth:`talos.audit.AuditLog.query`, checked (see :meth:`checked`)."""
+
+    kind: str | None = None
+    peer: str | None = None
+    since: int | None = None
+    until: int | None = None
+    last: int | None = None
+
+    @classmethod
+    def checked(
+        cls,
+        kind: str | None,
+        peer: str | None,
+        since: int | None,
+        until: int | None,
+        last: int | None,
+    ) -> Query:
+        """Check the filters; kinds and peers are turned into plain text.
+
+        Raises:
+            LocalProtocolError: an invalid filter.
+        """
+        if last is not None and (type(last) is not int or last < 0):
+            raise LocalProtocolError("last must be a non-negative integer")
+        if kind is not None:
+            kind = check_kind(kind)
+        if peer is not None:
+            peer = check_peer(peer)
+        return cls(kind, peer, since, until, last)
+
+    def run(self, store: AuditStore, txn: lmdb.Transaction[bytes], size: int) -> list[AuditEntry]:
+        """Matching entries among the first ``size``, oldest first.
+
+        Raises:
+            StoreCorrupted: a matching entry fails its leaf hash.
+        """
+        kind, peer, last = self.kind, self.peer, self.last
+        low = 0 if self.since is None else _first_at_or_after(store, txn, self.since, size)
+        high = size if self.until is None else _first_at_or_after(store, txn, self.until, size)
+        reverse = last is not None
+        if kind is not None:
+            seqs = _index_seqs(txn, store, b"k", kind, low, high, reverse=reverse)
+        elif peer is not None:
+            seqs = _index_seqs(txn, store, b"p", peer, low, high, reverse=reverse)
+        else:
+            seqs = iter(range(high - 1, low - 1, -1) if reverse else range(low, high))
+        found: list[AuditEntry] = []
+        for seq in seqs:
+            if last is not None and len(found) >= last:
+                break
+            entry = store.entry(txn, seq, size)
+            if (kind is None or entry.kind == kind) and (peer is None or entry.peer == peer):
+                found.append(entry)
+        if reverse:
+            found.reverse()
+        return found
+
+
+def _first_at_or_after(
+    store: AuditStore, txn: lmdb.Transaction[bytes], when: int, size: int
+) -> int:
+    """Smallest seq whose time is >= ``when``: a binary search, as times never decrease."""
+    low, high = 0, size
+    while low < high:
+        mid = (low + high) // 2
+        if store.entry(txn, mid, size).time_ms < when:
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
+def _index_seqs(
+    txn: lmdb.Transaction[bytes],
+    store: AuditStore,
+    prefix: bytes,
+    value: str,
+    low: int,
+    high: int,
+    *,
+    reverse: bool,
+) -> Iterator[int]:
+    """Seqs in ``[low, high)`` of index rows for ``value``, in order or reversed."""
+    if low >= high:
+        return
+    head = index_key(prefix, value, 0)[:-8]
+    cursor = txn.cursor(db=store.index)
+    if reverse:
+        found = cursor.set_range(head + u64(high))
+        moved = cursor.prev() if found else cursor.last()
+        while moved:
+            key = cursor.key()
+            if not key.startswith(head) or len(key) != len(head) + 8:
+                return
+            seq = read_u64(key[-8:])
+            if seq < low:
+                return
+            if seq < high:
+                yield seq
+            moved = cursor.prev()
+        return
+    if not cursor.set_range(head + u64(low)):
+        return
+    for key in cursor.iternext(keys=True, values=False):
+        if not key.startswith(head) or len(key) != len(head) + 8:
+            return
+        seq = read_u64(key[-8:])
+        if seq >= high:
+            return
+        yield seq
