@@ -193,7 +193,7 @@ class TalosClient:
             await dht.start(config.dht_port, config.listen[0], list(config.dht_bootstrap))
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port, config.listen[0])
-        self._transport = Transport(self._on_frame)
+        self._transport = Transport(self._on_frame, clock=clock)
         self._parts = assemble(
             config=config,
             identity=identity,
