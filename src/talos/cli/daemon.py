@@ -38,10 +38,6 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)
 _LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-def _configure_logging(level: str, fmt: LogFormat = "text") -> None:
-    configure_logging(level=level, fmt=fmt)
-
-
 @click.command()
 @click.option("--name", default=None, help="Name for a new identity, if the home has none.")
 @click.option(
@@ -143,7 +139,7 @@ def run(
     if home.needs_passphrase():
         passphrase = existing_passphrase(key_passphrase_file, KEY_ENV, "Key")
     path = control_path(home.path)
-    _configure_logging(log_level, log_format)
+    configure_logging(level=log_level, fmt=log_format)
     home.ensure()
     with daemon_lock(home.path):
         claim_socket(path)
