@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 from daemons import Daemon, daemons, read_line
 
-from talos.cli.agent import MAX_REQUEST, exit_code_for_name, running_agent_pid
+from talos.cli.control import MAX_REQUEST
+from talos.cli.exit_codes import exit_code_for_name
+from talos.cli.lockfile import running_agent_pid
 from talos.testing.processes import RegistryProcess, registry_process
 
 

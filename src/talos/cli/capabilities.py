@@ -25,6 +25,7 @@ from rich.table import Table
 
 from talos.audit import AuditKind, AuditLog
 from talos.cli.context import CliContext
+from talos.cli.exit_codes import EXIT_DENIED
 from talos.cli.identity import key_passphrase_option, load_identity
 from talos.core.agent_id import check_agent_id
 from talos.core.capability import Capability, CapabilityPolicy, issue, verify
@@ -53,8 +54,6 @@ __all__ = ["capabilities", "parse_duration"]
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 _DURATION = re.compile(r"(\d+)([smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-#: Exit status of `verify` when the capability does not authorize the request.
-EXIT_DENIED = 6
 
 
 def parse_duration(text: str) -> float:

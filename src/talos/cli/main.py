@@ -1,8 +1,9 @@
 """Entry point of the ``talos`` command and its error handling.
 
 Library code raises :class:`~talos.errors.TalosError`; this module turns it into
-a message on stderr (``diagnostics()``, which adds guidance) and an exit code,
-never a traceback. Exit codes are documented in ``docs/cli.md``.
+a message on stderr (``diagnostics()``, which adds guidance) and an exit code
+(:mod:`talos.cli.exit_codes`), never a traceback. It assembles the command
+groups; nothing but ``python -m talos`` and the console script imports it.
 """
 
 from __future__ import annotations
@@ -13,42 +14,20 @@ from typing import Any
 import click
 from rich.console import Console
 
-from talos.cli.agent import inbox, peers, run, send, status
+from talos.cli.agent import inbox, peers, send, status
 from talos.cli.audit import audit
 from talos.cli.backup import backup, recover
-from talos.cli.capabilities import EXIT_DENIED, capabilities
+from talos.cli.capabilities import capabilities
 from talos.cli.context import CliContext
+from talos.cli.daemon import run
 from talos.cli.diagnose import diagnose
+from talos.cli.exit_codes import exit_code_for
 from talos.cli.identity import init, rotate, whoami
 from talos.cli.registry import registry
-from talos.errors import (
-    BackupInvalid,
-    CapabilityDenied,
-    IdentityExists,
-    IdentityNotFound,
-    StoreCorrupted,
-    TalosError,
-    WrongPassphrase,
-)
+from talos.errors import TalosError
 from talos.storage.home import default_home
 
-__all__ = ["EXIT_CODES", "cli", "main"]
-
-#: Exit status per error family; the first matching class wins.
-EXIT_CODES: tuple[tuple[type[TalosError], int], ...] = (
-    (StoreCorrupted, 3),
-    (IdentityNotFound, 4),
-    (IdentityExists, 4),
-    (WrongPassphrase, 5),
-    (BackupInvalid, 5),
-    (CapabilityDenied, EXIT_DENIED),
-    (TalosError, 1),
-)
-
-
-def exit_code_for(error: TalosError) -> int:
-    """The documented exit status for ``error``."""
-    return next(code for kind, code in EXIT_CODES if isinstance(error, kind))
+__all__ = ["cli", "main"]
 
 
 class TalosGroup(click.Group):

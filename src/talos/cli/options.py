@@ -6,7 +6,7 @@ import click
 
 from talos.logs import LOG_FORMATS
 
-__all__ = ["log_format_option"]
+__all__ = ["log_format_option", "parse_bootstrap"]
 
 #: ``--log-format text|json`` (else ``$TALOS_LOG_FORMAT``), as ``log_format``.
 log_format_option = click.option(
@@ -17,3 +17,16 @@ log_format_option = click.option(
     envvar="TALOS_LOG_FORMAT",
     help="Log lines on stderr: text, or one JSON object per line (else $TALOS_LOG_FORMAT).",
 )
+
+
+def parse_bootstrap(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> list[tuple[str, int]]:
+    """``--dht-bootstrap HOST:PORT`` (repeatable) as (host, port) pairs; IPv6 in brackets."""
+    nodes = []
+    for value in values:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise click.BadParameter(f"{value!r} is not HOST:PORT", ctx=ctx, param=param)
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes

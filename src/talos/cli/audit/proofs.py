@@ -1,0 +1,184 @@
+"""``talos audit prove`` and ``verify-proof``: inclusion proof files.
+
+``prove`` writes a proof file, with a checkpoint signed by this agent when it
+can; ``verify-proof`` checks one (:mod:`talos.audit.proof_file`) against
+``--root`` or its checkpoint, whose signature must come from a
+``--verifier-key`` or a key of this home's key log. A proof that does not
+verify is exit 1 with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from talos.audit import Checkpoint, LogSigner, parse_verifier_key
+from talos.audit.proof_file import NoteKey, ProofVerdict, read_proof_file, verify_proof_file
+from talos.cli.audit.options import json_option, log_option, reading, root_argument
+from talos.cli.context import CliContext
+from talos.cli.identity import key_passphrase_option, load_identity
+from talos.errors import ConfigurationError, MalformedFrame, StorageError, VerificationError
+
+__all__ = ["prove", "verify_proof"]
+
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _checkpoint_for(
+    ctx: CliContext,
+    wanted: bool | None,
+    own_log: bool,
+    size: int,
+    tree_root: bytes,
+    passphrase_file: Path | None,
+) -> Checkpoint | None:
+    """A checkpoint signed by the home's identity, if asked for or by default.
+
+    By default (``wanted`` None) only the home's own log is vouched for, and
+    a key that cannot be opened without help is a warning, not an error.
+
+    Raises:
+        StorageError: ``--checkpoint`` was asked for and the identity cannot be used.
+    """
+    home = ctx.agent_home
+    if wanted is False or (wanted is None and not (own_log and home.has_identity())):
+        return None
+    try:
+        identity = load_identity(home, passphrase_file)
+    except StorageError as exc:
+        if wanted:
+            raise
+        _err.print(f"[yellow]note:[/] no checkpoint in the proof file ({escape(str(exc))})")
+        return None
+    signer = LogSigner(
+        identity.signing_key, name=identity.agent_id, origin=f"{identity.agent_id}/audit"
+    )
+    return Checkpoint.sign(signer, size, tree_root)
+
+
+@click.command()
+@click.argument("seq", type=click.IntRange(min=0))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option(
+    "--checkpoint/--no-checkpoint",
+    "with_checkpoint",
+    default=None,
+    help="Embed a checkpoint signed by this agent (default: for the home's own log, if possible).",
+)
+@key_passphrase_option
+@log_option
+@click.pass_obj
+def prove(
+    ctx: CliContext,
+    seq: int,
+    out: Path,
+    with_checkpoint: bool | None,
+    key_passphrase_file: Path | None,
+    log: Path | None,
+) -> None:
+    """Write the inclusion proof of entry SEQ in the current tree to a JSON file."""
+    with reading(ctx, log) as opened:
+        size = opened.size
+        proof = opened.prove_inclusion(seq, size=size)
+        tree_root = opened.root_at(size)
+    checkpoint = _checkpoint_for(
+        ctx, with_checkpoint, log is None, size, tree_root, key_passphrase_file
+    )
+    body = json.dumps(proof.to_json_dict(checkpoint), indent=2) + "\n"
+    try:
+        out.write_text(body, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    signed = "" if checkpoint is None else f", checkpoint signed by {checkpoint.signatures[0].name}"
+    click.echo(f"proof of entry {seq} in tree size {size} written to {out}{signed}")
+    click.echo(f"root {tree_root.hex()}")
+
+
+def _trusted_note_keys(ctx: CliContext, verifier_keys: tuple[str, ...]) -> list[NoteKey]:
+    """``--verifier-key`` values (named) and the home's key log (any name).
+
+    Raises:
+        ConfigurationError: a ``--verifier-key`` is not ``name+hash+key``.
+        StoreCorrupted: the home's public key log is damaged.
+    """
+    keys: list[NoteKey] = []
+    for text in verifier_keys:
+        try:
+            keys.append(parse_verifier_key(text))
+        except MalformedFrame as exc:
+            raise ConfigurationError(f"--verifier-key {text!r}: {exc}") from None
+    keys += [(None, key) for key in ctx.trusted_log_keys() or []]
+    return keys
+
+
+def _verify(
+    ctx: CliContext, path: Path, given_root: bytes | None, verifier_keys: tuple[str, ...]
+) -> ProofVerdict:
+    """Check a proof file; its checkpoint against the trusted keys, if it has one.
+
+    Raises:
+        MalformedFrame: the file is not a proof file.
+        SignatureInvalid: its checkpoint is not validly signed by a trusted key.
+        InclusionProofError: the proof does not lead to the root.
+        ConfigurationError: no root to check against, or a bad --verifier-key.
+    """
+    proof_file = read_proof_file(path)
+    keys = [] if proof_file.checkpoint is None else _trusted_note_keys(ctx, verifier_keys)
+    return verify_proof_file(proof_file, root=given_root, note_keys=keys)
+
+
+@click.command("verify-proof")
+@click.option(
+    "--proof", "proof_path", type=click.Path(dir_okay=False, path_type=Path), required=True
+)
+@click.option(
+    "--root",
+    "given_root",
+    callback=root_argument,
+    default=None,
+    help="Expected root, 64 hex digits (0x optional). Default: the file's signed checkpoint.",
+)
+@click.option(
+    "--verifier-key",
+    "verifier_keys",
+    multiple=True,
+    help="Trusted checkpoint key, NAME+HASH+KEY (signed-note form); repeatable.",
+)
+@json_option
+@click.pass_obj
+def verify_proof(
+    ctx: CliContext,
+    proof_path: Path,
+    given_root: bytes | None,
+    verifier_keys: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Check an inclusion proof file against a root. Needs no audit log.
+
+    Exit 0 when it verifies; 1 with the reason (wrong root, corrupted proof,
+    bad checkpoint signature, malformed file) otherwise.
+    """
+    try:
+        verdict = _verify(ctx, proof_path, given_root, verifier_keys)
+    except (VerificationError, MalformedFrame, ConfigurationError) as exc:
+        if as_json:
+            out = {"valid": False, "reason": type(exc).__name__, "message": str(exc)}
+            click.echo(json.dumps(out, sort_keys=True))
+        if isinstance(exc, VerificationError):
+            exc.hint = "request a new proof; compare the root with the log's anchor or checkpoint"
+        raise
+    if as_json:
+        click.echo(json.dumps(verdict.to_json(), sort_keys=True))
+        return
+    click.echo(
+        f"valid: entry {verdict.proof.leaf_index} is in the tree of {verdict.proof.tree_size} "
+        f"entries with root {verdict.root.hex()}"
+    )
+    if verdict.checkpoint == "verified":
+        click.echo(f"checkpoint signed by {verdict.checkpoint_signer}")
+    elif verdict.checkpoint == "unchecked":
+        _err.print("[yellow]note:[/] checkpoint signature not checked (no trusted key)")

@@ -1,0 +1,183 @@
+"""``talos run``: the agent daemon.
+
+It keeps one :class:`~talos.client.TalosClient` running in the foreground
+until SIGTERM or SIGINT, and serves the home's control socket
+(:mod:`talos.cli.control_server`) so that ``send``, ``inbox``, ``peers`` and
+``status`` (:mod:`talos.cli.agent`) never open the agent's stores
+themselves. One daemon per home: the advisory lock of
+:mod:`talos.cli.lockfile` makes that race-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from talos.cli.context import CliContext
+from talos.cli.control import control_path
+from talos.cli.control_server import ControlServer, claim_socket
+from talos.cli.identity import key_passphrase_option
+from talos.cli.lockfile import daemon_lock
+from talos.cli.options import log_format_option, parse_bootstrap
+from talos.cli.passphrases import KEY_ENV, existing_passphrase
+from talos.client import TalosClient
+from talos.errors import IdentityNotFound
+from talos.logs import LogFormat, configure_logging
+
+__all__ = ["run"]
+
+_log = logging.getLogger("talos.agent")
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@click.command()
+@click.option("--name", default=None, help="Name for a new identity, if the home has none.")
+@click.option(
+    "--registry",
+    "registry_url",
+    default=None,
+    envvar="TALOS_REGISTRY_URL",
+    help="Registry URL (else $TALOS_REGISTRY_URL; without one, no registry is used).",
+)
+@click.option("--listen", default="127.0.0.1:0", show_default=True, help="HOST:PORT to serve.")
+@click.option(
+    "--announce",
+    default=None,
+    metavar="HOST[:PORT]",
+    help="Address peers are told to connect to (required with --listen 0.0.0.0:PORT); "
+    "the port defaults to the one listened on.",
+)
+@click.option("--offline", is_flag=True, help="Queue every send; make no network attempt.")
+@click.option(
+    "--accept",
+    type=click.Choice(["capability", "open"]),
+    default="capability",
+    show_default=True,
+    help="'open' accepts messages without a capability (development only).",
+)
+@click.option(
+    "--reconnect-interval",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Longest pause between delivery retries, in seconds.",
+)
+@click.option(
+    "--queue-limit",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Most messages the outbox may hold.",
+)
+@click.option(
+    "--dht-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Run a DHT node on this UDP port (0: any) as the registry's fallback.",
+)
+@click.option(
+    "--dht-bootstrap",
+    multiple=True,
+    metavar="HOST:PORT",
+    callback=parse_bootstrap,
+    help="A DHT node to join through (repeatable; implies DHT discovery).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics on this port (0: any).",
+)
+@click.option("--log-level", type=click.Choice(_LEVELS), default="info", show_default=True)
+@log_format_option
+@key_passphrase_option
+@click.pass_obj
+def run(
+    ctx: CliContext,
+    name: str | None,
+    registry_url: str | None,
+    listen: str,
+    announce: str | None,
+    offline: bool,
+    accept: str,
+    reconnect_interval: float,
+    queue_limit: int,
+    dht_port: int | None,
+    dht_bootstrap: list[tuple[str, int]],
+    metrics_port: int | None,
+    log_level: str,
+    log_format: LogFormat,
+    key_passphrase_file: Path | None,
+) -> None:
+    """Run this home's agent in the foreground until SIGTERM or Ctrl-C.
+
+    Prints one line (agent id and endpoint) on stdout when ready; logs go to
+    stderr. Other commands reach it through <home>/control.sock.
+    \f
+    Raises:
+        IdentityNotFound: the home has no identity and no --name was given.
+        AgentAlreadyRunning: another agent serves this home.
+        TalosError: the agent cannot start (its stores, the listen address).
+    """
+    home = ctx.agent_home
+    if not home.has_identity() and name is None:
+        raise IdentityNotFound(
+            f"no identity in {home.path}; run `talos init --name NAME` or pass --name"
+        )
+    use_dht = dht_port is not None or bool(dht_bootstrap)
+    if accept == "open":
+        _err.print("[yellow]warning:[/] --accept open: messages are accepted without capability")
+    passphrase = None
+    if home.needs_passphrase():
+        passphrase = existing_passphrase(key_passphrase_file, KEY_ENV, "Key")
+    path = control_path(home.path)
+    configure_logging(level=log_level, fmt=log_format)
+    home.ensure()
+    with daemon_lock(home.path):
+        claim_socket(path)
+        options: dict[str, Any] = {
+            "home": home.path,
+            "registry_url": registry_url,
+            "listen": listen,
+            "announce": announce,
+            "offline_mode": offline,
+            "accept_policy": accept,
+            "reconnect_interval": reconnect_interval,
+            "queue_limit": queue_limit,
+            "discovery": ["registry", "dht"] if use_dht else ["registry"],
+            "dht_port": dht_port or 0,
+            "dht_bootstrap": dht_bootstrap,
+            "metrics_port": metrics_port,
+            "passphrase": passphrase,
+            "clock": ctx.clock,
+            "rng": ctx.rng,
+        }
+        asyncio.run(_daemon(name or home.path.name, options, path))
+
+
+async def _daemon(name: str, options: dict[str, Any], path: Path) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with TalosClient.create(name, **options) as client:
+        server = ControlServer(client, path)
+        await server.start()
+        try:
+            click.echo(f"agent {client.agent_id} listening on {client.endpoint}")
+            if client.metrics.address is not None:
+                click.echo("metrics on http://{}:{}/metrics".format(*client.metrics.address))
+            sys.stdout.flush()
+            _log.info("control socket %s; queue depth %d", path, client.queue_depth())
+            await stop.wait()
+            _log.info("stopping (queued messages stay queued)")
+        finally:
+            await server.close()
