@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,13 @@ from talos.storage.home import AgentHome
 from talos.storage.lmdb import u64
 from talos.system import SYSTEM_CLOCK
 from talos.testing.cli import CliResult, TalosCli
-from talos.testing.processes import AgentProcess, RegistryProcess, launched, registry_process
+from talos.testing.processes import (
+    AgentProcess,
+    RegistryProcess,
+    free_port,
+    launched,
+    registry_process,
+)
 from talos.testing.waiting import wait_until
 
 CHECKS = ["clock", "duplicates", "network", "storage"]
@@ -78,12 +83,6 @@ def start() -> Iterator[Callable[..., AgentProcess]]:
     """Starts ``talos run`` processes; every one is stopped at the end."""
     with launched() as launcher:
         yield launcher.agent
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # -- pure parts ---------------------------------------------------------------------------
@@ -239,7 +238,7 @@ def test_every_check_with_the_agent_running_and_after_it_stops(
     assert abs(measured["offset_s"]) < 1.0
 
     # Bob runs a DHT node: it answers; a bootstrap node that is not there does not.
-    dead = f"127.0.0.1:{free_udp_port()}"
+    dead = f"127.0.0.1:{free_port(udp=True)}"
     dht = diagnose(bob_home, "--network", "--dht-bootstrap", dead, code=1)
     assert one(dht, "network", "agent dht node")["status"] == "ok"
     assert one(dht, "network", "dht bootstrap") == {

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from pathlib import Path
 
 import pytest
 
 from talos.testing.cli import clean_env
-from talos.testing.processes import launched
+from talos.testing.processes import free_port, launched
 
 REQUIRED = ("timestamp", "level", "component", "event", "message")
 RFC3339_MS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-
-
-def _closed_udp_port() -> int:
-    """A loopback UDP port nobody listens on (a DHT bootstrap node that never answers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _run_until_ready_then_stop(home: Path, args: list[str], env: dict[str, str]) -> list[str]:
@@ -35,7 +27,7 @@ def _run_until_ready_then_stop(home: Path, args: list[str], env: dict[str, str])
 def test_run_writes_one_json_object_per_stderr_line(tmp_path: Path, how: str) -> None:
     env = clean_env()
     args = ["--name", "alice", "--dht-port", "0"]
-    args += ["--dht-bootstrap", f"127.0.0.1:{_closed_udp_port()}"]
+    args += ["--dht-bootstrap", f"127.0.0.1:{free_port(udp=True)}"]  # nobody answers there
     if how == "option":
         args += ["--log-format", "json"]
     else:

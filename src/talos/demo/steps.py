@@ -16,7 +16,6 @@ import re
 import shlex
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,22 +51,19 @@ def _within(condition: Callable[[], bool], what: str) -> None:
         raise DemoFailure(str(exc)) from None
 
 
-@dataclass
 class Demo:
     """The story of the registry and three agents in ``root``."""
 
-    root: Path
-    wiretap: Wiretap | None = None
-    agents: tuple[Agent, Agent, Agent] = field(init=False)
-
-    def __post_init__(self) -> None:
-        (self.root / "logs").mkdir()
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "logs").mkdir()
         self.alice, self.bob, self.carol = (
-            Agent(name, self.root / name) for name in ("alice", "bob", "carol")
+            Agent(name, root / name) for name in ("alice", "bob", "carol")
         )
         self.agents = (self.alice, self.bob, self.carol)
-        self.out = Narrator(self.root, self.agents)
-        self.cast = Cast(self.root, self.out)
+        self.out = Narrator(root, self.agents)
+        self.cast = Cast(root, self.out)
+        self.wiretap: Wiretap | None = None
 
     @property
     def children(self) -> list[ChildProcess]:

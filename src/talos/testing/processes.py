@@ -46,9 +46,13 @@ READY = re.compile(r"agent (\S+) listening on (\S+)")
 _REGISTRY_METRICS = re.compile(r"metrics on (http://127\.0\.0\.1:\d+)/metrics")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket() as probe:
+def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
+    """A TCP (or UDP) port that was free a moment ago on ``host``.
+
+    A free UDP port also serves as the address of a peer that never answers.
+    """
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
 
@@ -70,10 +74,6 @@ class RegistryProcess:
     @property
     def process(self) -> subprocess.Popen[bytes]:
         return self.child.process
-
-    @property
-    def log(self) -> Path:
-        return self.child.log
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate (then kill) the server and wait for it."""
