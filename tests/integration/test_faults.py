@@ -110,10 +110,6 @@ class Agent:
         return self.agent_id
 
     @property
-    def process(self) -> subprocess.Popen[bytes] | None:
-        return self.child.process if self.child is not None else None
-
-    @property
     def running(self) -> bool:
         return self.child is not None and self.child.running
 
