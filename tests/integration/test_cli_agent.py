@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
 import stat
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemons import Daemon, daemons, read_line
 
 from talos.cli.control import MAX_REQUEST
 from talos.cli.exit_codes import exit_code_for_name
 from talos.cli.lockfile import running_agent_pid
-from talos.testing.processes import RegistryProcess, registry_process
+from talos.testing.child import spawn
+from talos.testing.cli import TalosCli, clean_env, talos_argv
+from talos.testing.processes import AgentProcess, RegistryProcess, launched, registry_process
+from talos.testing.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -30,53 +28,23 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProce
         yield server
 
 
-def talos_command(*args: str) -> list[str]:
-    """The ``talos`` command line."""
-    return [sys.executable, "-m", "talos", *args]
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
-
-
-def talos(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603 -- our own interpreter and module
-        talos_command("--home", str(home), *args),
-        env=_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+CLI = TalosCli()
+talos = CLI.run
 
 
 def ok(home: Path, *args: str) -> str:
-    result = talos(home, *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return CLI.ok(home, *args).strip()
 
 
 @pytest.fixture
-def start() -> Iterator[Callable[..., Daemon]]:
+def start() -> Iterator[Callable[..., AgentProcess]]:
     """Starts ``talos run`` processes; every one is stopped at the end."""
-    with daemons(_env()) as group:
-        yield group.start
-
-
-def until(check: Callable[[], Any], *, seconds: float = 30.0) -> Any:
-    """Poll ``check`` until it returns something truthy (bounded)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"condition not met within {seconds} s")
+    with launched() as launcher:
+        yield launcher.agent
 
 
 def test_send_inbox_status_and_delivery_after_restart(
-    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
 ) -> None:
     alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
     ok(alice_home, "init", "--name", "alice")
@@ -124,26 +92,28 @@ def test_send_inbox_status_and_delivery_after_restart(
     assert json.loads(ok(alice_home, "status", "--json"))["queue_depth"] == 1
 
     start(bob_home, *url, "--accept", "open")
-    follow = subprocess.Popen(  # noqa: S603 -- our own interpreter and module
-        talos_command("--home", str(bob_home), "inbox", "--follow", "--json"),
-        env=_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    follow = spawn(
+        talos_argv("--home", str(bob_home), "inbox", "--follow", "--json"),
+        env=clean_env(),
+        log=tmp_path / "follow.log",
+        name="inbox --follow",
     )
     try:
-        line = read_line(follow.stdout, time.monotonic() + 30)
+        line = follow.read_line(30)
         assert json.loads(line)["data"] == "while you were away"
-        follow.send_signal(signal.SIGINT)
+        follow.signal(signal.SIGINT)
         assert follow.wait(timeout=15) == 0
     finally:
-        if follow.poll() is None:
-            follow.kill()
-        follow.communicate()
-    until(lambda: json.loads(ok(alice_home, "status", "--json"))["queue_depth"] == 0)
+        follow.stop()
+    wait_until(
+        lambda: json.loads(ok(alice_home, "status", "--json"))["queue_depth"] == 0,
+        30.0,
+        what="alice's queue drained",
+        interval=0.2,
+    )
 
 
-def test_one_agent_per_home(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+def test_one_agent_per_home(tmp_path: Path, start: Callable[..., AgentProcess]) -> None:
     home = tmp_path / "solo"
     ok(home, "init", "--name", "solo")
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -173,7 +143,9 @@ def _ask(conn: socket.socket, stream: Any, request: bytes) -> dict[str, Any]:
     return answer
 
 
-def test_control_socket_refuses_bad_requests(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+def test_control_socket_refuses_bad_requests(
+    tmp_path: Path, start: Callable[..., AgentProcess]
+) -> None:
     home = tmp_path / "c"
     ok(home, "init", "--name", "c")
     daemon = start(home, "--offline")
@@ -232,13 +204,12 @@ def test_exit_codes_follow_the_error_class() -> None:
 
 
 def test_metrics_port_is_announced_and_a_busy_one_is_a_clean_error(
-    tmp_path: Path, start: Callable[..., Daemon]
+    tmp_path: Path, start: Callable[..., AgentProcess]
 ) -> None:
     home = tmp_path / "metered"
     ok(home, "init", "--name", "metered")
     daemon = start(home, "--offline", "--metrics-port", "0")
-    assert daemon.process.stdout is not None
-    line = daemon.process.stdout.readline().decode()  # printed and flushed with the first
+    line = daemon.read_line()  # printed and flushed with the first
     found = re.search(r"metrics on (http://127\.0\.0\.1:(\d+)/metrics)", line)
     assert found, line
     import urllib.request
@@ -256,7 +227,7 @@ def test_metrics_port_is_announced_and_a_busy_one_is_a_clean_error(
 
 
 def test_listening_on_every_interface_needs_an_announced_address(
-    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
 ) -> None:
     """``--listen 0.0.0.0:PORT`` alone would announce an address nobody can reach;
     with ``--announce`` peers find the agent through the registry at that address."""
@@ -278,7 +249,7 @@ def test_listening_on_every_interface_needs_an_announced_address(
 
 
 def test_commands_that_replace_what_the_agent_holds_wait_until_it_stops(
-    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
 ) -> None:
     """rotate, recover and audit restore are refused while the home's agent runs
     (it would sign with a retired key, or write into a log swapped under it)."""

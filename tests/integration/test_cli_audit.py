@@ -8,8 +8,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,41 +19,17 @@ from talos.core.crypto import SigningKey
 from talos.storage.home import AgentHome
 from talos.storage.lmdb import u64
 from talos.testing import FakeClock, SeededRng
+from talos.testing.cli import CliResult, TalosCli
 
 ENTRIES = 300
 BLOCK_ENTRIES = 64
 
-TALOS = [sys.executable, "-m", "talos"]
+CLI = TalosCli()
+ok, fails = CLI.ok, CLI.fails
 
 
-def talos(
-    home: Path, *args: str, env_extra: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
-    env.update(env_extra or {})
-    return subprocess.run(
-        [*TALOS, "--home", str(home), *args],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def ok(home: Path, *args: str) -> str:
-    result = talos(home, *args)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return result.stdout
-
-
-def fails(home: Path, code: int, *args: str) -> subprocess.CompletedProcess[str]:
-    result = talos(home, *args)
-    assert result.returncode == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    return result
+def talos(home: Path, *args: str, env_extra: dict[str, str] | None = None) -> CliResult:
+    return CLI.run(home, *args, extra_env=env_extra)
 
 
 def _fill(log: AuditLog, clock: FakeClock, start: int, count: int) -> None:

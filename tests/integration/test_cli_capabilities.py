@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from talos.audit import AuditLog
+from talos.testing.cli import TalosCli
 
-
-def talos(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
-    return subprocess.run(
-        [sys.executable, "-m", "talos", "--home", str(home), *args],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def ok(home: Path, *args: str) -> str:
-    result = talos(home, *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+CLI = TalosCli()
+talos, ok = CLI.run, CLI.ok
 
 
 @pytest.fixture

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lmdb
 import pytest
-from daemons import TALOS, Daemon, daemons
 
 from talos.audit import AuditLog, LogSigner
 from talos.cli.diagnose import REJECT_TOLERANCE, best_sample, clock_status, disk_status
@@ -30,7 +25,15 @@ from talos.discovery.registry_client import RegistryClient
 from talos.storage.home import AgentHome
 from talos.storage.lmdb import u64
 from talos.system import SYSTEM_CLOCK
-from talos.testing.processes import RegistryProcess, registry_process
+from talos.testing.cli import CliResult, TalosCli
+from talos.testing.processes import (
+    AgentProcess,
+    RegistryProcess,
+    free_port,
+    launched,
+    registry_process,
+)
+from talos.testing.waiting import wait_until
 
 CHECKS = ["clock", "duplicates", "network", "storage"]
 
@@ -41,32 +44,17 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProce
         yield server
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
-    env.update(extra or {})
-    return env
+CLI = TalosCli(timeout=120)
 
 
-def talos(
-    home: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [*TALOS, "--home", str(home), *args],
-        env=_env(env),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def talos(home: Path, *args: str, env: dict[str, str] | None = None) -> CliResult:
+    result = CLI.run(home, *args, extra_env=env)
     assert "Traceback" not in result.stderr, result.stderr
     return result
 
 
 def ok(home: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    result = talos(home, *args, env=env)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return CLI.ok(home, *args, extra_env=env).strip()
 
 
 def diagnose(
@@ -91,16 +79,10 @@ def one(report: dict[str, Any], check: str, subject: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def start() -> Iterator[Callable[..., Daemon]]:
+def start() -> Iterator[Callable[..., AgentProcess]]:
     """Starts ``talos run`` processes; every one is stopped at the end."""
-    with daemons(_env()) as group:
-        yield group.start
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    with launched() as launcher:
+        yield launcher.agent
 
 
 # -- pure parts ---------------------------------------------------------------------------
@@ -220,7 +202,7 @@ def test_a_check_that_cannot_start_is_an_error(tmp_path: Path, registry: Registr
 
 
 def test_every_check_with_the_agent_running_and_after_it_stops(
-    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
 ) -> None:
     alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
     ok(alice_home, "init", "--name", "alice")
@@ -256,7 +238,7 @@ def test_every_check_with_the_agent_running_and_after_it_stops(
     assert abs(measured["offset_s"]) < 1.0
 
     # Bob runs a DHT node: it answers; a bootstrap node that is not there does not.
-    dead = f"127.0.0.1:{free_udp_port()}"
+    dead = f"127.0.0.1:{free_port(udp=True)}"
     dht = diagnose(bob_home, "--network", "--dht-bootstrap", dead, code=1)
     assert one(dht, "network", "agent dht node")["status"] == "ok"
     assert one(dht, "network", "dht bootstrap") == {
@@ -385,7 +367,7 @@ async def _announce(url: str, home: Path, instance: bytes, endpoint: str) -> Non
 
 
 def test_the_registry_reports_a_second_live_instance(
-    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
 ) -> None:
     home, other = tmp_path / "dave", tmp_path / "erin"
     ok(home, "init", "--name", "dave")
@@ -396,7 +378,8 @@ def test_the_registry_reports_a_second_live_instance(
     # both kept announcing at once (the registry's split-brain rule).
     twin = bytes(range(16))
     asyncio.run(_announce(registry.url, home, twin, "ws://127.0.0.1:9"))
-    time.sleep(0.01)
+    announced = time_ms(SYSTEM_CLOCK)  # the next announcement needs a higher sequence
+    wait_until(lambda: time_ms(SYSTEM_CLOCK) > announced, 1.0, what="a new ms", interval=0.001)
     asyncio.run(_announce(registry.url, home, bytes.fromhex(mine["instance_id"]), mine["endpoint"]))
 
     report = diagnose(home, "--check-duplicates", code=1)
@@ -417,7 +400,7 @@ def test_the_registry_reports_a_second_live_instance(
 
 
 def test_the_running_agent_reports_a_peer_speaking_from_two_instances(
-    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
 ) -> None:
     bob_home, alice_home, twin_home = tmp_path / "bob", tmp_path / "alice", tmp_path / "twin"
     bob_id = ok(bob_home, "init", "--name", "bob")

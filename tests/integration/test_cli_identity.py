@@ -3,38 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from talos.audit import AuditLog
+from talos.testing.cli import CliResult, TalosCli, clean_env
 
 
 class Talos:
-    """Runs ``python -m talos`` against one home, without a terminal."""
+    """Runs ``python -m talos`` against one home (``TALOS_HOME``), without a terminal."""
 
     def __init__(self, home: Path, **env: str) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
-        self.env.update(TALOS_HOME=str(home), **env)
+        self.env = clean_env({"TALOS_HOME": str(home), **env})
+        self.cli = TalosCli(self.env)
 
-    def __call__(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "talos", *args],
-            env={**self.env, **env},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    def __call__(self, *args: str, **env: str) -> CliResult:
+        return self.cli.run(None, *args, extra_env=env)
 
     def ok(self, *args: str, **env: str) -> str:
-        result = self(*args, **env)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+        return self.cli.ok(None, *args, extra_env=env)
 
 
 @pytest.fixture

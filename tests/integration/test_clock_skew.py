@@ -32,10 +32,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from daemons import TALOS, Daemon, daemons
 
 from talos.cli.diagnose import REJECT_TOLERANCE
-from talos.testing.processes import RegistryProcess, registry_process
+from talos.testing.cli import CliResult, TalosCli, clean_env
+from talos.testing.processes import AgentProcess, RegistryProcess, launched, registry_process
 
 FAKETIME = shutil.which(os.environ.get("FAKETIME", "faketime"))
 pytestmark = pytest.mark.skipif(
@@ -48,9 +48,7 @@ AHEAD = 600.0  # seconds: faketime -f '+10m'
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TALOS_", "FAKETIME"))}
-    env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
-    return env
+    return clean_env({"FAKETIME_DONT_FAKE_MONOTONIC": "1"}, drop=("TALOS_", "FAKETIME"))
 
 
 def _command(args: tuple[str, ...], shift: str | None) -> list[str]:
@@ -58,18 +56,10 @@ def _command(args: tuple[str, ...], shift: str | None) -> list[str]:
     return [FAKETIME, "-f", shift, *args] if shift else list(args)
 
 
-def talos(home: Path, *args: str, shift: str | None = None) -> subprocess.CompletedProcess[str]:
+def talos(home: Path, *args: str, shift: str | None = None) -> CliResult:
     """One ``talos`` command, its wall clock shifted by ``shift`` (faketime syntax)."""
-    result = subprocess.run(
-        _command((*TALOS, "--home", str(home), *args), shift),
-        env=_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        start_new_session=True,
-    )
+    cli = TalosCli(_env(), prefix=tuple(_command((), shift)), new_session=True)
+    result = cli.run(home, *args)
     assert "Traceback" not in result.stderr, result.stderr
     return result
 
@@ -103,12 +93,12 @@ def faketime_works() -> None:
 
 
 @pytest.fixture
-def start() -> Iterator[Callable[..., Daemon]]:
+def start() -> Iterator[Callable[..., AgentProcess]]:
     """Starts ``talos run`` processes, each under faketime when given a ``shift``."""
-    with daemons(_env()) as group:
+    with launched(_env()) as launcher:
 
-        def launch(home: Path, *args: str, shift: str | None = None) -> Daemon:
-            return group.start(home, *args, prefix=_command((), shift))
+        def launch(home: Path, *args: str, shift: str | None = None) -> AgentProcess:
+            return launcher.agent(home, *args, prefix=_command((), shift))
 
         yield launch
 
@@ -152,7 +142,7 @@ def test_diagnose_measures_a_shifted_clock(tmp_path: Path, registry: RegistryPro
 
 
 def test_a_message_from_an_agent_ten_minutes_ahead_is_refused_as_clock_skew(
-    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
 ) -> None:
     ahead, bob = tmp_path / "ahead", tmp_path / "bob"
     ahead_id = ok(ahead, "init", "--name", "ahead")
@@ -211,7 +201,7 @@ def test_a_capability_issued_ten_minutes_ahead_is_rejected_as_clock_skew(tmp_pat
 
 
 def test_a_peer_thirty_seconds_ahead_is_a_warning_from_its_acks(
-    tmp_path: Path, registry: RegistryProcess, start: Callable[..., Daemon]
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
 ) -> None:
     alice, ahead = tmp_path / "alice", tmp_path / "ahead"
     ok(alice, "init", "--name", "alice")

@@ -9,14 +9,14 @@ interrupted.
 
 from __future__ import annotations
 
-import os
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from talos.testing.child import spawn
+from talos.testing.cli import clean_env
 
 CHECKPOINTS = (
     "0.running",
@@ -55,10 +55,6 @@ def _command() -> list[str]:
     return [sys.executable, "-m", "talos.demo"]
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
-
-
 def _metric_lines(out: str) -> dict[tuple[int, str, str], list[tuple[float, float]]]:
     found: dict[tuple[int, str, str], list[tuple[float, float]]] = {}
     for step, agent, series, before, after in _METRIC.findall(out):
@@ -90,7 +86,7 @@ def _assert_nothing_left(out: str) -> None:
 def test_demo_walks_through_every_failure_and_leaves_nothing() -> None:
     result = subprocess.run(  # noqa: S603 -- our own interpreter and module
         _command(),
-        env=_env(),
+        env=clean_env(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -114,35 +110,18 @@ def test_demo_walks_through_every_failure_and_leaves_nothing() -> None:
     _assert_nothing_left(out)
 
 
-def test_interrupted_demo_stops_everything_it_started() -> None:
-    process = subprocess.Popen(  # noqa: S603 -- our own interpreter and module
-        _command(),
-        env=_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def test_interrupted_demo_stops_everything_it_started(tmp_path: Path) -> None:
+    demo = spawn(_command(), env=clean_env(), log=tmp_path / "demo.stderr", name="demo")
     try:
-        assert process.stdout is not None
-        seen = ""
-        deadline = time.monotonic() + 120
-        while "STEP 2" not in seen and time.monotonic() < deadline:
-            ready, _, _ = select.select([process.stdout], [], [], 1.0)
-            if ready:
-                line = process.stdout.readline()
-                if not line:
-                    break
-                seen += line
+        seen = demo.read_until("STEP 2", 120)
         assert "STEP 2" in seen, seen
-        process.send_signal(signal.SIGINT)  # Ctrl-C, delivered to the demo alone
-        rest, errors = process.communicate(timeout=60)
+        demo.signal(signal.SIGINT)  # Ctrl-C, delivered to the demo alone
+        rest = demo.finish(60)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    out = seen + rest
-    assert process.returncode == 130, out[-3000:] + errors
+        if demo.running:
+            demo.kill()
+    out, errors = seen + rest, demo.log_text()
+    assert demo.returncode == 130, out[-3000:] + errors
     assert "demo interrupted" in out
     assert "Traceback" not in out + errors
     _assert_nothing_left(out)

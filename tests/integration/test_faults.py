@@ -29,16 +29,19 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
+from talos.testing.child import ChildProcess, spawn
+from talos.testing.cli import clean_env
 from talos.testing.processes import RegistryProcess, free_port, registry_process
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
@@ -76,8 +79,7 @@ class Agent:
         self.log = directory / f"{role}.log"
         self.registry = registry
         self.count, self.peer, self.listen, self.extra = count, peer, listen, extra
-        self.process: asyncio.subprocess.Process | None = None
-        self._stderr: IO[bytes] | None = None
+        self.child: ChildProcess | None = None
         self.agent_id = ""
         self.starts = 0
         self.tail = ""
@@ -85,6 +87,7 @@ class Agent:
     async def start(self, *once: str) -> str:
         """Start the process (``once``: extra arguments for this start only); wait for ready."""
         command = [
+            sys.executable,
             str(DRIVER),
             *("--home", str(self.home), "--registry", self.registry.url),
             *("--role", self.role, "--count", str(self.count), "--out", str(self.out)),
@@ -93,57 +96,42 @@ class Agent:
             *self.extra,
             *once,
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
-        self.close_log()
-        self._stderr = self.log.open("ab")
-        self._stderr.write(f"--- start {self.starts} at {time.time():.3f}\n".encode())
-        self._stderr.flush()
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=self._stderr,
-            env=env,
-        )
+        if self.child is not None:
+            await self.kill()  # already ended: this collects its output
+        with self.log.open("ab") as log:
+            log.write(f"--- start {self.starts} at {time.time():.3f}\n".encode())
+        self.child = spawn(command, env=clean_env(), log=self.log, name=self.role)
         self.starts += 1
-        assert self.process.stdout is not None
-        try:
-            line = await asyncio.wait_for(self.process.stdout.readline(), READY_TIMEOUT)
-        except TimeoutError:
-            line = b""
-        if not line.startswith(b"ready "):
+        line = await asyncio.to_thread(self.child.read_line, READY_TIMEOUT)
+        if not line.startswith("ready "):
             await self.kill()
             raise AssertionError(f"{self.role} did not start: {line!r}\n{self.log_text()}")
-        self.agent_id = line.split()[1].decode()
+        self.agent_id = line.split()[1]
         return self.agent_id
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.returncode is None
+        return self.child is not None and self.child.running
 
     async def kill(self) -> None:
         """SIGKILL, no chance to clean up."""
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-        if self.process is not None:
-            await self.process.wait()
-            assert self.process.stdout is not None
-            self.tail = (await self.process.stdout.read()).decode()
+        if self.child is not None:
+            self.child.signal(signal.SIGKILL)
+            self.tail = await asyncio.to_thread(self.child.finish, READY_TIMEOUT)
 
     async def finish(self, deadline: float) -> int:
         """Wait (bounded) for a clean exit; returns the exit status."""
-        assert self.process is not None
+        assert self.child is not None
         try:
-            await asyncio.wait_for(self.process.wait(), max(0.1, deadline - time.monotonic()))
-        except TimeoutError:
+            self.tail = await asyncio.to_thread(
+                self.child.finish, max(0.1, deadline - time.monotonic())
+            )
+        except subprocess.TimeoutExpired:
             await self.kill()
             raise AssertionError(
                 f"{self.role} did not finish in time\n{self.log_text()[-4000:]}"
             ) from None
-        assert self.process.stdout is not None
-        self.tail = (await self.process.stdout.read()).decode()
-        return self.process.returncode or 0
+        return self.child.returncode or 0
 
     def records(self) -> list[dict[str, Any]]:
         return journal(self.out)
@@ -151,11 +139,6 @@ class Agent:
     def holds(self, records: int) -> Callable[[], bool]:
         """A predicate: the journal has at least ``records`` complete lines."""
         return lambda: len(self.records()) >= records
-
-    def close_log(self) -> None:
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -262,7 +245,6 @@ async def agents(
     finally:
         for agent in (sender, receiver):
             await agent.kill()
-            agent.close_log()
 
 
 async def until(predicate: Callable[[], bool], deadline: float, what: str) -> None:
@@ -320,8 +302,8 @@ async def test_sender_killed_and_restarted(
         sender,
         receiver,
     ):
-        assert sender.process is not None
-        status = await asyncio.wait_for(sender.process.wait(), SCENARIO_DEADLINE)
+        assert sender.child is not None
+        status = await asyncio.to_thread(sender.child.wait, SCENARIO_DEADLINE)
         assert status == -signal.SIGKILL, sender.log_text()[-4000:]
         assert len(sender.records()) == doomed
         await sender.start()
@@ -384,7 +366,6 @@ async def test_sender_killed_with_a_backlog(
     finally:
         for agent in (sender, receiver):
             await agent.kill()
-            agent.close_log()
     report("sender-kill-9-backlog", seed, counts, kill_after_sends=kill_at)
     assert set(counts.extra["statuses"]) <= {"queued", "recovered"}
     check(counts, total)
@@ -443,6 +424,8 @@ class PartitionProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections = 0
+        #: Reads from the sender held back by a partition (frames surely in flight).
+        self.held = 0
 
     async def start(self, port: int) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
@@ -472,8 +455,8 @@ class PartitionProxy:
             self._writers.discard(writer)
             return
         self._writers.add(up_writer)
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(source, sink, (writer, up_writer)))
+        for source, sink, outbound in ((reader, up_writer, True), (up_reader, writer, False)):
+            task = asyncio.create_task(self._pump(source, sink, (writer, up_writer), outbound))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -482,9 +465,12 @@ class PartitionProxy:
         source: asyncio.StreamReader,
         sink: asyncio.StreamWriter,
         pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        outbound: bool,
     ) -> None:
         try:
             while data := await source.read(65536):
+                if outbound and not self._healed.is_set():
+                    self.held += 1
                 await self._healed.wait()
                 sink.write(data)
                 await sink.drain()
@@ -590,7 +576,7 @@ async def test_delivery_resumes_promptly_after_a_reset_mid_flight(
         ) as (sender, receiver):
             await until(lambda: len(receiver.records()) >= 10, deadline, "the session")
             proxy.partition("blackhole")
-            await asyncio.sleep(0.5)
+            await until(lambda: proxy.held > 0, deadline, "a frame held in flight")
             before, sent = len(receiver.records()), len(sender.records())
             proxy.partition("reset")
             proxy.heal()

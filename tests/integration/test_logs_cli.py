@@ -3,38 +3,31 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
-from daemons import daemons
+
+from talos.testing.cli import clean_env
+from talos.testing.processes import free_port, launched
 
 REQUIRED = ("timestamp", "level", "component", "event", "message")
 RFC3339_MS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
-def _closed_udp_port() -> int:
-    """A loopback UDP port nobody listens on (a DHT bootstrap node that never answers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _run_until_ready_then_stop(home: Path, args: list[str], env: dict[str, str]) -> list[str]:
     """Start ``talos run``, wait for its ready line, SIGTERM it; its stderr lines."""
-    with daemons(env) as group:
-        daemon = group.start(home, *args)
-        assert daemon.stop() == 0, daemon.log.read_text()
-    return daemon.log.read_text().splitlines()
+    with launched(env) as launcher:
+        agent = launcher.agent(home, *args)
+        assert agent.stop() == 0, agent.log.read_text()
+    return agent.log.read_text().splitlines()
 
 
 @pytest.mark.parametrize("how", ["option", "environment"])
 def test_run_writes_one_json_object_per_stderr_line(tmp_path: Path, how: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
+    env = clean_env()
     args = ["--name", "alice", "--dht-port", "0"]
-    args += ["--dht-bootstrap", f"127.0.0.1:{_closed_udp_port()}"]
+    args += ["--dht-bootstrap", f"127.0.0.1:{free_port(udp=True)}"]  # nobody answers there
     if how == "option":
         args += ["--log-format", "json"]
     else:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,14 +21,8 @@ from talos.discovery import RegistryClient, RegistryRejected
 from talos.errors import RegistryUnavailable
 from talos.registry.store import RegistryStore
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
+from talos.testing.cli import TalosCli
 from talos.testing.processes import RegistryProcess, free_port, start_registry
-
-_TALOS = [sys.executable, "-m", "talos"]
-
-
-def talos_command(*args: str) -> list[str]:
-    """The argv that runs ``talos ARGS``."""
-    return [*_TALOS, *args]
 
 
 @pytest.fixture(scope="module")
@@ -223,13 +215,6 @@ async def test_stopped_registry_is_unavailable(tmp_path: Path) -> None:
 def test_serve_refuses_a_damaged_database(tmp_path: Path) -> None:
     db = tmp_path / "damaged.db"
     db.write_bytes(b"not sqlite at all" * 200)
-    result = subprocess.run(
-        talos_command("registry", "serve", "--port", str(free_port()), "--db", str(db)),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = TalosCli().run(None, "registry", "serve", "--port", str(free_port()), "--db", str(db))
     assert result.returncode == 3, result.stderr
     assert "not a registry database" in result.stderr

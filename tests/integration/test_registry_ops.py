@@ -7,11 +7,8 @@ lifetime, as TalosClient does) against the server's real clock.
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +26,7 @@ from talos.discovery import RegistryClient, RegistryRejected
 from talos.discovery.registry_client import DuplicateReport
 from talos.system import SYSTEM_RNG
 from talos.testing import FakeClock
-from talos.testing.processes import RegistryProcess, free_port
+from talos.testing.processes import RegistryProcess, start_registry
 
 MINUTE = 60.0
 LIFETIME = 60 * MINUTE
@@ -110,30 +107,11 @@ def serve_with_metrics(
 ) -> Served:
     """``talos registry serve --metrics-port 0``, ready, with the metrics port from its log."""
     directory.mkdir(parents=True, exist_ok=True)
-    db = db or directory / "registry.db"
     log = directory / "registry.log"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
-    argv = [sys.executable, "-m", "talos", "registry", "serve", "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--db", str(db), "--metrics-port", "0", *extra]
-    with log.open("ab") as stderr:
-        process = subprocess.Popen(  # noqa: S603 -- our own interpreter and module
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env
-        )
-    server = RegistryProcess(process, f"http://127.0.0.1:{port}", db, port)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"registry exited early:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{server.url}/v1/time", timeout=1).status_code == 200:
-                found = re.search(r"metrics on (http://127\.0\.0\.1:\d+)/metrics", log.read_text())
-                assert found, log.read_text()
-                return Served(server, found.group(1), log)
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"registry not ready:\n{log.read_text()}")
+    extra = ("--metrics-port", "0", *extra)
+    server = start_registry(db or directory / "registry.db", log, ready=30, extra=extra)
+    assert server.metrics_url is not None
+    return Served(server, server.metrics_url, log)
 
 
 @pytest.fixture

@@ -1,7 +1,21 @@
-"""Fakes for time and randomness, for Talos's tests and for yours.
+"""Helpers for Talos's tests and for yours: fakes for time and randomness, real processes.
 
 Only time and randomness are faked in Talos's own test suite; everything
-else (sockets, LMDB, processes) is real.
+else (sockets, LMDB, processes) is real. This package holds:
+
+* here: :class:`FakeClock` and :class:`SeededRng`, to pass as ``clock=`` and ``rng=``;
+* :mod:`talos.testing.cli`: :class:`~talos.testing.cli.TalosCli` runs the
+  ``talos`` command line as a user would and returns a
+  :class:`~talos.testing.cli.CliResult`;
+* :mod:`talos.testing.processes`: a registry (``talos registry serve``) and
+  agents (``talos run``) as child processes, ready when they say so, stopped
+  for sure; :func:`~talos.testing.processes.free_port`;
+* :mod:`talos.testing.child`: any child process: read its output with a
+  deadline, stop it (SIGTERM, then SIGKILL), stop many at once;
+* :mod:`talos.testing.waiting`: :func:`~talos.testing.waiting.wait_until`, to
+  wait for something observable instead of sleeping.
+
+Nothing here imports pytest; only the standard library and httpx.
 """
 
 from __future__ import annotations
