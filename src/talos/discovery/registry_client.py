@@ -23,33 +23,50 @@ same bytes again gets the same answer.
 Duplicate reports (split brain, :meth:`RegistryClient.duplicates`) are the
 registry's own judgement and carry no signature; the signed records behind
 them are in :meth:`RegistryClient.instances`.
+
+This module owns :class:`RegistryClient`, the typed operations. The HTTP
+plumbing (one request, bounded answer, the error mapping above) is in
+:mod:`talos.discovery.registry_http` and the strict decoding of the JSON
+answers in :mod:`talos.discovery.registry_answers`; their public names are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
 
 import httpx
 
 from talos.core.agent_id import check_agent_id
 from talos.core.keylog import KeyLog, KeyLookup
-from talos.core.peer_record import INSTANCE_ID_SIZE, MAX_ENDPOINT_LENGTH, PeerRecord
+from talos.core.peer_record import PeerRecord
 from talos.core.prekeys import PrekeyUpload
 from talos.core.revocation import RevocationList
 from talos.core.x3dh import PrekeyBundle
+from talos.discovery.registry_answers import (
+    DuplicateInstance,
+    DuplicateReport,
+    PrekeyStatus,
+    duplicate_listing,
+    duplicate_report,
+    instance_records,
+    json_int,
+    json_object,
+    json_value,
+)
+from talos.discovery.registry_http import (
+    DEFAULT_TIMEOUT,
+    MAX_RESPONSE,
+    RegistryHttp,
+    RegistryRejected,
+)
 from talos.errors import (
     ConfigurationError,
     KeyLogInvalid,
     LocalProtocolError,
     MalformedFrame,
     PeerNotFound,
-    PeerRejected,
-    RegistryUnavailable,
     SignatureInvalid,
     StaleMessage,
 )
@@ -64,74 +81,7 @@ __all__ = [
     "RegistryRejected",
 ]
 
-DEFAULT_TIMEOUT: Final = 5.0
-#: Largest answer read from the registry (a key log or revocation list is at most 1 MiB).
-MAX_RESPONSE: Final = (1 << 20) + 4096
-_CBOR: Final = "application/cbor"
-_U64: Final = 2**64 - 1
-_INSTANCE_HEX: Final = re.compile(f"[0-9a-f]{{{2 * INSTANCE_ID_SIZE}}}")
-_INSTANCE_FIELDS: Final = frozenset(
-    {"instance_id", "endpoint", "first_seen_ms", "issued_ms", "expires_ms"}
-)
 log = logging.getLogger("talos.discovery")
-
-
-class RegistryRejected(PeerRejected):
-    """The registry refused a request (4xx other than 404), with its reason.
-
-    A :class:`~talos.errors.PeerRejected`: the other side received the request
-    and refused it; sending it again will not help. ``status`` is the HTTP
-    status, ``kind`` the registry's error name (``StaleSequence``,
-    ``KeyLogInvalid``, ``SignatureInvalid``...), ``reason`` its explanation.
-    """
-
-    hint = (
-        "the registry's reason says what to fix (e.g. a higher sequence, or a fork to investigate)"
-    )
-
-    def __init__(self, status: int, kind: str, reason: str) -> None:
-        super().__init__(f"registry refused the request ({status} {kind}): {reason}")
-        self.status = status
-        self.kind = kind
-        self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class PrekeyStatus:
-    """What the registry holds of an agent's prekeys: the upload sequence and the pool left."""
-
-    sequence: int
-    one_time_prekeys: int
-
-
-@dataclass(frozen=True, slots=True)
-class DuplicateInstance:
-    """A live instance of an agent in a :class:`DuplicateReport`.
-
-    ``instance_id`` is lower-case hex; ``first_seen_ms`` is when the registry
-    first accepted a record of the instance (its clock), ``issued_ms`` and
-    ``expires_ms`` are those of the instance's newest record.
-    """
-
-    instance_id: str
-    endpoint: str
-    first_seen_ms: int
-    issued_ms: int
-    expires_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class DuplicateReport:
-    """The registry's view of whether one identity runs as overlapping instances.
-
-    ``duplicate`` is true when two live instances kept announcing
-    concurrently (a restart is not a duplicate); ``instances`` are the live
-    ones, newest first. See ``docs/design/registry.md`` ("Split brain").
-    """
-
-    agent_id: str
-    duplicate: bool
-    instances: tuple[DuplicateInstance, ...]
 
 
 class RegistryClient:
@@ -148,16 +98,8 @@ class RegistryClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """Raises: ConfigurationError: ``base_url`` is not an http(s) URL."""
-        try:
-            url = httpx.URL(base_url)
-        except (httpx.InvalidURL, TypeError) as exc:
-            raise ConfigurationError(f"invalid registry URL {base_url!r}: {exc}") from None
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigurationError(f"registry URL must be http(s)://host[:port]: {base_url!r}")
-        self.base_url = str(url).rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=timeout, transport=transport, follow_redirects=False
-        )
+        self._http = RegistryHttp(base_url, timeout=timeout, transport=transport)
+        self.base_url = self._http.base_url
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -182,7 +124,7 @@ class RegistryClient:
         Raises:
             RegistryUnavailable, RegistryRejected, MalformedFrame: see the module table.
         """
-        answer = _json_object(await self._request("GET", "/v1/time"))
+        answer = json_object(await self._http.get("/v1/time"))
         value = answer.get("time_ms")
         if type(value) is not int or value < 0:
             raise MalformedFrame("registry time is not a non-negative integer")
@@ -198,7 +140,7 @@ class RegistryClient:
                 (kind ``KeyLogInvalid`` for a fork, ``KeyLogRollback``).
             RegistryUnavailable: see the module table.
         """
-        await self._put(f"/v1/agents/{log.agent_id}/keylog", log.to_bytes())
+        await self._http.put(f"/v1/agents/{log.agent_id}/keylog", log.to_bytes())
 
     async def fetch_keylog(self, agent_id: str, known: KeyLog | None = None) -> KeyLog:
         """The agent's verified key log; with ``known``, only a log that extends it.
@@ -211,7 +153,7 @@ class RegistryClient:
             RegistryUnavailable: see the module table.
         """
         agent_id = _agent(agent_id)
-        log = KeyLog.from_bytes(await self._request("GET", f"/v1/agents/{agent_id}/keylog"))
+        log = KeyLog.from_bytes(await self._http.get(f"/v1/agents/{agent_id}/keylog"))
         if log.agent_id != agent_id:
             raise KeyLogInvalid(f"registry served another agent's key log for {agent_id}")
         if known is None:
@@ -230,10 +172,10 @@ class RegistryClient:
                 signature, or the registry does not know the agent's key log.
             RegistryUnavailable, MalformedFrame: see the module table.
         """
-        answer = _json_object(
-            await self._put(f"/v1/agents/{upload.agent_id}/prekeys", upload.to_bytes())
+        answer = json_object(
+            await self._http.put(f"/v1/agents/{upload.agent_id}/prekeys", upload.to_bytes())
         )
-        return _json_int(answer, "one_time_prekeys")
+        return json_int(answer, "one_time_prekeys")
 
     async def prekey_status(self, agent_id: str) -> PrekeyStatus:
         """How many one-time prekeys the registry still holds for ``agent_id`` (to refill).
@@ -243,8 +185,8 @@ class RegistryClient:
             RegistryUnavailable, MalformedFrame: see the module table.
         """
         agent_id = _agent(agent_id)
-        answer = _json_object(await self._request("GET", f"/v1/agents/{agent_id}/prekeys"))
-        return PrekeyStatus(_json_int(answer, "sequence"), _json_int(answer, "one_time_prekeys"))
+        answer = json_object(await self._http.get(f"/v1/agents/{agent_id}/prekeys"))
+        return PrekeyStatus(json_int(answer, "sequence"), json_int(answer, "one_time_prekeys"))
 
     async def fetch_bundle(self, agent_id: str) -> PrekeyBundle:
         """Take a prekey bundle of ``agent_id`` (the registry hands its one-time prekey out once).
@@ -260,7 +202,7 @@ class RegistryClient:
             RegistryUnavailable: see the module table.
         """
         agent_id = _agent(agent_id)
-        data = await self._request("GET", f"/v1/agents/{agent_id}/bundle")
+        data = await self._http.get(f"/v1/agents/{agent_id}/bundle")
         bundle = PrekeyBundle.from_bytes(data)
         if bundle.agent_id != agent_id:
             raise MalformedFrame(f"registry served another agent's bundle for {agent_id}")
@@ -277,7 +219,7 @@ class RegistryClient:
                 not signed by the current key, or unknown agent.
             RegistryUnavailable: see the module table.
         """
-        await self._put(f"/v1/agents/{record.agent_id}/record", record.to_bytes())
+        await self._http.put(f"/v1/agents/{record.agent_id}/record", record.to_bytes())
 
     async def fetch_record(self, agent_id: str, keys: KeyLookup, now: float) -> PeerRecord:
         """The agent's newest live peer record, verified with ``keys`` at ``now``.
@@ -290,7 +232,7 @@ class RegistryClient:
             RegistryUnavailable: see the module table.
         """
         agent_id = _agent(agent_id)
-        record = PeerRecord.from_bytes(await self._request("GET", f"/v1/agents/{agent_id}/record"))
+        record = PeerRecord.from_bytes(await self._http.get(f"/v1/agents/{agent_id}/record"))
         if record.agent_id != agent_id:
             raise MalformedFrame(f"registry served another agent's record for {agent_id}")
         record.verify(keys, now=now)
@@ -314,10 +256,8 @@ class RegistryClient:
         if keys is not None and now is None:
             raise LocalProtocolError("verifying instance records needs the current time")
         agent_id = _agent(agent_id)
-        answer = _json(await self._request("GET", f"/v1/agents/{agent_id}/instances"))
-        if type(answer) is not list:
-            raise MalformedFrame("registry instances answer is not a list")
-        records = [_instance_record(item, agent_id) for item in answer]
+        answer = json_value(await self._http.get(f"/v1/agents/{agent_id}/instances"))
+        records = instance_records(answer, agent_id)
         if keys is None or now is None:
             return records
         checked = []
@@ -344,8 +284,8 @@ class RegistryClient:
             RegistryUnavailable, RegistryRejected: see the module table.
         """
         agent_id = _agent(agent_id)
-        answer = _json(await self._request("GET", f"/v1/agents/{agent_id}/duplicates"))
-        report = _duplicate_report(answer)
+        answer = json_value(await self._http.get(f"/v1/agents/{agent_id}/duplicates"))
+        report = duplicate_report(answer)
         if report.agent_id != agent_id:
             raise MalformedFrame(f"registry answered another agent's report for {agent_id}")
         return report
@@ -362,18 +302,9 @@ class RegistryClient:
             PeerNotFound: the registry is older than this route.
             RegistryUnavailable, RegistryRejected: see the module table.
         """
-        answer = _json_object(await self._request("GET", "/v1/duplicates"))
-        if set(answer) != {"duplicates", "truncated"}:
-            raise MalformedFrame("registry duplicates answer has unexpected fields")
-        items, truncated = answer["duplicates"], answer["truncated"]
-        if type(items) is not list or type(truncated) is not bool:
-            raise MalformedFrame("registry duplicates answer has fields of the wrong type")
-        reports = [_duplicate_report(item) for item in items]
-        if not all(r.duplicate for r in reports):
-            raise MalformedFrame("registry listed an identity that is not duplicated")
-        if len({r.agent_id for r in reports}) != len(reports):
-            raise MalformedFrame("registry listed an identity twice")
-        if truncated:
+        listing = duplicate_listing(json_object(await self._http.get("/v1/duplicates")))
+        reports = listing.reports
+        if listing.truncated:
             log.warning(
                 "registry %s lists only %d duplicated identities; there are more",
                 self.base_url,
@@ -393,7 +324,7 @@ class RegistryClient:
                 (``RevocationListNotAppendOnly``), or a bad signature.
             RegistryUnavailable: see the module table.
         """
-        answer = _json_object(await self._put(f"/v1/revocations/{lst.issuer}", lst.to_bytes()))
+        answer = json_object(await self._http.put(f"/v1/revocations/{lst.issuer}", lst.to_bytes()))
         outcome = answer.get("outcome")
         if type(outcome) is not str:
             raise MalformedFrame("registry answer has no outcome")
@@ -411,7 +342,7 @@ class RegistryClient:
         """
         issuer = _agent(issuer)
         try:
-            data = await self._request("GET", f"/v1/revocations/{issuer}")
+            data = await self._http.get(f"/v1/revocations/{issuer}")
         except PeerNotFound:
             return None
         lst = RevocationList.from_bytes(data)
@@ -420,135 +351,6 @@ class RegistryClient:
         if keys is not None:
             lst.verify_signature(keys)
         return lst
-
-    # -- transport ------------------------------------------------------------------------
-
-    async def _put(self, path: str, body: bytes) -> bytes:
-        return await self._request("PUT", path, body)
-
-    async def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        """Send one request; return the body of a 2xx answer.
-
-        Raises:
-            RegistryUnavailable: no answer (connection, timeout, protocol) or 5xx.
-            PeerNotFound: 404.
-            RegistryRejected: another 4xx (or an unexpected status).
-            MalformedFrame: the answer is larger than :data:`MAX_RESPONSE`.
-        """
-        headers = {"accept": f"{_CBOR}, application/json"}
-        if body is not None:
-            headers["content-type"] = _CBOR
-        try:
-            request = self._http.build_request(method, path, content=body, headers=headers)
-            response = await self._http.send(request, stream=True)
-            try:
-                data = await _read_bounded(response)
-            finally:
-                await response.aclose()
-        except (httpx.HTTPError, httpx.StreamError) as exc:
-            raise RegistryUnavailable(
-                f"registry {self.base_url} unreachable: {type(exc).__name__}: {exc}"
-            ) from None
-        return _check_status(response.status_code, data, self.base_url)
-
-
-async def _read_bounded(response: httpx.Response) -> bytes:
-    """Raises: MalformedFrame: the answer exceeds :data:`MAX_RESPONSE`."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > MAX_RESPONSE:
-            raise MalformedFrame(f"registry answer exceeds {MAX_RESPONSE} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _check_status(status: int, data: bytes, base_url: str) -> bytes:
-    """The body of a 2xx answer; the documented error otherwise."""
-    if 200 <= status < 300:
-        return data
-    kind, reason = _error_body(data)
-    if status >= 500:
-        raise RegistryUnavailable(f"registry {base_url} failed ({status} {kind}): {reason}")
-    if status == 404:
-        raise PeerNotFound(reason)
-    raise RegistryRejected(status, kind, reason)
-
-
-def _error_body(data: bytes) -> tuple[str, str]:
-    """The registry's ``{"error", "reason"}``, or a placeholder for anything else."""
-    try:
-        answer = json.loads(data)
-    except (ValueError, RecursionError):
-        return "HTTPError", data[:200].decode("utf-8", "replace")
-    if type(answer) is dict and type(answer.get("error")) is str:
-        return answer["error"], str(answer.get("reason", ""))[:1000]
-    return "HTTPError", data[:200].decode("utf-8", "replace")
-
-
-def _json(data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        raise MalformedFrame("registry answer is not JSON") from None
-
-
-def _json_object(data: bytes) -> dict[str, Any]:
-    answer = _json(data)
-    if type(answer) is not dict:
-        raise MalformedFrame("registry answer is not a JSON object")
-    return answer
-
-
-def _json_int(answer: dict[str, Any], key: str) -> int:
-    value = answer.get(key)
-    if type(value) is not int or value < 0:
-        raise MalformedFrame(f"registry answer field {key!r} is not a non-negative integer")
-    return value
-
-
-def _instance_record(item: Any, agent_id: str) -> PeerRecord:
-    if type(item) is not dict or type(item.get("record")) is not str:
-        raise MalformedFrame("registry instance entry has no record")
-    try:
-        data = bytes.fromhex(item["record"])
-    except ValueError:
-        raise MalformedFrame("registry instance record is not hex") from None
-    record = PeerRecord.from_bytes(data)
-    if record.agent_id != agent_id:
-        raise MalformedFrame(f"registry listed another agent's record for {agent_id}")
-    return record
-
-
-def _duplicate_report(item: Any) -> DuplicateReport:
-    """Raises: MalformedFrame: not ``{"agent_id", "duplicate", "instances"}`` as documented."""
-    if type(item) is not dict or set(item) != {"agent_id", "duplicate", "instances"}:
-        raise MalformedFrame("registry duplicate report has unexpected fields")
-    agent_id, duplicate, instances = item["agent_id"], item["duplicate"], item["instances"]
-    if type(agent_id) is not str or type(duplicate) is not bool or type(instances) is not list:
-        raise MalformedFrame("registry duplicate report has fields of the wrong type")
-    listed = tuple(_duplicate_instance(i) for i in instances)
-    if len({i.instance_id for i in listed}) != len(listed):
-        raise MalformedFrame("registry duplicate report lists an instance twice")
-    if duplicate and len(listed) < 2:
-        raise MalformedFrame("registry reports a duplicate with fewer than two instances")
-    return DuplicateReport(check_agent_id(agent_id), duplicate, listed)
-
-
-def _duplicate_instance(item: Any) -> DuplicateInstance:
-    """Raises: MalformedFrame: not an instance entry as documented."""
-    if type(item) is not dict or set(item) != _INSTANCE_FIELDS:
-        raise MalformedFrame("registry duplicate instance has unexpected fields")
-    instance_id, endpoint = item["instance_id"], item["endpoint"]
-    if type(instance_id) is not str or not _INSTANCE_HEX.fullmatch(instance_id):
-        raise MalformedFrame(f"registry instance id is not {INSTANCE_ID_SIZE} bytes of hex")
-    if type(endpoint) is not str or not 0 < len(endpoint) <= MAX_ENDPOINT_LENGTH:
-        raise MalformedFrame("registry instance endpoint is not a short string")
-    times = [item[key] for key in ("first_seen_ms", "issued_ms", "expires_ms")]
-    if any(type(t) is not int or not 0 <= t <= _U64 for t in times):
-        raise MalformedFrame("registry instance times are not unsigned 64-bit integers")
-    return DuplicateInstance(instance_id, endpoint, times[0], times[1], times[2])
 
 
 def _agent(agent_id: str) -> str:
