@@ -54,6 +54,8 @@ from talos.core.capability.token import (
     TOKEN_VERSION,
     Capability,
 )
+from talos.core.capability.token import MAX_PATTERN_LENGTH as MAX_PATTERN_LENGTH
+from talos.core.capability.token import MAX_PATTERNS as MAX_PATTERNS
 from talos.core.capability.verification import (
     DEFAULT_CLOCK_SKEW,
     DEFAULT_MAX_DEPTH,
@@ -61,6 +63,7 @@ from talos.core.capability.verification import (
     CapabilityVerifier,
     verify,
 )
+from talos.core.capability.verification import MAX_ALLOWED_PER_TOKEN as MAX_ALLOWED_PER_TOKEN
 
 __all__ = [
     "DEFAULT_CLOCK_SKEW",
