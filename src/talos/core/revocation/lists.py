@@ -1,39 +1,10 @@
-"""Revocation lists and the verifier's view of them (ARCHITECTURE §7).
+"""Revocation lists: what an issuer publishes, its encoding, and merging two versions.
 
-Rules (the invariants every holder of lists enforces):
-
-1. Each issuer publishes its own :class:`RevocationList`: revoked token ids,
-   a cut-off "every token issued before T" (``revoked_before_ms``; 0 means
-   none) and revoked issuer key sequence numbers. A list is signed by the
-   issuer's key at ``key_sequence`` over :data:`DOMAIN_PREFIX` + canonical
-   CBOR of every other field, and carries the time it was issued.
-2. Versions increase and lists only grow: a higher version must revoke
-   everything a lower one did (:meth:`RevocationList.covers`).
-3. :func:`merge` of two lists of one issuer is deterministic and symmetric:
-   the higher version wins when it covers the lower; otherwise the lower is
-   kept and the pair is reported as ``NOT_APPEND_ONLY``. Two different lists
-   with the same version are a *fork*, reported as ``FORKED``; the one that
-   revokes more is kept (ties broken by the encoded bytes), so every node that
-   saw both lists keeps the same one. Both are security events carrying the
-   two lists as evidence: the issuer's key may be stolen, and it recovers by
-   publishing a higher version that covers both.
-4. Freshness is what the synchronization layer says it is: it calls
-   :meth:`RevocationState.mark_synced` when it has confirmed it holds an
-   issuer's newest list (or that the issuer has none). An issuer's list is
-   *stale* at ``now`` when ``now > last_synced + max_age``; never synced means
-   infinitely old. What a stale list means depends on the
-   :class:`RevocationMode`:
-
-   * ``strict``: deny with :class:`~talos.errors.RevocationListStale`;
-   * ``permissive``: allow, with a :class:`StaleListAccepted` warning, while
-     ``now <= last_synced + max_age + grace``; deny after that;
-   * ``offline``: allow indefinitely, with a warning each time.
-
-   Core does not log: warnings are returned to the caller
-   (:mod:`talos.core.capability` hands them to the policy's ``on_warning``).
-
-All times inside lists and tokens are integer milliseconds; ``now`` and the
-policy durations are float seconds.
+Owns rules 1 to 3 of :mod:`talos.core.revocation`: the signed list and its
+canonical CBOR, growth from version to version (:meth:`RevocationList.covers`)
+and the deterministic :func:`merge` that turns forks and shrinking lists into
+evidence. Decoding untrusted bytes raises only
+:class:`~talos.errors.MalformedFrame` or :class:`~talos.errors.UnsupportedVersion`.
 """
 
 from __future__ import annotations
@@ -41,40 +12,25 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from talos.core.agent_id import check_agent_id
 from talos.core.crypto import SIGNATURE_SIZE, SigningKey
 from talos.core.encoding import canonical_dumps, strict_loads
-from talos.core.keylog import IssuerKeys, KeyLookup, resolve_key
-from talos.errors import (
-    ConfigurationError,
-    LocalProtocolError,
-    MalformedFrame,
-    RevocationListStale,
-    Revoked,
-    UnsupportedVersion,
-)
+from talos.core.keylog import KeyLookup, resolve_key
+from talos.errors import LocalProtocolError, MalformedFrame, UnsupportedVersion
 
 __all__ = [
-    "DEFAULT_GRACE",
-    "DEFAULT_MAX_AGE",
     "DOMAIN_PREFIX",
     "LIST_VERSION",
     "MAX_LIST_SIZE",
-    "IssuerKeys",
-    "KeyLookup",
+    "TOKEN_ID_SIZE",
     "MergeOutcome",
     "MergeResult",
     "RevocationList",
-    "RevocationMode",
-    "RevocationPolicy",
-    "RevocationState",
-    "StaleListAccepted",
     "merge",
-    "resolve_key",
 ]
 
 LIST_VERSION: Final = 1
@@ -82,8 +38,6 @@ LIST_VERSION: Final = 1
 DOMAIN_PREFIX: Final = b"talos/revocation/v1\x00"
 #: Bound on an encoded list (about 60,000 revoked ids; compact with revoked-before-T).
 MAX_LIST_SIZE: Final = 1 << 20
-DEFAULT_MAX_AGE: Final = 300.0
-DEFAULT_GRACE: Final = 3600.0
 TOKEN_ID_SIZE: Final = 16
 _MAX_U32: Final = 2**32 - 1
 _MAX_MS: Final = 2**63 - 1
@@ -327,7 +281,7 @@ class MergeResult:
 
 
 def merge(current: RevocationList | None, offered: RevocationList) -> MergeResult:
-    """Decide which of two lists of one issuer to use (rule 3 of the module docstring).
+    """Decide which of two lists of one issuer to use (rule 3 of :mod:`talos.core.revocation`).
 
     Signatures are not checked here (see :meth:`RevocationState.apply`).
 
@@ -357,161 +311,4 @@ def _fork_preference(lst: RevocationList) -> tuple[int, int, int, bytes]:
         len(lst.revoked_key_sequences),
         len(lst.revoked_ids),
         lst.to_bytes(),
-    )
-
-
-# -- freshness policy ---------------------------------------------------------------
-
-
-class RevocationMode(enum.StrEnum):
-    """How to treat a revocation list older than ``max_age`` (Failure-Modes)."""
-
-    STRICT = "strict"
-    PERMISSIVE = "permissive"
-    OFFLINE = "offline"
-
-
-@dataclass(frozen=True, slots=True)
-class RevocationPolicy:
-    """Freshness requirements: mode, ``max_age`` and the permissive ``grace`` (seconds)."""
-
-    mode: RevocationMode = RevocationMode.STRICT
-    max_age: float = DEFAULT_MAX_AGE
-    grace: float = DEFAULT_GRACE
-
-    def __post_init__(self) -> None:
-        """Raises: ConfigurationError: unknown mode or a negative duration."""
-        if not isinstance(self.mode, RevocationMode):
-            raise ConfigurationError(f"unknown revocation mode {self.mode!r}")
-        if not (self.max_age >= 0 and self.grace >= 0):
-            raise ConfigurationError("revocation max_age and grace must not be negative")
-
-
-@dataclass(frozen=True, slots=True)
-class StaleListAccepted:
-    """Warning: a token was allowed although its issuer's list is older than ``max_age``."""
-
-    issuer: str
-    mode: RevocationMode
-    age_seconds: float
-
-    @property
-    def message(self) -> str:
-        return (
-            f"revocation list of {self.issuer} is {self.age_seconds:.0f} s old; "
-            f"accepted in {self.mode} mode"
-        )
-
-
-# -- the verifier's state -----------------------------------------------------------
-
-
-@dataclass(slots=True)
-class RevocationState:
-    """The lists a verifier uses, when each issuer was last synchronized, and conflicts.
-
-    Sans-I/O and mutable; persistence stores :meth:`RevocationList.to_bytes`
-    and the sync time per issuer and replays them through :meth:`apply` and
-    :meth:`mark_synced`. ``generation`` increases whenever the revocations in
-    use change, which is how cached verifications notice.
-    """
-
-    _lists: dict[str, RevocationList] = field(default_factory=dict)
-    _synced: dict[str, float] = field(default_factory=dict)
-    #: Forks and append-only violations seen, in order: evidence for the audit log.
-    conflicts: list[MergeResult] = field(default_factory=list)
-    generation: int = 0
-
-    def apply(self, offered: RevocationList, *, keys: KeyLookup) -> MergeResult:
-        """Verify ``offered`` and merge it with the issuer's list in use.
-
-        A security event is recorded in :attr:`conflicts` and returned; it is
-        not raised, so synchronization of other issuers goes on.
-
-        Raises:
-            SignatureInvalid: the list is not signed by its issuer.
-        """
-        offered.verify_signature(keys)
-        result = merge(self._lists.get(offered.issuer), offered)
-        if result.security_event:
-            self.conflicts.append(result)
-        if result.changed:
-            self._lists[offered.issuer] = result.kept
-            self.generation += 1
-        return result
-
-    def mark_synced(self, issuer: str, now: float) -> None:
-        """Record that at ``now`` this state holds ``issuer``'s newest list (or it has none)."""
-        self._synced[issuer] = max(now, self._synced.get(issuer, now))
-
-    def list_for(self, issuer: str) -> RevocationList | None:
-        return self._lists.get(issuer)
-
-    @property
-    def lists(self) -> Mapping[str, RevocationList]:
-        return dict(self._lists)
-
-    def last_synced(self, issuer: str) -> float | None:
-        return self._synced.get(issuer)
-
-    def revocation_list_age_seconds(self, now: float) -> float:
-        """Age of the oldest list in use: the ``talos_revocation_list_age_seconds`` gauge.
-
-        An issuer with a list but no sync counts as infinitely old; 0.0 when
-        no issuer is known.
-        """
-        issuers = self._lists.keys() | self._synced.keys()
-        if not issuers:
-            return 0.0
-        return max(now - self._synced.get(issuer, -math.inf) for issuer in issuers)
-
-    def fresh_until(self, issuer: str, policy: RevocationPolicy) -> float:
-        """The last ``now`` at which ``issuer``'s list is within ``max_age``."""
-        return self._synced.get(issuer, -math.inf) + policy.max_age
-
-    def check(
-        self,
-        issuer: str,
-        token_id: bytes,
-        issued_at_ms: int,
-        key_sequence: int,
-        *,
-        now: float,
-        policy: RevocationPolicy,
-    ) -> StaleListAccepted | None:
-        """Is this token of ``issuer`` revoked, and is the list fresh enough to say?
-
-        Returns a warning when a stale list is accepted under the policy.
-
-        Raises:
-            Revoked: the issuer's list revokes the token id, every token issued
-                before the token's issue time, or the key sequence that signed it.
-            RevocationListStale: the list is too old for the policy's mode.
-        """
-        lst = self._lists.get(issuer)
-        if lst is not None:
-            reason = lst.revocation_of(token_id, issued_at_ms, key_sequence)
-            if reason is not None:
-                raise Revoked(f"capability {token_id.hex()} of {issuer}: {reason}")
-        synced = self._synced.get(issuer, -math.inf)
-        if now <= synced + policy.max_age:
-            return None
-        return _stale(issuer, synced, now, policy)
-
-
-def _stale(issuer: str, synced: float, now: float, policy: RevocationPolicy) -> StaleListAccepted:
-    """Apply the mode to a list last synchronized at ``synced``, older than ``max_age``.
-
-    Raises:
-        RevocationListStale: strict mode, or permissive beyond the grace period.
-    """
-    mode, age = policy.mode, now - synced
-    if mode is RevocationMode.OFFLINE:
-        return StaleListAccepted(issuer, mode, age)
-    if mode is RevocationMode.PERMISSIVE and now <= synced + policy.max_age + policy.grace:
-        return StaleListAccepted(issuer, mode, age)
-    limit = policy.max_age + (policy.grace if mode is RevocationMode.PERMISSIVE else 0.0)
-    raise RevocationListStale(
-        f"revocation list of {issuer} is {age:.0f} s old, beyond the {limit:.0f} s "
-        f"allowed in {mode} mode"
     )
