@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -31,6 +28,7 @@ from talos.errors import (
 )
 from talos.storage.agent_state import AgentState, InboxMessage
 from talos.storage.home import AgentHome
+from talos.testing.cli import TalosCli
 from talos.testing.processes import RegistryProcess, registry_process
 
 pytestmark = pytest.mark.asyncio
@@ -43,18 +41,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProce
 
 
 def cli(home: Path, *args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TALOS_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "talos", "--home", str(home), *args],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return TalosCli().ok(home, *args).strip()
 
 
 def audit_kinds(home: Path) -> list[str]:

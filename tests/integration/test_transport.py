@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 from websockets.asyncio.client import connect
@@ -11,6 +10,7 @@ from websockets.exceptions import InvalidStatus
 
 from talos.errors import PeerUnreachable
 from talos.testing import FakeClock
+from talos.testing.processes import free_port
 from talos.transport import Link, Transport
 
 
@@ -29,12 +29,6 @@ class Inbox:
 
     async def next(self) -> tuple[Link, bytes]:
         return await asyncio.wait_for(self.frames.get(), 5)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.asyncio
