@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Awaitable, Generator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -55,7 +55,7 @@ from talos.storage.agent_state import AgentState, derive_storage_key
 from talos.storage.home import AgentHome
 from talos.storage.tokens import TokenStore
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
-from talos.transport import Transport
+from talos.transport import Link, Transport
 
 __all__ = ["SendResult", "TalosClient"]
 
@@ -224,8 +224,9 @@ class TalosClient:
             raise LocalProtocolError("the client is not open")
         return self._parts
 
-    async def _on_frame(self, link: Any, frame: bytes) -> None:
-        await self._drivers.receiver.on_frame(link, frame)
+    def _on_frame(self, link: Link, frame: bytes) -> Awaitable[None]:
+        # The receiver's coroutine itself: no extra await layer per frame.
+        return self._drivers.receiver.on_frame(link, frame)
 
     def _is_closed(self) -> bool:
         return self._closed

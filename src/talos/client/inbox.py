@@ -77,6 +77,9 @@ class InboxReader:
                 if handed is not None:
                     return to_message(handed)
                 continue
+            if deadline is None:
+                await self.ready.wait()
+                continue
             ready = asyncio.ensure_future(self.ready.wait())
             try:
                 await timing.wait_first(self._clock, deadline, [ready])
