@@ -98,6 +98,8 @@ EVENTS: Final = frozenset(
         "registry_metrics_listening",
         "registry_storage_failure",
         "one_time_prekeys_withheld",
+        "registry_client_dropped",
+        "registry_connections_refused",
     }
 )
 

@@ -190,13 +190,6 @@ async def test_malformed_and_unsigned_bodies_are_4xx(
 
 
 @pytest.mark.asyncio
-async def test_openapi_is_published(registry: RegistryProcess) -> None:
-    async with httpx.AsyncClient(base_url=registry.url) as http:
-        schema = (await http.get("/openapi.json")).json()
-    assert "/v1/agents/{agent_id}/bundle" in schema["paths"]
-
-
-@pytest.mark.asyncio
 async def test_stopped_registry_is_unavailable(tmp_path: Path) -> None:
     served = start_registry(tmp_path / "r.db", tmp_path / "stderr.log")
     try:

@@ -4,11 +4,17 @@ Logs (startup, access lines, security events such as key log forks) go to
 stderr. SIGINT / SIGTERM stop the server gracefully: requests in flight
 finish and the database is closed. ``GET /metrics`` answers Prometheus text
 on the API port, and with ``--metrics-port`` on a port of its own.
+
+Slow and surplus clients are cut (``--header-timeout``, ``--request-timeout``,
+``--max-connections``, ``--keep-alive-timeout``; see
+:mod:`talos.registry.limits`), and ``/docs``, ``/redoc`` and
+``/openapi.json`` are served only with ``--openapi``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +24,23 @@ from talos.cli.options import log_format_option
 from talos.logs import LogFormat
 from talos.registry.store import ONE_TIME_PREKEYS_PER_MINUTE, RegistryStore
 
+# The defaults of talos.registry.limits, repeated so that --help does not import
+# uvicorn (a test checks that they agree).
+HEADER_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 30.0
+MAX_CONNECTIONS = 512
+KEEP_ALIVE_TIMEOUT = 5
+
 __all__ = ["registry"]
 
 _LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """A timeout: a finite number of seconds in [0.1, 3600] (exit 2 otherwise)."""
+    if not (math.isfinite(value) and 0.1 <= value <= 3600):
+        raise click.BadParameter(f"{value} is not a number of seconds in [0.1, 3600]", param=param)
+    return value
 
 
 @click.group()
@@ -60,6 +80,44 @@ def registry() -> None:
     help="One-time prekeys of an agent one client address may take per minute "
     "(0: no bound); past it, bundles carry none.",
 )
+@click.option(
+    "--header-timeout",
+    type=float,
+    callback=_seconds,
+    default=HEADER_TIMEOUT,
+    show_default=True,
+    help="Seconds a client has to send a request's head (from connecting, or from "
+    "the request's first byte); past it, 408 and the connection is closed.",
+)
+@click.option(
+    "--request-timeout",
+    type=float,
+    callback=_seconds,
+    default=REQUEST_TIMEOUT,
+    show_default=True,
+    help="Seconds a client has to send a whole request, head and body (at least "
+    "--header-timeout); past it, 408 and the connection is closed.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1, 1_000_000),
+    default=MAX_CONNECTIONS,
+    show_default=True,
+    help="Open client connections at most; one more is answered 503 and closed.",
+)
+@click.option(
+    "--keep-alive-timeout",
+    type=click.IntRange(1, 3600),
+    default=KEEP_ALIVE_TIMEOUT,
+    show_default=True,
+    help="Seconds an idle connection is kept open between requests.",
+)
+@click.option(
+    "--openapi/--no-openapi",
+    default=False,
+    show_default=True,
+    help="Serve the API description at /openapi.json, /docs and /redoc.",
+)
 def serve(
     host: str,
     port: int,
@@ -69,6 +127,11 @@ def serve(
     access_log: bool,
     metrics_port: int | None,
     one_time_prekeys_per_minute: int,
+    header_timeout: float,
+    request_timeout: float,
+    max_connections: int,
+    keep_alive_timeout: int,
+    openapi: bool,
 ) -> None:
     """Serve the registry API on HOST:PORT, storing its state in the --db file.
 
@@ -80,8 +143,20 @@ def serve(
     import uvicorn
 
     from talos.registry.app import create_app
+    from talos.registry.limits import ClientLimits, ConnectionGuard, guarded_protocol
     from talos.registry.metrics import RegistryMetrics
 
+    if request_timeout < header_timeout:
+        raise click.BadParameter(
+            f"{request_timeout:g} is shorter than --header-timeout {header_timeout:g}",
+            param_hint="--request-timeout",
+        )
+    limits = ClientLimits(
+        header_timeout=header_timeout,
+        request_timeout=request_timeout,
+        max_connections=max_connections,
+        keep_alive_timeout=keep_alive_timeout,
+    )
     RegistryStore.open(db_path).close()
     metrics = RegistryMetrics()
     if metrics_port is not None:
@@ -92,9 +167,13 @@ def serve(
                 db_path,
                 metrics=metrics,
                 one_time_prekeys_per_minute=one_time_prekeys_per_minute,
+                openapi=openapi,
             ),
             host=host,
             port=port,
+            http=guarded_protocol(ConnectionGuard(limits, metrics)),
+            ws="none",
+            timeout_keep_alive=limits.keep_alive_timeout,
             log_level=log_level,
             access_log=access_log,
             log_config=_log_config(log_level, log_format),

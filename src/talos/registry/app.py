@@ -48,6 +48,7 @@ def create_app(
     clock: Clock = SYSTEM_CLOCK,
     metrics: RegistryMetrics | None = None,
     one_time_prekeys_per_minute: int = ONE_TIME_PREKEYS_PER_MINUTE,
+    openapi: bool = False,
 ) -> FastAPI:
     """The registry application storing its state in the SQLite file ``db_path``.
 
@@ -58,6 +59,11 @@ def create_app(
     ``one_time_prekeys_per_minute`` bounds how fast one client address can
     drain an agent's one-time prekeys (0: no bound); past it, bundles are
     served without one.
+
+    ``openapi`` publishes the API's description (``/openapi.json``, ``/docs``,
+    ``/redoc``); off, those paths answer 404 like any unknown path, so an
+    Internet-facing registry does not hand out its map or load the docs
+    pages' scripts from a CDN.
 
     Raises:
         ConfigurationError: ``one_time_prekeys_per_minute`` is negative.
@@ -95,6 +101,9 @@ def create_app(
         version="1",
         description=_DESCRIPTION,
         lifespan=lifespan,
+        openapi_url="/openapi.json" if openapi else None,
+        docs_url="/docs" if openapi else None,
+        redoc_url="/redoc" if openapi else None,
     )
     app.include_router(router)
     app.include_router(metrics_router)

@@ -24,6 +24,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -37,6 +38,7 @@ from talos.registry.backend import LiveCounts
 
 __all__ = [
     "CONTENT_TYPE",
+    "DROP_REASONS",
     "OTHER",
     "REJECTION_REASONS",
     "STATUS_CLASSES",
@@ -73,6 +75,9 @@ REJECTION_REASONS: Final = (
     "UnsupportedVersion",
     OTHER,
 )
+#: Values of the ``reason`` label of ``talos_registry_clients_dropped_total``
+#: (``talos.registry.limits``): which deadline a slow client missed.
+DROP_REASONS: Final = ("header_timeout", "request_timeout")
 _METHODS: Final = ("GET", "PUT")
 _LATENCY_BUCKETS: Final = (
     0.0005,
@@ -149,6 +154,25 @@ class RegistryMetrics:
             "Database failures (answered 503, or a gauge that could not be read).",
             registry=r,
         )
+        self.clients_dropped = Counter(
+            "talos_registry_clients_dropped",
+            "Connections closed because the client sent its request head or whole request "
+            "too slowly, by the deadline it missed.",
+            ["reason"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "talos_registry_connections_refused",
+            "Connections answered 503 and closed because --max-connections were open.",
+            registry=r,
+        )
+        self.connections = Gauge(
+            "talos_registry_connections",
+            "Client connections open on the API port (refused ones not included).",
+            registry=r,
+        )
+        for drop in DROP_REASONS:
+            self.clients_dropped.labels(reason=drop)
         for kind in SUBMISSION_KINDS:
             for reason in REJECTION_REASONS:
                 self.rejections.labels(kind=kind, reason=reason)
@@ -205,6 +229,13 @@ class RegistryMetrics:
 
     def storage_failed(self) -> None:
         self.sqlite_errors.inc()
+
+    def client_dropped(self, reason: str) -> None:
+        """A slow client missed the ``reason`` deadline (one of :data:`DROP_REASONS`)."""
+        self.clients_dropped.labels(reason=reason if reason in DROP_REASONS else OTHER).inc()
+
+    def connection_refused(self) -> None:
+        self.connections_refused.inc()
 
     # -- exposition -----------------------------------------------------------------------
 

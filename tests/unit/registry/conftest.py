@@ -32,7 +32,7 @@ def store(tmp_path: Path) -> Iterator[RegistryStore]:
 
 @pytest_asyncio.fixture
 async def served(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Served]:
-    app = create_app(tmp_path / "registry.db", clock=clock)
+    app = create_app(tmp_path / "registry.db", clock=clock, openapi=True)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://registry") as http:
