@@ -115,6 +115,22 @@ def read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response with a Content-Length, the connection left open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    [length] = [
+        int(line.split(b":")[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    ]
+    while len(body) < length:
+        body += sock.recv(4096)
+    return data
+
+
 def test_a_client_trickling_its_head_is_dropped(registry: RegistryProcess) -> None:
     silent = connect(registry)
     head = b"GET /v1/time HTTP/1.1\r\nHost: registry\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
@@ -128,6 +144,18 @@ def test_a_client_trickling_its_head_is_dropped(registry: RegistryProcess) -> No
     [first, *_] = events(registry, "registry_client_dropped")
     assert (first["reason"], first["level"]) == ("header_timeout", "warning")
     assert httpx.get(f"{registry.url}/v1/time").status_code == 200  # others are served
+
+
+def test_the_next_request_on_a_kept_alive_connection_has_the_same_deadline(
+    registry: RegistryProcess,
+) -> None:
+    request = b"GET /v1/time HTTP/1.1\r\nHost: registry\r\nUpgrade: websocket\r\n\r\n"
+    with connect(registry) as sock:
+        sock.sendall(request)  # the Upgrade header is ignored: a plain answer
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+        answer, seconds = trickle(sock, request, 0.2, HEADER_TIMEOUT + SLACK)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert HEADER_TIMEOUT - 0.2 <= seconds <= HEADER_TIMEOUT + SLACK
 
 
 def test_a_body_trickled_at_one_byte_a_second_is_cut(registry: RegistryProcess) -> None:
