@@ -209,6 +209,17 @@ def test_connections_past_the_cap_are_refused_until_the_flood_ends(
     assert all(line["limit"] == 20 for line in logged)
 
 
+def test_garbage_requests_are_answered_400_and_logged_a_few_times(
+    registry: RegistryProcess,
+) -> None:
+    for _ in range(50):
+        with connect(registry) as sock:
+            sock.sendall(b"\x00\x01 not http at all\r\n\r\n")
+            assert read_all(sock).startswith(b"HTTP/1.1 400 ")
+    text = registry.child.log_text()
+    assert 1 <= text.count("Invalid HTTP request received.") <= LOG_BURST
+
+
 def test_the_api_description_is_not_served_by_default(registry: RegistryProcess) -> None:
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert httpx.get(f"{registry.url}{path}").status_code == 404, path

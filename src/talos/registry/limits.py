@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -58,6 +59,7 @@ __all__ = [
     "LOG_INTERVAL",
     "MAX_CONNECTIONS",
     "REQUEST_TIMEOUT",
+    "UVICORN_FLOODABLE",
     "ClientLimits",
     "ConnectionGuard",
     "guarded_protocol",
@@ -74,6 +76,8 @@ KEEP_ALIVE_TIMEOUT: Final = 5
 #: Log lines per event (drop, refusal) at most ``LOG_BURST`` per ``LOG_INTERVAL`` seconds.
 LOG_BURST: Final = 3
 LOG_INTERVAL: Final = 10.0
+#: uvicorn's own warnings, one per request, that any client can trigger: rate-limited the same way.
+UVICORN_FLOODABLE: Final = frozenset({"Invalid HTTP request received."})
 
 
 def _answer(status: str, text: str, *headers: str) -> bytes:
@@ -163,13 +167,20 @@ class ConnectionGuard:
             {"address": client, "reason": reason, "seconds": seconds},
         )
 
+    def admit(self, key: str, now: float) -> int | None:
+        """Whether a line of kind ``key`` may be logged at ``now``: how many were not
+        logged since the last one, or ``None`` (this one is not logged either)."""
+        if not self._lines.allow(key, now):
+            self._unlogged[key] = self._unlogged.get(key, 0) + 1
+            return None
+        return self._unlogged.pop(key, 0)
+
     def _log(
         self, event: str, now: float, message: str, args: tuple[Any, ...], fields: dict[str, Any]
     ) -> None:
-        if not self._lines.allow(event, now):
-            self._unlogged[event] = self._unlogged.get(event, 0) + 1
+        suppressed = self.admit(event, now)
+        if suppressed is None:
             return
-        suppressed = self._unlogged.pop(event, 0)
         if suppressed:
             message += " (%d more not logged)"
             args = (*args, suppressed)
@@ -181,12 +192,35 @@ class ConnectionGuard:
 
 
 def guarded_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol under ``guard``'s limits, for ``uvicorn.run(http=...)``."""
+    """uvicorn's h11 protocol under ``guard``'s limits, for ``uvicorn.run(http=...)``.
+
+    Also rate-limits the warnings uvicorn logs for any client that sends
+    garbage (:data:`UVICORN_FLOODABLE`), like the guard's own lines.
+    """
 
     class GuardedH11Protocol(_GuardedH11Protocol):
         _guard: ClassVar[ConnectionGuard] = guard
 
+    logging.getLogger("uvicorn.error").addFilter(_FloodFilter(guard))
     return GuardedH11Protocol
+
+
+class _FloodFilter(logging.Filter):
+    """Lets a :data:`UVICORN_FLOODABLE` line through only when the guard admits it."""
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        super().__init__()
+        self._guard = guard
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in UVICORN_FLOODABLE:
+            return True
+        suppressed = self._guard.admit(str(record.msg), time.monotonic())
+        if suppressed is None:
+            return False
+        if suppressed:
+            record.msg = f"{record.msg} ({suppressed} more not logged)"
+        return True
 
 
 class _GuardedH11Protocol(H11Protocol):
