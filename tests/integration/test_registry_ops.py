@@ -46,6 +46,9 @@ FAMILIES = {
     "talos_registry_bundles_without_one_time_prekey": "counter",
     "talos_registry_one_time_prekeys_withheld": "counter",
     "talos_registry_sqlite_errors": "counter",
+    "talos_registry_clients_dropped": "counter",
+    "talos_registry_connections_refused": "counter",
+    "talos_registry_connections": "gauge",
 }
 
 #: The registry's schema version 1, as released: what an old database file holds.
