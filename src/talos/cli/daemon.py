@@ -25,7 +25,7 @@ from talos.cli.control import control_path
 from talos.cli.control_server import ControlServer, claim_socket
 from talos.cli.identity import key_passphrase_option
 from talos.cli.lockfile import daemon_lock
-from talos.cli.options import log_format_option, parse_bootstrap
+from talos.cli.options import BoundedFloat, BoundedInt, log_format_option, parse_bootstrap
 from talos.cli.passphrases import KEY_ENV, existing_passphrase
 from talos.client import TalosClient
 from talos.errors import IdentityNotFound
@@ -65,21 +65,21 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
 )
 @click.option(
     "--reconnect-interval",
-    type=click.FloatRange(min=0.1),
+    type=BoundedFloat(0.1, 86400),
     default=30.0,
     show_default=True,
     help="Longest pause between delivery retries, in seconds.",
 )
 @click.option(
     "--queue-limit",
-    type=click.IntRange(min=1),
+    type=BoundedInt(1, 10_000_000),
     default=1000,
     show_default=True,
     help="Most messages the outbox may hold.",
 )
 @click.option(
     "--dht-port",
-    type=click.IntRange(0, 65535),
+    type=BoundedInt(0, 65535),
     default=None,
     help="Run a DHT node on this UDP port (0: any) as the registry's fallback.",
 )
@@ -92,7 +92,7 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
 )
 @click.option(
     "--metrics-port",
-    type=click.IntRange(0, 65535),
+    type=BoundedInt(0, 65535),
     default=None,
     help="Serve Prometheus metrics on this port (0: any).",
 )
