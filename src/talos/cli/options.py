@@ -24,6 +24,7 @@ __all__ = [
     "MAX_DURATION",
     "BoundedFloat",
     "BoundedInt",
+    "check_port",
     "Duration",
     "log_format_option",
     "parse_bootstrap",
@@ -132,6 +133,19 @@ def unicode_text(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def check_port(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--listen HOST:PORT`` / ``--announce HOST[:PORT]``: a port must be 0-65535 in ASCII digits.
+
+    The rest of the address is checked where it is used (``talos.client.config``).
+    """
+    if value is None:
+        return None
+    _, colon, port = value.rpartition(":")
+    if colon and "]" not in port and not (port.isascii() and port.isdigit() and int(port) < 65536):
+        raise click.BadParameter(f"{value!r}: the port must be a number from 0 to 65535")
+    return value
 
 
 def parse_bootstrap(

@@ -181,3 +181,23 @@ def test_commands_on_an_empty_home_take_any_arguments(
     # `run` without an identity (and no --name) must stop at exit 4 once its options parse.
     allowed = frozenset({2, 4}) if argv[0] == "run" else DOCUMENTED
     _check(_invoke(empty, argv), argv, allowed)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--listen", "127.0.0.1:\u00b2"],
+        ["--listen", "127.0.0.1:99999999999"],
+        ["--announce", "example.org:\u00b2"],
+        ["--dht-bootstrap", "127.0.0.1:\u00b2"],
+    ],
+)
+def test_run_with_an_identity_refuses_a_port_no_socket_takes(
+    homes: tuple[Path, str, Path], argv: list[str]
+) -> None:
+    """Parsed before the agent starts: a usage error, not a traceback from deep in start-up."""
+    home, _, _ = homes
+    argv = ["run", "--offline", *argv]
+    result = _invoke(home, argv)
+    _check(result, argv, frozenset({2}))
+    assert "Invalid value for" in result.stderr
