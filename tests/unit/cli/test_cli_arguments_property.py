@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from talos.cli.main import cli
 from talos.testing.cli import TalosCli
+from talos.testing.processes import start_agent
 
 #: Exit statuses ``docs/cli.md`` documents ("Exit codes").
 DOCUMENTED: frozenset[int] = frozenset(range(7))
@@ -201,3 +203,37 @@ def test_run_with_an_identity_refuses_a_port_no_socket_takes(
     result = _invoke(home, argv)
     _check(result, argv, frozenset({2}))
     assert "Invalid value for" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """An offline agent (every send is queued at once, nothing leaves) and its agent id."""
+    home = tmp_path_factory.mktemp("r") / "a"
+    TalosCli().ok(home, "init", "--name", "live", "--no-passphrase")
+    agent_id = json.loads(TalosCli().ok(home, "whoami", "--json"))["agent_id"]
+    agent = start_agent(home, "--offline", log=home.parent / "agent.log").wait_ready()
+    yield home, agent_id
+    assert agent.stop() == 0
+
+
+@PROFILE
+@given(
+    _join(
+        _MESSAGE.map(lambda text: [text]),
+        _flag("--json"),
+        _option("--timeout", _NUMBER_TEXT),
+        _option("--retry-count", _NUMBER_TEXT),
+        _option("--on-failure", st.sampled_from(["queue", "raise"])),
+    )
+)
+@example(["NaN", "--json"])
+@example(['{"a": [1e300, "\\ud800", -0.0, 123456789012345678901234567890]}', "--json"])
+@example(["\x1b[2J\u202e\x00", "--timeout", "nan"])
+def test_send_to_a_running_agent_takes_any_text(running: tuple[Path, str], argv: list[str]) -> None:
+    """The agent queues what is valid and refuses the rest; the command never fails otherwise."""
+    home, agent_id = running
+    argv = ["send", agent_id, *argv]
+    result = _invoke(home, argv)
+    _check(result, argv, frozenset({0, 2}))
+    if result.exit_code == 0:
+        assert result.output.startswith("queued ")
