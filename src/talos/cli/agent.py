@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import sys
 from datetime import UTC, datetime
@@ -23,7 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from talos.cli.context import CliContext
-from talos.cli.control import MAX_INBOX_LIMIT, call
+from talos.cli.control import MAX_INBOX_LIMIT, MAX_RETRY_COUNT, MAX_SEND_TIMEOUT, call
+from talos.cli.options import INT64_MAX, BoundedFloat, BoundedInt, parse_json_text, unicode_text
 
 __all__ = ["inbox", "peers", "send", "status"]
 
@@ -33,6 +35,8 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)
 FOLLOW_WAIT: Final = 1.0
 #: Seconds a command waits for the daemon beyond the operation's own timeout.
 ANSWER_MARGIN: Final = 30.0
+#: What the text form of ``inbox`` escapes: C0/C1 controls, bidi overrides, lone surrogates.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 @click.command()
@@ -42,12 +46,12 @@ ANSWER_MARGIN: Final = 30.0
 @click.option("--capability", default=None, metavar="TOKEN", help="Attach this capability.")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.001, max=86400),
+    type=BoundedFloat(0.001, MAX_SEND_TIMEOUT),
     default=30.0,
     show_default=True,
     help="Seconds to wait for the peer's acknowledgement.",
 )
-@click.option("--retry-count", type=click.IntRange(0, 1000), default=3, show_default=True)
+@click.option("--retry-count", type=BoundedInt(0, MAX_RETRY_COUNT), default=3, show_default=True)
 @click.option(
     "--on-failure",
     type=click.Choice(["queue", "raise"]),
@@ -78,9 +82,11 @@ def send(
         "on_failure": on_failure,
         "capability": capability,
     }
+    if not unicode_text(text):
+        raise click.BadParameter("not valid UTF-8 text", param_hint="TEXT")
     if as_json:
         try:
-            request["json"] = json.loads(text)
+            request["json"] = parse_json_text(text)
         except ValueError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="TEXT") from None
     else:
@@ -121,7 +127,9 @@ class _Interrupt:
 @click.option(
     "--json", "as_json", is_flag=True, help="JSON output (one object per line with --follow)."
 )
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Take at most N messages.")
+@click.option(
+    "--limit", type=BoundedInt(1, INT64_MAX), default=None, help="Take at most N messages."
+)
 @click.pass_obj
 def inbox(ctx: CliContext, follow: bool, as_json: bool, limit: int | None) -> None:
     """Take received messages from the agent's inbox and print them (each is shown once)."""
@@ -178,13 +186,26 @@ def _print_message(message: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(message, sort_keys=True))
     else:
-        when = datetime.fromtimestamp(message["sent_at"], UTC).isoformat(timespec="seconds")
+        when = _iso(message["sent_at"])
         data = message["data"]
-        shown = data if message["type"] == "text" else json.dumps(data)
+        shown = data if message["type"] in ("text", "json-text") else json.dumps(data)
         if message["type"] == "bytes":
             shown = f"<{len(base64.b64decode(data))} bytes, base64 {data}>"
-        click.echo(f"{when}  {message['sender']}  {shown}")
+        click.echo(f"{when}  {message['sender']}  {_visible(shown)}")
     sys.stdout.flush()
+
+
+def _visible(text: str) -> str:
+    """``text`` with control and bidi-override characters (a peer chose them) as escapes."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
+
+def _iso(seconds: float) -> str:
+    """A Unix time as ISO-8601 UTC; a time no calendar holds (a peer chose it) as the number."""
+    try:
+        return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):
+        return f"{seconds!r} (Unix time)"
 
 
 @click.command()
@@ -201,13 +222,13 @@ def peers(ctx: CliContext, as_json: bool) -> None:
         return
     table = Table("agent", "endpoint", "session", "connected", "record expires")
     for row in rows:
-        expires = datetime.fromtimestamp(row["expires_ms"] / 1000, UTC)
+        expires = _iso(row["expires_ms"] / 1000)
         table.add_row(
             row["agent_id"],
             row["endpoint"],
             _yes(row["session"]),
             _yes(row["connected"]),
-            expires.isoformat(timespec="seconds"),
+            expires,
         )
     Console(highlight=False, soft_wrap=True).print(table)
 

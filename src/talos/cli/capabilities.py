@@ -10,7 +10,6 @@ revocation list is signed with its current key before it is stored.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -27,6 +26,7 @@ from talos.audit import AuditKind, AuditLog
 from talos.cli.context import CliContext
 from talos.cli.exit_codes import EXIT_DENIED
 from talos.cli.identity import key_passphrase_option, load_identity
+from talos.cli.options import Duration
 from talos.core.agent_id import check_agent_id
 from talos.core.capability import Capability, CapabilityPolicy, issue, verify
 from talos.core.identity import Identity
@@ -49,23 +49,9 @@ from talos.errors import (
 )
 from talos.storage.tokens import TokenStore
 
-__all__ = ["capabilities", "parse_duration"]
+__all__ = ["capabilities"]
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
-_DURATION = re.compile(r"(\d+)([smhdw]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``2h``, ``7d`` or ``1w`` in seconds.
-
-    Raises:
-        ConfigurationError: anything else, or zero.
-    """
-    match = _DURATION.fullmatch(text.strip())
-    if match is None or int(match.group(1)) == 0:
-        raise ConfigurationError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 7d)")
-    return int(match.group(1)) * _UNITS[match.group(2)]
 
 
 @dataclass
@@ -167,7 +153,12 @@ def capabilities() -> None:
 @click.option("--to", "subject", required=True, help="Agent id the capability is granted to.")
 @click.option("--action", "actions", multiple=True, required=True, help="e.g. message.send")
 @click.option("--resource", "resources", multiple=True, help="Pattern; default '*'.")
-@click.option("--expires-in", required=True, help="Lifetime: 90s, 15m, 2h, 7d ...")
+@click.option(
+    "--expires-in",
+    type=Duration(),
+    required=True,
+    help="Lifetime: 90s, 15m, 2h, 7d ... (at most 3650d).",
+)
 @click.option("--delegable", is_flag=True, help="Let the holder delegate (narrower) copies.")
 @click.option("--audience", default=None, help="Agent that enforces it (default: this agent).")
 @key_passphrase_option
@@ -177,13 +168,12 @@ def grant(
     subject: str,
     actions: tuple[str, ...],
     resources: tuple[str, ...],
-    expires_in: str,
+    expires_in: int,
     delegable: bool,
     audience: str | None,
     key_passphrase_file: Path | None,
 ) -> None:
     """Issue a capability, store it, and print it (text form)."""
-    lifetime = parse_duration(expires_in)
     with open_book(ctx, key_passphrase_file) as book:
         token = issue(
             book.identity.signing_key,
@@ -193,7 +183,7 @@ def grant(
             audience=book.me if audience is None else _agent(audience, "--audience"),
             actions=actions,
             resources=resources or ("*",),
-            expires=book.now + lifetime,
+            expires=book.now + expires_in,
             now=book.now,
             rng=ctx.rng,
             delegations=CapabilityPolicy(audience=book.me).max_depth - 1 if delegable else 0,

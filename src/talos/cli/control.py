@@ -45,6 +45,8 @@ __all__ = [
     "MAX_INBOX_LIMIT",
     "MAX_REQUEST",
     "MAX_RESPONSE",
+    "MAX_RETRY_COUNT",
+    "MAX_SEND_TIMEOUT",
     "MAX_WAIT",
     "SOCKET_NAME",
     "call",
@@ -61,6 +63,10 @@ MAX_REQUEST: Final = 8 << 20
 MAX_RESPONSE: Final = 32 << 20
 #: Most messages one ``inbox`` request may take.
 MAX_INBOX_LIMIT: Final = 1000
+#: Longest ``timeout`` of a ``send`` request, in seconds.
+MAX_SEND_TIMEOUT: Final = 86400.0
+#: Most ``retry_count`` of a ``send`` request.
+MAX_RETRY_COUNT: Final = 1000
 #: Longest ``wait`` of an ``inbox`` request, in seconds.
 MAX_WAIT: Final = 30.0
 _SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux

@@ -22,7 +22,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from talos.cli.control import MAX_INBOX_LIMIT, MAX_REQUEST, MAX_WAIT, encode_line
+from talos.cli.control import (
+    MAX_INBOX_LIMIT,
+    MAX_REQUEST,
+    MAX_RETRY_COUNT,
+    MAX_SEND_TIMEOUT,
+    MAX_WAIT,
+    encode_line,
+)
 from talos.client import TalosClient
 from talos.core.agent_id import check_agent_id
 from talos.core.message import Message
@@ -135,8 +142,8 @@ class ControlServer:
         result = await self._client.send(
             _peer(request),
             data,
-            timeout=_number(request, "timeout", 30.0, low=0.001, high=86400.0),
-            retry_count=_integer(request, "retry_count", 3, low=0, high=1000),
+            timeout=_number(request, "timeout", 30.0, low=0.001, high=MAX_SEND_TIMEOUT),
+            retry_count=_integer(request, "retry_count", 3, low=0, high=MAX_RETRY_COUNT),
             on_failure=on_failure,
             capability=_optional_string(request, "capability"),
         )
@@ -284,6 +291,12 @@ def message_json(message: Message) -> dict[str, Any]:
         kind, value = "text", data
     else:
         kind, value = "json", data
+        try:
+            json.dumps(data, allow_nan=False)
+        except (ValueError, RecursionError):
+            # NaN or an infinity, which a non-conforming peer can send: strict JSON has
+            # no such number, so the value travels as its (non-standard) JSON text.
+            kind, value = "json-text", _json_text(data)
     return {
         "sender": message.sender,
         "message_id": message.message_id.hex(),
@@ -292,6 +305,13 @@ def message_json(message: Message) -> dict[str, Any]:
         "sent_at": message.sent_at,
         "capability_id": None if message.capability_id is None else message.capability_id.hex(),
     }
+
+
+def _json_text(data: Any) -> str:
+    try:
+        return json.dumps(data, sort_keys=True)
+    except RecursionError:
+        return "null"  # nested beyond what Python can encode; nothing to show
 
 
 def claim_socket(path: Path) -> None:

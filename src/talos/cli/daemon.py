@@ -25,7 +25,13 @@ from talos.cli.control import control_path
 from talos.cli.control_server import ControlServer, claim_socket
 from talos.cli.identity import key_passphrase_option
 from talos.cli.lockfile import daemon_lock
-from talos.cli.options import log_format_option, parse_bootstrap
+from talos.cli.options import (
+    BoundedFloat,
+    BoundedInt,
+    check_port,
+    log_format_option,
+    parse_bootstrap,
+)
 from talos.cli.passphrases import KEY_ENV, existing_passphrase
 from talos.client import TalosClient
 from talos.errors import IdentityNotFound
@@ -47,10 +53,17 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
     envvar="TALOS_REGISTRY_URL",
     help="Registry URL (else $TALOS_REGISTRY_URL; without one, no registry is used).",
 )
-@click.option("--listen", default="127.0.0.1:0", show_default=True, help="HOST:PORT to serve.")
+@click.option(
+    "--listen",
+    default="127.0.0.1:0",
+    show_default=True,
+    callback=check_port,
+    help="HOST:PORT to serve.",
+)
 @click.option(
     "--announce",
     default=None,
+    callback=check_port,
     metavar="HOST[:PORT]",
     help="Address peers are told to connect to (required with --listen 0.0.0.0:PORT); "
     "the port defaults to the one listened on.",
@@ -65,21 +78,21 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
 )
 @click.option(
     "--reconnect-interval",
-    type=click.FloatRange(min=0.1),
+    type=BoundedFloat(0.1, 86400),
     default=30.0,
     show_default=True,
     help="Longest pause between delivery retries, in seconds.",
 )
 @click.option(
     "--queue-limit",
-    type=click.IntRange(min=1),
+    type=BoundedInt(1, 10_000_000),
     default=1000,
     show_default=True,
     help="Most messages the outbox may hold.",
 )
 @click.option(
     "--dht-port",
-    type=click.IntRange(0, 65535),
+    type=BoundedInt(0, 65535),
     default=None,
     help="Run a DHT node on this UDP port (0: any) as the registry's fallback.",
 )
@@ -92,7 +105,7 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
 )
 @click.option(
     "--metrics-port",
-    type=click.IntRange(0, 65535),
+    type=BoundedInt(0, 65535),
     default=None,
     help="Serve Prometheus metrics on this port (0: any).",
 )

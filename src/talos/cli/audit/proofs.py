@@ -21,6 +21,7 @@ from talos.audit.proof_file import NoteKey, ProofVerdict, read_proof_file, verif
 from talos.cli.audit.options import json_option, log_option, reading, root_argument
 from talos.cli.context import CliContext
 from talos.cli.identity import key_passphrase_option, load_identity
+from talos.cli.options import INT64_MAX, BoundedInt
 from talos.errors import ConfigurationError, MalformedFrame, StorageError, VerificationError
 
 __all__ = ["prove", "verify_proof"]
@@ -61,7 +62,7 @@ def _checkpoint_for(
 
 
 @click.command()
-@click.argument("seq", type=click.IntRange(min=0))
+@click.argument("seq", type=BoundedInt(0, INT64_MAX))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option(
     "--checkpoint/--no-checkpoint",

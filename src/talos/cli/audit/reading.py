@@ -23,6 +23,7 @@ from talos.cli.audit.rendering import (
     signature_state,
 )
 from talos.cli.context import CliContext
+from talos.cli.options import INT64_MAX, BoundedInt
 from talos.core.identity import fingerprint
 
 __all__ = ["log_command", "query", "root", "show"]
@@ -30,7 +31,7 @@ __all__ = ["log_command", "query", "root", "show"]
 
 @click.command()
 @click.option("--type", "kind", default=None, help="Entry kind, e.g. SIGNATURE_FAILURE.")
-@click.option("--last", type=click.IntRange(min=0), default=None, help="Only the N most recent.")
+@click.option("--last", type=BoundedInt(0, INT64_MAX), default=None, help="Only the N most recent.")
 @click.option("--peer", default=None, help="Only entries about this peer.")
 @click.option("--since", callback=time_argument, help="From TIME (ISO-8601 or Unix s).")
 @click.option("--until", callback=time_argument, help="Before TIME (exclusive).")
@@ -60,7 +61,7 @@ def query(
 
 
 @click.command("log")
-@click.option("--last", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--last", type=BoundedInt(0, INT64_MAX), default=20, show_default=True)
 @json_option
 @log_option
 @click.pass_obj
@@ -87,7 +88,7 @@ def _sealing_block(opened: AuditLog, seq: int) -> Block | None:
 
 
 @click.command()
-@click.argument("seq", type=click.IntRange(min=0))
+@click.argument("seq", type=BoundedInt(0, INT64_MAX))
 @json_option
 @log_option
 @click.pass_obj
@@ -127,7 +128,9 @@ def show(ctx: CliContext, seq: int, as_json: bool, log: Path | None) -> None:
 
 
 @click.command()
-@click.option("--height", type=click.IntRange(min=0), default=None, help="Root sealed in a block.")
+@click.option(
+    "--height", type=BoundedInt(0, INT64_MAX), default=None, help="Root sealed in a block."
+)
 @json_option
 @log_option
 @click.pass_obj

@@ -57,7 +57,7 @@ from talos.cli.diagnose.network import network_checks
 from talos.cli.diagnose.report import CHECKS, json_report, print_report, tally
 from talos.cli.diagnose.storage import storage_checks
 from talos.cli.identity import key_passphrase_option
-from talos.cli.options import parse_bootstrap
+from talos.cli.options import BoundedFloat, parse_bootstrap
 from talos.core.clocksync import WARN_OFFSET
 from talos.discovery.registry_client import RegistryClient
 from talos.errors import ConfigurationError, IdentityNotFound, StoreCorrupted
@@ -177,7 +177,7 @@ def _quiet_dht() -> Iterator[None]:
 @click.option("--check-clock", is_flag=True, help="This host's clock against the registry's.")
 @click.option(
     "--warn-threshold",
-    type=click.FloatRange(min=0),
+    type=BoundedFloat(0, 86400),
     default=WARN_OFFSET,
     show_default=True,
     metavar="S",
@@ -199,7 +199,7 @@ def _quiet_dht() -> Iterator[None]:
 )
 @click.option(
     "--audit-max-size-gb",
-    type=float,
+    type=BoundedFloat(0, 1_000_000),
     default=None,
     callback=_max_size,
     metavar="G",
