@@ -133,13 +133,13 @@ def parse_announce(announce: str | None, listen_host: str) -> tuple[str | None, 
     host = host.strip("[]")
     if host in _WILDCARD_HOSTS or any(c.isspace() or c in "/?#@" for c in host):
         raise ConfigurationError(f"announce must be HOST or HOST:PORT, not {announce!r}")
-    if port and (not port.isdigit() or not 1 <= int(port) <= 65535):
+    if port and (not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535):
         raise ConfigurationError(f"announce must be HOST or HOST:PORT, not {announce!r}")
     return host, int(port) if port else None
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigurationError(f"listen must be HOST:PORT, not {listen!r}")
     return host.strip("[]"), int(port)

@@ -80,7 +80,21 @@ def decode_payload(raw: bytes) -> Any:
         return data
     if kind == "j" and type(data) is str:
         try:
-            return json.loads(data)
-        except ValueError:
+            return json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
+        except (ValueError, RecursionError):
+            # A peer's JSON is held to what encode_payload sends: no NaN or
+            # infinities (which the JSON text of a reply could not carry), and no
+            # nesting deep enough to exhaust the parser's stack.
             raise MalformedFrame("payload JSON is not valid") from None
     raise MalformedFrame("payload kind and data do not match")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} overflows a float")
+    return value

@@ -52,6 +52,23 @@ def test_decoder_only_raises_documented_errors(raw: bytes) -> None:
         pass
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["NaN", "[Infinity]", '{"x": -Infinity}', "1e999", "[-1e400]", "[" * 100_000 + "]" * 100_000],
+)
+def test_a_peers_json_is_held_to_what_send_encodes(text: str) -> None:
+    """No NaN or infinity (a reply's JSON text could not carry them) and no nesting
+    that exhausts the parser: refused as malformed, never another exception."""
+    from talos.core.encoding import canonical_dumps
+
+    with pytest.raises(MalformedFrame, match="JSON"):
+        decode_payload(canonical_dumps({"v": 1, "k": "j", "d": text}))
+
+
+def test_finite_floats_still_decode() -> None:
+    assert decode_payload(encode_payload([1.5, -2e300, 0.0])) == [1.5, -2e300, 0.0]
+
+
 def test_backoff_grows_jitters_and_caps() -> None:
     schedule = Backoff(base=0.5, cap=30.0)
     rng = SeededRng(3)
