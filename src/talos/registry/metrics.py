@@ -32,8 +32,10 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from talos.errors import StorageError
-from talos.metrics import MetricsEndpoint
+from talos.logs import LimitedLog
+from talos.metrics import MetricsEndpoint, SuppressedLines
 from talos.registry.backend import LiveCounts
+from talos.system import SYSTEM_CLOCK
 
 __all__ = [
     "CONTENT_TYPE",
@@ -149,6 +151,7 @@ class RegistryMetrics:
             "Database failures (answered 503, or a gauge that could not be read).",
             registry=r,
         )
+        r.register(SuppressedLines("talos_registry_log_lines_suppressed"))
         for kind in SUBMISSION_KINDS:
             for reason in REJECTION_REASONS:
                 self.rejections.labels(kind=kind, reason=reason)
@@ -243,6 +246,7 @@ class _LiveGauges(Collector):
 
     def __init__(self, metrics: RegistryMetrics) -> None:
         self._metrics = metrics
+        self._logs = LimitedLog(log, SYSTEM_CLOCK)
         self.source: Callable[[], LiveCounts] | None = None
 
     def describe(self) -> Iterator[Metric]:
@@ -262,10 +266,12 @@ class _LiveGauges(Collector):
             counts = source()
         except StorageError as exc:
             self._metrics.storage_failed()
-            log.error(
+            self._logs.log(  # anyone who can GET /metrics causes this line
+                logging.ERROR,
+                "registry_storage_failure",
                 "cannot read the registry gauges: %s",
                 exc,
-                extra={"event": "registry_storage_failure", "peer_id": None},
+                peer_id=None,
             )
             return math.nan, math.nan, math.nan
         return float(counts.agents), float(counts.instances), float(counts.duplicate_identities)

@@ -3,7 +3,8 @@
 :class:`Transport` acts on the admission decisions of
 :class:`~talos.transport.admission.AdmissionPolicy`: it feeds the policy the
 facts of its open incoming links and the time on its injected clock, and
-refuses, displaces or closes the links the policy names.
+refuses, displaces or closes the links the policy names. Every line a remote
+party can cause is written through a :class:`~talos.logs.LimitedLog`.
 """
 
 from __future__ import annotations
@@ -14,25 +15,31 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, WebSocketException
 
 from talos.core.clock import Clock
+from talos.core.ratelimit import RateLimiter
 from talos.core.wire import MAX_FRAME_SIZE
 from talos.errors import PeerUnreachable
+from talos.logs import LimitedLog
 from talos.system import SYSTEM_CLOCK
 from talos.transport.admission import (
     EVICTABLE_AFTER,
+    MALFORMED_BURST,
+    MALFORMED_REFILL,
     MAX_INCOMING,
     MAX_INCOMING_PER_HOST,
     MAX_VERIFIED_PER_PEER,
+    THROTTLE_SECONDS,
     VERIFY_WITHIN,
     AdmissionPolicy,
     Admit,
     Displace,
+    HostThrottle,
     LinkFacts,
     Refuse,
 )
@@ -56,6 +63,17 @@ FrameHandler = Callable[["Link", bytes], Awaitable[None]]
 #: Opening order of links in this process (:attr:`LinkFacts.serial`).
 _serials = itertools.count()
 
+#: WebSocket close codes (RFC 6455 §7.4.1).
+CLOSE_UNSUPPORTED_DATA: Final = 1003
+CLOSE_POLICY_VIOLATION: Final = 1008
+
+#: For links made without a transport (tests); a transport hands its links its own.
+_DEFAULT_LOGS = LimitedLog(_log, SYSTEM_CLOCK)
+
+#: Told that a link sent a frame that cannot be decoded (``fatal``: close it at
+#: once); answers whether the link is being closed for it.
+MalformedHook = Callable[["Link", bool], bool]
+
 
 class Link:
     """One open WebSocket to a peer, whichever side opened it."""
@@ -66,9 +84,13 @@ class Link:
         *,
         outgoing: bool,
         clock: Clock = SYSTEM_CLOCK,
+        logs: LimitedLog = _DEFAULT_LOGS,
     ) -> None:
         self._socket = socket
-        self._clock = clock
+        self._clock, self._logs = clock, logs
+        #: Set by the transport: what to do with undecodable frames (:meth:`reject_malformed`).
+        self.on_malformed: MalformedHook | None = None
+        self._close_as: tuple[int, str] | None = None
         self.outgoing = outgoing
         #: Its place in the opening order (:attr:`LinkFacts.serial`).
         self.serial = next(_serials)
@@ -133,34 +155,62 @@ class Link:
             self.closed.set()
             raise PeerUnreachable(f"connection to {self.peer or self.remote} broke: {exc}") from exc
 
-    async def close(self) -> None:
+    def reject_malformed(self, *, fatal: bool = False) -> bool:
+        """Note that a frame on this link could not be decoded (the client calls
+        this); returns whether the link is being closed for it. The transport
+        decides (rule 5 of :mod:`talos.transport.admission`); ``fatal`` closes it
+        at once (a text frame)."""
+        hook = self.on_malformed
+        return hook(self, fatal) if hook is not None else False
+
+    def condemn(self, code: int, reason: str) -> None:
+        """Mark the link closed now and say which close code :meth:`close` will send
+        (the first one given is kept)."""
         self.closed.set()
+        if self._close_as is None:
+            self._close_as = (code, reason)
+
+    async def close(self) -> None:
+        """Close with the code given to :meth:`condemn`, else 1000 (normal closure)."""
+        self.closed.set()
+        code, reason = self._close_as or (1000, "")
         with contextlib.suppress(WebSocketException, OSError):
-            await self._socket.close()
+            await self._socket.close(code, reason)
 
     async def pump(self, on_frame: FrameHandler) -> None:
         """Hand every binary frame to ``on_frame`` until the connection ends.
 
-        Text frames are a protocol violation: the link is closed. A handler
-        error is logged and does not end the link (one bad frame must not cut
-        a peer off).
+        Text frames are a protocol violation: the link is closed (through
+        :meth:`reject_malformed`, so the transport throttles the address). A
+        handler error is logged and does not end the link (one bad frame must
+        not cut a peer off). Once the link is closed no further frame is handed on.
         """
         try:
             async for message in self._socket:
+                if self.closed.is_set():
+                    break
                 if not isinstance(message, bytes):
-                    _log.warning(
+                    self._logs.warning(
+                        "malformed_frame",
                         "closing link from %s: text frame",
                         self.remote,
-                        extra={"event": "malformed_frame", "peer_id": self.peer},
+                        source=self.remote_host,
+                        peer_id=self.peer,
+                        remote=self.remote,
                     )
+                    self.reject_malformed(fatal=True)
                     break
                 try:
                     await on_frame(self, message)
                 except Exception:
-                    _log.exception(
+                    self._logs.log(
+                        logging.ERROR,
+                        "frame_handler_failed",
                         "frame handler failed for a frame from %s",
                         self.remote,
-                        extra={"event": "frame_handler_failed", "peer_id": self.peer},
+                        source=self.remote_host,
+                        exc_info=True,
+                        peer_id=self.peer,
                     )
         except (ConnectionClosed, OSError):
             _log.debug("link from %s ended", self.remote)
@@ -185,6 +235,13 @@ class Transport:
     links this agent opened itself are never displaced. The rules are
     :class:`~talos.transport.admission.AdmissionPolicy`'s; every time they
     read comes from ``clock.monotonic()``.
+
+    A link that keeps sending frames that cannot be decoded (the client tells
+    it: :meth:`Link.reject_malformed`) is closed once it has sent more than
+    ``malformed_burst`` of them (refilled at ``malformed_refill`` per second;
+    a text frame closes it at once), with close code 1008 (1003 for text),
+    and newcomers from its address are answered HTTP 429 for
+    ``throttle_seconds``.
     """
 
     def __init__(
@@ -200,11 +257,17 @@ class Transport:
         verify_within: float = VERIFY_WITHIN,
         evictable_after: float = EVICTABLE_AFTER,
         max_verified_per_peer: int = MAX_VERIFIED_PER_PEER,
+        malformed_burst: int = MALFORMED_BURST,
+        malformed_refill: float = MALFORMED_REFILL,
+        throttle_seconds: float = THROTTLE_SECONDS,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """Raises:
         ConfigurationError: a limit is not positive (``evictable_after`` may be 0).
         """
+        self._malformed = RateLimiter(rate=malformed_refill, burst=malformed_burst)
+        self._throttle = HostThrottle(throttle_seconds)
+        self._logs = LimitedLog(_log, clock)
         self._policy = AdmissionPolicy(
             max_incoming=max_incoming,
             max_per_host=max_per_host,
@@ -219,6 +282,10 @@ class Transport:
         #: Incoming links closed for their place (no accepted message in time,
         #: displaced by a newcomer, or a newcomer that found no place after all).
         self.unverified_closed = 0
+        #: Links closed for frames that cannot be decoded (rule 5).
+        self.closed_malformed = 0
+        #: Handshakes refused because their address was throttled for that.
+        self.throttled = 0
         self._options: dict[str, Any] = {
             "compression": None,
             "max_size": max_frame,
@@ -257,22 +324,39 @@ class Transport:
         del request
         address: Any = connection.remote_address
         host = str(address[0]) if address else "?"
-        decision = self._policy.decide(host, self._incoming(), self._clock.monotonic())
+        now = self._clock.monotonic()
+        if self._throttle.holds(host, now):
+            self.throttled += 1
+            self._logs.warning(
+                "link_throttled",
+                "refused an incoming connection from %s: its link was closed for "
+                "malformed frames less than %g s ago; %d refused so far",
+                host,
+                self._throttle.seconds,
+                self.throttled,
+                source=host,
+                remote=host,
+                throttled=self.throttled,
+            )
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "throttled\n")
+        decision = self._policy.decide(host, self._incoming(), now)
         if not isinstance(decision, Refuse):
             return None
         self.refused += 1
-        if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, 8th...: no log flood
-            _log.warning(
-                "refused an incoming connection from %s: %d links open (limit %d), "
-                "%d from that address (limit %d); %d refused so far",
-                host,
-                decision.incoming,
-                self._policy.max_incoming,
-                decision.from_host,
-                self._policy.max_per_host,
-                self.refused,
-                extra={"event": "connection_limit", "refused": self.refused, "remote": host},
-            )
+        self._logs.warning(
+            "connection_limit",
+            "refused an incoming connection from %s: %d links open (limit %d), "
+            "%d from that address (limit %d); %d refused so far",
+            host,
+            decision.incoming,
+            self._policy.max_incoming,
+            decision.from_host,
+            self._policy.max_per_host,
+            self.refused,
+            source=host,
+            refused=self.refused,
+            remote=host,
+        )
         return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
 
     def _incoming(self, *, exclude: Link | None = None) -> list[LinkFacts]:
@@ -311,21 +395,52 @@ class Transport:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self.unverified_closed += 1
-        if self.unverified_closed & (self.unverified_closed - 1) == 0:  # 1st, 2nd, 4th...
-            _log.warning(
-                "closed an incoming link from %s (%s); %d closed so far",
-                link.remote_host,
-                why,
-                self.unverified_closed,
-                extra={
-                    "event": "unverified_link",
-                    "remote": link.remote_host,
-                    "closed": self.unverified_closed,
-                },
-            )
+        self._logs.warning(
+            "unverified_link",
+            "closed an incoming link from %s (%s); %d closed so far",
+            link.remote_host,
+            why,
+            self.unverified_closed,
+            source=link.remote_host,
+            remote=link.remote_host,
+            closed=self.unverified_closed,
+        )
+
+    def _on_malformed(self, link: Link, fatal: bool) -> bool:
+        """Rule 5: close a link past its budget of undecodable frames (at once when
+        ``fatal``) and throttle its address (if it is an incoming link)."""
+        now = self._clock.monotonic()
+        if not fatal and self._malformed.allow(link.serial, now):
+            return False
+        self._malformed.forget(link.serial)
+        self.closed_malformed += 1
+        if not link.outgoing:
+            self._throttle.add(link.remote_host, now)
+        self._links.discard(link)
+        if fatal:
+            link.condemn(CLOSE_UNSUPPORTED_DATA, "text frame")
+        else:
+            link.condemn(CLOSE_POLICY_VIOLATION, "too many malformed frames")
+        task = asyncio.ensure_future(link.close())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._logs.warning(
+            "link_closed_malformed",
+            "closed the link from %s: frames that cannot be decoded; new connections "
+            "from %s are refused for %g s; %d links closed so far",
+            link.remote,
+            link.remote_host,
+            self._throttle.seconds,
+            self.closed_malformed,
+            source=link.remote_host,
+            remote=link.remote,
+            peer_id=link.peer,
+            closed=self.closed_malformed,
+        )
+        return True
 
     async def _accept(self, socket: ServerConnection) -> None:
-        link = Link(socket, outgoing=False, clock=self._clock)
+        link = Link(socket, outgoing=False, clock=self._clock, logs=self._logs)
         self._track(link)
         self._make_room(link)
         if self._expiry is None and link.is_open:
@@ -371,7 +486,7 @@ class Transport:
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI, WebSocketException) as exc:
             raise PeerUnreachable(f"cannot connect to {endpoint}: {exc}") from exc
-        link = Link(socket, outgoing=True, clock=self._clock)
+        link = Link(socket, outgoing=True, clock=self._clock, logs=self._logs)
         self._track(link)
         task = asyncio.create_task(link.pump(self._on_frame), name=f"talos-link-{endpoint}")
         self._tasks.add(task)
@@ -380,12 +495,14 @@ class Transport:
 
     def _track(self, link: Link) -> None:
         self._links.add(link)
+        link.on_malformed = self._on_malformed
         if self.on_link is not None:
             self.on_link(link)
 
         async def forget() -> None:
             await link.closed.wait()
             self._links.discard(link)
+            self._malformed.forget(link.serial)
 
         task = asyncio.create_task(forget())
         self._tasks.add(task)
