@@ -86,10 +86,10 @@ MALFORMED_BURST: Final = 8
 #: trickle is tolerated, a stream is not.
 MALFORMED_REFILL: Final = 1 / 60
 #: Seconds newcomers from an address whose link was closed for malformed frames
-#: are refused. Long enough that reconnecting costs a flooder far more than it
-#: gets (8 frames per 30 s), short enough that a real peer behind the same NAT
-#: only sees a delivery retry.
-THROTTLE_SECONDS: Final = 30.0
+#: are refused. A flooder then gets 8 frames in per handshake and 10 s, nothing
+#: worth its while; a real peer behind the same address (NAT) that needs a
+#: new link meanwhile sees one delivery retry, at most 10 s later.
+THROTTLE_SECONDS: Final = 10.0
 #: Addresses a :class:`HostThrottle` remembers at most (the oldest go first).
 MAX_THROTTLED_HOSTS: Final = 4096
 
