@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -233,3 +234,53 @@ async def test_frames_for_another_agent_count_against_the_links_budget(tmp_path:
 def audit_kinds(home: Path) -> list[str]:
     with AuditLog.open(home / "audit", readonly=True, extra_databases=AgentState.DATABASES) as log:
         return [entry.kind for entry in log.query()]
+
+
+#: A flooder that never reads: it does not answer our close frame, it just writes.
+_DEAF_FLOODER = """
+import asyncio, sys, time
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+async def main(endpoint, seconds):
+    end = time.monotonic() + seconds
+    links = refused = 0
+    while time.monotonic() < end:
+        try:
+            async with connect(endpoint) as ws:
+                links += 1
+                try:
+                    while time.monotonic() < end:
+                        await ws.send(b"\\x00\\x01")  # never yields to its reader
+                except ConnectionClosed:
+                    pass
+        except InvalidStatus:
+            refused += 1
+            await asyncio.sleep(0.01)
+    print(links, refused)
+
+asyncio.run(main(sys.argv[1], float(sys.argv[2])))
+"""
+
+
+async def test_a_flooder_that_never_reads_is_dropped_without_waiting_for_its_close() -> None:
+    server = Transport(Decoder())
+    try:
+        host, port = await server.listen("127.0.0.1", 0)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _DEAF_FLOODER,
+            f"ws://{host}:{port}",
+            "4",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        await server.close()
+    links, refused = map(int, out.split())
+    # Its link was dropped within seconds (not the 10 s a close handshake may
+    # take), and every return was refused.
+    assert links == 1
+    assert refused >= 1
+    assert server.closed_malformed == 1

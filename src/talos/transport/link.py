@@ -44,6 +44,10 @@ _serials = itertools.count()
 CLOSE_UNSUPPORTED_DATA: Final = 1003
 CLOSE_POLICY_VIOLATION: Final = 1008
 
+#: Seconds a condemned link's closing handshake may take before the TCP
+#: connection is dropped.
+CONDEMNED_CLOSE_TIMEOUT: Final = 1.0
+
 #: For links made without a transport (tests); a transport hands its links its own.
 _DEFAULT_LOGS = LimitedLog(_log, SYSTEM_CLOCK)
 
@@ -146,6 +150,9 @@ class Link:
         self.closed.set()
         if self._close_as is None:
             self._close_as = (code, reason)
+            # A flooder need not read our close frame: wait for its answer only
+            # briefly, then drop the connection (the default wait is 10 s).
+            self._socket.close_timeout = CONDEMNED_CLOSE_TIMEOUT
 
     async def close(self) -> None:
         """Close with the code given to :meth:`condemn`, else 1000 (normal closure)."""
