@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -155,9 +156,10 @@ async def test_a_garbage_flood_is_cut_off_while_a_real_peers_messages_flow(
             await flooder
         assert [m.data for m in received if m is not None] == [f"message {n}" for n in range(30)]
         metrics = b.metrics.render().decode()
-    # The flooder's first link was closed after its budget; each return was refused.
-    assert counts["closed_1008"] == 1
-    assert "talos_links_closed_malformed_total 1.0" in metrics
+    # The flooder's link was closed after its budget; its returns were refused
+    # (for 10 s: a slow run may see it let in, and closed, once more).
+    assert 1 <= counts["closed_1008"] <= 2
+    assert re.search(r"talos_links_closed_malformed_total [12]\.0", metrics)
     flood_lines = [
         r
         for r in caplog.records
@@ -165,7 +167,8 @@ async def test_a_garbage_flood_is_cut_off_while_a_real_peers_messages_flow(
         in {"malformed_frame", "link_closed_malformed", "link_throttled"}
     ]
     assert counts["429"] >= 3
-    assert len(flood_lines) <= 5 + 1 + 5  # each event's burst for one source
+    # Each event's burst for one source, and a line per 10 s after it.
+    assert len(flood_lines) <= 5 + 1 + 5 + 3
     assert len(caplog.records) < 200
 
 
