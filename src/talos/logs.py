@@ -26,6 +26,11 @@ Rules this module keeps:
   when configured at DEBUG, to every record with an exception. Security
   warnings therefore stay one short line each, so a flood of forged input
   cannot multiply the log volume.
+- **What anyone can trigger is rate-limited.** Lines caused by
+  unauthenticated or unverified input go through a :class:`LimitedLog`: a
+  few per source, a few per second per event in all, and the next line
+  written says how many were suppressed before it (:func:`suppressed_lines`
+  counts them for the metrics).
 """
 
 from __future__ import annotations
@@ -35,23 +40,29 @@ import logging
 import math
 import re
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from datetime import date, datetime
 from enum import Enum
 from pathlib import PurePath
 from types import TracebackType
 from typing import IO, Any, Final, Literal, TypeAlias
 
+from talos.core.clock import Clock
+from talos.core.ratelimit import RateLimiter
+
 __all__ = [
     "EVENTS",
     "LOG_FORMATS",
     "JsonFormatter",
+    "LimitedLog",
     "LogFormat",
     "TextFormatter",
     "configure_logging",
     "formatter",
+    "suppressed_lines",
 ]
 
 LogFormat: TypeAlias = Literal["json", "text"]
@@ -88,6 +99,10 @@ EVENTS: Final = frozenset(
         "refused",
         "connection_limit",
         "unverified_link",
+        "link_closed_malformed",
+        "link_throttled",
+        "misaddressed_frame",
+        "dht_datagram_refused",
         "registry_reachable",
         "message_lost",
         # the registry
@@ -97,6 +112,7 @@ EVENTS: Final = frozenset(
         "duplicates_truncated",
         "registry_metrics_listening",
         "registry_storage_failure",
+        "registry_unexpected_error",
         "one_time_prekeys_withheld",
         "registry_client_dropped",
         "registry_connections_refused",
@@ -431,3 +447,84 @@ def _level_number(level: int | str) -> int:
     if not isinstance(number, int):
         raise ValueError(f"unknown log level {level!r}")
     return number
+
+
+# -- rate-limited lines -----------------------------------------------------------------
+
+#: Lines suppressed by every :class:`LimitedLog` in this process, by event.
+_suppressed: dict[str, int] = {}
+_suppressed_lock = threading.Lock()
+
+
+def suppressed_lines() -> dict[str, int]:
+    """Lines :class:`LimitedLog` left out in this process so far, by event name."""
+    with _suppressed_lock:
+        return dict(_suppressed)
+
+
+class LimitedLog:
+    """Log lines that anyone reaching a port can cause, at a bounded rate.
+
+    Each line names its ``event`` and, optionally, a ``source`` (a remote
+    address, an agent id). A line is written when both its source's bucket
+    (``per_source``: ``(rate, burst)``) and its event's bucket (``per_event``)
+    have a token; otherwise it is counted and dropped, and the next line of
+    that event written says how many were, since when: ``... (1234 more
+    suppressed in the last 10 s)`` and a ``suppressed`` field. Sources are
+    kept in a least-recently-used map of ``max_sources``, and the per-event
+    bucket bounds the total however many sources there are. Time comes from
+    ``clock.monotonic()``.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        clock: Clock,
+        *,
+        per_source: tuple[float, int] = (0.1, 5),
+        per_event: tuple[float, int] = (1.0, 20),
+        max_sources: int = 1024,
+    ) -> None:
+        self._logger, self._clock = logger, clock
+        self._sources = RateLimiter(rate=per_source[0], burst=per_source[1], max_keys=max_sources)
+        self._events = RateLimiter(rate=per_event[0], burst=per_event[1], max_keys=256)
+        #: Per event: lines suppressed since the last one written, and since when.
+        self._pending: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, event: str, msg: str, *args: object, **fields: Any) -> bool:
+        """:meth:`log` at WARNING."""
+        return self.log(logging.WARNING, event, msg, *args, **fields)
+
+    def log(
+        self,
+        level: int,
+        event: str,
+        msg: str,
+        *args: object,
+        source: Hashable = None,
+        exc_info: bool | BaseException = False,
+        **fields: Any,
+    ) -> bool:
+        """Write the line unless its source or event is over its rate; returns whether
+        it was written. ``fields`` are the ``extra`` of the record."""
+        if not self._logger.isEnabledFor(level):
+            return False
+        now = self._clock.monotonic()
+        with self._lock:
+            allowed = (source is None or self._sources.allow((event, source), now)) and (
+                self._events.allow(event, now)
+            )
+            if not allowed:
+                count, since = self._pending.get(event, (0, now))
+                self._pending[event] = (count + 1, since)
+                with _suppressed_lock:
+                    _suppressed[event] = _suppressed.get(event, 0) + 1
+                return False
+            count, since = self._pending.pop(event, (0, now))
+        if count:
+            msg += " (%d more suppressed in the last %.0f s)"
+            args = (*args, count, max(1.0, now - since))
+            fields["suppressed"] = count
+        self._logger.log(level, msg, *args, exc_info=exc_info, extra={"event": event, **fields})
+        return True

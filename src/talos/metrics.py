@@ -31,15 +31,19 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.context_managers import Timer
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from talos.core import wire
 from talos.errors import CapabilityDenied, ConfigurationError
+from talos.logs import EVENTS, suppressed_lines
 
 __all__ = [
     "DENIAL_REASONS",
     "OTHER",
     "REJECTION_REASONS",
     "AgentMetrics",
+    "SuppressedLines",
 ]
 
 #: Label value for a reason this module does not know (keeps label cardinality bounded).
@@ -241,6 +245,17 @@ class AgentMetrics:
             "1 if the last contact with the registry succeeded, 0 if not (NaN: no registry).",
             registry=r,
         )
+        self.frames_malformed = Counter(
+            "talos_frames_malformed",
+            "Frames received that could not be decoded (dropped; see links_closed_malformed).",
+            registry=r,
+        )
+        self.links_closed_malformed = Counter(
+            "talos_links_closed_malformed",
+            "Links closed because they kept sending frames that could not be decoded.",
+            registry=r,
+        )
+        r.register(SuppressedLines("talos_log_lines_suppressed"))
 
         # Every labelled series exists from start-up.
         for reason in REJECTION_REASONS:
@@ -361,6 +376,12 @@ class AgentMetrics:
     def set_registry_reachable(self, reachable: bool) -> None:
         self.registry_up.set(1 if reachable else 0)
 
+    def frame_malformed(self, *, link_closed: bool) -> None:
+        """A frame could not be decoded; ``link_closed``: its link was closed for it."""
+        self.frames_malformed.inc()
+        if link_closed:
+            self.links_closed_malformed.inc()
+
     # -- exposition -------------------------------------------------------------
 
     def render(self) -> bytes:
@@ -379,6 +400,33 @@ class AgentMetrics:
     def close(self) -> None:
         """Stop the HTTP endpoint, if any (idempotent)."""
         self._endpoint.close()
+
+
+class SuppressedLines(Collector):
+    """``<name>_total{event}``: log lines this process's rate limits left out
+    (:class:`talos.logs.LimitedLog`), every documented event from zero."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        counts = suppressed_lines()
+        other = sum(n for event, n in counts.items() if event not in EVENTS)
+        for event in sorted(EVENTS):
+            family.add_metric([event], counts.get(event, 0))
+        family.add_metric([OTHER], other)
+        return [family]
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(
+            self._name,
+            "Log lines suppressed by rate limits (what anyone can trigger), by event.",
+            labels=["event"],
+        )
 
 
 class MetricsEndpoint:

@@ -3,7 +3,8 @@
 :class:`Signer` signs and sends the envelopes an agent answers with (ACK,
 ERROR, REVOCATIONS). :class:`Auditor` writes audit entries, and rate-limits
 those any peer can trigger at will, so that a flood of forged or replayed
-frames cannot fill the disk through the agent's own log.
+frames cannot fill the disk through the agent's own log. The log lines of
+both go through a :class:`~talos.logs.LimitedLog` (per sender, per event).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from talos.core.incoming import Refusal
 from talos.core.ratelimit import RateLimiter
 from talos.core.rng import Rng
 from talos.errors import PeerUnreachable, TalosError
+from talos.logs import LimitedLog
 from talos.transport import Link
 
 _log = logging.getLogger("talos.client")
@@ -31,6 +33,7 @@ class Signer:
     def __init__(self, identity: Identity, instance: bytes, clock: Clock, rng: Rng) -> None:
         self._identity, self._instance = identity, instance
         self._clock, self._rng = clock, rng
+        self._logs = LimitedLog(_log, clock)
 
     async def send(
         self, link: Link, recipient: str, kind: wire.EnvelopeType, **fields: Any
@@ -58,18 +61,17 @@ class Signer:
     async def refuse(self, link: Link, envelope: wire.Envelope, refusal: Refusal) -> None:
         """Log ``refusal`` of ``envelope`` and answer it with a signed ERROR."""
         code = refusal.code
-        _log.log(
+        self._logs.log(
             logging.WARNING if refusal.security else logging.INFO,
+            refusal.event,
             "refusing a message from %s: %s (%s)",
             envelope.sender,
             code.name,
             refusal.reason,
-            extra={
-                "event": refusal.event,
-                "peer_id": envelope.sender,
-                "message_id": envelope.message_id.hex(),
-                "code": code.name,
-            },
+            source=envelope.sender,
+            peer_id=envelope.sender,
+            message_id=envelope.message_id.hex(),
+            code=code.name,
         )
         await self.send(
             link,
@@ -88,6 +90,7 @@ class Auditor:
         self._log, self._clock = log, clock
         #: Bounds what unauthenticated input can make us write.
         self._noisy = RateLimiter(rate=1.0, burst=20)
+        self._logs = LimitedLog(_log, clock)
 
     def audit(self, kind: str, data: dict[str, Any], peer: str | None) -> None:
         try:
@@ -99,24 +102,28 @@ class Auditor:
         """Audit an event anyone can trigger at will, at most ~1/s per (kind, peer).
 
         Past the limit the event is still counted in the metrics and logged at
-        debug level, but not written. Returns whether it was audited (callers
+        debug level (rate-limited too), but not written. Returns whether it was audited (callers
         log a warning only then).
         """
         if self._noisy.allow((kind, peer), self._clock.monotonic()):
             self.audit(kind, data, peer)
             return True
-        _log.debug("%s from %s not audited: rate limit", kind, peer)
         return False
 
     def noisy_event(
         self, kind: str, event: str, text: str, message_id: bytes, sender: str, **fields: Any
     ) -> None:
         """Audit (rate-limited) and log an event any peer can trigger at will: a WARNING
-        with its fields when audited, DEBUG past the rate limit."""
+        with its fields when audited, DEBUG past the audit rate limit; the lines
+        themselves are rate-limited per sender and event."""
         audited = self.audit_noisy(kind, {"id": message_id}, sender)
-        _log.log(
+        self._logs.log(
             logging.WARNING if audited else logging.DEBUG,
+            event,
             text,
             sender,
-            extra={"event": event, "peer_id": sender, "message_id": message_id.hex(), **fields},
+            source=sender,
+            peer_id=sender,
+            message_id=message_id.hex(),
+            **fields,
         )

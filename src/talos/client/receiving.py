@@ -7,7 +7,10 @@ signed ACK → wake the application. Anything refused changes no state and
 is answered with a signed ERROR naming the reason (except forgeries, which
 are only audited). Messages on an established session are staged and
 committed together with whatever else arrives in the same event-loop tick
-(:class:`ReceiveBatch`): one fsync for all.
+(:class:`ReceiveBatch`): one fsync for all. Every line a frame can cause
+before its signature is verified is rate-limited (:class:`~talos.logs.LimitedLog`),
+and a link that keeps sending frames that cannot be decoded (or are for
+another agent) is closed by the transport (:meth:`~talos.transport.Link.reject_malformed`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from talos.errors import (
     SignatureInvalid,
     TalosError,
 )
+from talos.logs import LimitedLog
 from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
 from talos.storage.agent_state import AgentState, InboxMessage, Received
@@ -188,36 +192,44 @@ class Receiver:
         self._clock, self._rng = clock, rng
         self._on_ack, self._on_error, self._on_revocations = on_ack, on_error, on_revocations
         self._unknown_lookups = RateLimiter(rate=2.0, burst=20)
+        self._logs = LimitedLog(_log, clock)
         self.instances = InstanceTracker()
 
     async def on_frame(self, link: Link, frame: bytes) -> None:
         try:
             unverified = wire.decode(frame)
         except RemoteProtocolError as exc:
-            _log.warning(
-                "dropping a malformed frame from %s: %s",
-                link.remote,
-                exc,
-                extra={"event": "malformed_frame", "remote": link.remote},
-            )
+            self._malformed(link, "malformed_frame", "a malformed frame", exc)
             return
         if unverified.recipient != self._me:
-            _log.warning("dropping a frame for %s received by %s", unverified.recipient, self._me)
+            self._malformed(
+                link, "misaddressed_frame", "a frame for another agent", unverified.recipient
+            )
             return
         sender = unverified.sender
         if self._peers.known_log(sender) is None and not self._unknown_lookups.allow(
             "lookup", self._clock.monotonic()
         ):
-            _log.debug("dropping a frame from unknown %s: lookup rate limit", sender)
+            self._logs.log(
+                logging.DEBUG,
+                "unknown_sender",
+                "dropping a frame from unknown %s: lookup rate limit",
+                sender,
+                source=link.remote_host,
+                peer_id=sender,
+            )
             return
         try:
             log = await self._peers.keylog(sender)
         except (PeerNotFound, TalosError) as exc:
-            _log.warning(
+            self._logs.warning(
+                "unknown_sender",
                 "dropping a frame from unknown agent %s: %s",
                 sender,
                 exc,
-                extra={"event": "unknown_sender", "peer_id": sender},
+                source=link.remote_host,
+                peer_id=sender,
+                remote=link.remote,
             )
             return
         try:
@@ -257,10 +269,26 @@ class Receiver:
         elif kind is wire.EnvelopeType.REVOCATIONS:
             await self._on_revocations(link, envelope, log)
 
+    def _malformed(self, link: Link, event: str, what: str, detail: object) -> None:
+        """Drop a frame no peer of ours would send; the transport may close its link."""
+        closed = link.reject_malformed()
+        self._metrics.frame_malformed(link_closed=closed)
+        self._logs.warning(
+            event,
+            "dropping %s from %s: %s",
+            what,
+            link.remote,
+            detail,
+            source=link.remote_host,
+            remote=link.remote,
+        )
+
     async def _refuse(self, link: Link, envelope: wire.Envelope, refusal: incoming.Refusal) -> None:
         if refusal.audit is not None:
             kind, fields = refusal.audit
-            self._auditor.audit(kind, fields, envelope.sender)
+            # A captured refused frame can be replayed at will (refusals do not
+            # enter the replay window): its audit entries are rate-limited.
+            self._auditor.audit_noisy(kind, fields, envelope.sender)
         await self._signer.refuse(link, envelope, refusal)
 
     async def _receive_message(self, link: Link, envelope: wire.Envelope, sender_keys: Any) -> None:

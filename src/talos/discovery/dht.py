@@ -257,7 +257,13 @@ class DhtNode:
             try:
                 entry = verify_value(value, now=now, key=key, known_log=known_log)
             except TalosError as exc:
-                log.info("ignoring an invalid DHT value for %s: %s", agent_id, exc)
+                self.storage.logs.log(
+                    logging.INFO,
+                    "dht_datagram_refused",
+                    "ignoring an invalid DHT value for %s: %s",
+                    agent_id,
+                    exc,
+                )
                 return None
             return entry if entry.record.agent_id == agent_id else None
 

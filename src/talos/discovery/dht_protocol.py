@@ -81,7 +81,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
         self._tasks.discard(task)
         # Hostile datagrams make kademlia and umsgpack raise anything: log, never crash.
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.debug("DHT background task failed: %r", exc)
+            cast(ValidatingStorage, self.storage).logs.log(
+                logging.DEBUG, "dht_datagram_refused", "DHT background task failed: %r", exc
+            )
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.spawn(self._solve_datagram(data, addr))

@@ -24,6 +24,7 @@ from kademlia.storage import IStorage  # type: ignore[import-untyped, unused-ign
 from talos.core.clock import Clock
 from talos.discovery.dht_value import ID_SIZE, DhtEntry, verify_value
 from talos.errors import TalosError
+from talos.logs import LimitedLog
 from talos.system import SYSTEM_CLOCK
 
 __all__ = ["DEFAULT_MAX_ENTRIES", "ValidatingStorage"]
@@ -58,6 +59,8 @@ class ValidatingStorage(IStorage):  # type: ignore[misc]  # kademlia's IStorage 
         clock_skew: float = 60.0,
     ) -> None:
         self._clock = clock
+        #: Any node can send us values: what they cause in the log is rate-limited.
+        self.logs = LimitedLog(log, clock)
         self._max_entries = max_entries
         self._skew = clock_skew
         self._data: OrderedDict[bytes, _Stored] = OrderedDict()
@@ -76,11 +79,22 @@ class ValidatingStorage(IStorage):  # type: ignore[misc]  # kademlia's IStorage 
                 clock_skew=self._skew,
             )
         except TalosError as exc:
-            log.debug("DHT storage refused a value for %s: %s", key.hex(), exc)
+            self.logs.log(
+                logging.DEBUG,
+                "dht_datagram_refused",
+                "DHT storage refused a value for %s: %s",
+                key.hex(),
+                exc,
+            )
             return False
         if old is not None and value != old.value:
             if entry.record.sequence <= old.entry.record.sequence:
-                log.debug("DHT storage refused a value for %s: sequence not higher", key.hex())
+                self.logs.log(
+                    logging.DEBUG,
+                    "dht_datagram_refused",
+                    "DHT storage refused a value for %s: sequence not higher",
+                    key.hex(),
+                )
                 return False
         self._data[key] = _Stored(cast(bytes, value), entry, self._clock.monotonic())
         self._data.move_to_end(key)

@@ -6,7 +6,10 @@ with a 4xx status. :data:`REFUSAL_STATUS` is the one table that gives a
 raised while decoding or verifying a body gets the status of its family
 (:data:`EXCEPTION_STATUS`, 400 for the rest); a storage failure is a 503
 without details (those go to the log). A refused submission (a ``PUT``) is
-also logged at INFO as ``registry_rejected`` and counted.
+also logged at INFO as ``registry_rejected`` and counted. Anyone can send
+requests, so every line a request causes goes through the app's
+:class:`~talos.logs.LimitedLog` (:func:`request_logs`: per client address and
+per event), which reports what it suppressed.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from talos.core.agent_id import check_agent_id
 from talos.errors import KeyLogInvalid, PeerNotFound, SignatureInvalid, StorageError, TalosError
+from talos.logs import LimitedLog
 from talos.registry.admission import RefusalKind, Refused
+from talos.registry.drain import client_key
 from talos.registry.metrics import RegistryMetrics
+from talos.system import SYSTEM_CLOCK
 
-__all__ = ["EXCEPTION_STATUS", "REFUSAL_STATUS", "install_error_handlers"]
+__all__ = ["EXCEPTION_STATUS", "REFUSAL_STATUS", "install_error_handlers", "request_logs"]
 
 log = logging.getLogger("talos.registry")
 
@@ -69,6 +75,21 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(family, _on_error)
 
 
+def request_logs(request: Request) -> LimitedLog:
+    """The app's rate-limited log for lines a request causes (made on first use,
+    on the app's clock)."""
+    state = request.app.state
+    logs: LimitedLog | None = getattr(state, "request_logs", None)
+    if logs is None:
+        logs = LimitedLog(log, getattr(state, "clock", SYSTEM_CLOCK))
+        state.request_logs = logs
+    return logs
+
+
+def _source(request: Request) -> str:
+    return client_key(request.client.host if request.client is not None else "")
+
+
 def _answer(status: int, error: str, reason: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": error, "reason": reason})
 
@@ -85,10 +106,13 @@ async def _on_error(request: Request, exc: Exception) -> JSONResponse:
         status = _status_of(exc)
         if status == 503:
             _metrics(request).storage_failed()
-            log.error(
+            request_logs(request).log(
+                logging.ERROR,
+                "registry_storage_failure",
                 "storage failure: %s",
                 exc,
-                extra={"event": "registry_storage_failure", "peer_id": None},
+                source=_source(request),
+                peer_id=None,
             )
             return _answer(503, type(exc).__name__, "registry storage failure; try again later")
         return _refusal(request, status, type(exc).__name__, str(exc))
@@ -97,7 +121,14 @@ async def _on_error(request: Request, exc: Exception) -> JSONResponse:
         return _answer(exc.status_code, kinds.get(exc.status_code, "HTTPError"), str(exc.detail))
     if isinstance(exc, RequestValidationError):
         return _answer(422, "ValidationError", "request does not match the API")
-    log.error("unexpected error", exc_info=exc)
+    request_logs(request).log(
+        logging.ERROR,
+        "registry_unexpected_error",
+        "unexpected error: %s",
+        type(exc).__name__,
+        source=_source(request),
+        exc_info=exc,
+    )
     return _answer(500, "InternalError", "unexpected registry error")
 
 
@@ -108,19 +139,19 @@ def _refusal(request: Request, status: int, error: str, reason: str) -> JSONResp
     if kind is not None:
         _metrics(request).submission_rejected(kind, error)
         peer = _path_agent(request)
-        log.info(
+        request_logs(request).log(
+            logging.INFO,
+            "registry_rejected",
             "refused %s submission for %s: %s (%s)",
             kind,
             peer or "an invalid agent id",
             error,
             reason,
-            extra={
-                "event": "registry_rejected",
-                "peer_id": peer,
-                "kind": kind,
-                "reason": error,
-                "status": status,
-            },
+            source=_source(request),
+            peer_id=peer,
+            kind=kind,
+            reason=error,
+            status=status,
         )
     return _answer(status, error, reason)
 

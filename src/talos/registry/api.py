@@ -45,7 +45,7 @@ from talos.core.prekeys import PrekeyUpload
 from talos.core.revocation import RevocationList
 from talos.errors import PeerNotFound
 from talos.registry.admission import Refusal, RefusalKind, Refused, check_same_agent
-from talos.registry.answers import install_error_handlers
+from talos.registry.answers import install_error_handlers, request_logs
 from talos.registry.bodies import (
     CBOR,
     MAX_BODY,
@@ -266,11 +266,14 @@ async def get_bundle(agent_id: str, request: Request) -> Response:
         with_one_time_prekey=bundle.one_time_prekey_id is not None, withheld=not one_time
     )
     if not one_time and request.app.state.prekey_warnings.allow(address, clock.monotonic()):
-        log.warning(
+        request_logs(request).warning(
+            "one_time_prekeys_withheld",
             "withholding one-time prekeys of %s from %s: it took its share",
             agent,
             address,
-            extra={"event": "one_time_prekeys_withheld", "peer_id": agent, "address": address},
+            source=address,
+            peer_id=agent,
+            address=address,
         )
     return _cbor(bundle.to_bytes())
 

@@ -33,8 +33,10 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from talos.errors import StorageError
-from talos.metrics import MetricsEndpoint
+from talos.logs import LimitedLog
+from talos.metrics import MetricsEndpoint, SuppressedLines
 from talos.registry.backend import LiveCounts
+from talos.system import SYSTEM_CLOCK
 
 __all__ = [
     "CONTENT_TYPE",
@@ -173,6 +175,7 @@ class RegistryMetrics:
         )
         for drop in DROP_REASONS:
             self.clients_dropped.labels(reason=drop)
+        r.register(SuppressedLines("talos_registry_log_lines_suppressed"))
         for kind in SUBMISSION_KINDS:
             for reason in REJECTION_REASONS:
                 self.rejections.labels(kind=kind, reason=reason)
@@ -274,6 +277,7 @@ class _LiveGauges(Collector):
 
     def __init__(self, metrics: RegistryMetrics) -> None:
         self._metrics = metrics
+        self._logs = LimitedLog(log, SYSTEM_CLOCK)
         self.source: Callable[[], LiveCounts] | None = None
 
     def describe(self) -> Iterator[Metric]:
@@ -293,10 +297,12 @@ class _LiveGauges(Collector):
             counts = source()
         except StorageError as exc:
             self._metrics.storage_failed()
-            log.error(
+            self._logs.log(  # anyone who can GET /metrics causes this line
+                logging.ERROR,
+                "registry_storage_failure",
                 "cannot read the registry gauges: %s",
                 exc,
-                extra={"event": "registry_storage_failure", "peer_id": None},
+                peer_id=None,
             )
             return math.nan, math.nan, math.nan
         return float(counts.agents), float(counts.instances), float(counts.duplicate_identities)

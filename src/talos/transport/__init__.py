@@ -13,7 +13,8 @@ Every failure leaves as :class:`~talos.errors.PeerUnreachable`.
 
 Which incoming links are kept is decided, sans I/O, in
 :mod:`talos.transport.admission`; :mod:`talos.transport.links` holds the
-sockets and acts on those decisions.
+listener and acts on those decisions; :mod:`talos.transport.link` is one
+connection and its frame pump.
 """
 
 from talos.transport.admission import (

@@ -22,6 +22,11 @@ Rules:
    (``opened_at <= now - evictable_after``), taken from its own address's
    links when that address holds its share, else from every incoming link.
    With no such link the newcomer is refused.
+5. A link that sends frames that cannot be decoded spends a budget of
+   ``MALFORMED_BURST`` such frames, refilled at ``MALFORMED_REFILL`` per
+   second; the frame past it closes the link, and its remote address is
+   throttled (:class:`HostThrottle`): newcomers from it are refused for
+   ``THROTTLE_SECONDS``.
 
 This module imports nothing but the standard library and :mod:`talos.errors`:
 no asyncio, sockets, clocks or logging.
@@ -30,6 +35,7 @@ no asyncio, sockets, clocks or logging.
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -38,15 +44,20 @@ from talos.errors import ConfigurationError
 
 __all__ = [
     "EVICTABLE_AFTER",
+    "MALFORMED_BURST",
+    "MALFORMED_REFILL",
     "MAX_INCOMING",
     "MAX_INCOMING_PER_HOST",
+    "MAX_THROTTLED_HOSTS",
     "MAX_VERIFIED_PER_PEER",
+    "THROTTLE_SECONDS",
     "VERIFY_WITHIN",
     "Admit",
     "AdmissionPolicy",
     "Crowded",
     "Decision",
     "Displace",
+    "HostThrottle",
     "LinkFacts",
     "Refuse",
 ]
@@ -65,6 +76,22 @@ EVICTABLE_AFTER: Final = 2.0
 #: Verified incoming links kept per sending agent; its older ones are
 #: displaceable like unverified ones (one identity cannot hold every place).
 MAX_VERIFIED_PER_PEER: Final = 4
+#: Undecodable frames a link may send before it is closed (rule 5). An honest
+#: peer sends none: its frames are built by the same codec that reads them
+#: (only a version this build does not know is refused, and it would be
+#: refused every time); a few are tolerated so that one corrupted frame does
+#: not cut a peer off.
+MALFORMED_BURST: Final = 8
+#: Undecodable frames per second a link earns back (one a minute): a steady
+#: trickle is tolerated, a stream is not.
+MALFORMED_REFILL: Final = 1 / 60
+#: Seconds newcomers from an address whose link was closed for malformed frames
+#: are refused. A flooder then gets 8 frames in per handshake and 10 s, nothing
+#: worth its while; a real peer behind the same address (NAT) that needs a
+#: new link meanwhile sees one delivery retry, at most 10 s later.
+THROTTLE_SECONDS: Final = 10.0
+#: Addresses a :class:`HostThrottle` remembers at most (the oldest go first).
+MAX_THROTTLED_HOSTS: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,3 +209,39 @@ class AdmissionPolicy:
             (link.opened_at + self.verify_within for link in links if link.verified_by is None),
             default=None,
         )
+
+
+class HostThrottle:
+    """Remote addresses refused until a time (rule 5), in bounded memory.
+
+    At most ``max_hosts`` are held; past that the one throttled first is
+    forgotten (it is let back in early, which only costs the flooder less).
+    """
+
+    def __init__(
+        self, seconds: float = THROTTLE_SECONDS, max_hosts: int = MAX_THROTTLED_HOSTS
+    ) -> None:
+        if not (seconds > 0 and max_hosts >= 1):
+            raise ConfigurationError("throttle needs seconds > 0 and max_hosts >= 1")
+        self.seconds, self._max_hosts = seconds, max_hosts
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, host: str, now: float) -> None:
+        """Refuse newcomers from ``host`` until ``now + seconds``."""
+        self._until.pop(host, None)
+        self._until[host] = now + self.seconds
+        while len(self._until) > self._max_hosts:
+            self._until.popitem(last=False)
+
+    def holds(self, host: str, now: float) -> bool:
+        """Whether ``host`` is throttled at ``now`` (an expired entry is dropped)."""
+        until = self._until.get(host)
+        if until is None:
+            return False
+        if until <= now:
+            del self._until[host]
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self._until)

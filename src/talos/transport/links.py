@@ -1,40 +1,52 @@
-"""WebSocket links: the listener, outgoing connections, and the frame pump.
+"""WebSocket links: the listener and outgoing connections (each a :class:`Link`).
 
 :class:`Transport` acts on the admission decisions of
 :class:`~talos.transport.admission.AdmissionPolicy`: it feeds the policy the
 facts of its open incoming links and the time on its injected clock, and
-refuses, displaces or closes the links the policy names.
+refuses, displaces or closes the links the policy names. Every line a remote
+party can cause is written through a :class:`~talos.logs.LimitedLog`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, WebSocketException
+from websockets.exceptions import InvalidHandshake, InvalidURI, WebSocketException
 
 from talos.core.clock import Clock
+from talos.core.ratelimit import RateLimiter
 from talos.core.wire import MAX_FRAME_SIZE
 from talos.errors import PeerUnreachable
+from talos.logs import LimitedLog
 from talos.system import SYSTEM_CLOCK
 from talos.transport.admission import (
     EVICTABLE_AFTER,
+    MALFORMED_BURST,
+    MALFORMED_REFILL,
     MAX_INCOMING,
     MAX_INCOMING_PER_HOST,
     MAX_VERIFIED_PER_PEER,
+    THROTTLE_SECONDS,
     VERIFY_WITHIN,
     AdmissionPolicy,
     Admit,
     Displace,
+    HostThrottle,
     LinkFacts,
     Refuse,
+)
+from talos.transport.link import (
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_UNSUPPORTED_DATA,
+    FrameHandler,
+    Link,
 )
 
 __all__ = [
@@ -49,123 +61,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("talos.transport")
-
-#: Called for every binary frame received on any link.
-FrameHandler = Callable[["Link", bytes], Awaitable[None]]
-
-#: Opening order of links in this process (:attr:`LinkFacts.serial`).
-_serials = itertools.count()
-
-
-class Link:
-    """One open WebSocket to a peer, whichever side opened it."""
-
-    def __init__(
-        self,
-        socket: ClientConnection | ServerConnection,
-        *,
-        outgoing: bool,
-        clock: Clock = SYSTEM_CLOCK,
-    ) -> None:
-        self._socket = socket
-        self._clock = clock
-        self.outgoing = outgoing
-        #: Its place in the opening order (:attr:`LinkFacts.serial`).
-        self.serial = next(_serials)
-        #: The agent at the other end, once an authenticated envelope named it.
-        self.peer: str | None = None
-        #: The agent whose accepted message arrived here (:meth:`mark_verified`).
-        self.verified_by: str | None = None
-        #: When its first one did, and when the link opened, on ``clock.monotonic()``.
-        self.verified_at: float | None = None
-        self.opened_at = clock.monotonic()
-        self.closed = asyncio.Event()
-
-    @property
-    def verified(self) -> bool:
-        return self.verified_by is not None
-
-    def mark_verified(self, sender: str) -> None:
-        """Note that a message from ``sender`` arrived here and was accepted (signed,
-        fresh, not a replay, authorized, decrypted): the link is a peer's, not a
-        connection holding a place. The client calls this; see :class:`Transport`."""
-        if self.verified_by != sender:  # called per message: only the first counts
-            self.verified_by = sender
-            self.verified_at = self._clock.monotonic()
-
-    @property
-    def facts(self) -> LinkFacts:
-        """What the admission policy knows of this link, as of now."""
-        return LinkFacts(
-            serial=self.serial,
-            host=self.remote_host,
-            opened_at=self.opened_at,
-            verified_by=self.verified_by,
-            verified_at=self.verified_at,
-        )
-
-    @property
-    def remote(self) -> str:
-        address: Any = self._socket.remote_address
-        return f"{address[0]}:{address[1]}" if address else "?"
-
-    @property
-    def remote_host(self) -> str:
-        """The remote IP address alone (``"?"`` if unknown)."""
-        address: Any = self._socket.remote_address
-        return str(address[0]) if address else "?"
-
-    @property
-    def is_open(self) -> bool:
-        return not self.closed.is_set()
-
-    async def send(self, frame: bytes) -> None:
-        """Send one frame.
-
-        Raises:
-            PeerUnreachable: the connection is closed or broke while sending.
-        """
-        if self.closed.is_set():
-            raise PeerUnreachable(f"connection to {self.peer or self.remote} is closed")
-        try:
-            await self._socket.send(frame)
-        except (ConnectionClosed, OSError) as exc:
-            self.closed.set()
-            raise PeerUnreachable(f"connection to {self.peer or self.remote} broke: {exc}") from exc
-
-    async def close(self) -> None:
-        self.closed.set()
-        with contextlib.suppress(WebSocketException, OSError):
-            await self._socket.close()
-
-    async def pump(self, on_frame: FrameHandler) -> None:
-        """Hand every binary frame to ``on_frame`` until the connection ends.
-
-        Text frames are a protocol violation: the link is closed. A handler
-        error is logged and does not end the link (one bad frame must not cut
-        a peer off).
-        """
-        try:
-            async for message in self._socket:
-                if not isinstance(message, bytes):
-                    _log.warning(
-                        "closing link from %s: text frame",
-                        self.remote,
-                        extra={"event": "malformed_frame", "peer_id": self.peer},
-                    )
-                    break
-                try:
-                    await on_frame(self, message)
-                except Exception:
-                    _log.exception(
-                        "frame handler failed for a frame from %s",
-                        self.remote,
-                        extra={"event": "frame_handler_failed", "peer_id": self.peer},
-                    )
-        except (ConnectionClosed, OSError):
-            _log.debug("link from %s ended", self.remote)
-        finally:
-            await self.close()
 
 
 class Transport:
@@ -185,6 +80,13 @@ class Transport:
     links this agent opened itself are never displaced. The rules are
     :class:`~talos.transport.admission.AdmissionPolicy`'s; every time they
     read comes from ``clock.monotonic()``.
+
+    A link that keeps sending frames that cannot be decoded (the client tells
+    it: :meth:`Link.reject_malformed`) is closed once it has sent more than
+    ``malformed_burst`` of them (refilled at ``malformed_refill`` per second;
+    a text frame closes it at once), with close code 1008 (1003 for text),
+    and newcomers from its address are answered HTTP 429 for
+    ``throttle_seconds``.
     """
 
     def __init__(
@@ -200,11 +102,17 @@ class Transport:
         verify_within: float = VERIFY_WITHIN,
         evictable_after: float = EVICTABLE_AFTER,
         max_verified_per_peer: int = MAX_VERIFIED_PER_PEER,
+        malformed_burst: int = MALFORMED_BURST,
+        malformed_refill: float = MALFORMED_REFILL,
+        throttle_seconds: float = THROTTLE_SECONDS,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """Raises:
         ConfigurationError: a limit is not positive (``evictable_after`` may be 0).
         """
+        self._malformed = RateLimiter(rate=malformed_refill, burst=malformed_burst)
+        self._throttle = HostThrottle(throttle_seconds)
+        self._logs = LimitedLog(_log, clock)
         self._policy = AdmissionPolicy(
             max_incoming=max_incoming,
             max_per_host=max_per_host,
@@ -219,6 +127,10 @@ class Transport:
         #: Incoming links closed for their place (no accepted message in time,
         #: displaced by a newcomer, or a newcomer that found no place after all).
         self.unverified_closed = 0
+        #: Links closed for frames that cannot be decoded (rule 5).
+        self.closed_malformed = 0
+        #: Handshakes refused because their address was throttled for that.
+        self.throttled = 0
         self._options: dict[str, Any] = {
             "compression": None,
             "max_size": max_frame,
@@ -257,22 +169,39 @@ class Transport:
         del request
         address: Any = connection.remote_address
         host = str(address[0]) if address else "?"
-        decision = self._policy.decide(host, self._incoming(), self._clock.monotonic())
+        now = self._clock.monotonic()
+        if self._throttle.holds(host, now):
+            self.throttled += 1
+            self._logs.warning(
+                "link_throttled",
+                "refused an incoming connection from %s: its link was closed for "
+                "malformed frames less than %g s ago; %d refused so far",
+                host,
+                self._throttle.seconds,
+                self.throttled,
+                source=host,
+                remote=host,
+                throttled=self.throttled,
+            )
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "throttled\n")
+        decision = self._policy.decide(host, self._incoming(), now)
         if not isinstance(decision, Refuse):
             return None
         self.refused += 1
-        if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, 8th...: no log flood
-            _log.warning(
-                "refused an incoming connection from %s: %d links open (limit %d), "
-                "%d from that address (limit %d); %d refused so far",
-                host,
-                decision.incoming,
-                self._policy.max_incoming,
-                decision.from_host,
-                self._policy.max_per_host,
-                self.refused,
-                extra={"event": "connection_limit", "refused": self.refused, "remote": host},
-            )
+        self._logs.warning(
+            "connection_limit",
+            "refused an incoming connection from %s: %d links open (limit %d), "
+            "%d from that address (limit %d); %d refused so far",
+            host,
+            decision.incoming,
+            self._policy.max_incoming,
+            decision.from_host,
+            self._policy.max_per_host,
+            self.refused,
+            source=host,
+            refused=self.refused,
+            remote=host,
+        )
         return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
 
     def _incoming(self, *, exclude: Link | None = None) -> list[LinkFacts]:
@@ -311,21 +240,52 @@ class Transport:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self.unverified_closed += 1
-        if self.unverified_closed & (self.unverified_closed - 1) == 0:  # 1st, 2nd, 4th...
-            _log.warning(
-                "closed an incoming link from %s (%s); %d closed so far",
-                link.remote_host,
-                why,
-                self.unverified_closed,
-                extra={
-                    "event": "unverified_link",
-                    "remote": link.remote_host,
-                    "closed": self.unverified_closed,
-                },
-            )
+        self._logs.warning(
+            "unverified_link",
+            "closed an incoming link from %s (%s); %d closed so far",
+            link.remote_host,
+            why,
+            self.unverified_closed,
+            source=link.remote_host,
+            remote=link.remote_host,
+            closed=self.unverified_closed,
+        )
+
+    def _on_malformed(self, link: Link, fatal: bool) -> bool:
+        """Rule 5: close a link past its budget of undecodable frames (at once when
+        ``fatal``) and throttle its address (if it is an incoming link)."""
+        now = self._clock.monotonic()
+        if not fatal and self._malformed.allow(link.serial, now):
+            return False
+        self._malformed.forget(link.serial)
+        self.closed_malformed += 1
+        if not link.outgoing:
+            self._throttle.add(link.remote_host, now)
+        self._links.discard(link)
+        if fatal:
+            link.condemn(CLOSE_UNSUPPORTED_DATA, "text frame")
+        else:
+            link.condemn(CLOSE_POLICY_VIOLATION, "too many malformed frames")
+        task = asyncio.ensure_future(link.close())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._logs.warning(
+            "link_closed_malformed",
+            "closed the link from %s: frames that cannot be decoded; new connections "
+            "from %s are refused for %g s; %d links closed so far",
+            link.remote,
+            link.remote_host,
+            self._throttle.seconds,
+            self.closed_malformed,
+            source=link.remote_host,
+            remote=link.remote,
+            peer_id=link.peer,
+            closed=self.closed_malformed,
+        )
+        return True
 
     async def _accept(self, socket: ServerConnection) -> None:
-        link = Link(socket, outgoing=False, clock=self._clock)
+        link = Link(socket, outgoing=False, clock=self._clock, logs=self._logs)
         self._track(link)
         self._make_room(link)
         if self._expiry is None and link.is_open:
@@ -371,7 +331,7 @@ class Transport:
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI, WebSocketException) as exc:
             raise PeerUnreachable(f"cannot connect to {endpoint}: {exc}") from exc
-        link = Link(socket, outgoing=True, clock=self._clock)
+        link = Link(socket, outgoing=True, clock=self._clock, logs=self._logs)
         self._track(link)
         task = asyncio.create_task(link.pump(self._on_frame), name=f"talos-link-{endpoint}")
         self._tasks.add(task)
@@ -380,12 +340,14 @@ class Transport:
 
     def _track(self, link: Link) -> None:
         self._links.add(link)
+        link.on_malformed = self._on_malformed
         if self.on_link is not None:
             self.on_link(link)
 
         async def forget() -> None:
             await link.closed.wait()
             self._links.discard(link)
+            self._malformed.forget(link.serial)
 
         task = asyncio.create_task(forget())
         self._tasks.add(task)
