@@ -3,26 +3,37 @@
 * A capabilities store truncated below its committed pages is a named
   ``StoreCorrupted`` for every command that opens it, never a bus error.
 * Damage to an LMDB internal page (a branch page) is exit 3 naming the file.
+* A full disk (ENOSPC, or the EIO LMDB reports for a short write) is
+  ``AuditFull`` with its hint and the ``audit_full`` event, on the receive
+  path, the send path and the CLI.
 * Every file Talos creates in a home, a backup or a restored log is 0600.
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
 import shutil
 import signal
 import stat
 import struct
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from talos.audit import AuditLog, LogSigner
+from talos.core.crypto import SigningKey
+from talos.errors import AuditFull
 from talos.storage.home import AgentHome
 from talos.storage.tokens import TokenStore
 from talos.testing import FakeClock, SeededRng
 from talos.testing.cli import CliResult, TalosCli
-from talos.testing.processes import launched
+from talos.testing.processes import launched, registry_process
+from talos.testing.waiting import wait_until
 
 CLI = TalosCli()
 ok, talos = CLI.ok, CLI.run
@@ -184,3 +195,110 @@ def test_every_file_talos_creates_is_0600(tmp_path: Path) -> None:
         str(p): oct(mode) for p, mode in files.items() if mode != (0o700 if p.is_dir() else 0o600)
     }
     assert loose == {}
+
+
+# -- a full disk -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB file system (tmpfs), to fill up for real."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root (CI runs these as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(  # noqa: S603 -- fixed arguments
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mount)],  # noqa: S607
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)  # noqa: S603, S607
+
+
+def _fill(disk: Path, *, leave: int) -> Path:
+    """Fill ``disk`` with one file until it is full, then give back ``leave`` bytes."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as handle:
+        chunk = bytes(1 << 16)
+        while True:
+            try:
+                handle.write(chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+@pytest.mark.parametrize("leave", [0, 8192], ids=["ENOSPC", "short-write-EIO"])
+def test_a_full_disk_is_audit_full_with_the_event(
+    small_disk: Path, leave: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No room at all gives LMDB ENOSPC; a little room gives it a short write, which
+    LMDB reports as EIO: both are AuditFull, logged as audit_full, nothing lost."""
+    key = SigningKey.generate(SeededRng(5))
+    clock = FakeClock()
+    path = small_disk / "audit"
+    with AuditLog.open(path, signer=LogSigner(key, "t"), clock=clock) as log:
+        log.append("MESSAGE_SENT", {"n": 0})
+        _fill(small_disk, leave=leave)
+        batch = [("MESSAGE_SENT", {"n": n, "hash": bytes(32)}, None) for n in range(3000)]
+        with caplog.at_level(logging.WARNING, "talos.audit"), pytest.raises(AuditFull) as caught:
+            log.append_many(batch)
+    assert "free disk space" in caught.value.hint
+    cause = str(caught.value.__cause__)
+    assert ("Input/output error" if leave else "No space left") in cause
+    assert [r for r in caplog.records if getattr(r, "event", None) == "audit_full"]
+    with AuditLog.open(path, readonly=True) as log:
+        assert log.size == 1
+        assert log.verify_chain().ok
+
+
+def test_the_receive_and_send_paths_on_a_full_disk(small_disk: Path, tmp_path: Path) -> None:
+    """A receiver whose disk fills says AuditFull with its hint and the audit_full event,
+    keeps running, and takes the message once there is room again (the sender retries);
+    a sender whose disk is full refuses `talos send` with AuditFull and its hint."""
+    alice_home, bob_home = tmp_path / "alice", small_disk / "bob"
+    alice_id = ok(alice_home, "init", "--name", "alice").strip()
+    bob_id = ok(bob_home, "init", "--name", "bob").strip()
+    with registry_process(tmp_path / "registry") as registry, launched() as launcher:
+        url = ["--registry", registry.url]
+        bob = launcher.agent(bob_home, *url, "--accept", "open", "--log-format", "json")
+        launcher.agent(alice_home, *url, "--accept", "open", "--reconnect-interval", "0.2")
+        assert ok(alice_home, "send", bob_id, "warm-up", "--timeout", "10").startswith("delivered")
+        filler = _fill(small_disk, leave=8192)
+        big = "x" * 120_000  # needs new pages: the commit must grow the file
+        queued = ok(alice_home, "send", bob_id, big, "--timeout", "1")
+        assert queued.startswith("queued"), queued
+        lines = wait_until(
+            lambda: [
+                json.loads(line)
+                for line in bob.log.read_text().splitlines()
+                if line.startswith("{") and "not committed" in line
+            ],
+            30,
+            what="bob logs the uncommitted receive",
+        )
+        assert "AuditFull" in lines[0]["message"]
+        assert "hint: free disk space" in lines[0]["message"]
+        assert "audit_full" in bob.log.read_text()
+        assert bob.child.running
+        # The sender's disk is fine; bob's own CLI write path hits the full disk too.
+        refused = talos(bob_home, "send", alice_id, big, "--timeout", "1")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "AuditFull" in refused.stderr
+        assert "hint: free disk space" in refused.stderr
+        filler.unlink()
+        inbox = wait_until(
+            lambda: [m for m in json.loads(ok(bob_home, "inbox", "--json")) if m["data"] == big],
+            30,
+            what="the message arrives once there is room",
+        )
+        assert len(inbox) == 1
