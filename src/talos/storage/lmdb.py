@@ -95,6 +95,9 @@ _CORRUPT = (
     # that deep, so both mean a damaged file.
     lmdb.BadTxnError,
     lmdb.CursorFullError,
+    # LMDB 1.0's page checksums and its "unexpected problem" code.
+    lmdb.BadChecksumError,
+    lmdb.ProblemError,
 )
 #: Files Talos creates in a store directory: owner read/write only.
 FILE_MODE: Final = 0o600

@@ -23,6 +23,7 @@ from talos.storage.tokens import TokenStore
         lmdb.CorruptedError("mdb_cursor_get: MDB_CORRUPTED: Located page was wrong type"),
         lmdb.PageNotFoundError("mdb_cursor_get: MDB_PAGE_NOTFOUND: Requested page not found"),
         lmdb.InvalidError("mdb_env_open: MDB_INVALID: File is not an LMDB file"),
+        lmdb.BadChecksumError("mdb_page_get: MDB_BAD_CHECKSUM: Page checksum incorrect"),
     ],
     ids=lambda error: type(error).__name__,
 )
