@@ -36,7 +36,7 @@ from talos.errors import (
     UnsupportedVersion,
 )
 from talos.storage.environment import Environment
-from talos.storage.lmdb import DATA_FILE, check_data_file
+from talos.storage.lmdb import DATA_FILE, FILE_MODE, check_data_file
 
 __all__ = ["restore", "write_backup"]
 
@@ -82,7 +82,7 @@ def restore(
     aside = target.parent / f"{target.name}.replaced-{stamp}"
     try:
         staging.mkdir(mode=0o700, parents=True)
-        shutil.copyfile(source / DATA_FILE, staging / DATA_FILE)
+        _copy_private(source / DATA_FILE, staging / DATA_FILE)
         _fsync_tree(staging)
         moved = None
         if target.exists():
@@ -121,6 +121,13 @@ def _verify_backup(source: Path, trusted_keys: Collection[VerifyKey] | None) -> 
         environment.close()
     if report.problem is not None:
         raise BackupInvalid(f"audit backup {source} fails verification: {report.problem}")
+
+
+def _copy_private(source: Path, dest: Path) -> None:
+    """Copy ``source`` to a new file ``dest`` created 0600 (a store file)."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+        shutil.copyfileobj(src, out)
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -128,10 +128,14 @@ class ReceiveBatch:
                 taken=len(takers),
             )
         except TalosError as exc:
+            # Kind and hint go with the line: a full disk (AuditFull, also logged as
+            # audit_full by the audit log) must read as one, not as a bare error.
             _log.warning(
-                "%d received messages not committed (the senders will retry): %s",
+                "%d received messages not committed (the senders will retry): %s: %s%s",
                 len(staged),
+                type(exc).__name__,
                 exc,
+                f" (hint: {exc.hint})" if exc.hint else "",
             )
             return
         for peer, session in sessions.items():

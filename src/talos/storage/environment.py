@@ -15,9 +15,10 @@ Layout of the directory::
 
 Rules this module keeps:
 
-* Safe open: the data file is checked against its own committed pages
-  (:func:`talos.storage.lmdb.check_data_file`) before LMDB maps it, so a
-  truncated file is reported instead of killing the process with SIGBUS.
+* Safe open: through :func:`talos.storage.lmdb.open_environment`, which
+  checks the data file against its own committed pages before LMDB maps it
+  (a truncated file is reported instead of killing the process with
+  SIGBUS) and creates the files 0600.
 * Durability: opened with ``sync=True`` and ``metasync=True`` and without
   ``writemap``/``map_async``, so a write transaction is on disk when
   :meth:`Environment.write` returns.
@@ -46,10 +47,11 @@ from talos.errors import ConfigurationError, LocalProtocolError, StorageError
 from talos.storage.lmdb import (
     DATA_FILE,
     DEFAULT_MAP_SIZE,
+    FILE_MODE,
     MAX_EXTRA_DATABASES,
     MIN_SIZE_BYTES,
-    check_data_file,
     lmdb_errors,
+    open_environment,
 )
 
 __all__ = ["AUDIT_DATABASES", "AuditDatabases", "Environment"]
@@ -143,31 +145,24 @@ class Environment:
             raise ConfigurationError(f"max_size_bytes must be at least {MIN_SIZE_BYTES}")
         if readonly and not (path / DATA_FILE).exists():
             raise StorageError(f"no audit log in {path}")
-        check_data_file(path / DATA_FILE, full=verify_structure)
         map_size = DEFAULT_MAP_SIZE if max_size_bytes is None else max_size_bytes
         page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         map_size -= map_size % page
-        try:
-            if not readonly:
-                path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"could not create {path}: {exc.strerror or exc}") from exc
-        with lmdb_errors(str(path)):
-            env = lmdb.Environment(
-                str(path),
-                map_size=map_size,
-                subdir=True,
-                readonly=readonly,
-                lock=lock or not readonly,
-                sync=True,
-                metasync=True,
-                writemap=False,
-                map_async=False,
-                meminit=False,
-                max_dbs=8 + MAX_EXTRA_DATABASES,  # the audit log's five, three spare
-                max_readers=126,
-                mode=0o600,
-            )
+        env = open_environment(
+            path,
+            store="audit log",
+            readonly=readonly,
+            lock=lock or not readonly,
+            verify_structure=verify_structure,
+            map_size=map_size,
+            sync=True,
+            metasync=True,
+            writemap=False,
+            map_async=False,
+            meminit=False,
+            max_dbs=8 + MAX_EXTRA_DATABASES,  # the audit log's five, three spare
+            max_readers=126,
+        )
         try:
             return cls(
                 env,
@@ -239,8 +234,18 @@ class Environment:
     def copy_to(self, dest: Path) -> None:
         """Write a compacted, consistent copy of the environment into directory ``dest``.
 
+        The copy's ``data.mdb`` is created 0600, like every store file.
+
         Raises:
             StorageError: ``dest`` cannot be written (or the disk is full).
         """
-        with lmdb_errors(str(dest)):
-            self._env.copy(str(dest), compact=True)
+        target = dest / DATA_FILE
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except OSError as exc:
+            raise StorageError(f"could not create {target}: {exc.strerror or exc}") from exc
+        try:
+            with lmdb_errors(dest):
+                self._env.copyfd(fd, compact=True)
+        finally:
+            os.close(fd)

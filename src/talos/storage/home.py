@@ -201,8 +201,9 @@ class AgentHome:
             KeyFileCorrupted: the local key is damaged while a key file needs it.
         """
         self.ensure()
-        # Public first: a crash leaves a log at least as new as the secrets'.
-        atomic_write(self.keylog_path, identity.keylog.to_bytes(), mode=0o644)
+        # Public first: a crash leaves a log at least as new as the secrets'. Public,
+        # but a store file all the same: 0600 like every file in the home.
+        atomic_write(self.keylog_path, identity.keylog.to_bytes())
         payload = identity.to_secret_bytes()
         if passphrase is not None:
             sealed = seal(payload, kind=KIND_KEYFILE, rng=rng, passphrase=passphrase, params=params)

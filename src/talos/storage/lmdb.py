@@ -6,9 +6,17 @@ environment with these; the audit log's row layout is in
 
 Rules this module keeps:
 
-* Errors: every ``lmdb`` exception leaves as a Talos one: map full, ``ENOSPC``
-  and ``EDQUOT`` as :class:`~talos.errors.AuditFull`; corruption and foreign
-  files as :class:`~talos.errors.StoreCorrupted`; the rest as
+* One safe open: :func:`open_environment` is the only place Talos calls
+  ``lmdb``'s open, for every store (the audit log and agent state, the
+  capabilities store). It checks the data file first (below), creates the
+  directory 0700 and the files 0600, and translates every error.
+* Errors: every ``lmdb`` exception leaves as a Talos one (:func:`translate`):
+  map full, ``ENOSPC``, ``EDQUOT``, and ``EIO`` while the file system is
+  (nearly) full as :class:`~talos.errors.AuditFull` -- LMDB reports a short
+  write, which is what a full disk gives it, as ``EIO``; corruption
+  (``MDB_CORRUPTED``, ``MDB_PAGE_NOTFOUND``, ``MDB_INVALID``, and the
+  ``MDB_BAD_TXN`` / ``MDB_CURSOR_FULL`` a damaged page leads to) as
+  :class:`~talos.errors.StoreCorrupted` naming the data file; the rest as
   :class:`~talos.errors.StorageError`.
 * SIGBUS: LMDB maps the data file; touching a page past the end of a truncated
   file kills the process with SIGBUS. Before the file is handed to LMDB,
@@ -30,7 +38,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import lmdb
 import lmdb.verify
@@ -40,17 +48,24 @@ from talos.errors import AuditFull, StorageError, StoreCorrupted
 __all__ = [
     "DATA_FILE",
     "DEFAULT_MAP_SIZE",
+    "DIR_MODE",
+    "FILE_MODE",
+    "LOCK_FILE",
     "MAX_EXTRA_DATABASES",
     "MIN_SIZE_BYTES",
+    "NEARLY_FULL_BYTES",
     "DataFileInfo",
     "check_data_file",
+    "disk_nearly_full",
     "lmdb_errors",
+    "open_environment",
     "read_u64",
     "translate",
     "u64",
 ]
 
 DATA_FILE: Final = "data.mdb"
+LOCK_FILE: Final = "lock.mdb"
 
 #: Map size (address space, not disk) when the caller sets no limit.
 DEFAULT_MAP_SIZE: Final = 1 << 40
@@ -63,6 +78,10 @@ MAX_EXTRA_DATABASES: Final = 8
 _MDB_MAGIC = 0xBEEFC0DE
 _U64 = struct.Struct(">Q")
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: ``EIO`` from LMDB with less than this free on the file system is a full disk:
+#: LMDB turns a short write (the disk filled during the commit) into ``EIO``.
+NEARLY_FULL_BYTES: Final = 1 << 20
+_KNOWN_ERRNOS = (errno.EIO, errno.ENOSPC, errno.EDQUOT)
 _CORRUPT = (
     lmdb.CorruptedError,
     lmdb.PageNotFoundError,
@@ -70,7 +89,19 @@ _CORRUPT = (
     lmdb.VersionMismatchError,
     lmdb.PanicError,
     lmdb.BadValsizeError,
+    # A damaged page fails one operation and poisons the transaction: the next
+    # one gets MDB_BAD_TXN. A page that points at itself (or a too-deep tree)
+    # overflows the cursor stack. Talos never misuses a transaction or nests
+    # that deep, so both mean a damaged file.
+    lmdb.BadTxnError,
+    lmdb.CursorFullError,
+    # LMDB 1.0's page checksums and its "unexpected problem" code.
+    lmdb.BadChecksumError,
+    lmdb.ProblemError,
 )
+#: Files Talos creates in a store directory: owner read/write only.
+FILE_MODE: Final = 0o600
+DIR_MODE: Final = 0o700
 
 
 def u64(value: int) -> bytes:
@@ -187,20 +218,104 @@ def _walk(path: Path, info: DataFileInfo) -> None:
 # -- error translation -------------------------------------------------------------
 
 
-def translate(exc: lmdb.Error, where: str) -> StorageError:
-    """The Talos exception for an ``lmdb`` one raised while working on ``where``."""
-    code = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else None
-    if isinstance(exc, lmdb.MapFullError | lmdb.DiskError) or code in _FULL_ERRNOS:
-        return AuditFull(f"audit log {where} is full: {exc.args[0] if exc.args else exc}")
+def translate(exc: lmdb.Error, where: str | Path, *, store: str = "audit log") -> StorageError:
+    """The Talos exception for an ``lmdb`` one raised while working on directory ``where``.
+
+    ``store`` names the store in messages ("audit log", "capabilities store").
+    """
+    code = _errno_of(exc)
+    detail = str(exc)
+    if (
+        isinstance(exc, lmdb.MapFullError | lmdb.DiskError)
+        or code in _FULL_ERRNOS
+        or (code == errno.EIO and disk_nearly_full(Path(where)))
+    ):
+        return AuditFull(f"{store} {where} is full: {detail}")
     if isinstance(exc, _CORRUPT):
-        return StoreCorrupted(f"audit log {where} is corrupted: {exc}", where=where, what="lmdb")
-    return StorageError(f"audit log {where}: {exc}")
+        data = Path(where) / DATA_FILE
+        return StoreCorrupted(
+            f"{store} file {data} is corrupted: {exc}", where=str(data), what="lmdb"
+        )
+    return StorageError(f"{store} {where}: {detail}")
+
+
+def _errno_of(exc: lmdb.Error) -> int | None:
+    """The system errno behind an ``lmdb`` error, if it is one Talos tells apart.
+
+    py-lmdb's C extension keeps only the text (``"mdb_txn_commit: Input/output
+    error"``); its cffi twin keeps the number as the second argument.
+    """
+    if len(exc.args) > 1 and isinstance(exc.args[1], int):
+        return exc.args[1]
+    text = str(exc)
+    return next((n for n in _KNOWN_ERRNOS if text.endswith(": " + os.strerror(n))), None)
+
+
+def disk_nearly_full(path: Path) -> bool:
+    """Whether the file system holding ``path`` has less than NEARLY_FULL_BYTES free."""
+    for candidate in (path, *path.parents):
+        try:
+            stats = os.statvfs(candidate)
+        except OSError:
+            continue
+        return stats.f_bavail * stats.f_frsize < NEARLY_FULL_BYTES
+    return False
 
 
 @contextlib.contextmanager
-def lmdb_errors(where: str) -> Iterator[None]:
+def lmdb_errors(where: str | Path, *, store: str = "audit log") -> Iterator[None]:
     """Turn ``lmdb.Error`` raised inside the block into its Talos exception."""
     try:
         yield
     except lmdb.Error as exc:
-        raise translate(exc, where) from exc
+        raise translate(exc, where, store=store) from exc
+
+
+# -- the one safe open -------------------------------------------------------------
+
+
+def open_environment(
+    path: Path,
+    *,
+    store: str,
+    readonly: bool = False,
+    lock: bool = True,
+    verify_structure: bool = False,
+    **options: Any,
+) -> lmdb.Environment:
+    """Open (or create, unless ``readonly``) the LMDB environment in directory ``path``.
+
+    The only way Talos opens LMDB. The data file is checked against its
+    committed pages before it is mapped (:func:`check_data_file`; with
+    ``verify_structure`` every reachable page is walked too); a new directory
+    is created 0700 and new files 0600, and files an older Talos left
+    readable by others are tightened to 0600. ``options`` go to
+    ``lmdb.Environment`` (map size, sync flags, ``max_dbs``...).
+
+    Raises:
+        StoreCorrupted: the data file is truncated, damaged or not LMDB (named).
+        AuditFull: the disk is full.
+        StorageError: the directory cannot be created or opened.
+    """
+    if not readonly:
+        try:
+            path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not create {path}: {exc.strerror or exc}") from exc
+    check_data_file(path / DATA_FILE, full=verify_structure)
+    with lmdb_errors(path, store=store):
+        env = lmdb.Environment(
+            str(path), subdir=True, readonly=readonly, lock=lock, mode=FILE_MODE, **options
+        )
+    if not readonly:
+        _tighten(path)
+    return env
+
+
+def _tighten(path: Path) -> None:
+    """chmod 0600 the LMDB files in ``path`` that others may read (made by an older Talos)."""
+    for name in (DATA_FILE, LOCK_FILE):
+        file = path / name
+        with contextlib.suppress(OSError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(FILE_MODE)

@@ -13,11 +13,16 @@ The store keeps encoded bytes and knows nothing of their meaning: decoding
 and verification stay in :mod:`talos.core.capability` and
 :mod:`talos.core.revocation`. Every write is one durable transaction, so a
 token is on disk before anyone is shown it.
+
+It is opened like every LMDB store (:func:`talos.storage.lmdb.open_environment`):
+a truncated file is a named :class:`~talos.errors.StoreCorrupted`, never a
+SIGBUS; its files are 0600; a full disk or map is
+:class:`~talos.errors.AuditFull`.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -26,13 +31,15 @@ from typing import Final
 import lmdb
 
 from talos.core.encoding import canonical_dumps, strict_loads
-from talos.errors import MalformedFrame, StorageError, StoreCorrupted, UnsupportedVersion
+from talos.errors import MalformedFrame, StoreCorrupted, UnsupportedVersion
+from talos.storage.lmdb import lmdb_errors, open_environment
 
 __all__ = ["TokenStore"]
 
 FORMAT_VERSION: Final = 1
 _MAP_SIZE = 256 << 20
 _MAX_RECORD = 1 << 20
+_STORE: Final = "capabilities store"
 _DATABASES = (b"granted", b"held", b"revocations", b"reasons", b"keylogs", b"meta")
 
 
@@ -42,7 +49,8 @@ class TokenStore:
     def __init__(self, env: lmdb.Environment, path: Path) -> None:
         self._env = env
         self._path = path
-        self._dbs = {name: env.open_db(name) for name in _DATABASES}
+        with lmdb_errors(path, store=_STORE):
+            self._dbs = {name: env.open_db(name) for name in _DATABASES}
         self._check_version()
 
     @classmethod
@@ -50,21 +58,17 @@ class TokenStore:
         """Open (creating if needed) the store at ``path``.
 
         Raises:
-            StoreCorrupted: the files are not a Talos token store.
+            StoreCorrupted: the data file is truncated or damaged, or not LMDB
+                (named; checked before it is mapped, see
+                :func:`~talos.storage.lmdb.open_environment`).
             UnsupportedVersion: written by a newer Talos.
+            AuditFull: the disk is full.
             StorageError: the directory cannot be opened.
         """
+        env = open_environment(path, store=_STORE, map_size=_MAP_SIZE, max_dbs=len(_DATABASES))
         try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            env = lmdb.open(str(path), map_size=_MAP_SIZE, max_dbs=len(_DATABASES), subdir=True)
-        except lmdb.InvalidError as exc:
-            raise StoreCorrupted(
-                f"{path} is not a valid LMDB store", where=str(path), what="format"
-            ) from exc
-        except (lmdb.Error, OSError) as exc:
-            raise StorageError(f"cannot open token store {path}: {exc}") from exc
-        try:
-            return cls(env, path)
+            with lmdb_errors(path, store=_STORE):
+                return cls(env, path)
         except BaseException:
             env.close()
             raise
@@ -103,7 +107,7 @@ class TokenStore:
 
     def find(self, token_id: bytes) -> bytes | None:
         """A granted or held token by id, or None."""
-        with self._env.begin() as txn:
+        with self._read() as txn:
             for name in (b"granted", b"held"):
                 value = txn.get(token_id, db=self._dbs[name])
                 if value is not None:
@@ -123,8 +127,8 @@ class TokenStore:
         Raises:
             StoreCorrupted: a record is damaged.
         """
-        with self._env.begin(db=self._dbs[b"revocations"]) as txn:
-            items = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+        with self._read() as txn:
+            items = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._dbs[b"revocations"])]
         for key, value in items:
             yield self._revocation_record(key, value)
 
@@ -135,8 +139,8 @@ class TokenStore:
             StoreCorrupted: the record is damaged.
         """
         key = issuer.encode()
-        with self._env.begin(db=self._dbs[b"revocations"]) as txn:
-            value = txn.get(key)
+        with self._read() as txn:
+            value = txn.get(key, db=self._dbs[b"revocations"])
         if value is None:
             return None
         _, data, synced = self._revocation_record(key, bytes(value))
@@ -164,8 +168,8 @@ class TokenStore:
         self._put(b"reasons", token_id, reason.encode())
 
     def reason(self, token_id: bytes) -> str | None:
-        with self._env.begin(db=self._dbs[b"reasons"]) as txn:
-            value = txn.get(token_id)
+        with self._read() as txn:
+            value = txn.get(token_id, db=self._dbs[b"reasons"])
         return None if value is None else bytes(value).decode(errors="replace")
 
     # -- peers' key logs --------------------------------------------------------
@@ -175,8 +179,8 @@ class TokenStore:
         self._put(b"keylogs", agent_id.encode(), data)
 
     def keylog(self, agent_id: str) -> bytes | None:
-        with self._env.begin(db=self._dbs[b"keylogs"]) as txn:
-            value = txn.get(agent_id.encode())
+        with self._read() as txn:
+            value = txn.get(agent_id.encode(), db=self._dbs[b"keylogs"])
         return None if value is None else bytes(value)
 
     def keylogs(self) -> Iterator[bytes]:
@@ -186,27 +190,33 @@ class TokenStore:
     # -- internals --------------------------------------------------------------
 
     def _put(self, db: bytes, key: bytes, value: bytes) -> None:
-        try:
-            with self._env.begin(write=True, db=self._dbs[db]) as txn:
-                txn.put(key, value)
-        except lmdb.MapFullError as exc:
-            raise StorageError(f"token store {self._path} is full") from exc
-        except lmdb.Error as exc:
-            if getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc):
-                raise StorageError(f"disk full writing {self._path}") from exc
-            raise StorageError(f"cannot write token store {self._path}: {exc}") from exc
+        """One durable write.
+
+        Raises:
+            AuditFull: the store's map or the disk is full; nothing was written.
+            StoreCorrupted: LMDB found the file damaged.
+            StorageError: any other LMDB failure.
+        """
+        with lmdb_errors(self._path, store=_STORE), self._env.begin(write=True) as txn:
+            txn.put(key, value, db=self._dbs[db])
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction[bytes]]:
+        """A read transaction; a damaged file is StoreCorrupted naming it."""
+        with lmdb_errors(self._path, store=_STORE), self._env.begin() as txn:
+            yield txn
 
     def _values(self, db: bytes) -> Iterator[bytes]:
-        with self._env.begin(db=self._dbs[db]) as txn:
-            values = [bytes(v) for _, v in txn.cursor()]
+        with self._read() as txn:
+            values = [bytes(v) for _, v in txn.cursor(db=self._dbs[db])]
         return iter(values)
 
     def _check_version(self) -> None:
         meta = self._dbs[b"meta"]
-        with self._env.begin(write=True, db=meta) as txn:
-            stored = txn.get(b"version")
+        with lmdb_errors(self._path, store=_STORE), self._env.begin(write=True) as txn:
+            stored = txn.get(b"version", db=meta)
             if stored is None:
-                txn.put(b"version", str(FORMAT_VERSION).encode())
+                txn.put(b"version", str(FORMAT_VERSION).encode(), db=meta)
                 return
         if stored != str(FORMAT_VERSION).encode():
             raise UnsupportedVersion(
