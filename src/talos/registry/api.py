@@ -131,7 +131,7 @@ async def _read_body(request: Request) -> bytes:
         raise _refused(RefusalKind.UNSUPPORTED_MEDIA_TYPE, f"send the body as {CBOR}")
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise _refused(RefusalKind.MALFORMED, "invalid Content-Length")
         if int(declared) > MAX_BODY:
             raise _refused(RefusalKind.TOO_LARGE, f"body exceeds {MAX_BODY} bytes")
