@@ -1132,3 +1132,21 @@ async def test_trace_ids_come_from_the_injected_rng(tmp_path: Path) -> None:
             result = await a.send("bob" * 10, "queued")
             ids.append((result.message_id, result.trace_id))
     assert ids[0] == ids[1]
+
+
+async def test_bad_revocation_lists_sent_again_and_again_are_audited_at_a_bounded_rate(
+    tmp_path: Path,
+) -> None:
+    """REVOCATIONS envelopes are signed but not replay-checked: a peer (or a replay of
+    its traffic) repeating a bad list cannot write an audit entry per copy."""
+    async with introduced(tmp_path) as (a, b):
+        assert (await a.send(b.agent_id, "hello", timeout=10)).status == "delivered"
+        link = a._parts.deliverer.links[b.agent_id]  # noqa: SLF001 -- a raw signed envelope
+        signer = a._parts.capabilities._signer  # noqa: SLF001
+        for _ in range(60):
+            await signer.send(
+                link, b.agent_id, wire.EnvelopeType.REVOCATIONS, revocation_list=b"\xa0"
+            )
+        assert (await a.send(b.agent_id, "still fine", timeout=10)).status == "delivered"
+    failures = audit_kinds(tmp_path / "b").count("SIGNATURE_FAILURE")
+    assert 1 <= failures <= 25

@@ -249,13 +249,16 @@ class Capabilities:
                 raise MalformedFrame("a peer may only offer its own revocation list")
             result = self.revocations.apply(offered, keys=IssuerKeys([log]))
         except (RemoteProtocolError, SignatureInvalid) as exc:
-            self._auditor.audit(AuditKind.SIGNATURE_FAILURE, {"what": "revocation list"}, sender)
-            _log.warning(
-                "refusing a revocation list from %s: %s",
-                sender,
-                exc,
-                extra={"event": "revocation_conflict", "peer_id": sender},
-            )
+            # Control envelopes are not replay-checked: a bad list sent (or replayed)
+            # again and again is audited and logged at the noisy-event rate.
+            fields = {"what": "revocation list"}
+            if self._auditor.audit_noisy(AuditKind.SIGNATURE_FAILURE, fields, sender):
+                _log.warning(
+                    "refusing a revocation list from %s: %s",
+                    sender,
+                    exc,
+                    extra={"event": "revocation_conflict", "peer_id": sender},
+                )
             return
         if result.security_event:
             self._auditor.audit("REVOCATION_CONFLICT", {"outcome": result.outcome.name}, sender)
