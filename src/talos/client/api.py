@@ -129,7 +129,9 @@ class TalosClient:
 
         Raises:
             ConfigurationError: an invalid option.
-            StorageError: the home, audit log or state cannot be opened.
+            StorageError: the home, audit log or state cannot be opened;
+                ``StoreCorrupted`` (naming the file) if the key log or the
+                audit log's head fails the start-up check (docs/operations.md).
         """
         return _Creating(dict(locals()))
 
