@@ -158,15 +158,15 @@ def _check_last_block(
     block = _block(store, txn, height)
     if block.tree_size > size:
         raise _Bad(ChainProblem("block", "block beyond the last entry", height=height))
+    previous = _block(store, txn, height - 1).block_hash() if height else GENESIS_HASH
+    if block.previous != previous:
+        raise _Bad(ChainProblem("block", "previous-block hash does not match", height=height))
     try:
         root = store.fold(txn, block.tree_size)
     except StoreCorrupted:
         raise _Bad(ChainProblem("node", "stored node missing", height=height)) from None
     if block.root != root:
         raise _Bad(ChainProblem("block", "block root does not match the entries", height=height))
-    previous = _block(store, txn, height - 1).block_hash() if height else GENESIS_HASH
-    if block.previous != previous:
-        raise _Bad(ChainProblem("block", "previous-block hash does not match", height=height))
     _check_signature(block, trusted)
     if block.block_hash() != last_hash:
         raise _Bad(ChainProblem("meta", "last block hash does not match"))
