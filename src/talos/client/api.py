@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from talos.audit import AuditLog, LogSigner
+from talos.audit.head_check import refuse_damaged_head
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
 from talos.client.discovery import RECORD_LIFETIME, Discovery
@@ -38,6 +39,7 @@ from talos.client.wiring import Parts, assemble
 from talos.core import wire
 from talos.core.capability import Capability
 from talos.core.clock import Clock, time_ms
+from talos.core.crypto import VerifyKey
 from talos.core.encoding import canonical_dumps, strict_versioned_map
 from talos.core.identity import Identity
 from talos.core.keylog import KeyLog
@@ -127,7 +129,9 @@ class TalosClient:
 
         Raises:
             ConfigurationError: an invalid option.
-            StorageError: the home, audit log or state cannot be opened.
+            StorageError: the home, audit log or state cannot be opened;
+                ``StoreCorrupted`` (naming the file) if the key log or the
+                audit log's head fails the start-up check (docs/operations.md).
         """
         return _Creating(dict(locals()))
 
@@ -168,6 +172,7 @@ class TalosClient:
     async def _open(self) -> None:
         config, clock, rng = self._config, self._clock, self._rng
         self._identity = identity = self._load_identity()
+        self._home.check_public_keylog(identity.keylog)
         signer = LogSigner(identity.signing_key, identity.agent_id, f"{identity.agent_id}/audit")
         self._log = AuditLog.open(
             self._home.audit_path,
@@ -176,6 +181,9 @@ class TalosClient:
             extra_databases=AgentState.DATABASES,
             **config.audit.open_arguments(),
         )
+        # Cheap (O(log n)) start-up check; the full scan is `talos audit verify-chain`.
+        trusted = [VerifyKey(event.signing_key) for event in identity.keylog.events]
+        refuse_damaged_head(self._log.environment, trusted)
         self._state = AgentState(
             self._log,
             storage_key=derive_storage_key(identity.signing_key.seed()),

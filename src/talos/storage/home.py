@@ -55,10 +55,14 @@ from talos.errors import (
     WrongPassphrase,
 )
 
-__all__ = ["AgentHome", "atomic_write", "default_home"]
+__all__ = ["RECOVER_HINT", "AgentHome", "atomic_write", "default_home"]
 
 IDENTITY_FILE: Final = "identity.key"
 KEYLOG_FILE: Final = "keylog.cbor"
+
+#: What the operator does about a damaged key log or key file (diagnose says the same).
+RECOVER_HINT: Final = "`talos recover --backup FILE`"
+
 AUDIT_DIR: Final = "audit"
 LOCAL_KEY_FILE: Final = "identity.localkey"
 ARCHIVE_DIR: Final = "archive"
@@ -157,6 +161,30 @@ class AgentHome:
                 where=str(self.keylog_path),
                 what="key log",
             ) from None
+
+    def check_public_keylog(self, keylog: KeyLog) -> None:
+        """Refuse a public key log that is damaged or does not match ``keylog`` (the key file's).
+
+        The public log may be newer than the key file's (it is written first),
+        never older nor another agent's. A home without one passes (for now).
+
+        Raises:
+            StoreCorrupted: naming the public key log, hinting at ``talos recover``.
+        """
+        try:
+            public = self.load_public_keylog()
+        except StoreCorrupted as exc:
+            exc.hint = RECOVER_HINT
+            raise
+        if public is not None and public.events[: len(keylog.events)] != keylog.events:
+            error = StoreCorrupted(
+                f"public key log {self.keylog_path} does not match the key file "
+                f"{self.identity_path}",
+                where=str(self.keylog_path),
+                what="key log mismatch",
+            )
+            error.hint = RECOVER_HINT
+            raise error
 
     def ensure(self) -> None:
         """Create the home (0700) if it does not exist.
