@@ -37,6 +37,7 @@ from talos.errors import (
 from talos.storage.environment import Environment
 from talos.storage.lmdb import MAX_EXTRA_DATABASES, u64
 from talos.testing import FakeClock
+from talos.testing.damage import flip_stored_bit
 
 KEY = SigningKey(bytes(range(32)))
 SIGNER = LogSigner(KEY, "alice.example", "talos/alice/audit")
@@ -60,21 +61,6 @@ def _fill(log: AuditLog, n: int, clock: FakeClock | None = None) -> list[int]:
 
 def _leaves(log: AuditLog) -> list[bytes]:
     return [entry.leaf_hash() for entry in log.entries()]
-
-
-def _flip(path: Path, db: bytes, key: bytes, offset: int) -> None:
-    """Flip one bit of a stored value, writing through LMDB directly."""
-    env = lmdb.open(str(path), max_dbs=8)
-    try:
-        handle = env.open_db(db)
-        with env.begin(write=True) as txn:
-            value = txn.get(key, db=handle)
-            assert value is not None
-            raw = bytearray(value)
-            raw[offset % len(raw)] ^= 0x01
-            txn.put(key, bytes(raw), db=handle)
-    finally:
-        env.close()
 
 
 def _stored(log: AuditLog, seq: int) -> bytes:
@@ -270,7 +256,7 @@ def test_flipped_bytes_are_found_with_their_position(
     path = tmp_path / "log"
     with _open(path, clock, block_entries=10) as log:
         _fill(log, 35)
-    _flip(path, db, key, offset)
+    flip_stored_bit(path, db, key, offset)
     with _open(path, clock) as log:
         report = log.verify_chain()
         assert not report.ok
@@ -287,7 +273,7 @@ def test_flipped_every_byte_of_an_entry_is_detected(tmp_path: Path, clock: FakeC
         _fill(log, 5)
         length = 32 + len(log.entry(3).to_bytes())
     for offset in range(length):
-        _flip(path, b"entries", u64(3), offset)
+        flip_stored_bit(path, b"entries", u64(3), offset)
         with _open(path, clock) as log:
             problem = log.verify_chain().problem
             assert problem is not None
@@ -296,7 +282,7 @@ def test_flipped_every_byte_of_an_entry_is_detected(tmp_path: Path, clock: FakeC
                 log.entry(3)
             with pytest.raises(StoreCorrupted):
                 log.prove_inclusion(3)
-        _flip(path, b"entries", u64(3), offset)  # and back
+        flip_stored_bit(path, b"entries", u64(3), offset)  # and back
     with _open(path, clock) as log:
         assert log.verify_chain().ok
 
@@ -307,7 +293,7 @@ def test_append_refuses_a_tree_that_does_not_match_its_root(
     path = tmp_path / "log"
     with _open(path, clock) as log:
         _fill(log, 6)
-    _flip(path, b"nodes", node_key(NodeID(2, 0)), 0)
+    flip_stored_bit(path, b"nodes", node_key(NodeID(2, 0)), 0)
     with _open(path, clock) as log, pytest.raises(StoreCorrupted):
         log.append("MESSAGE_SENT", {})
 
@@ -547,7 +533,7 @@ def test_restore_refuses_a_corrupt_backup(tmp_path: Path, clock: FakeClock, dama
         log.backup(backup)
         root = log.root()
     if damage == "flip":
-        _flip(backup, b"entries", u64(1234), 50)
+        flip_stored_bit(backup, b"entries", u64(1234), 50)
         (backup / "lock.mdb").unlink()
     elif damage == "truncate":
         os.truncate(backup / "data.mdb", (backup / "data.mdb").stat().st_size // 2)

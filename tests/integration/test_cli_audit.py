@@ -11,7 +11,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import lmdb
 import pytest
 
 from talos.audit import AuditLog, LogSigner, leaf_hash, verifier_key, verify_inclusion
@@ -20,6 +19,7 @@ from talos.storage.home import AgentHome
 from talos.storage.lmdb import u64
 from talos.testing import FakeClock, SeededRng
 from talos.testing.cli import CliResult, TalosCli
+from talos.testing.damage import flip_stored_bit
 
 ENTRIES = 300
 BLOCK_ENTRIES = 64
@@ -38,21 +38,6 @@ def _fill(log: AuditLog, clock: FakeClock, start: int, count: int) -> None:
         peer = f"peer{i % 4}" if i % 2 else None
         log.append(kind, {"hash": bytes([i % 256]) * 32, "n": i}, peer=peer)
         clock.advance(1)
-
-
-def _flip(path: Path, db: bytes, key: bytes, offset: int) -> None:
-    """Flip one bit of a stored value through LMDB directly, as an attacker with the file could."""
-    env = lmdb.open(str(path), max_dbs=8)
-    try:
-        handle = env.open_db(db)
-        with env.begin(write=True) as txn:
-            value = txn.get(key, db=handle)
-            assert value is not None
-            raw = bytearray(value)
-            raw[offset % len(raw)] ^= 0x01
-            txn.put(key, bytes(raw), db=handle)
-    finally:
-        env.close()
 
 
 @dataclass(frozen=True)
@@ -140,7 +125,7 @@ def test_blocks_signed_by_a_key_outside_the_key_log_are_refused(world: World) ->
 def test_a_flipped_byte_is_found_with_its_position(
     home: Path, db: bytes, key: bytes, named: str
 ) -> None:
-    _flip(home / "audit", db, key, 40)
+    flip_stored_bit(home / "audit", db, key, 40)
     result = fails(home, 3, "audit", "verify-chain")
     assert named in result.stderr
     assert "restore" in result.stderr  # the hint
@@ -450,7 +435,7 @@ def test_backup_and_restore_round_trip(home: Path, world: World, tmp_path: Path)
 def test_restore_refuses_a_damaged_backup(home: Path, world: World, tmp_path: Path) -> None:
     backup = tmp_path / "backup"
     ok(home, "audit", "backup", "--out", str(backup))
-    _flip(backup, b"entries", u64(200), 50)
+    flip_stored_bit(backup, b"entries", u64(200), 50)
     (backup / "lock.mdb").unlink(missing_ok=True)
     before = sorted(p.name for p in home.iterdir())
     result = fails(home, 5, "audit", "restore", "--backup", str(backup))

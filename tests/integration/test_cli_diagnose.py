@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import lmdb
 import pytest
 
 from talos.audit import AuditLog, LogSigner
@@ -26,6 +25,7 @@ from talos.storage.home import AgentHome
 from talos.storage.lmdb import u64
 from talos.system import SYSTEM_CLOCK
 from talos.testing.cli import CliResult, TalosCli
+from talos.testing.damage import flip_stored_bit
 from talos.testing.processes import (
     AgentProcess,
     RegistryProcess,
@@ -281,19 +281,6 @@ def _run_agent_once(home: Path, passphrase: bytes | None = None) -> None:
     asyncio.run(run())
 
 
-def _flip_entry(audit: Path, seq: int) -> None:
-    """Flip one bit of a stored audit entry, as someone with the file could."""
-    env = lmdb.open(str(audit), max_dbs=16)
-    try:
-        db = env.open_db(b"entries")
-        with env.begin(write=True) as txn:
-            raw = bytearray(txn.get(u64(seq), db=db) or b"")
-            raw[len(raw) // 2] ^= 0x01
-            txn.put(u64(seq), bytes(raw), db=db)
-    finally:
-        env.close()
-
-
 def test_storage_damage_is_found_and_named(tmp_path: Path) -> None:
     home = tmp_path / "alice"
     ok(home, "init", "--name", "alice")
@@ -309,7 +296,7 @@ def test_storage_damage_is_found_and_named(tmp_path: Path) -> None:
     assert one(clean, "storage", "agent state")["status"] == "ok"
     assert one(clean, "storage", "disk")["max_size_bytes"] == 1 << 30
 
-    _flip_entry(home / "audit", 7)
+    flip_stored_bit(home / "audit", b"entries", u64(7))
     (home / "capabilities" / "data.mdb").write_bytes(b"not an LMDB file" * 512)
     damaged = diagnose(home, "--storage", code=1)
     audit = one(damaged, "storage", "audit log")

@@ -14,7 +14,6 @@ import json
 import shutil
 from pathlib import Path
 
-import lmdb
 import pytest
 
 from talos.audit import AuditLog, LogSigner
@@ -23,6 +22,7 @@ from talos.errors import StoreCorrupted
 from talos.storage.home import AgentHome
 from talos.storage.lmdb import u64
 from talos.testing.cli import CliResult, TalosCli
+from talos.testing.damage import flip_stored_bit
 
 CLI = TalosCli()
 
@@ -78,19 +78,6 @@ def _last_seq(home: Path) -> int:
         return log.size - 1
 
 
-def _flip(audit: Path, db: bytes, key: bytes, offset: int) -> None:
-    """Flip one bit of a stored value, through LMDB directly, as someone with the file could."""
-    env = lmdb.open(str(audit), max_dbs=16)
-    try:
-        handle = env.open_db(db)
-        with env.begin(write=True) as txn:
-            raw = bytearray(txn.get(key, db=handle) or b"")
-            raw[offset % len(raw)] ^= 0x01
-            txn.put(key, bytes(raw), db=handle)
-    finally:
-        env.close()
-
-
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -130,7 +117,7 @@ def test_a_key_log_of_another_agent_is_refused(home: Path, tmp_path: Path) -> No
 def test_a_damaged_last_entry_is_refused_as_diagnose_reports_it(home: Path) -> None:
     audit = home / "audit"
     last = _last_seq(home)
-    _flip(audit, b"entries", u64(last), -1)
+    flip_stored_bit(audit, b"entries", u64(last), -1)
     before = _digest(audit / "data.mdb")
 
     error = _create_fails(home)
@@ -149,7 +136,7 @@ def test_a_damaged_last_block_is_refused_as_diagnose_reports_it(home: Path) -> N
     audit = home / "audit"
     with AuditLog.open(audit, readonly=True) as log:
         height = log.block_count - 1
-    _flip(audit, b"blocks", u64(height), -1)  # the signature
+    flip_stored_bit(audit, b"blocks", u64(height), -1)  # the signature
 
     assert _create_fails(home).where == f"height {height}"
     result = _run_refused(home)

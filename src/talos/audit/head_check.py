@@ -26,13 +26,18 @@ from collections.abc import Collection
 
 import lmdb
 
-from talos.audit.integrity import ChainProblem
+from talos.audit.integrity import (
+    Broken,
+    ChainProblem,
+    check_signature,
+    decode_block,
+    decode_entry,
+)
 from talos.audit.store import AuditStore
 from talos.core.audit.checkpoint import GENESIS_HASH, Block
-from talos.core.audit.entry import AuditEntry
 from talos.core.audit.merkle import EMPTY_ROOT, HASH_SIZE, NodeID, leaf_hash, node_hash
 from talos.core.crypto import VerifyKey
-from talos.errors import MalformedFrame, SignatureInvalid, StoreCorrupted, UnsupportedVersion
+from talos.errors import StoreCorrupted
 from talos.storage.environment import Environment
 from talos.storage.lmdb import DATA_FILE, u64
 
@@ -40,12 +45,6 @@ __all__ = ["RESTORE_HINT", "check_head", "refuse_damaged_head"]
 
 #: What the operator does about a damaged audit log (the hint diagnose gives too).
 RESTORE_HINT = "keep the damaged log; `talos audit restore --backup DIR` (agent stopped)"
-
-
-class _Bad(Exception):
-    def __init__(self, problem: ChainProblem) -> None:
-        super().__init__(str(problem))
-        self.problem = problem
 
 
 def check_head(
@@ -60,7 +59,7 @@ def check_head(
     with store.read() as txn:
         try:
             _check(store, txn, trusted)
-        except _Bad as bad:
+        except Broken as bad:
             return bad.problem
     return None
 
@@ -78,14 +77,9 @@ def refuse_damaged_head(
     problem = check_head(AuditStore(environment), trusted_keys)
     if problem is None:
         return
-    where = problem.where
-    if problem.seq is not None:
-        where = f"seq {problem.seq}"
-    elif problem.height is not None:
-        where = f"height {problem.height}"
     error = StoreCorrupted(
         f"audit log {environment.path / DATA_FILE} damaged: {problem}",
-        where=where,
+        where=problem.location,
         what=problem.what,
     )
     error.hint = RESTORE_HINT
@@ -97,32 +91,29 @@ def _check(
 ) -> None:
     size = store.meta_count(txn, b"size")
     if store.entry_row(txn, size) is not None:
-        raise _Bad(ChainProblem("meta", f"metadata says {size} entries, found more"))
+        raise Broken(ChainProblem("meta", f"metadata says {size} entries, found more"))
     if size:
         _check_last_entry(store, txn, size - 1)
     try:
         root = store.fold(txn, size)
     except StoreCorrupted:
-        raise _Bad(ChainProblem("node", "stored node missing")) from None
+        raise Broken(ChainProblem("node", "stored node missing")) from None
     if (store.meta_value(txn, b"root") or EMPTY_ROOT) != root:
-        raise _Bad(ChainProblem("meta", "stored root does not match the entries"))
+        raise Broken(ChainProblem("meta", "stored root does not match the entries"))
     _check_last_block(store, txn, size, trusted)
 
 
 def _check_last_entry(store: AuditStore, txn: lmdb.Transaction[bytes], seq: int) -> None:
     value = store.entry_row(txn, seq)
     if value is None:
-        raise _Bad(ChainProblem("entry", "entry missing or out of order", seq=seq))
+        raise Broken(ChainProblem("entry", "entry missing or out of order", seq=seq))
     value = bytes(value)
     leaf = leaf_hash(value[HASH_SIZE:])
     if len(value) <= HASH_SIZE or leaf != value[:HASH_SIZE]:
-        raise _Bad(ChainProblem("entry", "entry bytes do not match the stored leaf hash", seq=seq))
-    try:
-        entry = AuditEntry.from_bytes(value[HASH_SIZE:])
-    except (MalformedFrame, UnsupportedVersion) as exc:
-        raise _Bad(ChainProblem("entry", f"entry does not decode: {exc}", seq=seq)) from None
-    if entry.seq != seq:
-        raise _Bad(ChainProblem("entry", f"entry says seq {entry.seq}", seq=seq))
+        raise Broken(
+            ChainProblem("entry", "entry bytes do not match the stored leaf hash", seq=seq)
+        )
+    decode_entry(seq, value[HASH_SIZE:])
     # The nodes appended with this leaf: each is its stored left sibling + the one below.
     hashed, index, level = leaf, seq, 0
     while index & 1:
@@ -132,10 +123,10 @@ def _check_last_entry(store: AuditStore, txn: lmdb.Transaction[bytes], seq: int)
         node = NodeID(level, index)
         stored = store.node_row(txn, node)
         if sibling is None or stored is None:
-            raise _Bad(ChainProblem("node", "stored node missing", seq=seq, node=node))
+            raise Broken(ChainProblem("node", "stored node missing", seq=seq, node=node))
         hashed = node_hash(bytes(sibling), hashed)
         if bytes(stored) != hashed:
-            raise _Bad(
+            raise Broken(
                 ChainProblem("node", "stored node does not match the entries", seq=seq, node=node)
             )
 
@@ -148,55 +139,35 @@ def _check_last_block(
 ) -> None:
     count = store.meta_count(txn, b"blocks")
     if txn.get(u64(count), db=store.blocks) is not None:
-        raise _Bad(ChainProblem("block", "block beyond the last entry", height=count))
+        raise Broken(ChainProblem("block", "block beyond the last entry", height=count))
     last_hash = store.meta_value(txn, b"block_hash") or GENESIS_HASH
     if count == 0:
         if last_hash != GENESIS_HASH:
-            raise _Bad(ChainProblem("meta", "last block hash does not match"))
+            raise Broken(ChainProblem("meta", "last block hash does not match"))
         return
     height = count - 1
     block = _block(store, txn, height)
     if block.tree_size > size:
-        raise _Bad(ChainProblem("block", "block beyond the last entry", height=height))
+        raise Broken(ChainProblem("block", "block beyond the last entry", height=height))
     previous = _block(store, txn, height - 1).block_hash() if height else GENESIS_HASH
     if block.previous != previous:
-        raise _Bad(ChainProblem("block", "previous-block hash does not match", height=height))
+        raise Broken(ChainProblem("block", "previous-block hash does not match", height=height))
     try:
         root = store.fold(txn, block.tree_size)
     except StoreCorrupted:
-        raise _Bad(ChainProblem("node", "stored node missing", height=height)) from None
+        raise Broken(ChainProblem("node", "stored node missing", height=height)) from None
     if block.root != root:
-        raise _Bad(ChainProblem("block", "block root does not match the entries", height=height))
-    _check_signature(block, trusted)
+        raise Broken(ChainProblem("block", "block root does not match the entries", height=height))
+    check_signature(block, trusted)
     if block.block_hash() != last_hash:
-        raise _Bad(ChainProblem("meta", "last block hash does not match"))
+        raise Broken(ChainProblem("meta", "last block hash does not match"))
 
 
 def _block(store: AuditStore, txn: lmdb.Transaction[bytes], height: int) -> Block:
     raw = txn.get(u64(height), db=store.blocks)
     if raw is None:
-        raise _Bad(ChainProblem("block", "block missing or out of order", height=height))
-    try:
-        block = Block.from_bytes(bytes(raw))
-    except (MalformedFrame, UnsupportedVersion) as exc:
-        raise _Bad(ChainProblem("block", f"block does not decode: {exc}", height=height)) from None
+        raise Broken(ChainProblem("block", "block missing or out of order", height=height))
+    block = decode_block(height, bytes(raw))
     if block.height != height:
-        raise _Bad(ChainProblem("block", "block names another height", height=height))
+        raise Broken(ChainProblem("block", "block names another height", height=height))
     return block
-
-
-def _check_signature(block: Block, trusted: dict[bytes, VerifyKey] | None) -> None:
-    height = block.height
-    if block.public_key is None:
-        if trusted is not None:
-            raise _Bad(ChainProblem("block", "block is not signed", height=height))
-        return
-    key = None
-    if trusted is not None:
-        key = trusted.get(block.public_key)
-        if key is None:
-            raise _Bad(ChainProblem("block", "signed by an untrusted key", height=height))
-    try:
-        block.verify_signature(key)
-    except SignatureInvalid as exc:
-        raise _Bad(ChainProblem("block", f"signature: {exc}", height=height)) from None

@@ -70,6 +70,15 @@ class ChainProblem:
             place.append(f"node level {self.node.level} index {self.node.index} [{begin}, {end})")
         return f"{', '.join(place)}: {self.what}"
 
+    @property
+    def location(self) -> str:
+        """Where, in the short form a ``StoreCorrupted`` carries (e.g. ``"seq 17"``)."""
+        if self.seq is not None:
+            return f"seq {self.seq}"
+        if self.height is not None:
+            return f"height {self.height}"
+        return self.where
+
 
 @dataclass(frozen=True, slots=True)
 class ChainReport:
@@ -94,20 +103,70 @@ class ChainReport:
         """
         if self.problem is not None:
             problem = self.problem
-            where = problem.where
-            if problem.seq is not None:
-                where = f"seq {problem.seq}"
-            elif problem.height is not None:
-                where = f"height {problem.height}"
-            raise StoreCorrupted(f"audit chain damaged: {problem}", where=where, what=problem.what)
+            raise StoreCorrupted(
+                f"audit chain damaged: {problem}", where=problem.location, what=problem.what
+            )
 
 
-class _Broken(Exception):
-    """Raised inside the chain scan; carries the first problem."""
+class Broken(Exception):
+    """A check found ``problem``: the scan (or the head check) stops there."""
 
     def __init__(self, problem: ChainProblem) -> None:
         super().__init__(str(problem))
         self.problem = problem
+
+
+def decode_entry(seq: int, raw: bytes) -> AuditEntry:
+    """The entry stored at ``seq``, which must decode and name ``seq``.
+
+    Raises:
+        Broken: it does not.
+    """
+    try:
+        entry = AuditEntry.from_bytes(raw)
+    except (MalformedFrame, UnsupportedVersion) as exc:
+        raise Broken(ChainProblem("entry", f"entry does not decode: {exc}", seq=seq)) from None
+    if entry.seq != seq:
+        raise Broken(ChainProblem("entry", f"entry says seq {entry.seq}", seq=seq))
+    return entry
+
+
+def decode_block(height: int, raw: bytes) -> Block:
+    """The block stored at ``height``, which must decode.
+
+    Raises:
+        Broken: it does not.
+    """
+    try:
+        return Block.from_bytes(raw)
+    except (MalformedFrame, UnsupportedVersion) as exc:
+        raise Broken(
+            ChainProblem("block", f"block does not decode: {exc}", height=height)
+        ) from None
+
+
+def check_signature(block: Block, trusted: dict[bytes, VerifyKey] | None) -> bool:
+    """Check ``block``'s signature (by a key in ``trusted`` when given); False if it
+    is unsigned and no trusted keys are required.
+
+    Raises:
+        Broken: unsigned while keys are required, an untrusted key, a bad signature.
+    """
+    height = block.height
+    if block.public_key is None:
+        if trusted is not None:
+            raise Broken(ChainProblem("block", "block is not signed", height=height))
+        return False
+    key = None
+    if trusted is not None:
+        key = trusted.get(block.public_key)
+        if key is None:
+            raise Broken(ChainProblem("block", "signed by an untrusted key", height=height))
+    try:
+        block.verify_signature(key)
+    except SignatureInvalid as exc:
+        raise Broken(ChainProblem("block", f"signature: {exc}", height=height)) from None
+    return True
 
 
 def verify_chain(
@@ -161,7 +220,7 @@ class _ChainScan:
     def run(self) -> ChainReport:
         try:
             self._scan()
-        except _Broken as broken:
+        except Broken as broken:
             return self._report(broken.problem)
         return self._report(None)
 
@@ -181,10 +240,10 @@ class _ChainScan:
         for key, value in txn.cursor(db=store.entries).iternext():
             seq = self.size
             if key != u64(seq):
-                raise _Broken(ChainProblem("entry", "entry missing or out of order", seq=seq))
+                raise Broken(ChainProblem("entry", "entry missing or out of order", seq=seq))
             leaf = leaf_hash(value[HASH_SIZE:])
             if len(value) <= HASH_SIZE or leaf != value[:HASH_SIZE]:
-                raise _Broken(
+                raise Broken(
                     ChainProblem("entry", "entry bytes do not match the stored leaf hash", seq=seq)
                 )
             if self.deep:
@@ -194,7 +253,7 @@ class _ChainScan:
                 self._check_block(block)
                 block = self._next_block(blocks)
             if block is not None and block.tree_size < self.size:
-                raise _Broken(
+                raise Broken(
                     ChainProblem("block", "block out of order or range", height=block.height)
                 )
             if self.progress is not None and self.size % _PROGRESS_EVERY == 0:
@@ -211,9 +270,9 @@ class _ChainScan:
             node = NodeID(level, index)
             stored = next(nodes, None)
             if stored is None or stored[0] != node_key(node):
-                raise _Broken(ChainProblem("node", "stored node missing", seq=seq, node=node))
+                raise Broken(ChainProblem("node", "stored node missing", seq=seq, node=node))
             if stored[1] != value:
-                raise _Broken(
+                raise Broken(
                     ChainProblem(
                         "node", "stored node does not match the entries", seq=seq, node=node
                     )
@@ -222,14 +281,9 @@ class _ChainScan:
         self.size += 1
 
     def _check_entry(self, seq: int, raw: bytes) -> None:
-        try:
-            entry = AuditEntry.from_bytes(raw)
-        except (MalformedFrame, UnsupportedVersion) as exc:
-            raise _Broken(ChainProblem("entry", f"entry does not decode: {exc}", seq=seq)) from None
-        if entry.seq != seq:
-            raise _Broken(ChainProblem("entry", f"entry says seq {entry.seq}", seq=seq))
+        entry = decode_entry(seq, raw)
         if entry.time_ms < self.last_time:
-            raise _Broken(ChainProblem("entry", "entry time goes backwards", seq=seq))
+            raise Broken(ChainProblem("entry", "entry time goes backwards", seq=seq))
         self.last_time = entry.time_ms
 
     def _next_block(self, blocks: Iterator[tuple[bytes, bytes]]) -> Block | None:
@@ -238,13 +292,8 @@ class _ChainScan:
             return None
         height = self.height
         if item[0] != u64(height):
-            raise _Broken(ChainProblem("block", "block missing or out of order", height=height))
-        try:
-            return Block.from_bytes(item[1])
-        except (MalformedFrame, UnsupportedVersion) as exc:
-            raise _Broken(
-                ChainProblem("block", f"block does not decode: {exc}", height=height)
-            ) from None
+            raise Broken(ChainProblem("block", "block missing or out of order", height=height))
+        return decode_block(height, item[1])
 
     def _check_block(self, block: Block) -> None:
         height = self.height
@@ -256,37 +305,26 @@ class _ChainScan:
         ]
         for bad, what in problems:
             if bad:
-                raise _Broken(ChainProblem("block", what, height=height))
+                raise Broken(ChainProblem("block", what, height=height))
         self._check_signature(block)
         self.previous = block.block_hash()
         self.expected_first = block.last_seq + 1
         self.height += 1
 
     def _check_signature(self, block: Block) -> None:
-        height = block.height
-        if block.public_key is None:
-            if self.trusted is not None:
-                raise _Broken(ChainProblem("block", "block is not signed", height=height))
+        if check_signature(block, self.trusted):
+            assert block.public_key is not None  # noqa: S101 -- a signed block has one
+            self.signers[block.public_key] = None
+        else:
             self.unsigned += 1
-            return
-        key = None
-        if self.trusted is not None:
-            key = self.trusted.get(block.public_key)
-            if key is None:
-                raise _Broken(ChainProblem("block", "signed by an untrusted key", height=height))
-        try:
-            block.verify_signature(key)
-        except SignatureInvalid as exc:
-            raise _Broken(ChainProblem("block", f"signature: {exc}", height=height)) from None
-        self.signers[block.public_key] = None
 
     def _finish(
         self, nodes: Iterator[tuple[bytes, bytes]], block: Block | None, total: int
     ) -> None:
         if next(nodes, None) is not None:
-            raise _Broken(ChainProblem("node", "stored node beyond the last entry"))
+            raise Broken(ChainProblem("node", "stored node beyond the last entry"))
         if block is not None:
-            raise _Broken(ChainProblem("block", "block beyond the last entry", height=block.height))
+            raise Broken(ChainProblem("block", "block beyond the last entry", height=block.height))
         store, txn = self.store, self.txn
         root = fold_subtrees(self.stack) if self.stack else EMPTY_ROOT
         raw_blocks = store.meta_value(txn, b"blocks")
@@ -301,6 +339,6 @@ class _ChainScan:
         ]
         for bad, what in checks:
             if bad:
-                raise _Broken(ChainProblem("meta", what))
+                raise Broken(ChainProblem("meta", what))
         if self.progress is not None:
             self.progress(self.size, total)

@@ -123,7 +123,7 @@ class Deliverer:
 
     def finish(self, message_id: bytes, outcome: Outcome, error: Exception | None = None) -> None:
         """``message_id`` is done: tell its send() call, if one waits."""
-        self.core.finish(message_id, outcome)
+        self.core.finish(message_id)
         future = self._waiters.pop(message_id, None)
         if future is None or future.done() or outcome is Outcome.UNQUEUED:
             return  # an unqueued message's send() call gave up or was answered already

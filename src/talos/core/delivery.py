@@ -211,13 +211,10 @@ class Delivery:
     def get(self, message_id: bytes) -> Pending | None:
         return self._records.get(message_id)
 
-    def finish(self, message_id: bytes, outcome: Outcome) -> Pending | None:
-        """``message_id`` is done with ``outcome``; returns its record if it was tracked."""
-        del outcome  # the record leaves either way; the driver tells its waiter
+    def finish(self, message_id: bytes) -> Pending | None:
+        """``message_id`` is done (the driver tells its waiter the :class:`Outcome`);
+        returns its record if it was tracked."""
         return self._records.pop(message_id, None)
-
-    def pending_ids(self) -> list[bytes]:
-        return list(self._records)
 
     def count_failure(self, message_id: bytes) -> bool:
         """A delivery attempt failed with ``message_id`` at the head; True if tracked."""

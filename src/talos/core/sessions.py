@@ -130,9 +130,6 @@ class SessionTable:
     def staged(self, peer: str) -> Session | None:
         return self._staged.get(peer)
 
-    def has_staged(self) -> bool:
-        return bool(self._staged)
-
     def take_staged(self) -> dict[str, Session]:
         """Hand the staged sessions to the group commit (they are no longer staged)."""
         staged, self._staged = self._staged, {}
@@ -142,12 +139,3 @@ class SessionTable:
         """Forget staged sessions whose commit will not happen (they are decrypted again
         from the committed state when the senders retry)."""
         self._staged = {}
-
-    def for_decrypt(self, peer: str) -> Session | None:
-        """What the next message from ``peer`` decrypts with: the staged successor,
-        else the cached committed session."""
-        staged = self._staged.get(peer)
-        if staged is not None:
-            return staged
-        entry = self._committed.get(peer)
-        return None if entry is None else entry.session

@@ -225,7 +225,7 @@ class Transport:
         now = self._clock.monotonic()
         match self._policy.decide(link.remote_host, self._incoming(exclude=link), now):
             case Admit():
-                pass
+                pass  # it took a free place
             case Displace(victim=victim):
                 self._drop_each([victim], f"displaced by a connection from {link.remote_host}")
             case Refuse():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lmdb
 import pytest
 
 from talos.audit import AuditLog, LogSigner
@@ -15,6 +14,7 @@ from talos.core.crypto import SigningKey
 from talos.errors import StoreCorrupted
 from talos.storage.lmdb import u64
 from talos.testing import FakeClock, SeededRng
+from talos.testing.damage import flip_stored_bit, put_stored
 
 KEY = SigningKey.generate(SeededRng(13))
 OTHER = SigningKey.generate(SeededRng(14))
@@ -24,31 +24,6 @@ def _build(path: Path, size: int, *, block_entries: int = 4) -> None:
     signer = LogSigner(KEY, name="tester")
     with AuditLog.open(path, clock=FakeClock(), signer=signer, block_entries=block_entries) as log:
         log.append_many([("TEST", {"i": i}, None) for i in range(size)])
-
-
-def _flip(path: Path, db: bytes, key: bytes, offset: int) -> None:
-    """Flip one bit of a stored value, writing through LMDB directly."""
-    env = lmdb.open(str(path), max_dbs=8)
-    try:
-        handle = env.open_db(db)
-        with env.begin(write=True) as txn:
-            value = txn.get(key, db=handle)
-            assert value is not None
-            raw = bytearray(value)
-            raw[offset % len(raw)] ^= 0x01
-            txn.put(key, bytes(raw), db=handle)
-    finally:
-        env.close()
-
-
-def _put(path: Path, db: bytes, key: bytes, value: bytes) -> None:
-    env = lmdb.open(str(path), max_dbs=8)
-    try:
-        handle = env.open_db(db)
-        with env.begin(write=True) as txn:
-            txn.put(key, value, db=handle)
-    finally:
-        env.close()
 
 
 def _problems(path: Path, keys: list[object] | None = None) -> tuple[str | None, str | None]:
@@ -77,7 +52,7 @@ def test_damage_to_the_last_entry_is_what_the_full_scan_says(
 ) -> None:
     path = tmp_path / "log"
     _build(path, size)
-    _flip(path, db, u64(size - 1), offset)
+    flip_stored_bit(path, db, u64(size - 1), offset)
     quick, full = _problems(path, [KEY])
     assert quick is not None
     assert quick == full
@@ -87,7 +62,7 @@ def test_damage_to_the_last_entry_is_what_the_full_scan_says(
 def test_a_node_on_the_path_from_the_last_leaf_is_rebuilt(tmp_path: Path) -> None:
     path = tmp_path / "log"
     _build(path, 16)  # the last leaf (15) climbs to the root node (level 4, index 0)
-    _flip(path, b"nodes", node_key(NodeID(2, 3)), 0)
+    flip_stored_bit(path, b"nodes", node_key(NodeID(2, 3)), 0)
     quick, full = _problems(path)
     assert (
         quick
@@ -103,7 +78,7 @@ def test_an_entry_beyond_the_head_is_found(tmp_path: Path) -> None:
     with AuditLog.open(path, readonly=True) as log:
         with log.snapshot() as txn:
             row = bytes(txn.get(u64(8), db=log.environment.audit.entries) or b"")
-    _put(path, b"entries", u64(9), row)
+    put_stored(path, b"entries", u64(9), row)
     quick, full = _problems(path)
     assert quick == "meta: metadata says 9 entries, found more"
     assert full is not None
@@ -112,7 +87,7 @@ def test_an_entry_beyond_the_head_is_found(tmp_path: Path) -> None:
 def test_a_stored_root_that_does_not_fold_is_found(tmp_path: Path) -> None:
     path = tmp_path / "log"
     _build(path, 9)
-    _flip(path, b"meta", b"root", 0)
+    flip_stored_bit(path, b"meta", b"root", 0)
     assert _problems(path) == ("meta: stored root does not match the entries",) * 2
 
 
@@ -123,7 +98,7 @@ def test_a_stored_root_that_does_not_fold_is_found(tmp_path: Path) -> None:
 def test_damage_to_the_last_block_is_found(tmp_path: Path, offset: int, expected: str) -> None:
     path = tmp_path / "log"
     _build(path, 9)  # blocks at 4 and 8: heights 0 and 1
-    _flip(path, b"blocks", u64(1), offset)
+    flip_stored_bit(path, b"blocks", u64(1), offset)
     quick, full = _problems(path)
     assert str(quick).startswith(expected)
     assert str(full).startswith(expected)
@@ -132,7 +107,7 @@ def test_damage_to_the_last_block_is_found(tmp_path: Path, offset: int, expected
 def test_the_last_block_hash_must_match_the_metadata(tmp_path: Path) -> None:
     path = tmp_path / "log"
     _build(path, 9)
-    _flip(path, b"meta", b"block_hash", 0)
+    flip_stored_bit(path, b"meta", b"block_hash", 0)
     assert _problems(path) == ("meta: last block hash does not match",) * 2
 
 
@@ -149,7 +124,7 @@ def test_damage_deep_inside_is_left_to_the_full_scan(tmp_path: Path) -> None:
     # What start-up does not read it cannot see: the cost stays O(log n).
     path = tmp_path / "log"
     _build(path, 33)
-    _flip(path, b"entries", u64(5), 40)
+    flip_stored_bit(path, b"entries", u64(5), 40)
     quick, full = _problems(path)
     assert quick is None
     assert full == "entry, seq 5: entry bytes do not match the stored leaf hash"
@@ -158,7 +133,7 @@ def test_damage_deep_inside_is_left_to_the_full_scan(tmp_path: Path) -> None:
 def test_refusal_names_the_data_file_with_the_restore_hint(tmp_path: Path) -> None:
     path = tmp_path / "log"
     _build(path, 8)
-    _flip(path, b"entries", u64(7), 40)
+    flip_stored_bit(path, b"entries", u64(7), 40)
     with AuditLog.open(path, readonly=True) as log:
         with pytest.raises(StoreCorrupted) as caught:
             refuse_damaged_head(log.environment, [KEY.public_key])

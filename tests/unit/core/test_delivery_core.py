@@ -10,7 +10,6 @@ from talos.core.delivery import (
     RESET_INTERVAL,
     SEND_WINDOW,
     Delivery,
-    Outcome,
     Window,
     window_size,
 )
@@ -49,10 +48,10 @@ def test_one_record_per_message_tracked_once() -> None:
     delivery = Delivery()
     first = delivery.track(b"a", PEER)
     assert delivery.track(b"a", PEER) is first
-    assert delivery.pending_ids() == [b"a"]
-    assert delivery.finish(b"a", Outcome.DELIVERED) is first
+    assert delivery.get(b"a") is first
+    assert delivery.finish(b"a") is first
     assert delivery.get(b"a") is None
-    assert delivery.finish(b"a", Outcome.DELIVERED) is None  # leaves exactly once
+    assert delivery.finish(b"a") is None  # leaves exactly once
 
 
 def test_window_size_is_one_until_the_peer_holds_the_session() -> None:
@@ -77,7 +76,7 @@ def test_tick_forgets_finished_and_removing_messages() -> None:
     delivery = Delivery()
     window = _in_flight(delivery, b"a", b"b", b"c")
     assert window.tick(1.0, delivery).progressed is False
-    delivery.finish(b"a", Outcome.REFUSED)
+    delivery.finish(b"a")
     delivery.acked(_ack((b"b",)), [b"b"])
     check = window.tick(1.0, delivery)
     assert check.progressed is True

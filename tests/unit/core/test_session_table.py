@@ -36,15 +36,14 @@ def test_staged_sessions_chain_decryption_but_are_not_sent_with() -> None:
     table = SessionTable()
     committed, staged = _session(1), _session(2)
     table.commit("bob", SessionEntry(committed))
-    assert table.for_decrypt("bob") is committed
+    assert table.staged("bob") is None
     table.stage("bob", staged)
-    assert table.has_staged()
-    assert table.for_decrypt("bob") is staged
+    assert table.staged("bob") is staged
     assert table.committed("bob") == SessionEntry(committed)
     assert table.usable_for_fast_send("bob") is None
     assert table.take_staged() == {"bob": staged}
-    assert not table.has_staged()
-    assert table.for_decrypt("bob") is committed
+    assert table.staged("bob") is None
+    assert table.committed("bob") == SessionEntry(committed)
 
 
 def test_discarded_and_dropped_sessions_are_gone() -> None:
@@ -56,7 +55,7 @@ def test_discarded_and_dropped_sessions_are_gone() -> None:
     table.stage("bob", _session(3))
     table.drop("bob")
     assert table.committed("bob") is None
-    assert table.for_decrypt("bob") is None
+    assert table.staged("bob") is None
 
 
 def test_records_round_trip_and_keep_the_handshake() -> None:
