@@ -21,6 +21,7 @@ The tree::
     │   └── KeyAgreementFailed
     ├── VerificationError
     │   ├── SignatureInvalid
+    │   │   └── KeyRevoked          signed by a key an emergency rotation revoked
     │   ├── KeyLogInvalid           fork, gap, replayed sequence, broken pre-rotation
     │   ├── CapabilityDenied
     │   │   ├── Expired
@@ -168,6 +169,26 @@ class SignatureInvalid(VerificationError):
     """A signature does not verify under the expected key."""
 
     hint = "possibly tampering or corruption; the sender is not blocked automatically"
+
+
+class KeyRevoked(SignatureInvalid):
+    """Signed by a key its owner revoked with an emergency rotation (``--revoke-old``).
+
+    Whoever stole that key may have signed it; nothing it signed is trusted,
+    whatever time it claims. The message names the rotation.
+    """
+
+    hint = (
+        "the signer's owner revoked this key after a compromise; ask them for a fresh "
+        "grant or message signed by their current key"
+    )
+
+    def __init__(self, message: str, *, agent_id: str, sequence: int, rotation: int) -> None:
+        super().__init__(message)
+        #: Whose key, which key sequence, and the rotation that revoked it.
+        self.agent_id = agent_id
+        self.sequence = sequence
+        self.rotation = rotation
 
 
 class KeyLogInvalid(VerificationError):

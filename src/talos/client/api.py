@@ -186,7 +186,7 @@ class TalosClient:
         refuse_damaged_head(self._log.environment, trusted)
         self._state = AgentState(
             self._log,
-            storage_key=derive_storage_key(identity.signing_key.seed()),
+            storage_key=derive_storage_key(identity.storage_secret),
             clock=clock,
             rng=rng,
             replay_window_ms=int(config.replay_window * 1000),

@@ -7,7 +7,12 @@ An :class:`Identity` holds
 * the *pre-rotated* next signing key, committed to (by digest only) in that
   event — it must be backed up with everything else, since it is the only
   way to rotate after the current key is lost or stolen;
-* the verified :class:`~talos.core.keylog.KeyLog` itself.
+* the verified :class:`~talos.core.keylog.KeyLog` itself;
+* the *storage secret*, from which the keys sealing the agent's state at
+  rest are derived. It is not a signing key, so rotating the signing key
+  (routinely or after a theft) leaves the agent state readable. Identities
+  written before it existed take their signing seed as the storage secret
+  (that is what their state was sealed under), and keep it across rotations.
 
 Identities are immutable: :meth:`Identity.rotate` returns a new one. The
 secret serialization (:meth:`to_secret_bytes`) is what the key file and the
@@ -16,20 +21,24 @@ backup encrypt; it is versioned and strictly decoded.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from talos.core.clock import Clock, time_ms
 from talos.core.crypto import KEY_SIZE, DHKey, SigningKey, constant_time_equal, sha256
-from talos.core.encoding import canonical_dumps, strict_versioned_map
+from talos.core.encoding import canonical_dumps, check_versioned_map, strict_loads
 from talos.core.keylog import KeyLog, KeyState, next_key_digest
 from talos.core.rng import Rng
 from talos.errors import ConfigurationError, KeyLogInvalid, MalformedFrame
 
 __all__ = ["SECRET_FORMAT_VERSION", "Identity", "fingerprint"]
 
-SECRET_FORMAT_VERSION: Final = 1
+#: Version 2 added the storage secret; version 1 records are still read.
+SECRET_FORMAT_VERSION: Final = 2
+_FORMAT_BEFORE_STORAGE_SECRET: Final = 1
 _SECRET_FIELDS = frozenset({"v", "name", "sk", "dh", "next", "log"})
+_STORAGE_FIELD: Final = "st"
 _MAX_SECRET_SIZE = 1 << 20
 _MAX_NAME = 128
 
@@ -55,6 +64,8 @@ class Identity:
     #: Never shown: the log publishes only its digest until the rotation.
     next_signing_key: SigningKey = field(repr=False)
     keylog: KeyLog
+    #: Never shown: the agent state's at-rest keys derive from it; rotation keeps it.
+    storage_secret: bytes = field(repr=False)
 
     @classmethod
     def create(cls, name: str, *, rng: Rng, clock: Clock) -> Identity:
@@ -64,7 +75,7 @@ class Identity:
         dh = DHKey.generate(rng)
         nxt = SigningKey.generate(rng)
         log = KeyLog.incept(signing, dh.public, nxt.public_key, now_ms=time_ms(clock))
-        return cls(name, signing, dh, nxt, log)
+        return cls(name, signing, dh, nxt, log, rng.bytes(KEY_SIZE))
 
     @property
     def agent_id(self) -> str:
@@ -82,18 +93,50 @@ class Identity:
     def fingerprint(self) -> str:
         return fingerprint(self.signing_key.public_key.raw)
 
-    def rotate(self, *, rng: Rng, clock: Clock) -> Identity:
-        """Planned rotation: promote the pre-committed key, commit to a fresh one.
+    def rotate(
+        self,
+        *,
+        rng: Rng,
+        clock: Clock,
+        reason: str | None = None,
+        emergency: bool = False,
+        revoke_old: bool = False,
+    ) -> Identity:
+        """Promote the pre-committed key, commit to a fresh one.
 
         The identity DH key is replaced too, so sessions established after the
-        rotation use keys the old signing key never vouched for.
+        rotation use keys the old signing key never vouched for. The storage
+        secret stays: the agent state opens after any rotation. ``emergency``
+        marks a rotation that answers a compromise; with ``revoke_old`` every
+        earlier key is revoked (see :mod:`talos.core.keylog`, rule 5).
+
+        Raises:
+            ValueError: a reason that is not 1-256 printable characters, or
+                ``revoke_old`` without ``emergency``.
         """
         new_dh = DHKey.generate(rng)
         new_next = SigningKey.generate(rng)
         log = self.keylog.rotate(
-            self.next_signing_key, new_dh.public, new_next.public_key, now_ms=time_ms(clock)
+            self.next_signing_key,
+            new_dh.public,
+            new_next.public_key,
+            now_ms=time_ms(clock),
+            reason=reason,
+            emergency=emergency,
+            revokes_prior=revoke_old,
         )
-        return Identity(self.name, self.next_signing_key, new_dh, new_next, log)
+        return Identity(
+            self.name, self.next_signing_key, new_dh, new_next, log, self.storage_secret
+        )
+
+    def renamed(self, name: str) -> Identity:
+        """The same keys under another name.
+
+        Raises:
+            ConfigurationError: not 1-128 printable characters.
+        """
+        _check_name(name)
+        return dataclasses.replace(self, name=name)
 
     # -- secret serialization ---------------------------------------------
 
@@ -107,6 +150,7 @@ class Identity:
                 "dh": self.dh_key.private_bytes(),
                 "next": self.next_signing_key.seed(),
                 "log": self.keylog.to_bytes(),
+                _STORAGE_FIELD: self.storage_secret,
             }
         )
 
@@ -119,10 +163,19 @@ class Identity:
             UnsupportedVersion: written by a newer format version.
             KeyLogInvalid: the log is invalid, or the secrets do not match it.
         """
-        raw = strict_versioned_map(
-            data,
-            max_size=_MAX_SECRET_SIZE,
-            fields=_SECRET_FIELDS,
+        raw = strict_loads(data, max_size=_MAX_SECRET_SIZE)
+        if type(raw) is dict and raw.get("v") == _FORMAT_BEFORE_STORAGE_SECRET:
+            raw = check_versioned_map(
+                raw,
+                fields=_SECRET_FIELDS,
+                version=_FORMAT_BEFORE_STORAGE_SECRET,
+                what="identity record",
+            )
+            # Its agent state was sealed under a key derived from the signing seed.
+            raw = {**raw, "v": SECRET_FORMAT_VERSION, _STORAGE_FIELD: raw["sk"]}
+        raw = check_versioned_map(
+            raw,
+            fields=_SECRET_FIELDS | {_STORAGE_FIELD},
             version=SECRET_FORMAT_VERSION,
             what="identity record",
         )
@@ -132,8 +185,8 @@ class Identity:
         for key in ("sk", "dh", "next", "log"):
             if type(raw[key]) is not bytes:
                 raise MalformedFrame(f"identity field {key!r} must be bytes")
-        for key in ("sk", "dh", "next"):
-            if len(raw[key]) != KEY_SIZE:
+        for key in ("sk", "dh", "next", _STORAGE_FIELD):
+            if type(raw[key]) is not bytes or len(raw[key]) != KEY_SIZE:
                 raise MalformedFrame(f"identity field {key!r} must be {KEY_SIZE} bytes")
         return cls(
             name,
@@ -141,6 +194,7 @@ class Identity:
             DHKey(raw["dh"]),
             SigningKey(raw["next"]),
             KeyLog.from_bytes(raw["log"]),
+            raw[_STORAGE_FIELD],
         )
 
     def __post_init__(self) -> None:

@@ -15,6 +15,13 @@ Rules (the invariants every verifier enforces):
 4. A log is linear: a second, different event with a sequence number already
    used is a fork, and the same event offered again is a replay; both are
    rejected, as are gaps.
+5. A rotation may say why it happened (``reason``) and that it answers a
+   compromise (``emergency``). An emergency rotation may also *revoke* every
+   earlier key (``revokes_prior``): from then on nothing signed by a key with
+   a lower sequence is trusted, whenever it claims to have been signed
+   (:meth:`KeyLog.revoked`, :class:`IssuerKeys` raises ``KeyRevoked``).
+   These fields are encoded only when set, so events without them keep the
+   bytes and digests they always had.
 
 Events are encoded as deterministic CBOR (:mod:`talos.core.encoding`) and
 signed over a domain-separated body. Verification walks the whole log from
@@ -23,6 +30,7 @@ inception; :class:`KeyState` is the result, never an input to trust.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -35,7 +43,7 @@ from talos.core.encoding import (
     strict_loads,
     strict_versioned_map,
 )
-from talos.errors import KeyLogInvalid, MalformedFrame, SignatureInvalid
+from talos.errors import KeyLogInvalid, KeyRevoked, MalformedFrame, SignatureInvalid
 
 __all__ = [
     "EVENT_VERSION",
@@ -45,7 +53,10 @@ __all__ = [
     "KeyEvent",
     "KeyLog",
     "KeyState",
+    "MAX_REASON",
+    "check_not_revoked",
     "next_key_digest",
+    "valid_reason",
 ]
 
 EVENT_VERSION: Final = 1
@@ -56,6 +67,9 @@ _NEXT_DOMAIN = b"talos/keylog/next/v1\x00"
 _MAX_EVENT_SIZE = 4096
 _MAX_LOG_SIZE = 1 << 20
 _FIELDS = frozenset({"v", "k", "s", "p", "sk", "dh", "n", "t", "sig"})
+#: Optional rotation fields: reason, emergency flag, revocation of earlier keys.
+_OPTIONAL_FIELDS = frozenset({"r", "e", "x"})
+MAX_REASON: Final = 256
 _LOG_FIELDS = frozenset({"v", "events"})
 
 
@@ -76,10 +90,16 @@ class KeyEvent:
     next_digest: bytes
     timestamp_ms: int
     signature: bytes = b""
+    #: Why the rotation happened, as the operator said it (rotations only).
+    reason: str | None = None
+    #: The rotation answers a key compromise.
+    emergency: bool = False
+    #: Every key before this event's is revoked (emergency rotations only).
+    revokes_prior: bool = False
 
     def body(self) -> dict[str, Any]:
         """The signed fields as a CBOR map (everything but the signature)."""
-        return {
+        body: dict[str, Any] = {
             "v": EVENT_VERSION,
             "k": self.kind,
             "s": self.sequence,
@@ -89,6 +109,13 @@ class KeyEvent:
             "n": self.next_digest,
             "t": self.timestamp_ms,
         }
+        if self.reason is not None:
+            body["r"] = self.reason
+        if self.emergency:
+            body["e"] = True
+        if self.revokes_prior:
+            body["x"] = True
+        return body
 
     def signed_bytes(self) -> bytes:
         """The exact bytes the signature covers."""
@@ -116,10 +143,23 @@ class KeyEvent:
             MalformedFrame: wrong fields or types.
             UnsupportedVersion: an event version this build does not know.
         """
-        raw = check_versioned_map(raw, fields=_FIELDS, version=EVENT_VERSION, what="key event")
+        optional = _optional_fields(raw)
+        raw = check_versioned_map(
+            raw, fields=_FIELDS | optional, version=EVENT_VERSION, what="key event"
+        )
         kind, seq, prior, t = raw["k"], raw["s"], raw["p"], raw["t"]
         if kind not in (INCEPTION, ROTATION):
             raise MalformedFrame("unknown key event kind")
+        if optional and kind != ROTATION:
+            raise MalformedFrame("only a rotation may carry a reason or an emergency flag")
+        reason = raw.get("r")
+        if reason is not None and not valid_reason(reason):
+            raise MalformedFrame(f"rotation reason must be 1-{MAX_REASON} printable characters")
+        for flag in ("e", "x"):
+            if flag in raw and raw[flag] is not True:
+                raise MalformedFrame("a key event flag is either absent or true")
+        if "x" in raw and "e" not in raw:
+            raise MalformedFrame("only an emergency rotation may revoke earlier keys")
         if type(seq) is not int or not 0 <= seq < 2**32:
             raise MalformedFrame("key event sequence out of range")
         if type(t) is not int or t < 0:
@@ -130,7 +170,19 @@ class KeyEvent:
         _check_bytes("dh key", raw["dh"], KEY_SIZE)
         _check_bytes("next digest", raw["n"], 32)
         _check_bytes("signature", raw["sig"], SIGNATURE_SIZE)
-        return cls(kind, seq, prior, raw["sk"], raw["dh"], raw["n"], t, raw["sig"])
+        return cls(
+            kind,
+            seq,
+            prior,
+            raw["sk"],
+            raw["dh"],
+            raw["n"],
+            t,
+            raw["sig"],
+            reason=reason,
+            emergency="e" in raw,
+            revokes_prior="x" in raw,
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KeyEvent:
@@ -144,16 +196,23 @@ class KeyEvent:
 
 
 def _replace_signature(event: KeyEvent, signature: bytes) -> KeyEvent:
-    return KeyEvent(
-        event.kind,
-        event.sequence,
-        event.prior,
-        event.signing_key,
-        event.dh_key,
-        event.next_digest,
-        event.timestamp_ms,
-        signature,
+    return dataclasses.replace(event, signature=signature)
+
+
+def valid_reason(reason: object) -> bool:
+    """A rotation reason: 1 to :data:`MAX_REASON` printable characters, not only spaces."""
+    return (
+        type(reason) is str
+        and 0 < len(reason) <= MAX_REASON
+        and reason.isprintable()
+        and bool(reason.strip())
     )
+
+
+def _optional_fields(raw: Any) -> frozenset[str]:
+    if type(raw) is not dict:
+        return frozenset()
+    return _OPTIONAL_FIELDS & frozenset(k for k in raw if type(k) is str)
 
 
 def _check_bytes(name: str, value: Any, size: int) -> None:
@@ -171,6 +230,8 @@ class KeyState:
     dh_key: bytes
     next_digest: bytes
     last_digest: bytes
+    #: Keys with a lower sequence were revoked by an emergency rotation (0: none).
+    revoked_below: int = 0
 
 
 #: Proof, inside this module, that a KeyLog's events were verified.
@@ -261,16 +322,46 @@ class KeyLog:
     def __len__(self) -> int:
         return len(self._events)
 
+    def key_at(self, sequence: int) -> VerifyKey | None:
+        """The signing key event ``sequence`` named, or None past the end."""
+        if not 0 <= sequence < len(self._events):
+            return None
+        return VerifyKey(self._events[sequence].signing_key)
+
+    def revoked(self, sequence: int) -> bool:
+        """Whether the key at ``sequence`` was revoked by a later emergency rotation."""
+        return 0 <= sequence < self._state.revoked_below
+
+    def revoking_event(self) -> KeyEvent | None:
+        """The newest rotation that revoked earlier keys, if any."""
+        if self._state.revoked_below == 0:
+            return None
+        return self._events[self._state.revoked_below]
+
     # -- growth -------------------------------------------------------------
 
     def rotate(
-        self, new_signing: SigningKey, dh_key: bytes, next_key: VerifyKey, *, now_ms: int
+        self,
+        new_signing: SigningKey,
+        dh_key: bytes,
+        next_key: VerifyKey,
+        *,
+        now_ms: int,
+        reason: str | None = None,
+        emergency: bool = False,
+        revokes_prior: bool = False,
     ) -> KeyLog:
         """Append a rotation that reveals ``new_signing`` (the pre-committed key).
 
         Raises:
             KeyLogInvalid: ``new_signing`` is not the key the log committed to.
+            ValueError: a reason that is not 1-256 printable characters, or
+                ``revokes_prior`` without ``emergency``.
         """
+        if reason is not None and not valid_reason(reason):
+            raise ValueError(f"rotation reason must be 1-{MAX_REASON} printable characters")
+        if revokes_prior and not emergency:
+            raise ValueError("only an emergency rotation may revoke earlier keys")
         event = KeyEvent(
             ROTATION,
             self._state.sequence + 1,
@@ -279,6 +370,9 @@ class KeyLog:
             dh_key,
             next_key_digest(next_key),
             now_ms,
+            reason=reason,
+            emergency=emergency,
+            revokes_prior=revokes_prior,
         ).signed_by(new_signing)
         return self.append(event)
 
@@ -369,6 +463,7 @@ def _apply_rotation(state: KeyState, event: KeyEvent) -> KeyState:
         dh_key=event.dh_key,
         next_digest=event.next_digest,
         last_digest=event.digest(),
+        revoked_below=seq if event.revokes_prior else state.revoked_below,
     )
 
 
@@ -380,24 +475,45 @@ KeyLookup = Callable[[str, int], VerifyKey | None]
 
 
 class IssuerKeys:
-    """A :data:`KeyLookup` over verified key logs: the key at sequence n is event n's."""
+    """A :data:`KeyLookup` over verified key logs: the key at sequence n is event n's.
 
-    __slots__ = ("_keys",)
+    A key an emergency rotation revoked is never returned: looking it up
+    raises :class:`~talos.errors.KeyRevoked`, which names the rotation.
+    """
+
+    __slots__ = ("_logs",)
 
     def __init__(self, logs: Iterable[KeyLog] = ()) -> None:
-        self._keys: dict[str, tuple[VerifyKey, ...]] = {}
+        self._logs: dict[str, KeyLog] = {}
         for log in logs:
             self.add(log)
 
     def add(self, log: KeyLog) -> None:
         """Learn (or extend) an agent's keys from its verified log."""
-        self._keys[log.agent_id] = tuple(VerifyKey(e.signing_key) for e in log.events)
+        self._logs[log.agent_id] = log
 
     def __call__(self, agent_id: str, sequence: int) -> VerifyKey | None:
-        keys = self._keys.get(agent_id)
-        if keys is None or not 0 <= sequence < len(keys):
+        """Raises: KeyRevoked: the key at ``sequence`` was revoked."""
+        log = self._logs.get(agent_id)
+        if log is None:
             return None
-        return keys[sequence]
+        check_not_revoked(log, sequence)
+        return log.key_at(sequence)
+
+
+def check_not_revoked(log: KeyLog, sequence: int) -> None:
+    """Raises: KeyRevoked: ``log`` revoked the key at ``sequence`` (names the rotation)."""
+    event = log.revoking_event()
+    if event is None or not log.revoked(sequence):
+        return
+    why = f" ({event.reason})" if event.reason else ""
+    raise KeyRevoked(
+        f"key sequence {sequence} of {log.agent_id} was revoked by the emergency rotation "
+        f"to key sequence {event.sequence}{why}",
+        agent_id=log.agent_id,
+        sequence=sequence,
+        rotation=event.sequence,
+    )
 
 
 def resolve_key(keys: KeyLookup, issuer: str, sequence: int) -> VerifyKey:

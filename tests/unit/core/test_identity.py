@@ -91,3 +91,52 @@ def test_no_identity_or_key_log_exists_unverified(rng: SeededRng, clock: FakeClo
     other = Identity.create("bob", rng=rng, clock=clock)
     with pytest.raises(KeyLogInvalid):
         dataclasses.replace(identity, keylog=other.keylog)
+
+
+def test_rotation_keeps_the_storage_secret(rng: SeededRng, clock: FakeClock) -> None:
+    a = Identity.create("alice", rng=rng, clock=clock)
+    b = a.rotate(rng=rng, clock=clock).rotate(rng=rng, clock=clock, emergency=True)
+    assert b.storage_secret == a.storage_secret
+    assert a.storage_secret not in (a.signing_key.seed(), b.signing_key.seed())
+    assert Identity.from_secret_bytes(b.to_secret_bytes()).storage_secret == a.storage_secret
+
+
+def test_version_1_record_takes_its_signing_seed_as_storage_secret(
+    rng: SeededRng, clock: FakeClock
+) -> None:
+    """What an agent state written before version 2 was sealed under."""
+    a = Identity.create("alice", rng=rng, clock=clock)
+    raw = strict_loads(a.to_secret_bytes(), max_size=1 << 20)
+    del raw["st"]
+    old = Identity.from_secret_bytes(canonical_dumps({**raw, "v": 1}))
+    assert old.storage_secret == a.signing_key.seed()
+    rotated = old.rotate(rng=rng, clock=clock)
+    again = Identity.from_secret_bytes(rotated.to_secret_bytes())
+    assert again.storage_secret == a.signing_key.seed()
+    with pytest.raises(MalformedFrame):  # a version 1 record has no storage secret
+        Identity.from_secret_bytes(canonical_dumps({**raw, "v": 1, "st": rng.bytes(32)}))
+    with pytest.raises(MalformedFrame):  # a version 2 record must have one
+        Identity.from_secret_bytes(canonical_dumps(raw))
+
+
+def test_repr_never_shows_the_storage_secret(rng: SeededRng, clock: FakeClock) -> None:
+    a = Identity.create("alice", rng=rng, clock=clock)
+    assert a.storage_secret.hex() not in repr(a)
+
+
+def test_emergency_rotation_records_reason_and_revocation(rng: SeededRng, clock: FakeClock) -> None:
+    a = Identity.create("alice", rng=rng, clock=clock).rotate(rng=rng, clock=clock)
+    b = a.rotate(
+        rng=rng, clock=clock, reason="compromise detected", emergency=True, revoke_old=True
+    )
+    event = b.keylog.events[-1]
+    assert (event.reason, event.emergency, event.revokes_prior) == (
+        "compromise detected",
+        True,
+        True,
+    )
+    assert [b.keylog.revoked(n) for n in range(3)] == [True, True, False]
+    with pytest.raises(ValueError, match="printable"):
+        a.rotate(rng=rng, clock=clock, reason="   ", emergency=True)
+    with pytest.raises(ValueError, match="emergency"):
+        a.rotate(rng=rng, clock=clock, revoke_old=True)

@@ -158,3 +158,80 @@ def test_boolean_version_is_not_version_one(rng: SeededRng) -> None:
     raw["v"] = True
     with pytest.raises(MalformedFrame, match="integer version"):
         KeyEvent.from_dict(raw)
+
+
+def _emergency(log: KeyLog, keys: list[SigningKey], rng: SeededRng, **fields: object) -> KeyLog:
+    n = log.state.sequence + 1
+    return log.rotate(
+        keys[n],
+        DHKey.generate(rng).public,
+        keys[n + 1].public_key,
+        now_ms=100 + n,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def test_old_events_keep_their_bytes_and_digests(rng: SeededRng) -> None:
+    """The optional rotation fields are encoded only when set."""
+    log, _ = _log(rng, 1)
+    body = log.events[1].body()
+    assert not {"r", "e", "x"} & body.keys()
+
+
+def test_emergency_rotation_revokes_earlier_keys(rng: SeededRng) -> None:
+    from talos.core.keylog import IssuerKeys
+    from talos.errors import KeyRevoked
+
+    keys = _keys(rng, 6)
+    log = KeyLog.incept(keys[0], DHKey.generate(rng).public, keys[1].public_key, now_ms=1)
+    log = _emergency(log, keys, rng, reason="routine")
+    assert not log.revoked(0)
+    log = _emergency(log, keys, rng, reason="stolen laptop", emergency=True, revokes_prior=True)
+    decoded = KeyLog.from_bytes(log.to_bytes())
+    assert decoded.events == log.events
+    assert [decoded.revoked(n) for n in range(3)] == [True, True, False]
+    issuer = IssuerKeys([decoded])
+    assert issuer(log.agent_id, 2) == keys[2].public_key
+    with pytest.raises(KeyRevoked, match="stolen laptop") as caught:
+        issuer(log.agent_id, 1)
+    assert (caught.value.sequence, caught.value.rotation) == (1, 2)
+    # A later routine rotation does not un-revoke.
+    log = _emergency(decoded, keys, rng)
+    assert log.revoked(1)
+    assert not log.revoked(2)
+    assert not log.revoked(-1)
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ({"r": ""}, "reason"),
+        ({"r": "x" * 257}, "reason"),
+        ({"r": 5}, "reason"),
+        ({"e": False}, "flag"),
+        ({"x": True}, "emergency"),
+        ({"e": 1}, "flag"),
+    ],
+)
+def test_malformed_rotation_fields_are_refused(
+    rng: SeededRng, extra: dict[str, object], problem: str
+) -> None:
+    log, _ = _log(rng, 1)
+    raw = {**log.events[1].to_dict(), **extra}
+    with pytest.raises(MalformedFrame, match=problem):
+        KeyEvent.from_dict(raw)
+
+
+def test_an_inception_cannot_carry_rotation_fields(rng: SeededRng) -> None:
+    log, _ = _log(rng, 0)
+    with pytest.raises(MalformedFrame, match="only a rotation"):
+        KeyEvent.from_dict({**log.events[0].to_dict(), "e": True})
+
+
+def test_the_flags_are_signed(rng: SeededRng) -> None:
+    keys = _keys(rng, 4)
+    log = KeyLog.incept(keys[0], DHKey.generate(rng).public, keys[1].public_key, now_ms=1)
+    log = _emergency(log, keys, rng, emergency=True, revokes_prior=True)
+    stripped = dataclasses.replace(log.events[1], revokes_prior=False)
+    with pytest.raises(KeyLogInvalid):
+        KeyLog.verify([log.events[0], stripped])

@@ -154,7 +154,7 @@ def _identity_for_state(home: AgentHome, passphrase_file: Path | None) -> Identi
 
 def _state_summary(home: AgentHome, identity: Identity, clock: Clock) -> DiskState:
     """Raises: StoreCorrupted, ConfigurationError, UnsupportedVersion, StorageError."""
-    key = derive_storage_key(identity.signing_key.seed())
+    key = derive_storage_key(identity.storage_secret)
     with AuditLog.open(
         home.audit_path, clock=clock, readonly=True, extra_databases=AgentState.DATABASES
     ) as log:
