@@ -1,0 +1,301 @@
+"""kill -9 during two-way traffic: exactly once, in order per sender.
+
+A real registry and two agents, A and B, each a separate OS process running
+``tests/integration/soak_driver.py`` with a real LMDB home: A sends
+``"A:0"`` .. to B while B sends ``"B:0"`` .. to A, up to eight ``send()``
+calls in flight each, while each reads (``receive(auto_ack=False)``,
+journal, ``acknowledge``) what the other sends. At random moments (from a
+seeded ``random.Random``) one of them, or both at once, is killed with
+SIGKILL, stays down a random while and is restarted on the same home (on a
+new port: the peer finds it again through the registry). The drivers keep
+sending across their own restarts from their audit log (see the driver).
+
+Afterwards :func:`soak_check.judge` checks each direction against the
+sender's audit log: every committed message read exactly once, in commit
+order, every returned send among them, re-reads only where
+``auto_ack=False`` allows one (see docs/soak.md for the exact rules).
+
+The short run is part of the normal suite; the long one (``make soak``,
+marker ``soak``) sends 6,000 messages through at least five kills of each
+agent. The seed is printed; ``TALOS_SOAK_SEED=N`` replays a run's schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from soak_check import Verdict, judge
+from soak_driver import committed_sends
+
+from talos.testing.child import ChildProcess, spawn
+from talos.testing.cli import clean_env
+from talos.testing.processes import RegistryProcess, registry_process
+
+DRIVER = Path(__file__).with_name("soak_driver.py")
+READY_TIMEOUT = 30.0
+
+
+def journal(path: Path) -> list[dict[str, Any]]:
+    """Complete JSON lines of a driver's journal (a torn last line is ignored)."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    return [json.loads(line) for line in raw[: raw.rfind(b"\n") + 1].splitlines() if line]
+
+
+class SoakAgent:
+    """One soak driver process; restartable on the same home and journal."""
+
+    def __init__(self, name: str, directory: Path, registry: RegistryProcess, count: int) -> None:
+        self.name, self.registry, self.count = name, registry, count
+        self.home = directory / name
+        self.out = directory / f"{name}.jsonl"
+        self.log = directory / f"{name}.log"
+        self.peer_file = directory / f"{name}.peer"
+        self.child: ChildProcess | None = None
+        self.agent_id = ""
+        self.starts: list[float] = []  # when each start was ready (wall time)
+        self.kills: list[float] = []
+
+    async def start(self) -> str:
+        command = [
+            sys.executable,
+            str(DRIVER),
+            *("--home", str(self.home), "--registry", self.registry.url),
+            *("--name", self.name, "--peer-file", str(self.peer_file)),
+            *("--count", str(self.count), "--out", str(self.out)),
+        ]
+        with self.log.open("ab") as log:
+            log.write(f"--- start {len(self.starts)} at {time.time():.3f}\n".encode())
+        self.child = spawn(command, env=clean_env(), log=self.log, name=self.name)
+        line = await asyncio.to_thread(self.child.read_line, READY_TIMEOUT)
+        if not line.startswith("ready "):
+            await self.kill()
+            raise AssertionError(f"{self.name} did not start: {line!r}\n{self.log_tail()}")
+        self.starts.append(time.time())
+        self.agent_id = line.split()[1]
+        return self.agent_id
+
+    async def kill(self) -> None:
+        """SIGKILL: no chance to clean up."""
+        if self.child is not None and self.child.running:
+            self.child.signal(signal.SIGKILL)
+            self.kills.append(time.time())
+            await asyncio.to_thread(self.child.finish, READY_TIMEOUT)
+
+    async def stop(self) -> int:
+        """SIGTERM and wait: the driver closes its client cleanly."""
+        assert self.child is not None
+        return await asyncio.to_thread(self.child.stop, READY_TIMEOUT)
+
+    def fresh_reads(self) -> int:
+        return self.out.read_bytes().count(b'"fresh": true') if self.out.exists() else 0
+
+    def finished(self) -> bool:
+        """Whether the current start journaled ``finished``."""
+        if not self.out.exists():
+            return False
+        raw = self.out.read_bytes()
+        return raw.rfind(b'"kind": "finished"') > raw.rfind(b'"kind": "start"')
+
+    def records(self) -> list[dict[str, Any]]:
+        return journal(self.out)
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Plan:
+    """How much traffic, and which kills: each event names the agents killed at once."""
+
+    count: int  # messages each way
+    events: list[tuple[str, ...]]
+    deadline: float  # seconds for the whole run
+
+
+@dataclass
+class Outcome:
+    seed: int
+    seconds: float
+    verdicts: list[Verdict]
+    kills: dict[str, int]
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+async def until(predicate: Any, deadline: float, what: str, agents: list[SoakAgent]) -> None:
+    while not predicate():
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"== {a.name}\n{a.log_tail()}" for a in agents)
+            raise AssertionError(f"timed out waiting for {what}\n{tails}")
+        await asyncio.sleep(0.02)
+
+
+def resumed_after(kill: float, ready: float, reads: list[dict[str, Any]], sender: str) -> float:
+    """Seconds from ``kill`` to the first message from ``sender`` read after ``ready``."""
+    later = [r["t"] for r in reads if r["sender"] == sender and r["t"] >= ready]
+    return round(min(later) - kill, 3) if later else float("nan")
+
+
+async def soak(tmp_path: Path, seed: int, plan: Plan) -> Outcome:
+    rng = random.Random(seed)  # noqa: S311 -- kill moments, not secrets
+    total = 2 * plan.count
+    thresholds = sorted(rng.uniform(0.05, 0.85) * total for _ in plan.events)
+    events = list(plan.events)
+    rng.shuffle(events)
+    with registry_process(tmp_path / "registry") as registry:
+        a = SoakAgent("A", tmp_path, registry, plan.count)
+        b = SoakAgent("B", tmp_path, registry, plan.count)
+        agents, by_name = [a, b], {"A": a, "B": b}
+        began = time.monotonic()
+        deadline = began + plan.deadline
+        try:
+            a_id, b_id = await a.start(), await b.start()
+            a.peer_file.write_text(b_id)
+            b.peer_file.write_text(a_id)
+            downtimes: list[tuple[str, float, float]] = []  # (agent, kill, ready)
+            for threshold, victims in zip(thresholds, events, strict=True):
+                await until(
+                    lambda t=threshold: a.fresh_reads() + b.fresh_reads() >= t,
+                    deadline,
+                    f"{threshold:.0f} messages read",
+                    agents,
+                )
+                await asyncio.sleep(rng.uniform(0, 0.02))
+                for name in victims:
+                    await by_name[name].kill()
+                await asyncio.sleep(rng.uniform(0, 0.4))
+                for name in victims:
+                    await by_name[name].start()
+                    downtimes.append((name, by_name[name].kills[-1], by_name[name].starts[-1]))
+            await until(
+                lambda: a.finished() and b.finished(), deadline, "both agents finished", agents
+            )
+            seconds = time.monotonic() - began
+            for agent in agents:
+                assert await agent.stop() == 0, agent.log_tail()
+        finally:
+            for agent in agents:
+                await agent.kill()
+    records = {agent.name: agent.records() for agent in agents}
+    ids = {"A": a_id, "B": b_id}
+    verdicts = []
+    for sender, receiver in (("A", "B"), ("B", "A")):
+        committed = committed_sends(by_name[sender].home, sender, plan.count)
+        verdicts.append(
+            judge(sender, ids[sender], plan.count, committed, records[sender], records[receiver])
+        )
+    reads = {name: [r for r in records[name] if r["kind"] == "read"] for name in records}
+    # After each restart: when did the agent's messages reach its peer again, and when
+    # did it read again (both from its kill)?
+    sending, reading = [], []
+    for name, kill, ready in downtimes:
+        other = "B" if name == "A" else "A"
+        sending.append(resumed_after(kill, ready, reads[other], ids[name]))
+        reading.append(resumed_after(kill, ready, reads[name], ids[other]))
+    figures = {
+        "messages": total,
+        "messages_per_s": round(total / seconds, 1),
+        "max_kill_to_ready_s": round(max(r - k for _, k, r in downtimes), 3),
+        "max_kill_to_sending_again_s": max(sending, default=0.0),
+        "max_kill_to_reading_again_s": max(reading, default=0.0),
+    }
+    kills = {agent.name: len(agent.kills) for agent in agents}
+    return Outcome(seed, round(seconds, 1), verdicts, kills, figures)
+
+
+def report_and_check(name: str, outcome: Outcome, plan: Plan) -> None:
+    print(
+        f"\nSOAK {name} seed={outcome.seed} seconds={outcome.seconds} kills={outcome.kills} "
+        f"{json.dumps(outcome.figures)}"
+    )
+    for verdict in outcome.verdicts:
+        print(f"SOAK {name} {json.dumps(verdict.__dict__)}")
+    for verdict in outcome.verdicts:
+        assert verdict.problems == [], f"seed {outcome.seed}: {verdict}"
+        assert verdict.delivered == plan.count, verdict
+    wanted = {n: sum(n in event for event in plan.events) for n in ("A", "B")}
+    assert outcome.kills == wanted
+
+
+def soak_seed() -> int:
+    return int(os.environ.get("TALOS_SOAK_SEED") or random.SystemRandom().randrange(1 << 32))
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_kill_9_during_two_way_traffic(tmp_path: Path) -> None:
+    """600 messages, two kills of each agent (one of them both at once)."""
+    plan = Plan(count=300, events=[("A",), ("B",), ("A", "B")], deadline=90.0)
+    report_and_check("short", await soak(tmp_path, soak_seed(), plan), plan)
+
+
+@pytest.mark.soak
+@pytest.mark.asyncio
+async def test_kill_9_soak_long(tmp_path: Path) -> None:
+    """6,000 messages, five kills of each agent (one of them both at once)."""
+    plan = Plan(count=3000, events=[("A",)] * 4 + [("B",)] * 4 + [("A", "B")], deadline=900.0)
+    report_and_check("long", await soak(tmp_path, soak_seed(), plan), plan)
+
+
+# -- the checker itself: it must see each kind of failure ---------------------------------------
+
+
+def _direction(
+    order: list[int],
+) -> tuple[list[tuple[int, str]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """A's audit log (commit order 0..3), A's journal and B's reads of ``order`` (by number)."""
+    committed = [(n, f"id{n}") for n in range(4)]
+    sender = [{"kind": "start"}, *({"kind": "sent", "n": n, "id": f"id{n}"} for n in range(4))]
+    receiver: list[dict[str, Any]] = [{"kind": "start"}]
+    for n in order:
+        if n < 0:
+            receiver.append({"kind": "start"})
+        else:
+            receiver.append({"kind": "read", "sender": "a", "id": f"id{n}", "data": f"A:{n}"})
+    return committed, sender, receiver
+
+
+@pytest.mark.parametrize(
+    ("order", "problem"),
+    [
+        ([0, 1, 2, 3], None),
+        ([0, 1, 2, -1, 2, 3], None),  # killed before acknowledging 2: read again, first
+        ([0, 1, 3], "lost"),
+        ([0, 2, 1, 3], "out of order"),
+        ([0, 1, 2, 3, 1], "read again"),
+        ([0, 1, 2, -1, 3, 2], "read again"),
+    ],
+)
+def test_the_checker_sees_loss_reordering_and_repeats(
+    order: list[int], problem: str | None
+) -> None:
+    committed, sender, receiver = _direction(order)
+    verdict = judge("A", "a", 4, committed, sender, receiver)
+    if problem is None:
+        assert verdict.problems == []
+        assert verdict.delivered == 4
+    else:
+        assert any(problem in p for p in verdict.problems), verdict.problems
+
+
+def test_the_checker_sees_a_message_twice_and_an_undurable_send() -> None:
+    committed, sender, receiver = _direction([0, 1, 2, 3])
+    committed.append((2, "again"))  # the driver sent 2 a second time
+    receiver.append({"kind": "read", "sender": "a", "id": "again", "data": "A:2"})
+    sender.append({"kind": "sent", "n": 3, "id": "other"})  # returned, but not what was committed
+    problems = judge("A", "a", 4, committed, sender, receiver).problems
+    assert any("committed twice" in p for p in problems), problems
+    assert any("delivered twice" in p for p in problems), problems
+    assert any("not in the audit log" in p for p in problems), problems
