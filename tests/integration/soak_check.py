@@ -8,6 +8,8 @@ What must hold (each violation is a line in :attr:`Verdict.problems`):
 
 - **Each number committed once**: X's audit log holds ``X:0`` .. ``X:N-1``,
   each exactly once (the driver never sends a committed number again).
+- **Queued in call order**: X's audit log commits the numbers in the order of
+  their (last) ``send()`` calls, though up to eight run at once.
 - **Returned sends are durable**: every send whose call returned (``sent``)
   is in X's audit log under the same message id.
 - **Exactly once, in order**: the messages Y read from X, first reads only,
@@ -67,6 +69,13 @@ def judge(
     number_of = {message_id: n for n, message_id in committed}
 
     calls = [r["n"] for r in sender_records if r["kind"] == "call"]
+    last_call = {n: index for index, n in enumerate(calls)}
+    called = [n for n, _ in committed if n in last_call]
+    if called != sorted(called, key=last_call.__getitem__):
+        pairs = zip(called, sorted(called, key=last_call.__getitem__), strict=True)
+        at = next(i for i, (a, b) in enumerate(pairs) if a != b)
+        names = [f"{sender}:{n}" for n in called[at : at + 3]]
+        problems.append(f"queued out of call order at send {at}: {names}")
     returned = {r["n"]: r["id"] for r in sender_records if r["kind"] == "sent"}
     verdict.calls, verdict.returned = len(calls), len(returned)
     verdict.recovered = sum(1 for r in sender_records if r["kind"] == "recovered")

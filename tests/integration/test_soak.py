@@ -37,6 +37,7 @@ import pytest
 from soak_check import Verdict, judge
 from soak_driver import committed_sends
 
+from talos.client import TalosClient
 from talos.testing.child import ChildProcess, spawn
 from talos.testing.cli import clean_env
 from talos.testing.processes import RegistryProcess, registry_process
@@ -249,6 +250,33 @@ async def test_kill_9_soak_long(tmp_path: Path) -> None:
     report_and_check("long", await soak(tmp_path, soak_seed(), plan), plan)
 
 
+# -- found by the soak ----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_concurrent_sends_to_a_new_peer_are_queued_in_call_order(tmp_path: Path) -> None:
+    """send() calls made at once to a peer whose key log is not cached yet are
+    delivered in the order of the calls.
+
+    Each call fetched the key log from the registry before queueing, and the
+    fetches came back in any order: the soak saw ``A:0, A:1, A:3, A:4, A:2``
+    committed (and so delivered) in that order. Now each call queues after the
+    one before it to the same peer.
+    """
+    with registry_process(tmp_path / "registry") as registry:
+        async with (
+            TalosClient.create(
+                "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
+            ) as bob,
+            TalosClient.create("alice", home=tmp_path / "a", registry_url=registry.url) as alice,
+        ):
+            calls = [alice.send(bob.agent_id, n, timeout=20) for n in range(40)]
+            results = await asyncio.gather(*calls)
+            assert {r.status for r in results} == {"delivered"}
+            got = [await bob.receive(timeout=10) for _ in range(40)]
+    assert [m.data for m in got if m is not None] == list(range(40))
+
+
 # -- the checker itself: it must see each kind of failure ---------------------------------------
 
 
@@ -257,7 +285,9 @@ def _direction(
 ) -> tuple[list[tuple[int, str]], list[dict[str, Any]], list[dict[str, Any]]]:
     """A's audit log (commit order 0..3), A's journal and B's reads of ``order`` (by number)."""
     committed = [(n, f"id{n}") for n in range(4)]
-    sender = [{"kind": "start"}, *({"kind": "sent", "n": n, "id": f"id{n}"} for n in range(4))]
+    sender = [{"kind": "start"}]
+    sender += [{"kind": "call", "n": n} for n in range(4)]
+    sender += [{"kind": "sent", "n": n, "id": f"id{n}"} for n in range(4)]
     receiver: list[dict[str, Any]] = [{"kind": "start"}]
     for n in order:
         if n < 0:
@@ -299,3 +329,10 @@ def test_the_checker_sees_a_message_twice_and_an_undurable_send() -> None:
     assert any("committed twice" in p for p in problems), problems
     assert any("delivered twice" in p for p in problems), problems
     assert any("not in the audit log" in p for p in problems), problems
+
+
+def test_the_checker_sees_sends_queued_out_of_call_order() -> None:
+    committed, sender, receiver = _direction([0, 2, 1, 3])
+    committed[1], committed[2] = committed[2], committed[1]  # delivered as committed
+    problems = judge("A", "a", 4, committed, sender, receiver).problems
+    assert problems == ["queued out of call order at send 1: ['A:2', 'A:1', 'A:3']"]
