@@ -37,7 +37,7 @@ faketime:
 pytest: $(STAMP) faketime
 	$(BIN)/pytest -n 2 -q
 
-# The long kill -9 soak (docs/soak.md): 6,000 messages both ways through kills of both agents.
+# The long kill -9 soak (docs/soak.md): 10,000 messages both ways through ten kills of each agent.
 # Not part of `make test`; TALOS_SOAK_SEED=N replays a run's kill schedule.
 soak: $(STAMP)
 	$(BIN)/pytest -m soak -s -q -p no:cacheprovider tests/integration/test_soak.py

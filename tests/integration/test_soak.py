@@ -16,8 +16,8 @@ order, every returned send among them, re-reads only where
 ``auto_ack=False`` allows one (see docs/soak.md for the exact rules).
 
 The short run is part of the normal suite; the long one (``make soak``,
-marker ``soak``) sends 6,000 messages through at least five kills of each
-agent. The seed is printed; ``TALOS_SOAK_SEED=N`` replays a run's schedule.
+marker ``soak``) sends 10,000 messages through ten kills of each agent. The
+seed is printed; ``TALOS_SOAK_SEED=N`` replays a run's kill schedule.
 """
 
 from __future__ import annotations
@@ -152,7 +152,11 @@ def resumed_after(kill: float, ready: float, reads: list[dict[str, Any]], sender
 async def soak(tmp_path: Path, seed: int, plan: Plan) -> Outcome:
     rng = random.Random(seed)  # noqa: S311 -- kill moments, not secrets
     total = 2 * plan.count
-    thresholds = sorted(rng.uniform(0.05, 0.85) * total for _ in plan.events)
+    # Kills after that many messages were read in all; the first one early, while
+    # the sessions are being opened.
+    thresholds = sorted(
+        [rng.uniform(0, 0.01) * total, *(rng.uniform(0, 0.85) * total for _ in plan.events[1:])]
+    )
     events = list(plan.events)
     rng.shuffle(events)
     with registry_process(tmp_path / "registry") as registry:
@@ -245,8 +249,14 @@ async def test_kill_9_during_two_way_traffic(tmp_path: Path) -> None:
 @pytest.mark.soak
 @pytest.mark.asyncio
 async def test_kill_9_soak_long(tmp_path: Path) -> None:
-    """6,000 messages, five kills of each agent (one of them both at once)."""
-    plan = Plan(count=3000, events=[("A",)] * 4 + [("B",)] * 4 + [("A", "B")], deadline=900.0)
+    """10,000 messages, ten kills of each agent (two of them both at once); more with
+    ``TALOS_SOAK_MESSAGES`` (in all) and ``TALOS_SOAK_KILLS`` (of each agent)."""
+    messages = int(os.environ.get("TALOS_SOAK_MESSAGES") or 10_000)
+    kills = int(os.environ.get("TALOS_SOAK_KILLS") or 10)
+    assert messages >= 5000, "the long soak sends 5,000 messages or more"
+    assert kills >= 4, "the long soak kills each agent 4 times or more"
+    events = [("A",)] * (kills - 2) + [("B",)] * (kills - 2) + [("A", "B")] * 2
+    plan = Plan(count=messages // 2, events=events, deadline=300.0 + messages / 10)
     report_and_check("long", await soak(tmp_path, soak_seed(), plan), plan)
 
 
