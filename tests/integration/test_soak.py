@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_driver import read_records
 from soak_check import Verdict, judge
 from soak_driver import committed_sends
 
@@ -44,14 +45,6 @@ from talos.testing.processes import RegistryProcess, registry_process
 
 DRIVER = Path(__file__).with_name("soak_driver.py")
 READY_TIMEOUT = 30.0
-
-
-def journal(path: Path) -> list[dict[str, Any]]:
-    """Complete JSON lines of a driver's journal (a torn last line is ignored)."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    return [json.loads(line) for line in raw[: raw.rfind(b"\n") + 1].splitlines() if line]
 
 
 class SoakAgent:
@@ -110,7 +103,8 @@ class SoakAgent:
         return raw.rfind(b'"kind": "finished"') > raw.rfind(b'"kind": "start"')
 
     def records(self) -> list[dict[str, Any]]:
-        return journal(self.out)
+        """The journal (read once the driver has stopped: a torn last line is cut off)."""
+        return read_records(self.out)
 
     def log_tail(self, lines: int = 60) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -143,10 +137,14 @@ async def until(predicate: Any, deadline: float, what: str, agents: list[SoakAge
         await asyncio.sleep(0.02)
 
 
-def resumed_after(kill: float, ready: float, reads: list[dict[str, Any]], sender: str) -> float:
-    """Seconds from ``kill`` to the first message from ``sender`` read after ``ready``."""
-    later = [r["t"] for r in reads if r["sender"] == sender and r["t"] >= ready]
-    return round(min(later) - kill, 3) if later else float("nan")
+def first_read(reads: list[dict[str, Any]], sender: str, since: float) -> float | None:
+    """When the first message from ``sender`` was read at ``since`` or later."""
+    return min((r["t"] for r in reads if r["sender"] == sender and r["t"] >= since), default=None)
+
+
+def longest(spans: list[tuple[float, float | None]]) -> float:
+    """The longest of the ``(start, end)`` spans that ended, in seconds."""
+    return round(max((end - start for start, end in spans if end is not None), default=0.0), 3)
 
 
 async def soak(tmp_path: Path, seed: int, plan: Plan) -> Outcome:
@@ -203,18 +201,20 @@ async def soak(tmp_path: Path, seed: int, plan: Plan) -> Outcome:
         )
     reads = {name: [r for r in records[name] if r["kind"] == "read"] for name in records}
     # After each restart: when did the agent's messages reach its peer again, and when
-    # did it read again (both from its kill)?
+    # did it read again (from its kill, and from its being ready again)?
     sending, reading = [], []
     for name, kill, ready in downtimes:
         other = "B" if name == "A" else "A"
-        sending.append(resumed_after(kill, ready, reads[other], ids[name]))
-        reading.append(resumed_after(kill, ready, reads[name], ids[other]))
+        sending.append((kill, ready, first_read(reads[other], ids[name], ready)))
+        reading.append((kill, ready, first_read(reads[name], ids[other], ready)))
     figures = {
         "messages": total,
         "messages_per_s": round(total / seconds, 1),
-        "max_kill_to_ready_s": round(max(r - k for _, k, r in downtimes), 3),
-        "max_kill_to_sending_again_s": max(sending, default=0.0),
-        "max_kill_to_reading_again_s": max(reading, default=0.0),
+        "max_kill_to_ready_s": longest([(k, r) for _, k, r in downtimes]),
+        "max_kill_to_sending_again_s": longest([(k, t) for k, _, t in sending]),
+        "max_kill_to_reading_again_s": longest([(k, t) for k, _, t in reading]),
+        "max_ready_to_sending_again_s": longest([(r, t) for _, r, t in sending]),
+        "max_ready_to_reading_again_s": longest([(r, t) for _, r, t in reading]),
     }
     kills = {agent.name: len(agent.kills) for agent in agents}
     return Outcome(seed, round(seconds, 1), verdicts, kills, figures)
