@@ -59,8 +59,6 @@ from talos.storage.agent_state import AgentState
 
 __test__ = False
 
-_log = logging.getLogger("soak_driver")
-
 
 def payload(name: str, n: int) -> str:
     return f"{name}:{n}"

@@ -148,6 +148,7 @@ def longest(spans: list[tuple[float, float | None]]) -> float:
 
 
 async def soak(tmp_path: Path, seed: int, plan: Plan) -> Outcome:
+    print(f"\nSOAK seed={seed} (replay: TALOS_SOAK_SEED={seed})")  # shown with a failure
     rng = random.Random(seed)  # noqa: S311 -- kill moments, not secrets
     total = 2 * plan.count
     # Kills after that many messages were read in all; the first one early, while
