@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck imports pytest alerts faketime bench clean
+.PHONY: demo test lint typecheck imports pytest alerts faketime bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ faketime:
 
 pytest: $(STAMP) faketime
 	$(BIN)/pytest -n 2 -q
+
+# The long kill -9 soak (docs/soak.md): 10,000 messages both ways through ten kills of each agent.
+# Not part of `make test`; TALOS_SOAK_SEED=N replays a run's kill schedule.
+soak: $(STAMP)
+	$(BIN)/pytest -m soak -s -q -p no:cacheprovider tests/integration/test_soak.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.core

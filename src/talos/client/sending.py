@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -85,6 +85,8 @@ class Sender:
         self._queue_limit, self._offline, self._closed = queue_limit, offline, closed
         #: send() calls waiting for the next group commit of the outbox.
         self._enqueues: list[tuple[Enqueue, asyncio.Future[None]]] = []
+        #: Per peer, the send() call that queues next (see _in_call_order).
+        self._turns: dict[str, asyncio.Future[None]] = {}
 
     async def send(
         self,
@@ -100,31 +102,33 @@ class Sender:
         if on_failure not in ("queue", "raise"):
             raise ConfigurationError("on_failure must be 'queue' or 'raise'")
         payload = encode_payload(data)
-        with contextlib.suppress(PeerNotFound, DiscoveryError):
-            await self._peers.keylog(peer_id)  # to check the capability's issuer locally
-        token = self._capabilities.for_sending(peer_id, capability)
-        message_id = wire.new_message_id(self._rng)
-        trace_id = self._rng.bytes(8).hex()
-        await self._enqueue(
-            Enqueue(
-                peer_id,
-                message_id,
-                payload,
-                None if token is None else token.to_bytes(),
-                audit=[
-                    (
-                        AuditKind.MESSAGE_SENT,
-                        {
-                            "id": message_id,
-                            "sha256": hashlib.sha256(payload).digest(),
-                            "size": len(payload),
-                            "trace": trace_id,
-                        },
-                        peer_id,
-                    )
-                ],
+        async with self._in_call_order(peer_id):
+            with contextlib.suppress(PeerNotFound, DiscoveryError):
+                await self._peers.keylog(peer_id)  # to check the capability's issuer locally
+            token = self._capabilities.for_sending(peer_id, capability)
+            message_id = wire.new_message_id(self._rng)
+            trace_id = self._rng.bytes(8).hex()
+            queued = self._submit(
+                Enqueue(
+                    peer_id,
+                    message_id,
+                    payload,
+                    None if token is None else token.to_bytes(),
+                    audit=[
+                        (
+                            AuditKind.MESSAGE_SENT,
+                            {
+                                "id": message_id,
+                                "sha256": hashlib.sha256(payload).digest(),
+                                "size": len(payload),
+                                "trace": trace_id,
+                            },
+                            peer_id,
+                        )
+                    ],
+                )
             )
-        )
+        await queued
         result = SendResult("queued", message_id.hex(), trace_id)
         if self._closed():
             return result  # committed by close(); delivered after the next start
@@ -144,13 +148,36 @@ class Sender:
             )
         return result
 
-    async def _enqueue(self, request: Enqueue) -> None:
-        """Queue durably; sends made in the same event-loop tick share one commit.
+    @contextlib.asynccontextmanager
+    async def _in_call_order(self, peer_id: str) -> AsyncIterator[None]:
+        """One send() call to ``peer_id`` at a time up to its enqueue, in call order.
+
+        Whatever a call awaits before it queues (the peer's key log, fetched
+        from discovery on first contact) must not let a later call queue
+        first: the outbox order is the delivery order, and it is the order
+        of the calls. Each call waits for the previous call to the same peer
+        to have queued (or failed); with the key log cached nothing waits.
+        """
+        previous = self._turns.get(peer_id)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._turns[peer_id] = mine
+        try:
+            if previous is not None and not previous.done():
+                await asyncio.shield(previous)
+            yield
+        finally:
+            mine.set_result(None)
+            if self._turns.get(peer_id) is mine:
+                del self._turns[peer_id]
+
+    def _submit(self, request: Enqueue) -> asyncio.Future[None]:
+        """Queue durably with the next group commit (the sends of this event-loop tick
+        share one); await the returned future for the commit.
 
         A caller cancelled before the commit withdraws its message; after
         it, the message stays queued (like any queued message).
 
-        Raises:
+        Raises (from the future):
             QueueFull, LocalProtocolError, AuditFull, StorageError: as
             :meth:`AgentState.enqueue`; nothing of this message was written.
         """
@@ -158,7 +185,7 @@ class Sender:
         self._enqueues.append((request, future))
         if len(self._enqueues) == 1:
             asyncio.get_running_loop().call_soon(self.flush)
-        await future
+        return future
 
     def flush(self) -> None:
         """Commit the sends of this tick (also called by close())."""

@@ -152,11 +152,18 @@ class Window:
         self.outgoing = []
 
     def tick(self, now: float, delivery: Delivery) -> Check:
-        """Forget finished messages; fail the window on a nack or a passed deadline."""
+        """Forget finished messages; fail the window on a nack or a passed deadline.
+
+        A message whose ACK is being committed leaves the window at once, unless it
+        carried an X3DH header: its ACK confirms the session only once its removal
+        has committed, and until then the next message would go out with the same
+        header (rule 1), which the peer cannot accept twice.
+        """
         done = [
             message_id
-            for message_id in self.inflight
-            if delivery.being_removed(message_id) or delivery.get(message_id) is None
+            for message_id, record in self.inflight.items()
+            if delivery.get(message_id) is None
+            or (delivery.being_removed(message_id) and record.handshake is None)
         ]
         for message_id in done:
             del self.inflight[message_id]

@@ -84,6 +84,25 @@ def test_tick_forgets_finished_and_removing_messages() -> None:
     assert list(window.inflight) == [b"c"]
 
 
+def test_a_handshake_message_holds_the_window_until_its_removal_commits() -> None:
+    """The first message of an unconfirmed session stays in flight while its ACK's
+    removal commits: its ACK confirms the session only after that commit, and the
+    next message sent meanwhile would carry the same X3DH header again (found by the
+    soak: the peer refused it DECRYPT_FAILED, and it arrived after later ones)."""
+    delivery = Delivery()
+    window = _in_flight(delivery, b"a")
+    delivery.get(b"a").handshake = b"x3dh header"  # type: ignore[union-attr]
+    delivery.acked(_ack((b"a",)), [b"a"])
+    assert window.tick(1.0, delivery).progressed is False
+    assert list(window.inflight) == [b"a"]
+    delivery.start_removal()
+    assert list(window.inflight) == [b"a"]
+    delivery.removal_committed()
+    delivery.finish(b"a")  # released as delivered, and the session confirmed
+    assert window.tick(1.0, delivery).progressed is True
+    assert len(window) == 0
+
+
 def test_a_passed_ack_deadline_fails_the_window() -> None:
     delivery = Delivery()
     window = _in_flight(delivery, b"a", now=5.0)
