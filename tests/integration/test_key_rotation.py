@@ -7,14 +7,19 @@ docs/design/key-rotation.md for what each step must keep.
 from __future__ import annotations
 
 import json
+import random
+import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from talos.cli.exit_codes import exit_code_for_name
 from talos.core.keylog import KeyLog
 from talos.storage.tokens import TokenStore
-from talos.testing.cli import TalosCli
+from talos.testing.child import spawn
+from talos.testing.cli import TalosCli, clean_env, talos_argv
 from talos.testing.processes import AgentProcess, RegistryProcess, launched, registry_process
 from talos.testing.waiting import wait_until
 
@@ -98,3 +103,108 @@ def test_stopped_rotation_keeps_state_and_messages_flow(
     assert inbox(alice_home) == [(bob_id, "after too")]
     chain = json.loads(ok(alice_home, "audit", "verify-chain", "--json"))
     assert chain["ok"] is True, chain
+
+
+# -- crash safety ------------------------------------------------------------------------------
+
+
+def rotate_killed_at(home: Path, point: str, tmp_path: Path) -> None:
+    """Run ``talos emergency-rotate`` and ``kill -9`` it at ``point`` (a test pause)."""
+    marker = tmp_path / f"{point}.reached"
+    child = spawn(
+        talos_argv("--home", str(home), "emergency-rotate", "--revoke-old", "--reason", "crash"),
+        env=clean_env({"TALOS_TEST_PAUSE": f"{point}:{marker}"}),
+        log=tmp_path / f"{point}.log",
+        name="rotate",
+        stdout_pipe=False,
+    )
+    try:
+        wait_until(marker.exists, 30, what=f"rotation paused at {point}")
+    finally:
+        assert child.kill() == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("point", ["keyfile-written", "identity-saved"])
+def test_a_rotation_killed_midway_leaves_a_home_that_starts(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess], point: str
+) -> None:
+    home = tmp_path / "alice"
+    agent_id = ok(home, "init", "--name", "alice", "--no-passphrase")
+    start(home, "--registry", registry.url).stop()  # an audit log and agent state exist
+    rotate_killed_at(home, point, tmp_path)
+    # The key file holds the new key; the public log may still be one event behind.
+    assert json.loads(ok(home, "whoami", "--json"))["sequence"] == 1
+    public = KeyLog.from_bytes((home / "keylog.cbor").read_bytes())
+    assert len(public) == (1 if point == "keyfile-written" else 2)
+    agent = start(home, "--registry", registry.url)
+    assert agent.agent_id == agent_id
+    assert len(KeyLog.from_bytes((home / "keylog.cbor").read_bytes())) == 2  # completed
+    agent.stop()
+    assert json.loads(ok(home, "audit", "verify-chain", "--json"))["ok"] is True
+    ok(home, "rotate")  # and the next rotation goes on from there
+    assert json.loads(ok(home, "whoami", "--json"))["sequence"] == 2
+
+
+def test_rotations_killed_at_random_moments_always_leave_a_home_that_opens(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
+) -> None:
+    home = tmp_path / "alice"
+    ok(home, "init", "--name", "alice", "--no-passphrase")
+    start(home, "--registry", registry.url).stop()
+    rng = random.Random(14)  # noqa: S311 -- kill times, not secrets
+    for attempt in range(6):
+        child = spawn(
+            talos_argv("--home", str(home), "rotate"),
+            env=clean_env(),
+            log=tmp_path / f"rotate-{attempt}.log",
+            name="rotate",
+            stdout_pipe=False,
+        )
+        time.sleep(rng.uniform(0.2, 1.5))  # a random moment, not a wait for something
+        child.kill()
+        identity = json.loads(ok(home, "whoami", "--json"))
+        public = KeyLog.from_bytes((home / "keylog.cbor").read_bytes())
+        assert identity["sequence"] in (len(public) - 1, len(public))
+    start(home, "--registry", registry.url).stop()
+    assert json.loads(ok(home, "audit", "verify-chain", "--json"))["ok"] is True
+
+
+# -- refused rotations change nothing ---------------------------------------------------------
+
+
+def snapshot(home: Path) -> dict[str, bytes]:
+    return {
+        name: (home / name).read_bytes()
+        for name in ("identity.key", "keylog.cbor")
+        if (home / name).exists()
+    }
+
+
+def test_refused_emergency_rotations_change_nothing(tmp_path: Path) -> None:
+    home, passfile, wrong = tmp_path / "alice", tmp_path / "pass", tmp_path / "wrong"
+    passfile.write_text("correct horse battery staple\n")
+    wrong.write_text("not the passphrase\n")
+    ok(home, "init", "--name", "alice", "--key-passphrase-file", str(passfile))
+    before = snapshot(home)
+    cases = [
+        (["--reason", ""], "ConfigurationError", "--reason must be 1-256 printable"),
+        (["--reason", "   "], "ConfigurationError", "--reason must be"),
+        (["--reason", "x" * 257], "ConfigurationError", "--reason must be"),
+        (["--reason", "bad\x07bell"], "ConfigurationError", "--reason must be"),
+        (["--reason", "stolen", "--key-passphrase-file", str(wrong)], "WrongPassphrase", "wrong"),
+    ]
+    for extra, error, text in cases:
+        result = talos(home, "emergency-rotate", "--revoke-old", *extra)
+        assert result.returncode == exit_code_for_name(error), result
+        assert text in result.stderr and "Traceback" not in result.stderr
+        assert snapshot(home) == before
+    missing = talos(home, "emergency-rotate")  # --reason is required
+    assert missing.returncode == 2 and "--reason" in missing.stderr
+    assert snapshot(home) == before
+    # A home with a public key log but no key file: no pre-rotated key to rotate to.
+    (home / "identity.key").rename(tmp_path / "identity.key.away")
+    before = snapshot(home)
+    result = talos(home, "emergency-rotate", "--revoke-old", "--reason", "stolen")
+    assert result.returncode == exit_code_for_name("IdentityNotFound") == 4
+    assert "no pre-rotated key" in result.stderr and "talos recover" in result.stderr
+    assert snapshot(home) == before
