@@ -196,15 +196,18 @@ def test_refused_emergency_rotations_change_nothing(tmp_path: Path) -> None:
     for extra, error, text in cases:
         result = talos(home, "emergency-rotate", "--revoke-old", *extra)
         assert result.returncode == exit_code_for_name(error), result
-        assert text in result.stderr and "Traceback" not in result.stderr
+        assert text in result.stderr
+        assert "Traceback" not in result.stderr
         assert snapshot(home) == before
     missing = talos(home, "emergency-rotate")  # --reason is required
-    assert missing.returncode == 2 and "--reason" in missing.stderr
+    assert missing.returncode == 2
+    assert "--reason" in missing.stderr
     assert snapshot(home) == before
     # A home with a public key log but no key file: no pre-rotated key to rotate to.
     (home / "identity.key").rename(tmp_path / "identity.key.away")
     before = snapshot(home)
     result = talos(home, "emergency-rotate", "--revoke-old", "--reason", "stolen")
     assert result.returncode == exit_code_for_name("IdentityNotFound") == 4
-    assert "no pre-rotated key" in result.stderr and "talos recover" in result.stderr
+    assert "no pre-rotated key" in result.stderr
+    assert "talos recover" in result.stderr
     assert snapshot(home) == before
