@@ -93,7 +93,7 @@ def test_stopped_rotation_keeps_state_and_messages_flow(
 
     bob.stop()
     learn_keylog(bob_home, alice_home)
-    start(bob_home, *url)
+    start(bob_home, *url, "--accept", "open")
     start(alice_home, *url)
     wait_until(lambda: queue_depth(bob_home) == 0, 30, what="bob's queue drained", interval=0.2)
     assert inbox(alice_home) == [(bob_id, "hi alice"), (bob_id, "while away")]
@@ -211,3 +211,71 @@ def test_refused_emergency_rotations_change_nothing(tmp_path: Path) -> None:
     assert "no pre-rotated key" in result.stderr
     assert "talos recover" in result.stderr
     assert snapshot(home) == before
+
+
+# -- a running agent rotates -------------------------------------------------------------------
+
+
+def audit_entries(home: Path, kind: str) -> list[dict[str, object]]:
+    rows = json.loads(ok(home, "audit", "query", "--type", kind, "--json"))
+    return [row["data"] for row in rows]
+
+
+def test_running_emergency_rotation_keeps_every_message_and_revokes_old_grants(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
+) -> None:
+    alice_home, bob_home, passfile = tmp_path / "alice", tmp_path / "bob", tmp_path / "pass"
+    passfile.write_text("alice's passphrase\n")
+    key = ["--key-passphrase-file", str(passfile)]
+    alice_id = ok(alice_home, "init", "--name", "alice", *key)
+    bob_id = ok(bob_home, "init", "--name", "bob", "--no-passphrase")
+    # Alice grants bob the right to message her, under her first key.
+    token = ok(alice_home, "capabilities", "grant", "--to", bob_id, "--action", "message.send",
+               "--expires-in", "1h", *key)  # fmt: skip
+    ok(alice_home, "whoami", "--export-log", str(tmp_path / "alice.log"), *key)
+    ok(bob_home, "capabilities", "add", token, "--issuer-log", str(tmp_path / "alice.log"))
+    url = ["--registry", registry.url, "--reconnect-interval", "1"]
+    # Bob accepts anyone; alice only holders of her grants (bob's is sent along).
+    bob = start(bob_home, *url, "--accept", "open")
+    alice = start(alice_home, *url, *key)
+    delivered(bob_home, alice_id, "with the old grant")
+    delivered(alice_home, bob_id, "hello bob")
+    assert inbox(alice_home) == [(bob_id, "with the old grant")]
+    assert inbox(bob_home) == [(alice_id, "hello bob")]
+    # Bob goes offline; alice queues messages for him, then rotates while running.
+    assert bob.stop() == 0
+    queued = [f"queued {n}" for n in range(5)]
+    for text in queued:
+        assert ok(alice_home, "send", bob_id, text, "--timeout", "0.2").startswith("queued ")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not it\n")
+    refused = talos(alice_home, "emergency-rotate", "--revoke-old", "--reason", "stolen laptop",
+                    "--key-passphrase-file", str(wrong))  # fmt: skip
+    assert refused.returncode == exit_code_for_name("WrongPassphrase"), refused
+    assert json.loads(ok(alice_home, "status", "--json"))["queue_depth"] == 5
+    out = ok(alice_home, "emergency-rotate", "--revoke-old", "--reason", "stolen laptop", *key)
+    assert "(running agent)" in out
+    assert "key sequence 1" in out
+    assert alice.process.poll() is None  # no restart
+    assert json.loads(ok(alice_home, "whoami", "--json", *key))["sequence"] == 1
+    assert json.loads(ok(alice_home, "status", "--json"))["sessions"] == []
+    # Bob comes back knowing alice's new key log; the queue drains under a new session.
+    learn_keylog(bob_home, alice_home)
+    start(bob_home, *url, "--accept", "open")
+    wait_until(lambda: queue_depth(alice_home) == 0, 30, what="alice's queue drained", interval=0.2)
+    assert inbox(bob_home) == [(alice_id, text) for text in queued]  # none lost, none twice
+    delivered(alice_home, bob_id, "after the rotation")
+    assert inbox(bob_home) == [(alice_id, "after the rotation")]
+    # The grant alice issued under her revoked key is refused, naming the revocation.
+    refused = talos(bob_home, "send", alice_id, "with the old grant again",
+                    "--timeout", "10", "--on-failure", "raise", "--capability", token)  # fmt: skip
+    assert refused.returncode == exit_code_for_name("CapabilityDenied"), refused
+    assert "revoked" in refused.stderr
+    alice.stop()
+    (rotation,) = audit_entries(alice_home, "KEY_ROTATED")
+    assert rotation["reason"] == "stolen laptop"
+    assert rotation["emergency"] is True
+    assert rotation["revoke_old"] is True
+    chain = json.loads(ok(alice_home, "audit", "verify-chain", "--json"))
+    assert chain["ok"] is True, chain
+    assert "event=key_rotated" in alice.log.read_text()
