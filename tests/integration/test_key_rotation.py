@@ -279,3 +279,71 @@ def test_running_emergency_rotation_keeps_every_message_and_revokes_old_grants(
     chain = json.loads(ok(alice_home, "audit", "verify-chain", "--json"))
     assert chain["ok"] is True, chain
     assert "event=key_rotated" in alice.log.read_text()
+
+
+# -- a new identity, and recovery from a backup --------------------------------------------------
+
+
+def test_new_identity_keeps_the_name_and_archives_everything_the_old_one_had(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
+) -> None:
+    home = tmp_path / "alice"
+    first = ok(home, "init", "--name", "alice", "--no-passphrase")
+    ok(home, "capabilities", "grant", "--to", first, "--action", "message.send",
+       "--expires-in", "1h")  # fmt: skip
+    start(home, "--registry", registry.url).stop()  # audit log and agent state exist
+    old = {name: (home / name).read_bytes() for name in ("identity.key", "keylog.cbor")}
+    second = ok(home, "init", "--new-identity", "--no-passphrase")  # no --name needed
+    assert second != first
+    whoami = json.loads(ok(home, "whoami", "--json"))
+    assert (whoami["agent_id"], whoami["name"]) == (second, "alice")
+    (archived,) = (home / "archive").iterdir()
+    assert {p.name for p in archived.iterdir()} >= {
+        "identity.key", "identity.localkey", "keylog.cbor", "audit", "capabilities",
+    }  # fmt: skip
+    assert {name: (archived / name).read_bytes() for name in old} == old
+    assert json.loads(ok(home, "capabilities", "list", "--json")) == []  # a fresh store
+    agent = start(home, "--registry", registry.url)
+    assert agent.agent_id == second
+    running = talos(home, "init", "--new-identity", "--no-passphrase")
+    assert running.returncode == exit_code_for_name("AgentAlreadyRunning"), running
+    agent.stop()
+    ok(home, "init", "--new-identity", "--name", "alice-3", "--no-passphrase")
+    assert json.loads(ok(home, "whoami", "--json"))["name"] == "alice-3"
+    assert len(list((home / "archive").iterdir())) == 2
+
+
+def test_recover_from_backup_then_run_keeps_sessions_outbox_and_inbox(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
+) -> None:
+    alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
+    backup, passfile = tmp_path / "alice.backup", tmp_path / "backup-pass"
+    passfile.write_text("backup passphrase\n")
+    alice_id = ok(alice_home, "init", "--name", "alice", "--no-passphrase")
+    bob_id = ok(bob_home, "init", "--name", "bob", "--no-passphrase")
+    url = ["--registry", registry.url, "--accept", "open", "--reconnect-interval", "1"]
+    bob = start(bob_home, *url)
+    alice = start(alice_home, *url)
+    delivered(alice_home, bob_id, "one")
+    delivered(bob_home, alice_id, "unread by alice")
+    assert inbox(bob_home) == [(alice_id, "one")]
+    bob.stop()
+    queued = ok(alice_home, "send", bob_id, "queued for bob", "--timeout", "0.2")
+    assert queued.startswith("queued ")
+    alice.stop()
+    ok(alice_home, "backup", "--out", str(backup), "--passphrase-file", str(passfile))
+    (alice_home / "identity.key").write_bytes(b"not a key file any more")
+    broken = talos(alice_home, "whoami")
+    assert broken.returncode == exit_code_for_name("KeyFileCorrupted")
+    recovered = ok(alice_home, "recover", "--backup", str(backup),
+                   "--passphrase-file", str(passfile), "--no-passphrase")  # fmt: skip
+    assert recovered == alice_id
+    start(bob_home, *url)
+    start(alice_home, *url)
+    wait_until(lambda: queue_depth(alice_home) == 0, 30, what="alice's queue drained", interval=0.2)
+    assert inbox(bob_home) == [(alice_id, "queued for bob")]
+    assert inbox(alice_home) == [(bob_id, "unread by alice")]
+    delivered(alice_home, bob_id, "two")
+    delivered(bob_home, alice_id, "three")
+    assert inbox(bob_home) == [(alice_id, "two")]
+    assert inbox(alice_home) == [(bob_id, "three")]
