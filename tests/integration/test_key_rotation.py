@@ -17,6 +17,7 @@ import pytest
 
 from talos.cli.exit_codes import exit_code_for_name
 from talos.core.keylog import KeyLog
+from talos.core.revocation import RevocationList
 from talos.storage.tokens import TokenStore
 from talos.testing.child import spawn
 from talos.testing.cli import TalosCli, clean_env, talos_argv
@@ -140,6 +141,12 @@ def test_a_rotation_killed_midway_leaves_a_home_that_starts(
     assert agent.agent_id == agent_id
     assert len(KeyLog.from_bytes((home / "keylog.cbor").read_bytes())) == 2  # completed
     agent.stop()
+    # The own revocation list names the revoked key, written at start if the crash
+    # came before it.
+    with TokenStore.open(home / "capabilities") as tokens:
+        stored = tokens.revocation_list(agent_id)
+    assert stored is not None
+    assert RevocationList.from_bytes(stored[0]).revoked_key_sequences == {0}
     assert json.loads(ok(home, "audit", "verify-chain", "--json"))["ok"] is True
     ok(home, "rotate")  # and the next rotation goes on from there
     assert json.loads(ok(home, "whoami", "--json"))["sequence"] == 2

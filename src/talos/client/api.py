@@ -219,6 +219,7 @@ class TalosClient:
             closed=self._is_closed,
         )
         self._peers = self._parts.peers
+        self._parts.capabilities.complete_revocation()
         self._rotator = Rotator(
             home=self._home,
             own=self._own,

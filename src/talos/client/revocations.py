@@ -238,6 +238,19 @@ class Capabilities:
         self.revocations.apply(signed, keys=IssuerKeys([me.keylog]))
         return signed
 
+    def complete_revocation(self) -> bool:
+        """At start: if our key log revoked earlier keys but our own list does not say so
+        yet (a crash between the key file and the list), revise it now; returns whether."""
+        me = self._own.current
+        event = me.keylog.revoking_event()
+        if event is None:
+            return False
+        current = self.revocations.list_for(me.agent_id)
+        if current is not None and set(range(event.sequence)) <= current.revoked_key_sequences:
+            return False
+        self.revoke_earlier_keys()
+        return True
+
     def _own_list(self) -> bytes | None:
         stored = self._tokens.revocation_list(self._me)
         return None if stored is None else stored[0]
