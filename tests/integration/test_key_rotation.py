@@ -277,9 +277,13 @@ def test_running_emergency_rotation_keeps_every_message_and_revokes_old_grants(
     refused = talos(bob_home, "send", alice_id, "with the old grant again",
                     "--timeout", "10", "--on-failure", "raise", "--capability", token)  # fmt: skip
     assert refused.returncode == exit_code_for_name("CapabilityDenied"), refused
-    assert "revoked" in refused.stderr
+    assert "revoked by the emergency rotation to key sequence 1 (stolen laptop)" in refused.stderr
+    # A routine rotation goes through the running agent too.
+    again = ok(alice_home, "rotate", "--reason", "routine", *key)
+    assert "key sequence 2 (running agent)" in again
     alice.stop()
-    (rotation,) = audit_entries(alice_home, "KEY_ROTATED")
+    rotation, routine = audit_entries(alice_home, "KEY_ROTATED")
+    assert (routine["sequence"], routine["emergency"], routine["reason"]) == (2, False, "routine")
     assert rotation["reason"] == "stolen laptop"
     assert rotation["emergency"] is True
     assert rotation["revoke_old"] is True
