@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,6 +17,7 @@ from talos.core.crypto import VerifyKey
 from talos.errors import ConfigurationError
 from talos.storage.agent_state import AgentState
 from talos.storage.home import AgentHome
+from talos.testing.processes import RegistryProcess, registry_process
 
 pytestmark = pytest.mark.asyncio
 
@@ -93,3 +96,37 @@ async def test_rotate_keys_while_running(tmp_path: Path) -> None:
         (1, "quarterly", False, False),
         (2, "compromise", True, True),
     ]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    with registry_process(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+async def test_messages_in_flight_during_a_rotation_arrive_once(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    options: dict[str, Any] = {"registry_url": registry.url, "accept_policy": "open"}
+    async with (
+        TalosClient.create("alice", home=tmp_path / "a", **options) as a,
+        TalosClient.create("bob", home=tmp_path / "b", **options) as b,
+    ):
+        assert (await a.send(b.agent_id, "hello", timeout=10)).status == "delivered"
+        hello = await b.receive(timeout=10)
+        assert hello is not None
+        assert hello.data == "hello"
+        texts = [f"m{n}" for n in range(30)]
+        sends = [asyncio.create_task(a.send(b.agent_id, t, timeout=60)) for t in texts]
+        first = await b.receive(timeout=10)  # the first arrived, the others are on their way
+        assert first is not None
+        assert a.queue_depth() > 0
+        await a.rotate_keys(reason="in flight", emergency=True, revoke_old=True)
+        b.add_contact(a.contact_card())  # bob learns the new key log (the peer side pushes it)
+        results = await asyncio.gather(*sends)
+        assert {r.status for r in results} == {"delivered"}
+        got = [first] + [await b.receive(timeout=10) for _ in range(30)]
+        assert a.queue_depth() == 0
+        assert await b.receive(timeout=0.5) is None  # nothing twice
+    data = [m.data for m in got if m is not None]
+    assert sorted(data) == sorted(texts)
