@@ -11,6 +11,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -65,20 +66,44 @@ def delivered(home: Path, peer: str, text: str) -> None:
     assert ok(home, "send", peer, text, "--timeout", "20").startswith("delivered ")
 
 
+@dataclass
+class Pair:
+    """Alice and Bob running with a registry, accepting anyone, one message each way done."""
+
+    alice_home: Path
+    bob_home: Path
+    alice_id: str
+    bob_id: str
+    args: list[str]
+    alice: AgentProcess
+    bob: AgentProcess
+
+
+def talking_pair(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
+) -> Pair:
+    alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
+    alice_id = ok(alice_home, "init", "--name", "alice", "--no-passphrase")
+    bob_id = ok(bob_home, "init", "--name", "bob", "--no-passphrase")
+    args = ["--registry", registry.url, "--accept", "open", "--reconnect-interval", "1"]
+    bob = start(bob_home, *args)
+    alice = start(alice_home, *args)
+    delivered(alice_home, bob_id, "before")
+    delivered(bob_home, alice_id, "hi alice")
+    assert inbox(bob_home) == [(alice_id, "before")]
+    return Pair(alice_home, bob_home, alice_id, bob_id, args, alice, bob)
+
+
 @pytest.mark.parametrize("command", ["rotate", "emergency-rotate"])
 def test_stopped_rotation_keeps_state_and_messages_flow(
     tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess], command: str
 ) -> None:
-    alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
-    alice_id = ok(alice_home, "init", "--name", "alice", "--no-passphrase")
-    bob_id = ok(bob_home, "init", "--name", "bob", "--no-passphrase")
-    url = ["--registry", registry.url, "--accept", "open", "--reconnect-interval", "1"]
-    bob = start(bob_home, *url)
-    alice = start(alice_home, *url)
-    delivered(alice_home, bob_id, "before")
-    delivered(bob_home, alice_id, "hi alice")
-    assert inbox(bob_home) == [(alice_id, "before")]
-    assert alice.stop() == 0
+    pair = talking_pair(tmp_path, registry, start)
+    alice_home, bob_home, alice_id, bob_id = (
+        pair.alice_home, pair.bob_home, pair.alice_id, pair.bob_id,
+    )  # fmt: skip
+    url, bob = pair.args, pair.bob
+    assert pair.alice.stop() == 0
     # Queued for alice while she is stopped, and one left in her inbox unread.
     queued = ok(bob_home, "send", alice_id, "while away", "--timeout", "0.5")
     assert queued.startswith("queued ")
@@ -327,18 +352,14 @@ def test_new_identity_keeps_the_name_and_archives_everything_the_old_one_had(
 def test_recover_from_backup_then_run_keeps_sessions_outbox_and_inbox(
     tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
 ) -> None:
-    alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
     backup, passfile = tmp_path / "alice.backup", tmp_path / "backup-pass"
     passfile.write_text("backup passphrase\n")
-    alice_id = ok(alice_home, "init", "--name", "alice", "--no-passphrase")
-    bob_id = ok(bob_home, "init", "--name", "bob", "--no-passphrase")
-    url = ["--registry", registry.url, "--accept", "open", "--reconnect-interval", "1"]
-    bob = start(bob_home, *url)
-    alice = start(alice_home, *url)
-    delivered(alice_home, bob_id, "one")
-    delivered(bob_home, alice_id, "unread by alice")
-    assert inbox(bob_home) == [(alice_id, "one")]
-    bob.stop()
+    pair = talking_pair(tmp_path, registry, start)
+    alice_home, bob_home, alice_id, bob_id = (
+        pair.alice_home, pair.bob_home, pair.alice_id, pair.bob_id,
+    )  # fmt: skip
+    url, alice = pair.args, pair.alice
+    pair.bob.stop()
     queued = ok(alice_home, "send", bob_id, "queued for bob", "--timeout", "0.2")
     assert queued.startswith("queued ")
     alice.stop()
@@ -353,7 +374,7 @@ def test_recover_from_backup_then_run_keeps_sessions_outbox_and_inbox(
     start(alice_home, *url)
     wait_until(lambda: queue_depth(alice_home) == 0, 30, what="alice's queue drained", interval=0.2)
     assert inbox(bob_home) == [(alice_id, "queued for bob")]
-    assert inbox(alice_home) == [(bob_id, "unread by alice")]
+    assert inbox(alice_home) == [(bob_id, "hi alice")]
     delivered(alice_home, bob_id, "two")
     delivered(bob_home, alice_id, "three")
     assert inbox(bob_home) == [(alice_id, "two")]
