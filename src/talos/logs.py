@@ -105,6 +105,7 @@ EVENTS: Final = frozenset(
         "dht_datagram_refused",
         "registry_reachable",
         "message_lost",
+        "key_rotated",
         # the registry
         "keylog_fork",
         "revocation_forked",

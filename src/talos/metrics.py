@@ -42,9 +42,13 @@ __all__ = [
     "DENIAL_REASONS",
     "OTHER",
     "REJECTION_REASONS",
+    "ROTATION_KINDS",
     "AgentMetrics",
     "SuppressedLines",
 ]
+
+#: The ``kind`` label of ``talos_key_rotations_total``.
+ROTATION_KINDS: Final = ("routine", "emergency")
 
 #: Label value for a reason this module does not know (keeps label cardinality bounded).
 OTHER: Final = "other"
@@ -187,6 +191,13 @@ class AgentMetrics:
         self.capabilities_revoked = Counter(
             "talos_capabilities_revoked", "Capabilities revoked by this agent.", registry=r
         )
+        # -- own keys ----------------------------------------------------------
+        self.key_rotations = Counter(
+            "talos_key_rotations",
+            "Rotations of this agent's own signing key while it runs, by kind.",
+            ["kind"],
+            registry=r,
+        )
         self.capabilities_denied = Counter(
             "talos_capabilities_denied",
             "Capability checks that denied an action, by denial class.",
@@ -264,6 +275,8 @@ class AgentMetrics:
             self.capabilities_denied.labels(reason=reason)
         for direction in ("sent", "received"):
             self.message_size_bytes.labels(direction=direction)
+        for kind in ROTATION_KINDS:
+            self.key_rotations.labels(kind=kind)
         if not uses_registry:
             self.registry_up.set(math.nan)
 
@@ -316,6 +329,10 @@ class AgentMetrics:
 
     def capability_revoked(self) -> None:
         self.capabilities_revoked.inc()
+
+    def key_rotated(self, kind: str) -> None:
+        """This agent rotated its key: ``routine`` or ``emergency``."""
+        self.key_rotations.labels(kind=kind if kind in ROTATION_KINDS else OTHER).inc()
 
     def capability_denied(self, reason: str | BaseException | type[BaseException]) -> None:
         """A capability check denied an action.

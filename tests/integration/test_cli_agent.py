@@ -251,8 +251,9 @@ def test_listening_on_every_interface_needs_an_announced_address(
 def test_commands_that_replace_what_the_agent_holds_wait_until_it_stops(
     tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
 ) -> None:
-    """rotate, recover and audit restore are refused while the home's agent runs
-    (it would sign with a retired key, or write into a log swapped under it)."""
+    """init --new-identity, recover and audit restore are refused while the home's agent
+    runs (it would sign with a replaced key, or write into a log swapped under it);
+    rotate goes through the running agent (test_key_rotation.py)."""
     home = tmp_path / "erin"
     ok(home, "init", "--name", "erin")
     passfile = tmp_path / "pass"
@@ -264,7 +265,7 @@ def test_commands_that_replace_what_the_agent_holds_wait_until_it_stops(
     before = ok(home, "whoami", "--json")
     erin = start(home, "--registry", registry.url)
     for command in (
-        ["rotate"],
+        ["init", "--new-identity"],
         ["recover", "--backup", str(backup), "--passphrase-file", str(passfile), "--force"],
         ["audit", "restore", "--backup", str(tmp_path / "log-backup")],
     ):

@@ -137,7 +137,13 @@ def test_rotate_keeps_id_and_advances_sequence(talos: Talos) -> None:
     assert after["fingerprint"] != before["fingerprint"]
     with AuditLog.open(Path(talos.env["TALOS_HOME"]) / "audit", readonly=True) as log:
         (entry,) = log.query(kind="KEY_ROTATED")
-    assert entry.data == {"sequence": 1, "fingerprint": after["fingerprint"]}
+    assert entry.data == {
+        "sequence": 1,
+        "fingerprint": after["fingerprint"],
+        "reason": "",
+        "emergency": False,
+        "revoke_old": False,
+    }
 
 
 def test_passphrase_protected_key_file(talos: Talos, home: Path, tmp_path: Path) -> None:

@@ -99,6 +99,10 @@ class BlockSealer:
         self.block_entries = block_entries
         self._block_ms = int(block_seconds * 1000)
 
+    def use_signer(self, signer: LogSigner) -> None:
+        """Sign the next blocks with ``signer`` (see AuditLog.use_signer)."""
+        self._signer = signer
+
     def due(self, chain: OpenBlock, now: int) -> bool:
         """Whether the oldest unsealed entry is old enough at ``now`` (ms) to seal."""
         oldest = chain.oldest_unsealed_ms

@@ -109,6 +109,7 @@ class AuditLog:
         sealer = BlockSealer(
             store, signer=signer, block_entries=block_entries, block_seconds=block_seconds
         )
+        self._sealer = sealer
         self._writer = LogWriter(store, head, sealer, clock=clock)
         self._group = GroupCommit(self._writer.commit, in_thread=commit_thread)
 
@@ -435,6 +436,16 @@ class AuditLog:
             StoreCorrupted: stored nodes are damaged (the proof fails its own check).
         """
         return proofs.prove_consistency(self._store, self._current_head(), old_size, new_size)
+
+    def use_signer(self, signer: LogSigner) -> None:
+        """Sign blocks and checkpoints from now on with ``signer`` (after a key rotation).
+
+        Blocks name the key that signed them; ``verify-chain`` trusts every key
+        of the agent's key log, so a chain signed by successive keys verifies.
+        A block being sealed at this moment is signed by one key or the other.
+        """
+        self._signer = signer
+        self._sealer.use_signer(signer)
 
     def checkpoint(self) -> Checkpoint:
         """A signed C2SP checkpoint of the current size and root.

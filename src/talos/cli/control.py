@@ -14,6 +14,8 @@ requests may share a connection::
                               -> {"ok": true, "messages": [...]}
     {"op": "status"}          -> {"ok": true, "status": {...}}
     {"op": "peers"}           -> {"ok": true, "peers": [...]}
+    {"op": "rotate", "reason", "emergency", "revoke_old", "passphrase" (base64)}
+                              -> {"ok": true, "agent_id", "sequence", "fingerprint"}
     any failure               -> {"ok": false, "error": <class>, "message", "hint"}
 
 Rules: a request is at most :data:`MAX_REQUEST` bytes; unknown ops and

@@ -31,9 +31,17 @@ from talos.cli.control import (
     encode_line,
 )
 from talos.client import TalosClient
+from talos.client.own_keys import Rotation
 from talos.core.agent_id import check_agent_id
 from talos.core.message import Message
-from talos.errors import AgentAlreadyRunning, ConfigurationError, MalformedFrame, TalosError
+from talos.errors import (
+    AgentAlreadyRunning,
+    ConfigurationError,
+    MalformedFrame,
+    TalosError,
+    WrongPassphrase,
+)
+from talos.storage.home import AgentHome
 
 __all__ = ["INBOX_BATCH_BYTES", "ControlServer", "claim_socket", "message_json"]
 
@@ -45,6 +53,7 @@ _SEND_FIELDS: Final = frozenset(
     {"op", "peer", "text", "json", "timeout", "retry_count", "on_failure", "capability"}
 )
 _INBOX_FIELDS: Final = frozenset({"op", "take", "limit", "wait"})
+_ROTATE_FIELDS: Final = frozenset({"op", "reason", "emergency", "revoke_old", "passphrase"})
 
 
 class ControlServer:
@@ -60,6 +69,7 @@ class ControlServer:
             "inbox": self._inbox,
             "status": self._status,
             "peers": self._peers,
+            "rotate": self._rotate,
         }
 
     async def start(self) -> None:
@@ -171,6 +181,20 @@ class ControlServer:
             message = await self._client.receive(timeout=0)
         return {"messages": messages}
 
+    async def _rotate(self, request: dict[str, Any]) -> dict[str, Any]:
+        _only(request, _ROTATE_FIELDS)
+        emergency = _flag(request, "emergency", False)
+        revoke_old = _flag(request, "revoke_old", False)
+        reason = _optional_string(request, "reason")
+        Rotation(reason=reason, emergency=emergency, revoke_old=revoke_old).check()
+        home = AgentHome(self._path.parent)
+        await _operator_knows_the_key(
+            home, self._client.agent_id, _optional_string(request, "passphrase")
+        )
+        return await self._client.rotate_keys(
+            reason=reason, emergency=emergency, revoke_old=revoke_old
+        )
+
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         _only(request, frozenset({"op"}))
         return {"status": {**self._client.status(), "pid": os.getpid()}}
@@ -178,6 +202,32 @@ class ControlServer:
     async def _peers(self, request: dict[str, Any]) -> dict[str, Any]:
         _only(request, frozenset({"op"}))
         return {"peers": self._client.known_peers()}
+
+
+async def _operator_knows_the_key(home: AgentHome, agent_id: str, given: str | None) -> None:
+    """A passphrase-protected key file must open with the passphrase the operator gave.
+
+    The daemon holds the identity already; this proves the person asking for
+    a rotation could have started it (docs/design/key-rotation.md). A home
+    without a passphrase is protected by its 0600 local key, as the socket is.
+
+    Raises:
+        WrongPassphrase: none given, or it does not open the key file.
+        ConfigurationError: the key file holds another agent.
+    """
+    if not home.needs_passphrase():
+        return
+    if given is None:
+        raise WrongPassphrase(
+            f"the key file {home.identity_path} is protected by a passphrase: give it to rotate"
+        )
+    try:
+        passphrase = base64.b64decode(given, validate=True)
+    except ValueError:
+        raise ConfigurationError("'passphrase' must be base64") from None
+    identity = await asyncio.to_thread(home.load_identity, passphrase=passphrase)
+    if identity.agent_id != agent_id:
+        raise ConfigurationError(f"the key file {home.identity_path} holds another agent")
 
 
 async def _request_lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes | None]:

@@ -1,24 +1,29 @@
-"""``talos init``, ``talos whoami`` and ``talos rotate``."""
+"""``talos init``, ``talos whoami``, ``talos rotate`` and ``talos emergency-rotate``."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
+from typing import Any, Final
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from talos.audit import AuditKind
 from talos.cli.context import CliContext
-from talos.cli.lockfile import refuse_while_running
+from talos.cli.control import call
+from talos.cli.lockfile import refuse_while_running, running_agent_pid
 from talos.cli.passphrases import KEY_ENV, existing_passphrase, new_passphrase
+from talos.client.own_keys import Rotation, rotate_at_rest
 from talos.core.identity import Identity
-from talos.errors import IdentityExists, StorageError
-from talos.storage.home import AgentHome, atomic_write
+from talos.errors import ConfigurationError, IdentityExists, IdentityNotFound, TalosError
+from talos.storage.home import RECOVER_HINT, AgentHome, atomic_write
 
 __all__ = [
+    "ROTATE_TIMEOUT",
     "choose_key_passphrase",
+    "emergency_rotate",
     "init",
     "key_passphrase_option",
     "load_identity",
@@ -27,6 +32,10 @@ __all__ = [
 ]
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: How long ``rotate`` waits for a running agent (it checks the passphrase, writes the
+#: key file, and republishes to the registry and the DHT).
+ROTATE_TIMEOUT: Final = 120.0
 
 key_passphrase_option = click.option(
     "--key-passphrase-file",
@@ -55,18 +64,23 @@ def choose_key_passphrase(passphrase_file: Path | None, no_passphrase: bool) -> 
 
 
 @click.command()
-@click.option("--name", required=True, help="A human-readable name for this agent.")
+@click.option(
+    "--name",
+    default=None,
+    help="A human-readable name for this agent (with --new-identity: default, the old name).",
+)
 @click.option(
     "--new-identity",
     is_flag=True,
-    help="Archive the existing identity (kept, never deleted) and create a new one.",
+    help="Archive the existing identity and everything it signed (kept, never deleted) "
+    "and create a new one.",
 )
 @click.option("--no-passphrase", is_flag=True, help="Protect the key file with a 0600 local key.")
 @key_passphrase_option
 @click.pass_obj
 def init(
     ctx: CliContext,
-    name: str,
+    name: str | None,
     new_identity: bool,
     no_passphrase: bool,
     key_passphrase_file: Path | None,
@@ -75,16 +89,30 @@ def init(
     home = ctx.agent_home
     if home.has_identity() and not new_identity:
         raise IdentityExists(f"{home.path} already holds an identity")
+    refuse_while_running(home.path, "talos init --new-identity")
+    if name is None:
+        name = _previous_name(home, key_passphrase_file) if home.has_identity() else None
+    if name is None:
+        raise ConfigurationError("--name is required (there is no previous identity to keep it)")
     passphrase = choose_key_passphrase(key_passphrase_file, no_passphrase)
     identity = Identity.create(name, rng=ctx.rng, clock=ctx.clock)
-    if home.has_identity():
-        archived = home.archive_identity(clock=ctx.clock)
+    if home.has_identity() or home.load_public_keylog() is not None:
+        archived = home.archive_identity(clock=ctx.clock, everything=True)
         _err.print(
-            f"[yellow]warning:[/] the previous identity was archived to {archived}; "
-            "capabilities granted to it do not carry over to the new identity"
+            f"[yellow]warning:[/] the previous identity, its audit log, agent state and "
+            f"capabilities were archived to {archived}; capabilities granted to it do not "
+            "carry over to the new identity"
         )
     home.save_identity(identity, rng=ctx.rng, passphrase=passphrase)
     click.echo(identity.agent_id)
+
+
+def _previous_name(home: AgentHome, passphrase_file: Path | None) -> str | None:
+    """The name of the identity being replaced, if its key file still opens."""
+    try:
+        return load_identity(home, passphrase_file).name
+    except TalosError:
+        return None
 
 
 @click.command()
@@ -120,40 +148,89 @@ def whoami(
 
 
 @click.command()
+@click.option("--reason", default=None, help="Why (recorded in the key event and audit log).")
 @key_passphrase_option
 @click.pass_obj
-def rotate(ctx: CliContext, key_passphrase_file: Path | None) -> None:
+def rotate(ctx: CliContext, reason: str | None, key_passphrase_file: Path | None) -> None:
     """Planned key rotation: promote the pre-committed key, commit to a new one.
 
-    Refused while this home's agent runs: it would go on signing with the
-    retired key. Stop it, rotate, start it again.
+    Works on a stopped agent (directly on the home) and on a running one
+    (through its control socket, which rotates without a restart).
     """
+    _rotate(ctx, Rotation(reason=reason), key_passphrase_file)
+
+
+@click.command("emergency-rotate")
+@click.option(
+    "--reason",
+    required=True,
+    help="Why (1-256 printable characters; recorded in the key event and audit log).",
+)
+@click.option(
+    "--revoke-old",
+    is_flag=True,
+    help="Revoke every earlier key: nothing signed by it, capabilities included, is trusted.",
+)
+@key_passphrase_option
+@click.pass_obj
+def emergency_rotate(
+    ctx: CliContext, reason: str, revoke_old: bool, key_passphrase_file: Path | None
+) -> None:
+    """Rotate after a key compromise, to the pre-rotated key a thief of the current one lacks.
+
+    Sessions are discarded, peers are told (registry, DHT, live links), and
+    with --revoke-old every capability issued under an earlier key is revoked.
+    """
+    _rotate(
+        ctx, Rotation(reason=reason, emergency=True, revoke_old=revoke_old), key_passphrase_file
+    )
+
+
+def _rotate(ctx: CliContext, rotation: Rotation, key_passphrase_file: Path | None) -> None:
+    """Rotate through the running daemon, else directly on the home.
+
+    Raises:
+        ConfigurationError: a reason that is not 1-256 printable characters.
+        IdentityNotFound: no key file, so no pre-rotated key to rotate to.
+        WrongPassphrase: the key file does not open with the passphrase given.
+    """
+    rotation.check()
     home = ctx.agent_home
-    refuse_while_running(home.path, "talos rotate")
+    if not home.has_identity():
+        raise IdentityNotFound(
+            f"no key file in {home.path}, so no pre-rotated key to rotate to; "
+            f"restore one with {RECOVER_HINT}"
+        )
     passphrase = None
     if home.needs_passphrase():
         passphrase = existing_passphrase(key_passphrase_file, KEY_ENV, "Key")
-    identity = home.load_identity(passphrase=passphrase)
-    rotated = identity.rotate(rng=ctx.rng, clock=ctx.clock)
-    home.save_identity(rotated, rng=ctx.rng, passphrase=passphrase)
-    _record_rotation(ctx, rotated)
-    click.echo(f"rotated {rotated.agent_id} to key sequence {rotated.sequence}")
-    click.echo(f"new fingerprint {rotated.fingerprint}")
+    if running_agent_pid(home.path) is not None:
+        answer = call(home.path, _request(rotation, passphrase), timeout=ROTATE_TIMEOUT)
+        sequence, fingerprint = int(answer["sequence"]), str(answer["fingerprint"])
+        agent_id = str(answer["agent_id"])
+        click.echo(f"rotated {agent_id} to key sequence {sequence} (running agent)")
+    else:
+        rotated = rotate_at_rest(
+            home, rotation, passphrase=passphrase, clock=ctx.clock, rng=ctx.rng
+        )
+        sequence, fingerprint, agent_id = rotated.sequence, rotated.fingerprint, rotated.agent_id
+        click.echo(f"rotated {agent_id} to key sequence {sequence}")
+    click.echo(f"new fingerprint {fingerprint}")
+    if rotation.revoke_old:
+        click.echo(f"keys before sequence {sequence} are revoked")
     _err.print("note: take a new backup; older ones hold an outdated key event log")
 
 
-def _record_rotation(ctx: CliContext, rotated: Identity) -> None:
-    """Audit the rotation, signed by the new key.
-
-    The rotation itself is never held back by the audit log: after a key
-    compromise, rotating matters more than recording. A failure is reported.
-    """
-    try:
-        with ctx.open_audit_log(identity=rotated) as log:
-            log.append(
-                AuditKind.KEY_ROTATED,
-                {"sequence": rotated.sequence, "fingerprint": rotated.fingerprint},
-                peer=rotated.agent_id,
-            )
-    except StorageError as error:
-        _err.print(f"[yellow]warning:[/] the rotation was not recorded in the audit log: {error}")
+def _request(rotation: Rotation, passphrase: bytes | None) -> dict[str, Any]:
+    """The control request: the key passphrase goes along (over the 0600 socket) so the
+    daemon can check that the operator knows it (docs/design/key-rotation.md)."""
+    request: dict[str, Any] = {
+        "op": "rotate",
+        "emergency": rotation.emergency,
+        "revoke_old": rotation.revoke_old,
+    }
+    if rotation.reason is not None:
+        request["reason"] = rotation.reason
+    if passphrase is not None:
+        request["passphrase"] = base64.b64encode(passphrase).decode()
+    return request

@@ -22,7 +22,7 @@ from talos.cli.context import CliContext
 from talos.cli.daemon import run
 from talos.cli.diagnose import diagnose
 from talos.cli.exit_codes import exit_code_for
-from talos.cli.identity import init, rotate, whoami
+from talos.cli.identity import emergency_rotate, init, rotate, whoami
 from talos.cli.registry import registry
 from talos.errors import TalosError
 from talos.storage.home import default_home
@@ -61,6 +61,7 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 cli.add_command(init)
 cli.add_command(whoami)
 cli.add_command(rotate)
+cli.add_command(emergency_rotate)
 cli.add_command(backup)
 cli.add_command(recover)
 cli.add_command(capabilities)

@@ -28,11 +28,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from talos.audit import AuditLog, LogSigner
+from talos.audit import AuditLog
 from talos.audit.head_check import refuse_damaged_head
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
 from talos.client.discovery import RECORD_LIFETIME, Discovery
+from talos.client.own_keys import OwnIdentity, Rotation, audit_signer
+from talos.client.rotation import Rotator
 from talos.client.sending import SendResult
 from talos.client.status import known_peer_rows, status_report
 from talos.client.wiring import Parts, assemble
@@ -164,20 +166,21 @@ class TalosClient:
         self.metrics = AgentMetrics(uses_registry=config.registry_url is not None)
         self._clocks = ClockWatch(config.clock, self.metrics)
         # Filled in by _open().
-        self._identity: Identity
+        self._own: OwnIdentity
         self._state: AgentState
         self._peers: PeerDirectory
         self._parts: Parts | None = None
+        self._rotator: Rotator
 
     async def _open(self) -> None:
         config, clock, rng = self._config, self._clock, self._rng
-        self._identity = identity = self._load_identity()
+        identity = self._load_identity()
+        self._own = OwnIdentity(identity)
         self._home.check_public_keylog(identity.keylog)
-        signer = LogSigner(identity.signing_key, identity.agent_id, f"{identity.agent_id}/audit")
         self._log = AuditLog.open(
             self._home.audit_path,
             clock=clock,
-            signer=signer,
+            signer=audit_signer(identity),
             extra_databases=AgentState.DATABASES,
             **config.audit.open_arguments(),
         )
@@ -204,7 +207,7 @@ class TalosClient:
         self._transport = Transport(self._on_frame, clock=clock)
         self._parts = assemble(
             config=config,
-            identity=identity,
+            own=self._own,
             instance=self._instance,
             log=self._log,
             state=self._state,
@@ -216,6 +219,18 @@ class TalosClient:
             closed=self._is_closed,
         )
         self._peers = self._parts.peers
+        self._parts.capabilities.complete_revocation()
+        self._rotator = Rotator(
+            home=self._home,
+            own=self._own,
+            log=self._log,
+            parts=self._parts,
+            metrics=self.metrics,
+            passphrase=config.passphrase,
+            clock=clock,
+            rng=rng,
+            announce=self._announce_if_published,
+        )
         host, port = await self._transport.listen(*config.listen)
         announced_host, announced_port = config.announce
         host = announced_host or host
@@ -254,11 +269,11 @@ class TalosClient:
         assert discovery is not None  # noqa: S101 -- open while the client is
         if discovery.registry is not None:
             await discovery.announce(
-                self._identity,
+                self._own.current,
                 lambda: PrekeyUpload.from_store(
                     self._drivers.sessions.prekeys,
-                    self._identity.signing_key,
-                    key_sequence=self._identity.sequence,
+                    self._own.current.signing_key,
+                    key_sequence=self._own.current.sequence,
                     sequence=time_ms(self._clock),
                 ),
                 self.peer_record,
@@ -267,9 +282,16 @@ class TalosClient:
         if discovery.dht is not None:
             await discovery.announce_dht(
                 self.peer_record().to_bytes(),
-                self._identity.keylog.to_bytes(),
+                self._own.current.keylog.to_bytes(),
                 self.get_prekey_bundle().to_bytes(),
             )
+
+    async def _announce_if_published(self) -> None:
+        discovery = self._discovery
+        if self._config.offline or discovery is None:
+            return
+        if discovery.registry is not None or discovery.dht is not None:
+            await self._announce()
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -413,7 +435,7 @@ class TalosClient:
 
     @property
     def agent_id(self) -> str:
-        return self._identity.agent_id
+        return self._own.current.agent_id
 
     @property
     def endpoint(self) -> str:
@@ -423,9 +445,9 @@ class TalosClient:
     def peer_record(self, *, lifetime: float = RECORD_LIFETIME) -> PeerRecord:
         """A freshly signed record of where this instance listens."""
         return PeerRecord.create(
-            self._identity.signing_key,
+            self._own.current.signing_key,
             agent_id=self.agent_id,
-            key_sequence=self._identity.sequence,
+            key_sequence=self._own.current.sequence,
             instance_id=self._instance,
             endpoint=self._endpoint,
             sequence=time_ms(self._clock),
@@ -438,7 +460,7 @@ class TalosClient:
         return canonical_dumps(
             {
                 "v": 1,
-                "log": self._identity.keylog.to_bytes(),
+                "log": self._own.current.keylog.to_bytes(),
                 "rec": self.peer_record().to_bytes(),
             }
         )
@@ -486,6 +508,37 @@ class TalosClient:
     async def reset_session(self, peer_id: str) -> None:
         """Forget the session with ``peer_id``; the next message establishes a new one."""
         self._drivers.sessions.reset(peer_id, "requested")
+
+    async def rotate_keys(
+        self, *, reason: str | None = None, emergency: bool = False, revoke_old: bool = False
+    ) -> dict[str, Any]:
+        """Rotate this agent's signing key to the pre-rotated one, without a restart.
+
+        The key file is written first (nothing is signed with the new key
+        before it is on disk); then ``KEY_ROTATED`` is audited, every session
+        is discarded (queued and in-flight messages are delivered under new
+        X3DH sessions, none lost, none twice), new prekeys are made, and the
+        new key log, prekeys, record and revocation list go to the registry,
+        the DHT and every live link. ``emergency`` marks a rotation after a
+        key compromise; with ``revoke_old`` (emergency only) every earlier key
+        is revoked: peers refuse anything signed by it, and every capability
+        issued under it (docs/operations.md, "Key compromise").
+
+        Returns ``{"agent_id", "sequence", "fingerprint"}`` of the new key.
+
+        Raises:
+            ConfigurationError: a reason that is not 1-256 printable characters,
+                ``revoke_old`` without ``emergency``, or ``emergency`` without a reason.
+            StorageError: the key file could not be written (nothing changed).
+        """
+        rotated = await self._rotator.rotate(
+            Rotation(reason=reason, emergency=emergency, revoke_old=revoke_old)
+        )
+        return {
+            "agent_id": rotated.agent_id,
+            "sequence": rotated.sequence,
+            "fingerprint": rotated.fingerprint,
+        }
 
     # -- status ---------------------------------------------------------------------
 

@@ -14,9 +14,9 @@ import logging
 from typing import Any
 
 from talos.audit import AuditLog
+from talos.client.own_keys import OwnIdentity
 from talos.core import wire
 from talos.core.clock import Clock, time_ms
-from talos.core.identity import Identity
 from talos.core.incoming import Refusal
 from talos.core.ratelimit import RateLimiter
 from talos.core.rng import Rng
@@ -30,8 +30,8 @@ _log = logging.getLogger("talos.client")
 class Signer:
     """Signs control envelopes as this agent instance and sends them, best effort."""
 
-    def __init__(self, identity: Identity, instance: bytes, clock: Clock, rng: Rng) -> None:
-        self._identity, self._instance = identity, instance
+    def __init__(self, own: OwnIdentity, instance: bytes, clock: Clock, rng: Rng) -> None:
+        self._own, self._instance = own, instance
         self._clock, self._rng = clock, rng
         self._logs = LimitedLog(_log, clock)
 
@@ -43,14 +43,14 @@ class Signer:
         envelope = wire.Envelope(
             type=kind,
             message_id=wire.new_message_id(self._rng),
-            sender=self._identity.agent_id,
+            sender=self._own.agent_id,
             sender_instance=self._instance,
             recipient=recipient,
             timestamp_ms=time_ms(self._clock),
             **fields,
         )
         with contextlib.suppress(PeerUnreachable):
-            await link.send(wire.seal(envelope, self._identity.signing_key))
+            await link.send(wire.seal(envelope, self._own.current.signing_key))
 
     async def answer(
         self, link: Link, sender: str, ids: list[bytes], status: wire.AckStatus

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from talos.audit import AuditKind
 from talos.client import timing
+from talos.client.own_keys import OwnIdentity
 from talos.client.revocations import Capabilities
 from talos.client.sessions import Sessions
 from talos.core import wire
@@ -29,7 +30,6 @@ from talos.core.delivery import (
     Window,
     window_size,
 )
-from talos.core.identity import Identity
 from talos.core.rng import Rng
 from talos.core.sessions import encode_record
 from talos.errors import (
@@ -52,7 +52,7 @@ class Deliverer:
     def __init__(
         self,
         *,
-        identity: Identity,
+        own: OwnIdentity,
         instance: bytes,
         state: AgentState,
         sessions: Sessions,
@@ -66,7 +66,7 @@ class Deliverer:
         closed: Callable[[], bool],
         offline: bool,
     ) -> None:
-        self._identity, self._instance = identity, instance
+        self._own, self._instance = own, instance
         self._state, self._sessions, self._peers = state, sessions, peers
         self._transport, self._capabilities = transport, capabilities
         self._metrics = metrics
@@ -319,7 +319,7 @@ class Deliverer:
             wire.Envelope(
                 type=wire.EnvelopeType.INITIAL if x3dh else wire.EnvelopeType.MESSAGE,
                 message_id=item.message_id,
-                sender=self._identity.agent_id,
+                sender=self._own.agent_id,
                 sender_instance=self._instance,
                 recipient=item.peer,
                 # The time it was queued, on every retry: the receiver's replay
@@ -331,7 +331,7 @@ class Deliverer:
                 capability_ref=item.capability,
                 x3dh_header=x3dh,
             ),
-            self._identity.signing_key,
+            self._own.current.signing_key,
         )
 
     def hand_over(self, item: OutboxItem, sealed: tuple[bytes, bytes], now: float) -> None:

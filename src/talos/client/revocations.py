@@ -18,10 +18,10 @@ import weakref
 
 from talos.audit import AuditKind
 from talos.client.control import Auditor, Signer
+from talos.client.own_keys import OwnIdentity, revoke_earlier_keys
 from talos.core import wire
 from talos.core.capability import Capability, CapabilityPolicy, verify
 from talos.core.clock import Clock
-from talos.core.identity import Identity
 from talos.core.keylog import IssuerKeys, KeyLog
 from talos.core.revocation import RevocationList, RevocationMode, RevocationPolicy, RevocationState
 from talos.discovery.registry_client import RegistryClient
@@ -49,7 +49,7 @@ class Capabilities:
     def __init__(
         self,
         *,
-        identity: Identity,
+        own: OwnIdentity,
         tokens: TokenStore,
         peers: PeerDirectory,
         registry: RegistryClient | None,
@@ -59,7 +59,7 @@ class Capabilities:
         auditor: Auditor,
         signer: Signer,
     ) -> None:
-        self._identity, self._tokens, self._peers = identity, tokens, peers
+        self._own, self._tokens, self._peers = own, tokens, peers
         self._registry, self._policy, self._clock = registry, policy, clock
         self._metrics, self._auditor, self._signer = metrics, auditor, signer
         self.revocations = RevocationState()
@@ -69,11 +69,11 @@ class Capabilities:
 
     @property
     def _me(self) -> str:
-        return self._identity.agent_id
+        return self._own.agent_id
 
     def _load(self) -> None:
         """Known key logs (imported with capabilities) and revocation lists, verified."""
-        keys = IssuerKeys([self._identity.keylog])
+        keys = IssuerKeys([self._own.current.keylog])
         for data in self._tokens.keylogs():
             with contextlib.suppress(TalosError):
                 log = self._peers.learn_log(KeyLog.from_bytes(data))
@@ -226,8 +226,30 @@ class Capabilities:
             return
         with contextlib.suppress(TalosError):
             self.revocations.apply(
-                RevocationList.from_bytes(data), keys=IssuerKeys([self._identity.keylog])
+                RevocationList.from_bytes(data), keys=IssuerKeys([self._own.current.keylog])
             )
+
+    def revoke_earlier_keys(self) -> RevocationList:
+        """After an emergency rotation with ``revoke_old``: revoke every earlier key
+        sequence and every token recorded as issued under one, in our own list, signed
+        by the new key (the caller publishes and offers it)."""
+        me = self._own.current
+        signed = revoke_earlier_keys(self._tokens, me, now=self._clock.time())
+        self.revocations.apply(signed, keys=IssuerKeys([me.keylog]))
+        return signed
+
+    def complete_revocation(self) -> bool:
+        """At start: if our key log revoked earlier keys but our own list does not say so
+        yet (a crash between the key file and the list), revise it now; returns whether."""
+        me = self._own.current
+        event = me.keylog.revoking_event()
+        if event is None:
+            return False
+        current = self.revocations.list_for(me.agent_id)
+        if current is not None and set(range(event.sequence)) <= current.revoked_key_sequences:
+            return False
+        self.revoke_earlier_keys()
+        return True
 
     def _own_list(self) -> bytes | None:
         stored = self._tokens.revocation_list(self._me)

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from talos.audit import AuditKind
-from talos.core.identity import Identity
+from talos.client.own_keys import OwnIdentity, discard_sessions
 from talos.core.keylog import KeyLog
 from talos.core.ratchet import Session
 from talos.core.rng import Rng
@@ -36,7 +36,7 @@ class Sessions:
         *,
         table: SessionTable,
         state: AgentState,
-        identity: Identity,
+        own: OwnIdentity,
         peers: PeerDirectory,
         metrics: AgentMetrics,
         rng: Rng,
@@ -44,27 +44,58 @@ class Sessions:
         fetch_bundle: Callable[[str, KeyLog], Awaitable[PrekeyBundle]],
     ) -> None:
         self.table = table
-        self._state, self._identity, self._peers = state, identity, peers
+        self._state, self._own, self._peers = state, own, peers
         self._metrics, self._rng = metrics, rng
         #: Commits the receives staged in the table (see ReceiveBatch.settle).
         self._settle = settle
         self._fetch_bundle = fetch_bundle
-        self.prekeys = self._load_prekeys()
+        self._prekeys = self._load_prekeys()
+
+    @property
+    def prekeys(self) -> PrekeyStore:
+        """This agent's prekeys, vouched for by its current signing key."""
+        return self._prekeys
+
+    @prekeys.setter
+    def prekeys(self, store: PrekeyStore) -> None:
+        # A receive that consumed a prekey of the identity a rotation just replaced
+        # must not bring the old prekeys back.
+        if self._ours(store):
+            self._prekeys = store
+
+    def _ours(self, store: PrekeyStore) -> bool:
+        return store.identity_signing_key == self._own.current.signing_key.public_key.raw
 
     def _load_prekeys(self) -> PrekeyStore:
         data = self._state.prekeys()
         if data is not None:
             store = PrekeyStore.from_bytes(data)
-            if store.identity_signing_key == self._identity.signing_key.public_key.raw:
+            if self._ours(store):
                 return store
+        return self._new_prekeys()
+
+    def _new_prekeys(self) -> PrekeyStore:
+        me = self._own.current
         store = PrekeyStore.create(
-            agent_id=self._identity.agent_id,
-            signing_key=self._identity.signing_key,
-            identity_dh=self._identity.dh_key,
+            agent_id=me.agent_id,
+            signing_key=me.signing_key,
+            identity_dh=me.dh_key,
             rng=self._rng,
         ).add_one_time_prekeys(ONE_TIME_PREKEYS, self._rng)
         self._state.put_prekeys(store.to_bytes())
         return store
+
+    def rotated(self) -> list[str]:
+        """This agent rotated its keys: every session (committed, awaiting confirmation,
+        staged) is discarded and new prekeys are made under the new key; returns the
+        peers that had a session. Their next message runs X3DH against the new keys."""
+        self._settle()  # staged receives committed: every session is a stored one
+        peers = discard_sessions(self._state)
+        for peer in peers:
+            self.table.drop(peer)
+            self._metrics.session_reset()
+        self._prekeys = self._new_prekeys()
+        return peers
 
     def current(self, peer: str) -> SessionEntry | None:
         """The session with ``peer`` after committing staged receives."""
@@ -117,7 +148,7 @@ class Sessions:
         if bundle is None:
             bundle = await self._fetch_bundle(peer, log)
         state = log.state
-        me = self._identity
+        me = self._own.current
         start = initiate(
             bundle,
             peer_agent_id=peer,

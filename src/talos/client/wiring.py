@@ -19,11 +19,11 @@ from talos.client.control import Auditor, Signer
 from talos.client.delivery import Deliverer
 from talos.client.discovery import Discovery
 from talos.client.inbox import InboxReader
+from talos.client.own_keys import OwnIdentity
 from talos.client.receiving import ReceiveBatch, Receiver
 from talos.client.revocations import Capabilities
 from talos.client.sending import Sender
 from talos.client.sessions import Sessions
-from talos.core.identity import Identity
 from talos.core.sessions import SessionTable
 from talos.metrics import AgentMetrics
 from talos.peers import DhtSource, PeerDirectory, RecordSource, RegistrySource
@@ -36,6 +36,7 @@ from talos.transport import Transport
 class Parts:
     """The drivers of one agent (see talos.client.api for what each does)."""
 
+    own: OwnIdentity
     peers: PeerDirectory
     capabilities: Capabilities
     sessions: Sessions
@@ -48,7 +49,7 @@ class Parts:
 
 
 def peer_directory(
-    config: ClientConfig, state: AgentState, identity: Identity, discovery: Discovery
+    config: ClientConfig, state: AgentState, own: OwnIdentity, discovery: Discovery
 ) -> PeerDirectory:
     """Verified peers: the local cache first, then the sources in ``config``'s order."""
     sources: list[RecordSource] = []
@@ -61,7 +62,7 @@ def peer_directory(
         state,
         sources,
         clock=config.clock,
-        own=identity.keylog,
+        own=own.current.keylog,
         on_source_down=discovery.source_down,
         on_source_up=discovery.source_up,
     )
@@ -70,7 +71,7 @@ def peer_directory(
 def assemble(
     *,
     config: ClientConfig,
-    identity: Identity,
+    own: OwnIdentity,
     instance: bytes,
     log: AuditLog,
     state: AgentState,
@@ -82,11 +83,11 @@ def assemble(
     closed: Callable[[], bool],
 ) -> Parts:
     clock, rng = config.clock, config.rng
-    peers = peer_directory(config, state, identity, discovery)
+    peers = peer_directory(config, state, own, discovery)
     auditor = Auditor(log, clock)
-    signer = Signer(identity, instance, clock, rng)
+    signer = Signer(own, instance, clock, rng)
     capabilities = Capabilities(
-        identity=identity,
+        own=own,
         tokens=tokens,
         peers=peers,
         registry=discovery.registry,
@@ -102,7 +103,7 @@ def assemble(
     sessions = Sessions(
         table=table,
         state=state,
-        identity=identity,
+        own=own,
         peers=peers,
         metrics=metrics,
         rng=rng,
@@ -110,7 +111,7 @@ def assemble(
         fetch_bundle=discovery.fetch_bundle,
     )
     deliverer = Deliverer(
-        identity=identity,
+        own=own,
         instance=instance,
         state=state,
         sessions=sessions,
@@ -136,7 +137,7 @@ def assemble(
         closed=closed,
     )
     sender = Sender(
-        agent_id=identity.agent_id,
+        agent_id=own.agent_id,
         state=state,
         sessions=sessions,
         deliverer=deliverer,
@@ -150,7 +151,7 @@ def assemble(
         closed=closed,
     )
     receiver = Receiver(
-        agent_id=identity.agent_id,
+        agent_id=own.agent_id,
         state=state,
         sessions=sessions,
         batch=batch,
@@ -166,4 +167,6 @@ def assemble(
         on_error=acks.on_error,
         on_revocations=capabilities.on_revocations,
     )
-    return Parts(peers, capabilities, sessions, inbox, batch, deliverer, acks, sender, receiver)
+    return Parts(
+        own, peers, capabilities, sessions, inbox, batch, deliverer, acks, sender, receiver
+    )

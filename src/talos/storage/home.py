@@ -24,6 +24,7 @@ import contextlib
 import os
 import stat
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -55,7 +56,7 @@ from talos.errors import (
     WrongPassphrase,
 )
 
-__all__ = ["RECOVER_HINT", "AgentHome", "atomic_write", "default_home"]
+__all__ = ["RECOVER_HINT", "AgentHome", "atomic_write", "default_home", "pause_point"]
 
 IDENTITY_FILE: Final = "identity.key"
 KEYLOG_FILE: Final = "keylog.cbor"
@@ -64,6 +65,7 @@ KEYLOG_FILE: Final = "keylog.cbor"
 RECOVER_HINT: Final = "`talos recover --backup FILE`"
 
 AUDIT_DIR: Final = "audit"
+CAPABILITIES_DIR: Final = "capabilities"
 LOCAL_KEY_FILE: Final = "identity.localkey"
 ARCHIVE_DIR: Final = "archive"
 _LOCAL_KEY_MAGIC = b"TALOSLK1"
@@ -106,6 +108,18 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def pause_point(name: str) -> None:
+    """A test-only pause: with ``TALOS_TEST_PAUSE=<name>:<file>``, create ``file`` and
+    wait here (until killed), so a test can ``kill -9`` a write sequence at this point."""
+    wanted = os.environ.get("TALOS_TEST_PAUSE", "")
+    point, _, marker = wanted.partition(":")
+    if point != name or not marker:
+        return
+    Path(marker).touch()
+    while True:
+        time.sleep(1.0)
 
 
 def _read(path: Path) -> bytes:
@@ -163,20 +177,28 @@ class AgentHome:
             ) from None
 
     def check_public_keylog(self, keylog: KeyLog) -> None:
-        """Refuse a public key log that is damaged or does not match ``keylog`` (the key file's).
+        """Refuse a public key log that is damaged or ahead of ``keylog`` (the key file's);
+        rewrite one that is behind it.
 
-        The public log may be newer than the key file's (it is written first),
-        never older nor another agent's. A home without one passes (for now).
+        The key file is written first (:meth:`save_identity`), so a crash in a
+        rotation can leave the public log one event behind the key file: that
+        log is completed from the key file here. A public log that is *newer*
+        than the key file, or another agent's, names keys whose secrets this
+        home does not hold: never repaired, only refused. A home without one
+        gets one.
 
         Raises:
             StoreCorrupted: naming the public key log, hinting at ``talos recover``.
+            StorageError: the repaired log cannot be written.
         """
         try:
             public = self.load_public_keylog()
         except StoreCorrupted as exc:
             exc.hint = RECOVER_HINT
             raise
-        if public is not None and public.events[: len(keylog.events)] != keylog.events:
+        if public is not None and public.events == keylog.events:
+            return
+        if public is not None and keylog.events[: len(public.events)] != public.events:
             error = StoreCorrupted(
                 f"public key log {self.keylog_path} does not match the key file "
                 f"{self.identity_path}",
@@ -185,6 +207,7 @@ class AgentHome:
             )
             error.hint = RECOVER_HINT
             raise error
+        atomic_write(self.keylog_path, keylog.to_bytes())
 
     def ensure(self) -> None:
         """Create the home (0700) if it does not exist.
@@ -229,18 +252,22 @@ class AgentHome:
             KeyFileCorrupted: the local key is damaged while a key file needs it.
         """
         self.ensure()
-        # Public first: a crash leaves a log at least as new as the secrets'. Public,
-        # but a store file all the same: 0600 like every file in the home.
-        atomic_write(self.keylog_path, identity.keylog.to_bytes())
         payload = identity.to_secret_bytes()
+        # Secrets first: a public log naming a key whose secret was never saved
+        # would announce a key nobody holds. A crash after this write leaves
+        # the public log behind the key file, which check_public_keylog
+        # completes at the next start. (Public, but a store file all the same:
+        # 0600 like every file in the home.)
         if passphrase is not None:
             sealed = seal(payload, kind=KIND_KEYFILE, rng=rng, passphrase=passphrase, params=params)
             atomic_write(self.identity_path, sealed)
             with contextlib.suppress(FileNotFoundError):
                 self.local_key_path.unlink()
-            return
-        key = self._local_key_for_writing(rng)
-        atomic_write(self.identity_path, seal(payload, kind=KIND_KEYFILE, rng=rng, raw_key=key))
+        else:
+            key = self._local_key_for_writing(rng)
+            atomic_write(self.identity_path, seal(payload, kind=KIND_KEYFILE, rng=rng, raw_key=key))
+        pause_point("keyfile-written")
+        atomic_write(self.keylog_path, identity.keylog.to_bytes())
 
     def _local_key_for_writing(self, rng: Rng) -> bytes:
         """Reuse an intact local key; otherwise write a new one first.
@@ -324,17 +351,26 @@ class AgentHome:
             )
         return key
 
-    def archive_identity(self, *, clock: Clock) -> Path:
-        """Move the identity files to ``archive/<UTC stamp>/`` and return that folder.
+    def archive_identity(self, *, clock: Clock, everything: bool = False) -> Path:
+        """Move the identity's files to ``archive/<UTC stamp>/`` and return that folder.
+
+        The key file, its local key and the public key log always; with
+        ``everything`` (a new identity replaces this one) also the audit log,
+        which holds the agent state, and the capabilities store: nothing the
+        old identity signed or sealed is mixed with the new one, and nothing
+        is deleted.
 
         Raises:
             StorageError: the files cannot be moved.
         """
         stamp = datetime.fromtimestamp(clock.time(), tz=UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         target = self.path / ARCHIVE_DIR / stamp
+        names = [IDENTITY_FILE, LOCAL_KEY_FILE, KEYLOG_FILE]
+        if everything:
+            names += [AUDIT_DIR, CAPABILITIES_DIR]
         try:
             target.mkdir(mode=0o700, parents=True, exist_ok=False)
-            for name in (IDENTITY_FILE, LOCAL_KEY_FILE, KEYLOG_FILE):
+            for name in names:
                 source = self.path / name
                 if source.exists():
                     os.replace(source, target / name)

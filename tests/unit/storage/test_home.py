@@ -174,3 +174,67 @@ def test_public_keylog_follows_the_identity(
     home.keylog_path.write_bytes(b"\xa0")
     with pytest.raises(StoreCorrupted):
         home.load_public_keylog()
+
+
+def test_a_public_key_log_behind_the_key_file_is_completed(
+    home: AgentHome, identity: Identity, rng: SeededRng, clock: FakeClock
+) -> None:
+    """A crash between the key file and the public log (written in that order)."""
+    home.save_identity(identity, rng=rng, passphrase=None)
+    behind = home.keylog_path.read_bytes()
+    rotated = identity.rotate(rng=rng, clock=clock)
+    home.save_identity(rotated, rng=rng, passphrase=None)
+    home.keylog_path.write_bytes(behind)
+    home.check_public_keylog(rotated.keylog)
+    assert home.keylog_path.read_bytes() == rotated.keylog.to_bytes()
+    home.keylog_path.unlink()  # none at all: written from the key file too
+    home.check_public_keylog(rotated.keylog)
+    assert home.keylog_path.read_bytes() == rotated.keylog.to_bytes()
+
+
+def test_a_public_key_log_ahead_of_the_key_file_is_refused(
+    home: AgentHome, identity: Identity, rng: SeededRng, clock: FakeClock
+) -> None:
+    """It names a key whose secret this home does not hold: never repaired."""
+    home.save_identity(identity.rotate(rng=rng, clock=clock), rng=rng, passphrase=None)
+    ahead = home.keylog_path.read_bytes()
+    with pytest.raises(StoreCorrupted, match="does not match the key file") as caught:
+        home.check_public_keylog(identity.keylog)
+    assert "talos recover" in caught.value.hint
+    assert home.keylog_path.read_bytes() == ahead
+
+
+def test_the_key_file_is_written_before_the_public_log(
+    home: AgentHome,
+    identity: Identity,
+    rng: SeededRng,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    home.save_identity(identity, rng=rng, passphrase=None)
+    written: list[str] = []
+    real = atomic_write
+
+    def recording(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+        written.append(path.name)
+        real(path, data, mode=mode)
+
+    monkeypatch.setattr("talos.storage.home.atomic_write", recording)
+    home.save_identity(identity.rotate(rng=rng, clock=clock), rng=rng, passphrase=None)
+    assert written == ["identity.key", "keylog.cbor"]
+
+
+def test_archiving_everything_moves_state_and_capabilities(
+    home: AgentHome, identity: Identity, rng: SeededRng, clock: FakeClock
+) -> None:
+    home.save_identity(identity, rng=rng, passphrase=None)
+    for folder in ("audit", "capabilities"):
+        (home.path / folder).mkdir()
+        (home.path / folder / "data.mdb").write_bytes(b"x")
+    target = home.archive_identity(clock=clock, everything=True)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "audit", "capabilities", "identity.key", "identity.localkey", "keylog.cbor",
+    ]  # fmt: skip
+    assert (target / "audit" / "data.mdb").read_bytes() == b"x"
+    assert not home.has_identity()
+    assert not (home.path / "audit").exists()

@@ -1,0 +1,129 @@
+"""Rotating the keys of a running agent: :class:`Rotator`, behind ``TalosClient.rotate_keys``.
+
+The order is the point (docs/design/key-rotation.md):
+
+1. the rotated identity's key file is written (atomically, key file before
+   the public key log): nothing is signed with a key whose secret is not on
+   disk, and a crash from here on restarts with the new key;
+2. every driver switches to the new identity (:class:`~talos.client.own_keys.OwnIdentity`),
+   the audit log signs its next blocks with the new key, and ``KEY_ROTATED``
+   is audited (sequence, fingerprint, reason, emergency, revoke_old);
+3. every session is discarded and new prekeys are made under the new key:
+   queued and in-flight messages stay in the outbox and go out again under
+   new X3DH sessions (the receiver drops a message id it already has, so
+   none arrives twice);
+4. with ``revoke_old``, the own revocation list revokes every earlier key
+   sequence and the capabilities recorded as issued under one;
+5. peers are told: key log, prekeys, peer record and revocation list go to
+   the registry and the DHT, the key log is pushed over every live link
+   (``keylogs.announce()``), and the revocation list is offered on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from talos.audit import AuditKind, AuditLog
+from talos.client.own_keys import OwnIdentity, Rotation, audit_signer, rotation_record
+from talos.client.wiring import Parts
+from talos.core.clock import Clock
+from talos.core.identity import Identity
+from talos.core.rng import Rng
+from talos.errors import TalosError
+from talos.metrics import AgentMetrics
+from talos.storage.home import AgentHome
+
+__all__ = ["Rotator"]
+
+_log = logging.getLogger("talos.client")
+
+
+class Rotator:
+    """Rotates the running agent's keys, one rotation at a time."""
+
+    def __init__(
+        self,
+        *,
+        home: AgentHome,
+        own: OwnIdentity,
+        log: AuditLog,
+        parts: Parts,
+        metrics: AgentMetrics,
+        passphrase: bytes | None,
+        clock: Clock,
+        rng: Rng,
+        announce: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._home, self._own, self._log, self._parts = home, own, log, parts
+        self._metrics, self._passphrase = metrics, passphrase
+        self._clock, self._rng = clock, rng
+        self._announce = announce
+        self._lock = asyncio.Lock()
+
+    async def rotate(self, rotation: Rotation) -> Identity:
+        """Rotate (see the module's steps); returns the new identity.
+
+        Raises:
+            ConfigurationError: a bad reason, or revoke_old without emergency.
+            StorageError: the key file could not be written; nothing changed.
+        """
+        rotation.check()
+        async with self._lock:
+            rotated = rotation.apply(self._own.current, clock=self._clock, rng=self._rng)
+            await asyncio.to_thread(
+                self._home.save_identity, rotated, rng=self._rng, passphrase=self._passphrase
+            )
+            self._switch(rotated, rotation)
+            peers = self._parts.sessions.rotated()
+            if rotation.revoke_old:
+                self._parts.capabilities.revoke_earlier_keys()
+            self._metrics.key_rotated(rotation.kind)
+            _log.log(
+                logging.WARNING if rotation.emergency else logging.INFO,
+                "rotated to key sequence %d (%s rotation%s); %d session(s) discarded",
+                rotated.sequence,
+                rotation.kind,
+                ", earlier keys revoked" if rotation.revoke_old else "",
+                len(peers),
+                extra={
+                    "event": "key_rotated",
+                    "sequence": rotated.sequence,
+                    "fingerprint": rotated.fingerprint,
+                    "kind": rotation.kind,
+                    "revoke_old": rotation.revoke_old,
+                },
+            )
+            await self._tell_peers()
+            for peer in self._parts.deliverer.links.keys() | set(peers):
+                self._parts.deliverer.kick(peer)
+        return rotated
+
+    def _switch(self, rotated: Identity, rotation: Rotation) -> None:
+        """Every driver signs with the new key from here on; the rotation is audited."""
+        self._own.replace(rotated)
+        self._log.use_signer(audit_signer(rotated))
+        self._parts.peers.learn_log(rotated.keylog)
+        try:
+            self._log.append(
+                AuditKind.KEY_ROTATED, rotation_record(rotated, rotation), peer=rotated.agent_id
+            )
+        except TalosError as exc:  # rotating mattered more than recording it
+            _log.warning("the key rotation was not audited: %s", exc)
+
+    async def _tell_peers(self) -> None:
+        """Registry and DHT (new key log, prekeys, record, revocations), then live links."""
+        with contextlib.suppress(TalosError):
+            await self._announce()
+        parts = self._parts
+        keylogs: Any = getattr(parts, "keylogs", None)
+        if keylogs is not None:
+            # ISSUE-14 JOIN: the peer side's driver pushes our key log on every live link.
+            await keylogs.announce()
+        for peer, link in list(parts.deliverer.links.items()):
+            if link.is_open:
+                with contextlib.suppress(TalosError):
+                    await parts.capabilities.offer(link, peer)
