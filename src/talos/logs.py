@@ -105,6 +105,8 @@ EVENTS: Final = frozenset(
         "dht_datagram_refused",
         "registry_reachable",
         "message_lost",
+        "peer_key_rotated",
+        "peer_key_log_refused",
         # the registry
         "keylog_fork",
         "revocation_forked",
