@@ -394,9 +394,7 @@ class AgentMetrics:
 
     def peer_key_log_refused(self, reason: str) -> None:
         """A peer's key log was refused; ``reason`` is one of :data:`KEY_LOG_REFUSALS`."""
-        self.peer_key_logs_refused.labels(
-            reason=reason if reason in KEY_LOG_REFUSALS else OTHER
-        ).inc()
+        self.peer_key_logs_refused.labels(reason=_label(reason, KEY_LOG_REFUSALS)).inc()
 
     def replay_dropped(self) -> None:
         self.replays_dropped.inc()
