@@ -1,6 +1,8 @@
 """The receive path (see ARCHITECTURE §5 and :mod:`talos.core.incoming`).
 
-Decode → verify the signature with the sender's verified key log →
+Decode → verify the signature with the sender's verified key log (a frame
+that fails is verified again under the sender's newer log, if it rotated,
+before it counts: :mod:`talos.client.keylogs`) →
 freshness (replay window, clock skew) → capability → decrypt → one
 transaction {ratchet state, replay entry, audit entry, inbox message} →
 signed ACK → wake the application. Anything refused changes no state and
