@@ -146,26 +146,37 @@ def rotated_entries(peer: Peer, about: Peer) -> list[dict[str, Any]]:
     return [e for e in peer.audit("PEER_KEY_ROTATED") if e["peer"] == about.agent_id]
 
 
+def grant(issuer: Peer, to: Peer) -> str:
+    """A token for ``to`` to message ``issuer`` (the issuer is stopped: it owns its log)."""
+    return ok(issuer.home, "capabilities", "grant", "--to", to.agent_id,
+              "--action", "message.send", "--expires-in", "1h")  # fmt: skip
+
+
 def test_peers_follow_a_routine_rotation(cast: Callable[..., Peer]) -> None:
-    alice, bob, carol = cast("alice").start(), cast("bob").start(), cast("carol").start()
-    assert bob.send(alice, "b1").startswith("delivered ")
+    alice, bob, carol = cast("alice", "--accept", "capability"), cast("bob"), cast("carol")
+    for_bob, for_carol = grant(alice, bob), grant(alice, carol)
+    alice.start(), bob.start(), carol.start()
+    assert bob.send(alice, "b1", "--capability", for_bob).startswith("delivered ")
     assert alice.send(bob, "a1").startswith("delivered ")
-    assert carol.send(alice, "c1").startswith("delivered ")
+    assert carol.send(alice, "c1", "--capability", for_carol).startswith("delivered ")
     carol.stop()  # offline during the rotation
     alice.stop()
-    assert bob.send(alice, "b2 queued while alice rotates", "--timeout", "1").startswith("queued ")
-    out = ok(alice.home, "rotate")
-    assert "to key sequence 1" in out
+    queued = bob.send(alice, "b2 queued while alice rotates", "--capability", for_bob,
+                      "--timeout", "1")  # fmt: skip
+    assert queued.startswith("queued ")
+    assert "to key sequence 1" in ok(alice.home, "rotate")
+    fresh_for_carol = grant(alice, carol)  # under her new key, sequence 1
     alice.start()
 
-    # Bob's queued message goes out under a new session against her new keys.
+    # Bob's queued message goes out under a new session against her new keys, and the
+    # token she issued before the (routine) rotation is still good.
     wait_until(
         lambda: json.loads(ok(bob.home, "status", "--json"))["queue_depth"] == 0,
         WAIT,
         what="bob's queue drained",
         interval=0.2,
     )
-    assert bob.send(alice, "b3").startswith("delivered ")
+    assert bob.send(alice, "b3", "--capability", for_bob).startswith("delivered ")
     assert alice.send(bob, "a2").startswith("delivered ")
     entries = rotated_entries(bob, alice)
     assert len(entries) == 1, entries
@@ -175,9 +186,10 @@ def test_peers_follow_a_routine_rotation(cast: Callable[..., Peer]) -> None:
     resets = [e for e in bob.audit("SESSION_RESET") if e["data"]["reason"] == "peer_key_rotated"]
     assert len(resets) == 1
 
-    # Carol comes back and follows.
+    # Carol comes back with a token under a key her cached log of alice lacks: she
+    # fetches alice's newer log first, then follows.
     carol.start()
-    assert carol.send(alice, "c2").startswith("delivered ")
+    assert carol.send(alice, "c2", "--capability", fresh_for_carol).startswith("delivered ")
     assert alice.send(carol, "a3").startswith("delivered ")
     assert len(rotated_entries(carol, alice)) == 1
 
@@ -215,8 +227,7 @@ def forged(sender: Identity, recipient: str, key: SigningKey, **content: Any) ->
 def test_after_an_emergency_rotation_the_old_key_is_refused(cast: Callable[..., Peer]) -> None:
     alice = cast("alice", "--accept", "capability")
     bob = cast("bob")
-    token = ok(alice.home, "capabilities", "grant", "--to", bob.agent_id,
-               "--action", "message.send", "--expires-in", "1h")  # fmt: skip
+    token = grant(alice, bob)
     alice.start()
     bob.start()
     assert bob.send(alice, "b1", "--capability", token).startswith("delivered ")
@@ -277,8 +288,7 @@ def test_after_an_emergency_rotation_the_old_key_is_refused(cast: Callable[..., 
 
     # A fresh grant works; messages flow both ways under the new keys.
     alice.stop()
-    fresh = ok(alice.home, "capabilities", "grant", "--to", bob.agent_id,
-               "--action", "message.send", "--expires-in", "1h")  # fmt: skip
+    fresh = grant(alice, bob)
     alice.start()
     assert bob.send(alice, "b4", "--capability", fresh).startswith("delivered ")
     assert alice.send(bob, "a2").startswith("delivered ")

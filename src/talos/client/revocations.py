@@ -111,6 +111,25 @@ class Capabilities:
             raise denial
         return None
 
+    async def fetch_issuers(self, peer: str, given: str | Capability | None) -> None:
+        """Before :meth:`for_sending`: fetch again the key log of every issuer of the
+        token(s) that names a key we do not know yet (the issuer rotated since we
+        cached its log, and granted this token under its new key).
+
+        Raises:
+            nothing: a token that does not parse is refused by :meth:`for_sending`.
+        """
+        try:
+            if isinstance(given, str):
+                given = Capability.from_text(given)
+        except (MalformedFrame, UnsupportedVersion):
+            return
+        for token in [given] if given is not None else self._held(peer):
+            for issuer, sequence in _newest_keys(token).items():
+                if issuer != self._me and self._needs_newer_log(issuer, sequence):
+                    with contextlib.suppress(TalosError):
+                        await self._peers.keylog(issuer, refresh=True)
+
     def _held(self, peer: str) -> list[Capability]:
         tokens = []
         for data in self._tokens.held():
