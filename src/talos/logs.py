@@ -106,6 +106,8 @@ EVENTS: Final = frozenset(
         "registry_reachable",
         "message_lost",
         "key_rotated",
+        "peer_key_rotated",
+        "peer_key_log_refused",
         # the registry
         "keylog_fork",
         "revocation_forked",

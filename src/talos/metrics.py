@@ -35,14 +35,16 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from talos.core import wire
-from talos.errors import CapabilityDenied, ConfigurationError
+from talos.errors import CapabilityDenied, ConfigurationError, KeyRevoked
 from talos.logs import EVENTS, suppressed_lines
 
 __all__ = [
     "DENIAL_REASONS",
+    "KEY_LOG_REFUSALS",
     "OTHER",
     "REJECTION_REASONS",
     "ROTATION_KINDS",
+    "SIGNATURE_FAILURE_REASONS",
     "AgentMetrics",
     "SuppressedLines",
 ]
@@ -52,6 +54,12 @@ ROTATION_KINDS: Final = ("routine", "emergency")
 
 #: Label value for a reason this module does not know (keeps label cardinality bounded).
 OTHER: Final = "other"
+#: Values of the ``reason`` label of ``talos_signature_failures_total``: verifies under
+#: no key of the signer's newest log; under a key an emergency rotation revoked; under
+#: an earlier key a routine rotation replaced.
+SIGNATURE_FAILURE_REASONS: Final = ("bad_signature", "revoked_key", "superseded_key")
+#: Values of the ``reason`` label of ``talos_peer_key_logs_refused_total``.
+KEY_LOG_REFUSALS: Final = ("fork", "rollback", "invalid", OTHER)
 
 _SIGNATURE_DENIAL: Final = "CapabilitySignatureInvalid"
 
@@ -230,7 +238,19 @@ class AgentMetrics:
         # -- security events ---------------------------------------------------
         self.signature_failures = Counter(
             "talos_signature_failures",
-            "Signatures that did not verify (envelopes, records, capabilities).",
+            "Signatures that did not verify (envelopes, capabilities), by why.",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_key_updates = Counter(
+            "talos_peer_key_updates",
+            "Newer key logs of peers adopted (the peer rotated its keys).",
+            registry=r,
+        )
+        self.peer_key_logs_refused = Counter(
+            "talos_peer_key_logs_refused",
+            "Key logs offered by peers and refused: a fork, a rollback, or invalid.",
+            ["reason"],
             registry=r,
         )
         self.replays_dropped = Counter(
@@ -269,6 +289,10 @@ class AgentMetrics:
         r.register(SuppressedLines("talos_log_lines_suppressed"))
 
         # Every labelled series exists from start-up.
+        for reason in SIGNATURE_FAILURE_REASONS:
+            self.signature_failures.labels(reason=reason)
+        for reason in KEY_LOG_REFUSALS:
+            self.peer_key_logs_refused.labels(reason=reason)
         for reason in REJECTION_REASONS:
             self.messages_rejected.labels(reason=reason)
         for reason in DENIAL_REASONS:
@@ -346,7 +370,8 @@ class AgentMetrics:
         label = _label(reason, DENIAL_REASONS)
         self.capabilities_denied.labels(reason=label).inc()
         if label == _SIGNATURE_DENIAL:
-            self.signature_failures.inc()
+            revoked = isinstance(reason, BaseException) and isinstance(reason.__cause__, KeyRevoked)
+            self.signature_failed("revoked_key" if revoked else "bad_signature")
 
     def capability_verified(self, seconds: float) -> None:
         """A capability chain was verified (allowed or denied) in ``seconds``."""
@@ -374,8 +399,19 @@ class AgentMetrics:
 
     # -- security events --------------------------------------------------------
 
-    def signature_failed(self) -> None:
-        self.signature_failures.inc()
+    def signature_failed(self, reason: str = "bad_signature") -> None:
+        """A signature did not verify; ``reason`` is one of :data:`SIGNATURE_FAILURE_REASONS`
+        (anything else is counted as ``bad_signature``)."""
+        label = reason if reason in SIGNATURE_FAILURE_REASONS else "bad_signature"
+        self.signature_failures.labels(reason=label).inc()
+
+    def peer_key_updated(self) -> None:
+        """A peer's newer key log was adopted."""
+        self.peer_key_updates.inc()
+
+    def peer_key_log_refused(self, reason: str) -> None:
+        """A peer's key log was refused; ``reason`` is one of :data:`KEY_LOG_REFUSALS`."""
+        self.peer_key_logs_refused.labels(reason=_label(reason, KEY_LOG_REFUSALS)).inc()
 
     def replay_dropped(self) -> None:
         self.replays_dropped.inc()

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from talos.core.clock import Clock
 from talos.core.crypto import VerifyKey
-from talos.core.keylog import KeyLog, KeyLookup
+from talos.core.keylog import KeyLog, KeyLookup, check_not_revoked
 from talos.core.peer_record import PeerRecord
 from talos.discovery.dht import DhtNode
 from talos.discovery.registry_client import RegistryClient
@@ -85,6 +85,9 @@ class PeerDirectory:
         self._logs: dict[str, KeyLog] = {own.agent_id: own}
         self._on_source_down = on_source_down
         self._on_source_up = on_source_up
+        #: Called with (the log we held, the newer one) whenever a peer's known log
+        #: grows, whichever path brought it (offer, registry, DHT, a token's issuer).
+        self.on_rotated: Callable[[KeyLog, KeyLog], None] | None = None
 
     # -- key logs -----------------------------------------------------------------
 
@@ -122,6 +125,8 @@ class PeerDirectory:
         if known is None or len(log) != len(known):
             self._cache.put_keylog(log.agent_id, log.to_bytes())
         self._logs[log.agent_id] = log
+        if known is not None and len(log) > len(known) and self.on_rotated is not None:
+            self.on_rotated(known, log)
         return log
 
     async def keylog(self, agent_id: str, *, refresh: bool = False) -> KeyLog:
@@ -149,11 +154,16 @@ class PeerDirectory:
         raise PeerNotFound(f"no key log for {agent_id} in the cache or any discovery source")
 
     def signing_key(self, agent_id: str, sequence: int) -> VerifyKey | None:
-        """:data:`KeyLookup` over the known logs (no network)."""
+        """:data:`KeyLookup` over the known logs (no network).
+
+        Raises:
+            KeyRevoked: an emergency rotation of ``agent_id`` revoked that key.
+        """
         log = self.known_log(agent_id)
-        if log is None or not 0 <= sequence < len(log):
+        if log is None:
             return None
-        return VerifyKey(log.events[sequence].signing_key)
+        check_not_revoked(log, sequence)
+        return log.key_at(sequence)
 
     # -- endpoints ----------------------------------------------------------------
 

@@ -47,6 +47,7 @@ def _sample(kind: EnvelopeType) -> Envelope:
             "ratchet_key": b"k" * 32,
         },
         EnvelopeType.REVOCATIONS: {"revocation_list": b"l" * 64},
+        EnvelopeType.KEYLOG: {"key_log": b"k" * 200},
     }[kind]
     return Envelope(
         type=kind,

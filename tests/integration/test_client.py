@@ -544,7 +544,7 @@ async def test_a_flood_of_forged_frames_cannot_fill_the_audit_log(tmp_path: Path
         for _ in range(200):
             await link.send(bytes(frame))
         await a.send(b.agent_id, "still here", timeout=10)  # ordered after the flood
-        assert b"talos_signature_failures_total 200.0" in b.metrics.render()
+        assert b'talos_signature_failures_total{reason="bad_signature"} 200.0' in b.metrics.render()
     kinds = audit_kinds(tmp_path / "b")
     assert 1 <= kinds.count("SIGNATURE_FAILURE") <= 25
 

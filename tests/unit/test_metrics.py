@@ -10,7 +10,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from talos import errors
 from talos.core import wire
-from talos.metrics import DENIAL_REASONS, OTHER, REJECTION_REASONS, AgentMetrics
+from talos.metrics import (
+    DENIAL_REASONS,
+    KEY_LOG_REFUSALS,
+    OTHER,
+    REJECTION_REASONS,
+    SIGNATURE_FAILURE_REASONS,
+    AgentMetrics,
+)
 
 #: The names the seed's alert rules use (as their ``_total`` counter form where counters).
 SEED_SERIES = (
@@ -20,9 +27,13 @@ SEED_SERIES = (
     "talos_revocation_list_age_seconds",
 )
 
+#: The seed's series that carry a label (the alert ``> 0`` holds for any label value).
+LABELLED_SEED_SERIES = {"talos_signature_failures_total": ("reason", "bad_signature")}
+
 #: Every unlabelled counter/gauge sample exported, all 0 at start-up.
 SCALAR_SERIES = (
-    *SEED_SERIES,
+    *(name for name in SEED_SERIES if name not in LABELLED_SEED_SERIES),
+    "talos_peer_key_updates_total",
     "talos_sessions_active",
     "talos_sessions_established_total",
     "talos_session_resets_total",
@@ -75,12 +86,18 @@ def test_every_series_exists_at_zero_from_start_up() -> None:
         assert got[("talos_capabilities_denied_total", (("reason", reason),))] == 0, reason
     for reason in REJECTION_REASONS:
         assert got[("talos_messages_rejected_total", (("reason", reason),))] == 0, reason
+    for reason in SIGNATURE_FAILURE_REASONS:
+        assert got[("talos_signature_failures_total", (("reason", reason),))] == 0, reason
+    for reason in KEY_LOG_REFUSALS:
+        assert got[("talos_peer_key_logs_refused_total", (("reason", reason),))] == 0, reason
 
 
 def test_seed_names_are_in_the_exposition_text() -> None:
     text = AgentMetrics().render().decode()
     for name in SEED_SERIES:
-        assert f"\n{name} 0.0\n" in text, name
+        label = LABELLED_SEED_SERIES.get(name)
+        shown = name if label is None else f'{name}{{{label[0]}="{label[1]}"}}'
+        assert f"\n{shown} 0.0\n" in text, name
 
 
 def test_denial_reasons_cover_every_capability_denied_subclass() -> None:
@@ -163,12 +180,17 @@ def test_capability_events() -> None:
     assert value(metrics, "talos_capabilities_denied_total", reason="NotYetValid") == 0
     assert value(metrics, "talos_capability_verification_seconds_count") == 2
     # Only a forged capability is also a signature failure.
-    assert value(metrics, "talos_signature_failures_total") == 0
+    assert value(metrics, "talos_signature_failures_total", reason="bad_signature") == 0
     metrics.capability_denied(errors.CapabilitySignatureInvalid("forged"))
     assert (
         value(metrics, "talos_capabilities_denied_total", reason="CapabilitySignatureInvalid") == 1
     )
-    assert value(metrics, "talos_signature_failures_total") == 1
+    assert value(metrics, "talos_signature_failures_total", reason="bad_signature") == 1
+    # One signed by a key its issuer revoked says so (the denial's cause is KeyRevoked).
+    denial = errors.CapabilitySignatureInvalid("revoked")
+    denial.__cause__ = errors.KeyRevoked("revoked", agent_id="a", sequence=0, rotation=1)
+    metrics.capability_denied(denial)
+    assert value(metrics, "talos_signature_failures_total", reason="revoked_key") == 1
 
 
 def test_audit_events() -> None:
@@ -188,13 +210,23 @@ def test_audit_events() -> None:
 def test_security_events_and_gauges() -> None:
     metrics = AgentMetrics()
     metrics.signature_failed()
+    metrics.signature_failed("superseded_key")
+    metrics.signature_failed("no such reason")
+    metrics.peer_key_updated()
+    metrics.peer_key_log_refused("fork")
+    metrics.peer_key_log_refused("whatever")
     metrics.replay_dropped()
     metrics.replay_dropped()
     metrics.duplicate_instance_detected()
     metrics.set_revocation_list_age(42.5)
     metrics.set_clock_offset(-3.25)
     metrics.set_registry_reachable(True)
-    assert value(metrics, "talos_signature_failures_total") == 1
+    assert value(metrics, "talos_signature_failures_total", reason="bad_signature") == 2
+    assert value(metrics, "talos_signature_failures_total", reason="superseded_key") == 1
+    assert value(metrics, "talos_signature_failures_total", reason="revoked_key") == 0
+    assert value(metrics, "talos_peer_key_updates_total") == 1
+    assert value(metrics, "talos_peer_key_logs_refused_total", reason="fork") == 1
+    assert value(metrics, "talos_peer_key_logs_refused_total", reason="other") == 1
     assert value(metrics, "talos_replays_dropped_total") == 2
     assert value(metrics, "talos_duplicate_instances_detected_total") == 1
     assert value(metrics, "talos_revocation_list_age_seconds") == 42.5

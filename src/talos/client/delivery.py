@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from talos.audit import AuditKind
 from talos.client import timing
@@ -83,6 +83,8 @@ class Deliverer:
         self._failure_tick: asyncio.Future[None] | None = None
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
+        #: Also called on every link this agent opens (the key log offer, see wiring).
+        self.on_connected: Callable[[Link, str], Awaitable[None]] | None = None
 
     # -- send() calls --------------------------------------------------------------------
 
@@ -362,7 +364,18 @@ class Deliverer:
         link.peer = peer
         self.links[peer] = link
         await self._capabilities.offer(link, peer)
+        if self.on_connected is not None:
+            await self.on_connected(link, peer)
         return link
+
+    def resend(self, peer: str) -> None:
+        """The sessions with ``peer`` were discarded (it rotated its keys): what is in
+        flight will never be acknowledged under them, so fail the window now and send
+        it again, re-encrypted under a new session (the receiver's replay window
+        acknowledges, as duplicates, copies it had accepted)."""
+        for record in self.core.window(peer).inflight.values():
+            record.nacked = True
+        self.kick(peer)
 
     # -- closing ---------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """The receive path (see ARCHITECTURE §5 and :mod:`talos.core.incoming`).
 
-Decode → verify the signature with the sender's verified key log →
+Decode → verify the signature with the sender's verified key log (a frame
+that fails is verified again under the sender's newer log, if it rotated,
+before it counts: :mod:`talos.client.keylogs`) →
 freshness (replay window, clock skew) → capability → decrypt → one
 transaction {ratchet state, replay entry, audit entry, inbox message} →
 signed ACK → wake the application. Anything refused changes no state and
@@ -25,6 +27,7 @@ from typing import Any
 from talos.audit import AuditKind
 from talos.client.control import Auditor, Signer
 from talos.client.inbox import InboxReader
+from talos.client.keylogs import KeyLogs
 from talos.client.revocations import Capabilities
 from talos.client.sessions import Sessions
 from talos.core import incoming, wire
@@ -188,6 +191,7 @@ class Receiver:
         on_ack: Callable[[wire.Envelope], None],
         on_error: Callable[[wire.Envelope], Awaitable[None]],
         on_revocations: Callable[[Link, wire.Envelope, KeyLog], Awaitable[None]],
+        keylogs: KeyLogs,
     ) -> None:
         self._me = agent_id
         self._state, self._sessions, self._batch, self._inbox = state, sessions, batch, inbox
@@ -195,6 +199,7 @@ class Receiver:
         self._signer, self._auditor, self._metrics = signer, auditor, metrics
         self._clock, self._rng = clock, rng
         self._on_ack, self._on_error, self._on_revocations = on_ack, on_error, on_revocations
+        self._keylogs = keylogs
         self._unknown_lookups = RateLimiter(rate=2.0, burst=20)
         self._logs = LimitedLog(_log, clock)
         self.instances = InstanceTracker()
@@ -239,16 +244,12 @@ class Receiver:
         try:
             envelope = wire.verify(unverified, log.state.signing_key)
         except SignatureInvalid:
-            self._metrics.signature_failed()
-            self._auditor.noisy_event(
-                AuditKind.SIGNATURE_FAILURE,
-                "signature_failure",
-                "signature failure on a frame from %s (not blocked)",
-                unverified.message_id,
-                sender,
-                remote=link.remote,
-            )
-            return
+            # Not counted yet: the sender may have rotated (talos.client.keylogs).
+            newer = await self._keylogs.reverify(unverified, log, link)
+            if newer is None:
+                return
+            envelope, log = newer
+        await self._keylogs.answer(link, sender)
         if self.instances.observe(sender, envelope.sender_instance):
             self._metrics.duplicate_instance_detected()
             _log.warning(
@@ -272,6 +273,8 @@ class Receiver:
             await self._on_error(envelope)
         elif kind is wire.EnvelopeType.REVOCATIONS:
             await self._on_revocations(link, envelope, log)
+        elif kind is wire.EnvelopeType.KEYLOG:
+            await self._keylogs.on_keylog(link, envelope, log)
 
     def _malformed(self, link: Link, event: str, what: str, detail: object) -> None:
         """Drop a frame no peer of ours would send; the transport may close its link."""

@@ -23,6 +23,7 @@ from talos.core import wire
 from talos.core.capability import Capability, CapabilityPolicy, verify
 from talos.core.clock import Clock
 from talos.core.keylog import IssuerKeys, KeyLog
+from talos.core.ratelimit import RateLimiter
 from talos.core.revocation import RevocationList, RevocationMode, RevocationPolicy, RevocationState
 from talos.discovery.registry_client import RegistryClient
 from talos.errors import (
@@ -65,6 +66,8 @@ class Capabilities:
         self.revocations = RevocationState()
         #: Incoming links we already answered with our revocation list.
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
+        #: Key log refreshes for tokens naming a key sequence we do not know yet.
+        self._refreshes = RateLimiter(rate=1 / 30, burst=2)
         self._load()
 
     @property
@@ -107,6 +110,25 @@ class Capabilities:
         if given is not None and denial is not None:
             raise denial
         return None
+
+    async def fetch_issuers(self, peer: str, given: str | Capability | None) -> None:
+        """Before :meth:`for_sending`: fetch again the key log of every issuer of the
+        token(s) that names a key we do not know yet (the issuer rotated since we
+        cached its log, and granted this token under its new key).
+
+        Raises:
+            nothing: a token that does not parse is refused by :meth:`for_sending`.
+        """
+        try:
+            if isinstance(given, str):
+                given = Capability.from_text(given)
+        except (MalformedFrame, UnsupportedVersion):
+            return
+        for token in [given] if given is not None else self._held(peer):
+            for issuer, sequence in _newest_keys(token).items():
+                if issuer != self._me and self._needs_newer_log(issuer, sequence):
+                    with contextlib.suppress(TalosError):
+                        await self._peers.keylog(issuer, refresh=True)
 
     def _held(self, peer: str) -> list[Capability]:
         tokens = []
@@ -176,12 +198,23 @@ class Capabilities:
             token = Capability.from_bytes(envelope.capability_ref)
         except (MalformedFrame, UnsupportedVersion) as exc:
             raise ScopeMismatch(f"attached capability is malformed: {exc}") from None
-        for issuer in {link.issuer for link in token.chain()} - {self._me}:
+        for issuer, sequence in _newest_keys(token).items():
+            if issuer == self._me:
+                continue
             with contextlib.suppress(TalosError):
-                await self._peers.keylog(issuer)
+                await self._peers.keylog(issuer, refresh=self._needs_newer_log(issuer, sequence))
             await self._sync(issuer)
         self.check(token, audience=self._me, holder=envelope.sender)
         return token.token_id
+
+    def _needs_newer_log(self, issuer: str, sequence: int) -> bool:
+        """A token names a key ``issuer``'s known log does not have: the issuer rotated
+        since we fetched it. Fetched again at most twice a minute per issuer (the
+        token comes from an authenticated peer, but may name any sequence)."""
+        known = self._peers.known_log(issuer)
+        if known is not None and sequence < len(known):
+            return False
+        return self._refreshes.allow(issuer, self._clock.monotonic())
 
     async def _sync(self, issuer: str) -> None:
         """Fetch ``issuer``'s list from the registry when ours is older than ``max_age``."""
@@ -297,3 +330,11 @@ class Capabilities:
         if not link.outgoing and link not in self._answered:
             self._answered.add(link)
             await self.offer(link, sender)
+
+
+def _newest_keys(token: Capability) -> dict[str, int]:
+    """Each issuer of ``token``'s chain and the highest key sequence it signed with."""
+    keys: dict[str, int] = {}
+    for link in token.chain():
+        keys[link.issuer] = max(keys.get(link.issuer, -1), link.key_sequence)
+    return keys

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from talos.audit import AuditKind, AuditLog
 from talos.client.own_keys import OwnIdentity, Rotation, audit_signer, rotation_record
@@ -119,10 +118,8 @@ class Rotator:
         with contextlib.suppress(TalosError):
             await self._announce()
         parts = self._parts
-        keylogs: Any = getattr(parts, "keylogs", None)
-        if keylogs is not None:
-            # ISSUE-14 JOIN: the peer side's driver pushes our key log on every live link.
-            await keylogs.announce()
+        with contextlib.suppress(TalosError):
+            await parts.keylogs.announce()  # pushes our key log on every live link
         for peer, link in list(parts.deliverer.links.items()):
             if link.is_open:
                 with contextlib.suppress(TalosError):

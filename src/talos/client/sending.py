@@ -105,6 +105,7 @@ class Sender:
         async with self._in_call_order(peer_id):
             with contextlib.suppress(PeerNotFound, DiscoveryError):
                 await self._peers.keylog(peer_id)  # to check the capability's issuer locally
+            await self._capabilities.fetch_issuers(peer_id, capability)
             token = self._capabilities.for_sending(peer_id, capability)
             message_id = wire.new_message_id(self._rng)
             trace_id = self._rng.bytes(8).hex()

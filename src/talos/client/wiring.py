@@ -19,6 +19,7 @@ from talos.client.control import Auditor, Signer
 from talos.client.delivery import Deliverer
 from talos.client.discovery import Discovery
 from talos.client.inbox import InboxReader
+from talos.client.keylogs import KeyLogs
 from talos.client.own_keys import OwnIdentity
 from talos.client.receiving import ReceiveBatch, Receiver
 from talos.client.revocations import Capabilities
@@ -46,6 +47,7 @@ class Parts:
     acks: Acknowledgements
     sender: Sender
     receiver: Receiver
+    keylogs: KeyLogs
 
 
 def peer_directory(
@@ -125,6 +127,18 @@ def assemble(
         closed=closed,
         offline=config.offline,
     )
+    keylogs = KeyLogs(
+        own=lambda: own.current.keylog,
+        peers=peers,
+        sessions=sessions,
+        signer=signer,
+        auditor=auditor,
+        metrics=metrics,
+        clock=clock,
+        outgoing=deliverer.links,
+        on_sessions_dropped=deliverer.resend,
+    )
+    deliverer.on_connected = keylogs.offer
     acks = Acknowledgements(
         core=deliverer.core,
         state=state,
@@ -166,7 +180,8 @@ def assemble(
         on_ack=acks.on_ack,
         on_error=acks.on_error,
         on_revocations=capabilities.on_revocations,
+        keylogs=keylogs,
     )
     return Parts(
-        own, peers, capabilities, sessions, inbox, batch, deliverer, acks, sender, receiver
+        own, peers, capabilities, sessions, inbox, batch, deliverer, acks, sender, receiver, keylogs
     )

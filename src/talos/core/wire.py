@@ -42,6 +42,7 @@ __all__ = [
     "FIELDS",
     "MAX_ACK_REFS",
     "MAX_FRAME_SIZE",
+    "MAX_KEY_LOG_SIZE",
     "MAX_REASON_LENGTH",
     "MAX_TIMESTAMP_MS",
     "MESSAGE_ID_SIZE",
@@ -76,6 +77,8 @@ MAX_RATCHET_HEADER_SIZE: Final = 1024
 MAX_X3DH_HEADER_SIZE: Final = 4096
 MAX_CAPABILITY_REF_SIZE: Final = 16 * 1024
 MAX_REVOCATION_LIST_SIZE: Final = 512 * 1024
+#: Bound on a key event log offered in a KEYLOG envelope (a few hundred rotations).
+MAX_KEY_LOG_SIZE: Final = 256 * 1024
 #: Longest error reason, in characters (printable text only).
 MAX_REASON_LENGTH: Final = 200
 #: Most message ids one ACK may acknowledge (a receiver acknowledges a whole
@@ -91,6 +94,9 @@ class EnvelopeType(enum.IntEnum):
     ACK = 3  #: acknowledges one or more message ids with one :class:`AckStatus`
     ERROR = 4  #: a signed error report (e.g. DECRYPT_FAILED) about one message
     REVOCATIONS = 5  #: the sender's own signed revocation list, sent on every connection
+    #: the sender's own key event log, pushed after a rotation and offered on every
+    #: connection (docs/design/key-rotation-peers.md); signed by the log's current key
+    KEYLOG = 6
 
 
 class AckStatus(enum.IntEnum):
@@ -147,6 +153,8 @@ class Envelope:
     ratchet_key: bytes | None = None
     #: REVOCATIONS only: the sender's signed revocation list (opaque here).
     revocation_list: bytes | None = None
+    #: KEYLOG only: the sender's serialized key event log (opaque here).
+    key_log: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +192,16 @@ class UnverifiedEnvelope:
     @property
     def timestamp_ms(self) -> int:
         return self._envelope.timestamp_ms
+
+    @property
+    def attached_key_log(self) -> bytes | None:
+        """KEYLOG only: the key log the frame carries, before its signature is checked.
+
+        A key log is self-certifying (it verifies from its inception, and a
+        receiver only accepts it as an extension of the log it holds), so it
+        may be read first: it tells which key the frame must verify under.
+        """
+        return self._envelope.key_log
 
 
 # -- field table ----------------------------------------------------------------
@@ -362,6 +380,11 @@ FIELDS: Final[Mapping[EnvelopeType, tuple[Field, ...]]] = {
             "revocation_list",
             _byte_string("revocation list", min_size=1, max_size=MAX_REVOCATION_LIST_SIZE),
         ),
+    ),
+    EnvelopeType.KEYLOG: (
+        *_COMMON,
+        *_NO_CONTENT,
+        Field("kl", "key_log", _byte_string("key log", min_size=1, max_size=MAX_KEY_LOG_SIZE)),
     ),
 }
 _HEADER_KEYS: Final = frozenset({"v", "t", "sig"})

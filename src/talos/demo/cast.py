@@ -50,7 +50,8 @@ class Agent:
         return KeyLog.from_bytes(self.keylog_file.read_bytes()).state.signing_key
 
     def scrape(self) -> dict[str, float]:
-        """Every sample on this agent's ``/metrics``, by name (and labels).
+        """Every sample on this agent's ``/metrics``, by name (and labels); a labelled
+        series also by its bare name, the sum over its labels.
 
         Raises:
             DemoFailure: the endpoint does not answer.
@@ -61,11 +62,16 @@ class Agent:
         except httpx.HTTPError as exc:
             raise DemoFailure(f"{self.name}'s metrics at {url} do not answer: {exc}") from exc
         values: dict[str, float] = {}
+        sums: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
                 values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return values
+                if labels:
+                    sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+        # A labelled series also by its bare name, summed over its labels (e.g.
+        # talos_signature_failures_total, labelled by reason).
+        return {**sums, **values}
 
     def metric(self, name: str) -> float:
         return self.scrape().get(name, math.nan)

@@ -72,6 +72,8 @@ def sample(kind: EnvelopeType, rng: SeededRng | None = None) -> Envelope:
         )
     if kind is EnvelopeType.REVOCATIONS:
         return Envelope(**common, revocation_list=rng.bytes(120))
+    if kind is EnvelopeType.KEYLOG:
+        return Envelope(**common, key_log=rng.bytes(300))
     return Envelope(
         **common,
         ref_id=rng.bytes(16),
@@ -417,3 +419,53 @@ def test_one_ack_names_up_to_max_ack_refs_ids() -> None:
     decoded = verify(decode(seal(envelope, KEY)), KEY.public_key)
     assert decoded.ref_ids == ids
     assert decoded == envelope
+
+
+# -- KEYLOG (key rotation, docs/design/key-rotation-peers.md) -------------------------
+
+
+def test_keylog_envelope_exposes_its_key_log_before_verification() -> None:
+    envelope = sample(EnvelopeType.KEYLOG)
+    unverified = decode(seal(envelope, KEY))
+    assert unverified.attached_key_log == envelope.key_log
+    assert decode(seal(sample(EnvelopeType.MESSAGE), KEY)).attached_key_log is None
+
+
+def test_keylog_envelope_is_size_capped() -> None:
+    from talos.core.wire import MAX_KEY_LOG_SIZE
+
+    body = frame_map(EnvelopeType.KEYLOG)
+    body["kl"] = b"k" * (MAX_KEY_LOG_SIZE + 1)
+    with pytest.raises(MalformedFrame, match="key log"):
+        decode(resign(body))
+    with pytest.raises(LocalProtocolError):
+        seal(dataclasses.replace(sample(EnvelopeType.KEYLOG), key_log=b""), KEY)
+
+
+@pytest.mark.parametrize("mutation", ["missing", "extra", "wrong type", "content"])
+def test_keylog_envelope_is_decoded_strictly(mutation: str) -> None:
+    body = frame_map(EnvelopeType.KEYLOG)
+    if mutation == "missing":
+        del body["kl"]
+    elif mutation == "extra":
+        body["rl"] = b"l" * 10
+    elif mutation == "wrong type":
+        body["kl"] = "text"
+    else:
+        body["ct"] = b"c"
+    with pytest.raises(MalformedFrame):
+        decode(resign(body))
+
+
+def test_a_key_log_is_not_allowed_in_other_envelopes() -> None:
+    with pytest.raises(LocalProtocolError, match="key_log"):
+        seal(dataclasses.replace(sample(EnvelopeType.REVOCATIONS), key_log=b"k"), KEY)
+
+
+def test_an_older_build_refuses_a_keylog_envelope_as_an_unknown_type() -> None:
+    """What a peer without KEYLOG sees: a MalformedFrame (one unit of the link's
+    malformed-frame budget), not a crash or a session reset."""
+    body = frame_map(EnvelopeType.KEYLOG)
+    body["t"] = 99
+    with pytest.raises(MalformedFrame, match="unknown EnvelopeType"):
+        decode(resign(body))

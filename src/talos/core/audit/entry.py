@@ -93,6 +93,10 @@ class AuditKind(StrEnum):
     CAPABILITY_DENIED = "CAPABILITY_DENIED"
     CAPABILITY_REVOKED = "CAPABILITY_REVOKED"
     KEY_ROTATED = "KEY_ROTATED"
+    #: A peer's key log grew: it rotated (old and new sequence, emergency, reason).
+    PEER_KEY_ROTATED = "PEER_KEY_ROTATED"
+    #: A peer offered a key log that forks or rolls back the one we hold.
+    PEER_KEY_LOG_REFUSED = "PEER_KEY_LOG_REFUSED"
     PEER_REJECTED = "PEER_REJECTED"
     DELIVERY_FAILED = "DELIVERY_FAILED"
     ANCHOR_SUBMITTED = "ANCHOR_SUBMITTED"

@@ -28,6 +28,7 @@ from talos.errors import (
     ChainTooDeep,
     ConfigurationError,
     Expired,
+    KeyRevoked,
     LocalProtocolError,
     NotYetValid,
     Revoked,
@@ -97,7 +98,8 @@ def verify(
         ScopeMismatch: wrong audience or holder, a delegation wider than its
             parent, or the request is outside the token's patterns.
         SignatureInvalid: a signature in the chain does not verify, or its
-            issuer's key is not in any verified key log.
+            issuer's key is not in any verified key log, or was revoked by an
+            emergency rotation (the message names the rotation).
         NotYetValid: before not-before, or issued in the future (clock skew).
         Expired: a token in the chain has expired.
         Revoked: a token in the chain is revoked by its issuer's list.
@@ -150,6 +152,11 @@ def _check_signature(token: Capability, keys: KeyLookup, depth: int) -> None:
         resolve_key(keys, token.issuer, token.key_sequence).verify(
             token.signature, token.signed_bytes()
         )
+    except KeyRevoked as exc:
+        # The reason names the rotation (the holder needs a fresh grant); the cause is
+        # kept so that metrics count it as a revoked key, not a forgery.
+        why = str(exc).replace(f" of {exc.agent_id}", "", 1)
+        raise CapabilitySignatureInvalid(f"capability at depth {depth}: issuer {why}") from exc
     except SignatureInvalid as exc:
         raise CapabilitySignatureInvalid(f"capability at depth {depth}: {exc}") from None
 

@@ -1,0 +1,92 @@
+"""PeerDirectory and rotations: the on_rotated hook, extend-only learning, revoked keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from talos.core.identity import Identity
+from talos.core.keylog import KeyLog
+from talos.errors import KeyLogInvalid, KeyRevoked
+from talos.peers import PeerDirectory
+from talos.testing import FakeClock, SeededRng
+
+
+class _Cache:
+    def __init__(self) -> None:
+        self.logs: dict[str, bytes] = {}
+
+    def keylog(self, agent_id: str, /) -> bytes | None:
+        return self.logs.get(agent_id)
+
+    def put_keylog(self, agent_id: str, data: bytes, /) -> None:
+        self.logs[agent_id] = data
+
+    def peer_record(self, agent_id: str, /) -> bytes | None:
+        return None
+
+    def put_peer_record(self, record: bytes, /) -> None:
+        return None
+
+
+class _Registry:
+    """A discovery source that serves one log."""
+
+    name = "registry"
+
+    def __init__(self) -> None:
+        self.log: KeyLog | None = None
+
+    async def keylog(self, agent_id: str, known: KeyLog | None) -> KeyLog:
+        assert self.log is not None
+        return self.log
+
+    async def record(self, agent_id: str, keys: Any, now: float) -> Any:
+        raise AssertionError("not used")
+
+
+@pytest.fixture
+def world() -> tuple[PeerDirectory, _Registry, list[tuple[int, int]], Identity]:
+    rng, clock = SeededRng(3), FakeClock()
+    me = Identity.create("me", rng=rng, clock=clock)
+    registry = _Registry()
+    directory = PeerDirectory(_Cache(), [registry], clock=clock, own=me.keylog)
+    seen: list[tuple[int, int]] = []
+    directory.on_rotated = lambda old, new: seen.append((len(old), len(new)))
+    return directory, registry, seen, Identity.create("alice", rng=rng, clock=clock)
+
+
+@pytest.mark.asyncio
+async def test_a_newer_log_from_any_path_calls_on_rotated_once(world: Any) -> None:
+    directory, registry, seen, alice = world
+    rng, clock = SeededRng(4), FakeClock()
+    directory.learn_log(alice.keylog)
+    assert seen == []  # first sight: no rotation
+    rotated = alice.rotate(rng=rng, clock=clock)
+    registry.log = rotated.keylog
+    learned = await directory.keylog(alice.agent_id, refresh=True)
+    assert learned.events == rotated.keylog.events
+    assert seen == [(1, 2)]
+    directory.learn_log(rotated.keylog)  # the same log again
+    directory.learn_log(alice.keylog)  # an older prefix: kept the newer one
+    assert seen == [(1, 2)]
+    known = directory.known_log(alice.agent_id)
+    assert known is not None
+    assert known.events == rotated.keylog.events
+    fork = alice.rotate(rng=SeededRng(5), clock=clock, reason="other")
+    with pytest.raises(KeyLogInvalid):
+        directory.learn_log(fork.keylog)
+    assert seen == [(1, 2)]
+
+
+def test_a_revoked_key_is_never_handed_out(world: Any) -> None:
+    directory, _, _, alice = world
+    directory.learn_log(alice.keylog)
+    assert directory.signing_key(alice.agent_id, 0) == alice.signing_key.public_key
+    rotated = alice.rotate(rng=SeededRng(6), clock=FakeClock(), emergency=True, revoke_old=True)
+    directory.learn_log(rotated.keylog)
+    with pytest.raises(KeyRevoked, match="emergency rotation to key sequence 1"):
+        directory.signing_key(alice.agent_id, 0)
+    assert directory.signing_key(alice.agent_id, 1) == rotated.signing_key.public_key
+    assert directory.signing_key(alice.agent_id, 2) is None
