@@ -16,6 +16,7 @@ from talos.cli.passphrases import KEY_ENV, existing_passphrase, new_passphrase
 from talos.core.identity import Identity
 from talos.errors import IdentityExists, StorageError
 from talos.storage.home import AgentHome, atomic_write
+from talos.storage.watermark import start_watermark
 
 __all__ = [
     "choose_key_passphrase",
@@ -77,6 +78,7 @@ def init(
         raise IdentityExists(f"{home.path} already holds an identity")
     passphrase = choose_key_passphrase(key_passphrase_file, no_passphrase)
     identity = Identity.create(name, rng=ctx.rng, clock=ctx.clock)
+    archived = None
     if home.has_identity():
         archived = home.archive_identity(clock=ctx.clock)
         _err.print(
@@ -84,6 +86,7 @@ def init(
             "capabilities granted to it do not carry over to the new identity"
         )
     home.save_identity(identity, rng=ctx.rng, passphrase=passphrase)
+    start_watermark(home, identity, archive=archived)
     click.echo(identity.agent_id)
 
 
