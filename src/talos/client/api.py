@@ -56,7 +56,7 @@ from talos.peers import PeerDirectory
 from talos.storage.agent_state import AgentState, derive_storage_key
 from talos.storage.home import AgentHome
 from talos.storage.tokens import TokenStore
-from talos.storage.watermark import guard, log_refusal
+from talos.storage.lost_state import guard, log_refusal
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
 from talos.transport import Link, Transport
 

@@ -22,20 +22,16 @@ Rules this module keeps:
   then :meth:`WatermarkKeeper.capabilities_written` runs), and each field
   only grows (:meth:`Marks.merged`). A crash in between leaves a watermark
   behind the stores, which is accepted and brought forward at the next start.
-* **Found less than recorded is refused** (:func:`find_losses`,
-  :func:`guard`): :class:`~talos.errors.StateLost` names each store, what
-  was recorded and what was found. Lowering the watermark is only done by
-  :func:`accept_current`, on an explicit operator command.
-* **No watermark** (a home written before it existed, or the file deleted):
-  adopted from what the stores hold, with a ``watermark_created`` event
-  (WARNING when the stores hold history).
+* **Only an operator lowers it**: :func:`accept_current`, on an explicit
+  command (``talos audit accept-lost-state``), which audits it first.
+
+The comparison and the refusal are in :mod:`talos.storage.lost_state`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -55,7 +51,6 @@ from talos.errors import (
     UnsupportedVersion,
 )
 from talos.storage.home import KEYLOG_FILE, AgentHome, atomic_write
-from talos.storage.lmdb import DATA_FILE
 
 __all__ = [
     "CAPABILITIES_DIR",
@@ -66,14 +61,10 @@ __all__ = [
     "Watermark",
     "WatermarkKeeper",
     "accept_current",
-    "Loss",
-    "find_losses",
-    "guard",
     "load_watermark",
-    "log_refusal",
-    "lost",
-    "start_watermark",
+    "longest_keylog",
     "marks_of",
+    "start_watermark",
 ]
 
 WATERMARK_FILE: Final = "watermark.cbor"
@@ -248,80 +239,13 @@ def load_watermark(home: AgentHome, keylog: KeyLog) -> Watermark | None:
     return Watermark.from_bytes(data, keylog, path)
 
 
-@dataclass(frozen=True, slots=True)
-class Loss:
-    """A store that holds less than the watermark records."""
-
-    store: str  # "key log", "audit log" or "capabilities store"
-    path: Path
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.store} {self.path} {self.detail}"
-
-
-def find_losses(
-    home: AgentHome,
-    recorded: Marks,
-    *,
-    audit: AuditView | None,
-    capabilities: int | None,
-    keys: int | None,
-) -> list[Loss]:
-    """Every store that holds less than ``recorded`` (``None``: the store is missing)."""
-    losses: list[Loss] = []
-    path = home.keylog_path
-    if keys is None:
-        losses.append(Loss("key log", path, f"is missing ({recorded.keys} key events recorded)"))
-    elif keys < recorded.keys:
-        losses.append(
-            Loss("key log", path, f"has {keys} key events; {recorded.keys} were recorded")
-        )
-    losses.extend(_audit_losses(home.audit_path / DATA_FILE, recorded, audit))
-    path = home.path / CAPABILITIES_DIR / DATA_FILE
-    store = "capabilities store"
-    if capabilities is None and recorded.capabilities:
-        detail = f"is missing (generation {recorded.capabilities} recorded)"
-        losses.append(Loss(store, path, detail))
-    elif capabilities is not None and capabilities < recorded.capabilities:
-        detail = (
-            f"is at generation {capabilities}; generation {recorded.capabilities} was "
-            "recorded (emptied or rolled back)"
-        )
-        losses.append(Loss(store, path, detail))
-    return losses
-
-
-def _audit_losses(path: Path, recorded: Marks, audit: AuditView | None) -> list[Loss]:
-    if not recorded.audit_blocks:
-        return []
-    signed = (
-        f"the agent signed a checkpoint of {recorded.audit_size} entries "
-        f"(block {recorded.audit_blocks - 1})"
-    )
-    if audit is None:
-        return [Loss("audit log", path, f"is missing; {signed}")]
-    if audit.size < recorded.audit_size or audit.block_count < recorded.audit_blocks:
-        gone = " (deleted or emptied)" if not audit.size else " (an older or shorter copy)"
-        detail = f"holds {audit.size} entries and {audit.block_count} blocks{gone}; {signed}"
-        return [Loss("audit log", path, detail)]
-    if audit.root_at(recorded.audit_size) != recorded.audit_root:
-        detail = (
-            f"is another history: its root at {recorded.audit_size} entries is not the one "
-            "the agent signed"
-        )
-        return [Loss("audit log", path, detail)]
-    return []
-
-
-def lost(home: AgentHome, losses: list[Loss]) -> StateLost:
-    """The error for ``losses`` (``where`` names the first store's file)."""
-    text = "; ".join(str(loss) for loss in losses)
-    return StateLost(
-        f"lost state in {home.path}: {text}",
-        where=str(losses[0].path),
-        losses=[str(loss) for loss in losses],
-    )
+def longest_keylog(home: AgentHome, identity: Identity) -> tuple[KeyLog, int | None]:
+    """The longer of the public and the key file's key log; the public one's length."""
+    public = home.load_public_keylog()
+    if public is None:
+        return identity.keylog, None
+    longest = public if len(public.events) > len(identity.keylog.events) else identity.keylog
+    return longest, len(public.events)
 
 
 # -- keeping it ------------------------------------------------------------------------
@@ -384,75 +308,6 @@ class WatermarkKeeper:
         self._marks = marks
 
 
-class _Watchable(AuditView, Protocol):
-    def watch_blocks(self, callback: Callable[[Block], None]) -> None: ...
-
-
-class _Generations(Protocol):
-    def generation(self) -> int: ...
-
-    def watch(self, callback: Callable[[int], None]) -> None: ...
-
-
-def _longest(home: AgentHome, identity: Identity) -> tuple[KeyLog, int | None]:
-    """The longer of the public and the key file's key log; the public one's length."""
-    public = home.load_public_keylog()
-    if public is None:
-        return identity.keylog, None
-    longest = public if len(public.events) > len(identity.keylog.events) else identity.keylog
-    return longest, len(public.events)
-
-
-def guard(
-    home: AgentHome, identity: Identity, audit: _Watchable, tokens: _Generations
-) -> WatermarkKeeper:
-    """Refuse lost state; otherwise bring the watermark up to date and keep it so.
-
-    Called by an agent at start, with its stores open (before it writes).
-    Without a watermark, the stores are adopted as they are, and a missing
-    public key log is written from the key file.
-
-    Raises:
-        StateLost: a store holds less than the watermark records.
-        StoreCorrupted: the watermark is damaged or not this agent's.
-        StorageError: the watermark (or key log) cannot be written.
-    """
-    keylog, public_keys = _longest(home, identity)
-    found = marks_of(audit, tokens.generation(), len(keylog.events))
-    watermark = load_watermark(home, keylog)
-    keeper = WatermarkKeeper(home, identity, found)
-    if watermark is None:
-        if public_keys is None:
-            atomic_write(home.keylog_path, identity.keylog.to_bytes())
-        history = found.audit_blocks or found.capabilities or audit.size
-        _log.log(
-            logging.WARNING if history else logging.INFO,
-            "no watermark in %s: adopted the stores as they are (%d entries, %d blocks, "
-            "capabilities generation %d)",
-            home.path,
-            audit.size,
-            found.audit_blocks,
-            found.capabilities,
-            extra={"event": "watermark_created"},
-        )
-        keeper.write(found)
-    else:
-        losses = find_losses(
-            home,
-            watermark.marks,
-            audit=audit,
-            capabilities=tokens.generation(),
-            keys=public_keys,
-        )
-        if losses:
-            raise lost(home, losses)
-        keeper = WatermarkKeeper(home, identity, watermark.marks)
-        keeper.advance(found)
-    audit.watch_blocks(keeper.block_sealed)
-    tokens.watch(keeper.capabilities_written)
-    return keeper
-
-
 def accept_current(
     home: AgentHome, identity: Identity, audit: AuditView, capabilities: int
 ) -> Marks:
@@ -466,25 +321,10 @@ def accept_current(
     """
     if not home.keylog_path.exists():
         atomic_write(home.keylog_path, identity.keylog.to_bytes())
-    keylog, _ = _longest(home, identity)
+    keylog, _ = longest_keylog(home, identity)
     marks = marks_of(audit, capabilities, len(keylog.events))
     WatermarkKeeper(home, identity, marks).write(marks)
     return marks
-
-
-def log_refusal(home: AgentHome, error: StoreCorrupted) -> None:
-    """Log that the agent of ``home`` refused to start (event ``startup_refused``)."""
-    _log.error(
-        "agent in %s refused to start: %s",
-        home.path,
-        error,
-        extra={
-            "event": "startup_refused",
-            "reason": type(error).__name__,
-            "where": error.where,
-            "what": error.what,
-        },
-    )
 
 
 def start_watermark(home: AgentHome, identity: Identity, *, archive: Path | None = None) -> None:
