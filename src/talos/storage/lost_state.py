@@ -76,11 +76,9 @@ def find_losses(
     losses: list[Loss] = []
     path = home.keylog_path
     if keys is None:
-        losses.append(Loss("key log", path, f"is missing ({recorded.keys} key events recorded)"))
+        losses.append(Loss("key log", path, f"is missing ({_events(recorded.keys)} recorded)"))
     elif keys < recorded.keys:
-        losses.append(
-            Loss("key log", path, f"has {keys} key events; {recorded.keys} were recorded")
-        )
+        losses.append(Loss("key log", path, f"has {_events(keys)}; {recorded.keys} were recorded"))
     losses.extend(_audit_losses(home.audit_path / DATA_FILE, recorded, audit))
     path = home.path / CAPABILITIES_DIR / DATA_FILE
     store = "capabilities store"
@@ -94,6 +92,10 @@ def find_losses(
         )
         losses.append(Loss(store, path, detail))
     return losses
+
+
+def _events(n: int) -> str:
+    return f"{n} key event{'' if n == 1 else 's'}"
 
 
 def _audit_losses(path: Path, recorded: Marks, audit: AuditView | None) -> list[Loss]:
