@@ -29,9 +29,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from talos.core.audit.checkpoint import Block
-
 from talos.audit import AuditLog, ChainProblem, ChainReport
+from talos.core.audit.checkpoint import Block
 from talos.core.audit.merkle import NodeID
 from talos.core.crypto import VerifyKey
 from talos.errors import StorageError, StoreCorrupted, TalosError, UnsupportedVersion

@@ -55,8 +55,8 @@ from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
 from talos.storage.agent_state import AgentState, derive_storage_key
 from talos.storage.home import AgentHome
-from talos.storage.tokens import TokenStore
 from talos.storage.lost_state import guard, log_refusal
+from talos.storage.tokens import TokenStore
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
 from talos.transport import Link, Transport
 
