@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from talos.audit import AuditLog, LogSigner
@@ -13,19 +11,7 @@ from talos.storage.home import AgentHome
 from talos.storage.lost_state import guard
 from talos.storage.tokens import TokenStore
 from talos.storage.watermark import WATERMARK_FILE, load_watermark
-from talos.testing import FakeClock, SeededRng
-
-
-@pytest.fixture
-def identity() -> Identity:
-    return Identity.create("alice", rng=SeededRng(1), clock=FakeClock())
-
-
-@pytest.fixture
-def home(tmp_path: Path, identity: Identity) -> AgentHome:
-    home = AgentHome(tmp_path / "home")
-    home.save_identity(identity, rng=SeededRng(2), passphrase=None)
-    return home
+from talos.testing import FakeClock
 
 
 def _open(home: AgentHome, identity: Identity) -> tuple[AuditLog, TokenStore]:

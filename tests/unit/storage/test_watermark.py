@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -22,18 +21,6 @@ from talos.storage.watermark import (
 from talos.testing import FakeClock, SeededRng
 
 MARKS = Marks(keys=1, audit_size=64, audit_root=b"\x07" * 32, audit_blocks=3, capabilities=9)
-
-
-@pytest.fixture
-def identity() -> Identity:
-    return Identity.create("alice", rng=SeededRng(1), clock=FakeClock())
-
-
-@pytest.fixture
-def home(tmp_path: Path, identity: Identity) -> AgentHome:
-    home = AgentHome(tmp_path / "home")
-    home.save_identity(identity, rng=SeededRng(2), passphrase=None)
-    return home
 
 
 def test_a_written_watermark_reads_back_verified(home: AgentHome, identity: Identity) -> None:
