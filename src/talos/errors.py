@@ -42,7 +42,8 @@ The tree::
     ├── StorageError
     │   ├── AuditFull
     │   ├── StoreCorrupted          names where and what
-    │   │   └── KeyFileCorrupted
+    │   │   ├── KeyFileCorrupted
+    │   │   └── StateLost           a store is missing or shorter than the agent signed
     │   ├── IdentityNotFound
     │   ├── WrongPassphrase         the key file is intact; the passphrase is not right
     │   └── BackupInvalid           wrong passphrase or damaged backup
@@ -322,6 +323,29 @@ class KeyFileCorrupted(StoreCorrupted):
     """An identity key file is damaged or cannot be decrypted."""
 
     hint = "restore the identity with `talos recover --backup FILE`"
+
+
+class StateLost(StoreCorrupted):
+    """A store this agent had is missing, emptied or shorter than it last signed for.
+
+    The agent remembers what it had in a signed watermark outside the stores
+    (``<home>/watermark.cbor``, :mod:`talos.storage.watermark`); ``losses``
+    names each store, what the watermark says it held and what was found.
+    Starting over is an explicit operator choice (``talos audit accept-lost-state``).
+    """
+
+    hint = (
+        "stop here and restore what is missing: the identity and key log with "
+        "`talos recover --backup FILE`, the audit log (and the agent state in it) with "
+        "`talos audit restore --backup DIR` (or `talos audit rebuild` once your Talos "
+        "has it); to start over from what is left instead, run "
+        "`talos audit accept-lost-state` (recorded in the audit log)"
+    )
+
+    def __init__(self, message: str, *, where: str, losses: Sequence[str] = ()) -> None:
+        super().__init__(message, where=where, what="lost state")
+        #: One line per store found missing or shorter than recorded.
+        self.losses = tuple(losses)
 
 
 class IdentityNotFound(StorageError):

@@ -133,6 +133,7 @@ def test_every_check_runs_without_the_agent(tmp_path: Path, registry: RegistryPr
         "key file": "ok",
         "audit log": "skip",
         "token store": "skip",
+        "lost state": "ok",
         "agent state": "skip",
         "disk": "ok",
     }

@@ -8,8 +8,12 @@ file truncated during the scan can still do this; the caller's process
 never maps a file it has not checked, and a child that dies from SIGBUS or
 SIGSEGV is reported as damage (the report's problem), not raised.
 
+:func:`scan_home_chain` also answers what the agent's watermark
+(:mod:`talos.storage.watermark`) asks of the log: its root at the size the
+agent last signed, computed by the same child; the caller compares.
+
 The child reports over a one-way pipe: ``("progress", done, total)`` any
-number of times, then exactly one of ``("report", fields)``,
+number of times, then exactly one of ``("report", fields, root_at)``,
 ``("corrupted", message)`` or ``("error", class name, message)``. Talos
 errors travel as text because ``StoreCorrupted`` (keyword-only arguments)
 does not unpickle; a report travels as plain values (:func:`report_fields`,
@@ -26,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from talos.audit import AuditLog, ChainProblem, ChainReport
+from talos.core.audit.checkpoint import Block
 from talos.core.audit.merkle import NodeID
 from talos.core.crypto import VerifyKey
 from talos.errors import StorageError, StoreCorrupted, TalosError, UnsupportedVersion
 from talos.storage.lmdb import DATA_FILE
 
-__all__ = ["report_fields", "report_from_fields", "scan_chain"]
+__all__ = ["ScannedLog", "report_fields", "report_from_fields", "scan_chain", "scan_home_chain"]
 
 #: Signals that mean the scan touched memory it could not read: a damaged file.
 _FAULT_SIGNALS = frozenset({signal.SIGBUS, signal.SIGSEGV})
@@ -57,11 +62,66 @@ def scan_chain(
             directory, the child killed by another signal or crashed).
         UnsupportedVersion: the log was written by a newer Talos.
     """
+    return _scan(path, trusted_keys, deep, progress, None)[0]
+
+
+class ScannedLog:
+    """What a scan found, as the :class:`~talos.storage.watermark.AuditView` a
+    watermark check asks for (only the root at the recorded size is known)."""
+
+    def __init__(self, report: ChainReport, root_size: int, root_at: bytes | None) -> None:
+        self.report = report
+        self._root_size = root_size
+        self._root_at = root_at
+
+    @property
+    def size(self) -> int:
+        return self.report.entries
+
+    @property
+    def block_count(self) -> int:
+        return self.report.blocks
+
+    def block(self, height: int) -> Block:
+        raise StorageError("a scanned log gives no blocks")
+
+    def root_at(self, size: int) -> bytes:
+        if size != self._root_size or self._root_at is None:
+            raise StorageError(f"the scan did not compute the root at {size} entries")
+        return self._root_at
+
+
+def scan_home_chain(
+    path: Path,
+    trusted_keys: list[VerifyKey] | None,
+    root_size: int,
+    *,
+    deep: bool = False,
+    progress: Progress | None = None,
+) -> ScannedLog:
+    """:func:`scan_chain`, and the log's root at ``root_size`` entries (if it has that many).
+
+    Raises:
+        StorageError, UnsupportedVersion: as :func:`scan_chain`.
+    """
+    report, root_at = _scan(path, trusted_keys, deep, progress, root_size)
+    return ScannedLog(report, root_size, root_at)
+
+
+def _scan(
+    path: Path,
+    trusted_keys: list[VerifyKey] | None,
+    deep: bool,
+    progress: Progress | None,
+    root_size: int | None,
+) -> tuple[ChainReport, bytes | None]:
     spawn = multiprocessing.get_context("spawn")
     receiver, sender = spawn.Pipe(duplex=False)
     raw_keys = None if trusted_keys is None else [key.raw for key in trusted_keys]
     child = spawn.Process(
-        target=_scan_worker, args=(sender, str(path), raw_keys, deep), name="talos-verify-chain"
+        target=_scan_worker,
+        args=(sender, str(path), raw_keys, deep, root_size),
+        name="talos-verify-chain",
     )
     child.daemon = True
     child.start()
@@ -77,7 +137,9 @@ def scan_chain(
     return _outcome(message, child.exitcode, path)
 
 
-def _scan_worker(conn: Connection, path: str, trusted: list[bytes] | None, deep: bool) -> None:
+def _scan_worker(
+    conn: Connection, path: str, trusted: list[bytes] | None, deep: bool, root_size: int | None
+) -> None:
     """Child-process side of :func:`scan_chain`: open, scan, send the outcome back."""
     try:
         keys = None if trusted is None else [VerifyKey(raw) for raw in trusted]
@@ -87,7 +149,10 @@ def _scan_worker(conn: Connection, path: str, trusted: list[bytes] | None, deep:
                 deep=deep,
                 progress=lambda done, total: conn.send(("progress", done, total)),
             )
-        conn.send(("report", report_fields(report)))
+            root_at = None
+            if report.ok and root_size is not None and root_size <= report.entries:
+                root_at = log.root_at(root_size)
+        conn.send(("report", report_fields(report), root_at))
     except StoreCorrupted as exc:
         conn.send(("corrupted", str(exc)))
     except TalosError as exc:
@@ -151,7 +216,9 @@ def _receive(receiver: Connection, progress: Progress | None) -> tuple[Any, ...]
             progress(message[1], message[2])
 
 
-def _outcome(message: tuple[Any, ...] | None, exitcode: int | None, path: Path) -> ChainReport:
+def _outcome(
+    message: tuple[Any, ...] | None, exitcode: int | None, path: Path
+) -> tuple[ChainReport, bytes | None]:
     """The report the child's last message (or its exit status) stands for.
 
     Raises:
@@ -162,18 +229,19 @@ def _outcome(message: tuple[Any, ...] | None, exitcode: int | None, path: Path) 
     if message is not None:
         kind = message[0]
         if kind == "report":
-            return report_from_fields(message[1])
+            return report_from_fields(message[1]), message[2]
         if kind == "corrupted":
-            return _file_problem(message[1])
+            return _file_problem(message[1]), None
         if message[1] == UnsupportedVersion.__name__:
             raise UnsupportedVersion(message[2])
         raise StorageError(f"could not verify {path}: {message[1]}: {message[2]}")
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
         if -exitcode in _FAULT_SIGNALS:
-            return _file_problem(
+            problem = _file_problem(
                 f"the scan was killed by {name} while reading {path / DATA_FILE}: "
                 "the file is truncated or damaged"
             )
+            return problem, None
         raise StorageError(f"the verification of {path} was stopped by {name}; nothing was checked")
     raise StorageError(f"the verification process for {path} failed (exit status {exitcode})")

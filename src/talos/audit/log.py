@@ -336,6 +336,10 @@ class AuditLog:
         with contextlib.suppress(StorageError):
             self._environment.sync()
 
+    def watch_blocks(self, callback: Callable[[Block], None]) -> None:
+        """Call ``callback(block)`` in the writing thread once each sealed block is on disk."""
+        self._writer.watch_blocks(callback)
+
     def seal_block(self) -> Block | None:
         """Seal the unsealed entries into a block now; ``None`` if there are none.
 

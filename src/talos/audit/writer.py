@@ -19,6 +19,9 @@ Rules this module keeps:
 * A full disk or map raises :class:`~talos.errors.AuditFull` and logs a
   warning on the ``talos.audit`` logger.
 * :attr:`LogWriter.lock` serializes every write and the log's closing.
+* Block watchers (:meth:`LogWriter.watch_blocks`) are called with each sealed
+  block after its transaction committed and the lock was released (the
+  agent's watermark follows the log, never leads it).
 
 Imported by :mod:`talos.audit.log`.
 """
@@ -70,6 +73,8 @@ class WriterState:
     time_ms: int
     chain: OpenBlock
     root: bytes = field(default=EMPTY_ROOT)
+    #: The last block sealed by the transaction this state was built in.
+    sealed: Block | None = None
 
     def copy(self) -> WriterState:
         return WriterState(self.size, list(self.stack), self.time_ms, self.chain.copy(), self.root)
@@ -90,6 +95,20 @@ class LogWriter:
         self.lock = threading.Lock()
         self.closed = False
         self._state: WriterState | None = None
+        self._watchers: list[Callable[[Block], None]] = []
+        self._sealed: Block | None = None
+
+    def watch_blocks(self, callback: Callable[[Block], None]) -> None:
+        """Call ``callback(block)`` after each block this writer sealed is committed."""
+        self._watchers.append(callback)
+
+    def _tell_watchers(self) -> None:
+        """Hand the last committed block to the watchers (called without the lock)."""
+        with self.lock:
+            block, self._sealed = self._sealed, None
+        if block is not None:
+            for callback in self._watchers:
+                callback(block)
 
     @property
     def started(self) -> bool:
@@ -136,7 +155,10 @@ class LogWriter:
             StorageError: LMDB failed, or the log kept changing under this writer.
         """
         with self.lock:
-            return self._with_fresh_state(lambda: self._commit_once(records, apply))
+            seqs = self._with_fresh_state(lambda: self._commit_once(records, apply))
+        if self._watchers:
+            self._tell_watchers()
+        return seqs
 
     def seal_now(self) -> Block | None:
         """Seal the unsealed entries into a block now; ``None`` if there are none.
@@ -145,7 +167,10 @@ class LogWriter:
             AuditFull, StorageError: as for :meth:`commit`.
         """
         with self.lock:
-            return self._with_fresh_state(self._seal_now_once)
+            block = self._with_fresh_state(self._seal_now_once)
+        if self._watchers:
+            self._tell_watchers()
+        return block
 
     def seal_if_due(self) -> None:
         """Seal a block if the oldest unsealed entry is old enough.
@@ -155,6 +180,8 @@ class LogWriter:
         """
         with self.lock:
             self._with_fresh_state(self._seal_if_due_once)
+        if self._watchers:
+            self._tell_watchers()
 
     def _with_fresh_state(self, operation: Callable[[], _T]) -> _T:
         """Run a write ``operation``; if another process (e.g. a CLI command next to a
@@ -297,13 +324,14 @@ class LogWriter:
             raise _StaleWriter
 
     def _seal(self, txn: lmdb.Transaction[bytes], state: WriterState, now: int) -> Block:
-        return self._sealer.seal(
+        state.sealed = self._sealer.seal(
             txn,
             state.chain,
             size=state.size,
             root=state.fold(),
             time_ms=max(now, state.time_ms),
         )
+        return state.sealed
 
     def _put_head(self, txn: lmdb.Transaction[bytes], state: WriterState) -> None:
         state.root = state.fold()
@@ -314,6 +342,8 @@ class LogWriter:
         txn.put(b"time", u64(state.time_ms), db=meta)
 
     def _install(self, state: WriterState) -> None:
+        if state.sealed is not None:
+            self._sealed, state.sealed = state.sealed, None
         self._state = state
         self._head.size = state.size
         self._head.root = state.root

@@ -19,6 +19,7 @@ from talos.client.own_keys import Rotation, rotate_at_rest
 from talos.core.identity import Identity
 from talos.errors import ConfigurationError, IdentityExists, IdentityNotFound, TalosError
 from talos.storage.home import RECOVER_HINT, AgentHome, atomic_write
+from talos.storage.watermark import start_watermark
 
 __all__ = [
     "ROTATE_TIMEOUT",
@@ -96,6 +97,7 @@ def init(
         raise ConfigurationError("--name is required (there is no previous identity to keep it)")
     passphrase = choose_key_passphrase(key_passphrase_file, no_passphrase)
     identity = Identity.create(name, rng=ctx.rng, clock=ctx.clock)
+    archived = None
     if home.has_identity() or home.load_public_keylog() is not None:
         archived = home.archive_identity(clock=ctx.clock, everything=True)
         _err.print(
@@ -104,6 +106,7 @@ def init(
             "carry over to the new identity"
         )
     home.save_identity(identity, rng=ctx.rng, passphrase=passphrase)
+    start_watermark(home, identity, archive=archived)
     click.echo(identity.agent_id)
 
 

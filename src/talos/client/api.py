@@ -52,11 +52,12 @@ from talos.core.rng import Rng
 from talos.core.x3dh import PrekeyBundle
 from talos.discovery.dht import DhtNode
 from talos.discovery.registry_client import RegistryClient
-from talos.errors import IdentityNotFound, LocalProtocolError, MalformedFrame
+from talos.errors import IdentityNotFound, LocalProtocolError, MalformedFrame, StoreCorrupted
 from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
 from talos.storage.agent_state import AgentState, derive_storage_key
 from talos.storage.home import AgentHome
+from talos.storage.lost_state import guard, log_refusal
 from talos.storage.tokens import TokenStore
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
 from talos.transport import Link, Transport
@@ -133,7 +134,8 @@ class TalosClient:
             ConfigurationError: an invalid option.
             StorageError: the home, audit log or state cannot be opened;
                 ``StoreCorrupted`` (naming the file) if the key log or the
-                audit log's head fails the start-up check (docs/operations.md).
+                audit log's head fails the start-up check, ``StateLost`` if a
+                store holds less than the agent's watermark (docs/operations.md).
         """
         return _Creating(dict(locals()))
 
@@ -145,7 +147,9 @@ class TalosClient:
         client = cls(ClientConfig.from_options(options.pop("name"), **options))
         try:
             await client._open()
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, StoreCorrupted):
+                log_refusal(client._home, error)
             await client.close()
             raise
         return client
@@ -195,6 +199,8 @@ class TalosClient:
             replay_window_ms=int(config.replay_window * 1000),
         )
         self._tokens = TokenStore.open(self._home.path / "capabilities")
+        # A store shorter than the signed watermark records is refused (docs/design/lost-state.md).
+        guard(self._home, identity, self._log, self._tokens)
         registry = None if config.registry_url is None else RegistryClient(config.registry_url)
         dht = DhtNode(clock=clock, rng=rng) if "dht" in config.discovery else None
         discovery = self._discovery = Discovery(

@@ -7,12 +7,19 @@ One LMDB environment at ``<home>/capabilities/`` with four named databases:
 ``revocations``  issuer agent id -> record {list bytes, last synchronized time}
 ``reasons``      token id -> why this agent revoked it (text, for operators)
 ``keylogs``      agent id -> that agent's key event log, as last verified
-``meta``         format version
+``meta``         format version; ``generation``, bumped by every write
 
 The store keeps encoded bytes and knows nothing of their meaning: decoding
 and verification stay in :mod:`talos.core.capability` and
 :mod:`talos.core.revocation`. Every write is one durable transaction, so a
 token is on disk before anyone is shown it.
+
+The generation (``meta["generation"]``, u64) counts writes: every write
+bumps it in its own transaction, so an emptied or rolled-back store shows a
+lower one than the agent recorded in its watermark
+(:mod:`talos.storage.watermark`). A store written before the counter existed
+starts at 1 if it holds anything. Watchers (:meth:`TokenStore.watch`) are told
+the new generation after each write committed.
 
 It is opened like every LMDB store (:func:`talos.storage.lmdb.open_environment`):
 a truncated file is a named :class:`~talos.errors.StoreCorrupted`, never a
@@ -23,7 +30,7 @@ SIGBUS; its files are 0600; a full disk or map is
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -32,7 +39,7 @@ import lmdb
 
 from talos.core.encoding import canonical_dumps, strict_loads
 from talos.errors import MalformedFrame, StoreCorrupted, UnsupportedVersion
-from talos.storage.lmdb import lmdb_errors, open_environment
+from talos.storage.lmdb import lmdb_errors, open_environment, read_u64, u64
 
 __all__ = ["TokenStore"]
 
@@ -49,6 +56,7 @@ class TokenStore:
     def __init__(self, env: lmdb.Environment, path: Path) -> None:
         self._env = env
         self._path = path
+        self._watchers: list[Callable[[int], None]] = []
         with lmdb_errors(path, store=_STORE):
             self._dbs = {name: env.open_db(name) for name in _DATABASES}
         self._check_version()
@@ -75,6 +83,19 @@ class TokenStore:
 
     def close(self) -> None:
         self._env.close()
+
+    def generation(self) -> int:
+        """How many writes this store has committed (0 for a new, empty store)."""
+        with self._read() as txn:
+            return self._generation(txn)
+
+    def watch(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(generation)`` after every write of this process committed."""
+        self._watchers.append(callback)
+
+    def _generation(self, txn: lmdb.Transaction[bytes]) -> int:
+        raw = txn.get(b"generation", db=self._dbs[b"meta"])
+        return 0 if raw is None else read_u64(bytes(raw))
 
     def __enter__(self) -> TokenStore:
         return self
@@ -199,6 +220,10 @@ class TokenStore:
         """
         with lmdb_errors(self._path, store=_STORE), self._env.begin(write=True) as txn:
             txn.put(key, value, db=self._dbs[db])
+            generation = self._generation(txn) + 1
+            txn.put(b"generation", u64(generation), db=self._dbs[b"meta"])
+        for callback in self._watchers:
+            callback(generation)
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[lmdb.Transaction[bytes]]:
@@ -211,12 +236,18 @@ class TokenStore:
             values = [bytes(v) for _, v in txn.cursor(db=self._dbs[db])]
         return iter(values)
 
+    def _holds_anything(self, txn: lmdb.Transaction[bytes]) -> bool:
+        return any(txn.stat(self._dbs[name])["entries"] for name in _DATABASES if name != b"meta")
+
     def _check_version(self) -> None:
         meta = self._dbs[b"meta"]
         with lmdb_errors(self._path, store=_STORE), self._env.begin(write=True) as txn:
             stored = txn.get(b"version", db=meta)
             if stored is None:
                 txn.put(b"version", str(FORMAT_VERSION).encode(), db=meta)
+            if txn.get(b"generation", db=meta) is None and self._holds_anything(txn):
+                txn.put(b"generation", u64(1), db=meta)  # written before the counter
+            if stored is None:
                 return
         if stored != str(FORMAT_VERSION).encode():
             raise UnsupportedVersion(

@@ -73,3 +73,34 @@ def test_one_revocation_list_by_issuer(tmp_path: Path) -> None:
         assert store.revocation_list("did:talos:zA") is None
         store.put_revocation_list("did:talos:zA", b"v1", synced_at=7.5)
         assert store.revocation_list("did:talos:zA") == (b"v1", 7.5)
+
+
+def test_every_write_bumps_the_generation_and_tells_watchers_after_commit(tmp_path: Path) -> None:
+    path = tmp_path / "caps"
+    seen: list[tuple[int, int]] = []
+    with TokenStore.open(path) as store:
+        assert store.generation() == 0
+        # The watcher reads the store: the write it is told about is committed.
+        store.watch(lambda generation: seen.append((generation, store.generation())))
+        store.add_granted(b"\x01" * 16, b"g")
+        store.add_held(b"\x02" * 16, b"h")
+        store.put_revocation_list("did:talos:zA", b"v1", synced_at=1.0)
+        store.put_reason(b"\x01" * 16, "why")
+        store.put_keylog("did:talos:zA", b"log")
+    assert seen == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]
+    with TokenStore.open(path) as store:
+        assert store.generation() == 5
+
+
+def test_a_store_written_before_the_generation_counter_starts_at_one(tmp_path: Path) -> None:
+    path = tmp_path / "caps"
+    with TokenStore.open(path) as store:
+        store.add_granted(b"\x01" * 16, b"g")
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.delete(b"generation", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with TokenStore.open(path) as store:
+        assert store.generation() == 1
+    with TokenStore.open(tmp_path / "empty") as store:
+        assert store.generation() == 0

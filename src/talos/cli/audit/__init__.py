@@ -4,7 +4,8 @@ Every command works on the home's log (``<home>/audit``) or on ``--log DIR``.
 Reading commands open the log read-only, so they can run beside the agent
 that writes it. One module per concern: :mod:`.reading` (query, log, show,
 root), :mod:`.export`, :mod:`.chain` (verify-chain), :mod:`.proofs` (prove,
-verify-proof) and :mod:`.backups` (backup, restore); :mod:`.options` and
+verify-proof), :mod:`.backups` (backup, restore) and :mod:`.lost`
+(accept-lost-state); :mod:`.options` and
 :mod:`.rendering` hold what they share. Rules they keep:
 
 * ``verify-chain`` scans in a child process
@@ -28,6 +29,7 @@ import click
 from talos.cli.audit.backups import backup_command, restore_command
 from talos.cli.audit.chain import verify_chain_command
 from talos.cli.audit.export import export
+from talos.cli.audit.lost import accept_lost_state
 from talos.cli.audit.options import parse_time
 from talos.cli.audit.proofs import prove, verify_proof
 from talos.cli.audit.reading import log_command, query, root, show
@@ -51,5 +53,6 @@ for _command in (
     verify_proof,
     backup_command,
     restore_command,
+    accept_lost_state,
 ):
     audit.add_command(_command)

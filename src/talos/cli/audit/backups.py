@@ -15,7 +15,8 @@ from talos.audit import AuditLog
 from talos.cli.audit.options import hinted, log_option, reading
 from talos.cli.context import CliContext
 from talos.cli.lockfile import refuse_while_running
-from talos.errors import BackupInvalid
+from talos.errors import BackupInvalid, TalosError
+from talos.storage.lost_state import check_home, keylog_for_checks
 
 __all__ = ["backup_command", "restore_command"]
 
@@ -85,3 +86,24 @@ def restore_command(ctx: CliContext, backup_dir: Path, log: Path | None) -> None
             "[yellow]note:[/] this home has no public key log: block signatures were "
             "checked only against the keys the blocks carry"
         )
+    if log is None:
+        _note_if_short(ctx, path)
+
+
+def _note_if_short(ctx: CliContext, path: Path) -> None:
+    """Say so if the restored log is still shorter than the agent's watermark records."""
+    home = ctx.agent_home
+    try:
+        keylog = keylog_for_checks(home, None)
+        if keylog is None:
+            return
+        with AuditLog.open(path, readonly=True) as opened:
+            _, losses = check_home(home, keylog, audit=opened, capabilities=None)
+    except TalosError:
+        return  # `talos run` and `diagnose --storage` name it
+    for loss in losses:
+        if loss.store == "audit log":
+            _err.print(
+                f"[yellow]note:[/] the restored {loss}: `talos run` refuses it. Restore a newer "
+                "backup, or start from this one with `talos audit accept-lost-state`"
+            )

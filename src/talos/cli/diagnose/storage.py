@@ -1,35 +1,45 @@
-"""``talos diagnose --storage``: key files, audit log, token store, agent state, disk.
+"""``talos diagnose --storage``: key files, audit log, token store, lost state, agent state, disk.
 
 The audit log is scanned in a child process
 (:func:`talos.audit.chain_check.scan_chain`), like ``talos audit verify-chain``.
 Nothing is opened for writing that does not already exist, and nothing is
-repaired.
+repaired. The ``lost state`` line compares every store with the agent's
+signed watermark (:mod:`talos.storage.lost_state`): a store missing, emptied
+or shorter than recorded is a FAIL with the refusal ``talos run`` gives.
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Final
 
 import lmdb
 
-from talos.audit.chain_check import scan_chain
+from talos.audit import ChainReport
+from talos.audit.chain_check import ScannedLog, scan_chain, scan_home_chain
 from talos.cli.context import CliContext
 from talos.cli.diagnose.agent_view import AgentView, LazyDiskState
 from talos.cli.diagnose.findings import DAMAGED_HINT, Finding, Status, counted, human_size
+from talos.cli.passphrases import KEY_ENV, passphrase_from
 from talos.core.capability import Capability
+from talos.core.crypto import VerifyKey
 from talos.core.keylog import KeyLog
 from talos.core.sealed import KIND_KEYFILE, check_intact
 from talos.errors import (
     KeyLogInvalid,
     MalformedFrame,
+    StateLost,
     StorageError,
     StoreCorrupted,
+    TalosError,
     UnsupportedVersion,
 )
-from talos.storage.home import AgentHome
+from talos.storage.home import RECOVER_HINT, AgentHome
 from talos.storage.lmdb import DATA_FILE
+from talos.storage.lost_state import check_home, keylog_for_checks
 from talos.storage.tokens import TokenStore
+from talos.storage.watermark import Watermark, load_watermark
 
 __all__ = ["FULL_DISK_BYTES", "disk_status", "storage_checks"]
 
@@ -42,6 +52,17 @@ def _identity_findings(home: AgentHome) -> list[Finding]:
         keylog = home.load_public_keylog()
     except StoreCorrupted as exc:
         return [Finding("key log", "fail", str(exc), "`talos recover --backup FILE`")]
+    if keylog is None and home.has_identity():
+        findings = [
+            Finding(
+                "key log",
+                "warn",
+                f"{home.keylog_path} is missing: signatures are checked against the key "
+                "file's key log",
+                RECOVER_HINT,
+            )
+        ]
+        return [*findings, _key_file_finding(home)]
     if keylog is None:
         return [Finding("identity", "skip", f"no identity in {home.path} (`talos init`)")]
     findings = [
@@ -52,38 +73,51 @@ def _identity_findings(home: AgentHome) -> list[Finding]:
             data={"agent_id": keylog.agent_id, "sequence": keylog.state.sequence},
         )
     ]
+    return [*findings, _key_file_finding(home)]
+
+
+def _key_file_finding(home: AgentHome) -> Finding:
     try:
         with home.identity_path.open("rb") as handle:
             check_intact(handle.read(1 << 20), kind=KIND_KEYFILE)
     except FileNotFoundError:
-        findings.append(Finding("key file", "fail", f"{home.identity_path} is missing"))
+        return Finding("key file", "fail", f"{home.identity_path} is missing")
     except (OSError, StoreCorrupted, UnsupportedVersion) as exc:
-        findings.append(
-            Finding(
-                "key file",
-                "fail",
-                f"{home.identity_path}: {exc}",
-                "`talos recover --backup FILE` restores it",
-            )
+        return Finding(
+            "key file",
+            "fail",
+            f"{home.identity_path}: {exc}",
+            "`talos recover --backup FILE` restores it",
         )
-    else:
-        findings.append(Finding("key file", "ok", "intact (checksum matches)"))
-    return findings
+    return Finding("key file", "ok", "intact (checksum matches)")
 
 
-def _audit_finding(ctx: CliContext) -> Finding:
+def _audit_finding(
+    ctx: CliContext, keylog: KeyLog | None, watermark: Watermark | None
+) -> tuple[Finding, ScannedLog | None]:
     path = ctx.agent_home.audit_path
     if not (path / DATA_FILE).is_file():
-        return Finding("audit log", "skip", f"no audit log at {path} yet")
+        if watermark is not None and watermark.marks.audit_blocks:
+            size = watermark.marks.audit_size
+            missing = f"{path / DATA_FILE} is missing; the agent signed a checkpoint of {size}"
+            return Finding("audit log", "fail", f"{missing} entries", StateLost.hint), None
+        return Finding("audit log", "skip", f"no audit log at {path} yet"), None
+    trusted = None if keylog is None else [VerifyKey(e.signing_key) for e in keylog.events]
+    scanned = None
     try:
-        trusted = ctx.trusted_log_keys()
-    except StoreCorrupted:
-        trusted = None  # reported by the key log line
-    try:
-        report = scan_chain(path, trusted)
+        if watermark is None:
+            report = scan_chain(path, trusted)
+        else:
+            scanned = scan_home_chain(path, trusted, watermark.marks.audit_size)
+            report = scanned.report
     except (StorageError, UnsupportedVersion) as exc:
-        return Finding("audit log", "fail", f"not verified: {exc}")
-    against = "this agent's key log" if trusted is not None else "the keys the blocks carry"
+        return Finding("audit log", "fail", f"not verified: {exc}"), None
+    finding = _chain_finding(report, path, keylog is not None)
+    return finding, scanned if report.ok else None
+
+
+def _chain_finding(report: ChainReport, path: Path, trusted: bool) -> Finding:
+    against = "this agent's key log" if trusted else "the keys the blocks carry"
     data = {"entries": report.entries, "blocks": report.blocks, "path": str(path)}
     if not report.ok:
         return Finding(
@@ -103,31 +137,35 @@ def _audit_finding(ctx: CliContext) -> Finding:
     )
 
 
-def _token_finding(home: AgentHome) -> Finding:
+def _token_finding(home: AgentHome) -> tuple[Finding, int | None]:
+    """The token store's line, and its generation (None: no store, or damaged)."""
     path = home.path / "capabilities"
     if not (path / DATA_FILE).is_file():
-        return Finding("token store", "skip", "no token store yet (no capability granted or held)")
+        skip = Finding("token store", "skip", "no token store yet (no capability granted or held)")
+        return skip, None
     try:
         with TokenStore.open(path) as store:
             granted = [Capability.from_bytes(data) for data in store.granted()]
             held = [Capability.from_bytes(data) for data in store.held()]
             logs = [KeyLog.from_bytes(data) for data in store.keylogs()]
             lists = list(store.revocation_lists())
+            generation = store.generation()
     except (MalformedFrame, UnsupportedVersion, KeyLogInvalid, StorageError, lmdb.Error) as exc:
-        return Finding("token store", "fail", f"{path}: {exc}", DAMAGED_HINT)
+        return Finding("token store", "fail", f"{path}: {exc}", DAMAGED_HINT), None
     counts = {
         "granted": len(granted),
         "held": len(held),
         "key_logs": len(logs),
         "revocation_lists": len(lists),
     }
-    return Finding(
+    finding = Finding(
         "token store",
         "ok",
         f"opens cleanly: {len(granted)} granted, {len(held)} held, "
         f"{counted(len(logs), 'key log')}, {counted(len(lists), 'revocation list')}",
-        data=counts,
+        data={**counts, "generation": generation},
     )
+    return finding, generation
 
 
 def _state_finding(agent: AgentView, disk: LazyDiskState) -> Finding:
@@ -185,14 +223,75 @@ def disk_status(free: int, total: int, used: int, limit: int | None) -> tuple[St
     return "ok", text, ""
 
 
+def _agent_keylog(home: AgentHome) -> tuple[KeyLog | None, Finding | None]:
+    """The key log to check against, or the failure that stops the lost-state check."""
+    try:
+        return keylog_for_checks(home, passphrase_from(None, KEY_ENV)), None
+    except StateLost as exc:
+        return None, Finding("lost state", "fail", str(exc), exc.hint)
+    except TalosError as exc:  # damaged: reported by the key log and key file lines
+        return None, Finding("lost state", "skip", f"not checked: {exc}")
+
+
+def _watermark(home: AgentHome, keylog: KeyLog | None) -> tuple[Watermark | None, Finding | None]:
+    if keylog is None:
+        return None, None
+    try:
+        return load_watermark(home, keylog), None
+    except StoreCorrupted as exc:  # StateLost too: signed by a key the log lacks
+        return None, Finding("lost state", "fail", str(exc), exc.hint)
+
+
+def _lost_state_finding(
+    home: AgentHome,
+    keylog: KeyLog | None,
+    watermark: Watermark | None,
+    audit: ScannedLog | None,
+    generation: int | None,
+) -> Finding:
+    if keylog is None or not home.has_identity():
+        return Finding("lost state", "skip", "no identity, so no watermark to compare with")
+    if watermark is None:
+        return Finding(
+            "lost state",
+            "warn",
+            f"no watermark in {home.path}: the agent adopts its stores as they are at its "
+            "next start (a home of an older Talos, or the file was deleted)",
+        )
+    if audit is None and (home.audit_path / DATA_FILE).is_file():
+        return Finding("lost state", "skip", "not compared: the audit log is damaged")
+    _, losses = check_home(home, keylog, audit=audit, capabilities=generation)
+    if losses:
+        return Finding(
+            "lost state",
+            "fail",
+            "; ".join(str(loss) for loss in losses),
+            StateLost.hint,
+            {"lost": [str(loss) for loss in losses]},
+        )
+    marks = watermark.marks
+    return Finding(
+        "lost state",
+        "ok",
+        f"every store holds what the agent recorded: {marks.audit_size} entries signed, "
+        f"capabilities generation {marks.capabilities}, {counted(marks.keys, 'key event')}",
+    )
+
+
 def storage_checks(
     ctx: CliContext, agent: AgentView, disk: LazyDiskState, max_size: int | None
 ) -> list[Finding]:
     home = ctx.agent_home
+    keylog, problem = _agent_keylog(home)
+    watermark, damaged = _watermark(home, keylog)
+    audit, scanned = _audit_finding(ctx, keylog, watermark)
+    tokens, generation = _token_finding(home)
+    lost = problem or damaged or _lost_state_finding(home, keylog, watermark, scanned, generation)
     return [
         *_identity_findings(home),
-        _audit_finding(ctx),
-        _token_finding(home),
+        audit,
+        tokens,
+        lost,
         _state_finding(agent, disk),
         _disk_finding(home, max_size),
     ]
