@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import psycopg
 import psycopg_pool
@@ -42,7 +42,7 @@ from talos.registry.duplicates import Activity
 from talos.registry.postgres.migrate import connect, create_or_migrate
 from talos.registry.postgres.shares import PostgresShares
 
-__all__ = ["AGENT_LOCK", "SWEEP_LOCK", "PostgresBackend", "PostgresTransaction"]
+__all__ = ["AGENT_LOCK", "SWEEP_LOCK", "PostgresBackend", "PostgresTransaction", "RowSource"]
 
 log = logging.getLogger("talos.registry")
 
@@ -90,6 +90,14 @@ INSERT INTO one_time_prekeys SELECT %s, %s, %s WHERE NOT EXISTS
 (SELECT 1 FROM used_prekeys WHERE agent_id=%s AND public_key=%s)
 """
 _UPSERT: Final = "INSERT INTO {table} VALUES ({values}) ON CONFLICT ({key}) DO UPDATE SET {set}"
+
+
+class RowSource(Protocol):
+    """Where :meth:`PostgresBackend.load` reads rows (the SQLite backend)."""
+
+    def count_rows(self, table: str) -> int: ...
+
+    def table_rows(self, table: str, columns: tuple[str, ...]) -> Iterator[tuple[object, ...]]: ...
 
 
 def _upsert(table: str, key: str, columns: tuple[str, ...]) -> str:
@@ -151,6 +159,32 @@ class PostgresBackend:
                 yield PostgresTransaction(conn)
         except psycopg.Error as exc:
             raise StorageError(f"registry database {redacted(self._url)}: {exc}") from exc
+
+    def load(self, source: RowSource, tables: dict[str, tuple[str, ...]]) -> dict[str, int]:
+        """Copy ``tables`` from ``source`` into this (empty) database in one transaction,
+        committed only when every table holds as many rows as in ``source``.
+
+        Raises:
+            StorageError: this database holds registry data already, the
+                database failed, or the counts differ (rolled back).
+        """
+        counts: dict[str, int] = {}
+        with self.transaction() as tx:
+            conn = tx.connection
+            for table in tables:
+                if conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:  # noqa: S608
+                    raise StorageError(f"{redacted(self._url)} is not empty: {table} has rows")
+            for table, columns in tables.items():
+                copy_sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+                with conn.cursor() as cursor, cursor.copy(copy_sql) as copy:
+                    for values in source.table_rows(table, columns):
+                        copy.write_row(values)
+                row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
+                copied, expected = (0 if row is None else int(row[0])), source.count_rows(table)
+                if copied != expected:
+                    raise StorageError(f"{table}: {expected} rows in the source, {copied} copied")
+                counts[table] = copied
+        return counts
 
     def drain_shares(self, per_agent: int) -> DrainShares:
         """One-time prekey shares kept in the database: they hold across replicas."""

@@ -139,6 +139,25 @@ class SqliteBackend:
         with self.transaction() as tx:
             return tx.sweep(now_ms)
 
+    def count_rows(self, table: str) -> int:
+        """Rows of ``table`` (one of the schema's), for ``talos registry port-db``."""
+        with self._lock:
+            return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
+
+    def table_rows(self, table: str, columns: tuple[str, ...]) -> Iterator[tuple[object, ...]]:
+        """Every row of ``table`` (one of the schema's), in storage order, for port-db.
+
+        Reads in one snapshot; hold no transaction of this backend meanwhile.
+        """
+        query = f"SELECT {', '.join(columns)} FROM {table} ORDER BY rowid"  # noqa: S608
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for row in self._db.execute(query):
+                    yield tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+            finally:
+                self._db.execute("ROLLBACK")
+
     def _failure(self, exc: sqlite3.Error) -> StorageError:
         return StorageError(f"registry database {self._path}: {exc}")
 
