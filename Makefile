@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck imports pytest alerts faketime bench clean
+.PHONY: demo test lint typecheck imports pytest alerts faketime postgres bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ alerts:
 faketime:
 	bash .ci/install-faketime.sh
 
-pytest: $(STAMP) faketime
+# The registry's PostgreSQL tests start their own cluster from Debian's postgresql
+# (installed when missing; in CI they must run, so a failed install fails).
+postgres:
+	bash .ci/install-postgres.sh
+
+pytest: $(STAMP) faketime postgres
 	$(BIN)/pytest -n 2 -q
 
 bench: $(STAMP)
