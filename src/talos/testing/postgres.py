@@ -58,6 +58,8 @@ class PostgresCluster:
     bindir: Path
     directory: Path
     port: int
+    #: fsync on (benchmarks comparing with SQLite's synchronous=FULL); off for tests.
+    durable: bool = False
     _databases: int = field(default=0)
 
     @property
@@ -69,8 +71,10 @@ class PostgresCluster:
 
     @classmethod
     @contextmanager
-    def started(cls, bindir: Path | None = None) -> Iterator[PostgresCluster]:
-        """A new cluster, stopped and deleted on exit.
+    def started(
+        cls, bindir: Path | None = None, *, durable: bool = False
+    ) -> Iterator[PostgresCluster]:
+        """A new cluster, stopped and deleted on exit; ``durable`` keeps fsync on.
 
         Raises:
             RuntimeError: PostgreSQL is missing, or ``initdb``/``pg_ctl`` failed.
@@ -82,7 +86,7 @@ class PostgresCluster:
             )
         directory = Path(tempfile.mkdtemp(prefix="talos-pg-"))
         _own(directory)
-        cluster = cls(found, directory, free_port())
+        cluster = cls(found, directory, free_port(), durable)
         try:
             cluster._init()
             cluster._start()
@@ -122,11 +126,10 @@ class PostgresCluster:
         )
 
     def _start(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            "-c max_connections=200"
-        )
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
+        options += "-c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(
             [
                 str(self.bindir / "pg_ctl"),
