@@ -52,7 +52,7 @@ AGENT_LOCK: Final = 0x7A105
 SWEEP_LOCK: Final = 0x7A106
 #: Connections one replica keeps at most, and how long a request waits for one.
 POOL_SIZE: Final = 16
-POOL_TIMEOUT: Final = 10.0
+POOL_TIMEOUT: Final = 5.0
 APPLICATION_NAME: Final = "talos-registry"
 
 _DUPLICATED_AGENTS: Final = """
