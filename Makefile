@@ -42,10 +42,11 @@ postgres:
 pytest: $(STAMP) faketime postgres
 	$(BIN)/pytest -n 2 -q
 
-bench: $(STAMP)
+bench: $(STAMP) postgres
 	$(BIN)/python -m benchmarks.core
 	$(BIN)/python -m benchmarks.capabilities
 	$(BIN)/python -m benchmarks.audit
+	$(BIN)/python -m benchmarks.registry
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
