@@ -8,6 +8,7 @@ directly (no balancer): a client alternating between them sees one registry.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from talos.system import SYSTEM_RNG
 from talos.testing import FakeClock
 from talos.testing.cli import TalosCli
 from talos.testing.postgres import PostgresCluster
-from talos.testing.processes import RegistryProcess, start_registry
+from talos.testing.processes import RegistryProcess, launched, start_registry
 from talos.testing.waiting import wait_until
 
 A, B = b"\x0a" * 16, b"\x0b" * 16
@@ -260,6 +261,23 @@ async def test_drain_shares_hold_across_replicas(postgres_url: str, tmp_path: Pa
     finally:
         for server in started.servers:
             server.stop()
+
+
+def test_agents_registered_on_different_replicas_reach_each_other(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    cli = TalosCli()
+    alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
+    cli.ok(alice_home, "init", "--name", "alice")
+    bob_id = cli.ok(bob_home, "init", "--name", "bob").strip()
+    one, two = (s.url for s in replicas.servers)
+    with launched() as launcher:
+        launcher.agent(bob_home, "--registry", two, "--accept", "open")
+        launcher.agent(alice_home, "--registry", one, "--reconnect-interval", "1")
+        sent = cli.ok(alice_home, "send", bob_id, "across replicas", "--timeout", "20").strip()
+        assert sent.startswith("delivered ")
+        inbox = json.loads(cli.ok(bob_home, "inbox", "--json"))
+    assert [m["data"] for m in inbox] == ["across replicas"]
 
 
 # -- start-up errors and moving from SQLite -----------------------------------------------------
