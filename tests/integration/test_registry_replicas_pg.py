@@ -379,3 +379,31 @@ async def test_trusted_proxy_decides_whose_forwarded_address_counts(tmp_path: Pa
             assert taken == expected
         finally:
             server.stop()
+
+
+def test_a_replica_survives_its_database_restarting(tmp_path: Path) -> None:
+    """Database down: requests answer 503 (in about the pool's wait), not hang; back up:
+    the replica reconnects by itself and serves what was committed before."""
+    with PostgresCluster.started(durable=True) as cluster:  # stop() is a crash: keep commits
+        url = cluster.create_database("restarting")
+        server = start_registry(url, tmp_path / "registry.log", ready=30)
+        try:
+            agent = Agent.create("patient")
+            asyncio.run(agent.publish(server.url, one_time=2))
+            bundle_url = f"{server.url}/v1/agents/{agent.agent_id}/bundle"
+            keylog_url = f"{server.url}/v1/agents/{agent.agent_id}/keylog"
+            cluster.stop()
+            down = httpx.get(bundle_url, timeout=30)
+            assert down.status_code == 503
+            cluster.start()
+            wait_until(
+                lambda: httpx.get(keylog_url, timeout=30).status_code != 503,
+                30,
+                what="the replica to reconnect",
+            )
+            assert httpx.get(keylog_url, timeout=30).status_code == 200
+            up = httpx.get(bundle_url, timeout=30)
+            assert up.status_code == 200, up.text
+            assert PrekeyBundle.from_bytes(up.content).one_time_prekey_id == 0
+        finally:
+            server.stop()

@@ -89,10 +89,10 @@ class PostgresCluster:
         cluster = cls(found, directory, free_port(), durable)
         try:
             cluster._init()
-            cluster._start()
+            cluster.start()
             yield cluster
         finally:
-            cluster._stop()
+            cluster.stop()
             shutil.rmtree(directory, ignore_errors=True)
 
     def create_database(self, name: str | None = None) -> str:
@@ -125,7 +125,8 @@ class PostgresCluster:
             ]
         )
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the server (again) on the same port, waiting until it accepts connections."""
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
         options += "-c max_connections=200"
         if not self.durable:
@@ -144,7 +145,8 @@ class PostgresCluster:
             ]
         )
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
+        """Stop the server at once (``-m immediate``: like a crash); the data stays."""
         if (self.directory / "data" / "postmaster.pid").exists():
             self._run(
                 [
