@@ -392,9 +392,12 @@ def test_a_replica_survives_its_database_restarting(tmp_path: Path) -> None:
             asyncio.run(agent.publish(server.url, one_time=2))
             bundle_url = f"{server.url}/v1/agents/{agent.agent_id}/bundle"
             keylog_url = f"{server.url}/v1/agents/{agent.agent_id}/keylog"
+            health = f"{server.url}/health"
+            assert httpx.get(health, timeout=30).json() == {"status": "ok"}
             cluster.stop()
             down = httpx.get(bundle_url, timeout=30)
             assert down.status_code == 503
+            assert httpx.get(health, timeout=30).status_code == 503  # the balancer drains it
             cluster.start()
             wait_until(
                 lambda: httpx.get(keylog_url, timeout=30).status_code != 503,
@@ -402,6 +405,7 @@ def test_a_replica_survives_its_database_restarting(tmp_path: Path) -> None:
                 what="the replica to reconnect",
             )
             assert httpx.get(keylog_url, timeout=30).status_code == 200
+            assert httpx.get(health, timeout=30).status_code == 200
             up = httpx.get(bundle_url, timeout=30)
             assert up.status_code == 200, up.text
             assert PrekeyBundle.from_bytes(up.content).one_time_prekey_id == 0

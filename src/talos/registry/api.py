@@ -426,6 +426,15 @@ async def get_revocations(issuer: str, request: Request) -> Response:
     return _cbor(data)
 
 
+@metrics_router.get("/health", include_in_schema=False)
+async def get_health(request: Request) -> dict[str, str]:
+    """200 when this replica reaches its database, else 503 (``StorageError``): what a
+    load balancer's health check asks before sending it requests."""
+    store, _ = _context(request)
+    await run_in_threadpool(store.ping)
+    return {"status": "ok"}
+
+
 @metrics_router.get("/metrics", include_in_schema=False)
 async def get_metrics(request: Request) -> Response:
     """The registry's Prometheus metrics (the gauges read the database)."""

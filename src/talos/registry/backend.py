@@ -189,6 +189,14 @@ class DrainShares(Protocol):
 class Backend(Protocol):
     """A database holding the registry's state (guarantees 1 to 4)."""
 
+    def ping(self) -> None:
+        """Check that the database answers now (one trivial transaction).
+
+        Raises:
+            StorageError: it does not.
+        """
+        ...
+
     def drain_shares(self, per_agent: int) -> DrainShares:
         """Where this backend keeps the one-time prekey shares of ``per_agent`` a minute."""
         ...

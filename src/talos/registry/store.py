@@ -132,6 +132,10 @@ class RegistryStore:
     ) -> None:
         self.close()
 
+    def ping(self) -> None:
+        """Raises: StorageError: the database cannot be reached now."""
+        self._backend.ping()
+
     def drain_shares(self, per_agent: int) -> DrainShares:
         """The one-time prekey shares of ``per_agent`` a minute, kept where the backend keeps
         them (in memory for SQLite, in the database for PostgreSQL)."""

@@ -387,3 +387,10 @@ async def test_fuzz_lookups_never_5xx(served: Served, agent: str, route: str) ->
         assert response.status_code < 500, response.text
         if response.status_code >= 400:
             error(response)
+
+
+async def test_health_answers_when_the_database_does(served: Served) -> None:
+    assert (await served.http.get("/health")).json() == {"status": "ok"}
+    served.store.close()
+    answer = await served.http.get("/health")
+    assert (answer.status_code, answer.json()["error"]) == (503, "StorageError")

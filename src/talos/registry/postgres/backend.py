@@ -186,6 +186,11 @@ class PostgresBackend:
                 counts[table] = copied
         return counts
 
+    def ping(self) -> None:
+        """Raises: StorageError: no connection to the database now."""
+        with self.transaction() as tx:
+            tx.connection.execute("SELECT 1")
+
     def drain_shares(self, per_agent: int) -> DrainShares:
         """One-time prekey shares kept in the database: they hold across replicas."""
         return PostgresShares(self, per_agent)

@@ -130,6 +130,11 @@ class SqliteBackend:
                 self._rollback()
                 raise self._failure(exc) from exc
 
+    def ping(self) -> None:
+        """Raises: StorageError: the file cannot take a write lock now."""
+        with self.transaction():
+            pass
+
     def drain_shares(self, per_agent: int) -> DrainShares:
         """Shares in memory: one process serves the file (a second one gets its own)."""
         return MemoryShares(per_agent)
