@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck imports pytest alerts faketime bench soak clean
+.PHONY: demo test lint typecheck imports pytest alerts faketime postgres bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ alerts:
 faketime:
 	bash .ci/install-faketime.sh
 
-pytest: $(STAMP) faketime
+# The registry's PostgreSQL tests start their own cluster from Debian's postgresql
+# (installed when missing; in CI they must run, so a failed install fails).
+postgres:
+	bash .ci/install-postgres.sh
+
+pytest: $(STAMP) faketime postgres
 	$(BIN)/pytest -n 2 -q
 
 # The long kill -9 soak (docs/soak.md): 10,000 messages both ways through ten kills of each agent.
@@ -42,10 +47,11 @@ pytest: $(STAMP) faketime
 soak: $(STAMP)
 	$(BIN)/pytest -m soak -s -q -p no:cacheprovider tests/integration/test_soak.py
 
-bench: $(STAMP)
+bench: $(STAMP) postgres
 	$(BIN)/python -m benchmarks.core
 	$(BIN)/python -m benchmarks.capabilities
 	$(BIN)/python -m benchmarks.audit
+	$(BIN)/python -m benchmarks.registry
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -123,6 +123,8 @@ EVENTS: Final = frozenset(
         "one_time_prekeys_withheld",
         "registry_client_dropped",
         "registry_connections_refused",
+        "registry_swept",
+        "registry_sweep_failed",
     }
 )
 

@@ -45,7 +45,8 @@ FAMILIES = {
     "talos_registry_one_time_prekeys_served": "counter",
     "talos_registry_bundles_without_one_time_prekey": "counter",
     "talos_registry_one_time_prekeys_withheld": "counter",
-    "talos_registry_sqlite_errors": "counter",
+    "talos_registry_db_errors": "counter",
+    "talos_registry_records_swept": "counter",
     "talos_registry_clients_dropped": "counter",
     "talos_registry_connections_refused": "counter",
     "talos_registry_connections": "gauge",
@@ -199,7 +200,7 @@ def test_metrics_on_both_ports_list_every_series_at_start_up(fresh: Served) -> N
     for gauge in ("live_agents", "live_instances", "duplicate_identities"):
         assert series[(f"talos_registry_{gauge}", frozenset())] == 0
     counters = {name for name, _ in totals}
-    for counter in ("duplicate_instances", "one_time_prekeys_served", "sqlite_errors"):
+    for counter in ("duplicate_instances", "one_time_prekeys_served", "db_errors"):
         assert f"talos_registry_{counter}_total" in counters
     assert "talos_registry_bundles_without_one_time_prekey_total" in counters
     rejections = [labels for name, labels in series if name == "talos_registry_rejections_total"]

@@ -9,12 +9,20 @@ Slow and surplus clients are cut (``--header-timeout``, ``--request-timeout``,
 ``--max-connections``, ``--keep-alive-timeout``; see
 :mod:`talos.registry.limits`), and ``/docs``, ``/redoc`` and
 ``/openapi.json`` are served only with ``--openapi``.
+
+``--db`` is a SQLite file (one process) or a ``postgresql://`` URL (any
+number of replicas on one database); ``talos registry port-db`` moves a
+registry from the first to the second. Behind a load balancer,
+``--trusted-proxy`` names the balancer's addresses, whose
+``X-Forwarded-For`` is believed, so that drain limits count clients.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,7 @@ import click
 
 from talos.cli.options import log_format_option
 from talos.logs import LogFormat
+from talos.registry.database import is_database_url, redacted
 from talos.registry.store import ONE_TIME_PREKEYS_PER_MINUTE, RegistryStore
 
 # The defaults of talos.registry.limits, repeated so that --help does not import
@@ -43,6 +52,28 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
+def _database(ctx: click.Context, param: click.Parameter, value: str) -> Path | str:
+    """A ``postgresql://`` URL as is, anything else a SQLite file's path."""
+    if is_database_url(value):
+        return value
+    if "://" in value:
+        raise click.BadParameter(
+            f"{redacted(value)}: only postgresql:// URLs (or a SQLite file path)", param=param
+        )
+    return Path(value)
+
+
+def _networks(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> tuple[str, ...]:
+    """Addresses or CIDR networks, normalized (host bits cleared); exit 2 on a bad one."""
+    networks = []
+    for text in value:
+        try:
+            networks.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not an address or CIDR network") from None
+    return tuple(networks)
+
+
 @click.group()
 def registry() -> None:
     """Run the registry server that agents use to find each other."""
@@ -55,11 +86,22 @@ def registry() -> None:
 )
 @click.option(
     "--db",
-    "db_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("talos-registry.db"),
+    "database",
+    callback=_database,
+    default="talos-registry.db",
     show_default=True,
-    help="SQLite database file (created if missing).",
+    help="SQLite database file (created if missing), or postgresql://USER@HOST:PORT/DB "
+    "shared by every replica (tables created or migrated at start).",
+)
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    callback=_networks,
+    metavar="CIDR",
+    help="A load balancer's address or network whose X-Forwarded-For names the client "
+    "(repeatable; replaces the default, 127.0.0.1). Drain limits then count clients, "
+    "not the balancer.",
 )
 @click.option(
     "--log-level", type=click.Choice(_LEVELS), default="info", show_default=True, help="Log level."
@@ -121,7 +163,8 @@ def registry() -> None:
 def serve(
     host: str,
     port: int,
-    db_path: Path,
+    database: Path | str,
+    trusted_proxies: tuple[str, ...],
     log_level: str,
     log_format: LogFormat,
     access_log: bool,
@@ -133,10 +176,11 @@ def serve(
     keep_alive_timeout: int,
     openapi: bool,
 ) -> None:
-    """Serve the registry API on HOST:PORT, storing its state in the --db file.
+    """Serve the registry API on HOST:PORT, storing its state in --db.
 
-    The database is opened once before listening, so a bad path or a damaged
-    file is reported (exit 1, or 3 when damaged) instead of a server that
+    The database is opened once before listening, so a bad path, an
+    unreachable or refusing database, or one of a newer schema is reported
+    (exit 1, or 3 when damaged or not a registry's) instead of a server that
     fails every request.
     """
     # Imported here: the web stack costs ~0.3 s, which no other command should pay.
@@ -157,14 +201,14 @@ def serve(
         max_connections=max_connections,
         keep_alive_timeout=keep_alive_timeout,
     )
-    RegistryStore.open(db_path).close()
+    RegistryStore.open(database).close()
     metrics = RegistryMetrics()
     if metrics_port is not None:
         metrics.serve(metrics_port, host)  # bound before the API: a busy port fails the start
     try:
         uvicorn.run(
             create_app(
-                db_path,
+                database,
                 metrics=metrics,
                 one_time_prekeys_per_minute=one_time_prekeys_per_minute,
                 openapi=openapi,
@@ -178,9 +222,44 @@ def serve(
             access_log=access_log,
             log_config=_log_config(log_level, log_format),
             server_header=False,
+            forwarded_allow_ips=list(trusted_proxies) if trusted_proxies else None,
         )
     finally:
         metrics.close()
+
+
+@registry.command("port-db")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The SQLite registry file to copy (only read; stop its registry first).",
+)
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    help="postgresql://USER@HOST:PORT/DB: an empty database (its tables are created).",
+)
+def port_db(source: Path, target: str) -> None:
+    """Copy a SQLite registry into an empty PostgreSQL database, verifying row counts.
+
+    One transaction: either every table is copied with as many rows as the
+    file holds, or nothing is (exit 1 with the reason).
+    """
+    from talos.registry.porting import port_database
+
+    if not is_database_url(target):
+        raise click.BadParameter(
+            f"{redacted(target)} is not a postgresql:// URL", param_hint="--to"
+        )
+    report = port_database(source, target)
+    for table, rows in report.rows.items():
+        click.echo(f"{table}: {rows} rows")
+    click.echo(
+        f"copied {source} to {redacted(target)}: {sum(report.rows.values())} rows, counts verified"
+    )
 
 
 def _log_config(level: str, fmt: LogFormat = "text") -> dict[str, Any]:

@@ -46,6 +46,7 @@ from talos.core.revocation import RevocationList
 from talos.errors import PeerNotFound
 from talos.registry.admission import Refusal, RefusalKind, Refused, check_same_agent
 from talos.registry.answers import install_error_handlers, request_logs
+from talos.registry.backend import DrainShares
 from talos.registry.bodies import (
     CBOR,
     MAX_BODY,
@@ -255,12 +256,12 @@ async def get_bundle(agent_id: str, request: Request) -> Response:
     store, clock = _context(request)
     agent = _agent(agent_id)
     address = _client_key(request)
-    limiter: PrekeyLimiter | None = request.app.state.prekey_limiter
-    one_time = limiter is None or limiter.allow(address, agent, clock.monotonic())
+    limiter: DrainShares | None = request.app.state.prekey_limiter
+    one_time = limiter is None or await run_in_threadpool(limiter.allow, address, agent, clock)
     bundle = await run_in_threadpool(functools.partial(store.take_bundle, agent, one_time=one_time))
     if bundle is None:
-        if limiter is not None:
-            limiter.forget(address, agent)  # unknown agents must not push real buckets out
+        if limiter is not None:  # unknown agents must not push real buckets out
+            await run_in_threadpool(limiter.forget, address, agent)
         raise PeerNotFound(f"no prekeys for {agent_id}")
     _metrics(request).bundle_served(
         with_one_time_prekey=bundle.one_time_prekey_id is not None, withheld=not one_time
@@ -423,6 +424,15 @@ async def get_revocations(issuer: str, request: Request) -> Response:
     if data is None:
         raise PeerNotFound(f"no revocation list for {issuer}")
     return _cbor(data)
+
+
+@metrics_router.get("/health", include_in_schema=False)
+async def get_health(request: Request) -> dict[str, str]:
+    """200 when this replica reaches its database, else 503 (``StorageError``): what a
+    load balancer's health check asks before sending it requests."""
+    store, _ = _context(request)
+    await run_in_threadpool(store.ping)
+    return {"status": "ok"}
 
 
 @metrics_router.get("/metrics", include_in_schema=False)

@@ -33,10 +33,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from talos.core.clock import Clock
 from talos.core.peer_record import PeerRecord
 from talos.registry.duplicates import Activity
 
-__all__ = ["Backend", "InstanceInfo", "LiveCounts", "SecurityEvent", "Transaction"]
+__all__ = ["Backend", "DrainShares", "InstanceInfo", "LiveCounts", "SecurityEvent", "Transaction"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +165,49 @@ class Transaction(Protocol):
         ...
 
 
+class DrainShares(Protocol):
+    """How many one-time prekeys each client address may take (:mod:`talos.registry.drain`).
+
+    Where the shares are kept is the backend's choice: one process may keep
+    them in memory; replicas sharing a database must share them too, or a
+    client reaching N replicas gets N shares.
+    """
+
+    def allow(self, client: str, agent: str, clock: Clock) -> bool:
+        """Take one of ``agent``'s one-time prekeys for ``client`` now, if its shares allow.
+
+        Raises:
+            StorageError: the database keeping the shares failed.
+        """
+        ...
+
+    def forget(self, client: str, agent: str) -> None:
+        """Drop the (client, agent) bucket: ``agent`` turned out to be unknown."""
+        ...
+
+
 class Backend(Protocol):
     """A database holding the registry's state (guarantees 1 to 4)."""
+
+    def ping(self) -> None:
+        """Check that the database answers now (one trivial transaction).
+
+        Raises:
+            StorageError: it does not.
+        """
+        ...
+
+    def drain_shares(self, per_agent: int) -> DrainShares:
+        """Where this backend keeps the one-time prekey shares of ``per_agent`` a minute."""
+        ...
+
+    def sweep(self, now_ms: int) -> int | None:
+        """Delete records expired at ``now_ms`` (and other state that expired); returns
+        how many records, or ``None`` when another process sweeps right now.
+
+        Never deletes what prevents replays: used prekeys and record sequences.
+        """
+        ...
 
     def transaction(self) -> AbstractContextManager[Transaction]:
         """One check-and-set transaction: committed when the block ends, rolled back

@@ -23,14 +23,26 @@ from __future__ import annotations
 import ipaddress
 from typing import Final
 
+from talos.core.clock import Clock
 from talos.core.ratelimit import RateLimiter
 
-__all__ = ["ONE_TIME_PREKEYS_PER_MINUTE", "PrekeyLimiter", "client_key"]
+__all__ = [
+    "ACROSS_AGENTS",
+    "ONE_TIME_PREKEYS_PER_MINUTE",
+    "REFILL_SECONDS",
+    "MemoryShares",
+    "PrekeyLimiter",
+    "client_key",
+]
 
 #: One-time prekeys of one agent that one client address may take per minute
 #: (and in a burst); the server hands out bundles without one past that. An
 #: agent opening sessions to many peers takes one prekey per peer.
 ONE_TIME_PREKEYS_PER_MINUTE: Final = 20
+#: A client's share across all agents, in shares of one agent (rule 2).
+ACROSS_AGENTS: Final = 10
+#: Seconds an empty bucket takes to be full again (both buckets refill in a minute).
+REFILL_SECONDS: Final = 60.0
 
 
 class PrekeyLimiter:
@@ -39,8 +51,9 @@ class PrekeyLimiter:
     """
 
     def __init__(self, per_agent: int) -> None:
-        self._pairs = RateLimiter(rate=per_agent / 60, burst=per_agent, max_keys=65_536)
-        self._clients = RateLimiter(rate=10 * per_agent / 60, burst=10 * per_agent, max_keys=16_384)
+        across = ACROSS_AGENTS * per_agent
+        self._pairs = RateLimiter(rate=per_agent / REFILL_SECONDS, burst=per_agent, max_keys=65_536)
+        self._clients = RateLimiter(rate=across / REFILL_SECONDS, burst=across, max_keys=16_384)
 
     def allow(self, client: str, agent: str, now: float) -> bool:
         """Take one of ``agent``'s one-time prekeys for ``client`` at ``now`` (seconds)."""
@@ -49,6 +62,22 @@ class PrekeyLimiter:
     def forget(self, client: str, agent: str) -> None:
         """Drop the (client, agent) bucket: ``agent`` turned out to be unknown."""
         self._pairs.forget((client, agent))
+
+
+class MemoryShares:
+    """Shares kept in this process (a :class:`~talos.registry.backend.DrainShares`):
+    right for one registry process, as over SQLite; timed by the monotonic clock."""
+
+    def __init__(self, per_agent: int) -> None:
+        self._limiter = PrekeyLimiter(per_agent)
+
+    def allow(self, client: str, agent: str, clock: Clock) -> bool:
+        """Take one of ``agent``'s one-time prekeys for ``client`` now, if its shares allow."""
+        return self._limiter.allow(client, agent, clock.monotonic())
+
+    def forget(self, client: str, agent: str) -> None:
+        """Drop the (client, agent) bucket: ``agent`` turned out to be unknown."""
+        self._limiter.forget(client, agent)
 
 
 def client_key(host: str) -> str:

@@ -151,9 +151,14 @@ class RegistryMetrics:
             "took its share of that agent's prekeys (drain protection).",
             registry=r,
         )
-        self.sqlite_errors = Counter(
-            "talos_registry_sqlite_errors",
-            "Database failures (answered 503, or a gauge that could not be read).",
+        self.db_errors = Counter(
+            "talos_registry_db_errors",
+            "Database failures (answered 503, a gauge that could not be read, a failed sweep).",
+            registry=r,
+        )
+        self.records_swept = Counter(
+            "talos_registry_records_swept",
+            "Expired peer records deleted by this replica's sweeps.",
             registry=r,
         )
         self.clients_dropped = Counter(
@@ -231,7 +236,7 @@ class RegistryMetrics:
             self.bundles_without_one_time_prekey.inc()
 
     def storage_failed(self) -> None:
-        self.sqlite_errors.inc()
+        self.db_errors.inc()
 
     def client_dropped(self, reason: str) -> None:
         """A slow client missed the ``reason`` deadline (one of :data:`DROP_REASONS`)."""

@@ -44,7 +44,15 @@ from talos.registry.admission import (
     admit_revocations,
     judge_merge,
 )
-from talos.registry.backend import Backend, InstanceInfo, LiveCounts, SecurityEvent, Transaction
+from talos.registry.backend import (
+    Backend,
+    DrainShares,
+    InstanceInfo,
+    LiveCounts,
+    SecurityEvent,
+    Transaction,
+)
+from talos.registry.database import is_database_url
 from talos.registry.drain import ONE_TIME_PREKEYS_PER_MINUTE
 from talos.registry.duplicates import Activity, duplicated, newly_overlapping
 from talos.registry.sqlite import SCHEMA_VERSION, SqliteBackend
@@ -95,14 +103,20 @@ class RegistryStore:
         self._backend = backend
 
     @classmethod
-    def open(cls, path: Path | str) -> RegistryStore:
-        """Open (creating if needed) the SQLite registry database at ``path``.
+    def open(cls, database: Path | str) -> RegistryStore:
+        """Open (creating or migrating if needed) the registry database: a SQLite file,
+        or a PostgreSQL database named by a ``postgresql://`` URL (a ``str``).
 
         Raises:
-            StoreCorrupted: the file is not a registry database.
-            StorageError: the file cannot be opened, or was written by a newer schema.
+            StoreCorrupted: the file or database is not a registry database.
+            StorageError: it cannot be opened or reached, or holds a newer schema.
         """
-        return cls(SqliteBackend.open(path))
+        if is_database_url(database):
+            # Imported here: only a registry on PostgreSQL pays for the driver.
+            from talos.registry.postgres import PostgresBackend
+
+            return cls(PostgresBackend.open(str(database)))
+        return cls(SqliteBackend.open(database))
 
     def close(self) -> None:
         self._backend.close()
@@ -117,6 +131,20 @@ class RegistryStore:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+    def ping(self) -> None:
+        """Raises: StorageError: the database cannot be reached now."""
+        self._backend.ping()
+
+    def drain_shares(self, per_agent: int) -> DrainShares:
+        """The one-time prekey shares of ``per_agent`` a minute, kept where the backend keeps
+        them (in memory for SQLite, in the database for PostgreSQL)."""
+        return self._backend.drain_shares(per_agent)
+
+    def sweep(self, *, now_ms: int) -> int | None:
+        """Delete records expired at ``now_ms``; how many, or ``None`` when another replica
+        sweeps. Used prekeys and record sequences (what prevents replays) stay."""
+        return self._backend.sweep(now_ms)
 
     # -- key logs ---------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ class RegistryProcess:
 
     child: ChildProcess
     url: str
-    db: Path
+    db: Path | str
     port: int
     #: The metrics endpoint's base URL, when started with ``--metrics-port``.
     metrics_url: str | None = None
@@ -94,7 +94,7 @@ class RegistryProcess:
 
 
 def start_registry(
-    db: Path,
+    db: Path | str,
     log: Path,
     *,
     port: int | None = None,

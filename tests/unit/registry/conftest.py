@@ -24,9 +24,19 @@ def bob(clock: FakeClock) -> Agent:
     return make_agent("bob", 12, clock)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a registry keeps its state: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return tmp_path / "registry.db"
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[RegistryStore]:
-    with RegistryStore.open(tmp_path / "registry.db") as opened:
+def store(database: Path | str) -> Iterator[RegistryStore]:
+    """A registry store on each backend in turn."""
+    with RegistryStore.open(database) as opened:
         yield opened
 
 

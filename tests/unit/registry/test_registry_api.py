@@ -292,7 +292,7 @@ async def test_prekey_limits_key_ipv6_clients_by_their_64_and_bound_them_across_
         async with httpx.AsyncClient(transport=asgi, base_url="http://registry") as http:
             unknown = agent_id_from_digest(b"\x07" * 32)
             assert (await http.get(f"/v1/agents/{unknown}/bundle")).status_code == 404
-        pairs = app.state.prekey_limiter._pairs._buckets  # noqa: SLF001 -- the table itself
+        pairs = app.state.prekey_limiter._limiter._pairs._buckets  # noqa: SLF001 -- the table itself
         assert ("192.0.2.9", unknown) not in pairs
         assert ("192.0.2.7", alice.agent_id) in pairs
 
@@ -387,3 +387,10 @@ async def test_fuzz_lookups_never_5xx(served: Served, agent: str, route: str) ->
         assert response.status_code < 500, response.text
         if response.status_code >= 400:
             error(response)
+
+
+async def test_health_answers_when_the_database_does(served: Served) -> None:
+    assert (await served.http.get("/health")).json() == {"status": "ok"}
+    served.store.close()
+    answer = await served.http.get("/health")
+    assert (answer.status_code, answer.json()["error"]) == (503, "StorageError")

@@ -79,7 +79,7 @@ async def test_gauges_are_read_at_scrape_time_and_nan_when_the_database_fails() 
     assert value(text, "talos_registry_duplicate_identities") == 1
     text = metrics.render()
     assert math.isnan(value(text, "talos_registry_live_agents"))
-    assert value(text, "talos_registry_sqlite_errors_total") == 1
+    assert value(text, "talos_registry_db_errors_total") == 1
     metrics.detach()
     assert value(metrics.render(), "talos_registry_live_agents") == 0
 
@@ -141,6 +141,6 @@ async def test_a_database_failure_is_counted(served: Served, alice: Agent) -> No
     answer = await served.http.get(f"/v1/agents/{alice.agent_id}/keylog")
     assert answer.status_code == 503
     text = (await served.http.get("/metrics")).text
-    assert value(text, "talos_registry_sqlite_errors_total") >= 2  # the request and the gauges
+    assert value(text, "talos_registry_db_errors_total") >= 2  # the request and the gauges
     labels = {"method": "GET", "route": "/v1/agents/{agent_id}/keylog", "status": "5xx"}
     assert value(text, "talos_registry_requests_total", **labels) == 1

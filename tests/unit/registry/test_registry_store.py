@@ -144,9 +144,10 @@ def test_concurrent_takes_never_share_a_prekey(store: RegistryStore, alice: Agen
     assert taken.count(None) == 10
 
 
-def test_two_store_handles_on_one_file_share_the_pool(tmp_path: Path, alice: Agent) -> None:
-    path = tmp_path / "shared.db"
-    with RegistryStore.open(path) as one, RegistryStore.open(path) as two:
+def test_two_store_handles_on_one_database_share_the_pool(
+    database: Path | str, alice: Agent
+) -> None:
+    with RegistryStore.open(database) as one, RegistryStore.open(database) as two:
         one.put_keylog(alice.identity.keylog, now_ms=NOW_MS)
         one.put_prekeys(alice.upload(2), now_ms=NOW_MS)
         ids = [s.take_bundle(alice.agent_id) for s in (one, two, one)]

@@ -23,7 +23,8 @@ from typing import Final
 
 from talos.core.peer_record import PeerRecord
 from talos.errors import StorageError, StoreCorrupted
-from talos.registry.backend import InstanceInfo, LiveCounts, SecurityEvent
+from talos.registry.backend import DrainShares, InstanceInfo, LiveCounts, SecurityEvent
+from talos.registry.drain import MemoryShares
 from talos.registry.duplicates import Activity
 from talos.registry.sqlite.schema import MIGRATIONS, SCHEMA_VERSION, TABLES
 
@@ -128,6 +129,39 @@ class SqliteBackend:
             except sqlite3.Error as exc:
                 self._rollback()
                 raise self._failure(exc) from exc
+
+    def ping(self) -> None:
+        """Raises: StorageError: the file cannot take a write lock now."""
+        with self.transaction():
+            pass
+
+    def drain_shares(self, per_agent: int) -> DrainShares:
+        """Shares in memory: one process serves the file (a second one gets its own)."""
+        return MemoryShares(per_agent)
+
+    def sweep(self, now_ms: int) -> int | None:
+        """Delete expired records; used prekeys and record sequences stay."""
+        with self.transaction() as tx:
+            return tx.sweep(now_ms)
+
+    def count_rows(self, table: str) -> int:
+        """Rows of ``table`` (one of the schema's), for ``talos registry port-db``."""
+        with self._lock:
+            return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
+
+    def table_rows(self, table: str, columns: tuple[str, ...]) -> Iterator[tuple[object, ...]]:
+        """Every row of ``table`` (one of the schema's), in storage order, for port-db.
+
+        Reads in one snapshot; hold no transaction of this backend meanwhile.
+        """
+        query = f"SELECT {', '.join(columns)} FROM {table} ORDER BY rowid"  # noqa: S608
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for row in self._db.execute(query):
+                    yield tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+            finally:
+                self._db.execute("ROLLBACK")
 
     def _failure(self, exc: sqlite3.Error) -> StorageError:
         return StorageError(f"registry database {self._path}: {exc}")
@@ -301,6 +335,12 @@ class SqliteTransaction:
             )
             for r in rows
         ]
+
+    # -- housekeeping
+
+    def sweep(self, now_ms: int) -> int:
+        """Delete every record expired at ``now_ms``; returns how many."""
+        return self._db.execute("DELETE FROM records WHERE expires_ms <= ?", (now_ms,)).rowcount
 
     def _blob(self, query: str, *args: object) -> bytes | None:
         row = self._db.execute(query, args).fetchone()
