@@ -184,8 +184,11 @@ class AgentHome:
         rotation can leave the public log one event behind the key file: that
         log is completed from the key file here. A public log that is *newer*
         than the key file, or another agent's, names keys whose secrets this
-        home does not hold: never repaired, only refused. A home without one
-        gets one.
+        home does not hold: never repaired, only refused. A *missing* one is
+        left alone: no crash removes it, so its absence is lost state, which
+        the agent's start-up guard decides (``talos.storage.lost_state``: a
+        home whose watermark records a key log is refused; an older home
+        without a watermark gets one written from the key file).
 
         Raises:
             StoreCorrupted: naming the public key log, hinting at ``talos recover``.
@@ -196,9 +199,9 @@ class AgentHome:
         except StoreCorrupted as exc:
             exc.hint = RECOVER_HINT
             raise
-        if public is not None and public.events == keylog.events:
+        if public is None or public.events == keylog.events:
             return
-        if public is not None and keylog.events[: len(public.events)] != public.events:
+        if keylog.events[: len(public.events)] != public.events:
             error = StoreCorrupted(
                 f"public key log {self.keylog_path} does not match the key file "
                 f"{self.identity_path}",
