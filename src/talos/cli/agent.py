@@ -26,6 +26,8 @@ from rich.table import Table
 from talos.cli.context import CliContext
 from talos.cli.control import MAX_INBOX_LIMIT, MAX_RETRY_COUNT, MAX_SEND_TIMEOUT, call
 from talos.cli.options import INT64_MAX, BoundedFloat, BoundedInt, parse_json_text, unicode_text
+from talos.core.message import encode_payload
+from talos.errors import LocalProtocolError
 
 __all__ = ["inbox", "peers", "send", "status"]
 
@@ -89,6 +91,10 @@ def send(
             request["json"] = parse_json_text(text)
         except ValueError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="TEXT") from None
+        try:
+            encode_payload(request["json"])  # e.g. a JSON string holding a lone surrogate
+        except LocalProtocolError as exc:
+            raise click.BadParameter(str(exc), param_hint="TEXT") from None
     else:
         request["text"] = text
     answer = call(ctx.home, request, timeout=timeout + ANSWER_MARGIN)

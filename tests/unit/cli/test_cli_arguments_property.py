@@ -226,6 +226,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, st
         _option("--on-failure", st.sampled_from(["queue", "raise"])),
     )
 )
+@example(['"\\ud800"', "--json"])
 @example(["NaN", "--json"])
 @example(['{"a": [1e300, "\\ud800", -0.0, 123456789012345678901234567890]}', "--json"])
 @example(["\x1b[2J\u202e\x00", "--timeout", "nan"])
