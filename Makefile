@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck imports pytest alerts faketime bench clean
+.PHONY: demo test lint typecheck imports pytest alerts faketime anvil bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ alerts:
 faketime:
 	bash .ci/install-faketime.sh
 
-pytest: $(STAMP) faketime
+# The anchoring tests run a real local chain (anvil) and compile the contract
+# with solcjs, both from npm into .tools/ (installed when missing).
+anvil:
+	bash .ci/install-anvil.sh
+
+pytest: $(STAMP) faketime anvil
 	$(BIN)/pytest -n 2 -q
 
 bench: $(STAMP)
