@@ -8,7 +8,7 @@
 # Debian's nodejs and npm are installed with apt-get only when node or npm is missing.
 # Install scripts are not run (--ignore-scripts): anvil's postinstall only
 # fetches the binary again when the optional dependency was skipped.
-# The versions are pinned here; tests/unit/audit/test_anchor_contract.py compiles
+# The versions are pinned here; tests/integration/test_anchor_contract.py compiles
 # the contract with this exact solc.
 set -euo pipefail
 
