@@ -223,5 +223,6 @@ def start_anvil(
     except TimeoutError:
         stop_all([child])
         raise ChildFailed(f"anvil did not listen within {ready} s:\n{child.log_tail(40)}") from None
+    assert found is not None  # noqa: S101 -- wait_until returns only a truthy value
     bound = int(found.group(2))
     return AnvilProcess(child, f"http://127.0.0.1:{bound}", bound, state)
