@@ -12,6 +12,7 @@ from typing import Final
 
 import talos.errors
 from talos.errors import (
+    AnchoringError,
     BackupInvalid,
     CapabilityDenied,
     IdentityExists,
@@ -21,10 +22,13 @@ from talos.errors import (
     WrongPassphrase,
 )
 
-__all__ = ["EXIT_CODES", "EXIT_DENIED", "exit_code_for", "exit_code_for_name"]
+__all__ = ["EXIT_ANCHORING", "EXIT_CODES", "EXIT_DENIED", "exit_code_for", "exit_code_for_name"]
 
 #: Exit status of a capability that does not authorize the action.
 EXIT_DENIED: Final = 6
+
+#: Exit status of an anchoring failure: chain unreachable, transaction refused, bad wallet key.
+EXIT_ANCHORING: Final = 7
 
 #: Exit status per error family; the first matching class wins.
 EXIT_CODES: tuple[tuple[type[TalosError], int], ...] = (
@@ -34,6 +38,7 @@ EXIT_CODES: tuple[tuple[type[TalosError], int], ...] = (
     (WrongPassphrase, 5),
     (BackupInvalid, 5),
     (CapabilityDenied, EXIT_DENIED),
+    (AnchoringError, EXIT_ANCHORING),
     (TalosError, 1),
 )
 
