@@ -105,6 +105,13 @@ EVENTS: Final = frozenset(
         "dht_datagram_refused",
         "registry_reachable",
         "message_lost",
+        # anchoring the audit log on a chain
+        "anchor_submitted",
+        "anchor_replaced",
+        "anchor_reorged",
+        "anchor_final",
+        "anchor_failed",
+        "anchor_recovered",
         # the registry
         "keylog_fork",
         "revocation_forked",

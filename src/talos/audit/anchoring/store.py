@@ -1,0 +1,134 @@
+"""Where anchors are kept: a database in the agent's LMDB environment, beside the audit log.
+
+Keeping them in the log's environment (opened with
+``extra_databases=(DATABASE,)``) makes two writes atomic that must be:
+
+* an anchor is saved (durably) **before** its transaction is broadcast, with
+  the wallet's next nonce, so a restart rebroadcasts the very same signed
+  transaction and never signs another one with that nonce;
+* an anchor becoming final and its ``AUDIT_ANCHORED`` audit entry are one
+  transaction (:meth:`talos.audit.AuditLog.append_with`): no final anchor
+  without its entry, no entry twice.
+
+Rows (keys are ASCII tags, values canonical CBOR maps):
+
+* ``c``: the anchor in flight (``pending`` or ``included``), if any;
+* ``n``: the next nonce this log's wallet may use (u64);
+* ``f`` + u64 tree size: each final anchor (sizes only grow).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import cbor2
+
+from talos.audit.log import AuditLog
+from talos.audit.records import AuditRecord
+from talos.core.anchoring import Anchor, AnchorState
+from talos.errors import MalformedFrame, StoreCorrupted
+from talos.storage.lmdb import read_u64, u64
+
+__all__ = ["DATABASE", "AnchorStore"]
+
+#: The extra database to open the audit log with.
+DATABASE: Final = "anchors"
+
+_CURRENT: Final = b"c"
+_NONCE: Final = b"n"
+_FINAL: Final = b"f"
+
+
+def _decode(raw: bytes, where: str) -> Anchor:
+    try:
+        return Anchor.from_map(cbor2.loads(raw))
+    except (MalformedFrame, cbor2.CBORDecodeError, ValueError) as exc:
+        raise StoreCorrupted(
+            f"anchor store, {where}: {exc}", where=f"anchors/{where}", what=str(exc)
+        ) from None
+
+
+def _encode(anchor: Anchor) -> bytes:
+    return bytes(cbor2.dumps(anchor.to_map(), canonical=True))
+
+
+class AnchorStore:
+    """The anchors of one log. Writes are durable before they return."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self._log = log
+        self._db: Any = log.database(DATABASE)
+
+    def current(self) -> Anchor | None:
+        """The anchor in flight, if any.
+
+        Raises:
+            StoreCorrupted: the stored record does not decode.
+        """
+        with self._log.snapshot() as txn:
+            raw = txn.get(_CURRENT, db=self._db)
+        return None if raw is None else _decode(bytes(raw), "anchor in flight")
+
+    def next_nonce(self) -> int:
+        """The lowest nonce a new anchor may use (0 before any)."""
+        with self._log.snapshot() as txn:
+            raw = txn.get(_NONCE, db=self._db)
+        return 0 if raw is None else read_u64(bytes(raw))
+
+    def finals(self) -> list[Anchor]:
+        """Every final anchor, by growing tree size."""
+        found = []
+        with self._log.snapshot() as txn:
+            cursor = txn.cursor(db=self._db)
+            if cursor.set_range(_FINAL):
+                for key, raw in cursor:
+                    if not bytes(key).startswith(_FINAL):
+                        break
+                    found.append(_decode(bytes(raw), f"final anchor {bytes(key).hex()}"))
+        return found
+
+    def last_final(self) -> Anchor | None:
+        finals = self.finals()
+        return finals[-1] if finals else None
+
+    def save(self, anchor: Anchor) -> None:
+        """Persist ``anchor`` as the one in flight and reserve its nonce (durably).
+
+        Raises:
+            ValueError: ``anchor`` is final (use :meth:`finish`).
+            StorageError: LMDB failed.
+        """
+        if anchor.state is AnchorState.FINAL:
+            raise ValueError("a final anchor is recorded with finish()")
+
+        def apply(txn: Any) -> None:
+            raw = txn.get(_NONCE, db=self._db)
+            floor = 0 if raw is None else read_u64(bytes(raw))
+            txn.put(_NONCE, u64(max(floor, anchor.nonce + 1)), db=self._db)
+            txn.put(_CURRENT, _encode(anchor), db=self._db)
+
+        self._log.append_with([], apply)
+
+    def drop(self) -> None:
+        """Forget the anchor in flight (reverted, or its nonce taken); its nonce stays used."""
+
+        def apply(txn: Any) -> None:
+            txn.delete(_CURRENT, db=self._db)
+
+        self._log.append_with([], apply)
+
+    def finish(self, anchor: Anchor, record: AuditRecord) -> int:
+        """Record ``anchor`` as final together with its audit entry; the entry's sequence number.
+
+        Raises:
+            ValueError: ``anchor`` is not final.
+            AuditFull, StorageError: nothing was written.
+        """
+        if anchor.state is not AnchorState.FINAL:
+            raise ValueError("only a final anchor is finished")
+
+        def apply(txn: Any) -> None:
+            txn.delete(_CURRENT, db=self._db)
+            txn.put(_FINAL + u64(anchor.tree_size), _encode(anchor), db=self._db)
+
+        return self._log.append_with([record], apply)[0]
