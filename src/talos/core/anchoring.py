@@ -276,7 +276,7 @@ class Schedule:
         return replace(self, last_start=now)
 
     def succeeded(self, now: float, *, in_flight: bool) -> Schedule:
-        """A step that worked: poll soon while an anchor is in flight, else wait for the next start."""
+        """A step that worked: poll while an anchor is in flight, else wait for the next start."""
         if in_flight:
             wait = self.poll
         elif self.last_start is None:
