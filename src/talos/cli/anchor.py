@@ -71,8 +71,6 @@ def anchor() -> None:
 def deploy_command(rpc_url: str, key_file: Path) -> None:
     """Deploy the TalosAnchor contract; print its address on the last line."""
     modules = anchoring_modules()
-    from eth_utils.address import to_checksum_address
-
     wallet = modules.wallet.load_wallet(key_file, wallet_passphrase)
     chain = modules.chain.Chain(rpc_url)
     try:
@@ -80,4 +78,4 @@ def deploy_command(rpc_url: str, key_file: Path) -> None:
     finally:
         chain.close()
     click.echo(f"chain id {done.chain_id}, block {done.block_number}, tx 0x{done.tx_hash.hex()}")
-    click.echo(to_checksum_address(done.address))
+    click.echo(done.address)

@@ -23,10 +23,11 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import httpx
+from eth_utils.address import is_address, to_checksum_address
 
 from talos.errors import AnchorRejected, ChainUnavailable, ConfigurationError
 
-__all__ = ["Block", "Chain", "Fees", "NonceTooLow", "Receipt", "RpcError"]
+__all__ = ["Block", "Chain", "Fees", "NonceTooLow", "Receipt", "RpcError", "check_address"]
 
 #: Seconds one JSON-RPC call may take.
 DEFAULT_TIMEOUT: Final = 10.0
@@ -122,6 +123,19 @@ def data(value: Any, method: str, size: int | None = None) -> bytes:
     if size is not None and len(raw) != size:
         raise _garbage(method, f"{len(raw)} bytes where {size} were expected")
     return raw
+
+
+def check_address(text: str) -> str:
+    """``text`` as a checksummed address, if it is a 20-byte hex address.
+
+    A mixed-case address must carry a valid EIP-55 checksum.
+
+    Raises:
+        ConfigurationError: anything else.
+    """
+    if not isinstance(text, str) or not text.startswith("0x") or not is_address(text):
+        raise ConfigurationError(f"{text!r} is not an Ethereum address (0x and 40 hex digits)")
+    return str(to_checksum_address(text))
 
 
 def check_url(url: str) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from talos.audit.anchoring.chain import Chain, Receipt
+from talos.audit.anchoring.chain import Chain, Receipt, check_address
 from talos.audit.anchoring.contract import artifact
 from talos.audit.anchoring.wallet import Wallet
 from talos.errors import AnchorRejected, ChainUnavailable
@@ -76,4 +76,5 @@ def deploy(chain: Chain, wallet: Wallet, *, timeout: float = DEPLOY_TIMEOUT) -> 
     receipt = wait_for_receipt(chain, signed.tx_hash, timeout)
     if not receipt.succeeded or receipt.contract_address is None:
         raise AnchorRejected(f"the deployment 0x{signed.tx_hash.hex()} reverted")
-    return Deployment(receipt.contract_address, signed.tx_hash, receipt.block_number, chain_id)
+    address = check_address(receipt.contract_address)
+    return Deployment(address, signed.tx_hash, receipt.block_number, chain_id)

@@ -31,7 +31,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from talos.audit.anchoring.chain import Chain, RpcError
+from talos.audit.anchoring.chain import Chain, RpcError, check_address
 from talos.audit.anchoring.contract import anchor_calldata, artifact, log_id
 from talos.audit.anchoring.store import AnchorStore
 from talos.audit.anchoring.wallet import Wallet
@@ -100,7 +100,7 @@ class Anchorer:
         self._store = AnchorStore(log)
         self._chain = chain
         self._wallet = wallet
-        self._contract = contract
+        self._contract = check_address(contract)
         self.schedule = schedule
         self._finality = finality
         self._clock = clock
@@ -268,9 +268,8 @@ class Anchorer:
     # -- starting an anchor ------------------------------------------------------------
 
     def _maybe_start(self, now: float) -> Anchor | None:
-        final = self._store.last_final()
-        final_size = 0 if final is None else final.tree_size
-        if not self.schedule.may_start(now) or not wants_anchor(self._log.size, final_size, None):
+        covered = self._store.covered()
+        if not self.schedule.may_start(now) or not wants_anchor(self._log.size, covered, None):
             return None
         checkpoint = self._log.checkpoint()
         nonce = max(self._chain.nonce(self._wallet.address, "pending"), self._store.next_nonce())
@@ -337,9 +336,7 @@ class Anchorer:
         if self._metrics is None:
             return
         try:
-            final = self._store.last_final()
+            covered = self._store.covered()
         except TalosError:
             return
-        self._metrics.set_audit_anchor_lag(
-            self._log.size - (0 if final is None else final.tree_size)
-        )
+        self._metrics.set_audit_anchor_lag(max(0, self._log.size - covered))

@@ -14,7 +14,10 @@ Rows (keys are ASCII tags, values canonical CBOR maps):
 
 * ``c``: the anchor in flight (``pending`` or ``included``), if any;
 * ``n``: the next nonce this log's wallet may use (u64);
-* ``f`` + u64 tree size: each final anchor (sizes only grow).
+* ``f`` + u64 tree size: each final anchor (sizes only grow);
+* ``q``: the log size just after the last ``AUDIT_ANCHORED`` entry: a log
+  that grew only by that entry has nothing new to anchor (written just after
+  the final anchor; a crash in between costs one extra anchor, nothing more).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ DATABASE: Final = "anchors"
 _CURRENT: Final = b"c"
 _NONCE: Final = b"n"
 _FINAL: Final = b"f"
+_QUIET: Final = b"q"
 
 
 def _decode(raw: bytes, where: str) -> Anchor:
@@ -87,6 +91,14 @@ class AnchorStore:
                     found.append(_decode(bytes(raw), f"final anchor {bytes(key).hex()}"))
         return found
 
+    def covered(self) -> int:
+        """The log size needing no new anchor: the last final anchor's, or just past its entry."""
+        with self._log.snapshot() as txn:
+            raw = txn.get(_QUIET, db=self._db)
+        final = self.last_final()
+        quiet = 0 if raw is None else read_u64(bytes(raw))
+        return max(quiet, 0 if final is None else final.tree_size)
+
     def last_final(self) -> Anchor | None:
         finals = self.finals()
         return finals[-1] if finals else None
@@ -131,4 +143,10 @@ class AnchorStore:
             txn.delete(_CURRENT, db=self._db)
             txn.put(_FINAL + u64(anchor.tree_size), _encode(anchor), db=self._db)
 
-        return self._log.append_with([record], apply)[0]
+        seq = self._log.append_with([record], apply)[0]
+
+        def quiet(txn: Any) -> None:
+            txn.put(_QUIET, u64(seq + 1), db=self._db)
+
+        self._log.append_with([], quiet)
+        return seq
