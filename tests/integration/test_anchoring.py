@@ -7,6 +7,7 @@ Each test calls :meth:`Anchorer.step` itself, as ``run()`` would.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from talos.errors import AnchorRejected, ChainUnavailable
 from talos.metrics import AgentMetrics
 from talos.testing import FakeClock, SeededRng
 from talos.testing.chain import DEV_KEYS, AnvilProcess, start_anvil
+from talos.testing.waiting import wait_until
 
 INTERVAL = 600.0
 
@@ -316,3 +318,50 @@ def test_an_unfunded_wallet_is_a_failure_and_nothing_is_broadcast(rig: Rig, tmp_
     assert isinstance(anchorer.last.error, AnchorRejected)
     assert "funds" in str(anchorer.last.error).lower()
     assert rig.failures() == 1
+
+
+def test_finality_defaults_to_the_chain_s_finalized_block(tmp_path: Path) -> None:
+    # anvil's finalized block trails the head by two epochs: two blocks with one-slot epochs.
+    anvil = start_anvil(tmp_path / "anvil.log", extra=["--slots-in-an-epoch", "1"])
+    clock = FakeClock()
+    chain = Chain(anvil.url)
+    log = _open_log(tmp_path / "audit", clock)
+    try:
+        wallet = _wallet(tmp_path)
+        contract = deploy(chain, wallet).address
+        log.append("MESSAGE_SENT", {"n": 1})
+        anchorer = Anchorer(
+            log,
+            chain,
+            wallet,
+            contract,
+            schedule=Schedule(interval=INTERVAL, poll=1.0),
+            finality=Finality(),
+            clock=clock,
+            rng=SeededRng(1),
+        )
+        anchorer.step()
+        anchorer.step()
+        assert anchorer.last.outcome is Outcome.INCLUDED
+        anvil.mine(1)
+        anchorer.step()
+        assert anchorer.last.outcome is Outcome.INCLUDED  # 2 confirmations, not finalized yet
+        anvil.mine(1)
+        anchorer.step()
+        assert anchorer.last.outcome is Outcome.FINAL
+    finally:
+        log.close()
+        chain.close()
+        anvil.stop()
+
+
+@pytest.mark.asyncio
+async def test_run_anchors_until_stopped(rig: Rig) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(rig.anchorer.run(stop))
+    try:
+        await asyncio.to_thread(wait_until, rig.anchorer.store.current, 10.0, what="anchored")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10.0)
+    assert rig.anchorer.last.error is None
