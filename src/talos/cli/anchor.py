@@ -20,12 +20,10 @@ from typing import Any
 
 import click
 
+from talos.audit.anchoring.settings import PASSPHRASE_ENV
 from talos.errors import ConfigurationError
 
-__all__ = ["PASSPHRASE_ENV", "anchor", "anchoring_modules", "wallet_passphrase"]
-
-#: Where the anchoring keystore's passphrase comes from (else a prompt on a terminal).
-PASSPHRASE_ENV = "TALOS_ANCHOR_PASSPHRASE"  # noqa: S105 -- a variable name, not a secret
+__all__ = ["anchor", "anchoring_modules", "wallet_passphrase"]
 
 
 def wallet_passphrase() -> str | None:

@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import cbor2
 
+from talos.audit.anchoring.settings import DATABASES
 from talos.audit.log import AuditLog
 from talos.audit.records import AuditRecord
 from talos.core.anchoring import Anchor, AnchorState
@@ -34,8 +35,8 @@ from talos.storage.lmdb import read_u64, u64
 
 __all__ = ["DATABASE", "AnchorStore"]
 
-#: The extra database to open the audit log with.
-DATABASE: Final = "anchors"
+#: The extra database to open the audit log with (``settings.DATABASES``).
+DATABASE: Final = DATABASES[0]
 
 _CURRENT: Final = b"c"
 _NONCE: Final = b"n"

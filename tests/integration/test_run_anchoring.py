@@ -1,0 +1,49 @@
+"""``talos run --anchor-*``: a running agent anchors its audit log on a real anvil."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from talos.testing.chain import DEV_KEYS, AnvilProcess
+from talos.testing.cli import TalosCli
+from talos.testing.processes import launched
+from talos.testing.waiting import wait_until
+
+CLI = TalosCli()
+
+
+def _anchored(home: Path) -> list[dict[str, object]]:
+    out = CLI.ok(home, "audit", "query", "--type", "AUDIT_ANCHORED", "--json")
+    found: list[dict[str, object]] = json.loads(out)
+    return found
+
+
+def test_a_running_agent_anchors_its_log(anvil: AnvilProcess, tmp_path: Path) -> None:
+    key_file = tmp_path / "wallet.hex"
+    key_file.write_text(DEV_KEYS[2])
+    deployed = CLI.ok(None, "anchor", "deploy", "--rpc", anvil.url, "--key-file", str(key_file))
+    contract = deployed.strip().splitlines()[-1]
+    home = tmp_path / "anchored"
+    agent_id = CLI.ok(home, "init", "--name", "anchored").strip().splitlines()[-1]
+    # One entry before the agent runs, so there is something to anchor.
+    CLI.ok(home, "capabilities", "grant", "--to", agent_id, "--action", "message.send",
+           "--expires-in", "1h")  # fmt: skip
+    args = ["--offline", "--anchor-rpc", anvil.url, "--anchor-contract", contract,
+            "--anchor-key-file", str(key_file), "--anchor-interval", "0.5",
+            "--anchor-confirmations", "2"]  # fmt: skip
+    with launched() as launcher:
+        agent = launcher.agent(home, *args)
+        anvil.mine(1)  # the anchor's own block is confirmation 1: one more makes it final
+        wait_until(lambda: _anchored(home) or anvil.mine(1), 30.0, what="anchored")
+        assert agent.stop() == 0
+    [entry] = _anchored(home)
+    assert entry["data"]["size"] >= 1  # type: ignore[index]
+    assert entry["data"]["chain"] == 31337  # type: ignore[index]
+
+
+def test_anchor_options_go_together(tmp_path: Path) -> None:
+    home = tmp_path / "partial"
+    CLI.ok(home, "init", "--name", "partial")
+    result = CLI.fails(home, 2, "run", "--anchor-rpc", "http://127.0.0.1:1")
+    assert "go together" in result.stderr
