@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from eth_account import Account
 
 from talos.audit import AuditLog, LogSigner
 from talos.audit.anchoring.chain import Chain
 from talos.audit.anchoring.contract import log_id
 from talos.audit.anchoring.deploy import deploy
 from talos.audit.anchoring.driver import Anchorer
+from talos.audit.anchoring.eth import Account
 from talos.audit.anchoring.store import DATABASE
 from talos.audit.anchoring.wallet import Wallet, load_wallet
 from talos.core.anchoring import AnchorState, Finality, Outcome, Schedule

@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from eth_account import Account
 
 from talos.audit.anchoring.contract import artifact
+from talos.audit.anchoring.eth import Account
 from talos.cli.exit_codes import EXIT_ANCHORING
 from talos.testing.chain import DEV_KEYS, AnvilProcess
 from talos.testing.cli import TalosCli

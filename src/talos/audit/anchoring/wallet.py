@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
-
+from talos.audit.anchoring.eth import Account, LocalAccount
 from talos.errors import AnchorKeyInvalid, WrongPassphrase
 
 __all__ = ["SignedTx", "Wallet", "load_wallet"]
