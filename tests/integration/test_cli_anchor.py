@@ -14,7 +14,7 @@ from talos.audit.anchoring.contract import artifact
 from talos.audit.anchoring.eth import Account
 from talos.cli.exit_codes import EXIT_ANCHORING
 from talos.testing.chain import DEV_KEYS, AnvilProcess
-from talos.testing.cli import TalosCli
+from talos.testing.cli import CliResult, TalosCli
 from talos.testing.processes import free_port
 
 CLI = TalosCli()
@@ -24,6 +24,10 @@ def _hex_key_file(tmp_path: Path, key: str = DEV_KEYS[0]) -> Path:
     path = tmp_path / "wallet.hex"
     path.write_text(key + "\n")
     return path
+
+
+def _deploy_fails(code: int, url: str, key_file: str) -> CliResult:
+    return CLI.fails(None, code, "anchor", "deploy", "--rpc", url, "--key-file", key_file)
 
 
 def _runtime_code(anvil: AnvilProcess, address: str) -> bytes:
@@ -58,16 +62,7 @@ def test_deploy_with_an_encrypted_keystore(anvil: AnvilProcess, tmp_path: Path) 
 
 def test_unreachable_rpc_is_a_clean_error(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    result = CLI.fails(
-        None,
-        EXIT_ANCHORING,
-        "anchor",
-        "deploy",
-        "--rpc",
-        url,
-        "--key-file",
-        str(_hex_key_file(tmp_path)),
-    )
+    result = _deploy_fails(EXIT_ANCHORING, url, str(_hex_key_file(tmp_path)))
     assert "ChainUnavailable" in result.stderr
     assert "unreachable" in result.stderr
     assert DEV_KEYS[0][2:] not in result.stderr
@@ -76,34 +71,14 @@ def test_unreachable_rpc_is_a_clean_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("key", ["", "not a key", "0x" + "00" * 32, '{"crypto": 5}', "{nope"])
 def test_bad_key_files_are_clean_errors(tmp_path: Path, key: str) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    result = CLI.fails(
-        None,
-        EXIT_ANCHORING,
-        "anchor",
-        "deploy",
-        "--rpc",
-        url,
-        "--key-file",
-        str(_hex_key_file(tmp_path, key)),
-    )
+    result = _deploy_fails(EXIT_ANCHORING, url, str(_hex_key_file(tmp_path, key)))
     assert "AnchorKeyInvalid" in result.stderr
 
 
 def test_missing_key_file_and_bad_url(tmp_path: Path) -> None:
-    gone = CLI.fails(
-        None,
-        EXIT_ANCHORING,
-        "anchor",
-        "deploy",
-        "--rpc",
-        "http://127.0.0.1:1",
-        "--key-file",
-        str(tmp_path / "none"),
-    )
+    gone = _deploy_fails(EXIT_ANCHORING, "http://127.0.0.1:1", str(tmp_path / "none"))
     assert "cannot read key file" in gone.stderr
-    bad = CLI.fails(
-        None, 1, "anchor", "deploy", "--rpc", "ftp://x", "--key-file", str(_hex_key_file(tmp_path))
-    )
+    bad = _deploy_fails(1, "ftp://x", str(_hex_key_file(tmp_path)))
     assert "is not an http" in bad.stderr
 
 
@@ -139,29 +114,15 @@ def garbage_url(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def test_an_rpc_answering_garbage_is_a_clean_error(garbage_url: str, tmp_path: Path) -> None:
-    result = CLI.fails(
-        None,
-        EXIT_ANCHORING,
-        "anchor",
-        "deploy",
-        "--rpc",
-        garbage_url,
-        "--key-file",
-        str(_hex_key_file(tmp_path)),
-    )
+    result = _deploy_fails(EXIT_ANCHORING, garbage_url, str(_hex_key_file(tmp_path)))
     assert "not Ethereum JSON-RPC" in result.stderr
 
 
 def test_an_unfunded_wallet_is_refused(anvil: AnvilProcess, tmp_path: Path) -> None:
     poor = Account.create()
-    result = CLI.fails(
-        None,
+    result = _deploy_fails(
         EXIT_ANCHORING,
-        "anchor",
-        "deploy",
-        "--rpc",
         anvil.url,
-        "--key-file",
         str(_hex_key_file(tmp_path, poor.key.hex())),
     )
     assert "AnchorRejected" in result.stderr or "RpcError" in result.stderr
