@@ -19,6 +19,15 @@ def _anchored(home: Path) -> list[dict[str, object]]:
     return found
 
 
+def _anchors(home: Path) -> list[dict[str, object]]:
+    found: list[dict[str, object]] = json.loads(CLI.ok(home, "audit", "anchors", "--json"))
+    return found
+
+
+def _final(home: Path) -> list[dict[str, object]]:
+    return [row for row in _anchors(home) if row["state"] == "final"]
+
+
 def test_a_running_agent_anchors_its_log(anvil: AnvilProcess, tmp_path: Path) -> None:
     key_file = tmp_path / "wallet.hex"
     key_file.write_text(DEV_KEYS[2])
@@ -32,14 +41,22 @@ def test_a_running_agent_anchors_its_log(anvil: AnvilProcess, tmp_path: Path) ->
     args = ["--offline", "--anchor-rpc", anvil.url, "--anchor-contract", contract,
             "--anchor-key-file", str(key_file), "--anchor-interval", "0.5",
             "--anchor-confirmations", "2"]  # fmt: skip
+    assert _anchors(home) == []  # never anchored: the log has no anchors database yet
     with launched() as launcher:
         agent = launcher.agent(home, *args)
         anvil.mine(1)  # the anchor's own block is confirmation 1: one more makes it final
-        wait_until(lambda: _anchored(home) or anvil.mine(1), 30.0, what="anchored")
+        # `audit anchors` and `audit query` read the log while the agent writes it.
+        wait_until(lambda: _final(home) or anvil.mine(1), 30.0, what="anchored")
+        wait_until(lambda: _anchored(home), 10.0, what="AUDIT_ANCHORED")
         assert agent.stop() == 0
     [entry] = _anchored(home)
-    assert entry["data"]["size"] >= 1  # type: ignore[index]
+    [final] = _final(home)
+    assert entry["data"]["size"] == final["tree_size"]  # type: ignore[index]
     assert entry["data"]["chain"] == 31337  # type: ignore[index]
+    assert entry["data"]["tx"] == final["tx"]  # type: ignore[index]
+    table = CLI.ok(home, "audit", "anchors")
+    assert "final" in table
+    assert str(final["tx"])[:12] in table
 
 
 def test_anchor_options_go_together(tmp_path: Path) -> None:

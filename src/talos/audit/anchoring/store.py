@@ -22,6 +22,7 @@ Rows (keys are ASCII tags, values canonical CBOR maps):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Final
 
 import cbor2
@@ -30,10 +31,11 @@ from talos.audit.anchoring.settings import DATABASES
 from talos.audit.log import AuditLog
 from talos.audit.records import AuditRecord
 from talos.core.anchoring import Anchor, AnchorState
-from talos.errors import MalformedFrame, StoreCorrupted
+from talos.core.clock import Clock
+from talos.errors import MalformedFrame, StorageError, StoreCorrupted
 from talos.storage.lmdb import read_u64, u64
 
-__all__ = ["DATABASE", "AnchorStore"]
+__all__ = ["DATABASE", "AnchorStore", "read_anchors"]
 
 #: The extra database to open the audit log with (``settings.DATABASES``).
 DATABASE: Final = DATABASES[0]
@@ -151,3 +153,24 @@ class AnchorStore:
 
         self._log.append_with([], quiet)
         return seq
+
+
+def read_anchors(path: Path, *, clock: Clock) -> tuple[list[Anchor], Anchor | None]:
+    """The final anchors and the one in flight of the log in ``path``, read-only.
+
+    Works beside the agent that writes the log. A log that never anchored
+    (its environment has no anchors database) has none.
+
+    Raises:
+        StorageError: no log at ``path``, or it cannot be read;
+            ``StoreCorrupted`` when a stored anchor does not decode.
+    """
+    try:
+        log = AuditLog.open(path, readonly=True, clock=clock, extra_databases=(DATABASE,))
+    except StorageError:
+        # Raises the log's own problem if it has one; else it never anchored.
+        with AuditLog.open(path, readonly=True, clock=clock):
+            return [], None
+    with log:
+        store = AnchorStore(log)
+        return store.finals(), store.current()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import click
 
+from talos.cli.audit.anchors import anchors_command
 from talos.cli.audit.backups import backup_command, restore_command
 from talos.cli.audit.chain import verify_chain_command
 from talos.cli.audit.export import export
@@ -51,5 +52,6 @@ for _command in (
     verify_proof,
     backup_command,
     restore_command,
+    anchors_command,
 ):
     audit.add_command(_command)
