@@ -52,7 +52,7 @@ from talos.core.anchoring import (
 from talos.core.audit.entry import AuditKind
 from talos.core.clock import Clock
 from talos.core.rng import Rng
-from talos.errors import AnchorRejected, TalosError
+from talos.errors import AnchoringError, AnchorRejected, TalosError
 
 __all__ = ["AnchorMetrics", "Anchorer", "StepReport"]
 
@@ -132,6 +132,10 @@ class Anchorer:
         except TalosError as error:
             self._failed(error, now)
             self.last = StepReport(outcome, None, error)
+        except Exception as unexpected:  # a bug must not end anchoring for good
+            wrapped = AnchoringError(f"unexpected {type(unexpected).__name__}: {unexpected}")
+            self._failed(wrapped, now, unexpected)
+            self.last = StepReport(outcome, None, wrapped)
         else:
             if self.schedule.failures:
                 _log.info(
@@ -315,12 +319,13 @@ class Anchorer:
 
     # -- failures and the lag ----------------------------------------------------------
 
-    def _failed(self, error: TalosError, now: float) -> None:
+    def _failed(self, error: TalosError, now: float, bug: Exception | None = None) -> None:
         self.schedule = self.schedule.failed(now, self._rng)
         if self._metrics is not None:
             self._metrics.audit_anchor_attempted(succeeded=False)
         cause = error.message if isinstance(error, RpcError) else str(error)
-        _log.warning(
+        _log.log(
+            logging.WARNING if bug is None else logging.ERROR,
             "anchoring failed (%s): %s; next try in %.1f s",
             type(error).__name__,
             cause,
@@ -330,6 +335,7 @@ class Anchorer:
                 "reason": type(error).__name__,
                 "failures": self.schedule.failures,
             },
+            exc_info=bug,
         )
 
     def _report_lag(self) -> None:
