@@ -48,4 +48,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.audit
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis
