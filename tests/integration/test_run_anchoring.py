@@ -64,3 +64,14 @@ def test_anchor_options_go_together(tmp_path: Path) -> None:
     CLI.ok(home, "init", "--name", "partial")
     result = CLI.fails(home, 2, "run", "--anchor-rpc", "http://127.0.0.1:1")
     assert "go together" in result.stderr
+
+
+def test_a_bad_anchor_key_file_stops_the_start_cleanly(tmp_path: Path) -> None:
+    home = tmp_path / "badkey"
+    CLI.ok(home, "init", "--name", "badkey")
+    key_file = tmp_path / "not-a-key"
+    key_file.write_text("hello")
+    result = CLI.fails(home, 7, "run", "--offline", "--anchor-rpc", "http://127.0.0.1:1",
+                       "--anchor-contract", "0x" + "ab" * 20,
+                       "--anchor-key-file", str(key_file))  # fmt: skip
+    assert "AnchorKeyInvalid" in result.stderr
