@@ -252,6 +252,11 @@ class ConsistencyError(VerificationError):
 class AnchorMismatch(VerificationError):
     """A root anchored externally differs from the local one."""
 
+    hint = (
+        "the chain holds a root this log did not have: a split view or a rewritten log; "
+        "keep the log and the chain's evidence, run `talos audit verify-chain`"
+    )
+
 
 # -- delivery ---------------------------------------------------------------
 

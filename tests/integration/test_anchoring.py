@@ -22,10 +22,11 @@ from talos.audit.anchoring.deploy import deploy
 from talos.audit.anchoring.driver import Anchorer
 from talos.audit.anchoring.eth import Account
 from talos.audit.anchoring.store import DATABASE
+from talos.audit.anchoring.verify import verify_anchors
 from talos.audit.anchoring.wallet import Wallet, load_wallet
 from talos.core.anchoring import AnchorState, Finality, Outcome, Schedule
 from talos.core.crypto import SigningKey
-from talos.errors import AnchorRejected, ChainUnavailable
+from talos.errors import AnchorMismatch, AnchorRejected, ChainUnavailable
 from talos.metrics import AgentMetrics
 from talos.testing import FakeClock, SeededRng
 from talos.testing.chain import DEV_KEYS, AnvilProcess, start_anvil
@@ -365,3 +366,42 @@ async def test_run_anchors_until_stopped(rig: Rig) -> None:
         stop.set()
         await asyncio.wait_for(task, 10.0)
     assert rig.anchorer.last.error is None
+
+
+def _finalize(rig: Rig) -> None:
+    rig.anchorer.step()
+    rig.anvil.mine(3)
+    rig.anchorer.step()
+    assert rig.anchorer.last.outcome is Outcome.FINAL
+
+
+def test_verify_anchors_accepts_the_log_s_own_anchors(rig: Rig) -> None:
+    _finalize(rig)
+    [check] = verify_anchors(rig.log, rig.chain)
+    assert check.verdict == "ok"
+    assert check.submitter == rig.wallet.address
+    assert (check.tree_size, check.root) == (4, rig.log.root_at(4))
+
+
+def test_verify_anchors_finds_a_split_view_by_the_log_s_wallet(rig: Rig) -> None:
+    _finalize(rig)
+    # The same wallet anchors another root for a size the log has: a split view.
+    other = _anchorer(rig.log, rig.chain, rig.wallet, rig.contract, rig.clock, rig.metrics)
+    other._check_chain()
+    forged = other._sign(3, b"\x66" * 32, rig.chain.nonce(rig.wallet.address), rig.chain.fees())
+    rig.chain.send_raw(forged.raw)
+    with pytest.raises(AnchorMismatch, match="size 3"):
+        verify_anchors(rig.log, rig.chain)
+
+
+def test_verify_anchors_lists_but_does_not_hold_other_wallets_anchors(
+    rig: Rig, tmp_path: Path
+) -> None:
+    _finalize(rig)
+    stranger = _wallet(tmp_path, DEV_KEYS[1])
+    other = _anchorer(rig.log, rig.chain, stranger, rig.contract, rig.clock, rig.metrics)
+    other._check_chain()
+    forged = other._sign(3, b"\x66" * 32, rig.chain.nonce(stranger.address), rig.chain.fees())
+    rig.chain.send_raw(forged.raw)
+    checks = verify_anchors(rig.log, rig.chain)
+    assert [c.verdict for c in checks] == ["ok", "foreign"]

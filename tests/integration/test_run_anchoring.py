@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from talos.cli.exit_codes import EXIT_ANCHOR_MISMATCH, exit_code_for_name
 from talos.testing.chain import DEV_KEYS, AnvilProcess
 from talos.testing.cli import TalosCli
 from talos.testing.processes import launched
@@ -57,6 +58,12 @@ def test_a_running_agent_anchors_its_log(anvil: AnvilProcess, tmp_path: Path) ->
     table = CLI.ok(home, "audit", "anchors")
     assert "final" in table
     assert str(final["tx"])[:12] in table
+    checked = CLI.ok(home, "audit", "verify-anchors", "--rpc", anvil.url)
+    assert checked.strip().splitlines()[-1].startswith("1 anchors match the log")
+    [check] = json.loads(CLI.ok(home, "audit", "verify-anchors", "--rpc", anvil.url, "--json"))
+    assert check["verdict"] == "ok"
+    assert check["tx"] == final["tx"]
+    assert exit_code_for_name("AnchorMismatch") == EXIT_ANCHOR_MISMATCH == 8
 
 
 def test_anchor_options_go_together(tmp_path: Path) -> None:

@@ -27,7 +27,16 @@ from eth_utils.address import is_address, to_checksum_address
 
 from talos.errors import AnchorRejected, ChainUnavailable, ConfigurationError
 
-__all__ = ["Block", "Chain", "Fees", "NonceTooLow", "Receipt", "RpcError", "check_address"]
+__all__ = [
+    "Block",
+    "Chain",
+    "EventLog",
+    "Fees",
+    "NonceTooLow",
+    "Receipt",
+    "RpcError",
+    "check_address",
+]
 
 #: Seconds one JSON-RPC call may take.
 DEFAULT_TIMEOUT: Final = 10.0
@@ -70,6 +79,18 @@ class Receipt:
     succeeded: bool
     contract_address: str | None
     gas_used: int
+
+
+@dataclass(frozen=True)
+class EventLog:
+    """One event log entry (``eth_getLogs``)."""
+
+    address: str
+    topics: tuple[bytes, ...]
+    data: bytes
+    block_number: int
+    block_hash: bytes
+    tx_hash: bytes
 
 
 @dataclass(frozen=True)
@@ -254,6 +275,31 @@ class Chain:
             created,
             quantity(found.get("gasUsed"), method),
         )
+
+    def logs(self, query: dict[str, Any]) -> list[EventLog]:
+        """``eth_getLogs`` for ``query`` (address, topics, fromBlock or blockHash), decoded."""
+        method = "eth_getLogs"
+        found = self.call(method, [query])
+        if not isinstance(found, list):
+            raise _garbage(method, "logs that are not a list")
+        logs = []
+        for item in found:
+            if not isinstance(item, dict) or not isinstance(item.get("topics"), list):
+                raise _garbage(method, "a malformed log")
+            address = item.get("address")
+            if not isinstance(address, str) or not is_address(address):
+                raise _garbage(method, "a log without an address")
+            logs.append(
+                EventLog(
+                    check_address(address),
+                    tuple(data(topic, method, 32) for topic in item["topics"]),
+                    data(item.get("data"), method),
+                    quantity(item.get("blockNumber"), method),
+                    data(item.get("blockHash"), method, 32),
+                    data(item.get("transactionHash"), method, 32),
+                )
+            )
+        return logs
 
     def fees(self) -> Fees:
         """Fees for a transaction now: EIP-1559 (twice the base fee plus the tip) or legacy."""

@@ -17,11 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from talos.audit.anchoring.store import read_anchors
-from talos.cli.audit.options import existing_log, json_option, log_option
+from talos.cli.audit.options import existing_log, json_option, log_option, reading
 from talos.cli.context import CliContext
 from talos.core.anchoring import Anchor
+from talos.errors import ConfigurationError
 
-__all__ = ["anchors_command", "anchor_json"]
+__all__ = ["anchor_json", "anchors_command", "verify_anchors_command"]
 
 
 def anchor_json(anchor: Anchor) -> dict[str, Any]:
@@ -60,3 +61,43 @@ def anchors_command(ctx: CliContext, as_json: bool, log: Path | None) -> None:
             row["state"], str(row["tree_size"]), row["root"], row["tx"], block, str(row["nonce"])
         )
     Console(highlight=False, width=200).print(table)
+
+
+@click.command("verify-anchors")
+@click.option(
+    "--rpc", "rpc_url", required=True, help="JSON-RPC URL of the chain the log anchors on."
+)
+@json_option
+@log_option
+@click.pass_obj
+def verify_anchors_command(ctx: CliContext, rpc_url: str, as_json: bool, log: Path | None) -> None:
+    """Check every anchor of this log on the chain against the log (exit 8 on a mismatch).
+
+    Starts from the log's AUDIT_ANCHORED entries (needs the talos[anchor] extra).
+    """
+    try:
+        from talos.audit.anchoring.chain import Chain
+        from talos.audit.anchoring.verify import verify_anchors
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"verify-anchors needs the talos[anchor] extra (pip install 'talos[anchor]'): {exc}"
+        ) from None
+    chain = Chain(rpc_url)
+    try:
+        with reading(ctx, log) as opened:
+            checks = verify_anchors(opened, chain)
+    finally:
+        chain.close()
+    if as_json:
+        click.echo(json.dumps([check.to_json() for check in checks], sort_keys=True))
+        return
+    if not checks:
+        click.echo("no anchors on this chain (no AUDIT_ANCHORED entry names it)")
+        return
+    for check in checks:
+        click.echo(
+            f"{check.verdict:8} size {check.tree_size} root {check.root.hex()} "
+            f"block {check.block_number} tx 0x{check.tx_hash.hex()} by {check.submitter}"
+        )
+    ok = sum(check.verdict == "ok" for check in checks)
+    click.echo(f"{ok} anchors match the log; {len(checks) - ok} by other wallets ignored")
