@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck imports pytest alerts faketime postgres bench soak clean
+.PHONY: demo test lint typecheck imports pytest alerts faketime postgres anvil bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,12 @@ faketime:
 postgres:
 	bash .ci/install-postgres.sh
 
-pytest: $(STAMP) faketime postgres
+# The anchoring tests run a real local chain (anvil) and compile the contract
+# with solcjs, both from npm into .tools/ (installed when missing).
+anvil:
+	bash .ci/install-anvil.sh
+
+pytest: $(STAMP) faketime postgres anvil
 	$(BIN)/pytest -n 2 -q
 
 # The long kill -9 soak (docs/soak.md): 10,000 messages both ways through ten kills of each agent.
@@ -54,4 +59,4 @@ bench: $(STAMP) postgres
 	$(BIN)/python -m benchmarks.registry
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from talos.testing import FakeClock, SeededRng
+from talos.testing.chain import AnvilProcess, start_anvil
 from talos.testing.postgres import PostgresCluster, find_binaries
 
 #: Test vectors live beside the checkout, never inside it.
@@ -46,3 +47,13 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
 def postgres_url(postgres_cluster: PostgresCluster) -> str:
     """A fresh, empty database of the session's cluster."""
     return postgres_cluster.create_database()
+
+
+@pytest.fixture
+def anvil(tmp_path: Path) -> Iterator[AnvilProcess]:
+    """A real anvil on a random loopback port, stopped after the test."""
+    node = start_anvil(tmp_path / "anvil.log")
+    try:
+        yield node
+    finally:
+        node.stop()

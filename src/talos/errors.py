@@ -51,6 +51,9 @@ The tree::
     │   ├── PeerNotFound
     │   └── RegistryUnavailable
     ├── AnchoringError
+    │   ├── ChainUnavailable        the RPC endpoint is unreachable or answers garbage
+    │   ├── AnchorRejected          the chain refused or reverted the transaction
+    │   └── AnchorKeyInvalid        the wallet's key file is not a key
     └── SessionError
 
 The library raises these and stays quiet; the CLI prints ``diagnostics()``,
@@ -271,6 +274,11 @@ class ConsistencyError(VerificationError):
 class AnchorMismatch(VerificationError):
     """A root anchored externally differs from the local one."""
 
+    hint = (
+        "the chain holds a root this log did not have: a split view or a rewritten log; "
+        "keep the log and the chain's evidence, run `talos audit verify-chain`"
+    )
+
 
 # -- delivery ---------------------------------------------------------------
 
@@ -385,6 +393,26 @@ class RegistryUnavailable(DiscoveryError):
 
 class AnchoringError(TalosError):
     """An audit checkpoint could not be anchored."""
+
+    hint = "check the RPC URL, the contract address and the anchoring wallet's funds"
+
+
+class ChainUnavailable(AnchoringError):
+    """The chain's RPC endpoint did not answer, timed out, or answered something else."""
+
+    hint = "check that the --rpc URL is an Ethereum JSON-RPC endpoint and that it is reachable"
+
+
+class AnchorRejected(AnchoringError):
+    """The chain refused or reverted an anchoring transaction (funds, nonce, contract)."""
+
+    hint = "check the anchoring wallet's balance and that the contract address is TalosAnchor"
+
+
+class AnchorKeyInvalid(AnchoringError):
+    """The anchoring wallet's key file is unreadable or neither a keystore nor a hex key."""
+
+    hint = "give an Ethereum keystore (JSON) or a file holding one hex private key"
 
 
 class SessionError(TalosError):

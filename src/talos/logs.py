@@ -112,6 +112,13 @@ EVENTS: Final = frozenset(
         "key_rotated",
         "peer_key_rotated",
         "peer_key_log_refused",
+        # anchoring the audit log on a chain
+        "anchor_submitted",
+        "anchor_replaced",
+        "anchor_reorged",
+        "anchor_final",
+        "anchor_failed",
+        "anchor_recovered",
         # the registry
         "keylog_fork",
         "revocation_forked",

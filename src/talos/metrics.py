@@ -234,6 +234,11 @@ class AgentMetrics:
         self.audit_anchor_failures = Counter(
             "talos_audit_anchor_failures", "Audit anchoring attempts that failed.", registry=r
         )
+        self.audit_anchor_lag = Gauge(
+            "talos_audit_anchor_lag_entries",
+            "Audit entries not yet covered by a final anchor.",
+            registry=r,
+        )
 
         # -- security events ---------------------------------------------------
         self.signature_failures = Counter(
@@ -396,6 +401,9 @@ class AgentMetrics:
         self.audit_anchor_attempts.inc()
         if not succeeded:
             self.audit_anchor_failures.inc()
+
+    def set_audit_anchor_lag(self, entries: int) -> None:
+        self.audit_anchor_lag.set(entries)
 
     # -- security events --------------------------------------------------------
 

@@ -109,6 +109,31 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
     default=None,
     help="Serve Prometheus metrics on this port (0: any).",
 )
+@click.option(
+    "--anchor-rpc", default=None, help="Anchor audit checkpoints through this JSON-RPC URL."
+)
+@click.option(
+    "--anchor-contract", default=None, help="The TalosAnchor address (talos anchor deploy)."
+)
+@click.option(
+    "--anchor-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The anchoring wallet: a keystore ($TALOS_ANCHOR_PASSPHRASE) or a hex key (dev chains).",
+)
+@click.option(
+    "--anchor-interval",
+    type=BoundedFloat(0.05, 7 * 86400),
+    default=600.0,
+    show_default=True,
+    help="Seconds between anchors (none when the log did not grow).",
+)
+@click.option(
+    "--anchor-confirmations",
+    type=BoundedInt(1, 10_000),
+    default=None,
+    help="Blocks that make an anchor final (default: the chain's finalized block).",
+)
 @click.option("--log-level", type=click.Choice(_LEVELS), default="info", show_default=True)
 @log_format_option
 @key_passphrase_option
@@ -126,6 +151,11 @@ def run(
     dht_port: int | None,
     dht_bootstrap: list[tuple[str, int]],
     metrics_port: int | None,
+    anchor_rpc: str | None,
+    anchor_contract: str | None,
+    anchor_key_file: Path | None,
+    anchor_interval: float,
+    anchor_confirmations: int | None,
     log_level: str,
     log_format: LogFormat,
     key_passphrase_file: Path | None,
@@ -151,6 +181,9 @@ def run(
     passphrase = None
     if home.needs_passphrase():
         passphrase = existing_passphrase(key_passphrase_file, KEY_ENV, "Key")
+    anchor = _anchor_settings(
+        anchor_rpc, anchor_contract, anchor_key_file, anchor_interval, anchor_confirmations
+    )
     path = control_path(home.path)
     configure_logging(level=log_level, fmt=log_format)
     home.ensure()
@@ -172,8 +205,29 @@ def run(
             "passphrase": passphrase,
             "clock": ctx.clock,
             "rng": ctx.rng,
+            "anchor": anchor,
         }
         asyncio.run(_daemon(name or home.path.name, options, path))
+
+
+def _anchor_settings(
+    rpc: str | None,
+    contract: str | None,
+    key_file: Path | None,
+    interval: float,
+    confirmations: int | None,
+) -> dict[str, Any] | None:
+    """``anchor={...}`` from the --anchor-* options; None without them.
+
+    Raises:
+        click.UsageError: some of --anchor-rpc, --anchor-contract, --anchor-key-file but not all.
+    """
+    given = {"rpc": rpc, "contract": contract, "key_file": key_file}
+    if all(value is None for value in given.values()):
+        return None
+    if any(value is None for value in given.values()):
+        raise click.UsageError("--anchor-rpc, --anchor-contract and --anchor-key-file go together")
+    return {**given, "interval": interval, "confirmations": confirmations}
 
 
 async def _daemon(name: str, options: dict[str, Any], path: Path) -> None:

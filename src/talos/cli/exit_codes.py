@@ -12,6 +12,8 @@ from typing import Final
 
 import talos.errors
 from talos.errors import (
+    AnchoringError,
+    AnchorMismatch,
     BackupInvalid,
     CapabilityDenied,
     IdentityExists,
@@ -21,10 +23,23 @@ from talos.errors import (
     WrongPassphrase,
 )
 
-__all__ = ["EXIT_CODES", "EXIT_DENIED", "exit_code_for", "exit_code_for_name"]
+__all__ = [
+    "EXIT_ANCHORING",
+    "EXIT_ANCHOR_MISMATCH",
+    "EXIT_CODES",
+    "EXIT_DENIED",
+    "exit_code_for",
+    "exit_code_for_name",
+]
 
 #: Exit status of a capability that does not authorize the action.
 EXIT_DENIED: Final = 6
+
+#: Exit status of an anchoring failure: chain unreachable, transaction refused, bad wallet key.
+EXIT_ANCHORING: Final = 7
+
+#: Exit status of an anchor on chain that the local log contradicts (split view, rewrite).
+EXIT_ANCHOR_MISMATCH: Final = 8
 
 #: Exit status per error family; the first matching class wins.
 EXIT_CODES: tuple[tuple[type[TalosError], int], ...] = (
@@ -34,6 +49,8 @@ EXIT_CODES: tuple[tuple[type[TalosError], int], ...] = (
     (WrongPassphrase, 5),
     (BackupInvalid, 5),
     (CapabilityDenied, EXIT_DENIED),
+    (AnchoringError, EXIT_ANCHORING),
+    (AnchorMismatch, EXIT_ANCHOR_MISMATCH),
     (TalosError, 1),
 )
 

@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 
 from talos.cli.agent import inbox, peers, send, status
+from talos.cli.anchor import anchor
 from talos.cli.audit import audit
 from talos.cli.backup import backup, recover
 from talos.cli.capabilities import capabilities
@@ -66,6 +67,7 @@ cli.add_command(backup)
 cli.add_command(recover)
 cli.add_command(capabilities)
 cli.add_command(audit)
+cli.add_command(anchor)
 cli.add_command(registry)
 cli.add_command(diagnose)
 for command in (run, send, inbox, peers, status):

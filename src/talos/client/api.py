@@ -29,6 +29,8 @@ from types import TracebackType
 from typing import Any, Literal
 
 from talos.audit import AuditLog
+from talos.audit.anchoring.settings import DATABASES as ANCHOR_DATABASES
+from talos.audit.anchoring.settings import start_anchoring
 from talos.audit.head_check import refuse_damaged_head
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
@@ -115,6 +117,7 @@ class TalosClient:
         passphrase: bytes | None = None,
         clock: Clock = SYSTEM_CLOCK,
         rng: Rng = SYSTEM_RNG,
+        anchor: dict[str, Any] | None = None,
     ) -> _Creating:
         """Open (or create) the agent in ``home`` and start it.
 
@@ -129,6 +132,10 @@ class TalosClient:
         With ``metrics_port`` (0: any) Prometheus metrics are served at
         ``/metrics``; :attr:`metrics` is always there. Every timer and
         deadline runs on ``clock``; every id and key comes from ``rng``.
+        With ``anchor`` (``rpc``, ``contract``, ``key_file``, optional
+        ``interval``, ``confirmations``, ``poll``, ``passphrase``) the audit
+        log's checkpoints are anchored on that chain
+        (:mod:`talos.audit.anchoring.settings`, docs/design/anchoring.md).
 
         Raises:
             ConfigurationError: an invalid option.
@@ -175,6 +182,7 @@ class TalosClient:
         self._peers: PeerDirectory
         self._parts: Parts | None = None
         self._rotator: Rotator
+        self._anchoring: Any = None
 
     async def _open(self) -> None:
         config, clock, rng = self._config, self._clock, self._rng
@@ -185,7 +193,7 @@ class TalosClient:
             self._home.audit_path,
             clock=clock,
             signer=audit_signer(identity),
-            extra_databases=AgentState.DATABASES,
+            extra_databases=AgentState.DATABASES + (ANCHOR_DATABASES if config.anchor else ()),
             **config.audit.open_arguments(),
         )
         # Cheap (O(log n)) start-up check; the full scan is `talos audit verify-chain`.
@@ -237,6 +245,10 @@ class TalosClient:
             rng=rng,
             announce=self._announce_if_published,
         )
+        if config.anchor is not None:
+            self._anchoring = start_anchoring(
+                config.anchor, self._log, clock=clock, rng=rng, metrics=self.metrics
+            )
         host, port = await self._transport.listen(*config.listen)
         announced_host, announced_port = config.announce
         host = announced_host or host
@@ -354,6 +366,8 @@ class TalosClient:
             await self._discovery.close()
         if self._tokens is not None:
             self._tokens.close()
+        if self._anchoring is not None:
+            await self._anchoring.stop()  # its step in progress uses the log
         if self._log is not None:
             self._log.close()
         self.metrics.close()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from talos.audit.anchoring.settings import AnchorSettings
 from talos.audit.config import AuditConfig
 from talos.core.backoff import Backoff
 from talos.core.clock import Clock
@@ -47,6 +48,8 @@ class ClientConfig:
     metrics_port: int | None
     clock: Clock
     rng: Rng
+    #: Anchoring on a chain (``anchor={...}``), or None.
+    anchor: AnchorSettings | None = None
 
     @classmethod
     def from_options(
@@ -72,6 +75,7 @@ class ClientConfig:
         passphrase: bytes | None,
         clock: Clock,
         rng: Rng,
+        anchor: dict[str, Any] | None = None,
     ) -> ClientConfig:
         """Check the options of :meth:`TalosClient.create`.
 
@@ -110,6 +114,7 @@ class ClientConfig:
             metrics_port=metrics_port,
             clock=clock,
             rng=rng,
+            anchor=AnchorSettings.from_mapping(anchor),
         )
 
 

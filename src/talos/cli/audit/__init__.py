@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import click
 
+from talos.cli.audit.anchors import anchors_command, verify_anchors_command
 from talos.cli.audit.backups import backup_command, restore_command
 from talos.cli.audit.chain import verify_chain_command
 from talos.cli.audit.export import export
@@ -54,5 +55,7 @@ for _command in (
     backup_command,
     restore_command,
     accept_lost_state,
+    anchors_command,
+    verify_anchors_command,
 ):
     audit.add_command(_command)

@@ -102,6 +102,8 @@ class AuditKind(StrEnum):
     ANCHOR_SUBMITTED = "ANCHOR_SUBMITTED"
     ANCHOR_CONFIRMED = "ANCHOR_CONFIRMED"
     ANCHOR_FAILED = "ANCHOR_FAILED"
+    #: A checkpoint's anchor became final on chain (talos.audit.anchoring).
+    AUDIT_ANCHORED = "AUDIT_ANCHORED"
     LOG_RESTORED = "LOG_RESTORED"
 
 

@@ -1,0 +1,348 @@
+"""The anchoring driver: one agent's anchors, moved along by looking at the chain.
+
+:class:`Anchorer` applies the rules of :mod:`talos.core.anchoring` to the
+chain (:class:`~talos.audit.anchoring.chain.Chain`), the store
+(:class:`~talos.audit.anchoring.store.AnchorStore`) and the log. Each
+:meth:`Anchorer.step` is one round, blocking (run it in a worker thread):
+
+1. the anchor in flight, if any, is looked up on chain (receipts of each of
+   its broadcasts, the head, the ``finalized`` block, the wallet's nonce) and
+   moved on: rebroadcast while pending ("already known" is success), replaced
+   with higher fees when pending longer than ``replace_after``, recorded with
+   its ``AUDIT_ANCHORED`` entry once final, back to pending after a reorg;
+2. with none in flight, the newest signed checkpoint is anchored if the log
+   grew past the last final anchor and the interval since the last start has
+   passed: signed, **saved, then broadcast**.
+
+A failure of any kind (the RPC is down, times out or answers garbage; the
+transaction is refused or reverts; the store fails) never reaches the
+caller: it is counted (``talos_audit_anchor_failures_total``), logged
+(``anchor_failed`` with the cause), and the next step is scheduled after an
+exponential, jittered backoff capped at the interval. Local audit and
+messaging go on untouched. :meth:`Anchorer.run` loops over the steps until
+told to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from talos.audit.anchoring.chain import Chain, RpcError, check_address
+from talos.audit.anchoring.contract import anchor_calldata, artifact, log_id
+from talos.audit.anchoring.store import AnchorStore
+from talos.audit.anchoring.wallet import Wallet
+from talos.audit.log import AuditLog
+from talos.audit.records import AuditRecord
+from talos.core.anchoring import (
+    Anchor,
+    AnchorState,
+    Broadcast,
+    Finality,
+    Inclusion,
+    Observation,
+    Outcome,
+    Schedule,
+    follow,
+    wants_anchor,
+)
+from talos.core.audit.entry import AuditKind
+from talos.core.clock import Clock
+from talos.core.rng import Rng
+from talos.errors import AnchoringError, AnchorRejected, TalosError
+
+__all__ = ["AnchorMetrics", "Anchorer", "StepReport"]
+
+_log = logging.getLogger("talos.audit.anchoring")
+
+#: Gas allowance over the node's estimate.
+_GAS_MARGIN: Final = 1.25
+
+
+class AnchorMetrics(Protocol):
+    """What the driver reports (:class:`talos.metrics.AgentMetrics` implements it)."""
+
+    def audit_anchor_attempted(self, *, succeeded: bool) -> None: ...
+
+    def set_audit_anchor_lag(self, entries: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What the last step saw, for tests and ``status``."""
+
+    outcome: Outcome | None
+    in_flight: Anchor | None
+    error: TalosError | None
+
+
+class Anchorer:
+    """Anchors ``log``'s checkpoints through ``contract`` on ``chain``, paid by ``wallet``."""
+
+    def __init__(
+        self,
+        log: AuditLog,
+        chain: Chain,
+        wallet: Wallet,
+        contract: str,
+        *,
+        schedule: Schedule,
+        finality: Finality,
+        clock: Clock,
+        rng: Rng,
+        replace_after: float | None = None,
+        metrics: AnchorMetrics | None = None,
+    ) -> None:
+        self._log = log
+        self._store = AnchorStore(log)
+        self._chain = chain
+        self._wallet = wallet
+        self._contract = check_address(contract)
+        self.schedule = schedule
+        self._finality = finality
+        self._clock = clock
+        self._rng = rng
+        self._replace_after = schedule.interval if replace_after is None else replace_after
+        self._metrics = metrics
+        self._chain_id: int | None = None
+        self._sent_at: float | None = None
+        self._name: bytes | None = None
+        self.last = StepReport(None, None, None)
+
+    @property
+    def store(self) -> AnchorStore:
+        return self._store
+
+    # -- one round ---------------------------------------------------------------------
+
+    def step(self) -> float:
+        """One round (see the module docstring); the monotonic time the next one is due."""
+        now = self._clock.monotonic()
+        outcome: Outcome | None = None
+        try:
+            self._check_chain()
+            anchor = self._store.current()
+            if anchor is not None:
+                anchor, outcome = self._follow(anchor, now)
+            if anchor is None:
+                anchor = self._maybe_start(now)
+        except TalosError as error:
+            self._failed(error, now)
+            self.last = StepReport(outcome, None, error)
+        except Exception as unexpected:  # a bug must not end anchoring for good
+            wrapped = AnchoringError(f"unexpected {type(unexpected).__name__}: {unexpected}")
+            self._failed(wrapped, now, unexpected)
+            self.last = StepReport(outcome, None, wrapped)
+        else:
+            if self.schedule.failures:
+                _log.info(
+                    "anchoring works again after %d failed attempts",
+                    self.schedule.failures,
+                    extra={"event": "anchor_recovered", "failures": self.schedule.failures},
+                )
+            self.schedule = self.schedule.succeeded(now, in_flight=anchor is not None)
+            self.last = StepReport(outcome, anchor, None)
+        self._report_lag()
+        return self.schedule.next_at
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Step until ``stop`` is set, waiting between steps as the schedule says."""
+        while not stop.is_set():
+            next_at = await asyncio.to_thread(self.step)
+            delay = max(0.0, next_at - self._clock.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    # -- the chain and the contract ----------------------------------------------------
+
+    def _check_chain(self) -> None:
+        """Once: the chain id, and that ``contract`` holds TalosAnchor's code."""
+        if self._chain_id is not None:
+            return
+        chain_id = self._chain.chain_id()
+        code = self._chain.code(self._contract)
+        if not code or not artifact().bytecode.endswith(code):
+            raise AnchorRejected(f"{self._contract} does not hold the TalosAnchor contract")
+        self._chain_id = chain_id
+
+    def _observe(self, anchor: Anchor) -> Observation:
+        head = self._chain.block_number()
+        finalized = None
+        if self._finality.confirmations is None:
+            block = self._chain.block("finalized")
+            finalized = None if block is None else block.number
+        inclusion, reverted = self._receipts(anchor)
+        nonce_used = False
+        if inclusion is None and not reverted:
+            if self._chain.nonce(self._wallet.address, "latest") > anchor.nonce:
+                # Mined between the two looks? Look once more before calling it lost.
+                inclusion, reverted = self._receipts(anchor)
+                nonce_used = inclusion is None and not reverted
+        return Observation(inclusion, reverted, head, finalized, nonce_used)
+
+    def _receipts(self, anchor: Anchor) -> tuple[Inclusion | None, bool]:
+        for broadcast in reversed(anchor.broadcasts):
+            receipt = self._chain.receipt(broadcast.tx_hash)
+            if receipt is not None:
+                if not receipt.succeeded:
+                    return None, True
+                return Inclusion(receipt.tx_hash, receipt.block_number, receipt.block_hash), False
+        return None, False
+
+    # -- following the anchor in flight ------------------------------------------------
+
+    def _follow(self, anchor: Anchor, now: float) -> tuple[Anchor | None, Outcome]:
+        moved, outcome = follow(anchor, self._observe(anchor), self._finality)
+        if outcome is Outcome.FINAL:
+            self._finish(moved)
+            return None, outcome
+        if outcome in (Outcome.REVERTED, Outcome.LOST):
+            self._store.drop()
+            self._sent_at = None
+            what = "reverted" if outcome is Outcome.REVERTED else "lost its nonce to another one"
+            raise AnchorRejected(f"the anchor of size {anchor.tree_size} {what}")
+        if moved != anchor:
+            self._store.save(moved)
+        if outcome is Outcome.REORGED:
+            _log.warning(
+                "the anchor of size %d left its block (reorg); now %s",
+                moved.tree_size,
+                moved.state.value,
+                extra={"event": "anchor_reorged", "tree_size": moved.tree_size},
+            )
+        if moved.state is AnchorState.PENDING:
+            moved = self._push(moved, now)
+        return moved, outcome
+
+    def _push(self, anchor: Anchor, now: float) -> Anchor:
+        """Broadcast a pending anchor again, replacing it with higher fees when it waited long."""
+        if self._sent_at is None:
+            self._sent_at = now
+        elif now - self._sent_at >= self._replace_after:
+            anchor = self._replace(anchor)
+            self._sent_at = now
+        self._chain.send_raw(anchor.latest.raw)
+        return anchor
+
+    def _replace(self, anchor: Anchor) -> Anchor:
+        latest = anchor.latest
+        fees = self._chain.fees()
+        old = type(fees)(latest.max_fee, latest.priority_fee, fees.eip1559)
+        offered = fees.at_least(old.raised())
+        replacement = self._sign(anchor.tree_size, anchor.root, anchor.nonce, offered)
+        anchor = anchor.with_broadcast(replacement)
+        self._store.save(anchor)  # before the broadcast, as every version
+        _log.info(
+            "anchor of size %d replaced with higher fees",
+            anchor.tree_size,
+            extra={"event": "anchor_replaced", "tree_size": anchor.tree_size},
+        )
+        return anchor
+
+    def _finish(self, anchor: Anchor) -> None:
+        found = anchor.inclusion
+        assert found is not None  # noqa: S101 -- follow() sets it on FINAL
+        data: dict[str, Any] = {
+            "chain": self._chain_id,
+            "contract": bytes.fromhex(self._contract[2:]),
+            "tx": found.tx_hash,
+            "block": found.block_number,
+            "block_hash": found.block_hash,
+            "size": anchor.tree_size,
+            "root": anchor.root,
+        }
+        seq = self._store.finish(anchor, AuditRecord(AuditKind.AUDIT_ANCHORED, data))
+        self._sent_at = None
+        _log.info(
+            "audit log anchored at size %d (block %d)",
+            anchor.tree_size,
+            found.block_number,
+            extra={
+                "event": "anchor_final",
+                "tree_size": anchor.tree_size,
+                "block": found.block_number,
+                "tx": found.tx_hash,
+                "entry": seq,
+            },
+        )
+
+    # -- starting an anchor ------------------------------------------------------------
+
+    def _maybe_start(self, now: float) -> Anchor | None:
+        covered = self._store.covered()
+        if not self.schedule.may_start(now) or not wants_anchor(self._log.size, covered, None):
+            return None
+        checkpoint = self._log.checkpoint()
+        nonce = max(self._chain.nonce(self._wallet.address, "pending"), self._store.next_nonce())
+        broadcast = self._sign(checkpoint.size, checkpoint.root, nonce, self._chain.fees())
+        anchor = Anchor(
+            checkpoint.size, checkpoint.root, nonce, (broadcast,), created=self._clock.time()
+        )
+        self._store.save(anchor)  # before the broadcast: a restart sends the same bytes
+        self.schedule = self.schedule.started(now)
+        self._sent_at = now
+        _log.info(
+            "anchoring the audit log at size %d (nonce %d)",
+            anchor.tree_size,
+            nonce,
+            extra={"event": "anchor_submitted", "tree_size": anchor.tree_size, "nonce": nonce},
+        )
+        self._chain.send_raw(broadcast.raw)
+        if self._metrics is not None:
+            self._metrics.audit_anchor_attempted(succeeded=True)
+        return anchor
+
+    def _sign(self, size: int, root: bytes, nonce: int, fees: Any) -> Broadcast:
+        call = "0x" + anchor_calldata(self._log_id(), size, root).hex()
+        estimate = self._chain.estimate_gas(
+            {"from": self._wallet.address, "to": self._contract, "data": call}
+        )
+        transaction = {
+            "chainId": self._chain_id,
+            "nonce": nonce,
+            "to": self._contract,
+            "data": call,
+            "value": 0,
+            "gas": int(estimate * _GAS_MARGIN),
+            **fees.fields(),
+        }
+        signed = self._wallet.sign(transaction)
+        return Broadcast(signed.tx_hash, signed.raw, fees.max_fee, fees.priority_fee)
+
+    def _log_id(self) -> bytes:
+        if self._name is None:
+            self._name = log_id(self._log.checkpoint().origin)
+        return self._name
+
+    # -- failures and the lag ----------------------------------------------------------
+
+    def _failed(self, error: TalosError, now: float, bug: Exception | None = None) -> None:
+        self.schedule = self.schedule.failed(now, self._rng)
+        if self._metrics is not None:
+            self._metrics.audit_anchor_attempted(succeeded=False)
+        cause = error.message if isinstance(error, RpcError) else str(error)
+        _log.log(
+            logging.WARNING if bug is None else logging.ERROR,
+            "anchoring failed (%s): %s; next try in %.1f s",
+            type(error).__name__,
+            cause,
+            self.schedule.next_at - now,
+            extra={
+                "event": "anchor_failed",
+                "reason": type(error).__name__,
+                "failures": self.schedule.failures,
+            },
+            exc_info=bug,
+        )
+
+    def _report_lag(self) -> None:
+        if self._metrics is None:
+            return
+        try:
+            covered = self._store.covered()
+        except TalosError:
+            return
+        self._metrics.set_audit_anchor_lag(max(0, self._log.size - covered))
