@@ -22,6 +22,10 @@ PAYLOAD_VERSION: Final = 1
 #: Largest application payload, leaving room for headers in a 1 MiB frame.
 MAX_PAYLOAD_SIZE: Final = 900 * 1024
 _FIELDS: Final = frozenset({"v", "k", "d"})
+#: Deepest nesting of arrays and objects a JSON payload may have, either way.
+#: Checked by counting, never by recursion, so it holds whatever the
+#: interpreter's recursion limit is (a library may raise it process-wide).
+MAX_JSON_DEPTH: Final = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +54,12 @@ def encode_payload(data: Any) -> bytes:
     else:
         try:
             text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise LocalProtocolError(
                 f"message data is not bytes, str or JSON-able: {exc}"
             ) from None
+        if not json_depth_within(text, MAX_JSON_DEPTH):
+            raise LocalProtocolError(f"message data nests deeper than {MAX_JSON_DEPTH} levels")
         body = {"v": PAYLOAD_VERSION, "k": "j", "d": text}
     try:
         encoded = canonical_dumps(body)
@@ -79,6 +85,8 @@ def decode_payload(raw: bytes) -> Any:
     if kind == "s" and type(data) is str:
         return data
     if kind == "j" and type(data) is str:
+        if not json_depth_within(data, MAX_JSON_DEPTH):
+            raise MalformedFrame(f"payload JSON nests deeper than {MAX_JSON_DEPTH} levels")
         try:
             return json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
         except (ValueError, RecursionError):
@@ -87,6 +95,35 @@ def decode_payload(raw: bytes) -> Any:
             # nesting deep enough to exhaust the parser's stack.
             raise MalformedFrame("payload JSON is not valid") from None
     raise MalformedFrame("payload kind and data do not match")
+
+
+def json_depth_within(text: str, limit: int) -> bool:
+    """Whether the arrays and objects of JSON ``text`` nest at most ``limit`` deep.
+
+    Brackets inside strings do not count. Linear, without recursion; a text
+    with fewer brackets than ``limit`` is accepted without a scan.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return True
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif char in "]}":
+            depth -= 1
+    return True
 
 
 def _no_constant(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -86,3 +87,37 @@ def test_backoff_validation() -> None:
         Backoff(base=0, cap=1)
     with pytest.raises(ConfigurationError):
         Backoff(base=5, cap=1)
+
+
+def test_json_nesting_is_bounded_whatever_the_recursion_limit() -> None:
+    """A library may raise the recursion limit process-wide (py_ecc does): deep JSON
+    must still be refused by counting, before the parser could overflow the C stack."""
+    import sys
+
+    from talos.core.encoding import canonical_dumps
+    from talos.core.message import MAX_JSON_DEPTH, json_depth_within
+
+    deep = "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
+    edge = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)
+    try:
+        with pytest.raises(MalformedFrame, match="nests deeper"):
+            decode_payload(canonical_dumps({"v": 1, "k": "j", "d": deep}))
+    finally:
+        sys.setrecursionlimit(before)
+    assert decode_payload(encode_payload(json.loads(edge))) == json.loads(edge)
+    with pytest.raises(LocalProtocolError, match="nests deeper"):
+        encode_payload(json.loads(deep))
+    # Brackets inside strings and escaped quotes do not count.
+    quoted = json.dumps(["[" * 500, '\\"[[[', {"k": "{" * 300}])
+    assert json_depth_within(quoted, 3)
+    assert not json_depth_within(quoted, 1)
+
+
+def test_data_too_deep_for_the_encoder_is_a_documented_error() -> None:
+    data: list[object] = []
+    for _ in range(100_000):
+        data = [data]
+    with pytest.raises(LocalProtocolError):
+        encode_payload(data)
