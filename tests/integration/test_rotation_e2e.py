@@ -128,6 +128,8 @@ def test_emergency_rotation_while_running_with_messages_in_flight_and_a_peer_off
         assert refused.returncode == exit_code_for_name("CapabilityDenied"), refused
         assert "revoked by the emergency rotation to key sequence 1" in refused.stderr
         assert REASON in refused.stderr
+        assert "needs a fresh grant from the issuer" in refused.stderr
+        assert "suspect tampering" not in refused.stderr
 
     # A fresh grant under her new key; messages flow again, both ways.
     alice.stop()
