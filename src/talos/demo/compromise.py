@@ -88,8 +88,10 @@ def key_compromise(demo: Demo, number: int) -> None:
     demo.deltas(number, bob, before, list(_BOB_SERIES))
     demo.out.check("6.stolen", "bob refused the frame signed with the revoked key")
     demo.audit_query("PEER_KEY_ROTATED")
-    demo.talos(bob, "send", alice.agent_id, "with my old token", "--capability", demo.bob_token,
-               "--timeout", "10", expect=6)  # fmt: skip
+    why = demo.talos(bob, "send", alice.agent_id, "with my old token", "--capability",
+                     demo.bob_token, "--timeout", "10", expect=6)  # fmt: skip
+    if "revoked by the emergency rotation" not in why or "fresh grant" not in why:
+        raise demo.out.fail(f"bob's refusal of the old token does not name the rotation: {why}")
     demo.out.check("6.token", "bob's token from alice's old key is refused, naming the rotation")
     # A grant writes alice's audit log, which her running agent owns: stop, grant, start.
     demo.cast.stop(alice.child)

@@ -84,7 +84,8 @@ class Demo:
     # -- the command line -------------------------------------------------------------------
 
     def talos(self, agent: Agent | None, *args: str, expect: int = 0, quiet: bool = False) -> str:
-        """Run one ``talos`` command, show it and its output; returns its stdout.
+        """Run one ``talos`` command, show it and its output; returns its stdout (its
+        stderr when ``expect`` is a failure).
 
         Raises:
             DemoFailure: it exited with another status than ``expect``.
@@ -114,7 +115,8 @@ class Demo:
                     f"`{self.out.shown(shlex.join(result.argv[2:]))}` exited {result.returncode} "
                     f"(expected {expect}):\n{self.out.shown(result.stderr.strip())}"
                 )
-        return [result.stdout for result in results]
+        # A command expected to fail says why on stderr: hand that back instead.
+        return [result.stdout if expect == 0 else result.stderr for result in results]
 
     # -- the story --------------------------------------------------------------------------
 
