@@ -245,6 +245,27 @@ class CapabilitySignatureInvalid(CapabilityDenied, SignatureInvalid):
         "(`talos capabilities add TOKEN --issuer-log FILE`); otherwise suspect tampering"
     )
 
+    @classmethod
+    def issuer_key_revoked(cls, message: str) -> CapabilitySignatureInvalid:
+        """The denial of a token signed by an issuer key that the issuer's emergency
+        rotation revoked (its cause should be the :class:`KeyRevoked`).
+
+        Same class (the metrics count it as ``revoked_key`` through the cause), with
+        its own hint: the token is genuine but no longer trusted; importing a key log
+        or suspecting tampering would be the wrong advice.
+        """
+        error = cls(message)
+        error.hint = REVOKED_ISSUER_HINT
+        return error
+
+
+#: The hint of :meth:`CapabilitySignatureInvalid.issuer_key_revoked`.
+REVOKED_ISSUER_HINT = (
+    "the issuer ran `talos emergency-rotate --revoke-old` after a key compromise, which "
+    "revokes every capability it issued under its old key (a thief could have minted "
+    "them); the holder needs a fresh grant from the issuer, signed by its current key"
+)
+
 
 class InclusionProofError(VerificationError):
     """A Merkle inclusion proof does not lead to the expected root."""

@@ -202,7 +202,7 @@ class PeerDirectory:
         await self.keylog(agent_id)
         for source in self._sources:
             try:
-                record = await source.record(agent_id, self.signing_key, self._clock.time())
+                record = await self._record_from(source, agent_id)
             except _SOURCE_ERRORS as exc:
                 self._source_failed(source, exc, agent_id)
                 continue
@@ -216,6 +216,34 @@ class PeerDirectory:
             _log.info("using an expired record of %s: no source answered", agent_id)
             return stale
         raise PeerNotFound(f"no current endpoint for {agent_id}")
+
+    async def _record_from(self, source: RecordSource, agent_id: str) -> PeerRecord:
+        """``source``'s record of ``agent_id``, verified.
+
+        A record signed under a key sequence our log of the peer does not reach yet
+        means the peer rotated while we were not talking to it: its newer log is
+        fetched from the same source (learned extend-only, so ``on_rotated`` follows)
+        and the record checked once more. Without this a running peer never found a
+        rotated agent that came back on a new endpoint (docs/design/key-rotation-peers.md).
+
+        Raises:
+            SignatureInvalid, KeyLogInvalid, DiscoveryError, ...: as the source does.
+        """
+        beyond: list[int] = []
+
+        def keys(issuer: str, sequence: int) -> VerifyKey | None:
+            key = self.signing_key(issuer, sequence)
+            if key is None and issuer == agent_id:
+                beyond.append(sequence)
+            return key
+
+        try:
+            return await source.record(agent_id, keys, self._clock.time())
+        except SignatureInvalid:
+            if not beyond:
+                raise
+        self.learn_log(await source.keylog(agent_id, self.known_log(agent_id)))
+        return await source.record(agent_id, self.signing_key, self._clock.time())
 
     def _cached_even_if_expired(self, agent_id: str) -> PeerRecord | None:
         """Last resort: a cached record whose signature verifies, however old."""

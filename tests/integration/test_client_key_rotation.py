@@ -40,12 +40,16 @@ async def introduced(tmp_path: Path) -> AsyncIterator[tuple[TalosClient, TalosCl
         yield a, b
 
 
-def rotations(client: TalosClient, kind: str) -> float:
+def sample(client: TalosClient, name: str, **labels: str) -> float:
     for family in text_string_to_metric_families(client.metrics.render().decode()):
-        for sample in family.samples:
-            if sample.name == "talos_key_rotations_total" and sample.labels == {"kind": kind}:
-                return float(sample.value)
-    raise AssertionError("no talos_key_rotations_total series")
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    raise AssertionError(f"no {name} series")
+
+
+def rotations(client: TalosClient, kind: str) -> float:
+    return sample(client, "talos_key_rotations_total", kind=kind)
 
 
 async def test_rotate_keys_while_running(tmp_path: Path) -> None:
@@ -72,12 +76,13 @@ async def test_rotate_keys_while_running(tmp_path: Path) -> None:
         assert a.status()["sessions"] == []
         assert a.get_prekey_bundle().signed_prekey != old_bundle.signed_prekey
         assert a.peer_record().key_sequence == 1
-        # Bob learns the new key log (here from a contact card); messages flow again.
-        b.add_contact(a.contact_card())
+        # Bob learns the new key log by himself (offered on alice's next link); messages
+        # flow again.
         await a.establish_session(b.agent_id, b.get_prekey_bundle())
         assert (await a.send(b.agent_id, "after", timeout=10)).status == "delivered"
         assert (await b.send(a.agent_id, "back", timeout=10)).status == "delivered"
         got = [await b.receive(timeout=5) for _ in range(2)]
+        assert sample(b, "talos_peer_key_updates_total") == 1  # bob followed by himself
         assert [m.data for m in got if m is not None] == ["before", "after"]
         back = [await a.receive(timeout=5) for _ in range(2)]
         assert [m.data for m in back if m is not None] == ["to alice", "back"]
@@ -122,11 +127,11 @@ async def test_messages_in_flight_during_a_rotation_arrive_once(
         assert first is not None
         assert a.queue_depth() > 0
         await a.rotate_keys(reason="in flight", emergency=True, revoke_old=True)
-        b.add_contact(a.contact_card())  # bob learns the new key log (the peer side pushes it)
         results = await asyncio.gather(*sends)
         assert {r.status for r in results} == {"delivered"}
         got = [first] + [await b.receive(timeout=10) for _ in range(30)]
         assert a.queue_depth() == 0
         assert await b.receive(timeout=0.5) is None  # nothing twice
+        assert sample(b, "talos_peer_key_updates_total") == 1  # bob followed by himself
     data = [m.data for m in got if m is not None]
     assert sorted(data) == sorted(texts)

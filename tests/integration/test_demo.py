@@ -31,8 +31,13 @@ CHECKPOINTS = (
     "4.audited",
     "5.chain",
     "5.proof",
-    "6.stopped",
-    "6.clean",
+    "6.rotated",
+    "6.followed",
+    "6.stolen",
+    "6.token",
+    "6.granted",
+    "7.stopped",
+    "7.clean",
 )
 #: (step, agent, series) -> the change the demo must have printed.
 CHANGES = {
@@ -45,6 +50,8 @@ CHANGES = {
     (3, "bob", "talos_messages_received_total"): 1.0,
     (4, "bob", "talos_signature_failures_total"): 1.0,
     (4, "bob", "talos_messages_received_total"): 0.0,
+    (6, "bob", "talos_peer_key_updates_total"): 1.0,
+    (6, "bob", "talos_signature_failures_total"): 1.0,
 }
 _METRIC = re.compile(r"^\s*metric (\d) (\w+) (\w+) (\S+) -> (\S+)", re.MULTILINE)
 _PIDS = re.compile(r"^demo pids: ([\d ]*)$", re.MULTILINE)
@@ -96,7 +103,7 @@ def test_demo_walks_through_every_failure_and_leaves_nothing() -> None:
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr
     assert "Traceback" not in out + result.stderr
-    for step in ("SETUP", *(f"STEP {n}" for n in range(1, 7))):
+    for step in ("SETUP", *(f"STEP {n}" for n in range(1, 8))):
         assert step in out
     for checkpoint in CHECKPOINTS:
         assert f"ok [{checkpoint}]" in out, checkpoint

@@ -53,15 +53,6 @@ def queue_depth(home: Path) -> int:
     return int(json.loads(ok(home, "status", "--json"))["queue_depth"])
 
 
-def learn_keylog(home: Path, other: Path) -> None:
-    """Give a stopped agent ``other``'s current public key log, as ``capabilities add
-    --issuer-log`` would. (Peers following a rotation by themselves, over their links,
-    is the peer side of issue 14, tested in test_peer_key_rotation.py.)"""
-    log = (other / "keylog.cbor").read_bytes()
-    with TokenStore.open(home / "capabilities") as tokens:
-        tokens.put_keylog(KeyLog.from_bytes(log).agent_id, log)
-
-
 def delivered(home: Path, peer: str, text: str) -> None:
     assert ok(home, "send", peer, text, "--timeout", "20").startswith("delivered ")
 
@@ -102,7 +93,7 @@ def test_stopped_rotation_keeps_state_and_messages_flow(
     alice_home, bob_home, alice_id, bob_id = (
         pair.alice_home, pair.bob_home, pair.alice_id, pair.bob_id,
     )  # fmt: skip
-    url, bob = pair.args, pair.bob
+    url = pair.args
     assert pair.alice.stop() == 0
     # Queued for alice while she is stopped, and one left in her inbox unread.
     queued = ok(bob_home, "send", alice_id, "while away", "--timeout", "0.5")
@@ -117,16 +108,15 @@ def test_stopped_rotation_keeps_state_and_messages_flow(
     assert (after["sequence"], before["sequence"]) == (1, 0)
     assert after["fingerprint"] != before["fingerprint"]
 
-    bob.stop()
-    learn_keylog(bob_home, alice_home)
-    start(bob_home, *url, "--accept", "open")
-    start(alice_home, *url)
+    start(alice_home, *url)  # bob, who still holds her old key log, follows by himself
     wait_until(lambda: queue_depth(bob_home) == 0, 30, what="bob's queue drained", interval=0.2)
     assert inbox(alice_home) == [(bob_id, "hi alice"), (bob_id, "while away")]
     delivered(alice_home, bob_id, "after")
     delivered(bob_home, alice_id, "after too")
     assert inbox(bob_home) == [(alice_id, "after")]
     assert inbox(alice_home) == [(bob_id, "after too")]
+    followed = json.loads(ok(bob_home, "audit", "query", "--type", "PEER_KEY_ROTATED", "--json"))
+    assert [(e["peer"], e["data"]["to"]) for e in followed] == [(alice_id, 1)]
     chain = json.loads(ok(alice_home, "audit", "verify-chain", "--json"))
     assert chain["ok"] is True, chain
 
@@ -291,13 +281,14 @@ def test_running_emergency_rotation_keeps_every_message_and_revokes_old_grants(
     assert alice.process.poll() is None  # no restart
     assert json.loads(ok(alice_home, "whoami", "--json", *key))["sequence"] == 1
     assert json.loads(ok(alice_home, "status", "--json"))["sessions"] == []
-    # Bob comes back knowing alice's new key log; the queue drains under a new session.
-    learn_keylog(bob_home, alice_home)
+    # Bob comes back with her old key log; the queue drains under a new session (the
+    # key log offered on the link tells him about the rotation).
     start(bob_home, *url, "--accept", "open")
     wait_until(lambda: queue_depth(alice_home) == 0, 30, what="alice's queue drained", interval=0.2)
     assert inbox(bob_home) == [(alice_id, text) for text in queued]  # none lost, none twice
     delivered(alice_home, bob_id, "after the rotation")
     assert inbox(bob_home) == [(alice_id, "after the rotation")]
+    assert [e["emergency"] for e in audit_entries(bob_home, "PEER_KEY_ROTATED")] == [True]
     # The grant alice issued under her revoked key is refused, naming the revocation.
     refused = talos(bob_home, "send", alice_id, "with the old grant again",
                     "--timeout", "10", "--on-failure", "raise", "--capability", token)  # fmt: skip

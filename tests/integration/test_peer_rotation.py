@@ -14,42 +14,20 @@ rotation, and a forked or rolled-back key log offered in her name is refused.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from rotation_cast import CLI, WAIT, Peer, caster, forged, grant, ok, rotated_entries
 
 from talos.core import wire
-from talos.core.crypto import SigningKey
-from talos.core.identity import Identity
 from talos.demo.wiretap import inject
-from talos.storage.home import AgentHome
 from talos.system import SystemClock
 from talos.testing import SeededRng
-from talos.testing.cli import TalosCli
-from talos.testing.processes import (
-    AgentProcess,
-    Launcher,
-    RegistryProcess,
-    free_port,
-    launched,
-    registry_process,
-)
+from talos.testing.processes import Launcher, RegistryProcess, launched, registry_process
 from talos.testing.waiting import wait_until
 
 pytestmark = pytest.mark.slow
-
-CLI = TalosCli()
-WAIT = 30.0
-
-
-def ok(home: Path, *args: str) -> str:
-    return CLI.ok(home, *args).strip()
 
 
 @pytest.fixture(scope="module")
@@ -64,92 +42,9 @@ def launcher() -> Iterator[Launcher]:
         yield started
 
 
-@dataclasses.dataclass
-class Peer:
-    """One agent home, run again and again on the same ports."""
-
-    home: Path
-    registry: RegistryProcess
-    launcher: Launcher
-    accept: tuple[str, ...] = ("--accept", "open")
-    port: int = dataclasses.field(default_factory=free_port)
-    metrics_port: int = dataclasses.field(default_factory=free_port)
-    process: AgentProcess | None = None
-    agent_id: str = ""
-
-    def init(self, name: str) -> Peer:
-        self.agent_id = ok(self.home, "init", "--name", name)
-        return self
-
-    def start(self) -> Peer:
-        self.process = self.launcher.agent(
-            self.home,
-            "--registry", self.registry.url,
-            "--listen", f"127.0.0.1:{self.port}",
-            "--metrics-port", str(self.metrics_port),
-            "--reconnect-interval", "1",
-            *self.accept,
-        )  # fmt: skip
-        return self
-
-    def stop(self) -> None:
-        assert self.process is not None
-        assert self.process.stop() == 0
-        self.process = None
-
-    def send(self, to: Peer, text: str, *extra: str) -> str:
-        return ok(self.home, "send", to.agent_id, text, "--timeout", "20", *extra)
-
-    def inbox(self) -> list[tuple[str, str]]:
-        messages = json.loads(ok(self.home, "inbox", "--json"))
-        return [(m["sender"], m["data"]) for m in messages]
-
-    def audit(self, kind: str) -> list[dict[str, Any]]:
-        entries: list[dict[str, Any]] = json.loads(
-            ok(self.home, "audit", "query", "--type", kind, "--json")
-        )
-        return entries
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        return float("nan")
-
-    def identity(self) -> Identity:
-        return AgentHome(self.home).load_identity(passphrase=None)
-
-    def rotate(self, **options: Any) -> tuple[Identity, Identity]:
-        """Rotate the stopped agent's identity as the CLI would; (old, new)."""
-        home = AgentHome(self.home)
-        old = home.load_identity(passphrase=None)
-        rng = SeededRng(1414)
-        new = old.rotate(rng=rng, clock=SystemClock(), **options)
-        home.save_identity(new, rng=rng, passphrase=None)
-        return old, new
-
-
 @pytest.fixture
 def cast(tmp_path: Path, registry: RegistryProcess, launcher: Launcher) -> Callable[..., Peer]:
-    def make(name: str, *accept: str) -> Peer:
-        peer = Peer(tmp_path / name, registry, launcher)
-        if accept:
-            peer.accept = accept
-        return peer.init(name)
-
-    return make
-
-
-def rotated_entries(peer: Peer, about: Peer) -> list[dict[str, Any]]:
-    return [e for e in peer.audit("PEER_KEY_ROTATED") if e["peer"] == about.agent_id]
-
-
-def grant(issuer: Peer, to: Peer) -> str:
-    """A token for ``to`` to message ``issuer`` (the issuer is stopped: it owns its log)."""
-    return ok(issuer.home, "capabilities", "grant", "--to", to.agent_id,
-              "--action", "message.send", "--expires-in", "1h")  # fmt: skip
+    return caster(tmp_path, registry, launcher)
 
 
 def test_peers_follow_a_routine_rotation(cast: Callable[..., Peer]) -> None:
@@ -171,7 +66,7 @@ def test_peers_follow_a_routine_rotation(cast: Callable[..., Peer]) -> None:
     # Bob's queued message goes out under a new session against her new keys, and the
     # token she issued before the (routine) rotation is still good.
     wait_until(
-        lambda: json.loads(ok(bob.home, "status", "--json"))["queue_depth"] == 0,
+        lambda: bob.queue_depth() == 0,
         WAIT,
         what="bob's queue drained",
         interval=0.2,
@@ -200,28 +95,6 @@ def test_peers_follow_a_routine_rotation(cast: Callable[..., Peer]) -> None:
     )
     assert bob.inbox() == [(alice.agent_id, "a1"), (alice.agent_id, "a2")]
     assert carol.inbox() == [(alice.agent_id, "a3")]
-
-
-def forged(sender: Identity, recipient: str, key: SigningKey, **content: Any) -> bytes:
-    """A frame from ``sender`` signed with ``key`` (a MESSAGE unless ``content`` says)."""
-    rng = SeededRng(int.from_bytes(key.public_key.raw[:4], "big"))
-    fields: dict[str, Any] = {
-        "type": wire.EnvelopeType.MESSAGE,
-        "ratchet_header": b"h" * 40,
-        "ciphertext": b"c" * 64,
-    }
-    fields.update(content)
-    return wire.seal(
-        wire.Envelope(
-            message_id=wire.new_message_id(rng),
-            sender=sender.agent_id,
-            sender_instance=wire.new_instance_id(rng),
-            recipient=recipient,
-            timestamp_ms=int(SystemClock().time() * 1000),
-            **fields,
-        ),
-        key,
-    )
 
 
 def test_after_an_emergency_rotation_the_old_key_is_refused(cast: Callable[..., Peer]) -> None:
@@ -257,7 +130,7 @@ def test_after_an_emergency_rotation_the_old_key_is_refused(cast: Callable[..., 
     assert "revoked by the emergency rotation to key sequence 1" in again.stderr
 
     # A frame signed with her old (stolen) key: refused, counted and audited as such.
-    url = f"ws://127.0.0.1:{bob.port}"
+    url = bob.url
     assert inject(url, forged(old, bob.agent_id, old.signing_key), answer_within=0.5) is None
     wait_until(
         lambda: bob.metric("talos_signature_failures_total", reason="revoked_key") == 1,

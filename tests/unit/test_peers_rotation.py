@@ -8,7 +8,8 @@ import pytest
 
 from talos.core.identity import Identity
 from talos.core.keylog import KeyLog
-from talos.errors import KeyLogInvalid, KeyRevoked
+from talos.core.peer_record import PeerRecord
+from talos.errors import KeyLogInvalid, KeyRevoked, PeerNotFound
 from talos.peers import PeerDirectory
 from talos.testing import FakeClock, SeededRng
 
@@ -37,13 +38,16 @@ class _Registry:
 
     def __init__(self) -> None:
         self.log: KeyLog | None = None
+        self.served: PeerRecord | None = None
 
     async def keylog(self, agent_id: str, known: KeyLog | None) -> KeyLog:
         assert self.log is not None
         return self.log
 
-    async def record(self, agent_id: str, keys: Any, now: float) -> Any:
-        raise AssertionError("not used")
+    async def record(self, agent_id: str, keys: Any, now: float) -> PeerRecord:
+        assert self.served is not None
+        self.served.verify(keys, now=now)
+        return self.served
 
 
 @pytest.fixture
@@ -90,3 +94,36 @@ def test_a_revoked_key_is_never_handed_out(world: Any) -> None:
         directory.signing_key(alice.agent_id, 0)
     assert directory.signing_key(alice.agent_id, 1) == rotated.signing_key.public_key
     assert directory.signing_key(alice.agent_id, 2) is None
+
+
+def _record(identity: Identity, clock: FakeClock) -> PeerRecord:
+    return PeerRecord.create(
+        identity.signing_key,
+        agent_id=identity.agent_id,
+        key_sequence=identity.sequence,
+        instance_id=b"\x01" * 16,
+        endpoint="ws://127.0.0.1:9001",
+        sequence=1,
+        now=clock.time(),
+        lifetime=300,
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_record_under_a_newer_key_fetches_the_newer_log_first(world: Any) -> None:
+    """A peer that rotated while we were not talking, back on a new endpoint: its record
+    is signed under a key sequence our log lacks. We follow, then find it."""
+    directory, registry, seen, alice = world
+    clock = FakeClock()
+    directory.learn_log(alice.keylog)
+    rotated = alice.rotate(rng=SeededRng(7), clock=clock)
+    registry.log, registry.served = rotated.keylog, _record(rotated, clock)
+    record = await directory.endpoint(alice.agent_id)
+    assert record.endpoint == "ws://127.0.0.1:9001"
+    assert seen == [(1, 2)]
+    # A record under a sequence the source's log does not reach either: still refused.
+    registry.log, registry.served = rotated.keylog, _record(rotated.rotate(
+        rng=SeededRng(8), clock=clock), clock)  # fmt: skip
+    with pytest.raises(PeerNotFound):
+        await directory.endpoint(alice.agent_id, refresh=True)
+    assert seen == [(1, 2)]

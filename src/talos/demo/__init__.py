@@ -18,7 +18,11 @@ before and after):
    counted and audited;
 5. bob's audit chain verifies, and an inclusion proof of the replay entry is
    written, then checked by an auditor holding only bob's public key log;
-6. every process is stopped with SIGTERM, checked gone, and the directory removed.
+6. alice's key is stolen: with the registry back, she runs ``talos emergency-rotate
+   --revoke-old --reason "compromise detected"`` while running; bob follows her new
+   key log, refuses a frame signed with the stolen key, new sessions carry her
+   messages, and bob's token under her old key is refused until she grants a new one;
+7. every process is stopped with SIGTERM, checked gone, and the directory removed.
 
 The same cleanup runs on Ctrl-C, SIGTERM or any failure (SIGKILL as the last
 resort). Every wait is bounded and a failure names its step. Stable markers,
@@ -28,9 +32,10 @@ for tests and scripts: ``STEP n`` headings, ``ok [n.name]`` checkpoints,
 ``demo finished in S s``.
 
 The package: :mod:`talos.demo.steps` tells the story (one method per step,
-running ``talos`` commands), :mod:`talos.demo.cast` starts and stops the
-processes (on :mod:`talos.testing.processes`), :mod:`talos.demo.wiretap` is
-the man in the middle, :mod:`talos.demo.narration` prints, and
+running ``talos`` commands; step 6 is :mod:`talos.demo.compromise`),
+:mod:`talos.demo.cast` starts and stops the processes (on
+:mod:`talos.testing.processes`), :mod:`talos.demo.wiretap` is the man in the middle,
+:mod:`talos.demo.narration` prints, and
 :mod:`talos.demo.__main__` runs it all with its cleanup on any exit.
 """
 

@@ -22,7 +22,13 @@ from talos.core.keylog import KeyLog
 from talos.demo import STOP_WAIT, WAIT, DemoFailure
 from talos.demo.narration import Narrator
 from talos.testing.child import ChildFailed, ChildProcess, stop_all
-from talos.testing.processes import AgentProcess, Launcher, RegistryProcess, free_port
+from talos.testing.processes import (
+    AgentProcess,
+    Launcher,
+    RegistryProcess,
+    free_port,
+    start_registry,
+)
 
 
 @dataclass
@@ -103,6 +109,20 @@ class Cast:
             raise self.narrator.fail(f"the registry did not start: {exc}") from exc
         pid = self.registry.process.pid
         self.narrator.say(f"  registry (pid {pid}) serving {self.registry.url}")
+
+    def restart_registry(self) -> None:
+        """Start the registry again on its old port and database (the agents know its URL)."""
+        assert self.registry is not None  # noqa: S101 -- started in the setup
+        log = self.root / "logs" / "registry-2.log"
+        try:
+            self.registry = start_registry(
+                self.registry.db, log, port=self.registry.port, env=self.launcher.env
+            )
+        except ChildFailed as exc:
+            raise self.narrator.fail(f"the registry did not start again: {exc}") from exc
+        self.launcher.started.append(self.registry.child)
+        pid = self.registry.process.pid
+        self.narrator.say(f"  registry (pid {pid}) serving {self.registry.url} again")
 
     def launch(self, agent: Agent, port: int) -> None:
         """Start ``talos run`` for ``agent`` on ``port``; see :meth:`await_ready`."""

@@ -1,4 +1,4 @@
-"""The demo's story: the setup and steps 1 to 6, each a method that runs ``talos`` commands.
+"""The demo's story: the setup and steps 1 to 7, each a method that runs ``talos`` commands.
 
 A step narrates what is about to happen, makes it happen (stopping a
 process, replaying a frame, forging one), checks the outcome through the
@@ -26,6 +26,7 @@ from talos.core.clock import time_ms
 from talos.core.crypto import SigningKey
 from talos.demo import WAIT, DemoFailure
 from talos.demo.cast import Agent, Cast, clean_exit, exit_text
+from talos.demo.compromise import key_compromise
 from talos.demo.narration import Narrator
 from talos.demo.wiretap import Wiretap, inject
 from talos.errors import TalosError
@@ -64,6 +65,8 @@ class Demo:
         self.out = Narrator(root, self.agents)
         self.cast = Cast(root, self.out)
         self.wiretap: Wiretap | None = None
+        #: The token alice granted bob in the setup, under her first key.
+        self.bob_token = ""
 
     @property
     def children(self) -> list[ChildProcess]:
@@ -81,7 +84,8 @@ class Demo:
     # -- the command line -------------------------------------------------------------------
 
     def talos(self, agent: Agent | None, *args: str, expect: int = 0, quiet: bool = False) -> str:
-        """Run one ``talos`` command, show it and its output; returns its stdout.
+        """Run one ``talos`` command, show it and its output; returns its stdout (its
+        stderr when ``expect`` is a failure).
 
         Raises:
             DemoFailure: it exited with another status than ``expect``.
@@ -111,7 +115,8 @@ class Demo:
                     f"`{self.out.shown(shlex.join(result.argv[2:]))}` exited {result.returncode} "
                     f"(expected {expect}):\n{self.out.shown(result.stderr.strip())}"
                 )
-        return [result.stdout for result in results]
+        # A command expected to fail says why on stderr: hand that back instead.
+        return [result.stdout if expect == 0 else result.stderr for result in results]
 
     # -- the story --------------------------------------------------------------------------
 
@@ -122,6 +127,7 @@ class Demo:
         frame = self.replay()
         self.forgery(frame)
         self.audit()
+        key_compromise(self, 6)
         self.shutdown(narrate=True)
 
     def setup(self) -> None:
@@ -172,6 +178,7 @@ class Demo:
             [(self.bob, grant(self.alice)), (self.alice, grant(self.bob))]
         )
         to_carol = self.talos(self.bob, *grant(self.carol))
+        self.bob_token = to_bob.strip()
 
         def add(token: str, issuer: Agent) -> Sequence[str]:
             return ("capabilities", "add", token.strip(), "--issuer-log", str(issuer.keylog_file))
@@ -183,6 +190,10 @@ class Demo:
                 (self.bob, add(to_bob, self.alice)),
             ]
         )
+
+    def within(self, condition: Callable[[], bool], what: str) -> None:
+        """Wait until ``condition()`` holds; a failure names the step and ``what``."""
+        _within(condition, f"{self.out.step_label}: {what}")
 
     def send(self, sender: Agent, to: Agent, text: str, *, expect: str = "delivered") -> str:
         """``talos send``; returns the message id. Expects ``delivered`` (or ``queued``)."""
@@ -415,19 +426,19 @@ class Demo:
         self.talos(auditor, "audit", "verify-proof", "--proof", str(proof))
         self.out.check("5.proof", "the inclusion proof of the replay entry verifies")
 
-    # -- 6 ----------------------------------------------------------------------------------
+    # -- 6 is talos.demo.compromise; 7 ------------------------------------------------------
 
     def shutdown(self, *, narrate: bool) -> None:
-        """Stop everything; with ``narrate``, as step 6, checking each process is gone.
+        """Stop everything; with ``narrate``, as step 7, checking each process is gone.
 
         Without it (a failure or an interruption), stop quietly and as fast as possible.
         """
         if narrate:
             self.out.step(
-                6,
+                7,
                 "everything stops cleanly",
                 "Every process gets SIGTERM and is waited for: the agents keep whatever is "
-                "still queued (carol's first contact) and remove their control sockets. Then "
+                "still queued and remove their control sockets. Then "
                 "the demo checks that none of the processes it started is left and removes "
                 "its directory.",
             )
@@ -444,4 +455,4 @@ class Demo:
         left = [child for child in self.children if still_running(child.pid)]
         if left or any(child.running for child in self.children):
             raise self.out.fail(f"still running: {', '.join(c.name for c in left)}")
-        self.out.check("6.stopped", f"all {len(self.children)} processes the demo started are gone")
+        self.out.check("7.stopped", f"all {len(self.children)} processes the demo started are gone")

@@ -165,7 +165,7 @@ def test_a_token_under_a_revoked_key_is_refused_naming_the_rotation(
         check(IssuerKeys([new.keylog]))
     assert str(denied.value) == (
         "capability at depth 1: issuer key sequence 0 was revoked by the emergency rotation "
-        "to key sequence 1 (compromise detected)"
+        "to key sequence 1 (compromise detected); it needs a fresh grant from the issuer"
     )
     # A routine rotation leaves tokens issued under earlier keys valid.
     routine = old.rotate(rng=rng, clock=clock)

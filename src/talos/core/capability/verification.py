@@ -156,7 +156,9 @@ def _check_signature(token: Capability, keys: KeyLookup, depth: int) -> None:
         # The reason names the rotation (the holder needs a fresh grant); the cause is
         # kept so that metrics count it as a revoked key, not a forgery.
         why = str(exc).replace(f" of {exc.agent_id}", "", 1)
-        raise CapabilitySignatureInvalid(f"capability at depth {depth}: issuer {why}") from exc
+        raise CapabilitySignatureInvalid.issuer_key_revoked(
+            f"capability at depth {depth}: issuer {why}; it needs a fresh grant from the issuer"
+        ) from exc
     except SignatureInvalid as exc:
         raise CapabilitySignatureInvalid(f"capability at depth {depth}: {exc}") from None
 
