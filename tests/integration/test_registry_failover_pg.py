@@ -123,3 +123,32 @@ def test_killing_a_replica_under_load_loses_nothing(
             assert gauge(ports[name], "talos_registry_up") == {one.url: 0.0, two.url: 1.0}
         log = (tmp_path / "carol-2.log").read_text()
         assert '"event": "registry_failover"' in log or "registry_failover" in log
+
+
+@pytest.mark.parametrize(
+    ("registries", "message"),
+    [
+        (["http://r:1", "http://r:1/"], "the same registry URL is given twice"),
+        (["http://r:1", "ftp://user:s3cret@r:2"], "must be http(s)://host[:port]"),
+    ],
+)
+def test_talos_run_refuses_a_bad_list_of_registries(
+    tmp_path: Path, registries: list[str], message: str
+) -> None:
+    """No PostgreSQL needed: the list is checked before anything starts."""
+    cli = TalosCli(timeout=60)
+    cli.ok(tmp_path / "a", "init", "--name", "a")
+    args = [arg for url in registries for arg in ("--registry", url)]
+    result = cli.run(tmp_path / "a", "run", *args).expect(1)
+    assert message in result.stderr
+    assert "s3cret" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_registry_variable_takes_several_urls(tmp_path: Path) -> None:
+    """``TALOS_REGISTRY_URL`` with URLs separated by spaces is the repeated option."""
+    cli = TalosCli(timeout=60)
+    cli.ok(tmp_path / "a", "init", "--name", "a")
+    both = "http://r:1 http://r:1"
+    result = cli.run(tmp_path / "a", "run", extra_env={"TALOS_REGISTRY_URL": both}).expect(1)
+    assert "the same registry URL is given twice" in result.stderr
