@@ -211,7 +211,7 @@ def check_urls(base_url: str | Sequence[str]) -> tuple[str, ...]:
     if not given:
         raise ConfigurationError("registry_url: give at least one registry URL")
     urls = tuple(_check_url(url) for url in given)
-    if len(set(urls)) != len(urls):
+    if len({public_url(url) for url in urls}) != len(urls):  # also the label and log name
         raise ConfigurationError("registry_url: the same registry URL is given twice")
     return urls
 

@@ -162,7 +162,7 @@ async def test_a_url_outside_the_configured_ones_is_not_a_label() -> None:
 
 @pytest.mark.parametrize(
     "urls",
-    [[], ["http://a", "http://a/"], ["ftp://a"], ["http://a", 3]],
+    [[], ["http://a", "http://a/"], ["ftp://a"], ["http://a", 3], ["http://u@a", "http://v@a"]],
 )
 async def test_bad_url_lists_are_refused(urls: list[Any]) -> None:
     with pytest.raises(ConfigurationError):
