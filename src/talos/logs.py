@@ -108,6 +108,8 @@ EVENTS: Final = frozenset(
         "misaddressed_frame",
         "dht_datagram_refused",
         "registry_reachable",
+        "registry_failover",
+        "registry_failback",
         "message_lost",
         "key_rotated",
         "peer_key_rotated",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
@@ -122,9 +122,12 @@ class AgentMetrics:
         uses_registry: ``False`` for an agent configured without a registry:
             ``talos_registry_up`` is then NaN ("not applicable") rather than 0, so
             the registry-unreachable alert stays quiet for it.
+        registry_urls: the registry URLs the agent was given, without
+            credentials: the only values of ``talos_registry_up``'s ``url``
+            label (none given: one series with ``url=""``).
     """
 
-    def __init__(self, *, uses_registry: bool = True) -> None:
+    def __init__(self, *, uses_registry: bool = True, registry_urls: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._endpoint = MetricsEndpoint(self.registry)
         r = self.registry
@@ -278,9 +281,11 @@ class AgentMetrics:
         )
         self.registry_up = Gauge(
             "talos_registry_up",
-            "1 if the last contact with the registry succeeded, 0 if not (NaN: no registry).",
+            "1 if the last contact with this registry URL succeeded, 0 if not (NaN: no registry).",
+            ["url"],
             registry=r,
         )
+        self._registry_urls = tuple(registry_urls) if uses_registry and registry_urls else ("",)
         self.frames_malformed = Counter(
             "talos_frames_malformed",
             "Frames received that could not be decoded (dropped; see links_closed_malformed).",
@@ -306,8 +311,8 @@ class AgentMetrics:
             self.message_size_bytes.labels(direction=direction)
         for kind in ROTATION_KINDS:
             self.key_rotations.labels(kind=kind)
-        if not uses_registry:
-            self.registry_up.set(math.nan)
+        for url in self._registry_urls:
+            self.registry_up.labels(url=url).set(0 if uses_registry else math.nan)
 
     # -- sessions ---------------------------------------------------------------
 
@@ -434,8 +439,12 @@ class AgentMetrics:
     def duplicate_instance_detected(self) -> None:
         self.duplicate_instances.inc()
 
-    def set_registry_reachable(self, reachable: bool) -> None:
-        self.registry_up.set(1 if reachable else 0)
+    def set_registry_reachable(self, reachable: bool, url: str | None = None) -> None:
+        """The last contact with registry ``url`` (``None``: the first) worked or failed;
+        a URL the agent was not configured with is ignored (the label stays bounded)."""
+        url = self._registry_urls[0] if url is None else url
+        if url in self._registry_urls:
+            self.registry_up.labels(url=url).set(1 if reachable else 0)
 
     def frame_malformed(self, *, link_closed: bool) -> None:
         """A frame could not be decoded; ``link_closed``: its link was closed for it."""

@@ -549,13 +549,13 @@ async def test_a_flood_of_forged_frames_cannot_fill_the_audit_log(tmp_path: Path
     assert 1 <= kinds.count("SIGNATURE_FAILURE") <= 25
 
 
-def sample(client: TalosClient, name: str) -> float:
-    """The value of one unlabelled series in the client's /metrics text."""
+def sample(client: TalosClient, name: str, **labels: str) -> float:
+    """The value of one series (with exactly these labels) in the client's /metrics text."""
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(client.metrics.render().decode()):
         for s in family.samples:
-            if s.name == name and not s.labels:
+            if s.name == name and s.labels == labels:
                 return float(s.value)
     raise AssertionError(f"no series {name}")
 
@@ -821,19 +821,19 @@ async def test_registry_gauge_recovers_on_the_next_answer(tmp_path: Path) -> Non
 
     with registry_process(tmp_path / "registry") as server:
         async with TalosClient.create("alice", home=tmp_path / "a", registry_url=server.url) as a:
-            assert sample(a, "talos_registry_up") == 1.0
+            assert sample(a, "talos_registry_up", url=server.url) == 1.0
             server.stop()
             from talos.core.agent_id import agent_id_from_digest
 
             unknown = agent_id_from_digest(b"\x05" * 32)
             with pytest.raises(PeerNotFound):
                 await a._peers.keylog(unknown, refresh=True)  # noqa: SLF001
-            assert sample(a, "talos_registry_up") == 0.0
+            assert sample(a, "talos_registry_up", url=server.url) == 0.0
             again = start_registry(server.db, tmp_path / "registry2.log", port=server.port)
             try:
                 with pytest.raises(PeerNotFound):  # the registry answers: not known
                     await a._peers.keylog(unknown, refresh=True)  # noqa: SLF001
-                assert sample(a, "talos_registry_up") == 1.0
+                assert sample(a, "talos_registry_up", url=server.url) == 1.0
                 assert a.status()["registry_reachable"] is True
             finally:
                 again.stop()

@@ -49,7 +49,6 @@ SCALAR_SERIES = (
     "talos_replays_dropped_total",
     "talos_clock_offset_seconds",
     "talos_duplicate_instances_detected_total",
-    "talos_registry_up",
 )
 
 HISTOGRAMS = (
@@ -80,6 +79,7 @@ def test_every_series_exists_at_zero_from_start_up() -> None:
     for name in HISTOGRAMS:
         assert got[(f"{name}_count", ())] == 0, name
         assert got[(f"{name}_bucket", (("le", "+Inf"),))] == 0, name
+    assert got[("talos_registry_up", (("url", ""),))] == 0
     for direction in ("sent", "received"):
         assert got[("talos_message_size_bytes_count", (("direction", direction),))] == 0
     for reason in DENIAL_REASONS:
@@ -231,16 +231,30 @@ def test_security_events_and_gauges() -> None:
     assert value(metrics, "talos_duplicate_instances_detected_total") == 1
     assert value(metrics, "talos_revocation_list_age_seconds") == 42.5
     assert value(metrics, "talos_clock_offset_seconds") == -3.25
-    assert value(metrics, "talos_registry_up") == 1
+    assert value(metrics, "talos_registry_up", url="") == 1
     metrics.set_registry_reachable(False)
-    assert value(metrics, "talos_registry_up") == 0
+    assert value(metrics, "talos_registry_up", url="") == 0
     # RevocationState reports +Inf for a list that was never synced.
     metrics.set_revocation_list_age(math.inf)
     assert value(metrics, "talos_revocation_list_age_seconds") == math.inf
 
 
 def test_registry_up_is_not_applicable_without_a_registry() -> None:
-    assert math.isnan(value(AgentMetrics(uses_registry=False), "talos_registry_up"))
+    assert math.isnan(value(AgentMetrics(uses_registry=False), "talos_registry_up", url=""))
+
+
+def test_registry_up_has_one_series_per_configured_url_from_start_up() -> None:
+    metrics = AgentMetrics(registry_urls=["http://r1:8000", "http://r2:8000"])
+    assert value(metrics, "talos_registry_up", url="http://r1:8000") == 0
+    assert value(metrics, "talos_registry_up", url="http://r2:8000") == 0
+    metrics.set_registry_reachable(True, "http://r2:8000")
+    metrics.set_registry_reachable(True, "http://not-configured:8000")
+    assert value(metrics, "talos_registry_up", url="http://r2:8000") == 1
+    assert value(metrics, "talos_registry_up", url="http://r1:8000") == 0
+    assert [k for k in samples(metrics) if k[0] == "talos_registry_up"] == [
+        ("talos_registry_up", (("url", "http://r1:8000"),)),
+        ("talos_registry_up", (("url", "http://r2:8000"),)),
+    ]
 
 
 def test_two_agents_in_one_process_do_not_clash() -> None:

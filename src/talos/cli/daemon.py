@@ -49,9 +49,11 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
 @click.option(
     "--registry",
     "registry_url",
-    default=None,
+    multiple=True,
     envvar="TALOS_REGISTRY_URL",
-    help="Registry URL (else $TALOS_REGISTRY_URL; without one, no registry is used).",
+    help="Registry URL; repeat it for replicas of one registry (one database), tried in "
+    "order, failed over between (else $TALOS_REGISTRY_URL, URLs separated by spaces; "
+    "without one, no registry is used).",
 )
 @click.option(
     "--listen",
@@ -141,7 +143,7 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
 def run(
     ctx: CliContext,
     name: str | None,
-    registry_url: str | None,
+    registry_url: tuple[str, ...],
     listen: str,
     announce: str | None,
     offline: bool,
@@ -191,7 +193,7 @@ def run(
         claim_socket(path)
         options: dict[str, Any] = {
             "home": home.path,
-            "registry_url": registry_url,
+            "registry_url": registry_url or None,
             "listen": listen,
             "announce": announce,
             "offline_mode": offline,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Generator
+from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -53,6 +53,7 @@ from talos.core.prekeys import PrekeyUpload
 from talos.core.rng import Rng
 from talos.core.x3dh import PrekeyBundle
 from talos.discovery.dht import DhtNode
+from talos.discovery.failover import public_url
 from talos.discovery.registry_client import RegistryClient
 from talos.errors import IdentityNotFound, LocalProtocolError, MalformedFrame, StoreCorrupted
 from talos.metrics import AgentMetrics
@@ -99,7 +100,7 @@ class TalosClient:
         name: str,
         *,
         home: str | Path | None = None,
-        registry_url: str | None = None,
+        registry_url: str | Sequence[str] | None = None,
         listen: str = "127.0.0.1:0",
         announce: str | None = None,
         discovery: tuple[str, ...] | list[str] = ("registry",),
@@ -121,6 +122,9 @@ class TalosClient:
     ) -> _Creating:
         """Open (or create) the agent in ``home`` and start it.
 
+        ``registry_url`` is one URL, or a list of replicas of one registry
+        (sharing one database), in order of preference: requests fail over
+        to the next when one does not answer (``talos.discovery.failover``).
         ``discovery`` orders the sources asked for unknown peers
         (``"registry"``, ``"dht"``); the local cache of verified records is
         always asked first. With ``"dht"`` the agent runs a DHT node on UDP
@@ -174,7 +178,10 @@ class TalosClient:
         self._endpoint = ""
         self._background: set[asyncio.Task[Any]] = set()
         #: Prometheus collectors of this agent (served on ``metrics_port`` if given).
-        self.metrics = AgentMetrics(uses_registry=config.registry_url is not None)
+        self.metrics = AgentMetrics(
+            uses_registry=config.registry_url is not None,
+            registry_urls=[public_url(url) for url in config.registry_urls],
+        )
         self._clocks = ClockWatch(config.clock, self.metrics)
         # Filled in by _open().
         self._own: OwnIdentity
@@ -209,7 +216,11 @@ class TalosClient:
         self._tokens = TokenStore.open(self._home.path / "capabilities")
         # A store shorter than the signed watermark records is refused (docs/design/lost-state.md).
         guard(self._home, identity, self._log, self._tokens)
-        registry = None if config.registry_url is None else RegistryClient(config.registry_url)
+        registry = None
+        if config.registry_urls:
+            registry = RegistryClient(
+                config.registry_urls, clock=clock, observe=self._registry_contact
+            )
         dht = DhtNode(clock=clock, rng=rng) if "dht" in config.discovery else None
         discovery = self._discovery = Discovery(
             registry=registry, dht=dht, clock=clock, metrics=self.metrics, clocks=self._clocks
@@ -321,6 +332,10 @@ class TalosClient:
         """UDP address of this agent's DHT node, if it runs one."""
         dht = None if self._discovery is None else self._discovery.dht
         return None if dht is None else dht.address
+
+    def _registry_contact(self, url: str, answered: bool) -> None:
+        """The registry client contacted ``url`` (credentials stripped): the per-URL gauge."""
+        self.metrics.set_registry_reachable(answered, url)
 
     @property
     def registry_reachable(self) -> bool | None:
@@ -574,6 +589,7 @@ class TalosClient:
         (positive: the peer is ahead), estimated from signed ACKs.
         """
         dht = self.dht_address
+        discovery_registry = None if self._discovery is None else self._discovery.registry
         return status_report(
             self._state,
             agent_id=self.agent_id,
@@ -581,7 +597,7 @@ class TalosClient:
             endpoint=self._endpoint,
             offline=self._config.offline,
             links=self._drivers.deliverer.links,
-            registry=self._config.registry_url,
+            registry=None if discovery_registry is None else discovery_registry.current_url,
             registry_reachable=self.registry_reachable,
             dht=None if dht is None else "{}:{}".format(*dht),
             clocks=self._clocks,

@@ -6,6 +6,7 @@ mistake is a :class:`~talos.errors.ConfigurationError` naming the option.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -16,6 +17,7 @@ from talos.core.backoff import Backoff
 from talos.core.clock import Clock
 from talos.core.revocation import RevocationMode, RevocationPolicy
 from talos.core.rng import Rng
+from talos.discovery.registry_http import check_urls
 from talos.errors import ConfigurationError
 from talos.storage.home import default_home
 
@@ -31,7 +33,8 @@ class ClientConfig:
     name: str
     home: Path
     discovery: tuple[str, ...]
-    registry_url: str | None
+    #: The registry's URLs (replicas of one registry, in order of preference); empty: none.
+    registry_urls: tuple[str, ...]
     dht_bootstrap: tuple[tuple[str, int], ...]
     dht_port: int
     listen: tuple[str, int]
@@ -51,13 +54,18 @@ class ClientConfig:
     #: Anchoring on a chain (``anchor={...}``), or None.
     anchor: AnchorSettings | None = None
 
+    @property
+    def registry_url(self) -> str | None:
+        """The first (preferred) registry URL, or ``None`` without a registry."""
+        return self.registry_urls[0] if self.registry_urls else None
+
     @classmethod
     def from_options(
         cls,
         name: str,
         *,
         home: str | Path | None,
-        registry_url: str | None,
+        registry_url: str | Sequence[str] | None,
         listen: str,
         announce: str | None,
         discovery: tuple[str, ...] | list[str],
@@ -94,11 +102,14 @@ class ClientConfig:
         if unknown:
             raise ConfigurationError(f"unknown discovery sources {sorted(unknown)}")
         listening = parse_listen(listen)
+        urls = (
+            () if registry_url is None or "registry" not in discovery else check_urls(registry_url)
+        )
         return cls(
             name=name,
             home=Path(home) if home is not None else default_home(),
             discovery=tuple(discovery),
-            registry_url=registry_url if "registry" in discovery else None,
+            registry_urls=urls,
             dht_bootstrap=tuple(dht_bootstrap or ()),
             dht_port=dht_port,
             listen=listening,

@@ -2,8 +2,9 @@
 
 An agent publishes its key log, prekeys, peer record and revocation list to
 the registry and its record to the DHT, again well before the records
-expire; a source that is down is not fatal, and the registry gauge follows
-every contact.
+expire; a source that is down is not fatal. The registry gauge
+(``talos_registry_up{url}``) follows every contact with each registry URL:
+the registry client reports them (``observe``), failing over between URLs.
 """
 
 from __future__ import annotations
@@ -49,17 +50,15 @@ class Discovery:
         self.reachable: bool | None = None
 
     def source_up(self, name: str) -> None:
-        """A discovery source answered: the registry gauge follows every contact."""
+        """A discovery source answered."""
         if name == "registry" and self.reachable is not True:
             if self.reachable is False:
                 _log.info("registry reachable again", extra={"event": "registry_reachable"})
             self.reachable = True
-            self._metrics.set_registry_reachable(True)
 
     def source_down(self, name: str, exc: Exception) -> None:
         if name == "registry":
             self.reachable = False
-            self._metrics.set_registry_reachable(False)
         _log.warning(
             "%s unavailable: %s",
             name,
@@ -85,8 +84,7 @@ class Discovery:
             await registry.publish_prekeys(upload())
             await registry.publish_record(record())
             await publish_revocations()
-            self.reachable = True
-            self._metrics.set_registry_reachable(True)
+            self.source_up("registry")
         except DiscoveryError as exc:
             self.source_down("registry", exc)
         except PeerRejected as exc:

@@ -7,6 +7,7 @@ nothing else:
 
 ==========================================  ==========================================
 connection refused, reset, timeout, 5xx     :class:`~talos.errors.RegistryUnavailable`
+                                            (from every URL, when several are given)
 404                                         :class:`~talos.errors.PeerNotFound`
 any other 4xx (stale, fork, bad signature)  :class:`RegistryRejected` (a
                                             :class:`~talos.errors.PeerRejected`)
@@ -34,11 +35,13 @@ re-exported here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from types import TracebackType
 
 import httpx
 
 from talos.core.agent_id import check_agent_id
+from talos.core.clock import Clock
 from talos.core.keylog import KeyLog, KeyLookup
 from talos.core.peer_record import PeerRecord
 from talos.core.prekeys import PrekeyUpload
@@ -58,6 +61,7 @@ from talos.discovery.registry_answers import (
 from talos.discovery.registry_http import (
     DEFAULT_TIMEOUT,
     MAX_RESPONSE,
+    Observer,
     RegistryHttp,
     RegistryRejected,
 )
@@ -87,19 +91,34 @@ log = logging.getLogger("talos.discovery")
 class RegistryClient:
     """Talks to one registry over HTTP. Use as ``async with RegistryClient(url) as registry``.
 
-    ``transport`` replaces the network (tests pass an ``httpx.ASGITransport``).
+    ``base_url`` is one URL, or several: replicas of one registry sharing one
+    database, failed over between as :mod:`talos.discovery.failover` says.
+    ``transport`` replaces the network (tests pass an ``httpx.ASGITransport``);
+    ``clock`` times the return to the first URL; ``observe(url, answered)``
+    is told every contact's outcome (the agent's per-URL gauge).
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Clock | None = None,
+        observe: Observer | None = None,
     ) -> None:
-        """Raises: ConfigurationError: ``base_url`` is not an http(s) URL."""
-        self._http = RegistryHttp(base_url, timeout=timeout, transport=transport)
+        """Raises: ConfigurationError: no URL, one that is not http(s), or one given twice."""
+        self._http = RegistryHttp(
+            base_url, timeout=timeout, transport=transport, clock=clock, observe=observe
+        )
+        #: The first URL, without credentials (:attr:`urls` lists them all).
         self.base_url = self._http.base_url
+        self.urls = self._http.urls
+
+    @property
+    def current_url(self) -> str:
+        """The URL requests go to first now (without credentials)."""
+        return self._http.current_url
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -1,21 +1,28 @@
 """HTTP plumbing of the registry client: one request, its bounded answer, failures as Talos errors.
 
-:class:`RegistryHttp` owns the connection pool to one registry. It sends a
-request with the CBOR/JSON content headers, reads at most
-:data:`MAX_RESPONSE` bytes of the answer, and maps every failure to a Talos
-error (the table is in :mod:`talos.discovery.registry_client`). It never
-retries: an unreachable registry is reported at once, and a refused
-submission would be refused again. What the answer means is the typed
-operations' business (:class:`~talos.discovery.registry_client.RegistryClient`).
+:class:`RegistryHttp` owns one connection pool per registry URL (replicas of
+one registry). It sends a request with the CBOR/JSON content headers, reads
+at most :data:`MAX_RESPONSE` bytes of the answer, and maps every failure to a
+Talos error (the table is in :mod:`talos.discovery.registry_client`). A URL
+that does not answer (no connection, timeout, 5xx) is replaced by the next
+one the failover policy names (:mod:`talos.discovery.failover`); when none
+answers, :class:`~talos.errors.RegistryUnavailable` is raised. A 4xx is an
+answer: a refused submission would be refused again, by any replica. What
+the answer means is the typed operations' business
+(:class:`~talos.discovery.registry_client.RegistryClient`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import httpx
 
+from talos.core.clock import Clock
+from talos.discovery.failover import Failover, Switch, public_url
 from talos.errors import (
     ConfigurationError,
     MalformedFrame,
@@ -30,6 +37,11 @@ DEFAULT_TIMEOUT: Final = 5.0
 #: Largest answer read from the registry (a key log or revocation list is at most 1 MiB).
 MAX_RESPONSE: Final = (1 << 20) + 4096
 _CBOR: Final = "application/cbor"
+
+log = logging.getLogger("talos.discovery")
+
+#: Told the outcome of every contact: (public URL, answered).
+Observer = Callable[[str, bool], None]
 
 
 class RegistryRejected(PeerRejected):
@@ -53,30 +65,45 @@ class RegistryRejected(PeerRejected):
 
 
 class RegistryHttp:
-    """Requests to one registry at ``base_url``; ``transport`` replaces the network."""
+    """Requests to the registry at ``base_url`` (one URL, or several replicas of one registry).
+
+    ``transport`` replaces the network; ``clock`` times the return to the
+    first URL (:mod:`talos.discovery.failover`); ``observe`` is told the
+    outcome of every contact with each URL (the per-URL gauge).
+    """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Clock | None = None,
+        observe: Observer | None = None,
     ) -> None:
-        """Raises: ConfigurationError: ``base_url`` is not an http(s) URL."""
-        try:
-            url = httpx.URL(base_url)
-        except (httpx.InvalidURL, TypeError) as exc:
-            raise ConfigurationError(f"invalid registry URL {base_url!r}: {exc}") from None
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigurationError(f"registry URL must be http(s)://host[:port]: {base_url!r}")
-        self.base_url = str(url).rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=timeout, transport=transport, follow_redirects=False
-        )
+        """Raises: ConfigurationError: no URL, a URL that is not http(s), or one given twice."""
+        urls = check_urls(base_url)
+        self.urls = tuple(public_url(url) for url in urls)
+        self.base_url = self.urls[0]
+        self._clients = [
+            httpx.AsyncClient(
+                base_url=url, timeout=timeout, transport=transport, follow_redirects=False
+            )
+            for url in urls
+        ]
+        self._failover = Failover(len(urls))
+        self._clock = clock
+        self._observe = observe
+
+    @property
+    def current_url(self) -> str:
+        """The URL requests go to first now (without credentials)."""
+        return self.urls[self._failover.current]
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._http.aclose()
+        """Close the connection pools."""
+        for client in self._clients:
+            await client.aclose()
 
     async def get(self, path: str) -> bytes:
         """The body of a 2xx answer to ``GET path``; raises as :meth:`request`."""
@@ -87,29 +114,121 @@ class RegistryHttp:
         return await self.request("PUT", path, body)
 
     async def request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        """Send one request; return the body of a 2xx answer.
+        """Send one request, to each URL in the failover order until one answers.
 
         Raises:
-            RegistryUnavailable: no answer (connection, timeout, protocol) or 5xx.
+            RegistryUnavailable: no URL answered (connection, timeout, protocol, 5xx);
+                the message names the last failure.
             PeerNotFound: 404.
             RegistryRejected: another 4xx (or an unexpected status).
             MalformedFrame: the answer is larger than :data:`MAX_RESPONSE`.
         """
+        failure: RegistryUnavailable | None = None
+        for index in self._failover.order(self._now()):
+            try:
+                answer = await self._send(index, method, path, body)
+            except RegistryUnavailable as exc:
+                self._failover.failed(index, self._now())
+                self._tell(index, answered=False)
+                failure = exc
+                continue
+            self._tell(index, answered=True)
+            self._switched(self._failover.answered(index, self._now()), failure)
+            return answer.result()
+        assert failure is not None  # noqa: S101 -- order() names at least one URL
+        raise failure
+
+    async def _send(self, index: int, method: str, path: str, body: bytes | None) -> _Answer:
+        """One request to URL ``index``. Raises: RegistryUnavailable: no answer, or 5xx."""
         headers = {"accept": f"{_CBOR}, application/json"}
         if body is not None:
             headers["content-type"] = _CBOR
+        client, url = self._clients[index], self.urls[index]
         try:
-            request = self._http.build_request(method, path, content=body, headers=headers)
-            response = await self._http.send(request, stream=True)
+            request = client.build_request(method, path, content=body, headers=headers)
+            response = await client.send(request, stream=True)
             try:
                 data = await _read_bounded(response)
             finally:
                 await response.aclose()
         except (httpx.HTTPError, httpx.StreamError) as exc:
             raise RegistryUnavailable(
-                f"registry {self.base_url} unreachable: {type(exc).__name__}: {exc}"
+                f"registry {url} unreachable: {type(exc).__name__}: {exc}"
             ) from None
-        return _check_status(response.status_code, data, self.base_url)
+        status = response.status_code
+        if status >= 500:
+            kind, reason = _error_body(data)
+            raise RegistryUnavailable(f"registry {url} failed ({status} {kind}): {reason}")
+        return _Answer(status, data, url)
+
+    def _now(self) -> float:
+        return 0.0 if self._clock is None else self._clock.time()
+
+    def _tell(self, index: int, *, answered: bool) -> None:
+        if self._observe is not None:
+            self._observe(self.urls[index], answered)
+
+    def _switched(self, switch: Switch | None, failure: RegistryUnavailable | None) -> None:
+        """Log a change of the current URL (``registry_failover``, ``registry_failback``)."""
+        if switch is None:
+            return
+        old, new = self.urls[switch.old], self.urls[switch.new]
+        if switch.failback:
+            log.info(
+                "back to the first registry %s (was using %s)",
+                new,
+                old,
+                extra={"event": "registry_failback", "peer_id": None},
+            )
+        else:
+            log.warning(
+                "registry %s not answering (%s); using %s",
+                old,
+                failure,
+                new,
+                extra={"event": "registry_failover", "peer_id": None},
+            )
+
+
+class _Answer:
+    """An answer that is not a 5xx: its body, or the error its status means."""
+
+    def __init__(self, status: int, data: bytes, url: str) -> None:
+        self.status, self.data, self.url = status, data, url
+
+    def result(self) -> bytes:
+        return _check_status(self.status, self.data, self.url)
+
+
+def check_urls(base_url: str | Sequence[str]) -> tuple[str, ...]:
+    """The registry URLs, normalized (one string is one URL).
+
+    Raises:
+        ConfigurationError: no URL, a URL that is not http(s)://host[:port], or
+            the same URL twice.
+    """
+    given = (base_url,) if isinstance(base_url, str) else tuple(base_url)
+    if not given:
+        raise ConfigurationError("registry_url: give at least one registry URL")
+    urls = tuple(_check_url(url) for url in given)
+    if len({public_url(url) for url in urls}) != len(urls):  # also the label and log name
+        raise ConfigurationError("registry_url: the same registry URL is given twice")
+    return urls
+
+
+def _check_url(base_url: object) -> str:
+    """Raises: ConfigurationError: not an http(s) URL."""
+    if not isinstance(base_url, str):
+        raise ConfigurationError(f"a registry URL must be a string, not {type(base_url).__name__}")
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL as exc:
+        raise ConfigurationError(f"invalid registry URL {public_url(base_url)!r}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigurationError(
+            f"registry URL must be http(s)://host[:port]: {public_url(str(url))!r}"
+        )
+    return str(url).rstrip("/")
 
 
 async def _read_bounded(response: httpx.Response) -> bytes:

@@ -54,11 +54,26 @@ def test_a_valid_configuration_is_frozen() -> None:
         ({"discovery": ("registry", "carrier-pigeon")}, "discovery"),
         ({"listen": "nowhere"}, "listen"),
         ({"listen": "0.0.0.0:0"}, "announce"),
+        ({"registry_url": []}, "registry_url"),
+        ({"registry_url": ["http://r:1", "http://r:1/"]}, "registry_url"),
+        ({"registry_url": ["http://r:1", "ws://r:2"]}, "registry URL"),
     ],
 )
 def test_each_bad_option_is_named(change: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         ClientConfig.from_options("alice", **_options(**change))  # type: ignore[arg-type]
+
+
+def test_one_registry_url_or_several() -> None:
+    one = ClientConfig.from_options("a", **_options(registry_url="http://r1:8000/"))  # type: ignore[arg-type]
+    assert one.registry_urls == ("http://r1:8000",)
+    assert one.registry_url == "http://r1:8000"
+    urls = ["http://r1:8000", "https://user:pw@r2:8443"]
+    several = ClientConfig.from_options("a", **_options(registry_url=urls))  # type: ignore[arg-type]
+    assert several.registry_urls == tuple(urls)  # credentials kept to connect with
+    assert several.registry_url == "http://r1:8000"
+    no_registry = _options(registry_url=urls, discovery=("dht",))
+    assert ClientConfig.from_options("a", **no_registry).registry_urls == ()  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("port", ["\u00b2", "\u0663", "65536", "-1", ""])
