@@ -146,7 +146,7 @@ def _check(result: Result, argv: list[str], allowed: frozenset[int]) -> None:
     shown = f"talos {argv!r} -> {result.exit_code}\n{result.output}{result.stderr}"
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(shown) from result.exception
-    assert "Traceback" not in result.output + result.stderr, shown
+    assert "Traceback (most recent call last)" not in result.output + result.stderr, shown
     assert result.exit_code in allowed, shown
 
 
