@@ -8,8 +8,10 @@ home) and the RPC URL. Bad input is a clean error with its exit code.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,14 @@ def _final(home: Path) -> list[dict[str, object]]:
     return [row for row in rows if row["state"] == "final"]
 
 
+def _final_or_mine(home: Path, anvil: AnvilProcess) -> list[dict[str, object]]:
+    """The final anchors; none yet: mine a block towards the confirmations."""
+    found = _final(home)
+    if not found:
+        anvil.mine(1)
+    return found
+
+
 @pytest.fixture(scope="module")
 def anchored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Anchored]:
     """An agent's log anchored once, grown past the anchor, and a proof of entry 0.
@@ -70,7 +80,7 @@ def _anchored_home(anvil: AnvilProcess, tmp_path: Path) -> Anchored:
                                "--anchor-contract", contract,
                                "--anchor-key-file", str(key_file), "--anchor-interval", "60",
                                "--anchor-confirmations", "2")  # fmt: skip
-        wait_until(lambda: _final(home) or anvil.mine(1), 30.0, what="anchored")
+        wait_until(lambda: _final_or_mine(home, anvil), 30.0, what="anchored")
         assert agent.stop() == 0
     proof = tmp_path / "proof.json"
     CLI.ok(home, "audit", "prove", "0", "--out", str(proof))
@@ -185,7 +195,7 @@ def test_an_anchor_in_a_block_the_chain_does_not_have_is_an_anchor_mismatch(
     assert "not on this chain" in result.stderr
 
 
-def test_an_rpc_answering_garbage_or_nothing_is_exit_7(anchored: Anchored) -> None:
+def test_an_rpc_that_does_not_answer_is_exit_7(anchored: Anchored) -> None:
     result = CLI.fails(anchored.home, EXIT_ANCHORING, "audit", "verify-proof", "--proof",
                        str(anchored.proof), "--rpc", "http://127.0.0.1:1")  # fmt: skip
     assert "ChainUnavailable" in result.stderr
@@ -193,6 +203,36 @@ def test_an_rpc_answering_garbage_or_nothing_is_exit_7(anchored: Anchored) -> No
     result = CLI.fails(anchored.home, 1, "audit", "verify-proof", "--proof", str(anchored.proof),
                        "--rpc", "ftp://example.org")  # fmt: skip
     assert "not an http" in result.stderr
+
+
+class _Garbage(BaseHTTPRequestHandler):
+    """Answers every POST with a JSON-RPC reply whose result is not a quantity."""
+
+    def do_POST(self) -> None:  # noqa: N802 -- http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        body = b'{"jsonrpc": "2.0", "id": 1, "result": {"not": "a chain id"}}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        """Quiet."""
+
+
+def test_an_rpc_answering_garbage_is_exit_7(anchored: Anchored) -> None:
+    server = HTTPServer(("127.0.0.1", 0), _Garbage)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = CLI.fails(anchored.home, EXIT_ANCHORING, "audit", "verify-proof", "--proof",
+                           str(anchored.proof), "--rpc", url, "--json")  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert json.loads(result.stdout)["reason"] == "ChainUnavailable"
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
