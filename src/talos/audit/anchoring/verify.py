@@ -25,7 +25,7 @@ from talos.audit.log import AuditLog
 from talos.core.audit.entry import AuditKind
 from talos.errors import AnchorMismatch
 
-__all__ = ["ANCHORED_TOPIC", "AnchorCheck", "verify_anchors"]
+__all__ = ["ANCHORED_TOPIC", "AnchorCheck", "decode_anchored", "verify_anchors"]
 
 
 def _anchored_topic() -> bytes:
@@ -61,7 +61,12 @@ class AnchorCheck:
         }
 
 
-def _decode(event: EventLog) -> tuple[bytes, int, bytes, str]:
+def decode_anchored(event: EventLog) -> tuple[bytes, int, bytes, str]:
+    """An `Anchored` event's log id, tree size, root and submitter.
+
+    Raises:
+        AnchorMismatch: the event is not an `Anchored` event.
+    """
     if len(event.topics) != 3 or event.topics[0] != ANCHORED_TOPIC or len(event.data) != 64:
         raise AnchorMismatch(f"transaction 0x{event.tx_hash.hex()} holds no Anchored event")
     size = int.from_bytes(event.data[:32], "big")
@@ -99,7 +104,7 @@ def verify_anchors(log: AuditLog, chain: Chain) -> list[AnchorCheck]:
                 f"the anchor of size {data['size']} (entry {entry.seq}) is not in block "
                 f"{data['block']} of chain {chain_id} any more"
             )
-        log_name, size, root, submitter = _decode(found[0])
+        log_name, size, root, submitter = decode_anchored(found[0])
         if (size, root) != (data["size"], data["root"]):
             raise AnchorMismatch(f"entry {entry.seq} and its transaction disagree on the root")
         names.add((contract, log_name, submitter))
@@ -111,7 +116,7 @@ def verify_anchors(log: AuditLog, chain: Chain) -> list[AnchorCheck]:
             "topics": ["0x" + ANCHORED_TOPIC.hex(), "0x" + log_name.hex()],
         }
         for event in chain.logs(query):
-            _, size, root, sender = _decode(event)
+            _, size, root, sender = decode_anchored(event)
             verdict = "foreign" if sender != submitter else _judge(log, size, root)
             checks.append(
                 AnchorCheck(size, root, event.block_number, event.tx_hash, sender, verdict)

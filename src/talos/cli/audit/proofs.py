@@ -1,10 +1,12 @@
 """``talos audit prove`` and ``verify-proof``: inclusion proof files.
 
 ``prove`` writes a proof file, with a checkpoint signed by this agent when it
-can; ``verify-proof`` checks one (:mod:`talos.audit.proof_file`) against
-``--root`` or its checkpoint, whose signature must come from a
-``--verifier-key`` or a key of this home's key log. A proof that does not
-verify is exit 1 with the reason on stderr.
+can and the newest final anchor covering the entry; ``verify-proof`` checks
+one (:mod:`talos.audit.proof_file`) against ``--root`` (the proof's root or
+its anchored root), the anchor on chain (``--rpc``), or its checkpoint, whose
+signature must come from a ``--verifier-key`` or a key of this home's key
+log. A proof that does not verify is exit 1 with the reason on stderr; a
+chain that contradicts the proof's anchor is exit 8 (``AnchorMismatch``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,26 @@ from rich.console import Console
 from rich.markup import escape
 
 from talos.audit import Checkpoint, LogSigner, parse_verifier_key
-from talos.audit.proof_file import NoteKey, ProofVerdict, read_proof_file, verify_proof_file
+from talos.audit.proof_file import (
+    NoteKey,
+    ProofFile,
+    ProofVerdict,
+    anchor_for,
+    read_proof_file,
+    verify_proof_file,
+)
 from talos.cli.audit.options import json_option, log_option, reading, root_argument
 from talos.cli.context import CliContext
 from talos.cli.identity import key_passphrase_option, load_identity
 from talos.cli.options import INT64_MAX, BoundedInt
-from talos.errors import ConfigurationError, MalformedFrame, StorageError, VerificationError
+from talos.errors import (
+    AnchorMismatch,
+    ConfigurationError,
+    MalformedFrame,
+    StorageError,
+    TalosError,
+    VerificationError,
+)
 
 __all__ = ["prove", "verify_proof"]
 
@@ -81,15 +97,22 @@ def prove(
     key_passphrase_file: Path | None,
     log: Path | None,
 ) -> None:
-    """Write the inclusion proof of entry SEQ in the current tree to a JSON file."""
+    """Write the inclusion proof of entry SEQ in the current tree to a JSON file.
+
+    The file carries the newest final anchor covering the entry, if any.
+    """
     with reading(ctx, log) as opened:
         size = opened.size
         proof = opened.prove_inclusion(seq, size=size)
         tree_root = opened.root_at(size)
-    checkpoint = _checkpoint_for(
-        ctx, with_checkpoint, log is None, size, tree_root, key_passphrase_file
-    )
-    body = json.dumps(proof.to_json_dict(checkpoint), indent=2) + "\n"
+        checkpoint = _checkpoint_for(
+            ctx, with_checkpoint, log is None, size, tree_root, key_passphrase_file
+        )
+        anchor = anchor_for(opened, seq, size, checkpoint.origin if checkpoint else None)
+    document = proof.to_json_dict(checkpoint)
+    if anchor is not None:
+        document["anchor"] = anchor.to_json()
+    body = json.dumps(document, indent=2) + "\n"
     try:
         out.write_text(body, encoding="utf-8")
     except OSError as exc:
@@ -97,6 +120,13 @@ def prove(
     signed = "" if checkpoint is None else f", checkpoint signed by {checkpoint.signatures[0].name}"
     click.echo(f"proof of entry {seq} in tree size {size} written to {out}{signed}")
     click.echo(f"root {tree_root.hex()}")
+    if anchor is None:
+        click.echo("not anchored yet: no final anchor covers this entry")
+    else:
+        click.echo(
+            f"anchored at tree size {anchor.tree_size} root {anchor.root.hex()} "
+            f"(chain {anchor.chain_id}, block {anchor.block_number}, tx 0x{anchor.tx_hash.hex()})"
+        )
 
 
 def _trusted_note_keys(ctx: CliContext, verifier_keys: tuple[str, ...]) -> list[NoteKey]:
@@ -116,20 +146,56 @@ def _trusted_note_keys(ctx: CliContext, verifier_keys: tuple[str, ...]) -> list[
     return keys
 
 
+def _on_chain(rpc_url: str, proof_file: ProofFile) -> str:
+    """Look the proof file's anchor up on the chain; the wallet that sent it.
+
+    Raises:
+        ConfigurationError: no anchor in the file, a bad URL, the extra missing.
+        AnchorMismatch: the chain contradicts the anchor.
+        ChainUnavailable, RpcError: the chain did not answer.
+    """
+    anchor = proof_file.anchor
+    if anchor is None:
+        raise ConfigurationError(
+            "the proof file carries no anchor to look up (its entry was not anchored yet "
+            "when it was made): request a new proof, or pass --root"
+        )
+    try:
+        from talos.audit.anchoring.chain import Chain
+        from talos.audit.anchoring.proof import check_proof_anchor
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"verify-proof --rpc needs the talos[anchor] extra (pip install 'talos[anchor]'): {exc}"
+        ) from None
+    chain = Chain(rpc_url)
+    try:
+        origin = None if proof_file.checkpoint is None else proof_file.checkpoint.origin
+        return check_proof_anchor(anchor, chain, origin)
+    finally:
+        chain.close()
+
+
 def _verify(
-    ctx: CliContext, path: Path, given_root: bytes | None, verifier_keys: tuple[str, ...]
+    ctx: CliContext,
+    path: Path,
+    given_root: bytes | None,
+    verifier_keys: tuple[str, ...],
+    rpc_url: str | None,
 ) -> ProofVerdict:
-    """Check a proof file; its checkpoint against the trusted keys, if it has one.
+    """Check a proof file; its checkpoint against the trusted keys, its anchor on chain.
 
     Raises:
         MalformedFrame: the file is not a proof file.
         SignatureInvalid: its checkpoint is not validly signed by a trusted key.
-        InclusionProofError: the proof does not lead to the root.
+        InclusionProofError, ConsistencyError: the proof does not lead to the root.
+        AnchorMismatch: the chain (or the checkpoint) contradicts the proof's anchor.
+        AnchoringError: the chain did not answer.
         ConfigurationError: no root to check against, or a bad --verifier-key.
     """
     proof_file = read_proof_file(path)
     keys = [] if proof_file.checkpoint is None else _trusted_note_keys(ctx, verifier_keys)
-    return verify_proof_file(proof_file, root=given_root, note_keys=keys)
+    submitter = None if rpc_url is None else _on_chain(rpc_url, proof_file)
+    return verify_proof_file(proof_file, root=given_root, note_keys=keys, chain_submitter=submitter)
 
 
 @click.command("verify-proof")
@@ -141,7 +207,14 @@ def _verify(
     "given_root",
     callback=root_argument,
     default=None,
-    help="Expected root, 64 hex digits (0x optional). Default: the file's signed checkpoint.",
+    help="Expected root, 64 hex digits (0x optional): the proof's, or its anchored root. "
+    "Default: the file's signed checkpoint.",
+)
+@click.option(
+    "--rpc",
+    "rpc_url",
+    default=None,
+    help="JSON-RPC URL of the anchor's chain: check the proof's anchor there.",
 )
 @click.option(
     "--verifier-key",
@@ -156,20 +229,22 @@ def verify_proof(
     proof_path: Path,
     given_root: bytes | None,
     verifier_keys: tuple[str, ...],
+    rpc_url: str | None,
     as_json: bool,
 ) -> None:
-    """Check an inclusion proof file against a root. Needs no audit log.
+    """Check an inclusion proof file against a root or its anchor. Needs no audit log.
 
     Exit 0 when it verifies; 1 with the reason (wrong root, corrupted proof,
-    bad checkpoint signature, malformed file) otherwise.
+    bad checkpoint signature, malformed file) otherwise; 7 when the chain
+    does not answer; 8 when the chain contradicts the proof's anchor.
     """
     try:
-        verdict = _verify(ctx, proof_path, given_root, verifier_keys)
-    except (VerificationError, MalformedFrame, ConfigurationError) as exc:
+        verdict = _verify(ctx, proof_path, given_root, verifier_keys, rpc_url)
+    except TalosError as exc:
         if as_json:
             out = {"valid": False, "reason": type(exc).__name__, "message": str(exc)}
             click.echo(json.dumps(out, sort_keys=True))
-        if isinstance(exc, VerificationError):
+        if isinstance(exc, VerificationError) and not isinstance(exc, AnchorMismatch):
             exc.hint = "request a new proof; compare the root with the log's anchor or checkpoint"
         raise
     if as_json:
@@ -183,3 +258,17 @@ def verify_proof(
         click.echo(f"checkpoint signed by {verdict.checkpoint_signer}")
     elif verdict.checkpoint == "unchecked":
         _err.print("[yellow]note:[/] checkpoint signature not checked (no trusted key)")
+    anchor = verdict.anchor
+    if anchor is None:
+        _err.print("[yellow]note:[/] the proof carries no anchor")
+        return
+    where = (
+        f"tree size {anchor.tree_size} root {anchor.root.hex()}, chain {anchor.chain_id} "
+        f"block {anchor.block_number} tx 0x{anchor.tx_hash.hex()}"
+    )
+    if verdict.anchor_state == "chain":
+        click.echo(f"anchored on chain: {where}, sent by {verdict.anchor_submitter}")
+    elif verdict.anchor_state == "root":
+        click.echo(f"anchored root given: {where}")
+    else:
+        _err.print(f"[yellow]note:[/] anchor not checked (pass --rpc URL): {escape(where)}")
