@@ -52,11 +52,12 @@ pytest: $(STAMP) faketime postgres anvil
 soak: $(STAMP)
 	$(BIN)/pytest -m soak -s -q -p no:cacheprovider tests/integration/test_soak.py
 
-bench: $(STAMP) postgres
+bench: $(STAMP) postgres anvil
 	$(BIN)/python -m benchmarks.core
 	$(BIN)/python -m benchmarks.capabilities
 	$(BIN)/python -m benchmarks.audit
 	$(BIN)/python -m benchmarks.registry
+	$(BIN)/python -m benchmarks.anchoring
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis
