@@ -232,13 +232,15 @@ class KeyLogs:
         if data is None:
             return None
         try:
-            offered = KeyLog.from_bytes(data)
-        except (MalformedFrame, UnsupportedVersion, KeyLogInvalid):
+            # Not verified yet: extend() compares the held prefix and verifies
+            # only the new tail (a stranger's long log costs no signature checks).
+            events = KeyLog.decode_events(data)
+        except (MalformedFrame, UnsupportedVersion):
             return None  # counted below as the frame's signature failure
-        if offered.agent_id != held.agent_id or len(offered) <= len(held):
-            return None
+        if len(events) <= len(held) or events[0] != held.events[0]:
+            return None  # not longer, or another agent's log
         try:
-            return held.extend(offered.events)
+            return held.extend(events)
         except KeyLogInvalid as exc:
             self._refused(unverified.sender, "fork", exc, held)
             return None

@@ -235,3 +235,32 @@ def test_the_flags_are_signed(rng: SeededRng) -> None:
     stripped = dataclasses.replace(log.events[1], revokes_prior=False)
     with pytest.raises(KeyLogInvalid):
         KeyLog.verify([log.events[0], stripped])
+
+
+def test_a_stranger_s_long_log_costs_no_signature_checks(
+    rng: SeededRng, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a receiver does with a key log attached to a frame: decode without
+    verifying, compare the held prefix, verify only the new tail."""
+    from talos.core import keylog as keylog_module
+
+    held, keys = _log(rng, 1)
+    stranger, _ = _log(rng, 40)
+    forged_tail = dataclasses.replace(stranger.events[2], sequence=2, prior=held.state.last_digest)
+    checks = []
+    real_verify = keylog_module._verify_signature
+    monkeypatch.setattr(
+        keylog_module, "_verify_signature", lambda event: checks.append(event) or real_verify(event)
+    )
+    events = KeyLog.decode_events(stranger.to_bytes())
+    assert len(events) == 41
+    assert events[0] != held.events[0]  # another agent's log: the receiver stops here
+    assert checks == []
+    with pytest.raises(KeyLogInvalid, match="not pre-committed"):
+        held.extend([*held.events, forged_tail])
+    assert checks == []  # refused on the commitment, before any signature check
+    nxt = SigningKey.generate(rng).public_key
+    rotated = held.rotate(keys[2], DHKey.generate(rng).public, nxt, now_ms=9)
+    checks.clear()
+    assert held.extend(KeyLog.decode_events(rotated.to_bytes())).events == rotated.events
+    assert len(checks) == 1  # only the new event was verified
