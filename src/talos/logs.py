@@ -112,6 +112,7 @@ EVENTS: Final = frozenset(
         "registry_failback",
         "message_lost",
         "key_rotated",
+        "public_keylog_behind",
         "peer_key_rotated",
         "peer_key_log_refused",
         # anchoring the audit log on a chain

@@ -370,3 +370,45 @@ def test_recover_from_backup_then_run_keeps_sessions_outbox_and_inbox(
     delivered(bob_home, alice_id, "three")
     assert inbox(bob_home) == [(alice_id, "two")]
     assert inbox(alice_home) == [(bob_id, "three")]
+
+
+def test_a_public_key_log_that_cannot_be_written_does_not_undo_the_rotation(
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
+) -> None:
+    """Once the key file holds the rotated identity the rotation is done: a failed
+    public key log write is logged and completed at the next start, never
+    reported as a failure that a retry would turn into a second rotation."""
+    home = tmp_path / "alice"
+    ok(home, "init", "--name", "alice", "--no-passphrase")
+    public = home / "keylog.cbor"
+    before = public.read_bytes()
+    agent = start(home, "--registry", registry.url)
+    public.unlink()
+    public.mkdir()  # the public log can no longer be replaced
+    out = ok(home, "rotate", "--reason", "routine")
+    assert "key sequence 1 (running agent)" in out
+    wait_until(lambda: "public_keylog_behind" in agent.child.log_text(), 10,
+               what="the warning in the agent's log")  # fmt: skip
+    assert agent.stop() == 0
+    public.rmdir()
+    public.write_bytes(before)  # behind the key file: completed by the next command
+    # A stopped rotation whose public log write fails once its key file is written.
+    marker = tmp_path / "paused"
+    paused = spawn(talos_argv("--home", str(home), "rotate", "--reason", "again"),
+                   env=clean_env({"TALOS_TEST_PAUSE": f"keyfile-written:{marker}"}),
+                   log=tmp_path / "rotate.log", name="rotate", stdout_pipe=False)  # fmt: skip
+    wait_until(marker.exists, 30, what="the rotation paused after its key file")
+    public.unlink()
+    public.mkdir()
+    marker.unlink()
+    assert paused.wait(30) == 0, paused.log_text()
+    assert "key sequence 2" in paused.log_text()  # reported done
+    assert "public key log was not written" in paused.log_text()
+    public.rmdir()
+    public.write_bytes(before)  # behind the key file by both rotations
+    assert json.loads(ok(home, "whoami", "--json"))["sequence"] == 2
+    again = start(home, "--registry", registry.url)
+    assert KeyLog.from_bytes(public.read_bytes()).state.sequence == 2  # completed at start
+    assert again.stop() == 0
+    rotated = json.loads(ok(home, "audit", "query", "--type", "KEY_ROTATED", "--json"))
+    assert [row["data"]["sequence"] for row in rotated] == [1, 2]

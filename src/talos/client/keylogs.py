@@ -15,8 +15,9 @@ peer rotates, this driver is how the others follow
    refused, audited ``PEER_KEY_LOG_REFUSED`` and counted.
 3. **Before a signature failure counts**, the sender's newer log is looked
    for (:meth:`KeyLogs.reverify`): the one the frame carries, then the
-   registry, then the DHT, at most :data:`REFRESH_BURST` times per sender per
-   :data:`REFRESH_INTERVAL` (and :data:`GLOBAL_REFRESH_RATE` per second in all),
+   registry, then the DHT, at most :data:`REFRESH_BURST` times per sender and
+   remote address per :data:`REFRESH_INTERVAL` (and :data:`GLOBAL_REFRESH_RATE`
+   per second in all: :class:`RefreshLimit`),
    so forged frames cannot make us hammer the registry. The frame is verified
    once more under the newer key. Failing that, the earlier keys of the log
    say why it failed (:func:`failure_reason`): a key an emergency rotation
@@ -81,15 +82,26 @@ GLOBAL_REFRESH_BURST: Final = 10
 
 
 class RefreshLimit:
-    """Whether a failed signature from ``sender`` may fetch its key log again now."""
+    """Whether a failed signature from ``sender`` may fetch its key log again now.
+
+    The sender a failing frame names is not authenticated: anyone can forge
+    frames naming any agent. So the per-sender allowance is kept per sender
+    *and* remote address: a forger elsewhere spends its own bucket, never the
+    one the real sender's frames use. Both buckets are checked before either
+    is charged, so a refusal by one never spends the other's token.
+    """
 
     def __init__(self) -> None:
         self._per_sender = RateLimiter(rate=1 / REFRESH_INTERVAL, burst=REFRESH_BURST)
         self._overall = RateLimiter(rate=GLOBAL_REFRESH_RATE, burst=GLOBAL_REFRESH_BURST)
 
-    def allow(self, sender: str, now: float) -> bool:
-        """Take one refresh for ``sender`` at ``now`` (monotonic seconds)."""
-        return self._per_sender.allow(sender, now) and self._overall.allow(None, now)
+    def allow(self, sender: str, host: str, now: float) -> bool:
+        """Take one refresh for ``sender`` seen from ``host`` at ``now`` (monotonic
+        seconds); ``False``, charging nothing, when either allowance is spent."""
+        key = (sender, host)
+        if not (self._per_sender.available(key, now) and self._overall.available(None, now)):
+            return False
+        return self._per_sender.allow(key, now) and self._overall.allow(None, now)
 
 
 def signed_by_earlier(
@@ -217,7 +229,7 @@ class KeyLogs:
             if envelope is not None:
                 return envelope, self._peers.learn_log(attached)
         newest = held
-        if self._limit.allow(sender, self._clock.monotonic()):
+        if self._limit.allow(sender, link.remote_host, self._clock.monotonic()):
             newest = await self._refresh(sender, held)
             if len(newest) > len(held):
                 envelope = _verified(unverified, newest)

@@ -21,6 +21,7 @@ Both paths keep the same order (docs/design/key-rotation.md):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from talos.core.identity import Identity
 from talos.core.keylog import MAX_REASON, valid_reason
 from talos.core.revocation import RevocationList
 from talos.core.rng import Rng
-from talos.errors import ConfigurationError, MalformedFrame, UnsupportedVersion
+from talos.errors import ConfigurationError, MalformedFrame, StorageError, UnsupportedVersion
 from talos.storage.agent_state import AgentState, derive_storage_key
 from talos.storage.home import CAPABILITIES_DIR, AgentHome, pause_point
 from talos.storage.tokens import TokenStore
@@ -44,7 +45,10 @@ __all__ = [
     "revoke_earlier_keys",
     "rotate_at_rest",
     "rotation_record",
+    "save_public_keylog",
 ]
+
+_log = logging.getLogger("talos.client")
 
 
 class OwnIdentity:
@@ -177,6 +181,29 @@ def _token(data: bytes) -> Capability | None:
         return None
 
 
+def save_public_keylog(home: AgentHome, identity: Identity) -> bool:
+    """Write ``identity``'s public key log after its key file; ``False`` (logged,
+    not raised) when that fails.
+
+    The rotation is already done once the key file holds the new identity:
+    reporting it as failed would have the caller retry from the old identity
+    and write a second, different rotation. The public log left behind is
+    completed at the next start (``AgentHome.check_public_keylog``).
+    """
+    try:
+        home.save_public_keylog(identity)
+    except StorageError as exc:
+        _log.warning(
+            "rotated to key sequence %d, but the public key log was not written (%s); "
+            "the next start completes it from the key file",
+            identity.sequence,
+            exc,
+            extra={"event": "public_keylog_behind", "sequence": identity.sequence},
+        )
+        return False
+    return True
+
+
 def rotate_at_rest(
     home: AgentHome,
     rotation: Rotation,
@@ -191,14 +218,17 @@ def rotate_at_rest(
         ConfigurationError: a bad rotation (see :meth:`Rotation.check`).
         IdentityNotFound, KeyFileCorrupted, WrongPassphrase: the key file does
             not open; nothing was written.
-        StorageError: a write failed (the home still opens: see
-            docs/design/key-rotation.md, "Crash safety").
+        StorageError: the key file, the audit log or the token store could not
+            be written (the home still opens: see docs/design/key-rotation.md,
+            "Crash safety"). A public key log that cannot be written is only
+            logged: the key file already holds the rotation.
     """
     rotation.check()
     identity = home.load_identity(passphrase=passphrase)
     home.check_public_keylog(identity.keylog)
     rotated = rotation.apply(identity, clock=clock, rng=rng)
-    home.save_identity(rotated, rng=rng, passphrase=passphrase)
+    home.save_key_file(rotated, rng=rng, passphrase=passphrase)
+    save_public_keylog(home, rotated)
     pause_point("identity-saved")
     with AuditLog.open(
         home.audit_path,

@@ -4,7 +4,10 @@ The order is the point (docs/design/key-rotation.md):
 
 1. the rotated identity's key file is written (atomically, key file before
    the public key log): nothing is signed with a key whose secret is not on
-   disk, and a crash from here on restarts with the new key;
+   disk, and a crash from here on restarts with the new key. Once the key
+   file is written the rotation is done and goes on to the end: a public key
+   log that cannot be written is logged (``public_keylog_behind``) and
+   completed at the next start, never reported as a failed rotation;
 2. every driver switches to the new identity (:class:`~talos.client.own_keys.OwnIdentity`),
    the audit log signs its next blocks with the new key, and ``KEY_ROTATED``
    is audited (sequence, fingerprint, reason, emergency, revoke_old);
@@ -27,7 +30,13 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from talos.audit import AuditKind, AuditLog
-from talos.client.own_keys import OwnIdentity, Rotation, audit_signer, rotation_record
+from talos.client.own_keys import (
+    OwnIdentity,
+    Rotation,
+    audit_signer,
+    rotation_record,
+    save_public_keylog,
+)
 from talos.client.wiring import Parts
 from talos.core.clock import Clock
 from talos.core.identity import Identity
@@ -69,14 +78,20 @@ class Rotator:
         Raises:
             ConfigurationError: a bad reason, or revoke_old without emergency.
             StorageError: the key file could not be written; nothing changed.
+                (Any failure after that is logged, not raised: the rotation
+                is done once the key file holds it.)
         """
         rotation.check()
         async with self._lock:
             rotated = rotation.apply(self._own.current, clock=self._clock, rng=self._rng)
             await asyncio.to_thread(
-                self._home.save_identity, rotated, rng=self._rng, passphrase=self._passphrase
+                self._home.save_key_file, rotated, rng=self._rng, passphrase=self._passphrase
             )
+            # From here the home is the rotated identity: the rotation completes
+            # even if the public key log cannot be written (never reported as a
+            # failure that a retry would turn into a second rotation).
             self._switch(rotated, rotation)
+            await asyncio.to_thread(save_public_keylog, self._home, rotated)
             peers = self._parts.sessions.rotated()
             if rotation.revoke_old:
                 self._parts.capabilities.revoke_earlier_keys()

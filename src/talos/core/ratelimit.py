@@ -29,10 +29,22 @@ class RateLimiter:
         #: Events refused so far (for logs and metrics).
         self.refused = 0
 
+    def _tokens(self, key: Hashable, now: float) -> tuple[float, float]:
+        tokens, last = self._buckets.get(key, (self._burst, now))
+        return min(self._burst, tokens + max(0.0, now - last) * self._rate), last
+
+    def available(self, key: Hashable, now: float) -> bool:
+        """Whether :meth:`allow` would grant ``key`` a token at ``now``, taking none.
+
+        For limits that combine several buckets: check them all first, then take
+        from each, so that a refusal by one does not spend another's token.
+        """
+        return self._tokens(key, now)[0] >= 1.0
+
     def allow(self, key: Hashable, now: float) -> bool:
         """Take one token for ``key`` at ``now`` (seconds); False when none is left."""
-        tokens, last = self._buckets.pop(key, (self._burst, now))
-        tokens = min(self._burst, tokens + max(0.0, now - last) * self._rate)
+        tokens, last = self._tokens(key, now)
+        self._buckets.pop(key, None)
         allowed = tokens >= 1.0
         if allowed:
             tokens -= 1.0

@@ -112,14 +112,15 @@ def _fsync_dir(directory: Path) -> None:
 
 def pause_point(name: str) -> None:
     """A test-only pause: with ``TALOS_TEST_PAUSE=<name>:<file>``, create ``file`` and
-    wait here (until killed), so a test can ``kill -9`` a write sequence at this point."""
+    wait here until killed or until ``file`` is removed, so a test can ``kill -9`` a
+    write sequence at this point, or change the home under it and let it go on."""
     wanted = os.environ.get("TALOS_TEST_PAUSE", "")
     point, _, marker = wanted.partition(":")
     if point != name or not marker:
         return
     Path(marker).touch()
-    while True:
-        time.sleep(1.0)
+    while Path(marker).exists():
+        time.sleep(0.1)
 
 
 def _read(path: Path) -> bytes:
@@ -180,7 +181,7 @@ class AgentHome:
         """Refuse a public key log that is damaged or ahead of ``keylog`` (the key file's);
         rewrite one that is behind it.
 
-        The key file is written first (:meth:`save_identity`), so a crash in a
+        The key file is written first (:meth:`save_key_file`), so a crash in a
         rotation can leave the public log one event behind the key file: that
         log is completed from the key file here. A public log that is *newer*
         than the key file, or another agent's, names keys whose secrets this
@@ -245,13 +246,34 @@ class AgentHome:
         passphrase: bytes | None,
         params: Argon2Params | None = None,
     ) -> None:
-        """Encrypt and atomically write the identity.
+        """Encrypt and atomically write the identity: its key file, then its public
+        key log (:meth:`save_key_file`, :meth:`save_public_keylog`).
+
+        Raises:
+            StorageError: the files cannot be written.
+            KeyFileCorrupted: the local key is damaged while a key file needs it.
+        """
+        self.save_key_file(identity, rng=rng, passphrase=passphrase, params=params)
+        self.save_public_keylog(identity)
+
+    def save_key_file(
+        self,
+        identity: Identity,
+        *,
+        rng: Rng,
+        passphrase: bytes | None,
+        params: Argon2Params | None = None,
+    ) -> None:
+        """Encrypt and atomically write the identity's key file (its secrets and
+        its key log). Once this returns, the home *is* ``identity``: the next
+        start loads it, and :meth:`check_public_keylog` completes a public log
+        left behind.
 
         With a passphrase the key comes from argon2id; without one, a random
         key is kept in ``identity.localkey`` (0600).
 
         Raises:
-            StorageError: the files cannot be written.
+            StorageError: the key file cannot be written; the previous one stays.
             KeyFileCorrupted: the local key is damaged while a key file needs it.
         """
         self.ensure()
@@ -270,6 +292,14 @@ class AgentHome:
             key = self._local_key_for_writing(rng)
             atomic_write(self.identity_path, seal(payload, kind=KIND_KEYFILE, rng=rng, raw_key=key))
         pause_point("keyfile-written")
+
+    def save_public_keylog(self, identity: Identity) -> None:
+        """Atomically write ``identity``'s public key log (after its key file).
+
+        Raises:
+            StorageError: it cannot be written; the key file already holds the
+                identity, and the next start completes the public log.
+        """
         atomic_write(self.keylog_path, identity.keylog.to_bytes())
 
     def _local_key_for_writing(self, rng: Rng) -> bytes:

@@ -104,16 +104,36 @@ def test_only_the_newest_earlier_keys_are_tried(rng: SeededRng, clock: FakeClock
 
 def test_refresh_is_limited_per_sender_and_overall() -> None:
     limit = RefreshLimit()
-    assert [limit.allow("a", 0.0) for _ in range(REFRESH_BURST + 1)] == [True] * REFRESH_BURST + [
-        False
-    ]
-    assert limit.allow("a", REFRESH_INTERVAL / 2) is False
-    assert limit.allow("a", REFRESH_INTERVAL + 0.1) is True
+    assert [limit.allow("a", "h", 0.0) for _ in range(REFRESH_BURST + 1)] == [
+        True
+    ] * REFRESH_BURST + [False]
+    assert limit.allow("a", "h", REFRESH_INTERVAL / 2) is False
+    assert limit.allow("a", "h", REFRESH_INTERVAL + 0.1) is True
     # Forged frames naming ever new senders cannot go past the overall rate.
     limit = RefreshLimit()
-    allowed = sum(limit.allow(f"sender-{n}", 0.0) for n in range(100))
+    allowed = sum(limit.allow(f"sender-{n}", "h", 0.0) for n in range(100))
     assert allowed == GLOBAL_REFRESH_BURST
-    assert limit.allow("sender-new", 1.0) is True
+    assert limit.allow("sender-new", "h", 1.0) is True
+
+
+def test_a_forger_elsewhere_cannot_spend_the_real_senders_refreshes() -> None:
+    limit = RefreshLimit()
+    for _ in range(10):
+        limit.allow("alice", "203.0.113.9", 0.0)  # forged frames naming alice
+    assert limit.allow("alice", "203.0.113.9", 0.0) is False
+    assert limit.allow("alice", "198.51.100.7", 0.0) is True  # alice's own address
+
+
+def test_a_refusal_by_the_overall_limit_spends_no_sender_allowance() -> None:
+    limit = RefreshLimit()
+    for n in range(GLOBAL_REFRESH_BURST):
+        assert limit.allow(f"flood-{n}", "h", 0.0)
+    assert limit.allow("alice", "a", 0.0) is False  # overall spent
+    # One second later the overall bucket has one token: alice still has her
+    # whole burst, since the refusal above took nothing from her bucket.
+    assert limit.allow("alice", "a", 1.0) is True
+    assert limit.allow("alice", "a", 2.0) is True
+    assert limit.allow("alice", "a", 3.0) is False
 
 
 def test_forks_and_rollbacks(rng: SeededRng, clock: FakeClock) -> None:

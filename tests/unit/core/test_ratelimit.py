@@ -44,3 +44,13 @@ def test_forget_drops_a_bucket() -> None:
     limiter.forget("k")
     limiter.forget("never seen")
     assert limiter.allow("k", 0.0)  # a fresh bucket
+
+
+def test_available_takes_nothing() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1)
+    assert limiter.available("x", 0.0)
+    assert limiter.available("x", 0.0)  # looking twice takes nothing
+    assert limiter.allow("x", 0.0)
+    assert not limiter.available("x", 0.5)
+    assert limiter.refused == 0  # a look is not a refusal
+    assert limiter.available("x", 1.0)
