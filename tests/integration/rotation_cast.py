@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from talos.client.own_keys import Rotation, rotate_at_rest
 from talos.core import wire
 from talos.core.crypto import SigningKey
 from talos.core.identity import Identity
@@ -98,12 +99,14 @@ class Peer:
         return AgentHome(self.home).load_identity(passphrase=None)
 
     def rotate(self, **options: Any) -> tuple[Identity, Identity]:
-        """Rotate the stopped agent's identity as the CLI would; (old, new)."""
+        """Rotate the stopped agent's identity as the CLI does (``rotate_at_rest``);
+        (old, new)."""
         home = AgentHome(self.home)
         old = home.load_identity(passphrase=None)
-        rng = SeededRng(1414)
-        new = old.rotate(rng=rng, clock=SystemClock(), **options)
-        home.save_identity(new, rng=rng, passphrase=None)
+        rotation = Rotation(**options)
+        new = rotate_at_rest(
+            home, rotation, passphrase=None, clock=SystemClock(), rng=SeededRng(1414)
+        )
         return old, new
 
 

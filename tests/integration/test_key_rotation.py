@@ -19,7 +19,9 @@ import pytest
 from talos.cli.exit_codes import exit_code_for_name
 from talos.core.keylog import KeyLog
 from talos.core.revocation import RevocationList
+from talos.storage.home import AgentHome
 from talos.storage.tokens import TokenStore
+from talos.storage.watermark import load_watermark
 from talos.testing.child import spawn
 from talos.testing.cli import TalosCli, clean_env, talos_argv
 from talos.testing.processes import AgentProcess, RegistryProcess, launched, registry_process
@@ -306,6 +308,13 @@ def test_running_emergency_rotation_keeps_every_message_and_revokes_old_grants(
     chain = json.loads(ok(alice_home, "audit", "verify-chain", "--json"))
     assert chain["ok"] is True, chain
     assert "event=key_rotated" in alice.log.read_text()
+    # The running agent's watermark is signed by its current key, never by the
+    # revoked one (which would be refused), and the agent starts again.
+    watermark = load_watermark(AgentHome(alice_home), KeyLog.from_bytes(
+        (alice_home / "keylog.cbor").read_bytes()))  # fmt: skip
+    assert watermark is not None
+    assert watermark.key_seq == 2
+    start(alice_home, *url, *key).stop()
 
 
 # -- a new identity, and recovery from a backup --------------------------------------------------

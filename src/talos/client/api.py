@@ -215,7 +215,9 @@ class TalosClient:
         )
         self._tokens = TokenStore.open(self._home.path / "capabilities")
         # A store shorter than the signed watermark records is refused (docs/design/lost-state.md).
-        guard(self._home, identity, self._log, self._tokens)
+        watermark = guard(
+            self._home, identity, self._log, self._tokens, current=lambda: self._own.current
+        )
         registry = None
         if config.registry_urls:
             registry = RegistryClient(
@@ -255,6 +257,7 @@ class TalosClient:
             clock=clock,
             rng=rng,
             announce=self._announce_if_published,
+            watermark=watermark,
         )
         if config.anchor is not None:
             self._anchoring = start_anchoring(

@@ -32,10 +32,23 @@ from talos.core.identity import Identity
 from talos.core.keylog import MAX_REASON, valid_reason
 from talos.core.revocation import RevocationList
 from talos.core.rng import Rng
-from talos.errors import ConfigurationError, MalformedFrame, StorageError, UnsupportedVersion
+from talos.errors import (
+    ConfigurationError,
+    MalformedFrame,
+    StorageError,
+    StoreCorrupted,
+    UnsupportedVersion,
+)
 from talos.storage.agent_state import AgentState, derive_storage_key
 from talos.storage.home import CAPABILITIES_DIR, AgentHome, pause_point
 from talos.storage.tokens import TokenStore
+from talos.storage.watermark import (
+    Watermark,
+    load_watermark,
+    longest_keylog,
+    prepare_rotation,
+    resign_for_rotation,
+)
 
 __all__ = [
     "OwnIdentity",
@@ -204,6 +217,17 @@ def save_public_keylog(home: AgentHome, identity: Identity) -> bool:
     return True
 
 
+def _watermark_before(home: AgentHome, identity: Identity) -> Watermark | None:
+    """The home's watermark, read under the key log before the rotation (after an
+    emergency rotation its signing key is revoked and it no longer verifies).
+    One that does not load is left to the next start's guard (logged here)."""
+    try:
+        return load_watermark(home, longest_keylog(home, identity)[0])
+    except StoreCorrupted as exc:  # StateLost too
+        _log.warning("the watermark is not re-signed by the rotation: %s", exc)
+        return None
+
+
 def rotate_at_rest(
     home: AgentHome,
     rotation: Rotation,
@@ -226,9 +250,12 @@ def rotate_at_rest(
     rotation.check()
     identity = home.load_identity(passphrase=passphrase)
     home.check_public_keylog(identity.keylog)
+    watermark = _watermark_before(home, identity)
     rotated = rotation.apply(identity, clock=clock, rng=rng)
+    prepare_rotation(home, watermark, rotated)  # signed by the new key, before its key file
     home.save_key_file(rotated, rng=rng, passphrase=passphrase)
     save_public_keylog(home, rotated)
+    resign_for_rotation(home, watermark, rotated)
     pause_point("identity-saved")
     with AuditLog.open(
         home.audit_path,

@@ -44,6 +44,7 @@ from talos.core.rng import Rng
 from talos.errors import TalosError
 from talos.metrics import AgentMetrics
 from talos.storage.home import AgentHome
+from talos.storage.watermark import WatermarkKeeper
 
 __all__ = ["Rotator"]
 
@@ -65,11 +66,13 @@ class Rotator:
         clock: Clock,
         rng: Rng,
         announce: Callable[[], Awaitable[None]],
+        watermark: WatermarkKeeper | None = None,
     ) -> None:
         self._home, self._own, self._log, self._parts = home, own, log, parts
         self._metrics, self._passphrase = metrics, passphrase
         self._clock, self._rng = clock, rng
         self._announce = announce
+        self._watermark = watermark
         self._lock = asyncio.Lock()
 
     async def rotate(self, rotation: Rotation) -> Identity:
@@ -84,6 +87,8 @@ class Rotator:
         rotation.check()
         async with self._lock:
             rotated = rotation.apply(self._own.current, clock=self._clock, rng=self._rng)
+            if self._watermark is not None:  # signed by the new key before its key file
+                await asyncio.to_thread(self._watermark.prepare_rotation, rotated)
             await asyncio.to_thread(
                 self._home.save_key_file, rotated, rng=self._rng, passphrase=self._passphrase
             )
@@ -92,6 +97,8 @@ class Rotator:
             # failure that a retry would turn into a second rotation).
             self._switch(rotated, rotation)
             await asyncio.to_thread(save_public_keylog, self._home, rotated)
+            if self._watermark is not None:  # re-signed by the new key at once
+                await asyncio.to_thread(self._watermark.key_log_grew, len(rotated.keylog.events))
             peers = self._parts.sessions.rotated()
             if rotation.revoke_old:
                 self._parts.capabilities.revoke_earlier_keys()

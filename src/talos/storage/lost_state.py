@@ -141,11 +141,18 @@ class _Generations(Protocol):
 
 
 def guard(
-    home: AgentHome, identity: Identity, audit: _Watchable, tokens: _Generations
+    home: AgentHome,
+    identity: Identity,
+    audit: _Watchable,
+    tokens: _Generations,
+    *,
+    current: Callable[[], Identity] | None = None,
 ) -> WatermarkKeeper:
     """Refuse lost state; otherwise bring the watermark up to date and keep it so.
 
     Called by an agent at start, with its stores open (before it writes).
+    ``current`` gives the identity that signs later watermarks (the running
+    agent's current one, which a rotation replaces); default ``identity``.
     Without a watermark, the stores are adopted as they are, and a missing
     public key log is written from the key file.
 
@@ -157,7 +164,8 @@ def guard(
     keylog, public_keys = longest_keylog(home, identity)
     found = marks_of(audit, tokens.generation(), len(keylog.events))
     watermark = load_watermark(home, keylog)
-    keeper = WatermarkKeeper(home, identity, found)
+    signer = current or identity
+    keeper = WatermarkKeeper(home, signer, found)
     if watermark is None:
         if public_keys is None:
             atomic_write(home.keylog_path, identity.keylog.to_bytes())
@@ -183,7 +191,7 @@ def guard(
         )
         if losses:
             raise lost(home, losses)
-        keeper = WatermarkKeeper(home, identity, watermark.marks)
+        keeper = WatermarkKeeper(home, signer, watermark.marks)
         keeper.advance(found)
     audit.watch_blocks(keeper.block_sealed)
     tokens.watch(keeper.capabilities_written)

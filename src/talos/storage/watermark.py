@@ -30,8 +30,10 @@ The comparison and the refusal are in :mod:`talos.storage.lost_state`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -56,6 +58,7 @@ __all__ = [
     "CAPABILITIES_DIR",
     "STATE_LOSS_ACCEPTED",
     "WATERMARK_FILE",
+    "WATERMARK_NEXT_FILE",
     "AuditView",
     "Marks",
     "Watermark",
@@ -64,10 +67,17 @@ __all__ = [
     "load_watermark",
     "longest_keylog",
     "marks_of",
+    "prepare_rotation",
+    "resign_for_rotation",
     "start_watermark",
 ]
 
 WATERMARK_FILE: Final = "watermark.cbor"
+#: The watermark a rotation signs with its new key *before* the key file is
+#: written (:func:`prepare_rotation`); it takes over only once the key log holds
+#: that key, so a crash inside an emergency rotation never leaves the home with
+#: nothing but a watermark under the revoked key.
+WATERMARK_NEXT_FILE: Final = "watermark.next.cbor"
 CAPABILITIES_DIR: Final = "capabilities"
 #: The audit entry kind that records an operator's decision to start over.
 STATE_LOSS_ACCEPTED: Final = "STATE_LOSS_ACCEPTED"
@@ -133,7 +143,8 @@ class Watermark:
         """Decode and verify a watermark of the agent whose log is ``keylog``.
 
         Raises:
-            StoreCorrupted: not a watermark, another agent's, or a bad signature.
+            StoreCorrupted: not a watermark, another agent's, a bad signature, or
+                signed with a key an emergency rotation revoked.
             StateLost: signed by a key event ``keylog`` does not have (the key
                 log is shorter than it was).
         """
@@ -157,6 +168,15 @@ class Watermark:
                 f"{path} was signed with key event {watermark.key_seq}",
                 where=str(path.parent / KEYLOG_FILE),
                 losses=[f"key log: {len(keylog.events)} key events, expected more"],
+            )
+        if keylog.revoked(watermark.key_seq):
+            # Rotations re-sign the watermark at once (resign_for_rotation), so
+            # this is a crash inside an emergency rotation or someone holding
+            # the revoked key rewriting the marks: not trusted either way.
+            raise _corrupted(
+                path,
+                f"is signed with key {watermark.key_seq}, which the emergency rotation to "
+                f"key {keylog.state.revoked_below} revoked",
             )
         key = VerifyKey(keylog.events[watermark.key_seq].signing_key)
         signature = outer["sig"]
@@ -225,18 +245,51 @@ def marks_of(audit: AuditView, capabilities: int, keys: int) -> Marks:
 def load_watermark(home: AgentHome, keylog: KeyLog) -> Watermark | None:
     """The home's verified watermark, or None if it has none.
 
+    A watermark a rotation prepared (:data:`WATERMARK_NEXT_FILE`) is used
+    instead when it verifies under ``keylog`` (its key is in the log: the
+    rotation committed) and is signed by a newer key than the main file, or
+    the main file does not verify (a crash between the rotation's key file and
+    the main file's rewrite). One that does not verify is ignored: a rotation
+    that never committed.
+
     Raises:
         StoreCorrupted, StateLost: as :meth:`Watermark.from_bytes`.
-        StorageError: the file cannot be read.
+        StorageError: a file cannot be read.
     """
     path = home.path / WATERMARK_FILE
+    prepared = _prepared(home, keylog)
     try:
-        data = path.read_bytes()
+        data = _read_file(path)
+        main = None if data is None else Watermark.from_bytes(data, keylog, path)
+    except StateLost:
+        raise
+    except StoreCorrupted:
+        if prepared is None:
+            raise
+        return prepared
+    if prepared is not None and (main is None or prepared.key_seq > main.key_seq):
+        return prepared
+    return main
+
+
+def _prepared(home: AgentHome, keylog: KeyLog) -> Watermark | None:
+    path = home.path / WATERMARK_NEXT_FILE
+    data = _read_file(path)
+    if data is None:
+        return None
+    try:
+        return Watermark.from_bytes(data, keylog, path)
+    except StoreCorrupted:  # StateLost too: its key is not (yet) in the log
+        return None
+
+
+def _read_file(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise StorageError(f"could not read {path}: {exc.strerror or exc}") from exc
-    return Watermark.from_bytes(data, keylog, path)
 
 
 def longest_keylog(home: AgentHome, identity: Identity) -> tuple[KeyLog, int | None]:
@@ -252,11 +305,20 @@ def longest_keylog(home: AgentHome, identity: Identity) -> tuple[KeyLog, int | N
 
 
 class WatermarkKeeper:
-    """Writes the watermark forward as the stores grow (thread-safe, never backwards)."""
+    """Writes the watermark forward as the stores grow (thread-safe, never backwards).
 
-    def __init__(self, home: AgentHome, identity: Identity, marks: Marks) -> None:
+    ``identity`` is the identity that signs, or a callable giving the current
+    one: a running agent passes its ``OwnIdentity``'s, so that after a rotation
+    the watermark is signed by the new key, never by one the rotation revoked.
+    """
+
+    def __init__(
+        self, home: AgentHome, identity: Identity | Callable[[], Identity], marks: Marks
+    ) -> None:
         self._path = home.path / WATERMARK_FILE
-        self._identity = identity
+        self._identity: Callable[[], Identity] = (
+            identity if callable(identity) else (lambda: identity)
+        )
         self._marks = marks
         self._lock = threading.Lock()
 
@@ -277,6 +339,11 @@ class WatermarkKeeper:
     def capabilities_written(self, generation: int) -> None:
         """A write to the capabilities store committed at ``generation``."""
         self.advance(replace(self._marks, capabilities=generation))
+
+    def key_log_grew(self, keys: int) -> None:
+        """The agent rotated: record its key log's new length, signed by the new key
+        (so the watermark is never left under a key the rotation revoked)."""
+        self.advance(replace(self._marks, keys=keys))
 
     def advance(self, marks: Marks) -> None:
         """Write ``marks`` merged with the recorded ones, if that changes anything.
@@ -302,10 +369,87 @@ class WatermarkKeeper:
         Raises:
             StorageError: the file cannot be written.
         """
-        identity = self._identity
+        identity = self._identity()
         watermark = Watermark(identity.agent_id, identity.sequence, marks)
         atomic_write(self._path, watermark.to_bytes(identity))
         self._marks = marks
+        _remove_prepared(self._path.parent, identity.sequence)
+
+    def prepare_rotation(self, rotated: Identity) -> None:
+        """Sign the watermark with ``rotated``'s key before its key file is written
+        (:func:`prepare_rotation`).
+
+        Raises:
+            StorageError: the file cannot be written (the rotation should stop).
+        """
+        with self._lock:
+            write_prepared(self._path.parent, rotated, self._marks)
+
+
+def _remove_prepared(home_path: Path, sequence: int) -> None:
+    """Drop a prepared watermark once the main file is signed by its key (or a newer
+    one); one prepared by a rotation still under way (a newer key) stays."""
+    path = home_path / WATERMARK_NEXT_FILE
+    try:
+        data = _read_file(path)
+    except StorageError:
+        data = b""
+    if data is None:
+        return
+    try:
+        outer = strict_versioned_map(
+            data,
+            max_size=_MAX_FILE,
+            fields=frozenset({"v", "body", "sig"}),
+            version=FORMAT_VERSION,
+            what="watermark",
+        )
+        if _decode_body(outer["body"]).key_seq > sequence:
+            return
+    except (MalformedFrame, UnsupportedVersion):
+        pass  # not a watermark at all: nothing worth keeping
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def write_prepared(home_path: Path, rotated: Identity, marks: Marks) -> None:
+    """Write the prepared watermark: ``marks`` with ``rotated``'s key log length,
+    signed by ``rotated``'s key.
+
+    Raises:
+        StorageError: the file cannot be written.
+    """
+    keys = max(len(rotated.keylog.events), marks.keys)
+    watermark = Watermark(rotated.agent_id, rotated.sequence, replace(marks, keys=keys))
+    atomic_write(home_path / WATERMARK_NEXT_FILE, watermark.to_bytes(rotated))
+
+
+def prepare_rotation(home: AgentHome, before: Watermark | None, rotated: Identity) -> None:
+    """Before a stopped agent's rotation writes its key file: sign ``before`` (the
+    watermark read under the key log *before* the rotation) with the new key,
+    into :data:`WATERMARK_NEXT_FILE`. Nothing to do for a home without one.
+
+    Raises:
+        StorageError: the file cannot be written (nothing else changed yet).
+    """
+    if before is not None:
+        write_prepared(home.path, rotated, before.marks)
+
+
+def resign_for_rotation(home: AgentHome, before: Watermark | None, rotated: Identity) -> None:
+    """After a stopped agent's rotation (its key file written): the main watermark
+    file, re-signed with the new key, records the longer key log; the prepared
+    one is dropped.
+
+    Raises:
+        StorageError: the file cannot be written (the prepared watermark,
+            signed by the new key, stands in for it: :func:`load_watermark`).
+    """
+    if before is None:
+        return
+    keys = len(rotated.keylog.events)
+    marks = replace(before.marks, keys=max(keys, before.marks.keys))
+    WatermarkKeeper(home, rotated, marks).write(marks)
 
 
 def accept_current(
@@ -337,11 +481,12 @@ def start_watermark(home: AgentHome, identity: Identity, *, archive: Path | None
     Raises:
         StorageError: the file cannot be written or moved.
     """
-    path = home.path / WATERMARK_FILE
-    if archive is not None and path.exists():
-        try:
-            path.replace(archive / WATERMARK_FILE)
-        except OSError as exc:
-            raise StorageError(f"could not archive {path}: {exc.strerror or exc}") from exc
+    for name in (WATERMARK_FILE, WATERMARK_NEXT_FILE):
+        path = home.path / name
+        if archive is not None and path.exists():
+            try:
+                path.replace(archive / name)
+            except OSError as exc:
+                raise StorageError(f"could not archive {path}: {exc.strerror or exc}") from exc
     marks = Marks(len(identity.keylog.events), 0, EMPTY_ROOT, 0, 0)
     WatermarkKeeper(home, identity, marks).write(marks)

@@ -12,10 +12,13 @@ from talos.errors import StateLost, StoreCorrupted
 from talos.storage.home import AgentHome
 from talos.storage.watermark import (
     WATERMARK_FILE,
+    WATERMARK_NEXT_FILE,
     Marks,
     Watermark,
     WatermarkKeeper,
     load_watermark,
+    prepare_rotation,
+    resign_for_rotation,
     start_watermark,
 )
 from talos.testing import FakeClock, SeededRng
@@ -56,6 +59,61 @@ def test_it_still_verifies_after_a_rotation(home: AgentHome, identity: Identity)
     # Signed by key event 1, which the old log does not have: the key log was lost.
     with pytest.raises(StateLost):
         load_watermark(home, identity.keylog)
+
+
+def test_one_signed_by_a_revoked_key_is_refused(home: AgentHome, identity: Identity) -> None:
+    WatermarkKeeper(home, identity, MARKS).write(MARKS)
+    rotated = identity.rotate(rng=SeededRng(3), clock=FakeClock(), emergency=True, revoke_old=True)
+    with pytest.raises(StoreCorrupted, match="signed with key 0, which the emergency rotation"):
+        load_watermark(home, rotated.keylog)
+    # A routine rotation revokes nothing: the old signature still vouches.
+    routine = identity.rotate(rng=SeededRng(3), clock=FakeClock())
+    assert load_watermark(home, routine.keylog) is not None
+
+
+def test_a_stopped_rotation_re_signs_it_with_the_new_key(
+    home: AgentHome, identity: Identity
+) -> None:
+    WatermarkKeeper(home, identity, MARKS).write(MARKS)
+    before = load_watermark(home, identity.keylog)
+    rotated = identity.rotate(rng=SeededRng(3), clock=FakeClock(), emergency=True, revoke_old=True)
+    prepare_rotation(home, before, rotated)
+    # The key file is not written yet: the old log does not have the new key, and
+    # the prepared watermark does not count.
+    assert load_watermark(home, identity.keylog) == before
+    # Crash after the key file: the main file is under the revoked key, the
+    # prepared one under the new key stands in for it.
+    prepared = load_watermark(home, rotated.keylog)
+    assert prepared is not None
+    assert (prepared.key_seq, prepared.marks) == (1, replace(MARKS, keys=2))
+    resign_for_rotation(home, before, rotated)
+    assert not (home.path / WATERMARK_NEXT_FILE).exists()
+    assert load_watermark(home, rotated.keylog) == prepared
+
+
+def test_a_prepared_watermark_that_does_not_verify_is_ignored(
+    home: AgentHome, identity: Identity
+) -> None:
+    WatermarkKeeper(home, identity, MARKS).write(MARKS)
+    other = Identity.create("mallory", rng=SeededRng(9), clock=FakeClock())
+    forged = Watermark(identity.agent_id, 0, replace(MARKS, audit_size=1))
+    (home.path / WATERMARK_NEXT_FILE).write_bytes(forged.to_bytes(other))
+    assert load_watermark(home, identity.keylog) == Watermark(identity.agent_id, 0, MARKS)
+
+
+def test_a_keeper_signs_with_the_identity_current_at_each_write(
+    home: AgentHome, identity: Identity
+) -> None:
+    current = [identity]
+    keeper = WatermarkKeeper(home, lambda: current[0], MARKS)
+    keeper.write(MARKS)
+    current[0] = identity.rotate(
+        rng=SeededRng(3), clock=FakeClock(), emergency=True, revoke_old=True
+    )
+    keeper.key_log_grew(2)
+    loaded = load_watermark(home, current[0].keylog)
+    assert loaded is not None
+    assert loaded.key_seq == 1
 
 
 @pytest.mark.parametrize("offset", [5, -1, -40])
