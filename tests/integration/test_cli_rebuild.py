@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import lmdb
 import pytest
 
 from talos.audit import AuditLog, LogSigner
+from talos.audit.rebuild import write_log
 from talos.core.audit.checkpoint import InclusionProof
+from talos.storage.environment import Environment
 from talos.storage.home import AgentHome
 from talos.storage.lmdb import u64
 from talos.storage.watermark import WatermarkKeeper, load_watermark, marks_of
 from talos.testing import FakeClock
 from talos.testing.cli import TalosCli
 from talos.testing.damage import flip_stored_bit
+from talos.testing.processes import launched
 
 ENTRIES = 300
 BLOCK_ENTRIES = 64
@@ -146,3 +150,40 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, args: list[str]) -> None:
     result = CLI.run(home, "audit", "rebuild", *args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
+
+
+def test_a_restore_shorter_than_the_watermark_records_the_loss_and_the_agent_starts(
+    tmp_path: Path,
+) -> None:
+    home, _ = _home(tmp_path)
+    backup = tmp_path / "backup"
+    with AuditLog.open(home / "audit", readonly=True) as log:
+        root_128 = log.root_at(128)
+    # A backup of the first 128 entries, as an older `talos audit backup` left it.
+    shutil.copytree(home / "audit", tmp_path / "copy")
+    with AuditLog.open(tmp_path / "copy", readonly=True) as log:
+        entries = [entry.to_bytes() for entry in log.entries(0, 128)]
+        blocks = [log.block(height) for height in range(2)]
+    environment = Environment.open(backup)
+    try:
+        write_log(environment, entries, blocks=blocks)
+    finally:
+        environment.close()
+    result = CLI.run(home, "audit", "restore", "--backup", str(backup))
+    assert result.returncode == 0, result.stderr
+    assert "restored 128 entries" in result.stdout
+    assert f"the agent had {ENTRIES} entries; {ENTRIES - 128} are not in this backup" in (
+        result.stderr
+    )
+    with AuditLog.open(home / "audit", readonly=True) as log:
+        assert log.root_at(128) == root_128
+        entry = log.entry(128)
+        assert entry.kind == "LOG_RESTORED"
+        assert entry.data["backup"] == "backup"
+        assert (entry.data["backup_size"], entry.data["lost"]) == (128, ENTRIES - 128)
+        assert entry.data["recorded_size"] == ENTRIES
+        assert entry.data["replaced_size"] == ENTRIES
+    ok(home, "audit", "verify-chain")
+    with launched() as launcher:
+        agent = launcher.agent(home, "--offline")
+        assert agent.stop() == 0
