@@ -133,15 +133,40 @@ def test_a_flipped_entry_ends_the_log_and_the_rest_is_reported_lost(tmp_path: Pa
     ok(home, "audit", "verify-chain")
 
 
-def test_a_truncated_data_file_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+def test_a_truncated_data_file_gives_up_the_entries_its_pages_still_hold(tmp_path: Path) -> None:
+    home, _ = _home(tmp_path)
+    with AuditLog.open(home / "audit", readonly=True) as log:
+        roots = {size: log.root_at(size) for size in range(1, ENTRIES + 1)}
+    data = home / "audit" / "data.mdb"
+    os.truncate(data, data.stat().st_size * 2 // 3)
+    truncated = data.read_bytes()
+    result = CLI.run(home, "audit", "rebuild")
+    assert result.returncode == 0, result.stderr
+    assert "damaged: file" in result.stdout
+    assert "read from the pages the damaged data file still holds" in result.stdout
+    assert "could not be read: it starts empty" in result.stderr
+    ok(home, "audit", "verify-chain")
+    with AuditLog.open(home / "audit", readonly=True) as log:
+        entry = log.entry(log.size - 1)
+        assert entry.kind == "AUDIT_REBUILT"
+        intact = entry.data["intact"]
+        assert 0 < intact <= ENTRIES
+        assert entry.data["salvaged"] is True
+        assert entry.data["lost"] == ENTRIES - intact
+        assert log.root_at(intact) == roots[intact]
+    assert (_aside(result.stdout, "previous") / "data.mdb").read_bytes() == truncated
+
+
+def test_a_data_file_that_is_not_lmdb_is_refused_and_nothing_changes(tmp_path: Path) -> None:
     home, _ = _home(tmp_path)
     data = home / "audit" / "data.mdb"
-    os.truncate(data, data.stat().st_size // 2)
+    data.write_bytes(b"\x00" * 3 * 4096)
     before = sorted(p.name for p in home.iterdir())
     result = fails(home, 3, "audit", "rebuild")
     assert "rebuild --from-peers" in result.stderr
     assert "nothing was changed" in result.stderr
     assert sorted(p.name for p in home.iterdir()) == before
+    assert data.read_bytes() == b"\x00" * 3 * 4096
 
 
 @pytest.mark.parametrize("args", [["--log", "nowhere"], ["--bogus"]])

@@ -49,9 +49,17 @@ from talos.core.audit.merkle import EMPTY_ROOT, HASH_SIZE, fold_subtrees
 from talos.core.crypto import VerifyKey
 from talos.errors import LocalProtocolError, MalformedFrame, StoreCorrupted, UnsupportedVersion
 from talos.storage.environment import AUDIT_DATABASES, Environment
-from talos.storage.lmdb import DEFAULT_MAP_SIZE, lmdb_errors, open_environment, read_u64, u64
+from talos.storage.lmdb import (
+    DATA_FILE,
+    DEFAULT_MAP_SIZE,
+    lmdb_errors,
+    open_environment,
+    read_u64,
+    salvage_rows,
+    u64,
+)
 
-__all__ = ["IntactLog", "RebuiltLog", "read_intact", "write_log"]
+__all__ = ["IntactLog", "RebuiltLog", "read_intact", "salvage_intact", "write_log"]
 
 _sha256 = hashlib.sha256
 _pack_node = struct.Struct(">QB").pack  # audit.store.node_key: (last leaf, level)
@@ -308,6 +316,8 @@ class IntactLog:
     stored_after: int = 0
     #: The size the damaged log's metadata recorded (``None`` if unreadable).
     recorded_size: int | None = None
+    #: Read from the pages of a file LMDB cannot open (:func:`salvage_intact`).
+    salvaged: bool = False
 
     @property
     def lost(self) -> int:
@@ -431,3 +441,49 @@ def _stored_blocks(reading: _Reading) -> Iterator[Block]:
                 yield decode_block(height, bytes(value))
             except Broken:
                 return
+
+
+def salvage_intact(path: Path) -> tuple[IntactLog, list[bytes]]:
+    """The intact prefix of a log whose data file LMDB cannot open (truncated).
+
+    Reads every leaf row still in the file (:func:`~talos.storage.lmdb.salvage_rows`,
+    plain reads) and keeps the rows that are entries: an 8-byte key, a value
+    whose stored leaf hash matches its bytes, which decode strictly and name
+    that key as their seq. An entry is its own proof, so a copy found in a
+    freed page is as good as the current one. The prefix ends at the first
+    seq with no copy, with two different copies, or whose time goes back.
+
+    Raises:
+        StoreCorrupted: the file is not an LMDB data file.
+        StorageError: it cannot be read.
+    """
+    copies: dict[int, set[bytes]] = {}
+    for key, value in salvage_rows(path / DATA_FILE):
+        if len(key) != 8 or len(value) <= HASH_SIZE:
+            continue
+        raw = bytes(value[HASH_SIZE:])
+        if _sha256(b"\x00" + raw).digest() != value[:HASH_SIZE]:
+            continue
+        seq = read_u64(bytes(key))
+        try:
+            _checked_entry(seq, raw, 0)
+        except StoreCorrupted:
+            continue
+        copies.setdefault(seq, set()).add(raw)
+    found, entries, last_time = IntactLog(), [], 0
+    while len(copies.get(found.intact, ())) == 1:
+        (raw,) = copies[found.intact]
+        entry = AuditEntry.from_bytes(raw)
+        if entry.time_ms < last_time:
+            break
+        last_time = entry.time_ms
+        entries.append(raw)
+        found.intact += 1
+    later = [seq for seq in copies if seq >= found.intact]
+    if later or found.intact == 0:
+        found.first_bad = found.intact
+        found.problem = (
+            "two different entries" if len(copies.get(found.intact, ())) > 1 else "entry missing"
+        ) + " (salvaged from a damaged data file)"
+        found.stored_after = len(later)
+    return found, entries

@@ -26,22 +26,22 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from talos.audit.blocks import DEFAULT_BLOCK_ENTRIES, DEFAULT_BLOCK_SECONDS, BlockSealer
-from talos.audit.rebuild import IntactLog, RebuiltLog, read_intact, write_log
+from talos.audit.rebuild import IntactLog, RebuiltLog, read_intact, salvage_intact, write_log
 from talos.audit.records import prepare
 from talos.audit.store import AuditStore
 from talos.audit.writer import LogWriter
-from talos.core.audit.checkpoint import LogSigner
+from talos.core.audit.checkpoint import Block, LogSigner
 from talos.core.audit.entry import AuditKind
 from talos.core.clock import Clock, time_ms
 from talos.core.crypto import VerifyKey
-from talos.errors import StorageError
+from talos.errors import StorageError, StoreCorrupted
 from talos.storage.agent_state import AgentState
 from talos.storage.environment import Environment
 from talos.storage.lmdb import DATA_FILE
@@ -244,7 +244,7 @@ def rebuild(
     result: dict[str, Any] = {}
 
     def fill(environment: Environment) -> Mapping[str, Any]:
-        found, entries, blocks, close = read_intact(target)
+        found, entries, blocks, close = _readable(target)
         try:
             written = write_log(
                 environment,
@@ -265,6 +265,8 @@ def rebuild(
         }
         if found.first_bad is not None:
             data.update(first_bad=found.first_bad, problem=(found.problem or "")[:200])
+        if found.salvaged:
+            data.update(salvaged=True)
         if "recorded_size" in lost:
             data.update(recorded_size=lost["recorded_size"])
         return data
@@ -285,3 +287,23 @@ def rebuild(
         extra={"event": "audit_rebuilt"},
     )
     return rebuilt
+
+
+def _readable(
+    target: Path,
+) -> tuple[IntactLog, Iterator[bytes], Iterator[Block], Callable[[], None]]:
+    """The intact prefix of ``target``: through LMDB, else salvaged from a truncated file.
+
+    Raises:
+        StoreCorrupted: nothing can be read (the original error).
+    """
+    try:
+        return read_intact(target)
+    except StoreCorrupted as exc:
+        if exc.what != "truncated":
+            raise
+        found, salvaged = salvage_intact(target)
+        if not found.intact:
+            raise
+    found.salvaged = True
+    return found, iter(salvaged), iter(()), lambda: None

@@ -62,7 +62,9 @@ def rebuild_command(ctx: CliContext, log: Path | None, key_passphrase_file: Path
     Otherwise the tree nodes, index, head and blocks are derived again from
     the entries up to the first bad one; entries from that position on are
     lost and counted. The damaged log is kept aside; the agent state stays;
-    AUDIT_REBUILT records what happened. Exit 3 when no entry can be read.
+    AUDIT_REBUILT records what happened. A data file LMDB cannot open
+    (truncated) is read page by page for the entries it still holds. Exit 3
+    when no entry can be read.
     Refused while this home's agent runs.
     """
     home = prepare(ctx, log, key_passphrase_file, "talos audit rebuild")
@@ -82,6 +84,11 @@ def rebuild_command(ctx: CliContext, log: Path | None, key_passphrase_file: Path
     home.follow(ctx)
     found, written = rebuilt.found, rebuilt.log
     click.echo(f"rebuilt {written.size} intact entries into {path}")
+    if found.salvaged:
+        click.echo(
+            "read from the pages the damaged data file still holds (LMDB cannot open it); "
+            "blocks are sealed again"
+        )
     with AuditLog.open(path, readonly=True) as opened:
         size, tree_root = opened.size, opened.root()
     click.echo(f"root {tree_root.hex()} ({size} entries with the AUDIT_REBUILT entry)")
