@@ -402,31 +402,30 @@ def _intact_entries(reading: _Reading) -> Iterator[bytes]:
         with lmdb_errors(str(reading.source.path)):
             for key, value in cursor:
                 seq = found.intact
-                problem = _entry_problem(seq, bytes(key), bytes(value), last_time)
-                if problem is not None:
-                    found.first_bad, found.problem = seq, problem
+                checked = _entry_problem(seq, bytes(key), bytes(value), last_time)
+                if isinstance(checked, str):
+                    found.first_bad, found.problem = seq, checked
                     # iternext starts at the current row: the bad one is counted too
                     found.stored_after = sum(1 for _ in cursor.iternext(values=False))
                     return
-                raw = bytes(value[HASH_SIZE:])
-                last_time = AuditEntry.from_bytes(raw).time_ms
+                last_time = checked.time_ms
                 found.intact += 1
-                yield raw
+                yield bytes(value[HASH_SIZE:])
     if found.recorded_size is not None and found.recorded_size > found.intact:
         found.first_bad, found.problem = found.intact, "entry missing"
 
 
-def _entry_problem(seq: int, key: bytes, value: bytes, last_time: int) -> str | None:
+def _entry_problem(seq: int, key: bytes, value: bytes, last_time: int) -> AuditEntry | str:
+    """The entry stored at ``seq``, or what is wrong with it."""
     if key != u64(seq):
         return "entry missing"
     raw = value[HASH_SIZE:]
     if len(value) <= HASH_SIZE or _sha256(b"\x00" + raw).digest() != value[:HASH_SIZE]:
         return "entry bytes do not match the stored leaf hash"
     try:
-        _checked_entry(seq, raw, last_time)
+        return _checked_entry(seq, raw, last_time)
     except StoreCorrupted as exc:
         return str(exc)
-    return None
 
 
 def _stored_blocks(reading: _Reading) -> Iterator[Block]:
