@@ -237,7 +237,7 @@ def test_a_lost_state_is_reset_not_rolled_back(
         shutil.rmtree(alice_home / "audit")
         result = CLI.run(alice_home, "audit", "restore", "--backup", str(tmp_path / "backup"))
         assert result.returncode == 0, result.stderr
-        assert "agent state could not be read" in result.stderr
+        assert "no agent state was kept (there was none)" in result.stderr
         alice = pair.start("alice")
         pair.send(alice_home, pair.bob_id, "a2")
         pair.send(bob_home, pair.alice_id, "b3")

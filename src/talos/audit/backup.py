@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from talos.audit.integrity import verify_chain
-from talos.audit.rebuild import read_intact, write_log
-from talos.audit.recovery import Replaced, fsync_tree, loss, replace_log
+from talos.audit.rebuild import read_intact
+from talos.audit.recovery import Replaced, fsync_tree, loss, replace_log, write_read
 from talos.audit.store import AuditStore
 from talos.core.audit.checkpoint import LogSigner
 from talos.core.audit.entry import AuditKind
@@ -91,17 +91,7 @@ def restore(
     result: dict[str, Any] = {}
 
     def fill(environment: Environment) -> Mapping[str, Any]:
-        found, entries, blocks, close = read_intact(source)
-        try:
-            written = write_log(
-                environment,
-                entries,
-                blocks=blocks,
-                checkpoints=() if recorded is None else (recorded[0],),
-                trusted_keys=trusted_keys,
-            )
-        finally:
-            close()
+        _, written = write_read(environment, read_intact(source), trusted_keys, recorded)
         result["log"] = written
         data: dict[str, Any] = {
             "backup": source.name[:200],

@@ -46,7 +46,16 @@ from talos.storage.agent_state import AgentState
 from talos.storage.environment import Environment
 from talos.storage.lmdb import DATA_FILE
 
-__all__ = ["Rebuilt", "Replaced", "fsync_tree", "loss", "rebuild", "replace_log"]
+__all__ = [
+    "Reading",
+    "Rebuilt",
+    "Replaced",
+    "fsync_tree",
+    "loss",
+    "rebuild",
+    "replace_log",
+    "write_read",
+]
 
 _log = logging.getLogger("talos.audit")
 
@@ -62,6 +71,32 @@ class Replaced:
     state: str
     #: The size the replaced log's metadata recorded (``None`` if it could not be read).
     replaced_size: int | None
+
+
+#: What :func:`~talos.audit.rebuild.read_intact` returns: found, entries, blocks, close.
+Reading = tuple[IntactLog, Iterator[bytes], Iterator[Block], Callable[[], None]]
+
+
+def write_read(
+    environment: Environment,
+    reading: Reading,
+    trusted_keys: Collection[VerifyKey] | None,
+    recorded: tuple[int, bytes] | None,
+) -> tuple[IntactLog, RebuiltLog]:
+    """Write what ``reading`` yields into ``environment`` (with the root at the recorded
+    size, for :func:`loss`); close the reading."""
+    found, entries, blocks, close = reading
+    try:
+        written = write_log(
+            environment,
+            entries,
+            blocks=blocks,
+            checkpoints=() if recorded is None else (recorded[0],),
+            trusted_keys=trusted_keys,
+        )
+    finally:
+        close()
+    return found, written
 
 
 def replace_log(
@@ -244,17 +279,7 @@ def rebuild(
     result: dict[str, Any] = {}
 
     def fill(environment: Environment) -> Mapping[str, Any]:
-        found, entries, blocks, close = _readable(target)
-        try:
-            written = write_log(
-                environment,
-                entries,
-                blocks=blocks,
-                checkpoints=() if recorded is None else (recorded[0],),
-                trusted_keys=trusted_keys,
-            )
-        finally:
-            close()
+        found, written = write_read(environment, _readable(target), trusted_keys, recorded)
         lost = loss(written, recorded)
         result.update(found=found, log=written, lost=max(found.lost, lost.get("lost", 0)))
         data: dict[str, Any] = {

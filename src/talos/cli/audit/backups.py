@@ -115,11 +115,10 @@ def say_state(replaced: Replaced) -> None:
     else:
         click.echo(f"previous log kept at {replaced.aside}")
     if replaced.state == "kept":
-        click.echo(
-            "agent state kept: sessions, replay window, outbox and inbox are the current ones"
-        )
-    else:
-        _err.print(
-            "[yellow]note:[/] the agent state could not be read: it starts empty; sessions "
-            "are re-established and every message older than now is refused"
-        )
+        click.echo("agent state kept: sessions, replay window, outbox and inbox are current")
+        return
+    found = "there was none" if replaced.aside is None else "it could not be read"
+    _err.print(
+        f"[yellow]note:[/] no agent state was kept ({found}): it starts empty; sessions "
+        "are established again and every message older than now is refused"
+    )
