@@ -107,6 +107,7 @@ def replace_log(
     signer: LogSigner | None,
     kind: str,
     label: str,
+    readable_state: bool = True,
 ) -> Replaced:
     """Replace the audit log of the environment in ``target``, keeping the agent state.
 
@@ -117,8 +118,9 @@ def replace_log(
     sealed into a block when there is a ``signer``). Only then is ``target``
     moved aside to ``<target>.<label>-<UTC stamp>``, never deleted, and the
     staging directory renamed into its place. If the current environment
-    cannot be read, the state starts empty: sessions are re-established and
-    the replay window refuses every message older than now.
+    cannot be read (or ``readable_state`` is false: it must not be mapped),
+    the state starts empty: sessions are re-established and the replay
+    window refuses every message older than now.
 
     Raises:
         StorageError: the files could not be written or moved (``target``
@@ -131,8 +133,9 @@ def replace_log(
     state, replaced_size = "reset", None
     environment = Environment.open(staging, extra_databases=AgentState.DATABASES)
     try:
-        if (target / DATA_FILE).is_file():
-            state, replaced_size = _copy_state(target, environment)
+        why = "there was none" if readable_state else "its data file cannot be mapped"
+        if (target / DATA_FILE).is_file() and readable_state:
+            state, replaced_size, why = _copy_state(target, environment)
         if state == "reset":
             AgentState.start_after_loss(environment, floor_ms=time_ms(clock))
         data = dict(fill(environment))
@@ -140,6 +143,14 @@ def replace_log(
         if replaced_size is not None:
             data.update(replaced_size=replaced_size)
         _append(environment, clock, signer, kind, data)
+        if state == "reset":
+            _log.warning(
+                "no agent state kept from %s (%s); it starts empty: sessions are established "
+                "again and older messages are refused",
+                target,
+                why,
+                extra={"event": "agent_state_reset"},
+            )
     except BaseException:
         environment.close()
         shutil.rmtree(staging, ignore_errors=True)  # our own staging copy, never the log
@@ -181,21 +192,14 @@ def _append(
         writer.seal_now()
 
 
-def _copy_state(target: Path, environment: Environment) -> tuple[str, int | None]:
-    """Copy the state of ``target`` into ``environment``: ("kept", replaced size) or
-    ("reset", None) if it cannot be read."""
+def _copy_state(target: Path, environment: Environment) -> tuple[str, int | None, str]:
+    """Copy the state of ``target`` into ``environment``: ("kept", replaced size, "") or
+    ("reset", None, why) if it cannot be read."""
     try:
         environment.copy_state_from(target)
     except StorageError as exc:
-        _log.warning(
-            "the agent state in %s cannot be read (%s); it starts empty: sessions are "
-            "re-established and older messages are refused",
-            target,
-            exc,
-            extra={"event": "agent_state_reset"},
-        )
-        return "reset", None
-    return "kept", _recorded_size(target)
+        return "reset", None, f"it cannot be read: {exc}"
+    return "kept", _recorded_size(target), ""
 
 
 def _recorded_size(target: Path) -> int | None:
@@ -259,8 +263,13 @@ def rebuild(
     trusted_keys: Collection[VerifyKey] | None,
     signer: LogSigner | None = None,
     recorded: tuple[int, bytes] | None = None,
+    unmappable: bool = False,
 ) -> Rebuilt:
     """Rebuild the damaged audit log at ``target`` from its intact entries.
+
+    ``unmappable``: a scan found the data file unsafe to map (it failed its
+    check, or killed the scanning child): its entries are salvaged with
+    plain reads only, and its state is not read.
 
     Reads the intact prefix (:func:`~talos.audit.rebuild.read_intact`), writes
     it again with everything derived (:func:`~talos.audit.rebuild.write_log`;
@@ -279,7 +288,8 @@ def rebuild(
     result: dict[str, Any] = {}
 
     def fill(environment: Environment) -> Mapping[str, Any]:
-        found, written = write_read(environment, _readable(target), trusted_keys, recorded)
+        reading = _salvaged(target, None) if unmappable else _readable(target)
+        found, written = write_read(environment, reading, trusted_keys, recorded)
         lost = loss(written, recorded)
         result.update(found=found, log=written, lost=max(found.lost, lost.get("lost", 0)))
         data: dict[str, Any] = {
@@ -297,7 +307,13 @@ def rebuild(
         return data
 
     replaced = replace_log(
-        target, fill, clock=clock, signer=signer, kind=AuditKind.AUDIT_REBUILT, label="damaged"
+        target,
+        fill,
+        clock=clock,
+        signer=signer,
+        kind=AuditKind.AUDIT_REBUILT,
+        label="damaged",
+        readable_state=not unmappable,
     )
     rebuilt = Rebuilt(result["found"], result["log"], replaced, result["lost"])
     _log.warning(
@@ -314,9 +330,7 @@ def rebuild(
     return rebuilt
 
 
-def _readable(
-    target: Path,
-) -> tuple[IntactLog, Iterator[bytes], Iterator[Block], Callable[[], None]]:
+def _readable(target: Path) -> Reading:
     """The intact prefix of ``target``: through LMDB, else salvaged from a truncated file.
 
     Raises:
@@ -327,8 +341,21 @@ def _readable(
     except StoreCorrupted as exc:
         if exc.what != "truncated":
             raise
-        found, salvaged = salvage_intact(target)
-        if not found.intact:
-            raise
+        return _salvaged(target, exc)
+
+
+def _salvaged(target: Path, error: StoreCorrupted | None) -> Reading:
+    """The intact prefix salvaged from ``target``'s pages, without mapping it.
+
+    Raises:
+        StoreCorrupted: no entry was found (``error``, if given).
+    """
+    found, salvaged = salvage_intact(target)
+    if not found.intact:
+        raise error or StoreCorrupted(
+            f"no audit entry can be read from {target / DATA_FILE}",
+            where=str(target / DATA_FILE),
+            what="unreadable",
+        )
     found.salvaged = True
     return found, iter(salvaged), iter(()), lambda: None

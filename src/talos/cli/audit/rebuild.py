@@ -77,7 +77,12 @@ def rebuild_command(ctx: CliContext, log: Path | None, key_passphrase_file: Path
     click.echo(f"damaged: {report.problem}")
     try:
         rebuilt = rebuild(
-            path, clock=ctx.clock, trusted_keys=trusted, signer=home.signer, recorded=home.recorded
+            path,
+            clock=ctx.clock,
+            trusted_keys=trusted,
+            signer=home.signer,
+            recorded=home.recorded,
+            unmappable=report.problem is not None and report.problem.where == "file",
         )
     except StoreCorrupted as exc:
         raise hinted(exc, UNREADABLE_HINT) from None
