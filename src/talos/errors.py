@@ -365,9 +365,9 @@ class StateLost(StoreCorrupted):
 
     hint = (
         "stop here and restore what is missing: the identity and key log with "
-        "`talos recover --backup FILE`, the audit log (and the agent state in it) with "
-        "`talos audit restore --backup DIR` (or `talos audit rebuild` once your Talos "
-        "has it); to start over from what is left instead, run "
+        "`talos recover --backup FILE`, the audit log with `talos audit restore --backup DIR` "
+        "(the agent state stays the current one) or from mirrors with "
+        "`talos audit rebuild --from-peers`; to start over from what is left instead, run "
         "`talos audit accept-lost-state` (recorded in the audit log)"
     )
 

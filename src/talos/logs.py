@@ -94,6 +94,8 @@ EVENTS: Final = frozenset(
         "frame_handler_failed",
         "audit_full",
         "audit_restored",
+        "audit_rebuilt",
+        "agent_state_reset",
         "startup_refused",
         "watermark_created",
         "watermark_not_written",

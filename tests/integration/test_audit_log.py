@@ -515,11 +515,16 @@ def test_backup_and_restore_keeps_the_replaced_log(tmp_path: Path, clock: FakeCl
         _fill(log, 5)
         with pytest.raises(ConfigurationError):
             log.backup(backup)
-    aside = AuditLog.restore(path, backup, clock=clock, trusted_keys=[KEY.public_key])
+    restored = AuditLog.restore(path, backup, clock=clock, trusted_keys=[KEY.public_key])
+    aside = restored.replaced.aside
     assert aside is not None
     assert aside.exists()
+    assert (restored.size, restored.root, restored.lost) == (25, root, 0)
     with _open(path, clock) as log:
-        assert (log.size, log.root()) == (25, root)
+        assert (log.size, log.root_at(25)) == (26, root)
+        assert log.entry(25).kind == "LOG_RESTORED"
+        assert log.entry(25).data["backup_size"] == 25
+        assert log.entry(25).data["replaced_size"] == 30
         assert log.verify_chain().ok
     with _open(aside, clock) as old:
         assert old.size == 30

@@ -268,6 +268,7 @@ def test_commands_that_replace_what_the_agent_holds_wait_until_it_stops(
         ["init", "--new-identity"],
         ["recover", "--backup", str(backup), "--passphrase-file", str(passfile), "--force"],
         ["audit", "restore", "--backup", str(tmp_path / "log-backup")],
+        ["audit", "rebuild"],
     ):
         refused = talos(home, *command)
         assert refused.returncode == exit_code_for_name("AgentAlreadyRunning"), refused.stderr

@@ -424,11 +424,14 @@ def test_backup_and_restore_round_trip(home: Path, world: World, tmp_path: Path)
         _fill(log, clock, ENTRIES, 10)
     out = ok(home, "audit", "restore", "--backup", str(backup))
     assert f"restored {ENTRIES} entries" in out
-    aside = Path(out.split("previous log kept at ", 1)[1].strip())
+    aside = Path(out.split("previous log kept at ", 1)[1].splitlines()[0].strip())
     assert aside.is_dir()
     with AuditLog.open(aside, readonly=True) as old:
         assert old.size == ENTRIES + 10
-    assert f"root {world.root.hex()}" in ok(home, "audit", "root")
+    with AuditLog.open(home / "audit", readonly=True) as restored:
+        assert restored.root_at(ENTRIES) == world.root
+        assert restored.entry(ENTRIES).kind == "LOG_RESTORED"
+        assert restored.entry(ENTRIES).data["replaced_size"] == ENTRIES + 10
     ok(home, "audit", "verify-chain")
 
 

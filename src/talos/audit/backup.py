@@ -8,9 +8,11 @@ Rules this module keeps:
   without mapping it, then its whole chain is verified on a read-only,
   lock-free open. A damaged backup raises
   :class:`~talos.errors.BackupInvalid` and nothing changes.
-* Restoring never deletes: the log being replaced is moved aside to
-  ``<path>.replaced-<UTC stamp>``, and the verified copy is staged beside
-  the target, fsynced, then renamed into place.
+* Restoring restores the audit log only, never the agent state beside it,
+  and never deletes: the environment being replaced is moved aside to
+  ``<path>.replaced-<UTC stamp>`` and a staged one, holding the current
+  state and the backup's log, is renamed into place
+  (:func:`talos.audit.recovery.replace_log`).
 
 Imported by :mod:`talos.audit.log`.
 """
@@ -18,14 +20,17 @@ Imported by :mod:`talos.audit.log`.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-from collections.abc import Collection
-from datetime import UTC, datetime
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from talos.audit.integrity import verify_chain
+from talos.audit.rebuild import read_intact
+from talos.audit.recovery import Replaced, fsync_tree, loss, replace_log, write_read
 from talos.audit.store import AuditStore
+from talos.core.audit.checkpoint import LogSigner
+from talos.core.audit.entry import AuditKind
 from talos.core.clock import Clock
 from talos.core.crypto import VerifyKey
 from talos.errors import (
@@ -36,9 +41,9 @@ from talos.errors import (
     UnsupportedVersion,
 )
 from talos.storage.environment import Environment
-from talos.storage.lmdb import DATA_FILE, FILE_MODE, check_data_file
+from talos.storage.lmdb import DATA_FILE, check_data_file
 
-__all__ = ["restore", "write_backup"]
+__all__ = ["Restored", "restore", "write_backup"]
 
 _log = logging.getLogger("talos.audit")
 
@@ -57,7 +62,7 @@ def write_backup(store: AuditStore, dest: Path) -> Path:
     except OSError as exc:
         raise StorageError(f"could not create {dest}: {exc.strerror or exc}") from exc
     store.environment.copy_to(dest)
-    _fsync_tree(dest)
+    fsync_tree(dest)
     return dest
 
 
@@ -67,39 +72,62 @@ def restore(
     *,
     clock: Clock,
     trusted_keys: Collection[VerifyKey] | None,
-) -> Path | None:
-    """Replace the log at ``target`` with a verified copy of ``source``.
+    signer: LogSigner | None = None,
+    recorded: tuple[int, bytes] | None = None,
+) -> Restored:
+    """Replace the audit log at ``target`` with a verified copy of the one in ``source``.
 
-    Returns where the replaced log was moved (``None`` if there was none).
+    Only the audit log is restored; the agent state in ``target`` is kept
+    (:func:`replace_log`). The restored log gets a ``LOG_RESTORED`` entry
+    with the backup's size and root, and, when ``recorded`` (the size and
+    root the agent's watermark records) says the log held more, how many
+    entries were lost.
 
     Raises:
         BackupInvalid: the backup is missing, damaged or fails verify_chain.
         StorageError: the files could not be moved or copied.
     """
     _verify_backup(source, trusted_keys)
-    stamp = datetime.fromtimestamp(clock.time(), tz=UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    staging = target.parent / f".{target.name}.restoring-{stamp}"
-    aside = target.parent / f"{target.name}.replaced-{stamp}"
-    try:
-        staging.mkdir(mode=0o700, parents=True)
-        _copy_private(source / DATA_FILE, staging / DATA_FILE)
-        _fsync_tree(staging)
-        moved = None
-        if target.exists():
-            os.replace(target, aside)
-            moved = aside
-        os.replace(staging, target)
-        _fsync_tree(target.parent)
-    except OSError as exc:
-        raise StorageError(f"could not restore {target}: {exc.strerror or exc}") from exc
+    result: dict[str, Any] = {}
+
+    def fill(environment: Environment) -> Mapping[str, Any]:
+        _, written = write_read(environment, read_intact(source), trusted_keys, recorded)
+        result["log"] = written
+        data: dict[str, Any] = {
+            "backup": source.name[:200],
+            "backup_size": written.size,
+            "backup_root": written.root,
+        }
+        data.update(loss(written, recorded))
+        result["lost"] = data.get("lost", 0)
+        return data
+
+    replaced = replace_log(
+        target, fill, clock=clock, signer=signer, kind=AuditKind.LOG_RESTORED, label="replaced"
+    )
+    written = result["log"]
     _log.warning(
-        "audit log %s restored from %s; previous log kept at %s",
+        "audit log %s restored from %s (%d entries, %d lost, agent state %s); "
+        "previous log kept at %s",
         target,
         source,
-        moved,
+        written.size,
+        result["lost"],
+        replaced.state,
+        replaced.aside,
         extra={"event": "audit_restored"},
     )
-    return moved
+    return Restored(written.size, written.root, result["lost"], replaced)
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What :func:`restore` did: the backup's size and root, entries lost, the swap."""
+
+    size: int
+    root: bytes
+    lost: int
+    replaced: Replaced
 
 
 def _verify_backup(source: Path, trusted_keys: Collection[VerifyKey] | None) -> None:
@@ -121,26 +149,3 @@ def _verify_backup(source: Path, trusted_keys: Collection[VerifyKey] | None) -> 
         environment.close()
     if report.problem is not None:
         raise BackupInvalid(f"audit backup {source} fails verification: {report.problem}")
-
-
-def _copy_private(source: Path, dest: Path) -> None:
-    """Copy ``source`` to a new file ``dest`` created 0600 (a store file)."""
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-        shutil.copyfileobj(src, out)
-
-
-def _fsync_tree(directory: Path) -> None:
-    """fsync every file in ``directory`` and the directory itself."""
-    for item in directory.iterdir():
-        if item.is_file():
-            fd = os.open(item, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -44,7 +44,10 @@ from talos.storage.lmdb import DATA_FILE, u64
 __all__ = ["RESTORE_HINT", "check_head", "refuse_damaged_head"]
 
 #: What the operator does about a damaged audit log (the hint diagnose gives too).
-RESTORE_HINT = "keep the damaged log; `talos audit restore --backup DIR` (agent stopped)"
+RESTORE_HINT = (
+    "keep the damaged log; `talos audit restore --backup DIR` or `talos audit rebuild` "
+    "(agent stopped; see `talos audit verify-chain`)"
+)
 
 
 def check_head(

@@ -506,19 +506,33 @@ class AuditLog:
         *,
         clock: Clock = SYSTEM_CLOCK,
         trusted_keys: Collection[VerifyKey] | None = None,
-    ) -> Path | None:
-        """Replace the log at ``path`` with a verified copy of ``backup``.
+        signer: LogSigner | None = None,
+        recorded: tuple[int, bytes] | None = None,
+    ) -> _backup.Restored:
+        """Replace the audit log at ``path`` with a verified copy of ``backup``.
 
         The backup's file structure and whole chain are checked first; a
-        corrupt backup is refused and nothing changes. The replaced log is
-        moved to ``<path>.replaced-<UTC stamp>``, never deleted, and that path
-        is returned (``None`` if there was none). The log must not be open.
+        corrupt backup is refused and nothing changes. Only the audit log is
+        restored: the agent state beside it (sessions, replay window, outbox,
+        inbox, prekeys, anchors) stays the current one, so no key is rewound.
+        The restored log gets a ``LOG_RESTORED`` entry (sealed into a block
+        by ``signer`` when given) saying which backup, its size and, against
+        ``recorded`` (the watermark's size and root), how many entries were
+        lost. The replaced environment is moved to
+        ``<path>.replaced-<UTC stamp>``, never deleted. The log must not be open.
 
         Raises:
             BackupInvalid: the backup is missing, damaged or fails verify_chain.
             StorageError: the files could not be moved or copied.
         """
-        return _backup.restore(Path(path), Path(backup), clock=clock, trusted_keys=trusted_keys)
+        return _backup.restore(
+            Path(path),
+            Path(backup),
+            clock=clock,
+            trusted_keys=trusted_keys,
+            signer=signer,
+            recorded=recorded,
+        )
 
     def _check_open(self) -> None:
         if self._writer.closed:

@@ -31,7 +31,7 @@ from talos.storage.state.outbox import Enqueue, Outbox, OutboxItem
 from talos.storage.state.peers import PeerCache, keylog_key, record_key
 from talos.storage.state.receiving import Received, Receiving
 from talos.storage.state.replay import PRUNE_BATCH, ReplayRows
-from talos.storage.state.rows import FORMAT_VERSION, MAX_PAYLOAD_SIZE, as_bytes, peer_key
+from talos.storage.state.rows import FORMAT_VERSION, MAX_PAYLOAD_SIZE, U64, as_bytes, peer_key
 from talos.storage.state.sealing import Sealer, derive_storage_key
 from talos.storage.state.sending import Sending
 from talos.storage.state.sessions import Sessions
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import lmdb
 
     from talos.audit.log import AuditLog
+    from talos.storage.environment import Environment
 
 __all__ = [
     "FORMAT_VERSION",
@@ -112,6 +113,24 @@ class AgentState:
             self._work, clock, window, replay=replay, sessions=self._sessions, inbox=self._inbox
         )
         self._sending = Sending(self._work, clock, outbox=self._outbox, sessions=self._sessions)
+
+    @classmethod
+    def start_after_loss(cls, environment: Environment, *, floor_ms: int) -> None:
+        """Make the empty state in ``environment`` refuse every message older than ``floor_ms``.
+
+        For a restore or rebuild that found the agent state unusable: nothing
+        is rolled back, sessions are re-established, and the replay window
+        starts with its floor at ``floor_ms`` (the time of the restore), so
+        a message accepted before it is refused as stale rather than
+        accepted again (docs/design/audit-recovery.md).
+
+        Raises:
+            LocalProtocolError: ``environment`` was not opened with :attr:`DATABASES`.
+            StorageError: LMDB failed.
+        """
+        agent = environment.database("agent")
+        with environment.write() as txn:
+            txn.put(b"replay_floor", U64.pack(floor_ms), db=agent)
 
     def _commit(self, audit: AuditRecords, apply: Apply) -> bool:
         with self._work.lock:

@@ -231,6 +231,48 @@ class Environment:
         with lmdb_errors(str(self.path)):
             return int(self._env.info()["last_txnid"])
 
+    def copy_state_from(self, source: Path) -> tuple[str, ...]:
+        """Copy every database of the environment in ``source`` that is not the audit log's
+        (the agent state, anchors) into this one, rows and flags as they are, in one
+        transaction; returns their names.
+
+        ``source`` is opened read-only and never written. A restore or rebuild
+        uses this to keep the current agent state while the audit log is
+        replaced (docs/design/audit-recovery.md).
+
+        Raises:
+            StoreCorrupted: ``source`` cannot be read (nothing is copied).
+            StorageError: it cannot be opened, or this environment cannot be written.
+        """
+        env = open_environment(
+            source,
+            store="audit log",
+            readonly=True,
+            lock=False,
+            map_size=DEFAULT_MAP_SIZE,
+            max_dbs=8 + MAX_EXTRA_DATABASES,
+        )
+        copied: list[str] = []
+        try:
+            with lmdb_errors(str(source)), env.begin() as txn, self.write() as out:
+                audit = {name.encode() for name in AUDIT_DATABASES}
+                names = [bytes(k) for k in txn.cursor().iternext(values=False)]
+                for name in names:
+                    if name in audit:
+                        continue
+                    try:
+                        db = env.open_db(name, txn=txn, create=False)
+                    except lmdb.Error:
+                        continue  # a plain row of the main database, not a database
+                    flags = db.flags()
+                    target = self._env.open_db(name, txn=out, create=True, **flags)
+                    rows = txn.cursor(db=db).iternext()
+                    out.cursor(db=target).putmulti(rows, dupdata=flags.get("dupsort", False))
+                    copied.append(name.decode(errors="replace"))
+        finally:
+            env.close()
+        return tuple(copied)
+
     def copy_to(self, dest: Path) -> None:
         """Write a compacted, consistent copy of the environment into directory ``dest``.
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import struct
 import sys
@@ -60,6 +61,7 @@ __all__ = [
     "lmdb_errors",
     "open_environment",
     "read_u64",
+    "salvage_rows",
     "translate",
     "u64",
 ]
@@ -213,6 +215,79 @@ def _walk(path: Path, info: DataFileInfo) -> None:
             else problems[0]
         )
         raise StoreCorrupted(f"{path} is damaged ({detail})", where=str(path), what=what)
+
+
+# -- salvage ---------------------------------------------------------------------------
+
+_P_LEAF: Final = 0x02
+_P_LEAF2: Final = 0x20
+_P_SUBP: Final = 0x40
+_F_BIGDATA: Final = 0x01
+_F_SUBDATA_DUP: Final = 0x06
+
+
+def salvage_rows(path: Path) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) that a leaf page of the data file ``path`` still holds.
+
+    For a file LMDB cannot open safely (truncated past its committed pages):
+    each page that is in the file is read with plain reads, never mapped,
+    and each leaf node whose key and value fit in what is there is yielded,
+    whichever database and whichever transaction it belongs to (stale copies
+    in freed pages included). The caller must check every row on its own
+    terms: nothing here says a row is current, or from the database it wants.
+
+    Raises:
+        StoreCorrupted: the file is not an LMDB data file.
+        StorageError: it cannot be read.
+    """
+    hdr, _ = _header_size()
+    base = 0 if hdr == 16 else hdr
+    try:
+        with path.open("rb") as handle:
+            _, psize, _, _ = _read_meta(handle, 0, hdr, path)
+            if psize < 256 or psize & (psize - 1) or psize > 1 << 16:
+                raise StoreCorrupted(
+                    f"{path} has an implausible page size", where=str(path), what="meta page"
+                )
+            if os.fstat(handle.fileno()).st_size < 3 * psize:
+                return
+            # Mapped at its present size and only read below it: no SIGBUS
+            # unless the file shrinks meanwhile (no process writes it).
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                for offset in range(2 * psize, len(data) - psize + 1, psize):
+                    yield from _leaf_rows(data, offset, psize, hdr, base)
+    except OSError as exc:
+        raise StorageError(f"could not read {path}: {exc.strerror or exc}") from exc
+
+
+def _leaf_rows(
+    data: mmap.mmap, page: int, psize: int, hdr: int, base: int
+) -> Iterator[tuple[bytes, bytes]]:
+    """The rows of the leaf page at byte ``page`` of ``data`` (nothing if it is not one)."""
+    order = "<" if sys.byteorder == "little" else ">"
+    flags, lower, upper = struct.unpack_from(order + "HHH", data, page + hdr - 6)
+    if flags & (_P_LEAF | _P_LEAF2 | _P_SUBP) != _P_LEAF or not hdr <= lower <= upper <= psize:
+        return
+    for i in range((lower - (hdr - base)) >> 1):
+        node = page + struct.unpack_from(order + "H", data, page + hdr + 2 * i)[0] + base
+        if node + 8 > page + psize:
+            continue
+        lo, hi, nflags, ksize = struct.unpack_from(order + "HHHH", data, node)
+        dsize = lo | (hi << 16)
+        key_at = node + 8
+        value_at = key_at + (ksize + (ksize & 1) if hdr == 24 else ksize)
+        if nflags & _F_SUBDATA_DUP or key_at + ksize > page + psize:
+            continue
+        key = data[key_at : key_at + ksize]
+        if nflags & _F_BIGDATA:
+            if value_at + 8 > page + psize:
+                continue
+            overflow = struct.unpack_from(order + "Q", data, value_at)[0] * psize + hdr
+            value = data[overflow : overflow + dsize] if overflow + dsize <= len(data) else b""
+        else:
+            value = data[value_at : value_at + dsize] if value_at + dsize <= page + psize else b""
+        if value:
+            yield key, value
 
 
 # -- error translation -------------------------------------------------------------

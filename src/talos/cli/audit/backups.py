@@ -1,7 +1,8 @@
 """``talos audit backup`` and ``restore``: hot copies of the log, and putting one back.
 
 A backup that fails verification is refused (exit 5) and nothing changes;
-restoring is refused while this home's agent runs, since the log is its store.
+restoring is refused while this home's agent runs, since the log is its store,
+and restores the audit log only: the agent state stays the current one.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import click
 from rich.console import Console
 
 from talos.audit import AuditLog
+from talos.audit.recovery import Replaced
 from talos.cli.audit.options import hinted, log_option, reading
+from talos.cli.audit.recovering import prepare
 from talos.cli.context import CliContext
-from talos.cli.lockfile import refuse_while_running
-from talos.errors import BackupInvalid, TalosError
-from talos.storage.lost_state import check_home, keylog_for_checks
+from talos.cli.identity import key_passphrase_option
+from talos.errors import BackupInvalid
 
-__all__ = ["backup_command", "restore_command"]
+__all__ = ["backup_command", "restore_command", "say_state"]
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -57,53 +59,66 @@ def backup_command(ctx: CliContext, out: Path, log: Path | None) -> None:
     help="Directory written by `talos audit backup`.",
 )
 @log_option
+@key_passphrase_option
 @click.pass_obj
-def restore_command(ctx: CliContext, backup_dir: Path, log: Path | None) -> None:
-    """Replace the log with a verified backup; the replaced log is kept aside.
+def restore_command(
+    ctx: CliContext, backup_dir: Path, log: Path | None, key_passphrase_file: Path | None
+) -> None:
+    """Replace the audit log with a verified backup; the agent state stays the current one.
 
     The backup's file structure and whole chain are verified first (block
     signatures against this agent's key log when it has one). A damaged backup
-    is refused (exit 5) and nothing changes. Refused while this home's agent
-    runs: the log is its store.
+    is refused (exit 5) and nothing changes. Only the audit log is restored:
+    sessions, replay window, outbox, inbox and prekeys are kept as they are
+    now, so no key is used twice and no old message is accepted again. The
+    restored log gets a LOG_RESTORED entry (which backup, its size, entries
+    lost against the watermark), signed with the agent's key; the replaced
+    log is kept aside. Refused while this home's agent runs.
     """
-    if log is None:
-        refuse_while_running(ctx.agent_home.path, "talos audit restore")
-    path = ctx.audit_path(log)
+    home = prepare(ctx, log, key_passphrase_file, "talos audit restore")
+    path = home.path
     trusted = ctx.trusted_log_keys()
     try:
-        aside = AuditLog.restore(path, backup_dir, clock=ctx.clock, trusted_keys=trusted)
+        restored = AuditLog.restore(
+            path,
+            backup_dir,
+            clock=ctx.clock,
+            trusted_keys=trusted,
+            signer=home.signer,
+            recorded=home.recorded,
+        )
     except BackupInvalid as exc:
         raise hinted(exc, "nothing was changed; try an older backup") from None
+    home.follow(ctx)
     size, tree_root = _head(path)
-    click.echo(f"restored {size} entries into {path} from {backup_dir}")
-    click.echo(f"root {tree_root.hex()}")
-    if aside is None:
-        click.echo("there was no log to replace")
-    else:
-        click.echo(f"previous log kept at {aside}")
+    click.echo(f"restored {restored.size} entries into {path} from {backup_dir}")
+    click.echo(f"root {tree_root.hex()} ({size} entries with the LOG_RESTORED entry)")
+    say_state(restored.replaced)
+    if restored.lost:
+        recorded = home.recorded
+        _err.print(
+            f"[yellow]lost:[/] the agent had {recorded[0] if recorded else '?'} entries; "
+            f"{restored.lost} are not in this backup (from position {restored.size}). "
+            "Recorded as LOG_RESTORED in the log; the watermark now follows the restored log"
+        )
     if trusted is None:
         _err.print(
             "[yellow]note:[/] this home has no public key log: block signatures were "
             "checked only against the keys the blocks carry"
         )
-    if log is None:
-        _note_if_short(ctx, path)
 
 
-def _note_if_short(ctx: CliContext, path: Path) -> None:
-    """Say so if the restored log is still shorter than the agent's watermark records."""
-    home = ctx.agent_home
-    try:
-        keylog = keylog_for_checks(home, None)
-        if keylog is None:
-            return
-        with AuditLog.open(path, readonly=True) as opened:
-            _, losses = check_home(home, keylog, audit=opened, capabilities=None)
-    except TalosError:
-        return  # `talos run` and `diagnose --storage` name it
-    for loss in losses:
-        if loss.store == "audit log":
-            _err.print(
-                f"[yellow]note:[/] the restored {loss}: `talos run` refuses it. Restore a newer "
-                "backup, or start from this one with `talos audit accept-lost-state`"
-            )
+def say_state(replaced: Replaced) -> None:
+    """Where the old log went, and what happened to the agent state."""
+    if replaced.aside is None:
+        click.echo("there was no log to replace")
+    else:
+        click.echo(f"previous log kept at {replaced.aside}")
+    if replaced.state == "kept":
+        click.echo("agent state kept: sessions, replay window, outbox and inbox are current")
+        return
+    found = "there was none" if replaced.aside is None else "it could not be read"
+    _err.print(
+        f"[yellow]note:[/] no agent state was kept ({found}): it starts empty; sessions "
+        "are established again and every message older than now is refused"
+    )

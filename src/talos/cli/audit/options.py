@@ -40,8 +40,8 @@ _SECONDS = re.compile(r"\d+(\.\d+)?")
 _ROOT_HEX = re.compile(r"(0x)?([0-9a-fA-F]{64})")
 
 DAMAGED_HINT = (
-    "stop the agent and restore the last good backup (`talos audit restore --backup DIR`); "
-    "keep the damaged log for investigation"
+    "stop the agent; `talos audit rebuild` derives the log again from its intact entries, "
+    "`talos audit restore --backup DIR` puts back a good backup (both keep the damaged log)"
 )
 
 

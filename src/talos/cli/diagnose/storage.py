@@ -124,7 +124,8 @@ def _chain_finding(report: ChainReport, path: Path, trusted: bool) -> Finding:
             "audit log",
             "fail",
             f"damaged: {report.problem}",
-            "keep the damaged log; `talos audit restore --backup DIR` (agent stopped)",
+            "keep the damaged log; `talos audit restore --backup DIR` or "
+            "`talos audit rebuild` (agent stopped; see `talos audit verify-chain`)",
             data,
         )
     return Finding(

@@ -105,6 +105,8 @@ class AuditKind(StrEnum):
     #: A checkpoint's anchor became final on chain (talos.audit.anchoring).
     AUDIT_ANCHORED = "AUDIT_ANCHORED"
     LOG_RESTORED = "LOG_RESTORED"
+    #: ``talos audit rebuild`` re-derived the log from its intact entries (lost counts).
+    AUDIT_REBUILT = "AUDIT_REBUILT"
 
 
 def check_kind(kind: object) -> str:

@@ -1,0 +1,111 @@
+"""``talos audit rebuild``: re-derive a damaged log from the entries that are intact.
+
+Everything but the entries is derived (tree nodes, index, head, blocks), so
+a log whose derived tables are damaged or gone loses nothing; a damaged
+entry ends the rebuilt log, and the entries after it are reported as lost
+with the first bad position (they cannot be chained without it). The agent
+must be stopped (refused while it runs, like restore); the damaged
+environment is kept aside, the agent state is kept as it is, and the
+rebuilt log gets an ``AUDIT_REBUILT`` entry signed with the agent's key.
+Design: docs/design/audit-recovery.md.
+
+``--from-peers`` (fetching the entries from mirrors) is the mirror's
+command and reuses :func:`talos.audit.rebuild.write_log`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from talos.audit import AuditLog
+from talos.audit.chain_check import scan_chain
+from talos.audit.recovery import rebuild
+from talos.cli.audit.backups import say_state
+from talos.cli.audit.options import existing_log, hinted, log_option
+from talos.cli.audit.recovering import HomeRecovery, prepare
+from talos.cli.context import CliContext
+from talos.cli.identity import key_passphrase_option
+from talos.core.crypto import VerifyKey
+from talos.errors import StoreCorrupted
+from talos.storage.watermark import longest_keylog
+
+__all__ = ["rebuild_command"]
+
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+UNREADABLE_HINT = (
+    "nothing was changed: no entry can be read from this data file; restore a backup "
+    "(`talos audit restore --backup DIR`) or fetch the entries from mirrors "
+    "(`talos audit rebuild --from-peers`)"
+)
+
+
+def _trusted(ctx: CliContext, home: HomeRecovery) -> list[VerifyKey] | None:
+    """The keys stored blocks must be signed by to be kept (None: the keys they name)."""
+    if home.identity is not None:
+        keylog, _ = longest_keylog(ctx.agent_home, home.identity)
+        return [VerifyKey(event.signing_key) for event in keylog.events]
+    return ctx.trusted_log_keys()
+
+
+@click.command("rebuild")
+@log_option
+@key_passphrase_option
+@click.pass_obj
+def rebuild_command(ctx: CliContext, log: Path | None, key_passphrase_file: Path | None) -> None:
+    """Re-derive the log from its intact entries; report what could not be recovered.
+
+    The chain is verified first: an intact log is left as it is (exit 0).
+    Otherwise the tree nodes, index, head and blocks are derived again from
+    the entries up to the first bad one; entries from that position on are
+    lost and counted. The damaged log is kept aside; the agent state stays;
+    AUDIT_REBUILT records what happened. A data file LMDB cannot open
+    (truncated) is read page by page for the entries it still holds. Exit 3
+    when no entry can be read.
+    Refused while this home's agent runs.
+    """
+    home = prepare(ctx, log, key_passphrase_file, "talos audit rebuild")
+    path = existing_log(ctx, log)
+    trusted = _trusted(ctx, home)
+    report = scan_chain(path, trusted)
+    if report.ok:
+        click.echo(f"audit chain intact: {report.entries} entries; nothing to rebuild")
+        return
+    click.echo(f"damaged: {report.problem}")
+    try:
+        rebuilt = rebuild(
+            path,
+            clock=ctx.clock,
+            trusted_keys=trusted,
+            signer=home.signer,
+            recorded=home.recorded,
+            unmappable=report.problem is not None and report.problem.where == "file",
+        )
+    except StoreCorrupted as exc:
+        raise hinted(exc, UNREADABLE_HINT) from None
+    home.follow(ctx)
+    found, written = rebuilt.found, rebuilt.log
+    click.echo(f"rebuilt {written.size} intact entries into {path}")
+    if found.salvaged:
+        click.echo(
+            "read from the pages the damaged data file still holds (LMDB cannot open it); "
+            "blocks are sealed again"
+        )
+    with AuditLog.open(path, readonly=True) as opened:
+        size, tree_root = opened.size, opened.root()
+    click.echo(f"root {tree_root.hex()} ({size} entries with the AUDIT_REBUILT entry)")
+    click.echo(f"blocks kept {written.blocks}, dropped {written.dropped_blocks}")
+    if written.block_problem is not None:
+        click.echo(f"first dropped block: {written.block_problem}")
+    say_state(rebuilt.replaced)
+    if found.first_bad is not None or rebuilt.lost:
+        first = found.first_bad if found.first_bad is not None else written.size
+        _err.print(
+            f"[yellow]lost:[/] {rebuilt.lost} entries from position {first} "
+            f"({found.problem or 'missing'}); they cannot be chained without the entry there. "
+            "Recorded as AUDIT_REBUILT; `talos audit rebuild --from-peers` or an older "
+            "backup may still hold them"
+        )
