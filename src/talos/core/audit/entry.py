@@ -105,6 +105,12 @@ class AuditKind(StrEnum):
     #: A checkpoint's anchor became final on chain (talos.audit.anchoring).
     AUDIT_ANCHORED = "AUDIT_ANCHORED"
     LOG_RESTORED = "LOG_RESTORED"
+    #: A witness and an origin disagree on the origin's log: a checkpoint that
+    #: rolls back, forks or is not consistent with one a witness accepted
+    #: (docs/design/witnesses.md). Written on both sides.
+    AUDIT_EQUIVOCATION = "AUDIT_EQUIVOCATION"
+    #: A witness cosigned this log's checkpoint (size, root, the cosignature).
+    CHECKPOINT_COSIGNED = "CHECKPOINT_COSIGNED"
 
 
 def check_kind(kind: object) -> str:

@@ -101,7 +101,8 @@ def test_witnessed_head_decoding_raises_only_malformed_frame(data: bytes) -> Non
 
 def test_the_first_checkpoint_of_an_origin_is_accepted() -> None:
     outcome = judge(None, head(4), 0, (), now_ms=9)
-    assert isinstance(outcome, Accepted) and outcome.grew
+    assert isinstance(outcome, Accepted)
+    assert outcome.grew
     assert WitnessedHead.from_bytes(outcome.head.to_bytes()) == outcome.head
     assert Checkpoint.parse(outcome.head.note) == head(4)
 
@@ -109,12 +110,15 @@ def test_the_first_checkpoint_of_an_origin_is_accepted() -> None:
 def test_an_extension_with_its_consistency_proof_is_accepted() -> None:
     proof = consistency_proof(5, LEAVES[:12])
     outcome = judge(held(5), head(12), 5, proof, now_ms=9)
-    assert isinstance(outcome, Accepted) and outcome.grew and outcome.head.size == 12
+    assert isinstance(outcome, Accepted)
+    assert outcome.grew
+    assert outcome.head.size == 12
 
 
 def test_the_same_head_again_is_accepted_without_growing() -> None:
     outcome = judge(held(5), head(5), 3, (), now_ms=9)
-    assert isinstance(outcome, Accepted) and not outcome.grew
+    assert isinstance(outcome, Accepted)
+    assert not outcome.grew
 
 
 @pytest.mark.parametrize(
@@ -130,7 +134,8 @@ def test_the_same_head_again_is_accepted_without_growing() -> None:
 def test_refusals(checkpoint: Checkpoint, old: int, proof: tuple[bytes, ...], reason: str) -> None:
     outcome = judge(held(5), checkpoint, old, proof, now_ms=9)
     assert isinstance(outcome, Refused)
-    assert outcome.reason == reason and outcome.held == held(5)
+    assert outcome.reason == reason
+    assert outcome.held == held(5)
     assert outcome.equivocation == (reason != "stale")
 
 
