@@ -10,6 +10,7 @@ CHECKPOINT frames get a clear refusal and nothing is stored.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from witness_cast import (
     signed_checkpoint,
 )
 
+from talos.client.witnessing import WITNESS_BURST
 from talos.core import wire
 from talos.core.audit.cosignature import Cosignature
 from talos.testing.processes import Launcher, RegistryProcess, launched, registry_process
@@ -123,6 +125,16 @@ def test_a_rolled_back_log_and_a_forked_checkpoint_are_refused_on_both_sides(
     assert bob.metric("talos_audit_equivocations_total", role="witness") == 1
     assert bob.metric("talos_audit_checkpoints_refused_total", reason="fork") == 1
 
+    # A frame of alice's captured earlier and replayed (an older head, sent an hour
+    # ago): stale, not an equivocation.
+    hour_ago = int((time.time() - 3600) * 1000)
+    older = signed_checkpoint(identity, held - 1, os.urandom(32))
+    replayed = checkpoint_frame(identity, bob.agent_id, older, sent_ms=hour_ago)
+    answer = cosignature_answer(bob.url, replayed)
+    assert answer is not None
+    assert (answer.cosign_status, answer.reason) == (wire.CosignStatus.CONFLICT, "stale")
+    assert bob.metric("talos_audit_equivocations_total", role="witness") == 1
+
     # The real alice is still cosigned after the fork was refused (bob kept her head).
     bob.stop(), bob.start()
     assert alice.send(bob, "after the fork").startswith("delivered ")
@@ -204,3 +216,20 @@ def test_a_malformed_checkpoint_frame_is_dropped(cast: Callable[..., WitnessPeer
     refused = CLI.run(dave.home, "run", "--audit-witness", "not-an-agent-id", "--offline")
     assert refused.returncode != 0
     assert "not an agent id" in refused.stderr
+
+
+def test_a_witness_accepts_only_a_few_checkpoints_per_origin_a_minute(
+    cast: Callable[..., WitnessPeer],
+) -> None:
+    alice, bob = cast("alice"), cast("bob")
+    alice.start(), bob.start()
+    identity = alice.identity()
+    frame = checkpoint_frame(identity, bob.agent_id, signed_checkpoint(identity, 3, bytes(32)))
+    statuses = []
+    for _ in range(WITNESS_BURST + 1):
+        answer = cosignature_answer(bob.url, frame)
+        assert answer is not None
+        statuses.append((answer.cosign_status, answer.reason))
+    assert statuses[:-1] == [(wire.CosignStatus.COSIGNED, "")] * WITNESS_BURST
+    assert statuses[-1] == (wire.CosignStatus.REFUSED, "rate_limited")
+    assert bob.metric("talos_audit_checkpoints_refused_total", reason="rate_limited") == 1

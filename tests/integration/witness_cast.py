@@ -72,6 +72,7 @@ def checkpoint_frame(
     old: int = 0,
     proof: tuple[bytes, ...] = (),
     note: bytes | None = None,
+    sent_ms: int | None = None,
 ) -> bytes:
     """A CHECKPOINT envelope from ``sender`` (signed with its real current key)."""
     rng = SeededRng(int.from_bytes(checkpoint.root[:4], "big"))
@@ -82,7 +83,7 @@ def checkpoint_frame(
             sender=sender.agent_id,
             sender_instance=wire.new_instance_id(rng),
             recipient=recipient,
-            timestamp_ms=int(SystemClock().time() * 1000),
+            timestamp_ms=int(SystemClock().time() * 1000) if sent_ms is None else sent_ms,
             checkpoint_note=checkpoint.to_text().encode() if note is None else note,
             old_size=old,
             consistency=proof,

@@ -322,7 +322,12 @@ class Witnessing:
             return
         now_ms = int(self._clock.time() * 1000)
         outcome = judge(
-            before, checkpoint, envelope.old_size or 0, envelope.consistency or (), now_ms=now_ms
+            before,
+            checkpoint,
+            envelope.old_size or 0,
+            envelope.consistency or (),
+            now_ms=now_ms,
+            sent_ms=envelope.timestamp_ms,
         )
         if isinstance(outcome, Refused):
             await self._conflict_found(link, envelope, checkpoint, outcome)

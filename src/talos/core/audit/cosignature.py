@@ -182,9 +182,17 @@ class WitnessedHead:
     #: The origin-signed note text (evidence, should the origin equivocate later).
     note: bytes
     accepted_ms: int
+    #: The signed timestamp of the envelope that brought it (orders the origin's sends).
+    sent_ms: int = 0
 
     def to_bytes(self) -> bytes:
-        record = {"size": self.size, "root": self.root, "note": self.note, "at": self.accepted_ms}
+        record = {
+            "size": self.size,
+            "root": self.root,
+            "note": self.note,
+            "at": self.accepted_ms,
+            "sent": self.sent_ms,
+        }
         return canonical_dumps(record)
 
     @classmethod
@@ -195,12 +203,18 @@ class WitnessedHead:
             MalformedFrame: not a witnessed-head record.
         """
         raw = strict_loads(data, max_size=_MAX_RECORD)
-        if type(raw) is not dict or set(raw) != {"size", "root", "note", "at"}:
-            raise MalformedFrame("a witnessed head is a map of size, root, note and at")
+        if type(raw) is not dict or set(raw) != {"size", "root", "note", "at", "sent"}:
+            raise MalformedFrame("a witnessed head is a map of size, root, note, at and sent")
         root, note = raw["root"], raw["note"]
         if type(root) is not bytes or len(root) != HASH_SIZE or type(note) is not bytes:
             raise MalformedFrame("witnessed head root or note is malformed")
-        return cls(_uint(raw["size"], "size"), root, note, _uint(raw["at"], "at"))
+        return cls(
+            _uint(raw["size"], "size"),
+            root,
+            note,
+            _uint(raw["at"], "at"),
+            _uint(raw["sent"], "sent"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,23 +245,29 @@ def judge(
     proof: Sequence[bytes],
     *,
     now_ms: int,
+    sent_ms: int = 0,
 ) -> Accepted | Refused:
     """The witness's decision on ``checkpoint`` (its origin signature already checked).
 
     ``old_size`` is the size the origin proves consistency from, ``proof``
-    the RFC 9162 consistency proof from it to ``checkpoint.size``.
+    the RFC 9162 consistency proof from it to ``checkpoint.size``; ``sent_ms``
+    is the signed timestamp of the envelope that carried it. A checkpoint sent
+    no later than the held head (a replayed or reordered frame: an older head
+    of a log is a prefix, not a contradiction) is ``stale``, never an
+    equivocation: only a fresh statement can contradict the held head.
     """
-    head = WitnessedHead(
-        checkpoint.size, checkpoint.root, checkpoint.to_text().encode("utf-8"), now_ms
-    )
+    note = checkpoint.to_text().encode("utf-8")
+    head = WitnessedHead(checkpoint.size, checkpoint.root, note, now_ms, sent_ms)
     if held is None:
         return Accepted(head, grew=True)  # trust on first use, as tlog-witness does
+    if (checkpoint.size, checkpoint.root) == (held.size, held.root):
+        return Accepted(held, grew=False)
+    if sent_ms <= held.sent_ms:
+        return Refused("stale", held)
     if checkpoint.size < held.size:
         return Refused("rollback", held)
     if checkpoint.size == held.size:
-        if checkpoint.root != held.root:
-            return Refused("fork", held)
-        return Accepted(held, grew=False)
+        return Refused("fork", held)
     if old_size != held.size:
         return Refused("stale", held)
     try:

@@ -38,7 +38,7 @@ def head(size: int, leaves: list[bytes] = LEAVES) -> Checkpoint:
 
 
 def held(size: int, leaves: list[bytes] = LEAVES) -> WitnessedHead:
-    outcome = judge(None, head(size, leaves), 0, (), now_ms=1)
+    outcome = judge(None, head(size, leaves), 0, (), now_ms=1, sent_ms=1)
     assert isinstance(outcome, Accepted)
     return outcome.head
 
@@ -109,7 +109,7 @@ def test_the_first_checkpoint_of_an_origin_is_accepted() -> None:
 
 def test_an_extension_with_its_consistency_proof_is_accepted() -> None:
     proof = consistency_proof(5, LEAVES[:12])
-    outcome = judge(held(5), head(12), 5, proof, now_ms=9)
+    outcome = judge(held(5), head(12), 5, proof, now_ms=9, sent_ms=2)
     assert isinstance(outcome, Accepted)
     assert outcome.grew
     assert outcome.head.size == 12
@@ -132,11 +132,22 @@ def test_the_same_head_again_is_accepted_without_growing() -> None:
     ],
 )
 def test_refusals(checkpoint: Checkpoint, old: int, proof: tuple[bytes, ...], reason: str) -> None:
-    outcome = judge(held(5), checkpoint, old, proof, now_ms=9)
+    outcome = judge(held(5), checkpoint, old, proof, now_ms=9, sent_ms=2)
     assert isinstance(outcome, Refused)
     assert outcome.reason == reason
     assert outcome.held == held(5)
     assert outcome.equivocation == (reason != "stale")
+
+
+@pytest.mark.parametrize("checkpoint", [head(3), head(5, OTHER), head(12, OTHER)])
+def test_a_frame_sent_before_the_held_head_is_stale_not_an_equivocation(
+    checkpoint: Checkpoint,
+) -> None:
+    """A replayed (or reordered) older frame of the origin's is no contradiction."""
+    outcome = judge(held(5), checkpoint, 5, (), now_ms=9, sent_ms=1)
+    assert isinstance(outcome, Refused)
+    assert outcome.reason == "stale"
+    assert not outcome.equivocation
 
 
 def test_how_the_origin_reads_a_conflict() -> None:
