@@ -42,7 +42,8 @@ def _record(tmp_path: Path, registry: RegistryProcess) -> tuple[list[float], lis
     with launched() as launcher:
         alice = WitnessPeer(tmp_path / "alice", registry, launcher).init("alice")
         bob = WitnessPeer(tmp_path / "bob", registry, launcher).init("bob")
-        assert isinstance(alice, WitnessPeer) and isinstance(bob, WitnessPeer)
+        assert isinstance(alice, WitnessPeer)
+        assert isinstance(bob, WitnessPeer)
         earlier = tmp_path / "alice-earlier"
         alice.copy_home(earlier)
         alice.start(), bob.start()
@@ -82,8 +83,9 @@ def _description() -> str:
 
 
 def _firing(instance: str, role: str) -> str:
+    labels = f'severity: critical, instance: "{instance}", job: talos-agent, role: {role}'
     return f"""
-          - exp_labels: {{severity: critical, instance: "{instance}", job: talos-agent, role: {role}}}
+          - exp_labels: {{{labels}}}
             exp_annotations:
               summary: "Talos agent {instance} saw an audit log in two versions ({role})"
               description: "{_description()}\""""
@@ -133,8 +135,8 @@ def test_the_equivocation_alert_fires_on_both_sides_of_a_recorded_run(
             "promtool is not on PATH: apt-get install prometheus (deploy/prometheus/check.sh)"
         )
     origin, witness = _record(tmp_path, registry)
-    assert origin[:3] == [0.0, 0.0, 0.0] and origin[3:] == [1.0] * 3, origin
-    assert witness[:3] == [0.0, 0.0, 0.0] and witness[3:] == [1.0] * 3, witness
+    assert origin == [0.0] * 3 + [1.0] * 3, origin
+    assert witness == [0.0] * 3 + [1.0] * 3, witness
     test_file = tmp_path / "recorded.test.yml"
     test_file.write_text(_promtool_test(origin, witness))
     result = subprocess.run(  # noqa: S603 -- promtool from PATH, our own files

@@ -91,7 +91,8 @@ def test_a_proof_file_without_cosignatures_reads_and_verifies_as_before(tmp_path
     verdict = verify_proof_file(
         read_proof_file(path), root=None, note_keys=[(None, ORIGIN.signing_key.public_key)]
     )
-    assert verdict.witnesses == () and "witnesses" not in verdict.to_json()
+    assert verdict.witnesses == ()
+    assert "witnesses" not in verdict.to_json()
 
 
 @pytest.mark.parametrize(
