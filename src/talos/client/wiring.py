@@ -154,7 +154,7 @@ def assemble(
 
     async def connected(link: Link, peer: str) -> None:
         await keylogs.offer(link, peer)
-        await witnessing.offer(link, peer)
+        await witnessing.offer_safely(link, peer)
 
     deliverer.on_connected = connected
     acks = Acknowledgements(

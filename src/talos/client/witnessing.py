@@ -152,16 +152,21 @@ class Witnessing:
             return False
         return all(e.kind == AuditKind.CHECKPOINT_COSIGNED for e in self._log.entries(old, size))
 
+    async def offer_safely(self, link: Link, peer: str, *, old: int | None = None) -> None:
+        """:meth:`offer`, for paths that must go on without it (link set-up, the
+        receive path): a log that cannot be read is logged, not raised."""
+        try:
+            await self.offer(link, peer, old=old)
+        except TalosError as exc:
+            _log.warning("audit checkpoint not offered to %s: %s", peer, exc)
+
     async def answer(self, link: Link, sender: str) -> None:
         """A frame from ``sender`` verified on ``link``: offer our checkpoint once on an
         incoming link (a link we opened got it when it opened)."""
         if link.outgoing or link in self._answered:
             return
         self._answered.add(link)
-        try:
-            await self.offer(link, sender)
-        except TalosError as exc:
-            _log.warning("checkpoint not offered to %s: %s", sender, exc)
+        await self.offer_safely(link, sender)
 
     async def run(self, closed: Callable[[], bool]) -> None:
         """Offer our checkpoint to every configured witness, every :data:`WITNESS_INTERVAL`."""
@@ -195,7 +200,10 @@ class Witnessing:
         if status is wire.CosignStatus.COSIGNED:
             self._store_cosignature(sent, envelope, held)
         elif status is wire.CosignStatus.CONFLICT:
-            await self._conflict(link, sent, envelope)
+            try:
+                await self._conflict(link, sent, envelope)
+            except TalosError as exc:
+                _log.warning("conflict answer of %s not read: %s", witness, exc)
         else:
             self._sent.pop(witness, None)
             self._logs.log(
@@ -260,7 +268,7 @@ class Witnessing:
         if reason == "stale":
             if witness not in self._retried:
                 self._retried.add(witness)
-                await self.offer(link, witness, old=held_size)
+                await self.offer_safely(link, witness, old=held_size)
             return
         self._sent.pop(witness, None)
         fields: dict[str, Any] = {
