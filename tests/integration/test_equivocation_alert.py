@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from alert_rules import RULES, description
 from rotation_cast import WAIT
 from witness_cast import WitnessPeer
 
@@ -25,7 +26,6 @@ from talos.testing.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
-RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "talos-alerts.yml"
 SERIES = "talos_audit_equivocations_total"
 #: Minutes the last value is held for: past the alert's 24-hour window.
 HELD = 24 * 60 + 10
@@ -71,15 +71,7 @@ def _record(tmp_path: Path, registry: RegistryProcess) -> tuple[list[float], lis
 
 
 def _description() -> str:
-    text = RULES.read_text()
-    block = text[text.index("alert: AuditEquivocation") :]
-    block = block[block.index("description: >-") + len("description: >-") :]
-    lines = []
-    for line in block.splitlines()[1:]:
-        if not line.startswith("            "):
-            break
-        lines.append(line.strip())
-    return " ".join(lines).replace("\\", "\\\\").replace('"', '\\"')
+    return description("AuditEquivocation")
 
 
 def _firing(instance: str, role: str) -> str:

@@ -27,21 +27,7 @@ from talos.testing import SeededRng
 
 @dataclasses.dataclass
 class WitnessPeer(Peer):
-    """A :class:`Peer` started with extra ``talos run`` options (``--audit-witness``)."""
-
-    extra: tuple[str, ...] = ()
-
-    def start(self) -> WitnessPeer:
-        self.process = self.launcher.agent(
-            self.home,
-            "--registry", self.registry.url,
-            "--listen", f"127.0.0.1:{self.port}",
-            "--metrics-port", str(self.metrics_port),
-            "--reconnect-interval", "1",
-            *self.accept,
-            *self.extra,
-        )  # fmt: skip
-        return self
+    """A :class:`Peer` with the witness records of its audit log at hand."""
 
     def cosigned(self, by: Peer) -> list[dict[str, Any]]:
         """Our CHECKPOINT_COSIGNED entries from witness ``by``."""
