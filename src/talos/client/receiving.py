@@ -253,8 +253,6 @@ class Receiver:
                 return
             envelope, log = newer
         await self._keylogs.answer(link, sender)
-        if self._witnessing is not None:
-            await self._witnessing.answer(link, sender)
         if self.instances.observe(sender, envelope.sender_instance):
             self._metrics.duplicate_instance_detected()
             _log.warning(
@@ -284,6 +282,9 @@ class Receiver:
             await self._witnessing.on_checkpoint(link, envelope, log)
         elif kind is wire.EnvelopeType.COSIGNATURE and self._witnessing is not None:
             await self._witnessing.on_cosignature(link, envelope, log)
+        if self._witnessing is not None:
+            # After the frame's own answer (an ACK goes first): our checkpoint, once per link.
+            await self._witnessing.answer(link, sender)
 
     def _malformed(self, link: Link, event: str, what: str, detail: object) -> None:
         """Drop a frame no peer of ours would send; the transport may close its link."""
