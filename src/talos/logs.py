@@ -117,6 +117,13 @@ EVENTS: Final = frozenset(
         "public_keylog_behind",
         "peer_key_rotated",
         "peer_key_log_refused",
+        # witnesses of the audit log (docs/design/witnesses.md)
+        "checkpoint_cosigned",
+        "checkpoint_refused",
+        "cosignature_received",
+        "cosignature_refused",
+        "audit_equivocation",
+        "witness_unreachable",
         # anchoring the audit log on a chain
         "anchor_submitted",
         "anchor_replaced",

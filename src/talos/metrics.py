@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from talos.core import wire
+from talos.core.audit.cosignature import REFUSALS
 from talos.errors import CapabilityDenied, ConfigurationError, KeyRevoked
 from talos.logs import EVENTS, suppressed_lines
 
@@ -45,6 +46,7 @@ __all__ = [
     "REJECTION_REASONS",
     "ROTATION_KINDS",
     "SIGNATURE_FAILURE_REASONS",
+    "WITNESS_ROLES",
     "AgentMetrics",
     "SuppressedLines",
 ]
@@ -58,6 +60,9 @@ OTHER: Final = "other"
 #: no key of the signer's newest log; under a key an emergency rotation revoked; under
 #: an earlier key a routine rotation replaced.
 SIGNATURE_FAILURE_REASONS: Final = ("bad_signature", "revoked_key", "superseded_key")
+#: The ``role`` label of the witness series: this agent as a ``witness`` of a
+#: peer's log, or as the ``origin`` of its own (docs/design/witnesses.md).
+WITNESS_ROLES: Final = ("witness", "origin")
 #: Values of the ``reason`` label of ``talos_peer_key_logs_refused_total``.
 KEY_LOG_REFUSALS: Final = ("fork", "rollback", "invalid", OTHER)
 
@@ -242,6 +247,24 @@ class AgentMetrics:
             "Audit entries not yet covered by a final anchor.",
             registry=r,
         )
+        self.checkpoints_cosigned = Counter(
+            "talos_audit_checkpoints_cosigned",
+            "Checkpoints cosigned: of peers' logs by this witness, or of this log by witnesses.",
+            ["role"],
+            registry=r,
+        )
+        self.checkpoints_refused = Counter(
+            "talos_audit_checkpoints_refused",
+            "Checkpoints (and cosignatures) refused, by why (docs/design/witnesses.md).",
+            ["reason"],
+            registry=r,
+        )
+        self.equivocations = Counter(
+            "talos_audit_equivocations",
+            "Audit logs seen in two inconsistent versions (a rolled back or forked log).",
+            ["role"],
+            registry=r,
+        )
 
         # -- security events ---------------------------------------------------
         self.signature_failures = Counter(
@@ -311,6 +334,11 @@ class AgentMetrics:
             self.message_size_bytes.labels(direction=direction)
         for kind in ROTATION_KINDS:
             self.key_rotations.labels(kind=kind)
+        for role in WITNESS_ROLES:
+            self.checkpoints_cosigned.labels(role=role)
+            self.equivocations.labels(role=role)
+        for reason in REFUSALS:
+            self.checkpoints_refused.labels(reason=reason)
         for url in self._registry_urls:
             self.registry_up.labels(url=url).set(0 if uses_registry else math.nan)
 
@@ -409,6 +437,18 @@ class AgentMetrics:
 
     def set_audit_anchor_lag(self, entries: int) -> None:
         self.audit_anchor_lag.set(entries)
+
+    def checkpoint_cosigned(self, role: str) -> None:
+        """A checkpoint was cosigned; ``role`` is one of :data:`WITNESS_ROLES`."""
+        self.checkpoints_cosigned.labels(role=_label(role, WITNESS_ROLES)).inc()
+
+    def checkpoint_refused(self, reason: str) -> None:
+        """A checkpoint or cosignature was refused (``reason`` from ``cosignature.REFUSALS``)."""
+        self.checkpoints_refused.labels(reason=_label(reason, REFUSALS)).inc()
+
+    def equivocation(self, role: str) -> None:
+        """Two inconsistent versions of an audit log were seen, as ``role``."""
+        self.equivocations.labels(role=_label(role, WITNESS_ROLES)).inc()
 
     # -- security events --------------------------------------------------------
 

@@ -20,7 +20,16 @@ from talos.core.agent_id import agent_id_from_digest
 from talos.core.crypto import SigningKey, sha256
 from talos.core.encoding import canonical_dumps, strict_loads
 from talos.core.replay import ReplayWindow
-from talos.core.wire import AckStatus, Envelope, EnvelopeType, ErrorCode, decode, seal, verify
+from talos.core.wire import (
+    AckStatus,
+    CosignStatus,
+    Envelope,
+    EnvelopeType,
+    ErrorCode,
+    decode,
+    seal,
+    verify,
+)
 from talos.errors import MalformedFrame, SignatureInvalid, UnsupportedVersion
 
 REJECTED = (MalformedFrame, UnsupportedVersion)
@@ -48,6 +57,20 @@ def _sample(kind: EnvelopeType) -> Envelope:
         },
         EnvelopeType.REVOCATIONS: {"revocation_list": b"l" * 64},
         EnvelopeType.KEYLOG: {"key_log": b"k" * 200},
+        EnvelopeType.CHECKPOINT: {
+            "checkpoint_note": b"origin\n5\n" + b"r" * 44 + b"\n\n",
+            "old_size": 3,
+            "consistency": (b"a" * 32, b"b" * 32),
+        },
+        EnvelopeType.COSIGNATURE: {
+            "tree_size": 5,
+            "tree_root": b"r" * 32,
+            "cosign_status": CosignStatus.CONFLICT,
+            "held_size": 7,
+            "held_root": b"h" * 32,
+            "cosignature": None,
+            "reason": "fork",
+        },
     }[kind]
     return Envelope(
         type=kind,

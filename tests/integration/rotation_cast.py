@@ -45,6 +45,8 @@ class Peer:
     metrics_port: int = dataclasses.field(default_factory=free_port)
     process: AgentProcess | None = None
     agent_id: str = ""
+    #: More ``talos run`` options (e.g. ``--audit-witness PEER``).
+    extra: tuple[str, ...] = ()
 
     def init(self, name: str) -> Peer:
         self.agent_id = ok(self.home, "init", "--name", name)
@@ -58,6 +60,7 @@ class Peer:
             "--metrics-port", str(self.metrics_port),
             "--reconnect-interval", "1",
             *self.accept,
+            *self.extra,
         )  # fmt: skip
         return self
 

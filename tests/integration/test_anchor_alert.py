@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from alert_rules import RULES, description
 
 from talos.testing.chain import DEV_KEYS, start_anvil
 from talos.testing.cli import TalosCli
@@ -23,7 +24,6 @@ from talos.testing.processes import launched
 from talos.testing.waiting import wait_until
 
 CLI = TalosCli()
-RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "talos-alerts.yml"
 SERIES = "talos_audit_anchor_failures_total"
 #: Scrapes after recovery: more minutes than the alert's 15m window.
 AFTER = 20
@@ -131,15 +131,7 @@ tests:
 
 
 def _description() -> str:
-    text = RULES.read_text()
-    block = text[text.index("alert: AuditAnchorFailure") :]
-    block = block[block.index("description: >-") + len("description: >-") :]
-    lines = []
-    for line in block.splitlines()[1:]:
-        if not line.startswith("            "):
-            break
-        lines.append(line.strip())
-    return " ".join(lines).replace("\\", "\\\\").replace('"', '\\"')
+    return description("AuditAnchorFailure")
 
 
 def test_the_anchor_failure_alert_fires_and_resolves_on_a_recorded_run(tmp_path: Path) -> None:

@@ -4,6 +4,10 @@
 is the seed's spelling (Failure-Modes, "Disk Full"). This module turns that
 mapping into checked settings for :meth:`talos.audit.AuditLog.open`.
 
+``witnesses`` lists peer agent ids this agent sends its signed checkpoints to
+for cosigning even when it does not message them (docs/design/witnesses.md);
+``talos run --audit-witness PEER`` is the CLI spelling.
+
 ``prune_after_anchor`` is accepted and kept, but has no effect until
 anchoring exists: pruning may only drop entries whose checkpoint is anchored
 externally, and nothing is anchored yet. It is recorded here so that a
@@ -17,14 +21,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from talos.errors import ConfigurationError
+from talos.core.agent_id import check_agent_id
+from talos.errors import ConfigurationError, MalformedFrame
 
 __all__ = ["AuditConfig"]
 
 _GIB = 1 << 30
 #: The smallest log we accept: room for a few thousand entries and their nodes.
 MIN_SIZE_BYTES = 1 << 20
-_KEYS = frozenset({"max_size_gb", "prune_after_anchor", "block_entries", "block_seconds"})
+_KEYS = frozenset(
+    {"max_size_gb", "prune_after_anchor", "block_entries", "block_seconds", "witnesses"}
+)
+#: Most witnesses one agent may configure.
+MAX_WITNESSES = 32
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,8 @@ class AuditConfig:
     prune_after_anchor: bool = False
     block_entries: int = 1024
     block_seconds: float = 60.0
+    #: Agent ids of the peers configured as witnesses of this log.
+    witnesses: tuple[str, ...] = ()
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> AuditConfig:
@@ -55,6 +66,7 @@ class AuditConfig:
             prune_after_anchor=_flag(raw.get("prune_after_anchor", False)),
             block_entries=_count(raw.get("block_entries", 1024)),
             block_seconds=_seconds(raw.get("block_seconds", 60.0)),
+            witnesses=_witnesses(raw.get("witnesses", ())),
         )
 
     def open_arguments(self) -> dict[str, Any]:
@@ -95,3 +107,20 @@ def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ConfigurationError("audit_config block_seconds must be a positive number")
     return float(value)
+
+
+def _witnesses(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ConfigurationError("audit_config witnesses must be a list of agent ids")
+    if len(value) > MAX_WITNESSES:
+        raise ConfigurationError(f"audit_config witnesses: at most {MAX_WITNESSES} witnesses")
+    for item in value:
+        try:
+            if not isinstance(item, str):
+                raise MalformedFrame("not text")
+            check_agent_id(item)
+        except MalformedFrame:
+            raise ConfigurationError(
+                f"audit_config witnesses: {item!r} is not an agent id"
+            ) from None
+    return tuple(dict.fromkeys(value))

@@ -19,20 +19,26 @@ anchored tree to the proof's. An anchored root then vouches for the proof's
 root: ``--root`` may be the anchored root, and ``verify-proof --rpc`` checks
 the anchor itself on the chain (:mod:`talos.audit.anchoring.proof`). Proof
 files without the key are read and checked exactly as before.
+
+A proof file may also carry the witnesses' **cosignatures** (the JSON key
+``witnessed``, :mod:`talos.audit.witnessed`); given the witnesses' key logs,
+:func:`verify_proof_file` checks them and reports each in the verdict.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from talos.audit import AuditLog, Checkpoint, InclusionProof, note_key_hash
+from talos.audit.witnessed import ProofWitnesses, WitnessCheck
 from talos.core.audit.checkpoint import ConsistencyProof
 from talos.core.audit.entry import AuditKind
 from talos.core.crypto import VerifyKey, sha256
+from talos.core.keylog import KeyLog
 from talos.errors import (
     AnchorMismatch,
     ConfigurationError,
@@ -204,6 +210,7 @@ class ProofFile:
     proof: InclusionProof
     checkpoint: Checkpoint | None
     anchor: ProofAnchor | None = None
+    witnesses: ProofWitnesses | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +225,10 @@ class ProofVerdict:
     anchor_state: AnchorState = "absent"
     #: The wallet that sent the anchor, when it was looked up on chain.
     anchor_submitter: str | None = None
+    #: The witnesses' cosignatures the file carries, checked or not.
+    witnesses: tuple[WitnessCheck, ...] = ()
+    #: The size of the cosigned tree (None: the file carries no cosignature).
+    witnessed_size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -236,6 +247,9 @@ class ProofVerdict:
                 "submitter": self.anchor_submitter,
             }
             out["anchored"].pop("consistency", None)
+        if self.witnessed_size is not None:
+            out["witnessed_size"] = self.witnessed_size
+            out["witnesses"] = [check.to_json() for check in self.witnesses]
         return out
 
 
@@ -259,9 +273,15 @@ def read_proof_file(path: Path) -> ProofFile:
     except (UnicodeDecodeError, ValueError):
         raise MalformedFrame(f"malformed proof file {path}: not JSON") from None
     anchor_obj = obj.pop("anchor", None) if isinstance(obj, dict) else None
+    witnessed_obj = obj.pop("witnessed", None) if isinstance(obj, dict) else None
     try:
         proof, checkpoint = InclusionProof.from_json_dict(obj)
         anchor = None if anchor_obj is None else ProofAnchor.from_json(anchor_obj, proof.tree_size)
+        witnesses = (
+            None
+            if witnessed_obj is None
+            else ProofWitnesses.from_json(witnessed_obj, proof.tree_size)
+        )
     except MalformedFrame as exc:
         raise MalformedFrame(f"malformed proof file {path}: {exc}") from None
     if anchor is not None and anchor.tree_size <= proof.leaf_index:
@@ -274,7 +294,12 @@ def read_proof_file(path: Path) -> ProofFile:
             f"malformed proof file {path}: checkpoint is for tree size {checkpoint.size}, "
             f"the proof for {proof.tree_size}"
         )
-    return ProofFile(path, proof, checkpoint, anchor)
+    if witnesses is not None and checkpoint is not None and witnesses.origin != checkpoint.origin:
+        raise MalformedFrame(
+            f"malformed proof file {path}: its cosignatures are of another log "
+            f"({witnesses.origin!r}) than its checkpoint ({checkpoint.origin!r})"
+        )
+    return ProofFile(path, proof, checkpoint, anchor, witnesses)
 
 
 def checkpoint_signer(checkpoint: Checkpoint, keys: Sequence[NoteKey]) -> str:
@@ -297,6 +322,34 @@ def checkpoint_signer(checkpoint: Checkpoint, keys: Sequence[NoteKey]) -> str:
 
 
 def verify_proof_file(
+    proof_file: ProofFile,
+    *,
+    root: bytes | None,
+    note_keys: Sequence[NoteKey],
+    chain_submitter: str | None = None,
+    witness_logs: Mapping[str, KeyLog] | None = None,
+) -> ProofVerdict:
+    """Check the proof file (:func:`_verify_proof`), then its witnesses' cosignatures
+    against ``witness_logs`` (witness agent id -> its key log; the cosignatures of
+    witnesses not given are reported ``unchecked``).
+
+    Raises:
+        SignatureInvalid: a checkpoint or a cosignature does not verify.
+        ConsistencyError: the cosigned tree is not a prefix of the proof's.
+        InclusionProofError, AnchorMismatch, ConfigurationError: see :func:`_verify_proof`.
+    """
+    verdict = _verify_proof(
+        proof_file, root=root, note_keys=note_keys, chain_submitter=chain_submitter
+    )
+    witnessed = proof_file.witnesses
+    if witnessed is None:
+        return verdict
+    size = verdict.proof.tree_size
+    checks = witnessed.check(size, verdict.root, witness_logs or {})
+    return replace(verdict, witnesses=checks, witnessed_size=witnessed.tree_size)
+
+
+def _verify_proof(
     proof_file: ProofFile,
     *,
     root: bytes | None,

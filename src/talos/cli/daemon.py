@@ -136,6 +136,14 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
     default=None,
     help="Blocks that make an anchor final (default: the chain's finalized block).",
 )
+@click.option(
+    "--audit-witness",
+    "audit_witnesses",
+    multiple=True,
+    metavar="PEER",
+    help="Send this agent's audit checkpoints to PEER (an agent id) for cosigning, "
+    "even without messaging it; repeatable (docs/design/witnesses.md).",
+)
 @click.option("--log-level", type=click.Choice(_LEVELS), default="info", show_default=True)
 @log_format_option
 @key_passphrase_option
@@ -158,6 +166,7 @@ def run(
     anchor_key_file: Path | None,
     anchor_interval: float,
     anchor_confirmations: int | None,
+    audit_witnesses: tuple[str, ...],
     log_level: str,
     log_format: LogFormat,
     key_passphrase_file: Path | None,
@@ -209,6 +218,8 @@ def run(
             "rng": ctx.rng,
             "anchor": anchor,
         }
+        if audit_witnesses:
+            options["audit_config"] = {"witnesses": list(audit_witnesses)}
         asyncio.run(_daemon(name or home.path.name, options, path))
 
 

@@ -272,6 +272,8 @@ class TalosClient:
             self._spawn(discovery.reannounce(self._is_closed, self._announce))
         for peer in self._state.peers_with_pending():
             self._drivers.deliverer.kick(peer)
+        if self._parts.witnessing.witnesses and not config.offline:
+            self._spawn(self._parts.witnessing.run(self._is_closed))
 
     @property
     def _drivers(self) -> Parts:

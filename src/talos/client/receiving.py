@@ -30,6 +30,7 @@ from talos.client.inbox import InboxReader
 from talos.client.keylogs import KeyLogs
 from talos.client.revocations import Capabilities
 from talos.client.sessions import Sessions
+from talos.client.witnessing import Witnessing
 from talos.core import incoming, wire
 from talos.core.clock import Clock, time_ms
 from talos.core.clocksync import InstanceTracker
@@ -192,6 +193,7 @@ class Receiver:
         on_error: Callable[[wire.Envelope], Awaitable[None]],
         on_revocations: Callable[[Link, wire.Envelope, KeyLog], Awaitable[None]],
         keylogs: KeyLogs,
+        witnessing: Witnessing | None = None,
     ) -> None:
         self._me = agent_id
         self._state, self._sessions, self._batch, self._inbox = state, sessions, batch, inbox
@@ -200,6 +202,7 @@ class Receiver:
         self._clock, self._rng = clock, rng
         self._on_ack, self._on_error, self._on_revocations = on_ack, on_error, on_revocations
         self._keylogs = keylogs
+        self._witnessing = witnessing
         self._unknown_lookups = RateLimiter(rate=2.0, burst=20)
         self._logs = LimitedLog(_log, clock)
         self.instances = InstanceTracker()
@@ -275,6 +278,13 @@ class Receiver:
             await self._on_revocations(link, envelope, log)
         elif kind is wire.EnvelopeType.KEYLOG:
             await self._keylogs.on_keylog(link, envelope, log)
+        elif kind is wire.EnvelopeType.CHECKPOINT and self._witnessing is not None:
+            await self._witnessing.on_checkpoint(link, envelope, log)
+        elif kind is wire.EnvelopeType.COSIGNATURE and self._witnessing is not None:
+            await self._witnessing.on_cosignature(link, envelope, log)
+        if self._witnessing is not None:
+            # After the frame's own answer (an ACK goes first): our checkpoint, once per link.
+            await self._witnessing.answer(link, sender)
 
     def _malformed(self, link: Link, event: str, what: str, detail: object) -> None:
         """Drop a frame no peer of ours would send; the transport may close its link."""

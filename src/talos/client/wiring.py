@@ -25,12 +25,13 @@ from talos.client.receiving import ReceiveBatch, Receiver
 from talos.client.revocations import Capabilities
 from talos.client.sending import Sender
 from talos.client.sessions import Sessions
+from talos.client.witnessing import Witnessing
 from talos.core.sessions import SessionTable
 from talos.metrics import AgentMetrics
 from talos.peers import DhtSource, PeerDirectory, RecordSource, RegistrySource
 from talos.storage.agent_state import AgentState
 from talos.storage.tokens import TokenStore
-from talos.transport import Transport
+from talos.transport import Link, Transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,7 @@ class Parts:
     sender: Sender
     receiver: Receiver
     keylogs: KeyLogs
+    witnessing: Witnessing
 
 
 def peer_directory(
@@ -138,7 +140,23 @@ def assemble(
         outgoing=deliverer.links,
         on_sessions_dropped=deliverer.resend,
     )
-    deliverer.on_connected = keylogs.offer
+    witnessing = Witnessing(
+        own=own,
+        log=log,
+        tokens=tokens,
+        signer=signer,
+        auditor=auditor,
+        metrics=metrics,
+        clock=clock,
+        connect=deliverer.link,
+        witnesses=config.audit.witnesses,
+    )
+
+    async def connected(link: Link, peer: str) -> None:
+        await keylogs.offer(link, peer)
+        await witnessing.offer_safely(link, peer)
+
+    deliverer.on_connected = connected
     acks = Acknowledgements(
         core=deliverer.core,
         state=state,
@@ -181,7 +199,19 @@ def assemble(
         on_error=acks.on_error,
         on_revocations=capabilities.on_revocations,
         keylogs=keylogs,
+        witnessing=witnessing,
     )
     return Parts(
-        own, peers, capabilities, sessions, inbox, batch, deliverer, acks, sender, receiver, keylogs
+        own,
+        peers,
+        capabilities,
+        sessions,
+        inbox,
+        batch,
+        deliverer,
+        acks,
+        sender,
+        receiver,
+        keylogs,
+        witnessing,
     )

@@ -41,6 +41,9 @@ __all__ = [
     "DOMAIN_PREFIX",
     "FIELDS",
     "MAX_ACK_REFS",
+    "MAX_CHECKPOINT_NOTE_SIZE",
+    "MAX_CONSISTENCY_HASHES",
+    "MAX_COSIGNATURE_SIZE",
     "MAX_FRAME_SIZE",
     "MAX_KEY_LOG_SIZE",
     "MAX_REASON_LENGTH",
@@ -48,6 +51,7 @@ __all__ = [
     "MESSAGE_ID_SIZE",
     "WIRE_VERSION",
     "AckStatus",
+    "CosignStatus",
     "Envelope",
     "EnvelopeType",
     "ErrorCode",
@@ -81,6 +85,11 @@ MAX_REVOCATION_LIST_SIZE: Final = 512 * 1024
 MAX_KEY_LOG_SIZE: Final = 256 * 1024
 #: Longest error reason, in characters (printable text only).
 MAX_REASON_LENGTH: Final = 200
+#: Bounds of the witness envelopes: a checkpoint note, a consistency proof, a cosignature.
+MAX_CHECKPOINT_NOTE_SIZE: Final = 16 * 1024
+MAX_CONSISTENCY_HASHES: Final = 128
+MAX_COSIGNATURE_SIZE: Final = 512
+_HASH_SIZE: Final = 32
 #: Most message ids one ACK may acknowledge (a receiver acknowledges a whole
 #: committed batch with one signature).
 MAX_ACK_REFS: Final = 256
@@ -97,6 +106,11 @@ class EnvelopeType(enum.IntEnum):
     #: the sender's own key event log, pushed after a rotation and offered on every
     #: connection (docs/design/key-rotation-peers.md); signed by the log's current key
     KEYLOG = 6
+    #: the sender's newest signed audit checkpoint and a consistency proof, for a
+    #: witness to cosign (docs/design/witnesses.md)
+    CHECKPOINT = 7
+    #: a witness's answer to a CHECKPOINT: a cosignature, a conflict or a refusal
+    COSIGNATURE = 8
 
 
 class AckStatus(enum.IntEnum):
@@ -104,6 +118,14 @@ class AckStatus(enum.IntEnum):
 
     ACCEPTED = 0  #: decrypted, authorized and stored durably
     DUPLICATE = 1  #: already received earlier; this copy was dropped
+
+
+class CosignStatus(enum.IntEnum):
+    """How a witness answered a CHECKPOINT (carried by COSIGNATURE envelopes)."""
+
+    COSIGNED = 0  #: accepted and cosigned: ``cosignature`` is set
+    CONFLICT = 1  #: not consistent with the head the witness holds (``held_size``, ``held_root``)
+    REFUSED = 2  #: not judged: malformed, badly signed, rate-limited (``reason`` says)
 
 
 class ErrorCode(enum.IntEnum):
@@ -155,6 +177,22 @@ class Envelope:
     revocation_list: bytes | None = None
     #: KEYLOG only: the sender's serialized key event log (opaque here).
     key_log: bytes | None = None
+    #: CHECKPOINT only: the signed-note checkpoint text (parsed by the witness).
+    checkpoint_note: bytes | None = None
+    #: CHECKPOINT only: the tree size the consistency proof starts from.
+    old_size: int | None = None
+    #: CHECKPOINT only: the RFC 9162 consistency proof from ``old_size``.
+    consistency: tuple[bytes, ...] | None = None
+    #: COSIGNATURE only: the tree size and root of the checkpoint answered.
+    tree_size: int | None = None
+    tree_root: bytes | None = None
+    #: COSIGNATURE only.
+    cosign_status: CosignStatus | None = None
+    #: COSIGNATURE only: the size and root of the newest head the witness holds.
+    held_size: int | None = None
+    held_root: bytes | None = None
+    #: COSIGNATURE only: the encoded cosignature (COSIGNED answers).
+    cosignature: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +304,26 @@ def _id_list(value: Any) -> tuple[bytes, ...]:
 
 def _dump_id_list(value: Any) -> Any:
     return list(value) if type(value) is tuple else value
+
+
+def _uint64(name: str) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if type(value) is not int or not 0 <= value <= 2**64 - 1:
+            raise MalformedFrame(f"{name} must be an integer in 0..2**64-1")
+        return value
+
+    return parse
+
+
+def _hash_list(value: Any) -> tuple[bytes, ...]:
+    if type(value) is not list and type(value) is not tuple:
+        raise MalformedFrame("consistency proof must be an array")
+    if len(value) > MAX_CONSISTENCY_HASHES:
+        raise MalformedFrame(f"consistency proof holds at most {MAX_CONSISTENCY_HASHES} hashes")
+    for item in value:
+        if type(item) is not bytes or len(item) != _HASH_SIZE:
+            raise MalformedFrame(f"consistency proof hashes must be {_HASH_SIZE}-byte strings")
+    return tuple(value)
 
 
 def _null(value: Any) -> None:
@@ -385,6 +443,32 @@ FIELDS: Final[Mapping[EnvelopeType, tuple[Field, ...]]] = {
         *_COMMON,
         *_NO_CONTENT,
         Field("kl", "key_log", _byte_string("key log", min_size=1, max_size=MAX_KEY_LOG_SIZE)),
+    ),
+    EnvelopeType.CHECKPOINT: (
+        *_COMMON,
+        *_NO_CONTENT,
+        Field(
+            "cp",
+            "checkpoint_note",
+            _byte_string("checkpoint", min_size=1, max_size=MAX_CHECKPOINT_NOTE_SIZE),
+        ),
+        Field("old", "old_size", _uint64("old tree size")),
+        Field("proof", "consistency", _hash_list, _dump_id_list),
+    ),
+    EnvelopeType.COSIGNATURE: (
+        *_COMMON,
+        *_NO_CONTENT,
+        Field("size", "tree_size", _uint64("tree size")),
+        Field("root", "tree_root", _exactly("tree root", _HASH_SIZE)),
+        Field("st", "cosign_status", _enum_member(CosignStatus), _dump_enum),
+        Field("held", "held_size", _uint64("held tree size")),
+        Field("hroot", "held_root", _nullable(_exactly("held tree root", _HASH_SIZE))),
+        Field(
+            "cs",
+            "cosignature",
+            _nullable(_byte_string("cosignature", min_size=1, max_size=MAX_COSIGNATURE_SIZE)),
+        ),
+        Field("why", "reason", _reason),
     ),
 }
 _HEADER_KEYS: Final = frozenset({"v", "t", "sig"})

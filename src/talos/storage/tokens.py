@@ -7,6 +7,8 @@ One LMDB environment at ``<home>/capabilities/`` with four named databases:
 ``revocations``  issuer agent id -> record {list bytes, last synchronized time}
 ``reasons``      token id -> why this agent revoked it (text, for operators)
 ``keylogs``      agent id -> that agent's key event log, as last verified
+``witnessed``    origin agent id -> the newest checkpoint of its audit log this
+                 agent accepted as a witness (:mod:`talos.client.witnessing`)
 ``meta``         format version; ``generation``, bumped by every write
 
 The store keeps encoded bytes and knows nothing of their meaning: decoding
@@ -47,7 +49,15 @@ FORMAT_VERSION: Final = 1
 _MAP_SIZE = 256 << 20
 _MAX_RECORD = 1 << 20
 _STORE: Final = "capabilities store"
-_DATABASES = (b"granted", b"held", b"revocations", b"reasons", b"keylogs", b"meta")
+_DATABASES = (
+    b"granted",
+    b"held",
+    b"revocations",
+    b"reasons",
+    b"keylogs",
+    b"witnessed",
+    b"meta",
+)
 
 
 class TokenStore:
@@ -207,6 +217,19 @@ class TokenStore:
     def keylogs(self) -> Iterator[bytes]:
         """Every stored key log (to be verified again by the reader)."""
         return self._values(b"keylogs")
+
+    # -- checkpoints witnessed ----------------------------------------------------
+
+    def put_witnessed(self, origin: str, record: bytes) -> None:
+        """Store the newest head of ``origin``'s log this agent accepted as a witness
+        (durable when this returns; the caller judged it against the old one)."""
+        self._put(b"witnessed", origin.encode(), record)
+
+    def witnessed(self, origin: str) -> bytes | None:
+        """The stored head of ``origin``'s log, or None (decoded by the caller)."""
+        with self._read() as txn:
+            value = txn.get(origin.encode(), db=self._dbs[b"witnessed"])
+        return None if value is None else bytes(value)
 
     # -- internals --------------------------------------------------------------
 

@@ -8,6 +8,8 @@ import pytest
 
 from talos.audit import AuditLog
 from talos.audit.config import MIN_SIZE_BYTES, AuditConfig
+from talos.core.agent_id import agent_id_from_digest
+from talos.core.crypto import sha256
 from talos.errors import AuditFull, ConfigurationError
 from talos.testing import FakeClock
 
@@ -60,3 +62,24 @@ def test_size_limit_reaches_the_log(tmp_path: Path) -> None:
     with AuditLog.open(tmp_path / "log", readonly=True) as log:
         assert log.size == appended
         assert log.verify_chain().ok
+
+
+def test_witnesses_are_agent_ids_kept_once_in_order() -> None:
+    a, b = (agent_id_from_digest(sha256(name)) for name in (b"a", b"b"))
+    config = AuditConfig.from_mapping({"witnesses": [b, a, b]})
+    assert config.witnesses == (b, a)
+    assert AuditConfig.from_mapping(None).witnesses == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("did:talos:x", "must be a list"),
+        (["not an id"], "is not an agent id"),
+        ([7], "is not an agent id"),
+        (["did:talos:zzz"] * 33, "at most 32"),
+    ],
+)
+def test_bad_witnesses_are_configuration_errors(value: object, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        AuditConfig.from_mapping({"witnesses": value})

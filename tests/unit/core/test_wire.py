@@ -19,6 +19,7 @@ from talos.core.wire import (
     MAX_REASON_LENGTH,
     MAX_TIMESTAMP_MS,
     AckStatus,
+    CosignStatus,
     Envelope,
     EnvelopeType,
     ErrorCode,
@@ -74,6 +75,24 @@ def sample(kind: EnvelopeType, rng: SeededRng | None = None) -> Envelope:
         return Envelope(**common, revocation_list=rng.bytes(120))
     if kind is EnvelopeType.KEYLOG:
         return Envelope(**common, key_log=rng.bytes(300))
+    if kind is EnvelopeType.CHECKPOINT:
+        return Envelope(
+            **common,
+            checkpoint_note=rng.bytes(120),
+            old_size=2,
+            consistency=(rng.bytes(32), rng.bytes(32)),
+        )
+    if kind is EnvelopeType.COSIGNATURE:
+        return Envelope(
+            **common,
+            tree_size=9,
+            tree_root=rng.bytes(32),
+            cosign_status=CosignStatus.COSIGNED,
+            held_size=9,
+            held_root=None,
+            cosignature=rng.bytes(120),
+            reason="",
+        )
     return Envelope(
         **common,
         ref_id=rng.bytes(16),
@@ -469,3 +488,46 @@ def test_an_older_build_refuses_a_keylog_envelope_as_an_unknown_type() -> None:
     body["t"] = 99
     with pytest.raises(MalformedFrame, match="unknown EnvelopeType"):
         decode(resign(body))
+
+
+# -- CHECKPOINT and COSIGNATURE (witnesses, docs/design/witnesses.md) ----------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "key", "value", "message"),
+    [
+        (EnvelopeType.CHECKPOINT, "cp", b"", "checkpoint must be"),
+        (EnvelopeType.CHECKPOINT, "cp", b"n" * (16 * 1024 + 1), "checkpoint must be"),
+        (EnvelopeType.CHECKPOINT, "old", -1, "old tree size"),
+        (EnvelopeType.CHECKPOINT, "old", 2**64, "64-bit range"),
+        (EnvelopeType.CHECKPOINT, "old", "3", "old tree size"),
+        (EnvelopeType.CHECKPOINT, "proof", [b"x" * 31], "32-byte strings"),
+        (EnvelopeType.CHECKPOINT, "proof", [b"x" * 32] * 129, "at most 128"),
+        (EnvelopeType.CHECKPOINT, "proof", {"a": 1}, "must be an array"),
+        (EnvelopeType.COSIGNATURE, "size", -5, "tree size"),
+        (EnvelopeType.COSIGNATURE, "root", b"r" * 33, "tree root"),
+        (EnvelopeType.COSIGNATURE, "st", 9, "unknown CosignStatus"),
+        (EnvelopeType.COSIGNATURE, "held", 2**64, "64-bit range"),
+        (EnvelopeType.COSIGNATURE, "hroot", b"", "held tree root"),
+        (EnvelopeType.COSIGNATURE, "cs", b"c" * 513, "cosignature must be"),
+        (EnvelopeType.COSIGNATURE, "why", "a\nb", "printable"),
+    ],
+)
+def test_witness_envelopes_refuse_out_of_bounds_fields(
+    kind: EnvelopeType, key: str, value: Any, message: str
+) -> None:
+    body = frame_map(kind)
+    body[key] = value
+    with pytest.raises(MalformedFrame, match=message):
+        decode(resign(body))
+
+
+def test_a_checkpoint_envelope_may_carry_no_proof() -> None:
+    envelope = dataclasses.replace(sample(EnvelopeType.CHECKPOINT), old_size=0, consistency=())
+    assert verify(decode(seal(envelope, KEY)), KEY.public_key) == envelope
+
+
+def test_witness_fields_are_refused_on_other_types() -> None:
+    envelope = dataclasses.replace(sample(EnvelopeType.ACK), old_size=3)
+    with pytest.raises(LocalProtocolError, match="old_size is not allowed"):
+        seal(envelope, KEY)

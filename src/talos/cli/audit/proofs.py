@@ -27,16 +27,20 @@ from talos.audit.proof_file import (
     read_proof_file,
     verify_proof_file,
 )
+from talos.audit.witnessed import witnesses_for
 from talos.cli.audit.options import json_option, log_option, reading, root_argument
 from talos.cli.context import CliContext
 from talos.cli.identity import key_passphrase_option, load_identity
 from talos.cli.options import INT64_MAX, BoundedInt
+from talos.core.keylog import KeyLog
 from talos.errors import (
     AnchorMismatch,
     ConfigurationError,
+    KeyLogInvalid,
     MalformedFrame,
     StorageError,
     TalosError,
+    UnsupportedVersion,
     VerificationError,
 )
 
@@ -109,9 +113,14 @@ def prove(
             ctx, with_checkpoint, log is None, size, tree_root, key_passphrase_file
         )
         anchor = anchor_for(opened, seq, size, checkpoint.origin if checkpoint else None)
+        witnessed = (
+            None if checkpoint is None else witnesses_for(opened, seq, size, checkpoint.origin)
+        )
     document = proof.to_json_dict(checkpoint)
     if anchor is not None:
         document["anchor"] = anchor.to_json()
+    if witnessed is not None:
+        document["witnessed"] = witnessed.to_json()
     body = json.dumps(document, indent=2) + "\n"
     try:
         out.write_text(body, encoding="utf-8")
@@ -120,6 +129,9 @@ def prove(
     signed = "" if checkpoint is None else f", checkpoint signed by {checkpoint.signatures[0].name}"
     click.echo(f"proof of entry {seq} in tree size {size} written to {out}{signed}")
     click.echo(f"root {tree_root.hex()}")
+    if witnessed is not None:
+        names = ", ".join(c.witness for c in witnessed.cosignatures)
+        click.echo(f"cosigned at tree size {witnessed.tree_size} by {names}")
     if anchor is None:
         click.echo("not anchored yet: no final anchor covers this entry")
     else:
@@ -175,12 +187,33 @@ def _on_chain(rpc_url: str, proof_file: ProofFile) -> str:
         chain.close()
 
 
+def _witness_logs(paths: tuple[Path, ...]) -> dict[str, KeyLog]:
+    """``--witness-log`` files: each a witness's key log (its home's public key log).
+
+    Raises:
+        ConfigurationError: a file cannot be read or is not a valid key log.
+    """
+    logs: dict[str, KeyLog] = {}
+    for path in paths:
+        try:
+            log = KeyLog.from_bytes(path.read_bytes())
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        except (MalformedFrame, KeyLogInvalid, UnsupportedVersion) as exc:
+            raise ConfigurationError(
+                f"--witness-log {path} is not a valid key log: {exc}"
+            ) from None
+        logs[log.agent_id] = log
+    return logs
+
+
 def _verify(
     ctx: CliContext,
     path: Path,
     given_root: bytes | None,
     verifier_keys: tuple[str, ...],
     rpc_url: str | None,
+    witness_logs: tuple[Path, ...] = (),
 ) -> ProofVerdict:
     """Check a proof file; its checkpoint against the trusted keys, its anchor on chain.
 
@@ -195,7 +228,13 @@ def _verify(
     proof_file = read_proof_file(path)
     keys = [] if proof_file.checkpoint is None else _trusted_note_keys(ctx, verifier_keys)
     submitter = None if rpc_url is None else _on_chain(rpc_url, proof_file)
-    return verify_proof_file(proof_file, root=given_root, note_keys=keys, chain_submitter=submitter)
+    return verify_proof_file(
+        proof_file,
+        root=given_root,
+        note_keys=keys,
+        chain_submitter=submitter,
+        witness_logs=_witness_logs(witness_logs),
+    )
 
 
 @click.command("verify-proof")
@@ -222,6 +261,13 @@ def _verify(
     multiple=True,
     help="Trusted checkpoint key, NAME+HASH+KEY (signed-note form); repeatable.",
 )
+@click.option(
+    "--witness-log",
+    "witness_logs",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A witness's key log (its home's public key log): check its cosignature; repeatable.",
+)
 @json_option
 @click.pass_obj
 def verify_proof(
@@ -230,6 +276,7 @@ def verify_proof(
     given_root: bytes | None,
     verifier_keys: tuple[str, ...],
     rpc_url: str | None,
+    witness_logs: tuple[Path, ...],
     as_json: bool,
 ) -> None:
     """Check an inclusion proof file against a root or its anchor. Needs no audit log.
@@ -239,7 +286,7 @@ def verify_proof(
     does not answer; 8 when the chain contradicts the proof's anchor.
     """
     try:
-        verdict = _verify(ctx, proof_path, given_root, verifier_keys, rpc_url)
+        verdict = _verify(ctx, proof_path, given_root, verifier_keys, rpc_url, witness_logs)
     except TalosError as exc:
         if as_json:
             out = {"valid": False, "reason": type(exc).__name__, "message": str(exc)}
@@ -258,6 +305,7 @@ def verify_proof(
         click.echo(f"checkpoint signed by {verdict.checkpoint_signer}")
     elif verdict.checkpoint == "unchecked":
         _err.print("[yellow]note:[/] checkpoint signature not checked (no trusted key)")
+    _report_witnesses(verdict)
     anchor = verdict.anchor
     if anchor is None:
         _err.print("[yellow]note:[/] the proof carries no anchor")
@@ -272,3 +320,18 @@ def verify_proof(
         click.echo(f"anchored root given: {where}")
     else:
         _err.print(f"[yellow]note:[/] anchor not checked (pass --rpc URL): {escape(where)}")
+
+
+def _report_witnesses(verdict: ProofVerdict) -> None:
+    for check in verdict.witnesses:
+        cosig = check.cosignature
+        if check.state == "verified":
+            click.echo(
+                f"cosigned by {cosig.witness} (key {cosig.key_sequence}) at tree size "
+                f"{verdict.witnessed_size}, time {cosig.timestamp}"
+            )
+        else:
+            _err.print(
+                f"[yellow]note:[/] cosignature by {escape(cosig.witness)} not checked "
+                "(pass --witness-log with its key log)"
+            )

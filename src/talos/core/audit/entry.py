@@ -107,6 +107,12 @@ class AuditKind(StrEnum):
     LOG_RESTORED = "LOG_RESTORED"
     #: ``talos audit rebuild`` re-derived the log from its intact entries (lost counts).
     AUDIT_REBUILT = "AUDIT_REBUILT"
+    #: A witness and an origin disagree on the origin's log: a checkpoint that
+    #: rolls back, forks or is not consistent with one a witness accepted
+    #: (docs/design/witnesses.md). Written on both sides.
+    AUDIT_EQUIVOCATION = "AUDIT_EQUIVOCATION"
+    #: A witness cosigned this log's checkpoint (size, root, the cosignature).
+    CHECKPOINT_COSIGNED = "CHECKPOINT_COSIGNED"
 
 
 def check_kind(kind: object) -> str:
