@@ -242,6 +242,50 @@ class AgentMetrics:
             "Audit entries not yet covered by a final anchor.",
             registry=r,
         )
+        # Audit mirrors (talos.client.mirroring, docs/design/mirrors.md).
+        self.audit_mirror_batches_sent = Counter(
+            "talos_audit_mirror_batches_sent",
+            "Batches of our audit entries a mirror acknowledged.",
+            registry=r,
+        )
+        self.audit_mirror_refused_by_peer = Counter(
+            "talos_audit_mirror_refused_by_peer",
+            "Batches of our audit entries a mirror refused, by its reason code.",
+            ["code"],
+            registry=r,
+        )
+        self.audit_mirror_lag = Gauge(
+            "talos_audit_mirror_lag_entries",
+            "Our audit entries a mirror has not acknowledged yet.",
+            ["mirror"],
+            registry=r,
+        )
+        self.audit_mirror_batches_stored = Counter(
+            "talos_audit_mirror_batches_stored",
+            "Batches of other agents' audit entries verified and stored here as their mirror.",
+            registry=r,
+        )
+        self.audit_mirror_entries_stored = Counter(
+            "talos_audit_mirror_entries_stored",
+            "Other agents' audit entries stored here as their mirror.",
+            registry=r,
+        )
+        self.audit_mirror_batches_refused = Counter(
+            "talos_audit_mirror_batches_refused",
+            "Mirror batches (or bodies) this agent refused, by reason code.",
+            ["code"],
+            registry=r,
+        )
+        self.audit_mirror_entries_served = Counter(
+            "talos_audit_mirror_entries_served",
+            "Mirrored audit entries served back to their origin.",
+            registry=r,
+        )
+        self.audit_mirror_fetches_refused = Counter(
+            "talos_audit_mirror_fetches_refused",
+            "Fetches of mirrored entries refused as stale or replayed.",
+            registry=r,
+        )
 
         # -- security events ---------------------------------------------------
         self.signature_failures = Counter(
@@ -411,6 +455,28 @@ class AgentMetrics:
         self.audit_anchor_lag.set(entries)
 
     # -- security events --------------------------------------------------------
+
+    def mirror_batch_sent(self) -> None:
+        self.audit_mirror_batches_sent.inc()
+
+    def mirror_batch_refused_by_peer(self, code: str) -> None:
+        self.audit_mirror_refused_by_peer.labels(code=str(code)).inc()
+
+    def set_mirror_lag(self, mirror: str, entries: int) -> None:
+        self.audit_mirror_lag.labels(mirror=mirror).set(entries)
+
+    def mirror_batch_stored(self, entries: int) -> None:
+        self.audit_mirror_batches_stored.inc()
+        self.audit_mirror_entries_stored.inc(entries)
+
+    def mirror_batch_refused(self, code: str) -> None:
+        self.audit_mirror_batches_refused.labels(code=str(code)).inc()
+
+    def mirror_entries_served(self, entries: int) -> None:
+        self.audit_mirror_entries_served.inc(entries)
+
+    def mirror_fetch_refused(self) -> None:
+        self.audit_mirror_fetches_refused.inc()
 
     def signature_failed(self, reason: str = "bad_signature") -> None:
         """A signature did not verify; ``reason`` is one of :data:`SIGNATURE_FAILURE_REASONS`

@@ -136,6 +136,19 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
     default=None,
     help="Blocks that make an anchor final (default: the chain's finalized block).",
 )
+@click.option(
+    "--audit-mirror",
+    "audit_mirror",
+    multiple=True,
+    metavar="AGENT_ID",
+    help="Copy this agent's audit log to that peer (repeatable; docs/design/mirrors.md).",
+)
+@click.option(
+    "--mirror-quota-mb",
+    type=BoundedInt(0, 1 << 20),
+    default=None,
+    help="Room kept for each agent that mirrors its log here, in MiB (default 256; 0: none).",
+)
 @click.option("--log-level", type=click.Choice(_LEVELS), default="info", show_default=True)
 @log_format_option
 @key_passphrase_option
@@ -158,6 +171,8 @@ def run(
     anchor_key_file: Path | None,
     anchor_interval: float,
     anchor_confirmations: int | None,
+    audit_mirror: tuple[str, ...],
+    mirror_quota_mb: int | None,
     log_level: str,
     log_format: LogFormat,
     key_passphrase_file: Path | None,
@@ -208,6 +223,7 @@ def run(
             "clock": ctx.clock,
             "rng": ctx.rng,
             "anchor": anchor,
+            "audit_config": _audit_config(audit_mirror, mirror_quota_mb),
         }
         asyncio.run(_daemon(name or home.path.name, options, path))
 
@@ -230,6 +246,16 @@ def _anchor_settings(
     if any(value is None for value in given.values()):
         raise click.UsageError("--anchor-rpc, --anchor-contract and --anchor-key-file go together")
     return {**given, "interval": interval, "confirmations": confirmations}
+
+
+def _audit_config(mirror_to: tuple[str, ...], quota_mb: int | None) -> dict[str, Any] | None:
+    """``audit_config={...}`` from --audit-mirror and --mirror-quota-mb; None without them."""
+    config: dict[str, Any] = {}
+    if mirror_to:
+        config["mirror_to"] = list(mirror_to)
+    if quota_mb is not None:
+        config["mirror_quota_mb"] = quota_mb
+    return config or None
 
 
 async def _daemon(name: str, options: dict[str, Any], path: Path) -> None:

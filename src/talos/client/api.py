@@ -32,6 +32,7 @@ from talos.audit import AuditLog
 from talos.audit.anchoring.settings import DATABASES as ANCHOR_DATABASES
 from talos.audit.anchoring.settings import start_anchoring
 from talos.audit.head_check import refuse_damaged_head
+from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
 from talos.client.discovery import RECORD_LIFETIME, Discovery
@@ -173,6 +174,7 @@ class TalosClient:
         self._closed = False
         self._log: AuditLog | None = None
         self._tokens: TokenStore | None = None
+        self._mirrors: MirrorStore | None = None
         self._transport: Transport | None = None
         self._discovery: Discovery | None = None
         self._endpoint = ""
@@ -214,6 +216,9 @@ class TalosClient:
             replay_window_ms=int(config.replay_window * 1000),
         )
         self._tokens = TokenStore.open(self._home.path / "capabilities")
+        self._mirrors = MirrorStore.open(
+            self._home.path / MIRROR_DIR, quota_bytes=config.audit.mirror_quota_bytes
+        )
         # A store shorter than the signed watermark records is refused (docs/design/lost-state.md).
         guard(self._home, identity, self._log, self._tokens)
         registry = None
@@ -242,6 +247,7 @@ class TalosClient:
             metrics=self.metrics,
             clocks=self._clocks,
             closed=self._is_closed,
+            mirrors=self._mirrors,
         )
         self._peers = self._parts.peers
         self._parts.capabilities.complete_revocation()
@@ -269,6 +275,8 @@ class TalosClient:
             self._spawn(discovery.reannounce(self._is_closed, self._announce))
         for peer in self._state.peers_with_pending():
             self._drivers.deliverer.kick(peer)
+        if self._parts.mirroring is not None:
+            self._parts.mirroring.start()
 
     @property
     def _drivers(self) -> Parts:
@@ -360,6 +368,8 @@ class TalosClient:
             # fake clock nobody advances.
             await asyncio.wait(set(parts.batch.acknowledging), timeout=1.0)
         if parts is not None:
+            if parts.mirroring is not None:
+                await parts.mirroring.stop()
             await parts.acks.stop()
             await parts.deliverer.stop()
         tasks = [*self._background, *(parts.batch.acknowledging if parts else ())]
@@ -381,6 +391,8 @@ class TalosClient:
             await self._discovery.close()
         if self._tokens is not None:
             self._tokens.close()
+        if self._mirrors is not None:
+            self._mirrors.close()
         if self._anchoring is not None:
             await self._anchoring.stop()  # its step in progress uses the log
         if self._log is not None:

@@ -192,8 +192,10 @@ class Receiver:
         on_error: Callable[[wire.Envelope], Awaitable[None]],
         on_revocations: Callable[[Link, wire.Envelope, KeyLog], Awaitable[None]],
         keylogs: KeyLogs,
+        on_mirror: Callable[[Link, wire.Envelope, KeyLog], Awaitable[None]] | None = None,
     ) -> None:
         self._me = agent_id
+        self.on_mirror = on_mirror
         self._state, self._sessions, self._batch, self._inbox = state, sessions, batch, inbox
         self._peers, self._capabilities = peers, capabilities
         self._signer, self._auditor, self._metrics = signer, auditor, metrics
@@ -275,6 +277,8 @@ class Receiver:
             await self._on_revocations(link, envelope, log)
         elif kind is wire.EnvelopeType.KEYLOG:
             await self._keylogs.on_keylog(link, envelope, log)
+        elif kind is wire.EnvelopeType.MIRROR and self.on_mirror is not None:
+            await self.on_mirror(link, envelope, log)  # talos.client.mirroring
 
     def _malformed(self, link: Link, event: str, what: str, detail: object) -> None:
         """Drop a frame no peer of ours would send; the transport may close its link."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from talos.audit import AuditLog
+from talos.audit.mirror_store import MirrorStore
 from talos.client.acks import Acknowledgements
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
@@ -20,6 +21,7 @@ from talos.client.delivery import Deliverer
 from talos.client.discovery import Discovery
 from talos.client.inbox import InboxReader
 from talos.client.keylogs import KeyLogs
+from talos.client.mirroring import Mirroring
 from talos.client.own_keys import OwnIdentity
 from talos.client.receiving import ReceiveBatch, Receiver
 from talos.client.revocations import Capabilities
@@ -48,6 +50,7 @@ class Parts:
     sender: Sender
     receiver: Receiver
     keylogs: KeyLogs
+    mirroring: Mirroring | None = None
 
 
 def peer_directory(
@@ -83,6 +86,7 @@ def assemble(
     metrics: AgentMetrics,
     clocks: ClockWatch,
     closed: Callable[[], bool],
+    mirrors: MirrorStore | None = None,
 ) -> Parts:
     clock, rng = config.clock, config.rng
     peers = peer_directory(config, state, own, discovery)
@@ -182,6 +186,32 @@ def assemble(
         on_revocations=capabilities.on_revocations,
         keylogs=keylogs,
     )
+    mirroring = None
+    if mirrors is not None:
+        mirroring = Mirroring(
+            own=own,
+            log=log,
+            store=mirrors,
+            mirror_to=config.audit.mirror_to,
+            serve=config.audit.mirror_quota_bytes > 0,
+            signer=signer,
+            link=deliverer.link,
+            metrics=metrics,
+            clock=clock,
+            closed=closed,
+        )
+        receiver.on_mirror = mirroring.on_mirror
     return Parts(
-        own, peers, capabilities, sessions, inbox, batch, deliverer, acks, sender, receiver, keylogs
+        own,
+        peers,
+        capabilities,
+        sessions,
+        inbox,
+        batch,
+        deliverer,
+        acks,
+        sender,
+        receiver,
+        keylogs,
+        mirroring,
     )

@@ -34,6 +34,8 @@ from typing import Any, Final, TypeVar
 from talos.core.agent_id import check_agent_id
 from talos.core.crypto import KEY_SIZE, SIGNATURE_SIZE, SigningKey, VerifyKey
 from talos.core.encoding import canonical_dumps, strict_loads
+from talos.core.mirror import MAX_BODY_SIZE as MAX_MIRROR_BODY_SIZE
+from talos.core.mirror import MirrorKind
 from talos.core.rng import Rng
 from talos.errors import LocalProtocolError, MalformedFrame, UnsupportedVersion
 
@@ -97,6 +99,9 @@ class EnvelopeType(enum.IntEnum):
     #: the sender's own key event log, pushed after a rotation and offered on every
     #: connection (docs/design/key-rotation-peers.md); signed by the log's current key
     KEYLOG = 6
+    #: audit mirroring (docs/design/mirrors.md): one type, its sub-kind in ``"mk"``
+    #: (:class:`~talos.core.mirror.MirrorKind`), its body in ``"mb"``
+    MIRROR = 9
 
 
 class AckStatus(enum.IntEnum):
@@ -155,6 +160,9 @@ class Envelope:
     revocation_list: bytes | None = None
     #: KEYLOG only: the sender's serialized key event log (opaque here).
     key_log: bytes | None = None
+    #: MIRROR only: the sub-kind and its body (decoded by :mod:`talos.core.mirror`).
+    mirror_kind: MirrorKind | None = None
+    mirror_body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +393,16 @@ FIELDS: Final[Mapping[EnvelopeType, tuple[Field, ...]]] = {
         *_COMMON,
         *_NO_CONTENT,
         Field("kl", "key_log", _byte_string("key log", min_size=1, max_size=MAX_KEY_LOG_SIZE)),
+    ),
+    EnvelopeType.MIRROR: (
+        *_COMMON,
+        *_NO_CONTENT,
+        Field("mk", "mirror_kind", _enum_member(MirrorKind), _dump_enum),
+        Field(
+            "mb",
+            "mirror_body",
+            _byte_string("mirror body", min_size=1, max_size=MAX_MIRROR_BODY_SIZE),
+        ),
     ),
 }
 _HEADER_KEYS: Final = frozenset({"v", "t", "sig"})

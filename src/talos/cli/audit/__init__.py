@@ -34,6 +34,7 @@ from talos.cli.audit.lost import accept_lost_state
 from talos.cli.audit.options import parse_time
 from talos.cli.audit.proofs import prove, verify_proof
 from talos.cli.audit.reading import log_command, query, root, show
+from talos.cli.audit.rebuild_peers import rebuild_command
 
 __all__ = ["audit", "parse_time"]
 
@@ -57,5 +58,6 @@ for _command in (
     accept_lost_state,
     anchors_command,
     verify_anchors_command,
+    rebuild_command,
 ):
     audit.add_command(_command)

@@ -105,6 +105,8 @@ class AuditKind(StrEnum):
     #: A checkpoint's anchor became final on chain (talos.audit.anchoring).
     AUDIT_ANCHORED = "AUDIT_ANCHORED"
     LOG_RESTORED = "LOG_RESTORED"
+    #: ``talos audit rebuild --from-peers`` rebuilt the log from a mirror (size, lost).
+    MIRROR_REBUILT = "MIRROR_REBUILT"
 
 
 def check_kind(kind: object) -> str:

@@ -1,0 +1,286 @@
+"""``talos audit rebuild --from-peers``: the audit log back from its mirrors.
+
+For a home whose audit database is lost or damaged and whose agent mirrored
+its log (``talos run --audit-mirror PEER``; docs/design/mirrors.md). With
+the agent stopped, the home's identity (its key passphrase as for other
+commands) signs the fetches:
+
+1. the mirrors are those given with ``--mirror``, then those the home's
+   mirror store remembers sending to (``<home>/mirrors``); each is found in
+   the key logs the home holds and through the registry;
+2. every stretch each serves is verified (:mod:`talos.audit.peer_rebuild`);
+   a mirror that serves a tampered or truncated stretch is named and the
+   next is tried; the longest verified copy wins;
+3. the copy's roots must match every trusted root within it: each signed
+   checkpoint served, and the watermark the agent signed. A watermark past
+   the copy is a loss: reported (how many entries, from which position) and
+   only accepted with ``--accept-loss``; entries are never invented;
+4. the new log is written beside the old one, then the damaged log is moved
+   to ``audit.damaged-<UTC stamp>`` (never deleted) and the new one put in
+   its place; a ``MIRROR_REBUILT`` entry records it, sealed into a block
+   signed by the current key, and the watermark is rewritten to the new log.
+
+The agent's other state (sessions, replay window, queues) lived in the same
+database: the rebuilt one has none, so sessions are established afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
+from talos.audit.peer_rebuild import TrustedRoot, check_roots, roots_of, write_entries
+from talos.cli.context import CliContext
+from talos.cli.identity import key_passphrase_option, load_identity
+from talos.cli.lockfile import refuse_while_running
+from talos.client.mirror_fetch import FetchOutcome, MemoryPeerCache, fetch_from_mirrors
+from talos.client.own_keys import audit_signer
+from talos.core.agent_id import check_agent_id
+from talos.core.audit.entry import AuditKind
+from talos.core.crypto import VerifyKey
+from talos.core.identity import Identity
+from talos.discovery.registry_client import RegistryClient
+from talos.errors import MalformedFrame, StorageError, TalosError
+from talos.peers import PeerDirectory, RecordSource, RegistrySource
+from talos.storage.agent_state import AgentState
+from talos.storage.home import AgentHome
+from talos.storage.tokens import TokenStore
+from talos.storage.watermark import CAPABILITIES_DIR, accept_current, load_watermark
+
+__all__ = ["rebuild_command", "rebuild_from_peers"]
+
+_log = logging.getLogger("talos.audit")
+
+
+class RebuildRefused(TalosError):
+    """The rebuild could not be done as asked; nothing was changed."""
+
+
+def _mirror_ids(values: tuple[str, ...]) -> list[str]:
+    ids = []
+    for value in values:
+        try:
+            ids.append(check_agent_id(value))
+        except (MalformedFrame, TypeError, ValueError):
+            raise click.BadParameter(
+                f"{value!r} is not an agent id", param_hint="--mirror"
+            ) from None
+    return ids
+
+
+@click.command("rebuild")
+@click.option(
+    "--from-peers", "from_peers", is_flag=True, help="Fetch the log back from its mirrors."
+)
+@click.option(
+    "--mirror",
+    "mirrors",
+    multiple=True,
+    metavar="AGENT_ID",
+    help="A mirror to ask first (repeatable); the home's mirror store names the others.",
+)
+@click.option(
+    "--registry",
+    "registry_url",
+    multiple=True,
+    envvar="TALOS_REGISTRY_URL",
+    help="Registry URL to find the mirrors through (else $TALOS_REGISTRY_URL).",
+)
+@click.option(
+    "--accept-loss",
+    is_flag=True,
+    help="Rebuild even when the mirrors hold less than the agent had signed for.",
+)
+@key_passphrase_option
+@click.pass_obj
+def rebuild_command(
+    ctx: CliContext,
+    from_peers: bool,
+    mirrors: tuple[str, ...],
+    registry_url: tuple[str, ...],
+    accept_loss: bool,
+    key_passphrase_file: Path | None,
+) -> None:
+    """Rebuild the audit log; --from-peers fetches it back from its mirrors.
+
+    Refused while the agent runs. The damaged log is moved aside, never deleted.
+    """
+    if not from_peers:
+        raise click.UsageError("say where to rebuild from: --from-peers")
+    home = ctx.agent_home
+    refuse_while_running(home.path, "talos audit rebuild")
+    identity = load_identity(home, key_passphrase_file)
+    summary = rebuild_from_peers(
+        ctx,
+        home,
+        identity,
+        _mirror_ids(mirrors),
+        list(registry_url),
+        accept_loss=accept_loss,
+    )
+    for line in summary:
+        click.echo(line)
+
+
+def _known_mirrors(home: AgentHome, first: list[str]) -> list[str]:
+    with MirrorStore.open(home.path / MIRROR_DIR) as store:
+        remembered = sorted(store.mirrors())
+    return list(dict.fromkeys([*first, *remembered]))
+
+
+def _directory(
+    home: AgentHome, identity: Identity, registry: RegistryClient | None, ctx: CliContext
+) -> PeerDirectory:
+    with TokenStore.open(home.path / CAPABILITIES_DIR) as tokens:
+        cache = MemoryPeerCache(list(tokens.keylogs()))
+    sources: list[RecordSource] = [] if registry is None else [RegistrySource(registry)]
+    return PeerDirectory(cache, sources, clock=ctx.clock, own=identity.keylog)
+
+
+async def _fetch(
+    ctx: CliContext,
+    home: AgentHome,
+    identity: Identity,
+    mirrors: list[str],
+    urls: list[str],
+    keys: list[VerifyKey],
+) -> FetchOutcome:
+    registry = RegistryClient(urls, clock=ctx.clock) if urls else None
+    try:
+        directory = _directory(home, identity, registry, ctx)
+        return await fetch_from_mirrors(
+            identity, mirrors, directory, keys, clock=ctx.clock, rng=ctx.rng
+        )
+    finally:
+        if registry is not None:
+            await registry.aclose()
+
+
+def rebuild_from_peers(
+    ctx: CliContext,
+    home: AgentHome,
+    identity: Identity,
+    mirrors: list[str],
+    registry_urls: list[str],
+    *,
+    accept_loss: bool,
+) -> list[str]:
+    """Fetch, verify, check, write, swap; the lines to print.
+
+    Raises:
+        RebuildRefused: no mirror, nothing verified, or a loss not accepted.
+        VerificationError: the copy contradicts a trusted root.
+        StorageError: the logs could not be written or moved.
+    """
+    candidates = _known_mirrors(home, mirrors)
+    if not candidates:
+        raise RebuildRefused(
+            "no mirror known: name one with --mirror AGENT_ID (the peers given to "
+            "`talos run --audit-mirror`)"
+        )
+    keylog = home.load_public_keylog() or identity.keylog
+    keys = [VerifyKey(event.signing_key) for event in keylog.events]
+    outcome = asyncio.run(_fetch(ctx, home, identity, candidates, registry_urls, keys))
+    lines = [
+        f"mirror {peer}: {what} ({size} entries verified)" for peer, size, what in outcome.tried
+    ]
+    best = outcome.best
+    if best is None or best.size == 0:
+        raise RebuildRefused(
+            "no mirror served a verified copy of this log; nothing was changed: " + "; ".join(lines)
+        )
+    roots = list(best.roots)
+    watermark = load_watermark(home, keylog)
+    if watermark is not None and watermark.marks.audit_size:
+        marks = watermark.marks
+        roots.append(TrustedRoot(marks.audit_size, marks.audit_root, "the agent's watermark"))
+    beyond = check_roots(roots, best.size, roots_of(best.entries))
+    recorded = max([best.size, *(root.size for root in beyond)])
+    lost = recorded - best.size
+    if lost:
+        lines.append(
+            f"LOST: at least {lost} entries from position {best.size} (the agent had signed "
+            f"for {recorded}); they were never mirrored and are not invented"
+        )
+        if not accept_loss:
+            raise RebuildRefused(
+                "; ".join(lines) + "; nothing was changed (rerun with --accept-loss)"
+            )
+    aside = _swap_in(ctx, home, identity, best.entries)
+    size, root = _record(ctx, home, identity, best.mirror, best.size, lost, outcome.lying)
+    _log.warning(
+        "audit log of %s rebuilt from mirror %s: %d entries; %d lost from %d; damaged log at %s",
+        home.path,
+        best.mirror,
+        best.size,
+        lost,
+        best.size,
+        aside,
+        extra={
+            "event": "audit_rebuilt_from_peers",
+            "peer_id": best.mirror,
+            "size": best.size,
+            "lost": lost,
+        },
+    )
+    lines.append(f"rebuilt {best.size} entries from {best.mirror}; root {best.root.hex()}")
+    if aside is not None:
+        lines.append(f"the damaged log was moved to {aside}")
+    lines.append(f"the log now holds {size} entries (with MIRROR_REBUILT); root {root.hex()}")
+    return lines
+
+
+def _swap_in(
+    ctx: CliContext, home: AgentHome, identity: Identity, entries: list[bytes]
+) -> Path | None:
+    """Write the new log beside the old one, move the old one aside, put the new one in."""
+    target = home.audit_path
+    stamp = datetime.fromtimestamp(ctx.clock.time(), tz=UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    staging = target.parent / f".{target.name}.rebuilding-{stamp}"
+    aside = target.parent / f"{target.name}.damaged-{stamp}"
+    write_entries(
+        staging,
+        entries,
+        signer=audit_signer(identity),
+        clock=ctx.clock,
+        extra_databases=AgentState.DATABASES,
+    )
+    try:
+        moved = None
+        if target.exists():
+            os.replace(target, aside)
+            moved = aside
+        os.replace(staging, target)
+    except OSError as exc:
+        raise StorageError(f"could not put the rebuilt log in place: {exc}") from exc
+    return moved
+
+
+def _record(
+    ctx: CliContext,
+    home: AgentHome,
+    identity: Identity,
+    mirror: str,
+    size: int,
+    lost: int,
+    lying: list[str],
+) -> tuple[int, bytes]:
+    """Append MIRROR_REBUILT, seal it, and rewrite the watermark to the rebuilt log."""
+    data: dict[str, Any] = {"size": size, "lost": lost, "lost_from": size}
+    if lying:
+        data["invalid_mirrors"] = lying[:16]
+    with (
+        ctx.open_audit_log(identity=identity) as log,
+        TokenStore.open(home.path / CAPABILITIES_DIR) as tokens,
+    ):
+        log.append(AuditKind.MIRROR_REBUILT, data, peer=mirror)
+        log.seal_block()
+        accept_current(home, identity, log, tokens.generation())
+        return log.size, log.root()
