@@ -11,8 +11,11 @@ used; entries never mirrored are reported lost, never invented.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +24,17 @@ import pytest
 
 from talos.audit import AuditLog, LogSigner
 from talos.audit.mirror_store import MirrorStore
+from talos.core import mirror as mirror_bodies
+from talos.core import wire
+from talos.core.audit.checkpoint import Checkpoint
+from talos.core.crypto import SigningKey
+from talos.core.identity import Identity
 from talos.storage.home import AgentHome
+from talos.testing import SeededRng
 from talos.testing.cli import TalosCli
 from talos.testing.processes import AgentProcess, Launcher, RegistryProcess, launched
 from talos.testing.waiting import wait_until
+from talos.transport import Link, Transport
 
 CLI = TalosCli(timeout=120.0)
 ENTRIES = 300
@@ -238,3 +248,112 @@ def test_bad_input_is_refused_and_nothing_is_lost(world: World, alice: Path) -> 
     with AuditLog.open(alice / "audit", readonly=True) as log:
         assert log.root_at(ENTRIES) == world.root
     assert before  # the log was only read
+
+
+# -- bad input to a running mirror ---------------------------------------------------------
+
+
+async def _exchange(
+    identity: Identity, mirror: AgentProcess, frames: list[bytes]
+) -> list[mirror_bodies.Body]:
+    """Send ``frames`` to ``mirror`` on one link; the MIRROR answers, one per frame."""
+    answers: asyncio.Queue[mirror_bodies.Body] = asyncio.Queue()
+
+    async def on_frame(link: Link, frame: bytes) -> None:
+        envelope = wire.decode(frame)
+        if envelope.type is wire.EnvelopeType.MIRROR:
+            opened = envelope._envelope
+            assert opened.mirror_kind is not None
+            answers.put_nowait(mirror_bodies.decode_body(opened.mirror_kind, opened.mirror_body))
+
+    transport = Transport(on_frame)
+    try:
+        link = await transport.connect(mirror.endpoint)
+        got = []
+        for frame in frames:
+            await link.send(frame)
+            got.append(await asyncio.wait_for(answers.get(), 15))
+        return got
+    finally:
+        await transport.close()
+
+
+_SEEDS = itertools.count(1)
+
+
+def _frame(
+    identity: Identity,
+    to: str,
+    kind: mirror_bodies.MirrorKind,
+    body: bytes,
+    *,
+    ts: int | None = None,
+) -> bytes:
+    rng = SeededRng(next(_SEEDS))
+    envelope = wire.Envelope(
+        type=wire.EnvelopeType.MIRROR,
+        message_id=wire.new_message_id(rng),
+        sender=identity.agent_id,
+        sender_instance=wire.new_instance_id(rng),
+        recipient=to,
+        timestamp_ms=int(time.time() * 1000) if ts is None else ts,
+        mirror_kind=kind,
+        mirror_body=body,
+    )
+    return wire.seal(envelope, identity.signing_key)
+
+
+def test_bad_mirror_envelopes_are_refused_and_nothing_is_lost(world: World) -> None:
+    alice = AgentHome(world.alice).load_identity(passphrase=None)
+    bob = world.bob.agent_id
+    fetch = mirror_bodies.encode_body(mirror_bodies.Fetch(0, 4))
+    fresh = _frame(alice, bob, mirror_bodies.MirrorKind.FETCH, fetch)
+    with AuditLog.open(world.alice / "audit", readonly=True) as log:
+        entries = tuple(e.to_bytes() for e in log.entries(ENTRIES - 2, ENTRIES))
+        root = log.root()
+    forged_signer = LogSigner(SigningKey(bytes(32)), alice.agent_id, f"{alice.agent_id}/audit")
+    forged = mirror_bodies.Batch(
+        ENTRIES - 2, entries, Checkpoint.sign(forged_signer, ENTRIES, root)
+    )
+    answers = asyncio.run(
+        _exchange(
+            alice,
+            world.bob,
+            [
+                _frame(alice, bob, mirror_bodies.MirrorKind.FETCH, b"\xa1av\x01"),
+                fresh,
+                fresh,  # the same FETCH again: a replay
+                _frame(alice, bob, mirror_bodies.MirrorKind.FETCH, fetch, ts=1),
+                _frame(
+                    alice, bob, mirror_bodies.MirrorKind.BATCH, mirror_bodies.encode_body(forged)
+                ),
+            ],
+        )
+    )
+    malformed, served, replayed, stale, bad_checkpoint = answers
+    assert isinstance(malformed, mirror_bodies.Refused)
+    assert malformed.code is mirror_bodies.RefusalCode.MALFORMED
+    assert isinstance(served, mirror_bodies.Entries)
+    assert served.held == ENTRIES
+    assert isinstance(replayed, mirror_bodies.Refused)
+    assert replayed.code is mirror_bodies.RefusalCode.STALE
+    assert isinstance(stale, mirror_bodies.Refused)
+    assert stale.code is mirror_bodies.RefusalCode.STALE
+    assert isinstance(bad_checkpoint, mirror_bodies.Refused)
+    assert bad_checkpoint.code is mirror_bodies.RefusalCode.BAD_CHECKPOINT
+    # Another agent asking gets only its own entries (none), never alice's.
+    carol = AgentHome(world.carol.home).load_identity(passphrase=None)
+    (other,) = asyncio.run(
+        _exchange(carol, world.bob, [_frame(carol, bob, mirror_bodies.MirrorKind.FETCH, fetch)])
+    )
+    assert isinstance(other, mirror_bodies.Entries)
+    assert (other.held, other.entries) == (0, ())
+    # Bob still holds alice's whole log, and still serves it.
+    log_text = world.bob.log.read_text()
+    assert "mirror_malformed" in log_text
+    assert "mirror_fetch_refused" in log_text
+    (again,) = asyncio.run(
+        _exchange(alice, world.bob, [_frame(alice, bob, mirror_bodies.MirrorKind.FETCH, fetch)])
+    )
+    assert isinstance(again, mirror_bodies.Entries)
+    assert again.held == ENTRIES

@@ -268,7 +268,8 @@ class Mirroring:
     async def _answer_fetch(self, link: Link, envelope: wire.Envelope, fetch: mirror.Fetch) -> None:
         sender = envelope.sender
         age = abs(time_ms(self._clock) - envelope.timestamp_ms) / 1000
-        if age > FETCH_FRESHNESS or envelope.message_id in self._seen:
+        seen = sender.encode() + envelope.message_id
+        if age > FETCH_FRESHNESS or seen in self._seen:
             self._metrics.mirror_fetch_refused()
             self._logs.warning(
                 "mirror_fetch_refused",
@@ -279,7 +280,7 @@ class Mirroring:
             )
             await self._refuse(link, sender, mirror.RefusalCode.STALE, "stale or replayed fetch")
             return
-        self._seen[envelope.message_id] = None
+        self._seen[seen] = None
         while len(self._seen) > _SEEN_FETCHES:
             self._seen.popitem(last=False)
         link.mark_verified(sender)
