@@ -79,6 +79,8 @@ class FetchOutcome:
     """What the mirrors gave: the best verified copy, and why the others were set aside."""
 
     best: PeerLog | None = None
+    #: Every verified copy, longest first.
+    copies: list[PeerLog] = field(default_factory=list)
     #: Every mirror tried: (mirror, entries verified, what went wrong or "ok").
     tried: list[tuple[str, int, str]] = field(default_factory=list)
     #: Mirrors that served something that does not verify (tampered, truncated).
@@ -219,6 +221,7 @@ async def fetch_from_mirrors(
             )
             continue
         outcome.tried.append((peer, copy.size, "ok"))
-        if outcome.best is None or copy.size > outcome.best.size:
-            outcome.best = copy
+        outcome.copies.append(copy)
+    outcome.copies.sort(key=lambda copy: -copy.size)
+    outcome.best = outcome.copies[0] if outcome.copies else None
     return outcome

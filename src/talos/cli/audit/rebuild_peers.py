@@ -36,7 +36,13 @@ from typing import Any
 import click
 
 from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
-from talos.audit.peer_rebuild import TrustedRoot, check_roots, roots_of, write_entries
+from talos.audit.peer_rebuild import (
+    PeerLog,
+    TrustedRoot,
+    check_roots,
+    roots_of,
+    write_entries,
+)
 from talos.cli.context import CliContext
 from talos.cli.identity import key_passphrase_option, load_identity
 from talos.cli.lockfile import refuse_while_running
@@ -47,7 +53,7 @@ from talos.core.audit.entry import AuditKind
 from talos.core.crypto import VerifyKey
 from talos.core.identity import Identity
 from talos.discovery.registry_client import RegistryClient
-from talos.errors import MalformedFrame, StorageError, TalosError
+from talos.errors import MalformedFrame, StorageError, TalosError, VerificationError
 from talos.peers import PeerDirectory, RecordSource, RegistrySource
 from talos.storage.agent_state import AgentState
 from talos.storage.home import AgentHome
@@ -176,7 +182,6 @@ def rebuild_from_peers(
 
     Raises:
         RebuildRefused: no mirror, nothing verified, or a loss not accepted.
-        VerificationError: the copy contradicts a trusted root.
         StorageError: the logs could not be written or moved.
     """
     candidates = _known_mirrors(home, mirrors)
@@ -191,17 +196,17 @@ def rebuild_from_peers(
     lines = [
         f"mirror {peer}: {what} ({size} entries verified)" for peer, size, what in outcome.tried
     ]
-    best = outcome.best
-    if best is None or best.size == 0:
-        raise RebuildRefused(
-            "no mirror served a verified copy of this log; nothing was changed: " + "; ".join(lines)
-        )
-    roots = list(best.roots)
+    trusted: list[TrustedRoot] = []
     watermark = load_watermark(home, keylog)
     if watermark is not None and watermark.marks.audit_size:
         marks = watermark.marks
-        roots.append(TrustedRoot(marks.audit_size, marks.audit_root, "the agent's watermark"))
-    beyond = check_roots(roots, best.size, roots_of(best.entries))
+        trusted.append(TrustedRoot(marks.audit_size, marks.audit_root, "the agent's watermark"))
+    chosen = _first_consistent(outcome, trusted, lines)
+    if chosen is None:
+        raise RebuildRefused(
+            "no mirror served a verified copy of this log; nothing was changed: " + "; ".join(lines)
+        )
+    best, beyond = chosen
     recorded = max([best.size, *(root.size for root in beyond)])
     lost = recorded - best.size
     if lost:
@@ -235,6 +240,30 @@ def rebuild_from_peers(
         lines.append(f"the damaged log was moved to {aside}")
     lines.append(f"the log now holds {size} entries (with MIRROR_REBUILT); root {root.hex()}")
     return lines
+
+
+def _first_consistent(
+    outcome: FetchOutcome, trusted: list[TrustedRoot], lines: list[str]
+) -> tuple[PeerLog, list[TrustedRoot]] | None:
+    """The longest verified copy whose roots agree with every trusted root; a copy
+    that contradicts one (a mirror holding another history) is named and skipped."""
+    for copy in outcome.copies:
+        if copy.size == 0:
+            continue
+        try:
+            beyond = check_roots([*copy.roots, *trusted], copy.size, roots_of(copy.entries))
+        except VerificationError as exc:
+            outcome.lying.append(copy.mirror)
+            lines.append(f"mirror {copy.mirror}: INVALID: {exc}")
+            _log.warning(
+                "mirror %s served a copy that contradicts a trusted root: %s",
+                copy.mirror,
+                exc,
+                extra={"event": "mirror_invalid", "peer_id": copy.mirror},
+            )
+            continue
+        return copy, beyond
+    return None
 
 
 def _swap_in(
