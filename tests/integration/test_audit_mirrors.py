@@ -14,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
+import re
 import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from talos.audit import AuditLog, LogSigner
@@ -32,7 +35,13 @@ from talos.core.identity import Identity
 from talos.storage.home import AgentHome
 from talos.testing import SeededRng
 from talos.testing.cli import TalosCli
-from talos.testing.processes import AgentProcess, Launcher, RegistryProcess, launched
+from talos.testing.processes import (
+    AgentProcess,
+    Launcher,
+    RegistryProcess,
+    free_port,
+    launched,
+)
 from talos.testing.waiting import wait_until
 from talos.transport import Link, Transport
 
@@ -358,3 +367,54 @@ def test_bad_mirror_envelopes_are_refused_and_nothing_is_lost(world: World) -> N
     )
     assert isinstance(again, mirror_bodies.Entries)
     assert again.held == ENTRIES
+
+
+# -- the origin's side: resuming, a mirror that lost its store, one that refuses ---------------
+# (last in this module: they grow what bob holds of alice's log)
+
+
+def _metric(port: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else math.nan
+
+
+def test_mirroring_resumes_where_it_stopped_and_refusals_are_reported(
+    world: World, alice: Path, tmp_path: Path
+) -> None:
+    dave = world.launcher.agent(
+        tmp_path / "dave", "--name", "dave", "--registry", world.registry.url,
+        "--mirror-quota-mb", "0",
+    )  # fmt: skip
+    _append(alice, 5, first=ENTRIES)
+    port = free_port()
+    bob = world.bob.agent_id
+    agent = world.launcher.agent(
+        alice, "--registry", world.registry.url, "--metrics-port", str(port),
+        "--audit-mirror", bob, "--audit-mirror", dave.agent_id,
+    )  # fmt: skip
+    wait_until(lambda: _acked(alice, bob) >= ENTRIES + 5, 60, what="the 5 new entries mirrored")
+    # One batch: the acknowledged size was kept across the restart, nothing was sent again.
+    assert _metric(port, "talos_audit_mirror_batches_sent_total") == 1.0
+    lag = f'talos_audit_mirror_lag_entries{{mirror="{bob}"}}'
+    wait_until(lambda: _metric(port, lag) == 0.0, 30, what="bob's lag at 0")
+    refused = 'talos_audit_mirror_refused_by_peer_total{code="not_mirroring"}'
+    wait_until(lambda: _metric(port, refused) >= 1.0, 30, what="dave's refusal counted")
+    assert "mirror_batch_refused" in agent.log.read_text()
+    assert _metric(port, f'talos_audit_mirror_lag_entries{{mirror="{dave.agent_id}"}}') > 0
+    agent.stop()
+    dave.stop()
+    # bob loses his mirror store: alice's next batch is refused as a gap, and she
+    # sends her whole log again.
+    world.bob.stop()
+    shutil.rmtree(world.bob.home / "mirrors")
+    world.bob = world.launcher.agent(world.bob.home, "--registry", world.registry.url)
+    _append(alice, 1, first=ENTRIES + 5)
+    agent = world.launcher.agent(alice, "--registry", world.registry.url, "--audit-mirror", bob)
+    try:
+        wait_until(lambda: _acked(alice, bob) >= ENTRIES + 6, 60, what="alice's log sent again")
+    finally:
+        agent.stop()
+    assert "gap" in agent.log.read_text()
+    with MirrorStore.open(world.bob.home / "mirrors") as store:
+        assert store.origin(agent.agent_id).size == ENTRIES + 6

@@ -60,3 +60,29 @@ def test_size_limit_reaches_the_log(tmp_path: Path) -> None:
     with AuditLog.open(tmp_path / "log", readonly=True) as log:
         assert log.size == appended
         assert log.verify_chain().ok
+
+
+def test_mirror_settings() -> None:
+    peer = "did:talos:zCSp24DnTrWbpfm7FDdHZN4QnFEdvNH7Wm9uGy7SH1Ztg"
+    config = AuditConfig.from_mapping({"mirror_to": [peer, peer], "mirror_quota_mb": 0})
+    assert config.mirror_to == (peer,)
+    assert config.mirror_quota_bytes == 0
+    assert AuditConfig().mirror_to == ()
+    assert AuditConfig().mirror_quota_bytes == 256 << 20
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({"mirror_to": "did:talos:x"}, "list of agent ids"),
+        ({"mirror_to": ["not-an-id"]}, "is not an agent id"),
+        ({"mirror_to": [7]}, "is not an agent id"),
+        ({"mirror_to": ["did:talos:zCSp24DnTrWbpfm7FDdHZN4QnFEdvNH7Wm9uGy7SH1Ztg"] * 17}, "16"),
+        ({"mirror_quota_mb": -1}, "mirror_quota_mb"),
+        ({"mirror_quota_mb": 1.5}, "mirror_quota_mb"),
+        ({"mirror_quota_mb": True}, "mirror_quota_mb"),
+    ],
+)
+def test_bad_mirror_settings_are_refused(raw: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        AuditConfig.from_mapping(raw)
