@@ -29,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
+from talos.audit.chain_check import scan_chain
 from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
 from talos.audit.peer_rebuild import (
     PeerLog,
@@ -57,6 +59,7 @@ from talos.errors import MalformedFrame, StorageError, TalosError, VerificationE
 from talos.peers import PeerDirectory, RecordSource, RegistrySource
 from talos.storage.agent_state import AgentState
 from talos.storage.home import AgentHome
+from talos.storage.lmdb import DATA_FILE
 from talos.storage.tokens import TokenStore
 from talos.storage.watermark import CAPABILITIES_DIR, accept_current, load_watermark
 
@@ -192,12 +195,18 @@ def rebuild_from_peers(
         )
     keylog = home.load_public_keylog() or identity.keylog
     keys = [VerifyKey(event.signing_key) for event in keylog.events]
+    watermark = load_watermark(home, keylog)
+    intact = _intact_size(home, keys)
+    if intact is not None and (watermark is None or intact >= watermark.marks.audit_size):
+        return [
+            f"audit chain intact: {intact} entries, as many as the agent signed for; "
+            "nothing to rebuild (nothing was changed)"
+        ]
     outcome = asyncio.run(_fetch(ctx, home, identity, candidates, registry_urls, keys))
     lines = [
         f"mirror {peer}: {what} ({size} entries verified)" for peer, size, what in outcome.tried
     ]
     trusted: list[TrustedRoot] = []
-    watermark = load_watermark(home, keylog)
     if watermark is not None and watermark.marks.audit_size:
         marks = watermark.marks
         trusted.append(TrustedRoot(marks.audit_size, marks.audit_root, "the agent's watermark"))
@@ -242,6 +251,20 @@ def rebuild_from_peers(
     return lines
 
 
+def _intact_size(home: AgentHome, keys: list[VerifyKey]) -> int | None:
+    """The size of the home's audit log if its whole chain verifies, else ``None``.
+
+    Scanned in a child process (a damaged file may kill its reader).
+    """
+    if not (home.audit_path / DATA_FILE).is_file():
+        return None
+    try:
+        report = scan_chain(home.audit_path, keys)
+    except TalosError:
+        return None
+    return report.entries if report.ok else None
+
+
 def _first_consistent(
     outcome: FetchOutcome, trusted: list[TrustedRoot], lines: list[str]
 ) -> tuple[PeerLog, list[TrustedRoot]] | None:
@@ -274,13 +297,17 @@ def _swap_in(
     stamp = datetime.fromtimestamp(ctx.clock.time(), tz=UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     staging = target.parent / f".{target.name}.rebuilding-{stamp}"
     aside = target.parent / f"{target.name}.damaged-{stamp}"
-    write_entries(
-        staging,
-        entries,
-        signer=audit_signer(identity),
-        clock=ctx.clock,
-        extra_databases=AgentState.DATABASES,
-    )
+    try:
+        write_entries(
+            staging,
+            entries,
+            signer=audit_signer(identity),
+            clock=ctx.clock,
+            extra_databases=AgentState.DATABASES,
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # our own staging copy, never the log
+        raise
     try:
         moved = None
         if target.exists():
