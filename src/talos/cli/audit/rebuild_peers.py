@@ -12,7 +12,9 @@ commands) signs the fetches:
    a mirror that serves a tampered or truncated stretch is named and the
    next is tried; the longest verified copy wins;
 3. the copy's roots must match every trusted root within it: each signed
-   checkpoint served, and the watermark the agent signed. A watermark past
+   checkpoint served, the watermark the agent signed, and with
+   ``--anchor-rpc URL`` every anchor of the log on that chain
+   (:mod:`talos.audit.mirror_anchors`). A trusted root past
    the copy is a loss: reported (how many entries, from which position) and
    only accepted with ``--accept-loss``; entries are never invented;
 4. the new log is written beside the old one, then the damaged log is moved
@@ -30,6 +32,7 @@ import asyncio
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,7 +58,13 @@ from talos.core.audit.entry import AuditKind
 from talos.core.crypto import VerifyKey
 from talos.core.identity import Identity
 from talos.discovery.registry_client import RegistryClient
-from talos.errors import MalformedFrame, StorageError, TalosError, VerificationError
+from talos.errors import (
+    ConfigurationError,
+    MalformedFrame,
+    StorageError,
+    TalosError,
+    VerificationError,
+)
 from talos.peers import PeerDirectory, RecordSource, RegistrySource
 from talos.storage.agent_state import AgentState
 from talos.storage.home import AgentHome
@@ -103,6 +112,12 @@ def _mirror_ids(values: tuple[str, ...]) -> list[str]:
     help="Registry URL to find the mirrors through (else $TALOS_REGISTRY_URL).",
 )
 @click.option(
+    "--anchor-rpc",
+    "anchor_rpc",
+    default=None,
+    help="JSON-RPC URL of the chain the log anchored on: its anchors must match too.",
+)
+@click.option(
     "--accept-loss",
     is_flag=True,
     help="Rebuild even when the mirrors hold less than the agent had signed for.",
@@ -114,6 +129,7 @@ def rebuild_command(
     from_peers: bool,
     mirrors: tuple[str, ...],
     registry_url: tuple[str, ...],
+    anchor_rpc: str | None,
     accept_loss: bool,
     key_passphrase_file: Path | None,
 ) -> None:
@@ -133,6 +149,7 @@ def rebuild_command(
         _mirror_ids(mirrors),
         list(registry_url),
         accept_loss=accept_loss,
+        anchor_rpc=anchor_rpc,
     )
     for line in summary:
         click.echo(line)
@@ -180,6 +197,7 @@ def rebuild_from_peers(
     registry_urls: list[str],
     *,
     accept_loss: bool,
+    anchor_rpc: str | None = None,
 ) -> list[str]:
     """Fetch, verify, check, write, swap; the lines to print.
 
@@ -210,12 +228,16 @@ def rebuild_from_peers(
     if watermark is not None and watermark.marks.audit_size:
         marks = watermark.marks
         trusted.append(TrustedRoot(marks.audit_size, marks.audit_root, "the agent's watermark"))
-    chosen = _first_consistent(outcome, trusted, lines)
+    chosen = _first_consistent(outcome, trusted, lines, _anchors(anchor_rpc))
     if chosen is None:
         raise RebuildRefused(
             "no mirror served a verified copy of this log; nothing was changed: " + "; ".join(lines)
         )
     best, beyond = chosen
+    lines.append(
+        f"checked against {len(best.roots) + len(trusted)} signed roots"
+        + ("" if anchor_rpc is None else " and the anchors on chain")
+    )
     recorded = max([best.size, *(root.size for root in beyond)])
     lost = recorded - best.size
     if lost:
@@ -265,16 +287,51 @@ def _intact_size(home: AgentHome, keys: list[VerifyKey]) -> int | None:
     return report.entries if report.ok else None
 
 
+def _anchors(rpc: str | None) -> Callable[[PeerLog], list[TrustedRoot]]:
+    """The anchors on chain of a copy, as trusted roots (none without ``--anchor-rpc``).
+
+    Raises:
+        ConfigurationError: the talos[anchor] extra is not installed.
+    """
+    if rpc is None:
+        return lambda copy: []
+    try:
+        from talos.audit.anchoring.chain import Chain
+        from talos.audit.mirror_anchors import anchored_roots
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"--anchor-rpc needs the talos[anchor] extra (pip install 'talos[anchor]'): {exc}"
+        ) from None
+
+    def roots(copy: PeerLog) -> list[TrustedRoot]:
+        chain = Chain(rpc)
+        try:
+            return anchored_roots(copy.entries, chain)
+        finally:
+            chain.close()
+
+    return roots
+
+
 def _first_consistent(
-    outcome: FetchOutcome, trusted: list[TrustedRoot], lines: list[str]
+    outcome: FetchOutcome,
+    trusted: list[TrustedRoot],
+    lines: list[str],
+    anchors: Callable[[PeerLog], list[TrustedRoot]],
 ) -> tuple[PeerLog, list[TrustedRoot]] | None:
     """The longest verified copy whose roots agree with every trusted root; a copy
-    that contradicts one (a mirror holding another history) is named and skipped."""
+    that contradicts one (a mirror holding another history) is named and skipped.
+
+    Raises:
+        AnchorMismatch: the copy's own anchor entries are not on the chain as recorded.
+        AnchoringError: the chain did not answer.
+    """
     for copy in outcome.copies:
         if copy.size == 0:
             continue
+        roots = [*copy.roots, *trusted, *anchors(copy)]
         try:
-            beyond = check_roots([*copy.roots, *trusted], copy.size, roots_of(copy.entries))
+            beyond = check_roots(roots, copy.size, roots_of(copy.entries))
         except VerificationError as exc:
             outcome.lying.append(copy.mirror)
             lines.append(f"mirror {copy.mirror}: INVALID: {exc}")
