@@ -63,7 +63,7 @@ MIRROR_DIR: Final = "mirrors"
 #: Default room per origin: 256 MiB of entries and checkpoints.
 DEFAULT_QUOTA_BYTES: Final = 256 << 20
 #: Most origins one agent mirrors for.
-MAX_ORIGINS: Final = 64
+MAX_ORIGINS: Final = 16
 _STORE: Final = "mirror store"
 _MAP_SIZE: Final = 1 << 40  # address space only; the quotas bound the file
 _DATABASES: Final = (b"entries", b"checkpoints", b"origins", b"progress", b"meta")
