@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from talos.audit import AuditLog
-from talos.audit.mirror_store import MirrorRefused, MirrorStore
+from talos.audit.mirror_store import MAX_ORIGINS, MirrorRefused, MirrorStore
 from talos.core.audit.checkpoint import Checkpoint, LogSigner
+from talos.core.audit.entry import AuditEntry
+from talos.core.audit.merkle import leaf_hash
 from talos.core.crypto import SigningKey
 from talos.core.mirror import Batch, RefusalCode
 from talos.storage.lmdb import DATA_FILE
@@ -111,3 +113,20 @@ def test_progress_of_our_own_mirrors_persists(tmp_path: Path) -> None:
     with MirrorStore.open(tmp_path / "mirrors") as store:
         assert store.progress("bob") == 12
         assert store.mirrors() == {"bob": 12}
+
+
+def test_at_most_max_origins_are_held(tmp_path: Path) -> None:
+    raw = AuditEntry(0, 1, "MESSAGE_SENT").to_bytes()
+
+    def first_batch(origin: str) -> Batch:
+        signer = LogSigner(KEY, origin, f"{origin}/audit")
+        return Batch(0, (raw,), Checkpoint.sign(signer, 1, leaf_hash(raw)))
+
+    with MirrorStore.open(tmp_path / "mirrors") as store:
+        for n in range(MAX_ORIGINS):
+            assert store.accept(f"origin{n}", first_batch(f"origin{n}"), KEY.public_key) == 1
+        with pytest.raises(MirrorRefused, match="most origins") as refused:
+            store.accept("one-too-many", first_batch("one-too-many"), KEY.public_key)
+        assert refused.value.code is RefusalCode.QUOTA
+        # Origins already held go on.
+        assert store.accept("origin0", first_batch("origin0"), KEY.public_key) == 1
