@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from talos.core import wire
+from talos.core.mirror import RefusalCode
 from talos.errors import CapabilityDenied, ConfigurationError, KeyRevoked
 from talos.logs import EVENTS, suppressed_lines
 
@@ -83,6 +84,8 @@ def _rejection_reasons() -> tuple[str, ...]:
 
 #: Values of the ``reason`` label of ``talos_capabilities_denied_total``.
 DENIAL_REASONS: Final = _denial_reasons()
+#: Values of the ``code`` label of the audit mirror refusal counters.
+MIRROR_REFUSALS: Final = (*(str(code) for code in RefusalCode), OTHER)
 #: Values of the ``reason`` label of ``talos_messages_rejected_total``.
 REJECTION_REASONS: Final = _rejection_reasons()
 
@@ -122,12 +125,21 @@ class AgentMetrics:
         uses_registry: ``False`` for an agent configured without a registry:
             ``talos_registry_up`` is then NaN ("not applicable") rather than 0, so
             the registry-unreachable alert stays quiet for it.
+        mirrors: the peers the agent mirrors its audit log to: the values of
+            ``talos_audit_mirror_lag_entries``'s ``mirror`` label (none: one
+            series with ``mirror=""`` at 0).
         registry_urls: the registry URLs the agent was given, without
             credentials: the only values of ``talos_registry_up``'s ``url``
             label (none given: one series with ``url=""``).
     """
 
-    def __init__(self, *, uses_registry: bool = True, registry_urls: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        uses_registry: bool = True,
+        registry_urls: Sequence[str] = (),
+        mirrors: Sequence[str] = (),
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._endpoint = MetricsEndpoint(self.registry)
         r = self.registry
@@ -357,6 +369,11 @@ class AgentMetrics:
             self.key_rotations.labels(kind=kind)
         for url in self._registry_urls:
             self.registry_up.labels(url=url).set(0 if uses_registry else math.nan)
+        for code in MIRROR_REFUSALS:
+            self.audit_mirror_refused_by_peer.labels(code=code)
+            self.audit_mirror_batches_refused.labels(code=code)
+        for mirror in mirrors or ("",):
+            self.audit_mirror_lag.labels(mirror=mirror).set(0)
 
     # -- sessions ---------------------------------------------------------------
 
@@ -460,7 +477,7 @@ class AgentMetrics:
         self.audit_mirror_batches_sent.inc()
 
     def mirror_batch_refused_by_peer(self, code: str) -> None:
-        self.audit_mirror_refused_by_peer.labels(code=str(code)).inc()
+        self.audit_mirror_refused_by_peer.labels(code=_label(code, MIRROR_REFUSALS)).inc()
 
     def set_mirror_lag(self, mirror: str, entries: int) -> None:
         self.audit_mirror_lag.labels(mirror=mirror).set(entries)
@@ -470,7 +487,7 @@ class AgentMetrics:
         self.audit_mirror_entries_stored.inc(entries)
 
     def mirror_batch_refused(self, code: str) -> None:
-        self.audit_mirror_batches_refused.labels(code=str(code)).inc()
+        self.audit_mirror_batches_refused.labels(code=_label(code, MIRROR_REFUSALS)).inc()
 
     def mirror_entries_served(self, entries: int) -> None:
         self.audit_mirror_entries_served.inc(entries)

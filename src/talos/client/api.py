@@ -183,6 +183,7 @@ class TalosClient:
         self.metrics = AgentMetrics(
             uses_registry=config.registry_url is not None,
             registry_urls=[public_url(url) for url in config.registry_urls],
+            mirrors=config.audit.mirror_to,
         )
         self._clocks = ClockWatch(config.clock, self.metrics)
         # Filled in by _open().
