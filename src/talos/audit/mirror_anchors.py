@@ -17,17 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from talos.audit.anchoring.chain import Chain, check_address
-from talos.audit.anchoring.verify import ANCHORED_TOPIC, decode_anchored
+from talos.audit.anchoring.chain import Chain
+from talos.audit.anchoring.verify import anchors_on_chain
 from talos.audit.peer_rebuild import TrustedRoot
 from talos.core.audit.entry import AuditEntry, AuditKind
-from talos.errors import AnchorMismatch
 
 __all__ = ["anchored_roots"]
 
 
 def anchored_roots(entries: Sequence[bytes], chain: Chain) -> list[TrustedRoot]:
-    """The anchors on ``chain`` of the log whose verified entries are ``entries``.
+    """The anchors on ``chain``, by the log's own wallet, of the log whose verified
+    entries are ``entries``.
 
     Raises:
         AnchorMismatch: an ``AUDIT_ANCHORED`` entry's anchor is not on the
@@ -39,41 +39,10 @@ def anchored_roots(entries: Sequence[bytes], chain: Chain) -> list[TrustedRoot]:
         for entry in (AuditEntry.from_bytes(raw) for raw in entries)
         if entry.kind == AuditKind.AUDIT_ANCHORED
     ]
-    if not anchored:
-        return []
-    chain_id = chain.chain_id()
-    names: set[tuple[str, bytes, str]] = set()
-    for entry in anchored:
-        data = entry.data
-        if data["chain"] != chain_id:
-            continue
-        contract = check_address("0x" + bytes(data["contract"]).hex())
-        found = [
-            event
-            for event in chain.logs(
-                {"address": contract, "blockHash": "0x" + data["block_hash"].hex()}
-            )
-            if event.tx_hash == data["tx"]
-        ]
-        if not found:
-            raise AnchorMismatch(
-                f"the anchor of size {data['size']} (entry {entry.seq}) is not in block "
-                f"{data['block']} of chain {chain_id} any more"
-            )
-        log_name, size, root, submitter = decode_anchored(found[0])
-        if (size, root) != (data["size"], data["root"]):
-            raise AnchorMismatch(f"entry {entry.seq} and its transaction disagree on the root")
-        names.add((contract, log_name, submitter))
-    roots = []
-    for contract, log_name, submitter in sorted(names):
-        query = {
-            "address": contract,
-            "fromBlock": "0x0",
-            "topics": ["0x" + ANCHORED_TOPIC.hex(), "0x" + log_name.hex()],
-        }
-        for event in chain.logs(query):
-            _, size, root, sender = decode_anchored(event)
-            if sender == submitter:
-                source = f"the anchor in block {event.block_number} of chain {chain_id}"
-                roots.append(TrustedRoot(size, root, source))
-    return roots
+    return [
+        TrustedRoot(
+            found.size, found.root, f"the anchor in block {found.event.block_number} on chain"
+        )
+        for found in anchors_on_chain(anchored, chain)
+        if found.own
+    ]
