@@ -131,6 +131,16 @@ EVENTS: Final = frozenset(
         "anchor_final",
         "anchor_failed",
         "anchor_recovered",
+        # audit mirrors (docs/design/mirrors.md)
+        "mirror_batch_stored",
+        "mirror_batch_refused",
+        "mirror_malformed",
+        "mirror_store_failed",
+        "mirror_unreachable",
+        "mirror_fetch_refused",
+        "mirror_served",
+        "mirror_invalid",
+        "audit_rebuilt_from_peers",
         # the registry
         "keylog_fork",
         "revocation_forked",

@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 
 from talos.core import wire
 from talos.core.audit.cosignature import REFUSALS
+from talos.core.mirror import RefusalCode
 from talos.errors import CapabilityDenied, ConfigurationError, KeyRevoked
 from talos.logs import EVENTS, suppressed_lines
 
@@ -88,6 +89,8 @@ def _rejection_reasons() -> tuple[str, ...]:
 
 #: Values of the ``reason`` label of ``talos_capabilities_denied_total``.
 DENIAL_REASONS: Final = _denial_reasons()
+#: Values of the ``code`` label of the audit mirror refusal counters.
+MIRROR_REFUSALS: Final = (*(str(code) for code in RefusalCode), OTHER)
 #: Values of the ``reason`` label of ``talos_messages_rejected_total``.
 REJECTION_REASONS: Final = _rejection_reasons()
 
@@ -127,12 +130,21 @@ class AgentMetrics:
         uses_registry: ``False`` for an agent configured without a registry:
             ``talos_registry_up`` is then NaN ("not applicable") rather than 0, so
             the registry-unreachable alert stays quiet for it.
+        mirrors: the peers the agent mirrors its audit log to: the values of
+            ``talos_audit_mirror_lag_entries``'s ``mirror`` label (none: one
+            series with ``mirror=""`` at 0).
         registry_urls: the registry URLs the agent was given, without
             credentials: the only values of ``talos_registry_up``'s ``url``
             label (none given: one series with ``url=""``).
     """
 
-    def __init__(self, *, uses_registry: bool = True, registry_urls: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        uses_registry: bool = True,
+        registry_urls: Sequence[str] = (),
+        mirrors: Sequence[str] = (),
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._endpoint = MetricsEndpoint(self.registry)
         r = self.registry
@@ -265,6 +277,50 @@ class AgentMetrics:
             ["role"],
             registry=r,
         )
+        # Audit mirrors (talos.client.mirroring, docs/design/mirrors.md).
+        self.audit_mirror_batches_sent = Counter(
+            "talos_audit_mirror_batches_sent",
+            "Batches of our audit entries a mirror acknowledged.",
+            registry=r,
+        )
+        self.audit_mirror_refused_by_peer = Counter(
+            "talos_audit_mirror_refused_by_peer",
+            "Batches of our audit entries a mirror refused, by its reason code.",
+            ["code"],
+            registry=r,
+        )
+        self.audit_mirror_lag = Gauge(
+            "talos_audit_mirror_lag_entries",
+            "Our audit entries a mirror has not acknowledged yet.",
+            ["mirror"],
+            registry=r,
+        )
+        self.audit_mirror_batches_stored = Counter(
+            "talos_audit_mirror_batches_stored",
+            "Batches of other agents' audit entries verified and stored here as their mirror.",
+            registry=r,
+        )
+        self.audit_mirror_entries_stored = Counter(
+            "talos_audit_mirror_entries_stored",
+            "Other agents' audit entries stored here as their mirror.",
+            registry=r,
+        )
+        self.audit_mirror_batches_refused = Counter(
+            "talos_audit_mirror_batches_refused",
+            "Mirror batches (or bodies) this agent refused, by reason code.",
+            ["code"],
+            registry=r,
+        )
+        self.audit_mirror_entries_served = Counter(
+            "talos_audit_mirror_entries_served",
+            "Mirrored audit entries served back to their origin.",
+            registry=r,
+        )
+        self.audit_mirror_fetches_refused = Counter(
+            "talos_audit_mirror_fetches_refused",
+            "Fetches of mirrored entries refused as stale or replayed.",
+            registry=r,
+        )
 
         # -- security events ---------------------------------------------------
         self.signature_failures = Counter(
@@ -341,6 +397,11 @@ class AgentMetrics:
             self.checkpoints_refused.labels(reason=reason)
         for url in self._registry_urls:
             self.registry_up.labels(url=url).set(0 if uses_registry else math.nan)
+        for code in MIRROR_REFUSALS:
+            self.audit_mirror_refused_by_peer.labels(code=code)
+            self.audit_mirror_batches_refused.labels(code=code)
+        for mirror in mirrors or ("",):
+            self.audit_mirror_lag.labels(mirror=mirror).set(0)
 
     # -- sessions ---------------------------------------------------------------
 
@@ -451,6 +512,28 @@ class AgentMetrics:
         self.equivocations.labels(role=_label(role, WITNESS_ROLES)).inc()
 
     # -- security events --------------------------------------------------------
+
+    def mirror_batch_sent(self) -> None:
+        self.audit_mirror_batches_sent.inc()
+
+    def mirror_batch_refused_by_peer(self, code: str) -> None:
+        self.audit_mirror_refused_by_peer.labels(code=_label(code, MIRROR_REFUSALS)).inc()
+
+    def set_mirror_lag(self, mirror: str, entries: int) -> None:
+        self.audit_mirror_lag.labels(mirror=mirror).set(entries)
+
+    def mirror_batch_stored(self, entries: int) -> None:
+        self.audit_mirror_batches_stored.inc()
+        self.audit_mirror_entries_stored.inc(entries)
+
+    def mirror_batch_refused(self, code: str) -> None:
+        self.audit_mirror_batches_refused.labels(code=_label(code, MIRROR_REFUSALS)).inc()
+
+    def mirror_entries_served(self, entries: int) -> None:
+        self.audit_mirror_entries_served.inc(entries)
+
+    def mirror_fetch_refused(self) -> None:
+        self.audit_mirror_fetches_refused.inc()
 
     def signature_failed(self, reason: str = "bad_signature") -> None:
         """A signature did not verify; ``reason`` is one of :data:`SIGNATURE_FAILURE_REASONS`

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from talos.core.agent_id import agent_id_from_digest
 from talos.core.crypto import SigningKey, sha256
 from talos.core.encoding import canonical_dumps, strict_loads
+from talos.core.mirror import MirrorKind
 from talos.core.replay import ReplayWindow
 from talos.core.wire import (
     AckStatus,
@@ -71,6 +72,7 @@ def _sample(kind: EnvelopeType) -> Envelope:
             "cosignature": None,
             "reason": "fork",
         },
+        EnvelopeType.MIRROR: {"mirror_kind": MirrorKind.FETCH, "mirror_body": b"b" * 40},
     }[kind]
     return Envelope(
         type=kind,

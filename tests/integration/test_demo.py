@@ -36,8 +36,11 @@ CHECKPOINTS = (
     "6.stolen",
     "6.token",
     "6.granted",
-    "7.stopped",
-    "7.clean",
+    "7.mirrored",
+    "7.rebuilt",
+    "7.proof",
+    "8.stopped",
+    "8.clean",
 )
 #: (step, agent, series) -> the change the demo must have printed.
 CHANGES = {
@@ -103,7 +106,7 @@ def test_demo_walks_through_every_failure_and_leaves_nothing() -> None:
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr
     assert "Traceback" not in out + result.stderr
-    for step in ("SETUP", *(f"STEP {n}" for n in range(1, 8))):
+    for step in ("SETUP", *(f"STEP {n}" for n in range(1, 9))):
         assert step in out
     for checkpoint in CHECKPOINTS:
         assert f"ok [{checkpoint}]" in out, checkpoint

@@ -30,10 +30,23 @@ _GIB = 1 << 30
 #: The smallest log we accept: room for a few thousand entries and their nodes.
 MIN_SIZE_BYTES = 1 << 20
 _KEYS = frozenset(
-    {"max_size_gb", "prune_after_anchor", "block_entries", "block_seconds", "witnesses"}
+    {
+        "max_size_gb",
+        "prune_after_anchor",
+        "block_entries",
+        "block_seconds",
+        "witnesses",
+        "mirror_to",
+        "mirror_quota_mb",
+    }
 )
 #: Most witnesses one agent may configure.
 MAX_WITNESSES = 32
+_MIB = 1 << 20
+#: Default room an agent gives each origin it mirrors (``mirror_quota_mb``).
+DEFAULT_MIRROR_QUOTA_MB = 256
+#: Most mirrors one agent copies its log to.
+MAX_MIRRORS = 16
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,10 @@ class AuditConfig:
     block_seconds: float = 60.0
     #: Agent ids of the peers configured as witnesses of this log.
     witnesses: tuple[str, ...] = ()
+    #: Peers this agent copies its audit log to (docs/design/mirrors.md).
+    mirror_to: tuple[str, ...] = ()
+    #: Room given to each origin that mirrors its log here, in bytes; 0: no mirroring here.
+    mirror_quota_bytes: int = DEFAULT_MIRROR_QUOTA_MB * _MIB
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> AuditConfig:
@@ -67,6 +84,8 @@ class AuditConfig:
             block_entries=_count(raw.get("block_entries", 1024)),
             block_seconds=_seconds(raw.get("block_seconds", 60.0)),
             witnesses=_witnesses(raw.get("witnesses", ())),
+            mirror_to=_peers(raw.get("mirror_to", ())),
+            mirror_quota_bytes=_quota(raw.get("mirror_quota_mb", DEFAULT_MIRROR_QUOTA_MB)),
         )
 
     def open_arguments(self) -> dict[str, Any]:
@@ -101,6 +120,30 @@ def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError("audit_config block_entries must be a positive integer")
     return value
+
+
+def _peers(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ConfigurationError("audit_config mirror_to must be a list of agent ids")
+    if len(value) > MAX_MIRRORS:
+        raise ConfigurationError(f"audit_config mirror_to names at most {MAX_MIRRORS} peers")
+    peers = []
+    for item in value:
+        try:
+            peers.append(check_agent_id(item))
+        except (MalformedFrame, TypeError, ValueError):
+            raise ConfigurationError(
+                f"audit_config mirror_to: {str(item)[:80]!r} is not an agent id"
+            ) from None
+    return tuple(dict.fromkeys(peers))
+
+
+def _quota(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 20:
+        raise ConfigurationError(
+            "audit_config mirror_quota_mb must be an integer of MiB in 0..1048576"
+        )
+    return value * _MIB
 
 
 def _seconds(value: Any) -> float:

@@ -144,6 +144,19 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
     help="Send this agent's audit checkpoints to PEER (an agent id) for cosigning, "
     "even without messaging it; repeatable (docs/design/witnesses.md).",
 )
+@click.option(
+    "--audit-mirror",
+    "audit_mirror",
+    multiple=True,
+    metavar="AGENT_ID",
+    help="Copy this agent's audit log to that peer (repeatable; docs/design/mirrors.md).",
+)
+@click.option(
+    "--mirror-quota-mb",
+    type=BoundedInt(0, 1 << 20),
+    default=None,
+    help="Room kept for each agent that mirrors its log here, in MiB (default 256; 0: none).",
+)
 @click.option("--log-level", type=click.Choice(_LEVELS), default="info", show_default=True)
 @log_format_option
 @key_passphrase_option
@@ -167,6 +180,8 @@ def run(
     anchor_interval: float,
     anchor_confirmations: int | None,
     audit_witnesses: tuple[str, ...],
+    audit_mirror: tuple[str, ...],
+    mirror_quota_mb: int | None,
     log_level: str,
     log_format: LogFormat,
     key_passphrase_file: Path | None,
@@ -217,9 +232,8 @@ def run(
             "clock": ctx.clock,
             "rng": ctx.rng,
             "anchor": anchor,
+            "audit_config": _audit_config(audit_mirror, mirror_quota_mb, audit_witnesses),
         }
-        if audit_witnesses:
-            options["audit_config"] = {"witnesses": list(audit_witnesses)}
         asyncio.run(_daemon(name or home.path.name, options, path))
 
 
@@ -241,6 +255,21 @@ def _anchor_settings(
     if any(value is None for value in given.values()):
         raise click.UsageError("--anchor-rpc, --anchor-contract and --anchor-key-file go together")
     return {**given, "interval": interval, "confirmations": confirmations}
+
+
+def _audit_config(
+    mirror_to: tuple[str, ...], quota_mb: int | None, witnesses: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """``audit_config={...}`` from --audit-mirror, --mirror-quota-mb and --audit-witness;
+    None without them."""
+    config: dict[str, Any] = {}
+    if witnesses:
+        config["witnesses"] = list(witnesses)
+    if mirror_to:
+        config["mirror_to"] = list(mirror_to)
+    if quota_mb is not None:
+        config["mirror_quota_mb"] = quota_mb
+    return config or None
 
 
 async def _daemon(name: str, options: dict[str, Any], path: Path) -> None:

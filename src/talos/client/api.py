@@ -32,6 +32,7 @@ from talos.audit import AuditLog
 from talos.audit.anchoring.settings import DATABASES as ANCHOR_DATABASES
 from talos.audit.anchoring.settings import start_anchoring
 from talos.audit.head_check import refuse_damaged_head
+from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
 from talos.client.discovery import RECORD_LIFETIME, Discovery
@@ -173,6 +174,7 @@ class TalosClient:
         self._closed = False
         self._log: AuditLog | None = None
         self._tokens: TokenStore | None = None
+        self._mirrors: MirrorStore | None = None
         self._transport: Transport | None = None
         self._discovery: Discovery | None = None
         self._endpoint = ""
@@ -181,6 +183,7 @@ class TalosClient:
         self.metrics = AgentMetrics(
             uses_registry=config.registry_url is not None,
             registry_urls=[public_url(url) for url in config.registry_urls],
+            mirrors=config.audit.mirror_to,
         )
         self._clocks = ClockWatch(config.clock, self.metrics)
         # Filled in by _open().
@@ -214,6 +217,9 @@ class TalosClient:
             replay_window_ms=int(config.replay_window * 1000),
         )
         self._tokens = TokenStore.open(self._home.path / "capabilities")
+        self._mirrors = MirrorStore.open(
+            self._home.path / MIRROR_DIR, quota_bytes=config.audit.mirror_quota_bytes
+        )
         # A store shorter than the signed watermark records is refused (docs/design/lost-state.md).
         watermark = guard(
             self._home, identity, self._log, self._tokens, current=lambda: self._own.current
@@ -244,6 +250,7 @@ class TalosClient:
             metrics=self.metrics,
             clocks=self._clocks,
             closed=self._is_closed,
+            mirrors=self._mirrors,
         )
         self._peers = self._parts.peers
         self._parts.capabilities.complete_revocation()
@@ -274,6 +281,8 @@ class TalosClient:
             self._drivers.deliverer.kick(peer)
         if self._parts.witnessing.witnesses and not config.offline:
             self._spawn(self._parts.witnessing.run(self._is_closed))
+        if self._parts.mirroring is not None:
+            self._parts.mirroring.start()
 
     @property
     def _drivers(self) -> Parts:
@@ -365,6 +374,8 @@ class TalosClient:
             # fake clock nobody advances.
             await asyncio.wait(set(parts.batch.acknowledging), timeout=1.0)
         if parts is not None:
+            if parts.mirroring is not None:
+                await parts.mirroring.stop()
             await parts.acks.stop()
             await parts.deliverer.stop()
         tasks = [*self._background, *(parts.batch.acknowledging if parts else ())]
@@ -386,6 +397,8 @@ class TalosClient:
             await self._discovery.close()
         if self._tokens is not None:
             self._tokens.close()
+        if self._mirrors is not None:
+            self._mirrors.close()
         if self._anchoring is not None:
             await self._anchoring.stop()  # its step in progress uses the log
         if self._log is not None:

@@ -194,8 +194,10 @@ class Receiver:
         on_revocations: Callable[[Link, wire.Envelope, KeyLog], Awaitable[None]],
         keylogs: KeyLogs,
         witnessing: Witnessing | None = None,
+        on_mirror: Callable[[Link, wire.Envelope, KeyLog], Awaitable[None]] | None = None,
     ) -> None:
         self._me = agent_id
+        self.on_mirror = on_mirror
         self._state, self._sessions, self._batch, self._inbox = state, sessions, batch, inbox
         self._peers, self._capabilities = peers, capabilities
         self._signer, self._auditor, self._metrics = signer, auditor, metrics
@@ -282,6 +284,8 @@ class Receiver:
             await self._witnessing.on_checkpoint(link, envelope, log)
         elif kind is wire.EnvelopeType.COSIGNATURE and self._witnessing is not None:
             await self._witnessing.on_cosignature(link, envelope, log)
+        elif kind is wire.EnvelopeType.MIRROR and self.on_mirror is not None:
+            await self.on_mirror(link, envelope, log)  # talos.client.mirroring
         if self._witnessing is not None:
             # After the frame's own answer (an ACK goes first): our checkpoint, once per link.
             await self._witnessing.answer(link, sender)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from talos.audit import AuditLog
+from talos.audit.mirror_store import MirrorStore
 from talos.client.acks import Acknowledgements
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
@@ -20,6 +21,7 @@ from talos.client.delivery import Deliverer
 from talos.client.discovery import Discovery
 from talos.client.inbox import InboxReader
 from talos.client.keylogs import KeyLogs
+from talos.client.mirroring import Mirroring
 from talos.client.own_keys import OwnIdentity
 from talos.client.receiving import ReceiveBatch, Receiver
 from talos.client.revocations import Capabilities
@@ -50,6 +52,7 @@ class Parts:
     receiver: Receiver
     keylogs: KeyLogs
     witnessing: Witnessing
+    mirroring: Mirroring | None = None
 
 
 def peer_directory(
@@ -85,6 +88,7 @@ def assemble(
     metrics: AgentMetrics,
     clocks: ClockWatch,
     closed: Callable[[], bool],
+    mirrors: MirrorStore | None = None,
 ) -> Parts:
     clock, rng = config.clock, config.rng
     peers = peer_directory(config, state, own, discovery)
@@ -201,6 +205,21 @@ def assemble(
         keylogs=keylogs,
         witnessing=witnessing,
     )
+    mirroring = None
+    if mirrors is not None:
+        mirroring = Mirroring(
+            own=own,
+            log=log,
+            store=mirrors,
+            mirror_to=config.audit.mirror_to,
+            serve=config.audit.mirror_quota_bytes > 0,
+            signer=signer,
+            link=deliverer.link,
+            metrics=metrics,
+            clock=clock,
+            closed=closed,
+        )
+        receiver.on_mirror = mirroring.on_mirror
     return Parts(
         own,
         peers,
@@ -214,4 +233,5 @@ def assemble(
         receiver,
         keylogs,
         witnessing,
+        mirroring,
     )

@@ -34,6 +34,8 @@ from typing import Any, Final, TypeVar
 from talos.core.agent_id import check_agent_id
 from talos.core.crypto import KEY_SIZE, SIGNATURE_SIZE, SigningKey, VerifyKey
 from talos.core.encoding import canonical_dumps, strict_loads
+from talos.core.mirror import MAX_BODY_SIZE as MAX_MIRROR_BODY_SIZE
+from talos.core.mirror import MirrorKind
 from talos.core.rng import Rng
 from talos.errors import LocalProtocolError, MalformedFrame, UnsupportedVersion
 
@@ -111,6 +113,9 @@ class EnvelopeType(enum.IntEnum):
     CHECKPOINT = 7
     #: a witness's answer to a CHECKPOINT: a cosignature, a conflict or a refusal
     COSIGNATURE = 8
+    #: audit mirroring (docs/design/mirrors.md): one type, its sub-kind in ``"mk"``
+    #: (:class:`~talos.core.mirror.MirrorKind`), its body in ``"mb"``
+    MIRROR = 9
 
 
 class AckStatus(enum.IntEnum):
@@ -193,6 +198,9 @@ class Envelope:
     held_root: bytes | None = None
     #: COSIGNATURE only: the encoded cosignature (COSIGNED answers).
     cosignature: bytes | None = None
+    #: MIRROR only: the sub-kind and its body (decoded by :mod:`talos.core.mirror`).
+    mirror_kind: MirrorKind | None = None
+    mirror_body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +477,16 @@ FIELDS: Final[Mapping[EnvelopeType, tuple[Field, ...]]] = {
             _nullable(_byte_string("cosignature", min_size=1, max_size=MAX_COSIGNATURE_SIZE)),
         ),
         Field("why", "reason", _reason),
+    ),
+    EnvelopeType.MIRROR: (
+        *_COMMON,
+        *_NO_CONTENT,
+        Field("mk", "mirror_kind", _enum_member(MirrorKind), _dump_enum),
+        Field(
+            "mb",
+            "mirror_body",
+            _byte_string("mirror body", min_size=1, max_size=MAX_MIRROR_BODY_SIZE),
+        ),
     ),
 }
 _HEADER_KEYS: Final = frozenset({"v", "t", "sig"})

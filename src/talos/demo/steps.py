@@ -1,4 +1,4 @@
-"""The demo's story: the setup and steps 1 to 7, each a method that runs ``talos`` commands.
+"""The demo's story: the setup and steps 1 to 8, each a method that runs ``talos`` commands.
 
 A step narrates what is about to happen, makes it happen (stopping a
 process, replaying a frame, forging one), checks the outcome through the
@@ -27,6 +27,7 @@ from talos.core.crypto import SigningKey
 from talos.demo import WAIT, DemoFailure
 from talos.demo.cast import Agent, Cast, clean_exit, exit_text
 from talos.demo.compromise import key_compromise
+from talos.demo.mirror import audit_mirror
 from talos.demo.narration import Narrator
 from talos.demo.wiretap import Wiretap, inject
 from talos.errors import TalosError
@@ -36,6 +37,8 @@ from talos.testing.cli import CliResult, TalosCli
 from talos.testing.processes import free_port
 from talos.testing.waiting import wait_until
 
+#: The number of the last step (everything stops), after which the directory is removed.
+LAST_STEP = 8
 #: ``talos`` commands of the demo: a clean environment, one minute at most each.
 _CLI = TalosCli(timeout=60)
 
@@ -128,6 +131,7 @@ class Demo:
         self.forgery(frame)
         self.audit()
         key_compromise(self, 6)
+        audit_mirror(self, 7)
         self.shutdown(narrate=True)
 
     def setup(self) -> None:
@@ -426,16 +430,16 @@ class Demo:
         self.talos(auditor, "audit", "verify-proof", "--proof", str(proof))
         self.out.check("5.proof", "the inclusion proof of the replay entry verifies")
 
-    # -- 6 is talos.demo.compromise; 7 ------------------------------------------------------
+    # -- 6 is talos.demo.compromise, 7 talos.demo.mirror; 8 --------------------------------
 
     def shutdown(self, *, narrate: bool) -> None:
-        """Stop everything; with ``narrate``, as step 7, checking each process is gone.
+        """Stop everything; with ``narrate``, as step 8, checking each process is gone.
 
         Without it (a failure or an interruption), stop quietly and as fast as possible.
         """
         if narrate:
             self.out.step(
-                7,
+                LAST_STEP,
                 "everything stops cleanly",
                 "Every process gets SIGTERM and is waited for: the agents keep whatever is "
                 "still queued and remove their control sockets. Then "
@@ -455,4 +459,6 @@ class Demo:
         left = [child for child in self.children if still_running(child.pid)]
         if left or any(child.running for child in self.children):
             raise self.out.fail(f"still running: {', '.join(c.name for c in left)}")
-        self.out.check("7.stopped", f"all {len(self.children)} processes the demo started are gone")
+        self.out.check(
+            f"{LAST_STEP}.stopped", f"all {len(self.children)} processes the demo started are gone"
+        )

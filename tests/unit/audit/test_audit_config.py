@@ -83,3 +83,29 @@ def test_witnesses_are_agent_ids_kept_once_in_order() -> None:
 def test_bad_witnesses_are_configuration_errors(value: object, match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
         AuditConfig.from_mapping({"witnesses": value})
+
+
+def test_mirror_settings() -> None:
+    peer = "did:talos:zCSp24DnTrWbpfm7FDdHZN4QnFEdvNH7Wm9uGy7SH1Ztg"
+    config = AuditConfig.from_mapping({"mirror_to": [peer, peer], "mirror_quota_mb": 0})
+    assert config.mirror_to == (peer,)
+    assert config.mirror_quota_bytes == 0
+    assert AuditConfig().mirror_to == ()
+    assert AuditConfig().mirror_quota_bytes == 256 << 20
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({"mirror_to": "did:talos:x"}, "list of agent ids"),
+        ({"mirror_to": ["not-an-id"]}, "is not an agent id"),
+        ({"mirror_to": [7]}, "is not an agent id"),
+        ({"mirror_to": ["did:talos:zCSp24DnTrWbpfm7FDdHZN4QnFEdvNH7Wm9uGy7SH1Ztg"] * 17}, "16"),
+        ({"mirror_quota_mb": -1}, "mirror_quota_mb"),
+        ({"mirror_quota_mb": 1.5}, "mirror_quota_mb"),
+        ({"mirror_quota_mb": True}, "mirror_quota_mb"),
+    ],
+)
+def test_bad_mirror_settings_are_refused(raw: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        AuditConfig.from_mapping(raw)

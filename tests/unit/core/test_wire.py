@@ -11,6 +11,7 @@ import pytest
 from talos.core.agent_id import agent_id_from_digest
 from talos.core.crypto import SigningKey, sha256
 from talos.core.encoding import canonical_dumps, strict_loads
+from talos.core.mirror import MirrorKind
 from talos.core.wire import (
     DOMAIN_PREFIX,
     FIELDS,
@@ -93,6 +94,8 @@ def sample(kind: EnvelopeType, rng: SeededRng | None = None) -> Envelope:
             cosignature=rng.bytes(120),
             reason="",
         )
+    if kind is EnvelopeType.MIRROR:
+        return Envelope(**common, mirror_kind=MirrorKind.ACK, mirror_body=rng.bytes(30))
     return Envelope(
         **common,
         ref_id=rng.bytes(16),

@@ -17,15 +17,23 @@ Anchors by other wallets are listed (anyone may call the contract with any
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from talos.audit.anchoring.chain import Chain, EventLog, check_address
 from talos.audit.log import AuditLog
-from talos.core.audit.entry import AuditKind
+from talos.core.audit.entry import AuditEntry, AuditKind
 from talos.errors import AnchorMismatch
 
-__all__ = ["ANCHORED_TOPIC", "AnchorCheck", "decode_anchored", "verify_anchors"]
+__all__ = [
+    "ANCHORED_TOPIC",
+    "AnchorCheck",
+    "AnchorFound",
+    "anchors_on_chain",
+    "decode_anchored",
+    "verify_anchors",
+]
 
 
 def _anchored_topic() -> bytes:
@@ -82,7 +90,41 @@ def verify_anchors(log: AuditLog, chain: Chain) -> list[AnchorCheck]:
             not have at that size (a split view), or a size past the log's end.
         ChainUnavailable, RpcError: the chain did not answer.
     """
-    entries = log.query(kind=AuditKind.AUDIT_ANCHORED)
+    checks = []
+    for found in anchors_on_chain(log.query(kind=AuditKind.AUDIT_ANCHORED), chain):
+        verdict = "foreign" if not found.own else _judge(log, found.size, found.root)
+        event = found.event
+        checks.append(
+            AnchorCheck(
+                found.size, found.root, event.block_number, event.tx_hash, found.sender, verdict
+            )
+        )
+    return checks
+
+
+@dataclass(frozen=True)
+class AnchorFound:
+    """One ``Anchored`` event of a log on chain; ``own``: sent by the log's own wallet."""
+
+    event: EventLog
+    size: int
+    root: bytes
+    sender: str
+    own: bool
+
+
+def anchors_on_chain(anchored: Iterable[AuditEntry], chain: Chain) -> list[AnchorFound]:
+    """Every ``Anchored`` event of the log whose ``AUDIT_ANCHORED`` entries are ``anchored``.
+
+    Each entry's anchor must be on the chain as recorded; it names the log's
+    on-chain id and wallet, whose every event is then listed (``own``), with
+    those of other wallets for the same id.
+
+    Raises:
+        AnchorMismatch: an entry's anchor is not on the chain as recorded.
+        ChainUnavailable, RpcError: the chain did not answer.
+    """
+    entries = list(anchored)
     if not entries:
         return []
     chain_id = chain.chain_id()
@@ -108,7 +150,7 @@ def verify_anchors(log: AuditLog, chain: Chain) -> list[AnchorCheck]:
         if (size, root) != (data["size"], data["root"]):
             raise AnchorMismatch(f"entry {entry.seq} and its transaction disagree on the root")
         names.add((contract, log_name, submitter))
-    checks = []
+    anchors = []
     for contract, log_name, submitter in sorted(names):
         query = {
             "address": contract,
@@ -117,11 +159,8 @@ def verify_anchors(log: AuditLog, chain: Chain) -> list[AnchorCheck]:
         }
         for event in chain.logs(query):
             _, size, root, sender = decode_anchored(event)
-            verdict = "foreign" if sender != submitter else _judge(log, size, root)
-            checks.append(
-                AnchorCheck(size, root, event.block_number, event.tx_hash, sender, verdict)
-            )
-    return checks
+            anchors.append(AnchorFound(event, size, root, sender, sender == submitter))
+    return anchors
 
 
 def _judge(log: AuditLog, size: int, root: bytes) -> str:

@@ -59,5 +59,6 @@ for _command in (
     accept_lost_state,
     anchors_command,
     verify_anchors_command,
+    rebuild_command,
 ):
     audit.add_command(_command)

@@ -9,8 +9,10 @@ environment is kept aside, the agent state is kept as it is, and the
 rebuilt log gets an ``AUDIT_REBUILT`` entry signed with the agent's key.
 Design: docs/design/audit-recovery.md.
 
-``--from-peers`` (fetching the entries from mirrors) is the mirror's
-command and reuses :func:`talos.audit.rebuild.write_log`.
+``--from-peers`` fetches the entries back from the agent's mirrors instead
+(:mod:`talos.cli.audit.rebuild_peers`, docs/design/mirrors.md); both write
+through :func:`talos.audit.rebuild.write_log` and keep the agent state
+through :func:`talos.audit.recovery.replace_log`.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from talos.audit.chain_check import scan_chain
 from talos.audit.recovery import rebuild
 from talos.cli.audit.backups import say_state
 from talos.cli.audit.options import existing_log, hinted, log_option
+from talos.cli.audit.rebuild_peers import mirror_ids, rebuild_from_peers
 from talos.cli.audit.recovering import HomeRecovery, prepare
 from talos.cli.context import CliContext
-from talos.cli.identity import key_passphrase_option
+from talos.cli.identity import key_passphrase_option, load_identity
+from talos.cli.lockfile import refuse_while_running
 from talos.core.crypto import VerifyKey
 from talos.errors import StoreCorrupted
 from talos.storage.watermark import longest_keylog
@@ -53,10 +57,54 @@ def _trusted(ctx: CliContext, home: HomeRecovery) -> list[VerifyKey] | None:
 
 @click.command("rebuild")
 @log_option
+@click.option(
+    "--from-peers", "from_peers", is_flag=True, help="Fetch the log back from its mirrors."
+)
+@click.option(
+    "--mirror",
+    "mirrors",
+    multiple=True,
+    metavar="AGENT_ID",
+    help="With --from-peers: a mirror to ask first (repeatable); the home's mirror "
+    "store names the others.",
+)
+@click.option(
+    "--registry",
+    "registry_url",
+    multiple=True,
+    envvar="TALOS_REGISTRY_URL",
+    help="With --from-peers: registry URL to find the mirrors through (else $TALOS_REGISTRY_URL).",
+)
+@click.option(
+    "--anchor-rpc",
+    "anchor_rpc",
+    default=None,
+    help="With --from-peers: JSON-RPC URL of the chain the log anchored on; its "
+    "anchors must match too.",
+)
+@click.option(
+    "--accept-loss",
+    is_flag=True,
+    help="With --from-peers: rebuild even when the mirrors hold less than the agent "
+    "had signed for.",
+)
 @key_passphrase_option
 @click.pass_obj
-def rebuild_command(ctx: CliContext, log: Path | None, key_passphrase_file: Path | None) -> None:
+def rebuild_command(
+    ctx: CliContext,
+    log: Path | None,
+    from_peers: bool,
+    mirrors: tuple[str, ...],
+    registry_url: tuple[str, ...],
+    anchor_rpc: str | None,
+    accept_loss: bool,
+    key_passphrase_file: Path | None,
+) -> None:
     """Re-derive the log from its intact entries; report what could not be recovered.
+
+    With --from-peers the entries come back from the agent's mirrors instead,
+    verified batch by batch and against every root the agent signed or
+    anchored; a loss is refused unless --accept-loss.
 
     The chain is verified first: an intact log is left as it is (exit 0).
     Otherwise the tree nodes, index, head and blocks are derived again from
@@ -67,6 +115,14 @@ def rebuild_command(ctx: CliContext, log: Path | None, key_passphrase_file: Path
     when no entry can be read.
     Refused while this home's agent runs.
     """
+    if from_peers:
+        _from_peers(ctx, log, mirrors, registry_url, anchor_rpc, accept_loss, key_passphrase_file)
+        return
+    # ($TALOS_REGISTRY_URL may be set for other commands: --registry is not checked.)
+    for given, name in ((mirrors, "--mirror"), (anchor_rpc, "--anchor-rpc"),
+                        (accept_loss, "--accept-loss")):  # fmt: skip
+        if given:
+            raise click.UsageError(f"{name} goes with --from-peers")
     home = prepare(ctx, log, key_passphrase_file, "talos audit rebuild")
     path = existing_log(ctx, log)
     trusted = _trusted(ctx, home)
@@ -109,3 +165,30 @@ def rebuild_command(ctx: CliContext, log: Path | None, key_passphrase_file: Path
             "Recorded as AUDIT_REBUILT; `talos audit rebuild --from-peers` or an older "
             "backup may still hold them"
         )
+
+
+def _from_peers(
+    ctx: CliContext,
+    log: Path | None,
+    mirrors: tuple[str, ...],
+    registry_url: tuple[str, ...],
+    anchor_rpc: str | None,
+    accept_loss: bool,
+    key_passphrase_file: Path | None,
+) -> None:
+    if log is not None:
+        raise click.UsageError("--from-peers rebuilds the home's own log; drop --log")
+    agent_home = ctx.agent_home
+    refuse_while_running(agent_home.path, "talos audit rebuild")
+    identity = load_identity(agent_home, key_passphrase_file)
+    summary = rebuild_from_peers(
+        ctx,
+        agent_home,
+        identity,
+        mirror_ids(mirrors),
+        list(registry_url),
+        accept_loss=accept_loss,
+        anchor_rpc=anchor_rpc,
+    )
+    for line in summary:
+        click.echo(line)

@@ -113,6 +113,8 @@ class AuditKind(StrEnum):
     AUDIT_EQUIVOCATION = "AUDIT_EQUIVOCATION"
     #: A witness cosigned this log's checkpoint (size, root, the cosignature).
     CHECKPOINT_COSIGNED = "CHECKPOINT_COSIGNED"
+    #: ``talos audit rebuild --from-peers`` rebuilt the log from a mirror (size, lost).
+    MIRROR_REBUILT = "MIRROR_REBUILT"
 
 
 def check_kind(kind: object) -> str:

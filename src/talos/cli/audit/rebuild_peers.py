@@ -1,0 +1,333 @@
+"""``talos audit rebuild --from-peers`` (the option of :mod:`talos.cli.audit.rebuild`):
+the audit log back from its mirrors.
+
+For a home whose audit database is lost or damaged and whose agent mirrored
+its log (``talos run --audit-mirror PEER``; docs/design/mirrors.md). With
+the agent stopped, the home's identity (its key passphrase as for other
+commands) signs the fetches:
+
+1. the mirrors are those given with ``--mirror``, then those the home's
+   mirror store remembers sending to (``<home>/mirrors``); each is found in
+   the key logs the home holds and through the registry;
+2. every stretch each serves is verified (:mod:`talos.audit.peer_rebuild`);
+   a mirror that serves a tampered or truncated stretch is named and the
+   next is tried; the longest verified copy wins;
+3. the copy's roots must match every trusted root within it: each signed
+   checkpoint served, the watermark the agent signed, and with
+   ``--anchor-rpc URL`` every anchor of the log on that chain
+   (:mod:`talos.audit.mirror_anchors`). A trusted root past
+   the copy is a loss: reported (how many entries, from which position) and
+   only accepted with ``--accept-loss``; entries are never invented;
+4. the new log is written beside the old one with the agent state copied
+   over as it is (sessions, replay window, queues, prekeys: never rolled
+   back; :func:`talos.audit.recovery.replace_log`, shared with ``restore``
+   and the local ``rebuild``), then the damaged log is moved to
+   ``audit.damaged-<UTC stamp>`` (never deleted) and the new one put in its
+   place; a ``MIRROR_REBUILT`` entry records it, sealed into a block signed
+   by the current key, and the watermark is rewritten to the new log. When
+   the damaged data file cannot be read at all, the state starts empty with
+   a replay floor at the rebuild: sessions are established afresh and no
+   earlier message is accepted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from talos.audit.chain_check import scan_chain
+from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
+from talos.audit.peer_rebuild import PeerLog, TrustedRoot, check_roots, roots_of
+from talos.audit.rebuild import write_log
+from talos.audit.recovery import replace_log
+from talos.cli.context import CliContext
+from talos.client.mirror_fetch import FetchOutcome, MemoryPeerCache, fetch_from_mirrors
+from talos.client.own_keys import audit_signer
+from talos.core.agent_id import check_agent_id
+from talos.core.audit.entry import AuditKind
+from talos.core.crypto import VerifyKey
+from talos.core.identity import Identity
+from talos.discovery.registry_client import RegistryClient
+from talos.errors import (
+    ConfigurationError,
+    MalformedFrame,
+    TalosError,
+    VerificationError,
+)
+from talos.peers import PeerDirectory, RecordSource, RegistrySource
+from talos.storage.environment import Environment
+from talos.storage.home import AgentHome
+from talos.storage.lmdb import DATA_FILE
+from talos.storage.tokens import TokenStore
+from talos.storage.watermark import CAPABILITIES_DIR, accept_current, load_watermark
+
+__all__ = ["RebuildRefused", "mirror_ids", "rebuild_from_peers"]
+
+_log = logging.getLogger("talos.audit")
+
+
+class RebuildRefused(TalosError):
+    """The rebuild could not be done as asked; nothing was changed."""
+
+
+def mirror_ids(values: tuple[str, ...]) -> list[str]:
+    ids = []
+    for value in values:
+        try:
+            ids.append(check_agent_id(value))
+        except (MalformedFrame, TypeError, ValueError):
+            raise click.BadParameter(
+                f"{value!r} is not an agent id", param_hint="--mirror"
+            ) from None
+    return ids
+
+
+def _known_mirrors(home: AgentHome, first: list[str]) -> list[str]:
+    with MirrorStore.open(home.path / MIRROR_DIR) as store:
+        remembered = sorted(store.mirrors())
+    return list(dict.fromkeys([*first, *remembered]))
+
+
+def _directory(
+    home: AgentHome, identity: Identity, registry: RegistryClient | None, ctx: CliContext
+) -> PeerDirectory:
+    with TokenStore.open(home.path / CAPABILITIES_DIR) as tokens:
+        cache = MemoryPeerCache(list(tokens.keylogs()))
+    sources: list[RecordSource] = [] if registry is None else [RegistrySource(registry)]
+    return PeerDirectory(cache, sources, clock=ctx.clock, own=identity.keylog)
+
+
+async def _fetch(
+    ctx: CliContext,
+    home: AgentHome,
+    identity: Identity,
+    mirrors: list[str],
+    urls: list[str],
+    keys: list[VerifyKey],
+) -> FetchOutcome:
+    registry = RegistryClient(urls, clock=ctx.clock) if urls else None
+    try:
+        directory = _directory(home, identity, registry, ctx)
+        return await fetch_from_mirrors(
+            identity, mirrors, directory, keys, clock=ctx.clock, rng=ctx.rng
+        )
+    finally:
+        if registry is not None:
+            await registry.aclose()
+
+
+def rebuild_from_peers(
+    ctx: CliContext,
+    home: AgentHome,
+    identity: Identity,
+    mirrors: list[str],
+    registry_urls: list[str],
+    *,
+    accept_loss: bool,
+    anchor_rpc: str | None = None,
+) -> list[str]:
+    """Fetch, verify, check, write, swap; the lines to print.
+
+    Raises:
+        RebuildRefused: no mirror, nothing verified, or a loss not accepted.
+        StorageError: the logs could not be written or moved.
+    """
+    candidates = _known_mirrors(home, mirrors)
+    if not candidates:
+        raise RebuildRefused(
+            "no mirror known: name one with --mirror AGENT_ID (the peers given to "
+            "`talos run --audit-mirror`)"
+        )
+    keylog = home.load_public_keylog() or identity.keylog
+    keys = [VerifyKey(event.signing_key) for event in keylog.events]
+    watermark = load_watermark(home, keylog)
+    intact, readable = _intact_size(home, keys)
+    if intact is not None and (watermark is None or intact >= watermark.marks.audit_size):
+        return [
+            f"audit chain intact: {intact} entries, as many as the agent signed for; "
+            "nothing to rebuild (nothing was changed)"
+        ]
+    outcome = asyncio.run(_fetch(ctx, home, identity, candidates, registry_urls, keys))
+    lines = [
+        f"mirror {peer}: {what} ({size} entries verified)" for peer, size, what in outcome.tried
+    ]
+    trusted: list[TrustedRoot] = []
+    if watermark is not None and watermark.marks.audit_size:
+        marks = watermark.marks
+        trusted.append(TrustedRoot(marks.audit_size, marks.audit_root, "the agent's watermark"))
+    chosen = _first_consistent(outcome, trusted, lines, _anchors(anchor_rpc))
+    if chosen is None:
+        raise RebuildRefused(
+            "no mirror served a verified copy of this log; nothing was changed: " + "; ".join(lines)
+        )
+    best, beyond = chosen
+    lines.append(
+        f"checked against {len(best.roots) + len(trusted)} signed roots"
+        + ("" if anchor_rpc is None else " and the anchors on chain")
+    )
+    recorded = max([best.size, *(root.size for root in beyond)])
+    lost = recorded - best.size
+    if lost:
+        lines.append(
+            f"LOST: at least {lost} entries from position {best.size} (the agent had signed "
+            f"for {recorded}); they were never mirrored and are not invented"
+        )
+        if not accept_loss:
+            raise RebuildRefused(
+                "; ".join(lines) + "; nothing was changed (rerun with --accept-loss)"
+            )
+    aside, state = _swap_in(ctx, home, identity, best, lost, outcome.lying, readable)
+    size, root = _follow(ctx, home, identity)
+    _log.warning(
+        "audit log of %s rebuilt from mirror %s: %d entries; %d lost from %d; damaged log at %s",
+        home.path,
+        best.mirror,
+        best.size,
+        lost,
+        best.size,
+        aside,
+        extra={
+            "event": "audit_rebuilt_from_peers",
+            "peer_id": best.mirror,
+            "size": best.size,
+            "lost": lost,
+        },
+    )
+    lines.append(f"rebuilt {best.size} entries from {best.mirror}; root {best.root.hex()}")
+    if aside is not None:
+        lines.append(f"the damaged log was moved to {aside}")
+    lines.append(
+        "agent state kept as it was (sessions, replay window, queues)"
+        if state == "kept"
+        else "no agent state could be kept: sessions are established again, older messages "
+        "are refused"
+    )
+    lines.append(f"the log now holds {size} entries (with MIRROR_REBUILT); root {root.hex()}")
+    return lines
+
+
+def _intact_size(home: AgentHome, keys: list[VerifyKey]) -> tuple[int | None, bool]:
+    """The size of the home's audit log if its whole chain verifies (else ``None``),
+    and whether its data file may be mapped to copy the agent state from it.
+
+    Scanned in a child process (a damaged file may kill its reader).
+    """
+    if not (home.audit_path / DATA_FILE).is_file():
+        return None, True
+    try:
+        report = scan_chain(home.audit_path, keys)
+    except TalosError:
+        return None, False
+    unmappable = report.problem is not None and report.problem.where == "file"
+    return (report.entries if report.ok else None), not unmappable
+
+
+def _anchors(rpc: str | None) -> Callable[[PeerLog], list[TrustedRoot]]:
+    """The anchors on chain of a copy, as trusted roots (none without ``--anchor-rpc``).
+
+    Raises:
+        ConfigurationError: the talos[anchor] extra is not installed.
+    """
+    if rpc is None:
+        return lambda copy: []
+    try:
+        from talos.audit.anchoring.chain import Chain
+        from talos.audit.mirror_anchors import anchored_roots
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"--anchor-rpc needs the talos[anchor] extra (pip install 'talos[anchor]'): {exc}"
+        ) from None
+
+    def roots(copy: PeerLog) -> list[TrustedRoot]:
+        chain = Chain(rpc)
+        try:
+            return anchored_roots(copy.entries, chain)
+        finally:
+            chain.close()
+
+    return roots
+
+
+def _first_consistent(
+    outcome: FetchOutcome,
+    trusted: list[TrustedRoot],
+    lines: list[str],
+    anchors: Callable[[PeerLog], list[TrustedRoot]],
+) -> tuple[PeerLog, list[TrustedRoot]] | None:
+    """The longest verified copy whose roots agree with every trusted root; a copy
+    that contradicts one (a mirror holding another history) is named and skipped.
+
+    Raises:
+        AnchorMismatch: the copy's own anchor entries are not on the chain as recorded.
+        AnchoringError: the chain did not answer.
+    """
+    for copy in outcome.copies:
+        if copy.size == 0:
+            continue
+        roots = [*copy.roots, *trusted, *anchors(copy)]
+        try:
+            beyond = check_roots(roots, copy.size, roots_of(copy.entries))
+        except VerificationError as exc:
+            outcome.lying.append(copy.mirror)
+            lines.append(f"mirror {copy.mirror}: INVALID: {exc}")
+            _log.warning(
+                "mirror %s served a copy that contradicts a trusted root: %s",
+                copy.mirror,
+                exc,
+                extra={"event": "mirror_invalid", "peer_id": copy.mirror},
+            )
+            continue
+        return copy, beyond
+    return None
+
+
+def _swap_in(
+    ctx: CliContext,
+    home: AgentHome,
+    identity: Identity,
+    copy: PeerLog,
+    lost: int,
+    lying: list[str],
+    readable: bool,
+) -> tuple[Path | None, str]:
+    """Write the verified copy as the new log, keeping the agent state (never rolled
+    back: :func:`talos.audit.recovery.replace_log`), with a ``MIRROR_REBUILT``
+    entry sealed by the current key; the damaged log is moved aside."""
+
+    def fill(environment: Environment) -> dict[str, Any]:
+        write_log(environment, copy.entries)
+        data: dict[str, Any] = {
+            "mirror": copy.mirror,
+            "size": copy.size,
+            "lost": lost,
+            "lost_from": copy.size,
+        }
+        if lying:
+            data["invalid_mirrors"] = lying[:16]
+        return data
+
+    replaced = replace_log(
+        home.audit_path,
+        fill,
+        clock=ctx.clock,
+        signer=audit_signer(identity),
+        kind=AuditKind.MIRROR_REBUILT,
+        label="damaged",
+        readable_state=readable,
+    )
+    return replaced.aside, replaced.state
+
+
+def _follow(ctx: CliContext, home: AgentHome, identity: Identity) -> tuple[int, bytes]:
+    """Rewrite the watermark to the rebuilt log (its loss was reported and accepted)."""
+    with (
+        ctx.open_audit_log(identity=identity) as log,
+        TokenStore.open(home.path / CAPABILITIES_DIR) as tokens,
+    ):
+        accept_current(home, identity, log, tokens.generation())
+        return log.size, log.root()

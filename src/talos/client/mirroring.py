@@ -1,0 +1,306 @@
+"""Audit mirrors in a running agent: copying our log out, keeping others' (docs/design/mirrors.md).
+
+Two roles, one driver:
+
+* **Origin.** For each peer in ``audit_config["mirror_to"]`` a loop sends our
+  entries from what that mirror acknowledged, in batches of at most
+  :data:`~talos.core.mirror.MAX_BATCH_ENTRIES`, each with a checkpoint of
+  the tree at its end signed by our current key, over a link this agent
+  opened, and waits for the ACK. The acknowledged size is persisted per
+  mirror (:meth:`MirrorStore.set_progress`), so a restart resumes there;
+  ``talos_audit_mirror_lag_entries{mirror}`` is how far behind it is. A
+  refusal is logged (``mirror_batch_refused``) and counted; a mirror that
+  lost what it held (``gap``) is sent everything again.
+* **Mirror.** A BATCH from any peer whose key log we verified is checked and
+  stored by :meth:`MirrorStore.accept` (quota per origin, ``mirror_quota_mb``;
+  0 turns the role off); answered ACK or REFUSED. A FETCH is answered only
+  to its signer about its own log, and only when fresh: its timestamp within
+  :data:`FETCH_FRESHNESS` seconds and its id not seen before, so a captured
+  FETCH replayed by someone else gets nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+from talos.audit import AuditLog, Checkpoint
+from talos.audit.mirror_store import MirrorRefused, MirrorStore
+from talos.client.control import Signer
+from talos.client.own_keys import OwnIdentity, audit_signer
+from talos.client.timing import sleep, wait_first
+from talos.core import mirror, wire
+from talos.core.clock import Clock, time_ms
+from talos.core.keylog import KeyLog
+from talos.errors import MalformedFrame, TalosError, UnsupportedVersion
+from talos.logs import LimitedLog
+from talos.metrics import AgentMetrics
+from talos.transport import Link
+
+__all__ = ["ACK_TIMEOUT", "FETCH_FRESHNESS", "POLL_INTERVAL", "Mirroring"]
+
+_log = logging.getLogger("talos.audit")
+
+#: Seconds between looks at whether our log grew past what a mirror holds.
+POLL_INTERVAL: Final = 1.0
+#: Seconds to wait for a mirror's answer to a batch.
+ACK_TIMEOUT: Final = 15.0
+#: Longest wait between retries to an unreachable or refusing mirror.
+MAX_BACKOFF: Final = 60.0
+#: A FETCH older or newer than this many seconds is refused as stale.
+FETCH_FRESHNESS: Final = 120.0
+_SEEN_FETCHES: Final = 4096
+
+
+class Mirroring:
+    """Sends our audit log to the mirrors we chose; keeps and serves the logs of others."""
+
+    def __init__(
+        self,
+        *,
+        own: OwnIdentity,
+        log: AuditLog,
+        store: MirrorStore,
+        mirror_to: Sequence[str],
+        serve: bool,
+        signer: Signer,
+        link: Callable[[str], Awaitable[Link]],
+        metrics: AgentMetrics,
+        clock: Clock,
+        closed: Callable[[], bool],
+    ) -> None:
+        self._own, self._log, self._store = own, log, store
+        self._mirror_to = tuple(dict.fromkeys(m for m in mirror_to if m != own.agent_id))
+        self._serve, self._signer, self._link = serve, signer, link
+        self._metrics, self._clock, self._closed = metrics, clock, closed
+        self._waiting: dict[str, asyncio.Future[mirror.Body]] = {}
+        self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._logs = LimitedLog(_log, clock)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start one loop per chosen mirror."""
+        for peer in self._mirror_to:
+            self._metrics.set_mirror_lag(peer, max(0, self._log.size - self._store.progress(peer)))
+            self._tasks.append(asyncio.create_task(self._run(peer), name=f"talos-mirror-{peer}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    # -- origin -----------------------------------------------------------------------
+
+    async def _run(self, peer: str) -> None:
+        backoff = 1.0
+        while not self._closed():
+            acked = self._store.progress(peer)
+            size = self._log.size
+            self._metrics.set_mirror_lag(peer, max(0, size - acked))
+            if size <= acked:
+                await sleep(self._clock, POLL_INTERVAL)
+                continue
+            try:
+                answer = await self._send_batch(peer, acked, size)
+            except (TalosError, OSError) as exc:
+                self._logs.warning(
+                    "mirror_unreachable",
+                    "audit mirror %s not reached (retrying in %.0fs): %s",
+                    peer,
+                    backoff,
+                    exc,
+                    source=peer,
+                    peer_id=peer,
+                )
+                answer = None
+            wait = self._follow(peer, acked, answer)
+            if wait:
+                await sleep(self._clock, backoff if wait < 0 else wait)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            else:
+                backoff = 1.0
+
+    def _follow(self, peer: str, acked: int, answer: mirror.Body | None) -> float:
+        """Act on a mirror's answer; 0 to go on at once, else seconds to wait (-1: backoff)."""
+        if isinstance(answer, mirror.Ack):
+            self._store.set_progress(peer, answer.size)
+            self._metrics.mirror_batch_sent()
+            self._metrics.set_mirror_lag(peer, max(0, self._log.size - answer.size))
+            return 0 if answer.size > acked else -1
+        if isinstance(answer, mirror.Refused):
+            self._metrics.mirror_batch_refused_by_peer(answer.code)
+            self._logs.warning(
+                "mirror_batch_refused",
+                "audit mirror %s refused our batch from entry %d: %s (%s)",
+                peer,
+                acked,
+                answer.code,
+                answer.reason,
+                source=peer,
+                peer_id=peer,
+                code=str(answer.code),
+            )
+            if answer.code is mirror.RefusalCode.GAP:
+                self._store.set_progress(peer, 0)  # it lost what it held: send it all again
+                return 0
+            return MAX_BACKOFF if answer.code is mirror.RefusalCode.QUOTA else -1
+        return -1
+
+    async def _send_batch(self, peer: str, start: int, size: int) -> mirror.Body | None:
+        end = min(size, start + mirror.MAX_BATCH_ENTRIES)
+        entries = tuple(entry.to_bytes() for entry in self._log.entries(start, end))
+        checkpoint = Checkpoint.sign(audit_signer(self._own.current), end, self._log.root_at(end))
+        body = mirror.Batch(start, entries, checkpoint)
+        link = await self._link(peer)
+        answer: asyncio.Future[mirror.Body] = asyncio.get_running_loop().create_future()
+        self._waiting[peer] = answer
+        try:
+            await self._send(link, peer, body)
+            await wait_first(self._clock, self._clock.monotonic() + ACK_TIMEOUT, [answer])
+            return answer.result() if answer.done() else None
+        finally:
+            if self._waiting.get(peer) is answer:
+                del self._waiting[peer]
+            answer.cancel()
+
+    async def _send(self, link: Link, peer: str, body: mirror.Body) -> None:
+        await self._signer.send(
+            link,
+            peer,
+            wire.EnvelopeType.MIRROR,
+            mirror_kind=mirror.kind_of(body),
+            mirror_body=mirror.encode_body(body),
+        )
+
+    # -- every MIRROR envelope ----------------------------------------------------------
+
+    async def on_mirror(self, link: Link, envelope: wire.Envelope, keys: KeyLog) -> None:
+        """A MIRROR envelope whose signature verified under ``keys`` (its sender's log)."""
+        sender = envelope.sender
+        kind = envelope.mirror_kind
+        try:
+            assert kind is not None  # noqa: S101 -- wire.decode fills it for MIRROR
+            body = mirror.decode_body(kind, envelope.mirror_body or b"")
+        except (MalformedFrame, UnsupportedVersion) as exc:
+            self._metrics.mirror_batch_refused("malformed")
+            self._logs.warning(
+                "mirror_malformed",
+                "malformed mirror body from %s: %s",
+                sender,
+                exc,
+                source=sender,
+                peer_id=sender,
+            )
+            if kind in (mirror.MirrorKind.BATCH, mirror.MirrorKind.FETCH):
+                await self._refuse(link, sender, mirror.RefusalCode.MALFORMED, str(exc))
+            return
+        if isinstance(body, mirror.Batch):
+            await self._keep(link, sender, body, keys)
+        elif isinstance(body, mirror.Fetch):
+            await self._answer_fetch(link, envelope, body)
+        elif isinstance(body, mirror.Ack | mirror.Refused):
+            waiting = self._waiting.get(sender)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(body)
+        # ENTRIES only ever answer `talos audit rebuild --from-peers`: ignored here.
+
+    async def _refuse(self, link: Link, peer: str, code: mirror.RefusalCode, why: str) -> None:
+        reason = "".join(c for c in why if c.isprintable())[: mirror.MAX_REASON] or str(code)
+        await self._send(link, peer, mirror.Refused(code, reason))
+
+    async def _keep(self, link: Link, sender: str, batch: mirror.Batch, keys: KeyLog) -> None:
+        if not self._serve:
+            self._metrics.mirror_batch_refused(mirror.RefusalCode.NOT_MIRRORING)
+            await self._refuse(
+                link, sender, mirror.RefusalCode.NOT_MIRRORING, "this agent keeps no mirrors"
+            )
+            return
+        held = self._store.origin(sender).size
+        try:
+            size = await asyncio.to_thread(
+                self._store.accept, sender, batch, keys.state.signing_key
+            )
+        except MirrorRefused as exc:
+            self._metrics.mirror_batch_refused(exc.code)
+            self._logs.warning(
+                "mirror_batch_refused",
+                "refusing the audit batch %s sent from entry %d: %s (%s)",
+                sender,
+                batch.start,
+                exc.code,
+                exc.reason,
+                source=sender,
+                peer_id=sender,
+                code=str(exc.code),
+            )
+            await self._refuse(link, sender, exc.code, exc.reason)
+            return
+        except TalosError as exc:
+            self._logs.warning(
+                "mirror_store_failed",
+                "could not store the audit batch of %s: %s",
+                sender,
+                exc,
+                source=sender,
+                peer_id=sender,
+            )
+            await self._refuse(link, sender, mirror.RefusalCode.UNAVAILABLE, "store failed")
+            return
+        if size > held:
+            link.mark_verified(sender)  # a verified, new batch: the origin holds this link
+            self._metrics.mirror_batch_stored(size - held)
+            _log.info(
+                "holding %d audit entries of %s (%d new)",
+                size,
+                sender,
+                size - held,
+                extra={"event": "mirror_batch_stored", "peer_id": sender, "size": size},
+            )
+        await self._send(link, sender, mirror.Ack(size))
+
+    async def _answer_fetch(self, link: Link, envelope: wire.Envelope, fetch: mirror.Fetch) -> None:
+        sender = envelope.sender
+        age = abs(time_ms(self._clock) - envelope.timestamp_ms) / 1000
+        seen = sender.encode() + envelope.message_id
+        if age > FETCH_FRESHNESS or seen in self._seen:
+            self._metrics.mirror_fetch_refused()
+            self._logs.warning(
+                "mirror_fetch_refused",
+                "refusing a stale or replayed fetch signed by %s",
+                sender,
+                source=sender,
+                peer_id=sender,
+            )
+            await self._refuse(link, sender, mirror.RefusalCode.STALE, "stale or replayed fetch")
+            return
+        self._seen[seen] = None
+        while len(self._seen) > _SEEN_FETCHES:
+            self._seen.popitem(last=False)
+        link.mark_verified(sender)
+        try:
+            answer = self._store.serve(sender, fetch.start, fetch.limit)
+        except TalosError as exc:
+            _log.warning(
+                "mirror store cannot serve %s: %s",
+                sender,
+                exc,
+                extra={"event": "mirror_store_failed", "peer_id": sender},
+            )
+            await self._refuse(link, sender, mirror.RefusalCode.UNAVAILABLE, "store failed")
+            return
+        self._metrics.mirror_entries_served(len(answer.entries))
+        _log.info(
+            "served %d audit entries from %d back to their origin %s",
+            len(answer.entries),
+            fetch.start,
+            sender,
+            extra={"event": "mirror_served", "peer_id": sender, "start": fetch.start},
+        )
+        await self._send(link, sender, answer)

@@ -1,0 +1,424 @@
+"""Audit mirrors and `talos audit rebuild --from-peers` with real processes (issue 16).
+
+Three agents and a registry: alice mirrors her audit log to bob and carol
+(``talos run --audit-mirror``). Her audit database is then deleted, bit-flipped
+or truncated; `talos audit rebuild --from-peers` fetches the log back over the
+real transport, verifies it, and the rebuilt log has the same root and the
+same proofs, continues, and the agent starts on it. A mirror that is offline
+is skipped; one whose store was tampered with on disk is named and the next is
+used; entries never mirrored are reported lost, never invented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from talos.audit import AuditLog, LogSigner
+from talos.audit.mirror_store import MirrorStore
+from talos.core import mirror as mirror_bodies
+from talos.core import wire
+from talos.core.audit.checkpoint import Checkpoint
+from talos.core.crypto import SigningKey
+from talos.core.identity import Identity
+from talos.storage.home import AgentHome
+from talos.testing import SeededRng
+from talos.testing.cli import TalosCli
+from talos.testing.processes import (
+    AgentProcess,
+    Launcher,
+    RegistryProcess,
+    free_port,
+    launched,
+)
+from talos.testing.waiting import wait_until
+from talos.transport import Link, Transport
+
+CLI = TalosCli(timeout=120.0)
+ENTRIES = 300
+
+
+def _append(home: Path, count: int, first: int = 0) -> None:
+    identity = AgentHome(home).load_identity(passphrase=None)
+    signer = LogSigner(identity.signing_key, identity.agent_id, f"{identity.agent_id}/audit")
+    with AuditLog.open(home / "audit", signer=signer, block_entries=64) as log:
+        log.append_many([("MESSAGE_SENT", {"n": n}, "peer") for n in range(first, first + count)])
+        log.seal_block()
+
+
+def _head(home: Path, size: int | None = None) -> tuple[int, bytes]:
+    with AuditLog.open(home / "audit", readonly=True) as log:
+        return log.size, log.root_at(log.size if size is None else size)
+
+
+def _acked(home: Path, mirror: str) -> int:
+    with MirrorStore.open(home / "mirrors") as store:
+        return store.progress(mirror)
+
+
+@dataclass
+class World:
+    launcher: Launcher
+    registry: RegistryProcess
+    alice: Path
+    bob: AgentProcess
+    carol: AgentProcess
+    root: bytes
+    proof: Path
+
+    def restart_carol(self) -> None:
+        self.carol = self.launcher.agent(self.carol.home, "--registry", self.registry.url)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    base = tmp_path_factory.mktemp("mirrors")
+    with launched() as launcher:
+        registry = launcher.registry(base / "registry.db", base / "registry.log")
+        homes = {name: base / name for name in ("alice", "bob", "carol")}
+        for name, home in homes.items():
+            CLI.ok(home, "init", "--name", name, "--no-passphrase")
+        _append(homes["alice"], ENTRIES)
+        bob = launcher.agent(homes["bob"], "--registry", registry.url)
+        carol = launcher.agent(homes["carol"], "--registry", registry.url)
+        alice = launcher.agent(
+            homes["alice"],
+            "--registry",
+            registry.url,
+            "--audit-mirror",
+            bob.agent_id,
+            "--audit-mirror",
+            carol.agent_id,
+        )
+        size = ENTRIES
+        for mirror in (bob, carol):
+            wait_until(
+                lambda m=mirror: _acked(homes["alice"], m.agent_id) >= size,  # type: ignore[misc]
+                60,
+                what=f"alice's log mirrored to {mirror.home.name}",
+            )
+        alice.stop()
+        assert "mirror_batch_stored" in bob.log.read_text()
+        size, root = _head(homes["alice"])
+        assert size == ENTRIES
+        proof = base / "proof.json"
+        CLI.ok(homes["alice"], "audit", "prove", "17", "--out", str(proof))
+        yield World(launcher, registry, homes["alice"], bob, carol, root, proof)
+
+
+@pytest.fixture
+def alice(world: World, tmp_path: Path) -> Path:
+    """A copy of alice's home (stopped, fully mirrored) for one test to damage."""
+    copy = tmp_path / "alice"
+    shutil.copytree(world.alice, copy)
+    return copy
+
+
+def _damage(home: Path, how: str) -> None:
+    data = home / "audit" / "data.mdb"
+    if how == "delete":
+        data.unlink()
+    elif how == "truncate":
+        with data.open("r+b") as handle:
+            handle.truncate(data.stat().st_size // 2)
+    else:  # flip a bit of one entry's bytes
+        with AuditLog.open(home / "audit", readonly=True) as log:
+            target = log.entry(150).to_bytes()
+        raw = bytearray(data.read_bytes())
+        raw[raw.index(target) + 10] ^= 0x10
+        data.write_bytes(bytes(raw))
+
+
+def _rebuild(world: World, home: Path, *args: str) -> str:
+    return CLI.ok(home, "audit", "rebuild", "--from-peers", "--registry", world.registry.url, *args)
+
+
+def _check_rebuilt(world: World, home: Path) -> None:
+    size, root = _head(home, ENTRIES)
+    assert root == world.root
+    assert size == ENTRIES + 1  # and the MIRROR_REBUILT entry
+    (entry,) = json.loads(CLI.ok(home, "audit", "query", "--type", "MIRROR_REBUILT", "--json"))
+    assert entry["data"]["lost"] == 0
+    CLI.ok(home, "audit", "verify-chain")
+    # A proof issued before the damage still verifies against the rebuilt log's root.
+    proof = json.loads(world.proof.read_text())
+    assert proof["tree_size"] == ENTRIES
+    CLI.ok(None, "audit", "verify-proof", "--proof", str(world.proof), "--root", root.hex())
+    assert list(home.glob("audit.damaged-*")) or not (home / "audit").exists()
+
+
+@pytest.mark.parametrize("how", ["delete", "flip", "truncate"])
+def test_rebuild_from_peers_gives_the_same_root_and_proofs(
+    world: World, alice: Path, how: str
+) -> None:
+    _damage(alice, how)
+    out = _rebuild(world, alice)
+    assert f"root {world.root.hex()}" in out
+    _check_rebuilt(world, alice)
+    damaged = list(alice.glob("audit.damaged-*"))
+    assert len(damaged) == 1  # moved aside, never deleted
+    if how != "delete":
+        assert (damaged[0] / "data.mdb").exists()
+
+
+def test_the_rebuilt_log_continues_and_the_agent_starts(world: World, alice: Path) -> None:
+    _damage(alice, "delete")
+    _rebuild(world, alice)
+    agent = world.launcher.agent(alice, "--offline")
+    agent.stop()
+    _append(alice, 5, first=ENTRIES)
+    with AuditLog.open(alice / "audit", readonly=True) as log:
+        assert log.size == ENTRIES + 6
+        log.prove_consistency(ENTRIES).verify(world.root, log.root())
+
+
+def test_entries_never_mirrored_are_reported_lost(world: World, alice: Path) -> None:
+    _append(alice, 20, first=ENTRIES)
+    world.launcher.agent(alice, "--offline").stop()  # the watermark records 320
+    _damage(alice, "delete")
+    refused = CLI.fails(
+        alice, 1, "audit", "rebuild", "--from-peers", "--registry", world.registry.url
+    )
+    assert f"at least 20 entries from position {ENTRIES}" in refused.stderr
+    assert "nothing was changed" in refused.stderr
+    assert not list(alice.glob("audit.damaged-*"))
+    out = _rebuild(world, alice, "--accept-loss")
+    assert "LOST: at least 20 entries" in out
+    (entry,) = json.loads(CLI.ok(alice, "audit", "query", "--type", "MIRROR_REBUILT", "--json"))
+    assert (entry["data"]["lost"], entry["data"]["lost_from"]) == (20, ENTRIES)
+    world.launcher.agent(alice, "--offline").stop()  # starts: the loss was accepted
+
+
+def test_a_lying_mirror_is_named_and_the_next_one_used(world: World, alice: Path) -> None:
+    store = world.bob.home / "mirrors" / "data.mdb"
+    with AuditLog.open(alice / "audit", readonly=True) as log:
+        target = log.entry(150).to_bytes()
+    raw = store.read_bytes()
+    # The last byte of the entry's time: it still decodes, only the root check sees it.
+    at = raw.index(target) + len(target) - 4
+    original = raw[at]
+    with store.open("r+b") as handle:
+        handle.seek(at)
+        handle.write(bytes([original ^ 0x01]))
+    try:
+        _damage(alice, "delete")
+        out = _rebuild(world, alice, "--mirror", world.bob.agent_id)
+    finally:
+        with store.open("r+b") as handle:
+            handle.seek(at)
+            handle.write(bytes([original]))
+    assert f"mirror {world.bob.agent_id}: INVALID" in out
+    assert f"mirror {world.carol.agent_id}: ok" in out
+    _check_rebuilt(world, alice)
+    (entry,) = json.loads(CLI.ok(alice, "audit", "query", "--type", "MIRROR_REBUILT", "--json"))
+    assert entry["peer"] == world.carol.agent_id
+    assert entry["data"]["invalid_mirrors"] == [world.bob.agent_id]
+
+
+def test_an_offline_mirror_is_skipped(world: World, alice: Path) -> None:
+    world.carol.stop()
+    try:
+        _damage(alice, "delete")
+        out = _rebuild(world, alice, "--mirror", world.carol.agent_id)
+    finally:
+        world.restart_carol()
+    assert f"mirror {world.carol.agent_id}: unavailable" in out
+    assert f"mirror {world.bob.agent_id}: ok" in out
+    _check_rebuilt(world, alice)
+
+
+def test_bad_input_is_refused_and_nothing_is_lost(world: World, alice: Path) -> None:
+    intact = _rebuild(world, alice)
+    assert "audit chain intact: 300 entries" in intact  # an intact log is left as it is
+    usage = CLI.fails(alice, 2, "audit", "rebuild")
+    assert "--from-peers" in usage.stderr
+    bad = CLI.fails(alice, 2, "audit", "rebuild", "--from-peers", "--mirror", "not-an-id")
+    assert "is not an agent id" in bad.stderr
+    lonely = alice.parent / "lonely"
+    CLI.ok(lonely, "init", "--name", "lonely", "--no-passphrase")
+    none = CLI.fails(lonely, 1, "audit", "rebuild", "--from-peers")
+    assert "no mirror known" in none.stderr
+    running = world.launcher.agent(alice, "--offline")
+    try:
+        busy = CLI.fails(alice, 1, "audit", "rebuild", "--from-peers")
+        assert "is running" in busy.stderr
+    finally:
+        running.stop()
+    bad_mirror = CLI.fails(alice, 1, "run", "--offline", "--audit-mirror", "nobody")
+    assert "mirror_to" in bad_mirror.stderr
+    bad_quota = CLI.fails(alice, 2, "run", "--offline", "--mirror-quota-mb", "-1")
+    assert "--mirror-quota-mb" in bad_quota.stderr
+    assert not list(alice.glob("audit.damaged-*"))
+    with AuditLog.open(alice / "audit", readonly=True) as log:
+        assert log.root_at(ENTRIES) == world.root
+
+
+# -- bad input to a running mirror ---------------------------------------------------------
+
+
+async def _exchange(
+    identity: Identity, mirror: AgentProcess, frames: list[bytes]
+) -> list[mirror_bodies.Body]:
+    """Send ``frames`` to ``mirror`` on one link; the MIRROR answers, one per frame."""
+    answers: asyncio.Queue[mirror_bodies.Body] = asyncio.Queue()
+
+    async def on_frame(link: Link, frame: bytes) -> None:
+        envelope = wire.decode(frame)
+        if envelope.type is wire.EnvelopeType.MIRROR:
+            opened = envelope._envelope
+            assert opened.mirror_kind is not None
+            answers.put_nowait(mirror_bodies.decode_body(opened.mirror_kind, opened.mirror_body))
+
+    transport = Transport(on_frame)
+    try:
+        link = await transport.connect(mirror.endpoint)
+        got = []
+        for frame in frames:
+            await link.send(frame)
+            got.append(await asyncio.wait_for(answers.get(), 15))
+        return got
+    finally:
+        await transport.close()
+
+
+_SEEDS = itertools.count(1)
+
+
+def _frame(
+    identity: Identity,
+    to: str,
+    kind: mirror_bodies.MirrorKind,
+    body: bytes,
+    *,
+    ts: int | None = None,
+) -> bytes:
+    rng = SeededRng(next(_SEEDS))
+    envelope = wire.Envelope(
+        type=wire.EnvelopeType.MIRROR,
+        message_id=wire.new_message_id(rng),
+        sender=identity.agent_id,
+        sender_instance=wire.new_instance_id(rng),
+        recipient=to,
+        timestamp_ms=int(time.time() * 1000) if ts is None else ts,
+        mirror_kind=kind,
+        mirror_body=body,
+    )
+    return wire.seal(envelope, identity.signing_key)
+
+
+def test_bad_mirror_envelopes_are_refused_and_nothing_is_lost(world: World) -> None:
+    alice = AgentHome(world.alice).load_identity(passphrase=None)
+    bob = world.bob.agent_id
+    fetch = mirror_bodies.encode_body(mirror_bodies.Fetch(0, 4))
+    fresh = _frame(alice, bob, mirror_bodies.MirrorKind.FETCH, fetch)
+    with AuditLog.open(world.alice / "audit", readonly=True) as log:
+        entries = tuple(e.to_bytes() for e in log.entries(ENTRIES - 2, ENTRIES))
+        root = log.root()
+    forged_signer = LogSigner(SigningKey(bytes(32)), alice.agent_id, f"{alice.agent_id}/audit")
+    forged = mirror_bodies.Batch(
+        ENTRIES - 2, entries, Checkpoint.sign(forged_signer, ENTRIES, root)
+    )
+    answers = asyncio.run(
+        _exchange(
+            alice,
+            world.bob,
+            [
+                _frame(alice, bob, mirror_bodies.MirrorKind.FETCH, b"\xa1av\x01"),
+                fresh,
+                fresh,  # the same FETCH again: a replay
+                _frame(alice, bob, mirror_bodies.MirrorKind.FETCH, fetch, ts=1),
+                _frame(
+                    alice, bob, mirror_bodies.MirrorKind.BATCH, mirror_bodies.encode_body(forged)
+                ),
+            ],
+        )
+    )
+    malformed, served, replayed, stale, bad_checkpoint = answers
+    assert isinstance(malformed, mirror_bodies.Refused)
+    assert malformed.code is mirror_bodies.RefusalCode.MALFORMED
+    assert isinstance(served, mirror_bodies.Entries)
+    assert served.held == ENTRIES
+    assert isinstance(replayed, mirror_bodies.Refused)
+    assert replayed.code is mirror_bodies.RefusalCode.STALE
+    assert isinstance(stale, mirror_bodies.Refused)
+    assert stale.code is mirror_bodies.RefusalCode.STALE
+    assert isinstance(bad_checkpoint, mirror_bodies.Refused)
+    assert bad_checkpoint.code is mirror_bodies.RefusalCode.BAD_CHECKPOINT
+    # Another agent asking gets only its own entries (none), never alice's.
+    carol = AgentHome(world.carol.home).load_identity(passphrase=None)
+    (other,) = asyncio.run(
+        _exchange(carol, world.bob, [_frame(carol, bob, mirror_bodies.MirrorKind.FETCH, fetch)])
+    )
+    assert isinstance(other, mirror_bodies.Entries)
+    assert (other.held, other.entries) == (0, ())
+    # Bob still holds alice's whole log, and still serves it.
+    log_text = world.bob.log.read_text()
+    assert "mirror_malformed" in log_text
+    assert "mirror_fetch_refused" in log_text
+    (again,) = asyncio.run(
+        _exchange(alice, world.bob, [_frame(alice, bob, mirror_bodies.MirrorKind.FETCH, fetch)])
+    )
+    assert isinstance(again, mirror_bodies.Entries)
+    assert again.held == ENTRIES
+
+
+# -- the origin's side: resuming, a mirror that lost its store, one that refuses ---------------
+# (last in this module: they grow what bob holds of alice's log)
+
+
+def _metric(port: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else math.nan
+
+
+def test_mirroring_resumes_where_it_stopped_and_refusals_are_reported(
+    world: World, alice: Path, tmp_path: Path
+) -> None:
+    dave = world.launcher.agent(
+        tmp_path / "dave", "--name", "dave", "--registry", world.registry.url,
+        "--mirror-quota-mb", "0",
+    )  # fmt: skip
+    _append(alice, 5, first=ENTRIES)
+    port = free_port()
+    bob = world.bob.agent_id
+    agent = world.launcher.agent(
+        alice, "--registry", world.registry.url, "--metrics-port", str(port),
+        "--audit-mirror", bob, "--audit-mirror", dave.agent_id,
+    )  # fmt: skip
+    wait_until(lambda: _acked(alice, bob) >= ENTRIES + 5, 60, what="the 5 new entries mirrored")
+    # One batch: the acknowledged size was kept across the restart, nothing was sent again.
+    assert _metric(port, "talos_audit_mirror_batches_sent_total") == 1.0
+    lag = f'talos_audit_mirror_lag_entries{{mirror="{bob}"}}'
+    wait_until(lambda: _metric(port, lag) == 0.0, 30, what="bob's lag at 0")
+    refused = 'talos_audit_mirror_refused_by_peer_total{code="not_mirroring"}'
+    wait_until(lambda: _metric(port, refused) >= 1.0, 30, what="dave's refusal counted")
+    assert "mirror_batch_refused" in agent.log.read_text()
+    assert _metric(port, f'talos_audit_mirror_lag_entries{{mirror="{dave.agent_id}"}}') > 0
+    agent.stop()
+    dave.stop()
+    # bob loses his mirror store: alice's next batch is refused as a gap, and she
+    # sends her whole log again.
+    world.bob.stop()
+    shutil.rmtree(world.bob.home / "mirrors")
+    world.bob = world.launcher.agent(world.bob.home, "--registry", world.registry.url)
+    _append(alice, 1, first=ENTRIES + 5)
+    agent = world.launcher.agent(alice, "--registry", world.registry.url, "--audit-mirror", bob)
+    try:
+        wait_until(lambda: _acked(alice, bob) >= ENTRIES + 6, 60, what="alice's log sent again")
+    finally:
+        agent.stop()
+    assert "gap" in agent.log.read_text()
+    with MirrorStore.open(world.bob.home / "mirrors") as store:
+        assert store.origin(agent.agent_id).size == ENTRIES + 6
