@@ -60,6 +60,7 @@ from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
 from talos.storage.agent_state import AgentState, derive_storage_key
 from talos.storage.home import AgentHome
+from talos.storage.lock import HomeLock
 from talos.storage.lost_state import guard, log_refusal
 from talos.storage.tokens import TokenStore
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
@@ -141,8 +142,13 @@ class TalosClient:
         log's checkpoints are anchored on that chain
         (:mod:`talos.audit.anchoring.settings`, docs/design/anchoring.md).
 
+        The agent holds the home's lock (``<home>/control.lock``) until
+        :meth:`close` or the process ends: one agent per home.
+
         Raises:
             ConfigurationError: an invalid option.
+            AgentAlreadyRunning: another agent (``talos run``, or a client in
+                this or another process) holds this home.
             StorageError: the home, audit log or state cannot be opened;
                 ``StoreCorrupted`` (naming the file) if the key log or the
                 audit log's head fails the start-up check, ``StateLost`` if a
@@ -190,9 +196,13 @@ class TalosClient:
         self._parts: Parts | None = None
         self._rotator: Rotator
         self._anchoring: Any = None
+        self._lock: HomeLock | None = None
 
     async def _open(self) -> None:
         config, clock, rng = self._config, self._clock, self._rng
+        # One agent per home, in this process or any other (docs/design/client.md).
+        self._home.ensure()
+        self._lock = HomeLock.acquire(self._home.path)
         identity = self._load_identity()
         self._own = OwnIdentity(identity)
         self._home.check_public_keylog(identity.keylog)
@@ -352,6 +362,13 @@ class TalosClient:
         if self._closed:
             return
         self._closed = True
+        try:
+            await self._shut_down()
+        finally:
+            if self._lock is not None:
+                self._lock.release()  # last: nothing of this agent is open any more
+
+    async def _shut_down(self) -> None:
         parts = self._parts
         if parts is not None and parts.batch.acknowledging:
             # Committed receives are ACKed before the links close (else the
