@@ -111,6 +111,8 @@ EVENTS: Final = frozenset(
         "registry_failover",
         "registry_failback",
         "message_lost",
+        "message_cancelled",
+        "message_expired",
         "key_rotated",
         "peer_key_rotated",
         "peer_key_log_refused",

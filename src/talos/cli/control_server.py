@@ -349,7 +349,7 @@ def message_json(message: Message) -> dict[str, Any]:
             kind, value = "json-text", _json_text(data)
     return {
         "sender": message.sender,
-        "message_id": message.message_id.hex(),
+        "message_id": message.message_id,
         "type": kind,
         "data": value,
         "sent_at": message.sent_at,

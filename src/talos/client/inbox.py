@@ -149,21 +149,21 @@ class InboxReader:
         ahead.extend(zip(seqs, messages, strict=True))
         self._read_ahead_bytes = size
 
-    def acknowledge(self, *messages: Message) -> None:
-        """See :meth:`TalosClient.acknowledge`."""
+    async def acknowledge(self, *messages: Message) -> None:
+        """See :meth:`TalosClient.acknowledge`: one commit, in a worker thread."""
         seqs = []
         for message in messages:
-            if message.inbox_seq is None:
+            if not isinstance(message, Message) or message.inbox_seq is None:
                 raise LocalProtocolError(
                     "only messages received with auto_ack=False are acknowledged"
                 )
             seqs.append(message.inbox_seq)
         if seqs:
-            self._state.acknowledge(*seqs)
+            await asyncio.to_thread(self._state.acknowledge, *seqs)
 
-    async def messages(self) -> AsyncIterator[Message]:
+    async def messages(self, *, auto_ack: bool = True) -> AsyncIterator[Message]:
         while not self._closed():
-            message = await self.receive(None, auto_ack=True)
+            message = await self.receive(None, auto_ack=auto_ack)
             if message is not None:
                 yield message
 
@@ -171,7 +171,7 @@ class InboxReader:
 def to_message(item: InboxMessage, inbox_seq: int | None = None) -> Message:
     return Message(
         sender=item.sender,
-        message_id=item.message_id,
+        message_id=item.message_id.hex(),
         data=decode_payload(item.data),
         sent_at=item.sent_at_ms / 1000,
         capability_id=item.capability_id,

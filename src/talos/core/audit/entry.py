@@ -105,6 +105,10 @@ class AuditKind(StrEnum):
     #: A checkpoint's anchor became final on chain (talos.audit.anchoring).
     AUDIT_ANCHORED = "AUDIT_ANCHORED"
     LOG_RESTORED = "LOG_RESTORED"
+    #: The application cancelled a queued message (TalosClient.cancel); it left the outbox.
+    MESSAGE_CANCELLED = "MESSAGE_CANCELLED"
+    #: A queued message's expires_in passed before its ACK; it left the outbox.
+    MESSAGE_EXPIRED = "MESSAGE_EXPIRED"
 
 
 def check_kind(kind: object) -> str:
