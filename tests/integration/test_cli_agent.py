@@ -289,7 +289,8 @@ def test_send_no_wait_and_the_outbox_commands(
     nobody = "did:talos:z" + "1" * 32
     first = ok(alice_home, "send", nobody, "one", "--no-wait", "--expires-in", "3600")
     second = ok(alice_home, "send", nobody, "two", "--no-wait")
-    assert first.startswith("queued ") and second.startswith("queued ")
+    assert first.startswith("queued ")
+    assert second.startswith("queued ")
     first_id, second_id = first.split()[1], second.split()[1]
     listed = json.loads(ok(alice_home, "outbox", "--json"))
     assert [e["message_id"] for e in listed[nobody]] == [first_id, second_id]

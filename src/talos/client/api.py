@@ -421,6 +421,11 @@ class TalosClient:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # Commits in worker threads (acknowledge, cancel, expiry) finish before the store closes.
+        if parts is not None:
+            await parts.inbox.stop()
+        if self._outbox is not None:
+            await self._outbox.stop()
         if parts is not None:
             # Received but not committed: not acknowledged either, so their senders retry.
             parts.batch.discard()

@@ -43,6 +43,8 @@ class InboxReader:
         #: The last inbox sequence number receive(auto_ack=False) returned, and,
         #: once it has read the inbox to its end, the rows written since, in memory.
         self._cursor = -1
+        #: acknowledge() commits running in worker threads (close() waits for them).
+        self._commits: set[asyncio.Future[Any]] = set()
         self.read_ahead: collections.deque[tuple[int, InboxMessage]] | None = None
         self._read_ahead_bytes = 0
 
@@ -159,7 +161,15 @@ class InboxReader:
                 )
             seqs.append(message.inbox_seq)
         if seqs:
-            await asyncio.to_thread(self._state.acknowledge, *seqs)
+            commit = asyncio.ensure_future(asyncio.to_thread(self._state.acknowledge, *seqs))
+            self._commits.add(commit)
+            commit.add_done_callback(self._commits.discard)
+            await asyncio.shield(commit)
+
+    async def stop(self) -> None:
+        """Wait for acknowledge() commits running in worker threads."""
+        if self._commits:
+            await asyncio.wait(set(self._commits))
 
     async def messages(self, *, auto_ack: bool = True) -> AsyncIterator[Message]:
         while not self._closed():

@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from talos.audit import AuditLog
 from talos.client import timing
@@ -38,6 +39,7 @@ from talos.storage.agent_state import AgentState
 __all__ = ["AUDIT_LOOKBACK", "OutboxControl", "QueuedEntry"]
 
 _log = logging.getLogger("talos.client")
+T = TypeVar("T")
 
 #: Final audit entries of each kind searched for an outcome not in memory.
 AUDIT_LOOKBACK: Final = 1000
@@ -77,6 +79,9 @@ class OutboxControl:
         self._metrics, self._clock, self._closed = metrics, clock, closed
         self._expiries = Expiries()
         self._wake = asyncio.Event()
+        #: Commits running in worker threads (close() waits for them: a thread
+        #: cannot be cancelled, and the store must not close under it).
+        self._commits: set[asyncio.Future[Any]] = set()
         for queued in state.queued_messages():
             if queued.expires_ms is not None:
                 self._expiries.add(queued.message_id, queued.peer, queued.expires_ms)
@@ -112,10 +117,12 @@ class OutboxControl:
         """See :meth:`TalosClient.cancel`."""
         item = self._state.outbox_item(message_id)
         if item is not None and not self._deliverer.core.being_removed(message_id):
-            removed = await asyncio.to_thread(
-                self._state.remove,
-                message_id,
-                audit=[(_kind("cancelled"), {"id": message_id}, item.peer)],
+            removed = await self._in_thread(
+                functools.partial(
+                    self._state.remove,
+                    message_id,
+                    audit=[(_kind("cancelled"), {"id": message_id}, item.peer)],
+                )
             )
             if removed:
                 return self._removed(message_id, item.peer, Outcome.CANCELLED, item.attempts)
@@ -184,7 +191,9 @@ class OutboxControl:
                 if not self._deliverer.core.being_removed(expired[0])  # its ACK came first
             ]
             if due:
-                for mid, peer, attempts in await asyncio.to_thread(self._expire, due):
+                for mid, peer, attempts in await self._in_thread(
+                    functools.partial(self._expire, due)
+                ):
                     self._removed(mid, peer, Outcome.EXPIRED, attempts)
                 continue
             next_at = self._expiries.next_at()
@@ -208,6 +217,18 @@ class OutboxControl:
             for (mid, _), gone in zip(removals, removed, strict=True)
             if gone and (item := items[mid]) is not None
         ]
+
+    async def _in_thread(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (a commit) in a worker thread; close() waits for it."""
+        future = asyncio.ensure_future(asyncio.to_thread(work))
+        self._commits.add(future)
+        future.add_done_callback(self._commits.discard)
+        return await asyncio.shield(future)
+
+    async def stop(self) -> None:
+        """Wait for the commits running in worker threads (before the store closes)."""
+        if self._commits:
+            await asyncio.wait(set(self._commits))
 
     # -- outcomes -------------------------------------------------------------------------
 
