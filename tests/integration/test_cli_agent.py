@@ -166,6 +166,14 @@ def test_control_socket_refuses_bad_requests(
         % peer.encode(): "MalformedFrame",
         b'{"op": "send", "peer": "%s", "text": "\\ud800"}\n' % peer.encode(): "ConfigurationError",
         b"[" * 100_000 + b"\n": "MalformedFrame",
+        b'{"op": "send", "peer": "%s", "text": "x", "wait": "no"}\n'
+        % peer.encode(): "ConfigurationError",
+        b'{"op": "send", "peer": "%s", "text": "x", "expires_in": -1}\n'
+        % peer.encode(): "ConfigurationError",
+        b'{"op": "outbox", "peer": "x"}\n': "ConfigurationError",
+        b'{"op": "cancel"}\n': "ConfigurationError",
+        b'{"op": "cancel", "message_id": "xyz"}\n': "InvalidArgument",
+        b'{"op": "cancel", "message_id": "%s"}\n' % (b"ab" * 16): "MessageNotFound",
         b'{"op": "inbox", "take": "yes"}\n': "ConfigurationError",
         b'{"op": "inbox", "limit": 0}\n': "ConfigurationError",
         b"{" + b" " * MAX_REQUEST + b"}\n": "MalformedFrame",
