@@ -32,7 +32,7 @@ from talos.audit import AuditLog
 from talos.audit.anchoring.settings import DATABASES as ANCHOR_DATABASES
 from talos.audit.anchoring.settings import start_anchoring
 from talos.audit.head_check import refuse_damaged_head
-from talos.client.arguments import check_message_id, check_timeout
+from talos.client.arguments import check_message_id, check_timeout, check_wait
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
 from talos.client.discovery import RECORD_LIFETIME, Discovery
@@ -62,7 +62,6 @@ from talos.errors import (
     ConfigurationError,
     DiscoveryError,
     IdentityNotFound,
-    InvalidArgument,
     LocalProtocolError,
     MalformedFrame,
     PeerNotFound,
@@ -593,10 +592,10 @@ class TalosClient:
         (one commit); a restart starts again at the oldest unacknowledged.
 
         Raises:
-            InvalidArgument: a ``timeout`` that is not a positive finite number.
+            InvalidArgument: a ``timeout`` that is negative, NaN or infinite.
         """
         if timeout is not None:
-            timeout = _receive_timeout(timeout)
+            timeout = check_wait(timeout)
         return await self._drivers.inbox.receive(timeout, auto_ack=auto_ack)
 
     async def acknowledge(self, *messages: Message) -> None:
@@ -782,19 +781,3 @@ class TalosClient:
     def known_peers(self) -> list[dict[str, Any]]:
         """Peers with a cached, verified record: what ``talos peers`` lists."""
         return known_peer_rows(self._state, self._drivers.deliverer.links)
-
-
-def _receive_timeout(timeout: Any) -> float:
-    """``receive(timeout=...)``: 0 is allowed (do not wait), negative or NaN is not.
-
-    Raises:
-        InvalidArgument: not a finite number of seconds from 0.
-    """
-    if timeout == 0 and not isinstance(timeout, bool):
-        return 0.0
-    try:
-        return check_timeout(timeout)
-    except InvalidArgument:
-        raise InvalidArgument(
-            f"timeout must be None or a finite number of seconds from 0, not {timeout!r}"
-        ) from None

@@ -22,6 +22,7 @@ __all__ = [
     "check_peer_id",
     "check_retry_count",
     "check_timeout",
+    "check_wait",
 ]
 
 #: Longest ``timeout`` accepted (a week): beyond it, a typo (ms for s) is likelier.
@@ -60,6 +61,22 @@ def check_timeout(timeout: Any, name: str = "timeout") -> float:
         InvalidArgument: it is not.
     """
     return _seconds(name, timeout, MAX_TIMEOUT)
+
+
+def check_wait(timeout: Any) -> float:
+    """A ``receive(timeout=...)``: 0 is allowed (do not wait), negative or NaN is not.
+
+    Raises:
+        InvalidArgument: not a finite number of seconds from 0.
+    """
+    if timeout == 0 and not isinstance(timeout, bool):
+        return 0.0
+    try:
+        return check_timeout(timeout)
+    except InvalidArgument:
+        raise InvalidArgument(
+            f"timeout must be None or a finite number of seconds from 0, not {timeout!r}"
+        ) from None
 
 
 def check_expires_in(expires_in: Any) -> float | None:

@@ -13,6 +13,7 @@ from talos.client.arguments import (
     check_peer_id,
     check_retry_count,
     check_timeout,
+    check_wait,
 )
 from talos.core.agent_id import agent_id_from_digest
 from talos.errors import InvalidArgument
@@ -58,3 +59,11 @@ def test_retry_counts_are_small_non_negative_ints(bad: Any) -> None:
 def test_message_ids_are_send_results_hex_or_bytes(bad: Any) -> None:
     with pytest.raises(InvalidArgument, match="message_id must be"):
         check_message_id(bad)
+
+
+def test_a_receive_may_not_wait_at_all() -> None:
+    assert check_wait(0) == 0.0
+    assert check_wait(0.5) == 0.5
+    for bad in (-1, math.nan, math.inf, True):
+        with pytest.raises(InvalidArgument, match="from 0"):
+            check_wait(bad)
