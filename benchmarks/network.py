@@ -152,7 +152,7 @@ async def worker(home: Path, registry: str) -> None:
         while not stop.is_set():
             message = await bob.receive(timeout=0 if processed else 0.2, auto_ack=False)
             if message is None or len(processed) >= ACK_BATCH:
-                bob.acknowledge(*processed)
+                await bob.acknowledge(*processed)
                 processed.clear()
             if message is None:
                 continue

@@ -10,6 +10,7 @@ The tree::
     ├── AgentUnresponsive
     ├── ProtocolError
     │   ├── LocalProtocolError      the caller misused the API
+    │   │   └── InvalidArgument     a bad argument to a call (also a ValueError)
     │   └── RemoteProtocolError     the peer (or the bytes) misbehaved
     │       ├── MalformedFrame
     │       └── UnsupportedVersion
@@ -37,8 +38,12 @@ The tree::
     ├── DeliveryError
     │   ├── PeerRejected
     │   ├── PeerUnreachable
-    │   ├── DeliveryTimeout
-    │   └── QueueFull
+    │   ├── DeliveryTimeout         says what was waited for, how long, the last failure
+    │   ├── QueueFull
+    │   ├── MessageExpired          its expires_in passed before an ACK: dropped
+    │   ├── MessageCancelled        cancel() took it out of the outbox
+    │   ├── CannotCancel            already delivered, failed or expired
+    │   └── MessageNotFound         no such message queued or recorded (also a LookupError)
     ├── StorageError
     │   ├── AuditFull
     │   ├── StoreCorrupted          names where and what
@@ -49,6 +54,7 @@ The tree::
     │   └── BackupInvalid           wrong passphrase or damaged backup
     ├── DiscoveryError
     │   ├── PeerNotFound
+    │   │   └── PeerUnknown         every source asked answered: no such agent
     │   └── RegistryUnavailable
     ├── AnchoringError
     │   ├── ChainUnavailable        the RPC endpoint is unreachable or answers garbage
@@ -106,6 +112,16 @@ class ProtocolError(TalosError):
 
 class LocalProtocolError(ProtocolError):
     """This side misused the API (a bug in the caller, not the peer)."""
+
+
+class InvalidArgument(LocalProtocolError, ValueError):
+    """A call was given a bad argument (a malformed peer id, a negative timeout, ...).
+
+    Raised before anything is queued, written or sent; also a ``ValueError``,
+    so ``except ValueError`` catches it as Python's own argument errors.
+    """
+
+    hint = "fix the call's arguments; nothing was queued or sent"
 
 
 class RemoteProtocolError(ProtocolError):
@@ -319,11 +335,62 @@ class PeerUnreachable(DeliveryError):
 
 
 class DeliveryTimeout(DeliveryError):
-    """No acknowledgement arrived in time."""
+    """No acknowledgement arrived in time, or the retries ran out.
+
+    The message says what was waited for and what happened: how long was
+    really waited, how many attempts failed, and the last failure (e.g. "no
+    session could be established: the registry is unreachable").
+    """
+
+    hint = "see the last failure in the message; `talos diagnose --network` checks the path"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        waited: float | None = None,
+        attempts: int = 0,
+        last_failure: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        #: Seconds really waited (on the agent's clock), failed attempts, the last failure.
+        self.waited = waited
+        self.attempts = attempts
+        self.last_failure = last_failure
 
 
 class QueueFull(DeliveryError):
     """The outbox holds ``queue_limit`` messages already."""
+
+    hint = "wait for deliveries, cancel queued messages (client.cancel) or raise queue_limit"
+
+
+class MessageExpired(DeliveryError):
+    """The message's ``expires_in`` passed before its ACK: it left the outbox (audited)."""
+
+
+class MessageCancelled(DeliveryError):
+    """:meth:`TalosClient.cancel` took the message out of the outbox (audited)."""
+
+
+class CannotCancel(DeliveryError):
+    """The message has an outcome already (delivered, failed, expired): nothing to cancel.
+
+    ``outcome`` is that outcome (a :class:`talos.client.MessageOutcome`).
+    """
+
+    def __init__(self, message: str, *, outcome: object) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class MessageNotFound(DeliveryError, LookupError):
+    """No message with this id is queued, and no outcome of it is known."""
+
+    hint = (
+        "message ids come from send(); outcomes from before a restart are looked up "
+        "among the audit log's recent entries"
+    )
 
 
 # -- storage ----------------------------------------------------------------
@@ -403,7 +470,17 @@ class DiscoveryError(TalosError):
 
 
 class PeerNotFound(DiscoveryError):
-    """No registry, DHT node or cache knows this peer."""
+    """No registry, DHT node or cache knows this peer (or those that might are down)."""
+
+
+class PeerUnknown(PeerNotFound):
+    """Every discovery source asked answered that it knows no such agent.
+
+    Not a transient failure (a source that is down gives :class:`PeerNotFound`
+    or :class:`RegistryUnavailable`): the id is wrong, or the peer never announced.
+    """
+
+    hint = "check the agent id; the peer announces itself when it starts with the same registry"
 
 
 class RegistryUnavailable(DiscoveryError):

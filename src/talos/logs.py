@@ -113,6 +113,8 @@ EVENTS: Final = frozenset(
         "registry_failover",
         "registry_failback",
         "message_lost",
+        "message_cancelled",
+        "message_expired",
         "key_rotated",
         "public_keylog_behind",
         "peer_key_rotated",

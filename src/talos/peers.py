@@ -25,6 +25,7 @@ from talos.errors import (
     KeyLogInvalid,
     MalformedFrame,
     PeerNotFound,
+    PeerUnknown,
     RegistryUnavailable,
     SignatureInvalid,
     StaleMessage,
@@ -133,12 +134,15 @@ class PeerDirectory:
         """A peer's verified key log; asks discovery when unknown (or ``refresh``).
 
         Raises:
-            PeerNotFound: no source knows it (or all are down) and it is not cached.
+            PeerUnknown: not cached, and every source answered that it knows no such
+                agent (also the answer without sources).
+            PeerNotFound: not cached, no source knows it and some could not be asked.
             KeyLogInvalid: a source offered a fork of the known history.
         """
         known = self.known_log(agent_id)
         if known is not None and not refresh:
             return known
+        misses: list[str] = []
         for source in self._sources:
             try:
                 fetched = await source.keylog(agent_id, known)
@@ -146,11 +150,16 @@ class PeerDirectory:
                 raise
             except _SOURCE_ERRORS as exc:
                 self._source_failed(source, exc, agent_id)
+                if isinstance(exc, PeerNotFound):
+                    misses.append(source.name)
                 continue
             self._source_answered(source)
             return self.learn_log(fetched)
         if known is not None:
             return known
+        if len(misses) == len(self._sources):  # every source answered: no such agent
+            asked = f"; {' and '.join(misses)} do not know it" if misses else ""
+            raise PeerUnknown(f"no agent {agent_id}: not in the cache{asked}")
         raise PeerNotFound(f"no key log for {agent_id} in the cache or any discovery source")
 
     def signing_key(self, agent_id: str, sequence: int) -> VerifyKey | None:

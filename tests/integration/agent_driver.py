@@ -210,13 +210,13 @@ async def run_receiver(args: argparse.Namespace, stop: asyncio.Event) -> int:
             message = await client.receive(timeout=0.5, auto_ack=False)
             if message is None:
                 continue
-            message_id = message.message_id.hex()
+            message_id = message.message_id
             fresh = message_id not in seen
             journal.append(
                 {"sender": message.sender, "id": message_id, "data": message.data, "fresh": fresh}
             )
             seen.add(message_id)
-            client.acknowledge(message)
+            await client.acknowledge(message)
         if stop.is_set():
             return 1
         print(f"done {json.dumps(client.status(), sort_keys=True)}", flush=True)

@@ -170,7 +170,7 @@ class Duplex:
         while True:
             message = await client.receive(timeout=0.2, auto_ack=False)
             if message is not None:
-                message_id = message.message_id.hex()
+                message_id = message.message_id
                 self.note(
                     "read",
                     sender=message.sender,
@@ -179,7 +179,7 @@ class Duplex:
                     fresh=message_id not in self.seen,
                 )
                 self.seen.add(message_id)
-                client.acknowledge(message)
+                await client.acknowledge(message)
             if (
                 not finished
                 and self.sent_all

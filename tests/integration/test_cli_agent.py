@@ -166,6 +166,14 @@ def test_control_socket_refuses_bad_requests(
         % peer.encode(): "MalformedFrame",
         b'{"op": "send", "peer": "%s", "text": "\\ud800"}\n' % peer.encode(): "ConfigurationError",
         b"[" * 100_000 + b"\n": "MalformedFrame",
+        b'{"op": "send", "peer": "%s", "text": "x", "wait": "no"}\n'
+        % peer.encode(): "ConfigurationError",
+        b'{"op": "send", "peer": "%s", "text": "x", "expires_in": -1}\n'
+        % peer.encode(): "ConfigurationError",
+        b'{"op": "outbox", "peer": "x"}\n': "ConfigurationError",
+        b'{"op": "cancel"}\n': "ConfigurationError",
+        b'{"op": "cancel", "message_id": "xyz"}\n': "InvalidArgument",
+        b'{"op": "cancel", "message_id": "%s"}\n' % (b"ab" * 16): "MessageNotFound",
         b'{"op": "inbox", "take": "yes"}\n': "ConfigurationError",
         b'{"op": "inbox", "limit": 0}\n': "ConfigurationError",
         b"{" + b" " * MAX_REQUEST + b"}\n": "MalformedFrame",
@@ -278,3 +286,31 @@ def test_commands_that_replace_what_the_agent_holds_wait_until_it_stops(
     assert erin.stop() == 0
     assert ok(home, "rotate").startswith("rotated ")
     assert ok(home, "whoami", "--json") != before
+
+
+def test_send_no_wait_and_the_outbox_commands(
+    tmp_path: Path, start: Callable[..., AgentProcess]
+) -> None:
+    """`send --no-wait` returns queued at once; `outbox` lists, `outbox cancel` removes."""
+    alice_home = tmp_path / "alice"
+    ok(alice_home, "init", "--name", "alice")
+    start(alice_home, "--offline")
+    nobody = "did:talos:z" + "1" * 32
+    first = ok(alice_home, "send", nobody, "one", "--no-wait", "--expires-in", "3600")
+    second = ok(alice_home, "send", nobody, "two", "--no-wait")
+    assert first.startswith("queued ")
+    assert second.startswith("queued ")
+    first_id, second_id = first.split()[1], second.split()[1]
+    listed = json.loads(ok(alice_home, "outbox", "--json"))
+    assert [e["message_id"] for e in listed[nobody]] == [first_id, second_id]
+    assert 3500 < listed[nobody][0]["expires_in"] <= 3600
+    assert listed[nobody][1]["expires_in"] is None
+    assert second_id in ok(alice_home, "outbox", "list")
+    assert ok(alice_home, "outbox", "cancel", first_id).startswith(f"cancelled {first_id}")
+    again = talos(alice_home, "outbox", "cancel", "ab" * 16)
+    assert again.returncode == 1
+    assert "MessageNotFound" in again.stderr
+    bad = talos(alice_home, "send", nobody, "x", "--no-wait", "--expires-in", "-1")
+    assert bad.returncode == 2  # refused by the command line, nothing sent
+    listed = json.loads(ok(alice_home, "outbox", "--json"))
+    assert [e["message_id"] for e in listed[nobody]] == [second_id]

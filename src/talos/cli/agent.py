@@ -24,12 +24,18 @@ from rich.console import Console
 from rich.table import Table
 
 from talos.cli.context import CliContext
-from talos.cli.control import MAX_INBOX_LIMIT, MAX_RETRY_COUNT, MAX_SEND_TIMEOUT, call
+from talos.cli.control import (
+    MAX_EXPIRES_IN,
+    MAX_INBOX_LIMIT,
+    MAX_RETRY_COUNT,
+    MAX_SEND_TIMEOUT,
+    call,
+)
 from talos.cli.options import INT64_MAX, BoundedFloat, BoundedInt, parse_json_text, unicode_text
 from talos.core.message import encode_payload
 from talos.errors import LocalProtocolError
 
-__all__ = ["inbox", "peers", "send", "status"]
+__all__ = ["inbox", "outbox", "peers", "send", "status"]
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -61,6 +67,18 @@ _CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud80
     show_default=True,
     help="Not acknowledged in time: keep it queued, or give up with an error.",
 )
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Return once the message is queued (durable); the agent delivers it in the background.",
+)
+@click.option(
+    "--expires-in",
+    type=BoundedFloat(0.001, MAX_EXPIRES_IN),
+    default=None,
+    metavar="SECONDS",
+    help="Drop the message (audited) if it is not acknowledged within SECONDS.",
+)
 @click.pass_obj
 def send(
     ctx: CliContext,
@@ -71,6 +89,8 @@ def send(
     timeout: float,
     retry_count: int,
     on_failure: str,
+    no_wait: bool,
+    expires_in: float | None,
 ) -> None:
     """Send TEXT to the agent PEER through the running agent.
 
@@ -83,6 +103,8 @@ def send(
         "retry_count": retry_count,
         "on_failure": on_failure,
         "capability": capability,
+        "wait": not no_wait,
+        "expires_in": expires_in,
     }
     if not unicode_text(text):
         raise click.BadParameter("not valid UTF-8 text", param_hint="TEXT")
@@ -99,7 +121,7 @@ def send(
         request["text"] = text
     answer = call(ctx.home, request, timeout=timeout + ANSWER_MARGIN)
     click.echo(f"{answer['status']} {answer['message_id']} (trace {answer['trace_id']})")
-    if answer["status"] == "queued":
+    if answer["status"] == "queued" and not no_wait:
         _err.print(
             "[yellow]note:[/] not acknowledged yet; the agent keeps it queued and delivers it "
             "when the peer is reachable (see `talos status`)"
@@ -270,3 +292,47 @@ def status(ctx: CliContext, as_json: bool) -> None:
 
 def _yes(value: object) -> str:
     return "yes" if value else "no"
+
+
+@click.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON output (of `list`).")
+@click.pass_context
+def outbox(click_ctx: click.Context, as_json: bool) -> None:
+    """The running agent's queued messages: list them (the default) or cancel one."""
+    if click_ctx.invoked_subcommand is None:
+        click_ctx.invoke(outbox_list, as_json=as_json)
+
+
+@outbox.command("list")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.pass_obj
+def outbox_list(ctx: CliContext, as_json: bool) -> None:
+    """List queued messages per peer: id, attempts, age, expiry."""
+    by_peer: dict[str, list[dict[str, Any]]] = call(
+        ctx.home, {"op": "outbox"}, timeout=ANSWER_MARGIN
+    )["outbox"]
+    if as_json:
+        click.echo(json.dumps(by_peer, indent=2, sort_keys=True))
+        return
+    if not by_peer:
+        _err.print("the outbox is empty")
+        return
+    for peer, entries in by_peer.items():
+        click.echo(f"{peer}: {len(entries)} queued")
+        for entry in entries:
+            expires = entry["expires_in"]
+            click.echo(
+                f"  {entry['message_id']}  attempts {entry['attempts']}  "
+                f"age {entry['age']:.0f} s  "
+                f"expires {'never' if expires is None else f'in {expires:.0f} s'}"
+            )
+
+
+@outbox.command("cancel")
+@click.argument("message_id")
+@click.pass_obj
+def outbox_cancel(ctx: CliContext, message_id: str) -> None:
+    """Take MESSAGE_ID out of the outbox (audited); a delivered message cannot be."""
+    request = {"op": "cancel", "message_id": message_id}
+    outcome = call(ctx.home, request, timeout=ANSWER_MARGIN)["outcome"]
+    click.echo(f"{outcome['state']} {outcome['message_id']} ({outcome['reason']})")

@@ -44,6 +44,7 @@ from talos.cli.exit_codes import exit_code_for_name
 from talos.errors import AgentNotRunning, AgentUnresponsive, ConfigurationError
 
 __all__ = [
+    "MAX_EXPIRES_IN",
     "MAX_INBOX_LIMIT",
     "MAX_REQUEST",
     "MAX_RESPONSE",
@@ -69,6 +70,8 @@ MAX_INBOX_LIMIT: Final = 1000
 MAX_SEND_TIMEOUT: Final = 86400.0
 #: Most ``retry_count`` of a ``send`` request.
 MAX_RETRY_COUNT: Final = 1000
+#: Longest ``expires_in`` of a ``send`` request, in seconds (a year, as the library's).
+MAX_EXPIRES_IN: Final = 365 * 24 * 3600.0
 #: Longest ``wait`` of an ``inbox`` request, in seconds.
 MAX_WAIT: Final = 30.0
 _SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from talos.cli.control import (
+    MAX_EXPIRES_IN,
     MAX_INBOX_LIMIT,
     MAX_REQUEST,
     MAX_RETRY_COUNT,
@@ -50,7 +52,18 @@ _log = logging.getLogger("talos.agent")
 #: An inbox response stops taking messages once it holds this many bytes.
 INBOX_BATCH_BYTES: Final = 4 << 20
 _SEND_FIELDS: Final = frozenset(
-    {"op", "peer", "text", "json", "timeout", "retry_count", "on_failure", "capability"}
+    {
+        "op",
+        "peer",
+        "text",
+        "json",
+        "timeout",
+        "retry_count",
+        "on_failure",
+        "capability",
+        "wait",
+        "expires_in",
+    }
 )
 _INBOX_FIELDS: Final = frozenset({"op", "take", "limit", "wait"})
 _ROTATE_FIELDS: Final = frozenset({"op", "reason", "emergency", "revoke_old", "passphrase"})
@@ -70,6 +83,8 @@ class ControlServer:
             "status": self._status,
             "peers": self._peers,
             "rotate": self._rotate,
+            "outbox": self._outbox,
+            "cancel": self._cancel,
         }
 
     async def start(self) -> None:
@@ -149,6 +164,9 @@ class ControlServer:
         if mode not in ("queue", "raise"):
             raise ConfigurationError("'on_failure' must be 'queue' or 'raise'")
         on_failure: Literal["queue", "raise"] = "raise" if mode == "raise" else "queue"
+        expires_in = None
+        if request.get("expires_in") is not None:
+            expires_in = _number(request, "expires_in", 0.0, low=0.001, high=MAX_EXPIRES_IN)
         result = await self._client.send(
             _peer(request),
             data,
@@ -156,6 +174,8 @@ class ControlServer:
             retry_count=_integer(request, "retry_count", 3, low=0, high=MAX_RETRY_COUNT),
             on_failure=on_failure,
             capability=_optional_string(request, "capability"),
+            wait=_flag(request, "wait", True),
+            expires_in=expires_in,
         )
         return {
             "status": result.status,
@@ -194,6 +214,20 @@ class ControlServer:
         return await self._client.rotate_keys(
             reason=reason, emergency=emergency, revoke_old=revoke_old
         )
+
+    async def _outbox(self, request: dict[str, Any]) -> dict[str, Any]:
+        _only(request, frozenset({"op"}))
+        return {
+            "outbox": {
+                peer: [dataclasses.asdict(entry) for entry in entries]
+                for peer, entries in self._client.outbox().items()
+            }
+        }
+
+    async def _cancel(self, request: dict[str, Any]) -> dict[str, Any]:
+        _only(request, frozenset({"op", "message_id"}))
+        outcome = await self._client.cancel(_string(request, "message_id", None))
+        return {"outcome": dataclasses.asdict(outcome)}
 
     async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         _only(request, frozenset({"op"}))
@@ -349,7 +383,7 @@ def message_json(message: Message) -> dict[str, Any]:
             kind, value = "json-text", _json_text(data)
     return {
         "sender": message.sender,
-        "message_id": message.message_id.hex(),
+        "message_id": message.message_id,
         "type": kind,
         "data": value,
         "sent_at": message.sent_at,

@@ -4,8 +4,9 @@ It keeps one :class:`~talos.client.TalosClient` running in the foreground
 until SIGTERM or SIGINT, and serves the home's control socket
 (:mod:`talos.cli.control_server`) so that ``send``, ``inbox``, ``peers`` and
 ``status`` (:mod:`talos.cli.agent`) never open the agent's stores
-themselves. One daemon per home: the advisory lock of
-:mod:`talos.cli.lockfile` makes that race-free.
+themselves. One agent per home: the client takes the home's advisory lock
+(:mod:`talos.storage.lock`) before it opens anything, which makes that
+race-free; the control socket is claimed once the lock is held.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from talos.cli.context import CliContext
 from talos.cli.control import control_path
 from talos.cli.control_server import ControlServer, claim_socket
 from talos.cli.identity import key_passphrase_option
-from talos.cli.lockfile import daemon_lock
 from talos.cli.options import (
     BoundedFloat,
     BoundedInt,
@@ -213,28 +213,26 @@ def run(
     path = control_path(home.path)
     configure_logging(level=log_level, fmt=log_format)
     home.ensure()
-    with daemon_lock(home.path):
-        claim_socket(path)
-        options: dict[str, Any] = {
-            "home": home.path,
-            "registry_url": registry_url or None,
-            "listen": listen,
-            "announce": announce,
-            "offline_mode": offline,
-            "accept_policy": accept,
-            "reconnect_interval": reconnect_interval,
-            "queue_limit": queue_limit,
-            "discovery": ["registry", "dht"] if use_dht else ["registry"],
-            "dht_port": dht_port or 0,
-            "dht_bootstrap": dht_bootstrap,
-            "metrics_port": metrics_port,
-            "passphrase": passphrase,
-            "clock": ctx.clock,
-            "rng": ctx.rng,
-            "anchor": anchor,
-            "audit_config": _audit_config(audit_mirror, mirror_quota_mb, audit_witnesses),
-        }
-        asyncio.run(_daemon(name or home.path.name, options, path))
+    options: dict[str, Any] = {
+        "home": home.path,
+        "registry_url": registry_url or None,
+        "listen": listen,
+        "announce": announce,
+        "offline_mode": offline,
+        "accept_policy": accept,
+        "reconnect_interval": reconnect_interval,
+        "queue_limit": queue_limit,
+        "discovery": ["registry", "dht"] if use_dht else ["registry"],
+        "dht_port": dht_port or 0,
+        "dht_bootstrap": dht_bootstrap,
+        "metrics_port": metrics_port,
+        "passphrase": passphrase,
+        "clock": ctx.clock,
+        "rng": ctx.rng,
+        "anchor": anchor,
+        "audit_config": _audit_config(audit_mirror, mirror_quota_mb, audit_witnesses),
+    }
+    asyncio.run(_daemon(name or home.path.name, options, path))
 
 
 def _anchor_settings(
@@ -278,6 +276,7 @@ async def _daemon(name: str, options: dict[str, Any], path: Path) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with TalosClient.create(name, **options) as client:
+        claim_socket(path)  # the client holds the home's lock: no other agent races us
         server = ControlServer(client, path)
         await server.start()
         try:

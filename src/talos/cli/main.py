@@ -14,7 +14,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from talos.cli.agent import inbox, peers, send, status
+from talos.cli.agent import inbox, outbox, peers, send, status
 from talos.cli.anchor import anchor
 from talos.cli.audit import audit
 from talos.cli.backup import backup, recover
@@ -70,7 +70,7 @@ cli.add_command(audit)
 cli.add_command(anchor)
 cli.add_command(registry)
 cli.add_command(diagnose)
-for command in (run, send, inbox, peers, status):
+for command in (run, send, inbox, outbox, peers, status):
     cli.add_command(command)
 
 

@@ -7,6 +7,8 @@ See :mod:`talos.client.api` for how the parts fit together, and
 from __future__ import annotations
 
 from talos.client.api import TalosClient
+from talos.client.outbox import QueuedEntry
+from talos.client.outcomes import MessageOutcome
 from talos.client.sending import SendResult
 from talos.core.delivery import ACK_TIMEOUT, RESET_INTERVAL, SEND_WINDOW, SEND_WINDOW_BYTES
 
@@ -15,6 +17,8 @@ __all__ = [
     "RESET_INTERVAL",
     "SEND_WINDOW",
     "SEND_WINDOW_BYTES",
+    "MessageOutcome",
+    "QueuedEntry",
     "SendResult",
     "TalosClient",
 ]

@@ -42,7 +42,7 @@ class Acknowledgements:
         metrics: AgentMetrics,
         clocks: ClockWatch,
         clock: Clock,
-        finish: Callable[[bytes, Outcome, Exception | None], None],
+        finish: Callable[..., None],  # Deliverer.finish
         wake: Callable[[set[str]], None],
         closed: Callable[[], bool],
     ) -> None:
@@ -130,7 +130,7 @@ class Acknowledgements:
         by_ack: dict[int, tuple[wire.Envelope, list[Pending | None]]] = {}
         for ref, ack in acks.items():
             record = self._core.get(ref)
-            self._finish(ref, Outcome.DELIVERED, None)
+            self._finish(ref, Outcome.DELIVERED, None, peer=ack.sender)
             self._metrics.message_delivered()
             by_ack.setdefault(id(ack), (ack, []))[1].append(record)
         for ack, records in by_ack.values():
@@ -170,7 +170,13 @@ class Acknowledgements:
             ref,
             audit=[(AuditKind.PEER_REJECTED, {"id": ref, "reason": str(reason)[:200]}, peer)],
         )
-        self._finish(ref, Outcome.REFUSED, PeerRejected(f"{peer} refused the message: {reason}"))
+        self._finish(
+            ref,
+            Outcome.REFUSED,
+            PeerRejected(f"{peer} refused the message: {reason}"),
+            peer=peer,
+            reason=f"refused by the peer: {reason}",
+        )
         self._wake({peer})
 
     def _queued_for(self, ref: bytes, peer: str) -> bool:

@@ -33,9 +33,12 @@ from talos.audit.anchoring.settings import DATABASES as ANCHOR_DATABASES
 from talos.audit.anchoring.settings import start_anchoring
 from talos.audit.head_check import refuse_damaged_head
 from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
+from talos.client.arguments import check_message_id, check_timeout, check_wait
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
 from talos.client.discovery import RECORD_LIFETIME, Discovery
+from talos.client.outbox import OutboxControl, QueuedEntry
+from talos.client.outcomes import MessageOutcome
 from talos.client.own_keys import OwnIdentity, Rotation, audit_signer
 from talos.client.rotation import Rotator
 from talos.client.sending import SendResult
@@ -56,17 +59,27 @@ from talos.core.x3dh import PrekeyBundle
 from talos.discovery.dht import DhtNode
 from talos.discovery.failover import public_url
 from talos.discovery.registry_client import RegistryClient
-from talos.errors import IdentityNotFound, LocalProtocolError, MalformedFrame, StoreCorrupted
+from talos.errors import (
+    ConfigurationError,
+    DiscoveryError,
+    IdentityNotFound,
+    LocalProtocolError,
+    MalformedFrame,
+    PeerNotFound,
+    PeerUnreachable,
+    StoreCorrupted,
+)
 from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
 from talos.storage.agent_state import AgentState, derive_storage_key
 from talos.storage.home import AgentHome
+from talos.storage.lock import HomeLock
 from talos.storage.lost_state import guard, log_refusal
 from talos.storage.tokens import TokenStore
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
 from talos.transport import Link, Transport
 
-__all__ = ["SendResult", "TalosClient"]
+__all__ = ["MessageOutcome", "QueuedEntry", "SendResult", "TalosClient"]
 
 
 class _Creating:
@@ -142,8 +155,13 @@ class TalosClient:
         log's checkpoints are anchored on that chain
         (:mod:`talos.audit.anchoring.settings`, docs/design/anchoring.md).
 
+        The agent holds the home's lock (``<home>/control.lock``) until
+        :meth:`close` or the process ends: one agent per home.
+
         Raises:
             ConfigurationError: an invalid option.
+            AgentAlreadyRunning: another agent (``talos run``, or a client in
+                this or another process) holds this home.
             StorageError: the home, audit log or state cannot be opened;
                 ``StoreCorrupted`` (naming the file) if the key log or the
                 audit log's head fails the start-up check, ``StateLost`` if a
@@ -193,9 +211,14 @@ class TalosClient:
         self._parts: Parts | None = None
         self._rotator: Rotator
         self._anchoring: Any = None
+        self._lock: HomeLock | None = None
+        self._outbox: OutboxControl | None = None
 
     async def _open(self) -> None:
         config, clock, rng = self._config, self._clock, self._rng
+        # One agent per home, in this process or any other (docs/design/client.md).
+        self._home.ensure()
+        self._lock = HomeLock.acquire(self._home.path)
         identity = self._load_identity()
         self._own = OwnIdentity(identity)
         self._home.check_public_keylog(identity.keylog)
@@ -224,17 +247,23 @@ class TalosClient:
         watermark = guard(
             self._home, identity, self._log, self._tokens, current=lambda: self._own.current
         )
+        # offline_mode: no network at all, so no registry client and no DHT node; the
+        # listener still accepts peers that connect (docs/design/client.md).
         registry = None
-        if config.registry_urls:
+        if config.registry_urls and not config.offline:
             registry = RegistryClient(
                 config.registry_urls, clock=clock, observe=self._registry_contact
             )
-        dht = DhtNode(clock=clock, rng=rng) if "dht" in config.discovery else None
+        use_dht = "dht" in config.discovery and not config.offline
+        dht = DhtNode(clock=clock, rng=rng) if use_dht else None
         discovery = self._discovery = Discovery(
             registry=registry, dht=dht, clock=clock, metrics=self.metrics, clocks=self._clocks
         )
         if dht is not None:
-            await dht.start(config.dht_port, config.listen[0], list(config.dht_bootstrap))
+            try:
+                await dht.start(config.dht_port, config.listen[0], list(config.dht_bootstrap))
+            except DiscoveryError as exc:  # binding its UDP port is all that raises
+                raise ConfigurationError(f"dht_port {config.dht_port}: {exc}") from None
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port, config.listen[0])
         self._transport = Transport(self._on_frame, clock=clock)
@@ -270,7 +299,23 @@ class TalosClient:
             self._anchoring = start_anchoring(
                 config.anchor, self._log, clock=clock, rng=rng, metrics=self.metrics
             )
-        host, port = await self._transport.listen(*config.listen)
+        try:
+            host, port = await self._transport.listen(*config.listen)
+        except PeerUnreachable as exc:  # the address cannot be bound: our option, not a peer
+            raise ConfigurationError(
+                f"listen={config.listen[0]}:{config.listen[1]} cannot be used: {exc} "
+                "(another agent or program on that port? listen on port 0 for any free one)"
+            ) from exc
+        self._outbox = OutboxControl(
+            state=self._state,
+            log=self._log,
+            deliverer=self._drivers.deliverer,
+            metrics=self.metrics,
+            clock=clock,
+            closed=self._is_closed,
+        )
+        self._drivers.sender.on_expiring = self._outbox.expiring
+        self._spawn(self._outbox.run_expiry())
         announced_host, announced_port = config.announce
         host = announced_host or host
         self._endpoint = f"ws://{f'[{host}]' if ':' in host else host}:{announced_port or port}"
@@ -366,6 +411,13 @@ class TalosClient:
         if self._closed:
             return
         self._closed = True
+        try:
+            await self._shut_down()
+        finally:
+            if self._lock is not None:
+                self._lock.release()  # last: nothing of this agent is open any more
+
+    async def _shut_down(self) -> None:
         parts = self._parts
         if parts is not None and parts.batch.acknowledging:
             # Committed receives are ACKed before the links close (else the
@@ -384,6 +436,11 @@ class TalosClient:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # Commits in worker threads (acknowledge, cancel, expiry) finish before the store closes.
+        if parts is not None:
+            await parts.inbox.stop()
+        if self._outbox is not None:
+            await self._outbox.stop()
         if parts is not None:
             # Received but not committed: not acknowledged either, so their senders retry.
             parts.batch.discard()
@@ -422,20 +479,45 @@ class TalosClient:
         retry_count: int = 3,
         on_failure: Literal["queue", "raise"] = "queue",
         capability: str | Capability | None = None,
+        wait: bool = True,
+        expires_in: float | None = None,
     ) -> SendResult:
         """Send ``data`` (bytes, str or JSON-able) to ``peer_id``; durable before it returns.
 
-        ``timeout`` bounds the whole call; within it up to ``retry_count``
-        retries follow the backoff schedule. Then ``on_failure="queue"``
-        leaves the message queued for background delivery (status
-        ``"queued"``), ``"raise"`` removes it and raises.
+        Every argument is checked before anything is queued: a bad one raises
+        :class:`~talos.errors.InvalidArgument` (a ``ValueError``) and nothing
+        is queued. A peer that every discovery source says does not exist
+        raises :class:`~talos.errors.PeerUnknown` (nothing queued); one that
+        cannot be looked up now (registry down) is queued and found later.
+
+        With ``wait=True`` (the default) ``timeout`` bounds the whole call;
+        within it up to ``retry_count`` retries follow the backoff schedule.
+        Then ``on_failure="queue"`` leaves the message queued for background
+        delivery (status ``"queued"``), ``"raise"`` removes it and raises a
+        :class:`~talos.errors.DeliveryTimeout` saying what it waited for, how
+        long it really waited and the last failure.
+
+        With ``wait=False`` it returns as soon as the message is durable in
+        the outbox (status ``"queued"``, ``timeout``, ``retry_count`` and
+        ``on_failure`` do not apply): background delivery takes it from
+        there, and :meth:`outcome` tells what became of it.
+
+        With ``expires_in`` (seconds) a message not acknowledged by then is
+        dropped from the outbox (audited ``MESSAGE_EXPIRED``, logged
+        ``message_expired``; outcome ``"expired"``; a waiting call raises
+        :class:`~talos.errors.MessageExpired`).
 
         Raises:
+            InvalidArgument: a malformed ``peer_id`` or a bad ``timeout``,
+                ``retry_count``, ``on_failure``, ``wait`` or ``expires_in``.
+            PeerUnknown: discovery answered that no such agent exists.
             CapabilityDenied: the capability to attach is invalid (nothing sent or queued).
             QueueFull: ``queue_limit`` messages are queued already (nothing queued).
             PeerRejected: the peer refused the message, with its signed reason.
             DeliveryTimeout: not delivered in time with ``on_failure="raise"``.
-            LocalProtocolError: ``data`` cannot be encoded.
+            MessageExpired, MessageCancelled: it expired, or :meth:`cancel` took it
+                out, while the call waited.
+            LocalProtocolError: ``data`` cannot be encoded or is too large.
         """
         return await self._drivers.sender.send(
             peer_id,
@@ -444,7 +526,66 @@ class TalosClient:
             retry_count=retry_count,
             on_failure=on_failure,
             capability=capability,
+            wait=wait,
+            expires_in=expires_in,
         )
+
+    async def outcome(
+        self,
+        message_id: str | bytes,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 -- like receive(timeout=...)
+    ) -> MessageOutcome:
+        """What became of a message this agent sent: waits until it has a final state
+        (``"delivered"``, ``"failed"``, ``"expired"``, ``"cancelled"``), or until
+        ``timeout`` seconds pass (then its state is ``"queued"``).
+
+        ``message_id`` is :attr:`SendResult.message_id` (hex text) or its bytes.
+        The last 10,000 outcomes are kept in memory; after a restart a message
+        still in the persisted outbox is waited on as usual, and one that left
+        it is looked up among the newest 1,000 audit entries of each final kind
+        (``MESSAGE_DELIVERED``, ``PEER_REJECTED``, ``DELIVERY_FAILED``,
+        ``MESSAGE_EXPIRED``, ``MESSAGE_CANCELLED``).
+
+        Raises:
+            InvalidArgument: not a message id, or a bad ``timeout``.
+            MessageNotFound: neither queued nor recorded (not sent by this agent,
+                or its outcome is older than the lookback).
+        """
+        seconds = None if timeout is None else check_timeout(timeout)
+        return await self._outboxes.outcome(check_message_id(message_id), seconds)
+
+    def outbox(self) -> dict[str, list[QueuedEntry]]:
+        """The queued messages by peer, oldest first: id, attempts, age, expiry, size.
+
+        Nothing is decrypted; the listing is one read of the outbox.
+        """
+        return self._outboxes.listing()
+
+    async def cancel(self, message_id: str | bytes) -> MessageOutcome:
+        """Take a queued message out of the outbox; returns its outcome ``"cancelled"``.
+
+        The removal and its ``MESSAGE_CANCELLED`` audit entry are one commit
+        (made off the event loop); a ``send()`` waiting for it raises
+        :class:`~talos.errors.MessageCancelled`; :meth:`outcome` says
+        ``"cancelled"``. Cancelling stops the sending, it cannot unsend: a
+        message already transmitted (``attempts`` > 0) may have reached the
+        peer, and the outcome's ``reason`` says so. Cancelling a cancelled
+        message again returns the same outcome.
+
+        Raises:
+            InvalidArgument: not a message id.
+            CannotCancel: it was delivered, failed or expired already (its
+                ``outcome`` attribute says which).
+            MessageNotFound: no such message is queued or recorded.
+        """
+        return await self._outboxes.cancel(check_message_id(message_id))
+
+    @property
+    def _outboxes(self) -> OutboxControl:
+        if self._outbox is None:
+            raise LocalProtocolError("the client is not open")
+        return self._outbox
 
     async def receive(
         self,
@@ -467,21 +608,45 @@ class TalosClient:
         Each such call returns the next message after the previous one, so
         an application can process several and acknowledge them together
         (one commit); a restart starts again at the oldest unacknowledged.
-        """
-        return await self._drivers.inbox.receive(timeout, auto_ack=auto_ack)
-
-    def acknowledge(self, *messages: Message) -> None:
-        """Remove messages received with ``auto_ack=False`` from the durable inbox
-        (all in one commit).
 
         Raises:
-            LocalProtocolError: a message was not received with ``auto_ack=False``.
+            InvalidArgument: a ``timeout`` that is negative, NaN or infinite.
         """
-        self._drivers.inbox.acknowledge(*messages)
+        if timeout is not None:
+            timeout = check_wait(timeout)
+        return await self._drivers.inbox.receive(timeout, auto_ack=auto_ack)
 
-    async def messages(self) -> AsyncIterator[Message]:
-        """Every received message, as it arrives."""
-        async for message in self._drivers.inbox.messages():
+    async def acknowledge(self, *messages: Message) -> None:
+        """Remove messages received with ``auto_ack=False`` from the durable inbox
+        (all in one commit, made in a worker thread: the event loop keeps running
+        while it syncs to disk).
+
+        Await it: once it returns the messages are gone for good (a crash
+        after it will not return them again). It used to be a plain method
+        that committed on the event loop; called without ``await`` it now
+        does nothing but warn (``coroutine ... was never awaited``).
+
+        Raises:
+            LocalProtocolError: a message was not received with ``auto_ack=False``
+                (nothing acknowledged).
+        """
+        await self._drivers.inbox.acknowledge(*messages)
+
+    async def messages(self, *, auto_ack: bool = True) -> AsyncIterator[Message]:
+        """Every received message, as it arrives (until the client closes).
+
+        ``auto_ack=True`` (the default): each message leaves the durable
+        inbox as it is handed out, as by ``receive()``: at most once; a crash
+        while the application handles it loses it. ``auto_ack=False``: each
+        stays in the inbox until the application awaits :meth:`acknowledge`
+        for it: at least once; after a crash unacknowledged messages come
+        again (drop repeats by ``message_id``)::
+
+            async for message in client.messages(auto_ack=False):
+                handle(message)
+                await client.acknowledge(message)
+        """
+        async for message in self._drivers.inbox.messages(auto_ack=auto_ack):
             yield message
 
     # -- identity and sessions ------------------------------------------------------
@@ -550,11 +715,19 @@ class TalosClient:
         """Run X3DH with ``peer_id``; without a ``bundle``, one comes from the registry, or
         from the peer's DHT value when the registry cannot be reached.
 
+        With ``offline_mode`` nothing is fetched: a ``bundle`` is required.
+
         Raises:
-            PeerNotFound: the peer's key log (or a bundle) cannot be found.
+            PeerNotFound: the peer's key log (or a bundle) cannot be found, or no
+                ``bundle`` was given in offline mode.
             SignatureInvalid: the bundle is not vouched for by the peer's key log.
             KeyAgreementFailed: a bundle key is unusable.
         """
+        if bundle is None and self._config.offline:
+            raise PeerNotFound(
+                f"offline_mode: no prekey bundle for {peer_id} is fetched from the network; "
+                "pass the peer's get_prekey_bundle() (and add_contact its contact_card())"
+            )
         await self._drivers.sessions.establish(peer_id, bundle)
         self._drivers.deliverer.kick(peer_id)
 

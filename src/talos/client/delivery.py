@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from talos.audit import AuditKind
 from talos.client import timing
+from talos.client.outcomes import Outcomes
 from talos.client.own_keys import OwnIdentity
 from talos.client.revocations import Capabilities
 from talos.client.sessions import Sessions
@@ -74,6 +75,8 @@ class Deliverer:
         #: Whether the client closed; in offline mode nothing is delivered.
         self._closed, self._offline = closed, offline
         self.core = Delivery()
+        #: Every message's final outcome, for TalosClient.outcome().
+        self.outcomes = Outcomes()
         #: Outgoing links by peer (only links this agent opened carry its messages).
         self.links: dict[str, Link] = {}
         #: send() calls waiting for their message's outcome.
@@ -123,9 +126,22 @@ class Deliverer:
                 tick = self._failure_tick = asyncio.get_running_loop().create_future()
             await timing.wait_first(self._clock, deadline, (acked, tick))
 
-    def finish(self, message_id: bytes, outcome: Outcome, error: Exception | None = None) -> None:
-        """``message_id`` is done: tell its send() call, if one waits."""
-        self.core.finish(message_id)
+    def finish(
+        self,
+        message_id: bytes,
+        outcome: Outcome,
+        error: Exception | None = None,
+        *,
+        peer: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """``message_id`` is done: settle its outcome, tell its send() call if one waits."""
+        record = self.core.finish(message_id)
+        if peer is None and record is not None:
+            peer = record.peer
+        if reason is None and error is not None:
+            reason = str(error)
+        self.outcomes.settle(message_id, peer, outcome, reason)
         future = self._waiters.pop(message_id, None)
         if future is None or future.done() or outcome is Outcome.UNQUEUED:
             return  # an unqueued message's send() call gave up or was answered already
@@ -137,11 +153,13 @@ class Deliverer:
             future.cancel()
 
     def give_up(self, message_id: bytes, peer: str, reason: str) -> None:
-        self._state.remove(
+        if self._state.remove(
             message_id,
             audit=[(AuditKind.DELIVERY_FAILED, {"id": message_id, "reason": reason}, peer)],
-        )
-        self.finish(message_id, Outcome.GIVEN_UP)
+        ):
+            self.finish(message_id, Outcome.GIVEN_UP, peer=peer, reason=reason)
+        else:  # it left the outbox meanwhile (its ACK, a refusal): that is its outcome
+            self.finish(message_id, Outcome.UNQUEUED)
 
     # -- the delivery loops ---------------------------------------------------------------
 
@@ -214,7 +232,8 @@ class Deliverer:
                     head = pending[0].message_id if pending else None
                 # Counted per message for send(retry_count=...): in order, the
                 # message that failed is the oldest one this attempt was about.
-                if head is not None and self.core.count_failure(head):
+                failure = f"{type(exc).__name__}: {exc}"
+                if head is not None and self.core.count_failure(head, failure):
                     if self._failure_tick is not None and not self._failure_tick.done():
                         self._failure_tick.set_result(None)  # send() calls look again
                 delay = self._backoff.delay(attempt, self._rng)
@@ -389,6 +408,7 @@ class Deliverer:
 
     def release_waiters(self) -> None:
         """The client closed: every waiting send() learns its message stays queued."""
+        self.outcomes.release()
         for future in self._waiters.values():
             if not future.done():
                 future.set_exception(

@@ -43,6 +43,8 @@ class InboxReader:
         #: The last inbox sequence number receive(auto_ack=False) returned, and,
         #: once it has read the inbox to its end, the rows written since, in memory.
         self._cursor = -1
+        #: acknowledge() commits running in worker threads (close() waits for them).
+        self._commits: set[asyncio.Future[Any]] = set()
         self.read_ahead: collections.deque[tuple[int, InboxMessage]] | None = None
         self._read_ahead_bytes = 0
 
@@ -149,21 +151,29 @@ class InboxReader:
         ahead.extend(zip(seqs, messages, strict=True))
         self._read_ahead_bytes = size
 
-    def acknowledge(self, *messages: Message) -> None:
-        """See :meth:`TalosClient.acknowledge`."""
+    async def acknowledge(self, *messages: Message) -> None:
+        """See :meth:`TalosClient.acknowledge`: one commit, in a worker thread."""
         seqs = []
         for message in messages:
-            if message.inbox_seq is None:
+            if not isinstance(message, Message) or message.inbox_seq is None:
                 raise LocalProtocolError(
                     "only messages received with auto_ack=False are acknowledged"
                 )
             seqs.append(message.inbox_seq)
         if seqs:
-            self._state.acknowledge(*seqs)
+            commit = asyncio.ensure_future(asyncio.to_thread(self._state.acknowledge, *seqs))
+            self._commits.add(commit)
+            commit.add_done_callback(self._commits.discard)
+            await asyncio.shield(commit)
 
-    async def messages(self) -> AsyncIterator[Message]:
+    async def stop(self) -> None:
+        """Wait for acknowledge() commits running in worker threads."""
+        if self._commits:
+            await asyncio.wait(set(self._commits))
+
+    async def messages(self, *, auto_ack: bool = True) -> AsyncIterator[Message]:
         while not self._closed():
-            message = await self.receive(None, auto_ack=True)
+            message = await self.receive(None, auto_ack=auto_ack)
             if message is not None:
                 yield message
 
@@ -171,7 +181,7 @@ class InboxReader:
 def to_message(item: InboxMessage, inbox_seq: int | None = None) -> Message:
     return Message(
         sender=item.sender,
-        message_id=item.message_id,
+        message_id=item.message_id.hex(),
         data=decode_payload(item.data),
         sent_at=item.sent_at_ms / 1000,
         capability_id=item.capability_id,

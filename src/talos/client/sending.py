@@ -21,22 +21,28 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from talos.audit import AuditKind
+from talos.client.arguments import (
+    check_expires_in,
+    check_peer_id,
+    check_retry_count,
+    check_timeout,
+)
 from talos.client.delivery import Deliverer
 from talos.client.revocations import Capabilities
 from talos.client.sessions import Sessions
 from talos.core import wire
 from talos.core.capability import Capability
-from talos.core.clock import Clock
-from talos.core.delivery import SEND_WINDOW, SEND_WINDOW_BYTES
+from talos.core.clock import Clock, time_ms
+from talos.core.delivery import SEND_WINDOW, SEND_WINDOW_BYTES, expires_at_ms
 from talos.core.message import encode_payload
 from talos.core.ratchet import Session
 from talos.core.rng import Rng
 from talos.core.sessions import SessionEntry, encode_record
 from talos.errors import (
-    ConfigurationError,
     DeliveryTimeout,
     DiscoveryError,
-    PeerNotFound,
+    InvalidArgument,
+    PeerUnknown,
     TalosError,
 )
 from talos.metrics import AgentMetrics
@@ -52,11 +58,22 @@ _Through = dict[str, tuple[Session, dict[bytes, tuple[bytes, bytes]]]]
 
 @dataclass(frozen=True)
 class SendResult:
-    """What :meth:`TalosClient.send` achieved."""
+    """What :meth:`TalosClient.send` achieved.
+
+    ``status`` is ``"delivered"`` (the peer's signed ACK arrived) or
+    ``"queued"`` (durable in the outbox; follow it with
+    :meth:`TalosClient.outcome`). ``message_id`` is hex text, the same as the
+    receiver's :attr:`Message.message_id`; :attr:`message_id_bytes` is the id
+    on the wire.
+    """
 
     status: Literal["delivered", "queued"]
     message_id: str
     trace_id: str
+
+    @property
+    def message_id_bytes(self) -> bytes:
+        return bytes.fromhex(self.message_id)
 
 
 class Sender:
@@ -87,6 +104,8 @@ class Sender:
         self._enqueues: list[tuple[Enqueue, asyncio.Future[None]]] = []
         #: Per peer, the send() call that queues next (see _in_call_order).
         self._turns: dict[str, asyncio.Future[None]] = {}
+        #: Told (id, peer, expiry ms) of every message queued with an expiry.
+        self.on_expiring: Callable[[bytes, str, int], None] | None = None
 
     async def send(
         self,
@@ -97,18 +116,27 @@ class Sender:
         retry_count: int,
         on_failure: Literal["queue", "raise"],
         capability: str | Capability | None,
+        wait: bool = True,
+        expires_in: float | None = None,
     ) -> SendResult:
         """See :meth:`TalosClient.send`."""
+        peer_id = check_peer_id(peer_id)
+        timeout = check_timeout(timeout)
+        retry_count = check_retry_count(retry_count)
+        expires = check_expires_in(expires_in)
         if on_failure not in ("queue", "raise"):
-            raise ConfigurationError("on_failure must be 'queue' or 'raise'")
+            raise InvalidArgument(f"on_failure must be 'queue' or 'raise', not {on_failure!r}")
+        if type(wait) is not bool:
+            raise InvalidArgument(f"wait must be True or False, not {wait!r}")
         payload = encode_payload(data)
+        started = self._clock.monotonic()
         async with self._in_call_order(peer_id):
-            with contextlib.suppress(PeerNotFound, DiscoveryError):
-                await self._peers.keylog(peer_id)  # to check the capability's issuer locally
+            await self._look_up(peer_id)
             await self._capabilities.fetch_issuers(peer_id, capability)
             token = self._capabilities.for_sending(peer_id, capability)
             message_id = wire.new_message_id(self._rng)
             trace_id = self._rng.bytes(8).hex()
+            expires_ms = None if expires is None else expires_at_ms(time_ms(self._clock), expires)
             queued = self._submit(
                 Enqueue(
                     peer_id,
@@ -127,6 +155,7 @@ class Sender:
                             peer_id,
                         )
                     ],
+                    expires_ms=expires_ms,
                 )
             )
         await queued
@@ -135,7 +164,12 @@ class Sender:
             return result  # committed by close(); delivered after the next start
         self._metrics.message_sent(len(payload))
         self._metrics.set_queue_depth(self._state.outbox_count())
+        if expires_ms is not None and self.on_expiring is not None:
+            self.on_expiring(message_id, peer_id, expires_ms)
         if self._offline:
+            return result
+        if not wait:
+            self._deliverer.kick(peer_id)
             return result
         acked = self._deliverer.waiter(message_id, peer_id)
         self._deliverer.kick(peer_id)
@@ -143,11 +177,52 @@ class Sender:
         if await deliverer.await_delivery(message_id, acked, timeout, retry_count):
             return SendResult("delivered", result.message_id, trace_id)
         if on_failure == "raise":
+            error = self._timeout(peer_id, message_id, timeout, retry_count, started)
             deliverer.give_up(message_id, peer_id, "timeout")
-            raise DeliveryTimeout(
-                f"not delivered to {peer_id} within {timeout:g} s and {retry_count} retries"
-            )
+            raise error
         return result
+
+    async def _look_up(self, peer_id: str) -> None:
+        """The peer's key log, to check a capability's issuer locally (fetched from
+        discovery on first contact).
+
+        Raises:
+            PeerUnknown: every discovery source said no such agent (not offline).
+        """
+        try:
+            await self._peers.keylog(peer_id)
+        except PeerUnknown:
+            if not self._offline:  # offline: nobody was asked, the message waits
+                raise
+        except DiscoveryError:
+            pass  # a source is down: queued, delivered once the peer is found
+
+    def _timeout(
+        self, peer: str, message_id: bytes, timeout: float, retry_count: int, started: float
+    ) -> DeliveryTimeout:
+        """The DeliveryTimeout of a send() that gave up: what it waited for, for how long
+        (on the agent's clock), and the last failure."""
+        waited = self._clock.monotonic() - started
+        record = self._deliverer.core.get(message_id)
+        failures = 0 if record is None else record.failures
+        last = None if record is None else record.last_failure
+        if failures > retry_count:
+            what = f"{failures} attempts failed (retry_count={retry_count})"
+        else:
+            what = f"no ACK within timeout={timeout:g} s"
+        if last is not None:
+            detail = f"; last failure: {last}"
+        elif record is not None and record.sent_at is not None:
+            detail = "; the message was sent and not acknowledged"
+        else:
+            detail = "; the message was not transmitted (no link or session yet)"
+        return DeliveryTimeout(
+            f"not delivered to {peer} after {waited:.2f} s: {what}{detail}; "
+            "removed from the outbox (on_failure='raise')",
+            waited=waited,
+            attempts=failures,
+            last_failure=last,
+        )
 
     @contextlib.asynccontextmanager
     async def _in_call_order(self, peer_id: str) -> AsyncIterator[None]:

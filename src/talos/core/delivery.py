@@ -27,13 +27,19 @@ Rules:
 4. A window with a nacked message, or one past its ACK deadline, has failed:
    everything still queued is sent again from the oldest (the receiver
    answers DUPLICATE for what it already has).
+5. A message queued with ``expires_in`` expires at ``enqueued + expires_in``
+   (:func:`expires_at_ms`): once ``now`` reaches that time it is dropped from
+   the outbox, unless its ACK came first (:class:`Expiries` says which are due).
+   An expired message may have reached the peer (sent, not yet acknowledged):
+   expiry stops the sending; it cannot unsend.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from talos.core import wire
@@ -45,10 +51,12 @@ __all__ = [
     "SEND_WINDOW",
     "SEND_WINDOW_BYTES",
     "Delivery",
+    "Expiries",
     "Outcome",
     "Pending",
     "RefusalAction",
     "Window",
+    "expires_at_ms",
 ]
 
 #: How long one transmission waits for its ACK before it is retried.
@@ -70,6 +78,8 @@ class Outcome(enum.Enum):
     REFUSED = "refused"  # the peer refused it for good
     GIVEN_UP = "given up"  # send(on_failure="raise") ran out of time or retries
     UNQUEUED = "unqueued"  # no longer in the outbox when it was to be sent
+    CANCELLED = "cancelled"  # the application cancelled it (TalosClient.cancel)
+    EXPIRED = "expired"  # its expires_in passed before its ACK (rule 5)
 
 
 @dataclass(slots=True, eq=False)
@@ -88,8 +98,10 @@ class Pending:
     sent_at: float | None = None
     #: The X3DH header it was last sent with (an ACK to it confirms that handshake).
     handshake: bytes | None = None
-    #: Failed delivery attempts with this message at the head of its peer's queue.
+    #: Failed delivery attempts with this message at the head of its peer's queue,
+    #: and what the last one failed with ("RegistryUnavailable: ...").
     failures: int = 0
+    last_failure: str | None = None
     #: The peer asked for it again (UNAVAILABLE or DECRYPT_FAILED): the window stops.
     nacked: bool = False
 
@@ -223,12 +235,14 @@ class Delivery:
         returns its record if it was tracked."""
         return self._records.pop(message_id, None)
 
-    def count_failure(self, message_id: bytes) -> bool:
-        """A delivery attempt failed with ``message_id`` at the head; True if tracked."""
+    def count_failure(self, message_id: bytes, reason: str | None = None) -> bool:
+        """A delivery attempt failed with ``message_id`` at the head (because of
+        ``reason``); True if tracked."""
         record = self._records.get(message_id)
         if record is None:
             return False
         record.failures += 1
+        record.last_failure = reason
         return True
 
     def window(self, peer: str) -> Window:
@@ -290,3 +304,52 @@ class Delivery:
             return False
         self._last_reset[peer] = now
         return True
+
+
+# -- expiry (rule 5) -------------------------------------------------------------------
+
+
+def expires_at_ms(enqueued_ms: int, expires_in: float) -> int:
+    """Rule 5: when a message queued at ``enqueued_ms`` with ``expires_in`` seconds expires."""
+    return enqueued_ms + max(1, round(expires_in * 1000))
+
+
+@dataclass(order=True, slots=True)
+class _Expiring:
+    at_ms: int
+    message_id: bytes = field(compare=False)
+    peer: str = field(compare=False)
+
+
+class Expiries:
+    """The queued messages that expire, soonest first (rule 5).
+
+    The driver adds every message queued with an expiry (and, at start, those
+    the outbox holds) and asks :meth:`due` at :meth:`next_at`; whether a due
+    message is still queued is for the outbox to say (its ACK may have come first).
+    """
+
+    __slots__ = ("_heap",)
+
+    def __init__(self) -> None:
+        self._heap: list[_Expiring] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, message_id: bytes, peer: str, at_ms: int) -> None:
+        heapq.heappush(self._heap, _Expiring(at_ms, message_id, peer))
+
+    def next_at(self) -> float | None:
+        """Wall-clock seconds of the soonest expiry, or None."""
+        return self._heap[0].at_ms / 1000 if self._heap else None
+
+    def due(self, now: float) -> list[tuple[bytes, str, int]]:
+        """(message id, peer, expiry ms) of every message expired at ``now``, soonest
+        first; they leave this set."""
+        now_ms = now * 1000
+        due: list[tuple[bytes, str, int]] = []
+        while self._heap and self._heap[0].at_ms <= now_ms:
+            entry = heapq.heappop(self._heap)
+            due.append((entry.message_id, entry.peer, entry.at_ms))
+        return due

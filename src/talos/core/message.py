@@ -30,15 +30,26 @@ MAX_JSON_DEPTH: Final = 128
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A message as the application receives it."""
+    """A message as the application receives it.
+
+    ``message_id`` is the sender's id of the message as lowercase hex text, the
+    same form as :attr:`talos.SendResult.message_id` on the sending side (the
+    bytes on the wire are :attr:`message_id_bytes`).
+    """
 
     sender: str
-    message_id: bytes
+    message_id: str
     data: Any
     sent_at: float
     capability_id: bytes | None = None
     #: Position in the durable inbox when received with ``auto_ack=False``.
     inbox_seq: int | None = None
+
+    @property
+    def message_id_bytes(self) -> bytes:
+        """The message id as the bytes the envelope carries (what ``message_id`` was
+        before it became hex text)."""
+        return bytes.fromhex(self.message_id)
 
 
 def encode_payload(data: Any) -> bytes:

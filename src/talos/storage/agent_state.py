@@ -27,7 +27,7 @@ from talos.errors import ConfigurationError, LocalProtocolError, QueueFull
 from talos.storage.state.commit import Apply, AuditRecords, UnitOfWork
 from talos.storage.state.inbox import Inbox, InboxMessage, seq_keys
 from talos.storage.state.meta import Meta
-from talos.storage.state.outbox import Enqueue, Outbox, OutboxItem
+from talos.storage.state.outbox import Enqueue, Outbox, OutboxItem, QueuedMessage
 from talos.storage.state.peers import PeerCache, keylog_key, record_key
 from talos.storage.state.receiving import Received, Receiving
 from talos.storage.state.replay import PRUNE_BATCH, ReplayRows
@@ -52,6 +52,7 @@ __all__ = [
     "Enqueue",
     "InboxMessage",
     "OutboxItem",
+    "QueuedMessage",
     "Received",
     "derive_storage_key",
 ]
@@ -430,6 +431,15 @@ class AgentState:
         """Peers with at least one queued message, sorted by id bytes."""
         with self._log.snapshot() as txn:
             return self._outbox.peers(txn)
+
+    def queued_messages(self) -> list[QueuedMessage]:
+        """Every queued message in enqueue order, nothing decrypted (for listing).
+
+        Raises:
+            StoreCorrupted: a stored row is damaged.
+        """
+        with self._log.snapshot() as txn:
+            return self._outbox.summaries(txn)
 
     def outbox_count(self) -> int:
         """How many messages are queued, for all peers."""

@@ -21,7 +21,7 @@ _PEER = "did:talos:z6MkpeerExample"
 
 
 def _message(data: object, sent_at: float = 1_700_000_000.0) -> Message:
-    return Message(sender=_PEER, message_id=bytes(16), data=data, sent_at=sent_at)
+    return Message(sender=_PEER, message_id=bytes(16).hex(), data=data, sent_at=sent_at)
 
 
 @pytest.mark.parametrize(

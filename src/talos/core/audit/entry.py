@@ -115,6 +115,10 @@ class AuditKind(StrEnum):
     CHECKPOINT_COSIGNED = "CHECKPOINT_COSIGNED"
     #: ``talos audit rebuild --from-peers`` rebuilt the log from a mirror (size, lost).
     MIRROR_REBUILT = "MIRROR_REBUILT"
+    #: The application cancelled a queued message (TalosClient.cancel); it left the outbox.
+    MESSAGE_CANCELLED = "MESSAGE_CANCELLED"
+    #: A queued message's expires_in passed before its ACK; it left the outbox.
+    MESSAGE_EXPIRED = "MESSAGE_EXPIRED"
 
 
 def check_kind(kind: object) -> str:

@@ -3,15 +3,17 @@
 Owns the ``outbox`` database, its index and the ``outbox_next`` counter of
 ``agent``::
 
-    outbox        u64be(seq)                     -> CBOR row {v, peer, id, ct, cap, enq, n, last}
-    outbox_index  b"m" message id                -> u64be(seq)
-                  b"p" u8(len) peer u64be(seq)   -> b""   (per-peer order)
+    outbox        u64be(seq)                   -> {v, peer, id, ct, cap, enq, n, last[, exp]}
+    outbox_index  b"m" message id              -> u64be(seq)
+                  b"p" u8(len) peer u64be(seq) -> b""   (per-peer order)
 
 ``ct`` is the plaintext payload sealed with associated data ``("outbox",
 peer, message id)``: after a session reset every queued message is encrypted
 again under the new session. ``n`` and ``last`` count delivery attempts (for
-backoff). The queue limit counts the whole outbox and is checked again inside
-the write transaction, so two writers cannot both pass it.
+backoff). ``exp`` (Unix ms) is written only for a message queued with
+``expires_in``, so rows without one read as before. The queue limit counts
+the whole outbox and is checked again inside the write transaction, so two
+writers cannot both pass it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from talos.core.encoding import canonical_dumps
-from talos.errors import LocalProtocolError, QueueFull
+from talos.errors import LocalProtocolError, QueueFull, StoreCorrupted
 from talos.storage.state.commit import AuditRecords
 from talos.storage.state.meta import Meta
 from talos.storage.state.rows import (
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
     import lmdb
 
 _FIELDS: Final = frozenset({"v", "peer", "id", "ct", "cap", "enq", "n", "last"})
+#: The fields of a row queued with an expiry.
+_EXPIRING_FIELDS: Final = _FIELDS | {"exp"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,23 @@ class OutboxItem:
     enqueued_ms: int
     attempts: int = 0
     last_attempt_ms: int | None = None
+    #: When it expires (Unix ms), if queued with an expiry.
+    expires_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """What the outbox says about one queued message without decrypting it."""
+
+    seq: int
+    peer: str
+    message_id: bytes
+    enqueued_ms: int
+    attempts: int
+    last_attempt_ms: int | None
+    expires_ms: int | None
+    #: Size of the sealed payload (the payload plus a fixed overhead).
+    sealed_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +88,8 @@ class Enqueue:
     payload: bytes
     capability: bytes | None
     audit: AuditRecords = ()
+    #: When it expires (Unix ms), or None: never.
+    expires_ms: int | None = None
 
 
 Outcome = OutboxItem | QueueFull | LocalProtocolError
@@ -166,6 +189,10 @@ class Outbox:
             raise LocalProtocolError(f"payload larger than {MAX_PAYLOAD_SIZE} bytes")
         if request.capability is not None:
             as_bytes("capability", request.capability)
+        if request.expires_ms is not None and (
+            type(request.expires_ms) is not int or request.expires_ms < 0
+        ):
+            raise LocalProtocolError("expires_ms must be a non-negative int")
         return self._sealer.seal(payload, ("outbox", request.peer, request.message_id))
 
     def write(
@@ -200,6 +227,7 @@ class Outbox:
                 now,
                 1 if tried else 0,
                 attempt_ms if tried else None,
+                request.expires_ms,
             )
             txn.put(U64.pack(seq), _row(item, sealed), db=outbox)
             txn.put(b"m" + request.message_id, U64.pack(seq), db=index)
@@ -272,7 +300,12 @@ class Outbox:
             StoreCorrupted: the row is damaged.
         """
         where = seq_name(key)
-        row = decode_row("outbox", where, raw, _FIELDS)
+        try:
+            row = decode_row("outbox", where, raw, _FIELDS)
+        except StoreCorrupted:
+            row = decode_row("outbox", where, raw, _EXPIRING_FIELDS)
+            if type(row["exp"]) is not int:
+                raise corrupt("outbox", where, "fields of the wrong type") from None
         cap, last = row["cap"], row["last"]
         if not (
             len(key) == 8
@@ -296,7 +329,32 @@ class Outbox:
         row = self.fields(key, raw)
         seq, peer, mid = U64.unpack(key)[0], row["peer"], row["id"]
         payload = self._sealer.unseal("outbox", str(seq), row["ct"], ("outbox", peer, mid))
-        return OutboxItem(seq, peer, mid, payload, row["cap"], row["enq"], row["n"], row["last"])
+        return OutboxItem(
+            seq, peer, mid, payload, row["cap"], row["enq"], row["n"], row["last"], row.get("exp")
+        )
+
+    def summaries(self, txn: lmdb.Transaction[bytes]) -> list[QueuedMessage]:
+        """Every queued message in enqueue order, without decrypting any payload.
+
+        Raises:
+            StoreCorrupted: a row is damaged.
+        """
+        listed = []
+        for key, raw in txn.cursor(db=self._db).iternext():
+            row = self.fields(key, raw)
+            listed.append(
+                QueuedMessage(
+                    U64.unpack(key)[0],
+                    row["peer"],
+                    row["id"],
+                    row["enq"],
+                    row["n"],
+                    row["last"],
+                    row.get("exp"),
+                    len(row["ct"]),
+                )
+            )
+        return listed
 
     def read(
         self,
@@ -388,15 +446,16 @@ class Outbox:
 
 
 def _row(item: OutboxItem, sealed: bytes) -> bytes:
-    return canonical_dumps(
-        {
-            "v": FORMAT_VERSION,
-            "peer": item.peer,
-            "id": item.message_id,
-            "ct": sealed,
-            "cap": item.capability,
-            "enq": item.enqueued_ms,
-            "n": item.attempts,
-            "last": item.last_attempt_ms,
-        }
-    )
+    row: dict[str, Any] = {
+        "v": FORMAT_VERSION,
+        "peer": item.peer,
+        "id": item.message_id,
+        "ct": sealed,
+        "cap": item.capability,
+        "enq": item.enqueued_ms,
+        "n": item.attempts,
+        "last": item.last_attempt_ms,
+    }
+    if item.expires_ms is not None:
+        row["exp"] = item.expires_ms
+    return canonical_dumps(row)
