@@ -59,8 +59,8 @@ def main() -> int:
                 abort(demo, error)
                 raise
         if Path(tmp).exists():
-            raise DemoFailure(f"step 7: {tmp} was not removed")
-        console.print("  [green]ok[/] [7.clean] the demo directory is removed")
+            raise DemoFailure(f"step {demo.last_step}: {tmp} was not removed")
+        console.print(f"  [green]ok[/] [{demo.last_step}.clean] the demo directory is removed")
     except DemoFailure as exc:
         console.print(f"[bold red]demo failed:[/] {escape(str(exc))}")
         code = 1

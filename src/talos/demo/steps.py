@@ -1,4 +1,4 @@
-"""The demo's story: the setup and steps 1 to 7, each a method that runs ``talos`` commands.
+"""The demo's story: the setup and steps 1 to 8, each a method that runs ``talos`` commands.
 
 A step narrates what is about to happen, makes it happen (stopping a
 process, replaying a frame, forging one), checks the outcome through the
@@ -25,6 +25,7 @@ from talos.core import wire
 from talos.core.clock import time_ms
 from talos.core.crypto import SigningKey
 from talos.demo import WAIT, DemoFailure
+from talos.demo.anchoring import anchoring
 from talos.demo.cast import Agent, Cast, clean_exit, exit_text
 from talos.demo.compromise import key_compromise
 from talos.demo.narration import Narrator
@@ -67,6 +68,8 @@ class Demo:
         self.wiretap: Wiretap | None = None
         #: The token alice granted bob in the setup, under her first key.
         self.bob_token = ""
+        #: The number of the last step (everything stops, the directory is removed).
+        self.last_step = 8
 
     @property
     def children(self) -> list[ChildProcess]:
@@ -128,6 +131,7 @@ class Demo:
         self.forgery(frame)
         self.audit()
         key_compromise(self, 6)
+        anchoring(self, 7)
         self.shutdown(narrate=True)
 
     def setup(self) -> None:
@@ -426,16 +430,16 @@ class Demo:
         self.talos(auditor, "audit", "verify-proof", "--proof", str(proof))
         self.out.check("5.proof", "the inclusion proof of the replay entry verifies")
 
-    # -- 6 is talos.demo.compromise; 7 ------------------------------------------------------
+    # -- 6 is talos.demo.compromise, 7 talos.demo.anchoring; the last ----------------------
 
     def shutdown(self, *, narrate: bool) -> None:
-        """Stop everything; with ``narrate``, as step 7, checking each process is gone.
+        """Stop everything; with ``narrate``, as the last step, checking each process is gone.
 
         Without it (a failure or an interruption), stop quietly and as fast as possible.
         """
         if narrate:
             self.out.step(
-                7,
+                self.last_step,
                 "everything stops cleanly",
                 "Every process gets SIGTERM and is waited for: the agents keep whatever is "
                 "still queued and remove their control sockets. Then "
@@ -455,4 +459,7 @@ class Demo:
         left = [child for child in self.children if still_running(child.pid)]
         if left or any(child.running for child in self.children):
             raise self.out.fail(f"still running: {', '.join(c.name for c in left)}")
-        self.out.check("7.stopped", f"all {len(self.children)} processes the demo started are gone")
+        self.out.check(
+            f"{self.last_step}.stopped",
+            f"all {len(self.children)} processes the demo started are gone",
+        )

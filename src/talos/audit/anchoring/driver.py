@@ -334,6 +334,7 @@ class Anchorer:
                 "event": "anchor_failed",
                 "reason": type(error).__name__,
                 "failures": self.schedule.failures,
+                "retry_in": round(self.schedule.next_at - now, 3),
             },
             exc_info=bug,
         )
