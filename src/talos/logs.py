@@ -121,6 +121,8 @@ EVENTS: Final = frozenset(
         "anchor_final",
         "anchor_failed",
         "anchor_recovered",
+        "anchor_mismatch",
+        "anchor_foreign",
         # the registry
         "keylog_fork",
         "revocation_forked",

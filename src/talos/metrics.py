@@ -242,6 +242,17 @@ class AgentMetrics:
             "Audit entries not yet covered by a final anchor.",
             registry=r,
         )
+        self.audit_anchor_mismatches = Counter(
+            "talos_audit_anchor_mismatches",
+            "Anchors by the log's own wallet found on chain contradicting the log.",
+            registry=r,
+        )
+        self.audit_anchor_foreign = Counter(
+            "talos_audit_anchor_foreign",
+            "Anchors of this log on chain sent by another wallet, by whether the root agrees.",
+            ["agrees"],
+            registry=r,
+        )
 
         # -- security events ---------------------------------------------------
         self.signature_failures = Counter(
@@ -311,6 +322,8 @@ class AgentMetrics:
             self.message_size_bytes.labels(direction=direction)
         for kind in ROTATION_KINDS:
             self.key_rotations.labels(kind=kind)
+        for agrees in ("yes", "no"):
+            self.audit_anchor_foreign.labels(agrees=agrees)
         for url in self._registry_urls:
             self.registry_up.labels(url=url).set(0 if uses_registry else math.nan)
 
@@ -409,6 +422,12 @@ class AgentMetrics:
 
     def set_audit_anchor_lag(self, entries: int) -> None:
         self.audit_anchor_lag.set(entries)
+
+    def audit_anchor_mismatched(self) -> None:
+        self.audit_anchor_mismatches.inc()
+
+    def audit_anchor_foreign_found(self, *, agrees: bool) -> None:
+        self.audit_anchor_foreign.labels(agrees="yes" if agrees else "no").inc()
 
     # -- security events --------------------------------------------------------
 

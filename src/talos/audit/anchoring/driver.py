@@ -12,7 +12,11 @@ chain (:class:`~talos.audit.anchoring.chain.Chain`), the store
    its ``AUDIT_ANCHORED`` entry once final, back to pending after a reorg;
 2. with none in flight, the newest signed checkpoint is anchored if the log
    grew past the last final anchor and the interval since the last start has
-   passed: signed, **saved, then broadcast**.
+   passed: signed, **saved, then broadcast**;
+3. once per interval, the :class:`~talos.audit.anchoring.watch.AnchorWatch`
+   (if given) reads every anchor of the log back from the chain and reports
+   the ones that contradict the log (``ANCHOR_MISMATCH``) or come from
+   another wallet.
 
 A failure of any kind (the RPC is down, times out or answers garbage; the
 transaction is refused or reverts; the store fails) never reaches the
@@ -35,6 +39,7 @@ from talos.audit.anchoring.chain import Chain, RpcError, check_address
 from talos.audit.anchoring.contract import anchor_calldata, artifact, log_id
 from talos.audit.anchoring.store import AnchorStore
 from talos.audit.anchoring.wallet import Wallet
+from talos.audit.anchoring.watch import AnchorWatch, WatchMetrics
 from talos.audit.log import AuditLog
 from talos.audit.records import AuditRecord
 from talos.core.anchoring import (
@@ -62,8 +67,8 @@ _log = logging.getLogger("talos.audit.anchoring")
 _GAS_MARGIN: Final = 1.25
 
 
-class AnchorMetrics(Protocol):
-    """What the driver reports (:class:`talos.metrics.AgentMetrics` implements it)."""
+class AnchorMetrics(WatchMetrics, Protocol):
+    """What the driver and its watch report (:class:`talos.metrics.AgentMetrics` implements it)."""
 
     def audit_anchor_attempted(self, *, succeeded: bool) -> None: ...
 
@@ -95,8 +100,10 @@ class Anchorer:
         rng: Rng,
         replace_after: float | None = None,
         metrics: AnchorMetrics | None = None,
+        watch: AnchorWatch | None = None,
     ) -> None:
         self._log = log
+        self._watch = watch
         self._store = AnchorStore(log)
         self._chain = chain
         self._wallet = wallet
@@ -129,6 +136,8 @@ class Anchorer:
                 anchor, outcome = self._follow(anchor, now)
             if anchor is None:
                 anchor = self._maybe_start(now)
+            if self._watch is not None and self._watch.due(now):
+                self._watch.check(now)  # after its own work: read every anchor back
         except TalosError as error:
             self._failed(error, now)
             self.last = StepReport(outcome, None, error)

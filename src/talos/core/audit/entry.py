@@ -105,6 +105,8 @@ class AuditKind(StrEnum):
     #: A checkpoint's anchor became final on chain (talos.audit.anchoring).
     AUDIT_ANCHORED = "AUDIT_ANCHORED"
     LOG_RESTORED = "LOG_RESTORED"
+    #: An anchor of this log by its own wallet contradicts the log (talos.audit.anchoring.watch).
+    ANCHOR_MISMATCH = "ANCHOR_MISMATCH"
 
 
 def check_kind(kind: object) -> str:
