@@ -29,7 +29,7 @@ running agent through :mod:`talos.audit.anchoring.watch`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,9 +185,13 @@ def anchor_events(chain: Chain, contract: str, log_id: bytes) -> list[EventLog]:
 
 
 def judge(
-    log: AuditLog | None, events: Iterable[EventLog], wallets: Collection[str]
+    reference: AuditLog | Mapping[int, bytes] | None,
+    events: Iterable[EventLog],
+    wallets: Collection[str],
 ) -> list[AnchorCheck]:
-    """Each event's verdict against ``log`` (without one: against the wallets' other anchors)."""
+    """Each event's verdict against ``reference``: the log itself, or the roots known at a
+    few sizes (a proof file's), or nothing; the wallets' own anchors are also held against
+    one another (two roots for one size are a split view whatever the reference)."""
     found = [(event, *decode_anchored(event)[1:]) for event in events]
     own_roots: dict[int, set[bytes]] = {}
     for _, size, root, sender in found:
@@ -195,17 +199,7 @@ def judge(
             own_roots.setdefault(size, set()).add(root)
     checks = []
     for event, size, root, sender in found:
-        agrees: bool | None
-        reason = ""
-        if log is not None:
-            agrees = size <= log.size and log.root_at(size) == root
-            if sender in wallets and not agrees:
-                reason = _why(log, size, root)
-        else:
-            roots = own_roots.get(size, set())
-            agrees = None if not roots else roots == {root}
-            if sender in wallets and len(roots) > 1:
-                reason = f"the wallet {sender} anchored {len(roots)} roots for size {size}"
+        agrees, reason = _compare(reference, own_roots.get(size, set()), size, root)
         verdict = FOREIGN if sender not in wallets else MISMATCH if reason else OK
         checks.append(
             AnchorCheck(
@@ -213,6 +207,25 @@ def judge(
             )
         )
     return checks
+
+
+def _compare(
+    reference: AuditLog | Mapping[int, bytes] | None, own: set[bytes], size: int, root: bytes
+) -> tuple[bool | None, str]:
+    """Whether ``root`` is the reference's at ``size`` (None: unknown) and, if an anchor by
+    the log's wallet with it would be a mismatch, why."""
+    if isinstance(reference, AuditLog):
+        agrees = size <= reference.size and reference.root_at(size) == root
+        return agrees, "" if agrees else _why(reference, size, root)
+    known = (reference or {}).get(size)
+    if known is not None and known != root:
+        return False, (
+            f"the root anchored at size {size} (0x{root.hex()}) is not the one the proof "
+            f"file gives (0x{known.hex()})"
+        )
+    if len(own) > 1:
+        return False, f"the log's wallet anchored {len(own)} roots for size {size}: a split view"
+    return (True if known is not None or own == {root} else None), ""
 
 
 def _why(log: AuditLog, size: int, root: bytes) -> str:
@@ -225,9 +238,9 @@ def _why(log: AuditLog, size: int, root: bytes) -> str:
 
 
 def anchor_checks(
-    log: AuditLog | None, chain: Chain, names: Iterable[LogName]
+    reference: AuditLog | Mapping[int, bytes] | None, chain: Chain, names: Iterable[LogName]
 ) -> list[AnchorCheck]:
-    """Every anchor of each of ``names`` on ``chain``, judged (:func:`judge`).
+    """Every anchor of each of ``names`` on ``chain``, judged against ``reference`` (:func:`judge`).
 
     Raises:
         AnchorMismatch: a contract is not TalosAnchor (its events prove nothing).
@@ -239,7 +252,7 @@ def anchor_checks(
             raise AnchorMismatch(
                 f"{name.contract} does not hold the TalosAnchor contract: its events prove nothing"
             )
-        checks += judge(log, anchor_events(chain, name.contract, name.log_id), name.wallets)
+        checks += judge(reference, anchor_events(chain, name.contract, name.log_id), name.wallets)
     return checks
 
 
