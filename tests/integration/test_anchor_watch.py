@@ -26,6 +26,7 @@ from talos.audit.anchoring.wallet import Wallet, load_wallet
 from talos.audit.anchoring.watch import AnchorWatch
 from talos.core.anchoring import Finality, Outcome, Schedule
 from talos.core.crypto import SigningKey
+from talos.errors import AnchorRejected
 from talos.metrics import AgentMetrics
 from talos.testing import FakeClock, SeededRng
 from talos.testing.chain import DEV_KEYS, AnvilProcess, start_anvil
@@ -208,3 +209,16 @@ def test_a_chain_that_does_not_answer_fails_the_step_like_any_anchoring_failure(
     watched.anchorer.step()  # nothing to anchor: only the watch talks to the chain
     assert type(watched.anchorer.last.error).__name__ == "ChainUnavailable"
     assert watched.value("talos_audit_anchor_failures_total") == failures + 1
+
+
+def test_a_drained_wallet_does_not_blind_the_watch(watched: Watched) -> None:
+    # Someone holding the wallet's key anchors a false root, then empties the wallet.
+    send_anchor(watched.chain, watched.wallet, watched.contract, 2, b"\x66" * 32)
+    watched.anvil.rpc("anvil_setBalance", [watched.wallet.address, "0x0"])
+    watched.anchorer.step()  # the agent's own anchor cannot be paid for ...
+    assert isinstance(watched.anchorer.last.error, AnchorRejected)
+    assert "funds" in str(watched.anchorer.last.error).lower()
+    assert watched.value("talos_audit_anchor_failures_total") == 1
+    [entry] = watched.log.query(kind="ANCHOR_MISMATCH")  # ... and the watch still looked
+    assert entry.data["size"] == 2
+    assert watched.value("talos_audit_anchor_mismatches_total") == 1

@@ -221,17 +221,22 @@ class _Garbage(BaseHTTPRequestHandler):
         """Quiet."""
 
 
-def test_an_rpc_answering_garbage_is_exit_7(anchored: Anchored) -> None:
+@pytest.fixture
+def garbage_rpc() -> Iterator[str]:
+    """The URL of an endpoint that answers every call with garbage (:class:`_Garbage`)."""
     server = HTTPServer(("127.0.0.1", 0), _Garbage)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        result = CLI.fails(anchored.home, EXIT_ANCHORING, "audit", "verify-proof", "--proof",
-                           str(anchored.proof), "--rpc", url, "--json")  # fmt: skip
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_rpc_answering_garbage_is_exit_7(anchored: Anchored, garbage_rpc: str) -> None:
+    result = CLI.fails(anchored.home, EXIT_ANCHORING, "audit", "verify-proof", "--proof",
+                       str(anchored.proof), "--rpc", garbage_rpc, "--json")  # fmt: skip
     assert json.loads(result.stdout)["reason"] == "ChainUnavailable"
     assert "Traceback" not in result.stderr
 
@@ -378,16 +383,10 @@ def test_a_proof_whose_contract_is_not_talos_anchor_is_an_anchor_mismatch(
     assert "does not hold the TalosAnchor contract" in result.stderr
 
 
-def test_verify_anchors_on_an_rpc_answering_garbage_is_exit_7(anchored: Anchored) -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Garbage)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        result = CLI.fails(anchored.home, EXIT_ANCHORING, "audit", "verify-anchors",
-                           "--rpc", url)  # fmt: skip
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_verify_anchors_on_an_rpc_answering_garbage_is_exit_7(
+    anchored: Anchored, garbage_rpc: str
+) -> None:
+    result = CLI.fails(anchored.home, EXIT_ANCHORING, "audit", "verify-anchors",
+                       "--rpc", garbage_rpc)  # fmt: skip
     assert "ChainUnavailable" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,7 +1,9 @@
 """A running agent reads its own anchors back from the chain: ``ANCHOR_MISMATCH`` as it happens.
 
 Once per anchoring interval, after the driver's own work
-(:meth:`talos.audit.anchoring.driver.Anchorer.step`), :meth:`AnchorWatch.check`
+(:meth:`talos.audit.anchoring.driver.Anchorer.step`; also when that work
+failed, say for a wallet emptied by whoever else holds its key, but not when
+the chain is unreachable), :meth:`AnchorWatch.check`
 lists every ``Anchored`` event of the log's ``logId`` on the configured
 contract and judges each against the local log
 (:func:`talos.audit.anchoring.verify.judge`). The wallets that count are the
