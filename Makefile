@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) anvil
 	$(BIN)/python -m talos.demo
 
 test: lint typecheck imports alerts pytest

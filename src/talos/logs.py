@@ -143,6 +143,8 @@ EVENTS: Final = frozenset(
         "mirror_served",
         "mirror_invalid",
         "audit_rebuilt_from_peers",
+        "anchor_mismatch",
+        "anchor_foreign",
         # the registry
         "keylog_fork",
         "revocation_forked",

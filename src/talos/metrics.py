@@ -321,6 +321,17 @@ class AgentMetrics:
             "Fetches of mirrored entries refused as stale or replayed.",
             registry=r,
         )
+        self.audit_anchor_mismatches = Counter(
+            "talos_audit_anchor_mismatches",
+            "Anchors by the log's own wallet found on chain contradicting the log.",
+            registry=r,
+        )
+        self.audit_anchor_foreign = Counter(
+            "talos_audit_anchor_foreign",
+            "Anchors of this log on chain sent by another wallet, by whether the root agrees.",
+            ["agrees"],
+            registry=r,
+        )
 
         # -- security events ---------------------------------------------------
         self.signature_failures = Counter(
@@ -395,6 +406,8 @@ class AgentMetrics:
             self.equivocations.labels(role=role)
         for reason in REFUSALS:
             self.checkpoints_refused.labels(reason=reason)
+        for agrees in ("yes", "no"):
+            self.audit_anchor_foreign.labels(agrees=agrees)
         for url in self._registry_urls:
             self.registry_up.labels(url=url).set(0 if uses_registry else math.nan)
         for code in MIRROR_REFUSALS:
@@ -510,6 +523,12 @@ class AgentMetrics:
     def equivocation(self, role: str) -> None:
         """Two inconsistent versions of an audit log were seen, as ``role``."""
         self.equivocations.labels(role=_label(role, WITNESS_ROLES)).inc()
+
+    def audit_anchor_mismatched(self) -> None:
+        self.audit_anchor_mismatches.inc()
+
+    def audit_anchor_foreign_found(self, *, agrees: bool) -> None:
+        self.audit_anchor_foreign.labels(agrees="yes" if agrees else "no").inc()
 
     # -- security events --------------------------------------------------------
 

@@ -8,6 +8,7 @@ home) and the RPC URL. Bad input is a clean error with its exit code.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -220,17 +221,22 @@ class _Garbage(BaseHTTPRequestHandler):
         """Quiet."""
 
 
-def test_an_rpc_answering_garbage_is_exit_7(anchored: Anchored) -> None:
+@pytest.fixture
+def garbage_rpc() -> Iterator[str]:
+    """The URL of an endpoint that answers every call with garbage (:class:`_Garbage`)."""
     server = HTTPServer(("127.0.0.1", 0), _Garbage)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        result = CLI.fails(anchored.home, EXIT_ANCHORING, "audit", "verify-proof", "--proof",
-                           str(anchored.proof), "--rpc", url, "--json")  # fmt: skip
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_rpc_answering_garbage_is_exit_7(anchored: Anchored, garbage_rpc: str) -> None:
+    result = CLI.fails(anchored.home, EXIT_ANCHORING, "audit", "verify-proof", "--proof",
+                       str(anchored.proof), "--rpc", garbage_rpc, "--json")  # fmt: skip
     assert json.loads(result.stdout)["reason"] == "ChainUnavailable"
     assert "Traceback" not in result.stderr
 
@@ -253,3 +259,134 @@ def test_a_malformed_anchor_is_exit_1(anchored: Anchored, tmp_path: Path) -> Non
     result = CLI.fails(anchored.home, 1, "audit", "verify-proof", "--proof", str(path),
                        "--rpc", anchored.anvil.url)  # fmt: skip
     assert "anchor.tx must be 32 bytes" in result.stderr
+
+
+# -- verify-anchors: the log's own wallet, other wallets, an auditor without the log -------
+
+#: The agent's anchoring wallet in the fixture (DEV_KEYS[2], unlocked in anvil).
+WALLET = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
+
+
+@pytest.fixture
+def restored(anchored: Anchored) -> Iterator[Anchored]:
+    """The module's chain, put back as it was after the test (it forges the wallet's anchors)."""
+    snapshot = anchored.anvil.rpc("evm_snapshot")
+    try:
+        yield anchored
+    finally:
+        anchored.anvil.rpc("evm_revert", [snapshot])
+
+
+def _forge(anchored: Anchored, size: int, root: bytes, sender: str = WALLET) -> None:
+    log_id = bytes.fromhex(anchored.document["anchor"]["log_id"][2:])
+    call = "0x" + anchor_calldata(log_id, size, root).hex()
+    tx = anchored.anvil.rpc(
+        "eth_sendTransaction", [{"from": sender, "to": anchored.contract, "data": call}]
+    )
+    wait_until(lambda: anchored.anvil.rpc("eth_getTransactionReceipt", [tx]), 10.0, what="mined")
+
+
+def _checks(anchored: Anchored, *args: str, home: Path | None = None) -> list[dict[str, Any]]:
+    out = CLI.ok(home, "audit", "verify-anchors", "--rpc", anchored.anvil.url, "--json", *args)
+    found: list[dict[str, Any]] = json.loads(out)
+    return found
+
+
+def _own(checks: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    return [(c["verdict"], c["tree_size"]) for c in checks if c["verdict"] != "foreign"]
+
+
+def test_an_auditor_without_the_log_names_it_by_id_agent_key_log_or_proof(
+    anchored: Anchored,
+) -> None:
+    size = anchored.document["anchor"]["tree_size"]
+    log_id = anchored.document["anchor"]["log_id"]
+    agent_id = re.search(r"did:talos:\w+", CLI.ok(anchored.home, "whoami"))
+    assert agent_id
+    keylog = anchored.home / "keylog.cbor"
+    where = ("--wallet", WALLET, "--contract", anchored.contract)
+    for args in (
+        ("--log-id", log_id, *where),
+        ("--log-id", agent_id.group(0), *where),
+        ("--log-id", str(keylog), *where),
+        ("--log-id", str(anchored.proof), "--wallet", WALLET),  # the contract from its anchor
+    ):
+        checks = _checks(anchored, *args)
+        assert _own(checks) == [("ok", size)], args
+    own = _checks(anchored, *where, home=anchored.home)  # the home's log, --wallet/--contract
+    [check] = [c for c in own if c["verdict"] == "ok"]
+    assert check["agrees"] is True
+
+
+def test_a_split_view_by_the_log_s_wallet_is_exit_8_with_or_without_the_log(
+    restored: Anchored,
+) -> None:
+    size = restored.document["anchor"]["tree_size"]
+    _forge(restored, size, b"\x66" * 32)
+    result = CLI.fails(restored.home, EXIT_ANCHOR_MISMATCH, "audit", "verify-anchors",
+                       "--rpc", restored.anvil.url)  # fmt: skip
+    assert "mismatch" in result.stdout
+    assert "split view" in result.stderr
+    result = CLI.fails(None, EXIT_ANCHOR_MISMATCH, "audit", "verify-anchors", "--rpc",
+                       restored.anvil.url, "--log-id", restored.document["anchor"]["log_id"],
+                       "--wallet", WALLET, "--contract", restored.contract)  # fmt: skip
+    assert f"anchored 2 roots for size {size}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_anchor_against_the_proof_file_s_roots_is_exit_8(restored: Anchored) -> None:
+    checkpoint_size = restored.document["tree_size"]
+    _forge(restored, checkpoint_size, b"\x66" * 32)  # the only anchor at that size
+    result = CLI.fails(None, EXIT_ANCHOR_MISMATCH, "audit", "verify-anchors", "--rpc",
+                       restored.anvil.url, "--log-id", str(restored.proof),
+                       "--wallet", WALLET)  # fmt: skip
+    assert "not the one the proof file gives" in result.stderr
+
+
+def test_only_the_named_wallet_counts(restored: Anchored) -> None:
+    size = restored.document["anchor"]["tree_size"]
+    _forge(restored, size, b"\x66" * 32, sender=STRANGER)
+    checks = _checks(restored, home=restored.home)
+    assert ("ok", size) in _own(checks)
+    assert [c["agrees"] for c in checks if c["verdict"] == "foreign"][-1] is False
+    # Named, the stranger's wallet is the one that counts: its false root is a mismatch.
+    result = CLI.fails(restored.home, EXIT_ANCHOR_MISMATCH, "audit", "verify-anchors",
+                       "--rpc", restored.anvil.url, "--wallet", STRANGER)  # fmt: skip
+    assert f"foreign  size {size}" in result.stdout  # the agent's own, now another wallet's
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--log-id", "0x" + "ab" * 32), "--log-id needs --wallet"),
+        (("--log-id", "not a log"), "no log id, agent id or file"),
+        (("--contract", WALLET), "does not hold the TalosAnchor contract"),
+        (("--wallet", "0x1234"), "address"),
+    ],
+)
+def test_verify_anchors_bad_input_is_a_clean_error(
+    anchored: Anchored, args: tuple[str, ...], message: str
+) -> None:
+    result = CLI.fails(anchored.home, 1, "audit", "verify-anchors", "--rpc", anchored.anvil.url,
+                       *args)  # fmt: skip
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_proof_whose_contract_is_not_talos_anchor_is_an_anchor_mismatch(
+    restored: Anchored,
+) -> None:
+    # Another contract can emit the very same event, naming any submitter.
+    restored.anvil.rpc("anvil_setCode", [restored.contract, "0x6000"])
+    result = CLI.fails(restored.home, EXIT_ANCHOR_MISMATCH, "audit", "verify-proof", "--proof",
+                       str(restored.proof), "--rpc", restored.anvil.url)  # fmt: skip
+    assert "does not hold the TalosAnchor contract" in result.stderr
+
+
+def test_verify_anchors_on_an_rpc_answering_garbage_is_exit_7(
+    anchored: Anchored, garbage_rpc: str
+) -> None:
+    result = CLI.fails(anchored.home, EXIT_ANCHORING, "audit", "verify-anchors",
+                       "--rpc", garbage_rpc)  # fmt: skip
+    assert "ChainUnavailable" in result.stderr
+    assert "Traceback" not in result.stderr

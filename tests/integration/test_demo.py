@@ -36,11 +36,15 @@ CHECKPOINTS = (
     "6.stolen",
     "6.token",
     "6.granted",
-    "7.mirrored",
-    "7.rebuilt",
+    "7.anchored",
+    "7.counted",
+    "7.recovered",
     "7.proof",
-    "8.stopped",
-    "8.clean",
+    "8.mirrored",
+    "8.rebuilt",
+    "8.proof",
+    "9.stopped",
+    "9.clean",
 )
 #: (step, agent, series) -> the change the demo must have printed.
 CHANGES = {
@@ -100,7 +104,7 @@ def test_demo_walks_through_every_failure_and_leaves_nothing() -> None:
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=300,
         check=False,
     )
     out = result.stdout
@@ -116,6 +120,11 @@ def test_demo_walks_through_every_failure_and_leaves_nothing() -> None:
         assert [after - before for before, after in metrics[key]] == [change], key
     # Queued while bob is down, then delivered: the gauge goes up and back down.
     assert metrics[1, "alice", "talos_messages_queued"] == [(0.0, 1.0), (1.0, 0.0)]
+    # The chain down: failed attempts counted; back: anchored again, nothing left behind.
+    down, back = metrics[7, "bob", "talos_audit_anchor_failures_total"]
+    assert down[1] - down[0] >= 3
+    assert back[0] == down[1] <= back[1]
+    assert metrics[7, "bob", "talos_audit_anchor_lag_entries"][0][1] > 0
     assert "demo finished in" in out
     _assert_nothing_left(out)
 

@@ -59,7 +59,7 @@ def test_a_running_agent_anchors_its_log(anvil: AnvilProcess, tmp_path: Path) ->
     assert "final" in table
     assert str(final["tx"])[:12] in table
     checked = CLI.ok(home, "audit", "verify-anchors", "--rpc", anvil.url)
-    assert checked.strip().splitlines()[-1].startswith("1 anchors match the log")
+    assert checked.strip().splitlines()[-1].startswith("1 anchors match; 0 contradict the log")
     [check] = json.loads(CLI.ok(home, "audit", "verify-anchors", "--rpc", anvil.url, "--json"))
     assert check["verdict"] == "ok"
     assert check["tx"] == final["tx"]

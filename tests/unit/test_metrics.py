@@ -46,6 +46,7 @@ SCALAR_SERIES = (
     "talos_audit_entries_total",
     "talos_audit_size_bytes",
     "talos_audit_anchor_attempts_total",
+    "talos_audit_anchor_mismatches_total",
     "talos_replays_dropped_total",
     "talos_clock_offset_seconds",
     "talos_duplicate_instances_detected_total",
@@ -205,6 +206,11 @@ def test_audit_events() -> None:
     assert value(metrics, "talos_audit_size_bytes") == 8192
     assert value(metrics, "talos_audit_anchor_attempts_total") == 2
     assert value(metrics, "talos_audit_anchor_failures_total") == 1
+    metrics.audit_anchor_mismatched()
+    metrics.audit_anchor_foreign_found(agrees=False)
+    assert value(metrics, "talos_audit_anchor_mismatches_total") == 1
+    assert value(metrics, "talos_audit_anchor_foreign_total", agrees="no") == 1
+    assert value(metrics, "talos_audit_anchor_foreign_total", agrees="yes") == 0
 
 
 def test_security_events_and_gauges() -> None:

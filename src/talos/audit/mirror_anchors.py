@@ -18,15 +18,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from talos.audit.anchoring.chain import Chain
-from talos.audit.anchoring.verify import anchors_on_chain
+from talos.audit.anchoring.verify import anchor_events, decode_anchored, names_of
 from talos.audit.peer_rebuild import TrustedRoot
 from talos.core.audit.entry import AuditEntry, AuditKind
+from talos.errors import AnchorMismatch
 
 __all__ = ["anchored_roots"]
 
 
 def anchored_roots(entries: Sequence[bytes], chain: Chain) -> list[TrustedRoot]:
-    """The anchors on ``chain``, by the log's own wallet, of the log whose verified
+    """The anchors on ``chain``, by the log's own wallets, of the log whose verified
     entries are ``entries``.
 
     Raises:
@@ -39,10 +40,14 @@ def anchored_roots(entries: Sequence[bytes], chain: Chain) -> list[TrustedRoot]:
         for entry in (AuditEntry.from_bytes(raw) for raw in entries)
         if entry.kind == AuditKind.AUDIT_ANCHORED
     ]
-    return [
-        TrustedRoot(
-            found.size, found.root, f"the anchor in block {found.event.block_number} on chain"
-        )
-        for found in anchors_on_chain(anchored, chain)
-        if found.own
-    ]
+    names, gone = names_of(anchored, chain)
+    if gone:
+        raise AnchorMismatch(gone[0].reason)
+    roots = []
+    for name in names:
+        for event in anchor_events(chain, name.contract, name.log_id):
+            _, size, root, sender = decode_anchored(event)
+            if sender in name.wallets:
+                where = f"the anchor in block {event.block_number} on chain"
+                roots.append(TrustedRoot(size, root, where))
+    return roots

@@ -1,4 +1,4 @@
-"""``make demo``: a registry and three agents as real processes, through five failures.
+"""``make demo``: a registry and three agents as real processes, through six failures.
 
 Everything runs on loopback, in a temporary directory, as separate OS
 processes started through the ``talos`` command line: a registry (``talos
@@ -22,7 +22,11 @@ before and after):
    --revoke-old --reason "compromise detected"`` while running; bob follows her new
    key log, refuses a frame signed with the stolen key, new sessions carry her
    messages, and bob's token under her old key is refused until she grants a new one;
-7. every process is stopped with SIGTERM, checked gone, and the directory removed.
+7. bob anchors his audit log on a local chain (anvil): an anchor becomes final, the
+   chain stops while messaging goes on and failures are counted with backoff, the
+   chain returns and the log is anchored again, and an auditor checks a proof
+   against the chain (``talos audit verify-proof --rpc``);
+8. every process is stopped with SIGTERM, checked gone, and the directory removed.
 
 The same cleanup runs on Ctrl-C, SIGTERM or any failure (SIGKILL as the last
 resort). Every wait is bounded and a failure names its step. Stable markers,
@@ -32,7 +36,8 @@ for tests and scripts: ``STEP n`` headings, ``ok [n.name]`` checkpoints,
 ``demo finished in S s``.
 
 The package: :mod:`talos.demo.steps` tells the story (one method per step,
-running ``talos`` commands; step 6 is :mod:`talos.demo.compromise`),
+running ``talos`` commands; step 6 is :mod:`talos.demo.compromise`, step 7
+:mod:`talos.demo.anchoring`),
 :mod:`talos.demo.cast` starts and stops the processes (on
 :mod:`talos.testing.processes`), :mod:`talos.demo.wiretap` is the man in the middle,
 :mod:`talos.demo.narration` prints, and

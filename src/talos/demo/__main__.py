@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from talos.demo import DemoFailure
 from talos.demo.narration import console
-from talos.demo.steps import LAST_STEP, Demo
+from talos.demo.steps import Demo
 from talos.testing.child import ChildProcess, still_running
 
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
@@ -59,8 +59,8 @@ def main() -> int:
                 abort(demo, error)
                 raise
         if Path(tmp).exists():
-            raise DemoFailure(f"step {LAST_STEP}: {tmp} was not removed")
-        console.print(f"  [green]ok[/] [{LAST_STEP}.clean] the demo directory is removed")
+            raise DemoFailure(f"step {demo.last_step}: {tmp} was not removed")
+        console.print(f"  [green]ok[/] [{demo.last_step}.clean] the demo directory is removed")
     except DemoFailure as exc:
         console.print(f"[bold red]demo failed:[/] {escape(str(exc))}")
         code = 1

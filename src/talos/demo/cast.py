@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,8 +124,9 @@ class Cast:
         pid = self.registry.process.pid
         self.narrator.say(f"  registry (pid {pid}) serving {self.registry.url} again")
 
-    def launch(self, agent: Agent, port: int, extra: Sequence[str] = ()) -> None:
-        """Start ``talos run`` for ``agent`` on ``port``; see :meth:`await_ready`."""
+    def launch(self, agent: Agent, port: int, *extra: str) -> None:
+        """Start ``talos run`` for ``agent`` on ``port`` (and ``extra`` options); see
+        :meth:`await_ready`."""
         agent.runs += 1
         agent.metrics_port = agent.metrics_port or free_port()  # kept across restarts
         label = f"{agent.name}-{agent.runs}"
@@ -156,8 +156,8 @@ class Cast:
             f"metrics on :{agent.metrics_port}"
         )
 
-    def start(self, agent: Agent, port: int = 0, extra: Sequence[str] = ()) -> None:
-        self.launch(agent, port, extra)
+    def start(self, agent: Agent, port: int = 0, *extra: str) -> None:
+        self.launch(agent, port, *extra)
         self.await_ready(agent)
 
     def stop(self, child: ChildProcess | None) -> None:

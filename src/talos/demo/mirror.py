@@ -35,7 +35,7 @@ def audit_mirror(demo: Demo, number: int) -> None:
     )
     lag = f'talos_audit_mirror_lag_entries{{mirror="{bob.agent_id}"}}'
     demo.cast.stop(alice.child)
-    demo.cast.start(alice, alice.port, extra=("--audit-mirror", bob.agent_id))
+    demo.cast.start(alice, alice.port, "--audit-mirror", bob.agent_id)
     demo.within(
         lambda: (
             alice.scrape().get(lag) == 0.0
@@ -63,7 +63,7 @@ def audit_mirror(demo: Demo, number: int) -> None:
         raise demo.out.fail("the proof covers no entry")
     demo.talos(alice, "audit", "verify-proof", "--proof", str(proof), "--root", before)
     demo.out.check(f"{number}.proof", "the proof taken before the loss still verifies")
-    demo.cast.start(alice, alice.port, extra=("--audit-mirror", bob.agent_id))
+    demo.cast.start(alice, alice.port, "--audit-mirror", bob.agent_id)
 
 
 def _root(demo: Demo) -> str:

@@ -25,6 +25,7 @@ from talos.core import wire
 from talos.core.clock import time_ms
 from talos.core.crypto import SigningKey
 from talos.demo import WAIT, DemoFailure
+from talos.demo.anchoring import anchoring
 from talos.demo.cast import Agent, Cast, clean_exit, exit_text
 from talos.demo.compromise import key_compromise
 from talos.demo.mirror import audit_mirror
@@ -37,8 +38,6 @@ from talos.testing.cli import CliResult, TalosCli
 from talos.testing.processes import free_port
 from talos.testing.waiting import wait_until
 
-#: The number of the last step (everything stops), after which the directory is removed.
-LAST_STEP = 8
 #: ``talos`` commands of the demo: a clean environment, one minute at most each.
 _CLI = TalosCli(timeout=60)
 
@@ -70,6 +69,8 @@ class Demo:
         self.wiretap: Wiretap | None = None
         #: The token alice granted bob in the setup, under her first key.
         self.bob_token = ""
+        #: The number of the last step (everything stops, the directory is removed).
+        self.last_step = 9
 
     @property
     def children(self) -> list[ChildProcess]:
@@ -131,7 +132,8 @@ class Demo:
         self.forgery(frame)
         self.audit()
         key_compromise(self, 6)
-        audit_mirror(self, 7)
+        anchoring(self, 7)
+        audit_mirror(self, 8)
         self.shutdown(narrate=True)
 
     def setup(self) -> None:
@@ -430,16 +432,16 @@ class Demo:
         self.talos(auditor, "audit", "verify-proof", "--proof", str(proof))
         self.out.check("5.proof", "the inclusion proof of the replay entry verifies")
 
-    # -- 6 is talos.demo.compromise, 7 talos.demo.mirror; 8 --------------------------------
+    # -- 6 is talos.demo.compromise, 7 talos.demo.anchoring, 8 talos.demo.mirror; the last --
 
     def shutdown(self, *, narrate: bool) -> None:
-        """Stop everything; with ``narrate``, as step 8, checking each process is gone.
+        """Stop everything; with ``narrate``, as the last step, checking each process is gone.
 
         Without it (a failure or an interruption), stop quietly and as fast as possible.
         """
         if narrate:
             self.out.step(
-                LAST_STEP,
+                self.last_step,
                 "everything stops cleanly",
                 "Every process gets SIGTERM and is waited for: the agents keep whatever is "
                 "still queued and remove their control sockets. Then "
@@ -460,5 +462,6 @@ class Demo:
         if left or any(child.running for child in self.children):
             raise self.out.fail(f"still running: {', '.join(c.name for c in left)}")
         self.out.check(
-            f"{LAST_STEP}.stopped", f"all {len(self.children)} processes the demo started are gone"
+            f"{self.last_step}.stopped",
+            f"all {len(self.children)} processes the demo started are gone",
         )

@@ -12,7 +12,12 @@ chain (:class:`~talos.audit.anchoring.chain.Chain`), the store
    its ``AUDIT_ANCHORED`` entry once final, back to pending after a reorg;
 2. with none in flight, the newest signed checkpoint is anchored if the log
    grew past the last final anchor and the interval since the last start has
-   passed: signed, **saved, then broadcast**.
+   passed: signed, **saved, then broadcast**;
+3. once per interval, the :class:`~talos.audit.anchoring.watch.AnchorWatch`
+   (if given; also after a failed 1 or 2, unless the chain is unreachable)
+   reads every anchor of the log back from the chain and reports
+   the ones that contradict the log (``ANCHOR_MISMATCH``) or come from
+   another wallet.
 
 A failure of any kind (the RPC is down, times out or answers garbage; the
 transaction is refused or reverts; the store fails) never reaches the
@@ -35,6 +40,7 @@ from talos.audit.anchoring.chain import Chain, RpcError, check_address
 from talos.audit.anchoring.contract import anchor_calldata, artifact, log_id
 from talos.audit.anchoring.store import AnchorStore
 from talos.audit.anchoring.wallet import Wallet
+from talos.audit.anchoring.watch import AnchorWatch, WatchMetrics
 from talos.audit.log import AuditLog
 from talos.audit.records import AuditRecord
 from talos.core.anchoring import (
@@ -52,7 +58,7 @@ from talos.core.anchoring import (
 from talos.core.audit.entry import AuditKind
 from talos.core.clock import Clock
 from talos.core.rng import Rng
-from talos.errors import AnchoringError, AnchorRejected, TalosError
+from talos.errors import AnchoringError, AnchorRejected, ChainUnavailable, TalosError
 
 __all__ = ["AnchorMetrics", "Anchorer", "StepReport"]
 
@@ -62,8 +68,8 @@ _log = logging.getLogger("talos.audit.anchoring")
 _GAS_MARGIN: Final = 1.25
 
 
-class AnchorMetrics(Protocol):
-    """What the driver reports (:class:`talos.metrics.AgentMetrics` implements it)."""
+class AnchorMetrics(WatchMetrics, Protocol):
+    """What the driver and its watch report (:class:`talos.metrics.AgentMetrics` implements it)."""
 
     def audit_anchor_attempted(self, *, succeeded: bool) -> None: ...
 
@@ -95,8 +101,10 @@ class Anchorer:
         rng: Rng,
         replace_after: float | None = None,
         metrics: AnchorMetrics | None = None,
+        watch: AnchorWatch | None = None,
     ) -> None:
         self._log = log
+        self._watch = watch
         self._store = AnchorStore(log)
         self._chain = chain
         self._wallet = wallet
@@ -122,6 +130,8 @@ class Anchorer:
         """One round (see the module docstring); the monotonic time the next one is due."""
         now = self._clock.monotonic()
         outcome: Outcome | None = None
+        anchor: Anchor | None = None
+        failure: tuple[TalosError, Exception | None] | None = None
         try:
             self._check_chain()
             anchor = self._store.current()
@@ -129,13 +139,19 @@ class Anchorer:
                 anchor, outcome = self._follow(anchor, now)
             if anchor is None:
                 anchor = self._maybe_start(now)
-        except TalosError as error:
-            self._failed(error, now)
-            self.last = StepReport(outcome, None, error)
-        except Exception as unexpected:  # a bug must not end anchoring for good
-            wrapped = AnchoringError(f"unexpected {type(unexpected).__name__}: {unexpected}")
-            self._failed(wrapped, now, unexpected)
-            self.last = StepReport(outcome, None, wrapped)
+        except Exception as exc:  # a bug must not end anchoring for good
+            failure = _failure(exc)
+        # After its own work, even when that failed (a drained wallet must not blind the
+        # agent to what its wallet anchors), unless the chain is out of reach.
+        unreachable = failure is not None and isinstance(failure[0], ChainUnavailable)
+        if self._watch is not None and self._watch.due(now) and not unreachable:
+            try:
+                self._watch.check(now)
+            except Exception as exc:
+                failure = failure or _failure(exc)
+        if failure is not None:
+            self._failed(*failure, now)
+            self.last = StepReport(outcome, None, failure[0])
         else:
             if self.schedule.failures:
                 _log.info(
@@ -319,7 +335,7 @@ class Anchorer:
 
     # -- failures and the lag ----------------------------------------------------------
 
-    def _failed(self, error: TalosError, now: float, bug: Exception | None = None) -> None:
+    def _failed(self, error: TalosError, bug: Exception | None, now: float) -> None:
         self.schedule = self.schedule.failed(now, self._rng)
         if self._metrics is not None:
             self._metrics.audit_anchor_attempted(succeeded=False)
@@ -334,6 +350,7 @@ class Anchorer:
                 "event": "anchor_failed",
                 "reason": type(error).__name__,
                 "failures": self.schedule.failures,
+                "retry_in": round(self.schedule.next_at - now, 3),
             },
             exc_info=bug,
         )
@@ -346,3 +363,10 @@ class Anchorer:
         except TalosError:
             return
         self._metrics.set_audit_anchor_lag(max(0, self._log.size - covered))
+
+
+def _failure(error: Exception) -> tuple[TalosError, Exception | None]:
+    """A step's failure: the error to report, and the exception when it is a bug."""
+    if isinstance(error, TalosError):
+        return error, None
+    return AnchoringError(f"unexpected {type(error).__name__}: {error}"), error

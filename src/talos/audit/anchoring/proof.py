@@ -4,7 +4,9 @@
 carries and a JSON-RPC URL: the anchor's block must still be the chain's
 block at that height (not reorganised away), and the anchor's transaction in
 that block must have emitted an ``Anchored`` event from the anchor's contract
-with the anchor's log id, tree size and root. The event's submitter (the
+with the anchor's log id, tree size and root, and the contract must hold
+TalosAnchor's code (another contract can emit the same event with any
+submitter). The event's submitter (the
 log's wallet) is returned for the verdict; the proof file cannot vouch for
 the wallet (``talos audit verify-anchors`` lists every wallet's anchors).
 """
@@ -12,7 +14,7 @@ the wallet (``talos audit verify-anchors`` lists every wallet's anchors).
 from __future__ import annotations
 
 from talos.audit.anchoring.chain import Chain, check_address
-from talos.audit.anchoring.verify import decode_anchored
+from talos.audit.anchoring.verify import decode_anchored, holds_anchor_contract
 from talos.audit.proof_file import ProofAnchor
 from talos.errors import AnchorMismatch, ConfigurationError
 
@@ -46,6 +48,11 @@ def check_proof_anchor(anchor: ProofAnchor, chain: Chain, origin: str | None) ->
             "the anchor is not on this chain (reorganised away, or never there)"
         )
     contract = check_address(anchor.contract)
+    if not holds_anchor_contract(chain, contract):
+        # Another contract can emit an identical event naming any submitter.
+        raise AnchorMismatch(
+            f"{contract} does not hold the TalosAnchor contract: the proof's anchor proves nothing"
+        )
     found = [
         event
         for event in chain.logs({"address": contract, "blockHash": "0x" + block.hash.hex()})

@@ -16,6 +16,7 @@ from talos.audit.anchoring.chain import Chain
 from talos.audit.anchoring.driver import Anchorer, AnchorMetrics
 from talos.audit.anchoring.settings import PASSPHRASE_ENV, AnchorSettings
 from talos.audit.anchoring.wallet import load_wallet
+from talos.audit.anchoring.watch import AnchorWatch
 from talos.audit.log import AuditLog
 from talos.core.anchoring import Finality, Schedule
 from talos.core.clock import Clock
@@ -66,6 +67,14 @@ class AnchoringService:
                 clock=clock,
                 rng=rng,
                 metrics=metrics,
+                watch=AnchorWatch(
+                    log,
+                    chain,
+                    settings.contract,
+                    wallet.address,
+                    interval=settings.interval,
+                    metrics=metrics,
+                ),
             )
         except BaseException:
             chain.close()

@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from talos.audit.anchoring.store import read_anchors
-from talos.cli.audit.options import existing_log, json_option, log_option, reading
+from talos.cli.audit.options import existing_log, hinted, json_option, log_option, reading
 from talos.cli.context import CliContext
 from talos.core.anchoring import Anchor
-from talos.errors import ConfigurationError
+from talos.errors import AnchorMismatch, ConfigurationError
 
 __all__ = ["anchor_json", "anchors_command", "verify_anchors_command"]
 
@@ -67,37 +67,118 @@ def anchors_command(ctx: CliContext, as_json: bool, log: Path | None) -> None:
 @click.option(
     "--rpc", "rpc_url", required=True, help="JSON-RPC URL of the chain the log anchors on."
 )
+@click.option(
+    "--wallet",
+    "wallets",
+    multiple=True,
+    metavar="ADDR",
+    help="Only anchors sent by this wallet count (repeatable). Default: the wallets of the "
+    "log's AUDIT_ANCHORED entries. Required with --log-id.",
+)
+@click.option(
+    "--contract",
+    metavar="ADDR",
+    help="The anchoring contract. Default: those of the log's AUDIT_ANCHORED entries (with "
+    "--log-id: the proof file's anchor's).",
+)
+@click.option(
+    "--log-id",
+    "log_ref",
+    metavar="ID|FILE",
+    help="Check another log, without its entries: 0x and 64 hex digits, an agent id, or "
+    "the agent's public key log or a proof file of the log.",
+)
 @json_option
 @log_option
 @click.pass_obj
-def verify_anchors_command(ctx: CliContext, rpc_url: str, as_json: bool, log: Path | None) -> None:
-    """Check every anchor of this log on the chain against the log (exit 8 on a mismatch).
+def verify_anchors_command(
+    ctx: CliContext,
+    rpc_url: str,
+    wallets: tuple[str, ...],
+    contract: str | None,
+    log_ref: str | None,
+    as_json: bool,
+    log: Path | None,
+) -> None:
+    """Check every anchor of a log on the chain (exit 8 on a mismatch).
 
-    Starts from the log's AUDIT_ANCHORED entries (needs the talos[anchor] extra).
+    Starts from the log's AUDIT_ANCHORED entries; with --log-id, from the chain alone
+    (needs the talos[anchor] extra).
     """
     try:
-        from talos.audit.anchoring.chain import Chain
-        from talos.audit.anchoring.verify import verify_anchors
+        from talos.audit.anchoring import auditor, verify
+        from talos.audit.anchoring import chain as chains
     except ImportError as exc:
         raise ConfigurationError(
             f"verify-anchors needs the talos[anchor] extra (pip install 'talos[anchor]'): {exc}"
         ) from None
-    chain = Chain(rpc_url)
+    wanted = frozenset(chains.check_address(wallet) for wallet in wallets)
+    chain = chains.Chain(rpc_url)
     try:
-        with reading(ctx, log) as opened:
-            checks = verify_anchors(opened, chain)
+        if contract is not None and not verify.holds_anchor_contract(chain, contract):
+            raise hinted(
+                ConfigurationError(f"{contract} does not hold the TalosAnchor contract"),
+                "pass the address `talos anchor deploy` printed for this chain",
+            )
+        if log_ref is not None:
+            reference = auditor.log_reference(log_ref)
+            where = contract or reference.contract
+            if not wanted or where is None:
+                raise hinted(
+                    ConfigurationError("--log-id needs --wallet (and --contract)"),
+                    "without the log, only the operator can say which wallet is the log's "
+                    "and on which contract it anchors",
+                )
+            names = [verify.LogName(where, reference.log_id, wanted)]
+            checks = verify.anchor_checks(reference.known, chain, names)
+        else:
+            with reading(ctx, log) as opened:
+                names, gone = verify.anchored_names(opened, chain)
+                if contract is not None:
+                    own = {name.log_id for name in names} or _home_log_ids(ctx)
+                    names += [verify.LogName(contract, name, frozenset()) for name in own]
+                if wanted:
+                    names = [verify.LogName(n.contract, n.log_id, wanted) for n in names]
+                names = list({(n.contract, n.log_id): n for n in names}.values())
+                checks = [*gone, *verify.anchor_checks(opened, chain, names)]
     finally:
         chain.close()
+    _print_checks(checks, as_json)
+    mismatches = [check for check in checks if check.verdict == "mismatch"]
+    if mismatches:
+        raise AnchorMismatch(
+            mismatches[0].reason
+            + (f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else "")
+        )
+
+
+def _home_log_ids(ctx: CliContext) -> set[bytes]:
+    """The home's own log id, from its public key log (none without one)."""
+    from talos.audit.anchoring.contract import log_id
+
+    keylog = ctx.agent_home.load_public_keylog()
+    return set() if keylog is None else {log_id(f"{keylog.agent_id}/audit")}
+
+
+def _print_checks(checks: list[Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([check.to_json() for check in checks], sort_keys=True))
         return
     if not checks:
-        click.echo("no anchors on this chain (no AUDIT_ANCHORED entry names it)")
+        click.echo("no anchors of this log on this chain")
         return
     for check in checks:
+        by = f" by {check.submitter}" if check.submitter else ""
+        agrees = {True: "", False: " (root differs)", None: ""}[check.agrees]
+        tag = check.verdict + (agrees if check.verdict == "foreign" else "")
         click.echo(
-            f"{check.verdict:8} size {check.tree_size} root {check.root.hex()} "
-            f"block {check.block_number} tx 0x{check.tx_hash.hex()} by {check.submitter}"
+            f"{tag:8} size {check.tree_size} root {check.root.hex()} "
+            f"block {check.block_number} tx 0x{check.tx_hash.hex()}{by}"
         )
     ok = sum(check.verdict == "ok" for check in checks)
-    click.echo(f"{ok} anchors match the log; {len(checks) - ok} by other wallets ignored")
+    foreign = sum(check.verdict == "foreign" for check in checks)
+    bad = len(checks) - ok - foreign
+    click.echo(
+        f"{ok} anchors match; {bad} contradict the log; "
+        f"{foreign} by other wallets (listed, not trusted)"
+    )

@@ -119,6 +119,8 @@ class AuditKind(StrEnum):
     MESSAGE_CANCELLED = "MESSAGE_CANCELLED"
     #: A queued message's expires_in passed before its ACK; it left the outbox.
     MESSAGE_EXPIRED = "MESSAGE_EXPIRED"
+    #: An anchor of this log by its own wallet contradicts the log (talos.audit.anchoring.watch).
+    ANCHOR_MISMATCH = "ANCHOR_MISMATCH"
 
 
 def check_kind(kind: object) -> str:
