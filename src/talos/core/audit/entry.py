@@ -105,6 +105,8 @@ class AuditKind(StrEnum):
     #: A checkpoint's anchor became final on chain (talos.audit.anchoring).
     AUDIT_ANCHORED = "AUDIT_ANCHORED"
     LOG_RESTORED = "LOG_RESTORED"
+    #: Payloads of entries covered by a final anchor were dropped (talos.audit.pruning).
+    AUDIT_PRUNED = "AUDIT_PRUNED"
 
 
 def check_kind(kind: object) -> str:
