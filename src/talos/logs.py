@@ -121,6 +121,10 @@ EVENTS: Final = frozenset(
         "anchor_final",
         "anchor_failed",
         "anchor_recovered",
+        # pruning what anchors cover (prune_after_anchor)
+        "audit_pruned",
+        "audit_prune_refused",
+        "audit_prune_failed",
         # the registry
         "keylog_fork",
         "revocation_forked",

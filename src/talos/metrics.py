@@ -237,6 +237,11 @@ class AgentMetrics:
         self.audit_anchor_failures = Counter(
             "talos_audit_anchor_failures", "Audit anchoring attempts that failed.", registry=r
         )
+        self.audit_pruned_entries = Counter(
+            "talos_audit_pruned_entries",
+            "Audit entries whose payload was pruned after a final anchor covered them.",
+            registry=r,
+        )
         self.audit_anchor_lag = Gauge(
             "talos_audit_anchor_lag_entries",
             "Audit entries not yet covered by a final anchor.",
@@ -409,6 +414,9 @@ class AgentMetrics:
 
     def set_audit_anchor_lag(self, entries: int) -> None:
         self.audit_anchor_lag.set(entries)
+
+    def audit_pruned(self, entries: int) -> None:
+        self.audit_pruned_entries.inc(entries)
 
     # -- security events --------------------------------------------------------
 

@@ -94,8 +94,9 @@ class AuditLog:
     ) -> None:
         """Build the log on an open ``environment``; closed with it if ``close_environment``.
 
-        With ``prune_after_anchor``, an append that does not fit first prunes
-        the payloads a final anchor covers (:meth:`prune_anchored`).
+        With ``prune_after_anchor``, a log near its size limit (after each
+        block) and an append that does not fit prune the payloads a final
+        anchor covers first (:meth:`prune_anchored`).
 
         Raises:
             ConfigurationError: a block setting is not positive.
@@ -119,6 +120,7 @@ class AuditLog:
         self._pruner = Pruner(store, self._writer, enabled=prune_after_anchor)
         if prune_after_anchor:
             self._writer.make_room = self._pruner.make_room
+            self._writer.watch_blocks(lambda _block: self._pruner.check_room())
         self._group = GroupCommit(self._writer.commit, in_thread=commit_thread)
 
     # -- opening and closing -----------------------------------------------------------

@@ -18,8 +18,12 @@ A crash (even ``kill -9``) therefore leaves the log as it was before or
 after a whole step. Each step is logged (``audit_pruned``) and handed to
 the watchers (the agent counts ``talos_audit_pruned_entries_total``).
 
-With ``prune_after_anchor`` the writer calls :meth:`Pruner.make_room` when
-an append does not fit, and appends again if payloads were dropped.
+With ``prune_after_anchor`` and a size limit, the log prunes for space
+(:meth:`Pruner.check_room`) after each sealed block once the data file
+holds 90% of the limit: pruning needs free pages itself (LMDB copies every
+page it changes), so it cannot wait for a map that is completely full. The
+writer still calls :meth:`Pruner.make_room` when an append does not fit,
+and appends again if payloads were dropped.
 
 Imported by :mod:`talos.audit.log`.
 """
@@ -46,7 +50,7 @@ from talos.core.audit.pruning import (
     step_end,
 )
 from talos.errors import AuditFull, StorageError
-from talos.storage.lmdb import u64
+from talos.storage.lmdb import DATA_FILE, u64
 
 __all__ = ["PruneStep", "Pruner", "Pruning"]
 
@@ -54,6 +58,9 @@ _log = logging.getLogger("talos.audit")
 
 #: Step sizes tried, in turn, when the log is full (a smaller step needs fewer free pages).
 _ROOM_STEPS: Final = (4096, 256, 16)
+
+#: The share of the size limit the data file may reach before the log prunes for space.
+ROOM_THRESHOLD: Final = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +105,7 @@ class Pruner:
         self.enabled = enabled
         self._watchers: list[Callable[[PruneStep], None]] = []
         self._refused: str | None = None
+        self._busy = False
 
     def watch(self, callback: Callable[[PruneStep], None]) -> None:
         """Call ``callback(step)`` after each committed step."""
@@ -127,18 +135,40 @@ class Pruner:
 
         Never raises: a log that cannot be pruned is as full as it was.
         """
-        if not self.enabled:
+        if not self.enabled or self._busy:
             return False
-        dropped = 0
-        for limit in _ROOM_STEPS:
+        self._busy = True
+        try:
+            return self._make_room()
+        finally:
+            self._busy = False
+
+    def check_room(self) -> None:
+        """Prune for space if the data file holds :data:`ROOM_THRESHOLD` of the size limit."""
+        limit = self._store.environment.max_size_bytes
+        if not self.enabled or limit is None or self._busy:
+            return
+        try:
+            used = (self._store.path / DATA_FILE).stat().st_size
+        except OSError:
+            return
+        if used >= limit * ROOM_THRESHOLD:
+            self.make_room()
+
+    def _make_room(self) -> bool:
+        dropped, sizes = 0, list(_ROOM_STEPS)
+        while sizes:
             try:
-                dropped += sum(step.entries for step in self.prune(limit=limit, reason="space"))
-                break
+                step = self.step(sizes[0], reason="space")
             except AuditFull:
+                sizes.pop(0)  # too big for the pages left: a smaller step
                 continue
             except StorageError as exc:
                 self._failed(exc)
                 break
+            if step is None:
+                break
+            dropped += step.entries
         return dropped > 0
 
     def step(self, limit: int = DEFAULT_STEP, *, reason: str = "anchor") -> PruneStep | None:
@@ -174,8 +204,8 @@ class Pruner:
             anchored = anchor.data.get("size")
             root = store.fold(txn, anchored) if type(anchored) is int and anchored <= size else None
             problem = anchor_problem(anchor.data, size, root)
-            if problem is not None:
-                self._refuse(problem, anchor.seq)
+            if problem is not None or type(anchored) is not int:
+                self._refuse(problem or "no anchored size", anchor.seq)
                 return None
             end = step_end(pruned=start, anchored=anchored, sealed=_sealed(store, txn))
             drops: list[tuple[int, bytes, tuple[bytes, ...]]] = []
@@ -215,10 +245,15 @@ class Pruner:
         def apply(txn: lmdb.Transaction[bytes]) -> None:
             if store.pruned_below(txn) != plan.start:
                 raise _Raced("the pruning point moved")
-            for seq, leaf, keys in plan.drops:
-                txn.put(u64(seq), leaf, db=store.entries)
+            # Deletes first, then the leaf hashes back: a delete merges pages that
+            # fall below a quarter full, a shrinking put does not (LMDB), so
+            # rewriting in place would free no page at all.
+            for seq, _, keys in plan.drops:
+                txn.delete(u64(seq), db=store.entries)
                 for key in keys:
                     txn.delete(key, db=store.index)
+            for seq, leaf, _ in plan.drops:
+                txn.put(u64(seq), leaf, db=store.entries)
             done = store.meta_count(txn, b"pruned_entries")
             txn.put(b"pruned", u64(plan.end), db=store.meta)
             txn.put(b"pruned_entries", u64(done + count), db=store.meta)
@@ -263,4 +298,3 @@ def _index_keys(entry: AuditEntry) -> tuple[bytes, ...]:
     if entry.peer is not None:
         keys.append(index_key(b"p", entry.peer, entry.seq))
     return tuple(keys)
-

@@ -136,6 +136,18 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
     default=None,
     help="Blocks that make an anchor final (default: the chain's finalized block).",
 )
+@click.option(
+    "--audit-max-size-gb",
+    type=BoundedFloat(0.001, 1_000_000),
+    default=None,
+    metavar="G",
+    help="The audit log's size limit (audit_config max_size_gb; default: none).",
+)
+@click.option(
+    "--audit-prune-after-anchor",
+    is_flag=True,
+    help="Drop the payloads of audit entries a final anchor covers (leaf hashes stay).",
+)
 @click.option("--log-level", type=click.Choice(_LEVELS), default="info", show_default=True)
 @log_format_option
 @key_passphrase_option
@@ -158,6 +170,8 @@ def run(
     anchor_key_file: Path | None,
     anchor_interval: float,
     anchor_confirmations: int | None,
+    audit_max_size_gb: float | None,
+    audit_prune_after_anchor: bool,
     log_level: str,
     log_format: LogFormat,
     key_passphrase_file: Path | None,
@@ -208,6 +222,10 @@ def run(
             "clock": ctx.clock,
             "rng": ctx.rng,
             "anchor": anchor,
+            "audit_config": {
+                "max_size_gb": audit_max_size_gb,
+                "prune_after_anchor": audit_prune_after_anchor,
+            },
         }
         asyncio.run(_daemon(name or home.path.name, options, path))
 

@@ -60,7 +60,9 @@ def drops_payload(kind: str) -> bool:
     return kind not in KEPT_KINDS
 
 
-def anchor_problem(data: Mapping[str, Any], log_size: int, root_at_size: bytes | None) -> str | None:
+def anchor_problem(
+    data: Mapping[str, Any], log_size: int, root_at_size: bytes | None
+) -> str | None:
     """Why an ``AUDIT_ANCHORED`` entry's data cannot license pruning, or None (rule 1).
 
     ``root_at_size`` is the log's own root at the anchored size (None when
