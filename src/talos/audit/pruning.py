@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+import cbor2
 import lmdb
 
 from talos.audit.reading import Query
@@ -49,7 +50,7 @@ from talos.core.audit.pruning import (
     pruned_record,
     step_end,
 )
-from talos.errors import AuditFull, StorageError
+from talos.errors import AuditFull, StorageError, StoreCorrupted
 from talos.storage.lmdb import DATA_FILE, u64
 
 __all__ = ["PruneStep", "Pruner", "Pruning"]
@@ -211,9 +212,10 @@ class Pruner:
             drops: list[tuple[int, bytes, tuple[bytes, ...]]] = []
             seq = start
             while seq < end and len(drops) < limit:
-                entry = store.entry(txn, seq, size)  # re-hashed: never prune damage away
-                if drops_payload(entry.kind):
-                    drops.append((seq, entry.leaf_hash(), _index_keys(entry)))
+                leaf = store.leaf(txn, seq)  # re-hashed: never prune damage away
+                kind, peer = _kind_and_peer(seq, bytes(store.entry_row(txn, seq) or b"")[32:])
+                if drops_payload(kind):
+                    drops.append((seq, leaf, _index_keys(seq, kind, peer)))
                 seq += 1
         if not drops:
             return None
@@ -293,8 +295,30 @@ def _sealed(store: AuditStore, txn: lmdb.Transaction[bytes]) -> int:
     return store.block(txn, blocks - 1).tree_size if blocks else 0
 
 
-def _index_keys(entry: AuditEntry) -> tuple[bytes, ...]:
-    keys = [index_key(b"k", entry.kind, entry.seq)]
-    if entry.peer is not None:
-        keys.append(index_key(b"p", entry.peer, entry.seq))
+def _kind_and_peer(seq: int, raw: bytes) -> tuple[str, str | None]:
+    """The kind and peer of an entry whose bytes matched their leaf hash.
+
+    A plain decode (about 10x faster than the strict one): the bytes are the
+    committed ones, only the two index keys and the kind are needed.
+
+    Raises:
+        StoreCorrupted: they do not decode to an entry.
+    """
+    try:
+        obj = cbor2.loads(raw)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError):
+        obj = None
+    kind = obj.get("k") if isinstance(obj, dict) else None
+    peer = obj.get("p") if isinstance(obj, dict) else None
+    if not isinstance(kind, str) or not (peer is None or isinstance(peer, str)):
+        raise StoreCorrupted(
+            f"audit entry {seq} does not decode", where=f"seq {seq}", what="undecodable"
+        )
+    return kind, peer
+
+
+def _index_keys(seq: int, kind: str, peer: str | None) -> tuple[bytes, ...]:
+    keys = [index_key(b"k", kind, seq)]
+    if peer is not None:
+        keys.append(index_key(b"p", peer, seq))
     return tuple(keys)
