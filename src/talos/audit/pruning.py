@@ -50,7 +50,7 @@ from talos.core.audit.pruning import (
     pruned_record,
     step_end,
 )
-from talos.errors import AuditFull, StorageError, StoreCorrupted
+from talos.errors import AuditFull, StorageError, StoreCorrupted, TalosError
 from talos.storage.lmdb import DATA_FILE, u64
 
 __all__ = ["PruneStep", "Pruner", "Pruning"]
@@ -136,16 +136,14 @@ class Pruner:
 
         Never raises: a log that cannot be pruned is as full as it was.
         """
-        if not self.enabled or self._busy:
-            return False
-        self._busy = True
-        try:
-            return self._make_room()
-        finally:
-            self._busy = False
+        return self._make_room(steps=None)
 
     def check_room(self) -> None:
-        """Prune for space if the data file holds :data:`ROOM_THRESHOLD` of the size limit."""
+        """Prune for space if the data file holds :data:`ROOM_THRESHOLD` of the size limit.
+
+        One step at most (it runs in the writing thread, after a block was
+        sealed): the next blocks take the next steps.
+        """
         limit = self._store.environment.max_size_bytes
         if not self.enabled or limit is None or self._busy:
             return
@@ -154,22 +152,30 @@ class Pruner:
         except OSError:
             return
         if used >= limit * ROOM_THRESHOLD:
-            self.make_room()
+            self._make_room(steps=1)
 
-    def _make_room(self) -> bool:
-        dropped, sizes = 0, list(_ROOM_STEPS)
-        while sizes:
-            try:
-                step = self.step(sizes[0], reason="space")
-            except AuditFull:
-                sizes.pop(0)  # too big for the pages left: a smaller step
-                continue
-            except StorageError as exc:
-                self._failed(exc)
-                break
-            if step is None:
-                break
-            dropped += step.entries
+    def _make_room(self, *, steps: int | None) -> bool:
+        """Up to ``steps`` steps (None: all), smaller ones when a step does not fit."""
+        if not self.enabled or self._busy:
+            return False
+        self._busy = True
+        dropped, done, sizes = 0, 0, list(_ROOM_STEPS)
+        try:
+            while sizes and (steps is None or done < steps):
+                try:
+                    step = self.step(sizes[0], reason="space")
+                except AuditFull:
+                    sizes.pop(0)  # too big for the pages left: a smaller step
+                    continue
+                except TalosError as exc:
+                    self._failed(exc)
+                    break
+                if step is None:
+                    break
+                dropped += step.entries
+                done += 1
+        finally:
+            self._busy = False
         return dropped > 0
 
     def step(self, limit: int = DEFAULT_STEP, *, reason: str = "anchor") -> PruneStep | None:
