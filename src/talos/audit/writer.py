@@ -101,7 +101,8 @@ class LogWriter:
         self._sealed: Block | None = None
         #: Called (without the lock) when a commit does not fit; True: try again.
         self.make_room: Callable[[], bool] | None = None
-        self._quiet_full = False
+        #: Per thread: an AuditFull warning waits until pruning did not help.
+        self._quiet = threading.local()
 
     def watch_blocks(self, callback: Callable[[Block], None]) -> None:
         """Call ``callback(block)`` after each block this writer sealed is committed."""
@@ -165,14 +166,14 @@ class LogWriter:
         if not room or self.make_room is None:
             return self._commit(records, apply)
         try:
-            self._quiet_full = True  # the warning waits until pruning did not help
+            self._quiet.full = True
             return self._commit(records, apply)
         except AuditFull as full:
             if not self.make_room():
                 _log.warning("%s", full, extra={"event": "audit_full"})
                 raise
         finally:
-            self._quiet_full = False
+            self._quiet.full = False
         return self._commit(records, apply)
 
     def _commit(
@@ -336,7 +337,7 @@ class LogWriter:
                 f"audit log {store.path} is full ({detail}); the entry was not written and "
                 f"all {self._head.size} committed entries are intact"
             )
-            if not self._quiet_full:
+            if not getattr(self._quiet, "full", False):
                 _log.warning("%s (%s)", message, exc, extra={"event": "audit_full"})
             raise AuditFull(message) from exc
 
