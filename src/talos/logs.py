@@ -145,6 +145,10 @@ EVENTS: Final = frozenset(
         "audit_rebuilt_from_peers",
         "anchor_mismatch",
         "anchor_foreign",
+        # pruning what anchors cover (prune_after_anchor)
+        "audit_pruned",
+        "audit_prune_refused",
+        "audit_prune_failed",
         # the registry
         "keylog_fork",
         "revocation_forked",

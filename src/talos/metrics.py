@@ -254,6 +254,11 @@ class AgentMetrics:
         self.audit_anchor_failures = Counter(
             "talos_audit_anchor_failures", "Audit anchoring attempts that failed.", registry=r
         )
+        self.audit_pruned_entries = Counter(
+            "talos_audit_pruned_entries",
+            "Audit entries whose payload was pruned after a final anchor covered them.",
+            registry=r,
+        )
         self.audit_anchor_lag = Gauge(
             "talos_audit_anchor_lag_entries",
             "Audit entries not yet covered by a final anchor.",
@@ -529,6 +534,9 @@ class AgentMetrics:
 
     def audit_anchor_foreign_found(self, *, agrees: bool) -> None:
         self.audit_anchor_foreign.labels(agrees="yes" if agrees else "no").inc()
+
+    def audit_pruned(self, entries: int) -> None:
+        self.audit_pruned_entries.inc(entries)
 
     # -- security events --------------------------------------------------------
 

@@ -16,6 +16,8 @@ from talos.audit.log import (
     ChainProblem,
     ChainReport,
 )
+from talos.audit.pruning import PruneStep, Pruning
+from talos.audit.store import EntryPruned, PrunedEntry
 from talos.core.audit.checkpoint import (
     Block,
     Checkpoint,
@@ -52,11 +54,15 @@ __all__ = [
     "ChainReport",
     "Checkpoint",
     "ConsistencyError",
+    "EntryPruned",
     "ConsistencyProof",
     "InclusionProof",
     "InclusionProofError",
     "LogSigner",
     "NoteSignature",
+    "PruneStep",
+    "PrunedEntry",
+    "Pruning",
     "StoreCorrupted",
     "leaf_hash",
     "node_hash",

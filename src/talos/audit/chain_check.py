@@ -170,6 +170,8 @@ def report_fields(report: ChainReport) -> dict[str, Any]:
         "root": report.root,
         "signers": list(report.signers),
         "unsigned_blocks": report.unsigned_blocks,
+        "pruned": report.pruned,
+        "pruned_below": report.pruned_below,
         "problem": None
         if problem is None
         else {
@@ -196,6 +198,8 @@ def report_from_fields(fields: dict[str, Any]) -> ChainReport:
         problem,
         tuple(fields["signers"]),
         fields["unsigned_blocks"],
+        fields["pruned"],
+        fields["pruned_below"],
     )
 
 

@@ -8,10 +8,11 @@ mapping into checked settings for :meth:`talos.audit.AuditLog.open`.
 for cosigning even when it does not message them (docs/design/witnesses.md);
 ``talos run --audit-witness PEER`` is the CLI spelling.
 
-``prune_after_anchor`` is accepted and kept, but has no effect until
-anchoring exists: pruning may only drop entries whose checkpoint is anchored
-externally, and nothing is anchored yet. It is recorded here so that a
-configuration written today keeps working.
+``prune_after_anchor`` drops the payloads of entries a final on-chain
+anchor covers (leaf hashes and nodes stay; rules in
+:mod:`talos.core.audit.pruning`): the anchoring driver prunes after each
+final anchor, and a log that is full prunes before it raises ``AuditFull``.
+``talos run --audit-prune-after-anchor`` is the same setting.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class AuditConfig:
             "max_size_bytes": self.max_size_bytes,
             "block_entries": self.block_entries,
             "block_seconds": self.block_seconds,
+            "prune_after_anchor": self.prune_after_anchor,
         }
 
 

@@ -16,6 +16,11 @@ Rules this module keeps:
   block, meta or file, with the seq, height or node) and what is wrong.
 * Blocks are checked against the key each one names; with ``trusted_keys``
   every block must also be signed by one of them.
+* A pruned log (``prune_after_anchor``) verifies: below the pruning point
+  (``meta["pruned"]``) a row that is its leaf hash alone is a pruned entry,
+  taken as it is (the nodes, the roots, the signed blocks and the anchor
+  above it still pin it) and counted; from the pruning point on, such a row
+  is damage, and the count must match ``meta["pruned_entries"]``.
 
 Imported by :mod:`talos.audit.log` and :mod:`talos.audit.backup`;
 :class:`ChainReport` and :class:`ChainProblem` are public (``talos.audit``).
@@ -90,6 +95,10 @@ class ChainReport:
     problem: ChainProblem | None = None
     signers: tuple[bytes, ...] = ()
     unsigned_blocks: int = 0
+    #: Entries whose payload was pruned after anchoring (leaf hash kept).
+    pruned: int = 0
+    #: The pruning point: every pruned entry is below it.
+    pruned_below: int = 0
 
     @property
     def ok(self) -> bool:
@@ -216,6 +225,10 @@ class _ChainScan:
         self.unsigned = 0
         self.last_time = 0
         self.expected_first = 0
+        self.pruned = 0
+        raw_pruned = store.meta_value(txn, b"pruned")
+        # A malformed pruning point counts as none: its pruned rows are then reported.
+        self.pruned_below = read_u64(raw_pruned) if raw_pruned and len(raw_pruned) == 8 else 0
 
     def run(self) -> ChainReport:
         try:
@@ -227,7 +240,14 @@ class _ChainScan:
     def _report(self, problem: ChainProblem | None) -> ChainReport:
         root = fold_subtrees(self.stack) if self.stack else EMPTY_ROOT
         return ChainReport(
-            self.size, self.height, root, problem, tuple(self.signers), self.unsigned
+            self.size,
+            self.height,
+            root,
+            problem,
+            tuple(self.signers),
+            self.unsigned,
+            self.pruned,
+            self.pruned_below,
         )
 
     def _scan(self) -> None:
@@ -241,13 +261,19 @@ class _ChainScan:
             seq = self.size
             if key != u64(seq):
                 raise Broken(ChainProblem("entry", "entry missing or out of order", seq=seq))
-            leaf = leaf_hash(value[HASH_SIZE:])
-            if len(value) <= HASH_SIZE or leaf != value[:HASH_SIZE]:
-                raise Broken(
-                    ChainProblem("entry", "entry bytes do not match the stored leaf hash", seq=seq)
-                )
-            if self.deep:
-                self._check_entry(seq, value[HASH_SIZE:])
+            if len(value) == HASH_SIZE and seq < self.pruned_below:
+                leaf = bytes(value)  # pruned: only its leaf hash is kept
+                self.pruned += 1
+            else:
+                leaf = leaf_hash(value[HASH_SIZE:])
+                if len(value) <= HASH_SIZE or leaf != value[:HASH_SIZE]:
+                    raise Broken(
+                        ChainProblem(
+                            "entry", "entry bytes do not match the stored leaf hash", seq=seq
+                        )
+                    )
+                if self.deep:
+                    self._check_entry(seq, value[HASH_SIZE:])
             self._push(leaf, seq, nodes)
             while block is not None and block.tree_size == self.size:
                 self._check_block(block)
@@ -331,7 +357,11 @@ class _ChainScan:
         raw_hash = store.meta_value(txn, b"block_hash")
         stored_root = store.meta_value(txn, b"root") or EMPTY_ROOT
         blocks = 0 if raw_blocks is None or len(raw_blocks) != 8 else read_u64(raw_blocks)
+        raw_pruned = store.meta_value(txn, b"pruned_entries")
+        pruned = read_u64(raw_pruned) if raw_pruned and len(raw_pruned) == 8 else 0
         checks = [
+            (pruned != self.pruned, f"metadata says {pruned} entries pruned, found {self.pruned}"),
+            (self.pruned_below > total, f"pruning point {self.pruned_below} past the log's end"),
             (total != self.size, f"metadata says {total} entries, found {self.size}"),
             (stored_root != root, "stored root does not match the entries"),
             (blocks != self.height, f"metadata says {blocks} blocks, found {self.height}"),

@@ -39,9 +39,10 @@ from talos.audit.blocks import (
 from talos.audit.group_commit import GroupCommit
 from talos.audit.integrity import ChainProblem, ChainReport
 from talos.audit.integrity import verify_chain as _verify_chain
+from talos.audit.pruning import Pruner, PruneStep, Pruning
 from talos.audit.reading import Query
 from talos.audit.records import AuditRecord, prepare
-from talos.audit.store import FORMAT_VERSION, AuditStore, Head
+from talos.audit.store import FORMAT_VERSION, AuditStore, Head, PrunedEntry
 from talos.audit.writer import LogWriter
 from talos.core.audit.checkpoint import (
     Block,
@@ -89,8 +90,13 @@ class AuditLog:
         block_seconds: float = DEFAULT_BLOCK_SECONDS,
         commit_thread: bool = True,
         close_environment: bool = False,
+        prune_after_anchor: bool = False,
     ) -> None:
         """Build the log on an open ``environment``; closed with it if ``close_environment``.
+
+        With ``prune_after_anchor``, a log near its size limit (after each
+        block) and an append that does not fit prune the payloads a final
+        anchor covers first (:meth:`prune_anchored`).
 
         Raises:
             ConfigurationError: a block setting is not positive.
@@ -111,6 +117,10 @@ class AuditLog:
         )
         self._sealer = sealer
         self._writer = LogWriter(store, head, sealer, clock=clock)
+        self._pruner = Pruner(store, self._writer, enabled=prune_after_anchor)
+        if prune_after_anchor:
+            self._writer.make_room = self._pruner.make_room
+            self._writer.watch_blocks(lambda _block: self._pruner.check_room())
         self._group = GroupCommit(self._writer.commit, in_thread=commit_thread)
 
     # -- opening and closing -----------------------------------------------------------
@@ -128,6 +138,7 @@ class AuditLog:
         readonly: bool = False,
         commit_thread: bool = True,
         extra_databases: Sequence[str] = (),
+        prune_after_anchor: bool = False,
     ) -> AuditLog:
         """Open the log in directory ``path``, creating it unless ``readonly``.
 
@@ -165,6 +176,7 @@ class AuditLog:
                 block_seconds=block_seconds,
                 commit_thread=commit_thread,
                 close_environment=True,
+                prune_after_anchor=prune_after_anchor,
             )
         except BaseException:
             environment.close()
@@ -355,7 +367,8 @@ class AuditLog:
         """Entry ``seq``, re-hashed against its stored leaf hash.
 
         Raises:
-            LocalProtocolError: no such entry.
+            LocalProtocolError: no such entry; ``EntryPruned`` (one) when its
+                payload was pruned after anchoring.
             StoreCorrupted: the stored bytes do not match their leaf hash or do
                 not decode.
         """
@@ -367,6 +380,7 @@ class AuditLog:
         """Entries ``start <= seq < stop`` in order, each re-hashed (one read snapshot).
 
         Raises:
+            EntryPruned: an entry's payload was pruned (see :meth:`rows`).
             StoreCorrupted: as for :meth:`entry`.
         """
         size = self.size
@@ -374,6 +388,51 @@ class AuditLog:
         with self._store.read() as txn:
             for seq in range(max(start, 0), stop):
                 yield self._store.entry(txn, seq, self._head.size)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> Iterator[AuditEntry | PrunedEntry]:
+        """As :meth:`entries`, with a :class:`PrunedEntry` (seq, leaf hash) for each pruned one.
+
+        Raises:
+            StoreCorrupted: as for :meth:`entry`.
+        """
+        size = self.size
+        stop = size if stop is None else min(stop, size)
+        with self._store.read() as txn:
+            for seq in range(max(start, 0), stop):
+                yield self._store.entry_or_pruned(txn, seq, size)
+
+    # -- pruning -----------------------------------------------------------------------
+
+    @property
+    def prune_after_anchor(self) -> bool:
+        """Whether this log prunes what final anchors cover (``audit_config``)."""
+        return self._pruner.enabled
+
+    def pruning(self) -> Pruning:
+        """The pruning point (entries below it may be pruned) and the payloads dropped."""
+        self._check_open()
+        return self._pruner.state()
+
+    def prune_anchored(self, *, limit: int | None = None) -> list[PruneStep]:
+        """Drop the payloads of entries a final anchor covers; one transaction per step.
+
+        Works whether or not the log was opened with ``prune_after_anchor``
+        (that setting says who calls it: the anchoring driver, and a full
+        log). Rules: :mod:`talos.core.audit.pruning`. Each step appends an
+        ``AUDIT_PRUNED`` entry; returns the steps, none when nothing is due.
+
+        Raises:
+            LocalProtocolError: the log is read-only or closed.
+            StoreCorrupted: an entry to prune does not match its leaf hash.
+            AuditFull, StorageError: as for :meth:`append`; earlier steps stay done.
+        """
+        if limit is None:
+            return self._pruner.prune()
+        return self._pruner.prune(limit=limit)
+
+    def watch_pruning(self, callback: Callable[[PruneStep], None]) -> None:
+        """Call ``callback(step)`` after each pruning step is on disk."""
+        self._pruner.watch(callback)
 
     def block(self, height: int) -> Block:
         """The block at ``height`` (decoded; signatures are checked by verify_chain).

@@ -9,6 +9,11 @@ Rules this module keeps:
   and re-checked against the filters, so a damaged index row cannot smuggle
   in a wrong entry.
 * ``last`` walks backwards from the newest match and stops after ``last``.
+* Below the pruning point only the kept entries (``KEPT_KINDS``) have a
+  payload: a walk without kind or peer finds them through the index, the
+  time search starts at the pruning point, and kept entries below it are
+  checked against the times one by one. Pruned entries are never returned;
+  callers say so from :meth:`talos.audit.AuditLog.pruning`.
 
 Imported by :mod:`talos.audit.log`.
 """
@@ -20,8 +25,9 @@ from dataclasses import dataclass
 
 import lmdb
 
-from talos.audit.store import AuditStore, index_key
+from talos.audit.store import AuditStore, PrunedEntry, index_key
 from talos.core.audit.entry import AuditEntry, check_kind, check_peer
+from talos.core.audit.pruning import KEPT_KINDS
 from talos.errors import LocalProtocolError
 from talos.storage.lmdb import read_u64, u64
 
@@ -67,20 +73,28 @@ class Query:
             StoreCorrupted: a matching entry fails its leaf hash.
         """
         kind, peer, last = self.kind, self.peer, self.last
-        low = 0 if self.since is None else _first_at_or_after(store, txn, self.since, size)
-        high = size if self.until is None else _first_at_or_after(store, txn, self.until, size)
+        pruned = store.pruned_below(txn)
+        since, until = self.since, self.until
+        low = 0 if since is None else _first_at_or_after(store, txn, since, size, pruned)
+        if low == pruned:
+            low = 0  # the bound may lie among the pruned: kept entries are checked one by one
+        high = size if until is None else _first_at_or_after(store, txn, until, size, pruned)
         reverse = last is not None
         if kind is not None:
             seqs = _index_seqs(txn, store, b"k", kind, low, high, reverse=reverse)
         elif peer is not None:
             seqs = _index_seqs(txn, store, b"p", peer, low, high, reverse=reverse)
         else:
-            seqs = iter(range(high - 1, low - 1, -1) if reverse else range(low, high))
+            seqs = _plain_seqs(txn, store, low, high, pruned, reverse=reverse)
         found: list[AuditEntry] = []
         for seq in seqs:
             if last is not None and len(found) >= last:
                 break
-            entry = store.entry(txn, seq, size)
+            entry = store.entry_or_pruned(txn, seq, size)
+            if isinstance(entry, PrunedEntry):
+                continue
+            if seq < pruned and not _in_times(entry.time_ms, since, until):
+                continue
             if (kind is None or entry.kind == kind) and (peer is None or entry.peer == peer):
                 found.append(entry)
         if reverse:
@@ -88,11 +102,19 @@ class Query:
         return found
 
 
+def _in_times(time_ms: int, since: int | None, until: int | None) -> bool:
+    return (since is None or time_ms >= since) and (until is None or time_ms < until)
+
+
 def _first_at_or_after(
-    store: AuditStore, txn: lmdb.Transaction[bytes], when: int, size: int
+    store: AuditStore, txn: lmdb.Transaction[bytes], when: int, size: int, pruned: int
 ) -> int:
-    """Smallest seq whose time is >= ``when``: a binary search, as times never decrease."""
-    low, high = 0, size
+    """Smallest seq whose time is >= ``when``: a binary search, as times never decrease.
+
+    Pruned entries have no time: the search runs from the pruning point,
+    which it returns when the bound may lie below it.
+    """
+    low, high = pruned, size
     while low < high:
         mid = (low + high) // 2
         if store.entry(txn, mid, size).time_ms < when:
@@ -100,6 +122,30 @@ def _first_at_or_after(
         else:
             high = mid
     return low
+
+
+def _plain_seqs(
+    txn: lmdb.Transaction[bytes],
+    store: AuditStore,
+    low: int,
+    high: int,
+    pruned: int,
+    *,
+    reverse: bool,
+) -> Iterator[int]:
+    """Seqs in ``[low, high)``; below the pruning point only the kept entries (by the index)."""
+    kept = sorted(
+        seq
+        for kind in KEPT_KINDS
+        for seq in _index_seqs(txn, store, b"k", kind, low, min(high, pruned), reverse=False)
+    )
+    rest = range(max(low, pruned), high)
+    if reverse:
+        yield from reversed(rest)
+        yield from reversed(kept)
+    else:
+        yield from kept
+        yield from rest
 
 
 def _index_seqs(

@@ -7,7 +7,8 @@ the log; this module says what is in them::
     nodes     u64be(last leaf) || u8(level)  -> 32-byte hash of a perfect subtree, level >= 1
     blocks    u64be(height)                  -> block CBOR
     index     b"k" kind 0x00 u64be(seq)      -> b""  (and b"p" peer 0x00 u64be(seq))
-    meta      b"size", b"root", b"time", b"blocks", b"block_hash", b"format"
+    meta      b"size", b"root", b"time", b"blocks", b"block_hash", b"format",
+              b"pruned" (the pruning point), b"pruned_entries" (payloads dropped)
 
 Perfect-subtree nodes are keyed by the index of their *last* leaf, then their
 level: appending leaf ``i`` completes exactly the nodes whose last leaf is
@@ -23,6 +24,12 @@ Rules this module keeps:
   seq; :meth:`AuditStore.node` the hash length; :meth:`AuditStore.block` the
   decoding and the height.
 * Nothing here is cached: each read works inside the caller's transaction.
+* Below the pruning point (``meta["pruned"]``, see
+  :mod:`talos.core.audit.pruning`) an entry row may be its leaf hash alone:
+  :meth:`AuditStore.entry` raises :class:`EntryPruned` for it, and
+  :meth:`AuditStore.leaf` returns the kept hash (it can no longer be
+  re-hashed; the nodes above it and the anchored root still pin it). From
+  the pruning point on, a row without its bytes is damage.
 
 Imported by the modules of :mod:`talos.audit` only.
 """
@@ -56,7 +63,15 @@ from talos.errors import (
 from talos.storage.environment import Environment
 from talos.storage.lmdb import read_u64, u64
 
-__all__ = ["FORMAT_VERSION", "AuditStore", "Head", "index_key", "node_key"]
+__all__ = [
+    "FORMAT_VERSION",
+    "AuditStore",
+    "EntryPruned",
+    "Head",
+    "PrunedEntry",
+    "index_key",
+    "node_key",
+]
 
 #: Version of the audit log's layout (``meta["format"]``).
 FORMAT_VERSION: Final = 1
@@ -72,6 +87,28 @@ def node_key(node: NodeID) -> bytes:
 def index_key(prefix: bytes, value: str, seq: int) -> bytes:
     """Key of a query index row (``b"k"`` for kinds, ``b"p"`` for peers)."""
     return prefix + value.encode("utf-8") + b"\x00" + u64(seq)
+
+
+class EntryPruned(LocalProtocolError):
+    """The entry's payload was pruned after a final anchor covered it; its leaf hash is kept."""
+
+    hint = "its leaf hash is kept: `talos audit prove SEQ` still proves its inclusion"
+
+    def __init__(self, seq: int, leaf: bytes) -> None:
+        super().__init__(
+            f"audit entry {seq} was pruned after anchoring (prune_after_anchor): only its "
+            f"leaf hash {leaf.hex()} is kept"
+        )
+        self.seq = seq
+        self.leaf = leaf
+
+
+@dataclass(frozen=True, slots=True)
+class PrunedEntry:
+    """An entry whose payload was pruned: its seq and its leaf hash, nothing else."""
+
+    seq: int
+    leaf: bytes
 
 
 @dataclass(slots=True)
@@ -136,6 +173,10 @@ class AuditStore:
         root = self.meta_value(txn, b"root")
         return Head(self.meta_count(txn, b"size"), EMPTY_ROOT if root is None else bytes(root))
 
+    def pruned_below(self, txn: lmdb.Transaction[bytes]) -> int:
+        """The pruning point: entries below it may hold their leaf hash alone (0: none)."""
+        return self.meta_count(txn, b"pruned")
+
     def check_format(self, txn: lmdb.Transaction[bytes]) -> None:
         """Refuse a log written in a layout this version does not know.
 
@@ -188,6 +229,8 @@ class AuditStore:
             StoreCorrupted: the entry is missing or does not match.
         """
         value = self.entry_row(txn, seq)
+        if value is not None and len(value) == HASH_SIZE and seq < self.pruned_below(txn):
+            return bytes(value)
         if value is None or leaf_hash(value[HASH_SIZE:]) != value[:HASH_SIZE]:
             raise StoreCorrupted(
                 f"audit entry {seq} is missing or does not match its leaf hash",
@@ -201,6 +244,7 @@ class AuditStore:
 
         Raises:
             LocalProtocolError: ``seq`` is not a sequence number, or ``seq >= size``.
+            EntryPruned: its payload was pruned (a LocalProtocolError).
             StoreCorrupted: missing below ``size``, or the bytes do not match
                 their leaf hash, do not decode, or name another seq.
         """
@@ -213,6 +257,8 @@ class AuditStore:
                     f"audit entry {seq} is missing", where=f"seq {seq}", what="missing entry"
                 )
             raise LocalProtocolError(f"no audit entry {seq}; the log holds {size}")
+        if len(value) == HASH_SIZE and seq < self.pruned_below(txn):
+            raise EntryPruned(seq, bytes(value))
         stored, raw = value[:HASH_SIZE], value[HASH_SIZE:]
         if leaf_hash(raw) != stored:
             raise StoreCorrupted(
@@ -231,6 +277,19 @@ class AuditStore:
                 f"audit entry stored at {seq} says {entry.seq}", where=f"seq {seq}", what="seq"
             )
         return entry
+
+    def entry_or_pruned(
+        self, txn: lmdb.Transaction[bytes], seq: int, size: int
+    ) -> AuditEntry | PrunedEntry:
+        """:meth:`entry`, or a :class:`PrunedEntry` for an entry whose payload was pruned.
+
+        Raises:
+            LocalProtocolError, StoreCorrupted: as :meth:`entry`.
+        """
+        try:
+            return self.entry(txn, seq, size)
+        except EntryPruned as pruned:
+            return PrunedEntry(seq, pruned.leaf)
 
     def block(self, txn: lmdb.Transaction[bytes], height: int) -> Block:
         """The block at ``height``, decoded (signatures are the chain scan's concern).

@@ -17,7 +17,9 @@ Rules this module keeps:
   a running agent): the stored head is compared with ours inside every write
   transaction, and a stale writer reloads and retries.
 * A full disk or map raises :class:`~talos.errors.AuditFull` and logs a
-  warning on the ``talos.audit`` logger.
+  warning on the ``talos.audit`` logger. With :attr:`LogWriter.make_room`
+  set (``prune_after_anchor``), a commit that did not fit first asks it to
+  prune anchored payloads, and is tried once more if it did.
 * :attr:`LogWriter.lock` serializes every write and the log's closing.
 * Block watchers (:meth:`LogWriter.watch_blocks`) are called with each sealed
   block after its transaction committed and the lock was released (the
@@ -97,6 +99,10 @@ class LogWriter:
         self._state: WriterState | None = None
         self._watchers: list[Callable[[Block], None]] = []
         self._sealed: Block | None = None
+        #: Called (without the lock) when a commit does not fit; True: try again.
+        self.make_room: Callable[[], bool] | None = None
+        #: Per thread: an AuditFull warning waits until pruning did not help.
+        self._quiet = threading.local()
 
     def watch_blocks(self, callback: Callable[[Block], None]) -> None:
         """Call ``callback(block)`` after each block this writer sealed is committed."""
@@ -143,10 +149,13 @@ class LogWriter:
         self,
         records: Sequence[PreparedRecord],
         apply: Callable[[lmdb.Transaction[bytes]], None] | None = None,
+        *,
+        room: bool = True,
     ) -> list[int]:
         """Append ``records`` (and run ``apply(txn)``) in one durable transaction.
 
-        Returns the entries' sequence numbers.
+        Returns the entries' sequence numbers. When it does not fit and
+        ``room`` is true, :attr:`make_room` may free space first.
 
         Raises:
             LocalProtocolError: the log is read-only or closed.
@@ -154,6 +163,24 @@ class LogWriter:
             StoreCorrupted: the stored border does not match the stored root.
             StorageError: LMDB failed, or the log kept changing under this writer.
         """
+        if not room or self.make_room is None:
+            return self._commit(records, apply)
+        try:
+            self._quiet.full = True
+            return self._commit(records, apply)
+        except AuditFull as full:
+            if not self.make_room():
+                _log.warning("%s", full, extra={"event": "audit_full"})
+                raise
+        finally:
+            self._quiet.full = False
+        return self._commit(records, apply)
+
+    def _commit(
+        self,
+        records: Sequence[PreparedRecord],
+        apply: Callable[[lmdb.Transaction[bytes]], None] | None,
+    ) -> list[int]:
         with self.lock:
             seqs = self._with_fresh_state(lambda: self._commit_once(records, apply))
         if self._watchers:
@@ -310,7 +337,8 @@ class LogWriter:
                 f"audit log {store.path} is full ({detail}); the entry was not written and "
                 f"all {self._head.size} committed entries are intact"
             )
-            _log.warning("%s (%s)", message, exc, extra={"event": "audit_full"})
+            if not getattr(self._quiet, "full", False):
+                _log.warning("%s (%s)", message, exc, extra={"event": "audit_full"})
             raise AuditFull(message) from exc
 
     def _check_head(self, txn: lmdb.Transaction[bytes]) -> None:

@@ -157,6 +157,18 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
     default=None,
     help="Room kept for each agent that mirrors its log here, in MiB (default 256; 0: none).",
 )
+@click.option(
+    "--audit-max-size-gb",
+    type=BoundedFloat(0.001, 1_000_000),
+    default=None,
+    metavar="G",
+    help="The audit log's size limit (audit_config max_size_gb; default: none).",
+)
+@click.option(
+    "--audit-prune-after-anchor",
+    is_flag=True,
+    help="Drop the payloads of audit entries a final anchor covers (leaf hashes stay).",
+)
 @click.option("--log-level", type=click.Choice(_LEVELS), default="info", show_default=True)
 @log_format_option
 @key_passphrase_option
@@ -182,6 +194,8 @@ def run(
     audit_witnesses: tuple[str, ...],
     audit_mirror: tuple[str, ...],
     mirror_quota_mb: int | None,
+    audit_max_size_gb: float | None,
+    audit_prune_after_anchor: bool,
     log_level: str,
     log_format: LogFormat,
     key_passphrase_file: Path | None,
@@ -230,7 +244,13 @@ def run(
         "clock": ctx.clock,
         "rng": ctx.rng,
         "anchor": anchor,
-        "audit_config": _audit_config(audit_mirror, mirror_quota_mb, audit_witnesses),
+        "audit_config": _audit_config(
+            audit_mirror,
+            mirror_quota_mb,
+            audit_witnesses,
+            max_size_gb=audit_max_size_gb,
+            prune_after_anchor=audit_prune_after_anchor,
+        ),
     }
     asyncio.run(_daemon(name or home.path.name, options, path))
 
@@ -256,11 +276,20 @@ def _anchor_settings(
 
 
 def _audit_config(
-    mirror_to: tuple[str, ...], quota_mb: int | None, witnesses: tuple[str, ...]
+    mirror_to: tuple[str, ...],
+    quota_mb: int | None,
+    witnesses: tuple[str, ...],
+    *,
+    max_size_gb: float | None,
+    prune_after_anchor: bool,
 ) -> dict[str, Any] | None:
-    """``audit_config={...}`` from --audit-mirror, --mirror-quota-mb and --audit-witness;
-    None without them."""
+    """``audit_config={...}`` from --audit-mirror, --mirror-quota-mb, --audit-witness,
+    --audit-max-size-gb and --audit-prune-after-anchor; None without them."""
     config: dict[str, Any] = {}
+    if max_size_gb is not None:
+        config["max_size_gb"] = max_size_gb
+    if prune_after_anchor:
+        config["prune_after_anchor"] = True
     if witnesses:
         config["witnesses"] = list(witnesses)
     if mirror_to:

@@ -18,6 +18,12 @@ chain (:class:`~talos.audit.anchoring.chain.Chain`), the store
    reads every anchor of the log back from the chain and reports
    the ones that contradict the log (``ANCHOR_MISMATCH``) or come from
    another wallet.
+4. with ``prune_after_anchor`` (the log's setting), after the first step and
+   after each final anchor, the payloads the anchor covers are pruned
+   (:meth:`talos.audit.AuditLog.prune_anchored`); a failure there is logged
+   (``audit_prune_failed``) and tried again next step, never counted as an
+   anchoring failure. The ``AUDIT_PRUNED`` entries alone do not make the log
+   "grown" (no anchor is paid for them alone).
 
 A failure of any kind (the RPC is down, times out or answers garbage; the
 transaction is refused or reverts; the store fails) never reaches the
@@ -75,6 +81,8 @@ class AnchorMetrics(WatchMetrics, Protocol):
 
     def set_audit_anchor_lag(self, entries: int) -> None: ...
 
+    def audit_pruned(self, entries: int) -> None: ...
+
 
 @dataclass(frozen=True)
 class StepReport:
@@ -119,6 +127,10 @@ class Anchorer:
         self._sent_at: float | None = None
         self._name: bytes | None = None
         self.last = StepReport(None, None, None)
+        #: Whether a pruning pass is owed (at start, and after each final anchor).
+        self._prune_due = True
+        if metrics is not None:
+            log.watch_pruning(lambda step: metrics.audit_pruned(step.entries))
 
     @property
     def store(self) -> AnchorStore:
@@ -161,6 +173,7 @@ class Anchorer:
                 )
             self.schedule = self.schedule.succeeded(now, in_flight=anchor is not None)
             self.last = StepReport(outcome, anchor, None)
+        self._maybe_prune()
         self._report_lag()
         return self.schedule.next_at
 
@@ -272,6 +285,7 @@ class Anchorer:
         }
         seq = self._store.finish(anchor, AuditRecord(AuditKind.AUDIT_ANCHORED, data))
         self._sent_at = None
+        self._prune_due = True
         _log.info(
             "audit log anchored at size %d (block %d)",
             anchor.tree_size,
@@ -332,6 +346,25 @@ class Anchorer:
         if self._name is None:
             self._name = log_id(self._log.checkpoint().origin)
         return self._name
+
+    # -- pruning -----------------------------------------------------------------------
+
+    def _maybe_prune(self) -> None:
+        """Prune what the final anchors cover, if the log says so and a pass is owed."""
+        if not (self._prune_due and self._log.prune_after_anchor):
+            return
+        try:
+            steps = self._log.prune_anchored()
+            self._store.pass_over([step.seq for step in steps])
+        except TalosError as error:
+            _log.warning(
+                "pruning the audit log failed (%s): %s; trying again next step",
+                type(error).__name__,
+                error,
+                extra={"event": "audit_prune_failed", "reason": type(error).__name__},
+            )
+            return
+        self._prune_due = False
 
     # -- failures and the lag ----------------------------------------------------------
 

@@ -17,7 +17,9 @@ Rows (keys are ASCII tags, values canonical CBOR maps):
 * ``f`` + u64 tree size: each final anchor (sizes only grow);
 * ``q``: the log size just after the last ``AUDIT_ANCHORED`` entry: a log
   that grew only by that entry has nothing new to anchor (written just after
-  the final anchor; a crash in between costs one extra anchor, nothing more).
+  the final anchor; a crash in between costs one extra anchor, nothing more),
+  nor by the ``AUDIT_PRUNED`` entries that directly follow it
+  (:meth:`AnchorStore.pass_over`).
 """
 
 from __future__ import annotations
@@ -153,6 +155,30 @@ class AnchorStore:
 
         self._log.append_with([], quiet)
         return seq
+
+    def pass_over(self, seqs: list[int]) -> None:
+        """Count entries ``seqs`` (pruning records) as nothing new to anchor.
+
+        Each moves ``q`` on only if it directly follows it: an entry
+        appended in between is new, and the next anchor covers them all.
+
+        Raises:
+            AuditFull, StorageError: nothing was written.
+        """
+        if not seqs:
+            return
+
+        def apply(txn: Any) -> None:
+            raw = txn.get(_QUIET, db=self._db)
+            quiet = 0 if raw is None else read_u64(bytes(raw))
+            moved = quiet
+            for seq in sorted(seqs):
+                if seq == moved:
+                    moved = seq + 1
+            if moved != quiet:
+                txn.put(_QUIET, u64(moved), db=self._db)
+
+        self._log.append_with([], apply)
 
 
 def read_anchors(path: Path, *, clock: Clock) -> tuple[list[Anchor], Anchor | None]:

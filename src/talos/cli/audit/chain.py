@@ -4,6 +4,9 @@ The scan itself runs in a child process (:func:`talos.audit.chain_check.scan_cha
 so a damaged data file that kills the reader with SIGBUS is reported as
 damage (exit 3) and the ``talos`` process survives.
 
+A pruned log (``prune_after_anchor``) verifies; the summary says how many
+entries were pruned and below which seq (JSON: ``pruned``, ``pruned_below``).
+
 Signatures are checked against the agent's key log: ``keylog.cbor``, else
 the key file's own log (a missing ``keylog.cbor`` is never silently replaced
 by the keys the blocks carry; that fallback is only for a home with no
@@ -76,6 +79,8 @@ def _chain_json(report: ChainReport, against: str, losses: list[str]) -> dict[st
         "root": report.root.hex() if report.ok else None,
         "signers": [key.hex() for key in report.signers],
         "unsigned_blocks": report.unsigned_blocks,
+        "pruned": report.pruned,
+        "pruned_below": report.pruned_below,
         "signatures_checked_against": against,
         "problem": None
         if problem is None
@@ -96,6 +101,11 @@ def _print_chain_summary(report: ChainReport, against: str) -> None:
     click.echo(f"signers {signers}")
     if report.unsigned_blocks:
         click.echo(f"unsigned blocks {report.unsigned_blocks}")
+    if report.pruned:
+        click.echo(
+            f"pruned {report.pruned} entries below seq {report.pruned_below} after anchoring "
+            "(payloads dropped, leaf hashes kept and checked into every root)"
+        )
     if against == "key-log":
         click.echo("signatures checked against this agent's public key log")
     elif against == "key-file":

@@ -18,7 +18,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from talos.audit import Checkpoint, LogSigner, parse_verifier_key
+from talos.audit import AuditLog, Checkpoint, EntryPruned, LogSigner, parse_verifier_key
 from talos.audit.proof_file import (
     NoteKey,
     ProofFile,
@@ -81,6 +81,15 @@ def _checkpoint_for(
     return Checkpoint.sign(signer, size, tree_root)
 
 
+def _pruned(opened: AuditLog, seq: int) -> bool:
+    """Whether entry ``seq``'s payload was pruned (its proof is of the kept leaf hash)."""
+    try:
+        opened.entry(seq)
+    except EntryPruned:
+        return True
+    return False
+
+
 @click.command()
 @click.argument("seq", type=BoundedInt(0, INT64_MAX))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
@@ -103,11 +112,13 @@ def prove(
 ) -> None:
     """Write the inclusion proof of entry SEQ in the current tree to a JSON file.
 
-    The file carries the newest final anchor covering the entry, if any.
+    The file carries the newest final anchor covering the entry, if any. An
+    entry pruned after anchoring is proved by its kept leaf hash.
     """
     with reading(ctx, log) as opened:
         size = opened.size
         proof = opened.prove_inclusion(seq, size=size)
+        pruned = _pruned(opened, seq)
         tree_root = opened.root_at(size)
         checkpoint = _checkpoint_for(
             ctx, with_checkpoint, log is None, size, tree_root, key_passphrase_file
@@ -129,6 +140,8 @@ def prove(
     signed = "" if checkpoint is None else f", checkpoint signed by {checkpoint.signatures[0].name}"
     click.echo(f"proof of entry {seq} in tree size {size} written to {out}{signed}")
     click.echo(f"root {tree_root.hex()}")
+    if pruned:
+        click.echo(f"entry {seq} was pruned after anchoring: the proof is of its kept leaf hash")
     if witnessed is not None:
         names = ", ".join(c.witness for c in witnessed.cosignatures)
         click.echo(f"cosigned at tree size {witnessed.tree_size} by {names}")

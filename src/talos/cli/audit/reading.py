@@ -1,7 +1,10 @@
 """``talos audit query``, ``log``, ``show`` and ``root``: reading the log.
 
 Each opens the log read-only for the length of the command, so it can run
-beside the agent that writes it.
+beside the agent that writes it. On a pruned log (``prune_after_anchor``)
+``query`` and ``log`` say on stderr which entries were pruned (they are not
+in the results); ``show`` of a pruned entry is an error naming its kept
+leaf hash.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from talos.cli.audit.rendering import (
     entry_json,
     iso,
     print_entries,
+    pruned_note,
     signature_state,
 )
 from talos.cli.context import CliContext
@@ -57,6 +61,7 @@ def query(
             until=until,
             last=last,
         )
+        pruned_note(opened.pruning(), found, last)
     print_entries(found, as_json)
 
 
@@ -69,6 +74,7 @@ def log_command(ctx: CliContext, last: int, as_json: bool, log: Path | None) -> 
     """The most recent entries, oldest first."""
     with reading(ctx, log) as opened:
         found = opened.query(last=last)
+        pruned_note(opened.pruning(), found, last)
     print_entries(found, as_json)
 
 

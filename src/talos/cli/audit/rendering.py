@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from talos.audit import AuditEntry, Block
+from talos.audit import AuditEntry, Block, Pruning
 from talos.errors import SignatureInvalid
 
 __all__ = [
@@ -27,10 +27,32 @@ __all__ = [
     "iso",
     "plain",
     "print_entries",
+    "pruned_note",
     "signature_state",
 ]
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def pruned_note(
+    pruning: Pruning, found: list[AuditEntry], last: int | None = None, *, listed: bool = False
+) -> None:
+    """Say on stderr that pruned entries are not in ``found``, when they may have matched
+    (``listed``: they are, as their leaf hash alone).
+
+    Nothing is said when the log has no pruned entry, or ``last`` entries
+    were asked for and found above the pruning point.
+    """
+    if not pruning.entries:
+        return
+    if last is not None and len(found) >= last and (not found or found[0].seq >= pruning.below):
+        return
+    shown = "appear as their leaf hash alone" if listed else "are not listed"
+    _err.print(
+        f"note: {pruning.entries} entries below seq {pruning.below} were pruned after "
+        f"anchoring (prune_after_anchor) and {shown}; their leaf hashes are kept "
+        "(`talos audit prove SEQ` still proves each)"
+    )
 
 
 def iso(time_ms: int) -> str:

@@ -121,6 +121,8 @@ class AuditKind(StrEnum):
     MESSAGE_EXPIRED = "MESSAGE_EXPIRED"
     #: An anchor of this log by its own wallet contradicts the log (talos.audit.anchoring.watch).
     ANCHOR_MISMATCH = "ANCHOR_MISMATCH"
+    #: Payloads of entries covered by a final anchor were dropped (talos.audit.pruning).
+    AUDIT_PRUNED = "AUDIT_PRUNED"
 
 
 def check_kind(kind: object) -> str:
