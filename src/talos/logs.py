@@ -142,6 +142,7 @@ EVENTS: Final = frozenset(
         "mirror_fetch_refused",
         "mirror_served",
         "mirror_invalid",
+        "mirror_behind_pruning",
         "audit_rebuilt_from_peers",
         "anchor_mismatch",
         "anchor_foreign",

@@ -24,7 +24,9 @@ from talos.audit import (
     verify_consistency,
 )
 from talos.audit.config import AuditConfig
+from talos.audit.recovery import rebuild
 from talos.core.crypto import SigningKey
+from talos.errors import StoreCorrupted
 from talos.storage.lmdb import u64
 from talos.testing import FakeClock
 
@@ -149,6 +151,22 @@ def test_never_past_the_anchor_nor_the_last_sealed_block(tmp_path: Path, clock: 
             log.entry(89)
 
 
+def test_a_hold_keeps_what_the_mirrors_have_not_acknowledged(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    mirrored = [10]
+    with _open(tmp_path / "log", clock) as log:
+        log.hold_pruning(lambda: mirrored[0])
+        _fill(log, 64)  # one block sealed
+        _anchor(log, 64)
+        [step] = log.prune_anchored()
+        assert (step.start, step.end) == (0, 10)
+        log.entry(10)  # not acknowledged by every mirror: kept
+        mirrored[0] = 64
+        [step] = log.prune_anchored()
+        assert (step.start, step.end) == (10, 64)
+
+
 def test_no_anchor_or_an_anchor_of_another_root_prunes_nothing(
     tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -244,6 +262,23 @@ def test_a_payload_dropped_past_the_pruning_point_is_damage(
     assert (report.problem.seq, report.problem.where) == (66, "entry")
 
 
+def test_a_damaged_pruned_log_is_not_rebuilt_from_what_it_no_longer_has(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    with _open(tmp_path / "log", clock) as log:
+        _fill(log, 64)
+        _anchor(log)
+        log.prune_anchored()
+        _fill(log, 3)
+        leaf = log.prove_inclusion(66).leaf_hash
+    _damage(tmp_path / "log", u64(66), leaf, b"entries")
+    before = (tmp_path / "log" / "data.mdb").read_bytes()
+    with pytest.raises(StoreCorrupted, match="pruned after anchoring: a rebuild cannot"):
+        rebuild(tmp_path / "log", clock=clock, trusted_keys=None)
+    assert (tmp_path / "log" / "data.mdb").read_bytes() == before  # nothing changed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]
+
+
 def test_a_pruned_count_that_does_not_match_is_damage(tmp_path: Path, clock: FakeClock) -> None:
     with _open(tmp_path / "log", clock) as log:
         _fill(log, 64)
@@ -261,12 +296,14 @@ def test_a_pruned_log_backs_up_and_restores_verified(tmp_path: Path, clock: Fake
         _fill(log, 640)
         _anchor(log)
         log.prune_anchored()
-        root = log.root()
+        size, root = log.size, log.root()
         log.backup(tmp_path / "backup")
-    AuditLog.restore(tmp_path / "restored", tmp_path / "backup", clock=clock)
+    done = AuditLog.restore(tmp_path / "restored", tmp_path / "backup", clock=clock)
+    assert (done.size, done.root) == (size, root)
     with _open(tmp_path / "restored", clock) as restored:
         report = restored.verify_chain()
         assert report.ok, report.problem
-        assert (report.pruned, restored.root()) == (640, root)
+        # The same log (its pruned entries too), then the LOG_RESTORED entry.
+        assert (report.pruned, restored.root_at(size), restored.size) == (640, root, size + 1)
         _fill(restored, 5)
         assert restored.verify_chain().ok

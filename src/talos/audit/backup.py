@@ -89,35 +89,71 @@ def restore(
     """
     _verify_backup(source, trusted_keys)
     result: dict[str, Any] = {}
+    pruned = _pruned(source)
 
     def fill(environment: Environment) -> Mapping[str, Any]:
-        _, written = write_read(environment, read_intact(source), trusted_keys, recorded)
-        result["log"] = written
+        if pruned:
+            # Pruned payloads cannot be written again: the verified databases are
+            # copied as they are (verify_chain checked them, pruning included).
+            environment.copy_state_from(source, audit=True)
+            size, root, lost = _copied(environment, recorded)
+        else:
+            _, written = write_read(environment, read_intact(source), trusted_keys, recorded)
+            size, root, lost = written.size, written.root, loss(written, recorded)
+        result.update(size=size, root=root)
         data: dict[str, Any] = {
             "backup": source.name[:200],
-            "backup_size": written.size,
-            "backup_root": written.root,
+            "backup_size": size,
+            "backup_root": root,
         }
-        data.update(loss(written, recorded))
+        data.update(lost)
         result["lost"] = data.get("lost", 0)
         return data
 
     replaced = replace_log(
         target, fill, clock=clock, signer=signer, kind=AuditKind.LOG_RESTORED, label="replaced"
     )
-    written = result["log"]
     _log.warning(
         "audit log %s restored from %s (%d entries, %d lost, agent state %s); "
         "previous log kept at %s",
         target,
         source,
-        written.size,
+        result["size"],
         result["lost"],
         replaced.state,
         replaced.aside,
         extra={"event": "audit_restored"},
     )
-    return Restored(written.size, written.root, result["lost"], replaced)
+    return Restored(result["size"], result["root"], result["lost"], replaced)
+
+
+def _pruned(source: Path) -> bool:
+    """Whether the (verified) backup in ``source`` holds pruned entries."""
+    environment = Environment.open(source, readonly=True, lock=False)
+    try:
+        with environment.read() as txn:
+            return AuditStore(environment).pruned_below(txn) > 0
+    finally:
+        environment.close()
+
+
+def _copied(
+    environment: Environment, recorded: tuple[int, bytes] | None
+) -> tuple[int, bytes, dict[str, Any]]:
+    """The size and root of the log copied into ``environment``, and what of ``recorded``
+    (the watermark's size and root) it lacks (as :func:`~talos.audit.recovery.loss`)."""
+    store = AuditStore(environment)
+    with environment.read() as txn:
+        size = store.meta_count(txn, b"size")
+        root = store.fold(txn, size)
+        if recorded is None:
+            return size, root, {}
+        wanted, wanted_root = recorded
+        if size < wanted:
+            return size, root, {"recorded_size": wanted, "lost": wanted - size}
+        if wanted and store.fold(txn, wanted) != wanted_root:
+            return size, root, {"recorded_size": wanted, "lost": wanted, "diverged": True}
+        return size, root, {"recorded_size": wanted}
 
 
 @dataclass(frozen=True, slots=True)

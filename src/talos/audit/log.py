@@ -434,6 +434,11 @@ class AuditLog:
         """Call ``callback(step)`` after each pruning step is on disk."""
         self._pruner.watch(callback)
 
+    def hold_pruning(self, needed_below: Callable[[], int]) -> None:
+        """Keep the payloads at and past ``needed_below()`` when pruning after an anchor
+        (the audit mirrors' acknowledged size: talos.client.mirroring)."""
+        self._pruner.hold(needed_below)
+
     def block(self, height: int) -> Block:
         """The block at ``height`` (decoded; signatures are checked by verify_chain).
 

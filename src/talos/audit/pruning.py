@@ -107,10 +107,17 @@ class Pruner:
         self._watchers: list[Callable[[PruneStep], None]] = []
         self._refused: str | None = None
         self._busy = False
+        self._holds: list[Callable[[], int]] = []
 
     def watch(self, callback: Callable[[PruneStep], None]) -> None:
         """Call ``callback(step)`` after each committed step."""
         self._watchers.append(callback)
+
+    def hold(self, needed_below: Callable[[], int]) -> None:
+        """Never prune, after an anchor, at or past ``needed_below()`` (the smallest size a
+        mirror of this log has acknowledged: what is not mirrored yet keeps its payload).
+        Pruning for space (a full log) ignores holds: a full log stops the agent."""
+        self._holds.append(needed_below)
 
     def state(self) -> Pruning:
         """The pruning point and the payloads dropped so far."""
@@ -188,7 +195,7 @@ class Pruner:
             raise ValueError("a pruning step drops at least one payload")
         self._writer.check_writable()
         for _ in range(3):
-            plan = self._plan(limit)
+            plan = self._plan(limit, held=None if reason == "space" else self._held())
             if plan is None:
                 return None
             try:
@@ -199,7 +206,11 @@ class Pruner:
 
     # -- planning ------------------------------------------------------------------------
 
-    def _plan(self, limit: int) -> _Plan | None:
+    def _held(self) -> int | None:
+        sizes = [needed() for needed in self._holds]
+        return min(sizes) if sizes else None
+
+    def _plan(self, limit: int, *, held: int | None) -> _Plan | None:
         store = self._store
         with store.read() as txn:
             size = store.meta_count(txn, b"size")
@@ -214,7 +225,7 @@ class Pruner:
             if problem is not None or type(anchored) is not int:
                 self._refuse(problem or "no anchored size", anchor.seq)
                 return None
-            end = step_end(pruned=start, anchored=anchored, sealed=_sealed(store, txn))
+            end = step_end(pruned=start, anchored=anchored, sealed=_sealed(store, txn), held=held)
             drops: list[tuple[int, bytes, tuple[bytes, ...]]] = []
             seq = start
             while seq < end and len(drops) < limit:

@@ -285,6 +285,8 @@ def rebuild(
             truncated past its committed pages); nothing changed.
         StorageError: it cannot be opened, or the files could not be moved.
     """
+    if not unmappable:
+        _refuse_pruned(target)
     result: dict[str, Any] = {}
 
     def fill(environment: Environment) -> Mapping[str, Any]:
@@ -328,6 +330,31 @@ def rebuild(
         extra={"event": "audit_rebuilt"},
     )
     return rebuilt
+
+
+def _refuse_pruned(target: Path) -> None:
+    """Refuse to rebuild a log whose payloads were pruned after anchoring: its entries
+    cannot be written again from payloads it no longer has (nothing changes)."""
+    try:
+        environment = Environment.open(target, readonly=True, lock=False)
+    except (StorageError, StoreCorrupted):
+        return  # unreadable metadata: the rebuild reads what it can
+    try:
+        with environment.read() as txn:
+            pruned = AuditStore(environment).pruned_below(txn)
+    except (StorageError, StoreCorrupted):
+        return
+    finally:
+        environment.close()
+    if pruned:
+        raise StoreCorrupted(
+            f"audit log {target} is damaged and its entries below {pruned} were pruned after "
+            "anchoring: a rebuild cannot write them again; nothing was changed. Restore a "
+            "backup (`talos audit restore --backup DIR`) or fetch the log from its mirrors "
+            "(`talos audit rebuild --from-peers`)",
+            where=str(target),
+            what="pruned log",
+        )
 
 
 def _readable(target: Path) -> Reading:

@@ -30,6 +30,7 @@ from typing import Final
 
 from talos.audit import AuditLog, Checkpoint
 from talos.audit.mirror_store import MirrorRefused, MirrorStore
+from talos.audit.store import EntryPruned
 from talos.client.control import Signer
 from talos.client.own_keys import OwnIdentity, audit_signer
 from talos.client.timing import sleep, wait_first
@@ -83,7 +84,10 @@ class Mirroring:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        """Start one loop per chosen mirror."""
+        """Start one loop per chosen mirror; what they have not acknowledged is kept from
+        pruning (``prune_after_anchor`` waits for the mirrors)."""
+        if self._mirror_to:
+            self._log.hold_pruning(self.mirrored_everywhere)
         for peer in self._mirror_to:
             self._metrics.set_mirror_lag(peer, max(0, self._log.size - self._store.progress(peer)))
             self._tasks.append(asyncio.create_task(self._run(peer), name=f"talos-mirror-{peer}"))
@@ -98,6 +102,10 @@ class Mirroring:
 
     # -- origin -----------------------------------------------------------------------
 
+    def mirrored_everywhere(self) -> int:
+        """The size every chosen mirror has acknowledged (the smallest)."""
+        return min(self._store.progress(peer) for peer in self._mirror_to)
+
     async def _run(self, peer: str) -> None:
         backoff = 1.0
         while not self._closed():
@@ -109,6 +117,21 @@ class Mirroring:
                 continue
             try:
                 answer = await self._send_batch(peer, acked, size)
+            except EntryPruned as exc:
+                # Pruned before this mirror held it (pruning for space ignores the
+                # mirrors): it can never catch up from here. Said, not retried in a loop.
+                self._logs.warning(
+                    "mirror_behind_pruning",
+                    "audit mirror %s cannot catch up: entries from %d were pruned before it "
+                    "acknowledged them (%s); choose another mirror or accept the gap",
+                    peer,
+                    acked,
+                    exc,
+                    source=peer,
+                    peer_id=peer,
+                )
+                await sleep(self._clock, MAX_BACKOFF)
+                continue
             except (TalosError, OSError) as exc:
                 self._logs.warning(
                     "mirror_unreachable",

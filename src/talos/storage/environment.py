@@ -231,10 +231,12 @@ class Environment:
         with lmdb_errors(str(self.path)):
             return int(self._env.info()["last_txnid"])
 
-    def copy_state_from(self, source: Path) -> tuple[str, ...]:
+    def copy_state_from(self, source: Path, *, audit: bool = False) -> tuple[str, ...]:
         """Copy every database of the environment in ``source`` that is not the audit log's
         (the agent state, anchors) into this one, rows and flags as they are, in one
-        transaction; returns their names.
+        transaction; returns their names. With ``audit``, the audit log's databases
+        instead, and only those (a verified backup of a pruned log, whose entries
+        cannot be written again from their payloads).
 
         ``source`` is opened read-only and never written. A restore or rebuild
         uses this to keep the current agent state while the audit log is
@@ -255,10 +257,10 @@ class Environment:
         copied: list[str] = []
         try:
             with lmdb_errors(str(source)), env.begin() as txn, self.write() as out:
-                audit = {name.encode() for name in AUDIT_DATABASES}
+                audit_names = {name.encode() for name in AUDIT_DATABASES}
                 names = [bytes(k) for k in txn.cursor().iternext(values=False)]
                 for name in names:
-                    if name in audit:
+                    if (name in audit_names) != audit:
                         continue
                     try:
                         db = env.open_db(name, txn=txn, create=False)

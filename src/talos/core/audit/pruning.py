@@ -47,12 +47,15 @@ DEFAULT_STEP: Final = 16_384
 KEPT_KINDS: Final = frozenset({AuditKind.AUDIT_ANCHORED.value, AuditKind.AUDIT_PRUNED.value})
 
 
-def step_end(*, pruned: int, anchored: int, sealed: int) -> int:
-    """How far pruning may go (exclusive): never past the anchored size or the last block.
+def step_end(*, pruned: int, anchored: int, sealed: int, held: int | None = None) -> int:
+    """How far pruning may go (exclusive): never past the anchored size or the last block,
+    nor past ``held`` (what a hold still needs: the entries the agent's mirrors have not
+    acknowledged yet; ``None``: no hold).
 
     Returns ``pruned`` when there is nothing to do (the point never moves back).
     """
-    return max(pruned, min(anchored, sealed))
+    bound = min(anchored, sealed) if held is None else min(anchored, sealed, held)
+    return max(pruned, bound)
 
 
 def drops_payload(kind: str) -> bool:

@@ -33,6 +33,13 @@ def test_a_step_ends_at_the_anchor_or_the_last_block_whichever_is_first(
     assert step_end(pruned=pruned, anchored=anchored, sealed=sealed) == end
 
 
+def test_a_hold_stops_a_step_before_what_it_still_needs() -> None:
+    assert step_end(pruned=0, anchored=100, sealed=100, held=40) == 40
+    assert step_end(pruned=0, anchored=30, sealed=100, held=40) == 30
+    assert step_end(pruned=50, anchored=100, sealed=100, held=40) == 50  # never back
+    assert step_end(pruned=0, anchored=100, sealed=100, held=None) == 100
+
+
 def test_anchors_and_pruning_records_keep_their_payload() -> None:
     assert {AuditKind.AUDIT_ANCHORED, AuditKind.AUDIT_PRUNED} == KEPT_KINDS
     assert not drops_payload("AUDIT_ANCHORED")
