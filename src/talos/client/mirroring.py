@@ -82,13 +82,19 @@ class Mirroring:
         self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._logs = LimitedLog(_log, clock)
         self._tasks: list[asyncio.Task[None]] = []
+        if self._mirror_to:
+            # From construction on (before the anchoring driver's first pruning step):
+            # what the mirrors have not acknowledged keeps its payload.
+            log.hold_pruning(self.mirrored_everywhere)
 
     def start(self) -> None:
-        """Start one loop per chosen mirror; what they have not acknowledged is kept from
-        pruning (``prune_after_anchor`` waits for the mirrors)."""
-        if self._mirror_to:
-            self._log.hold_pruning(self.mirrored_everywhere)
+        """Start one loop per chosen mirror. A mirror recorded as holding more than the
+        log has (the log was restored or rebuilt shorter) is taken back to the log's
+        size: it will refuse the new history as ``inconsistent`` (its copy is evidence
+        of what was lost), and pruning never counts on entries it does not hold."""
         for peer in self._mirror_to:
+            if self._store.progress(peer) > self._log.size:
+                self._store.set_progress(peer, self._log.size)
             self._metrics.set_mirror_lag(peer, max(0, self._log.size - self._store.progress(peer)))
             self._tasks.append(asyncio.create_task(self._run(peer), name=f"talos-mirror-{peer}"))
 
@@ -103,8 +109,10 @@ class Mirroring:
     # -- origin -----------------------------------------------------------------------
 
     def mirrored_everywhere(self) -> int:
-        """The size every chosen mirror has acknowledged (the smallest)."""
-        return min(self._store.progress(peer) for peer in self._mirror_to)
+        """The size every chosen mirror has acknowledged (the smallest), never more than
+        the log holds."""
+        acked = min(self._store.progress(peer) for peer in self._mirror_to)
+        return min(acked, self._log.size)
 
     async def _run(self, peer: str) -> None:
         backoff = 1.0

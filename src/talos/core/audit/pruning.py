@@ -44,7 +44,23 @@ __all__ = [
 DEFAULT_STEP: Final = 16_384
 
 #: Kinds whose payload is never pruned.
-KEPT_KINDS: Final = frozenset({AuditKind.AUDIT_ANCHORED.value, AuditKind.AUDIT_PRUNED.value})
+#: Besides the anchoring records, the evidence nothing can recompute: witnesses'
+#: cosignatures and equivocations, anchor mismatches, and the records of
+#: rotations, restores, rebuilds and accepted losses.
+KEPT_KINDS: Final = frozenset(
+    {
+        AuditKind.AUDIT_ANCHORED.value,
+        AuditKind.AUDIT_PRUNED.value,
+        AuditKind.CHECKPOINT_COSIGNED.value,
+        AuditKind.AUDIT_EQUIVOCATION.value,
+        AuditKind.ANCHOR_MISMATCH.value,
+        AuditKind.KEY_ROTATED.value,
+        AuditKind.LOG_RESTORED.value,
+        AuditKind.AUDIT_REBUILT.value,
+        AuditKind.MIRROR_REBUILT.value,
+        "STATE_LOSS_ACCEPTED",
+    }
+)
 
 
 def step_end(*, pruned: int, anchored: int, sealed: int, held: int | None = None) -> int:

@@ -41,7 +41,11 @@ def test_a_hold_stops_a_step_before_what_it_still_needs() -> None:
 
 
 def test_anchors_and_pruning_records_keep_their_payload() -> None:
-    assert {AuditKind.AUDIT_ANCHORED, AuditKind.AUDIT_PRUNED} == KEPT_KINDS
+    assert {AuditKind.AUDIT_ANCHORED, AuditKind.AUDIT_PRUNED} <= KEPT_KINDS
+    # Evidence nothing can recompute keeps its payload too.
+    assert not drops_payload(AuditKind.CHECKPOINT_COSIGNED)
+    assert not drops_payload(AuditKind.AUDIT_EQUIVOCATION)
+    assert not drops_payload("STATE_LOSS_ACCEPTED")
     assert not drops_payload("AUDIT_ANCHORED")
     assert not drops_payload(AuditKind.AUDIT_PRUNED)
     assert drops_payload("MESSAGE_SENT")
