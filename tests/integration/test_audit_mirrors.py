@@ -76,6 +76,8 @@ class World:
     carol: AgentProcess
     root: bytes
     proof: Path
+    #: The mirrored log's size: ENTRIES and the witnesses' cosignatures (CHECKPOINT_COSIGNED).
+    size: int
 
     def restart_carol(self) -> None:
         self.carol = self.launcher.agent(self.carol.home, "--registry", self.registry.url)
@@ -101,20 +103,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "--audit-mirror",
             carol.agent_id,
         )
-        size = ENTRIES
-        for mirror in (bob, carol):
-            wait_until(
-                lambda m=mirror: _acked(homes["alice"], m.agent_id) >= size,  # type: ignore[misc]
-                60,
-                what=f"alice's log mirrored to {mirror.home.name}",
-            )
+        # Bob and carol also witness alice's log: each cosignature is an entry of hers,
+        # mirrored like the rest. Wait until both mirrors hold all of it, twice in a row.
+        def settled() -> bool:
+            size = _head(homes["alice"])[0]
+            return all(_acked(homes["alice"], m.agent_id) == size for m in (bob, carol))
+
+        for _ in range(2):
+            wait_until(settled, 60, what="alice's whole log mirrored to bob and carol")
+            time.sleep(1.5)  # a cosignature arriving late would show here
         alice.stop()
         assert "mirror_batch_stored" in bob.log.read_text()
         size, root = _head(homes["alice"])
-        assert size == ENTRIES
+        assert size >= ENTRIES
+        assert all(_acked(homes["alice"], m.agent_id) == size for m in (bob, carol))
         proof = base / "proof.json"
         CLI.ok(homes["alice"], "audit", "prove", "17", "--out", str(proof))
-        yield World(launcher, registry, homes["alice"], bob, carol, root, proof)
+        yield World(launcher, registry, homes["alice"], bob, carol, root, proof, size)
 
 
 @pytest.fixture
@@ -145,15 +150,15 @@ def _rebuild(world: World, home: Path, *args: str) -> str:
 
 
 def _check_rebuilt(world: World, home: Path) -> None:
-    size, root = _head(home, ENTRIES)
+    size, root = _head(home, world.size)
     assert root == world.root
-    assert size == ENTRIES + 1  # and the MIRROR_REBUILT entry
+    assert size == world.size + 1  # and the MIRROR_REBUILT entry
     (entry,) = json.loads(CLI.ok(home, "audit", "query", "--type", "MIRROR_REBUILT", "--json"))
     assert entry["data"]["lost"] == 0
     CLI.ok(home, "audit", "verify-chain")
     # A proof issued before the damage still verifies against the rebuilt log's root.
     proof = json.loads(world.proof.read_text())
-    assert proof["tree_size"] == ENTRIES
+    assert proof["tree_size"] == world.size
     CLI.ok(None, "audit", "verify-proof", "--proof", str(world.proof), "--root", root.hex())
     assert list(home.glob("audit.damaged-*")) or not (home / "audit").exists()
 
@@ -177,26 +182,26 @@ def test_the_rebuilt_log_continues_and_the_agent_starts(world: World, alice: Pat
     _rebuild(world, alice)
     agent = world.launcher.agent(alice, "--offline")
     agent.stop()
-    _append(alice, 5, first=ENTRIES)
+    _append(alice, 5, first=world.size)
     with AuditLog.open(alice / "audit", readonly=True) as log:
-        assert log.size == ENTRIES + 6
-        log.prove_consistency(ENTRIES).verify(world.root, log.root())
+        assert log.size == world.size + 6
+        log.prove_consistency(world.size).verify(world.root, log.root())
 
 
 def test_entries_never_mirrored_are_reported_lost(world: World, alice: Path) -> None:
-    _append(alice, 20, first=ENTRIES)
+    _append(alice, 20, first=world.size)
     world.launcher.agent(alice, "--offline").stop()  # the watermark records 320
     _damage(alice, "delete")
     refused = CLI.fails(
         alice, 1, "audit", "rebuild", "--from-peers", "--registry", world.registry.url
     )
-    assert f"at least 20 entries from position {ENTRIES}" in refused.stderr
+    assert f"at least 20 entries from position {world.size}" in refused.stderr
     assert "nothing was changed" in refused.stderr
     assert not list(alice.glob("audit.damaged-*"))
     out = _rebuild(world, alice, "--accept-loss")
     assert "LOST: at least 20 entries" in out
     (entry,) = json.loads(CLI.ok(alice, "audit", "query", "--type", "MIRROR_REBUILT", "--json"))
-    assert (entry["data"]["lost"], entry["data"]["lost_from"]) == (20, ENTRIES)
+    assert (entry["data"]["lost"], entry["data"]["lost_from"]) == (20, world.size)
     world.launcher.agent(alice, "--offline").stop()  # starts: the loss was accepted
 
 
@@ -222,7 +227,7 @@ def test_a_lying_mirror_is_named_and_the_next_one_used(world: World, alice: Path
     assert f"mirror {world.carol.agent_id}: ok" in out
     _check_rebuilt(world, alice)
     (entry,) = json.loads(CLI.ok(alice, "audit", "query", "--type", "MIRROR_REBUILT", "--json"))
-    assert entry["peer"] == world.carol.agent_id
+    assert entry["data"]["mirror"] == world.carol.agent_id
     assert entry["data"]["invalid_mirrors"] == [world.bob.agent_id]
 
 
@@ -240,9 +245,12 @@ def test_an_offline_mirror_is_skipped(world: World, alice: Path) -> None:
 
 def test_bad_input_is_refused_and_nothing_is_lost(world: World, alice: Path) -> None:
     intact = _rebuild(world, alice)
-    assert "audit chain intact: 300 entries" in intact  # an intact log is left as it is
-    usage = CLI.fails(alice, 2, "audit", "rebuild")
-    assert "--from-peers" in usage.stderr
+    assert f"audit chain intact: {world.size} entries" in intact  # an intact log is left as it is
+    # Without --from-peers it is the local rebuild: an intact log is left alone too,
+    # and the mirror options are refused without it.
+    assert "nothing to rebuild" in CLI.ok(alice, "audit", "rebuild")
+    usage = CLI.fails(alice, 2, "audit", "rebuild", "--mirror", world.bob.agent_id)
+    assert "--mirror goes with --from-peers" in usage.stderr
     bad = CLI.fails(alice, 2, "audit", "rebuild", "--from-peers", "--mirror", "not-an-id")
     assert "is not an agent id" in bad.stderr
     lonely = alice.parent / "lonely"
@@ -261,7 +269,7 @@ def test_bad_input_is_refused_and_nothing_is_lost(world: World, alice: Path) -> 
     assert "--mirror-quota-mb" in bad_quota.stderr
     assert not list(alice.glob("audit.damaged-*"))
     with AuditLog.open(alice / "audit", readonly=True) as log:
-        assert log.root_at(ENTRIES) == world.root
+        assert log.root_at(world.size) == world.root
 
 
 # -- bad input to a running mirror ---------------------------------------------------------
@@ -323,11 +331,11 @@ def test_bad_mirror_envelopes_are_refused_and_nothing_is_lost(world: World) -> N
     fetch = mirror_bodies.encode_body(mirror_bodies.Fetch(0, 4))
     fresh = _frame(alice, bob, mirror_bodies.MirrorKind.FETCH, fetch)
     with AuditLog.open(world.alice / "audit", readonly=True) as log:
-        entries = tuple(e.to_bytes() for e in log.entries(ENTRIES - 2, ENTRIES))
+        entries = tuple(e.to_bytes() for e in log.entries(world.size - 2, world.size))
         root = log.root()
     forged_signer = LogSigner(SigningKey(bytes(32)), alice.agent_id, f"{alice.agent_id}/audit")
     forged = mirror_bodies.Batch(
-        ENTRIES - 2, entries, Checkpoint.sign(forged_signer, ENTRIES, root)
+        world.size - 2, entries, Checkpoint.sign(forged_signer, world.size, root)
     )
     answers = asyncio.run(
         _exchange(
@@ -348,7 +356,7 @@ def test_bad_mirror_envelopes_are_refused_and_nothing_is_lost(world: World) -> N
     assert isinstance(malformed, mirror_bodies.Refused)
     assert malformed.code is mirror_bodies.RefusalCode.MALFORMED
     assert isinstance(served, mirror_bodies.Entries)
-    assert served.held == ENTRIES
+    assert served.held == world.size
     assert isinstance(replayed, mirror_bodies.Refused)
     assert replayed.code is mirror_bodies.RefusalCode.STALE
     assert isinstance(stale, mirror_bodies.Refused)
@@ -370,7 +378,7 @@ def test_bad_mirror_envelopes_are_refused_and_nothing_is_lost(world: World) -> N
         _exchange(alice, world.bob, [_frame(alice, bob, mirror_bodies.MirrorKind.FETCH, fetch)])
     )
     assert isinstance(again, mirror_bodies.Entries)
-    assert again.held == ENTRIES
+    assert again.held == world.size
 
 
 # -- the origin's side: resuming, a mirror that lost its store, one that refuses ---------------
@@ -390,16 +398,18 @@ def test_mirroring_resumes_where_it_stopped_and_refusals_are_reported(
         tmp_path / "dave", "--name", "dave", "--registry", world.registry.url,
         "--mirror-quota-mb", "0",
     )  # fmt: skip
-    _append(alice, 5, first=ENTRIES)
+    _append(alice, 5, first=world.size)
     port = free_port()
     bob = world.bob.agent_id
     agent = world.launcher.agent(
         alice, "--registry", world.registry.url, "--metrics-port", str(port),
         "--audit-mirror", bob, "--audit-mirror", dave.agent_id,
     )  # fmt: skip
-    wait_until(lambda: _acked(alice, bob) >= ENTRIES + 5, 60, what="the 5 new entries mirrored")
-    # One batch: the acknowledged size was kept across the restart, nothing was sent again.
-    assert _metric(port, "talos_audit_mirror_batches_sent_total") == 1.0
+    wait_until(lambda: _acked(alice, bob) >= world.size + 5, 60, what="the 5 new entries mirrored")
+    # The acknowledged size was kept across the restart, nothing was sent again: one
+    # batch for the new entries, perhaps a second for bob's new cosignature (sending
+    # the whole log again would take three).
+    assert _metric(port, "talos_audit_mirror_batches_sent_total") in (1.0, 2.0)
     lag = f'talos_audit_mirror_lag_entries{{mirror="{bob}"}}'
     wait_until(lambda: _metric(port, lag) == 0.0, 30, what="bob's lag at 0")
     refused = 'talos_audit_mirror_refused_by_peer_total{code="not_mirroring"}'
@@ -413,12 +423,14 @@ def test_mirroring_resumes_where_it_stopped_and_refusals_are_reported(
     world.bob.stop()
     shutil.rmtree(world.bob.home / "mirrors")
     world.bob = world.launcher.agent(world.bob.home, "--registry", world.registry.url)
-    _append(alice, 1, first=ENTRIES + 5)
+    _append(alice, 1, first=world.size + 5)
+    target = _head(alice)[0]
     agent = world.launcher.agent(alice, "--registry", world.registry.url, "--audit-mirror", bob)
     try:
-        wait_until(lambda: _acked(alice, bob) >= ENTRIES + 6, 60, what="alice's log sent again")
+        wait_until(lambda: "gap" in agent.log.read_text(), 60, what="bob's gap refusal")
+        wait_until(lambda: _acked(alice, bob) >= target, 60, what="alice's log sent again")
     finally:
         agent.stop()
-    assert "gap" in agent.log.read_text()
+    acked = _acked(alice, bob)
     with MirrorStore.open(world.bob.home / "mirrors") as store:
-        assert store.origin(agent.agent_id).size == ENTRIES + 6
+        assert store.origin(agent.agent_id).size == acked

@@ -32,6 +32,7 @@ peer rotates, this driver is how the others follow
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from collections.abc import Callable, Mapping
@@ -185,13 +186,26 @@ class KeyLogs:
         await self.offer(link, sender)
 
     async def announce(self) -> None:
-        """Push our current key log to every connected peer (after a rotation)."""
-        targets: dict[str, Link] = {}
-        for peer, link in list(self._incoming.items()) + list(self._outgoing.items()):
-            if link.is_open:
-                targets[peer] = link  # the outgoing link, when there are both
-        for peer, link in targets.items():
-            await self.offer(link, peer)
+        """Push our current key log on every live link (after a rotation).
+
+        On every link, not one per peer: a frame signed with the new key may go
+        to a peer on either of its links, and must not overtake the key log
+        there. The pushes start together, so each is queued on its link before
+        any other task can send on it.
+        """
+        targets = [
+            (peer, link)
+            for peer, link in list(self._incoming.items()) + list(self._outgoing.items())
+            if link.is_open
+        ]
+        results = await asyncio.gather(
+            *(self.offer(link, peer) for peer, link in targets), return_exceptions=True
+        )
+        for (peer, _), result in zip(targets, results, strict=True):
+            if isinstance(result, TalosError):
+                _log.info("key log not pushed to %s: %s", peer, result)
+            elif isinstance(result, BaseException):
+                raise result
 
     # -- the peers' logs ---------------------------------------------------------------
 

@@ -151,20 +151,40 @@ class Mirroring:
                     peer_id=peer,
                 )
                 answer = None
-            wait = self._follow(peer, acked, answer)
+            end = min(size, acked + mirror.MAX_BATCH_ENTRIES)  # what the batch covered
+            wait = self._follow(peer, acked, answer, end)
             if wait:
                 await sleep(self._clock, backoff if wait < 0 else wait)
                 backoff = min(backoff * 2, MAX_BACKOFF)
             else:
                 backoff = 1.0
 
-    def _follow(self, peer: str, acked: int, answer: mirror.Body | None) -> float:
-        """Act on a mirror's answer; 0 to go on at once, else seconds to wait (-1: backoff)."""
+    def _follow(self, peer: str, acked: int, answer: mirror.Body | None, end: int) -> float:
+        """Act on a mirror's answer; 0 to go on at once, else seconds to wait (-1: backoff).
+
+        An ACK counts only for what the batch covered (``acked`` to ``end``): a replayed
+        or bogus one can neither move the progress back nor past entries this batch
+        sent (which pruning would then drop); a mirror that already held more is
+        credited with the batch's end, and the next batch goes on from there.
+        """
+        if isinstance(answer, mirror.Ack) and answer.size < acked:
+            self._logs.warning(
+                "mirror_batch_refused",
+                "audit mirror %s acknowledged size %d for a batch from %d: ignored",
+                peer,
+                answer.size,
+                acked,
+                source=peer,
+                peer_id=peer,
+                code="bad_ack",
+            )
+            return -1
         if isinstance(answer, mirror.Ack):
-            self._store.set_progress(peer, answer.size)
+            done = min(answer.size, end)
+            self._store.set_progress(peer, done)
             self._metrics.mirror_batch_sent()
-            self._metrics.set_mirror_lag(peer, max(0, self._log.size - answer.size))
-            return 0 if answer.size > acked else -1
+            self._metrics.set_mirror_lag(peer, max(0, self._log.size - done))
+            return 0 if done > acked else -1
         if isinstance(answer, mirror.Refused):
             self._metrics.mirror_batch_refused_by_peer(answer.code)
             self._logs.warning(

@@ -95,13 +95,18 @@ class Rotator:
             # From here the home is the rotated identity: the rotation completes
             # even if the public key log cannot be written (never reported as a
             # failure that a retry would turn into a second rotation).
-            self._switch(rotated, rotation)
             await asyncio.to_thread(save_public_keylog, self._home, rotated)
-            if self._watermark is not None:  # re-signed by the new key at once
-                await asyncio.to_thread(self._watermark.key_log_grew, len(rotated.keylog.events))
+            # No await from the switch to the key log's push on every live link, so
+            # that no frame signed with the new key overtakes it there (a peer would
+            # count it as a signature failure before it learns the new key).
+            self._switch(rotated, rotation)
             peers = self._parts.sessions.rotated()
             if rotation.revoke_old:
                 self._parts.capabilities.revoke_earlier_keys()
+            with contextlib.suppress(TalosError):
+                await self._parts.keylogs.announce()
+            if self._watermark is not None:  # re-signed by the new key at once
+                await asyncio.to_thread(self._watermark.key_log_grew, len(rotated.keylog.events))
             self._metrics.key_rotated(rotation.kind)
             _log.log(
                 logging.WARNING if rotation.emergency else logging.INFO,
@@ -136,12 +141,11 @@ class Rotator:
             _log.warning("the key rotation was not audited: %s", exc)
 
     async def _tell_peers(self) -> None:
-        """Registry and DHT (new key log, prekeys, record, revocations), then live links."""
+        """Registry and DHT (new key log, prekeys, record, revocations), then the
+        revocation list on live links (the key log went on them first)."""
         with contextlib.suppress(TalosError):
             await self._announce()
         parts = self._parts
-        with contextlib.suppress(TalosError):
-            await parts.keylogs.announce()  # pushes our key log on every live link
         for peer, link in list(parts.deliverer.links.items()):
             if link.is_open:
                 with contextlib.suppress(TalosError):
