@@ -103,6 +103,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "--audit-mirror",
             carol.agent_id,
         )
+
         # Bob and carol also witness alice's log: each cosignature is an entry of hers,
         # mirrored like the rest. Wait until both mirrors hold all of it, twice in a row.
         def settled() -> bool:
