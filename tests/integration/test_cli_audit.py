@@ -17,6 +17,7 @@ from talos.audit import AuditLog, LogSigner, leaf_hash, verifier_key, verify_inc
 from talos.core.crypto import SigningKey
 from talos.storage.home import AgentHome
 from talos.storage.lmdb import u64
+from talos.storage.lock import LOCK_NAME  # the command held the home: not a change
 from talos.testing import FakeClock, SeededRng
 from talos.testing.cli import CliResult, TalosCli
 from talos.testing.damage import flip_stored_bit
@@ -440,11 +441,11 @@ def test_restore_refuses_a_damaged_backup(home: Path, world: World, tmp_path: Pa
     ok(home, "audit", "backup", "--out", str(backup))
     flip_stored_bit(backup, b"entries", u64(200), 50)
     (backup / "lock.mdb").unlink(missing_ok=True)
-    before = sorted(p.name for p in home.iterdir())
+    before = sorted(p.name for p in home.iterdir() if p.name != LOCK_NAME)
     result = fails(home, 5, "audit", "restore", "--backup", str(backup))
     assert "BackupInvalid" in result.stderr
     assert "seq 200" in result.stderr
-    assert sorted(p.name for p in home.iterdir()) == before
+    assert sorted(p.name for p in home.iterdir() if p.name != LOCK_NAME) == before
     assert f"root {world.root.hex()}" in ok(home, "audit", "root")
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -16,6 +16,7 @@ from talos.core.audit.checkpoint import InclusionProof
 from talos.storage.environment import Environment
 from talos.storage.home import AgentHome
 from talos.storage.lmdb import u64
+from talos.storage.lock import LOCK_NAME  # the command held the home: not a change
 from talos.storage.watermark import WatermarkKeeper, load_watermark, marks_of
 from talos.testing import FakeClock
 from talos.testing.cli import TalosCli
@@ -69,10 +70,10 @@ def _aside(out: str, word: str) -> Path:
 
 def test_an_intact_log_is_left_alone(tmp_path: Path) -> None:
     home, _ = _home(tmp_path)
-    before = sorted(p.name for p in home.iterdir())
+    before = sorted(p.name for p in home.iterdir() if p.name != LOCK_NAME)
     out = ok(home, "audit", "rebuild")
     assert f"audit chain intact: {ENTRIES + 0} entries; nothing to rebuild" in out
-    assert sorted(p.name for p in home.iterdir()) == before
+    assert sorted(p.name for p in home.iterdir() if p.name != LOCK_NAME) == before
 
 
 def test_deleted_derived_tables_are_derived_again_and_nothing_is_lost(tmp_path: Path) -> None:
@@ -161,11 +162,11 @@ def test_a_data_file_that_is_not_lmdb_is_refused_and_nothing_changes(tmp_path: P
     home, _ = _home(tmp_path)
     data = home / "audit" / "data.mdb"
     data.write_bytes(b"\x00" * 3 * 4096)
-    before = sorted(p.name for p in home.iterdir())
+    before = sorted(p.name for p in home.iterdir() if p.name != LOCK_NAME)
     result = fails(home, 3, "audit", "rebuild")
     assert "rebuild --from-peers" in result.stderr
     assert "nothing was changed" in result.stderr
-    assert sorted(p.name for p in home.iterdir()) == before
+    assert sorted(p.name for p in home.iterdir() if p.name != LOCK_NAME) == before
     assert data.read_bytes() == b"\x00" * 3 * 4096
 
 
