@@ -17,9 +17,11 @@ The order is the point (docs/design/key-rotation.md):
    none arrives twice);
 4. with ``revoke_old``, the own revocation list revokes every earlier key
    sequence and the capabilities recorded as issued under one;
-5. peers are told: key log, prekeys, peer record and revocation list go to
-   the registry and the DHT, the key log is pushed over every live link
-   (``keylogs.announce()``), and the revocation list is offered on them.
+5. peers are told: first the key log, pushed on every live link
+   (``keylogs.announce()``) with no await between the switch (2) and that
+   push, so no frame signed with the new key overtakes it on a link; then
+   key log, prekeys, peer record and revocation list go to the registry and
+   the DHT, and the revocation list is offered on the live links.
 """
 
 from __future__ import annotations
