@@ -452,12 +452,14 @@ class TalosClient:
             await self._transport.close()
         if self._discovery is not None:
             await self._discovery.close()
+        if self._anchoring is not None:
+            # First: its step in progress uses the log, and its pruning asks the
+            # mirror store how far the mirrors are.
+            await self._anchoring.stop()
         if self._tokens is not None:
             self._tokens.close()
         if self._mirrors is not None:
             self._mirrors.close()
-        if self._anchoring is not None:
-            await self._anchoring.stop()  # its step in progress uses the log
         if self._log is not None:
             self._log.close()
         self.metrics.close()
