@@ -24,7 +24,7 @@ from talos.audit.anchoring.eth import Account
 from talos.audit.anchoring.store import DATABASE
 from talos.audit.anchoring.verify import verify_anchors
 from talos.audit.anchoring.wallet import Wallet, load_wallet
-from talos.core.anchoring import AnchorState, Finality, Outcome, Schedule
+from talos.core.anchoring import Anchor, AnchorState, Finality, Outcome, Schedule
 from talos.core.crypto import SigningKey
 from talos.errors import AnchorMismatch, AnchorRejected, ChainUnavailable
 from talos.metrics import AgentMetrics
@@ -280,9 +280,15 @@ def test_a_pending_anchor_is_replaced_with_higher_fees(rig: Rig) -> None:
 def test_a_reorg_that_drops_the_anchor_sends_it_back_to_pending(rig: Rig) -> None:
     anchorer = rig.anchorer
     anchorer.step()
-    anchorer.step()
-    included = anchorer.store.current()
-    assert included is not None
+
+    def included_now() -> Anchor | None:
+        """Step until anvil's automine has put the transaction in a block (at once on a
+        quiet machine; a moment later on a busy one)."""
+        anchorer.step()
+        current = anchorer.store.current()
+        return current if current is not None and current.inclusion is not None else None
+
+    included = wait_until(included_now, 10.0, what="the anchor included", interval=0.2)
     assert included.inclusion is not None
     rig.anvil.rpc("evm_setAutomine", [False])
     depth = rig.anvil.block_number() - included.inclusion.block_number + 1
