@@ -42,12 +42,12 @@ from typing import Any, Final
 import lmdb
 
 from talos.audit.integrity import Broken, check_signature, decode_block
-from talos.audit.store import FORMAT_VERSION, index_key
+from talos.audit.store import FORMAT_VERSION, decode_stored, index_key
 from talos.core.audit.checkpoint import GENESIS_HASH, Block
 from talos.core.audit.entry import AuditEntry
 from talos.core.audit.merkle import EMPTY_ROOT, HASH_SIZE, fold_subtrees
 from talos.core.crypto import VerifyKey
-from talos.errors import LocalProtocolError, MalformedFrame, StoreCorrupted, UnsupportedVersion
+from talos.errors import LocalProtocolError, StoreCorrupted
 from talos.storage.environment import AUDIT_DATABASES, Environment
 from talos.storage.lmdb import (
     DATA_FILE,
@@ -113,16 +113,7 @@ def _checked_entry(seq: int, raw: bytes, last_time: int) -> AuditEntry:
     Raises:
         StoreCorrupted: it does not.
     """
-    try:
-        entry = AuditEntry.from_bytes(raw)
-    except (MalformedFrame, UnsupportedVersion) as exc:
-        raise StoreCorrupted(
-            f"audit entry {seq} does not decode: {exc}", where=f"seq {seq}", what="undecodable"
-        ) from None
-    if entry.seq != seq:
-        raise StoreCorrupted(
-            f"audit entry at position {seq} says seq {entry.seq}", where=f"seq {seq}", what="seq"
-        )
+    entry = decode_stored(seq, raw)
     if entry.time_ms < last_time:
         raise StoreCorrupted(
             f"audit entry {seq} goes back in time", where=f"seq {seq}", what="time"

@@ -69,6 +69,7 @@ __all__ = [
     "EntryPruned",
     "Head",
     "PrunedEntry",
+    "decode_stored",
     "index_key",
     "node_key",
 ]
@@ -266,17 +267,7 @@ class AuditStore:
                 where=f"seq {seq}",
                 what="leaf hash mismatch",
             )
-        try:
-            entry = AuditEntry.from_bytes(raw)
-        except (MalformedFrame, UnsupportedVersion) as exc:
-            raise StoreCorrupted(
-                f"audit entry {seq} does not decode: {exc}", where=f"seq {seq}", what="undecodable"
-            ) from None
-        if entry.seq != seq:
-            raise StoreCorrupted(
-                f"audit entry stored at {seq} says {entry.seq}", where=f"seq {seq}", what="seq"
-            )
-        return entry
+        return decode_stored(seq, raw)
 
     def entry_or_pruned(
         self, txn: lmdb.Transaction[bytes], seq: int, size: int
@@ -316,3 +307,22 @@ class AuditStore:
                 what="height",
             )
         return block
+
+
+def decode_stored(seq: int, raw: bytes) -> AuditEntry:
+    """The entry ``raw`` stored at position ``seq``: it decodes strictly and names ``seq``.
+
+    Raises:
+        StoreCorrupted: it does not.
+    """
+    try:
+        entry = AuditEntry.from_bytes(raw)
+    except (MalformedFrame, UnsupportedVersion) as exc:
+        raise StoreCorrupted(
+            f"audit entry {seq} does not decode: {exc}", where=f"seq {seq}", what="undecodable"
+        ) from None
+    if entry.seq != seq:
+        raise StoreCorrupted(
+            f"audit entry at position {seq} says seq {entry.seq}", where=f"seq {seq}", what="seq"
+        )
+    return entry
