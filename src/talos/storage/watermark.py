@@ -249,8 +249,9 @@ def load_watermark(home: AgentHome, keylog: KeyLog) -> Watermark | None:
     instead when it verifies under ``keylog`` (its key is in the log: the
     rotation committed) and is signed by a newer key than the main file, or
     the main file does not verify (a crash between the rotation's key file and
-    the main file's rewrite). One that does not verify is ignored: a rotation
-    that never committed.
+    the main file's rewrite). When both verify, each mark is the larger of the
+    two: the main file may have advanced after the rotation prepared its copy.
+    One that does not verify is ignored: a rotation that never committed.
 
     Raises:
         StoreCorrupted, StateLost: as :meth:`Watermark.from_bytes`.
@@ -267,9 +268,14 @@ def load_watermark(home: AgentHome, keylog: KeyLog) -> Watermark | None:
         if prepared is None:
             raise
         return prepared
-    if prepared is not None and (main is None or prepared.key_seq > main.key_seq):
+    if prepared is None or (main is not None and prepared.key_seq <= main.key_seq):
+        return main
+    if main is None:
         return prepared
-    return main
+    # The main file kept advancing under the old key while the rotation was
+    # under way: the prepared marks are older. Both verified, so the larger of
+    # each mark stands; taking the prepared ones alone would lower the watermark.
+    return replace(prepared, marks=prepared.marks.merged(main.marks))
 
 
 def _prepared(home: AgentHome, keylog: KeyLog) -> Watermark | None:

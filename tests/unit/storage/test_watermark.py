@@ -91,6 +91,24 @@ def test_a_stopped_rotation_re_signs_it_with_the_new_key(
     assert load_watermark(home, rotated.keylog) == prepared
 
 
+def test_a_prepared_watermark_never_lowers_marks_the_main_file_advanced_to(
+    home: AgentHome, identity: Identity
+) -> None:
+    keeper = WatermarkKeeper(home, identity, MARKS)
+    keeper.write(MARKS)
+    before = load_watermark(home, identity.keylog)
+    rotated = identity.rotate(rng=SeededRng(3), clock=FakeClock())
+    prepare_rotation(home, before, rotated)
+    # The running agent seals one more block under the old key before the
+    # rotation's key file commits, then the process dies.
+    later = replace(MARKS, audit_size=80, audit_root=b"\x08" * 32, audit_blocks=4, capabilities=11)
+    keeper.advance(later)
+    loaded = load_watermark(home, rotated.keylog)
+    assert loaded is not None
+    assert loaded.key_seq == 1
+    assert loaded.marks == replace(later, keys=2)
+
+
 def test_a_prepared_watermark_that_does_not_verify_is_ignored(
     home: AgentHome, identity: Identity
 ) -> None:
