@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +32,6 @@ from talos.testing import FakeClock
 from talos.testing.cli import TalosCli
 from talos.testing.processes import RegistryProcess, registry_process
 
-pytestmark = pytest.mark.asyncio
-
 CLI = TalosCli()
 
 
@@ -50,6 +51,7 @@ def counter(client: TalosClient, name: str) -> float | None:
     return client.metrics.registry.get_sample_value(name)
 
 
+@pytest.mark.asyncio
 async def test_grant_add_send_revoke_in_code(tmp_path: Path, registry: RegistryProcess) -> None:
     """Bob grants in code, Alice adds it in code (Bob's key log through the registry), her
     send() attaches it by itself; after Bob revokes it her next message is refused."""
@@ -105,6 +107,7 @@ async def test_grant_add_send_revoke_in_code(tmp_path: Path, registry: RegistryP
     assert audit_kinds(tmp_path / "a").count("CAPABILITY_RECEIVED") == 1
 
 
+@pytest.mark.asyncio
 async def test_bad_calls_are_refused_clearly(tmp_path: Path, registry: RegistryProcess) -> None:
     """Every bad argument raises InvalidArgument; a token for someone else, an expired or
     altered one and one from an unknown issuer each get their own error and hint;
@@ -166,6 +169,7 @@ async def test_bad_calls_are_refused_clearly(tmp_path: Path, registry: RegistryP
     assert audit_kinds(tmp_path / "a").count("CAPABILITY_RECEIVED") == 1
 
 
+@pytest.mark.asyncio
 async def test_the_cli_goes_through_the_same_functions(
     tmp_path: Path, registry: RegistryProcess
 ) -> None:
@@ -227,3 +231,22 @@ async def test_the_cli_goes_through_the_same_functions(
         assert bad.returncode == 1
         assert "unknown action" in bad.stderr
     assert audit_kinds(alice_home).count("CAPABILITY_RECEIVED") == 1
+
+
+def test_the_guide_sample_runs_as_written(tmp_path: Path, registry: RegistryProcess) -> None:
+    """docs/guide/capabilities.md: its one code sample, run as a script, prints what the
+    page says it prints."""
+    page = (Path(__file__).parents[2] / "docs" / "guide" / "capabilities.md").read_text()
+    blocks = page.split("```")
+    [code] = [
+        block.removeprefix("python\n") for block in blocks[1::2] if block.startswith("python")
+    ]
+    expected = next(b for b in blocks[1::2] if b.startswith("\nheld:")).strip().splitlines()
+    script = tmp_path / "sample.py"
+    script.write_text(code)
+    env = {**os.environ, "TALOS_REGISTRY_URL": registry.url}
+    result = subprocess.run(  # noqa: S603 -- our own interpreter and a file we wrote
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines() == expected
