@@ -33,7 +33,7 @@ from talos.cli.context import CliContext
 from talos.cli.exit_codes import EXIT_DENIED
 from talos.cli.identity import key_passphrase_option, load_identity
 from talos.cli.options import Duration
-from talos.client.grants import CapabilityInfo, Grants, StoreKeyLogs
+from talos.client.grants import CapabilityInfo, Grants
 from talos.core.agent_id import check_agent_id
 from talos.core.capability import Capability, CapabilityPolicy, verify
 from talos.core.identity import Identity
@@ -110,6 +110,26 @@ class Book:
             clock=ctx.clock,
             rng=ctx.rng,
         )
+
+
+class StoreKeyLogs:
+    """The key logs kept in a token store as a :class:`talos.peers.PeerCache` (no peer
+    records): what the CLI's :class:`~talos.peers.PeerDirectory` caches in."""
+
+    def __init__(self, tokens: TokenStore) -> None:
+        self._tokens = tokens
+
+    def keylog(self, agent_id: str, /) -> bytes | None:
+        return self._tokens.keylog(agent_id)
+
+    def put_keylog(self, agent_id: str, data: bytes, /) -> None:
+        self._tokens.put_keylog(agent_id, data)
+
+    def peer_record(self, agent_id: str, /) -> bytes | None:
+        return None
+
+    def put_peer_record(self, record: bytes, /) -> None:
+        return None
 
 
 @contextmanager

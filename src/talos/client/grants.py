@@ -35,21 +35,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, TypeVar
 
 from talos.audit import AuditKind, AuditLog
 from talos.client.arguments import check_peer_id
+from talos.client.capability_arguments import (
+    AGENT_ACTIONS,
+    MAX_GRANT_LIFETIME,
+    check_actions,
+    check_lifetime,
+    check_patterns,
+    check_reason,
+    check_token,
+    check_token_id,
+)
 from talos.client.revocations import _newest_keys as newest_keys  # one definition
 from talos.client.wiring import Parts
-from talos.core.capability import (
-    DEFAULT_MAX_DEPTH,
-    Capability,
-    CapabilityPolicy,
-    issue,
-    verify,
-)
+from talos.core.capability import DEFAULT_MAX_DEPTH, Capability, CapabilityPolicy, issue, verify
 from talos.core.clock import Clock
 from talos.core.identity import Identity
 from talos.core.keylog import IssuerKeys, KeyLog
@@ -61,12 +65,10 @@ from talos.errors import (
     Expired,
     InvalidArgument,
     LocalProtocolError,
-    MalformedFrame,
     PeerNotFound,
     Revoked,
     ScopeMismatch,
     TalosError,
-    UnsupportedVersion,
 )
 from talos.metrics import AgentMetrics
 from talos.storage.tokens import TokenStore
@@ -78,22 +80,11 @@ __all__ = [
     "Grants",
     "KeyLogSource",
     "RevokedToken",
-    "StoreKeyLogs",
     "agent_grants",
 ]
 
 _log = logging.getLogger("talos.client")
 _E = TypeVar("_E", bound=TalosError)
-
-#: The actions a Talos agent enforces itself: ``message.send`` (to its inbox).
-#: Other actions in the ``message.`` namespace are refused as unknown (a typo);
-#: actions in any other namespace are the application's, checked by its own
-#: :func:`talos.core.capability.verify`.
-AGENT_ACTIONS: Final = frozenset({"message.send", "message.*", "*"})
-_RESERVED: Final = "message."
-
-#: Longest lifetime of a grant: 3650 days (as ``talos capabilities grant``).
-MAX_GRANT_LIFETIME: Final = 3650 * 86400.0
 
 #: Delegations a delegable grant allows (the default policy's depth, minus the root).
 _DELEGATIONS: Final = DEFAULT_MAX_DEPTH - 1
@@ -208,11 +199,9 @@ class Grants:
         """
         subject = check_peer_id(subject)
         audience = self._me if audience is None else check_peer_id(audience)
-        action_set = _patterns("action", actions)
-        for action in action_set:
-            _check_action(action)
-        resource_set = _patterns("resource", resources)
-        lifetime = _lifetime(expires_in)
+        action_set = check_actions(actions)
+        resource_set = check_patterns("resource", resources)
+        lifetime = check_lifetime(expires_in)
         if type(delegable) is not bool:
             raise InvalidArgument(f"delegable must be True or False, not {delegable!r}")
         me, now = self._identity(), self._clock.time()
@@ -273,7 +262,7 @@ class Grants:
             CapabilitySignatureInvalid: a signature in its chain does not verify.
             AuditFull, StorageError: it could not be recorded (not stored).
         """
-        capability = _parse(token)
+        capability = check_token(token)
         me = self._me
         if capability.subject != me:
             raise _hinted(
@@ -388,10 +377,9 @@ class Grants:
                 this agent granted.
             AuditFull, StorageError: it could not be recorded (nothing revoked).
         """
-        ident = _token_id(token_id)
+        ident = check_token_id(token_id)
+        reason = check_reason(reason)
         self._reload()
-        if type(reason) is not str or not 0 < len(reason) <= 512 or not reason.isprintable():
-            raise InvalidArgument("reason must be 1 to 512 printable characters")
         known = self._tokens.find(ident) is not None
         granted = {Capability.from_bytes(d).token_id for d in self._tokens.granted()}
         if granted_only and ident not in granted:
@@ -424,63 +412,6 @@ class Grants:
         if self._publish is not None:
             await self._publish(signed)
         return RevokedToken(ident.hex(), signed.version, known)
-
-
-# -- arguments ------------------------------------------------------------------------
-
-
-def _patterns(name: str, value: Any) -> frozenset[str]:
-    values = (value,) if isinstance(value, str) else value
-    if not isinstance(values, Iterable) or isinstance(values, bytes | dict):
-        raise InvalidArgument(f"{name} must be a string (or several), not {value!r:.60}")
-    values = tuple(values)
-    if not values or not all(isinstance(v, str) and v for v in values):
-        raise InvalidArgument(f"{name} must be a non-empty string (or several), not {value!r:.60}")
-    return frozenset(values)
-
-
-def _check_action(action: str) -> None:
-    if action.startswith(_RESERVED) and action not in AGENT_ACTIONS:
-        raise InvalidArgument(
-            f"unknown action {action!r}: the agent enforces {sorted(AGENT_ACTIONS)}; "
-            f"other actions belong to the application and must not start with {_RESERVED!r}"
-        )
-
-
-def _lifetime(expires_in: Any) -> float:
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
-        raise InvalidArgument(f"expires_in must be seconds, not {type(expires_in).__name__}")
-    if not 1 <= expires_in <= MAX_GRANT_LIFETIME:  # NaN fails this too
-        raise InvalidArgument(
-            f"expires_in must be 1 to {MAX_GRANT_LIFETIME:.0f} seconds (3650 days), "
-            f"not {expires_in}"
-        )
-    return float(expires_in)
-
-
-def _parse(token: Any) -> Capability:
-    if isinstance(token, Capability):
-        return token
-    if not isinstance(token, str):
-        raise InvalidArgument(f"token must be the text form (tcap1...), not {type(token).__name__}")
-    try:
-        return Capability.from_text(token.strip())
-    except (MalformedFrame, UnsupportedVersion) as exc:
-        raise InvalidArgument(f"not a capability token: {exc}") from None
-
-
-def _token_id(value: Any) -> bytes:
-    if isinstance(value, str) and value.startswith("tcap"):
-        return _parse(value).token_id
-    ident = value if isinstance(value, bytes) else b""
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            ident = bytes.fromhex(value)
-    if len(ident) != 16:
-        raise InvalidArgument(
-            f"a token id is 32 hex digits (or the token itself), not {value!r:.60}"
-        )
-    return ident
 
 
 # -- judging what is known --------------------------------------------------------
@@ -561,23 +492,3 @@ def agent_grants(
         publish=publish,
         reload=capabilities.refresh_own,
     )
-
-
-class StoreKeyLogs:
-    """The key logs kept in a token store as a :class:`talos.peers.PeerCache` (no peer
-    records): what the CLI's :class:`~talos.peers.PeerDirectory` caches in."""
-
-    def __init__(self, tokens: TokenStore) -> None:
-        self._tokens = tokens
-
-    def keylog(self, agent_id: str, /) -> bytes | None:
-        return self._tokens.keylog(agent_id)
-
-    def put_keylog(self, agent_id: str, data: bytes, /) -> None:
-        self._tokens.put_keylog(agent_id, data)
-
-    def peer_record(self, agent_id: str, /) -> bytes | None:
-        return None
-
-    def put_peer_record(self, record: bytes, /) -> None:
-        return None
