@@ -163,6 +163,10 @@ EVENTS: Final = frozenset(
         "registry_connections_refused",
         "registry_swept",
         "registry_sweep_failed",
+        # capabilities in code (talos.client.grants): grant, add, revoke
+        "capability_granted",
+        "capability_added",
+        "capability_revoked",
     }
 )
 

@@ -5,10 +5,16 @@ token store (``<home>/capabilities``). Everything is verified on the way in:
 a stored token was checked, a stored key log was verified (and checked
 against the one stored before, so a fork is refused), and this agent's
 revocation list is signed with its current key before it is stored.
+
+grant, add, list and revoke are the library's (:class:`talos.client.grants.Grants`,
+the same calls as ``TalosClient.grant`` and friends) on this home's stores; ``add``
+fetches an unknown issuer's key log from ``--registry`` when no ``--issuer-log``
+file is given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -27,8 +33,9 @@ from talos.cli.context import CliContext
 from talos.cli.exit_codes import EXIT_DENIED
 from talos.cli.identity import key_passphrase_option, load_identity
 from talos.cli.options import Duration
+from talos.client.grants import CapabilityInfo, Grants
 from talos.core.agent_id import check_agent_id
-from talos.core.capability import Capability, CapabilityPolicy, issue, verify
+from talos.core.capability import Capability, CapabilityPolicy, verify
 from talos.core.identity import Identity
 from talos.core.keylog import KeyLog
 from talos.core.revocation import (
@@ -39,6 +46,7 @@ from talos.core.revocation import (
     RevocationState,
     StaleListAccepted,
 )
+from talos.discovery.registry_client import RegistryClient
 from talos.errors import (
     CapabilityDenied,
     ConfigurationError,
@@ -47,6 +55,7 @@ from talos.errors import (
     ScopeMismatch,
     StorageError,
 )
+from talos.peers import PeerDirectory, RecordSource, RegistrySource
 from talos.storage.tokens import TokenStore
 
 __all__ = ["capabilities"]
@@ -84,28 +93,43 @@ class Book:
     def me(self) -> str:
         return self.identity.agent_id
 
-    def own_list(self) -> RevocationList:
-        return self.revocations.list_for(self.me) or RevocationList.create(self.me, now=self.now)
+    def grants(self, ctx: CliContext, registry: RegistryClient | None = None) -> Grants:
+        """The library's grant/add/list/revoke (:mod:`talos.client.grants`) on this home:
+        key logs from the token store, else from ``registry``; nothing is published (a
+        running agent adopts what is stored)."""
+        sources: list[RecordSource] = [] if registry is None else [RegistrySource(registry)]
+        peers = PeerDirectory(
+            StoreKeyLogs(self.store), sources, clock=ctx.clock, own=self.identity.keylog
+        )
+        return Grants(
+            identity=lambda: self.identity,
+            tokens=self.store,
+            revocations=self.revocations,
+            peers=peers,
+            record=lambda kind, data, peer: self.record(kind, data, peer=peer),
+            clock=ctx.clock,
+            rng=ctx.rng,
+        )
 
-    def import_log(self, data: bytes) -> KeyLog:
-        """Verify a key log and store it, refusing one that forks the stored history.
 
-        Raises:
-            KeyLogInvalid, MalformedFrame, UnsupportedVersion: not a valid log or a fork.
-        """
-        log = KeyLog.from_bytes(data)
-        stored = self.store.keylog(log.agent_id)
-        if stored is not None:
-            known = KeyLog.from_bytes(stored)
-            if len(log) >= len(known):
-                log = known.extend(log.events)  # raises on a fork
-            elif known.events[: len(log)] != log.events:
-                raise KeyLogInvalid(f"the offered key log of {log.agent_id} forks the stored one")
-            else:
-                log = known  # an older copy of what we know
-        self.store.put_keylog(log.agent_id, log.to_bytes())
-        self.keys.add(log)
-        return log
+class StoreKeyLogs:
+    """The key logs kept in a token store as a :class:`talos.peers.PeerCache` (no peer
+    records): what the CLI's :class:`~talos.peers.PeerDirectory` caches in."""
+
+    def __init__(self, tokens: TokenStore) -> None:
+        self._tokens = tokens
+
+    def keylog(self, agent_id: str, /) -> bytes | None:
+        return self._tokens.keylog(agent_id)
+
+    def put_keylog(self, agent_id: str, data: bytes, /) -> None:
+        self._tokens.put_keylog(agent_id, data)
+
+    def peer_record(self, agent_id: str, /) -> bytes | None:
+        return None
+
+    def put_peer_record(self, record: bytes, /) -> None:
+        return None
 
 
 @contextmanager
@@ -175,31 +199,14 @@ def grant(
 ) -> None:
     """Issue a capability, store it, and print it (text form)."""
     with open_book(ctx, key_passphrase_file) as book:
-        token = issue(
-            book.identity.signing_key,
-            issuer=book.me,
-            key_sequence=book.identity.sequence,
-            subject=_agent(subject, "--to"),
-            audience=book.me if audience is None else _agent(audience, "--audience"),
-            actions=actions,
+        token = book.grants(ctx).grant(
+            _agent(subject, "--to"),
+            actions,
+            expires_in=expires_in,
             resources=resources or ("*",),
-            expires=book.now + expires_in,
-            now=book.now,
-            rng=ctx.rng,
-            delegations=CapabilityPolicy(audience=book.me).max_depth - 1 if delegable else 0,
+            delegable=delegable,
+            audience=None if audience is None else _agent(audience, "--audience"),
         )
-        book.record(
-            AuditKind.CAPABILITY_GRANTED,
-            {
-                "token": token.token_id,
-                "actions": sorted(token.actions),
-                "resources": sorted(token.resources),
-                "expires_ms": token.expires_ms,
-                "delegations": token.delegations,
-            },
-            peer=token.subject,
-        )
-        book.store.add_granted(token.token_id, token.to_bytes())  # persisted before shown
     click.echo(token.to_text())
 
 
@@ -306,31 +313,16 @@ def _report_verdict(
 @key_passphrase_option
 @click.pass_obj
 def revoke(ctx: CliContext, token_id: str, reason: str, key_passphrase_file: Path | None) -> None:
-    """Revoke TOKEN_ID (hex id or the token itself): sign and store a new list version."""
-    ident = _token(token_id).token_id if token_id.startswith("tcap") else _hex_id(token_id)
+    """Revoke TOKEN_ID (hex id or the token itself): sign and store a new list version.
+
+    A running agent enforces it from its next check of a token.
+    """
     with open_book(ctx, key_passphrase_file) as book:
-        revised = book.own_list().revise(now=book.now, token_ids=[ident])
-        signed = revised.signed_by(book.identity.signing_key, book.identity.sequence)
-        book.record(
-            AuditKind.CAPABILITY_REVOKED,
-            {"token": ident, "reason": reason[:512], "list_version": signed.version},
-        )
-        book.store.put_revocation_list(book.me, signed.to_bytes(), synced_at=book.now)
-        book.store.put_reason(ident, reason)
-        known = book.store.find(ident) is not None
-    if not known:
+        done = asyncio.run(book.grants(ctx).revoke(token_id, reason=reason, granted_only=False))
+    if not done.known:
         _err.print("[yellow]note:[/] this id is not a token this home granted or holds")
-    click.echo(f"revoked {ident.hex()} (revocation list version {signed.version})")
-
-
-def _hex_id(text: str) -> bytes:
-    try:
-        ident = bytes.fromhex(text)
-    except ValueError:
-        ident = b""
-    if len(ident) != 16:
-        raise ConfigurationError("a token id is 32 hex digits (or pass the token itself)")
-    return ident
+    state = "already revoked" if done.already else "revoked"
+    click.echo(f"{state} {done.token_id} (revocation list version {done.list_version})")
 
 
 @capabilities.command()
@@ -340,44 +332,40 @@ def _hex_id(text: str) -> bytes:
     "issuer_logs",
     multiple=True,
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Key event log of an issuer in the chain (`talos whoami --export-log`).",
+    help="Key event log of an issuer in the chain (`talos whoami --export-log`); "
+    "not needed when --registry knows the issuer.",
+)
+@click.option(
+    "--registry",
+    "registry_url",
+    multiple=True,
+    envvar="TALOS_REGISTRY_URL",
+    help="Registry to fetch unknown issuers' key logs from; repeat it for replicas "
+    "(else $TALOS_REGISTRY_URL).",
 )
 @key_passphrase_option
 @click.pass_obj
 def add(
-    ctx: CliContext, token: str, issuer_logs: tuple[Path, ...], key_passphrase_file: Path | None
+    ctx: CliContext,
+    token: str,
+    issuer_logs: tuple[Path, ...],
+    registry_url: tuple[str, ...],
+    key_passphrase_file: Path | None,
 ) -> None:
     """Verify and store a capability someone granted to this agent."""
-    capability = _token(token)
-    warnings: list[StaleListAccepted] = []
+    logs = [_read(path) for path in issuer_logs]
     with open_book(ctx, key_passphrase_file) as book:
-        for path in issuer_logs:
-            book.import_log(_read(path))
-        if capability.subject != book.me:
-            raise ScopeMismatch(f"this capability was granted to {capability.subject}")
-        # As holder we cannot know every issuer's newest revocation list: check
-        # what we have and warn about the rest; the audience enforces freshness.
-        verify(
-            capability,
-            action=min(capability.actions),
-            resource=min(capability.resources),
-            now=book.now,
-            revocations=book.revocations,
-            policy=CapabilityPolicy(
-                audience=capability.audience,
-                revocation=RevocationPolicy(mode=RevocationMode.OFFLINE),
-                on_warning=warnings.append,
-            ),
-            keys=book.keys,
-            holder=book.me,
-        )
-        book.record(
-            "CAPABILITY_RECEIVED",
-            {"token": capability.token_id, "actions": sorted(capability.actions)},
-            peer=capability.issuer,
-        )
-        book.store.add_held(capability.token_id, capability.to_bytes())
-    click.echo(f"stored capability {capability.token_id.hex()} from {capability.issuer}")
+        info = asyncio.run(_add(ctx, book, token, logs, registry_url))
+    click.echo(f"stored capability {info.token_id} from {info.issuer}")
+
+
+async def _add(
+    ctx: CliContext, book: Book, token: str, logs: list[bytes], urls: tuple[str, ...]
+) -> CapabilityInfo:
+    if not urls:
+        return await book.grants(ctx).add(token, issuer_logs=logs)
+    async with RegistryClient(list(urls), clock=ctx.clock) as registry:
+        return await book.grants(ctx, registry).add(token, issuer_logs=logs)
 
 
 def _read(path: Path) -> bytes:
@@ -394,8 +382,7 @@ def _read(path: Path) -> bytes:
 def list_command(ctx: CliContext, as_json: bool, key_passphrase_file: Path | None) -> None:
     """Show granted and held tokens with their state (valid, expired, revoked)."""
     with open_book(ctx, key_passphrase_file) as book:
-        rows = [_row(book, "granted", data) for data in book.store.granted()]
-        rows += [_row(book, "held", data) for data in book.store.held()]
+        rows = [_row(info) for info in book.grants(ctx).listing()]
     if as_json:
         click.echo(json.dumps(rows, sort_keys=True))
         return
@@ -414,33 +401,18 @@ def list_command(ctx: CliContext, as_json: bool, key_passphrase_file: Path | Non
     Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
 
 
-def _row(book: Book, direction: str, data: bytes) -> dict[str, Any]:
-    token = Capability.from_bytes(data)
+def _row(info: CapabilityInfo) -> dict[str, Any]:
     return {
-        "direction": direction,
-        "token_id": token.token_id.hex(),
-        "issuer": token.issuer,
-        "subject": token.subject,
-        "audience": token.audience,
-        "actions": sorted(token.actions),
-        "resources": sorted(token.resources),
-        "expires": datetime.fromtimestamp(token.expires_ms / 1000, tz=UTC).isoformat(),
-        "delegations": token.delegations,
-        "state": _state(book, token),
+        "direction": info.direction,
+        "token_id": info.token_id,
+        "issuer": info.issuer,
+        "subject": info.subject,
+        "audience": info.audience,
+        "actions": list(info.actions),
+        "resources": list(info.resources),
+        "expires": datetime.fromtimestamp(info.expires, tz=UTC).isoformat(),
+        "delegations": info.delegations,
+        "delegable": info.delegable,
+        "revoked": info.revoked,
+        "state": info.state,
     }
-
-
-def _state(book: Book, token: Capability) -> str:
-    """Valid, expired, not-yet-valid or revoked, judged on the chain with what is known."""
-    now_ms = book.now * 1000
-    for link in token.chain():
-        listed = book.revocations.list_for(link.issuer)
-        if listed is not None and listed.revocation_of(
-            link.token_id, link.issued_at_ms, link.key_sequence
-        ):
-            return "revoked"
-    if any(link.expires_ms < now_ms for link in token.chain()):
-        return "expired"
-    if any(link.not_before_ms > now_ms for link in token.chain()):
-        return "not-yet-valid"
-    return "valid"

@@ -7,6 +7,7 @@ See :mod:`talos.client.api` for how the parts fit together, and
 from __future__ import annotations
 
 from talos.client.api import TalosClient
+from talos.client.grants import CapabilityInfo, RevokedToken
 from talos.client.outbox import QueuedEntry
 from talos.client.outcomes import MessageOutcome
 from talos.client.sending import SendResult
@@ -17,8 +18,10 @@ __all__ = [
     "RESET_INTERVAL",
     "SEND_WINDOW",
     "SEND_WINDOW_BYTES",
+    "CapabilityInfo",
     "MessageOutcome",
     "QueuedEntry",
+    "RevokedToken",
     "SendResult",
     "TalosClient",
 ]

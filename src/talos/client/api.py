@@ -37,6 +37,7 @@ from talos.client.arguments import check_message_id, check_timeout, check_wait
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
 from talos.client.discovery import RECORD_LIFETIME, Discovery
+from talos.client.grants import CapabilityInfo, Grants, RevokedToken, agent_grants
 from talos.client.outbox import OutboxControl, QueuedEntry
 from talos.client.outcomes import MessageOutcome
 from talos.client.own_keys import OwnIdentity, Rotation, audit_signer
@@ -79,7 +80,14 @@ from talos.storage.tokens import TokenStore
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
 from talos.transport import Link, Transport
 
-__all__ = ["MessageOutcome", "QueuedEntry", "SendResult", "TalosClient"]
+__all__ = [
+    "CapabilityInfo",
+    "MessageOutcome",
+    "QueuedEntry",
+    "RevokedToken",
+    "SendResult",
+    "TalosClient",
+]
 
 
 class _Creating:
@@ -801,3 +809,84 @@ class TalosClient:
     def known_peers(self) -> list[dict[str, Any]]:
         """Peers with a cached, verified record: what ``talos peers`` lists."""
         return known_peer_rows(self._state, self._drivers.deliverer.links)
+
+    # -- capabilities in code (talos.client.grants; docs/guide/capabilities.md) ------------
+
+    def _grants(self) -> Grants:
+        if self._tokens is None or self._log is None:
+            raise LocalProtocolError("the client is not open")
+        return agent_grants(
+            self._drivers,
+            tokens=self._tokens,
+            log=self._log,
+            metrics=self.metrics,
+            clock=self._clock,
+            rng=self._rng,
+        )
+
+    async def grant(
+        self,
+        peer_id: str,
+        action: str | Sequence[str] = "message.send",
+        *,
+        expires_in: float,
+        resource: str | Sequence[str] = "*",
+        delegable: bool = False,
+    ) -> str:
+        """Grant ``peer_id`` a capability signed by this agent; returns the token (text).
+
+        ``"message.send"`` lets the peer send to this agent (the peer passes
+        the token to :meth:`add_capability`); other actions, outside the
+        ``message.`` namespace, are the application's to check. The grant is
+        audited ``CAPABILITY_GRANTED`` and stored (listed by
+        :meth:`capabilities`, revocable by :meth:`revoke`) before it returns.
+
+        Raises:
+            InvalidArgument: a bad ``peer_id``, an unknown ``message.`` action, a
+                bad resource pattern, ``expires_in`` not 1 s to 3650 days, or a
+                ``delegable`` that is not a bool (nothing signed or written).
+            AuditFull, StorageError: the grant could not be recorded (not issued).
+        """
+        token = self._grants().grant(
+            peer_id, action, expires_in=expires_in, resources=resource, delegable=delegable
+        )
+        return token.to_text()
+
+    async def add_capability(
+        self, token: str | Capability, *, issuer_logs: Sequence[bytes] = ()
+    ) -> CapabilityInfo:
+        """Verify and keep a capability another agent granted to this one; from then on
+        :meth:`send` to that agent attaches it by itself.
+
+        The issuers' key logs come from discovery (registry, DHT) when they are
+        not known here; ``issuer_logs`` may carry them instead (the bytes of
+        ``talos whoami --export-log``), e.g. in ``offline_mode``.
+
+        Raises:
+            InvalidArgument: ``token`` is not a capability token.
+            ScopeMismatch: it was granted to another agent.
+            PeerUnknown, PeerNotFound: an issuer's key log cannot be found.
+            Expired, NotYetValid, Revoked: it is not valid now.
+            CapabilitySignatureInvalid: a signature in its chain does not verify.
+        """
+        return await self._grants().add(token, issuer_logs=issuer_logs)
+
+    def capabilities(self) -> list[CapabilityInfo]:
+        """Every capability this agent granted, then every one it holds, with its state."""
+        return self._grants().listing()
+
+    async def revoke(self, token_id: str | bytes, *, reason: str) -> RevokedToken:
+        """Revoke a capability this agent granted (``token_id``: its hex id or the token).
+
+        The new version of this agent's revocation list is signed, audited
+        ``CAPABILITY_REVOKED`` and stored, and enforced here at once: the next
+        message carrying the token is refused. It is then published to the
+        registry and offered on every open link this agent made (other peers
+        get it when they next connect). Revoking it again changes nothing.
+
+        Raises:
+            InvalidArgument: not a token id, a reason that is not 1-512 printable
+                characters, or not a token this agent granted.
+            AuditFull, StorageError: it could not be recorded (nothing revoked).
+        """
+        return await self._grants().revoke(token_id, reason=reason)

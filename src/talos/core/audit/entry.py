@@ -123,6 +123,9 @@ class AuditKind(StrEnum):
     ANCHOR_MISMATCH = "ANCHOR_MISMATCH"
     #: Payloads of entries covered by a final anchor were dropped (talos.audit.pruning).
     AUDIT_PRUNED = "AUDIT_PRUNED"
+    #: A capability granted to this agent was verified and stored (client.add_capability,
+    #: ``talos capabilities add``).
+    CAPABILITY_RECEIVED = "CAPABILITY_RECEIVED"
 
 
 def check_kind(kind: object) -> str:
