@@ -33,4 +33,5 @@ def test_the_site_builds_strictly_with_the_api_reference(tmp_path: Path) -> None
         "talos.errors.DeliveryTimeout",
     ):
         assert f'id="{anchor}"' in reference, anchor
+    assert ":class:<code>" not in reference  # Sphinx roles rendered as code (mkdocs_hooks.py)
     assert (site / "guide" / "quickstart" / "index.html").is_file()
