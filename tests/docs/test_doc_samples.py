@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from talos.testing.processes import RegistryProcess, start_registry
+from talos.testing.processes import RegistryProcess, registry_process
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = sorted((ROOT / "docs" / "guide").glob("*.md")) + [ROOT / "docs" / "index.md"]
@@ -69,12 +69,8 @@ ALL = [sample for page in PAGES for sample in samples(page)]
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    directory = tmp_path_factory.mktemp("registry")
-    server = start_registry(directory / "registry.db", directory / "registry.log")
-    try:
+    with registry_process(tmp_path_factory.mktemp("registry")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("sample", [s for s in ALL if not s.fragment], ids=lambda s: s.name)

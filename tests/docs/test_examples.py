@@ -18,7 +18,7 @@ import pytest
 
 from talos.testing.child import ChildProcess
 from talos.testing.cli import clean_env
-from talos.testing.processes import RegistryProcess, start_registry
+from talos.testing.processes import RegistryProcess, registry_process
 from talos.testing.waiting import wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -27,11 +27,8 @@ READY = re.compile(r"tool server ready: (did:talos:\S+)")
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[RegistryProcess]:
-    server = start_registry(tmp_path / "registry.db", tmp_path / "registry.log")
-    try:
+    with registry_process(tmp_path / "registry") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _start(script: str, *args: str, cwd: Path, env: dict[str, str], log: Path) -> ChildProcess:
