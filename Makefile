@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck imports pytest alerts faketime postgres anvil bench soak clean
+.PHONY: demo docs test lint typecheck imports pytest alerts faketime postgres anvil bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,13 @@ demo: $(STAMP) anvil
 	$(BIN)/python -m talos.demo
 
 test: lint typecheck imports alerts pytest
+
+# The developer docs site (mkdocs.yml), built strictly into a throwaway directory:
+# a broken link, a page missing from the nav or a docstring that cannot render fails it.
+# `make test` runs the same build (tests/docs/test_docs_site.py).
+docs: $(STAMP)
+	@site=$$(mktemp -d) && trap 'rm -rf "$$site"' EXIT && \
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir "$$site"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

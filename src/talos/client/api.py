@@ -115,7 +115,22 @@ class _Creating:
 
 
 class TalosClient:
-    """One agent. Create with ``await TalosClient.create(name, home=...)``."""
+    """One agent: its identity, its sessions with peers, its durable outbox and
+    inbox, and its audit log.
+
+    Create it with :meth:`create`, as an async context manager that closes it
+    at the end, or awaited (then call :meth:`close`)::
+
+        async with TalosClient.create("alice", home="alice-home", registry_url=url) as alice:
+            await alice.send(bob_id, {"tool": "search"}, capability=token)
+            message = await alice.receive(timeout=10)
+
+    Sending: :meth:`send`, then :meth:`outcome`, :meth:`outbox`, :meth:`cancel`.
+    Receiving: :meth:`receive`, :meth:`messages`, :meth:`acknowledge`.
+    Introductions without a registry: :meth:`contact_card`, :meth:`add_contact`,
+    :meth:`get_prekey_bundle`, :meth:`establish_session`. The guide
+    (``docs/guide/``) says what each call guarantees.
+    """
 
     @staticmethod
     def create(
@@ -143,6 +158,46 @@ class TalosClient:
         anchor: dict[str, Any] | None = None,
     ) -> _Creating:
         """Open (or create) the agent in ``home`` and start it.
+
+        The first start in an empty ``home`` creates the agent's identity
+        there (its key file, sealed with ``passphrase`` if given, else with a
+        local key readable only by the owner); later starts load it. ``name``
+        is a label stored with a new identity; the identity is
+        :attr:`agent_id`. Awaited it returns the started client; used as
+        ``async with`` it also closes it on exit.
+
+        Args:
+            name: the label of a new identity (ignored once one exists).
+            home: the agent's directory; default ``$TALOS_HOME`` or ``~/.talos``.
+            registry_url: the registry (one URL, or replicas of one registry).
+            listen: ``HOST:PORT`` to accept peers on (port 0: any free port).
+            announce: the ``HOST[:PORT]`` peers are told to connect to.
+            discovery: where unknown peers are looked up, in order.
+            dht_bootstrap: ``(host, port)`` of DHT nodes to join through.
+            dht_port: the UDP port of this agent's DHT node (0: any).
+            offline_mode: no network at all (docs/guide/offline.md).
+            queue_limit: the most messages the outbox holds (``send`` then
+                raises :class:`~talos.errors.QueueFull`).
+            reconnect_interval: the longest wait between delivery attempts
+                to an unreachable peer, in seconds (backoff grows up to it).
+            replay_window: seconds within which a repeated message is
+                recognized and dropped; an older one is refused as stale.
+            revocation_mode: ``"strict"``, ``"permissive"`` or ``"offline"``:
+                how a revocation list older than ``revocation_max_age``
+                seconds is treated when a capability is checked
+                (docs/design/capabilities.md).
+            revocation_max_age: see ``revocation_mode``.
+            audit_config: the audit log's settings (``max_size_gb``,
+                ``block_entries``, ``block_seconds``, ``witnesses``,
+                ``mirror_to``, ``mirror_quota_mb``, ``prune_after_anchor``).
+            metrics_port: serve Prometheus metrics on this port (0: any).
+            accept_policy: ``"capability"`` (default): a message must carry a
+                capability this agent issued; ``"open"``: any verified peer
+                may send.
+            passphrase: the key file's passphrase (``None``: a local key).
+            clock: the time source of every timer and deadline.
+            rng: the source of every id and key.
+            anchor: anchoring of the audit log on a chain (see below).
 
         ``registry_url`` is one URL, or a list of replicas of one registry
         (sharing one database), in order of preference: requests fail over
@@ -415,7 +470,12 @@ class TalosClient:
         return self._clocks.registry_offset
 
     async def close(self) -> None:
-        """Stop delivering, close links and stores. Queued messages stay queued."""
+        """Stop delivering, close links and stores, and release the home.
+
+        Queued messages stay queued (on disk) and are delivered after the
+        next start; received messages not yet taken stay in the inbox.
+        Closing twice does nothing.
+        """
         if self._closed:
             return
         self._closed = True
@@ -663,6 +723,8 @@ class TalosClient:
 
     @property
     def agent_id(self) -> str:
+        """This agent's identity, ``did:talos:z…``: derived from its first key,
+        stable across key rotations. Peers address messages to it."""
         return self._own.current.agent_id
 
     @property
@@ -742,7 +804,10 @@ class TalosClient:
         self._drivers.deliverer.kick(peer_id)
 
     async def reset_session(self, peer_id: str) -> None:
-        """Forget the session with ``peer_id``; the next message establishes a new one."""
+        """Forget the session with ``peer_id``; the next message establishes a new one.
+
+        Queued messages are not lost: they go out under the new session.
+        """
         self._drivers.sessions.reset(peer_id, "requested")
 
     async def rotate_keys(

@@ -49,7 +49,9 @@ AUDIT_LOOKBACK: Final = 1000
 class QueuedEntry:
     """One message waiting in the outbox, as :meth:`TalosClient.outbox` lists it."""
 
+    #: The message's id, hex text (as in :class:`SendResult`).
     message_id: str
+    #: The agent it is queued for.
     peer: str
     #: Delivery attempts so far (transmissions; each retry counts).
     attempts: int

@@ -57,9 +57,14 @@ class MessageOutcome:
     reached the peer: both stop the sending; neither can unsend.
     """
 
+    #: The message's id, hex text (as in :class:`SendResult`).
     message_id: str
+    #: The agent it was sent to.
     peer: str
+    #: ``"queued"``, ``"delivered"``, ``"failed"``, ``"expired"`` or ``"cancelled"``.
     state: State
+    #: Why it failed (the peer's signed reason), or a note on an expired or
+    #: cancelled message that may have reached the peer; else ``None``.
     reason: str | None = None
 
     @property

@@ -67,12 +67,17 @@ class SendResult:
     on the wire.
     """
 
+    #: ``"delivered"``: the peer's signed ACK arrived; ``"queued"``: durable in the outbox.
     status: Literal["delivered", "queued"]
+    #: The message's id, hex text: what :meth:`TalosClient.outcome` and
+    #: :meth:`TalosClient.cancel` take, and the receiver's ``Message.message_id``.
     message_id: str
+    #: An id for this send, recorded with its ``MESSAGE_SENT`` audit entry.
     trace_id: str
 
     @property
     def message_id_bytes(self) -> bytes:
+        """The message id as the bytes the envelope carries."""
         return bytes.fromhex(self.message_id)
 
 

@@ -37,10 +37,17 @@ class Message:
     bytes on the wire are :attr:`message_id_bytes`).
     """
 
+    #: The sending agent's id (``did:talos:z…``), verified: the envelope is
+    #: signed by a key of that agent's key log.
     sender: str
+    #: The sender's id of the message, hex text; repeats carry the same one.
     message_id: str
+    #: What was sent, as the type it was sent: ``bytes``, ``str`` or a JSON value.
     data: Any
+    #: When the sender sent it, Unix seconds on the sender's clock.
     sent_at: float
+    #: The id of the capability that authorized it (``None`` under
+    #: ``accept_policy="open"`` when none was attached).
     capability_id: bytes | None = None
     #: Position in the durable inbox when received with ``auto_ack=False``.
     inbox_seq: int | None = None
