@@ -163,6 +163,11 @@ EVENTS: Final = frozenset(
         "registry_connections_refused",
         "registry_swept",
         "registry_sweep_failed",
+        # witnesses and mirrors, hardened (docs/design/witnesses.md, mirrors.md)
+        "mirror_answer_unmatched",
+        "witness_origin_evicted",
+        "audit_equivocation_repeated",
+        "witness_conflict_paused",
     }
 )
 
