@@ -22,19 +22,27 @@ Two roles, both in every agent:
    durably first, then cosigned (clone, then commit: a refused or failed
    checkpoint changes nothing). An equivocation is audited, logged, counted
    and answered with the head we hold.
+
+   Heads are kept for at most ``witness_max_origins`` origins (one record of
+   at most :data:`~talos.core.audit.cosignature.MAX_WITNESSED_RECORD` bytes
+   each): a new origin past the cap takes the place of the stranger whose head
+   was accepted longest ago; peers we have a session with and our configured
+   witnesses are never evicted; when every head is theirs a new stranger is
+   refused ``witness_full``.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 from talos.audit import AuditKind, AuditLog
 from talos.client.control import Auditor, Signer
 from talos.client.own_keys import OwnIdentity, audit_signer
 from talos.client.timing import sleep
+from talos.client.witness_heads import WitnessHeads
 from talos.core import wire
 from talos.core.audit.checkpoint import Checkpoint
 from talos.core.audit.cosignature import (
@@ -87,6 +95,8 @@ class Witnessing:
         clock: Clock,
         connect: Callable[[str], Awaitable[Link]],
         witnesses: tuple[str, ...] = (),
+        max_origins: int = 1024,
+        session_peers: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self._own, self._log, self._tokens = own, log, tokens
         self._signer, self._auditor, self._metrics, self._clock = signer, auditor, metrics, clock
@@ -101,6 +111,13 @@ class Witnessing:
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         self._limit = RateLimiter(rate=WITNESS_RATE, burst=WITNESS_BURST)
         self._logs = LimitedLog(_log, clock)
+        self._heads = WitnessHeads(
+            tokens,
+            metrics,
+            self._logs,
+            max_origins=max_origins,
+            protected=lambda: frozenset((*session_peers(), *self.witnesses)),
+        )
 
     # -- origin: sending our checkpoints ------------------------------------------------
 
@@ -340,18 +357,28 @@ class Witnessing:
         if isinstance(outcome, Refused):
             await self._conflict_found(link, envelope, checkpoint, outcome)
             return
-        await self._cosign(link, envelope, checkpoint, outcome)
+        await self._cosign(link, envelope, checkpoint, outcome, new=before is None)
 
     async def _cosign(
-        self, link: Link, envelope: wire.Envelope, checkpoint: Checkpoint, outcome: Accepted
+        self,
+        link: Link,
+        envelope: wire.Envelope,
+        checkpoint: Checkpoint,
+        outcome: Accepted,
+        *,
+        new: bool = False,
     ) -> None:
         origin = envelope.sender
         if outcome.grew:
             try:
-                self._tokens.put_witnessed(origin, outcome.head.to_bytes())
+                stored = self._heads.store(origin, outcome.head.to_bytes(), new=new)
             except TalosError as exc:
                 await self._refuse(link, envelope, checkpoint, "storage", "witness store full")
                 _log.warning("checkpoint of %s not stored: %s", origin, exc)
+                return
+            if not stored:
+                detail = "this witness keeps heads for its peers only at the moment"
+                await self._refuse(link, envelope, checkpoint, "witness_full", detail)
                 return
         identity = self._own.current
         cosig = Cosignature.sign(
