@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from rotation_cast import CLI, WAIT
+from rotation_cast import CLI, WAIT, ok
 from witness_cast import (
     WitnessPeer,
     checkpoint_frame,
@@ -107,3 +107,69 @@ def test_a_witness_keeps_heads_for_a_bounded_number_of_origins(
     assert answer is not None
     assert (answer.cosign_status, answer.reason) == (wire.CosignStatus.CONFLICT, "fork")
     CLI.fails(bob.home, 2, "run", "--offline", "--witness-max-origins", "0")
+
+
+def _refused(peer: WitnessPeer, reason: str) -> float:
+    return peer.metric("talos_audit_checkpoints_refused_total", reason=reason)
+
+
+def test_a_restored_origin_is_an_equivocation_once_and_stops_sending(
+    cast: Callable[..., WitnessPeer], tmp_path: Path
+) -> None:
+    bob = cast("bob")
+    alice = cast("alice", "--audit-witness", bob.agent_id)
+    alice.start(), bob.start()
+    assert alice.send(bob, "a0").startswith("delivered ")
+    wait_until(lambda: alice.cosigned(bob), WAIT, what="bob cosigned alice's checkpoint")
+    alice.stop()
+    backup = tmp_path / "alice-backup"
+    ok(alice.home, "audit", "backup", "--out", str(backup))
+    alice.start()
+    first = max(e["data"]["size"] for e in alice.cosigned(bob))
+    for n in range(5):
+        assert alice.send(bob, f"a{n + 1}").startswith("delivered ")
+    alice.stop(), alice.start()  # a new link: her newest checkpoint goes to bob
+    wait_until(
+        lambda: max(e["data"]["size"] for e in alice.cosigned(bob)) > first + 5,
+        WAIT,
+        what="bob cosigned alice's grown log",
+    )
+    alice.stop()
+    ok(alice.home, "audit", "restore", "--backup", str(backup))
+
+    # The first detection: audited, counted and explained on both sides.
+    alice.start()
+    wait_until(lambda: alice.equivocations(), WAIT, what="alice read bob's conflict answer")
+    wait_until(lambda: bob.equivocations(), WAIT, what="bob audited the rollback")
+    assert alice.metric("talos_audit_equivocations_total", role="origin") == 1
+    assert bob.metric("talos_audit_equivocations_total", role="witness") == 1
+    log = alice.log_text()
+    assert log.count("event=witness_conflict_paused") == 1
+    assert "rebuild --from-peers" in log
+    refused = _refused(bob, "rollback") + _refused(bob, "inconsistent") + _refused(bob, "stale")
+
+    # Alice restarts twice and messages bob (new links, a witness round at each
+    # start): she sends bob no checkpoint, and nothing new is audited anywhere.
+    for n in range(2):
+        alice.stop(), alice.start()
+        assert alice.send(bob, f"again {n}").startswith("delivered ")
+    assert len(alice.equivocations()) == 1
+    assert len(bob.equivocations()) == 1
+    assert (
+        _refused(bob, "rollback") + _refused(bob, "inconsistent") + _refused(bob, "stale")
+        == refused
+    )
+
+    # The same conflict offered to bob again (alice's real key, a fresh frame): refused,
+    # counted as a repeat, not audited or alerted on again.
+    held = max(e["data"]["held_size"] for e in bob.equivocations())
+    identity = alice.identity()
+    again = signed_checkpoint(identity, 1, os.urandom(32))
+    assert held > 1
+    answer = cosignature_answer(bob.url, checkpoint_frame(identity, bob.agent_id, again))
+    assert answer is not None
+    assert (answer.cosign_status, answer.reason) == (wire.CosignStatus.CONFLICT, "rollback")
+    assert bob.metric("talos_audit_equivocations_repeated_total", role="witness") >= 1
+    assert bob.metric("talos_audit_equivocations_total", role="witness") == 1
+    assert len(bob.equivocations()) == 1
+    assert "event=audit_equivocation_repeated" in bob.log_text()

@@ -40,6 +40,7 @@ from typing import Any, Final
 
 from talos.audit import AuditKind, AuditLog
 from talos.client.control import Auditor, Signer
+from talos.client.equivocations import Equivocations, explain_pause
 from talos.client.own_keys import OwnIdentity, audit_signer
 from talos.client.timing import sleep
 from talos.client.witness_heads import WitnessHeads
@@ -111,6 +112,10 @@ class Witnessing:
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         self._limit = RateLimiter(rate=WITNESS_RATE, burst=WITNESS_BURST)
         self._logs = LimitedLog(_log, clock)
+        #: Equivocations on the record (audited once each) and witnesses we stopped
+        #: sending to; repeats are logged at most once a minute per peer.
+        self._equivocations = Equivocations(log)
+        self._repeats = LimitedLog(_log, clock, per_source=(1 / 60, 1))
         self._heads = WitnessHeads(
             tokens,
             metrics,
@@ -137,6 +142,9 @@ class Witnessing:
             return
         size = self._log.size
         if old is None:
+            if self._equivocations.paused(peer):
+                _log.debug("not offering our checkpoint to %s: it holds a head we lack", peer)
+                return
             old = self.cosigned_sizes().get(peer, 0)
             if size == 0 or old == size or self._pending(peer, size) or self._quiet(old, size):
                 return
@@ -301,9 +309,27 @@ class Witnessing:
             "hold (%s): our log was rolled back or rewritten, or our key signed another log"
         )
         self._equivocation(witness, fields, text, witness, held_size, reason)
+        if self._equivocations.pause(witness, held_size, held_root or _NO_ROOT):
+            explain_pause(self._logs, witness, held_size, reason)
 
     def _equivocation(self, peer: str, fields: dict[str, Any], text: str, *args: Any) -> None:
         role = fields["role"]
+        if not self._equivocations.first(peer, fields):
+            # The same conflict (same peer, same held head) again: on the record already.
+            self._metrics.equivocation_repeated(role)
+            self._repeats.log(
+                logging.INFO,
+                "audit_equivocation_repeated",
+                "the equivocation with %s (role %s, held size %d) was seen again; "
+                "recorded the first time, counted since",
+                peer,
+                role,
+                fields["held_size"],
+                source=peer,
+                peer_id=peer,
+                role=role,
+            )
+            return
         self._metrics.equivocation(role)
         self._auditor.audit_noisy(AuditKind.AUDIT_EQUIVOCATION, fields, peer)
         loggable: dict[str, Any] = {
