@@ -272,6 +272,8 @@ def test_bad_input_is_refused_and_nothing_is_lost(world: World, alice: Path) -> 
         running.stop()
     bad_mirror = CLI.fails(alice, 1, "run", "--offline", "--audit-mirror", "nobody")
     assert "mirror_to" in bad_mirror.stderr
+    bad_origin = CLI.fails(alice, 1, "run", "--offline", "--audit-mirror-for", "nobody")
+    assert "mirror_for" in bad_origin.stderr
     bad_quota = CLI.fails(alice, 2, "run", "--offline", "--mirror-quota-mb", "-1")
     assert "--mirror-quota-mb" in bad_quota.stderr
     assert not list(alice.glob("audit.damaged-*"))
