@@ -167,6 +167,11 @@ EVENTS: Final = frozenset(
         "capability_granted",
         "capability_added",
         "capability_revoked",
+        # witnesses and mirrors, hardened (docs/design/witnesses.md, mirrors.md)
+        "mirror_answer_unmatched",
+        "witness_origin_evicted",
+        "audit_equivocation_repeated",
+        "witness_conflict_paused",
     }
 )
 

@@ -420,6 +420,25 @@ class AgentMetrics:
             self.audit_mirror_batches_refused.labels(code=code)
         for mirror in mirrors or ("",):
             self.audit_mirror_lag.labels(mirror=mirror).set(0)
+        # Hardening of witnesses and mirrors (docs/design/witnesses.md, mirrors.md).
+        self.audit_mirror_answers_unmatched = Counter(
+            "talos_audit_mirror_answers_unmatched",
+            "Mirror answers (ACK, REFUSED) dropped: they echo no batch outstanding to that mirror.",
+            registry=r,
+        )
+        self.audit_witness_origins_evicted = Counter(
+            "talos_audit_witness_origins_evicted",
+            "Heads of strangers' logs dropped to make room for a new origin (witness cap).",
+            registry=r,
+        )
+        self.equivocations_repeated = Counter(
+            "talos_audit_equivocations_repeated",
+            "The same equivocation seen again (same origin, same held head): counted, not audited.",
+            ["role"],
+            registry=r,
+        )
+        for role in WITNESS_ROLES:
+            self.equivocations_repeated.labels(role=role)
 
     # -- sessions ---------------------------------------------------------------
 
@@ -601,6 +620,18 @@ class AgentMetrics:
         self.frames_malformed.inc()
         if link_closed:
             self.links_closed_malformed.inc()
+
+    # -- witnesses and mirrors, hardened -------------------------------------------
+
+    def mirror_answer_unmatched(self) -> None:
+        self.audit_mirror_answers_unmatched.inc()
+
+    def witness_origin_evicted(self) -> None:
+        self.audit_witness_origins_evicted.inc()
+
+    def equivocation_repeated(self, role: str) -> None:
+        """An equivocation already audited was seen again, as ``role``."""
+        self.equivocations_repeated.labels(role=_label(role, WITNESS_ROLES)).inc()
 
     # -- exposition -------------------------------------------------------------
 

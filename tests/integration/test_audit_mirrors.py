@@ -78,9 +78,13 @@ class World:
     proof: Path
     #: The mirrored log's size: ENTRIES and the witnesses' cosignatures (CHECKPOINT_COSIGNED).
     size: int
+    #: alice's agent id (bob and carol keep a mirror of her log: --audit-mirror-for).
+    alice_id: str
 
     def restart_carol(self) -> None:
-        self.carol = self.launcher.agent(self.carol.home, "--registry", self.registry.url)
+        self.carol = self.launcher.agent(
+            self.carol.home, "--registry", self.registry.url, "--audit-mirror-for", self.alice_id
+        )
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +96,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for name, home in homes.items():
             CLI.ok(home, "init", "--name", name, "--no-passphrase")
         _append(homes["alice"], ENTRIES)
-        bob = launcher.agent(homes["bob"], "--registry", registry.url)
-        carol = launcher.agent(homes["carol"], "--registry", registry.url)
+        alice_id = AgentHome(homes["alice"]).load_identity(passphrase=None).agent_id
+        serve = ("--audit-mirror-for", alice_id)
+        bob = launcher.agent(homes["bob"], "--registry", registry.url, *serve)
+        carol = launcher.agent(homes["carol"], "--registry", registry.url, *serve)
         alice = launcher.agent(
             homes["alice"],
             "--registry",
@@ -120,7 +126,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         assert all(_acked(homes["alice"], m.agent_id) == size for m in (bob, carol))
         proof = base / "proof.json"
         CLI.ok(homes["alice"], "audit", "prove", "17", "--out", str(proof))
-        yield World(launcher, registry, homes["alice"], bob, carol, root, proof, size)
+        yield World(launcher, registry, homes["alice"], bob, carol, root, proof, size, alice_id)
 
 
 @pytest.fixture
@@ -266,6 +272,8 @@ def test_bad_input_is_refused_and_nothing_is_lost(world: World, alice: Path) -> 
         running.stop()
     bad_mirror = CLI.fails(alice, 1, "run", "--offline", "--audit-mirror", "nobody")
     assert "mirror_to" in bad_mirror.stderr
+    bad_origin = CLI.fails(alice, 1, "run", "--offline", "--audit-mirror-for", "nobody")
+    assert "mirror_for" in bad_origin.stderr
     bad_quota = CLI.fails(alice, 2, "run", "--offline", "--mirror-quota-mb", "-1")
     assert "--mirror-quota-mb" in bad_quota.stderr
     assert not list(alice.glob("audit.damaged-*"))
@@ -382,6 +390,54 @@ def test_bad_mirror_envelopes_are_refused_and_nothing_is_lost(world: World) -> N
     assert again.held == world.size
 
 
+def test_only_listed_origins_are_mirrored_and_replayed_batches_are_refused(
+    world: World, tmp_path: Path
+) -> None:
+    alice = AgentHome(world.alice).load_identity(passphrase=None)
+    bob = world.bob.agent_id
+    # carol signs a valid batch of her own log, but bob's operator never listed her.
+    carol = AgentHome(world.carol.home).load_identity(passphrase=None)
+    signer = LogSigner(carol.signing_key, carol.agent_id, f"{carol.agent_id}/audit")
+    with AuditLog.open(tmp_path / "carol-log", signer=signer) as log:
+        log.append_many([("MESSAGE_SENT", {"n": n}, "peer") for n in range(3)])
+        own = tuple(e.to_bytes() for e in log.entries(0, 3))
+        squat = mirror_bodies.Batch(0, own, Checkpoint.sign(signer, 3, log.root_at(3)), b"c" * 16)
+    (refused,) = asyncio.run(
+        _exchange(
+            carol,
+            world.bob,
+            [_frame(carol, bob, mirror_bodies.MirrorKind.BATCH, mirror_bodies.encode_body(squat))],
+        )
+    )
+    assert isinstance(refused, mirror_bodies.Refused)
+    assert refused.code is mirror_bodies.RefusalCode.NOT_MIRRORING
+    assert "--audit-mirror-for" in refused.reason
+    assert refused.request == b"c" * 16  # the answer names the request it answers
+    # A batch of alice's (listed) is answered with its request id; the same frame
+    # replayed, or one signed long ago, is refused stale (echoing its id).
+    with AuditLog.open(world.alice / "audit", readonly=True) as log:
+        tail = tuple(e.to_bytes() for e in log.entries(world.size - 2, world.size))
+        root = log.root_at(world.size)
+    checkpoint = Checkpoint.sign(
+        LogSigner(alice.signing_key, alice.agent_id, f"{alice.agent_id}/audit"), world.size, root
+    )
+    batch = mirror_bodies.encode_body(
+        mirror_bodies.Batch(world.size - 2, tail, checkpoint, b"a" * 16)
+    )
+    fresh = _frame(alice, bob, mirror_bodies.MirrorKind.BATCH, batch)
+    old = _frame(alice, bob, mirror_bodies.MirrorKind.BATCH, batch, ts=1)
+    acked, replayed, stale = asyncio.run(_exchange(alice, world.bob, [fresh, fresh, old]))
+    assert isinstance(acked, mirror_bodies.Ack)
+    assert (acked.size, acked.request) == (world.size, b"a" * 16)
+    for answer in (replayed, stale):
+        assert isinstance(answer, mirror_bodies.Refused)
+        assert (answer.code, answer.request) == (mirror_bodies.RefusalCode.STALE, b"a" * 16)
+    assert "not_mirroring" in world.bob.log.read_text()
+    with MirrorStore.open(world.bob.home / "mirrors") as store:
+        assert store.origin(carol.agent_id).size == 0  # nothing of carol's was stored
+        assert store.origin(alice.agent_id).size == world.size
+
+
 # -- the origin's side: resuming, a mirror that lost its store, one that refuses ---------------
 # (last in this module: they grow what bob holds of alice's log)
 
@@ -424,7 +480,9 @@ def test_mirroring_resumes_where_it_stopped_and_refusals_are_reported(
     # sends her whole log again.
     world.bob.stop()
     shutil.rmtree(world.bob.home / "mirrors")
-    world.bob = world.launcher.agent(world.bob.home, "--registry", world.registry.url)
+    world.bob = world.launcher.agent(
+        world.bob.home, "--registry", world.registry.url, "--audit-mirror-for", world.alice_id
+    )
     _append(alice, 1, first=world.size + 5)
     target = _head(alice)[0]
     agent = world.launcher.agent(alice, "--registry", world.registry.url, "--audit-mirror", bob)

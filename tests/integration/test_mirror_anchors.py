@@ -54,7 +54,7 @@ def test_anchors_on_chain_are_trusted_roots_of_the_rebuild(
                  "--anchor-confirmations", "2"]  # fmt: skip
     with launched() as launcher:
         registry = launcher.registry(tmp_path / "registry.db", tmp_path / "registry.log")
-        bob = launcher.agent(bob_home, "--registry", registry.url)
+        bob = launcher.agent(bob_home, "--registry", registry.url, "--audit-mirror-for", alice_id)
         agent = launcher.agent(
             alice, "--registry", registry.url, "--audit-mirror", bob.agent_id, *anchoring
         )

@@ -8,6 +8,12 @@ mapping into checked settings for :meth:`talos.audit.AuditLog.open`.
 for cosigning even when it does not message them (docs/design/witnesses.md);
 ``talos run --audit-witness PEER`` is the CLI spelling.
 
+``mirror_for`` lists the origins this agent agrees to keep a mirror of
+(``talos run --audit-mirror-for PEER``): serving as a mirror is opt-in on the
+mirror's side too, and a BATCH from any other agent is refused
+``not_mirroring`` (docs/design/mirrors.md). ``witness_max_origins`` caps how
+many origins' heads this agent keeps as a witness (docs/design/witnesses.md).
+
 ``prune_after_anchor`` drops the payloads of entries a final on-chain
 anchor covers (leaf hashes and nodes stay; rules in
 :mod:`talos.core.audit.pruning`): the anchoring driver prunes after each
@@ -39,6 +45,8 @@ _KEYS = frozenset(
         "witnesses",
         "mirror_to",
         "mirror_quota_mb",
+        "mirror_for",
+        "witness_max_origins",
     }
 )
 #: Most witnesses one agent may configure.
@@ -48,6 +56,10 @@ _MIB = 1 << 20
 DEFAULT_MIRROR_QUOTA_MB = 256
 #: Most mirrors one agent copies its log to.
 MAX_MIRRORS = 16
+#: Default number of origins whose heads a witness keeps (``witness_max_origins``).
+DEFAULT_WITNESS_MAX_ORIGINS = 1024
+#: Largest ``witness_max_origins`` accepted.
+MAX_WITNESS_ORIGINS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,10 @@ class AuditConfig:
     mirror_to: tuple[str, ...] = ()
     #: Room given to each origin that mirrors its log here, in bytes; 0: no mirroring here.
     mirror_quota_bytes: int = DEFAULT_MIRROR_QUOTA_MB * _MIB
+    #: Origins this agent keeps a mirror of (opt-in on the mirror's side).
+    mirror_for: tuple[str, ...] = ()
+    #: Most origins whose heads this agent keeps as a witness.
+    witness_max_origins: int = DEFAULT_WITNESS_MAX_ORIGINS
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> AuditConfig:
@@ -87,6 +103,10 @@ class AuditConfig:
             witnesses=_witnesses(raw.get("witnesses", ())),
             mirror_to=_peers(raw.get("mirror_to", ())),
             mirror_quota_bytes=_quota(raw.get("mirror_quota_mb", DEFAULT_MIRROR_QUOTA_MB)),
+            mirror_for=_peers(raw.get("mirror_for", ()), "mirror_for"),
+            witness_max_origins=_origins(
+                raw.get("witness_max_origins", DEFAULT_WITNESS_MAX_ORIGINS)
+            ),
         )
 
     def open_arguments(self) -> dict[str, Any]:
@@ -124,18 +144,18 @@ def _count(value: Any) -> int:
     return value
 
 
-def _peers(value: Any) -> tuple[str, ...]:
+def _peers(value: Any, key: str = "mirror_to") -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, list | tuple):
-        raise ConfigurationError("audit_config mirror_to must be a list of agent ids")
+        raise ConfigurationError(f"audit_config {key} must be a list of agent ids")
     if len(value) > MAX_MIRRORS:
-        raise ConfigurationError(f"audit_config mirror_to names at most {MAX_MIRRORS} peers")
+        raise ConfigurationError(f"audit_config {key} names at most {MAX_MIRRORS} peers")
     peers = []
     for item in value:
         try:
             peers.append(check_agent_id(item))
         except (MalformedFrame, TypeError, ValueError):
             raise ConfigurationError(
-                f"audit_config mirror_to: {str(item)[:80]!r} is not an agent id"
+                f"audit_config {key}: {str(item)[:80]!r} is not an agent id"
             ) from None
     return tuple(dict.fromkeys(peers))
 
@@ -169,3 +189,13 @@ def _witnesses(value: Any) -> tuple[str, ...]:
                 f"audit_config witnesses: {item!r} is not an agent id"
             ) from None
     return tuple(dict.fromkeys(value))
+
+
+def _origins(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        value = -1
+    if not 1 <= value <= MAX_WITNESS_ORIGINS:
+        raise ConfigurationError(
+            f"audit_config witness_max_origins must be an integer in 1..{MAX_WITNESS_ORIGINS}"
+        )
+    return int(value)

@@ -152,6 +152,21 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
     help="Copy this agent's audit log to that peer (repeatable; docs/design/mirrors.md).",
 )
 @click.option(
+    "--audit-mirror-for",
+    "audit_mirror_for",
+    multiple=True,
+    metavar="AGENT_ID",
+    help="Keep a mirror of that peer's audit log (repeatable; a peer not listed is refused; "
+    "docs/design/mirrors.md).",
+)
+@click.option(
+    "--witness-max-origins",
+    type=BoundedInt(1, 1 << 20),
+    default=None,
+    help="Most origins whose audit heads this agent keeps as a witness (default 1024; "
+    "docs/design/witnesses.md).",
+)
+@click.option(
     "--mirror-quota-mb",
     type=BoundedInt(0, 1 << 20),
     default=None,
@@ -193,6 +208,8 @@ def run(
     anchor_confirmations: int | None,
     audit_witnesses: tuple[str, ...],
     audit_mirror: tuple[str, ...],
+    audit_mirror_for: tuple[str, ...],
+    witness_max_origins: int | None,
     mirror_quota_mb: int | None,
     audit_max_size_gb: float | None,
     audit_prune_after_anchor: bool,
@@ -250,6 +267,8 @@ def run(
             audit_witnesses,
             max_size_gb=audit_max_size_gb,
             prune_after_anchor=audit_prune_after_anchor,
+            mirror_for=audit_mirror_for,
+            witness_max_origins=witness_max_origins,
         ),
     }
     asyncio.run(_daemon(name or home.path.name, options, path))
@@ -282,9 +301,12 @@ def _audit_config(
     *,
     max_size_gb: float | None,
     prune_after_anchor: bool,
+    mirror_for: tuple[str, ...] = (),
+    witness_max_origins: int | None = None,
 ) -> dict[str, Any] | None:
     """``audit_config={...}`` from --audit-mirror, --mirror-quota-mb, --audit-witness,
-    --audit-max-size-gb and --audit-prune-after-anchor; None without them."""
+    --audit-max-size-gb, --audit-prune-after-anchor, --audit-mirror-for and
+    --witness-max-origins; None without them."""
     config: dict[str, Any] = {}
     if max_size_gb is not None:
         config["max_size_gb"] = max_size_gb
@@ -296,6 +318,10 @@ def _audit_config(
         config["mirror_to"] = list(mirror_to)
     if quota_mb is not None:
         config["mirror_quota_mb"] = quota_mb
+    if mirror_for:
+        config["mirror_for"] = list(mirror_for)
+    if witness_max_origins is not None:
+        config["witness_max_origins"] = witness_max_origins
     return config or None
 
 

@@ -10,13 +10,19 @@ Two roles, one driver:
   mirror (:meth:`MirrorStore.set_progress`), so a restart resumes there;
   ``talos_audit_mirror_lag_entries{mirror}`` is how far behind it is. A
   refusal is logged (``mirror_batch_refused``) and counted; a mirror that
-  lost what it held (``gap``) is sent everything again.
-* **Mirror.** A BATCH from any peer whose key log we verified is checked and
-  stored by :meth:`MirrorStore.accept` (quota per origin, ``mirror_quota_mb``;
-  0 turns the role off); answered ACK or REFUSED. A FETCH is answered only
-  to its signer about its own log, and only when fresh: its timestamp within
-  :data:`FETCH_FRESHNESS` seconds and its id not seen before, so a captured
-  FETCH replayed by someone else gets nothing.
+  lost what it held (``gap``) is sent everything again. Each BATCH carries a
+  fresh random request id (``rq``) and only an answer echoing the id of the
+  batch outstanding to that mirror counts: a replayed or stale ACK/REFUSED
+  is dropped, counted and logged (``mirror_answer_unmatched``).
+* **Mirror**, only for the origins its operator listed
+  (``audit_config["mirror_for"]``, ``talos run --audit-mirror-for``): a BATCH
+  from a listed peer whose key log we verified is checked and stored by
+  :meth:`MirrorStore.accept` (quota per origin, ``mirror_quota_mb``; 0 turns
+  the role off); answered ACK or REFUSED, echoing its request id. Any other
+  origin is refused ``not_mirroring`` (logged, counted). A BATCH or FETCH is
+  answered only when fresh: its timestamp within :data:`FETCH_FRESHNESS`
+  seconds and its envelope id not seen before, so a captured one replayed
+  gets ``stale``. A FETCH is answered only to its signer about its own log.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from talos.client.timing import sleep, wait_first
 from talos.core import mirror, wire
 from talos.core.clock import Clock, time_ms
 from talos.core.keylog import KeyLog
+from talos.core.rng import Rng
 from talos.errors import MalformedFrame, TalosError, UnsupportedVersion
 from talos.logs import LimitedLog
 from talos.metrics import AgentMetrics
@@ -68,6 +75,8 @@ class Mirroring:
         store: MirrorStore,
         mirror_to: Sequence[str],
         serve: bool,
+        mirror_for: Sequence[str] = (),
+        rng: Rng | None = None,
         signer: Signer,
         link: Callable[[str], Awaitable[Link]],
         metrics: AgentMetrics,
@@ -78,7 +87,11 @@ class Mirroring:
         self._mirror_to = tuple(dict.fromkeys(m for m in mirror_to if m != own.agent_id))
         self._serve, self._signer, self._link = serve, signer, link
         self._metrics, self._clock, self._closed = metrics, clock, closed
-        self._waiting: dict[str, asyncio.Future[mirror.Body]] = {}
+        #: The origins this agent agreed to mirror for (its operator's list).
+        self._mirror_for = frozenset(mirror_for)
+        self._rng = rng
+        #: Batches outstanding: request id -> (the mirror asked, its answer to come).
+        self._waiting: dict[bytes, tuple[str, asyncio.Future[mirror.Body]]] = {}
         self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._logs = LimitedLog(_log, clock)
         self._tasks: list[asyncio.Task[None]] = []
@@ -208,18 +221,42 @@ class Mirroring:
         end = min(size, start + mirror.MAX_BATCH_ENTRIES)
         entries = tuple(entry.to_bytes() for entry in self._log.entries(start, end))
         checkpoint = Checkpoint.sign(audit_signer(self._own.current), end, self._log.root_at(end))
-        body = mirror.Batch(start, entries, checkpoint)
+        request = self._request_id()
+        body = mirror.Batch(start, entries, checkpoint, request)
         link = await self._link(peer)
         answer: asyncio.Future[mirror.Body] = asyncio.get_running_loop().create_future()
-        self._waiting[peer] = answer
+        self._waiting[request] = (peer, answer)
         try:
             await self._send(link, peer, body)
             await wait_first(self._clock, self._clock.monotonic() + ACK_TIMEOUT, [answer])
             return answer.result() if answer.done() else None
         finally:
-            if self._waiting.get(peer) is answer:
-                del self._waiting[peer]
+            self._waiting.pop(request, None)
             answer.cancel()
+
+    def _request_id(self) -> bytes:
+        if self._rng is None:
+            raise TalosError("mirroring our log needs a source of randomness")
+        return self._rng.bytes(mirror.REQUEST_ID_SIZE)
+
+    def _answered(self, sender: str, body: mirror.Ack | mirror.Refused) -> None:
+        """An ACK or REFUSED from ``sender``: it settles the batch whose request id it
+        echoes, if that batch went to ``sender`` and is still outstanding; any other
+        answer (replayed, stale, for a batch already settled, or with no id) is
+        dropped, counted and logged."""
+        waiting = None if body.request is None else self._waiting.get(body.request)
+        if waiting is not None and waiting[0] == sender and not waiting[1].done():
+            waiting[1].set_result(body)
+            return
+        self._metrics.mirror_answer_unmatched()
+        self._logs.warning(
+            "mirror_answer_unmatched",
+            "dropping a mirror answer from %s that matches no batch we sent it: %s",
+            sender,
+            "no request id" if body.request is None else "unknown or settled request id",
+            source=sender,
+            peer_id=sender,
+        )
 
     async def _send(self, link: Link, peer: str, body: mirror.Body) -> None:
         await self._signer.send(
@@ -253,25 +290,69 @@ class Mirroring:
                 await self._refuse(link, sender, mirror.RefusalCode.MALFORMED, str(exc))
             return
         if isinstance(body, mirror.Batch):
-            await self._keep(link, sender, body, keys)
+            await self._keep(link, envelope, body, keys)
         elif isinstance(body, mirror.Fetch):
             await self._answer_fetch(link, envelope, body)
         elif isinstance(body, mirror.Ack | mirror.Refused):
-            waiting = self._waiting.get(sender)
-            if waiting is not None and not waiting.done():
-                waiting.set_result(body)
+            self._answered(sender, body)
         # ENTRIES only ever answer `talos audit rebuild --from-peers`: ignored here.
 
-    async def _refuse(self, link: Link, peer: str, code: mirror.RefusalCode, why: str) -> None:
+    async def _refuse(
+        self,
+        link: Link,
+        peer: str,
+        code: mirror.RefusalCode,
+        why: str,
+        request: bytes | None = None,
+    ) -> None:
         reason = "".join(c for c in why if c.isprintable())[: mirror.MAX_REASON] or str(code)
-        await self._send(link, peer, mirror.Refused(code, reason))
+        await self._send(link, peer, mirror.Refused(code, reason, request))
 
-    async def _keep(self, link: Link, sender: str, batch: mirror.Batch, keys: KeyLog) -> None:
+    def _fresh(self, envelope: wire.Envelope) -> bool:
+        """Whether a request envelope is fresh: sent within :data:`FETCH_FRESHNESS`
+        seconds of our clock and its id not seen before (then remembered)."""
+        age = abs(time_ms(self._clock) - envelope.timestamp_ms) / 1000
+        seen = envelope.sender.encode() + envelope.message_id
+        if age > FETCH_FRESHNESS or seen in self._seen:
+            return False
+        self._seen[seen] = None
+        while len(self._seen) > _SEEN_FETCHES:
+            self._seen.popitem(last=False)
+        return True
+
+    def _refusal(self, sender: str) -> tuple[mirror.RefusalCode, str] | None:
+        """Why a BATCH from ``sender`` is refused before it is looked at, if it is."""
         if not self._serve:
-            self._metrics.mirror_batch_refused(mirror.RefusalCode.NOT_MIRRORING)
-            await self._refuse(
-                link, sender, mirror.RefusalCode.NOT_MIRRORING, "this agent keeps no mirrors"
+            return mirror.RefusalCode.NOT_MIRRORING, "this agent keeps no mirrors"
+        if sender not in self._mirror_for:
+            return (
+                mirror.RefusalCode.NOT_MIRRORING,
+                "this agent does not mirror for you: its operator must list your agent id "
+                "(talos run --audit-mirror-for, audit_config mirror_for)",
             )
+        return None
+
+    async def _keep(
+        self, link: Link, envelope: wire.Envelope, batch: mirror.Batch, keys: KeyLog
+    ) -> None:
+        sender, request = envelope.sender, batch.request
+        refusal = self._refusal(sender)
+        if refusal is None and not self._fresh(envelope):
+            refusal = mirror.RefusalCode.STALE, "stale or replayed batch"
+        if refusal is not None:
+            self._metrics.mirror_batch_refused(refusal[0])
+            self._logs.warning(
+                "mirror_batch_refused",
+                "refusing the audit batch %s sent from entry %d: %s (%s)",
+                sender,
+                batch.start,
+                refusal[0],
+                refusal[1],
+                source=sender,
+                peer_id=sender,
+                code=str(refusal[0]),
+            )
+            await self._refuse(link, sender, *refusal, request)
             return
         held = self._store.origin(sender).size
         try:
@@ -291,7 +372,7 @@ class Mirroring:
                 peer_id=sender,
                 code=str(exc.code),
             )
-            await self._refuse(link, sender, exc.code, exc.reason)
+            await self._refuse(link, sender, exc.code, exc.reason, request)
             return
         except TalosError as exc:
             self._logs.warning(
@@ -302,7 +383,9 @@ class Mirroring:
                 source=sender,
                 peer_id=sender,
             )
-            await self._refuse(link, sender, mirror.RefusalCode.UNAVAILABLE, "store failed")
+            await self._refuse(
+                link, sender, mirror.RefusalCode.UNAVAILABLE, "store failed", request
+            )
             return
         if size > held:
             link.mark_verified(sender)  # a verified, new batch: the origin holds this link
@@ -314,13 +397,11 @@ class Mirroring:
                 size - held,
                 extra={"event": "mirror_batch_stored", "peer_id": sender, "size": size},
             )
-        await self._send(link, sender, mirror.Ack(size))
+        await self._send(link, sender, mirror.Ack(size, request))
 
     async def _answer_fetch(self, link: Link, envelope: wire.Envelope, fetch: mirror.Fetch) -> None:
-        sender = envelope.sender
-        age = abs(time_ms(self._clock) - envelope.timestamp_ms) / 1000
-        seen = sender.encode() + envelope.message_id
-        if age > FETCH_FRESHNESS or seen in self._seen:
+        sender, request = envelope.sender, fetch.request
+        if not self._fresh(envelope):
             self._metrics.mirror_fetch_refused()
             self._logs.warning(
                 "mirror_fetch_refused",
@@ -329,11 +410,10 @@ class Mirroring:
                 source=sender,
                 peer_id=sender,
             )
-            await self._refuse(link, sender, mirror.RefusalCode.STALE, "stale or replayed fetch")
+            await self._refuse(
+                link, sender, mirror.RefusalCode.STALE, "stale or replayed fetch", request
+            )
             return
-        self._seen[seen] = None
-        while len(self._seen) > _SEEN_FETCHES:
-            self._seen.popitem(last=False)
         link.mark_verified(sender)
         try:
             answer = self._store.serve(sender, fetch.start, fetch.limit)
@@ -344,7 +424,9 @@ class Mirroring:
                 exc,
                 extra={"event": "mirror_store_failed", "peer_id": sender},
             )
-            await self._refuse(link, sender, mirror.RefusalCode.UNAVAILABLE, "store failed")
+            await self._refuse(
+                link, sender, mirror.RefusalCode.UNAVAILABLE, "store failed", request
+            )
             return
         self._metrics.mirror_entries_served(len(answer.entries))
         _log.info(
@@ -354,4 +436,4 @@ class Mirroring:
             sender,
             extra={"event": "mirror_served", "peer_id": sender, "start": fetch.start},
         )
-        await self._send(link, sender, answer)
+        await self._send(link, sender, mirror.with_request(answer, request))

@@ -154,6 +154,8 @@ def assemble(
         clock=clock,
         connect=deliverer.link,
         witnesses=config.audit.witnesses,
+        max_origins=config.audit.witness_max_origins,
+        session_peers=state.session_peers,
     )
 
     async def connected(link: Link, peer: str) -> None:
@@ -213,6 +215,8 @@ def assemble(
             store=mirrors,
             mirror_to=config.audit.mirror_to,
             serve=config.audit.mirror_quota_bytes > 0,
+            mirror_for=config.audit.mirror_for,
+            rng=rng,
             signer=signer,
             link=deliverer.link,
             metrics=metrics,

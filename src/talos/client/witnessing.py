@@ -22,19 +22,28 @@ Two roles, both in every agent:
    durably first, then cosigned (clone, then commit: a refused or failed
    checkpoint changes nothing). An equivocation is audited, logged, counted
    and answered with the head we hold.
+
+   Heads are kept for at most ``witness_max_origins`` origins (one record of
+   at most :data:`~talos.core.audit.cosignature.MAX_WITNESSED_RECORD` bytes
+   each): a new origin past the cap takes the place of the stranger whose head
+   was accepted longest ago; peers we have a session with and our configured
+   witnesses are never evicted; when every head is theirs a new stranger is
+   refused ``witness_full``.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 from talos.audit import AuditKind, AuditLog
 from talos.client.control import Auditor, Signer
+from talos.client.equivocations import Equivocations, explain_pause
 from talos.client.own_keys import OwnIdentity, audit_signer
 from talos.client.timing import sleep
+from talos.client.witness_heads import WitnessHeads
 from talos.core import wire
 from talos.core.audit.checkpoint import Checkpoint
 from talos.core.audit.cosignature import (
@@ -87,6 +96,8 @@ class Witnessing:
         clock: Clock,
         connect: Callable[[str], Awaitable[Link]],
         witnesses: tuple[str, ...] = (),
+        max_origins: int = 1024,
+        session_peers: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self._own, self._log, self._tokens = own, log, tokens
         self._signer, self._auditor, self._metrics, self._clock = signer, auditor, metrics, clock
@@ -101,6 +112,17 @@ class Witnessing:
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         self._limit = RateLimiter(rate=WITNESS_RATE, burst=WITNESS_BURST)
         self._logs = LimitedLog(_log, clock)
+        #: Equivocations on the record (audited once each) and witnesses we stopped
+        #: sending to; repeats are logged at most once a minute per peer.
+        self._equivocations = Equivocations(log)
+        self._repeats = LimitedLog(_log, clock, per_source=(1 / 60, 1))
+        self._heads = WitnessHeads(
+            tokens,
+            metrics,
+            self._logs,
+            max_origins=max_origins,
+            protected=lambda: frozenset((*session_peers(), *self.witnesses)),
+        )
 
     # -- origin: sending our checkpoints ------------------------------------------------
 
@@ -120,6 +142,9 @@ class Witnessing:
             return
         size = self._log.size
         if old is None:
+            if self._equivocations.paused(peer):
+                _log.debug("not offering our checkpoint to %s: it holds a head we lack", peer)
+                return
             old = self.cosigned_sizes().get(peer, 0)
             if size == 0 or old == size or self._pending(peer, size) or self._quiet(old, size):
                 return
@@ -284,9 +309,27 @@ class Witnessing:
             "hold (%s): our log was rolled back or rewritten, or our key signed another log"
         )
         self._equivocation(witness, fields, text, witness, held_size, reason)
+        if self._equivocations.pause(witness, held_size, held_root or _NO_ROOT):
+            explain_pause(self._logs, witness, held_size, reason)
 
     def _equivocation(self, peer: str, fields: dict[str, Any], text: str, *args: Any) -> None:
         role = fields["role"]
+        if not self._equivocations.first(peer, fields):
+            # The same conflict (same peer, same held head) again: on the record already.
+            self._metrics.equivocation_repeated(role)
+            self._repeats.log(
+                logging.INFO,
+                "audit_equivocation_repeated",
+                "the equivocation with %s (role %s, held size %d) was seen again; "
+                "recorded the first time, counted since",
+                peer,
+                role,
+                fields["held_size"],
+                source=peer,
+                peer_id=peer,
+                role=role,
+            )
+            return
         self._metrics.equivocation(role)
         self._auditor.audit_noisy(AuditKind.AUDIT_EQUIVOCATION, fields, peer)
         loggable: dict[str, Any] = {
@@ -340,18 +383,28 @@ class Witnessing:
         if isinstance(outcome, Refused):
             await self._conflict_found(link, envelope, checkpoint, outcome)
             return
-        await self._cosign(link, envelope, checkpoint, outcome)
+        await self._cosign(link, envelope, checkpoint, outcome, new=before is None)
 
     async def _cosign(
-        self, link: Link, envelope: wire.Envelope, checkpoint: Checkpoint, outcome: Accepted
+        self,
+        link: Link,
+        envelope: wire.Envelope,
+        checkpoint: Checkpoint,
+        outcome: Accepted,
+        *,
+        new: bool = False,
     ) -> None:
         origin = envelope.sender
         if outcome.grew:
             try:
-                self._tokens.put_witnessed(origin, outcome.head.to_bytes())
+                stored = self._heads.store(origin, outcome.head.to_bytes(), new=new)
             except TalosError as exc:
                 await self._refuse(link, envelope, checkpoint, "storage", "witness store full")
                 _log.warning("checkpoint of %s not stored: %s", origin, exc)
+                return
+            if not stored:
+                detail = "this witness keeps heads for its peers only at the moment"
+                await self._refuse(link, envelope, checkpoint, "witness_full", detail)
                 return
         identity = self._own.current
         cosig = Cosignature.sign(

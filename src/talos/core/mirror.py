@@ -14,6 +14,13 @@ MIRROR envelope (:data:`talos.core.wire.EnvelopeType.MIRROR`) carries one
   covers its end; ``held`` is how many entries the mirror holds in all.
 * ``REFUSED`` (either way): a :class:`RefusalCode` and a short reason.
 
+Every body may also carry ``rq``, a request id (:data:`REQUEST_ID_SIZE`
+random bytes; 8..32 accepted): a request (BATCH, FETCH) names itself, and
+its answer (ACK, ENTRIES, REFUSED) echoes the id inside its signed body, so
+the asker drops any answer that matches no request it has outstanding (a
+replayed or stale answer). The field is optional on decoding (a body without
+it decodes as before, ``request=None``) and is added last.
+
 Rules: every body is a versioned map with exactly its fields; counts and
 sizes are bounded (:data:`MAX_BATCH_ENTRIES`, :data:`MAX_BODY_SIZE`);
 anything else raises :class:`~talos.errors.MalformedFrame` (an unknown
@@ -24,6 +31,7 @@ signature or a root: :mod:`talos.audit.mirror_store` and
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +40,7 @@ from typing import Any, Final
 from talos.core.audit.checkpoint import MAX_NOTE_SIZE, Checkpoint
 from talos.core.audit.entry import MAX_ENTRY_SIZE
 from talos.core.audit.merkle import EMPTY_ROOT, fold_subtrees, leaf_hash, node_hash
-from talos.core.encoding import canonical_dumps, strict_versioned_map
+from talos.core.encoding import canonical_dumps, check_versioned_map, strict_loads
 from talos.errors import MalformedFrame
 
 __all__ = [
@@ -40,6 +48,7 @@ __all__ = [
     "MAX_BATCH_ENTRIES",
     "MAX_BODY_SIZE",
     "MAX_REASON",
+    "REQUEST_ID_SIZE",
     "Ack",
     "Batch",
     "Body",
@@ -53,6 +62,7 @@ __all__ = [
     "encode_body",
     "kind_of",
     "leaves_root",
+    "with_request",
 ]
 
 BODY_VERSION: Final = 1
@@ -63,6 +73,9 @@ MAX_BODY_SIZE: Final = MAX_BATCH_ENTRIES * (MAX_ENTRY_SIZE + 8) + MAX_NOTE_SIZE 
 #: Longest refusal reason, in characters.
 MAX_REASON: Final = 200
 _MAX_U64: Final = 2**64 - 1
+#: Bytes of a request id this agent makes (``rq``); ids of 8..32 bytes are accepted.
+REQUEST_ID_SIZE: Final = 16
+_REQUEST_SIZES: Final = range(8, 33)
 
 
 class MirrorKind(enum.IntEnum):
@@ -93,17 +106,23 @@ class Batch:
     start: int
     entries: tuple[bytes, ...]
     checkpoint: Checkpoint
+    #: The request id: a request's own, or the one of the request answered.
+    request: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
     size: int
+    #: The request id: a request's own, or the one of the request answered.
+    request: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Fetch:
     start: int
     limit: int
+    #: The request id: a request's own, or the one of the request answered.
+    request: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +131,16 @@ class Entries:
     entries: tuple[bytes, ...]
     checkpoint: Checkpoint | None
     held: int
+    #: The request id: a request's own, or the one of the request answered.
+    request: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Refused:
     code: RefusalCode
     reason: str
+    #: The request id: a request's own, or the one of the request answered.
+    request: bytes | None = None
 
 
 Body = Batch | Ack | Fetch | Entries | Refused
@@ -160,6 +183,8 @@ def encode_body(body: Body) -> bytes:
         raw.update(start=body.start, e=list(body.entries), cp=note, held=body.held)
     else:
         raw.update(code=str(body.code), why=body.reason)
+    if body.request is not None:
+        raw["rq"] = body.request
     data = canonical_dumps(raw)
     decode_body(kind_of(body), data)
     return data
@@ -175,9 +200,27 @@ def decode_body(kind: MirrorKind, data: bytes) -> Body:
     fields = _FIELDS.get(kind)
     if fields is None:
         raise MalformedFrame(f"unknown mirror kind {kind!r}")
-    raw = strict_versioned_map(
-        data, max_size=MAX_BODY_SIZE, fields=fields, version=BODY_VERSION, what="mirror body"
-    )
+    value = strict_loads(data, max_size=MAX_BODY_SIZE)
+    if type(value) is dict and "rq" in value:
+        fields = fields | {"rq"}
+    raw = check_versioned_map(value, fields=fields, version=BODY_VERSION, what="mirror body")
+    return with_request(_decode_fields(kind, raw), _request(raw.get("rq")))
+
+
+def with_request(body: Body, request: bytes | None) -> Body:
+    """``body`` carrying the request id ``request``."""
+    return body if body.request == request else dataclasses.replace(body, request=request)
+
+
+def _request(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if type(value) is not bytes or len(value) not in _REQUEST_SIZES:
+        raise MalformedFrame("mirror request id must be 8..32 bytes")
+    return bytes(value)
+
+
+def _decode_fields(kind: MirrorKind, raw: dict[str, Any]) -> Body:
     if kind is MirrorKind.BATCH:
         entries = _entries(raw["e"], minimum=1)
         start = _uint(raw["start"], "start", limit=_MAX_U64 - len(entries))

@@ -1,6 +1,7 @@
 """The demo's mirror step: bob mirrors alice's audit log; her database is destroyed and rebuilt.
 
-alice restarts with ``--audit-mirror BOB``: her entries go to bob in signed,
+bob restarts with ``--audit-mirror-for ALICE`` (he agrees to keep her log) and
+alice with ``--audit-mirror BOB``: her entries go to bob in signed,
 verified batches (``talos_audit_mirror_lag_entries`` falls to 0). She stops,
 takes an inclusion proof of her oldest entry, and her audit database is
 deleted. ``talos audit rebuild --from-peers`` fetches the log back from bob,
@@ -25,7 +26,9 @@ def audit_mirror(demo: Demo, number: int) -> None:
     demo.out.step(
         number,
         "bob mirrors alice's audit log; her database is destroyed and rebuilt",
-        "alice restarts with `--audit-mirror` naming bob: her audit entries go to him in "
+        "bob restarts with `--audit-mirror-for` naming alice (a mirror keeps only the logs "
+        "its operator agreed to) and alice with `--audit-mirror` naming bob: her audit "
+        "entries go to him in "
         "batches, each with a checkpoint she signs, and bob verifies each batch against her "
         "key log before he stores it (he learns her peers, times and message hashes, never "
         "contents). Then alice stops, takes a proof of her first entry, and her audit "
@@ -34,6 +37,9 @@ def audit_mirror(demo: Demo, number: int) -> None:
         "still verifies.",
     )
     lag = f'talos_audit_mirror_lag_entries{{mirror="{bob.agent_id}"}}'
+    # Mirroring is opt-in on both sides: bob's operator agrees to keep alice's log.
+    demo.cast.stop(bob.child)
+    demo.cast.start(bob, bob.port, "--audit-mirror-for", alice.agent_id)
     demo.cast.stop(alice.child)
     demo.cast.start(alice, alice.port, "--audit-mirror", bob.agent_id)
     demo.within(

@@ -225,6 +225,29 @@ class TokenStore:
         (durable when this returns; the caller judged it against the old one)."""
         self._put(b"witnessed", origin.encode(), record)
 
+    def put_witnessed_evicting(self, origin: str, record: bytes, evict: str) -> None:
+        """:meth:`put_witnessed`, dropping the head of ``evict`` in the same durable
+        transaction (the witness's cap on origins, docs/design/witnesses.md)."""
+        with lmdb_errors(self._path, store=_STORE), self._env.begin(write=True) as txn:
+            txn.delete(evict.encode(), db=self._dbs[b"witnessed"])
+            txn.put(origin.encode(), record, db=self._dbs[b"witnessed"])
+            generation = self._generation(txn) + 1
+            txn.put(b"generation", u64(generation), db=self._dbs[b"meta"])
+        for callback in self._watchers:
+            callback(generation)
+
+    def witnessed_count(self) -> int:
+        """How many origins' heads are stored."""
+        with self._read() as txn:
+            return int(txn.stat(self._dbs[b"witnessed"])["entries"])
+
+    def witnessed_all(self) -> list[tuple[str, bytes]]:
+        """Every stored head, by origin (decoded by the caller)."""
+        with self._read() as txn:
+            return [
+                (bytes(k).decode(), bytes(v)) for k, v in txn.cursor(db=self._dbs[b"witnessed"])
+            ]
+
     def witnessed(self, origin: str) -> bytes | None:
         """The stored head of ``origin``'s log, or None (decoded by the caller)."""
         with self._read() as txn:

@@ -92,6 +92,10 @@ def test_mirror_settings() -> None:
     assert config.mirror_quota_bytes == 0
     assert AuditConfig().mirror_to == ()
     assert AuditConfig().mirror_quota_bytes == 256 << 20
+    assert AuditConfig().mirror_for == ()  # serving as a mirror is opt-in
+    assert AuditConfig.from_mapping({"mirror_for": [peer]}).mirror_for == (peer,)
+    assert AuditConfig().witness_max_origins == 1024
+    assert AuditConfig.from_mapping({"witness_max_origins": 3}).witness_max_origins == 3
 
 
 @pytest.mark.parametrize(
@@ -104,6 +108,11 @@ def test_mirror_settings() -> None:
         ({"mirror_quota_mb": -1}, "mirror_quota_mb"),
         ({"mirror_quota_mb": 1.5}, "mirror_quota_mb"),
         ({"mirror_quota_mb": True}, "mirror_quota_mb"),
+        ({"mirror_for": "did:talos:x"}, "mirror_for must be a list"),
+        ({"mirror_for": ["nobody"]}, "mirror_for: 'nobody' is not an agent id"),
+        ({"witness_max_origins": 0}, "witness_max_origins"),
+        ({"witness_max_origins": True}, "witness_max_origins"),
+        ({"witness_max_origins": "5"}, "witness_max_origins"),
     ],
 )
 def test_bad_mirror_settings_are_refused(raw: dict[str, object], match: str) -> None:

@@ -24,6 +24,7 @@ from talos.core.mirror import (
     encode_body,
     kind_of,
     leaves_root,
+    with_request,
 )
 from talos.errors import MalformedFrame, UnsupportedVersion
 
@@ -50,6 +51,9 @@ BODIES = [
     Entries(0, batch().entries, batch().checkpoint, 9),
     Entries(9, (), None, 9),
     Refused(RefusalCode.QUOTA, "quota of 10 bytes exceeded"),
+    Ack(17, b"r" * 16),
+    Refused(RefusalCode.STALE, "stale", b"q" * 8),
+    Fetch(0, 1, b"f" * 32),
 ]
 
 
@@ -116,3 +120,14 @@ def test_tree_border_matches_the_root_of_every_size() -> None:
         assert root == root_from_leaves([leaf_hash(raw) for raw in entries[:n]])
         assert border.size == n - 1  # leaves_root extends a copy
         border = grown
+
+
+def test_a_request_id_is_signed_in_the_body_and_bounded() -> None:
+    sent = with_request(batch(), b"\x01" * 16)
+    decoded = decode_body(MirrorKind.BATCH, encode_body(sent))
+    assert decoded.request == b"\x01" * 16
+    assert decode_body(MirrorKind.ACK, encode_body(Ack(3))).request is None
+    for bad in (b"", b"short", b"x" * 33, "text"):
+        raw = canonical_dumps({"v": 1, "size": 3, "rq": bad})
+        with pytest.raises(MalformedFrame, match="request id"):
+            decode_body(MirrorKind.ACK, raw)

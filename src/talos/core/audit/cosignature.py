@@ -51,6 +51,8 @@ __all__ = [
     "judge",
     "origin_conflict",
     "origin_of",
+    "MAX_WITNESSED_RECORD",
+    "evictable",
 ]
 
 COSIGNATURE_VERSION: Final = 1
@@ -61,8 +63,10 @@ DOMAIN: Final = b"talos/cosignature/v1\x00"
 MAX_CONSISTENCY_HASHES: Final = 128
 #: Bound on an encoded cosignature.
 MAX_COSIGNATURE_SIZE: Final = 512
-#: Bound on a stored witnessed head (the note is at most MAX_NOTE_SIZE).
-_MAX_RECORD: Final = 32 * 1024
+#: Bound on a stored witnessed head (the note is at most MAX_NOTE_SIZE): what a
+#: witness keeps per origin, one record, never more.
+MAX_WITNESSED_RECORD: Final = 32 * 1024
+_MAX_RECORD: Final = MAX_WITNESSED_RECORD
 _MAX_U64: Final = 2**64 - 1
 
 #: Refusals that prove the origin signed two views of its log.
@@ -76,6 +80,7 @@ REFUSALS: Final = (
     "storage",
     "bad_cosignature",
     *EQUIVOCATIONS,
+    "witness_full",
 )
 
 Reason = Literal["stale", "rollback", "fork", "inconsistent"]
@@ -293,3 +298,16 @@ def origin_conflict(
     if held_root is not None and own_root_at is not None and own_root_at != held_root:
         return "fork"
     return "stale"
+
+
+def evictable(heads: Sequence[tuple[str, int]], protected: frozenset[str]) -> str | None:
+    """The origin whose head a witness at its cap drops for a new one, if any.
+
+    ``heads`` are the stored ``(origin, accepted_ms)``; ``protected`` the origins
+    that must never be evicted (peers with a session, configured witnesses).
+    The unprotected origin whose head was accepted longest ago goes (ties: the
+    smallest id, so the choice is deterministic); None when every stored head
+    is protected.
+    """
+    candidates = [(at, origin) for origin, at in heads if origin not in protected]
+    return min(candidates)[1] if candidates else None

@@ -16,6 +16,7 @@ from talos.core.audit.cosignature import (
     Cosignature,
     Refused,
     WitnessedHead,
+    evictable,
     judge,
     origin_conflict,
     origin_of,
@@ -155,3 +156,11 @@ def test_how_the_origin_reads_a_conflict() -> None:
     assert origin_conflict(4, None, 5, root5) == "rollback"
     assert origin_conflict(9, root_from_leaves(OTHER[:5]), 5, root5) == "fork"
     assert origin_conflict(9, root5, 5, root5) == "stale"
+
+
+def test_the_oldest_unprotected_origin_is_evicted() -> None:
+    heads = [("a", 30), ("b", 10), ("c", 10), ("d", 5)]
+    assert evictable(heads, frozenset({"d"})) == "b"  # oldest unprotected; ties by id
+    assert evictable(heads, frozenset()) == "d"
+    assert evictable(heads, frozenset({"a", "b", "c", "d"})) is None
+    assert evictable([], frozenset()) is None
