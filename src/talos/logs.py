@@ -163,6 +163,11 @@ EVENTS: Final = frozenset(
         "registry_connections_refused",
         "registry_swept",
         "registry_sweep_failed",
+        # issue 16, trust of rebuild --from-peers
+        "witness_head_served",
+        "witness_head_unusable",
+        "rebuild_unwitnessed",
+        "anchor_abandoned",
     }
 )
 
