@@ -69,7 +69,8 @@ def test_an_anchor_of_the_replaced_log_is_not_recorded_against_the_new_one(
     anchorer = _anchorer(log, chain, wallet, contract, clock)
     anchorer.step()  # signed, saved, sent, mined (automine); not final before 3 blocks
     in_flight = anchorer.store.current()
-    assert in_flight is not None and in_flight.tree_size == 6
+    assert in_flight is not None
+    assert in_flight.tree_size == 6
     log.close()
 
     # The log is replaced (a restore of a backup of another history, or a rebuild
