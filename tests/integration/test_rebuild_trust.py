@@ -202,6 +202,31 @@ def test_without_any_witness_or_anchor_the_rebuild_needs_accept_unwitnessed(
     CLI.ok(alice, "audit", "verify-chain")
 
 
+def test_cosignatures_kept_in_a_damaged_log_are_trust_roots(world: World, tmp_path: Path) -> None:
+    damaged = tmp_path / "alice"
+    shutil.copytree(world.alice, damaged)
+    data = damaged / "audit" / "data.mdb"
+    with AuditLog.open(damaged / "audit", readonly=True) as log:
+        last = log.entry(log.size - 1).to_bytes()
+        kept = [e for e in log.query(kind=AuditKind.CHECKPOINT_COSIGNED) if e.seq < log.size - 1]
+    assert kept  # the intact prefix holds cosignatures
+    raw = bytearray(data.read_bytes())
+    raw[raw.index(last) + 10] ^= 0x10  # the last entry is damaged, the rest intact
+    data.write_bytes(bytes(raw))
+    original = _held(world.bob, world.alice_id)
+    _set_held(world, "bob", world.alice_id, b"not a head")
+    world.carol.stop()  # no witness answers: only the kept cosignatures vouch
+    try:
+        out = _rebuild(world, damaged, "--witness", world.carol.agent_id)
+    finally:
+        world.restart("carol")
+        _set_held(world, "bob", world.alice_id, original)
+    assert "cosignature kept locally" in out
+    assert "UNWITNESSED" not in out
+    newest = max(kept, key=lambda entry: entry.data["size"])
+    assert f"{newest.peer}'s cosignature kept locally at {newest.data['size']} entries" in out
+
+
 def test_bad_trust_options_are_refused(world: World, alice: Path) -> None:
     bad = CLI.fails(alice, 2, "audit", "rebuild", "--from-peers", "--witness", "nobody")
     assert "is not an agent id" in bad.stderr

@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from talos.core import wire
-from talos.core.audit.head_query import HEAD_QUERY, WitnessedRoot, check_head_answer
+from talos.core.audit.cosignature import Cosignature
+from talos.core.audit.head_query import (
+    HEAD_QUERY,
+    WitnessedRoot,
+    check_cosigned,
+    check_head_answer,
+)
 from talos.core.clock import Clock, time_ms
 from talos.core.identity import Identity
 from talos.core.keylog import KeyLog
@@ -37,7 +43,7 @@ from talos.errors import (
 from talos.peers import PeerDirectory
 from talos.transport import Link, Transport
 
-__all__ = ["ANSWER_TIMEOUT", "WitnessHeads", "ask_witnesses"]
+__all__ = ["ANSWER_TIMEOUT", "WitnessHeads", "ask_witnesses", "check_kept"]
 
 _log = logging.getLogger("talos.audit")
 
@@ -164,4 +170,28 @@ async def ask_witnesses(
             why,
             extra={"event": "witness_head_unusable", "peer_id": peer, "reason": why},
         )
+    return out
+
+
+async def check_kept(
+    identity: Identity,
+    kept: Mapping[str, tuple[int, bytes, Cosignature]],
+    directory: PeerDirectory,
+) -> WitnessHeads:
+    """Check the cosignatures kept in the damaged log (:mod:`talos.audit.surviving`)
+    under each witness's key log; keep those that verify."""
+    out = WitnessHeads()
+    for witness, (size, root, cosig) in kept.items():
+        try:
+            keys = await directory.keylog(witness)
+            out.heads.append(check_cosigned(identity.agent_id, keys, size, root, cosig))
+        except TalosError as exc:
+            why = f"its cosignature kept in the damaged log: {exc}"
+            out.unusable.append((witness, why))
+            _log.warning(
+                "witness %s could not vouch for a head of our audit log: %s",
+                witness,
+                why,
+                extra={"event": "witness_head_unusable", "peer_id": witness, "reason": why},
+            )
     return out

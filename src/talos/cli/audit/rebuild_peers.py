@@ -45,12 +45,13 @@ from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
 from talos.audit.peer_rebuild import PeerLog, TrustedRoot, check_roots, roots_of
 from talos.audit.rebuild import write_log
 from talos.audit.recovery import replace_log
+from talos.audit.surviving import Kept, surviving_cosignatures
 from talos.cli.context import CliContext
 from talos.client.mirror_fetch import FetchOutcome, MemoryPeerCache, fetch_from_mirrors
 from talos.client.own_keys import audit_signer
-from talos.client.witness_heads import WitnessHeads, ask_witnesses
+from talos.client.witness_heads import WitnessHeads, ask_witnesses, check_kept
 from talos.core.agent_id import check_agent_id
-from talos.core.audit.entry import AuditKind
+from talos.core.audit.entry import AuditEntry, AuditKind
 from talos.core.crypto import VerifyKey
 from talos.core.identity import Identity
 from talos.discovery.registry_client import RegistryClient
@@ -110,17 +111,19 @@ async def _fetch(
     keys: list[VerifyKey],
     current: int,
     witnesses: list[str],
-) -> tuple[FetchOutcome, WitnessHeads]:
+    kept: dict[str, Kept],
+) -> tuple[FetchOutcome, WitnessHeads, WitnessHeads]:
     registry = RegistryClient(urls, clock=ctx.clock) if urls else None
     try:
         directory = _directory(home, identity, registry, ctx)
+        survived = await check_kept(identity, kept, directory)
         heads = await ask_witnesses(
             identity, [*witnesses, *mirrors], directory, clock=ctx.clock, rng=ctx.rng
         )
         outcome = await fetch_from_mirrors(
             identity, mirrors, directory, keys, clock=ctx.clock, rng=ctx.rng, current=current
         )
-        return outcome, heads
+        return outcome, heads, survived
     finally:
         if registry is not None:
             await registry.aclose()
@@ -165,7 +168,8 @@ def rebuild_from_peers(
             f"audit chain intact: {intact} entries, as many as the agent signed for; "
             "nothing to rebuild (nothing was changed)"
         ]
-    outcome, heads = asyncio.run(
+    kept = surviving_cosignatures(home.audit_path, mappable=readable)
+    outcome, heads, survived = asyncio.run(
         _fetch(
             ctx,
             home,
@@ -175,15 +179,21 @@ def rebuild_from_peers(
             keys,
             keylog.state.sequence,
             list(witnesses or ()),
+            kept,
         )
     )
     lines = [
         f"mirror {peer}: {what} ({size} entries verified)" for peer, size, what in outcome.tried
     ]
-    lines.extend(f"witness {peer}: unusable: {why}" for peer, why in heads.unusable)
+    lines.extend(
+        f"witness {peer}: unusable: {why}" for peer, why in [*survived.unusable, *heads.unusable]
+    )
     witnessed = [
         TrustedRoot(head.size, head.root, f"witness {head.witness}'s cosigned head")
         for head in heads.heads
+    ] + [
+        TrustedRoot(head.size, head.root, f"witness {head.witness}'s cosignature kept locally")
+        for head in survived.heads
     ]
     trusted: list[TrustedRoot] = [*witnessed]
     if watermark is not None and watermark.marks.audit_size:
@@ -197,6 +207,8 @@ def rebuild_from_peers(
     best, beyond, anchored = chosen
     independent = [*witnessed, *anchored]
     lines.extend(_trust_lines(independent, best))
+    if anchor_rpc is None:
+        lines.extend(_anchored_note(best))
     lines.append(
         f"checked against {len(best.roots) + len(trusted) + len(anchored)} signed roots"
         + ("" if anchor_rpc is None else " and the anchors on chain")
@@ -228,7 +240,7 @@ def rebuild_from_peers(
             raise RebuildRefused(
                 "; ".join(lines) + "; nothing was changed (rerun with --accept-loss)"
             )
-    vouched = sorted({head.witness for head in heads.heads})
+    vouched = sorted({head.witness for head in [*heads.heads, *survived.heads]})
     aside, state = _swap_in(
         ctx, home, identity, best, lost, outcome.lying, readable, vouched, bool(independent)
     )
@@ -345,6 +357,23 @@ def _first_consistent(
             continue
         return copy, beyond, anchored
     return None
+
+
+def _anchored_note(copy: PeerLog) -> list[str]:
+    """A reminder to give --anchor-rpc when the copy shows the log was anchored."""
+    anchored = [
+        entry
+        for entry in (AuditEntry.from_bytes(raw) for raw in copy.entries)
+        if entry.kind == AuditKind.AUDIT_ANCHORED
+    ]
+    if not anchored:
+        return []
+    newest = anchored[-1].data
+    return [
+        f"NOTE: this log was anchored ({len(anchored)} anchors, the newest at "
+        f"{newest.get('size')} entries on chain {newest.get('chain')}); give --anchor-rpc URL "
+        "to check the copy against the chain too"
+    ]
 
 
 def _trust_lines(independent: list[TrustedRoot], copy: PeerLog) -> list[str]:

@@ -28,7 +28,7 @@ from talos.core.audit.cosignature import Cosignature, origin_of
 from talos.core.keylog import KeyLog
 from talos.errors import MalformedFrame, SignatureInvalid
 
-__all__ = ["HEAD_QUERY", "NO_HEAD", "WitnessedRoot", "check_head_answer"]
+__all__ = ["HEAD_QUERY", "NO_HEAD", "WitnessedRoot", "check_cosigned", "check_head_answer"]
 
 #: The CHECKPOINT note that asks "which head of my log do you hold?".
 HEAD_QUERY: Final = b"talos/head-query/v1"
@@ -52,19 +52,28 @@ def check_head_answer(
     """Check a witness's answer to a head query of ``origin``'s log.
 
     Raises:
-        MalformedFrame: the cosignature does not decode.
-        SignatureInvalid: it is not the witness's, names a key of its key log
-            that does not exist or was revoked, or does not verify over the
-            checkpoint body of (``origin``/audit, ``size``, ``root``).
+        MalformedFrame: the cosignature or the root does not decode.
+        SignatureInvalid: as :func:`check_cosigned`.
     """
     if len(root) != 32:
         raise MalformedFrame("a root is 32 bytes")
-    cosig = Cosignature.from_bytes(cosignature)
+    return check_cosigned(origin, witness, size, root, Cosignature.from_bytes(cosignature))
+
+
+def check_cosigned(
+    origin: str, witness: KeyLog, size: int, root: bytes, cosig: Cosignature
+) -> WitnessedRoot:
+    """Check that ``witness`` cosigned the head (``size``, ``root``) of ``origin``'s log.
+
+    Raises:
+        SignatureInvalid: the cosignature is not the witness's, names a key of
+            its key log that does not exist or was revoked, or does not verify
+            over the checkpoint body of (``origin``/audit, ``size``, ``root``).
+    """
     if cosig.witness != witness.agent_id:
         raise SignatureInvalid(f"the cosignature names {cosig.witness}, not the witness asked")
     key = witness.key_at(cosig.key_sequence)
     if key is None or witness.revoked(cosig.key_sequence):
         raise SignatureInvalid(f"the cosignature's key {cosig.key_sequence} is not a valid key")
-    body = Checkpoint(origin_of(origin), size, root).body()
-    cosig.verify(body, key)
+    cosig.verify(Checkpoint(origin_of(origin), size, root).body(), key)
     return WitnessedRoot(witness.agent_id, size, root, cosig)
