@@ -11,6 +11,7 @@ Every refusal changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import time
@@ -22,10 +23,15 @@ import pytest
 
 from talos.audit import AuditLog, LogSigner
 from talos.audit.mirror_store import MirrorStore
+from talos.client.mirror_fetch import MemoryPeerCache
+from talos.client.witness_heads import WitnessHeads, ask_witnesses
 from talos.core.audit.cosignature import WitnessedHead
 from talos.core.audit.entry import AuditKind
+from talos.discovery.registry_client import RegistryClient
+from talos.peers import PeerDirectory, RegistrySource
 from talos.storage.home import AgentHome
 from talos.storage.tokens import TokenStore
+from talos.system import SystemClock, SystemRng
 from talos.testing.cli import TalosCli
 from talos.testing.processes import AgentProcess, Launcher, RegistryProcess, launched
 from talos.testing.waiting import wait_until
@@ -225,6 +231,34 @@ def test_cosignatures_kept_in_a_damaged_log_are_trust_roots(world: World, tmp_pa
     assert "UNWITNESSED" not in out
     newest = max(kept, key=lambda entry: entry.data["size"])
     assert f"{newest.peer}'s cosignature kept locally at {newest.data['size']} entries" in out
+
+
+async def _ask(world: World, asker: Path, witness: str) -> WitnessHeads:
+    identity = AgentHome(asker).load_identity(passphrase=None)
+    clock = SystemClock()
+    registry = RegistryClient([world.registry.url], clock=clock)
+    try:
+        directory = PeerDirectory(
+            MemoryPeerCache(), [RegistrySource(registry)], clock=clock, own=identity.keylog
+        )
+        return await ask_witnesses(identity, [witness], directory, clock=clock, rng=SystemRng())
+    finally:
+        await registry.aclose()
+
+
+def test_a_witness_answers_a_head_query_only_about_the_sender_s_own_log(world: World) -> None:
+    carol = world.carol.agent_id
+    before = _held(world.carol, world.alice_id)
+    (head,) = asyncio.run(_ask(world, world.alice, carol)).heads
+    held = WitnessedHead.from_bytes(before)
+    assert (head.witness, head.size, head.root) == (carol, held.size, held.root)
+    # bob asks about his own log, which carol never witnessed: nothing to vouch for.
+    other = asyncio.run(_ask(world, world.bob.home, carol))
+    assert other.heads == []
+    ((who, why),) = other.unusable
+    assert who == carol
+    assert "no_head" in why
+    assert _held(world.carol, world.alice_id) == before  # a query stores nothing
 
 
 def test_bad_trust_options_are_refused(world: World, alice: Path) -> None:
