@@ -13,9 +13,15 @@ commands) signs the fetches:
    a mirror that serves a tampered or truncated stretch is named and the
    next is tried; the longest verified copy wins;
 3. the copy's roots must match every trusted root within it: each signed
-   checkpoint served, the watermark the agent signed, and with
+   checkpoint served, the watermark the agent signed, the head each witness
+   cosigned (``--witness`` and the mirrors are asked over the witness
+   exchange, :mod:`talos.client.witness_heads`; cosignatures still in the
+   damaged log count too, :mod:`talos.audit.surviving`), and with
    ``--anchor-rpc URL`` every anchor of the log on that chain
-   (:mod:`talos.audit.mirror_anchors`). A trusted root past
+   (:mod:`talos.audit.mirror_anchors`). Witnesses' heads and anchors are the
+   trust roots: without any, the rebuild is refused unless
+   ``--accept-unwitnessed``. The copy must end on a checkpoint signed by the
+   agent's current key (never one rotated away from). A trusted root past
    the copy is a loss: reported (how many entries, from which position) and
    only accepted with ``--accept-loss``; entries are never invented;
 4. the new log is written beside the old one with the agent state copied
