@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from talos.audit import AuditKind, AuditLog
 from talos.client.control import Auditor, Signer
+from talos.client.head_answers import HeadAnswers
 from talos.client.own_keys import OwnIdentity, audit_signer
 from talos.client.timing import sleep
 from talos.core import wire
@@ -46,7 +47,7 @@ from talos.core.audit.cosignature import (
     origin_conflict,
     origin_of,
 )
-from talos.core.audit.head_query import HEAD_QUERY, NO_HEAD
+from talos.core.audit.head_query import HEAD_QUERY
 from talos.core.clock import Clock
 from talos.core.keylog import KeyLog
 from talos.core.ratelimit import RateLimiter
@@ -69,9 +70,6 @@ _RETRY: Final = 2.0
 _NO_ROOT: Final = bytes(32)
 #: Seconds an unanswered checkpoint is not sent again to the same peer.
 _PENDING: Final = 30.0
-#: Head queries (rebuild --from-peers) answered per origin: a burst, then this many per second.
-HEAD_QUERY_BURST: Final = 16
-HEAD_QUERY_RATE: Final = 1 / 5
 #: Longest run of our own CHECKPOINT_COSIGNED entries looked at by _quiet().
 _QUIET_SPAN: Final = 64
 
@@ -105,7 +103,9 @@ class Witnessing:
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         self._limit = RateLimiter(rate=WITNESS_RATE, burst=WITNESS_BURST)
         self._logs = LimitedLog(_log, clock)
-        self._head_limit = RateLimiter(rate=HEAD_QUERY_RATE, burst=HEAD_QUERY_BURST)
+        self._heads = HeadAnswers(
+            own=own, tokens=tokens, clock=clock, answer=self._answer, refuse=self._refuse
+        )
 
     # -- origin: sending our checkpoints ------------------------------------------------
 
@@ -311,8 +311,8 @@ class Witnessing:
 
     async def on_checkpoint(self, link: Link, envelope: wire.Envelope, held: KeyLog) -> None:
         """A peer sent its checkpoint (the envelope verified under ``held``)."""
-        if envelope.checkpoint_note == HEAD_QUERY:
-            await self.answer_head_query(link, envelope)
+        if envelope.checkpoint_note == HEAD_QUERY:  # rebuild --from-peers asks what we hold
+            await self._heads.answer(link, envelope)
             return
         origin = envelope.sender
         try:
@@ -461,38 +461,3 @@ class Witnessing:
             cosignature=None if cosig is None else cosig.to_bytes(),
             reason=reason,
         )
-
-    # -- witness: a head query (talos.core.audit.head_query) ---------------------------------
-
-    async def answer_head_query(self, link: Link, envelope: wire.Envelope) -> None:
-        """The sender asks which head of its own log we hold: answer it, freshly
-        cosigned (``rebuild --from-peers`` checks the rebuilt log against it)."""
-        origin = envelope.sender
-        if not self._head_limit.allow(origin, self._clock.monotonic()):
-            await self._refuse(link, envelope, None, "rate_limited", "too many head queries")
-            return
-        try:
-            stored = self._tokens.witnessed(origin)
-            held = None if stored is None else WitnessedHead.from_bytes(stored)
-        except (TalosError, MalformedFrame) as exc:
-            await self._refuse(link, envelope, None, "storage", f"witness store: {exc}")
-            return
-        if held is None:
-            await self._answer(link, envelope, None, wire.CosignStatus.REFUSED, None, NO_HEAD)
-            return
-        checkpoint = Checkpoint(origin_of(origin), held.size, held.root)
-        identity = self._own.current
-        cosig = Cosignature.sign(
-            checkpoint.body(),
-            witness=identity.agent_id,
-            key_sequence=identity.sequence,
-            key=identity.signing_key,
-            timestamp=int(self._clock.time()),
-        )
-        _log.info(
-            "told %s the head of its audit log we hold: size %d",
-            origin,
-            held.size,
-            extra={"event": "witness_head_served", "peer_id": origin, "size": held.size},
-        )
-        await self._answer(link, envelope, checkpoint, wire.CosignStatus.COSIGNED, held, "", cosig)
