@@ -172,6 +172,11 @@ EVENTS: Final = frozenset(
         "witness_origin_evicted",
         "audit_equivocation_repeated",
         "witness_conflict_paused",
+        # issue 16, trust of rebuild --from-peers
+        "witness_head_served",
+        "witness_head_unusable",
+        "rebuild_unwitnessed",
+        "anchor_abandoned",
     }
 )
 

@@ -82,6 +82,22 @@ class PeerLog:
     border: TreeBorder = field(default_factory=TreeBorder.empty)
     entries: list[bytes] = field(default_factory=list)
     roots: list[TrustedRoot] = field(default_factory=list)
+    #: The sequence of the origin's current key (an index into ``keys``), if known.
+    current: int | None = None
+    #: The sequence of the key that signed the newest checkpoint served.
+    signer: int | None = None
+
+    @property
+    def retired_end(self) -> str | None:
+        """Why the copy may not be trusted as it ends (``None`` when it may): its
+        newest checkpoint is signed by a key the origin rotated away from."""
+        if self.current is None or self.signer is None or self.signer == self.current:
+            return None
+        return (
+            f"its newest checkpoint (at {self.size} entries) is signed by key {self.signer}, "
+            f"which the agent rotated away from (its current key is {self.current}); the "
+            "rebuild only ends on a checkpoint signed by the current key"
+        )
 
     @property
     def size(self) -> int:
@@ -113,7 +129,11 @@ class PeerLog:
                 raise self._bad(position + offset, f"entry names position {entry.seq}")
         if checkpoint.origin != audit_origin(self.origin):
             raise self._bad(position, "checkpoint names another log")
-        if not any(_signed_by(checkpoint, key, self.origin) for key in self.keys):
+        signer = next(
+            (n for n, key in enumerate(self.keys) if _signed_by(checkpoint, key, self.origin)),
+            None,
+        )
+        if signer is None:
             raise self._bad(position, "checkpoint is not signed by a key of the origin")
         grown, root = leaves_root(self.border, served.entries)
         if root != checkpoint.root:
@@ -121,6 +141,7 @@ class PeerLog:
                 position, f"entries do not hash to the signed root at {checkpoint.size}"
             )
         self.border = grown
+        self.signer = signer
         self.entries.extend(served.entries)
         self.roots.append(TrustedRoot(grown.size, root, f"checkpoint served by {self.mirror}"))
 

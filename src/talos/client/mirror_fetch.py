@@ -148,6 +148,7 @@ async def _fetch_one(
     *,
     clock: Clock,
     rng: Rng,
+    current: int | None = None,
 ) -> PeerLog:
     """Everything ``peer`` holds of our log, verified.
 
@@ -162,7 +163,7 @@ async def _fetch_one(
         raise _Unavailable(f"not found: {exc}") from None
     session = _Session(identity, peer, keys, clock=clock, rng=rng)
     transport = Transport(session.on_frame, clock=clock)
-    copy = PeerLog(identity.agent_id, peer, origin_keys)
+    copy = PeerLog(identity.agent_id, peer, origin_keys, current=current)
     try:
         try:
             link = await transport.connect(record.endpoint)
@@ -194,12 +195,19 @@ async def fetch_from_mirrors(
     *,
     clock: Clock,
     rng: Rng,
+    current: int | None = None,
 ) -> FetchOutcome:
-    """Fetch our log from each of ``mirrors`` in turn; keep the longest verified copy."""
+    """Fetch our log from each of ``mirrors`` in turn; keep the longest verified copy.
+
+    ``current`` is the sequence of our current key (``origin_keys[current]``):
+    each copy records whether its newest checkpoint is signed by it
+    (:attr:`PeerLog.retired_end`)."""
     outcome = FetchOutcome()
     for peer in mirrors:
         try:
-            copy = await _fetch_one(identity, peer, directory, origin_keys, clock=clock, rng=rng)
+            copy = await _fetch_one(
+                identity, peer, directory, origin_keys, clock=clock, rng=rng, current=current
+            )
         except MirrorInvalid as exc:
             outcome.lying.append(peer)
             outcome.tried.append((peer, exc.position, f"INVALID: {exc.what}"))

@@ -41,6 +41,7 @@ from typing import Any, Final
 from talos.audit import AuditKind, AuditLog
 from talos.client.control import Auditor, Signer
 from talos.client.equivocations import Equivocations, explain_pause
+from talos.client.head_answers import HeadAnswers
 from talos.client.own_keys import OwnIdentity, audit_signer
 from talos.client.timing import sleep
 from talos.client.witness_heads import WitnessHeads
@@ -55,6 +56,7 @@ from talos.core.audit.cosignature import (
     origin_conflict,
     origin_of,
 )
+from talos.core.audit.head_query import HEAD_QUERY
 from talos.core.clock import Clock
 from talos.core.keylog import KeyLog
 from talos.core.ratelimit import RateLimiter
@@ -122,6 +124,9 @@ class Witnessing:
             self._logs,
             max_origins=max_origins,
             protected=lambda: frozenset((*session_peers(), *self.witnesses)),
+        )
+        self._head_answers = HeadAnswers(
+            own=own, tokens=tokens, clock=clock, answer=self._answer, refuse=self._refuse
         )
 
     # -- origin: sending our checkpoints ------------------------------------------------
@@ -349,6 +354,9 @@ class Witnessing:
 
     async def on_checkpoint(self, link: Link, envelope: wire.Envelope, held: KeyLog) -> None:
         """A peer sent its checkpoint (the envelope verified under ``held``)."""
+        if envelope.checkpoint_note == HEAD_QUERY:  # rebuild --from-peers asks what we hold
+            await self._head_answers.answer(link, envelope)
+            return
         origin = envelope.sender
         try:
             checkpoint = Checkpoint.parse(envelope.checkpoint_note or b"")

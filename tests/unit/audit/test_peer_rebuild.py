@@ -17,10 +17,11 @@ from talos.audit.peer_rebuild import (
     write_entries,
 )
 from talos.core.audit.checkpoint import Checkpoint, LogSigner
-from talos.core.crypto import SigningKey
+from talos.core.crypto import SigningKey, VerifyKey
+from talos.core.identity import Identity
 from talos.core.mirror import Entries
 from talos.errors import VerificationError
-from talos.testing import FakeClock
+from talos.testing import FakeClock, SeededRng
 
 ORIGIN = "alice-origin"
 KEY = SigningKey(bytes(range(32)))
@@ -95,3 +96,21 @@ def test_trusted_roots_are_checked_and_those_beyond_are_a_loss(log: AuditLog) ->
     assert check_roots([good, beyond], 30, root_at) == [beyond]
     with pytest.raises(VerificationError, match="witness"):
         check_roots([TrustedRoot(20, log.root_at(21), "witness")], 30, root_at)
+
+
+def test_a_copy_ending_on_a_rotated_away_key_is_not_trusted(log: AuditLog) -> None:
+    old = Identity.create("alice", rng=SeededRng(1), clock=FakeClock())
+    new = old.rotate(rng=SeededRng(2), clock=FakeClock())
+    keys = [VerifyKey(event.signing_key) for event in new.keylog.events]
+    signer_old = LogSigner(old.signing_key, ORIGIN, f"{ORIGIN}/audit")
+    signer_new = LogSigner(new.signing_key, ORIGIN, f"{ORIGIN}/audit")
+    copy = PeerLog(ORIGIN, "bob", keys, current=new.sequence)
+    copy.add(served(log, 0, 20, signer_old))
+    assert copy.retired_end is not None
+    assert "rotated away" in copy.retired_end
+    copy.add(served(log, 20, 30, signer_new))
+    assert copy.retired_end is None  # the newest checkpoint is by the current key
+    copy.add(served(log, 30, 40, signer_old))  # a later batch by the old key again
+    assert copy.retired_end is not None
+    # Without a current key named (the older callers), nothing is refused.
+    assert PeerLog(ORIGIN, "bob", keys).retired_end is None

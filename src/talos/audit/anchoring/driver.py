@@ -274,6 +274,9 @@ class Anchorer:
     def _finish(self, anchor: Anchor) -> None:
         found = anchor.inclusion
         assert found is not None  # noqa: S101 -- follow() sets it on FINAL
+        if not self._of_this_log(anchor):
+            self._abandon(anchor)
+            return
         data: dict[str, Any] = {
             "chain": self._chain_id,
             "contract": bytes.fromhex(self._contract[2:]),
@@ -296,6 +299,29 @@ class Anchorer:
                 "block": found.block_number,
                 "tx": found.tx_hash,
                 "entry": seq,
+            },
+        )
+
+    def _of_this_log(self, anchor: Anchor) -> bool:
+        """Whether ``anchor``'s root is this log's root at its size (a restore or rebuild
+        since it was prepared may have replaced the log with another history)."""
+        size = anchor.tree_size
+        return size <= self._log.size and self._log.root_at(size) == anchor.root
+
+    def _abandon(self, anchor: Anchor) -> None:
+        """An anchor of a log that was replaced became final: it is not this log's
+        anchor, so it is not recorded (no ``AUDIT_ANCHORED``); its nonce stays used."""
+        self._store.drop()
+        self._sent_at = None
+        found = anchor.inclusion
+        _log.warning(
+            "the anchor of size %d is final but its root is not this log's (the log was "
+            "restored or rebuilt since it was sent): not recorded; the log is anchored anew",
+            anchor.tree_size,
+            extra={
+                "event": "anchor_abandoned",
+                "tree_size": anchor.tree_size,
+                "tx": None if found is None else found.tx_hash,
             },
         )
 

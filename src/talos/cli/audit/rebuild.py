@@ -17,6 +17,7 @@ through :func:`talos.audit.recovery.replace_log`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -88,6 +89,20 @@ def _trusted(ctx: CliContext, home: HomeRecovery) -> list[VerifyKey] | None:
     help="With --from-peers: rebuild even when the mirrors hold less than the agent "
     "had signed for.",
 )
+@click.option(
+    "--witness",
+    "witnesses",
+    multiple=True,
+    metavar="AGENT_ID",
+    help="With --from-peers: a witness of the log to ask for the head it cosigned "
+    "(repeatable); the mirrors are asked too.",
+)
+@click.option(
+    "--accept-unwitnessed",
+    is_flag=True,
+    help="With --from-peers: rebuild even when no witness and no anchor vouches for "
+    "a head of the log.",
+)
 @key_passphrase_option
 @click.pass_obj
 def rebuild_command(
@@ -98,13 +113,17 @@ def rebuild_command(
     registry_url: tuple[str, ...],
     anchor_rpc: str | None,
     accept_loss: bool,
+    witnesses: tuple[str, ...],
+    accept_unwitnessed: bool,
     key_passphrase_file: Path | None,
 ) -> None:
     """Re-derive the log from its intact entries; report what could not be recovered.
 
     With --from-peers the entries come back from the agent's mirrors instead,
     verified batch by batch and against every root the agent signed or
-    anchored; a loss is refused unless --accept-loss.
+    anchored; a loss is refused unless --accept-loss. The witnesses (--witness
+    and the mirrors) are asked for the head they cosigned; without any
+    witness's head or anchor the rebuild is refused unless --accept-unwitnessed.
 
     The chain is verified first: an intact log is left as it is (exit 0).
     Otherwise the tree nodes, index, head and blocks are derived again from
@@ -116,11 +135,15 @@ def rebuild_command(
     Refused while this home's agent runs.
     """
     if from_peers:
-        _from_peers(ctx, log, mirrors, registry_url, anchor_rpc, accept_loss, key_passphrase_file)
+        trust = _Trust(mirror_ids(witnesses, "--witness"), accept_unwitnessed)
+        _from_peers(
+            ctx, log, mirrors, registry_url, anchor_rpc, accept_loss, key_passphrase_file, trust
+        )
         return
     # ($TALOS_REGISTRY_URL may be set for other commands: --registry is not checked.)
     for given, name in ((mirrors, "--mirror"), (anchor_rpc, "--anchor-rpc"),
-                        (accept_loss, "--accept-loss")):  # fmt: skip
+                        (accept_loss, "--accept-loss"), (witnesses, "--witness"),
+                        (accept_unwitnessed, "--accept-unwitnessed")):  # fmt: skip
         if given:
             raise click.UsageError(f"{name} goes with --from-peers")
     home = prepare(ctx, log, key_passphrase_file, "talos audit rebuild")
@@ -167,6 +190,14 @@ def rebuild_command(
         )
 
 
+@dataclass(frozen=True)
+class _Trust:
+    """What vouches for the rebuilt log besides the mirrors: the witnesses to ask."""
+
+    witnesses: list[str]
+    accept_unwitnessed: bool
+
+
 def _from_peers(
     ctx: CliContext,
     log: Path | None,
@@ -175,6 +206,7 @@ def _from_peers(
     anchor_rpc: str | None,
     accept_loss: bool,
     key_passphrase_file: Path | None,
+    trust: _Trust,
 ) -> None:
     if log is not None:
         raise click.UsageError("--from-peers rebuilds the home's own log; drop --log")
@@ -189,6 +221,8 @@ def _from_peers(
         list(registry_url),
         accept_loss=accept_loss,
         anchor_rpc=anchor_rpc,
+        witnesses=trust.witnesses,
+        accept_unwitnessed=trust.accept_unwitnessed,
     )
     for line in summary:
         click.echo(line)

@@ -13,9 +13,15 @@ commands) signs the fetches:
    a mirror that serves a tampered or truncated stretch is named and the
    next is tried; the longest verified copy wins;
 3. the copy's roots must match every trusted root within it: each signed
-   checkpoint served, the watermark the agent signed, and with
+   checkpoint served, the watermark the agent signed, the head each witness
+   cosigned (``--witness`` and the mirrors are asked over the witness
+   exchange, :mod:`talos.client.head_queries`; cosignatures still in the
+   damaged log count too, :mod:`talos.audit.surviving`), and with
    ``--anchor-rpc URL`` every anchor of the log on that chain
-   (:mod:`talos.audit.mirror_anchors`). A trusted root past
+   (:mod:`talos.audit.mirror_anchors`). Witnesses' heads and anchors are the
+   trust roots: without any, the rebuild is refused unless
+   ``--accept-unwitnessed``. The copy must end on a checkpoint signed by the
+   agent's current key (never one rotated away from). A trusted root past
    the copy is a loss: reported (how many entries, from which position) and
    only accepted with ``--accept-loss``; entries are never invented;
 4. the new log is written beside the old one with the agent state copied
@@ -45,11 +51,13 @@ from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
 from talos.audit.peer_rebuild import PeerLog, TrustedRoot, check_roots, roots_of
 from talos.audit.rebuild import write_log
 from talos.audit.recovery import replace_log
+from talos.audit.surviving import Kept, surviving_cosignatures
 from talos.cli.context import CliContext
+from talos.client.head_queries import WitnessAnswers, ask_witnesses, check_kept
 from talos.client.mirror_fetch import FetchOutcome, MemoryPeerCache, fetch_from_mirrors
 from talos.client.own_keys import audit_signer
 from talos.core.agent_id import check_agent_id
-from talos.core.audit.entry import AuditKind
+from talos.core.audit.entry import AuditEntry, AuditKind
 from talos.core.crypto import VerifyKey
 from talos.core.identity import Identity
 from talos.discovery.registry_client import RegistryClient
@@ -75,15 +83,13 @@ class RebuildRefused(TalosError):
     """The rebuild could not be done as asked; nothing was changed."""
 
 
-def mirror_ids(values: tuple[str, ...]) -> list[str]:
+def mirror_ids(values: tuple[str, ...], option: str = "--mirror") -> list[str]:
     ids = []
     for value in values:
         try:
             ids.append(check_agent_id(value))
         except (MalformedFrame, TypeError, ValueError):
-            raise click.BadParameter(
-                f"{value!r} is not an agent id", param_hint="--mirror"
-            ) from None
+            raise click.BadParameter(f"{value!r} is not an agent id", param_hint=option) from None
     return ids
 
 
@@ -109,13 +115,21 @@ async def _fetch(
     mirrors: list[str],
     urls: list[str],
     keys: list[VerifyKey],
-) -> FetchOutcome:
+    current: int,
+    witnesses: list[str],
+    kept: dict[str, Kept],
+) -> tuple[FetchOutcome, WitnessAnswers, WitnessAnswers]:
     registry = RegistryClient(urls, clock=ctx.clock) if urls else None
     try:
         directory = _directory(home, identity, registry, ctx)
-        return await fetch_from_mirrors(
-            identity, mirrors, directory, keys, clock=ctx.clock, rng=ctx.rng
+        survived = await check_kept(identity, kept, directory)
+        heads = await ask_witnesses(
+            identity, [*witnesses, *mirrors], directory, clock=ctx.clock, rng=ctx.rng
         )
+        outcome = await fetch_from_mirrors(
+            identity, mirrors, directory, keys, clock=ctx.clock, rng=ctx.rng, current=current
+        )
+        return outcome, heads, survived
     finally:
         if registry is not None:
             await registry.aclose()
@@ -130,11 +144,19 @@ def rebuild_from_peers(
     *,
     accept_loss: bool,
     anchor_rpc: str | None = None,
+    witnesses: list[str] | None = None,
+    accept_unwitnessed: bool = False,
 ) -> list[str]:
     """Fetch, verify, check, write, swap; the lines to print.
 
+    ``witnesses`` are asked (with the mirrors, which witnessed the log too)
+    for the head of the log they hold; each answer that verifies is a trust
+    root, as is each anchor on chain (``anchor_rpc``). Without any, the
+    rebuild is refused unless ``accept_unwitnessed``.
+
     Raises:
-        RebuildRefused: no mirror, nothing verified, or a loss not accepted.
+        RebuildRefused: no mirror, nothing verified, no trust root and
+            ``accept_unwitnessed`` not given, or a loss not accepted.
         StorageError: the logs could not be written or moved.
     """
     candidates = _known_mirrors(home, mirrors)
@@ -152,11 +174,34 @@ def rebuild_from_peers(
             f"audit chain intact: {intact} entries, as many as the agent signed for; "
             "nothing to rebuild (nothing was changed)"
         ]
-    outcome = asyncio.run(_fetch(ctx, home, identity, candidates, registry_urls, keys))
+    kept = surviving_cosignatures(home.audit_path, mappable=readable)
+    outcome, heads, survived = asyncio.run(
+        _fetch(
+            ctx,
+            home,
+            identity,
+            candidates,
+            registry_urls,
+            keys,
+            keylog.state.sequence,
+            list(witnesses or ()),
+            kept,
+        )
+    )
     lines = [
         f"mirror {peer}: {what} ({size} entries verified)" for peer, size, what in outcome.tried
     ]
-    trusted: list[TrustedRoot] = []
+    lines.extend(
+        f"witness {peer}: unusable: {why}" for peer, why in [*survived.unusable, *heads.unusable]
+    )
+    witnessed = [
+        TrustedRoot(head.size, head.root, f"witness {head.witness}'s cosigned head")
+        for head in heads.heads
+    ] + [
+        TrustedRoot(head.size, head.root, f"witness {head.witness}'s cosignature kept locally")
+        for head in survived.heads
+    ]
+    trusted: list[TrustedRoot] = [*witnessed]
     if watermark is not None and watermark.marks.audit_size:
         marks = watermark.marks
         trusted.append(TrustedRoot(marks.audit_size, marks.audit_root, "the agent's watermark"))
@@ -165,11 +210,31 @@ def rebuild_from_peers(
         raise RebuildRefused(
             "no mirror served a verified copy of this log; nothing was changed: " + "; ".join(lines)
         )
-    best, beyond = chosen
+    best, beyond, anchored = chosen
+    independent = [*witnessed, *anchored]
+    lines.extend(_trust_lines(independent, best))
+    if anchor_rpc is None:
+        lines.extend(_anchored_note(best))
     lines.append(
-        f"checked against {len(best.roots) + len(trusted)} signed roots"
+        f"checked against {len(best.roots) + len(trusted) + len(anchored)} signed roots"
         + ("" if anchor_rpc is None else " and the anchors on chain")
     )
+    if not independent:
+        lines.append(
+            "UNWITNESSED: no witness vouched for a head of this log and no anchor was found; "
+            "the copy is checked only against the agent's own signatures, which whoever "
+            "holds one of its keys could make"
+        )
+        if not accept_unwitnessed:
+            raise RebuildRefused(
+                "; ".join(lines) + "; nothing was changed (name witnesses with --witness, "
+                "give --anchor-rpc, or rerun with --accept-unwitnessed)"
+            )
+        _log.warning(
+            "audit log of %s rebuilt without any witness or anchor to check it against",
+            home.path,
+            extra={"event": "rebuild_unwitnessed", "peer_id": best.mirror},
+        )
     recorded = max([best.size, *(root.size for root in beyond)])
     lost = recorded - best.size
     if lost:
@@ -181,7 +246,10 @@ def rebuild_from_peers(
             raise RebuildRefused(
                 "; ".join(lines) + "; nothing was changed (rerun with --accept-loss)"
             )
-    aside, state = _swap_in(ctx, home, identity, best, lost, outcome.lying, readable)
+    vouched = sorted({head.witness for head in [*heads.heads, *survived.heads]})
+    aside, state = _swap_in(
+        ctx, home, identity, best, lost, outcome.lying, readable, vouched, bool(independent)
+    )
     size, root = _follow(ctx, home, identity)
     _log.warning(
         "audit log of %s rebuilt from mirror %s: %d entries; %d lost from %d; damaged log at %s",
@@ -258,7 +326,7 @@ def _first_consistent(
     trusted: list[TrustedRoot],
     lines: list[str],
     anchors: Callable[[PeerLog], list[TrustedRoot]],
-) -> tuple[PeerLog, list[TrustedRoot]] | None:
+) -> tuple[PeerLog, list[TrustedRoot], list[TrustedRoot]] | None:
     """The longest verified copy whose roots agree with every trusted root; a copy
     that contradicts one (a mirror holding another history) is named and skipped.
 
@@ -269,7 +337,18 @@ def _first_consistent(
     for copy in outcome.copies:
         if copy.size == 0:
             continue
-        roots = [*copy.roots, *trusted, *anchors(copy)]
+        retired = copy.retired_end
+        if retired is not None:
+            lines.append(f"mirror {copy.mirror}: REFUSED: {retired}")
+            _log.warning(
+                "mirror %s served a copy of the audit log not vouched for by the current key: %s",
+                copy.mirror,
+                retired,
+                extra={"event": "mirror_invalid", "peer_id": copy.mirror, "reason": "retired_key"},
+            )
+            continue
+        anchored = anchors(copy)
+        roots = [*copy.roots, *trusted, *anchored]
         try:
             beyond = check_roots(roots, copy.size, roots_of(copy.entries))
         except VerificationError as exc:
@@ -282,8 +361,36 @@ def _first_consistent(
                 extra={"event": "mirror_invalid", "peer_id": copy.mirror},
             )
             continue
-        return copy, beyond
+        return copy, beyond, anchored
     return None
+
+
+def _anchored_note(copy: PeerLog) -> list[str]:
+    """A reminder to give --anchor-rpc when the copy shows the log was anchored."""
+    anchored = [
+        entry
+        for entry in (AuditEntry.from_bytes(raw) for raw in copy.entries)
+        if entry.kind == AuditKind.AUDIT_ANCHORED
+    ]
+    if not anchored:
+        return []
+    newest = anchored[-1].data
+    return [
+        f"NOTE: this log was anchored ({len(anchored)} anchors, the newest at "
+        f"{newest.get('size')} entries on chain {newest.get('chain')}); give --anchor-rpc URL "
+        "to check the copy against the chain too"
+    ]
+
+
+def _trust_lines(independent: list[TrustedRoot], copy: PeerLog) -> list[str]:
+    """Which roots, vouched for by others than the agent, the copy was checked against."""
+    lines = []
+    for root in sorted(independent, key=lambda item: -item.size):
+        where = "matches" if root.size <= copy.size else "is past the copy (a loss)"
+        lines.append(
+            f"trust root: {root.source} at {root.size} entries, root {root.root.hex()}: {where}"
+        )
+    return lines
 
 
 def _swap_in(
@@ -294,6 +401,8 @@ def _swap_in(
     lost: int,
     lying: list[str],
     readable: bool,
+    witnesses: list[str],
+    witnessed: bool,
 ) -> tuple[Path | None, str]:
     """Write the verified copy as the new log, keeping the agent state (never rolled
     back: :func:`talos.audit.recovery.replace_log`), with a ``MIRROR_REBUILT``
@@ -309,6 +418,10 @@ def _swap_in(
         }
         if lying:
             data["invalid_mirrors"] = lying[:16]
+        if witnesses:
+            data["witnesses"] = witnesses[:16]
+        if not witnessed:
+            data["unwitnessed"] = True
         return data
 
     replaced = replace_log(
