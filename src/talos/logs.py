@@ -163,6 +163,9 @@ EVENTS: Final = frozenset(
         "registry_connections_refused",
         "registry_swept",
         "registry_sweep_failed",
+        # request/reply (docs/design/request-reply.md)
+        "reply_refused",
+        "reply_unclaimed",
     }
 )
 

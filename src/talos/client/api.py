@@ -35,6 +35,8 @@ from talos.client.discovery import RECORD_LIFETIME, Discovery
 from talos.client.outbox import OutboxControl, QueuedEntry
 from talos.client.outcomes import MessageOutcome
 from talos.client.own_keys import OwnIdentity, Rotation
+from talos.client.replies import Replies
+from talos.client.requests import Requester
 from talos.client.resources import Creating, Resources
 from talos.client.rotation import Rotator
 from talos.client.sending import SendResult
@@ -181,6 +183,8 @@ class TalosClient:
         self._state: AgentState
         self._peers: PeerDirectory
         self._rotator: Rotator
+        self._requester: Requester
+        self._replies: Replies
 
     async def _open(self) -> None:
         opened = await self._resources.open()
@@ -189,6 +193,7 @@ class TalosClient:
         self._transport, self._parts = opened.transport, opened.parts
         self._peers, self._rotator = opened.peers, opened.rotator
         self._outbox, self._endpoint = opened.outbox, opened.endpoint
+        self._requester, self._replies = opened.requester, opened.replies
 
     @property
     def _drivers(self) -> Parts:
@@ -294,6 +299,51 @@ class TalosClient:
             expires_in=expires_in,
         )
 
+    async def request(
+        self,
+        peer_id: str,
+        data: Any,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 -- like send(timeout=...)
+        retry_count: int = 3,
+        capability: str | Capability | None = None,
+    ) -> Message:
+        """Send ``data`` to ``peer_id`` as a request and return the peer's reply.
+
+        The peer answers with ``await message.reply(answer)``; the reply needs
+        no capability of its own: it is authorized by this request (one reply,
+        from ``peer_id``, within ``timeout``; docs/design/request-reply.md).
+        ``timeout`` (seconds, on the agent's clock) bounds the whole call and
+        is the request's expiry: a reply after it is refused. The returned
+        :class:`Message` has ``in_reply_to`` set to the request's id.
+
+        Raises:
+            InvalidArgument: a malformed ``peer_id``, or a bad ``timeout`` or ``retry_count``.
+            DeliveryTimeout: the request itself was not acknowledged in time
+                (removed from the outbox).
+            ReplyTimeout: the request was delivered but no reply came in time.
+            PeerRejected, PeerUnknown, CapabilityDenied, QueueFull, LocalProtocolError:
+                as :meth:`send`.
+        """
+        return await self._requester.request(
+            peer_id, data, timeout=timeout, retry_count=retry_count, capability=capability
+        )
+
+    async def reply(self, message: Message, data: Any) -> SendResult:
+        """Answer the request ``message`` with ``data``; the same as ``message.reply(data)``.
+
+        Returns once the reply is durable in the outbox (it is delivered in the
+        background until the request's expiry). One reply per request: called
+        again (say, by an at-least-once application after a restart) it sends
+        nothing and returns the first reply's id.
+
+        Raises:
+            LocalProtocolError: ``message`` is not a request.
+            RequestExpired: the request's expiry passed; nothing was sent.
+            QueueFull, LocalProtocolError: as :meth:`send`.
+        """
+        return await self._replies.attach(message).reply(data)  # type: ignore[no-any-return]
+
     async def outcome(
         self,
         message_id: str | bytes,
@@ -378,7 +428,8 @@ class TalosClient:
         """
         if timeout is not None:
             timeout = check_wait(timeout)
-        return await self._drivers.inbox.receive(timeout, auto_ack=auto_ack)
+        message = await self._drivers.inbox.receive(timeout, auto_ack=auto_ack)
+        return None if message is None else self._replies.attach(message)
 
     async def acknowledge(self, *messages: Message) -> None:
         """Remove messages received with ``auto_ack=False`` from the durable inbox
@@ -411,7 +462,7 @@ class TalosClient:
                 await client.acknowledge(message)
         """
         async for message in self._drivers.inbox.messages(auto_ack=auto_ack):
-            yield message
+            yield self._replies.attach(message)
 
     # -- identity and sessions ------------------------------------------------------
 

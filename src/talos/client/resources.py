@@ -28,6 +28,8 @@ from talos.client.config import ClientConfig
 from talos.client.discovery import RECORD_LIFETIME, Discovery
 from talos.client.outbox import OutboxControl
 from talos.client.own_keys import OwnIdentity, audit_signer
+from talos.client.replies import Replies
+from talos.client.requests import OpenRequests, Requester
 from talos.client.rotation import Rotator
 from talos.client.wiring import Parts, assemble
 from talos.core.clock import time_ms
@@ -102,6 +104,8 @@ class Opened:
     rotator: Rotator
     outbox: OutboxControl
     endpoint: str
+    requester: Requester
+    replies: Replies
 
 
 class Resources:
@@ -195,6 +199,7 @@ class Resources:
             mirrors=mirrors,
         )
         parts.capabilities.complete_revocation()
+        requester, replies = self._request_reply(own, log, parts)
         rotator = Rotator(
             home=self._home,
             own=own,
@@ -239,7 +244,24 @@ class Resources:
             rotator=rotator,
             outbox=outbox,
             endpoint=self._endpoint,
+            requester=requester,
+            replies=replies,
         )
+
+    def _request_reply(
+        self, own: OwnIdentity, log: AuditLog, parts: Parts
+    ) -> tuple[Requester, Replies]:
+        """Request/reply (docs/design/request-reply.md) on the receive path."""
+        requests = OpenRequests(own.current.agent_id)
+        replies = Replies(
+            log=log, sender=parts.sender, clock=self._clock, kick=parts.deliverer.kick
+        )
+        parts.receiver.requests = parts.batch.requests = requests
+        parts.receiver.replies = replies
+        requester = Requester(
+            sender=parts.sender, requests=requests, clock=self._clock, rng=self._rng
+        )
+        return requester, replies
 
     async def _open_discovery(self) -> Discovery:
         config, clock = self._config, self._clock
