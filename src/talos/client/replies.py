@@ -25,7 +25,8 @@ from talos.audit import AuditKind, AuditLog
 from talos.client.sending import Correlation, Sender, SendResult
 from talos.core.clock import Clock, time_ms
 from talos.core.message import Message, reply_message_id
-from talos.errors import RequestExpired
+from talos.core.replay import DEFAULT_MAX_SKEW_MS
+from talos.errors import RequestExpired, TalosError
 
 __all__ = ["Replies"]
 
@@ -91,22 +92,29 @@ class Replies:
                 f"request {message.message_id} from {requester} expired "
                 f"{-left:.2f} s ago; its sender no longer waits, nothing was sent"
             )
-        result = await self._sender.send(
-            requester,
-            data,
-            timeout=left,
-            retry_count=REPLY_RETRIES,
-            on_failure="queue",
-            capability=None,
-            wait=False,
-            expires_in=left,
-            correlation=Correlation(
-                message_id=reply_id,
-                reply_to=request_id,
-                audit=((AuditKind.REPLY_SENT, {"id": reply_id, "re": request_id}, requester),),
-            ),
-        )
+        # Claimed before the await: a concurrent reply() to the same request sends nothing.
         _remember(self._replied, (requester, request_id), reply_id)
+        try:
+            result = await self._sender.send(
+                requester,
+                data,
+                timeout=left,
+                retry_count=REPLY_RETRIES,
+                on_failure="queue",
+                capability=None,
+                wait=False,
+                expires_in=left,
+                correlation=Correlation(
+                    message_id=reply_id,
+                    reply_to=request_id,
+                    audit=((AuditKind.REPLY_SENT, {"id": reply_id, "re": request_id}, requester),),
+                ),
+            )
+        except TalosError:
+            # Refused before anything was queued: it may be tried again. (A cancelled
+            # call keeps its claim: its reply may be committed already.)
+            del self._replied[(requester, request_id)]
+            raise
         return result
 
     def _has_replied(self, requester: str, request_id: bytes, message: Message) -> bool:
@@ -122,7 +130,8 @@ class Replies:
         return False
 
     def _before_start(self, message: Message) -> bool:
-        return int(message.sent_at * 1000) <= self._started_ms
+        # The sender's clock may run ahead of ours by up to the replay window's tolerance.
+        return int(message.sent_at * 1000) <= self._started_ms + DEFAULT_MAX_SKEW_MS
 
     def _look_up(self, message: Message) -> int | None:
         """A request received before a restart: its REQUEST_RECEIVED entry."""
