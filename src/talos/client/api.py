@@ -13,7 +13,9 @@ needs through its constructor:
 * :class:`~talos.client.inbox.InboxReader`: ``receive()`` and ``acknowledge()``;
 * :class:`~talos.client.sessions.Sessions`: X3DH, session records, prekeys;
 * :class:`~talos.client.revocations.Capabilities`: tokens and revocation lists;
-* :class:`~talos.client.discovery.Discovery`: announcements and bundles.
+* :class:`~talos.client.discovery.Discovery`: announcements and bundles;
+* :class:`~talos.client.requests.Requester` and
+  :class:`~talos.client.replies.Replies`: ``request()`` and ``reply()``.
 
 The decisions those drivers act on are pure and live in :mod:`talos.core`
 (:mod:`~talos.core.delivery`, :mod:`~talos.core.sessions`,
