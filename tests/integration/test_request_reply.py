@@ -332,3 +332,20 @@ async def test_a_frame_of_the_previous_wire_version_is_refused(
         await server
     refusals = [r for r in caplog.records if getattr(r, "event", None) == "malformed_frame"]
     assert any("envelope version 2 is not supported" in r.getMessage() for r in refusals)
+
+
+async def test_a_reply_that_opens_a_new_session_reaches_its_request(tmp_path: Path) -> None:
+    """The server lost its session with the planner: its reply is an X3DH INITIAL
+    message, committed on its own (not batched), and still goes to the waiting call."""
+    async with agents(tmp_path) as (planner, tools):
+        asking = asyncio.create_task(planner.request(tools.agent_id, "ping", timeout=20))
+        request = await tools.receive(timeout=20)
+        assert request is not None
+        await tools.reset_session(planner.agent_id)
+        await tools.establish_session(planner.agent_id, planner.get_prekey_bundle())
+        await request.reply("pong")
+        reply = await asking
+        assert (reply.data, reply.in_reply_to) == ("pong", request.message_id)
+        assert await planner.receive(timeout=0.2) is None
+    established = audit(tmp_path / "planner", "SESSION_ESTABLISHED")
+    assert [e.data["role"] for e in established] == ["initiator", "responder"]
