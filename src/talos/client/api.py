@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from talos.audit import AuditLog
 from talos.audit.mirror_store import MirrorStore
+from talos.client import contacts
 from talos.client.arguments import check_message_id, check_timeout, check_wait
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
@@ -47,8 +48,6 @@ from talos.client.wiring import Parts
 from talos.core import wire
 from talos.core.capability import Capability
 from talos.core.clock import Clock
-from talos.core.encoding import canonical_dumps, strict_versioned_map
-from talos.core.keylog import KeyLog
 from talos.core.message import Message
 from talos.core.peer_record import PeerRecord
 from talos.core.rng import Rng
@@ -56,7 +55,6 @@ from talos.core.x3dh import PrekeyBundle
 from talos.discovery.failover import public_url
 from talos.errors import (
     LocalProtocolError,
-    MalformedFrame,
     PeerNotFound,
     StoreCorrupted,
 )
@@ -483,13 +481,7 @@ class TalosClient:
 
     def contact_card(self) -> bytes:
         """Key log and peer record in one blob, for introductions without a registry."""
-        return canonical_dumps(
-            {
-                "v": 1,
-                "log": self._own.current.keylog.to_bytes(),
-                "rec": self.peer_record().to_bytes(),
-            }
-        )
+        return contacts.card(self._own.current.keylog, self.peer_record())
 
     def add_contact(self, card: bytes) -> str:
         """Learn a peer from its :meth:`contact_card`; returns its agent id.
@@ -499,21 +491,7 @@ class TalosClient:
             KeyLogInvalid: its key log is invalid or forks what we know.
             SignatureInvalid, StaleMessage: its record does not verify now.
         """
-        raw = strict_versioned_map(
-            card,
-            max_size=1 << 20,
-            fields=frozenset({"v", "log", "rec"}),
-            version=1,
-            what="contact card",
-        )
-        if type(raw["log"]) is not bytes or type(raw["rec"]) is not bytes:
-            raise MalformedFrame("contact card fields must be bytes")
-        log = self._peers.learn_log(KeyLog.from_bytes(raw["log"]))
-        record = PeerRecord.from_bytes(raw["rec"])
-        if record.agent_id != log.agent_id:
-            raise MalformedFrame("contact card record names another agent")
-        self._peers.learn_record(record)
-        return log.agent_id
+        return contacts.learn(self._peers, card)
 
     def get_prekey_bundle(self) -> PrekeyBundle:
         """A bundle for :meth:`establish_session` out of band (signed prekey, no one-time key)."""
