@@ -184,8 +184,8 @@ class Requester:
         finally:
             if not sending.done():
                 sending.cancel()  # queued already: stays queued (its reply is refused as late)
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await sending
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sending  # (its outcome is retrieved either way)
             self._requests.end(request_id)
 
     def _timeout(
