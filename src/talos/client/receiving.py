@@ -401,9 +401,8 @@ class Receiver:
             time_ms(self._clock),
             required=maybe_reply and self._capabilities is not None,
         )
-        if unanswerable is not None and unanswerable.code is wire.ErrorCode.CAPABILITY_DENIED:
+        if unanswerable is not None:  # always CAPABILITY_DENIED: counted as a ScopeMismatch
             self._metrics.capability_denied(ScopeMismatch(unanswerable.reason))
-        if unanswerable is not None:
             await self._refuse(link, envelope, unanswerable)
             return
         # Signed, fresh, not a replay, authorized, decrypted: this link is a peer's and
