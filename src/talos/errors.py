@@ -43,7 +43,9 @@ The tree::
     │   ├── MessageExpired          its expires_in passed before an ACK: dropped
     │   ├── MessageCancelled        cancel() took it out of the outbox
     │   ├── CannotCancel            already delivered, failed or expired
-    │   └── MessageNotFound         no such message queued or recorded (also a LookupError)
+    │   ├── MessageNotFound         no such message queued or recorded (also a LookupError)
+    │   ├── ReplyTimeout            request(): delivered, but no reply within the timeout
+    │   └── RequestExpired          reply(): the request's expiry passed; nothing sent
     ├── StorageError
     │   ├── AuditFull
     │   ├── StoreCorrupted          names where and what
@@ -394,6 +396,34 @@ class MessageNotFound(DeliveryError, LookupError):
 
 
 # -- storage ----------------------------------------------------------------
+
+
+class ReplyTimeout(DeliveryError):
+    """``request()``: the request was delivered (the peer's signed ACK arrived) but
+    no reply came within the timeout.
+
+    Not a :class:`DeliveryTimeout` (raised when the request itself was not
+    acknowledged in time): here the peer has the request. Its reply, if it
+    comes later, is refused (docs/design/request-reply.md); ``request_id``
+    (hex) names the request in both agents' audit logs.
+    """
+
+    hint = (
+        "the peer received the request but did not answer in time: give request() a "
+        "longer timeout, or check that the peer's application calls message.reply()"
+    )
+
+    def __init__(self, message: str, *, request_id: str, waited: float) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.waited = waited
+
+
+class RequestExpired(DeliveryError):
+    """``reply()``: the request's expiry (its sender's timeout) has passed, so the
+    requester no longer waits and would refuse the reply; nothing was sent."""
+
+    hint = "answer requests within the requester's timeout (message.request_expires_at)"
 
 
 class StorageError(TalosError):

@@ -177,6 +177,9 @@ EVENTS: Final = frozenset(
         "witness_head_unusable",
         "rebuild_unwitnessed",
         "anchor_abandoned",
+        # request/reply (docs/design/request-reply.md)
+        "reply_refused",
+        "reply_unclaimed",
     }
 )
 

@@ -1,9 +1,10 @@
 """TalosClient: one agent — identity, sessions, durable delivery, audit.
 
-This is the composition root and the public API. It opens the concrete
-parts (the agent home, the LMDB-backed audit log and agent state, the
-WebSocket transport, the registry client and DHT node) and hands each
-driver what it needs through its constructor:
+This is the composition root and the public API. Its
+:class:`~talos.client.resources.Resources` opens the concrete parts (the
+agent home, the LMDB-backed audit log and agent state, the WebSocket
+transport, the registry client and DHT node) and hands each driver what it
+needs through its constructor:
 
 * :class:`~talos.client.sending.Sender`: ``send()`` and the outbox commit;
 * :class:`~talos.client.delivery.Deliverer`: per-peer delivery, ACKs, ERRORs;
@@ -12,7 +13,9 @@ driver what it needs through its constructor:
 * :class:`~talos.client.inbox.InboxReader`: ``receive()`` and ``acknowledge()``;
 * :class:`~talos.client.sessions.Sessions`: X3DH, session records, prekeys;
 * :class:`~talos.client.revocations.Capabilities`: tokens and revocation lists;
-* :class:`~talos.client.discovery.Discovery`: announcements and bundles.
+* :class:`~talos.client.discovery.Discovery`: announcements and bundles;
+* :class:`~talos.client.requests.Requester` and
+  :class:`~talos.client.replies.Replies`: ``request()`` and ``reply()``.
 
 The decisions those drivers act on are pure and live in :mod:`talos.core`
 (:mod:`~talos.core.delivery`, :mod:`~talos.core.sessions`,
@@ -21,18 +24,13 @@ The decisions those drivers act on are pure and live in :mod:`talos.core`
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 from talos.audit import AuditLog
-from talos.audit.anchoring.settings import DATABASES as ANCHOR_DATABASES
-from talos.audit.anchoring.settings import start_anchoring
-from talos.audit.head_check import refuse_damaged_head
-from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
+from talos.audit.mirror_store import MirrorStore
+from talos.client import contacts
 from talos.client.arguments import check_message_id, check_timeout, check_wait
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
@@ -40,45 +38,35 @@ from talos.client.discovery import RECORD_LIFETIME, Discovery
 from talos.client.grants import CapabilityInfo, Grants, RevokedToken, agent_grants
 from talos.client.outbox import OutboxControl, QueuedEntry
 from talos.client.outcomes import MessageOutcome
-from talos.client.own_keys import OwnIdentity, Rotation, audit_signer
+from talos.client.own_keys import OwnIdentity, Rotation
+from talos.client.replies import Replies
+from talos.client.requests import Requester
+from talos.client.resources import Creating, Resources
 from talos.client.rotation import Rotator
 from talos.client.sending import SendResult
 from talos.client.status import known_peer_rows, status_report
-from talos.client.wiring import Parts, assemble
+from talos.client.wiring import Parts
 from talos.core import wire
 from talos.core.capability import Capability
-from talos.core.clock import Clock, time_ms
-from talos.core.crypto import VerifyKey
-from talos.core.encoding import canonical_dumps, strict_versioned_map
-from talos.core.identity import Identity
-from talos.core.keylog import KeyLog
+from talos.core.clock import Clock
 from talos.core.message import Message
 from talos.core.peer_record import PeerRecord
-from talos.core.prekeys import PrekeyUpload
 from talos.core.rng import Rng
 from talos.core.x3dh import PrekeyBundle
-from talos.discovery.dht import DhtNode
 from talos.discovery.failover import public_url
-from talos.discovery.registry_client import RegistryClient
 from talos.errors import (
-    ConfigurationError,
-    DiscoveryError,
-    IdentityNotFound,
     LocalProtocolError,
-    MalformedFrame,
     PeerNotFound,
-    PeerUnreachable,
     StoreCorrupted,
 )
 from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
-from talos.storage.agent_state import AgentState, derive_storage_key
+from talos.storage.agent_state import AgentState
 from talos.storage.home import AgentHome
-from talos.storage.lock import HomeLock
-from talos.storage.lost_state import guard, log_refusal
+from talos.storage.lost_state import log_refusal
 from talos.storage.tokens import TokenStore
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
-from talos.transport import Link, Transport
+from talos.transport import Transport
 
 __all__ = [
     "CapabilityInfo",
@@ -88,30 +76,6 @@ __all__ = [
     "SendResult",
     "TalosClient",
 ]
-
-
-class _Creating:
-    """``TalosClient.create(...)``: awaitable, or an async context manager that closes."""
-
-    def __init__(self, options: dict[str, Any]) -> None:
-        self._options = options
-        self._client: TalosClient | None = None
-
-    def __await__(self) -> Generator[Any, None, TalosClient]:
-        return TalosClient._start(self._options).__await__()
-
-    async def __aenter__(self) -> TalosClient:
-        self._client = await TalosClient._start(self._options)
-        return self._client
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._client is not None:
-            await self._client.close()
 
 
 class TalosClient:
@@ -156,7 +120,7 @@ class TalosClient:
         clock: Clock = SYSTEM_CLOCK,
         rng: Rng = SYSTEM_RNG,
         anchor: dict[str, Any] | None = None,
-    ) -> _Creating:
+    ) -> Creating[TalosClient]:
         """Open (or create) the agent in ``home`` and start it.
 
         The first start in an empty ``home`` creates the agent's identity
@@ -230,7 +194,8 @@ class TalosClient:
                 audit log's head fails the start-up check, ``StateLost`` if a
                 store holds less than the agent's watermark (docs/operations.md).
         """
-        return _Creating(dict(locals()))
+        options = dict(locals())
+        return Creating(lambda: TalosClient._start(options))
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -253,13 +218,6 @@ class TalosClient:
         self._clock, self._rng = config.clock, config.rng
         self._instance = wire.new_instance_id(config.rng)
         self._closed = False
-        self._log: AuditLog | None = None
-        self._tokens: TokenStore | None = None
-        self._mirrors: MirrorStore | None = None
-        self._transport: Transport | None = None
-        self._discovery: Discovery | None = None
-        self._endpoint = ""
-        self._background: set[asyncio.Task[Any]] = set()
         #: Prometheus collectors of this agent (served on ``metrics_port`` if given).
         self.metrics = AgentMetrics(
             uses_registry=config.registry_url is not None,
@@ -267,130 +225,38 @@ class TalosClient:
             mirrors=config.audit.mirror_to,
         )
         self._clocks = ClockWatch(config.clock, self.metrics)
-        # Filled in by _open().
-        self._own: OwnIdentity
-        self._state: AgentState
-        self._peers: PeerDirectory
-        self._parts: Parts | None = None
-        self._rotator: Rotator
-        self._anchoring: Any = None
-        self._lock: HomeLock | None = None
-        self._outbox: OutboxControl | None = None
-
-    async def _open(self) -> None:
-        config, clock, rng = self._config, self._clock, self._rng
-        # One agent per home, in this process or any other (docs/design/client.md).
-        self._home.ensure()
-        self._lock = HomeLock.acquire(self._home.path)
-        identity = self._load_identity()
-        self._own = OwnIdentity(identity)
-        self._home.check_public_keylog(identity.keylog)
-        self._log = AuditLog.open(
-            self._home.audit_path,
-            clock=clock,
-            signer=audit_signer(identity),
-            extra_databases=AgentState.DATABASES + (ANCHOR_DATABASES if config.anchor else ()),
-            **config.audit.open_arguments(),
-        )
-        # Cheap (O(log n)) start-up check; the full scan is `talos audit verify-chain`.
-        trusted = [VerifyKey(event.signing_key) for event in identity.keylog.events]
-        refuse_damaged_head(self._log.environment, trusted)
-        self._state = AgentState(
-            self._log,
-            storage_key=derive_storage_key(identity.storage_secret),
-            clock=clock,
-            rng=rng,
-            replay_window_ms=int(config.replay_window * 1000),
-        )
-        self._tokens = TokenStore.open(self._home.path / "capabilities")
-        self._mirrors = MirrorStore.open(
-            self._home.path / MIRROR_DIR, quota_bytes=config.audit.mirror_quota_bytes
-        )
-        # A store shorter than the signed watermark records is refused (docs/design/lost-state.md).
-        watermark = guard(
-            self._home, identity, self._log, self._tokens, current=lambda: self._own.current
-        )
-        # offline_mode: no network at all, so no registry client and no DHT node; the
-        # listener still accepts peers that connect (docs/design/client.md).
-        registry = None
-        if config.registry_urls and not config.offline:
-            registry = RegistryClient(
-                config.registry_urls, clock=clock, observe=self._registry_contact
-            )
-        use_dht = "dht" in config.discovery and not config.offline
-        dht = DhtNode(clock=clock, rng=rng) if use_dht else None
-        discovery = self._discovery = Discovery(
-            registry=registry, dht=dht, clock=clock, metrics=self.metrics, clocks=self._clocks
-        )
-        if dht is not None:
-            try:
-                await dht.start(config.dht_port, config.listen[0], list(config.dht_bootstrap))
-            except DiscoveryError as exc:  # binding its UDP port is all that raises
-                raise ConfigurationError(f"dht_port {config.dht_port}: {exc}") from None
-        if config.metrics_port is not None:
-            self.metrics.serve(config.metrics_port, config.listen[0])
-        self._transport = Transport(self._on_frame, clock=clock)
-        self._parts = assemble(
+        # Opens and closes everything (talos.client.resources); _open() keeps
+        # what the public methods use once everything is up.
+        self._resources = Resources(
             config=config,
-            own=self._own,
+            home=self._home,
             instance=self._instance,
-            log=self._log,
-            state=self._state,
-            tokens=self._tokens,
-            discovery=discovery,
-            transport=self._transport,
             metrics=self.metrics,
             clocks=self._clocks,
             closed=self._is_closed,
-            mirrors=self._mirrors,
         )
-        self._peers = self._parts.peers
-        self._parts.capabilities.complete_revocation()
-        self._rotator = Rotator(
-            home=self._home,
-            own=self._own,
-            log=self._log,
-            parts=self._parts,
-            metrics=self.metrics,
-            passphrase=config.passphrase,
-            clock=clock,
-            rng=rng,
-            announce=self._announce_if_published,
-            watermark=watermark,
-        )
-        if config.anchor is not None:
-            self._anchoring = start_anchoring(
-                config.anchor, self._log, clock=clock, rng=rng, metrics=self.metrics
-            )
-        try:
-            host, port = await self._transport.listen(*config.listen)
-        except PeerUnreachable as exc:  # the address cannot be bound: our option, not a peer
-            raise ConfigurationError(
-                f"listen={config.listen[0]}:{config.listen[1]} cannot be used: {exc} "
-                "(another agent or program on that port? listen on port 0 for any free one)"
-            ) from exc
-        self._outbox = OutboxControl(
-            state=self._state,
-            log=self._log,
-            deliverer=self._drivers.deliverer,
-            metrics=self.metrics,
-            clock=clock,
-            closed=self._is_closed,
-        )
-        self._drivers.sender.on_expiring = self._outbox.expiring
-        self._spawn(self._outbox.run_expiry())
-        announced_host, announced_port = config.announce
-        host = announced_host or host
-        self._endpoint = f"ws://{f'[{host}]' if ':' in host else host}:{announced_port or port}"
-        if not config.offline and (registry is not None or dht is not None):
-            await self._announce()
-            self._spawn(discovery.reannounce(self._is_closed, self._announce))
-        for peer in self._state.peers_with_pending():
-            self._drivers.deliverer.kick(peer)
-        if self._parts.witnessing.witnesses and not config.offline:
-            self._spawn(self._parts.witnessing.run(self._is_closed))
-        if self._parts.mirroring is not None:
-            self._parts.mirroring.start()
+        self._log: AuditLog | None = None
+        self._tokens: TokenStore | None = None
+        self._mirrors: MirrorStore | None = None
+        self._transport: Transport | None = None
+        self._parts: Parts | None = None
+        self._outbox: OutboxControl | None = None
+        self._endpoint = ""
+        self._own: OwnIdentity
+        self._state: AgentState
+        self._peers: PeerDirectory
+        self._rotator: Rotator
+        self._requester: Requester
+        self._replies: Replies
+
+    async def _open(self) -> None:
+        opened = await self._resources.open()
+        self._own, self._log, self._state = opened.own, opened.log, opened.state
+        self._tokens, self._mirrors = opened.tokens, opened.mirrors
+        self._transport, self._parts = opened.transport, opened.parts
+        self._peers, self._rotator = opened.peers, opened.rotator
+        self._outbox, self._endpoint = opened.outbox, opened.endpoint
+        self._requester, self._replies = opened.requester, opened.replies
 
     @property
     def _drivers(self) -> Parts:
@@ -398,66 +264,18 @@ class TalosClient:
             raise LocalProtocolError("the client is not open")
         return self._parts
 
-    def _on_frame(self, link: Link, frame: bytes) -> Awaitable[None]:
-        # The receiver's coroutine itself: no extra await layer per frame.
-        return self._drivers.receiver.on_frame(link, frame)
-
     def _is_closed(self) -> bool:
         return self._closed
 
-    def _load_identity(self) -> Identity:
-        config = self._config
-        try:
-            return self._home.load_identity(passphrase=config.passphrase)
-        except IdentityNotFound:
-            identity = Identity.create(config.name, rng=self._rng, clock=self._clock)
-            self._home.save_identity(identity, rng=self._rng, passphrase=config.passphrase)
-            return identity
-
-    async def _announce(self) -> None:
-        """Publish to the registry and the DHT; a source that is down is not fatal."""
-        discovery = self._discovery
-        assert discovery is not None  # noqa: S101 -- open while the client is
-        if discovery.registry is not None:
-            await discovery.announce(
-                self._own.current,
-                lambda: PrekeyUpload.from_store(
-                    self._drivers.sessions.prekeys,
-                    self._own.current.signing_key,
-                    key_sequence=self._own.current.sequence,
-                    sequence=time_ms(self._clock),
-                ),
-                self.peer_record,
-                self._drivers.capabilities.publish,
-            )
-        if discovery.dht is not None:
-            await discovery.announce_dht(
-                self.peer_record().to_bytes(),
-                self._own.current.keylog.to_bytes(),
-                self.get_prekey_bundle().to_bytes(),
-            )
-
-    async def _announce_if_published(self) -> None:
-        discovery = self._discovery
-        if self._config.offline or discovery is None:
-            return
-        if discovery.registry is not None or discovery.dht is not None:
-            await self._announce()
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    @property
+    def _discovery(self) -> Discovery | None:
+        return self._resources.discovery
 
     @property
     def dht_address(self) -> tuple[str, int] | None:
         """UDP address of this agent's DHT node, if it runs one."""
         dht = None if self._discovery is None else self._discovery.dht
         return None if dht is None else dht.address
-
-    def _registry_contact(self, url: str, answered: bool) -> None:
-        """The registry client contacted ``url`` (credentials stripped): the per-URL gauge."""
-        self.metrics.set_registry_reachable(answered, url)
 
     @property
     def registry_reachable(self) -> bool | None:
@@ -479,58 +297,7 @@ class TalosClient:
         if self._closed:
             return
         self._closed = True
-        try:
-            await self._shut_down()
-        finally:
-            if self._lock is not None:
-                self._lock.release()  # last: nothing of this agent is open any more
-
-    async def _shut_down(self) -> None:
-        parts = self._parts
-        if parts is not None and parts.batch.acknowledging:
-            # Committed receives are ACKed before the links close (else the
-            # senders retry, and are answered DUPLICATE next time). A grace in
-            # real seconds, not on the agent's clock: closing must not hang on a
-            # fake clock nobody advances.
-            await asyncio.wait(set(parts.batch.acknowledging), timeout=1.0)
-        if parts is not None:
-            if parts.mirroring is not None:
-                await parts.mirroring.stop()
-            await parts.acks.stop()
-            await parts.deliverer.stop()
-        tasks = [*self._background, *(parts.batch.acknowledging if parts else ())]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        # Commits in worker threads (acknowledge, cancel, expiry) finish before the store closes.
-        if parts is not None:
-            await parts.inbox.stop()
-        if self._outbox is not None:
-            await self._outbox.stop()
-        if parts is not None:
-            # Received but not committed: not acknowledged either, so their senders retry.
-            parts.batch.discard()
-            parts.sender.flush()
-            parts.acks.flush()  # ACKs already in: removed, and their senders released
-            parts.deliverer.release_waiters()
-            parts.inbox.ready.set()
-        if self._transport is not None:
-            await self._transport.close()
-        if self._discovery is not None:
-            await self._discovery.close()
-        if self._anchoring is not None:
-            # First: its step in progress uses the log, and its pruning asks the
-            # mirror store how far the mirrors are.
-            await self._anchoring.stop()
-        if self._tokens is not None:
-            self._tokens.close()
-        if self._mirrors is not None:
-            self._mirrors.close()
-        if self._log is not None:
-            self._log.close()
-        self.metrics.close()
+        await self._resources.close()
 
     async def __aenter__(self) -> TalosClient:
         return self
@@ -599,6 +366,51 @@ class TalosClient:
             wait=wait,
             expires_in=expires_in,
         )
+
+    async def request(
+        self,
+        peer_id: str,
+        data: Any,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 -- like send(timeout=...)
+        retry_count: int = 3,
+        capability: str | Capability | None = None,
+    ) -> Message:
+        """Send ``data`` to ``peer_id`` as a request and return the peer's reply.
+
+        The peer answers with ``await message.reply(answer)``; the reply needs
+        no capability of its own: it is authorized by this request (one reply,
+        from ``peer_id``, within ``timeout``; docs/design/request-reply.md).
+        ``timeout`` (seconds, on the agent's clock) bounds the whole call and
+        is the request's expiry: a reply after it is refused. The returned
+        :class:`Message` has ``in_reply_to`` set to the request's id.
+
+        Raises:
+            InvalidArgument: a malformed ``peer_id``, or a bad ``timeout`` or ``retry_count``.
+            DeliveryTimeout: the request itself was not acknowledged in time
+                (removed from the outbox).
+            ReplyTimeout: the request was delivered but no reply came in time.
+            PeerRejected, PeerUnknown, CapabilityDenied, QueueFull, LocalProtocolError:
+                as :meth:`send`.
+        """
+        return await self._requester.request(
+            peer_id, data, timeout=timeout, retry_count=retry_count, capability=capability
+        )
+
+    async def reply(self, message: Message, data: Any) -> SendResult:
+        """Answer the request ``message`` with ``data``; the same as ``message.reply(data)``.
+
+        Returns once the reply is durable in the outbox (it is delivered in the
+        background until the request's expiry). One reply per request: called
+        again (say, by an at-least-once application after a restart) it sends
+        nothing and returns the first reply's id.
+
+        Raises:
+            LocalProtocolError: ``message`` is not a request.
+            RequestExpired: the request's expiry passed; nothing was sent.
+            QueueFull, LocalProtocolError: as :meth:`send`.
+        """
+        return await self._replies.attach(message).reply(data)  # type: ignore[no-any-return]
 
     async def outcome(
         self,
@@ -684,7 +496,8 @@ class TalosClient:
         """
         if timeout is not None:
             timeout = check_wait(timeout)
-        return await self._drivers.inbox.receive(timeout, auto_ack=auto_ack)
+        message = await self._drivers.inbox.receive(timeout, auto_ack=auto_ack)
+        return None if message is None else self._replies.attach(message)
 
     async def acknowledge(self, *messages: Message) -> None:
         """Remove messages received with ``auto_ack=False`` from the durable inbox
@@ -717,7 +530,7 @@ class TalosClient:
                 await client.acknowledge(message)
         """
         async for message in self._drivers.inbox.messages(auto_ack=auto_ack):
-            yield message
+            yield self._replies.attach(message)
 
     # -- identity and sessions ------------------------------------------------------
 
@@ -734,26 +547,11 @@ class TalosClient:
 
     def peer_record(self, *, lifetime: float = RECORD_LIFETIME) -> PeerRecord:
         """A freshly signed record of where this instance listens."""
-        return PeerRecord.create(
-            self._own.current.signing_key,
-            agent_id=self.agent_id,
-            key_sequence=self._own.current.sequence,
-            instance_id=self._instance,
-            endpoint=self._endpoint,
-            sequence=time_ms(self._clock),
-            now=self._clock.time(),
-            lifetime=lifetime,
-        )
+        return self._resources.peer_record(lifetime=lifetime)
 
     def contact_card(self) -> bytes:
         """Key log and peer record in one blob, for introductions without a registry."""
-        return canonical_dumps(
-            {
-                "v": 1,
-                "log": self._own.current.keylog.to_bytes(),
-                "rec": self.peer_record().to_bytes(),
-            }
-        )
+        return contacts.card(self._own.current.keylog, self.peer_record())
 
     def add_contact(self, card: bytes) -> str:
         """Learn a peer from its :meth:`contact_card`; returns its agent id.
@@ -763,21 +561,7 @@ class TalosClient:
             KeyLogInvalid: its key log is invalid or forks what we know.
             SignatureInvalid, StaleMessage: its record does not verify now.
         """
-        raw = strict_versioned_map(
-            card,
-            max_size=1 << 20,
-            fields=frozenset({"v", "log", "rec"}),
-            version=1,
-            what="contact card",
-        )
-        if type(raw["log"]) is not bytes or type(raw["rec"]) is not bytes:
-            raise MalformedFrame("contact card fields must be bytes")
-        log = self._peers.learn_log(KeyLog.from_bytes(raw["log"]))
-        record = PeerRecord.from_bytes(raw["rec"])
-        if record.agent_id != log.agent_id:
-            raise MalformedFrame("contact card record names another agent")
-        self._peers.learn_record(record)
-        return log.agent_id
+        return contacts.learn(self._peers, card)
 
     def get_prekey_bundle(self) -> PrekeyBundle:
         """A bundle for :meth:`establish_session` out of band (signed prekey, no one-time key)."""

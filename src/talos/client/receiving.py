@@ -28,6 +28,8 @@ from talos.audit import AuditKind
 from talos.client.control import Auditor, Signer
 from talos.client.inbox import InboxReader
 from talos.client.keylogs import KeyLogs
+from talos.client.replies import Replies
+from talos.client.requests import OpenRequests, correlation_refusal, hand_over
 from talos.client.revocations import Capabilities
 from talos.client.sessions import Sessions
 from talos.client.witnessing import Witnessing
@@ -35,7 +37,7 @@ from talos.core import incoming, wire
 from talos.core.clock import Clock, time_ms
 from talos.core.clocksync import InstanceTracker
 from talos.core.keylog import KeyLog
-from talos.core.message import decode_payload
+from talos.core.message import decode_payload_fields
 from talos.core.ratchet import Session
 from talos.core.ratelimit import RateLimiter
 from talos.core.rng import Rng
@@ -46,6 +48,7 @@ from talos.errors import (
     CryptoError,
     PeerNotFound,
     RemoteProtocolError,
+    ScopeMismatch,
     SessionError,
     SignatureInvalid,
     TalosError,
@@ -66,6 +69,8 @@ class _Staged:
     received: Received
     link: Link
     envelope: wire.Envelope
+    #: A reply: the request it answers (handed to its request() at the commit).
+    reply_to: bytes | None = None
 
 
 class ReceiveBatch:
@@ -85,11 +90,18 @@ class ReceiveBatch:
         self._signer, self._metrics = signer, metrics
         self._staged: list[_Staged] = []
         self.ids: set[bytes] = set()
+        #: The requests this agent waits on (set by talos.client.resources).
+        self.requests: OpenRequests | None = None
         #: ACKs of committed batches being sent (close() lets them finish).
         self.acknowledging: set[asyncio.Task[None]] = set()
 
     def stage(
-        self, link: Link, envelope: wire.Envelope, received: Received, successor: Session
+        self,
+        link: Link,
+        envelope: wire.Envelope,
+        received: Received,
+        successor: Session,
+        reply_to: bytes | None = None,
     ) -> None:
         """Hold a decrypted message for the next group commit (nothing is output yet).
 
@@ -99,7 +111,7 @@ class ReceiveBatch:
         """
         self._table.stage(envelope.sender, successor)
         self.ids.add(received.replay_id)
-        self._staged.append(_Staged(received, link, envelope))
+        self._staged.append(_Staged(received, link, envelope, reply_to))
         if len(self._staged) == 1:
             asyncio.get_running_loop().call_soon(self.settle)
 
@@ -121,15 +133,18 @@ class ReceiveBatch:
         if not staged:
             return
         records = {peer: encode_record(SessionEntry(s)) for peer, s in sessions.items()}
+        # Replies go to their request() calls, not the inbox: committed as taken, first.
+        replies = [s for s in staged if s.reply_to is not None]
+        staged = replies + [s for s in staged if s.reply_to is None]
         # Messages for receive() calls already waiting are taken in this same commit
         # (unless older ones wait in the inbox: order is kept).
-        takers = self._inbox.waiting_takers(len(staged))
+        takers = self._inbox.waiting_takers(len(staged) - len(replies))
         if takers and self._state.inbox_count():
             takers = []
         try:
             seqs = self._state.commit_receive_many(
                 [dataclasses.replace(s.received, session=records[s.received.peer]) for s in staged],
-                taken=len(takers),
+                taken=len(replies) + len(takers),
             )
         except TalosError as exc:
             # Kind and hint go with the line: a full disk (AuditFull, also logged as
@@ -144,9 +159,12 @@ class ReceiveBatch:
             return
         for peer, session in sessions.items():
             self._table.commit(peer, SessionEntry(session))
-        for taker, item in zip(takers, staged, strict=False):
+        for reply in replies:
+            hand_over(self.requests, reply.reply_to, reply.received.message)
+        staged_rest = staged[len(replies) :]
+        for taker, item in zip(takers, staged_rest, strict=False):
             taker.set_result(item.received.message)
-        self._inbox.follow(seqs, [s.received.message for s in staged[len(takers) :]])
+        self._inbox.follow(seqs, [s.received.message for s in staged_rest[len(takers) :]])
         for item in staged:
             self._metrics.message_received(len(item.received.message.data))
         task = asyncio.create_task(self._acknowledge([(s.link, s.envelope) for s in staged]))
@@ -206,6 +224,10 @@ class Receiver:
         self._keylogs = keylogs
         self._witnessing = witnessing
         self._unknown_lookups = RateLimiter(rate=2.0, burst=20)
+        #: Request/reply (set by talos.client.resources): the requests we wait on,
+        #: and the requests we received.
+        self.requests: OpenRequests | None = None
+        self.replies: Replies | None = None
         self._logs = LimitedLog(_log, clock)
         self.instances = InstanceTracker()
 
@@ -330,12 +352,21 @@ class Receiver:
                 sender,
             )
             await self._signer.answer(link, sender, [envelope.message_id], wire.AckStatus.DUPLICATE)
+            if self.replies is not None:
+                self.replies.duplicate(sender, envelope.message_id)
             return
         if verdict is not None:
             await self._refuse(link, envelope, verdict)
             return
         capability_id = None
-        if self._capabilities is not None:
+        # A reply needs no capability: one without may be decrypted if we wait on its
+        # sender, and must then be a reply to our request (docs/design/request-reply.md).
+        maybe_reply = (
+            envelope.capability_ref is None
+            and self.requests is not None
+            and self.requests.awaiting(sender)
+        )
+        if self._capabilities is not None and not maybe_reply:
             try:
                 capability_id = await self._capabilities.authorize(envelope)
             except CapabilityDenied as exc:
@@ -358,36 +389,55 @@ class Receiver:
             return  # changed while we waited: the retry gets the answer
         try:
             plaintext, successor, prekeys, established = self._decrypt(envelope, sender_keys)
-            decode_payload(plaintext)  # refuses undecodable payloads before committing
+            payload = decode_payload_fields(plaintext)  # refuses undecodable payloads
         except (CryptoError, SessionError, RemoteProtocolError) as exc:
             self._metrics.session_failed()
             await self._refuse(link, envelope, incoming.decrypt_refusal(envelope, exc))
+            return
+        unanswerable = correlation_refusal(
+            self.requests,
+            envelope,
+            payload.reply_to,
+            time_ms(self._clock),
+            required=maybe_reply and self._capabilities is not None,
+        )
+        if unanswerable is not None:  # always CAPABILITY_DENIED: counted as a ScopeMismatch
+            self._metrics.capability_denied(ScopeMismatch(unanswerable.reason))
+            await self._refuse(link, envelope, unanswerable)
             return
         # Signed, fresh, not a replay, authorized, decrypted: this link is a peer's and
         # keeps its place against floods of idle connections (see Transport).
         link.mark_verified(sender)
         message, received_audit = self._inboxed(envelope, plaintext, capability_id)
+        audit: list[Any] = [received_audit]
+        if payload.request_expires_ms is not None and self.replies is not None:
+            audit.append(
+                self.replies.received(sender, envelope.message_id, payload.request_expires_ms)
+            )
         if not established:
             # Committed with whatever else arrives in this event-loop tick (one
             # fsync for all), then acknowledged. The session record is filled in at
             # the commit: only each sender's last counts.
-            received = Received(
-                sender, b"", replay_id, envelope.timestamp_ms, message, audit=[received_audit]
-            )
-            self._batch.stage(link, envelope, received, successor)
+            received = Received(sender, b"", replay_id, envelope.timestamp_ms, message, audit=audit)
+            self._batch.stage(link, envelope, received, successor, payload.reply_to)
             return
-        audit = [received_audit, (AuditKind.SESSION_ESTABLISHED, {"role": "responder"}, sender)]
+        audit.append((AuditKind.SESSION_ESTABLISHED, {"role": "responder"}, sender))
         entry = SessionEntry(successor)
-        seq = self._state.commit_receive(
+        received = Received(
             sender,
-            session=encode_record(entry),
-            replay_id=replay_id,
-            timestamp_ms=envelope.timestamp_ms,
-            message=message,
-            prekeys=None if prekeys is None else prekeys.to_bytes(),
-            audit=audit,
+            encode_record(entry),
+            replay_id,
+            envelope.timestamp_ms,
+            message,
+            None if prekeys is None else prekeys.to_bytes(),
+            audit,
         )
-        self._inbox.follow([seq], [message])
+        reply = payload.reply_to is not None
+        seqs = self._state.commit_receive_many([received], taken=1 if reply else 0)
+        if reply:
+            hand_over(self.requests, payload.reply_to, message)
+        else:
+            self._inbox.follow(seqs, [message])
         self._sessions.table.commit(sender, entry)
         self._metrics.message_received(len(plaintext))
         self._metrics.session_established()

@@ -81,6 +81,20 @@ class SendResult:
         return bytes.fromhex(self.message_id)
 
 
+@dataclass(frozen=True)
+class Correlation:
+    """What makes a message a request or a reply (docs/design/request-reply.md)."""
+
+    #: The message id to use (a request's, chosen by the caller; a reply's, derived).
+    message_id: bytes | None = None
+    #: A request: until when (Unix ms) a reply is accepted.
+    request_expires_ms: int | None = None
+    #: A reply: the id of the request it answers.
+    reply_to: bytes | None = None
+    #: Audit records committed with the message (REPLY_SENT).
+    audit: tuple[tuple[str, dict[str, Any], str | None], ...] = ()
+
+
 class Sender:
     """The application's side of the outbox."""
 
@@ -123,8 +137,10 @@ class Sender:
         capability: str | Capability | None,
         wait: bool = True,
         expires_in: float | None = None,
+        correlation: Correlation | None = None,
     ) -> SendResult:
-        """See :meth:`TalosClient.send`."""
+        """See :meth:`TalosClient.send`; with ``correlation``, a request or a reply
+        (:mod:`talos.client.requests`, :mod:`talos.client.replies`)."""
         peer_id = check_peer_id(peer_id)
         timeout = check_timeout(timeout)
         retry_count = check_retry_count(retry_count)
@@ -133,13 +149,18 @@ class Sender:
             raise InvalidArgument(f"on_failure must be 'queue' or 'raise', not {on_failure!r}")
         if type(wait) is not bool:
             raise InvalidArgument(f"wait must be True or False, not {wait!r}")
-        payload = encode_payload(data)
+        link = correlation or Correlation()
+        payload = encode_payload(
+            data, request_expires_ms=link.request_expires_ms, reply_to=link.reply_to
+        )
         started = self._clock.monotonic()
         async with self._in_call_order(peer_id):
             await self._look_up(peer_id)
-            await self._capabilities.fetch_issuers(peer_id, capability)
-            token = self._capabilities.for_sending(peer_id, capability)
-            message_id = wire.new_message_id(self._rng)
+            token = None
+            if link.reply_to is None:  # a reply needs no capability (request-reply.md)
+                await self._capabilities.fetch_issuers(peer_id, capability)
+                token = self._capabilities.for_sending(peer_id, capability)
+            message_id = link.message_id or wire.new_message_id(self._rng)
             trace_id = self._rng.bytes(8).hex()
             expires_ms = None if expires is None else expires_at_ms(time_ms(self._clock), expires)
             queued = self._submit(
@@ -158,7 +179,8 @@ class Sender:
                                 "trace": trace_id,
                             },
                             peer_id,
-                        )
+                        ),
+                        *link.audit,
                     ],
                     expires_ms=expires_ms,
                 )

@@ -5,23 +5,49 @@ small versioned CBOR map that records which it was, so the receiver gets
 back the same type: ``{"v": 1, "k": "b" | "s" | "j", "d": bytes | text}``
 (JSON values travel as their canonical JSON text, so they round-trip exactly
 as JSON does). The wrapped bytes are what the ratchet encrypts.
+
+Version 2 (request/reply, docs/design/request-reply.md) adds one key: a
+request carries ``"rq"``, the time (Unix ms) until which the requester
+accepts a reply; a reply carries ``"re"``, the 16-byte id of the request it
+answers. Plain messages are still written as version 1.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Final
 
-from talos.core.encoding import canonical_dumps, strict_versioned_map
+from talos.core.encoding import (
+    canonical_dumps,
+    check_versioned_map,
+    strict_loads,
+    strict_versioned_map,
+)
 from talos.errors import LocalProtocolError, MalformedFrame
 
-__all__ = ["MAX_PAYLOAD_SIZE", "Message", "decode_payload", "encode_payload"]
+__all__ = [
+    "MAX_PAYLOAD_SIZE",
+    "Message",
+    "Payload",
+    "decode_payload",
+    "decode_payload_fields",
+    "encode_payload",
+    "reply_message_id",
+]
 
 PAYLOAD_VERSION: Final = 1
+#: The version of a request's or a reply's payload (one more key, ``rq`` or ``re``).
+REQUEST_PAYLOAD_VERSION: Final = 2
+_REQUEST_ID_SIZE: Final = 16
+_MAX_MS: Final = 2**63 - 1
 #: Largest application payload, leaving room for headers in a 1 MiB frame.
 MAX_PAYLOAD_SIZE: Final = 900 * 1024
 _FIELDS: Final = frozenset({"v", "k", "d"})
+_REQUEST_FIELDS: Final = _FIELDS | {"rq"}
+_REPLY_FIELDS: Final = _FIELDS | {"re"}
 #: Deepest nesting of arrays and objects a JSON payload may have, either way.
 #: Checked by counting, never by recursion, so it holds whatever the
 #: interpreter's recursion limit is (a library may raise it process-wide).
@@ -51,6 +77,35 @@ class Message:
     capability_id: bytes | None = None
     #: Position in the durable inbox when received with ``auto_ack=False``.
     inbox_seq: int | None = None
+    #: A request (sent with ``request()``): until when (Unix seconds) its sender
+    #: accepts the one reply :meth:`reply` sends; ``None``: not a request.
+    request_expires_at: float | None = None
+    #: A reply: the id (hex) of the request it answers.
+    in_reply_to: str | None = None
+    _replier: Callable[[Message, Any], Awaitable[Any]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    @property
+    def is_request(self) -> bool:
+        """Whether the sender waits for a reply (:meth:`reply`)."""
+        return self.request_expires_at is not None
+
+    async def reply(self, data: Any) -> Any:
+        """Answer this request with ``data`` (bytes, str or JSON-able); returns the
+        reply's :class:`~talos.SendResult`. See ``TalosClient.reply``.
+
+        Raises:
+            LocalProtocolError: not a request, or not received through a client.
+            (and what ``TalosClient.reply`` raises)
+        """
+        if self._replier is None:
+            raise LocalProtocolError(
+                "this message is not a request (its sender used send(), not request())"
+                if self.request_expires_at is None
+                else "this message was not received through a TalosClient"
+            )
+        return await self._replier(self, data)
 
     @property
     def message_id_bytes(self) -> bytes:
@@ -59,12 +114,59 @@ class Message:
         return bytes.fromhex(self.message_id)
 
 
-def encode_payload(data: Any) -> bytes:
-    """Wrap ``data`` (bytes, str or JSON-able) for encryption.
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A decoded payload: the data, and the request/reply fields of version 2."""
+
+    data: Any
+    #: A request: until when (Unix ms) a reply is accepted.
+    request_expires_ms: int | None = None
+    #: A reply: the id of the request it answers.
+    reply_to: bytes | None = None
+
+
+def reply_message_id(request_id: bytes, requester: str) -> bytes:
+    """The message id of the reply to ``request_id`` (sent by ``requester``).
+
+    Derived, not random: whatever happens on the replier's side (a crash
+    between queueing the reply and recording it, ``reply()`` called again
+    after a restart), a request has one reply id, and the requester's replay
+    window drops any second copy.
+    """
+    digest = hashlib.sha256(b"talos/reply/v1\x00" + requester.encode() + b"\x00" + request_id)
+    return digest.digest()[:_REQUEST_ID_SIZE]
+
+
+def encode_payload(
+    data: Any, *, request_expires_ms: int | None = None, reply_to: bytes | None = None
+) -> bytes:
+    """Wrap ``data`` (bytes, str or JSON-able) for encryption; a request (with
+    ``request_expires_ms``) or a reply (with ``reply_to``) as version 2.
 
     Raises:
         LocalProtocolError: not bytes, str or JSON-able, or too large.
     """
+    encoded = _encode_data(data)
+    if request_expires_ms is None and reply_to is None:
+        return encoded
+    if request_expires_ms is not None and reply_to is not None:
+        raise LocalProtocolError("a payload is a request or a reply, not both")
+    body = strict_versioned_map(
+        encoded, max_size=MAX_PAYLOAD_SIZE, fields=_FIELDS, version=PAYLOAD_VERSION, what="payload"
+    )
+    body["v"] = REQUEST_PAYLOAD_VERSION
+    if request_expires_ms is not None:
+        if type(request_expires_ms) is not int or not 0 <= request_expires_ms <= _MAX_MS:
+            raise LocalProtocolError("a request's expiry must be Unix milliseconds")
+        body["rq"] = request_expires_ms
+    else:
+        if type(reply_to) is not bytes or len(reply_to) != _REQUEST_ID_SIZE:
+            raise LocalProtocolError(f"a reply names a {_REQUEST_ID_SIZE}-byte request id")
+        body["re"] = reply_to
+    return canonical_dumps(body)
+
+
+def _encode_data(data: Any) -> bytes:
     if isinstance(data, bytes | bytearray | memoryview):
         body: dict[str, Any] = {"v": PAYLOAD_VERSION, "k": "b", "d": bytes(data)}
     elif isinstance(data, str):
@@ -89,14 +191,39 @@ def encode_payload(data: Any) -> bytes:
 
 
 def decode_payload(raw: bytes) -> Any:
-    """Unwrap a decrypted payload.
+    """Unwrap a decrypted payload (version 1 or 2): its data.
 
     Raises:
         MalformedFrame, UnsupportedVersion: not a well-formed payload.
     """
-    body = strict_versioned_map(
-        raw, max_size=MAX_PAYLOAD_SIZE, fields=_FIELDS, version=PAYLOAD_VERSION, what="payload"
-    )
+    return decode_payload_fields(raw).data
+
+
+def decode_payload_fields(raw: bytes) -> Payload:
+    """Unwrap a decrypted payload with its request/reply fields.
+
+    Raises:
+        MalformedFrame, UnsupportedVersion: not a well-formed payload.
+    """
+    value = strict_loads(raw, max_size=MAX_PAYLOAD_SIZE)
+    if type(value) is dict and value.get("v") == REQUEST_PAYLOAD_VERSION:
+        fields = _REQUEST_FIELDS if "rq" in value else _REPLY_FIELDS
+        body = check_versioned_map(
+            value, fields=fields, version=REQUEST_PAYLOAD_VERSION, what="payload"
+        )
+        expires, reply_to = body.get("rq"), body.get("re")
+        if expires is not None and (type(expires) is not int or not 0 <= expires <= _MAX_MS):
+            raise MalformedFrame("a request's expiry must be Unix milliseconds")
+        if reply_to is not None and (
+            type(reply_to) is not bytes or len(reply_to) != _REQUEST_ID_SIZE
+        ):
+            raise MalformedFrame(f"a reply names a {_REQUEST_ID_SIZE}-byte request id")
+        return Payload(_data(body), expires, reply_to)
+    body = check_versioned_map(value, fields=_FIELDS, version=PAYLOAD_VERSION, what="payload")
+    return Payload(_data(body))
+
+
+def _data(body: dict[str, Any]) -> Any:
     kind, data = body["k"], body["d"]
     if kind == "b" and type(data) is bytes:
         return data

@@ -68,7 +68,11 @@ __all__ = [
 
 #: 2: an ACK names a list of ids (``refs``) instead of one (``ref``). Version 1
 #: peers and version 2 peers refuse each other's frames as unsupported.
-WIRE_VERSION: Final = 2
+#: 3: the encrypted payload of a MESSAGE or INITIAL may be a request or a reply
+#: (payload version 2, :mod:`talos.core.message`; docs/design/request-reply.md).
+#: The fields are unchanged; the bump keeps a version 2 peer, which would answer
+#: such a payload DECRYPT_FAILED and reset the session, from ever getting one.
+WIRE_VERSION: Final = 3
 #: Domain separation: an envelope signature can never be mistaken for a
 #: signature over any other Talos object (key events, capabilities, ...).
 DOMAIN_PREFIX: Final = b"talos/envelope/v1\x00"

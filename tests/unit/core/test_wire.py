@@ -313,7 +313,7 @@ def test_bad_signature_field_is_malformed(value: Any) -> None:
         decode(canonical_dumps(raw))
 
 
-@pytest.mark.parametrize("value", [[1, 2], {"v": 2}, b"\xa0", "text", 1, None])
+@pytest.mark.parametrize("value", [[1, 2], {"v": 3}, b"\xa0", "text", 1, None])
 def test_non_map_frames_are_malformed(value: Any) -> None:
     with pytest.raises(MalformedFrame):
         decode(canonical_dumps(value))
@@ -322,7 +322,7 @@ def test_non_map_frames_are_malformed(value: Any) -> None:
 # -- versions, sizes, canonical form ------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 255, 2**32])
+@pytest.mark.parametrize("version", [0, 1, 2, 4, 255, 2**32])
 def test_unknown_version_is_unsupported(version: int) -> None:
     raw = frame_map(EnvelopeType.MESSAGE)
     raw["v"] = version
@@ -332,7 +332,7 @@ def test_unknown_version_is_unsupported(version: int) -> None:
 
 def test_unknown_version_wins_over_unknown_fields() -> None:
     with pytest.raises(UnsupportedVersion):
-        decode(canonical_dumps({"v": 3, "future": b"anything"}))
+        decode(canonical_dumps({"v": 4, "future": b"anything"}))
 
 
 @pytest.mark.parametrize("version", [None, "1", True, b"\x01"])
@@ -362,7 +362,7 @@ def test_non_canonical_encodings_are_malformed() -> None:
         decode(unsorted)
     # Non-shortest integer: the version written as a two-byte integer.
     canonical = canonical_dumps(raw)
-    long_version = canonical.replace(b"\x61v\x02", b"\x61v\x18\x02", 1)
+    long_version = canonical.replace(b"\x61v\x03", b"\x61v\x18\x03", 1)
     assert long_version != canonical
     with pytest.raises(MalformedFrame):
         decode(long_version)
@@ -374,7 +374,7 @@ def test_non_canonical_encodings_are_malformed() -> None:
 def test_duplicate_keys_are_malformed() -> None:
     canonical = canonical_dumps(frame_map(EnvelopeType.ACK))
     count = canonical[0] & 0x1F
-    duplicated = bytes([0xA0 | (count + 1)]) + canonical[1:] + b"\x61v\x02"
+    duplicated = bytes([0xA0 | (count + 1)]) + canonical[1:] + b"\x61v\x03"
     with pytest.raises(MalformedFrame):
         decode(duplicated)
 

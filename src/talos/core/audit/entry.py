@@ -126,6 +126,15 @@ class AuditKind(StrEnum):
     #: A capability granted to this agent was verified and stored (client.add_capability,
     #: ``talos capabilities add``).
     CAPABILITY_RECEIVED = "CAPABILITY_RECEIVED"
+    #: A request arrived (``id``, ``rq``: until when, Unix ms, its sender waits for
+    #: the reply); committed with the message (docs/design/request-reply.md).
+    REQUEST_RECEIVED = "REQUEST_RECEIVED"
+    #: This agent answered a request (``id``: the reply's, ``re``: the request's);
+    #: committed with the reply's place in the outbox.
+    REPLY_SENT = "REPLY_SENT"
+    #: A reply was refused (``id``, ``re``, ``reason``: unsolicited, second, foreign,
+    #: late, expired).
+    REPLY_REFUSED = "REPLY_REFUSED"
 
 
 def check_kind(kind: object) -> str:

@@ -1,0 +1,442 @@
+"""The resources of one running agent: opened in order, announced, shut down.
+
+:class:`Resources` owns the open/close sequence of
+:class:`~talos.client.TalosClient`: the home's lock, the identity, the audit
+log and agent state, the token and mirror stores, discovery (registry client,
+DHT node), the transport, the drivers (:func:`~talos.client.wiring.assemble`)
+and the background tasks. It gets what it needs through its constructor and
+hands the client an :class:`Opened` once everything is up; ``shut_down``
+closes whatever was opened, also after a failed open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, Protocol, TypeVar
+
+from talos.audit import AuditLog
+from talos.audit.anchoring.settings import DATABASES as ANCHOR_DATABASES
+from talos.audit.anchoring.settings import start_anchoring
+from talos.audit.head_check import refuse_damaged_head
+from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
+from talos.client.clocks import ClockWatch
+from talos.client.config import ClientConfig
+from talos.client.discovery import RECORD_LIFETIME, Discovery
+from talos.client.outbox import OutboxControl
+from talos.client.own_keys import OwnIdentity, audit_signer
+from talos.client.replies import Replies
+from talos.client.requests import OpenRequests, Requester
+from talos.client.rotation import Rotator
+from talos.client.wiring import Parts, assemble
+from talos.core.clock import time_ms
+from talos.core.crypto import VerifyKey
+from talos.core.identity import Identity
+from talos.core.peer_record import PeerRecord
+from talos.core.prekeys import PrekeyUpload
+from talos.discovery.dht import DhtNode
+from talos.discovery.registry_client import RegistryClient
+from talos.errors import (
+    ConfigurationError,
+    DiscoveryError,
+    IdentityNotFound,
+    LocalProtocolError,
+    PeerUnreachable,
+)
+from talos.metrics import AgentMetrics
+from talos.peers import PeerDirectory
+from talos.storage.agent_state import AgentState, derive_storage_key
+from talos.storage.home import AgentHome
+from talos.storage.lock import HomeLock
+from talos.storage.lost_state import guard
+from talos.storage.tokens import TokenStore
+from talos.transport import Link, Transport
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+Client = TypeVar("Client", bound=_Closable)
+
+
+class Creating(Generic[Client]):
+    """What ``TalosClient.create(...)`` returns: awaitable, or an async context
+    manager that closes the client."""
+
+    def __init__(self, start: Callable[[], Awaitable[Client]]) -> None:
+        self._start = start
+        self._client: Client | None = None
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._start().__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self._start()
+        return self._client
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """What an open agent holds, for the client's public methods."""
+
+    own: OwnIdentity
+    log: AuditLog
+    state: AgentState
+    tokens: TokenStore
+    mirrors: MirrorStore
+    transport: Transport
+    discovery: Discovery
+    parts: Parts
+    peers: PeerDirectory
+    rotator: Rotator
+    outbox: OutboxControl
+    endpoint: str
+    requester: Requester
+    replies: Replies
+
+
+class Resources:
+    """Opens an agent's resources in order and closes them in reverse."""
+
+    def __init__(
+        self,
+        *,
+        config: ClientConfig,
+        home: AgentHome,
+        instance: bytes,
+        metrics: AgentMetrics,
+        clocks: ClockWatch,
+        closed: Callable[[], bool],
+    ) -> None:
+        self._config, self._home, self._instance = config, home, instance
+        self._metrics, self._clocks, self._closed = metrics, clocks, closed
+        self._clock, self._rng = config.clock, config.rng
+        self._lock: HomeLock | None = None
+        self._own: OwnIdentity | None = None
+        self._log: AuditLog | None = None
+        self._tokens: TokenStore | None = None
+        self._mirrors: MirrorStore | None = None
+        self._transport: Transport | None = None
+        self.discovery: Discovery | None = None
+        self._parts: Parts | None = None
+        self._outbox: OutboxControl | None = None
+        self._anchoring: Any = None
+        self._endpoint = ""
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def parts(self) -> Parts:
+        if self._parts is None:
+            raise LocalProtocolError("the client is not open")
+        return self._parts
+
+    async def open(self) -> Opened:
+        """Open everything, start listening and announce.
+
+        Raises:
+            ConfigurationError, AgentAlreadyRunning, StorageError: as
+                :meth:`talos.client.TalosClient.create` says.
+        """
+        config, clock, rng = self._config, self._clock, self._rng
+        # One agent per home, in this process or any other (docs/design/client.md).
+        self._home.ensure()
+        self._lock = HomeLock.acquire(self._home.path)
+        identity = self._load_identity()
+        own = self._own = OwnIdentity(identity)
+        self._home.check_public_keylog(identity.keylog)
+        log = self._log = AuditLog.open(
+            self._home.audit_path,
+            clock=clock,
+            signer=audit_signer(identity),
+            extra_databases=AgentState.DATABASES + (ANCHOR_DATABASES if config.anchor else ()),
+            **config.audit.open_arguments(),
+        )
+        # Cheap (O(log n)) start-up check; the full scan is `talos audit verify-chain`.
+        trusted = [VerifyKey(event.signing_key) for event in identity.keylog.events]
+        refuse_damaged_head(log.environment, trusted)
+        state = AgentState(
+            log,
+            storage_key=derive_storage_key(identity.storage_secret),
+            clock=clock,
+            rng=rng,
+            replay_window_ms=int(config.replay_window * 1000),
+        )
+        tokens = self._tokens = TokenStore.open(self._home.path / "capabilities")
+        mirrors = self._mirrors = MirrorStore.open(
+            self._home.path / MIRROR_DIR, quota_bytes=config.audit.mirror_quota_bytes
+        )
+        # A store shorter than the signed watermark records is refused (docs/design/lost-state.md).
+        watermark = guard(self._home, identity, log, tokens, current=lambda: own.current)
+        discovery = self.discovery = await self._open_discovery()
+        if config.metrics_port is not None:
+            self._metrics.serve(config.metrics_port, config.listen[0])
+        transport = self._transport = Transport(self._on_frame, clock=clock)
+        parts = self._parts = assemble(
+            config=config,
+            own=own,
+            instance=self._instance,
+            log=log,
+            state=state,
+            tokens=tokens,
+            discovery=discovery,
+            transport=transport,
+            metrics=self._metrics,
+            clocks=self._clocks,
+            closed=self._closed,
+            mirrors=mirrors,
+        )
+        parts.capabilities.complete_revocation()
+        requester, replies = self._request_reply(own, log, parts)
+        rotator = Rotator(
+            home=self._home,
+            own=own,
+            log=log,
+            parts=parts,
+            metrics=self._metrics,
+            passphrase=config.passphrase,
+            clock=clock,
+            rng=rng,
+            announce=self.announce_if_published,
+            watermark=watermark,
+        )
+        if config.anchor is not None:
+            self._anchoring = start_anchoring(
+                config.anchor, log, clock=clock, rng=rng, metrics=self._metrics
+            )
+        host, port = await self._listen(transport)
+        outbox = self._outbox = OutboxControl(
+            state=state,
+            log=log,
+            deliverer=parts.deliverer,
+            metrics=self._metrics,
+            clock=clock,
+            closed=self._closed,
+        )
+        parts.sender.on_expiring = outbox.expiring
+        self.spawn(outbox.run_expiry())
+        announced_host, announced_port = config.announce
+        host = announced_host or host
+        self._endpoint = f"ws://{f'[{host}]' if ':' in host else host}:{announced_port or port}"
+        await self._start_background(state, parts)
+        return Opened(
+            own=own,
+            log=log,
+            state=state,
+            tokens=tokens,
+            mirrors=mirrors,
+            transport=transport,
+            discovery=discovery,
+            parts=parts,
+            peers=parts.peers,
+            rotator=rotator,
+            outbox=outbox,
+            endpoint=self._endpoint,
+            requester=requester,
+            replies=replies,
+        )
+
+    def _request_reply(
+        self, own: OwnIdentity, log: AuditLog, parts: Parts
+    ) -> tuple[Requester, Replies]:
+        """Request/reply (docs/design/request-reply.md) on the receive path."""
+        requests = OpenRequests(own.current.agent_id)
+        replies = Replies(
+            log=log, sender=parts.sender, clock=self._clock, kick=parts.deliverer.kick
+        )
+        parts.receiver.requests = parts.batch.requests = requests
+        parts.receiver.replies = replies
+        requester = Requester(
+            sender=parts.sender, requests=requests, clock=self._clock, rng=self._rng
+        )
+        return requester, replies
+
+    async def _open_discovery(self) -> Discovery:
+        config, clock = self._config, self._clock
+        # offline_mode: no network at all, so no registry client and no DHT node; the
+        # listener still accepts peers that connect (docs/design/client.md).
+        registry = None
+        if config.registry_urls and not config.offline:
+            registry = RegistryClient(config.registry_urls, clock=clock, observe=self._contact)
+        use_dht = "dht" in config.discovery and not config.offline
+        dht = DhtNode(clock=clock, rng=self._rng) if use_dht else None
+        discovery = Discovery(
+            registry=registry, dht=dht, clock=clock, metrics=self._metrics, clocks=self._clocks
+        )
+        if dht is not None:
+            try:
+                await dht.start(config.dht_port, config.listen[0], list(config.dht_bootstrap))
+            except DiscoveryError as exc:  # binding its UDP port is all that raises
+                raise ConfigurationError(f"dht_port {config.dht_port}: {exc}") from None
+        return discovery
+
+    async def _listen(self, transport: Transport) -> tuple[str, int]:
+        config = self._config
+        try:
+            return await transport.listen(*config.listen)
+        except PeerUnreachable as exc:  # the address cannot be bound: our option, not a peer
+            raise ConfigurationError(
+                f"listen={config.listen[0]}:{config.listen[1]} cannot be used: {exc} "
+                "(another agent or program on that port? listen on port 0 for any free one)"
+            ) from exc
+
+    async def _start_background(self, state: AgentState, parts: Parts) -> None:
+        discovery = self.discovery
+        assert discovery is not None  # noqa: S101 -- opened before
+        if self._publishes():
+            await self.announce()
+            self.spawn(discovery.reannounce(self._closed, self.announce))
+        for peer in state.peers_with_pending():
+            parts.deliverer.kick(peer)
+        if parts.witnessing.witnesses and not self._config.offline:
+            self.spawn(parts.witnessing.run(self._closed))
+        if parts.mirroring is not None:
+            parts.mirroring.start()
+
+    def _on_frame(self, link: Link, frame: bytes) -> Awaitable[None]:
+        # The receiver's coroutine itself: no extra await layer per frame.
+        return self.parts.receiver.on_frame(link, frame)
+
+    def _contact(self, url: str, answered: bool) -> None:
+        """The registry client contacted ``url`` (credentials stripped): the per-URL gauge."""
+        self._metrics.set_registry_reachable(answered, url)
+
+    def _load_identity(self) -> Identity:
+        config = self._config
+        try:
+            return self._home.load_identity(passphrase=config.passphrase)
+        except IdentityNotFound:
+            identity = Identity.create(config.name, rng=self._rng, clock=self._clock)
+            self._home.save_identity(identity, rng=self._rng, passphrase=config.passphrase)
+            return identity
+
+    # -- announcing -----------------------------------------------------------------
+
+    def peer_record(self, *, lifetime: float = RECORD_LIFETIME) -> PeerRecord:
+        """A freshly signed record of where this instance listens."""
+        assert self._own is not None  # noqa: S101 -- only asked of an open agent
+        current = self._own.current
+        return PeerRecord.create(
+            current.signing_key,
+            agent_id=current.agent_id,
+            key_sequence=current.sequence,
+            instance_id=self._instance,
+            endpoint=self._endpoint,
+            sequence=time_ms(self._clock),
+            now=self._clock.time(),
+            lifetime=lifetime,
+        )
+
+    def _publishes(self) -> bool:
+        discovery = self.discovery
+        if self._config.offline or discovery is None:
+            return False
+        return discovery.registry is not None or discovery.dht is not None
+
+    async def announce(self) -> None:
+        """Publish to the registry and the DHT; a source that is down is not fatal."""
+        discovery, own, parts = self.discovery, self._own, self.parts
+        assert discovery is not None  # noqa: S101 -- open
+        assert own is not None  # noqa: S101 -- open
+        if discovery.registry is not None:
+            await discovery.announce(
+                own.current,
+                lambda: PrekeyUpload.from_store(
+                    parts.sessions.prekeys,
+                    own.current.signing_key,
+                    key_sequence=own.current.sequence,
+                    sequence=time_ms(self._clock),
+                ),
+                self.peer_record,
+                parts.capabilities.publish,
+            )
+        if discovery.dht is not None:
+            await discovery.announce_dht(
+                self.peer_record().to_bytes(),
+                own.current.keylog.to_bytes(),
+                parts.sessions.prekeys.bundle(None).to_bytes(),
+            )
+
+    async def announce_if_published(self) -> None:
+        if self._publishes():
+            await self.announce()
+
+    def spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- closing --------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Shut everything down, then release the home's lock."""
+        try:
+            await self._shut_down()
+        finally:
+            if self._lock is not None:
+                self._lock.release()  # last: nothing of this agent is open any more
+
+    async def _shut_down(self) -> None:
+        parts = self._parts
+        if parts is not None and parts.batch.acknowledging:
+            # Committed receives are ACKed before the links close (else the
+            # senders retry, and are answered DUPLICATE next time). A grace in
+            # real seconds, not on the agent's clock: closing must not hang on a
+            # fake clock nobody advances.
+            await asyncio.wait(set(parts.batch.acknowledging), timeout=1.0)
+        if parts is not None:
+            if parts.mirroring is not None:
+                await parts.mirroring.stop()
+            await parts.acks.stop()
+            await parts.deliverer.stop()
+        await self._cancel_tasks(parts)
+        # Commits in worker threads (acknowledge, cancel, expiry) finish before the store closes.
+        if parts is not None:
+            await parts.inbox.stop()
+        if self._outbox is not None:
+            await self._outbox.stop()
+        if parts is not None:
+            # Received but not committed: not acknowledged either, so their senders retry.
+            parts.batch.discard()
+            parts.sender.flush()
+            parts.acks.flush()  # ACKs already in: removed, and their senders released
+            parts.deliverer.release_waiters()
+            parts.inbox.ready.set()
+        await self._close_stores()
+
+    async def _cancel_tasks(self, parts: Parts | None) -> None:
+        tasks = [*self._background, *(parts.batch.acknowledging if parts else ())]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _close_stores(self) -> None:
+        if self._transport is not None:
+            await self._transport.close()
+        if self.discovery is not None:
+            await self.discovery.close()
+        if self._anchoring is not None:
+            # First: its step in progress uses the log, and its pruning asks the
+            # mirror store how far the mirrors are.
+            await self._anchoring.stop()
+        if self._tokens is not None:
+            self._tokens.close()
+        if self._mirrors is not None:
+            self._mirrors.close()
+        if self._log is not None:
+            self._log.close()
+        self._metrics.close()
