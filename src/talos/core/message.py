@@ -97,7 +97,8 @@ class Message:
 
         Raises:
             LocalProtocolError: not a request, or not received through a client.
-            (and what ``TalosClient.reply`` raises)
+            RequestExpired: the request's expiry passed; nothing was sent.
+            QueueFull: as ``TalosClient.send``.
         """
         if self._replier is None:
             raise LocalProtocolError(
