@@ -39,13 +39,21 @@ from talos.errors import (
 )
 
 if TYPE_CHECKING:
-    from talos.client import MessageOutcome, QueuedEntry, SendResult, TalosClient
+    from talos.client import (
+        CapabilityInfo,
+        MessageOutcome,
+        QueuedEntry,
+        RevokedToken,
+        SendResult,
+        TalosClient,
+    )
     from talos.core.message import Message
 
 __all__ = [
     "AgentAlreadyRunning",
     "CannotCancel",
     "CapabilityDenied",
+    "CapabilityInfo",
     "ConfigurationError",
     "DeliveryError",
     "DeliveryTimeout",
@@ -65,6 +73,7 @@ __all__ = [
     "QueueFull",
     "QueuedEntry",
     "RegistryUnavailable",
+    "RevokedToken",
     "SendResult",
     "SessionError",
     "StateLost",
@@ -82,6 +91,8 @@ _LAZY = {
     "SendResult": ("talos.client", "SendResult"),
     "MessageOutcome": ("talos.client", "MessageOutcome"),
     "QueuedEntry": ("talos.client", "QueuedEntry"),
+    "CapabilityInfo": ("talos.client", "CapabilityInfo"),
+    "RevokedToken": ("talos.client", "RevokedToken"),
     "Message": ("talos.core.message", "Message"),
 }
 

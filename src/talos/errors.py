@@ -259,8 +259,9 @@ class CapabilitySignatureInvalid(CapabilityDenied, SignatureInvalid):
     """
 
     hint = (
-        "if the issuer is simply unknown here, import its key log "
-        "(`talos capabilities add TOKEN --issuer-log FILE`); otherwise suspect tampering"
+        "if the issuer is simply unknown here, let discovery fetch its key log "
+        "(`add_capability(TOKEN)` in code, `talos capabilities add TOKEN --registry URL`) "
+        "or import it (`issuer_logs=`, `--issuer-log FILE`); otherwise suspect tampering"
     )
 
     @classmethod
@@ -328,6 +329,13 @@ class DeliveryError(TalosError):
 
 class PeerRejected(DeliveryError):
     """The peer received the message and refused it, with its signed reason."""
+
+    hint = (
+        "the peer will not take it as sent; its reason says why. No capability, or an "
+        "expired or revoked one: ask the peer for a grant (`grant()` on its side), keep it "
+        "with `add_capability(TOKEN)` (CLI: `talos capabilities add`); `capabilities()` "
+        "lists what this agent holds"
+    )
 
 
 class PeerUnreachable(DeliveryError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from talos.core.clock import Clock
 from talos.core.crypto import VerifyKey
@@ -158,8 +158,7 @@ class PeerDirectory:
         if known is not None:
             return known
         if len(misses) == len(self._sources):  # every source answered: no such agent
-            asked = f"; {' and '.join(misses)} do not know it" if misses else ""
-            raise PeerUnknown(f"no agent {agent_id}: not in the cache{asked}")
+            raise PeerUnknown(f"no agent {agent_id}: not in the cache{_not_known_by(misses)}")
         raise PeerNotFound(f"no key log for {agent_id} in the cache or any discovery source")
 
     def signing_key(self, agent_id: str, sequence: int) -> VerifyKey | None:
@@ -289,6 +288,22 @@ class PeerDirectory:
     def _source_answered(self, source: RecordSource) -> None:
         if self._on_source_up is not None:
             self._on_source_up(source.name)
+
+
+#: How a message names a discovery source.
+_SOURCE_NAMES: Final = {"registry": "the registry", "dht": "the DHT"}
+
+
+def _not_known_by(sources: list[str]) -> str:
+    """``"; the registry does not know it"``, ``"; neither the registry nor the DHT knows it"``."""
+    names = [_SOURCE_NAMES.get(name, name) for name in sources]
+    if not names:
+        return ""
+    if len(names) == 1:
+        return f"; {names[0]} does not know it"
+    if len(names) == 2:
+        return f"; neither {names[0]} nor {names[1]} knows it"
+    return f"; none of {', '.join(names)} knows it"
 
 
 class RegistrySource:

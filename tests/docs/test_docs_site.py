@@ -31,6 +31,12 @@ def test_the_site_builds_strictly_with_the_api_reference(tmp_path: Path) -> None
         "talos.core.message.Message",
         "talos.client.sending.SendResult",
         "talos.errors.DeliveryTimeout",
+        "talos.client.api.TalosClient.grant",
+        "talos.client.api.TalosClient.add_capability",
+        "talos.client.api.TalosClient.capabilities",
+        "talos.client.api.TalosClient.revoke",
+        "talos.client.grants.CapabilityInfo",
+        "talos.client.grants.RevokedToken",
     ):
         assert f'id="{anchor}"' in reference, anchor
     assert ":class:<code>" not in reference  # Sphinx roles rendered as code (mkdocs_hooks.py)

@@ -1,13 +1,13 @@
-"""The examples in examples/ run as a user runs them: examples/setup.sh makes the
-two homes and the grants, then the tool server and the planner run as real
-processes against a real registry. The tool server is killed with SIGKILL
-before the planner sends, and comes back on another port: the planner still
-gets an answer to each of its calls, one each, in order."""
+"""The examples in examples/ run as a user runs them: the tool server and the
+planner as real processes in one directory against a real registry, with
+nothing set up beforehand (no CLI step): they grant each other ``message.send``
+in code and hand the tokens over as files. Then the tool server is killed with
+SIGKILL before the planner's second run sends, and comes back on another port:
+the planner still gets an answer to each of its calls, one each, in order."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -22,7 +22,7 @@ from talos.testing.processes import RegistryProcess, registry_process
 from talos.testing.waiting import wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-READY = re.compile(r"tool server ready: (did:talos:\S+)")
+READY = re.compile(r"tool server ready: (did:talos:\S+) at (ws://\S+)")
 
 
 @pytest.fixture
@@ -50,45 +50,51 @@ def test_each_example_is_under_forty_lines() -> None:
         assert len((EXAMPLES / script).read_text().splitlines()) <= 40, script
 
 
+def _answers(output: str) -> None:
+    """The planner's output: one answer per call, in order, each right."""
+    answers = [json.loads(line) for line in output.splitlines()]
+    assert [answer["tool"] for answer in answers] == ["add", "upper", "divide"]
+    assert answers[0]["result"] == 5
+    assert answers[1]["result"] == "TALOS"
+    assert str(answers[2]["error"]).startswith("ZeroDivisionError")
+
+
 def test_the_planner_gets_every_answer_through_a_kill_of_the_tool_server(
     tmp_path: Path, registry: RegistryProcess
 ) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = clean_env({"TALOS_REGISTRY_URL": registry.url, "PATH": path})
-    subprocess.run(
-        ["bash", str(EXAMPLES / "setup.sh"), str(work)],  # noqa: S607 -- bash from PATH, as a user runs it
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    tools_id = (work / "tools.id").read_text().strip()
+    env = clean_env({"TALOS_REGISTRY_URL": registry.url})
     children: list[ChildProcess] = []
     try:
         tools = _start("tool_server.py", cwd=work, env=env, log=tmp_path / "tools-1.log")
         children.append(tools)
-        assert tools.wait_for_line(READY, 30).group(1) == tools_id  # announced once
-        tools.kill()  # kill -9: the planner's calls must wait in its outbox
-        tools.stop()  # (already dead: only closes its stdout)
+        tools_id, first_endpoint = tools.wait_for_line(READY, 30).groups()
+        assert (work / "tools.id").read_text().strip() == tools_id
 
-        planner = _start("planner.py", tools_id, cwd=work, env=env, log=tmp_path / "planner.log")
+        # First run: the grants are exchanged through the directory, then the calls.
+        planner = _start("planner.py", cwd=work, env=env, log=tmp_path / "planner-1.log")
+        children.append(planner)
+        _answers(planner.finish(60))
+        assert planner.returncode == 0, planner.log_tail(40)
+        assert {"planner.grant", "tools.grant"} <= {p.name for p in work.iterdir()}
+
+        tools.kill()  # kill -9: the planner's next calls must wait in its outbox
+        tools.stop()  # (already dead: only closes its stdout)
+        planner = _start("planner.py", cwd=work, env=env, log=tmp_path / "planner-2.log")
         children.append(planner)
         wait_until(
             lambda: "cannot connect" in planner.log_text(), 30, what="a failed delivery attempt"
         )
         tools = _start("tool_server.py", cwd=work, env=env, log=tmp_path / "tools-2.log")
         children.append(tools)
-        tools.wait_for_line(READY, 30)
+        again = tools.wait_for_line(READY, 30)
+        assert again.group(1) == tools_id  # the same identity, on another port
+        assert again.group(2) != first_endpoint
 
         output = planner.finish(60)
         assert planner.returncode == 0, planner.log_tail(40)
-        answers = [json.loads(line) for line in output.splitlines()]
-        assert [answer["tool"] for answer in answers] == ["add", "upper", "divide"]
-        assert answers[0]["result"] == 5
-        assert answers[1]["result"] == "TALOS"
-        assert answers[2]["error"].startswith("ZeroDivisionError")
+        _answers(output)
     finally:
         for child in children:
             child.stop()  # SIGTERM, then SIGKILL; closes its stdout

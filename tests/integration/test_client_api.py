@@ -161,7 +161,7 @@ async def test_an_unknown_peer_is_reported_as_such_not_as_a_timeout(
 ) -> None:
     async with TalosClient.create("alice", home=tmp_path / "a", registry_url=registry.url) as a:
         started = time.monotonic()
-        with pytest.raises(PeerUnknown, match="registry do not know it"):
+        with pytest.raises(PeerUnknown, match="the registry does not know it"):
             await a.send(NOBODY, "hello?", timeout=30)
         assert time.monotonic() - started < 10  # answered, not timed out
         assert a.queue_depth() == 0
