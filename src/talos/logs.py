@@ -163,6 +163,9 @@ EVENTS: Final = frozenset(
         "registry_connections_refused",
         "registry_swept",
         "registry_sweep_failed",
+        # issue 17: a stale revocation list accepted; audit entries left out
+        "revocation_list_stale_accepted",
+        "failures_suppressed",
     }
 )
 

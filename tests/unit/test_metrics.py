@@ -28,7 +28,10 @@ SEED_SERIES = (
 )
 
 #: The seed's series that carry a label (the alert ``> 0`` holds for any label value).
-LABELLED_SEED_SERIES = {"talos_signature_failures_total": ("reason", "bad_signature")}
+LABELLED_SEED_SERIES = {
+    "talos_signature_failures_total": ("reason", "bad_signature"),
+    "talos_session_failures_total": ("reason", "decrypt_failed"),
+}
 
 #: Every unlabelled counter/gauge sample exported, all 0 at start-up.
 SCALAR_SERIES = (
@@ -125,7 +128,7 @@ def test_session_events() -> None:
     metrics.session_reset()
     metrics.set_active_sessions(3)
     assert value(metrics, "talos_sessions_established_total") == 2
-    assert value(metrics, "talos_session_failures_total") == 1
+    assert value(metrics, "talos_session_failures_total", reason="decrypt_failed") == 1
     assert value(metrics, "talos_session_resets_total") == 1
     assert value(metrics, "talos_sessions_active") == 3
     assert value(metrics, "talos_session_establishment_seconds_count") == 1

@@ -41,6 +41,7 @@ from talos.client.outbox import OutboxControl, QueuedEntry
 from talos.client.outcomes import MessageOutcome
 from talos.client.own_keys import OwnIdentity, Rotation, audit_signer
 from talos.client.rotation import Rotator
+from talos.client.scraped import read_stores_when_scraped
 from talos.client.sending import SendResult
 from talos.client.status import known_peer_rows, status_report
 from talos.client.wiring import Parts, assemble
@@ -54,6 +55,7 @@ from talos.core.keylog import KeyLog
 from talos.core.message import Message
 from talos.core.peer_record import PeerRecord
 from talos.core.prekeys import PrekeyUpload
+from talos.core.revocation import DEFAULT_GRACE
 from talos.core.rng import Rng
 from talos.core.x3dh import PrekeyBundle
 from talos.discovery.dht import DhtNode
@@ -133,6 +135,7 @@ class TalosClient:
         clock: Clock = SYSTEM_CLOCK,
         rng: Rng = SYSTEM_RNG,
         anchor: dict[str, Any] | None = None,
+        revocation_grace: float = DEFAULT_GRACE,
     ) -> _Creating:
         """Open (or create) the agent in ``home`` and start it.
 
@@ -154,6 +157,13 @@ class TalosClient:
         ``interval``, ``confirmations``, ``poll``, ``passphrase``) the audit
         log's checkpoints are anchored on that chain
         (:mod:`talos.audit.anchoring.settings`, docs/design/anchoring.md).
+        ``revocation_mode`` says what a revocation list older than
+        ``revocation_max_age`` seconds does to the capabilities it covers:
+        ``strict`` refuses them, ``offline`` accepts them, ``permissive``
+        accepts them for ``revocation_grace`` more seconds (default 3600);
+        each acceptance on a stale list is logged
+        (``revocation_list_stale_accepted``) and counted
+        (``talos_revocation_stale_accepted_total``).
 
         The agent holds the home's lock (``<home>/control.lock``) until
         :meth:`close` or the process ends: one agent per home.
@@ -264,6 +274,10 @@ class TalosClient:
                 await dht.start(config.dht_port, config.listen[0], list(config.dht_bootstrap))
             except DiscoveryError as exc:  # binding its UDP port is all that raises
                 raise ConfigurationError(f"dht_port {config.dht_port}: {exc}") from None
+        log, state, tokens = self._log, self._state, self._tokens
+        read_stores_when_scraped(
+            self.metrics, me=identity.agent_id, log=log, state=state, tokens=tokens
+        )
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port, config.listen[0])
         self._transport = Transport(self._on_frame, clock=clock)
@@ -328,6 +342,8 @@ class TalosClient:
             self._spawn(self._parts.witnessing.run(self._is_closed))
         if self._parts.mirroring is not None:
             self._parts.mirroring.start()
+        if self._parts.auditor is not None:
+            self._spawn(self._parts.auditor.run(self._is_closed))
 
     @property
     def _drivers(self) -> Parts:
@@ -450,6 +466,8 @@ class TalosClient:
             parts.inbox.ready.set()
         if self._transport is not None:
             await self._transport.close()
+        if parts is not None and parts.auditor is not None:
+            parts.auditor.flush_suppressed()  # nothing arrives any more: the last counts
         if self._discovery is not None:
             await self._discovery.close()
         if self._anchoring is not None:

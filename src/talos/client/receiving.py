@@ -360,7 +360,7 @@ class Receiver:
             plaintext, successor, prekeys, established = self._decrypt(envelope, sender_keys)
             decode_payload(plaintext)  # refuses undecodable payloads before committing
         except (CryptoError, SessionError, RemoteProtocolError) as exc:
-            self._metrics.session_failed()
+            self._metrics.session_failed("decrypt_failed")
             await self._refuse(link, envelope, incoming.decrypt_refusal(envelope, exc))
             return
         # Signed, fresh, not a replay, authorized, decrypted: this link is a peer's and

@@ -123,6 +123,10 @@ class AuditKind(StrEnum):
     ANCHOR_MISMATCH = "ANCHOR_MISMATCH"
     #: Payloads of entries covered by a final anchor were dropped (talos.audit.pruning).
     AUDIT_PRUNED = "AUDIT_PRUNED"
+    #: Audit entries of one kind about one peer that the per-peer rate limit left
+    #: out (``count``, ``kind``, ``from_ms``..``to_ms``): queries never undercount
+    #: silently (talos.client.control.Auditor, docs/operations.md).
+    FAILURES_SUPPRESSED = "FAILURES_SUPPRESSED"
 
 
 def check_kind(kind: object) -> str:
