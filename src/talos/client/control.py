@@ -151,7 +151,7 @@ class Auditor:
         kind, peer = key
         self.audit(
             AuditKind.FAILURES_SUPPRESSED,
-            {"kind": kind, "count": count, "from_ms": first, "to_ms": last},
+            {"kind": str(kind), "count": count, "from_ms": first, "to_ms": last},
             peer,
         )
         _log.warning(
@@ -160,7 +160,12 @@ class Auditor:
             kind,
             peer or "several peers",
             (last - first) / 1000,
-            extra={"event": "failures_suppressed", "peer_id": peer, "kind": kind, "count": count},
+            extra={
+                "event": "failures_suppressed",
+                "peer_id": peer,
+                "kind": str(kind),
+                "count": count,
+            },
         )
 
     def flush_suppressed(self, *, older_than: float = 0.0) -> None:
