@@ -78,6 +78,8 @@ class World:
     proof: Path
     #: The mirrored log's size: ENTRIES and the witnesses' cosignatures (CHECKPOINT_COSIGNED).
     size: int
+    #: Bob's /metrics port (the mirror's side of the series).
+    bob_metrics: int = 0
 
     def restart_carol(self) -> None:
         self.carol = self.launcher.agent(self.carol.home, "--registry", self.registry.url)
@@ -92,7 +94,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for name, home in homes.items():
             CLI.ok(home, "init", "--name", name, "--no-passphrase")
         _append(homes["alice"], ENTRIES)
-        bob = launcher.agent(homes["bob"], "--registry", registry.url)
+        bob_metrics = free_port()
+        bob = launcher.agent(
+            homes["bob"], "--registry", registry.url, "--metrics-port", str(bob_metrics)
+        )
         carol = launcher.agent(homes["carol"], "--registry", registry.url)
         alice = launcher.agent(
             homes["alice"],
@@ -115,12 +120,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             time.sleep(1.5)  # a cosignature arriving late would show here
         alice.stop()
         assert "mirror_batch_stored" in bob.log.read_text()
+        assert _metric(bob_metrics, "talos_audit_mirror_batches_stored_total") >= 1
+        assert _metric(bob_metrics, "talos_audit_mirror_entries_stored_total") >= ENTRIES
         size, root = _head(homes["alice"])
         assert size >= ENTRIES
         assert all(_acked(homes["alice"], m.agent_id) == size for m in (bob, carol))
         proof = base / "proof.json"
         CLI.ok(homes["alice"], "audit", "prove", "17", "--out", str(proof))
-        yield World(launcher, registry, homes["alice"], bob, carol, root, proof, size)
+        yield World(launcher, registry, homes["alice"], bob, carol, root, proof, size, bob_metrics)
 
 
 @pytest.fixture
@@ -364,6 +371,22 @@ def test_bad_mirror_envelopes_are_refused_and_nothing_is_lost(world: World) -> N
     assert stale.code is mirror_bodies.RefusalCode.STALE
     assert isinstance(bad_checkpoint, mirror_bodies.Refused)
     assert bad_checkpoint.code is mirror_bodies.RefusalCode.BAD_CHECKPOINT
+    # ... each counted on bob's /metrics (as the mirror).
+    port = world.bob_metrics
+    whole = mirror_bodies.encode_body(mirror_bodies.Fetch(0, 128))
+    (all_of_it,) = asyncio.run(
+        _exchange(alice, world.bob, [_frame(alice, bob, mirror_bodies.MirrorKind.FETCH, whole)])
+    )
+    assert isinstance(all_of_it, mirror_bodies.Entries)
+    assert all_of_it.entries
+    served = _metric(port, "talos_audit_mirror_entries_served_total")
+    assert served == len(all_of_it.entries)
+    assert _metric(port, "talos_audit_mirror_fetches_refused_total") >= 2
+    refused = 'talos_audit_mirror_batches_refused_total{{code="{}"}}'
+    assert _metric(port, refused.format("malformed")) >= 1
+    assert _metric(port, refused.format("bad_checkpoint")) >= 1
+    signature = 'talos_signature_failures_by_object_total{object="mirror_batch"}'
+    assert _metric(port, signature) >= 1
     # Another agent asking gets only its own entries (none), never alice's.
     carol = AgentHome(world.carol.home).load_identity(passphrase=None)
     (other,) = asyncio.run(
