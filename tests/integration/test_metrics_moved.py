@@ -189,6 +189,11 @@ async def test_every_series_of_the_scenario_moves(
     assert {s["kind"] for s in summaries} == {"SIGNATURE_FAILURE"}
     assert len(audited) + sum(s["count"] for s in summaries) == FORGED
     assert all(s["from_ms"] <= s["to_ms"] for s in summaries)
+    # ... and a query by kind says how many it does not list.
+    query = CLI.run(bob_home, "audit", "query", "--type", "signature_failure",
+                    "--peer", alice.agent_id, "--json").expect(0)  # fmt: skip
+    left_out = sum(s["count"] for s in summaries)
+    assert f"note: {left_out} more SIGNATURE_FAILURE events were left out" in query.stderr
 
 
 async def scenario(
