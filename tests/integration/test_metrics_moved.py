@@ -266,3 +266,47 @@ async def scenario(
             await raw.send(b"not a frame")
         await raw.wait_closed()  # bob closed it (1008) after the 9th
     assert raw.close_code == 1008
+
+
+@pytest.mark.parametrize("grace", [3600.0, 0.0])
+async def test_permissive_mode_accepts_a_stale_list_for_the_grace_only(
+    tmp_path: Path, registry: RegistryProcess, grace: float
+) -> None:
+    """``revocation_grace`` decides: with ``revocation_max_age=0`` every issuer's list
+    is stale at the check; within the grace bob accepts carol's delegation and says
+    so, past it (grace 0) he refuses it."""
+    made = homes(tmp_path)
+    common: dict[str, Any] = {"registry_url": registry.url, "metrics_port": 0}
+    carol = await TalosClient.create("carol", home=tmp_path / "carol", **common)
+    await carol.close()  # its key log is in the registry
+    carol_identity = AgentHome(tmp_path / "carol").load_identity(passphrase=None)
+    async with (
+        TalosClient.create("alice", home=tmp_path / "alice", accept_policy="open", **common) as a,
+        TalosClient.create(
+            "bob",
+            home=tmp_path / "bob",
+            revocation_mode="permissive",
+            revocation_max_age=0,
+            revocation_grace=grace,
+            **common,
+        ) as b,
+    ):
+        delegated = delegate(
+            Capability.from_text(made["carol_token"]),
+            carol_identity.signing_key,
+            key_sequence=carol_identity.sequence,
+            subject=a.agent_id,
+            now=time.time(),
+            rng=SeededRng(18),
+        ).to_text()
+        if grace:
+            sent = await a.send(b.agent_id, "delegated", capability=delegated, timeout=30)
+            assert sent.status == "delivered"
+        else:
+            # Refused as stale (retried later: the list may be synced by then).
+            sent = await a.send(b.agent_id, "delegated", capability=delegated, timeout=3)
+            assert sent.status == "queued"
+        scraped = scrape(b)
+    accepted = scraped[("talos_revocation_stale_accepted_total", (("mode", "permissive"),))]
+    denied = scraped[("talos_capabilities_denied_total", (("reason", "RevocationListStale"),))]
+    assert (accepted >= 1, denied >= 1) == ((True, False) if grace else (False, True))

@@ -116,6 +116,8 @@ _EMPTY_HOME_COMMANDS = st.one_of(
         _option("--metrics-port", _NUMBER_TEXT),
         _option("--dht-bootstrap", _NUMBER_TEXT.map(lambda port: f"127.0.0.1:{port}")),
         _option("--listen", _NUMBER_TEXT.map(lambda port: f"127.0.0.1:{port}")),
+        _option("--revocation-max-age", _NUMBER_TEXT),
+        _option("--revocation-grace", _NUMBER_TEXT),
     ),
     _join(
         _words("diagnose", "--storage"),
@@ -238,3 +240,22 @@ def test_send_to_a_running_agent_takes_any_text(running: tuple[Path, str], argv:
     _check(result, argv, frozenset({0, 2}))
     if result.exit_code == 0:
         assert result.output.startswith("queued ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--revocation-grace", "-1"],
+        ["--revocation-grace", "nan"],
+        ["--revocation-max-age", "inf"],
+        ["--revocation-mode", "lenient"],
+    ],
+)
+def test_run_refuses_a_bad_revocation_option_before_starting(
+    homes: tuple[Path, str, Path], argv: list[str]
+) -> None:
+    home, _, _ = homes
+    argv = ["run", "--offline", *argv]
+    result = _invoke(home, argv)
+    _check(result, argv, frozenset({2}))
+    assert "Invalid value for" in result.stderr
