@@ -34,6 +34,7 @@ from talos.client import TalosClient
 from talos.core import wire
 from talos.core.capability import Capability
 from talos.core.capability.issuing import delegate
+from talos.core.revocation import RevocationList
 from talos.errors import DiscoveryError, PeerRejected, SignatureInvalid
 from talos.storage.agent_state import AgentState
 from talos.storage.home import AgentHome
@@ -76,6 +77,8 @@ SCENARIO: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {
     ("talos_signature_failures_total", (("reason", "bad_signature"),)): "bob",
     ("talos_signature_failures_by_object_total", (("object", "envelope"),)): "bob",
     ("talos_signature_failures_by_object_total", (("object", "prekey_bundle"),)): "alice",
+    ("talos_signature_failures_by_object_total", (("object", "key_log"),)): "bob",
+    ("talos_signature_failures_by_object_total", (("object", "revocation_list"),)): "bob",
     ("talos_revocation_stale_accepted_total", (("mode", "offline"),)): "bob",
     ("talos_frames_malformed_total", ()): "bob",
     ("talos_links_closed_malformed_total", ()): "bob",
@@ -150,6 +153,51 @@ def forged_frame(alice: TalosClient, home: Path, recipient: str, n: int) -> byte
     return bytes(frame)
 
 
+def flipped(data: bytes, signature: bytes) -> bytes:
+    """``data`` with one bit of ``signature`` (found in it) flipped."""
+    at = data.index(signature)
+    return data[:at] + bytes([signature[0] ^ 1]) + data[at + 1 :]
+
+
+def bad_signed_objects(
+    alice: TalosClient, home: Path
+) -> list[tuple[wire.EnvelopeType, str, bytes]]:
+    identity = AgentHome(home).load_identity(passphrase=None)
+    log = identity.keylog.to_bytes()
+    own_list = RevocationList.create(alice.agent_id, now=time.time()).signed_by(
+        identity.signing_key, identity.sequence
+    )
+    return [
+        (wire.EnvelopeType.KEYLOG, "key_log", flipped(log, identity.keylog.events[0].signature)),
+        (
+            wire.EnvelopeType.REVOCATIONS,
+            "revocation_list",
+            flipped(own_list.to_bytes(), own_list.signature),
+        ),
+    ]
+
+
+def signed_frame(
+    alice: TalosClient,
+    home: Path,
+    recipient: str,
+    kind: wire.EnvelopeType,
+    field: str,
+    data: bytes,
+) -> bytes:
+    """A control envelope alice really signed, carrying ``data`` in ``field``."""
+    envelope = wire.Envelope(
+        type=kind,
+        message_id=SeededRng(len(data)).bytes(16),
+        sender=alice.agent_id,
+        sender_instance=b"\x03" * 16,
+        recipient=recipient,
+        timestamp_ms=int(time.time() * 1000),
+        **{field: data},
+    )
+    return wire.seal(envelope, AgentHome(home).load_identity(passphrase=None).signing_key)
+
+
 async def test_every_series_of_the_scenario_moves(
     tmp_path: Path, registry: RegistryProcess
 ) -> None:
@@ -187,7 +235,8 @@ async def test_every_series_of_the_scenario_moves(
     ]
     assert summaries
     assert {s["kind"] for s in summaries} == {"SIGNATURE_FAILURE"}
-    assert len(audited) + sum(s["count"] for s in summaries) == FORGED
+    # (+1: the revocation list with a bad signature is a SIGNATURE_FAILURE too.)
+    assert len(audited) + sum(s["count"] for s in summaries) == FORGED + 1
     assert all(s["from_ms"] <= s["to_ms"] for s in summaries)
     # ... and a query by kind says how many it does not list.
     query = CLI.run(bob_home, "audit", "query", "--type", "signature_failure",
@@ -227,6 +276,10 @@ async def scenario(
     link = alice._parts.deliverer.links[bob.agent_id]  # type: ignore[union-attr]
     for n in range(FORGED):
         await link.send(forged_frame(alice, tmp_path / "alice", bob.agent_id, n))
+    # A key log and a revocation list offered in alice's name whose signatures fail
+    # (in envelopes alice did sign).
+    for kind, field, data in bad_signed_objects(alice, tmp_path / "alice"):
+        await link.send(signed_frame(alice, tmp_path / "alice", bob.agent_id, kind, field, data))
     sent = await alice.send(bob.agent_id, "after the flood", capability=token, timeout=30)
     assert sent.status == "delivered"  # ordered after the forged frames on the same link
 
