@@ -474,6 +474,7 @@ class TalosClient:
             # First: its step in progress uses the log, and its pruning asks the
             # mirror store how far the mirrors are.
             await self._anchoring.stop()
+        self.metrics.close()  # no scrape reads the stores (client.scraped) as they close
         if self._tokens is not None:
             self._tokens.close()
         if self._mirrors is not None:

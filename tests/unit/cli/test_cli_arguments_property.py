@@ -194,9 +194,13 @@ def test_commands_on_an_empty_home_take_any_arguments(
         ["--listen", "127.0.0.1:99999999999"],
         ["--announce", "example.org:\u00b2"],
         ["--dht-bootstrap", "127.0.0.1:\u00b2"],
+        ["--revocation-grace", "-1"],
+        ["--revocation-grace", "nan"],
+        ["--revocation-max-age", "inf"],
+        ["--revocation-mode", "lenient"],
     ],
 )
-def test_run_with_an_identity_refuses_a_port_no_socket_takes(
+def test_run_with_an_identity_refuses_a_bad_port_or_revocation_option(
     homes: tuple[Path, str, Path], argv: list[str]
 ) -> None:
     """Parsed before the agent starts: a usage error, not a traceback from deep in start-up."""
@@ -240,22 +244,3 @@ def test_send_to_a_running_agent_takes_any_text(running: tuple[Path, str], argv:
     _check(result, argv, frozenset({0, 2}))
     if result.exit_code == 0:
         assert result.output.startswith("queued ")
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--revocation-grace", "-1"],
-        ["--revocation-grace", "nan"],
-        ["--revocation-max-age", "inf"],
-        ["--revocation-mode", "lenient"],
-    ],
-)
-def test_run_refuses_a_bad_revocation_option_before_starting(
-    homes: tuple[Path, str, Path], argv: list[str]
-) -> None:
-    home, _, _ = homes
-    argv = ["run", "--offline", *argv]
-    result = _invoke(home, argv)
-    _check(result, argv, frozenset({2}))
-    assert "Invalid value for" in result.stderr
