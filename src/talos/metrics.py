@@ -490,9 +490,6 @@ class AgentMetrics:
     def session_reset(self) -> None:
         self.session_resets.inc()
 
-    def set_active_sessions(self, count: int) -> None:
-        self.sessions_active.set(count)
-
     # -- messages ---------------------------------------------------------------
 
     def message_sent(self, size: int) -> None:
@@ -521,9 +518,12 @@ class AgentMetrics:
     # -- capabilities -----------------------------------------------------------
 
     def capability_granted(self) -> None:
+        """(An agent reads this count from its token store when scraped:
+        :meth:`read_when_scraped`; this counts only without it.)"""
         self.capabilities_granted.inc()
 
     def capability_revoked(self) -> None:
+        """(As :meth:`capability_granted`: read from the own revocation list.)"""
         self.capabilities_revoked.inc()
 
     def key_rotated(self, kind: str) -> None:
@@ -545,24 +545,11 @@ class AgentMetrics:
             revoked = isinstance(reason, BaseException) and isinstance(reason.__cause__, KeyRevoked)
             self.signature_failed("revoked_key" if revoked else "bad_signature", "capability")
 
-    def capability_verified(self, seconds: float) -> None:
-        """A capability chain was verified (allowed or denied) in ``seconds``."""
-        self.capability_verification_seconds.observe(seconds)
-
     def time_capability_verification(self) -> Timer:
         """``with metrics.time_capability_verification(): verify(...)`` observes the duration."""
         return self.capability_verification_seconds.time()
 
     # -- audit ------------------------------------------------------------------
-
-    def audit_appended(self, count: int = 1, *, size_bytes: int | None = None) -> None:
-        """``count`` entries were appended; ``size_bytes`` is the log's new size if known."""
-        self.audit_entries.inc(count)
-        if size_bytes is not None:
-            self.audit_size_bytes.set(size_bytes)
-
-    def set_audit_size(self, size_bytes: int) -> None:
-        self.audit_size_bytes.set(size_bytes)
 
     def audit_anchor_attempted(self, *, succeeded: bool) -> None:
         self.audit_anchor_attempts.inc()
