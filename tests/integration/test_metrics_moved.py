@@ -323,7 +323,7 @@ async def scenario(
 
 @pytest.mark.parametrize("grace", [3600.0, 0.0])
 async def test_permissive_mode_accepts_a_stale_list_for_the_grace_only(
-    tmp_path: Path, registry: RegistryProcess, grace: float
+    tmp_path: Path, registry: RegistryProcess, grace: float, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``revocation_grace`` decides: with ``revocation_max_age=0`` every issuer's list
     is stale at the check; within the grace bob accepts carol's delegation and says
@@ -363,3 +363,8 @@ async def test_permissive_mode_accepts_a_stale_list_for_the_grace_only(
     accepted = scraped[("talos_revocation_stale_accepted_total", (("mode", "permissive"),))]
     denied = scraped[("talos_capabilities_denied_total", (("reason", "RevocationListStale"),))]
     assert (accepted >= 1, denied >= 1) == ((True, False) if grace else (False, True))
+    warned = [
+        r for r in caplog.records if getattr(r, "event", "") == "revocation_list_stale_accepted"
+    ]
+    assert bool(warned) == bool(grace)
+    assert all("permissive mode on the revocation list of" in r.getMessage() for r in warned)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import weakref
 
 from talos.audit import AuditKind
@@ -193,10 +194,14 @@ class Capabilities:
         """A token was allowed on a stale list (``permissive`` or ``offline`` mode):
         counted, and logged (rate-limited per issuer)."""
         self._metrics.stale_list_accepted(str(warning.mode))
+        age = warning.age_seconds
         self._stale_logs.warning(
             "revocation_list_stale_accepted",
-            "%s (max_age %g s): a token it revoked since may pass",
-            warning.message,
+            "accepting a capability in %s mode on the revocation list of %s, %s "
+            "(max_age %g s): a token it revoked since may pass",
+            warning.mode,
+            warning.issuer,
+            "never synced" if math.isinf(age) else f"{age:.0f} s old",
             self._policy.max_age,
             source=warning.issuer,
             peer_id=warning.issuer,
