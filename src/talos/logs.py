@@ -180,6 +180,9 @@ EVENTS: Final = frozenset(
         # request/reply (docs/design/request-reply.md)
         "reply_refused",
         "reply_unclaimed",
+        # issue 17: a stale revocation list accepted; audit entries left out
+        "revocation_list_stale_accepted",
+        "failures_suppressed",
     }
 )
 

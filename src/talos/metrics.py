@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
@@ -42,6 +42,9 @@ from talos.logs import EVENTS, suppressed_lines
 
 __all__ = [
     "DENIAL_REASONS",
+    "SESSION_FAILURE_REASONS",
+    "SIGNED_OBJECTS",
+    "STALE_ACCEPTING_MODES",
     "KEY_LOG_REFUSALS",
     "OTHER",
     "REJECTION_REASONS",
@@ -68,6 +71,33 @@ WITNESS_ROLES: Final = ("witness", "origin")
 KEY_LOG_REFUSALS: Final = ("fork", "rollback", "invalid", OTHER)
 
 _SIGNATURE_DENIAL: Final = "CapabilitySignatureInvalid"
+#: Values of the ``reason`` label of ``talos_session_failures_total``: the sender's
+#: side (no bundle to be had, a bundle that does not verify, key agreement failed,
+#: the peer refused our handshake or session) and the receiver's (could not decrypt).
+SESSION_FAILURE_REASONS: Final = (
+    "no_bundle",
+    "bad_bundle",
+    "key_agreement",
+    "peer_refused",
+    "decrypt_failed",
+    OTHER,
+)
+#: Values of the ``object`` label of ``talos_signature_failures_by_object_total``:
+#: every signed object an agent checks.
+SIGNED_OBJECTS: Final = (
+    "envelope",
+    "capability",
+    "prekey_bundle",
+    "peer_record",
+    "key_log",
+    "revocation_list",
+    "checkpoint",
+    "cosignature",
+    "mirror_batch",
+    OTHER,
+)
+#: Values of the ``mode`` label of ``talos_revocation_stale_accepted_total``.
+STALE_ACCEPTING_MODES: Final = ("permissive", "offline")
 
 
 def _denial_reasons() -> tuple[str, ...]:
@@ -160,7 +190,8 @@ class AgentMetrics:
         )
         self.session_failures = Counter(
             "talos_session_failures",
-            "Session establishments that failed (key agreement, bundle or peer errors).",
+            "Session establishments that failed, on either side, by reason.",
+            ["reason"],
             registry=r,
         )
         self.session_resets = Counter(
@@ -392,6 +423,29 @@ class AgentMetrics:
             registry=r,
         )
         r.register(SuppressedLines("talos_log_lines_suppressed"))
+        self.signature_failures_by_object = Counter(
+            "talos_signature_failures_by_object",
+            "Signatures that did not verify, by the kind of signed object.",
+            ["object"],
+            registry=r,
+        )
+        self.revocation_stale_accepted = Counter(
+            "talos_revocation_stale_accepted",
+            "Capabilities allowed on a revocation list older than max_age, by mode.",
+            ["mode"],
+            registry=r,
+        )
+        self.audit_entries_suppressed = Counter(
+            "talos_audit_entries_suppressed",
+            "Audit entries of peer-triggered events left out by the per-peer rate limit.",
+            registry=r,
+        )
+        for reason in SESSION_FAILURE_REASONS:
+            self.session_failures.labels(reason=reason)
+        for obj in SIGNED_OBJECTS:
+            self.signature_failures_by_object.labels(object=obj)
+        for mode in STALE_ACCEPTING_MODES:
+            self.revocation_stale_accepted.labels(mode=mode)
 
         # Every labelled series exists from start-up.
         for reason in SIGNATURE_FAILURE_REASONS:
@@ -448,14 +502,12 @@ class AgentMetrics:
         if seconds is not None:
             self.session_establishment_seconds.observe(seconds)
 
-    def session_failed(self) -> None:
-        self.session_failures.inc()
+    def session_failed(self, reason: str = "decrypt_failed") -> None:
+        """A session could not be set up; ``reason`` is one of :data:`SESSION_FAILURE_REASONS`."""
+        self.session_failures.labels(reason=_label(reason, SESSION_FAILURE_REASONS)).inc()
 
     def session_reset(self) -> None:
         self.session_resets.inc()
-
-    def set_active_sessions(self, count: int) -> None:
-        self.sessions_active.set(count)
 
     # -- messages ---------------------------------------------------------------
 
@@ -485,9 +537,12 @@ class AgentMetrics:
     # -- capabilities -----------------------------------------------------------
 
     def capability_granted(self) -> None:
+        """(An agent reads this count from its token store when scraped:
+        :meth:`read_when_scraped`; this counts only without it.)"""
         self.capabilities_granted.inc()
 
     def capability_revoked(self) -> None:
+        """(As :meth:`capability_granted`: read from the own revocation list.)"""
         self.capabilities_revoked.inc()
 
     def key_rotated(self, kind: str) -> None:
@@ -507,26 +562,13 @@ class AgentMetrics:
         self.capabilities_denied.labels(reason=label).inc()
         if label == _SIGNATURE_DENIAL:
             revoked = isinstance(reason, BaseException) and isinstance(reason.__cause__, KeyRevoked)
-            self.signature_failed("revoked_key" if revoked else "bad_signature")
-
-    def capability_verified(self, seconds: float) -> None:
-        """A capability chain was verified (allowed or denied) in ``seconds``."""
-        self.capability_verification_seconds.observe(seconds)
+            self.signature_failed("revoked_key" if revoked else "bad_signature", "capability")
 
     def time_capability_verification(self) -> Timer:
         """``with metrics.time_capability_verification(): verify(...)`` observes the duration."""
         return self.capability_verification_seconds.time()
 
     # -- audit ------------------------------------------------------------------
-
-    def audit_appended(self, count: int = 1, *, size_bytes: int | None = None) -> None:
-        """``count`` entries were appended; ``size_bytes`` is the log's new size if known."""
-        self.audit_entries.inc(count)
-        if size_bytes is not None:
-            self.audit_size_bytes.set(size_bytes)
-
-    def set_audit_size(self, size_bytes: int) -> None:
-        self.audit_size_bytes.set(size_bytes)
 
     def audit_anchor_attempted(self, *, succeeded: bool) -> None:
         self.audit_anchor_attempts.inc()
@@ -581,11 +623,13 @@ class AgentMetrics:
     def mirror_fetch_refused(self) -> None:
         self.audit_mirror_fetches_refused.inc()
 
-    def signature_failed(self, reason: str = "bad_signature") -> None:
+    def signature_failed(self, reason: str = "bad_signature", signed: str = "envelope") -> None:
         """A signature did not verify; ``reason`` is one of :data:`SIGNATURE_FAILURE_REASONS`
-        (anything else is counted as ``bad_signature``)."""
+        (anything else is counted as ``bad_signature``), ``signed`` the kind of object,
+        one of :data:`SIGNED_OBJECTS`."""
         label = reason if reason in SIGNATURE_FAILURE_REASONS else "bad_signature"
         self.signature_failures.labels(reason=label).inc()
+        self.signature_failures_by_object.labels(object=_label(signed, SIGNED_OBJECTS)).inc()
 
     def peer_key_updated(self) -> None:
         """A peer's newer key log was adopted."""
@@ -651,6 +695,63 @@ class AgentMetrics:
     def close(self) -> None:
         """Stop the HTTP endpoint, if any (idempotent)."""
         self._endpoint.close()
+
+    # -- issue 17: failures by kind, read-when-scraped series ---------------------
+
+    def stale_list_accepted(self, mode: str) -> None:
+        """A capability was allowed on a stale revocation list (``permissive``/``offline``)."""
+        self.revocation_stale_accepted.labels(mode=_label(mode, STALE_ACCEPTING_MODES)).inc()
+
+    def audit_suppressed(self, count: int = 1) -> None:
+        """``count`` audit entries were left out by the per-peer rate limit."""
+        self.audit_entries_suppressed.inc(count)
+
+    def read_when_scraped(
+        self,
+        *,
+        sessions_active: Callable[[], float],
+        audit_entries: Callable[[], float],
+        audit_size_bytes: Callable[[], float],
+        capabilities_granted: Callable[[], float],
+        capabilities_revoked: Callable[[], float],
+    ) -> None:
+        """Read these series from the agent's stores at each scrape instead of
+        counting events: they then follow every path that changes the stores (a
+        ``talos`` command next to the running agent included). A reader that
+        fails gives NaN."""
+        self.sessions_active.set_function(_or_nan(sessions_active))
+        self.audit_size_bytes.set_function(_or_nan(audit_size_bytes))
+        for counter, read in (
+            (self.audit_entries, audit_entries),
+            (self.capabilities_granted, capabilities_granted),
+            (self.capabilities_revoked, capabilities_revoked),
+        ):
+            self.registry.unregister(counter)
+            self.registry.register(ReadCounter(counter._name, counter._documentation, read))
+
+
+def _or_nan(read: Callable[[], float]) -> Callable[[], float]:
+    def guarded() -> float:
+        try:
+            return float(read())
+        except Exception:  # noqa: BLE001 -- a store closing under a scrape reads as NaN
+            return math.nan
+
+    return guarded
+
+
+class ReadCounter(Collector):
+    """``<name>_total``: a counter whose value is read when scraped (a count the
+    agent's stores keep, which only grows)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self._name, self._documentation, self._read = name, documentation, _or_nan(read)
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self._name, self._documentation, value=self._read())]
 
 
 class SuppressedLines(Collector):

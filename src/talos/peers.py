@@ -89,6 +89,9 @@ class PeerDirectory:
         #: Called with (the log we held, the newer one) whenever a peer's known log
         #: grows, whichever path brought it (offer, registry, DHT, a token's issuer).
         self.on_rotated: Callable[[KeyLog, KeyLog], None] | None = None
+        #: Called with ``"peer_record"`` or ``"key_log"`` when a source served one
+        #: whose signature does not verify (``talos_signature_failures_total``).
+        self.on_signature_failure: Callable[[str], None] | None = None
 
     # -- key logs -----------------------------------------------------------------
 
@@ -146,7 +149,8 @@ class PeerDirectory:
         for source in self._sources:
             try:
                 fetched = await source.keylog(agent_id, known)
-            except KeyLogInvalid:
+            except KeyLogInvalid as exc:
+                self._bad_signature("key_log", exc)
                 raise
             except _SOURCE_ERRORS as exc:
                 self._source_failed(source, exc, agent_id)
@@ -212,6 +216,7 @@ class PeerDirectory:
             try:
                 record = await self._record_from(source, agent_id)
             except _SOURCE_ERRORS as exc:
+                self._bad_signature("peer_record", exc)
                 self._source_failed(source, exc, agent_id)
                 continue
             self._source_answered(source)
@@ -264,6 +269,12 @@ class PeerDirectory:
         except (MalformedFrame, UnsupportedVersion, SignatureInvalid, StaleMessage):
             return None
         return record
+
+    def _bad_signature(self, signed: str, exc: Exception) -> None:
+        """Count ``exc`` if a signature of what a source served did not verify."""
+        failed = isinstance(exc, SignatureInvalid) or isinstance(exc.__context__, SignatureInvalid)
+        if failed and self.on_signature_failure is not None:
+            self.on_signature_failure(signed)
 
     def _source_failed(self, source: RecordSource, exc: Exception, agent_id: str) -> None:
         if isinstance(exc, RegistryUnavailable | DiscoveryError) and not isinstance(

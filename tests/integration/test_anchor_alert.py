@@ -103,6 +103,7 @@ def _record(tmp_path: Path) -> tuple[list[float], int, int]:
             wait_until(lambda: '"included"' in _state(home), 30.0, what="anchor included")
             samples += [_scrape(url), _scrape(url)]
             assert samples == [0.0, 0.0]
+            assert _scrape(url, "talos_audit_anchor_attempts_total") >= 1  # the one included
             # Down: the agent keeps polling for confirmations and fails, backing off.
             anvil.stop()
             down = len(samples)

@@ -80,6 +80,8 @@ class World:
     size: int
     #: alice's agent id (bob and carol keep a mirror of her log: --audit-mirror-for).
     alice_id: str
+    #: Bob's /metrics port (the mirror's side of the series).
+    bob_metrics: int = 0
 
     def restart_carol(self) -> None:
         self.carol = self.launcher.agent(
@@ -98,7 +100,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         _append(homes["alice"], ENTRIES)
         alice_id = AgentHome(homes["alice"]).load_identity(passphrase=None).agent_id
         serve = ("--audit-mirror-for", alice_id)
-        bob = launcher.agent(homes["bob"], "--registry", registry.url, *serve)
+        bob_metrics = free_port()
+        bob = launcher.agent(
+            homes["bob"], "--registry", registry.url, "--metrics-port", str(bob_metrics), *serve
+        )
         carol = launcher.agent(homes["carol"], "--registry", registry.url, *serve)
         alice = launcher.agent(
             homes["alice"],
@@ -121,12 +126,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             time.sleep(1.5)  # a cosignature arriving late would show here
         alice.stop()
         assert "mirror_batch_stored" in bob.log.read_text()
+        assert _metric(bob_metrics, "talos_audit_mirror_batches_stored_total") >= 1
+        assert _metric(bob_metrics, "talos_audit_mirror_entries_stored_total") >= ENTRIES
         size, root = _head(homes["alice"])
         assert size >= ENTRIES
         assert all(_acked(homes["alice"], m.agent_id) == size for m in (bob, carol))
         proof = base / "proof.json"
         CLI.ok(homes["alice"], "audit", "prove", "17", "--out", str(proof))
-        yield World(launcher, registry, homes["alice"], bob, carol, root, proof, size, alice_id)
+        yield World(
+            launcher, registry, homes["alice"], bob, carol, root, proof, size, alice_id, bob_metrics
+        )
 
 
 @pytest.fixture
@@ -372,6 +381,23 @@ def test_bad_mirror_envelopes_are_refused_and_nothing_is_lost(world: World) -> N
     assert stale.code is mirror_bodies.RefusalCode.STALE
     assert isinstance(bad_checkpoint, mirror_bodies.Refused)
     assert bad_checkpoint.code is mirror_bodies.RefusalCode.BAD_CHECKPOINT
+    # ... each counted on bob's /metrics (as the mirror).
+    port = world.bob_metrics
+    served_before = _metric(port, "talos_audit_mirror_entries_served_total")  # rebuilds served too
+    whole = mirror_bodies.encode_body(mirror_bodies.Fetch(0, 128))
+    (all_of_it,) = asyncio.run(
+        _exchange(alice, world.bob, [_frame(alice, bob, mirror_bodies.MirrorKind.FETCH, whole)])
+    )
+    assert isinstance(all_of_it, mirror_bodies.Entries)
+    assert all_of_it.entries
+    served = _metric(port, "talos_audit_mirror_entries_served_total")
+    assert served - served_before == len(all_of_it.entries)
+    assert _metric(port, "talos_audit_mirror_fetches_refused_total") >= 2
+    refused = 'talos_audit_mirror_batches_refused_total{{code="{}"}}'
+    assert _metric(port, refused.format("malformed")) >= 1
+    assert _metric(port, refused.format("bad_checkpoint")) >= 1
+    signature = 'talos_signature_failures_by_object_total{object="mirror_batch"}'
+    assert _metric(port, signature) >= 1
     # Another agent asking gets only its own entries (none), never alice's.
     carol = AgentHome(world.carol.home).load_identity(passphrase=None)
     (other,) = asyncio.run(
@@ -481,7 +507,9 @@ def test_mirroring_resumes_where_it_stopped_and_refusals_are_reported(
     world.bob.stop()
     shutil.rmtree(world.bob.home / "mirrors")
     world.bob = world.launcher.agent(
-        world.bob.home, "--registry", world.registry.url, "--audit-mirror-for", world.alice_id
+        world.bob.home,
+        *("--registry", world.registry.url, "--audit-mirror-for", world.alice_id),
+        *("--metrics-port", str(world.bob_metrics)),
     )
     _append(alice, 1, first=world.size + 5)
     target = _head(alice)[0]

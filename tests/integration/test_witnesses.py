@@ -191,6 +191,8 @@ def test_bad_checkpoints_are_refused_and_nothing_is_stored(
     assert answer is not None
     assert (answer.cosign_status, answer.reason) == (wire.CosignStatus.REFUSED, reason)
     assert bob.metric("talos_audit_checkpoints_refused_total", reason=reason) == 1
+    by_object = bob.metric("talos_signature_failures_by_object_total", object="checkpoint")
+    assert by_object == (1 if reason == "bad_signature" else 0)
     # Nothing stored: the valid checkpoint is then accepted as the first of alice's log.
     accepted = cosignature_answer(bob.url, checkpoint_frame(identity, bob.agent_id, good))
     assert accepted is not None

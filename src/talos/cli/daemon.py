@@ -34,6 +34,7 @@ from talos.cli.options import (
 )
 from talos.cli.passphrases import KEY_ENV, existing_passphrase
 from talos.client import TalosClient
+from talos.core.revocation import DEFAULT_GRACE, DEFAULT_MAX_AGE, RevocationMode
 from talos.errors import IdentityNotFound
 from talos.logs import LogFormat, configure_logging
 
@@ -185,6 +186,31 @@ _LEVELS = ("critical", "error", "warning", "info", "debug")
     help="Drop the payloads of audit entries a final anchor covers (leaf hashes stay).",
 )
 @click.option("--log-level", type=click.Choice(_LEVELS), default="info", show_default=True)
+@click.option(
+    "--revocation-mode",
+    type=click.Choice([m.value for m in RevocationMode]),
+    default=RevocationMode.STRICT.value,
+    show_default=True,
+    help="What a revocation list older than --revocation-max-age does to the tokens it "
+    "covers: strict refuses them; offline accepts them; permissive accepts them for "
+    "--revocation-grace more (each acceptance is logged and counted).",
+)
+@click.option(
+    "--revocation-max-age",
+    type=BoundedFloat(0, 365 * 86400),
+    default=DEFAULT_MAX_AGE,
+    show_default=True,
+    metavar="SECONDS",
+    help="Age past which an issuer's revocation list is stale.",
+)
+@click.option(
+    "--revocation-grace",
+    type=BoundedFloat(0, 365 * 86400),
+    default=DEFAULT_GRACE,
+    show_default=True,
+    metavar="SECONDS",
+    help="In permissive mode, how long past --revocation-max-age a stale list is accepted.",
+)
 @log_format_option
 @key_passphrase_option
 @click.pass_obj
@@ -216,6 +242,9 @@ def run(
     log_level: str,
     log_format: LogFormat,
     key_passphrase_file: Path | None,
+    revocation_mode: str,
+    revocation_max_age: float,
+    revocation_grace: float,
 ) -> None:
     """Run this home's agent in the foreground until SIGTERM or Ctrl-C.
 
@@ -270,6 +299,9 @@ def run(
             mirror_for=audit_mirror_for,
             witness_max_origins=witness_max_origins,
         ),
+        "revocation_mode": revocation_mode,
+        "revocation_max_age": revocation_max_age,
+        "revocation_grace": revocation_grace,
     }
     asyncio.run(_daemon(name or home.path.name, options, path))
 

@@ -157,6 +157,7 @@ class Acknowledgements:
             return
         action = self._core.refused(ref, peer, envelope.error_code, self._clock.time())
         if action.reset_session:
+            self._metrics.session_failed("peer_refused")
             self._metrics.session_reset()
             self._sessions.reset(peer, "peer could not decrypt")
         if not action.final:

@@ -51,6 +51,7 @@ from talos.core.capability import Capability
 from talos.core.clock import Clock
 from talos.core.message import Message
 from talos.core.peer_record import PeerRecord
+from talos.core.revocation import DEFAULT_GRACE
 from talos.core.rng import Rng
 from talos.core.x3dh import PrekeyBundle
 from talos.discovery.failover import public_url
@@ -120,6 +121,7 @@ class TalosClient:
         clock: Clock = SYSTEM_CLOCK,
         rng: Rng = SYSTEM_RNG,
         anchor: dict[str, Any] | None = None,
+        revocation_grace: float = DEFAULT_GRACE,
     ) -> Creating[TalosClient]:
         """Open (or create) the agent in ``home`` and start it.
 
@@ -151,6 +153,11 @@ class TalosClient:
                 seconds is treated when a capability is checked
                 (docs/design/capabilities.md).
             revocation_max_age: see ``revocation_mode``.
+            revocation_grace: in ``permissive`` mode, how many seconds past
+                ``revocation_max_age`` a stale list is still accepted
+                (default 3600). Each acceptance on a stale list is logged
+                (``revocation_list_stale_accepted``) and counted
+                (``talos_revocation_stale_accepted_total``).
             audit_config: the audit log's settings (``max_size_gb``,
                 ``block_entries``, ``block_seconds``, ``witnesses``,
                 ``mirror_to``, ``mirror_quota_mb``, ``prune_after_anchor``).

@@ -15,7 +15,7 @@ from talos.audit.anchoring.settings import AnchorSettings
 from talos.audit.config import AuditConfig
 from talos.core.backoff import Backoff
 from talos.core.clock import Clock
-from talos.core.revocation import RevocationMode, RevocationPolicy
+from talos.core.revocation import DEFAULT_GRACE, RevocationMode, RevocationPolicy
 from talos.core.rng import Rng
 from talos.discovery.registry_http import check_urls
 from talos.errors import ConfigurationError
@@ -84,6 +84,7 @@ class ClientConfig:
         clock: Clock,
         rng: Rng,
         anchor: dict[str, Any] | None = None,
+        revocation_grace: float = DEFAULT_GRACE,
     ) -> ClientConfig:
         """Check the options of :meth:`TalosClient.create`.
 
@@ -98,6 +99,12 @@ class ClientConfig:
             mode = RevocationMode(revocation_mode)
         except ValueError:
             raise ConfigurationError(f"unknown revocation_mode {revocation_mode!r}") from None
+        if isinstance(revocation_grace, bool) or not (
+            isinstance(revocation_grace, int | float) and revocation_grace >= 0
+        ):
+            raise ConfigurationError(
+                f"revocation_grace must be a number of seconds >= 0, not {revocation_grace!r}"
+            )
         unknown = set(discovery) - _SOURCES
         if unknown:
             raise ConfigurationError(f"unknown discovery sources {sorted(unknown)}")
@@ -118,7 +125,9 @@ class ClientConfig:
             queue_limit=queue_limit,
             backoff=Backoff(base=min(0.2, reconnect_interval), cap=reconnect_interval),
             replay_window=replay_window,
-            revocation_policy=RevocationPolicy(mode=mode, max_age=revocation_max_age),
+            revocation_policy=RevocationPolicy(
+                mode=mode, max_age=revocation_max_age, grace=revocation_grace
+            ),
             audit=AuditConfig.from_mapping(audit_config),
             accept_open=accept_policy == "open",
             passphrase=passphrase,

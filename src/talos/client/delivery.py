@@ -88,8 +88,15 @@ class Deliverer:
         self._wakeups: dict[str, asyncio.Event] = {}
         #: Also called on every link this agent opens (the key log offer, see wiring).
         self.on_connected: Callable[[Link, str], Awaitable[None]] | None = None
+        #: When send() was called (monotonic), by message id, until its outcome.
+        self._accepted: dict[bytes, float] = {}
 
     # -- send() calls --------------------------------------------------------------------
+
+    def accepted(self, message_id: bytes, started: float) -> None:
+        """send() took ``message_id`` at monotonic ``started``: its ACK observes
+        ``talos_message_send_seconds``."""
+        self._accepted[message_id] = started
 
     def waiter(self, message_id: bytes, peer: str) -> asyncio.Future[None]:
         """The future a send() call awaits: its message's outcome."""
@@ -137,6 +144,9 @@ class Deliverer:
     ) -> None:
         """``message_id`` is done: settle its outcome, tell its send() call if one waits."""
         record = self.core.finish(message_id)
+        accepted = self._accepted.pop(message_id, None)
+        if outcome is Outcome.DELIVERED and accepted is not None:
+            self._metrics.message_send_seconds.observe(self._clock.monotonic() - accepted)
         if peer is None and record is not None:
             peer = record.peer
         if reason is None and error is not None:

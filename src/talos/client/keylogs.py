@@ -218,6 +218,8 @@ class KeyLogs:
             if offered.agent_id != sender:
                 raise MalformedFrame("a peer may only offer its own key log")
         except (MalformedFrame, UnsupportedVersion, KeyLogInvalid) as exc:
+            if signature_failure(exc):
+                self._metrics.signature_failed("bad_signature", "key_log")
             self._refused(sender, "invalid", exc, held)
             return
         kind = _disagreement(held, offered)
@@ -379,6 +381,12 @@ class KeyLogs:
             return
         self._metrics.session_reset()
         self._on_sessions_dropped(peer)
+
+
+def signature_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or was raised for) a signature that did not verify:
+    :mod:`talos.core.keylog` raises ``KeyLogInvalid`` from a ``SignatureInvalid``."""
+    return isinstance(exc, SignatureInvalid) or isinstance(exc.__context__, SignatureInvalid)
 
 
 def _disagreement(held: KeyLog, offered: KeyLog) -> str | None:

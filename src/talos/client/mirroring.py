@@ -361,6 +361,8 @@ class Mirroring:
             )
         except MirrorRefused as exc:
             self._metrics.mirror_batch_refused(exc.code)
+            if "not signed" in exc.reason:  # mirror_store: the checkpoint's signature fails
+                self._metrics.signature_failed("bad_signature", "mirror_batch")
             self._logs.warning(
                 "mirror_batch_refused",
                 "refusing the audit batch %s sent from entry %d: %s (%s)",

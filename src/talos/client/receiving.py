@@ -391,7 +391,7 @@ class Receiver:
             plaintext, successor, prekeys, established = self._decrypt(envelope, sender_keys)
             payload = decode_payload_fields(plaintext)  # refuses undecodable payloads
         except (CryptoError, SessionError, RemoteProtocolError) as exc:
-            self._metrics.session_failed()
+            self._metrics.session_failed("decrypt_failed")
             await self._refuse(link, envelope, incoming.decrypt_refusal(envelope, exc))
             return
         unanswerable = correlation_refusal(

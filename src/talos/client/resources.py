@@ -31,6 +31,7 @@ from talos.client.own_keys import OwnIdentity, audit_signer
 from talos.client.replies import Replies
 from talos.client.requests import OpenRequests, Requester
 from talos.client.rotation import Rotator
+from talos.client.scraped import read_stores_when_scraped
 from talos.client.wiring import Parts, assemble
 from talos.core.clock import time_ms
 from talos.core.crypto import VerifyKey
@@ -181,6 +182,9 @@ class Resources:
         # A store shorter than the signed watermark records is refused (docs/design/lost-state.md).
         watermark = guard(self._home, identity, log, tokens, current=lambda: own.current)
         discovery = self.discovery = await self._open_discovery()
+        read_stores_when_scraped(
+            self._metrics, me=identity.agent_id, log=log, state=state, tokens=tokens
+        )
         if config.metrics_port is not None:
             self._metrics.serve(config.metrics_port, config.listen[0])
         transport = self._transport = Transport(self._on_frame, clock=clock)
@@ -304,6 +308,8 @@ class Resources:
             self.spawn(parts.witnessing.run(self._closed))
         if parts.mirroring is not None:
             parts.mirroring.start()
+        if parts.auditor is not None:
+            self.spawn(parts.auditor.run(self._closed))
 
     def _on_frame(self, link: Link, frame: bytes) -> Awaitable[None]:
         # The receiver's coroutine itself: no extra await layer per frame.
@@ -427,16 +433,19 @@ class Resources:
     async def _close_stores(self) -> None:
         if self._transport is not None:
             await self._transport.close()
+        parts = self._parts
+        if parts is not None and parts.auditor is not None:
+            parts.auditor.flush_suppressed()  # nothing arrives any more: the last counts
         if self.discovery is not None:
             await self.discovery.close()
         if self._anchoring is not None:
             # First: its step in progress uses the log, and its pruning asks the
             # mirror store how far the mirrors are.
             await self._anchoring.stop()
+        self._metrics.close()  # no scrape reads the stores (client.scraped) as they close
         if self._tokens is not None:
             self._tokens.close()
         if self._mirrors is not None:
             self._mirrors.close()
         if self._log is not None:
             self._log.close()
-        self._metrics.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import weakref
 
 from talos.audit import AuditKind
@@ -24,7 +25,13 @@ from talos.core.capability import Capability, CapabilityPolicy, verify
 from talos.core.clock import Clock
 from talos.core.keylog import IssuerKeys, KeyLog
 from talos.core.ratelimit import RateLimiter
-from talos.core.revocation import RevocationList, RevocationMode, RevocationPolicy, RevocationState
+from talos.core.revocation import (
+    RevocationList,
+    RevocationMode,
+    RevocationPolicy,
+    RevocationState,
+    StaleListAccepted,
+)
 from talos.discovery.registry_client import RegistryClient
 from talos.errors import (
     CapabilityDenied,
@@ -36,6 +43,7 @@ from talos.errors import (
     TalosError,
     UnsupportedVersion,
 )
+from talos.logs import LimitedLog
 from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
 from talos.storage.tokens import TokenStore
@@ -68,6 +76,7 @@ class Capabilities:
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         #: Key log refreshes for tokens naming a key sequence we do not know yet.
         self._refreshes = RateLimiter(rate=1 / 30, burst=2)
+        self._stale_logs = LimitedLog(_log, clock)
         self._load()
 
     @property
@@ -162,23 +171,42 @@ class Capabilities:
                 if (log := self._peers.known_log(a)) is not None
             ]
         )
+        mine = audience == self._me
         policy = CapabilityPolicy(
             audience=audience,
-            revocation=(
-                self._policy
-                if audience == self._me
-                else RevocationPolicy(mode=RevocationMode.OFFLINE)
-            ),
+            revocation=self._policy if mine else RevocationPolicy(mode=RevocationMode.OFFLINE),
+            # Our own checks of tokens we hold, before sending, warn nobody.
+            on_warning=self._stale_accepted if mine else None,
         )
-        verify(
-            token,
-            action="message.send",
-            resource=f"inbox/{audience}",
-            now=now,
-            revocations=self.revocations,
-            policy=policy,
-            keys=keys,
-            holder=holder,
+        with self._metrics.time_capability_verification():
+            verify(
+                token,
+                action="message.send",
+                resource=f"inbox/{audience}",
+                now=now,
+                revocations=self.revocations,
+                policy=policy,
+                keys=keys,
+                holder=holder,
+            )
+
+    def _stale_accepted(self, warning: StaleListAccepted) -> None:
+        """A token was allowed on a stale list (``permissive`` or ``offline`` mode):
+        counted, and logged (rate-limited per issuer)."""
+        self._metrics.stale_list_accepted(str(warning.mode))
+        age = warning.age_seconds
+        self._stale_logs.warning(
+            "revocation_list_stale_accepted",
+            "accepting a capability in %s mode on the revocation list of %s, %s "
+            "(max_age %g s): a token it revoked since may pass",
+            warning.mode,
+            warning.issuer,
+            "never synced" if math.isinf(age) else f"{age:.0f} s old",
+            self._policy.max_age,
+            source=warning.issuer,
+            peer_id=warning.issuer,
+            mode=str(warning.mode),
+            age_seconds=round(warning.age_seconds, 1),
         )
 
     async def authorize(self, envelope: wire.Envelope) -> bytes:
@@ -229,6 +257,8 @@ class Capabilities:
         try:
             offered = await self._registry.fetch_revocations(issuer, IssuerKeys([log]))
         except TalosError as exc:
+            if isinstance(exc, SignatureInvalid):
+                self._metrics.signature_failed("bad_signature", "revocation_list")
             _log.info("revocation list of %s not refreshed: %s", issuer, exc)
             return
         if offered is not None:
@@ -304,6 +334,8 @@ class Capabilities:
                 raise MalformedFrame("a peer may only offer its own revocation list")
             result = self.revocations.apply(offered, keys=IssuerKeys([log]))
         except (RemoteProtocolError, SignatureInvalid) as exc:
+            if isinstance(exc, SignatureInvalid):
+                self._metrics.signature_failed("bad_signature", "revocation_list")
             # Control envelopes are not replay-checked: a bad list sent (or replayed)
             # again and again is audited and logged at the noisy-event rate.
             fields = {"what": "revocation list"}

@@ -12,12 +12,20 @@ from collections.abc import Awaitable, Callable
 
 from talos.audit import AuditKind
 from talos.client.own_keys import OwnIdentity, discard_sessions
+from talos.core.clock import Clock
 from talos.core.keylog import KeyLog
 from talos.core.ratchet import Session
 from talos.core.rng import Rng
 from talos.core.sessions import SessionEntry, SessionTable, decode_record, encode_record
 from talos.core.x3dh import PrekeyBundle, PrekeyStore, initiate
-from talos.errors import MalformedFrame, StoreCorrupted, UnsupportedVersion
+from talos.errors import (
+    CryptoError,
+    DiscoveryError,
+    MalformedFrame,
+    SignatureInvalid,
+    StoreCorrupted,
+    UnsupportedVersion,
+)
 from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
 from talos.storage.agent_state import AgentState
@@ -42,6 +50,7 @@ class Sessions:
         rng: Rng,
         settle: Callable[[], None],
         fetch_bundle: Callable[[str, KeyLog], Awaitable[PrekeyBundle]],
+        clock: Clock,
     ) -> None:
         self.table = table
         self._state, self._own, self._peers = state, own, peers
@@ -49,6 +58,7 @@ class Sessions:
         #: Commits the receives staged in the table (see ReceiveBatch.settle).
         self._settle = settle
         self._fetch_bundle = fetch_bundle
+        self._clock = clock
         self._prekeys = self._load_prekeys()
 
     @property
@@ -143,10 +153,30 @@ class Sessions:
         return None if entry is None else entry.session
 
     async def establish(self, peer: str, bundle: PrekeyBundle | None = None) -> None:
-        """Run X3DH with ``peer`` (see TalosClient.establish_session)."""
+        """Run X3DH with ``peer`` (see TalosClient.establish_session); timed from the
+        bundle fetch, and a failure from there on counted by its reason."""
         log = await self._peers.keylog(peer)
-        if bundle is None:
-            bundle = await self._fetch_bundle(peer, log)
+        started = self._clock.monotonic()
+        try:
+            if bundle is None:
+                bundle = await self._fetch_bundle(peer, log)
+            self._initiate(peer, log, bundle)
+        except SignatureInvalid:
+            self._metrics.signature_failed("bad_signature", "prekey_bundle")
+            self._metrics.session_failed("bad_bundle")
+            raise
+        except (MalformedFrame, UnsupportedVersion):
+            self._metrics.session_failed("bad_bundle")
+            raise
+        except DiscoveryError:  # PeerNotFound, RegistryUnavailable
+            self._metrics.session_failed("no_bundle")
+            raise
+        except CryptoError:
+            self._metrics.session_failed("key_agreement")
+            raise
+        self._metrics.session_established(self._clock.monotonic() - started)
+
+    def _initiate(self, peer: str, log: KeyLog, bundle: PrekeyBundle) -> None:
         state = log.state
         me = self._own.current
         start = initiate(
@@ -170,7 +200,6 @@ class Sessions:
             audit=[(AuditKind.SESSION_ESTABLISHED, {"role": "initiator"}, peer)],
         )
         self.table.commit(peer, entry)
-        self._metrics.session_established()
 
     def reset(self, peer: str, reason: str) -> None:
         """Forget the session with ``peer`` (audited as SESSION_RESET with ``reason``)."""

@@ -53,6 +53,7 @@ class Parts:
     keylogs: KeyLogs
     witnessing: Witnessing
     mirroring: Mirroring | None = None
+    auditor: Auditor | None = None
 
 
 def peer_directory(
@@ -92,7 +93,8 @@ def assemble(
 ) -> Parts:
     clock, rng = config.clock, config.rng
     peers = peer_directory(config, state, own, discovery)
-    auditor = Auditor(log, clock)
+    auditor = Auditor(log, clock, metrics)
+    peers.on_signature_failure = lambda signed: metrics.signature_failed("bad_signature", signed)
     signer = Signer(own, instance, clock, rng)
     capabilities = Capabilities(
         own=own,
@@ -117,6 +119,7 @@ def assemble(
         rng=rng,
         settle=batch.settle,
         fetch_bundle=discovery.fetch_bundle,
+        clock=config.clock,
     )
     deliverer = Deliverer(
         own=own,
@@ -238,4 +241,5 @@ def assemble(
         keylogs,
         witnessing,
         mirroring,
+        auditor,
     )

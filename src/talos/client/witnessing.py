@@ -258,6 +258,8 @@ class Witnessing:
             cosig.verify(sent.body(), key)
         except (MalformedFrame, SignatureInvalid) as exc:
             self._metrics.checkpoint_refused("bad_cosignature")
+            if isinstance(exc, SignatureInvalid):
+                self._metrics.signature_failed("bad_signature", "cosignature")
             self._logs.warning(
                 "cosignature_refused",
                 "refusing the cosignature %s sent for our checkpoint of size %d: %s",
@@ -371,6 +373,7 @@ class Witnessing:
         try:
             checkpoint.verify(held.state.signing_key, origin)
         except SignatureInvalid as exc:
+            self._metrics.signature_failed("bad_signature", "checkpoint")
             await self._refuse(link, envelope, checkpoint, "bad_signature", str(exc))
             return
         try:

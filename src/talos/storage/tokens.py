@@ -132,6 +132,11 @@ class TokenStore:
         """Every token this agent issued, in token-id order."""
         return self._values(b"granted")
 
+    def granted_count(self) -> int:
+        """How many tokens this agent issued (one read, nothing decoded)."""
+        with self._read() as txn:
+            return int(txn.stat(self._dbs[b"granted"])["entries"])
+
     def held(self) -> Iterator[bytes]:
         """Every token granted to this agent, in token-id order."""
         return self._values(b"held")

@@ -116,6 +116,8 @@ _EMPTY_HOME_COMMANDS = st.one_of(
         _option("--metrics-port", _NUMBER_TEXT),
         _option("--dht-bootstrap", _NUMBER_TEXT.map(lambda port: f"127.0.0.1:{port}")),
         _option("--listen", _NUMBER_TEXT.map(lambda port: f"127.0.0.1:{port}")),
+        _option("--revocation-max-age", _NUMBER_TEXT),
+        _option("--revocation-grace", _NUMBER_TEXT),
     ),
     _join(
         _words("diagnose", "--storage"),
@@ -192,9 +194,13 @@ def test_commands_on_an_empty_home_take_any_arguments(
         ["--listen", "127.0.0.1:99999999999"],
         ["--announce", "example.org:\u00b2"],
         ["--dht-bootstrap", "127.0.0.1:\u00b2"],
+        ["--revocation-grace", "-1"],
+        ["--revocation-grace", "nan"],
+        ["--revocation-max-age", "inf"],
+        ["--revocation-mode", "lenient"],
     ],
 )
-def test_run_with_an_identity_refuses_a_port_no_socket_takes(
+def test_run_with_an_identity_refuses_a_bad_port_or_revocation_option(
     homes: tuple[Path, str, Path], argv: list[str]
 ) -> None:
     """Parsed before the agent starts: a usage error, not a traceback from deep in start-up."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,16 @@ def test_ports_are_ascii_digits_in_range(port: str) -> None:
 def test_announce_defaults_to_the_listening_port() -> None:
     assert parse_announce("example.net", "127.0.0.1") == ("example.net", None)
     assert parse_announce("[::1]:7000", "127.0.0.1") == ("::1", 7000)
+
+
+def test_revocation_grace_is_the_policys_grace_and_defaults_to_an_hour() -> None:
+    default = ClientConfig.from_options("alice", **_options())  # type: ignore[arg-type]
+    assert default.revocation_policy.grace == 3600.0
+    given = ClientConfig.from_options("alice", **_options(revocation_grace=60))  # type: ignore[arg-type]
+    assert given.revocation_policy.grace == 60
+
+
+@pytest.mark.parametrize("grace", [-1, True, "60", math.nan])
+def test_a_bad_revocation_grace_is_refused(grace: object) -> None:
+    with pytest.raises(ConfigurationError, match="revocation_grace"):
+        ClientConfig.from_options("alice", **_options(revocation_grace=grace))  # type: ignore[arg-type]

@@ -62,7 +62,30 @@ def query(
             last=last,
         )
         pruned_note(opened.pruning(), found, last)
+        if kind is not None:
+            _suppressed_note(opened, kind.upper(), peer=peer, since=since, until=until)
     print_entries(found, as_json)
+
+
+def _suppressed_note(
+    opened: AuditLog, kind: str, *, peer: str | None, since: int | None, until: int | None
+) -> None:
+    """Say on stderr how many ``kind`` events the audit rate limit left out
+    (``FAILURES_SUPPRESSED`` entries in the same window), so a query by kind never
+    undercounts without saying so."""
+    summaries = [
+        entry
+        for entry in opened.query(kind="FAILURES_SUPPRESSED", peer=peer, since=since, until=until)
+        if isinstance(entry.data, dict) and entry.data.get("kind") == kind
+    ]
+    if summaries:
+        left_out = sum(int(entry.data.get("count", 0)) for entry in summaries)
+        click.echo(
+            f"note: {left_out} more {kind} events were left out by the audit rate limit "
+            f"({len(summaries)} FAILURES_SUPPRESSED entries: "
+            "talos audit query --type FAILURES_SUPPRESSED)",
+            err=True,
+        )
 
 
 @click.command("log")

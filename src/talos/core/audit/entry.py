@@ -135,6 +135,10 @@ class AuditKind(StrEnum):
     #: A reply was refused (``id``, ``re``, ``reason``: unsolicited, second, foreign,
     #: late, expired).
     REPLY_REFUSED = "REPLY_REFUSED"
+    #: Audit entries of one kind about one peer that the per-peer rate limit left
+    #: out (``count``, ``kind``, ``from_ms``..``to_ms``): queries never undercount
+    #: silently (talos.client.control.Auditor, docs/operations.md).
+    FAILURES_SUPPRESSED = "FAILURES_SUPPRESSED"
 
 
 def check_kind(kind: object) -> str:
