@@ -1,5 +1,5 @@
-"""A tool server agent: answers JSON tool calls {"id", "tool", "args"} with
-{"id", "result"} or {"id", "error"}. Start it first: it writes its id to tools.id."""
+"""A tool server agent: answers each JSON tool call {"tool", "args"} sent with
+request() by {"result"} or {"error"}. Start it first: it writes its id to tools.id."""
 
 import asyncio
 import os
@@ -15,22 +15,24 @@ async def main() -> None:
     async with TalosClient.create("tools", home="tools-home", registry_url=REGISTRY) as client:
         Path("tools.id").write_text(client.agent_id)
         print("tool server ready:", client.agent_id, "at", client.endpoint, flush=True)
-        while not Path("planner.grant").exists():  # the planner's grant: we may answer it
+        while not Path("planner.id").exists():  # the planner says who it is
             await asyncio.sleep(0.2)
-        planner = await client.add_capability(Path("planner.grant").read_text())
-        grant = await client.grant(planner.issuer, "message.send", expires_in=30 * 86400)
-        Path("tools.grant.tmp").write_text(grant)  # ours: it may call us
-        Path("tools.grant.tmp").replace("tools.grant")
-        # At least once: a call is acknowledged only after its answer is queued
-        # durably, so a crash in between answers it again after the restart.
+        planner = Path("planner.id").read_text()
+        grant = await client.grant(planner, "message.send", expires_in=30 * 86400)
+        Path("tools.grant.tmp").write_text(grant)  # the planner may call us; our
+        Path("tools.grant.tmp").replace("tools.grant")  # replies need no grant
+        # At least once: a call is acknowledged only once its reply is durable, so a
+        # crash in between hands it to us again after the restart; reply() then sends
+        # nothing new (one reply per request). A repeat on the wire never reaches us.
         async for message in client.messages(auto_ack=False):
-            call = message.data if isinstance(message.data, dict) else {}
-            try:
-                answer = {"id": call["id"], "result": TOOLS[call["tool"]](*call["args"])}
-            except Exception as error:  # a bad call gets an error answer, not a crash
-                answer = {"id": call.get("id"), "error": f"{type(error).__name__}: {error}"}
-            # wait=False: durable in the outbox; one slow planner holds up no one.
-            await client.send(message.sender, answer, wait=False)
+            if message.is_request:
+                call = message.data if isinstance(message.data, dict) else {}
+                print("running", call.get("tool"), call.get("args"), flush=True)
+                try:
+                    answer = {"result": TOOLS[call["tool"]](*call["args"])}
+                except Exception as error:  # a bad call gets an error answer, not a crash
+                    answer = {"error": f"{type(error).__name__}: {error}"}
+                await message.reply(answer)  # durable in the outbox; returns at once
             await client.acknowledge(message)
 
 

@@ -37,7 +37,16 @@ def test_the_site_builds_strictly_with_the_api_reference(tmp_path: Path) -> None
         "talos.client.api.TalosClient.revoke",
         "talos.client.grants.CapabilityInfo",
         "talos.client.grants.RevokedToken",
+        "talos.client.api.TalosClient.request",
+        "talos.client.api.TalosClient.reply",
+        "talos.core.message.Message.reply",
+        "talos.core.message.Message.is_request",
+        "talos.core.message.Message.in_reply_to",
+        "talos.errors.ReplyTimeout",
+        "talos.errors.RequestExpired",
     ):
         assert f'id="{anchor}"' in reference, anchor
+    # The fields documented by `#:` comments render with their text (mkdocs_hooks.py).
+    assert "A reply: the id (hex) of the request it answers." in reference
     assert ":class:<code>" not in reference  # Sphinx roles rendered as code (mkdocs_hooks.py)
     assert (site / "guide" / "quickstart" / "index.html").is_file()

@@ -1,14 +1,17 @@
 """The examples in examples/ run as a user runs them: the tool server and the
 planner as real processes in one directory against a real registry, with
-nothing set up beforehand (no CLI step): they grant each other ``message.send``
-in code and hand the tokens over as files. Then the tool server is killed with
-SIGKILL before the planner's second run sends, and comes back on another port:
-the planner still gets an answer to each of its calls, one each, in order."""
+nothing set up beforehand (no CLI step): the tool server grants the planner
+``message.send`` in code and hands the token over as a file; its replies need no
+grant. Then the tool server is killed with SIGKILL before the planner's second
+run asks, and comes back on another port: the planner's request() calls fail
+while it is down and are asked again, and the planner gets an answer to each of
+its calls, one each, in order; the tool runs once per call."""
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -59,6 +62,14 @@ def _answers(output: str) -> None:
     assert str(answers[2]["error"]).startswith("ZeroDivisionError")
 
 
+def _runs(tools: ChildProcess) -> list[str]:
+    """The three tool runs the tool server reports on stdout, one per call."""
+    return [tools.read_line(30).strip() for _ in range(3)]
+
+
+RUNS = ["running add [2, 3]", "running upper ['talos']", "running divide [1, 0]"]
+
+
 def test_the_planner_gets_every_answer_through_a_kill_of_the_tool_server(
     tmp_path: Path, registry: RegistryProcess
 ) -> None:
@@ -72,19 +83,23 @@ def test_the_planner_gets_every_answer_through_a_kill_of_the_tool_server(
         tools_id, first_endpoint = tools.wait_for_line(READY, 30).groups()
         assert (work / "tools.id").read_text().strip() == tools_id
 
-        # First run: the grants are exchanged through the directory, then the calls.
+        # First run: the planner's id and the grant go through the directory, then the calls.
         planner = _start("planner.py", cwd=work, env=env, log=tmp_path / "planner-1.log")
         children.append(planner)
         _answers(planner.finish(60))
         assert planner.returncode == 0, planner.log_tail(40)
-        assert {"planner.grant", "tools.grant"} <= {p.name for p in work.iterdir()}
+        assert {"planner.id", "tools.grant"} <= {p.name for p in work.iterdir()}
+        assert _runs(tools) == RUNS
 
-        tools.kill()  # kill -9: the planner's next calls must wait in its outbox
+        tools.kill()  # kill -9: the planner's next calls are not delivered, and asked again
+        assert tools.finish(5) == ""  # no other tool ran
         tools.stop()  # (already dead: only closes its stdout)
         planner = _start("planner.py", cwd=work, env=env, log=tmp_path / "planner-2.log")
         children.append(planner)
         wait_until(
-            lambda: "cannot connect" in planner.log_text(), 30, what="a failed delivery attempt"
+            lambda: "asking again" in planner.log_text() and "cannot connect" in planner.log_text(),
+            60,
+            what="a request() that was not delivered",
         )
         tools = _start("tool_server.py", cwd=work, env=env, log=tmp_path / "tools-2.log")
         children.append(tools)
@@ -95,6 +110,9 @@ def test_the_planner_gets_every_answer_through_a_kill_of_the_tool_server(
         output = planner.finish(60)
         assert planner.returncode == 0, planner.log_tail(40)
         _answers(output)
+        assert _runs(tools) == RUNS  # each call ran once (its reply needed no grant)
+        tools.signal(signal.SIGTERM)
+        assert tools.finish(30) == ""  # and nothing ran twice
     finally:
         for child in children:
             child.stop()  # SIGTERM, then SIGKILL; closes its stdout

@@ -8,6 +8,8 @@ import sys
 
 import talos
 from talos.client import CapabilityInfo, RevokedToken
+from talos.core.message import Message
+from talos.errors import ReplyTimeout, RequestExpired
 
 
 def test_every_exported_name_resolves() -> None:
@@ -20,6 +22,18 @@ def test_what_the_capability_calls_return_is_exported() -> None:
     assert {"CapabilityInfo", "RevokedToken", "TalosClient"} <= set(talos.__all__)
     assert talos.CapabilityInfo is CapabilityInfo
     assert talos.RevokedToken is RevokedToken
+
+
+def test_the_request_reply_errors_are_exported() -> None:
+    """What request() and reply() raise is caught as ``talos.ReplyTimeout`` and
+    ``talos.RequestExpired``, beside the Message they return and answer."""
+    assert {"ReplyTimeout", "RequestExpired", "Message"} <= set(talos.__all__)
+    assert talos.ReplyTimeout is ReplyTimeout
+    assert talos.RequestExpired is RequestExpired
+    assert issubclass(talos.ReplyTimeout, talos.DeliveryError)
+    assert callable(talos.Message.reply)
+    assert isinstance(talos.Message.is_request, property)
+    assert Message.__dataclass_fields__["in_reply_to"].default is None
 
 
 def test_importing_talos_does_not_load_the_client() -> None:
