@@ -92,7 +92,11 @@ async def test_the_caller_gets_exactly_one_reply_through_a_kill(
             assert reply.data["echo"] == "job"
             assert reply.in_reply_to == first.split()[1]
             again = await asyncio.to_thread(server.line)
-            assert again == first  # handed to the application again after the restart
+            # Handed to the application again after the restart; after a reply it
+            # says it was answered already (Message.replied).
+            request_id = first.split()[1]
+            assert first == f"request {request_id} False"
+            assert again == f"request {request_id} {moment == 'after-reply'}"
             assert await asyncio.to_thread(server.line) == "replied " + first.split()[1]
             assert await planner.receive(timeout=0.5) is None  # no second reply anywhere
     finally:

@@ -8,7 +8,7 @@ home::
         --listen HOST:PORT [--die before-reply|after-reply]
 
 It prints ``ready <agent id>`` once it listens, then reads requests at least
-once (``receive(auto_ack=False)``), prints ``request <id>``, answers
+once (``receive(auto_ack=False)``), prints ``request <id> <replied>``, answers
 ``{"echo": data, "pid": <its pid>}`` and only then acknowledges the request.
 ``--die before-reply`` kills the process right after it printed the
 request; ``--die after-reply`` right after ``reply()`` returned (the reply
@@ -38,7 +38,7 @@ async def serve(args: argparse.Namespace) -> None:
     ) as client:
         print("ready", client.agent_id, flush=True)
         async for request in client.messages(auto_ack=False):
-            print("request", request.message_id, flush=True)
+            print("request", request.message_id, request.replied, flush=True)
             if args.die == "before-reply":
                 os.kill(os.getpid(), signal.SIGKILL)
             await request.reply({"echo": request.data, "pid": os.getpid()})

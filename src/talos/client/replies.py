@@ -70,8 +70,9 @@ class Replies:
             expires_ms = self._look_up(message)
         if expires_ms is None:
             return message
+        replied = self._has_replied(message.sender, message.message_id_bytes, message)
         return dataclasses.replace(
-            message, request_expires_at=expires_ms / 1000, _replier=self.reply
+            message, request_expires_at=expires_ms / 1000, replied=replied, _replier=self.reply
         )
 
     def duplicate(self, sender: str, request_id: bytes) -> None:

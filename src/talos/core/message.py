@@ -82,6 +82,10 @@ class Message:
     request_expires_at: float | None = None
     #: A reply: the id (hex) of the request it answers.
     in_reply_to: str | None = None
+    #: A request this agent already answered: a copy handed out again (say, after a
+    #: crash between :meth:`reply` and ``acknowledge()``). :meth:`reply` would send
+    #: nothing new; an application can skip the work and just acknowledge it.
+    replied: bool = False
     _replier: Callable[[Message, Any], Awaitable[Any]] | None = field(
         default=None, repr=False, compare=False
     )
