@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
@@ -582,6 +582,15 @@ class AgentMetrics:
     def set_revocation_list_age(self, seconds: float) -> None:
         """E.g. ``RevocationState.revocation_list_age_seconds(now)`` (may be +Inf)."""
         self.revocation_list_age_seconds.set(seconds)
+
+    def track_revocation_list_age(self, age: Callable[[], float]) -> None:
+        """Compute ``talos_revocation_list_age_seconds`` at every scrape with ``age()``.
+
+        The value is then read from the last successful sync and the clock of
+        the scrape, so it keeps growing while the registry is down (replaces
+        :meth:`set_revocation_list_age`'s last value).
+        """
+        self.revocation_list_age_seconds.set_function(age)
 
     def set_clock_offset(self, seconds: float) -> None:
         self.clock_offset_seconds.set(seconds)
