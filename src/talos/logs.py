@@ -163,6 +163,9 @@ EVENTS: Final = frozenset(
         "registry_connections_refused",
         "registry_swept",
         "registry_sweep_failed",
+        # split brain: presence challenges (talos.client.presence)
+        "presence_proved",
+        "presence_refused",
     }
 )
 
