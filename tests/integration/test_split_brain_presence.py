@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,9 @@ def test_a_copy_of_a_home_on_a_second_port_is_a_duplicate_at_once(tmp_path: Path
         assert list(proved["proven"]) == [instance(home)]
 
         launcher.agent(twin, *url)  # announces once at start, on its own port
+        started = time.monotonic()
         report = diagnose(home, code=1)
+        print(f"diagnose found the copy in {time.monotonic() - started:.1f} s")  # noqa: T201
         (duplicate,) = presence_findings(report)
         assert duplicate["status"] == "fail"
         assert sorted(duplicate["proven"]) == sorted([instance(home), instance(twin)])
