@@ -183,6 +183,9 @@ EVENTS: Final = frozenset(
         # issue 17: a stale revocation list accepted; audit entries left out
         "revocation_list_stale_accepted",
         "failures_suppressed",
+        # split brain: presence challenges (talos.client.presence)
+        "presence_proved",
+        "presence_refused",
     }
 )
 

@@ -121,6 +121,9 @@ def _rejection_reasons() -> tuple[str, ...]:
 DENIAL_REASONS: Final = _denial_reasons()
 #: Values of the ``code`` label of the audit mirror refusal counters.
 MIRROR_REFUSALS: Final = (*(str(code) for code in RefusalCode), OTHER)
+#: Values of the ``outcome`` label of ``talos_presence_challenges_total``.
+PRESENCE_OUTCOMES: Final = ("proved", "refused", "other")
+
 #: Values of the ``reason`` label of ``talos_messages_rejected_total``.
 REJECTION_REASONS: Final = _rejection_reasons()
 
@@ -472,6 +475,17 @@ class AgentMetrics:
         for code in MIRROR_REFUSALS:
             self.audit_mirror_refused_by_peer.labels(code=code)
             self.audit_mirror_batches_refused.labels(code=code)
+        # Split brain: presence challenges answered (talos.client.presence).
+        self.presence_challenges = Counter(
+            "talos_presence_challenges",
+            "Presence challenges (talos diagnose --check-duplicates) this agent answered "
+            "with a signed proof, or refused (not its identity, bad signature, stale, "
+            "rate limit).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in PRESENCE_OUTCOMES:
+            self.presence_challenges.labels(outcome=outcome)
         for mirror in mirrors or ("",):
             self.audit_mirror_lag.labels(mirror=mirror).set(0)
         # Hardening of witnesses and mirrors (docs/design/witnesses.md, mirrors.md).
@@ -645,6 +659,19 @@ class AgentMetrics:
     def set_revocation_list_age(self, seconds: float) -> None:
         """E.g. ``RevocationState.revocation_list_age_seconds(now)`` (may be +Inf)."""
         self.revocation_list_age_seconds.set(seconds)
+
+    def track_revocation_list_age(self, age: Callable[[], float]) -> None:
+        """Compute ``talos_revocation_list_age_seconds`` at every scrape with ``age()``.
+
+        The value is then read from the last successful sync and the clock of
+        the scrape, so it keeps growing while the registry is down (replaces
+        :meth:`set_revocation_list_age`'s last value).
+        """
+        self.revocation_list_age_seconds.set_function(age)
+
+    def presence_challenged(self, outcome: str) -> None:
+        """A presence challenge was ``proved`` or ``refused``."""
+        self.presence_challenges.labels(outcome=_label(outcome, PRESENCE_OUTCOMES)).inc()
 
     def set_clock_offset(self, seconds: float) -> None:
         self.clock_offset_seconds.set(seconds)

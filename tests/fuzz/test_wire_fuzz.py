@@ -20,6 +20,7 @@ from talos.core.agent_id import agent_id_from_digest
 from talos.core.crypto import SigningKey, sha256
 from talos.core.encoding import canonical_dumps, strict_loads
 from talos.core.mirror import MirrorKind
+from talos.core.presence import PresenceKind
 from talos.core.replay import ReplayWindow
 from talos.core.wire import (
     AckStatus,
@@ -73,6 +74,7 @@ def _sample(kind: EnvelopeType) -> Envelope:
             "reason": "fork",
         },
         EnvelopeType.MIRROR: {"mirror_kind": MirrorKind.FETCH, "mirror_body": b"b" * 40},
+        EnvelopeType.PRESENCE: {"presence_kind": PresenceKind.PROOF, "presence_body": b"p" * 40},
     }[kind]
     return Envelope(
         type=kind,

@@ -230,6 +230,8 @@ class Receiver:
         self.replies: Replies | None = None
         self._logs = LimitedLog(_log, clock)
         self.instances = InstanceTracker()
+        #: PRESENCE challenges (talos.client.presence), set by wiring.
+        self.on_presence: Callable[[Link, wire.UnverifiedEnvelope], Awaitable[None]] | None = None
 
     async def on_frame(self, link: Link, frame: bytes) -> None:
         try:
@@ -241,6 +243,12 @@ class Receiver:
             self._malformed(
                 link, "misaddressed_frame", "a frame for another agent", unverified.recipient
             )
+            return
+        if unverified.type is wire.EnvelopeType.PRESENCE:
+            # Before the sender lookup and the instance tracker: a challenge comes
+            # from this identity itself (talos diagnose), not from a peer instance.
+            if self.on_presence is not None:
+                await self.on_presence(link, unverified)
             return
         sender = unverified.sender
         if self._peers.known_log(sender) is None and not self._unknown_lookups.allow(

@@ -77,7 +77,10 @@ class Capabilities:
         #: Key log refreshes for tokens naming a key sequence we do not know yet.
         self._refreshes = RateLimiter(rate=1 / 30, burst=2)
         self._stale_logs = LimitedLog(_log, clock)
+        #: Issuers whose list was due for a refresh that failed (the registry down).
+        self._owed: set[str] = set()
         self._load()
+        metrics.track_revocation_list_age(self.stale_list_age)
 
     @property
     def _me(self) -> str:
@@ -260,6 +263,7 @@ class Capabilities:
             if isinstance(exc, SignatureInvalid):
                 self._metrics.signature_failed("bad_signature", "revocation_list")
             _log.info("revocation list of %s not refreshed: %s", issuer, exc)
+            self._owed.add(issuer)
             return
         if offered is not None:
             result = self.revocations.apply(offered, keys=IssuerKeys([log]))
@@ -269,7 +273,20 @@ class Capabilities:
             if kept is not None:
                 self._tokens.put_revocation_list(issuer, kept.to_bytes(), synced_at=now)
         self.revocations.mark_synced(issuer, now)
-        self._metrics.set_revocation_list_age(self.revocations.revocation_list_age_seconds(now))
+        self._owed.discard(issuer)
+
+    def stale_list_age(self) -> float:
+        """``talos_revocation_list_age_seconds``, computed at scrape time.
+
+        The age, from its last successful sync, of the oldest list that was due
+        for a refresh the registry did not answer (+Inf: never synced); 0 when
+        every list in use was refreshed when due. It keeps growing during a
+        registry outage, which is when ``RevocationListStale`` must fire. This
+        agent's own list is the authority, never stale.
+        """
+        now = self._clock.time()
+        synced = [self.revocations.last_synced(issuer) for issuer in list(self._owed)]
+        return max((math.inf if at is None else now - at for at in synced), default=0.0)
 
     # -- revocation lists between agents ------------------------------------------------
 
@@ -359,6 +376,7 @@ class Capabilities:
         if kept is not None:
             self._tokens.put_revocation_list(sender, kept.to_bytes(), synced_at=now)
         self.revocations.mark_synced(sender, now)
+        self._owed.discard(sender)
         if not link.outgoing and link not in self._answered:
             self._answered.add(link)
             await self.offer(link, sender)

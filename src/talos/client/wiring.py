@@ -23,6 +23,7 @@ from talos.client.inbox import InboxReader
 from talos.client.keylogs import KeyLogs
 from talos.client.mirroring import Mirroring
 from talos.client.own_keys import OwnIdentity
+from talos.client.presence import PresenceAnswers
 from talos.client.receiving import ReceiveBatch, Receiver
 from talos.client.revocations import Capabilities
 from talos.client.sending import Sender
@@ -227,6 +228,9 @@ def assemble(
             closed=closed,
         )
         receiver.on_mirror = mirroring.on_mirror
+    receiver.on_presence = PresenceAnswers(
+        own=own, instance=instance, metrics=metrics, clock=clock, rng=rng
+    ).on_presence
     return Parts(
         own,
         peers,

@@ -36,6 +36,8 @@ from talos.core.crypto import KEY_SIZE, SIGNATURE_SIZE, SigningKey, VerifyKey
 from talos.core.encoding import canonical_dumps, strict_loads
 from talos.core.mirror import MAX_BODY_SIZE as MAX_MIRROR_BODY_SIZE
 from talos.core.mirror import MirrorKind
+from talos.core.presence import MAX_BODY_SIZE as MAX_PRESENCE_BODY_SIZE
+from talos.core.presence import PresenceKind
 from talos.core.rng import Rng
 from talos.errors import LocalProtocolError, MalformedFrame, UnsupportedVersion
 
@@ -120,6 +122,10 @@ class EnvelopeType(enum.IntEnum):
     #: audit mirroring (docs/design/mirrors.md): one type, its sub-kind in ``"mk"``
     #: (:class:`~talos.core.mirror.MirrorKind`), its body in ``"mb"``
     MIRROR = 9
+    #: split-brain checks (``talos diagnose --check-duplicates``): a challenge to an
+    #: instance of the identity and its signed proof; sub-kind in ``"pk"``
+    #: (:class:`~talos.core.presence.PresenceKind`), body in ``"pb"``
+    PRESENCE = 11
 
 
 class AckStatus(enum.IntEnum):
@@ -205,6 +211,9 @@ class Envelope:
     #: MIRROR only: the sub-kind and its body (decoded by :mod:`talos.core.mirror`).
     mirror_kind: MirrorKind | None = None
     mirror_body: bytes | None = None
+    #: PRESENCE only: the sub-kind and its body (decoded by :mod:`talos.core.presence`).
+    presence_kind: PresenceKind | None = None
+    presence_body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,6 +499,16 @@ FIELDS: Final[Mapping[EnvelopeType, tuple[Field, ...]]] = {
             "mb",
             "mirror_body",
             _byte_string("mirror body", min_size=1, max_size=MAX_MIRROR_BODY_SIZE),
+        ),
+    ),
+    EnvelopeType.PRESENCE: (
+        *_COMMON,
+        *_NO_CONTENT,
+        Field("pk", "presence_kind", _enum_member(PresenceKind), _dump_enum),
+        Field(
+            "pb",
+            "presence_body",
+            _byte_string("presence body", min_size=1, max_size=MAX_PRESENCE_BODY_SIZE),
         ),
     ),
 }

@@ -12,6 +12,7 @@ from talos.core.agent_id import agent_id_from_digest
 from talos.core.crypto import SigningKey, sha256
 from talos.core.encoding import canonical_dumps, strict_loads
 from talos.core.mirror import MirrorKind
+from talos.core.presence import PresenceKind
 from talos.core.wire import (
     DOMAIN_PREFIX,
     FIELDS,
@@ -96,6 +97,8 @@ def sample(kind: EnvelopeType, rng: SeededRng | None = None) -> Envelope:
         )
     if kind is EnvelopeType.MIRROR:
         return Envelope(**common, mirror_kind=MirrorKind.ACK, mirror_body=rng.bytes(30))
+    if kind is EnvelopeType.PRESENCE:
+        return Envelope(**common, presence_kind=PresenceKind.CHALLENGE, presence_body=rng.bytes(40))
     return Envelope(
         **common,
         ref_id=rng.bytes(16),

@@ -130,6 +130,11 @@ def _log_without_state(home: AgentHome, clock: Clock) -> bool:
         return False
 
 
+def identity_for_checks(home: AgentHome, passphrase_file: Path | None) -> Identity | DiskState:
+    """The home's identity (its key), or why it cannot be opened, as a :class:`DiskState`."""
+    return _identity_for_state(home, passphrase_file)
+
+
 def _identity_for_state(home: AgentHome, passphrase_file: Path | None) -> Identity | DiskState:
     passphrase = None
     if home.needs_passphrase():

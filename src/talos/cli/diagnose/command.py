@@ -54,6 +54,7 @@ from talos.cli.diagnose.clock import clock_checks
 from talos.cli.diagnose.duplicates import duplicate_checks
 from talos.cli.diagnose.findings import REGISTRY_ENV, Address, Finding, registry_hint
 from talos.cli.diagnose.network import network_checks
+from talos.cli.diagnose.presence import live_check
 from talos.cli.diagnose.report import CHECKS, json_report, print_report, tally
 from talos.cli.diagnose.storage import storage_checks
 from talos.cli.identity import key_passphrase_option
@@ -135,7 +136,10 @@ async def _remote_checks(
                 agent, registry, url[1], options.bootstrap, disk
             )
         if "duplicates" in options.checks:
-            results["duplicates"] = await duplicate_checks(registry, agent_id, options.every, agent)
+            live = live_check(ctx.agent_home, options.passphrase_file, ctx.clock, ctx.rng)
+            results["duplicates"] = await duplicate_checks(
+                registry, agent_id, options.every, agent, live
+            )
         if "clock" in options.checks:
             results["clock"] = await clock_checks(registry, ctx.clock, agent, options.warn)
     finally:

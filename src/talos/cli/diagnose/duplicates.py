@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from talos.cli.diagnose.agent_view import AgentView
 from talos.cli.diagnose.findings import Finding, counted, registry_hint
+from talos.cli.diagnose.presence import LiveCheck
 from talos.discovery.registry_client import DuplicateReport, RegistryClient
 from talos.errors import PeerNotFound, TalosError
 
@@ -68,24 +69,33 @@ async def duplicate_checks(
     agent_id: str | None,
     every: bool,
     agent: AgentView,
+    live: LiveCheck | None = None,
 ) -> list[Finding]:
+    """The registry's view, the live challenge of each listed instance (``live``), the agent's."""
     findings: list[Finding] = []
     if registry is None:
         findings.append(Finding("registry", "skip", "no registry known", registry_hint()))
     else:
-        findings += await _registry_duplicates(registry, agent_id, every, agent)
+        findings += await _registry_duplicates(registry, agent_id, every, agent, live)
     return findings + _seen_duplicates(agent)
 
 
 async def _registry_duplicates(
-    registry: RegistryClient, agent_id: str | None, every: bool, agent: AgentView
+    registry: RegistryClient,
+    agent_id: str | None,
+    every: bool,
+    agent: AgentView,
+    live: LiveCheck | None,
 ) -> list[Finding]:
     findings: list[Finding] = []
     try:
         if agent_id is None:
             findings.append(Finding("registry", "skip", "no (valid) identity in this home"))
         else:
-            findings.append(_report_finding(await registry.duplicates(agent_id), agent))
+            report = await registry.duplicates(agent_id)
+            findings.append(_report_finding(report, agent))
+            if live is not None:
+                findings += await live(report)
         if every:
             reports = [r for r in await registry.all_duplicates() if r.duplicate]
             findings += [_report_finding(r, agent) for r in reports]

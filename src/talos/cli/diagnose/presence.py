@@ -1,0 +1,224 @@
+"""The live half of ``--check-duplicates``: ask each listed instance to prove it holds the key.
+
+For every endpoint the registry lists as a live instance of this identity,
+diagnose opens a link (as a client: it needs no lock, the agent may be
+running), sends a PRESENCE ``CHALLENGE`` (a fresh random nonce, signed by the
+identity's key) and waits :data:`ANSWER_TIMEOUT` seconds for the ``PROOF``:
+the nonce, the instance id and its time, signed by the identity's current
+key as the home's key log has it (:func:`talos.core.presence.check_proof`).
+
+* Two endpoints that prove with different instance ids: the identity runs
+  twice *now* (fail, exit 1), found in seconds rather than at the next
+  announcement.
+* An endpoint whose answer does not verify: an impostor (fail).
+* An endpoint that does not answer: warn (stopped since it announced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from talos.cli.diagnose.agent_view import DiskState, identity_for_checks
+from talos.cli.diagnose.findings import Finding
+from talos.core import presence, wire
+from talos.core.clock import Clock, time_ms
+from talos.core.identity import Identity
+from talos.core.keylog import KeyLog
+from talos.core.rng import Rng
+from talos.discovery.registry_client import DuplicateReport
+from talos.errors import RemoteProtocolError, SignatureInvalid, TalosError
+from talos.storage.home import AgentHome
+from talos.transport import Link, Transport
+
+__all__ = [
+    "ANSWER_TIMEOUT",
+    "Answer",
+    "LiveCheck",
+    "challenge_all",
+    "live_check",
+    "presence_findings",
+]
+
+#: Seconds to wait for each instance's proof.
+ANSWER_TIMEOUT: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What one endpoint answered: a proven instance id, or what went wrong."""
+
+    endpoint: str
+    instance_id: str | None = None
+    problem: str | None = None
+    impostor: bool = False
+
+
+class _Challenger:
+    """One link's challenge and the first PRESENCE frame that comes back."""
+
+    def __init__(self, identity: Identity, keylog: KeyLog, *, clock: Clock, rng: Rng) -> None:
+        self._identity, self._keylog, self._clock, self._rng = identity, keylog, clock, rng
+        self.nonce = rng.bytes(presence.NONCE_SIZE)
+        self.frames: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+
+    async def on_frame(self, link: Link, frame: bytes) -> None:
+        if not self.frames.full():
+            self.frames.put_nowait(frame)
+
+    def sealed_challenge(self) -> bytes:
+        me = self._identity.agent_id
+        envelope = wire.Envelope(
+            type=wire.EnvelopeType.PRESENCE,
+            message_id=wire.new_message_id(self._rng),
+            sender=me,
+            sender_instance=wire.new_instance_id(self._rng),
+            recipient=me,
+            timestamp_ms=time_ms(self._clock),
+            presence_kind=presence.PresenceKind.CHALLENGE,
+            presence_body=presence.encode_body(presence.Challenge(self.nonce)),
+        )
+        return wire.seal(envelope, self._identity.signing_key)
+
+    def judge(self, endpoint: str, frame: bytes) -> Answer:
+        """The verdict on an answer: proven, or an impostor."""
+        try:
+            unverified = wire.decode(frame)
+            if unverified.type is not wire.EnvelopeType.PRESENCE:
+                raise RemoteProtocolError(f"answered with a {unverified.type.name} frame")
+            envelope = wire.verify(unverified, self._keylog.state.signing_key)
+            if envelope.presence_kind is not presence.PresenceKind.PROOF:
+                raise RemoteProtocolError("answered with another challenge")
+            proof = presence.decode_body(envelope.presence_kind, envelope.presence_body or b"")
+            assert isinstance(proof, presence.Proof)  # noqa: S101 -- decoded as a PROOF
+            presence.check_proof(
+                proof,
+                nonce=self.nonce,
+                envelope_instance=envelope.sender_instance,
+                envelope_time_ms=envelope.timestamp_ms,
+                now_ms=time_ms(self._clock),
+            )
+        except (RemoteProtocolError, SignatureInvalid) as exc:
+            return Answer(endpoint, problem=f"{type(exc).__name__}: {exc}", impostor=True)
+        return Answer(endpoint, instance_id=proof.instance_id.hex())
+
+
+async def _challenge(
+    identity: Identity, keylog: KeyLog, endpoint: str, *, clock: Clock, rng: Rng
+) -> Answer:
+    challenger = _Challenger(identity, keylog, clock=clock, rng=rng)
+    transport = Transport(challenger.on_frame, clock=clock)
+    try:
+        try:
+            link = await transport.connect(endpoint)
+            await link.send(challenger.sealed_challenge())
+        except TalosError as exc:
+            return Answer(endpoint, problem=f"unreachable: {exc}")
+        try:
+            frame = await asyncio.wait_for(challenger.frames.get(), ANSWER_TIMEOUT)
+        except TimeoutError:
+            return Answer(endpoint, problem=f"no answer within {ANSWER_TIMEOUT:.0f}s")
+        return challenger.judge(endpoint, frame)
+    finally:
+        await transport.close()
+
+
+async def challenge_all(
+    identity: Identity, keylog: KeyLog, endpoints: Sequence[str], *, clock: Clock, rng: Rng
+) -> list[Answer]:
+    """Challenge every distinct endpoint at once."""
+    distinct = list(dict.fromkeys(endpoints))
+    return list(
+        await asyncio.gather(
+            *(_challenge(identity, keylog, e, clock=clock, rng=rng) for e in distinct)
+        )
+    )
+
+
+_HINT: Final = (
+    "stop every instance, decide which one's state is authoritative, rotate the keys "
+    "(`talos rotate`), then run that one instance only"
+)
+_IMPOSTOR_HINT: Final = (
+    "something at that endpoint announced this identity but cannot sign with its current key: "
+    "a stale listing taken over, or an old key in use; rotate if the key may have leaked"
+)
+
+
+def presence_findings(agent_id: str, answers: Sequence[Answer]) -> list[Finding]:
+    """One finding per problem endpoint, and the verdict over the proven instances."""
+    findings: list[Finding] = []
+    proven: dict[str, list[str]] = {}
+    for answer in answers:
+        if answer.instance_id is not None:
+            proven.setdefault(answer.instance_id, []).append(answer.endpoint)
+        elif answer.impostor:
+            findings.append(
+                Finding(
+                    "presence",
+                    "fail",
+                    f"{answer.endpoint} is listed for {agent_id} but failed to prove the key "
+                    f"(impostor): {answer.problem}",
+                    _IMPOSTOR_HINT,
+                    {"endpoint": answer.endpoint, "impostor": True},
+                )
+            )
+        else:
+            findings.append(
+                Finding(
+                    "presence",
+                    "warn",
+                    f"{answer.endpoint} did not prove it is live: {answer.problem}",
+                    "an instance stopped since it announced; its listing expires",
+                    {"endpoint": answer.endpoint},
+                )
+            )
+    data = {"agent_id": agent_id, "proven": proven}
+    if len(proven) > 1:
+        listed = "; ".join(f"{i[:12]} at {', '.join(eps)}" for i, eps in sorted(proven.items()))
+        findings.append(
+            Finding(
+                "presence",
+                "fail",
+                f"{agent_id} runs as {len(proven)} instances right now, each proved it holds "
+                f"the key: {listed}",
+                _HINT,
+                data,
+            )
+        )
+    elif proven:
+        (instance,) = proven
+        findings.append(
+            Finding(
+                "presence",
+                "ok",
+                f"one live instance proved it holds the key: {instance[:12]}",
+                data=data,
+            )  # fmt: skip
+        )
+    elif not answers:
+        findings.append(Finding("presence", "skip", "the registry lists no live instance"))
+    return findings
+
+
+#: Challenges the instances a registry report lists; returns their findings.
+LiveCheck = Callable[[DuplicateReport], Awaitable[list[Finding]]]
+
+
+def live_check(home: AgentHome, passphrase_file: Path | None, clock: Clock, rng: Rng) -> LiveCheck:
+    """The live challenge of this home's identity (its key signs the challenges)."""
+
+    async def check(report: DuplicateReport) -> list[Finding]:
+        identity = identity_for_checks(home, passphrase_file)
+        if isinstance(identity, DiskState):
+            detail = f"live instances not challenged: {identity.detail}"
+            return [Finding("presence", "skip", detail, identity.hint)]
+        keylog = home.load_public_keylog() or identity.keylog
+        endpoints = [instance.endpoint for instance in report.instances]
+        answers = await challenge_all(identity, keylog, endpoints, clock=clock, rng=rng)
+        return presence_findings(report.agent_id, answers)
+
+    return check
