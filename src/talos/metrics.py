@@ -48,6 +48,7 @@ __all__ = [
     "KEY_LOG_REFUSALS",
     "OTHER",
     "REJECTION_REASONS",
+    "DROP_REASONS",
     "ROTATION_KINDS",
     "SIGNATURE_FAILURE_REASONS",
     "WITNESS_ROLES",
@@ -126,6 +127,8 @@ PRESENCE_OUTCOMES: Final = ("proved", "refused", "other")
 
 #: Values of the ``reason`` label of ``talos_messages_rejected_total``.
 REJECTION_REASONS: Final = _rejection_reasons()
+#: Values of the ``reason`` label of ``talos_messages_dropped_total``.
+DROP_REASONS: Final = ("cancelled", "expired")
 
 _SIZE_BUCKETS: Final = tuple(float(64 * 4**i) for i in range(10))  # 64 B .. 16 MiB
 _FAST_BUCKETS: Final = (
@@ -443,6 +446,14 @@ class AgentMetrics:
             "Audit entries of peer-triggered events left out by the per-peer rate limit.",
             registry=r,
         )
+        self.messages_dropped = Counter(
+            "talos_messages_dropped",
+            "Messages removed from the outbox undelivered, by reason (cancelled, expired).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in DROP_REASONS:
+            self.messages_dropped.labels(reason=reason)
         for reason in SESSION_FAILURE_REASONS:
             self.session_failures.labels(reason=reason)
         for obj in SIGNED_OBJECTS:
@@ -703,6 +714,12 @@ class AgentMetrics:
     def equivocation_repeated(self, role: str) -> None:
         """An equivocation already audited was seen again, as ``role``."""
         self.equivocations_repeated.labels(role=_label(role, WITNESS_ROLES)).inc()
+
+    # -- the outbox, managed ----------------------------------------------------
+
+    def message_dropped(self, reason: str) -> None:
+        """A queued message left the outbox undelivered: ``cancelled`` or ``expired``."""
+        self.messages_dropped.labels(reason=_label(reason, DROP_REASONS)).inc()
 
     # -- exposition -------------------------------------------------------------
 

@@ -16,7 +16,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import talos
 from talos.audit import AuditLog
@@ -47,6 +49,19 @@ NOBODY = "did:talos:z" + "1" * 32
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
     with registry_process(tmp_path_factory.mktemp("registry")) as server:
         yield server
+
+
+def dropped_count(client: TalosClient, reason: str) -> float:
+    """``talos_messages_dropped_total{reason=...}`` from the agent's ``/metrics`` over HTTP."""
+    host, port = client.metrics.address or ("", 0)
+    text = httpx.get(f"http://{host}:{port}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "talos_messages_dropped_total" and sample.labels == {
+                "reason": reason
+            }:
+                return float(sample.value)
+    raise AssertionError("no talos_messages_dropped_total")
 
 
 def audit_entries(home: Path, kind: str) -> list[Any]:
@@ -250,7 +265,9 @@ async def test_the_outbox_lists_queued_messages_per_peer_with_attempts_and_age(
 
 
 async def test_cancel_removes_a_queued_message_audited_and_reported(tmp_path: Path) -> None:
-    async with TalosClient.create("alice", home=tmp_path / "a", offline_mode=True) as a:
+    async with TalosClient.create(
+        "alice", home=tmp_path / "a", offline_mode=True, metrics_port=0
+    ) as a:
         kept = await a.send(NOBODY, "keep", wait=False)
         dropped = await a.send(NOBODY, "drop", wait=False)
         waiting = asyncio.ensure_future(a.outcome(dropped.message_id))
@@ -260,6 +277,7 @@ async def test_cancel_removes_a_queued_message_audited_and_reported(tmp_path: Pa
         assert await asyncio.wait_for(waiting, 10) == cancelled
         assert await a.cancel(dropped.message_id) == cancelled  # twice: the same answer
         assert [e.message_id for e in a.outbox()[NOBODY]] == [kept.message_id]
+        assert (dropped_count(a, "cancelled"), dropped_count(a, "expired")) == (1, 0)
     (entry,) = audit_entries(tmp_path / "a", "MESSAGE_CANCELLED")
     assert (entry.peer, entry.data["id"]) == (NOBODY, dropped.message_id_bytes)
 
@@ -309,7 +327,9 @@ async def test_expired_messages_are_dropped_audited_and_reported(
     caplog.set_level(logging.INFO, logger="talos")
     clock = FakeClock(start=time.time())
     home = tmp_path / "a"
-    async with TalosClient.create("a", home=home, offline_mode=True, clock=clock) as a:
+    async with TalosClient.create(
+        "a", home=home, offline_mode=True, clock=clock, metrics_port=0
+    ) as a:
         short = await a.send(NOBODY, "short", wait=False, expires_in=5)
         long = await a.send(NOBODY, "long", wait=False, expires_in=50)
         kept = await a.send(NOBODY, "forever", wait=False)
@@ -319,6 +339,7 @@ async def test_expired_messages_are_dropped_audited_and_reported(
         assert [e.message_id for e in a.outbox()[NOBODY]] == [long.message_id, kept.message_id]
         with pytest.raises(CannotCancel, match="expired already"):
             await a.cancel(short.message_id)
+        assert (dropped_count(a, "expired"), dropped_count(a, "cancelled")) == (1, 0)
     assert any(getattr(r, "event", None) == "message_expired" for r in caplog.records)
     # The other expiry survives a restart: read back from the outbox.
     async with TalosClient.create("a", home=home, offline_mode=True, clock=clock) as again:
