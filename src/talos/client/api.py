@@ -24,7 +24,6 @@ from talos.client.own_keys import Rotation
 from talos.client.resources import Creating, Opened, Resources
 from talos.client.rotation import key_summary
 from talos.client.sending import SendResult
-from talos.client.sessions import require_bundle
 from talos.client.status import known_peer_rows, status_report
 from talos.client.wiring import Parts
 from talos.core.capability import Capability
@@ -179,7 +178,7 @@ class TalosClient:
         return client
 
     def __init__(self, config: ClientConfig) -> None:
-        self._config, self._rng = config, config.rng
+        self._config, self._clock, self._rng = config, config.clock, config.rng
         # Opens and closes everything (talos.client.resources); _open() keeps
         # what the public methods use once everything is up.
         self._resources = Resources(config)
@@ -498,7 +497,7 @@ class TalosClient:
             SignatureInvalid: the bundle is not vouched for by the peer's key log.
             KeyAgreementFailed: a bundle key is unusable.
         """
-        require_bundle(peer_id, bundle, offline=self._config.offline)
+        contacts.require_bundle(peer_id, bundle, offline=self._config.offline)
         await self._drivers.sessions.establish(peer_id, bundle)
         self._drivers.deliverer.kick(peer_id)
 

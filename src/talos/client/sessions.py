@@ -17,7 +17,7 @@ from talos.core.ratchet import Session
 from talos.core.rng import Rng
 from talos.core.sessions import SessionEntry, SessionTable, decode_record, encode_record
 from talos.core.x3dh import PrekeyBundle, PrekeyStore, initiate
-from talos.errors import MalformedFrame, PeerNotFound, StoreCorrupted, UnsupportedVersion
+from talos.errors import MalformedFrame, StoreCorrupted, UnsupportedVersion
 from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
 from talos.storage.agent_state import AgentState
@@ -26,19 +26,6 @@ _log = logging.getLogger("talos.client")
 
 #: One-time prekeys kept published at the registry.
 ONE_TIME_PREKEYS = 20
-
-
-def require_bundle(peer: str, bundle: PrekeyBundle | None, *, offline: bool) -> None:
-    """With ``offline_mode`` nothing is fetched: ``TalosClient.establish_session`` needs a bundle.
-
-    Raises:
-        PeerNotFound: no ``bundle`` was given in offline mode.
-    """
-    if bundle is None and offline:
-        raise PeerNotFound(
-            f"offline_mode: no prekey bundle for {peer} is fetched from the network; "
-            "pass the peer's get_prekey_bundle() (and add_contact its contact_card())"
-        )
 
 
 class Sessions:
