@@ -168,8 +168,7 @@ class TalosClient:
 
     @classmethod
     async def _start(cls, options: dict[str, Any]) -> TalosClient:
-        options = dict(options)
-        client = cls(ClientConfig.from_options(options.pop("name"), **options))
+        client = cls(ClientConfig.from_options(**options))
         try:
             await client._open()
         except BaseException:
