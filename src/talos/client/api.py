@@ -1,25 +1,11 @@
 """TalosClient: one agent — identity, sessions, durable delivery, audit.
 
-This is the composition root and the public API. Its
-:class:`~talos.client.resources.Resources` opens the concrete parts (the
-agent home, the LMDB-backed audit log and agent state, the WebSocket
-transport, the registry client and DHT node) and hands each driver what it
-needs through its constructor:
-
-* :class:`~talos.client.sending.Sender`: ``send()`` and the outbox commit;
-* :class:`~talos.client.delivery.Deliverer`: per-peer delivery, ACKs, ERRORs;
-* :class:`~talos.client.receiving.Receiver` and ``ReceiveBatch``: every
-  incoming frame, and the group commit of received messages;
-* :class:`~talos.client.inbox.InboxReader`: ``receive()`` and ``acknowledge()``;
-* :class:`~talos.client.sessions.Sessions`: X3DH, session records, prekeys;
-* :class:`~talos.client.revocations.Capabilities`: tokens and revocation lists;
-* :class:`~talos.client.discovery.Discovery`: announcements and bundles;
-* :class:`~talos.client.requests.Requester` and
-  :class:`~talos.client.replies.Replies`: ``request()`` and ``reply()``.
-
-The decisions those drivers act on are pure and live in :mod:`talos.core`
-(:mod:`~talos.core.delivery`, :mod:`~talos.core.sessions`,
-:mod:`~talos.core.incoming`).
+The public API and the composition root: every public method delegates to
+the part that owns its concern, opened by
+:class:`~talos.client.resources.Resources` and wired by
+:func:`~talos.client.wiring.assemble` (``docs/design/layout.md`` says who
+owns what). The decisions those parts act on are pure and live in
+:mod:`talos.core`.
 """
 
 from __future__ import annotations
@@ -28,25 +14,18 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from talos.audit import AuditLog
-from talos.audit.mirror_store import MirrorStore
 from talos.client import contacts
-from talos.client.arguments import check_message_id, check_timeout, check_wait
-from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
-from talos.client.discovery import RECORD_LIFETIME, Discovery
-from talos.client.grants import CapabilityInfo, Grants, RevokedToken, agent_grants
-from talos.client.outbox import OutboxControl, QueuedEntry
+from talos.client.discovery import RECORD_LIFETIME
+from talos.client.grants import CapabilityInfo, RevokedToken
+from talos.client.outbox import QueuedEntry
 from talos.client.outcomes import MessageOutcome
-from talos.client.own_keys import OwnIdentity, Rotation
-from talos.client.replies import Replies
-from talos.client.requests import Requester
-from talos.client.resources import Creating, Resources
-from talos.client.rotation import Rotator
+from talos.client.own_keys import Rotation
+from talos.client.resources import Creating, Opened, Resources
+from talos.client.rotation import key_summary
 from talos.client.sending import SendResult
 from talos.client.status import known_peer_rows, status_report
 from talos.client.wiring import Parts
-from talos.core import wire
 from talos.core.capability import Capability
 from talos.core.clock import Clock
 from talos.core.message import Message
@@ -54,20 +33,8 @@ from talos.core.peer_record import PeerRecord
 from talos.core.revocation import DEFAULT_GRACE
 from talos.core.rng import Rng
 from talos.core.x3dh import PrekeyBundle
-from talos.discovery.failover import public_url
-from talos.errors import (
-    LocalProtocolError,
-    PeerNotFound,
-    StoreCorrupted,
-)
-from talos.metrics import AgentMetrics
-from talos.peers import PeerDirectory
-from talos.storage.agent_state import AgentState
-from talos.storage.home import AgentHome
-from talos.storage.lost_state import log_refusal
-from talos.storage.tokens import TokenStore
+from talos.errors import LocalProtocolError
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
-from talos.transport import Transport
 
 __all__ = [
     "CapabilityInfo",
@@ -208,91 +175,54 @@ class TalosClient:
 
     @classmethod
     async def _start(cls, options: dict[str, Any]) -> TalosClient:
-        options = dict(options)
-        client = cls(ClientConfig.from_options(options.pop("name"), **options))
+        client = cls(ClientConfig.from_options(**options))
         try:
             await client._open()
-        except BaseException as error:
-            if isinstance(error, StoreCorrupted):
-                log_refusal(client._home, error)
+        except BaseException:
             await client.close()
             raise
         return client
 
     def __init__(self, config: ClientConfig) -> None:
-        self._config = config
-        self._home = AgentHome(config.home)
-        self._clock, self._rng = config.clock, config.rng
-        self._instance = wire.new_instance_id(config.rng)
-        self._closed = False
-        #: Prometheus collectors of this agent (served on ``metrics_port`` if given).
-        self.metrics = AgentMetrics(
-            uses_registry=config.registry_url is not None,
-            registry_urls=[public_url(url) for url in config.registry_urls],
-            mirrors=config.audit.mirror_to,
-        )
-        self._clocks = ClockWatch(config.clock, self.metrics)
+        self._config, self._clock, self._rng = config, config.clock, config.rng
         # Opens and closes everything (talos.client.resources); _open() keeps
         # what the public methods use once everything is up.
-        self._resources = Resources(
-            config=config,
-            home=self._home,
-            instance=self._instance,
-            metrics=self.metrics,
-            clocks=self._clocks,
-            closed=self._is_closed,
-        )
-        self._log: AuditLog | None = None
-        self._tokens: TokenStore | None = None
-        self._mirrors: MirrorStore | None = None
-        self._transport: Transport | None = None
+        self._resources = Resources(config)
+        #: Prometheus collectors of this agent (served on ``metrics_port`` if given).
+        self.metrics = self._resources.metrics
+        self._opened: Opened | None = None
         self._parts: Parts | None = None
-        self._outbox: OutboxControl | None = None
-        self._endpoint = ""
-        self._own: OwnIdentity
-        self._state: AgentState
-        self._peers: PeerDirectory
-        self._rotator: Rotator
-        self._requester: Requester
-        self._replies: Replies
 
     async def _open(self) -> None:
-        opened = await self._resources.open()
-        self._own, self._log, self._state = opened.own, opened.log, opened.state
-        self._tokens, self._mirrors = opened.tokens, opened.mirrors
-        self._transport, self._parts = opened.transport, opened.parts
-        self._peers, self._rotator = opened.peers, opened.rotator
-        self._outbox, self._endpoint = opened.outbox, opened.endpoint
-        self._requester, self._replies = opened.requester, opened.replies
+        agent = self._opened = await self._resources.open()
+        # Kept by name too: the tests reach for them.
+        self._own, self._log, self._state = agent.own, agent.log, agent.state
+        self._peers, self._transport, self._parts = agent.peers, agent.transport, agent.parts
+
+    @property
+    def _agent(self) -> Opened:
+        if self._opened is None:
+            raise LocalProtocolError("the client is not open")
+        return self._opened
 
     @property
     def _drivers(self) -> Parts:
-        if self._parts is None:
-            raise LocalProtocolError("the client is not open")
-        return self._parts
-
-    def _is_closed(self) -> bool:
-        return self._closed
-
-    @property
-    def _discovery(self) -> Discovery | None:
-        return self._resources.discovery
+        return self._agent.parts
 
     @property
     def dht_address(self) -> tuple[str, int] | None:
         """UDP address of this agent's DHT node, if it runs one."""
-        dht = None if self._discovery is None else self._discovery.dht
-        return None if dht is None else dht.address
+        return self._resources.dht_address
 
     @property
     def registry_reachable(self) -> bool | None:
         """Whether the registry answered last time it was asked (``None``: not yet)."""
-        return None if self._discovery is None else self._discovery.reachable
+        return self._resources.registry_reachable
 
     @property
     def registry_offset(self) -> float | None:
         """Offset of our clock from the registry's (seconds, positive: we are ahead)."""
-        return self._clocks.registry_offset
+        return self._resources.clocks.registry_offset
 
     async def close(self) -> None:
         """Stop delivering, close links and stores, and release the home.
@@ -301,9 +231,6 @@ class TalosClient:
         next start; received messages not yet taken stay in the inbox.
         Closing twice does nothing.
         """
-        if self._closed:
-            return
-        self._closed = True
         await self._resources.close()
 
     async def __aenter__(self) -> TalosClient:
@@ -400,7 +327,7 @@ class TalosClient:
             PeerRejected, PeerUnknown, CapabilityDenied, QueueFull, LocalProtocolError:
                 as :meth:`send`.
         """
-        return await self._requester.request(
+        return await self._agent.requester.request(
             peer_id, data, timeout=timeout, retry_count=retry_count, capability=capability
         )
 
@@ -417,7 +344,7 @@ class TalosClient:
             RequestExpired: the request's expiry passed; nothing was sent.
             QueueFull, LocalProtocolError: as :meth:`send`.
         """
-        return await self._replies.attach(message).reply(data)  # type: ignore[no-any-return]
+        return await self._agent.replies.attach(message).reply(data)  # type: ignore[no-any-return]
 
     async def outcome(
         self,
@@ -441,15 +368,14 @@ class TalosClient:
             MessageNotFound: neither queued nor recorded (not sent by this agent,
                 or its outcome is older than the lookback).
         """
-        seconds = None if timeout is None else check_timeout(timeout)
-        return await self._outboxes.outcome(check_message_id(message_id), seconds)
+        return await self._agent.outbox.outcome(message_id, timeout)
 
     def outbox(self) -> dict[str, list[QueuedEntry]]:
         """The queued messages by peer, oldest first: id, attempts, age, expiry, size.
 
         Nothing is decrypted; the listing is one read of the outbox.
         """
-        return self._outboxes.listing()
+        return self._agent.outbox.listing()
 
     async def cancel(self, message_id: str | bytes) -> MessageOutcome:
         """Take a queued message out of the outbox; returns its outcome ``"cancelled"``.
@@ -468,13 +394,7 @@ class TalosClient:
                 ``outcome`` attribute says which).
             MessageNotFound: no such message is queued or recorded.
         """
-        return await self._outboxes.cancel(check_message_id(message_id))
-
-    @property
-    def _outboxes(self) -> OutboxControl:
-        if self._outbox is None:
-            raise LocalProtocolError("the client is not open")
-        return self._outbox
+        return await self._agent.outbox.cancel(message_id)
 
     async def receive(
         self,
@@ -501,10 +421,7 @@ class TalosClient:
         Raises:
             InvalidArgument: a ``timeout`` that is negative, NaN or infinite.
         """
-        if timeout is not None:
-            timeout = check_wait(timeout)
-        message = await self._drivers.inbox.receive(timeout, auto_ack=auto_ack)
-        return None if message is None else self._replies.attach(message)
+        return await self._drivers.inbox.receive(timeout, auto_ack=auto_ack)
 
     async def acknowledge(self, *messages: Message) -> None:
         """Remove messages received with ``auto_ack=False`` from the durable inbox
@@ -537,7 +454,7 @@ class TalosClient:
                 await client.acknowledge(message)
         """
         async for message in self._drivers.inbox.messages(auto_ack=auto_ack):
-            yield self._replies.attach(message)
+            yield message
 
     # -- identity and sessions ------------------------------------------------------
 
@@ -545,12 +462,12 @@ class TalosClient:
     def agent_id(self) -> str:
         """This agent's identity, ``did:talos:z…``: derived from its first key,
         stable across key rotations. Peers address messages to it."""
-        return self._own.current.agent_id
+        return self._agent.own.current.agent_id
 
     @property
     def endpoint(self) -> str:
         """``ws://host:port`` this agent listens on."""
-        return self._endpoint
+        return "" if self._opened is None else self._opened.endpoint
 
     def peer_record(self, *, lifetime: float = RECORD_LIFETIME) -> PeerRecord:
         """A freshly signed record of where this instance listens."""
@@ -558,7 +475,7 @@ class TalosClient:
 
     def contact_card(self) -> bytes:
         """Key log and peer record in one blob, for introductions without a registry."""
-        return contacts.card(self._own.current.keylog, self.peer_record())
+        return contacts.card(self._agent.own.current.keylog, self.peer_record())
 
     def add_contact(self, card: bytes) -> str:
         """Learn a peer from its :meth:`contact_card`; returns its agent id.
@@ -568,7 +485,7 @@ class TalosClient:
             KeyLogInvalid: its key log is invalid or forks what we know.
             SignatureInvalid, StaleMessage: its record does not verify now.
         """
-        return contacts.learn(self._peers, card)
+        return contacts.learn(self._agent.peers, card)
 
     def get_prekey_bundle(self) -> PrekeyBundle:
         """A bundle for :meth:`establish_session` out of band (signed prekey, no one-time key)."""
@@ -586,11 +503,7 @@ class TalosClient:
             SignatureInvalid: the bundle is not vouched for by the peer's key log.
             KeyAgreementFailed: a bundle key is unusable.
         """
-        if bundle is None and self._config.offline:
-            raise PeerNotFound(
-                f"offline_mode: no prekey bundle for {peer_id} is fetched from the network; "
-                "pass the peer's get_prekey_bundle() (and add_contact its contact_card())"
-            )
+        contacts.require_bundle(peer_id, bundle, offline=self._config.offline)
         await self._drivers.sessions.establish(peer_id, bundle)
         self._drivers.deliverer.kick(peer_id)
 
@@ -623,20 +536,14 @@ class TalosClient:
                 ``revoke_old`` without ``emergency``, or ``emergency`` without a reason.
             StorageError: the key file could not be written (nothing changed).
         """
-        rotated = await self._rotator.rotate(
-            Rotation(reason=reason, emergency=emergency, revoke_old=revoke_old)
-        )
-        return {
-            "agent_id": rotated.agent_id,
-            "sequence": rotated.sequence,
-            "fingerprint": rotated.fingerprint,
-        }
+        rotation = Rotation(reason=reason, emergency=emergency, revoke_old=revoke_old)
+        return key_summary(await self._agent.rotator.rotate(rotation))
 
     # -- status ---------------------------------------------------------------------
 
     def queue_depth(self) -> int:
         """Messages waiting in the outbox."""
-        return self._state.outbox_count()
+        return self._agent.state.outbox_count()
 
     def status(self) -> dict[str, Any]:
         """What ``talos status`` shows: identity, endpoint, queue, sessions, registry, clocks.
@@ -645,40 +552,14 @@ class TalosClient:
         we are ahead); ``peer_clock`` holds each peer's offset from ours
         (positive: the peer is ahead), estimated from signed ACKs.
         """
-        dht = self.dht_address
-        discovery_registry = None if self._discovery is None else self._discovery.registry
-        return status_report(
-            self._state,
-            agent_id=self.agent_id,
-            instance=self._instance,
-            endpoint=self._endpoint,
-            offline=self._config.offline,
-            links=self._drivers.deliverer.links,
-            registry=None if discovery_registry is None else discovery_registry.current_url,
-            registry_reachable=self.registry_reachable,
-            dht=None if dht is None else "{}:{}".format(*dht),
-            clocks=self._clocks,
-            now=self._clock.time(),
-            duplicates=self._drivers.receiver.instances.duplicates,
-        )
+        return status_report(self._resources, self._agent)
 
     def known_peers(self) -> list[dict[str, Any]]:
         """Peers with a cached, verified record: what ``talos peers`` lists."""
-        return known_peer_rows(self._state, self._drivers.deliverer.links)
+        agent = self._agent
+        return known_peer_rows(agent.state, agent.parts.deliverer.links)
 
     # -- capabilities in code (talos.client.grants; docs/guide/capabilities.md) ------------
-
-    def _grants(self) -> Grants:
-        if self._tokens is None or self._log is None:
-            raise LocalProtocolError("the client is not open")
-        return agent_grants(
-            self._drivers,
-            tokens=self._tokens,
-            log=self._log,
-            metrics=self.metrics,
-            clock=self._clock,
-            rng=self._rng,
-        )
 
     async def grant(
         self,
@@ -703,7 +584,7 @@ class TalosClient:
                 ``delegable`` that is not a bool (nothing signed or written).
             AuditFull, StorageError: the grant could not be recorded (not issued).
         """
-        token = self._grants().grant(
+        token = self._agent.grants.grant(
             peer_id, action, expires_in=expires_in, resources=resource, delegable=delegable
         )
         return token.to_text()
@@ -725,11 +606,11 @@ class TalosClient:
             Expired, NotYetValid, Revoked: it is not valid now.
             CapabilitySignatureInvalid: a signature in its chain does not verify.
         """
-        return await self._grants().add(token, issuer_logs=issuer_logs)
+        return await self._agent.grants.add(token, issuer_logs=issuer_logs)
 
     def capabilities(self) -> list[CapabilityInfo]:
         """Every capability this agent granted, then every one it holds, with its state."""
-        return self._grants().listing()
+        return self._agent.grants.listing()
 
     async def revoke(self, token_id: str | bytes, *, reason: str) -> RevokedToken:
         """Revoke a capability this agent granted (``token_id``: its hex id or the token).
@@ -745,4 +626,4 @@ class TalosClient:
                 characters, or not a token this agent granted.
             AuditFull, StorageError: it could not be recorded (nothing revoked).
         """
-        return await self._grants().revoke(token_id, reason=reason)
+        return await self._agent.grants.revoke(token_id, reason=reason)

@@ -3,6 +3,8 @@
 A card is ``{"v": 1, "log": key log, "rec": peer record}`` in canonical
 CBOR: the agent's self-certifying key log and a signed record of where it
 listens. :func:`learn` checks both before the peer directory keeps them.
+In ``offline_mode`` a session needs the peer's prekey bundle passed too
+(:func:`require_bundle`): nothing is fetched from the network.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from typing import Final
 from talos.core.encoding import canonical_dumps, strict_versioned_map
 from talos.core.keylog import KeyLog
 from talos.core.peer_record import PeerRecord
-from talos.errors import MalformedFrame
+from talos.core.x3dh import PrekeyBundle
+from talos.errors import MalformedFrame, PeerNotFound
 from talos.peers import PeerDirectory
 
-__all__ = ["card", "learn"]
+__all__ = ["card", "learn", "require_bundle"]
 
 _FIELDS: Final = frozenset({"v", "log", "rec"})
 _MAX_SIZE: Final = 1 << 20
@@ -45,3 +48,16 @@ def learn(peers: PeerDirectory, contact: bytes) -> str:
         raise MalformedFrame("contact card record names another agent")
     peers.learn_record(record)
     return log.agent_id
+
+
+def require_bundle(peer: str, bundle: PrekeyBundle | None, *, offline: bool) -> None:
+    """With ``offline_mode`` nothing is fetched: ``TalosClient.establish_session`` needs a bundle.
+
+    Raises:
+        PeerNotFound: no ``bundle`` was given in offline mode.
+    """
+    if bundle is None and offline:
+        raise PeerNotFound(
+            f"offline_mode: no prekey bundle for {peer} is fetched from the network; "
+            "pass the peer's get_prekey_bundle() (and add_contact its contact_card())"
+        )

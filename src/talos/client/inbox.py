@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 from talos.client import timing
+from talos.client.arguments import check_wait
 from talos.core.clock import Clock
 from talos.core.message import Message, decode_payload
 from talos.errors import LocalProtocolError, TalosError
@@ -47,9 +48,20 @@ class InboxReader:
         self._commits: set[asyncio.Future[Any]] = set()
         self.read_ahead: collections.deque[tuple[int, InboxMessage]] | None = None
         self._read_ahead_bytes = 0
+        #: Makes a request able to reply (``Replies.attach``, set once request/reply is up).
+        self.attach: Callable[[Message], Message] = lambda message: message
 
-    async def receive(self, seconds: float | None, *, auto_ack: bool) -> Message | None:
-        """See :meth:`TalosClient.receive`."""
+    async def receive(self, wait: float | None, *, auto_ack: bool) -> Message | None:
+        """See :meth:`TalosClient.receive`.
+
+        Raises:
+            InvalidArgument: a ``wait`` (receive's ``timeout``) negative, NaN or infinite.
+        """
+        seconds = None if wait is None else check_wait(wait)
+        message = await self._next(seconds, auto_ack=auto_ack)
+        return None if message is None else self.attach(message)
+
+    async def _next(self, seconds: float | None, *, auto_ack: bool) -> Message | None:
         deadline = None if seconds is None else self._clock.monotonic() + seconds
         while not self._closed():
             if auto_ack:

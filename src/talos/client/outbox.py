@@ -23,6 +23,7 @@ from typing import Any, Final, TypeVar
 
 from talos.audit import AuditLog
 from talos.client import timing
+from talos.client.arguments import check_message_id, check_timeout
 from talos.client.delivery import Deliverer
 from talos.client.outcomes import FINAL_KINDS, MessageOutcome, from_audit
 from talos.core.clock import Clock, time_ms
@@ -115,8 +116,9 @@ class OutboxControl:
 
     # -- cancelling ---------------------------------------------------------------------
 
-    async def cancel(self, message_id: bytes) -> MessageOutcome:
+    async def cancel(self, message: str | bytes) -> MessageOutcome:
         """See :meth:`TalosClient.cancel`."""
+        message_id = check_message_id(message)
         item = self._state.outbox_item(message_id)
         if item is not None and not self._deliverer.core.being_removed(message_id):
             removed = await self._in_thread(
@@ -251,8 +253,10 @@ class OutboxControl:
                 return found
         return None
 
-    async def outcome(self, message_id: bytes, seconds: float | None) -> MessageOutcome:
+    async def outcome(self, message: str | bytes, wait: float | None) -> MessageOutcome:
         """See :meth:`TalosClient.outcome`."""
+        seconds = None if wait is None else check_timeout(wait)
+        message_id = check_message_id(message)
         known = self._deliverer.outcomes.get(message_id)
         if known is not None:
             return known

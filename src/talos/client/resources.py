@@ -5,8 +5,10 @@
 log and agent state, the token and mirror stores, discovery (registry client,
 DHT node), the transport, the drivers (:func:`~talos.client.wiring.assemble`)
 and the background tasks. It gets what it needs through its constructor and
-hands the client an :class:`Opened` once everything is up; ``shut_down``
-closes whatever was opened, also after a failed open.
+hands the client an :class:`Opened` once everything is up; ``close``
+closes whatever was opened, also after a failed open. It also owns what the
+client holds from its construction on: the home, the instance id, the
+metrics, the clock watch and whether the agent is closed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from talos.audit.mirror_store import MIRROR_DIR, MirrorStore
 from talos.client.clocks import ClockWatch
 from talos.client.config import ClientConfig
 from talos.client.discovery import RECORD_LIFETIME, Discovery
+from talos.client.grants import Grants, agent_grants
 from talos.client.outbox import OutboxControl
 from talos.client.own_keys import OwnIdentity, audit_signer
 from talos.client.replies import Replies
@@ -33,12 +36,14 @@ from talos.client.requests import OpenRequests, Requester
 from talos.client.rotation import Rotator
 from talos.client.scraped import read_stores_when_scraped
 from talos.client.wiring import Parts, assemble
+from talos.core import wire
 from talos.core.clock import time_ms
 from talos.core.crypto import VerifyKey
 from talos.core.identity import Identity
 from talos.core.peer_record import PeerRecord
 from talos.core.prekeys import PrekeyUpload
 from talos.discovery.dht import DhtNode
+from talos.discovery.failover import public_url
 from talos.discovery.registry_client import RegistryClient
 from talos.errors import (
     ConfigurationError,
@@ -46,13 +51,14 @@ from talos.errors import (
     IdentityNotFound,
     LocalProtocolError,
     PeerUnreachable,
+    StoreCorrupted,
 )
 from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
 from talos.storage.agent_state import AgentState, derive_storage_key
 from talos.storage.home import AgentHome
 from talos.storage.lock import HomeLock
-from talos.storage.lost_state import guard
+from talos.storage.lost_state import guard, log_refusal
 from talos.storage.tokens import TokenStore
 from talos.transport import Link, Transport
 
@@ -107,24 +113,24 @@ class Opened:
     endpoint: str
     requester: Requester
     replies: Replies
+    grants: Grants
 
 
 class Resources:
     """Opens an agent's resources in order and closes them in reverse."""
 
-    def __init__(
-        self,
-        *,
-        config: ClientConfig,
-        home: AgentHome,
-        instance: bytes,
-        metrics: AgentMetrics,
-        clocks: ClockWatch,
-        closed: Callable[[], bool],
-    ) -> None:
-        self._config, self._home, self._instance = config, home, instance
-        self._metrics, self._clocks, self._closed = metrics, clocks, closed
-        self._clock, self._rng = config.clock, config.rng
+    def __init__(self, config: ClientConfig) -> None:
+        self.config, self._clock, self._rng = config, config.clock, config.rng
+        self.home = AgentHome(config.home)
+        self.instance = wire.new_instance_id(config.rng)
+        #: Prometheus collectors of this agent (``TalosClient.metrics``).
+        self.metrics = AgentMetrics(
+            uses_registry=config.registry_url is not None,
+            registry_urls=[public_url(url) for url in config.registry_urls],
+            mirrors=config.audit.mirror_to,
+        )
+        self.clocks = ClockWatch(config.clock, self.metrics)
+        self._closing = False
         self._lock: HomeLock | None = None
         self._own: OwnIdentity | None = None
         self._log: AuditLog | None = None
@@ -144,22 +150,45 @@ class Resources:
             raise LocalProtocolError("the client is not open")
         return self._parts
 
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the drivers stop when it was)."""
+        return self._closing
+
+    @property
+    def dht_address(self) -> tuple[str, int] | None:
+        """See :attr:`TalosClient.dht_address`."""
+        dht = None if self.discovery is None else self.discovery.dht
+        return None if dht is None else dht.address
+
+    @property
+    def registry_reachable(self) -> bool | None:
+        """See :attr:`TalosClient.registry_reachable`."""
+        return None if self.discovery is None else self.discovery.reachable
+
     async def open(self) -> Opened:
         """Open everything, start listening and announce.
 
         Raises:
             ConfigurationError, AgentAlreadyRunning, StorageError: as
-                :meth:`talos.client.TalosClient.create` says.
+                :meth:`talos.client.TalosClient.create` says (a
+                ``StoreCorrupted`` refusal is logged first).
         """
-        config, clock, rng = self._config, self._clock, self._rng
+        try:
+            return await self._open()
+        except StoreCorrupted as error:
+            log_refusal(self.home, error)
+            raise
+
+    async def _open(self) -> Opened:
+        config, clock, rng = self.config, self._clock, self._rng
         # One agent per home, in this process or any other (docs/design/client.md).
-        self._home.ensure()
-        self._lock = HomeLock.acquire(self._home.path)
+        self.home.ensure()
+        self._lock = HomeLock.acquire(self.home.path)
         identity = self._load_identity()
         own = self._own = OwnIdentity(identity)
-        self._home.check_public_keylog(identity.keylog)
+        self.home.check_public_keylog(identity.keylog)
         log = self._log = AuditLog.open(
-            self._home.audit_path,
+            self.home.audit_path,
             clock=clock,
             signer=audit_signer(identity),
             extra_databases=AgentState.DATABASES + (ANCHOR_DATABASES if config.anchor else ()),
@@ -175,41 +204,41 @@ class Resources:
             rng=rng,
             replay_window_ms=int(config.replay_window * 1000),
         )
-        tokens = self._tokens = TokenStore.open(self._home.path / "capabilities")
+        tokens = self._tokens = TokenStore.open(self.home.path / "capabilities")
         mirrors = self._mirrors = MirrorStore.open(
-            self._home.path / MIRROR_DIR, quota_bytes=config.audit.mirror_quota_bytes
+            self.home.path / MIRROR_DIR, quota_bytes=config.audit.mirror_quota_bytes
         )
         # A store shorter than the signed watermark records is refused (docs/design/lost-state.md).
-        watermark = guard(self._home, identity, log, tokens, current=lambda: own.current)
+        watermark = guard(self.home, identity, log, tokens, current=lambda: own.current)
         discovery = self.discovery = await self._open_discovery()
         read_stores_when_scraped(
-            self._metrics, me=identity.agent_id, log=log, state=state, tokens=tokens
+            self.metrics, me=identity.agent_id, log=log, state=state, tokens=tokens
         )
         if config.metrics_port is not None:
-            self._metrics.serve(config.metrics_port, config.listen[0])
+            self.metrics.serve(config.metrics_port, config.listen[0])
         transport = self._transport = Transport(self._on_frame, clock=clock)
         parts = self._parts = assemble(
             config=config,
             own=own,
-            instance=self._instance,
+            instance=self.instance,
             log=log,
             state=state,
             tokens=tokens,
             discovery=discovery,
             transport=transport,
-            metrics=self._metrics,
-            clocks=self._clocks,
-            closed=self._closed,
+            metrics=self.metrics,
+            clocks=self.clocks,
+            closed=self.closed,
             mirrors=mirrors,
         )
         parts.capabilities.complete_revocation()
         requester, replies = self._request_reply(own, log, parts)
         rotator = Rotator(
-            home=self._home,
+            home=self.home,
             own=own,
             log=log,
             parts=parts,
-            metrics=self._metrics,
+            metrics=self.metrics,
             passphrase=config.passphrase,
             clock=clock,
             rng=rng,
@@ -218,16 +247,16 @@ class Resources:
         )
         if config.anchor is not None:
             self._anchoring = start_anchoring(
-                config.anchor, log, clock=clock, rng=rng, metrics=self._metrics
+                config.anchor, log, clock=clock, rng=rng, metrics=self.metrics
             )
         host, port = await self._listen(transport)
         outbox = self._outbox = OutboxControl(
             state=state,
             log=log,
             deliverer=parts.deliverer,
-            metrics=self._metrics,
+            metrics=self.metrics,
             clock=clock,
-            closed=self._closed,
+            closed=self.closed,
         )
         parts.sender.on_expiring = outbox.expiring
         self.spawn(outbox.run_expiry())
@@ -250,6 +279,9 @@ class Resources:
             endpoint=self._endpoint,
             requester=requester,
             replies=replies,
+            grants=agent_grants(
+                parts, tokens=tokens, log=log, metrics=self.metrics, clock=clock, rng=rng
+            ),
         )
 
     def _request_reply(
@@ -262,13 +294,14 @@ class Resources:
         )
         parts.receiver.requests = parts.batch.requests = requests
         parts.receiver.replies = replies
+        parts.inbox.attach = replies.attach
         requester = Requester(
             sender=parts.sender, requests=requests, clock=self._clock, rng=self._rng
         )
         return requester, replies
 
     async def _open_discovery(self) -> Discovery:
-        config, clock = self._config, self._clock
+        config, clock = self.config, self._clock
         # offline_mode: no network at all, so no registry client and no DHT node; the
         # listener still accepts peers that connect (docs/design/client.md).
         registry = None
@@ -277,7 +310,7 @@ class Resources:
         use_dht = "dht" in config.discovery and not config.offline
         dht = DhtNode(clock=clock, rng=self._rng) if use_dht else None
         discovery = Discovery(
-            registry=registry, dht=dht, clock=clock, metrics=self._metrics, clocks=self._clocks
+            registry=registry, dht=dht, clock=clock, metrics=self.metrics, clocks=self.clocks
         )
         if dht is not None:
             try:
@@ -287,7 +320,7 @@ class Resources:
         return discovery
 
     async def _listen(self, transport: Transport) -> tuple[str, int]:
-        config = self._config
+        config = self.config
         try:
             return await transport.listen(*config.listen)
         except PeerUnreachable as exc:  # the address cannot be bound: our option, not a peer
@@ -301,15 +334,15 @@ class Resources:
         assert discovery is not None  # noqa: S101 -- opened before
         if self._publishes():
             await self.announce()
-            self.spawn(discovery.reannounce(self._closed, self.announce))
+            self.spawn(discovery.reannounce(self.closed, self.announce))
         for peer in state.peers_with_pending():
             parts.deliverer.kick(peer)
-        if parts.witnessing.witnesses and not self._config.offline:
-            self.spawn(parts.witnessing.run(self._closed))
+        if parts.witnessing.witnesses and not self.config.offline:
+            self.spawn(parts.witnessing.run(self.closed))
         if parts.mirroring is not None:
             parts.mirroring.start()
         if parts.auditor is not None:
-            self.spawn(parts.auditor.run(self._closed))
+            self.spawn(parts.auditor.run(self.closed))
 
     def _on_frame(self, link: Link, frame: bytes) -> Awaitable[None]:
         # The receiver's coroutine itself: no extra await layer per frame.
@@ -317,15 +350,15 @@ class Resources:
 
     def _contact(self, url: str, answered: bool) -> None:
         """The registry client contacted ``url`` (credentials stripped): the per-URL gauge."""
-        self._metrics.set_registry_reachable(answered, url)
+        self.metrics.set_registry_reachable(answered, url)
 
     def _load_identity(self) -> Identity:
-        config = self._config
+        config = self.config
         try:
-            return self._home.load_identity(passphrase=config.passphrase)
+            return self.home.load_identity(passphrase=config.passphrase)
         except IdentityNotFound:
             identity = Identity.create(config.name, rng=self._rng, clock=self._clock)
-            self._home.save_identity(identity, rng=self._rng, passphrase=config.passphrase)
+            self.home.save_identity(identity, rng=self._rng, passphrase=config.passphrase)
             return identity
 
     # -- announcing -----------------------------------------------------------------
@@ -338,7 +371,7 @@ class Resources:
             current.signing_key,
             agent_id=current.agent_id,
             key_sequence=current.sequence,
-            instance_id=self._instance,
+            instance_id=self.instance,
             endpoint=self._endpoint,
             sequence=time_ms(self._clock),
             now=self._clock.time(),
@@ -347,7 +380,7 @@ class Resources:
 
     def _publishes(self) -> bool:
         discovery = self.discovery
-        if self._config.offline or discovery is None:
+        if self.config.offline or discovery is None:
             return False
         return discovery.registry is not None or discovery.dht is not None
 
@@ -387,7 +420,10 @@ class Resources:
     # -- closing --------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Shut everything down, then release the home's lock."""
+        """Shut everything down, then release the home's lock; closing twice does nothing."""
+        if self._closing:
+            return
+        self._closing = True
         try:
             await self._shut_down()
         finally:
@@ -442,7 +478,7 @@ class Resources:
             # First: its step in progress uses the log, and its pruning asks the
             # mirror store how far the mirrors are.
             await self._anchoring.stop()
-        self._metrics.close()  # no scrape reads the stores (client.scraped) as they close
+        self.metrics.close()  # no scrape reads the stores (client.scraped) as they close
         if self._tokens is not None:
             self._tokens.close()
         if self._mirrors is not None:

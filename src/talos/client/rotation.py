@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from talos.audit import AuditKind, AuditLog
 from talos.client.own_keys import (
@@ -48,7 +49,7 @@ from talos.metrics import AgentMetrics
 from talos.storage.home import AgentHome
 from talos.storage.watermark import WatermarkKeeper
 
-__all__ = ["Rotator"]
+__all__ = ["Rotator", "key_summary"]
 
 _log = logging.getLogger("talos.client")
 
@@ -152,3 +153,12 @@ class Rotator:
             if link.is_open:
                 with contextlib.suppress(TalosError):
                     await parts.capabilities.offer(link, peer)
+
+
+def key_summary(identity: Identity) -> dict[str, Any]:
+    """What ``TalosClient.rotate_keys`` returns of the new key."""
+    return {
+        "agent_id": identity.agent_id,
+        "sequence": identity.sequence,
+        "fingerprint": identity.fingerprint,
+    }

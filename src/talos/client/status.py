@@ -1,4 +1,8 @@
-"""What an agent reports about itself: ``talos status`` and ``talos peers``."""
+"""What an agent reports about itself: ``talos status`` and ``talos peers``.
+
+Gathered here from the agent's :class:`~talos.client.resources.Resources`
+and what they opened, so that ``TalosClient.status()`` only delegates.
+"""
 
 from __future__ import annotations
 
@@ -6,42 +10,31 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from talos.client.clocks import ClockWatch
+from talos.client.resources import Opened, Resources
 from talos.core.peer_record import PeerRecord
 from talos.errors import MalformedFrame, UnsupportedVersion
 from talos.storage.agent_state import AgentState
 from talos.transport import Link
 
 
-def status_report(
-    state: AgentState,
-    *,
-    agent_id: str,
-    instance: bytes,
-    endpoint: str,
-    offline: bool,
-    links: Mapping[str, Link],
-    registry: str | None,
-    registry_reachable: bool | None,
-    dht: str | None,
-    clocks: ClockWatch,
-    now: float,
-    duplicates: Mapping[str, int],
-) -> dict[str, Any]:
+def status_report(resources: Resources, agent: Opened) -> dict[str, Any]:
     """See :meth:`TalosClient.status`."""
+    state, links, clocks = agent.state, agent.parts.deliverer.links, resources.clocks
+    registry = None if resources.discovery is None else resources.discovery.registry
+    dht, now = resources.dht_address, resources.config.clock.time()
     return {
-        "agent_id": agent_id,
-        "instance_id": instance.hex(),
-        "endpoint": endpoint,
-        "offline_mode": offline,
+        "agent_id": agent.own.current.agent_id,
+        "instance_id": resources.instance.hex(),
+        "endpoint": agent.endpoint,
+        "offline_mode": resources.config.offline,
         "queue_depth": state.outbox_count(),
         "queued_by_peer": {peer: len(state.pending(peer)) for peer in state.peers_with_pending()},
         "inbox_depth": state.inbox_count(),
         "sessions": sorted(state.session_peers()),
         "connected": sorted(peer for peer, link in links.items() if link.is_open),
-        "registry": registry,
-        "registry_reachable": registry_reachable,
-        "dht": dht,
+        "registry": None if registry is None else registry.current_url,
+        "registry_reachable": resources.registry_reachable,
+        "dht": None if dht is None else "{}:{}".format(*dht),
         "clock_offset_s": clocks.registry_offset,
         "peer_clock": {
             peer: {
@@ -51,7 +44,7 @@ def status_report(
             }
             for peer, sample in clocks.peers.estimates().items()
         },
-        "duplicate_instances": dict(duplicates),
+        "duplicate_instances": dict(agent.parts.receiver.instances.duplicates),
     }
 
 
