@@ -1,6 +1,7 @@
 """CPU time of an isolated operation, old code against new, alternated in one process.
 
-Run with ``python -m benchmarks.paired [--old REV] [--rounds N]``. The old
+Run with ``python -m benchmarks.paired [--old REV] [--rounds N]``. Timed:
+``strict_loads`` and ``canonical_dumps``. The old
 version of :mod:`talos.core.encoding` is loaded from ``git show
 REV:src/talos/core/encoding.py`` (default: ``HEAD~1``) beside the checked-out
 one; both decode the same inputs, and the two are timed in alternation
@@ -92,27 +93,35 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20_000, help="calls per timing")
     args = parser.parse_args()
     old = old_module(args.old)
-    print(f"strict_loads CPU µs per call, {args.old} (old) against the checkout (new)")
-    print(f"{'input':16} {'bytes':>5} {'old':>7} {'new':>7} {'new/old':>8}  (median of rounds)")
-    for name, value in SAMPLES.items():
-        data = cbor2.dumps(value, canonical=True)
-        assert old.strict_loads(data, max_size=1 << 16) == value
-        assert encoding.strict_loads(data, max_size=1 << 16) == value
-        runs = {
-            "old": lambda data=data: old.strict_loads(data, max_size=1 << 16),
-            "new": lambda data=data: encoding.strict_loads(data, max_size=1 << 16),
-        }
-        timings: dict[str, list[float]] = {"old": [], "new": []}
-        for round_ in range(args.rounds):
-            order = ("old", "new") if round_ % 2 == 0 else ("new", "old")
-            for which in order:
-                timings[which].append(cpu_us(runs[which], args.calls))
-        ratios = [n / o for n, o in zip(timings["new"], timings["old"], strict=True)]
-        print(
-            f"{name:16} {len(data):5} {statistics.median(timings['old']):7.2f} "
-            f"{statistics.median(timings['new']):7.2f} {statistics.median(ratios):8.2f}"
-            f"  (rounds {min(ratios):.2f}–{max(ratios):.2f})"
-        )
+    print(f"CPU µs per call, {args.old} (old) against the checkout (new)")
+    print(f"{'operation':16} {'input':15} {'bytes':>5} {'old':>7} {'new':>7} {'new/old':>8}")
+    for operation in ("strict_loads", "canonical_dumps"):
+        for name, value in SAMPLES.items():
+            data = cbor2.dumps(value, canonical=True)
+            assert old.strict_loads(data, max_size=1 << 16) == value
+            assert encoding.strict_loads(data, max_size=1 << 16) == value
+            assert old.canonical_dumps(value) == encoding.canonical_dumps(value) == data
+            if operation == "strict_loads":
+                runs = {
+                    "old": lambda data=data: old.strict_loads(data, max_size=1 << 16),
+                    "new": lambda data=data: encoding.strict_loads(data, max_size=1 << 16),
+                }
+            else:
+                runs = {
+                    "old": lambda value=value: old.canonical_dumps(value),
+                    "new": lambda value=value: encoding.canonical_dumps(value),
+                }
+            timings: dict[str, list[float]] = {"old": [], "new": []}
+            for round_ in range(args.rounds):
+                order = ("old", "new") if round_ % 2 == 0 else ("new", "old")
+                for which in order:
+                    timings[which].append(cpu_us(runs[which], args.calls))
+            ratios = [n / o for n, o in zip(timings["new"], timings["old"], strict=True)]
+            print(
+                f"{operation:16} {name:15} {len(data):5} {statistics.median(timings['old']):7.2f} "
+                f"{statistics.median(timings['new']):7.2f} {statistics.median(ratios):8.2f}"
+                f"  (rounds {min(ratios):.2f}–{max(ratios):.2f})"
+            )
     sys.stdout.flush()
 
 

@@ -1,5 +1,7 @@
-"""strict_loads proves canonical form on the CBOR heads: it accepts exactly what decoding,
-checking the data model and re-encoding canonically to compare would accept."""
+"""Canonical CBOR without cbor2's canonical mode: strict_loads proves canonical form on the
+heads (it accepts exactly what decoding, checking the data model and re-encoding to compare
+would accept), and canonical_dumps orders map keys itself and writes in plain mode (the
+same bytes as the canonical mode)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from talos.core.encoding import MAX_DEPTH, _check_model, strict_loads
+from talos.core.encoding import MAX_DEPTH, _check_model, canonical_dumps, strict_loads
 from talos.errors import MalformedFrame
 
 REFUSED = object()
@@ -125,3 +127,25 @@ def test_depth_is_bounded_inside_maps_too() -> None:
         value = {"k": value}
     with pytest.raises(MalformedFrame, match="nesting"):
         strict_loads(cbor2.dumps(value, canonical=True), max_size=1 << 10)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(values, st.booleans())
+def test_encodes_what_the_canonical_mode_encodes(value: Any, as_tuples: bool) -> None:
+    if as_tuples and isinstance(value, list):
+        value = tuple(value)
+    assert canonical_dumps(value) == cbor2.dumps(value, canonical=True)
+
+
+def test_key_order_is_by_encoded_length_then_bytes_and_maps_are_not_changed() -> None:
+    value = {"é": 1, "bb": 2, "a": {"zz": [{"y": 1, "x": 2}], "c": 3}, "b": 4}
+    before = repr(value)
+    data = canonical_dumps(value)
+    assert data == cbor2.dumps(value, canonical=True)
+    assert list(cbor2.loads(data)) == ["a", "b", "bb", "é"]
+    assert repr(value) == before
+
+
+def test_a_lone_surrogate_key_is_refused() -> None:
+    with pytest.raises(MalformedFrame, match="surrogate"):
+        canonical_dumps({"\ud800": 1})
