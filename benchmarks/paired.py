@@ -1,10 +1,11 @@
 """CPU time of an isolated operation, old code against new, alternated in one process.
 
 Run with ``python -m benchmarks.paired [--old REV] [--rounds N]``. Timed:
-``strict_loads`` and ``canonical_dumps``. The old
-version of :mod:`talos.core.encoding` is loaded from ``git show
-REV:src/talos/core/encoding.py`` (default: ``HEAD~1``) beside the checked-out
-one; both decode the same inputs, and the two are timed in alternation
+``strict_loads`` and ``canonical_dumps``, and ``check_agent_id`` (what
+``send()`` does to its recipient). The old versions of
+:mod:`talos.core.encoding` and :mod:`talos.core.agent_id` are loaded from
+``git show REV:src/talos/core/...`` (default: ``HEAD~1``) beside the checked-out
+ones; both decode the same inputs, and the two are timed in alternation
 (A B B A ...) with ``time.process_time``, which counts this process's CPU
 only: on a machine shared with other work, a preempted round does not
 grow, so the per-round ratio new/old stays meaningful when wall time does
@@ -31,7 +32,7 @@ from typing import Any
 
 import cbor2
 
-from talos.core import encoding
+from talos.core import agent_id, encoding
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -62,20 +63,20 @@ SAMPLES: dict[str, Any] = {
 }
 
 
-def old_module(rev: str) -> ModuleType:
+def old_module(rev: str, path: str = "src/talos/core/encoding.py") -> ModuleType:
     git = shutil.which("git")
     assert git is not None, "git is needed to load the old code"
     source = subprocess.run(  # noqa: S603 -- a fixed git command on this checkout
-        [git, "show", f"{rev}:src/talos/core/encoding.py"],
+        [git, "show", f"{rev}:{path}"],
         cwd=CHECKOUT,
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    spec = importlib.util.spec_from_loader("talos_core_encoding_old", loader=None)
+    spec = importlib.util.spec_from_loader(f"old_{Path(path).stem}", loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
-    exec(compile(source, f"{rev}:encoding.py", "exec"), module.__dict__)  # noqa: S102
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)  # noqa: S102
     return module
 
 
@@ -122,6 +123,23 @@ def main() -> None:
                 f"{statistics.median(timings['new']):7.2f} {statistics.median(ratios):8.2f}"
                 f"  (rounds {min(ratios):.2f}–{max(ratios):.2f})"
             )
+    old_ids = old_module(args.old, "src/talos/core/agent_id.py")
+    recipient = agent_id.agent_id_from_digest(bytes(range(32)))
+    runs = {
+        "old": lambda: old_ids.check_agent_id(recipient),
+        "new": lambda: agent_id.check_agent_id(recipient),
+    }
+    timings = {"old": [], "new": []}
+    for round_ in range(args.rounds):
+        order = ("old", "new") if round_ % 2 == 0 else ("new", "old")
+        for which in order:
+            timings[which].append(cpu_us(runs[which], args.calls))
+    ratios = [n / o for n, o in zip(timings["new"], timings["old"], strict=True)]
+    print(
+        f"{'check_agent_id':16} {'a recipient':15} {len(recipient):5} "
+        f"{statistics.median(timings['old']):7.2f} {statistics.median(timings['new']):7.2f} "
+        f"{statistics.median(ratios):8.3f}  (rounds {min(ratios):.3f}–{max(ratios):.3f})"
+    )
     sys.stdout.flush()
 
 
