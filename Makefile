@@ -65,6 +65,7 @@ bench: $(STAMP) postgres anvil
 	$(BIN)/python -m benchmarks.audit
 	$(BIN)/python -m benchmarks.registry
 	$(BIN)/python -m benchmarks.anchoring
+	$(BIN)/python -m benchmarks.network
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis

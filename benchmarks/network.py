@@ -64,7 +64,10 @@ from talos.core.message import Message
 from talos.testing import SeededRng
 from talos.testing.processes import RegistryProcess, start_registry
 
+from . import commits
 from .core import measure
+from .profiling import breakdown, commit_summary, top_entries
+from .profiling import render as render_breakdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -142,6 +145,7 @@ async def worker(home: Path, registry: str) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     profiler: cProfile.Profile | None = None
+    commits.install()
     async with TalosClient.create(
         "bob", home=home, registry_url=registry, accept_policy="open", queue_limit=100_000
     ) as bob:
@@ -165,6 +169,12 @@ async def worker(home: Path, registry: str) -> None:
             elif data.get("ctl") == "profile-start":
                 profiler = cProfile.Profile()
                 profiler.enable()
+            elif data.get("ctl") == "commits-reset":
+                commits.RECORDER.reset(record=bool(data["record"]))
+                await bob.send(message.sender, {"ctl": "done"}, timeout=30)
+            elif data.get("ctl") == "commits-report":
+                commits.dump(str(data["path"]), int(data["n"]))
+                await bob.send(message.sender, {"ctl": "done"}, timeout=30)
             elif data.get("ctl") == "profile-stop" and profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(str(data["path"]))
@@ -257,73 +267,64 @@ async def establishments(root: Path, registry: str, bob: str, count: int) -> lis
     return rows
 
 
-COMMIT = ("~", 0, "<method 'commit' of 'Transaction' objects>")
+async def commits_phase(
+    alice: TalosClient, bob: str, directory: Path, messages: int, run: Any, *, record: bool
+) -> dict[str, dict[str, Any]]:
+    """Each process's CPU time per message while ``run()`` runs (``time.process_time``,
+    all threads, no profiler) and, if ``record``, the pages of each durable commit
+    (which costs two ``/proc`` reads per commit, so CPU is measured without it too)."""
+    await control(alice, bob, {"ctl": "commits-reset", "record": record})
+    commits.RECORDER.reset(record=record)
+    await run()
+    mine = commits.RECORDER.report(messages)
+    path = directory / "bob-commits.json"
+    await control(alice, bob, {"ctl": "commits-report", "path": str(path), "n": messages})
+    return {"sender (alice)": mine, "receiver (bob)": json.loads(path.read_text())}
 
 
-def commit_summary(stats: pstats.Stats, messages: int) -> dict[str, float]:
-    """LMDB write commits (each one fsync) per message, and their mean time."""
-    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-    row = raw.get(COMMIT)
-    if row is None:
-        return {"commits_per_message": 0.0, "mean_commit_us": 0.0, "share": 0.0}
-    total = sum(r[2] for r in raw.values()) or 1.0
-    return {
-        "commits_per_message": round(row[1] / messages, 2),
-        "mean_commit_us": round(row[2] / row[1] * 1e6, 1),
-        "share": round(row[2] / total, 3),
-    }
-
-
-def top_entries(stats: pstats.Stats, limit: int) -> list[dict[str, Any]]:
-    """The ``limit`` functions with the most own time, with their share of the total."""
-    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-    total = sum(row[2] for row in raw.values()) or 1.0
-    rows = sorted(raw.items(), key=lambda item: item[1][2], reverse=True)[:limit]
-    out = []
-    for (filename, line, name), (_, calls, tottime, cumtime, _) in rows:
-        where = name if filename == "~" else f"{Path(filename).name}:{line}({name})"
-        out.append(
-            {
-                "function": where,
-                "calls": calls,
-                "tottime_s": round(tottime, 4),
-                "share": round(tottime / total, 3),
-                "cumtime_s": round(cumtime, 4),
-            }
-        )
-    return out
+async def control(alice: TalosClient, bob: str, data: dict[str, Any]) -> None:
+    await alice.send(bob, data, timeout=30)
+    answer = await alice.receive(timeout=60)
+    assert answer is not None
+    assert answer.data == {"ctl": "done"}, answer
 
 
 async def profile_pass(
-    alice: TalosClient, bob: str, count: int, directory: Path
+    alice: TalosClient, bob: str, count: int, directory: Path, run: Any, phase: str
 ) -> dict[str, dict[str, Any]]:
-    """cProfile both sides while alice sends ``count`` messages (not timed)."""
+    """cProfile both sides while ``run()`` sends ``count`` messages (not timed)."""
     bob_stats = directory / "bob.pstats"
     await alice.send(bob, {"ctl": "profile-start"}, timeout=30)
     profiler = cProfile.Profile()
     profiler.enable()
-    await throughput(alice, bob, count)
+    await run()
     profiler.disable()
     await alice.send(bob, {"ctl": "profile-stop", "path": str(bob_stats)}, timeout=30)
     answer = await alice.receive(timeout=60)
     assert answer is not None
     assert answer.data == {"ctl": "profile-written"}, answer
     sides = {
-        "sender (alice)": pstats.Stats(profiler, stream=io.StringIO()),
-        "receiver (bob)": pstats.Stats(str(bob_stats), stream=io.StringIO()),
+        f"{phase}, sender (alice)": pstats.Stats(profiler, stream=io.StringIO()),
+        f"{phase}, receiver (bob)": pstats.Stats(str(bob_stats), stream=io.StringIO()),
     }
     return {
-        side: {"messages": count, **commit_summary(stats, count), "top": top_entries(stats, 12)}
+        side: {
+            "messages": count,
+            **commit_summary(stats, count),
+            "breakdown": breakdown(stats, count),
+            "top": top_entries(stats, 12),
+        }
         for side, stats in sides.items()
     }
 
 
 async def bench(
     registry: RegistryProcess, root: Path, *, quick: bool
-) -> tuple[list[Result], dict[str, dict[str, Any]]]:
+) -> tuple[list[Result], dict[str, dict[str, Any]], dict[str, Any]]:
     floors = crypto_floor(*((0.05, 2) if quick else (0.5, 5)))
     floor = floors["per_message"]
     commit = durable_commit_us(root / "commit-floor", 50 if quick else 300)
+    floor_pages = commits.one_record_floor(root / "pages-floor", 50 if quick else 300)
     # A round trip, durable on both sides, crosses at least four commits in series
     # (request queued, received; response queued, received) and two messages' crypto.
     rtt_floor = 4 * commit + 2 * floor
@@ -331,6 +332,8 @@ async def bench(
         (500, 100, 5, 300) if quick else (10_000, 1_000, 15, 2_000)
     )
     process, bob = await start_bob(root / "bob", registry.url)
+    commits.install()
+    pages: dict[str, Any] = {"floor": {"this process": {"commits": {"one record": floor_pages}}}}
     try:
         async with TalosClient.create(
             "alice",
@@ -342,8 +345,31 @@ async def bench(
             await round_trips(alice, bob, 20)  # warm up: session, links, caches
             rate = await throughput(alice, bob, messages)
             rtts = await round_trips(alice, bob, trips)
+            for record in (False, True):
+                suffix = ", pages recorded" if record else ""
+                pages[f"throughput (batched){suffix}"] = await commits_phase(
+                    alice,
+                    bob,
+                    root,
+                    messages // 4,
+                    lambda: throughput(alice, bob, messages // 4),
+                    record=record,
+                )
+                pages[f"round trips (one message each){suffix}"] = await commits_phase(
+                    alice,
+                    bob,
+                    root,
+                    trips // 4,
+                    lambda: round_trips(alice, bob, trips // 4),
+                    record=record,
+                )
             setup = await establishments(root, registry.url, bob, sessions)
-            profile = await profile_pass(alice, bob, profiled, root)
+            profile = await profile_pass(
+                alice, bob, profiled, root, lambda: throughput(alice, bob, profiled), "throughput"
+            )
+            profile |= await profile_pass(
+                alice, bob, trips // 4, root, lambda: round_trips(alice, bob, trips // 4), "RTT"
+            )
     finally:
         if process.returncode is None:
             process.terminate()
@@ -434,7 +460,7 @@ async def bench(
                 }[part],
             )
         )
-    return results, profile
+    return results, profile, pages
 
 
 def render(results: list[Result], profile: dict[str, dict[str, Any]]) -> str:
@@ -451,6 +477,7 @@ def render(results: list[Result], profile: dict[str, dict[str, Any]]) -> str:
             "event-loop thread (ACK removals commit in a worker thread), "
             f"{summary['mean_commit_us']:.0f} µs each, {summary['share']:.0%} of the time"
         )
+        lines.append(render_breakdown(side, summary["breakdown"]))
         lines.append(f"  {'share':>6} {'own s':>8} {'calls':>9}  function")
         for row in summary["top"]:
             lines.append(
@@ -474,10 +501,11 @@ def main() -> None:
         root = Path(tmp)
         registry = start_registry(root / "registry.db", root / "registry.log")
         try:
-            results, profile = asyncio.run(bench(registry, root, quick=args.quick))
+            results, profile, pages = asyncio.run(bench(registry, root, quick=args.quick))
         finally:
             registry.stop()
     print(render(results, profile))
+    print(commits.render(pages))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
@@ -489,6 +517,7 @@ def main() -> None:
                 "processor_count": os.cpu_count(),
                 "results": [asdict(r) for r in results],
                 "profile": profile,
+                "pages_per_commit": pages,
             },
             indent=2,
         )

@@ -236,7 +236,7 @@ class AuditLog:
         return self._current_head().size
 
     def root(self) -> bytes:
-        """Merkle root of all committed entries, O(1) (stored with every commit)."""
+        """Merkle root of all committed entries, O(1) (stored by every commit that appends)."""
         return self._current_head().root
 
     def root_at(self, size: int) -> bytes:

@@ -305,7 +305,10 @@ class LogWriter:
             # In arrival order: sorting them first was no faster and left the
             # index a third larger (more half-full pages after splits).
             txn.cursor(db=store.index).putmulti(index_rows)
-            self._put_head(txn, state)
+            if records or state.sealed is not None or not first:
+                # Without entries or a block the head is unchanged: rewriting it
+                # would cost the commit a page of the meta database for nothing.
+                self._put_head(txn, state)
             if apply is not None:
                 apply(txn)
         self._install(state)

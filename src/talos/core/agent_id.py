@@ -8,6 +8,8 @@ alphabet.
 
 from __future__ import annotations
 
+import functools
+
 from talos.errors import MalformedFrame
 
 __all__ = ["AGENT_ID_PREFIX", "agent_id_from_digest", "check_agent_id", "digest_from_agent_id"]
@@ -58,6 +60,14 @@ def digest_from_agent_id(agent_id: str) -> bytes:
     """
     if not isinstance(agent_id, str) or not agent_id.startswith(AGENT_ID_PREFIX):
         raise MalformedFrame("agent id must start with 'did:talos:z'")
+    return _parsed(str(agent_id))
+
+
+# An agent talks to few distinct peers, and every send() checks its recipient:
+# valid ids are cached (base58 decode and re-encode, ~8 µs each); invalid ones
+# raise and are never cached.
+@functools.lru_cache(maxsize=1024)
+def _parsed(agent_id: str) -> bytes:
     encoded = agent_id[len(AGENT_ID_PREFIX) :]
     if not 1 <= len(encoded) <= _MAX_ENCODED:
         raise MalformedFrame("agent id has the wrong length")

@@ -17,7 +17,7 @@ Every failure is a :class:`~talos.errors.MalformedFrame`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import cbor2
 
@@ -41,9 +41,11 @@ def canonical_dumps(value: Any) -> bytes:
     Raises:
         MalformedFrame: ``value`` holds something outside the Talos data model.
     """
-    _check_model(value, 0)
     try:
-        return cbor2.dumps(value, canonical=True)
+        # Maps put in canonical key order here; with that, cbor2's plain mode writes
+        # the canonical bytes (shortest heads, definite lengths) without its slower
+        # canonical mode, which encodes and sorts every map's keys on each call.
+        return cbor2.dumps(_in_canonical_order(value, 0))
     except UnicodeEncodeError:
         raise MalformedFrame("text is not encodable as UTF-8 (lone surrogate)") from None
 
@@ -62,15 +64,13 @@ def strict_loads(data: bytes, *, max_size: int) -> Any:
         raise MalformedFrame(f"frame of {len(data)} bytes exceeds the {max_size}-byte limit")
     if not data:
         raise MalformedFrame("empty frame")
+    # The pre-pass proves the bytes canonical and inside the data model, so the
+    # decoded value needs no second walk and no re-encoding to compare.
     _check_structure(data)
     try:
-        value = cbor2.loads(data)
+        return cbor2.loads(data)
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise MalformedFrame(f"not valid CBOR: {type(exc).__name__}") from None
-    _check_model(value, 0)
-    if cbor2.dumps(value, canonical=True) != data:
-        raise MalformedFrame("not in canonical CBOR form")
-    return value
 
 
 def strict_versioned_map(
@@ -138,29 +138,103 @@ def _check_model(value: Any, depth: int) -> None:
     raise MalformedFrame(f"{kind.__name__} is outside the Talos CBOR data model")
 
 
-def _check_structure(data: bytes) -> None:
-    """Walk the CBOR heads before decoding, bounding work and refusing tags/floats.
+#: Canonical order of the key sets seen (bounded: keys from a payload can be anything).
+_KEY_ORDER: dict[tuple[str, ...], tuple[str, ...]] = {}
+_KEY_ORDER_LIMIT: Final = 4096
 
-    This cheap pre-pass ensures the decoder never sees a tag (which ``cbor2``
-    would turn into arbitrary Python objects), an indefinite length, a
-    claimed length larger than the remaining input, or excessive nesting.
+
+def _key_rank(key: str) -> tuple[int, bytes]:
+    """RFC 8949 §4.2 order as cbor2 writes it: shorter encoding first, then its bytes."""
+    encoded = key.encode()
+    return len(encoded), encoded
+
+
+def _in_canonical_order(value: Any, depth: int) -> Any:
+    """``value`` checked like :func:`_check_model`, with every map in canonical key order
+    (the same object when it already is)."""
+    kind = type(value)
+    if kind is dict:
+        if depth >= MAX_DEPTH:
+            raise MalformedFrame(f"nesting deeper than {MAX_DEPTH}")
+        keys = tuple(value)
+        order = _KEY_ORDER.get(keys)
+        if order is None:
+            for key in keys:
+                if type(key) is not str:
+                    raise MalformedFrame("map keys must be text strings")
+            order = tuple(sorted(keys, key=_key_rank))
+            if len(_KEY_ORDER) < _KEY_ORDER_LIMIT:
+                _KEY_ORDER[keys] = order
+        items = value.items() if order == keys else ((key, value[key]) for key in order)
+        out = {}
+        changed = order != keys
+        for key, item in items:
+            kind = type(item)
+            if kind is int:
+                if not -(2**64) <= item < 2**64:
+                    raise MalformedFrame("integer out of the 64-bit range")
+            elif kind not in _PLAIN_SCALARS:
+                new = _in_canonical_order(item, depth + 1)
+                changed = changed or new is not item
+                item = new
+            out[key] = item
+        return out if changed else value
+    if kind is list or kind is tuple:
+        if depth >= MAX_DEPTH:
+            raise MalformedFrame(f"nesting deeper than {MAX_DEPTH}")
+        if all(type(item) in _PLAIN_SCALARS for item in value):
+            return value
+        return [
+            item if type(item) in _PLAIN_SCALARS else _in_canonical_order(item, depth + 1)
+            for item in value
+        ]
+    _check_model(value, depth)
+    return value
+
+
+#: The least argument each long head may carry (a smaller one has a shorter head).
+_LEAST_ARGUMENT: Final = {24: 24, 25: 1 << 8, 26: 1 << 16, 27: 1 << 32}
+
+
+def _check_structure(data: bytes) -> None:
+    """Walk the CBOR heads before decoding: bound the work, keep to the data model and
+    prove the bytes canonical, so that decoding them is all that is left to do.
+
+    The decoder never sees a tag (which ``cbor2`` would turn into arbitrary
+    Python objects), a float or simple value, an indefinite length, a claimed
+    length larger than the remaining input, or excessive nesting. Canonical
+    form (RFC 8949 §4.2 as ``cbor2``'s canonical mode writes it) is checked
+    on the heads: every argument in its shortest head, and the keys of each
+    map text strings in strictly increasing order of their encoding's length,
+    then its bytes (so no key twice). Text strings that are not UTF-8 are
+    left to the decoder, which refuses them. What passes decodes to a value
+    of the data model whose canonical encoding is ``data`` itself.
     """
     pos = 0
     end = len(data)
-    # Stack of remaining item counts for the open containers.
-    pending: list[int] = []
-    items_left = 1
+    # The enclosing containers: (items left, is a map, its last key) of each.
+    stack: list[tuple[int, bool, bytes]] = []
+    items_left, in_map, last_key = 1, False, b""
     while True:
         if items_left == 0:
-            if not pending:
+            if not stack:
                 break
-            items_left = pending.pop()
+            items_left, in_map, last_key = stack.pop()
             continue
         if pos >= end:
             raise MalformedFrame("truncated CBOR")
+        start = pos
         initial = data[pos]
         pos += 1
         major, info = initial >> 5, initial & 0x1F
+        if major == 7:
+            # Only false, true, null: no floats, no other simple values.
+            if initial not in (0xF4, 0xF5, 0xF6):
+                raise MalformedFrame("CBOR floats and simple values are not accepted")
+            if in_map and not items_left & 1:
+                raise MalformedFrame("map keys must be text strings")
+            items_left -= 1
+            continue
         if info < 24:
             arg = info
         elif info <= 27:
@@ -169,29 +243,37 @@ def _check_structure(data: bytes) -> None:
                 raise MalformedFrame("truncated CBOR")
             arg = int.from_bytes(data[pos : pos + width], "big")
             pos += width
+            if arg < _LEAST_ARGUMENT[info]:
+                raise MalformedFrame("not in canonical CBOR form")
         else:
             raise MalformedFrame("indefinite or reserved CBOR length")
+        if major == 6:
+            raise MalformedFrame("CBOR tags are not accepted")
+        is_key = in_map and not items_left & 1
         items_left -= 1
-        if major in (0, 1):
+        if is_key and major != 3:
+            raise MalformedFrame("map keys must be text strings")
+        if major <= 1:
             continue
-        if major in (2, 3):
+        if major <= 3:
             if arg > end - pos:
                 raise MalformedFrame("CBOR string longer than the frame")
             pos += arg
+            if is_key:
+                key = data[start:pos]
+                if last_key and (
+                    len(key) < len(last_key) or (len(key) == len(last_key) and key <= last_key)
+                ):
+                    raise MalformedFrame("not in canonical CBOR form")
+                last_key = key
             continue
-        if major in (4, 5):
-            count = arg if major == 4 else 2 * arg
-            if count > end - pos:
-                raise MalformedFrame("CBOR container longer than the frame")
-            if len(pending) >= MAX_DEPTH:
-                raise MalformedFrame(f"nesting deeper than {MAX_DEPTH}")
-            pending.append(items_left)
-            items_left = count
-            continue
-        if major == 6:
-            raise MalformedFrame("CBOR tags are not accepted")
-        # major 7: only false, true, null
-        if initial not in (0xF4, 0xF5, 0xF6):
-            raise MalformedFrame("CBOR floats and simple values are not accepted")
+        # major 4 (array) or 5 (map)
+        count = arg if major == 4 else 2 * arg
+        if count > end - pos:
+            raise MalformedFrame("CBOR container longer than the frame")
+        if len(stack) >= MAX_DEPTH:
+            raise MalformedFrame(f"nesting deeper than {MAX_DEPTH}")
+        stack.append((items_left, in_map, last_key))
+        items_left, in_map, last_key = count, major == 5, b""
     if pos != end:
         raise MalformedFrame("trailing bytes after the CBOR item")
