@@ -21,11 +21,10 @@ async def main() -> None:
         grant = await client.grant(planner, "message.send", expires_in=30 * 86400)
         Path("tools.grant.tmp").write_text(grant)  # the planner may call us; our
         Path("tools.grant.tmp").replace("tools.grant")  # replies need no grant
-        # At least once: a call is acknowledged only once its reply is durable, so a
-        # crash in between hands it to us again after the restart; reply() then sends
-        # nothing new (one reply per request). A repeat on the wire never reaches us.
+        # At least once: a call is acknowledged only once its reply is durable; one
+        # handed out again after a crash says whether we answered it (message.replied).
         async for message in client.messages(auto_ack=False):
-            if message.is_request:
+            if message.is_request and not message.replied:
                 call = message.data if isinstance(message.data, dict) else {}
                 print("running", call.get("tool"), call.get("args"), flush=True)
                 try:
