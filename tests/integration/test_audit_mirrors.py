@@ -438,6 +438,41 @@ def test_only_listed_origins_are_mirrored_and_replayed_batches_are_refused(
         assert store.origin(alice.agent_id).size == world.size
 
 
+def test_a_mirror_keeps_an_origin_within_its_quota(world: World, tmp_path: Path) -> None:
+    """frank mirrors erin with a 1 MiB quota; erin's log is larger. frank stores whole
+    batches up to the quota and refuses the rest (`quota`), counted on both sides."""
+    erin_home = tmp_path / "erin"
+    erin_id = CLI.ok(erin_home, "init", "--name", "erin", "--no-passphrase").strip()
+    identity = AgentHome(erin_home).load_identity(passphrase=None)
+    signer = LogSigner(identity.signing_key, erin_id, f"{erin_id}/audit")
+    with AuditLog.open(erin_home / "audit", signer=signer, block_entries=64) as log:
+        pad = {"a": "x" * 500, "b": "y" * 500}  # about 1 KiB an entry: 1200 are past 1 MiB
+        log.append_many([("MESSAGE_SENT", {"n": n, **pad}, "peer") for n in range(1200)])
+        log.seal_block()
+    ports = free_port(), free_port()
+    frank = world.launcher.agent(
+        tmp_path / "frank", "--name", "frank", "--registry", world.registry.url,
+        "--audit-mirror-for", erin_id, "--mirror-quota-mb", "1", "--metrics-port", str(ports[1]),
+    )  # fmt: skip
+    erin = world.launcher.agent(
+        erin_home, "--registry", world.registry.url, "--metrics-port", str(ports[0]),
+        "--audit-mirror", frank.agent_id,
+    )  # fmt: skip
+    refused = 'talos_audit_mirror_refused_by_peer_total{code="quota"}'
+    wait_until(lambda: _metric(ports[0], refused) >= 1.0, 60, what="frank's quota refusal")
+    assert _metric(ports[1], 'talos_audit_mirror_batches_refused_total{code="quota"}') >= 1.0
+    lag = f'talos_audit_mirror_lag_entries{{mirror="{frank.agent_id}"}}'
+    assert _metric(ports[0], lag) > 0  # what a rebuild from frank would lose
+    erin.stop()
+    frank.stop()
+    assert "quota" in erin.log.read_text()
+    with MirrorStore.open(frank.home / "mirrors") as store:
+        held = store.origin(erin_id)
+    assert 0 < held.size < 1200
+    assert held.used <= 1 << 20  # within the quota, never past it
+    assert _acked(erin_home, frank.agent_id) == held.size  # whole batches, acknowledged
+
+
 # -- the origin's side: resuming, a mirror that lost its store, one that refuses ---------------
 # (last in this module: they grow what bob holds of alice's log)
 
