@@ -238,6 +238,49 @@ def test_a_lying_mirror_is_named_and_the_next_one_used(world: World, alice: Path
     assert entry["data"]["invalid_mirrors"] == [world.bob.agent_id]
 
 
+def _move_checkpoint(store_dir: Path, origin: str, size: int | None, to: int) -> int:
+    """Move the stored checkpoint of ``origin`` at ``size`` (default: the first past entry
+    150) to the key of size ``to`` relative to it; returns the size it was at. Moved one
+    earlier, the mirror serves that stretch one entry short under its checkpoint."""
+    prefix = origin.encode() + b"\x00"
+    with MirrorStore.open(store_dir) as store, store._txn(write=True) as txn:
+        table = store._dbs[b"checkpoints"]
+        if size is None:
+            sizes = [int.from_bytes(bytes(k)[-8:], "big") for k, _ in txn.cursor(db=table)]
+            size = next(n for n in sizes if n > 150)
+        value = txn.get(prefix + size.to_bytes(8, "big"), db=table)
+        assert value is not None
+        txn.delete(prefix + size.to_bytes(8, "big"), db=table)
+        txn.put(prefix + (size + to).to_bytes(8, "big"), value, db=table)
+    return size
+
+
+def test_a_mirror_whose_store_is_damaged_says_so_and_the_next_one_is_used(
+    world: World, alice: Path
+) -> None:
+    """carol's store has a checkpoint at the wrong key: served as it is, the stretch would
+    be one entry short of its checkpoint. carol refuses at once (``mirror_store_failed``)
+    instead of failing to answer, and bob's copy is used."""
+    store = world.carol.home / "mirrors"
+    world.carol.stop()
+    moved = _move_checkpoint(store, world.alice_id, None, -1)
+    world.restart_carol()
+    try:
+        _damage(alice, "delete")
+        out = _rebuild(world, alice, "--mirror", world.carol.agent_id)
+    finally:
+        world.carol.stop()
+        _move_checkpoint(store, world.alice_id, moved - 1, +1)
+        world.restart_carol()
+    assert f"mirror {world.carol.agent_id}: unavailable: refused" in out
+    assert "store failed" in out  # at once, not "no answer within 15s"
+    assert f"mirror {world.bob.agent_id}: ok" in out
+    _check_rebuilt(world, alice)
+    assert "mirror_store_failed" in "".join(
+        log.read_text() for log in world.carol.home.parent.glob("carol-*.log")
+    )
+
+
 def test_an_offline_mirror_is_skipped(world: World, alice: Path) -> None:
     world.carol.stop()
     try:
