@@ -15,13 +15,16 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cbor2
 import httpx
 import pytest
 
@@ -31,6 +34,7 @@ from talos.core import mirror as mirror_bodies
 from talos.core import wire
 from talos.core.audit.checkpoint import Checkpoint
 from talos.core.crypto import SigningKey
+from talos.core.encoding import canonical_dumps
 from talos.core.identity import Identity
 from talos.storage.home import AgentHome
 from talos.testing import SeededRng
@@ -279,6 +283,91 @@ def test_a_mirror_whose_store_is_damaged_says_so_and_the_next_one_is_used(
     assert "mirror_store_failed" in "".join(
         log.read_text() for log in world.carol.home.parent.glob("carol-*.log")
     )
+
+
+class _LyingMirror:
+    """A process-less mirror on ``port`` speaking as ``identity``: it answers every
+    FETCH of ``origin`` with a stretch one entry short of the checkpoint it serves."""
+
+    def __init__(self, port: int, identity: Identity, origin: Path) -> None:
+        self.port, self.identity = port, identity
+        with AuditLog.open(origin / "audit", readonly=True) as log:
+            self.entries = tuple(e.to_bytes() for e in log.entries(0, 10))
+            root = log.root_at(10)
+        who = AgentHome(origin).load_identity(passphrase=None)
+        signer = LogSigner(who.signing_key, who.agent_id, f"{who.agent_id}/audit")
+        self.checkpoint = Checkpoint.sign(signer, 10, root)
+        self.fetches = 0
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    def __enter__(self) -> _LyingMirror:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        transport = Transport(self._on_frame)
+        await transport.listen("127.0.0.1", self.port)
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await transport.close()
+
+    async def _on_frame(self, link: Link, frame: bytes) -> None:
+        envelope = wire.decode(frame)
+        if envelope.type is not wire.EnvelopeType.MIRROR:
+            return  # a head query: no answer
+        opened = envelope._envelope
+        assert opened.mirror_kind is mirror_bodies.MirrorKind.FETCH
+        fetch = mirror_bodies.decode_body(opened.mirror_kind, opened.mirror_body)
+        self.fetches += 1
+        good = mirror_bodies.Entries(0, self.entries, self.checkpoint, 10, fetch.request)
+        raw = cbor2.loads(mirror_bodies.encode_body(good))
+        raw["e"] = raw["e"][:-1]  # truncated: the checkpoint says 10
+        answer = wire.Envelope(
+            type=wire.EnvelopeType.MIRROR,
+            message_id=os.urandom(16),
+            sender=self.identity.agent_id,
+            sender_instance=os.urandom(16),
+            recipient=envelope.sender,
+            timestamp_ms=int(time.time() * 1000),
+            mirror_kind=mirror_bodies.MirrorKind.ENTRIES,
+            mirror_body=canonical_dumps(raw),
+        )
+        await link.send(wire.seal(answer, self.identity.signing_key))
+
+
+def test_a_mirror_serving_a_truncated_stretch_is_named_and_the_next_one_used(
+    world: World, alice: Path, tmp_path: Path
+) -> None:
+    """mallory is registered as an agent, then its endpoint is taken over by a mirror
+    that serves a stretch cut short under its checkpoint."""
+    port = free_port()
+    where = f"127.0.0.1:{port}"
+    mallory = world.launcher.agent(
+        tmp_path / "mallory", "--name", "mallory", "--registry", world.registry.url,
+        "--listen", where, "--announce", where,
+    )  # fmt: skip
+    mallory.stop()
+    identity = AgentHome(mallory.home).load_identity(passphrase=None)
+    _damage(alice, "delete")
+    with _LyingMirror(port, identity, world.alice) as lying:
+        out = _rebuild(world, alice, "--mirror", mallory.agent_id)
+    assert lying.fetches >= 1
+    assert f"mirror {mallory.agent_id}: INVALID" in out
+    _check_rebuilt(world, alice)
+    (entry,) = json.loads(CLI.ok(alice, "audit", "query", "--type", "MIRROR_REBUILT", "--json"))
+    assert entry["data"]["invalid_mirrors"] == [mallory.agent_id]
 
 
 def test_an_offline_mirror_is_skipped(world: World, alice: Path) -> None:
