@@ -25,6 +25,7 @@ import pytest
 
 from talos.audit import AuditLog, LogSigner
 from talos.audit.mirror_store import MirrorStore
+from talos.client.head_answers import HEAD_QUERY_BURST
 from talos.client.head_queries import WitnessAnswers, ask_witnesses
 from talos.client.mirror_fetch import MemoryPeerCache
 from talos.core.audit.cosignature import WitnessedHead
@@ -290,6 +291,24 @@ def test_a_witness_answers_a_head_query_only_about_the_sender_s_own_log(world: W
     assert _head_queries(world, "answered") == answered + 1
     assert _head_queries(world, "no_head") == no_head + 1
     assert _head_queries(world, "rate_limited") == 0
+
+
+def test_head_queries_have_their_own_rate_limit(world: World) -> None:
+    """bob asks carol about his own log (which she never witnessed) more often than the
+    burst: the query past it is refused ``rate_limited``, counted, and nothing stored."""
+    limited = _head_queries(world, "rate_limited")
+    before = _held(world.carol, world.alice_id)
+    reasons: list[str] = []
+    while len(reasons) <= HEAD_QUERY_BURST and not any("rate" in why for why in reasons):
+        ((_, why),) = asyncio.run(_ask(world, world.bob.home, world.carol.agent_id)).unusable
+        reasons.append(why)
+    assert all("holds no head of our log (no_head)" in why for why in reasons[:-1])
+    assert reasons[-1] == "refused: rate_limited"  # (bob may have asked before)
+    assert _head_queries(world, "rate_limited") == limited + 1
+    assert _held(world.carol, world.alice_id) == before
+    # alice's own queries are not limited by bob's.
+    (head,) = asyncio.run(_ask(world, world.alice, world.carol.agent_id)).heads
+    assert head.witness == world.carol.agent_id
 
 
 def test_bad_trust_options_are_refused(world: World, alice: Path) -> None:
