@@ -68,6 +68,9 @@ SIGNATURE_FAILURE_REASONS: Final = ("bad_signature", "revoked_key", "superseded_
 #: The ``role`` label of the witness series: this agent as a ``witness`` of a
 #: peer's log, or as the ``origin`` of its own (docs/design/witnesses.md).
 WITNESS_ROLES: Final = ("witness", "origin")
+#: The ``outcome`` label of head queries answered as a witness
+#: (docs/design/audit-recovery.md, "The head query").
+HEAD_QUERY_OUTCOMES: Final = ("answered", "no_head", "rate_limited", "storage", "other")
 #: Values of the ``reason`` label of ``talos_peer_key_logs_refused_total``.
 KEY_LOG_REFUSALS: Final = ("fork", "rollback", "invalid", OTHER)
 
@@ -518,6 +521,15 @@ class AgentMetrics:
         )
         for role in WITNESS_ROLES:
             self.equivocations_repeated.labels(role=role)
+        # Head queries answered as a witness (talos.client.head_answers, audit-recovery.md).
+        self.audit_witness_head_queries = Counter(
+            "talos_audit_witness_head_queries",
+            "Head queries (rebuild --from-peers) this witness answered or refused, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in HEAD_QUERY_OUTCOMES:
+            self.audit_witness_head_queries.labels(outcome=outcome)
 
     # -- sessions ---------------------------------------------------------------
 
@@ -714,6 +726,11 @@ class AgentMetrics:
     def equivocation_repeated(self, role: str) -> None:
         """An equivocation already audited was seen again, as ``role``."""
         self.equivocations_repeated.labels(role=_label(role, WITNESS_ROLES)).inc()
+
+    def witness_head_query(self, outcome: str) -> None:
+        """A head query answered (``answered``) or refused (``no_head``, ``rate_limited``,
+        ``storage``); anything else is counted as ``other``."""
+        self.audit_witness_head_queries.labels(outcome=_label(outcome, HEAD_QUERY_OUTCOMES)).inc()
 
     # -- the outbox, managed ----------------------------------------------------
 

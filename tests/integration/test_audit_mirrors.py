@@ -15,13 +15,16 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cbor2
 import httpx
 import pytest
 
@@ -31,6 +34,7 @@ from talos.core import mirror as mirror_bodies
 from talos.core import wire
 from talos.core.audit.checkpoint import Checkpoint
 from talos.core.crypto import SigningKey
+from talos.core.encoding import canonical_dumps
 from talos.core.identity import Identity
 from talos.storage.home import AgentHome
 from talos.testing import SeededRng
@@ -245,6 +249,134 @@ def test_a_lying_mirror_is_named_and_the_next_one_used(world: World, alice: Path
     (entry,) = json.loads(CLI.ok(alice, "audit", "query", "--type", "MIRROR_REBUILT", "--json"))
     assert entry["data"]["mirror"] == world.carol.agent_id
     assert entry["data"]["invalid_mirrors"] == [world.bob.agent_id]
+
+
+def _move_checkpoint(store_dir: Path, origin: str, size: int | None, to: int) -> int:
+    """Move the stored checkpoint of ``origin`` at ``size`` (default: the first past entry
+    150) to the key of size ``to`` relative to it; returns the size it was at. Moved one
+    earlier, the mirror serves that stretch one entry short under its checkpoint."""
+    prefix = origin.encode() + b"\x00"
+    with MirrorStore.open(store_dir) as store, store._txn(write=True) as txn:
+        table = store._dbs[b"checkpoints"]
+        if size is None:
+            sizes = [int.from_bytes(bytes(k)[-8:], "big") for k, _ in txn.cursor(db=table)]
+            size = next(n for n in sizes if n > 150)
+        value = txn.get(prefix + size.to_bytes(8, "big"), db=table)
+        assert value is not None
+        txn.delete(prefix + size.to_bytes(8, "big"), db=table)
+        txn.put(prefix + (size + to).to_bytes(8, "big"), value, db=table)
+    return size
+
+
+def test_a_mirror_whose_store_is_damaged_says_so_and_the_next_one_is_used(
+    world: World, alice: Path
+) -> None:
+    """carol's store has a checkpoint at the wrong key: served as it is, the stretch would
+    be one entry short of its checkpoint. carol refuses at once (``mirror_store_failed``)
+    instead of failing to answer, and bob's copy is used."""
+    store = world.carol.home / "mirrors"
+    world.carol.stop()
+    moved = _move_checkpoint(store, world.alice_id, None, -1)
+    world.restart_carol()
+    try:
+        _damage(alice, "delete")
+        out = _rebuild(world, alice, "--mirror", world.carol.agent_id)
+    finally:
+        world.carol.stop()
+        _move_checkpoint(store, world.alice_id, moved - 1, +1)
+        world.restart_carol()
+    assert f"mirror {world.carol.agent_id}: unavailable: refused" in out
+    assert "store failed" in out  # at once, not "no answer within 15s"
+    assert f"mirror {world.bob.agent_id}: ok" in out
+    _check_rebuilt(world, alice)
+    assert "mirror_store_failed" in "".join(
+        log.read_text() for log in world.carol.home.parent.glob("carol-*.log")
+    )
+
+
+class _LyingMirror:
+    """A process-less mirror on ``port`` speaking as ``identity``: it answers every
+    FETCH of ``origin`` with a stretch one entry short of the checkpoint it serves."""
+
+    def __init__(self, port: int, identity: Identity, origin: Path) -> None:
+        self.port, self.identity = port, identity
+        with AuditLog.open(origin / "audit", readonly=True) as log:
+            self.entries = tuple(e.to_bytes() for e in log.entries(0, 10))
+            root = log.root_at(10)
+        who = AgentHome(origin).load_identity(passphrase=None)
+        signer = LogSigner(who.signing_key, who.agent_id, f"{who.agent_id}/audit")
+        self.checkpoint = Checkpoint.sign(signer, 10, root)
+        self.fetches = 0
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    def __enter__(self) -> _LyingMirror:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        transport = Transport(self._on_frame)
+        await transport.listen("127.0.0.1", self.port)
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await transport.close()
+
+    async def _on_frame(self, link: Link, frame: bytes) -> None:
+        envelope = wire.decode(frame)
+        if envelope.type is not wire.EnvelopeType.MIRROR:
+            return  # a head query: no answer
+        opened = envelope._envelope
+        assert opened.mirror_kind is mirror_bodies.MirrorKind.FETCH
+        fetch = mirror_bodies.decode_body(opened.mirror_kind, opened.mirror_body)
+        self.fetches += 1
+        good = mirror_bodies.Entries(0, self.entries, self.checkpoint, 10, fetch.request)
+        raw = cbor2.loads(mirror_bodies.encode_body(good))
+        raw["e"] = raw["e"][:-1]  # truncated: the checkpoint says 10
+        answer = wire.Envelope(
+            type=wire.EnvelopeType.MIRROR,
+            message_id=os.urandom(16),
+            sender=self.identity.agent_id,
+            sender_instance=os.urandom(16),
+            recipient=envelope.sender,
+            timestamp_ms=int(time.time() * 1000),
+            mirror_kind=mirror_bodies.MirrorKind.ENTRIES,
+            mirror_body=canonical_dumps(raw),
+        )
+        await link.send(wire.seal(answer, self.identity.signing_key))
+
+
+def test_a_mirror_serving_a_truncated_stretch_is_named_and_the_next_one_used(
+    world: World, alice: Path, tmp_path: Path
+) -> None:
+    """mallory is registered as an agent, then its endpoint is taken over by a mirror
+    that serves a stretch cut short under its checkpoint."""
+    port = free_port()
+    where = f"127.0.0.1:{port}"
+    mallory = world.launcher.agent(
+        tmp_path / "mallory", "--name", "mallory", "--registry", world.registry.url,
+        "--listen", where, "--announce", where,
+    )  # fmt: skip
+    mallory.stop()
+    identity = AgentHome(mallory.home).load_identity(passphrase=None)
+    _damage(alice, "delete")
+    with _LyingMirror(port, identity, world.alice) as lying:
+        out = _rebuild(world, alice, "--mirror", mallory.agent_id)
+    assert lying.fetches >= 1
+    assert f"mirror {mallory.agent_id}: INVALID" in out
+    _check_rebuilt(world, alice)
+    (entry,) = json.loads(CLI.ok(alice, "audit", "query", "--type", "MIRROR_REBUILT", "--json"))
+    assert entry["data"]["invalid_mirrors"] == [mallory.agent_id]
 
 
 def test_an_offline_mirror_is_skipped(world: World, alice: Path) -> None:
@@ -462,6 +594,41 @@ def test_only_listed_origins_are_mirrored_and_replayed_batches_are_refused(
     with MirrorStore.open(world.bob.home / "mirrors") as store:
         assert store.origin(carol.agent_id).size == 0  # nothing of carol's was stored
         assert store.origin(alice.agent_id).size == world.size
+
+
+def test_a_mirror_keeps_an_origin_within_its_quota(world: World, tmp_path: Path) -> None:
+    """frank mirrors erin with a 1 MiB quota; erin's log is larger. frank stores whole
+    batches up to the quota and refuses the rest (`quota`), counted on both sides."""
+    erin_home = tmp_path / "erin"
+    erin_id = CLI.ok(erin_home, "init", "--name", "erin", "--no-passphrase").strip()
+    identity = AgentHome(erin_home).load_identity(passphrase=None)
+    signer = LogSigner(identity.signing_key, erin_id, f"{erin_id}/audit")
+    with AuditLog.open(erin_home / "audit", signer=signer, block_entries=64) as log:
+        pad = {"a": "x" * 500, "b": "y" * 500}  # about 1 KiB an entry: 1200 are past 1 MiB
+        log.append_many([("MESSAGE_SENT", {"n": n, **pad}, "peer") for n in range(1200)])
+        log.seal_block()
+    ports = free_port(), free_port()
+    frank = world.launcher.agent(
+        tmp_path / "frank", "--name", "frank", "--registry", world.registry.url,
+        "--audit-mirror-for", erin_id, "--mirror-quota-mb", "1", "--metrics-port", str(ports[1]),
+    )  # fmt: skip
+    erin = world.launcher.agent(
+        erin_home, "--registry", world.registry.url, "--metrics-port", str(ports[0]),
+        "--audit-mirror", frank.agent_id,
+    )  # fmt: skip
+    refused = 'talos_audit_mirror_refused_by_peer_total{code="quota"}'
+    wait_until(lambda: _metric(ports[0], refused) >= 1.0, 60, what="frank's quota refusal")
+    assert _metric(ports[1], 'talos_audit_mirror_batches_refused_total{code="quota"}') >= 1.0
+    lag = f'talos_audit_mirror_lag_entries{{mirror="{frank.agent_id}"}}'
+    assert _metric(ports[0], lag) > 0  # what a rebuild from frank would lose
+    erin.stop()
+    frank.stop()
+    assert "quota" in erin.log.read_text()
+    with MirrorStore.open(frank.home / "mirrors") as store:
+        held = store.origin(erin_id)
+    assert 0 < held.size < 1200
+    assert held.used <= 1 << 20  # within the quota, never past it
+    assert _acked(erin_home, frank.agent_id) == held.size  # whole batches, acknowledged
 
 
 # -- the origin's side: resuming, a mirror that lost its store, one that refuses ---------------

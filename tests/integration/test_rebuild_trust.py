@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from talos.audit import AuditLog, LogSigner
 from talos.audit.mirror_store import MirrorStore
+from talos.client.head_answers import HEAD_QUERY_BURST
 from talos.client.head_queries import WitnessAnswers, ask_witnesses
 from talos.client.mirror_fetch import MemoryPeerCache
 from talos.core.audit.cosignature import WitnessedHead
@@ -33,7 +36,7 @@ from talos.storage.home import AgentHome
 from talos.storage.tokens import TokenStore
 from talos.system import SystemClock, SystemRng
 from talos.testing.cli import TalosCli
-from talos.testing.processes import AgentProcess, Launcher, RegistryProcess, launched
+from talos.testing.processes import AgentProcess, Launcher, RegistryProcess, free_port, launched
 from talos.testing.waiting import wait_until
 
 CLI = TalosCli(timeout=120.0)
@@ -70,6 +73,8 @@ class World:
     alice_id: str
     bob: AgentProcess
     carol: AgentProcess
+    #: carol's /metrics port (kept across her restarts).
+    carol_metrics: int
 
     def run_alice(self) -> AgentProcess:
         return self.launcher.agent(
@@ -94,6 +99,8 @@ class World:
     def restart_stopped(self, who: str) -> None:
         agent = getattr(self, who)
         mirroring = ("--audit-mirror-for", self.alice_id) if who == "bob" else ()
+        if who == "carol":
+            mirroring = ("--metrics-port", str(self.carol_metrics))
         setattr(
             self, who, self.launcher.agent(agent.home, "--registry", self.registry.url, *mirroring)
         )
@@ -113,8 +120,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         bob = launcher.agent(
             homes["bob"], "--registry", registry.url, "--audit-mirror-for", ids["alice"]
         )
-        carol = launcher.agent(homes["carol"], "--registry", registry.url)
-        world = World(launcher, registry, homes["alice"], ids["alice"], bob, carol)
+        port = free_port()
+        carol = launcher.agent(
+            homes["carol"], "--registry", registry.url, "--metrics-port", str(port)
+        )
+        world = World(launcher, registry, homes["alice"], ids["alice"], bob, carol, port)
         alice = world.run_alice()
         wait_until(lambda: _cosigned_by(homes["alice"], carol.agent_id), 60, what="carol cosigns")
         world.settle()
@@ -254,9 +264,19 @@ async def _ask(world: World, asker: Path, witness: str) -> WitnessAnswers:
         await registry.aclose()
 
 
+def _head_queries(world: World, outcome: str) -> float:
+    """carol's ``talos_audit_witness_head_queries_total{outcome}``, scraped."""
+    text = httpx.get(f"http://127.0.0.1:{world.carol_metrics}/metrics", timeout=5).text
+    name = f'talos_audit_witness_head_queries_total{{outcome="{outcome}"}}'
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match is not None, f"{name} not exported"
+    return float(match.group(1))
+
+
 def test_a_witness_answers_a_head_query_only_about_the_sender_s_own_log(world: World) -> None:
     carol = world.carol.agent_id
     before = _held(world.carol, world.alice_id)
+    answered, no_head = _head_queries(world, "answered"), _head_queries(world, "no_head")
     (head,) = asyncio.run(_ask(world, world.alice, carol)).heads
     held = WitnessedHead.from_bytes(before)
     assert (head.witness, head.size, head.root) == (carol, held.size, held.root)
@@ -267,6 +287,28 @@ def test_a_witness_answers_a_head_query_only_about_the_sender_s_own_log(world: W
     assert who == carol
     assert "no_head" in why
     assert _held(world.carol, world.alice_id) == before  # a query stores nothing
+    # Counted on the witness, by outcome (the answer is sent after the count).
+    assert _head_queries(world, "answered") == answered + 1
+    assert _head_queries(world, "no_head") == no_head + 1
+    assert _head_queries(world, "rate_limited") == 0
+
+
+def test_head_queries_have_their_own_rate_limit(world: World) -> None:
+    """bob asks carol about his own log (which she never witnessed) more often than the
+    burst: the query past it is refused ``rate_limited``, counted, and nothing stored."""
+    limited = _head_queries(world, "rate_limited")
+    before = _held(world.carol, world.alice_id)
+    reasons: list[str] = []
+    while len(reasons) <= HEAD_QUERY_BURST and not any("rate" in why for why in reasons):
+        ((_, why),) = asyncio.run(_ask(world, world.bob.home, world.carol.agent_id)).unusable
+        reasons.append(why)
+    assert all("holds no head of our log (no_head)" in why for why in reasons[:-1])
+    assert reasons[-1] == "refused: rate_limited"  # (bob may have asked before)
+    assert _head_queries(world, "rate_limited") == limited + 1
+    assert _held(world.carol, world.alice_id) == before
+    # alice's own queries are not limited by bob's.
+    (head,) = asyncio.run(_ask(world, world.alice, world.carol.agent_id)).heads
+    assert head.witness == world.carol.agent_id
 
 
 def test_bad_trust_options_are_refused(world: World, alice: Path) -> None:

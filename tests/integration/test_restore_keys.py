@@ -18,6 +18,7 @@ import json
 import shutil
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from talos.audit import AuditLog
+from talos.audit.mirror_store import MirrorStore
 from talos.core import wire
 from talos.core.crypto import VerifyKey
 from talos.demo.wiretap import inject
@@ -140,7 +143,7 @@ class Pair:
         listen, announce = self.ports[name]
         return Tap(announce, f"ws://127.0.0.1:{listen}")
 
-    def start(self, name: str) -> AgentProcess:
+    def start(self, name: str, *extra: str) -> AgentProcess:
         listen, announce = self.ports[name]
         home = self.alice_home if name == "alice" else self.bob_home
         return self._start(  # type: ignore[no-any-return]
@@ -148,6 +151,7 @@ class Pair:
             *("--registry", self.registry.url, "--accept", "open"),
             *("--listen", f"127.0.0.1:{listen}", "--announce", f"127.0.0.1:{announce}"),
             *("--reconnect-interval", "1"),
+            *extra,
         )
 
     def send(self, home: Path, peer: str, text: str) -> str:
@@ -166,15 +170,27 @@ def start() -> Iterator[Callable[..., AgentProcess]]:
         yield launcher.agent
 
 
-@pytest.mark.parametrize("recovery", ["restore", "rebuild"])
+def _mirrored(home: Path, mirror: str) -> bool:
+    """Whether ``mirror`` acknowledged all of the audit log in ``home``."""
+    with AuditLog.open(home / "audit", readonly=True) as log:
+        size = log.size
+    with MirrorStore.open(home / "mirrors") as store:
+        return store.progress(mirror) == size
+
+
+@pytest.mark.parametrize("recovery", ["restore", "rebuild", "from-peers"])
 def test_no_key_is_used_twice_and_old_messages_stay_refused(
     tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess], recovery: str
 ) -> None:
     pair = Pair(tmp_path, registry, start)
     alice_home, bob_home = pair.alice_home, pair.bob_home
+    # from-peers: bob keeps a mirror of alice's log, which is rebuilt from it.
+    mirroring = recovery == "from-peers"
+    serve = ("--audit-mirror-for", pair.alice_id) if mirroring else ()
+    send = ("--audit-mirror", pair.bob_id) if mirroring else ()
     with pair.tap("alice") as alice_tap, pair.tap("bob") as bob_tap:
-        bob = pair.start("bob")
-        alice = pair.start("alice")
+        bob = pair.start("bob", *serve)
+        alice = pair.start("alice", *send)
         pair.send(alice_home, pair.bob_id, "a1")
         pair.send(bob_home, pair.alice_id, "b1")
         assert _inbox(alice_home) == ["b1"]
@@ -184,14 +200,24 @@ def test_no_key_is_used_twice_and_old_messages_stay_refused(
         pair.send(bob_home, pair.alice_id, "b2")
         assert _inbox(alice_home) == ["b2"]
         before = len(alice_tap.frames), len(bob_tap.frames)
+        if mirroring:
+            for _ in range(2):  # cosignatures are entries too: settled twice in a row
+                wait_until(lambda: _mirrored(alice_home, pair.bob_id), 60, what="log mirrored")
+                time.sleep(1.5)
         assert alice.stop() == 0
         if recovery == "restore":
             out = ok(alice_home, "audit", "restore", "--backup", str(tmp_path / "backup"))
-        else:
+        elif recovery == "rebuild":
             flip_stored_bit(alice_home / "audit", b"entries", u64(3), 40)
             out = ok(alice_home, "audit", "rebuild")
+        else:
+            flip_stored_bit(alice_home / "audit", b"entries", u64(3), 40)
+            rebuild = ("audit", "rebuild", "--from-peers", "--registry", registry.url)
+            out = ok(alice_home, *rebuild, "--accept-loss")
+            assert f"mirror {pair.bob_id}: ok" in out
+            assert "matches" in out  # bob's cosigned head is a trust root
         assert "agent state kept" in out
-        alice = pair.start("alice")
+        alice = pair.start("alice", *send)
         pair.send(alice_home, pair.bob_id, "a4")
         pair.send(alice_home, pair.bob_id, "a5")
         pair.send(bob_home, pair.alice_id, "b3")
@@ -217,28 +243,42 @@ def test_no_key_is_used_twice_and_old_messages_stay_refused(
     ok(alice_home, "audit", "verify-chain")
 
 
+@pytest.mark.parametrize("recovery", ["restore", "from-peers"])
 def test_a_lost_state_is_reset_not_rolled_back(
-    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess]
+    tmp_path: Path, registry: RegistryProcess, start: Callable[..., AgentProcess], recovery: str
 ) -> None:
-    """alice's whole environment is gone: the restore starts her state empty. Her old
-    sessions are re-established, and bob's old frames are refused as stale."""
+    """alice's whole environment is gone: the restore (or the rebuild from bob's mirror)
+    starts her state empty. Her old sessions are re-established, and bob's old frames are
+    refused as stale."""
     pair = Pair(tmp_path, registry, start)
     alice_home, bob_home = pair.alice_home, pair.bob_home
+    mirroring = recovery == "from-peers"
+    serve = ("--audit-mirror-for", pair.alice_id) if mirroring else ()
+    send = ("--audit-mirror", pair.bob_id) if mirroring else ()
     with pair.tap("alice") as alice_tap, pair.tap("bob"):
-        bob = pair.start("bob")
-        alice = pair.start("alice")
+        bob = pair.start("bob", *serve)
+        alice = pair.start("alice", *send)
         pair.send(alice_home, pair.bob_id, "a1")
         pair.send(bob_home, pair.alice_id, "b1")
         ok(alice_home, "audit", "backup", "--out", str(tmp_path / "backup"))
         pair.send(bob_home, pair.alice_id, "b2")
         assert _inbox(alice_home) == ["b1", "b2"]
         old = list(alice_tap.frames)
+        if mirroring:
+            for _ in range(2):  # cosignatures are entries too: settled twice in a row
+                wait_until(lambda: _mirrored(alice_home, pair.bob_id), 60, what="log mirrored")
+                time.sleep(1.5)
         assert alice.stop() == 0
         shutil.rmtree(alice_home / "audit")
-        result = CLI.run(alice_home, "audit", "restore", "--backup", str(tmp_path / "backup"))
-        assert result.returncode == 0, result.stderr
-        assert "no agent state was kept (there was none)" in result.stderr
-        alice = pair.start("alice")
+        if mirroring:
+            rebuild = ("audit", "rebuild", "--from-peers", "--registry", registry.url)
+            out = ok(alice_home, *rebuild, "--accept-loss")
+            assert "no agent state could be kept" in out
+        else:
+            result = CLI.run(alice_home, "audit", "restore", "--backup", str(tmp_path / "backup"))
+            assert result.returncode == 0, result.stderr
+            assert "no agent state was kept (there was none)" in result.stderr
+        alice = pair.start("alice", *send)
         pair.send(alice_home, pair.bob_id, "a2")
         pair.send(bob_home, pair.alice_id, "b3")
         wait_until(lambda: "b3" in _inbox(alice_home), 30.0, what="bob's new message arrives")

@@ -202,6 +202,37 @@ def test_bad_checkpoints_are_refused_and_nothing_is_stored(
     assert bob.equivocations() == []
 
 
+def test_a_larger_checkpoint_without_a_valid_proof_is_an_equivocation(
+    cast: Callable[..., WitnessPeer],
+) -> None:
+    """The witness checks the consistency proof from the head it holds: a larger head
+    whose proof does not lead from it is refused ``inconsistent``, audited, counted,
+    and the held head is kept."""
+    alice, bob = cast("alice"), cast("bob")
+    alice.start(), bob.start()
+    identity = alice.identity()
+    first = signed_checkpoint(identity, 3, bytes(32))
+    accepted = cosignature_answer(bob.url, checkpoint_frame(identity, bob.agent_id, first))
+    assert accepted is not None
+    assert accepted.cosign_status is wire.CosignStatus.COSIGNED
+    larger = signed_checkpoint(identity, 5, os.urandom(32))
+    bogus = (os.urandom(32), os.urandom(32))  # no path from the held head at 3
+    frame = checkpoint_frame(identity, bob.agent_id, larger, old=3, proof=bogus)
+    answer = cosignature_answer(bob.url, frame)
+    assert answer is not None
+    assert (answer.cosign_status, answer.reason) == (wire.CosignStatus.CONFLICT, "inconsistent")
+    assert (answer.held_size, answer.held_root) == (3, bytes(32))
+    assert answer.cosignature is None
+    wait_until(lambda: bob.equivocations(), WAIT, what="bob audited the inconsistent head")
+    assert bob.equivocations()[0]["data"]["reason"] == "inconsistent"
+    assert bob.metric("talos_audit_equivocations_total", role="witness") == 1
+    assert bob.metric("talos_audit_checkpoints_refused_total", reason="inconsistent") == 1
+    # Nothing stored: the held head is still the one at 3.
+    again = cosignature_answer(bob.url, checkpoint_frame(identity, bob.agent_id, first))
+    assert again is not None
+    assert again.cosign_status is wire.CosignStatus.COSIGNED
+
+
 def test_a_malformed_checkpoint_frame_is_dropped(cast: Callable[..., WitnessPeer]) -> None:
     alice, bob = cast("alice"), cast("bob")
     alice.start(), bob.start()

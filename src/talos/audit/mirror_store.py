@@ -237,6 +237,12 @@ class MirrorStore:
                 checkpoint = Checkpoint.parse(bytes(cursor.value()))
             except MalformedFrame:
                 raise self._damaged(origin, f"checkpoint at {end} does not parse") from None
+            if checkpoint.size != end:
+                # Served as it is, the stretch would be cut short under its checkpoint
+                # (an answer that cannot even be encoded): say the store is damaged.
+                raise self._damaged(
+                    origin, f"checkpoint stored at {end} is of size {checkpoint.size}"
+                )
         return Entries(start, tuple(entries), checkpoint, held)
 
     def _origin(self, txn: lmdb.Transaction[bytes], origin: str) -> OriginState:

@@ -24,6 +24,7 @@ from talos.core.audit.head_query import NO_HEAD
 from talos.core.clock import Clock
 from talos.core.ratelimit import RateLimiter
 from talos.errors import MalformedFrame, TalosError
+from talos.metrics import AgentMetrics
 from talos.storage.tokens import TokenStore
 from talos.transport import Link
 
@@ -63,8 +64,10 @@ class HeadAnswers:
         clock: Clock,
         answer: Answer,
         refuse: Refuse,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self._own, self._tokens, self._clock = own, tokens, clock
+        self._metrics = metrics
         self._answer, self._refuse = answer, refuse
         self._limit = RateLimiter(rate=HEAD_QUERY_RATE, burst=HEAD_QUERY_BURST)
 
@@ -73,15 +76,18 @@ class HeadAnswers:
         cosigned (``rebuild --from-peers`` checks the rebuilt log against it)."""
         origin = envelope.sender
         if not self._limit.allow(origin, self._clock.monotonic()):
+            self._count("rate_limited")
             await self._refuse(link, envelope, None, "rate_limited", "too many head queries")
             return
         try:
             stored = self._tokens.witnessed(origin)
             held = None if stored is None else WitnessedHead.from_bytes(stored)
         except (TalosError, MalformedFrame) as exc:
+            self._count("storage")
             await self._refuse(link, envelope, None, "storage", f"witness store: {exc}")
             return
         if held is None:
+            self._count(NO_HEAD)
             await self._answer(link, envelope, None, wire.CosignStatus.REFUSED, None, NO_HEAD, None)
             return
         checkpoint = Checkpoint(origin_of(origin), held.size, held.root)
@@ -93,6 +99,7 @@ class HeadAnswers:
             key=identity.signing_key,
             timestamp=int(self._clock.time()),
         )
+        self._count("answered")
         _log.info(
             "told %s the head of its audit log we hold: size %d",
             origin,
@@ -100,3 +107,8 @@ class HeadAnswers:
             extra={"event": "witness_head_served", "peer_id": origin, "size": held.size},
         )
         await self._answer(link, envelope, checkpoint, wire.CosignStatus.COSIGNED, held, "", cosig)
+
+    def _count(self, outcome: str) -> None:
+        """``talos_audit_witness_head_queries_total{outcome}`` (docs/metrics.md)."""
+        if self._metrics is not None:
+            self._metrics.witness_head_query(outcome)

@@ -25,6 +25,7 @@ from talos.core import wire
 from talos.core.audit.cosignature import Cosignature
 from talos.core.audit.head_query import (
     HEAD_QUERY,
+    NO_HEAD,
     WitnessedRoot,
     check_cosigned,
     check_head_answer,
@@ -129,7 +130,9 @@ async def _ask(
     finally:
         await transport.close()
     if answer.cosign_status is not wire.CosignStatus.COSIGNED or answer.cosignature is None:
-        raise _Unusable(f"holds no head of our log ({answer.reason or 'refused'})")
+        if answer.reason == NO_HEAD:
+            raise _Unusable(f"holds no head of our log ({NO_HEAD})")
+        raise _Unusable(f"refused: {answer.reason or 'no reason given'}")
     try:
         return check_head_answer(
             identity.agent_id,

@@ -126,7 +126,12 @@ class Witnessing:
             protected=lambda: frozenset((*session_peers(), *self.witnesses)),
         )
         self._head_answers = HeadAnswers(
-            own=own, tokens=tokens, clock=clock, answer=self._answer, refuse=self._refuse
+            own=own,
+            tokens=tokens,
+            clock=clock,
+            answer=self._answer,
+            refuse=self._refuse,
+            metrics=metrics,
         )
 
     # -- origin: sending our checkpoints ------------------------------------------------

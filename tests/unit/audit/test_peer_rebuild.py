@@ -62,7 +62,9 @@ def test_verified_stretches_rebuild_the_same_log_and_proofs(tmp_path: Path, log:
         rebuilt.prove_consistency(50).verify(log.root(), rebuilt.root())
 
 
-@pytest.mark.parametrize("what", ["flip", "reorder", "wrong-key", "gap", "other-origin"])
+@pytest.mark.parametrize(
+    "what", ["flip", "reorder", "wrong-key", "gap", "other-origin", "truncated"]
+)
 def test_a_stretch_that_does_not_verify_names_the_mirror(log: AuditLog, what: str) -> None:
     copy = PeerLog(ORIGIN, "mallory", [KEY.public_key])
     copy.add(served(log, 0, 10))
@@ -80,6 +82,9 @@ def test_a_stretch_that_does_not_verify_names_the_mirror(log: AuditLog, what: st
         bad = served(log, 10, 20, LogSigner(SigningKey(bytes(32)), ORIGIN, f"{ORIGIN}/audit"))
     elif what == "gap":
         bad = served(log, 12, 20)
+    elif what == "truncated":
+        # The last entry cut off, the checkpoint (of 20 entries) kept.
+        bad = Entries(10, tuple(entries[:-1]), good.checkpoint, 50)
     else:
         bad = served(log, 10, 20, LogSigner(KEY, ORIGIN, "someone/audit"))
     with pytest.raises(MirrorInvalid) as invalid:
