@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from witness_cast import (
     signed_checkpoint,
 )
 
+from talos.client.witnessing import WITNESS_RATE
 from talos.core import wire
 from talos.testing.processes import Launcher, RegistryProcess, launched, registry_process
 from talos.testing.waiting import wait_until
@@ -113,6 +115,11 @@ def _refused(peer: WitnessPeer, reason: str) -> float:
     return peer.metric("talos_audit_checkpoints_refused_total", reason=reason)
 
 
+def _all_refused(peer: WitnessPeer) -> float:
+    reasons = ("rollback", "inconsistent", "stale")
+    return sum(_refused(peer, reason) for reason in reasons)
+
+
 def test_a_restored_origin_is_an_equivocation_once_and_stops_sending(
     cast: Callable[..., WitnessPeer], tmp_path: Path
 ) -> None:
@@ -146,7 +153,7 @@ def test_a_restored_origin_is_an_equivocation_once_and_stops_sending(
     log = alice.log_text()
     assert log.count("event=witness_conflict_paused") == 1
     assert "rebuild --from-peers" in log
-    refused = _refused(bob, "rollback") + _refused(bob, "inconsistent") + _refused(bob, "stale")
+    refused = _all_refused(bob)
 
     # Alice restarts twice and messages bob (new links, a witness round at each
     # start): she sends bob no checkpoint, and nothing new is audited anywhere.
@@ -155,10 +162,7 @@ def test_a_restored_origin_is_an_equivocation_once_and_stops_sending(
         assert alice.send(bob, f"again {n}").startswith("delivered ")
     assert len(alice.equivocations()) == 1
     assert len(bob.equivocations()) == 1
-    assert (
-        _refused(bob, "rollback") + _refused(bob, "inconsistent") + _refused(bob, "stale")
-        == refused
-    )
+    assert _all_refused(bob) == refused
 
     # The same conflict offered to bob again (alice's real key, a fresh frame): refused,
     # counted as a repeat, not audited or alerted on again.
@@ -168,6 +172,12 @@ def test_a_restored_origin_is_an_equivocation_once_and_stops_sending(
     assert held > 1
     answer = cosignature_answer(bob.url, checkpoint_frame(identity, bob.agent_id, again))
     assert answer is not None
+    if answer.reason == "rate_limited":
+        # Alice's own checkpoints of this minute spent bob's burst for her (a slow
+        # machine stretches the test over several witness rounds); one comes back.
+        time.sleep(1 / WITNESS_RATE + 1)
+        answer = cosignature_answer(bob.url, checkpoint_frame(identity, bob.agent_id, again))
+        assert answer is not None
     assert (answer.cosign_status, answer.reason) == (wire.CosignStatus.CONFLICT, "rollback")
     assert bob.metric("talos_audit_equivocations_repeated_total", role="witness") >= 1
     assert bob.metric("talos_audit_equivocations_total", role="witness") == 1
