@@ -32,6 +32,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Final
 
 from talos.audit import AuditLog, Checkpoint
@@ -108,7 +109,7 @@ class Mirroring:
         for peer in self._mirror_to:
             if self._store.progress(peer) > self._log.size:
                 self._store.set_progress(peer, self._log.size)
-            self._metrics.set_mirror_lag(peer, max(0, self._log.size - self._store.progress(peer)))
+            self._metrics.track_mirror_lag(peer, partial(self._lag, peer))
             self._tasks.append(asyncio.create_task(self._run(peer), name=f"talos-mirror-{peer}"))
 
     async def stop(self) -> None:
@@ -120,6 +121,10 @@ class Mirroring:
         self._tasks = []
 
     # -- origin -----------------------------------------------------------------------
+
+    def _lag(self, peer: str) -> int:
+        """``talos_audit_mirror_lag_entries{mirror=peer}``, read at each scrape."""
+        return max(0, self._log.size - self._store.progress(peer))
 
     def mirrored_everywhere(self) -> int:
         """The size every chosen mirror has acknowledged (the smallest), never more than

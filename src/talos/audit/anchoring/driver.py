@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -80,6 +81,8 @@ class AnchorMetrics(WatchMetrics, Protocol):
     def audit_anchor_attempted(self, *, succeeded: bool) -> None: ...
 
     def set_audit_anchor_lag(self, entries: int) -> None: ...
+
+    def track_audit_anchor_lag(self, lag: Callable[[], float]) -> None: ...
 
     def audit_pruned(self, entries: int) -> None: ...
 
@@ -131,6 +134,9 @@ class Anchorer:
         self._prune_due = True
         if metrics is not None:
             log.watch_pruning(lambda step: metrics.audit_pruned(step.entries))
+            # At every scrape, not at each step: during an outage with a long
+            # backoff the lag still grows as entries are appended.
+            metrics.track_audit_anchor_lag(lambda: max(0, log.size - self._store.covered()))
 
     @property
     def store(self) -> AnchorStore:
