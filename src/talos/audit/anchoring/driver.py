@@ -80,8 +80,6 @@ class AnchorMetrics(WatchMetrics, Protocol):
 
     def audit_anchor_attempted(self, *, succeeded: bool) -> None: ...
 
-    def set_audit_anchor_lag(self, entries: int) -> None: ...
-
     def track_audit_anchor_lag(self, lag: Callable[[], float]) -> None: ...
 
     def audit_pruned(self, entries: int) -> None: ...
@@ -180,7 +178,6 @@ class Anchorer:
             self.schedule = self.schedule.succeeded(now, in_flight=anchor is not None)
             self.last = StepReport(outcome, anchor, None)
         self._maybe_prune()
-        self._report_lag()
         return self.schedule.next_at
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -398,7 +395,7 @@ class Anchorer:
             return
         self._prune_due = False
 
-    # -- failures and the lag ----------------------------------------------------------
+    # -- failures ------------------------------------------------------------------------
 
     def _failed(self, error: TalosError, bug: Exception | None, now: float) -> None:
         self.schedule = self.schedule.failed(now, self._rng)
@@ -419,15 +416,6 @@ class Anchorer:
             },
             exc_info=bug,
         )
-
-    def _report_lag(self) -> None:
-        if self._metrics is None:
-            return
-        try:
-            covered = self._store.covered()
-        except TalosError:
-            return
-        self._metrics.set_audit_anchor_lag(max(0, self._log.size - covered))
 
 
 def _failure(error: Exception) -> tuple[TalosError, Exception | None]:
