@@ -21,7 +21,8 @@ long, in which no alert is even pending; then causes each failure:
   from the registry.
 * ``AuditEquivocation``: Bob cosigns Alice's checkpoints; Alice's home is put
   back from an earlier copy and she messages him again: Bob, her witness,
-  holds a head her log now contradicts.
+  holds a head her log now contradicts: it fires on both sides (``role``
+  ``witness`` on Bob, ``origin`` on Alice).
 * ``AuditAnchorMismatch``: an agent anchoring on anvil; its own wallet's key,
   used by someone else, anchors a root its log never had.
 
@@ -30,6 +31,7 @@ The alerts' states are read from Prometheus' HTTP API.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -216,9 +218,13 @@ async def test_equivocation_and_anchor_mismatch_alerts_fire(tmp_path: Path) -> N
             alice.put_home_back(earlier)
             alice.start()
             assert alice.send(bob, "from the past").startswith("delivered ")
-            equivocations = await prometheus.until_firing("AuditEquivocation")
-            roles = {a["labels"]["role"]: a["labels"]["instance"] for a in equivocations}
-            assert roles["witness"] == targets[1]  # bob
+            roles: dict[str, str] = {}
+            deadline = time.monotonic() + 60
+            while len(roles) < 2 and time.monotonic() < deadline:
+                equivocations = await prometheus.until_firing("AuditEquivocation")
+                roles = {a["labels"]["role"]: a["labels"]["instance"] for a in equivocations}
+                await asyncio.sleep(0.5)  # until both sides fire
+            assert roles == {"witness": targets[1], "origin": targets[0]}  # bob saw it, and alice
 
             # The anchoring wallet's key used elsewhere: a root the log never had.
             def final() -> bool:
