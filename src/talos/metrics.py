@@ -790,6 +790,17 @@ class AgentMetrics:
             self.registry.unregister(counter)
             self.registry.register(ReadCounter(counter._name, counter._documentation, read))
 
+    def track_audit_anchor_lag(self, lag: Callable[[], float]) -> None:
+        """Compute ``talos_audit_anchor_lag_entries`` at every scrape with ``lag()``,
+        so it grows during an outage, between the anchoring loop's steps (NaN when
+        the read fails)."""
+        self.audit_anchor_lag.set_function(_or_nan(lag))
+
+    def track_mirror_lag(self, mirror: str, lag: Callable[[], float]) -> None:
+        """Compute ``talos_audit_mirror_lag_entries{mirror}`` at every scrape with
+        ``lag()``: it grows while ``mirror`` is down, whatever the retry backoff."""
+        self.audit_mirror_lag.labels(mirror=mirror).set_function(_or_nan(lag))
+
 
 def _or_nan(read: Callable[[], float]) -> Callable[[], float]:
     def guarded() -> float:

@@ -21,17 +21,11 @@ The alerts' states are read from Prometheus' HTTP API (``/api/v1/alerts``).
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import shutil
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 from alert_rules import RULES
 
@@ -42,9 +36,9 @@ from talos.core.crypto import SigningKey
 from talos.storage.home import AgentHome
 from talos.system import SYSTEM_CLOCK, SYSTEM_RNG
 from talos.testing.chain import DEV_KEYS, AnvilProcess, start_anvil
-from talos.testing.child import ChildProcess, spawn
 from talos.testing.cli import TalosCli
-from talos.testing.processes import free_port, launched, start_registry
+from talos.testing.processes import launched, start_registry
+from talos.testing.prometheus import prometheus_binary, shortened_rules, start_prometheus
 from talos.testing.waiting import wait_until
 from talos.transport import Link, Transport
 
@@ -53,110 +47,27 @@ pytestmark = pytest.mark.asyncio
 CLI = TalosCli(timeout=120)
 #: Seconds a revocation list may age in the test copy (the shipped rule: 600).
 STALE_AFTER = 5
-#: Seconds each alert gets to fire once its failure is caused.
-FIRE_WITHIN = 60.0
 
 
 def shortened(rules: str) -> str:
     """The shipped rules with test-sized durations: ``for:`` 2s, windows 30s, age 5s."""
-    rules = re.sub(r"for: \d+[smh]", "for: 2s", rules)
-    rules = re.sub(r"\[\d+[mh]\]", "[30s]", rules)
-    rules = rules.replace(
-        "talos_revocation_list_age_seconds > 600",
-        f"talos_revocation_list_age_seconds > {STALE_AFTER}",
+    return shortened_rules(
+        rules,
+        replace={
+            "talos_revocation_list_age_seconds > 600": (
+                f"talos_revocation_list_age_seconds > {STALE_AFTER}"
+            )
+        },
     )
-    assert f"> {STALE_AFTER}" in rules
-    assert "[30s]" in rules
-    return rules
 
 
 def cli(home: Path | None, *args: str) -> str:
     return CLI.ok(home, *args).strip()
 
 
-def _prometheus_or_fail() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
+def prometheus_or_fail() -> None:
+    if prometheus_binary() is None:
         pytest.fail("prometheus is not on PATH: apt-get install prometheus (.ci/run installs it)")
-    return found
-
-
-def start_prometheus(
-    tmp_path: Path, agents: list[str], registries: list[str]
-) -> tuple[ChildProcess, str]:
-    """A Prometheus scraping ``agents`` and ``registries`` (host:port) every second."""
-    rules = tmp_path / "talos-alerts.test-copy.yml"
-    rules.write_text(shortened(RULES.read_text()))
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        f"""global:
-  scrape_interval: 1s
-  evaluation_interval: 1s
-rule_files:
-  - {rules}
-scrape_configs:
-  - job_name: talos-agent
-    static_configs:
-      - targets: {agents}
-  - job_name: talos-registry
-    static_configs:
-      - targets: {registries}
-"""
-    )
-    port = free_port()
-    child = spawn(
-        [_prometheus_or_fail(), f"--config.file={config}",
-         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        env={"PATH": os.environ.get("PATH", "")},
-        log=tmp_path / "prometheus.log",
-        name="prometheus",
-        stdout_pipe=False,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, 30.0, what="prometheus ready")
-    return child, url
-
-
-async def firing(url: str) -> dict[str, list[dict[str, Any]]]:
-    """The firing alerts, by name."""
-    async with httpx.AsyncClient() as http:
-        answer = (await http.get(f"{url}/api/v1/alerts", timeout=5)).json()
-    alerts: dict[str, list[dict[str, Any]]] = {}
-    for alert in answer["data"]["alerts"]:
-        if alert["state"] == "firing":
-            alerts.setdefault(alert["labels"]["alertname"], []).append(alert)
-    return alerts
-
-
-async def until_scraped(url: str, targets: int) -> None:
-    """Wait until Prometheus has scraped ``targets`` targets, so a counter's 0 is on record."""
-    deadline = time.monotonic() + FIRE_WITHIN
-    async with httpx.AsyncClient() as http:
-        while time.monotonic() < deadline:
-            answer = (await http.get(f"{url}/api/v1/query", params={"query": "up == 1"})).json()
-            if len(answer["data"]["result"]) == targets:
-                return
-            await asyncio.sleep(0.5)  # the first scrapes come within a second or two
-    raise AssertionError(f"Prometheus did not scrape {targets} targets")
-
-
-async def until_firing(url: str, name: str) -> list[dict[str, Any]]:
-    """Wait (the agents run on this loop meanwhile) until Prometheus fires ``name``."""
-    deadline = time.monotonic() + FIRE_WITHIN
-    while time.monotonic() < deadline:
-        alerts = (await firing(url)).get(name)
-        if alerts:
-            return alerts
-        await asyncio.sleep(0.5)  # Prometheus evaluates every second; let the agents run
-    raise AssertionError(f"{name} did not fire within {FIRE_WITHIN:.0f}s: {await firing(url)}")
 
 
 def delegated(tmp_path: Path) -> tuple[dict[str, Path], dict[str, str]]:
@@ -221,7 +132,7 @@ def anchoring_agent(tmp_path: Path, anvil: AnvilProcess) -> list[str]:
 
 
 async def test_the_seed_alerts_fire_in_a_real_prometheus(tmp_path: Path) -> None:
-    _prometheus_or_fail()
+    prometheus_or_fail()
     homes, ids = delegated(tmp_path)
     anchorer = tmp_path / "anchorer"
     anchorer_id = cli(anchorer, "init", "--name", "anchorer")
@@ -254,11 +165,14 @@ async def test_the_seed_alerts_fire_in_a_real_prometheus(tmp_path: Path) -> None
                 ) as dave,  # fmt: skip
             ):
                 registry_metrics = (registry.metrics_url or "").removeprefix("http://")
-                prometheus, prom = start_prometheus(
-                    tmp_path, [address(bob), address(dave), found.group(1)], [registry_metrics]
+                prometheus = prom = start_prometheus(
+                    tmp_path / "prometheus",
+                    shortened(RULES.read_text()),
+                    agents=[address(bob), address(dave), found.group(1)],
+                    registries=[registry_metrics],
                 )
-                await until_scraped(prom, 4)
-                assert await firing(prom) == {}  # the alerts start quiet
+                await prom.until_scraped(4)
+                assert await prom.alerts() == {}  # the alerts start quiet
 
                 # Forged envelopes: "alice" frames signed by another key; and frames
                 # signed by alice's real key that open no session.
@@ -269,8 +183,8 @@ async def test_the_seed_alerts_fire_in_a_real_prometheus(tmp_path: Path) -> None
                         await link.send(garbage_message(forger, ids["alice"], ids["dave"]))
                     for _ in range(20):
                         await link.send(garbage_message(alice_key, ids["alice"], ids["dave"]))
-                    (signatures,) = await until_firing(prom, "SignatureVerificationFailures")
-                    (sessions,) = await until_firing(prom, "SessionEstablishmentFailures")
+                    (signatures,) = await prom.until_firing("SignatureVerificationFailures")
+                    (sessions,) = await prom.until_firing("SessionEstablishmentFailures")
                 assert signatures["labels"]["instance"] == address(dave)
                 assert sessions["labels"]["instance"] == address(dave)
 
@@ -281,15 +195,15 @@ async def test_the_seed_alerts_fire_in_a_real_prometheus(tmp_path: Path) -> None
                 due = SYSTEM_CLOCK.time() + 1.5  # past bob's revocation_max_age
                 wait_until(lambda: SYSTEM_CLOCK.time() > due, 5.0, what="the list falls due")
                 await alice.send(ids["bob"], "while the registry is down")
-                (stale,) = await until_firing(prom, "RevocationListStale")
+                (stale,) = await prom.until_firing("RevocationListStale")
                 assert stale["labels"]["instance"] == address(bob)
                 assert float(stale["value"]) > STALE_AFTER
-                unreachable = await until_firing(prom, "TalosRegistryUnreachable")
+                unreachable = await prom.until_firing("TalosRegistryUnreachable")
                 assert registry_metrics in {a["labels"]["instance"] for a in unreachable}
 
                 # Anchoring: the chain stops while the anchor waits for confirmations.
                 anvil.stop()
-                (anchor,) = await until_firing(prom, "AuditAnchorFailure")
+                (anchor,) = await prom.until_firing("AuditAnchorFailure")
                 assert anchor["labels"]["instance"] == found.group(1)
             anchoring.stop()
     finally:

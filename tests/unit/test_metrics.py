@@ -320,3 +320,19 @@ def test_series_read_when_scraped_follow_their_readers_and_a_failing_one_is_nan(
     assert value(metrics, "talos_audit_entries_total") == 9
     assert value(metrics, "talos_capabilities_granted_total") == 4
     assert value(metrics, "talos_capabilities_revoked_total") == 1
+
+
+def test_lags_tracked_at_scrape_time_follow_their_readers_and_a_failing_one_is_nan() -> None:
+    metrics = AgentMetrics(mirrors=["did:talos:m"])
+    held = {"mirror": 4.0}
+
+    def broken() -> float:
+        raise OSError("the log closed")
+
+    metrics.track_mirror_lag("did:talos:m", lambda: held["mirror"])
+    metrics.track_audit_anchor_lag(broken)
+    metrics.set_mirror_lag("did:talos:m", 0)  # a loop's last value does not hide the reader's
+    assert value(metrics, "talos_audit_mirror_lag_entries", mirror="did:talos:m") == 4
+    held["mirror"] = 9
+    assert value(metrics, "talos_audit_mirror_lag_entries", mirror="did:talos:m") == 9
+    assert math.isnan(value(metrics, "talos_audit_anchor_lag_entries"))

@@ -8,7 +8,7 @@ Two roles, one driver:
   the tree at its end signed by our current key, over a link this agent
   opened, and waits for the ACK. The acknowledged size is persisted per
   mirror (:meth:`MirrorStore.set_progress`), so a restart resumes there;
-  ``talos_audit_mirror_lag_entries{mirror}`` is how far behind it is. A
+  ``talos_audit_mirror_lag_entries{mirror}`` is how far behind it is (read at each scrape). A
   refusal is logged (``mirror_batch_refused``) and counted; a mirror that
   lost what it held (``gap``) is sent everything again. Each BATCH carries a
   fresh random request id (``rq``) and only an answer echoing the id of the
@@ -32,6 +32,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Final
 
 from talos.audit import AuditLog, Checkpoint
@@ -108,7 +109,7 @@ class Mirroring:
         for peer in self._mirror_to:
             if self._store.progress(peer) > self._log.size:
                 self._store.set_progress(peer, self._log.size)
-            self._metrics.set_mirror_lag(peer, max(0, self._log.size - self._store.progress(peer)))
+            self._metrics.track_mirror_lag(peer, partial(self._lag, peer))
             self._tasks.append(asyncio.create_task(self._run(peer), name=f"talos-mirror-{peer}"))
 
     async def stop(self) -> None:
@@ -121,6 +122,10 @@ class Mirroring:
 
     # -- origin -----------------------------------------------------------------------
 
+    def _lag(self, peer: str) -> int:
+        """``talos_audit_mirror_lag_entries{mirror=peer}``, read at each scrape."""
+        return max(0, self._log.size - self._store.progress(peer))
+
     def mirrored_everywhere(self) -> int:
         """The size every chosen mirror has acknowledged (the smallest), never more than
         the log holds."""
@@ -131,8 +136,7 @@ class Mirroring:
         backoff = 1.0
         while not self._closed():
             acked = self._store.progress(peer)
-            size = self._log.size
-            self._metrics.set_mirror_lag(peer, max(0, size - acked))
+            size = self._log.size  # the lag is read at each scrape (_lag)
             if size <= acked:
                 await sleep(self._clock, POLL_INTERVAL)
                 continue
@@ -196,7 +200,6 @@ class Mirroring:
             done = min(answer.size, end)
             self._store.set_progress(peer, done)
             self._metrics.mirror_batch_sent()
-            self._metrics.set_mirror_lag(peer, max(0, self._log.size - done))
             return 0 if done > acked else -1
         if isinstance(answer, mirror.Refused):
             self._metrics.mirror_batch_refused_by_peer(answer.code)

@@ -14,6 +14,9 @@ else (sockets, LMDB, processes) is real. This package holds:
   deadline, stop it (SIGTERM, then SIGKILL), stop many at once;
 * :mod:`talos.testing.waiting`: :func:`~talos.testing.waiting.wait_until`, to
   wait for something observable instead of sleeping.
+* :mod:`talos.testing.prometheus`: a real Prometheus server (Debian's
+  ``prometheus``) scraping agents and registries every second, with a
+  shortened copy of a rules file, and its alerts' states.
 
 Nothing here imports pytest; only the standard library and httpx.
 """

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -79,7 +80,7 @@ class AnchorMetrics(WatchMetrics, Protocol):
 
     def audit_anchor_attempted(self, *, succeeded: bool) -> None: ...
 
-    def set_audit_anchor_lag(self, entries: int) -> None: ...
+    def track_audit_anchor_lag(self, lag: Callable[[], float]) -> None: ...
 
     def audit_pruned(self, entries: int) -> None: ...
 
@@ -131,6 +132,9 @@ class Anchorer:
         self._prune_due = True
         if metrics is not None:
             log.watch_pruning(lambda step: metrics.audit_pruned(step.entries))
+            # At every scrape, not at each step: during an outage with a long
+            # backoff the lag still grows as entries are appended.
+            metrics.track_audit_anchor_lag(lambda: max(0, log.size - self._store.covered()))
 
     @property
     def store(self) -> AnchorStore:
@@ -174,7 +178,6 @@ class Anchorer:
             self.schedule = self.schedule.succeeded(now, in_flight=anchor is not None)
             self.last = StepReport(outcome, anchor, None)
         self._maybe_prune()
-        self._report_lag()
         return self.schedule.next_at
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -392,7 +395,7 @@ class Anchorer:
             return
         self._prune_due = False
 
-    # -- failures and the lag ----------------------------------------------------------
+    # -- failures ------------------------------------------------------------------------
 
     def _failed(self, error: TalosError, bug: Exception | None, now: float) -> None:
         self.schedule = self.schedule.failed(now, self._rng)
@@ -413,15 +416,6 @@ class Anchorer:
             },
             exc_info=bug,
         )
-
-    def _report_lag(self) -> None:
-        if self._metrics is None:
-            return
-        try:
-            covered = self._store.covered()
-        except TalosError:
-            return
-        self._metrics.set_audit_anchor_lag(max(0, self._log.size - covered))
 
 
 def _failure(error: Exception) -> tuple[TalosError, Exception | None]:
