@@ -141,6 +141,9 @@ def _check_model(value: Any, depth: int) -> None:
 #: Canonical order of the key sets seen (bounded: keys from a payload can be anything).
 _KEY_ORDER: dict[tuple[str, ...], tuple[str, ...]] = {}
 _KEY_ORDER_LIMIT: Final = 4096
+#: Only small key sets are remembered (Talos's own records): a peer's payload with
+#: thousands of keys, encoded again, must not pin its keys in memory.
+_KEY_ORDER_MAX_KEYS: Final = 32
 
 
 def _key_rank(key: str) -> tuple[int, bytes]:
@@ -163,7 +166,7 @@ def _in_canonical_order(value: Any, depth: int) -> Any:
                 if type(key) is not str:
                     raise MalformedFrame("map keys must be text strings")
             order = tuple(sorted(keys, key=_key_rank))
-            if len(_KEY_ORDER) < _KEY_ORDER_LIMIT:
+            if len(keys) <= _KEY_ORDER_MAX_KEYS and len(_KEY_ORDER) < _KEY_ORDER_LIMIT:
                 _KEY_ORDER[keys] = order
         items = value.items() if order == keys else ((key, value[key]) for key in order)
         out = {}

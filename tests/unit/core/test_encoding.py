@@ -57,3 +57,14 @@ def test_nesting_is_bounded_the_same_way_in_both_directions() -> None:
 def test_every_model_type_round_trips() -> None:
     value = {"b": b"\x00", "s": "text", "t": True, "f": False, "n": None, "i": -(2**64), "l": [1]}
     assert strict_loads(canonical_dumps(value), max_size=1 << 10) == value
+
+
+def test_only_small_key_sets_are_remembered_for_their_order() -> None:
+    from talos.core import encoding
+
+    small = {f"k{i}": i for i in range(3)}
+    large = {f"key{i:05}": i for i in range(200)}  # a peer's payload, encoded again
+    assert canonical_dumps(large) == cbor2.dumps(large, canonical=True)
+    assert tuple(large) not in encoding._KEY_ORDER
+    assert canonical_dumps(small) == cbor2.dumps(small, canonical=True)
+    assert tuple(small) in encoding._KEY_ORDER
