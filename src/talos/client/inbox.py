@@ -21,7 +21,7 @@ from typing import Any, Final
 from talos.client import timing
 from talos.client.arguments import check_wait
 from talos.core.clock import Clock
-from talos.core.message import Message, decode_payload
+from talos.core.message import Message, decode_payload_fields
 from talos.errors import LocalProtocolError, TalosError
 from talos.storage.agent_state import AgentState, InboxMessage
 
@@ -191,11 +191,16 @@ class InboxReader:
 
 
 def to_message(item: InboxMessage, inbox_seq: int | None = None) -> Message:
+    # The stored plaintext is the signed payload: a request says so itself (its
+    # ``rq``), also for one received before a restart.
+    payload = decode_payload_fields(item.data)
+    expires_ms = payload.request_expires_ms
     return Message(
         sender=item.sender,
         message_id=item.message_id.hex(),
-        data=decode_payload(item.data),
+        data=payload.data,
         sent_at=item.sent_at_ms / 1000,
         capability_id=item.capability_id,
         inbox_seq=inbox_seq,
+        request_expires_at=None if expires_ms is None else expires_ms / 1000,
     )

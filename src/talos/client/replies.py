@@ -49,31 +49,24 @@ class Replies:
         self, *, log: AuditLog, sender: Sender, clock: Clock, kick: Callable[[str], None]
     ) -> None:
         self._log, self._sender, self._clock, self._kick = log, sender, clock, kick
-        #: Requests sent before this agent started may have arrived before it too: only
-        #: for those is the audit log asked (the others are all in memory).
+        #: Requests sent before this agent started may have been answered before it
+        #: too: only for those is the audit log asked (REPLY_SENT); the others are
+        #: all in memory.
         self._started_ms = time_ms(clock)
-        #: (requester, request id) -> expiry (Unix ms), newest last.
-        self._requests: collections.OrderedDict[_Key, int] = collections.OrderedDict()
         #: (requester, request id) -> the reply's id.
         self._replied: collections.OrderedDict[_Key, bytes] = collections.OrderedDict()
 
     def received(self, sender: str, request_id: bytes, expires_ms: int) -> tuple[str, Any, str]:
-        """A request arrived: remember it; the audit record to commit with it."""
-        _remember(self._requests, (sender, request_id), expires_ms)
+        """A request arrived: the audit record to commit with it."""
         return (AuditKind.REQUEST_RECEIVED, {"id": request_id, "rq": expires_ms}, sender)
 
     def attach(self, message: Message) -> Message:
-        """``message`` able to :meth:`Message.reply` if it is a request."""
-        key = (message.sender, message.message_id_bytes)
-        expires_ms = self._requests.get(key)
-        if expires_ms is None and self._before_start(message):
-            expires_ms = self._look_up(message)
-        if expires_ms is None:
+        """``message`` able to :meth:`Message.reply` if it is a request (its payload's
+        ``rq``, read by :func:`talos.client.inbox.to_message`: no lookup per message)."""
+        if message.request_expires_at is None:
             return message
         replied = self._has_replied(message.sender, message.message_id_bytes, message)
-        return dataclasses.replace(
-            message, request_expires_at=expires_ms / 1000, replied=replied, _replier=self.reply
-        )
+        return dataclasses.replace(message, replied=replied, _replier=self.reply)
 
     def duplicate(self, sender: str, request_id: bytes) -> None:
         """A copy of a request arrived again: its reply, if still queued, goes now."""
@@ -133,17 +126,6 @@ class Replies:
     def _before_start(self, message: Message) -> bool:
         # The sender's clock may run ahead of ours by up to the replay window's tolerance.
         return int(message.sent_at * 1000) <= self._started_ms + DEFAULT_MAX_SKEW_MS
-
-    def _look_up(self, message: Message) -> int | None:
-        """A request received before a restart: its REQUEST_RECEIVED entry."""
-        since = max(0, int(message.sent_at * 1000) - LOOKBACK_MS)
-        entries = self._log.query(kind=AuditKind.REQUEST_RECEIVED, peer=message.sender, since=since)
-        for entry in entries:
-            expires = entry.data.get("rq")
-            if entry.data.get("id") == message.message_id_bytes and type(expires) is int:
-                _remember(self._requests, (message.sender, message.message_id_bytes), expires)
-                return expires
-        return None
 
 
 def _remember(table: collections.OrderedDict[_Key, Any], key: _Key, value: Any) -> None:
