@@ -33,6 +33,7 @@ from talos.core.audit.head_query import (
 from talos.core.clock import Clock, time_ms
 from talos.core.identity import Identity
 from talos.core.keylog import KeyLog
+from talos.core.replay import DEFAULT_MAX_SKEW_MS
 from talos.core.rng import Rng
 from talos.errors import (
     MalformedFrame,
@@ -50,6 +51,9 @@ _log = logging.getLogger("talos.audit")
 
 #: Seconds to wait for a witness's answer.
 ANSWER_TIMEOUT: Final = 10.0
+#: An answer must be signed no earlier than this before the query was sent: a
+#: recorded older answer (an older head) replayed by someone on the path is ignored.
+FRESH_MS: Final = DEFAULT_MAX_SKEW_MS
 #: Most witnesses asked in one rebuild.
 MAX_WITNESSES: Final = 16
 
@@ -72,6 +76,8 @@ class _Asker:
         self._identity, self._peer, self._keys = identity, peer, keys
         self._rng = rng
         self.answer: asyncio.Future[wire.Envelope] = asyncio.get_running_loop().create_future()
+        #: When the query was signed (Unix ms); answers older than it are not ours.
+        self.asked_ms = 0
 
     async def on_frame(self, link: Link, frame: bytes) -> None:
         try:
@@ -85,17 +91,20 @@ class _Asker:
             envelope = wire.verify(unverified, self._keys.state.signing_key)
         except (RemoteProtocolError, SignatureInvalid, UnsupportedVersion):
             return
+        if envelope.timestamp_ms < self.asked_ms - FRESH_MS:
+            return  # signed before we asked: a replayed answer, not this one
         if not self.answer.done():
             self.answer.set_result(envelope)
 
     def query(self, clock: Clock) -> bytes:
+        self.asked_ms = time_ms(clock)
         envelope = wire.Envelope(
             type=wire.EnvelopeType.CHECKPOINT,
             message_id=wire.new_message_id(self._rng),
             sender=self._identity.agent_id,
             sender_instance=wire.new_instance_id(self._rng),
             recipient=self._peer,
-            timestamp_ms=time_ms(clock),
+            timestamp_ms=self.asked_ms,
             checkpoint_note=HEAD_QUERY,
             old_size=0,
             consistency=(),
@@ -134,7 +143,7 @@ async def _ask(
             raise _Unusable(f"holds no head of our log ({NO_HEAD})")
         raise _Unusable(f"refused: {answer.reason or 'no reason given'}")
     try:
-        return check_head_answer(
+        head = check_head_answer(
             identity.agent_id,
             keys,
             answer.tree_size or 0,
@@ -143,6 +152,9 @@ async def _ask(
         )
     except (MalformedFrame, SignatureInvalid) as exc:
         raise _Unusable(f"its cosignature does not verify: {exc}") from None
+    if head.cosignature.timestamp * 1000 < asker.asked_ms - FRESH_MS:
+        raise _Unusable("its cosignature was made before we asked (a replayed answer)")
+    return head
 
 
 async def ask_witnesses(
