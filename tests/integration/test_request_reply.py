@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -349,3 +350,27 @@ async def test_a_reply_that_opens_a_new_session_reaches_its_request(tmp_path: Pa
         assert await planner.receive(timeout=0.2) is None
     established = audit(tmp_path / "planner", "SESSION_ESTABLISHED")
     assert [e.data["role"] for e in established] == ["initiator", "responder"]
+
+
+async def test_a_request_expiring_past_what_send_accepts_is_still_answered(
+    tmp_path: Path,
+) -> None:
+    """A (modified) requester may name an expiry years ahead: reply() keeps the reply
+    for as long as send() allows instead of raising InvalidArgument at every call."""
+    async with agents(tmp_path) as (planner, tools):
+        far = int((time.time() + 400 * 24 * 3600) * 1000)
+        await planner._drivers.sender.send(
+            tools.agent_id,
+            "far",
+            timeout=10,
+            retry_count=3,
+            on_failure="queue",
+            capability=None,
+            wait=True,
+            correlation=Correlation(request_expires_ms=far),
+        )
+        request = await tools.receive(timeout=20)
+        assert request is not None
+        assert request.is_request
+        sent = await request.reply("ok")
+        assert sent.status == "queued"

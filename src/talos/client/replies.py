@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from talos.audit import AuditKind, AuditLog
+from talos.client.arguments import MAX_EXPIRES_IN, MAX_TIMEOUT
 from talos.client.sending import Correlation, Sender, SendResult
 from talos.core.clock import Clock, time_ms
 from talos.core.message import Message, reply_message_id
@@ -92,12 +93,14 @@ class Replies:
             result = await self._sender.send(
                 requester,
                 data,
-                timeout=left,
+                # A requester may name an expiry past what send() accepts: the
+                # reply is kept for as long as send() allows.
+                timeout=min(left, MAX_TIMEOUT),
                 retry_count=REPLY_RETRIES,
                 on_failure="queue",
                 capability=None,
                 wait=False,
-                expires_in=left,
+                expires_in=min(left, MAX_EXPIRES_IN),
                 correlation=Correlation(
                     message_id=reply_id,
                     reply_to=request_id,
