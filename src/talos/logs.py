@@ -179,6 +179,7 @@ EVENTS: Final = frozenset(
         "anchor_abandoned",
         # request/reply (docs/design/request-reply.md)
         "reply_refused",
+        "unsolicited_throttled",
         "reply_unclaimed",
         # issue 17: a stale revocation list accepted; audit entries left out
         "revocation_list_stale_accepted",

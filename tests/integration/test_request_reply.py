@@ -21,6 +21,7 @@ import pytest
 
 from talos.audit import AuditLog
 from talos.client import TalosClient
+from talos.client.receiving import UNSOLICITED_BURST, UNSOLICITED_RATE
 from talos.client.sending import Correlation
 from talos.core import wire
 from talos.core.encoding import canonical_dumps
@@ -374,3 +375,30 @@ async def test_a_request_expiring_past_what_send_accepts_is_still_answered(
         assert request.is_request
         sent = await request.reply("ok")
         assert sent.status == "queued"
+
+
+async def test_capability_free_messages_that_are_not_replies_are_soon_refused_unread(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the planner waits on the tool server, the server's messages without a
+    capability are decrypted to see whether they are replies; past a burst of ones
+    that are not, they are refused unread again (a flood costs no decryption)."""
+    caplog.set_level(logging.INFO, logger="talos")
+    async with agents(tmp_path) as (planner, tools):
+        asking = asyncio.create_task(planner.request(tools.agent_id, "q", timeout=60))
+        request = await tools.receive(timeout=20)
+        assert request is not None
+        sent = [
+            await tools.send(planner.agent_id, f"chatter {n}", wait=False)
+            for n in range(UNSOLICITED_BURST + 5)
+        ]
+        for result in sent:
+            assert "no capability attached" in await outcome_reason(tools, result.message_id)
+        throttled = [
+            r for r in caplog.records if getattr(r, "event", None) == "unsolicited_throttled"
+        ]
+        assert throttled
+        # Once the bucket refills (one a second), a real reply gets through again.
+        await asyncio.sleep(2 / UNSOLICITED_RATE)
+        await request.reply("answer")
+        assert (await asking).data == "answer"

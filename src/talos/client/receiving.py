@@ -22,7 +22,7 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from talos.audit import AuditKind
 from talos.client.control import Auditor, Signer
@@ -60,6 +60,11 @@ from talos.storage.agent_state import AgentState, InboxMessage, Received
 from talos.transport import Link
 
 _log = logging.getLogger("talos.client")
+
+#: Capability-free messages that were not replies, per peer we wait on, before its
+#: capability-free messages are refused unread again (burst, then per second).
+UNSOLICITED_BURST: Final = 20
+UNSOLICITED_RATE: Final = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -224,6 +229,12 @@ class Receiver:
         self._keylogs = keylogs
         self._witnessing = witnessing
         self._unknown_lookups = RateLimiter(rate=2.0, burst=20)
+        #: Capability-free messages from a peer we wait on are decrypted to see if they
+        #: are replies; those that are not spend this peer's bucket, and once it is
+        #: empty its capability-free messages are refused unread again (a refused
+        #: frame never enters the replay window, so a replayed one would cost a
+        #: decryption each time).
+        self._unsolicited = RateLimiter(rate=UNSOLICITED_RATE, burst=UNSOLICITED_BURST)
         #: Request/reply (set by talos.client.resources): the requests we wait on,
         #: and the requests we received.
         self.requests: OpenRequests | None = None
@@ -374,6 +385,15 @@ class Receiver:
             and self.requests is not None
             and self.requests.awaiting(sender)
         )
+        if maybe_reply and not self._unsolicited.available(sender, self._clock.monotonic()):
+            maybe_reply = False
+            self._logs.warning(
+                "unsolicited_throttled",
+                "capability-free messages from %s refused unread: too many were not replies",
+                sender,
+                source=sender,
+                peer_id=sender,
+            )
         if self._capabilities is not None and not maybe_reply:
             try:
                 capability_id = await self._capabilities.authorize(envelope)
@@ -410,6 +430,8 @@ class Receiver:
             required=maybe_reply and self._capabilities is not None,
         )
         if unanswerable is not None:  # always CAPABILITY_DENIED: counted as a ScopeMismatch
+            if maybe_reply:
+                self._unsolicited.allow(sender, self._clock.monotonic())
             self._metrics.capability_denied(ScopeMismatch(unanswerable.reason))
             await self._refuse(link, envelope, unanswerable)
             return
