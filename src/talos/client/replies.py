@@ -117,8 +117,8 @@ class Replies:
     def _has_replied(self, requester: str, request_id: bytes, message: Message) -> bool:
         if (requester, request_id) in self._replied:
             return True
-        if not self._before_start(message):
-            return False
+        if not self._before_start(message) and len(self._replied) < REMEMBERED:
+            return False  # every reply of this run is in memory (none forgotten yet)
         since = max(0, int(message.sent_at * 1000) - LOOKBACK_MS)
         for entry in self._log.query(kind=AuditKind.REPLY_SENT, peer=requester, since=since):
             if entry.data.get("re") == request_id:
