@@ -231,18 +231,27 @@ def test_a_lying_mirror_is_named_and_the_next_one_used(world: World, alice: Path
         target = log.entry(150).to_bytes()
     raw = store.read_bytes()
     # The last byte of the entry's time: it still decodes, only the root check sees it.
-    at = raw.index(target) + len(target) - 4
-    original = raw[at]
+    # Every copy of the entry in the file: LMDB copies pages on write, and a stale copy
+    # in a freed page may come before the live one.
+    spots: list[int] = []
+    found = raw.find(target)
+    while found != -1:
+        spots.append(found + len(target) - 4)
+        found = raw.find(target, found + 1)
+    assert spots
+    originals = [raw[at] for at in spots]
     with store.open("r+b") as handle:
-        handle.seek(at)
-        handle.write(bytes([original ^ 0x01]))
+        for at, original in zip(spots, originals, strict=True):
+            handle.seek(at)
+            handle.write(bytes([original ^ 0x01]))
     try:
         _damage(alice, "delete")
         out = _rebuild(world, alice, "--mirror", world.bob.agent_id)
     finally:
         with store.open("r+b") as handle:
-            handle.seek(at)
-            handle.write(bytes([original]))
+            for at, original in zip(spots, originals, strict=True):
+                handle.seek(at)
+                handle.write(bytes([original]))
     assert f"mirror {world.bob.agent_id}: INVALID" in out
     assert f"mirror {world.carol.agent_id}: ok" in out
     _check_rebuilt(world, alice)
