@@ -16,6 +16,7 @@ each is ready, and stops them:
 from __future__ import annotations
 
 import re
+import secrets
 import socket
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,12 +50,43 @@ _REGISTRY_METRICS = re.compile(r"metrics on (http://127\.0\.0\.1:\d+)/metrics")
 def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
     """A TCP (or UDP) port that was free a moment ago on ``host``.
 
-    A free UDP port also serves as the address of a peer that never answers.
+    Chosen at random below the kernel's ephemeral range, never twice in this
+    process: a port bound later (a test picks it, a process binds it seconds
+    after) is then not taken meanwhile by an outgoing connection or by anything
+    that binds port 0, which draw from the ephemeral range. A free UDP port also
+    serves as the address of a peer that never answers.
     """
     kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
-    with socket.socket(socket.AF_INET, kind) as probe:
+    low = _ephemeral_low()
+    first = max(1024, low - _FIXED_SPAN)
+    for _ in range(256):
+        port = first + secrets.randbelow(low - first)
+        if port in _handed_out:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, kind) as probe:
+                probe.bind((host, port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, kind) as probe:  # no luck: any free port
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+#: How many ports below the ephemeral range :func:`free_port` draws from.
+_FIXED_SPAN = 12_000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return max(2048, int(ranges.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 # -- the registry ----------------------------------------------------------------------------
