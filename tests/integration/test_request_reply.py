@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sent_frames import record_sent
 
 from talos.audit import AuditLog
 from talos.client import TalosClient
@@ -171,21 +172,7 @@ async def test_a_redelivered_request_is_not_handed_to_the_application_again(
     tmp_path: Path,
 ) -> None:
     async with agents(tmp_path) as (planner, tools):
-        captured: list[bytes] = []
-        original = planner._drivers.deliverer.link
-
-        async def recording_link(peer: str):  # type: ignore[no-untyped-def]
-            link = await original(peer)
-            send = link.send
-
-            async def record(frame: bytes) -> None:
-                captured.append(frame)
-                await send(frame)
-
-            link.send = record  # type: ignore[method-assign]
-            return link
-
-        planner._drivers.deliverer.link = recording_link  # type: ignore[method-assign]
+        captured = record_sent(planner)
         server = asyncio.create_task(serve_once(tools, "done"))
         assert (await planner.request(tools.agent_id, "job", timeout=20)).data == "done"
         await server
