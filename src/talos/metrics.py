@@ -573,15 +573,6 @@ class AgentMetrics:
 
     # -- capabilities -----------------------------------------------------------
 
-    def capability_granted(self) -> None:
-        """(An agent reads this count from its token store when scraped:
-        :meth:`read_when_scraped`; this counts only without it.)"""
-        self.capabilities_granted.inc()
-
-    def capability_revoked(self) -> None:
-        """(As :meth:`capability_granted`: read from the own revocation list.)"""
-        self.capabilities_revoked.inc()
-
     def key_rotated(self, kind: str) -> None:
         """This agent rotated its key: ``routine`` or ``emergency``."""
         self.key_rotations.labels(kind=kind if kind in ROTATION_KINDS else OTHER).inc()

@@ -279,9 +279,7 @@ class Resources:
             endpoint=self._endpoint,
             requester=requester,
             replies=replies,
-            grants=agent_grants(
-                parts, tokens=tokens, log=log, metrics=self.metrics, clock=clock, rng=rng
-            ),
+            grants=agent_grants(parts, tokens=tokens, log=log, clock=clock, rng=rng),
         )
 
     def _request_reply(
