@@ -35,7 +35,7 @@ from talos.client.replies import Replies
 from talos.client.requests import OpenRequests, Requester
 from talos.client.rotation import Rotator
 from talos.client.scraped import read_stores_when_scraped
-from talos.client.wiring import Parts, assemble
+from talos.client.wiring import Foundation, Parts, assemble
 from talos.core import wire
 from talos.core.clock import time_ms
 from talos.core.crypto import VerifyKey
@@ -218,18 +218,20 @@ class Resources:
             self.metrics.serve(config.metrics_port, config.listen[0])
         transport = self._transport = Transport(self._on_frame, clock=clock)
         parts = self._parts = assemble(
-            config=config,
-            own=own,
-            instance=self.instance,
-            log=log,
-            state=state,
-            tokens=tokens,
-            discovery=discovery,
-            transport=transport,
-            metrics=self.metrics,
-            clocks=self.clocks,
-            closed=self.closed,
-            mirrors=mirrors,
+            Foundation(
+                config=config,
+                own=own,
+                instance=self.instance,
+                log=log,
+                state=state,
+                tokens=tokens,
+                discovery=discovery,
+                transport=transport,
+                metrics=self.metrics,
+                clocks=self.clocks,
+                closed=self.closed,
+                mirrors=mirrors,
+            )
         )
         parts.capabilities.complete_revocation()
         requester, replies = self._request_reply(own, log, parts)
