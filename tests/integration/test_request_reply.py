@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -387,5 +388,33 @@ async def test_capability_free_messages_that_are_not_replies_are_soon_refused_un
         assert throttled
         # Once the bucket refills (one a second), a real reply gets through again.
         await asyncio.sleep(2 / UNSOLICITED_RATE)
+        await request.reply("answer")
+        assert (await asking).data == "answer"
+
+
+async def test_an_open_agent_logs_no_throttle_of_what_it_decrypts_anyway(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An open agent decrypts every capability-free message: a peer it waits on that
+    sends more bad replies than the budget gets each refused as before (judged, not
+    unread), and nothing claims them refused unread (no ``unsolicited_throttled``)."""
+    caplog.set_level(logging.INFO, logger="talos")
+    async with (
+        server_client(tmp_path / "asker", free_port(), "asker") as asker,
+        server_client(tmp_path / "tools", free_port()) as tools,
+    ):
+        await introduce(asker, tools)
+        asking = asyncio.create_task(asker.request(tools.agent_id, "q", timeout=60))
+        request = await tools.receive(timeout=20)
+        assert request is not None
+        forged = [
+            await forge_reply(tools, asker.agent_id, os.urandom(16), n)
+            for n in range(UNSOLICITED_BURST + 5)
+        ]
+        for message_id in forged:
+            assert "reply refused: no request" in await outcome_reason(tools, message_id)
+        events = {getattr(r, "event", None) for r in caplog.records}
+        assert "reply_refused" in events
+        assert "unsolicited_throttled" not in events
         await request.reply("answer")
         assert (await asking).data == "answer"
