@@ -53,6 +53,7 @@ SCALAR_SERIES = (
     "talos_replays_dropped_total",
     "talos_clock_offset_seconds",
     "talos_duplicate_instances_detected_total",
+    "talos_transport_throttled_total",
 )
 
 HISTOGRAMS = (

@@ -217,6 +217,7 @@ class Resources:
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port, config.listen[0])
         transport = self._transport = Transport(self._on_frame, clock=clock)
+        self.metrics.read_transport_throttled(lambda: transport.throttled)
         parts = self._parts = assemble(
             Foundation(
                 config=config,
