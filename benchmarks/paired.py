@@ -87,6 +87,40 @@ def cpu_us(run: Callable[[], object], calls: int) -> float:
     return (time.process_time() - start) / calls * 1e6
 
 
+def alternated(
+    old: Callable[[], object], new: Callable[[], object], rounds: int, calls: int
+) -> tuple[list[float], list[float]]:
+    """CPU µs per call of ``old`` and of ``new`` in each round, timed in alternation
+    (old new, new old, ...) so neither always runs first."""
+    runs = {"old": old, "new": new}
+    timings: dict[str, list[float]] = {"old": [], "new": []}
+    for round_ in range(rounds):
+        order = ("old", "new") if round_ % 2 == 0 else ("new", "old")
+        for which in order:
+            timings[which].append(cpu_us(runs[which], calls))
+    return timings["old"], timings["new"]
+
+
+def compare(
+    operation: str,
+    name: str,
+    size: int,
+    old: Callable[[], object],
+    new: Callable[[], object],
+    args: argparse.Namespace,
+    *,
+    digits: int = 2,
+) -> None:
+    """Time ``old`` against ``new`` and print their row: medians and the median ratio."""
+    old_us, new_us = alternated(old, new, args.rounds, args.calls)
+    ratios = [n / o for n, o in zip(new_us, old_us, strict=True)]
+    print(
+        f"{operation:16} {name:15} {size:5} {statistics.median(old_us):7.2f} "
+        f"{statistics.median(new_us):7.2f} {statistics.median(ratios):8.{digits}f}"
+        f"  (rounds {min(ratios):.{digits}f}–{max(ratios):.{digits}f})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--old", default="HEAD~1", help="git revision of the old code")
@@ -103,42 +137,26 @@ def main() -> None:
             assert encoding.strict_loads(data, max_size=1 << 16) == value
             assert old.canonical_dumps(value) == encoding.canonical_dumps(value) == data
             if operation == "strict_loads":
-                runs = {
-                    "old": lambda data=data: old.strict_loads(data, max_size=1 << 16),
-                    "new": lambda data=data: encoding.strict_loads(data, max_size=1 << 16),
-                }
+                runs = (
+                    lambda data=data: old.strict_loads(data, max_size=1 << 16),
+                    lambda data=data: encoding.strict_loads(data, max_size=1 << 16),
+                )
             else:
-                runs = {
-                    "old": lambda value=value: old.canonical_dumps(value),
-                    "new": lambda value=value: encoding.canonical_dumps(value),
-                }
-            timings: dict[str, list[float]] = {"old": [], "new": []}
-            for round_ in range(args.rounds):
-                order = ("old", "new") if round_ % 2 == 0 else ("new", "old")
-                for which in order:
-                    timings[which].append(cpu_us(runs[which], args.calls))
-            ratios = [n / o for n, o in zip(timings["new"], timings["old"], strict=True)]
-            print(
-                f"{operation:16} {name:15} {len(data):5} {statistics.median(timings['old']):7.2f} "
-                f"{statistics.median(timings['new']):7.2f} {statistics.median(ratios):8.2f}"
-                f"  (rounds {min(ratios):.2f}–{max(ratios):.2f})"
-            )
+                runs = (
+                    lambda value=value: old.canonical_dumps(value),
+                    lambda value=value: encoding.canonical_dumps(value),
+                )
+            compare(operation, name, len(data), *runs, args)
     old_ids = old_module(args.old, "src/talos/core/agent_id.py")
     recipient = agent_id.agent_id_from_digest(bytes(range(32)))
-    runs = {
-        "old": lambda: old_ids.check_agent_id(recipient),
-        "new": lambda: agent_id.check_agent_id(recipient),
-    }
-    timings = {"old": [], "new": []}
-    for round_ in range(args.rounds):
-        order = ("old", "new") if round_ % 2 == 0 else ("new", "old")
-        for which in order:
-            timings[which].append(cpu_us(runs[which], args.calls))
-    ratios = [n / o for n, o in zip(timings["new"], timings["old"], strict=True)]
-    print(
-        f"{'check_agent_id':16} {'a recipient':15} {len(recipient):5} "
-        f"{statistics.median(timings['old']):7.2f} {statistics.median(timings['new']):7.2f} "
-        f"{statistics.median(ratios):8.3f}  (rounds {min(ratios):.3f}–{max(ratios):.3f})"
+    compare(
+        "check_agent_id",
+        "a recipient",
+        len(recipient),
+        lambda: old_ids.check_agent_id(recipient),
+        lambda: agent_id.check_agent_id(recipient),
+        args,
+        digits=3,
     )
     sys.stdout.flush()
 

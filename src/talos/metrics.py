@@ -431,6 +431,12 @@ class AgentMetrics:
             "Links closed because they kept sending frames that could not be decoded.",
             registry=r,
         )
+        self.transport_throttled = Counter(
+            "talos_transport_throttled",
+            "Incoming connections refused (HTTP 429): their address had a link closed "
+            "for malformed frames moments before.",
+            registry=r,
+        )
         r.register(SuppressedLines("talos_log_lines_suppressed"))
         self.signature_failures_by_object = Counter(
             "talos_signature_failures_by_object",
@@ -572,15 +578,6 @@ class AgentMetrics:
         self.messages_queued.set(depth)
 
     # -- capabilities -----------------------------------------------------------
-
-    def capability_granted(self) -> None:
-        """(An agent reads this count from its token store when scraped:
-        :meth:`read_when_scraped`; this counts only without it.)"""
-        self.capabilities_granted.inc()
-
-    def capability_revoked(self) -> None:
-        """(As :meth:`capability_granted`: read from the own revocation list.)"""
-        self.capabilities_revoked.inc()
 
     def key_rotated(self, kind: str) -> None:
         """This agent rotated its key: ``routine`` or ``emergency``."""
@@ -789,6 +786,16 @@ class AgentMetrics:
         ):
             self.registry.unregister(counter)
             self.registry.register(ReadCounter(counter._name, counter._documentation, read))
+
+    def read_transport_throttled(self, throttled: Callable[[], float]) -> None:
+        """Read ``talos_transport_throttled_total`` at each scrape with ``throttled()``
+        (the transport's own count, :attr:`talos.transport.Transport.throttled`)."""
+        self.registry.unregister(self.transport_throttled)
+        self.registry.register(
+            ReadCounter(
+                self.transport_throttled._name, self.transport_throttled._documentation, throttled
+            )
+        )
 
     def track_audit_anchor_lag(self, lag: Callable[[], float]) -> None:
         """Compute ``talos_audit_anchor_lag_entries`` at every scrape with ``lag()``,

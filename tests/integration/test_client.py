@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sent_frames import record_sent
 
 from talos.audit import AuditLog
 from talos.client import TalosClient
@@ -179,21 +180,7 @@ async def test_offline_mode_queues_and_bounds_the_queue(tmp_path: Path) -> None:
 
 async def test_replayed_and_forged_frames_change_nothing(tmp_path: Path) -> None:
     async with introduced(tmp_path) as (a, b):
-        captured: list[bytes] = []
-        original = a._parts.deliverer.link
-
-        async def recording_link(peer: str):  # type: ignore[no-untyped-def]
-            link = await original(peer)
-            send = link.send
-
-            async def record(frame: bytes) -> None:
-                captured.append(frame)
-                await send(frame)
-
-            link.send = record  # type: ignore[method-assign]
-            return link
-
-        a._parts.deliverer.link = recording_link  # type: ignore[method-assign]
+        captured = record_sent(a)
         await a.send(b.agent_id, "once", timeout=10)
         assert (await b.receive(timeout=10)) is not None
         link = a._parts.deliverer.links[b.agent_id]

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import witness_cast
 from alert_rules import RULES, description
 from rotation_cast import WAIT
 from witness_cast import WitnessPeer
 
-from talos.testing.processes import RegistryProcess, launched, registry_process
+from talos.testing.processes import RegistryProcess, launched
 from talos.testing.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -31,10 +31,8 @@ SERIES = "talos_audit_equivocations_total"
 HELD = 24 * 60 + 10
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
+# The shared fixture, bound here by name for pytest.
+registry = witness_cast.registry
 
 
 def _record(tmp_path: Path, registry: RegistryProcess) -> tuple[list[float], list[float]]:

@@ -28,6 +28,7 @@ import httpx
 import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
 
 from talos.audit import AuditLog
 from talos.client import TalosClient
@@ -82,6 +83,7 @@ SCENARIO: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {
     ("talos_revocation_stale_accepted_total", (("mode", "offline"),)): "bob",
     ("talos_frames_malformed_total", ()): "bob",
     ("talos_links_closed_malformed_total", ()): "bob",
+    ("talos_transport_throttled_total", ()): "bob",
     ("talos_log_lines_suppressed_total", (("event", "signature_failure"),)): "bob",
 }
 
@@ -319,6 +321,11 @@ async def scenario(
             await raw.send(b"not a frame")
         await raw.wait_closed()  # bob closed it (1008) after the 9th
     assert raw.close_code == 1008
+    # ... and its address is refused new links for a while (HTTP 429).
+    with pytest.raises(InvalidStatus) as refused:
+        async with asyncio.timeout(20), websockets.connect(bob.endpoint):
+            pass
+    assert refused.value.response.status_code == 429
 
 
 @pytest.mark.parametrize("grace", [3600.0, 0.0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sent_frames import record_sent
 
 from talos.audit import AuditLog
 from talos.client import TalosClient
@@ -171,21 +173,7 @@ async def test_a_redelivered_request_is_not_handed_to_the_application_again(
     tmp_path: Path,
 ) -> None:
     async with agents(tmp_path) as (planner, tools):
-        captured: list[bytes] = []
-        original = planner._drivers.deliverer.link
-
-        async def recording_link(peer: str):  # type: ignore[no-untyped-def]
-            link = await original(peer)
-            send = link.send
-
-            async def record(frame: bytes) -> None:
-                captured.append(frame)
-                await send(frame)
-
-            link.send = record  # type: ignore[method-assign]
-            return link
-
-        planner._drivers.deliverer.link = recording_link  # type: ignore[method-assign]
+        captured = record_sent(planner)
         server = asyncio.create_task(serve_once(tools, "done"))
         assert (await planner.request(tools.agent_id, "job", timeout=20)).data == "done"
         await server
@@ -400,5 +388,33 @@ async def test_capability_free_messages_that_are_not_replies_are_soon_refused_un
         assert throttled
         # Once the bucket refills (one a second), a real reply gets through again.
         await asyncio.sleep(2 / UNSOLICITED_RATE)
+        await request.reply("answer")
+        assert (await asking).data == "answer"
+
+
+async def test_an_open_agent_logs_no_throttle_of_what_it_decrypts_anyway(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An open agent decrypts every capability-free message: a peer it waits on that
+    sends more bad replies than the budget gets each refused as before (judged, not
+    unread), and nothing claims them refused unread (no ``unsolicited_throttled``)."""
+    caplog.set_level(logging.INFO, logger="talos")
+    async with (
+        server_client(tmp_path / "asker", free_port(), "asker") as asker,
+        server_client(tmp_path / "tools", free_port()) as tools,
+    ):
+        await introduce(asker, tools)
+        asking = asyncio.create_task(asker.request(tools.agent_id, "q", timeout=60))
+        request = await tools.receive(timeout=20)
+        assert request is not None
+        forged = [
+            await forge_reply(tools, asker.agent_id, os.urandom(16), n)
+            for n in range(UNSOLICITED_BURST + 5)
+        ]
+        for message_id in forged:
+            assert "reply refused: no request" in await outcome_reason(tools, message_id)
+        events = {getattr(r, "event", None) for r in caplog.records}
+        assert "reply_refused" in events
+        assert "unsolicited_throttled" not in events
         await request.reply("answer")
         assert (await asking).data == "answer"

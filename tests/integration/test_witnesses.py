@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import witness_cast
 from rotation_cast import CLI, WAIT, grant, ok
 from witness_cast import (
     WitnessPeer,
@@ -27,33 +28,12 @@ from witness_cast import (
 from talos.client.witnessing import WITNESS_BURST
 from talos.core import wire
 from talos.core.audit.cosignature import Cosignature
-from talos.testing.processes import Launcher, RegistryProcess, launched, registry_process
 from talos.testing.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
-
-
-@pytest.fixture
-def launcher() -> Iterator[Launcher]:
-    with launched() as started:
-        yield started
-
-
-@pytest.fixture
-def cast(
-    tmp_path: Path, registry: RegistryProcess, launcher: Launcher
-) -> Callable[..., WitnessPeer]:
-    def make(name: str, *extra: str) -> WitnessPeer:
-        peer = WitnessPeer(tmp_path / name, registry, launcher, extra=extra)
-        return peer.init(name)  # type: ignore[return-value]
-
-    return make
+# The shared fixtures, bound here by name for pytest.
+registry, launcher, cast = witness_cast.registry, witness_cast.launcher, witness_cast.cast
 
 
 def test_two_agents_that_talk_cosign_each_other(cast: Callable[..., WitnessPeer]) -> None:

@@ -1,7 +1,8 @@
 """Shared cast for the witness tests: agents with witness options, forged checkpoint
 frames signed with an agent's real key, and a stranger's link that reads the answer.
 
-Used by test_witnesses.py and test_equivocation_alert.py.
+Used by test_witnesses.py, test_witness_limits.py and test_equivocation_alert.py,
+which import the fixtures below by name (``registry``, ``launcher``, ``cast``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import contextlib
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rotation_cast import Peer, ok
 from websockets.asyncio.client import connect
 
@@ -23,6 +26,7 @@ from talos.core.audit.checkpoint import Checkpoint
 from talos.core.identity import Identity
 from talos.system import SystemClock
 from talos.testing import SeededRng
+from talos.testing.processes import Launcher, RegistryProcess, launched, registry_process
 
 
 @dataclasses.dataclass
@@ -48,6 +52,34 @@ class WitnessPeer(Peer):
         """Replace the (stopped) home with an earlier copy (the damaged one moved aside)."""
         self.home.rename(self.home.with_name(self.home.name + ".moved-aside"))
         shutil.copytree(copy, self.home)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """One registry process per test module."""
+    with registry_process(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+@pytest.fixture
+def launcher() -> Iterator[Launcher]:
+    """Starts agents; stops every one still running after the test."""
+    with launched() as started:
+        yield started
+
+
+@pytest.fixture
+def cast(
+    tmp_path: Path, registry: RegistryProcess, launcher: Launcher
+) -> Callable[..., WitnessPeer]:
+    """``cast(name, *options)``: a new agent home (initialised, not started) under
+    ``tmp_path``, its ``talos run`` given ``options``."""
+
+    def make(name: str, *extra: str) -> WitnessPeer:
+        peer = WitnessPeer(tmp_path / name, registry, launcher, extra=extra)
+        return peer.init(name)  # type: ignore[return-value]
+
+    return make
 
 
 def checkpoint_frame(

@@ -7,7 +7,7 @@ One implementation behind both front ends: :class:`~talos.client.TalosClient`
 
 * the running agent: its current identity, token store, revocation state
   (:class:`~talos.client.revocations.Capabilities`), peer directory (key logs
-  through the cache, the registry, the DHT), audit log, metrics, and a
+  through the cache, the registry, the DHT), audit log, and a
   publisher that puts a new revocation list in the registry and on live links;
 * the CLI beside (or without) a running agent: the identity loaded from the
   home, the same token store, the revocation lists stored in it, a peer
@@ -70,7 +70,6 @@ from talos.errors import (
     ScopeMismatch,
     TalosError,
 )
-from talos.metrics import AgentMetrics
 from talos.storage.tokens import TokenStore
 
 __all__ = [
@@ -160,13 +159,12 @@ class Grants:
         record: Recorder,
         clock: Clock,
         rng: Rng,
-        metrics: AgentMetrics | None = None,
         publish: Callable[[RevocationList], Awaitable[None]] | None = None,
         reload: Callable[[], None] | None = None,
     ) -> None:
         self._identity, self._tokens, self._revocations = identity, tokens, revocations
         self._peers, self._record, self._clock, self._rng = peers, record, clock, rng
-        self._metrics, self._publish = metrics, publish
+        self._publish = publish
         #: Adopts this agent's own revocation list as stored (another process, the CLI,
         #: may have revised it) before it is read or revised.
         self._reload = reload or (lambda: None)
@@ -233,8 +231,6 @@ class Grants:
             token.subject,
         )
         self._tokens.add_granted(token.token_id, token.to_bytes())  # persisted before shown
-        if self._metrics is not None:
-            self._metrics.capability_granted()
         _log.info(
             "granted capability %s to %s",
             token.token_id.hex(),
@@ -401,8 +397,6 @@ class Grants:
         self._tokens.put_reason(ident, reason)
         self._revocations.apply(signed, keys=IssuerKeys([me.keylog]))
         self._revocations.mark_synced(me.agent_id, now)
-        if self._metrics is not None:
-            self._metrics.capability_revoked()
         _log.info(
             "revoked capability %s (revocation list version %d)",
             ident.hex(),
@@ -460,7 +454,6 @@ def agent_grants(
     *,
     tokens: TokenStore,
     log: AuditLog,
-    metrics: AgentMetrics,
     clock: Clock,
     rng: Rng,
 ) -> Grants:
@@ -488,7 +481,6 @@ def agent_grants(
         record=record,
         clock=clock,
         rng=rng,
-        metrics=metrics,
         publish=publish,
         reload=capabilities.refresh_own,
     )

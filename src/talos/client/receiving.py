@@ -380,8 +380,10 @@ class Receiver:
         capability_id = None
         # A reply needs no capability: one without may be decrypted if we wait on its
         # sender, and must then be a reply to our request (docs/design/request-reply.md).
+        # An open agent decrypts every message anyway: no budget to spend, none throttled.
         maybe_reply = (
-            envelope.capability_ref is None
+            self._capabilities is not None
+            and envelope.capability_ref is None
             and self.requests is not None
             and self.requests.awaiting(sender)
         )

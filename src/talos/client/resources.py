@@ -35,7 +35,7 @@ from talos.client.replies import Replies
 from talos.client.requests import OpenRequests, Requester
 from talos.client.rotation import Rotator
 from talos.client.scraped import read_stores_when_scraped
-from talos.client.wiring import Parts, assemble
+from talos.client.wiring import Foundation, Parts, assemble
 from talos.core import wire
 from talos.core.clock import time_ms
 from talos.core.crypto import VerifyKey
@@ -217,20 +217,23 @@ class Resources:
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port, config.listen[0])
         transport = self._transport = Transport(self._on_frame, clock=clock)
-        parts = self._parts = assemble(
-            config=config,
-            own=own,
-            instance=self.instance,
-            log=log,
-            state=state,
-            tokens=tokens,
-            discovery=discovery,
-            transport=transport,
-            metrics=self.metrics,
-            clocks=self.clocks,
-            closed=self.closed,
-            mirrors=mirrors,
+        self.metrics.read_transport_throttled(lambda: transport.throttled)
+        # (Positional: every field has its own type, so mypy checks the order.)
+        base = Foundation(
+            config,
+            own,
+            self.instance,
+            log,
+            state,
+            tokens,
+            discovery,
+            transport,
+            self.metrics,
+            self.clocks,
+            self.closed,
+            mirrors,
         )
+        parts = self._parts = assemble(base)
         parts.capabilities.complete_revocation()
         requester, replies = self._request_reply(own, log, parts)
         rotator = Rotator(
@@ -279,9 +282,7 @@ class Resources:
             endpoint=self._endpoint,
             requester=requester,
             replies=replies,
-            grants=agent_grants(
-                parts, tokens=tokens, log=log, metrics=self.metrics, clock=clock, rng=rng
-            ),
+            grants=agent_grants(parts, tokens=tokens, log=log, clock=clock, rng=rng),
         )
 
     def _request_reply(

@@ -57,6 +57,26 @@ class Parts:
     auditor: Auditor | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Foundation:
+    """What the drivers are built on: the opened resources (opened and closed by
+    :class:`~talos.client.resources.Resources`) and what the client holds from its
+    construction on."""
+
+    config: ClientConfig
+    own: OwnIdentity
+    instance: bytes
+    log: AuditLog
+    state: AgentState
+    tokens: TokenStore
+    discovery: Discovery
+    transport: Transport
+    metrics: AgentMetrics
+    clocks: ClockWatch
+    closed: Callable[[], bool]
+    mirrors: MirrorStore | None = None
+
+
 def peer_directory(
     config: ClientConfig, state: AgentState, own: OwnIdentity, discovery: Discovery
 ) -> PeerDirectory:
@@ -77,21 +97,12 @@ def peer_directory(
     )
 
 
-def assemble(
-    *,
-    config: ClientConfig,
-    own: OwnIdentity,
-    instance: bytes,
-    log: AuditLog,
-    state: AgentState,
-    tokens: TokenStore,
-    discovery: Discovery,
-    transport: Transport,
-    metrics: AgentMetrics,
-    clocks: ClockWatch,
-    closed: Callable[[], bool],
-    mirrors: MirrorStore | None = None,
-) -> Parts:
+def assemble(base: Foundation) -> Parts:
+    """The drivers over ``base``, each handed its collaborators."""
+    config, own, instance, closed = base.config, base.own, base.instance, base.closed
+    log, state, tokens, mirrors = base.log, base.state, base.tokens, base.mirrors
+    discovery, transport = base.discovery, base.transport
+    metrics, clocks = base.metrics, base.clocks
     clock, rng = config.clock, config.rng
     peers = peer_directory(config, state, own, discovery)
     auditor = Auditor(log, clock, metrics)
