@@ -218,22 +218,22 @@ class Resources:
             self.metrics.serve(config.metrics_port, config.listen[0])
         transport = self._transport = Transport(self._on_frame, clock=clock)
         self.metrics.read_transport_throttled(lambda: transport.throttled)
-        # (Positional: every field has its own type, so mypy checks the order.)
-        base = Foundation(
-            config,
-            own,
-            self.instance,
-            log,
-            state,
-            tokens,
-            discovery,
-            transport,
-            self.metrics,
-            self.clocks,
-            self.closed,
-            mirrors,
+        parts = self._parts = assemble(
+            Foundation(
+                config=config,
+                own=own,
+                instance=self.instance,
+                log=log,
+                state=state,
+                tokens=tokens,
+                discovery=discovery,
+                transport=transport,
+                metrics=self.metrics,
+                clocks=self.clocks,
+                closed=self.closed,
+                mirrors=mirrors,
+            )
         )
-        parts = self._parts = assemble(base)
         parts.capabilities.complete_revocation()
         requester, replies = self._request_reply(own, log, parts)
         rotator = Rotator(
