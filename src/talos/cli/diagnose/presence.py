@@ -10,7 +10,10 @@ key as the home's key log has it (:func:`talos.core.presence.check_proof`).
 * Two endpoints that prove with different instance ids: the identity runs
   twice *now* (fail, exit 1), found in seconds rather than at the next
   announcement.
-* An endpoint whose answer does not verify: an impostor (fail).
+* An endpoint that answers, within the deadline, only with frames that do
+  not verify (another key, another challenge): an impostor (fail). A frame
+  that does not verify never ends the wait (:mod:`talos.client.asking`): a
+  proof that follows it still counts.
 * An endpoint that does not answer: warn (stopped since it announced).
 """
 
@@ -24,15 +27,15 @@ from typing import Final
 
 from talos.cli.diagnose.agent_view import DiskState, identity_for_checks
 from talos.cli.diagnose.findings import Finding
+from talos.client.asking import AskFailed, NoAnswer, Peer, Rejected, ask_once
 from talos.core import presence, wire
 from talos.core.clock import Clock, time_ms
 from talos.core.identity import Identity
 from talos.core.keylog import KeyLog
 from talos.core.rng import Rng
 from talos.discovery.registry_client import DuplicateReport
-from talos.errors import RemoteProtocolError, SignatureInvalid, TalosError
+from talos.errors import RemoteProtocolError
 from talos.storage.home import AgentHome
-from talos.transport import Link, Transport
 
 __all__ = [
     "ANSWER_TIMEOUT",
@@ -58,16 +61,11 @@ class Answer:
 
 
 class _Challenger:
-    """One link's challenge and the first PRESENCE frame that comes back."""
+    """One endpoint's challenge, and the verdict on the proofs that come back."""
 
-    def __init__(self, identity: Identity, keylog: KeyLog, *, clock: Clock, rng: Rng) -> None:
-        self._identity, self._keylog, self._clock, self._rng = identity, keylog, clock, rng
+    def __init__(self, identity: Identity, *, clock: Clock, rng: Rng) -> None:
+        self._identity, self._clock, self._rng = identity, clock, rng
         self.nonce = rng.bytes(presence.NONCE_SIZE)
-        self.frames: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
-
-    async def on_frame(self, link: Link, frame: bytes) -> None:
-        if not self.frames.full():
-            self.frames.put_nowait(frame)
 
     def sealed_challenge(self) -> bytes:
         me = self._identity.agent_id
@@ -83,13 +81,14 @@ class _Challenger:
         )
         return wire.seal(envelope, self._identity.signing_key)
 
-    def judge(self, endpoint: str, frame: bytes) -> Answer:
-        """The verdict on an answer: proven, or an impostor."""
+    def read(self, envelope: wire.Envelope) -> str:
+        """The proven instance id (hex) of a PRESENCE answer whose signature verified.
+
+        Raises:
+            Rejected: not a proof of this challenge (another kind, another nonce, a
+                body that contradicts its envelope, a time too far off).
+        """
         try:
-            unverified = wire.decode(frame)
-            if unverified.type is not wire.EnvelopeType.PRESENCE:
-                raise RemoteProtocolError(f"answered with a {unverified.type.name} frame")
-            envelope = wire.verify(unverified, self._keylog.state.signing_key)
             if envelope.presence_kind is not presence.PresenceKind.PROOF:
                 raise RemoteProtocolError("answered with another challenge")
             proof = presence.decode_body(envelope.presence_kind, envelope.presence_body or b"")
@@ -101,29 +100,35 @@ class _Challenger:
                 envelope_time_ms=envelope.timestamp_ms,
                 now_ms=time_ms(self._clock),
             )
-        except (RemoteProtocolError, SignatureInvalid) as exc:
-            return Answer(endpoint, problem=f"{type(exc).__name__}: {exc}", impostor=True)
-        return Answer(endpoint, instance_id=proof.instance_id.hex())
+        except RemoteProtocolError as exc:
+            raise Rejected(f"{type(exc).__name__}: {exc}") from None
+        return proof.instance_id.hex()
 
 
 async def _challenge(
     identity: Identity, keylog: KeyLog, endpoint: str, *, clock: Clock, rng: Rng
 ) -> Answer:
-    challenger = _Challenger(identity, keylog, clock=clock, rng=rng)
-    transport = Transport(challenger.on_frame, clock=clock)
+    """Challenge ``endpoint``: only a proof signed by ``keylog``'s current key counts;
+    anything else that came back instead makes the endpoint an impostor."""
+    challenger = _Challenger(identity, clock=clock, rng=rng)
+    target = Peer(identity.agent_id, keylog, endpoint)
     try:
-        try:
-            link = await transport.connect(endpoint)
-            await link.send(challenger.sealed_challenge())
-        except TalosError as exc:
-            return Answer(endpoint, problem=f"unreachable: {exc}")
-        try:
-            frame = await asyncio.wait_for(challenger.frames.get(), ANSWER_TIMEOUT)
-        except TimeoutError:
-            return Answer(endpoint, problem=f"no answer within {ANSWER_TIMEOUT:.0f}s")
-        return challenger.judge(endpoint, frame)
-    finally:
-        await transport.close()
+        instance = await ask_once(
+            target,
+            challenger.sealed_challenge(),
+            challenger.read,
+            me=identity.agent_id,
+            kind=wire.EnvelopeType.PRESENCE,
+            within=ANSWER_TIMEOUT,
+            clock=clock,
+        )
+    except NoAnswer as exc:
+        if exc.set_aside:
+            return Answer(endpoint, problem="; ".join(exc.set_aside), impostor=True)
+        return Answer(endpoint, problem=str(exc))
+    except AskFailed as exc:
+        return Answer(endpoint, problem=str(exc))
+    return Answer(endpoint, instance_id=instance)
 
 
 async def challenge_all(
