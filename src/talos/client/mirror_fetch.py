@@ -1,7 +1,8 @@
 """Fetching our audit log back from its mirrors, with the agent stopped (docs/design/mirrors.md).
 
 ``talos audit rebuild --from-peers`` runs this: the home's identity signs
-FETCH envelopes (a mirror answers only the origin itself), a link is opened
+FETCH envelopes (a mirror answers only the origin itself), each with a fresh
+request id (``rq``) that the answer must echo, a link is opened
 to each mirror over the real transport (:class:`talos.client.asking.Asking`:
 only answers signed by the mirror count), and every stretch it serves goes
 through :class:`talos.audit.peer_rebuild.PeerLog`, which keeps only what
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from talos.audit.peer_rebuild import MirrorInvalid, PeerLog
-from talos.client.asking import AskFailed, Asking, look_up
+from talos.client.asking import AskFailed, Asking, Read, Rejected, look_up
 from talos.core import mirror, wire
 from talos.core.clock import Clock, time_ms
 from talos.core.crypto import VerifyKey
@@ -104,7 +105,8 @@ class _Session:
         Raises:
             _Unavailable: no answer within :data:`ANSWER_TIMEOUT`, or the link failed.
         """
-        body = mirror.Fetch(start, mirror.MAX_BATCH_ENTRIES)
+        request = self._rng.bytes(mirror.REQUEST_ID_SIZE)
+        body = mirror.Fetch(start, mirror.MAX_BATCH_ENTRIES, request)
         envelope = wire.Envelope(
             type=wire.EnvelopeType.MIRROR,
             message_id=wire.new_message_id(self._rng),
@@ -117,21 +119,33 @@ class _Session:
         )
         frame = wire.seal(envelope, self._identity.signing_key)
         try:
-            return await self._asking.ask(frame, _read, within=ANSWER_TIMEOUT)
+            return await self._asking.ask(frame, _answering(request), within=ANSWER_TIMEOUT)
         except AskFailed as exc:
             raise _Unavailable(str(exc)) from None
 
 
-def _read(envelope: wire.Envelope) -> mirror.Body | None:
-    """A verified MIRROR answer: ENTRIES or REFUSED (other kinds are not answers); a
-    body the mirror signed that does not decode is its own refusal, ``MALFORMED``."""
-    kind = envelope.mirror_kind
-    if kind is None or kind not in (mirror.MirrorKind.ENTRIES, mirror.MirrorKind.REFUSED):
-        return None
-    try:
-        return mirror.decode_body(kind, envelope.mirror_body or b"")
-    except (RemoteProtocolError, UnsupportedVersion) as exc:
-        return mirror.Refused(mirror.RefusalCode.MALFORMED, f"bad answer: {exc}"[:200])
+def _answering(request: bytes) -> Read[mirror.Body]:
+    """Reads a verified MIRROR answer to the FETCH ``request``: ENTRIES or REFUSED
+    echoing its request id (other kinds are not answers); a body the mirror signed
+    that does not decode is its own refusal, ``MALFORMED``.
+
+    An answer echoing another id, or none, is rejected: a copy of the answer to an
+    earlier FETCH (stale, or replayed by someone on the path) is not this one's.
+    """
+
+    def read(envelope: wire.Envelope) -> mirror.Body | None:
+        kind = envelope.mirror_kind
+        if kind is None or kind not in (mirror.MirrorKind.ENTRIES, mirror.MirrorKind.REFUSED):
+            return None
+        try:
+            body = mirror.decode_body(kind, envelope.mirror_body or b"")
+        except (RemoteProtocolError, UnsupportedVersion) as exc:
+            return mirror.Refused(mirror.RefusalCode.MALFORMED, f"bad answer: {exc}"[:200])
+        if body.request != request:
+            raise Rejected("an answer to another request (a stale copy)")
+        return body
+
+    return read
 
 
 async def _fetch_one(
