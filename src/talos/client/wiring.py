@@ -55,6 +55,7 @@ class Parts:
     witnessing: Witnessing
     mirroring: Mirroring | None = None
     auditor: Auditor | None = None
+    presence: PresenceAnswers | None = None
 
 
 def peer_directory(
@@ -228,9 +229,8 @@ def assemble(
             closed=closed,
         )
         receiver.on_mirror = mirroring.on_mirror
-    receiver.on_presence = PresenceAnswers(
-        own=own, instance=instance, metrics=metrics, clock=clock, rng=rng
-    ).on_presence
+    presence = PresenceAnswers(own=own, instance=instance, metrics=metrics, clock=clock, rng=rng)
+    receiver.on_presence = presence.on_presence
     return Parts(
         own,
         peers,
@@ -246,4 +246,5 @@ def assemble(
         witnessing,
         mirroring,
         auditor,
+        presence,
     )

@@ -2,10 +2,11 @@
 
 For every endpoint the registry lists as a live instance of this identity,
 diagnose opens a link (as a client: it needs no lock, the agent may be
-running), sends a PRESENCE ``CHALLENGE`` (a fresh random nonce, signed by the
-identity's key) and waits :data:`ANSWER_TIMEOUT` seconds for the ``PROOF``:
-the nonce, the instance id and its time, signed by the identity's current
-key as the home's key log has it (:func:`talos.core.presence.check_proof`).
+running), sends a PRESENCE ``CHALLENGE`` (a fresh random nonce and the
+endpoint dialled, signed by the identity's key) and waits
+:data:`ANSWER_TIMEOUT` seconds for the ``PROOF``: the nonce, the instance id
+and its time, signed by the identity's current key as the home's key log
+has it (:func:`talos.core.presence.check_proof`).
 
 * Two endpoints that prove with different instance ids: the identity runs
   twice *now* (fail, exit 1), found in seconds rather than at the next
@@ -14,7 +15,10 @@ key as the home's key log has it (:func:`talos.core.presence.check_proof`).
   not verify (another key, another challenge): an impostor (fail). A frame
   that does not verify never ends the wait (:mod:`talos.client.asking`): a
   proof that follows it still counts.
-* An endpoint that does not answer: warn (stopped since it announced).
+* An endpoint that does not answer: warn, not proven (stopped since it
+  announced; or a relay from that listing to an instance listening
+  elsewhere, which refuses a challenge naming another endpoint, so a stale
+  listing cannot borrow a live instance's proof).
 """
 
 from __future__ import annotations
@@ -63,8 +67,8 @@ class Answer:
 class _Challenger:
     """One endpoint's challenge, and the verdict on the proofs that come back."""
 
-    def __init__(self, identity: Identity, *, clock: Clock, rng: Rng) -> None:
-        self._identity, self._clock, self._rng = identity, clock, rng
+    def __init__(self, identity: Identity, endpoint: str, *, clock: Clock, rng: Rng) -> None:
+        self._identity, self._endpoint, self._clock, self._rng = identity, endpoint, clock, rng
         self.nonce = rng.bytes(presence.NONCE_SIZE)
 
     def sealed_challenge(self) -> bytes:
@@ -77,7 +81,7 @@ class _Challenger:
             recipient=me,
             timestamp_ms=time_ms(self._clock),
             presence_kind=presence.PresenceKind.CHALLENGE,
-            presence_body=presence.encode_body(presence.Challenge(self.nonce)),
+            presence_body=presence.encode_body(presence.Challenge(self.nonce, self._endpoint)),
         )
         return wire.seal(envelope, self._identity.signing_key)
 
@@ -110,7 +114,7 @@ async def _challenge(
 ) -> Answer:
     """Challenge ``endpoint``: only a proof signed by ``keylog``'s current key counts;
     anything else that came back instead makes the endpoint an impostor."""
-    challenger = _Challenger(identity, clock=clock, rng=rng)
+    challenger = _Challenger(identity, endpoint, clock=clock, rng=rng)
     target = Peer(identity.agent_id, keylog, endpoint)
     try:
         instance = await ask_once(
@@ -147,6 +151,11 @@ _HINT: Final = (
     "stop every instance, decide which one's state is authoritative, rotate the keys "
     "(`talos rotate`), then run that one instance only"
 )
+_SILENT_HINT: Final = (
+    "an instance stopped since it announced (its listing expires), or the listing is "
+    "relayed to an instance that listens elsewhere (it refuses a challenge for another "
+    "endpoint, logged presence_relayed there)"
+)
 _IMPOSTOR_HINT: Final = (
     "something at that endpoint announced this identity but cannot sign with its current key: "
     "a stale listing taken over, or an old key in use; rotate if the key may have leaked"
@@ -176,8 +185,8 @@ def presence_findings(agent_id: str, answers: Sequence[Answer]) -> list[Finding]
                 Finding(
                     "presence",
                     "warn",
-                    f"{answer.endpoint} did not prove it is live: {answer.problem}",
-                    "an instance stopped since it announced; its listing expires",
+                    f"{answer.endpoint} did not prove it is live (not proven): {answer.problem}",
+                    _SILENT_HINT,
                     {"endpoint": answer.endpoint},
                 )
             )
