@@ -187,6 +187,11 @@ EVENTS: Final = frozenset(
         # split brain: presence challenges (talos.client.presence)
         "presence_proved",
         "presence_refused",
+        # head queries refused as such, not as checkpoints (the last stop's notes)
+        "witness_head_query_refused",
+        # presence proofs bound to the endpoint challenged (the last stop's notes)
+        "presence_relayed",
+        "presence_replayed",
     }
 )
 

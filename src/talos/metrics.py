@@ -126,7 +126,7 @@ DENIAL_REASONS: Final = _denial_reasons()
 #: Values of the ``code`` label of the audit mirror refusal counters.
 MIRROR_REFUSALS: Final = (*(str(code) for code in RefusalCode), OTHER)
 #: Values of the ``outcome`` label of ``talos_presence_challenges_total``.
-PRESENCE_OUTCOMES: Final = ("proved", "refused", "other")
+PRESENCE_OUTCOMES: Final = ("proved", "refused", "relayed", "replayed", "other")
 
 #: Values of the ``reason`` label of ``talos_messages_rejected_total``.
 REJECTION_REASONS: Final = _rejection_reasons()
@@ -690,7 +690,8 @@ class AgentMetrics:
         self.revocation_list_age_seconds.set_function(age)
 
     def presence_challenged(self, outcome: str) -> None:
-        """A presence challenge was ``proved`` or ``refused``."""
+        """A presence challenge was ``proved``, ``refused``, ``relayed`` (it names an
+        endpoint this instance does not listen on) or ``replayed`` (already answered)."""
         self.presence_challenges.labels(outcome=_label(outcome, PRESENCE_OUTCOMES)).inc()
 
     def set_clock_offset(self, seconds: float) -> None:

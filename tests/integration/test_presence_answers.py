@@ -27,8 +27,10 @@ from talos.transport import Link, Transport
 pytestmark = pytest.mark.asyncio
 
 
-def challenge(identity: Identity, recipient: str, now_ms: int) -> tuple[bytes, bytes]:
-    """A sealed CHALLENGE as ``identity`` to ``recipient``, and its nonce."""
+def challenge(
+    identity: Identity, recipient: str, now_ms: int, endpoint: str | None = None
+) -> tuple[bytes, bytes]:
+    """A sealed CHALLENGE as ``identity`` to ``recipient`` (naming ``endpoint``), and its nonce."""
     nonce = SYSTEM_RNG.bytes(presence.NONCE_SIZE)
     envelope = wire.Envelope(
         type=wire.EnvelopeType.PRESENCE,
@@ -38,7 +40,7 @@ def challenge(identity: Identity, recipient: str, now_ms: int) -> tuple[bytes, b
         recipient=recipient,
         timestamp_ms=now_ms,
         presence_kind=presence.PresenceKind.CHALLENGE,
-        presence_body=presence.encode_body(presence.Challenge(nonce)),
+        presence_body=presence.encode_body(presence.Challenge(nonce, endpoint)),
     )
     return wire.seal(envelope, identity.signing_key), nonce
 
@@ -104,3 +106,44 @@ async def test_only_the_own_identity_is_answered_and_at_a_bounded_rate(tmp_path:
         finally:
             await transport.close()
     assert [p.nonce for p in proofs] == [*nonces[: PresenceAnswers.BURST], last]
+
+
+async def test_a_challenge_for_another_endpoint_or_a_replay_gets_no_proof(tmp_path: Path) -> None:
+    """The proof is bound to the endpoint challenged: a challenge naming an endpoint alice
+    does not listen on (relayed from another listing) is refused, and so is a challenge
+    she already answered (replayed); each counted and logged as what it is."""
+    clock = FakeClock(start=time.time())
+    answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_frame(link: Link, frame: bytes) -> None:
+        answers.put_nowait(frame)
+
+    async with TalosClient.create("alice", home=tmp_path / "a", discovery=[], clock=clock) as alice:
+        me = AgentHome(tmp_path / "a").load_identity(passphrase=None)
+        endpoint = alice.status()["endpoint"]
+        transport = Transport(on_frame, clock=clock)
+        try:
+            link = await transport.connect(endpoint)
+            stale = "ws://192.0.2.7:4242"  # a stale listing relayed to alice
+            relayed, _ = challenge(me, me.agent_id, time_ms(clock), endpoint=stale)
+            await link.send(relayed)
+            await wait_for(alice, "relayed", 1)
+            sealed, nonce = challenge(me, me.agent_id, time_ms(clock), endpoint=endpoint)
+            await link.send(sealed)
+            await wait_for(alice, "proved", 1)
+            await link.send(sealed)  # the same challenge again
+            await wait_for(alice, "replayed", 1)
+            clock.advance(2)  # the limiter refills: a fresh challenge is answered again
+            again, last = challenge(me, me.agent_id, time_ms(clock), endpoint=endpoint)
+            await link.send(again)
+            await wait_for(alice, "proved", 2)
+        finally:
+            await transport.close()
+    proofs = []
+    while not answers.empty():
+        envelope = wire.verify(wire.decode(answers.get_nowait()), me.state.signing_key)
+        body = presence.decode_body(presence.PresenceKind.PROOF, envelope.presence_body or b"")
+        assert isinstance(body, presence.Proof)
+        proofs.append(body.nonce)
+    assert proofs == [nonce, last]  # one proof each: none for the relayed nor the replay
+    assert challenges(alice, "refused") == 0

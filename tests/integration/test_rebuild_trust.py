@@ -266,8 +266,12 @@ async def _ask(world: World, asker: Path, witness: str) -> WitnessAnswers:
 
 def _head_queries(world: World, outcome: str) -> float:
     """carol's ``talos_audit_witness_head_queries_total{outcome}``, scraped."""
+    return _scraped(world, f'talos_audit_witness_head_queries_total{{outcome="{outcome}"}}')
+
+
+def _scraped(world: World, name: str) -> float:
+    """One sample of carol's /metrics, by its name and labels."""
     text = httpx.get(f"http://127.0.0.1:{world.carol_metrics}/metrics", timeout=5).text
-    name = f'talos_audit_witness_head_queries_total{{outcome="{outcome}"}}'
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert match is not None, f"{name} not exported"
     return float(match.group(1))
@@ -295,8 +299,11 @@ def test_a_witness_answers_a_head_query_only_about_the_sender_s_own_log(world: W
 
 def test_head_queries_have_their_own_rate_limit(world: World) -> None:
     """bob asks carol about his own log (which she never witnessed) more often than the
-    burst: the query past it is refused ``rate_limited``, counted, and nothing stored."""
+    burst: the query past it is refused ``rate_limited``, counted as a head query refused
+    (not as a refused checkpoint: nothing was submitted), and nothing stored."""
     limited = _head_queries(world, "rate_limited")
+    checkpoints = 'talos_audit_checkpoints_refused_total{reason="rate_limited"}'
+    refused = _scraped(world, checkpoints)
     before = _held(world.carol, world.alice_id)
     reasons: list[str] = []
     while len(reasons) <= HEAD_QUERY_BURST and not any("rate" in why for why in reasons):
@@ -305,6 +312,8 @@ def test_head_queries_have_their_own_rate_limit(world: World) -> None:
     assert all("holds no head of our log (no_head)" in why for why in reasons[:-1])
     assert reasons[-1] == "refused: rate_limited"  # (bob may have asked before)
     assert _head_queries(world, "rate_limited") == limited + 1
+    assert _scraped(world, checkpoints) == refused
+    assert "witness_head_query_refused" in world.carol.log.read_text()
     assert _held(world.carol, world.alice_id) == before
     # alice's own queries are not limited by bob's.
     (head,) = asyncio.run(_ask(world, world.alice, world.carol.agent_id)).heads

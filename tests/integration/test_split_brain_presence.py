@@ -146,3 +146,59 @@ async def test_an_endpoint_that_cannot_prove_the_key_is_an_impostor(tmp_path: Pa
     assert (finding["status"], finding["impostor"]) == ("fail", True)
     assert "SignatureInvalid" in finding["detail"]
     assert impostor.challenged == 1
+
+
+class _Relay:
+    """A listener that forwards every frame to ``upstream`` and every answer back: a stale
+    listing pointed at the real instance."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream, self.forwarded = upstream, 0
+        self.listener = Transport(self.on_frame, clock=SYSTEM_CLOCK)
+        self.dialer = Transport(self.on_answer, clock=SYSTEM_CLOCK)
+        self.back: Link | None = None
+        self.out: Link | None = None
+
+    async def on_frame(self, link: Link, frame: bytes) -> None:
+        self.back = link
+        if self.out is None:
+            self.out = await self.dialer.connect(self.upstream)
+        self.forwarded += 1
+        await self.out.send(frame)
+
+    async def on_answer(self, link: Link, frame: bytes) -> None:
+        if self.back is not None:
+            await self.back.send(frame)
+
+    async def close(self) -> None:
+        await self.listener.close()
+        await self.dialer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_listing_relayed_to_the_live_instance_is_not_proven(tmp_path: Path) -> None:
+    """A stale listing relayed to the real instance cannot borrow its proof: the challenge
+    names the endpoint diagnose dialled, the instance refuses one naming an endpoint it
+    does not listen on, and diagnose reports that listing as not proven."""
+    home = tmp_path / "alice"
+    CLI.ok(home, "init", "--name", "alice")
+    with registry_process(tmp_path / "registry") as registry, launched() as launcher:
+        agent = launcher.agent(home, "--registry", registry.url)
+        relay = _Relay(agent.endpoint)
+        host, port = await relay.listener.listen("127.0.0.1", 0)
+        stale = f"ws://{host}:{port}"
+        try:
+            await _list(registry.url, home, stale)
+            result = await asyncio.to_thread(
+                CLI.run, home, "diagnose", "--json", "--check-duplicates"
+            )
+        finally:
+            await relay.close()
+        assert result.returncode == 0, (result.stdout, result.stderr)  # a warning only
+        findings = {f["status"]: f for f in presence_findings(json.loads(result.stdout))}
+        assert set(findings) == {"ok", "warn"}
+        assert findings["ok"]["proven"] == {instance(home): [agent.endpoint]}
+        assert findings["warn"]["endpoint"] == stale
+        assert "not proven" in findings["warn"]["detail"]
+        assert relay.forwarded == 1  # the challenge did reach the real instance
+        assert "presence_relayed" in agent.log.read_text()

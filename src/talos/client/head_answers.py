@@ -7,7 +7,11 @@ freshly cosigned over the bare checkpoint body, or ``REFUSED no_head``.
 Nothing is stored. Queries have their own rate limit per origin, so a
 rebuild is never starved by the checkpoint limiter (nor the reverse).
 :class:`~talos.client.witnessing.Witnessing` hands CHECKPOINT envelopes
-whose note is ``HEAD_QUERY`` here, with its own ways to answer and refuse.
+whose note is ``HEAD_QUERY`` here, with its way to answer. A refused query
+is counted and logged as what it is, a head query refused
+(``talos_audit_witness_head_queries_total{outcome}``,
+``witness_head_query_refused``), never as a refused checkpoint: nothing was
+submitted for cosigning.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from talos.core.audit.head_query import NO_HEAD
 from talos.core.clock import Clock
 from talos.core.ratelimit import RateLimiter
 from talos.errors import MalformedFrame, TalosError
+from talos.logs import LimitedLog
 from talos.metrics import AgentMetrics
 from talos.storage.tokens import TokenStore
 from talos.transport import Link
@@ -49,8 +54,6 @@ Answer = Callable[
     ],
     Awaitable[None],
 ]
-#: ``Witnessing._refuse(link, envelope, checkpoint, reason, detail)``.
-Refuse = Callable[[Link, wire.Envelope, Checkpoint | None, str, str], Awaitable[None]]
 
 
 class HeadAnswers:
@@ -63,28 +66,26 @@ class HeadAnswers:
         tokens: TokenStore,
         clock: Clock,
         answer: Answer,
-        refuse: Refuse,
         metrics: AgentMetrics | None = None,
     ) -> None:
         self._own, self._tokens, self._clock = own, tokens, clock
         self._metrics = metrics
-        self._answer, self._refuse = answer, refuse
+        self._answer = answer
         self._limit = RateLimiter(rate=HEAD_QUERY_RATE, burst=HEAD_QUERY_BURST)
+        self._logs = LimitedLog(_log, clock)
 
     async def answer(self, link: Link, envelope: wire.Envelope) -> None:
         """The sender asks which head of its own log we hold: answer it, freshly
         cosigned (``rebuild --from-peers`` checks the rebuilt log against it)."""
         origin = envelope.sender
         if not self._limit.allow(origin, self._clock.monotonic()):
-            self._count("rate_limited")
-            await self._refuse(link, envelope, None, "rate_limited", "too many head queries")
+            await self._refuse(link, envelope, "rate_limited", "too many head queries")
             return
         try:
             stored = self._tokens.witnessed(origin)
             held = None if stored is None else WitnessedHead.from_bytes(stored)
         except (TalosError, MalformedFrame) as exc:
-            self._count("storage")
-            await self._refuse(link, envelope, None, "storage", f"witness store: {exc}")
+            await self._refuse(link, envelope, "storage", f"witness store: {exc}")
             return
         if held is None:
             self._count(NO_HEAD)
@@ -107,6 +108,21 @@ class HeadAnswers:
             extra={"event": "witness_head_served", "peer_id": origin, "size": held.size},
         )
         await self._answer(link, envelope, checkpoint, wire.CosignStatus.COSIGNED, held, "", cosig)
+
+    async def _refuse(self, link: Link, envelope: wire.Envelope, reason: str, detail: str) -> None:
+        """Refuse a head query: counted and logged as one (not as a refused checkpoint)."""
+        self._count(reason)
+        self._logs.warning(
+            "witness_head_query_refused",
+            "refusing the head query %s sent: %s (%s)",
+            envelope.sender,
+            reason,
+            detail,
+            source=envelope.sender,
+            peer_id=envelope.sender,
+            reason=reason,
+        )
+        await self._answer(link, envelope, None, wire.CosignStatus.REFUSED, None, reason, None)
 
     def _count(self, outcome: str) -> None:
         """``talos_audit_witness_head_queries_total{outcome}`` (docs/metrics.md)."""

@@ -5,8 +5,9 @@
 (:mod:`talos.core.audit.head_query`: a CHECKPOINT envelope whose note is
 ``HEAD_QUERY``) to each witness, over the real transport; each answer is
 checked under the witness's key log (the envelope, then the cosignature of
-the head it names). A checked answer is a root of our log that someone
-other than us vouches for: the rebuilt tree must have it at that size.
+the head it names; the exchange is :func:`talos.client.asking.ask_once`).
+A checked answer is a root of our log that someone other than us vouches
+for: the rebuilt tree must have it at that size.
 A witness that cannot be reached, holds no head of ours or answers
 something that does not verify is named (``witness_head_unusable``) and
 skipped: one witness's silence is never a reason to refuse the rebuild,
@@ -21,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from talos.client.asking import AskFailed, Read, Rejected, ask_once, look_up
 from talos.core import wire
 from talos.core.audit.cosignature import Cosignature
 from talos.core.audit.head_query import (
@@ -32,18 +34,10 @@ from talos.core.audit.head_query import (
 )
 from talos.core.clock import Clock, time_ms
 from talos.core.identity import Identity
-from talos.core.keylog import KeyLog
 from talos.core.replay import DEFAULT_MAX_SKEW_MS
 from talos.core.rng import Rng
-from talos.errors import (
-    MalformedFrame,
-    RemoteProtocolError,
-    SignatureInvalid,
-    TalosError,
-    UnsupportedVersion,
-)
+from talos.errors import MalformedFrame, SignatureInvalid, TalosError
 from talos.peers import PeerDirectory
-from talos.transport import Link, Transport
 
 __all__ = ["ANSWER_TIMEOUT", "WitnessAnswers", "ask_witnesses", "check_kept"]
 
@@ -71,45 +65,31 @@ class _Unusable(TalosError):
     """The witness's answer could not be used."""
 
 
-class _Asker:
-    def __init__(self, identity: Identity, peer: str, keys: KeyLog, rng: Rng) -> None:
-        self._identity, self._peer, self._keys = identity, peer, keys
-        self._rng = rng
-        self.answer: asyncio.Future[wire.Envelope] = asyncio.get_running_loop().create_future()
-        #: When the query was signed (Unix ms); answers older than it are not ours.
-        self.asked_ms = 0
+def _query(identity: Identity, peer: str, rng: Rng, asked_ms: int) -> bytes:
+    """The signed head query to ``peer``, as of ``asked_ms``."""
+    envelope = wire.Envelope(
+        type=wire.EnvelopeType.CHECKPOINT,
+        message_id=wire.new_message_id(rng),
+        sender=identity.agent_id,
+        sender_instance=wire.new_instance_id(rng),
+        recipient=peer,
+        timestamp_ms=asked_ms,
+        checkpoint_note=HEAD_QUERY,
+        old_size=0,
+        consistency=(),
+    )
+    return wire.seal(envelope, identity.signing_key)
 
-    async def on_frame(self, link: Link, frame: bytes) -> None:
-        try:
-            unverified = wire.decode(frame)
-            if (
-                unverified.type is not wire.EnvelopeType.COSIGNATURE
-                or unverified.sender != self._peer
-                or unverified.recipient != self._identity.agent_id
-            ):
-                return
-            envelope = wire.verify(unverified, self._keys.state.signing_key)
-        except (RemoteProtocolError, SignatureInvalid, UnsupportedVersion):
-            return
-        if envelope.timestamp_ms < self.asked_ms - FRESH_MS:
-            return  # signed before we asked: a replayed answer, not this one
-        if not self.answer.done():
-            self.answer.set_result(envelope)
 
-    def query(self, clock: Clock) -> bytes:
-        self.asked_ms = time_ms(clock)
-        envelope = wire.Envelope(
-            type=wire.EnvelopeType.CHECKPOINT,
-            message_id=wire.new_message_id(self._rng),
-            sender=self._identity.agent_id,
-            sender_instance=wire.new_instance_id(self._rng),
-            recipient=self._peer,
-            timestamp_ms=self.asked_ms,
-            checkpoint_note=HEAD_QUERY,
-            old_size=0,
-            consistency=(),
-        )
-        return wire.seal(envelope, self._identity.signing_key)
+def _fresh(asked_ms: int) -> Read[wire.Envelope]:
+    """Accept an answer signed no earlier than :data:`FRESH_MS` before ``asked_ms``."""
+
+    def read(envelope: wire.Envelope) -> wire.Envelope:
+        if envelope.timestamp_ms < asked_ms - FRESH_MS:
+            raise Rejected("signed before we asked: a replayed answer, not this one")
+        return envelope
+
+    return read
 
 
 async def _ask(
@@ -121,23 +101,19 @@ async def _ask(
         _Unusable: not found, unreachable, silent, holds none, or a bad answer.
     """
     try:
-        keys = await directory.keylog(peer)
-        record = await directory.endpoint(peer)
-    except TalosError as exc:
-        raise _Unusable(f"not found: {exc}") from None
-    asker = _Asker(identity, peer, keys, rng)
-    transport = Transport(asker.on_frame, clock=clock)
-    try:
-        try:
-            link = await transport.connect(record.endpoint)
-            await link.send(asker.query(clock))
-            answer = await asyncio.wait_for(asker.answer, ANSWER_TIMEOUT)
-        except TimeoutError:
-            raise _Unusable(f"no answer within {ANSWER_TIMEOUT:.0f}s") from None
-        except (TalosError, OSError) as exc:
-            raise _Unusable(f"unreachable: {exc}") from None
-    finally:
-        await transport.close()
+        found = await look_up(directory, peer)
+        asked_ms = time_ms(clock)
+        answer = await ask_once(
+            found,
+            _query(identity, peer, rng, asked_ms),
+            _fresh(asked_ms),
+            me=identity.agent_id,
+            kind=wire.EnvelopeType.COSIGNATURE,
+            within=ANSWER_TIMEOUT,
+            clock=clock,
+        )
+    except AskFailed as exc:
+        raise _Unusable(str(exc)) from None
     if answer.cosign_status is not wire.CosignStatus.COSIGNED or answer.cosignature is None:
         if answer.reason == NO_HEAD:
             raise _Unusable(f"holds no head of our log ({NO_HEAD})")
@@ -145,14 +121,14 @@ async def _ask(
     try:
         head = check_head_answer(
             identity.agent_id,
-            keys,
+            found.keys,
             answer.tree_size or 0,
             answer.tree_root or b"",
             answer.cosignature,
         )
     except (MalformedFrame, SignatureInvalid) as exc:
         raise _Unusable(f"its cosignature does not verify: {exc}") from None
-    if head.cosignature.timestamp * 1000 < asker.asked_ms - FRESH_MS:
+    if head.cosignature.timestamp * 1000 < asked_ms - FRESH_MS:
         raise _Unusable("its cosignature was made before we asked (a replayed answer)")
     return head
 

@@ -1,8 +1,10 @@
 """Fetching our audit log back from its mirrors, with the agent stopped (docs/design/mirrors.md).
 
 ``talos audit rebuild --from-peers`` runs this: the home's identity signs
-FETCH envelopes (a mirror answers only the origin itself), a link is opened
-to each mirror over the real transport, and every stretch it serves goes
+FETCH envelopes (a mirror answers only the origin itself), each with a fresh
+request id (``rq``) that the answer must echo, a link is opened
+to each mirror over the real transport (:class:`talos.client.asking.Asking`:
+only answers signed by the mirror count), and every stretch it serves goes
 through :class:`talos.audit.peer_rebuild.PeerLog`, which keeps only what
 verifies. A mirror that is unreachable, refuses, serves a tampered stretch or
 stops short of what it says it holds is named (``mirror_invalid``,
@@ -17,13 +19,13 @@ is the thing that is damaged).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from talos.audit.peer_rebuild import MirrorInvalid, PeerLog
+from talos.client.asking import AskFailed, Asking, Read, Rejected, look_up
 from talos.core import mirror, wire
 from talos.core.clock import Clock, time_ms
 from talos.core.crypto import VerifyKey
@@ -34,12 +36,10 @@ from talos.errors import (
     KeyLogInvalid,
     MalformedFrame,
     RemoteProtocolError,
-    SignatureInvalid,
     TalosError,
     UnsupportedVersion,
 )
 from talos.peers import PeerDirectory
-from talos.transport import Link, Transport
 
 __all__ = ["ANSWER_TIMEOUT", "FetchOutcome", "MemoryPeerCache", "fetch_from_mirrors"]
 
@@ -92,52 +92,60 @@ class _Unavailable(TalosError):
 
 
 class _Session:
-    """One link to one mirror: sends signed FETCHes, hands back verified answers."""
+    """Signed FETCHes to one mirror over one link (:class:`talos.client.asking.Asking`)."""
 
-    def __init__(
-        self, identity: Identity, peer: str, keys: KeyLog, *, clock: Clock, rng: Rng
-    ) -> None:
-        self._identity, self._peer, self._keys = identity, peer, keys
+    def __init__(self, identity: Identity, asking: Asking, *, clock: Clock, rng: Rng) -> None:
+        self._identity, self._asking = identity, asking
         self._clock, self._rng = clock, rng
         self._instance = wire.new_instance_id(rng)
-        self.answers: asyncio.Queue[mirror.Body] = asyncio.Queue(maxsize=16)
 
-    async def on_frame(self, link: Link, frame: bytes) -> None:
-        try:
-            unverified = wire.decode(frame)
-            if (
-                unverified.type is not wire.EnvelopeType.MIRROR
-                or unverified.sender != self._peer
-                or unverified.recipient != self._identity.agent_id
-            ):
-                return
-            envelope = wire.verify(unverified, self._keys.state.signing_key)
-            kind = envelope.mirror_kind
-            if kind is None or kind not in (mirror.MirrorKind.ENTRIES, mirror.MirrorKind.REFUSED):
-                return
-            body = mirror.decode_body(kind, envelope.mirror_body or b"")
-        except (RemoteProtocolError, SignatureInvalid, UnsupportedVersion) as exc:
-            body = mirror.Refused(mirror.RefusalCode.MALFORMED, f"bad answer: {exc}"[:200])
-        if not self.answers.full():
-            self.answers.put_nowait(body)
+    async def fetch(self, peer: str, start: int) -> mirror.Body:
+        """The mirror's answer to a FETCH from ``start``: ENTRIES or REFUSED.
 
-    async def fetch(self, link: Link, start: int) -> mirror.Body:
-        body = mirror.Fetch(start, mirror.MAX_BATCH_ENTRIES)
+        Raises:
+            _Unavailable: no answer within :data:`ANSWER_TIMEOUT`, or the link failed.
+        """
+        request = self._rng.bytes(mirror.REQUEST_ID_SIZE)
+        body = mirror.Fetch(start, mirror.MAX_BATCH_ENTRIES, request)
         envelope = wire.Envelope(
             type=wire.EnvelopeType.MIRROR,
             message_id=wire.new_message_id(self._rng),
             sender=self._identity.agent_id,
             sender_instance=self._instance,
-            recipient=self._peer,
+            recipient=peer,
             timestamp_ms=time_ms(self._clock),
             mirror_kind=mirror.MirrorKind.FETCH,
             mirror_body=mirror.encode_body(body),
         )
-        await link.send(wire.seal(envelope, self._identity.signing_key))
+        frame = wire.seal(envelope, self._identity.signing_key)
         try:
-            return await asyncio.wait_for(self.answers.get(), ANSWER_TIMEOUT)
-        except TimeoutError:
-            raise _Unavailable(f"no answer within {ANSWER_TIMEOUT:.0f}s") from None
+            return await self._asking.ask(frame, _answering(request), within=ANSWER_TIMEOUT)
+        except AskFailed as exc:
+            raise _Unavailable(str(exc)) from None
+
+
+def _answering(request: bytes) -> Read[mirror.Body]:
+    """Reads a verified MIRROR answer to the FETCH ``request``: ENTRIES or REFUSED
+    echoing its request id (other kinds are not answers); a body the mirror signed
+    that does not decode is its own refusal, ``MALFORMED``.
+
+    An answer echoing another id, or none, is rejected: a copy of the answer to an
+    earlier FETCH (stale, or replayed by someone on the path) is not this one's.
+    """
+
+    def read(envelope: wire.Envelope) -> mirror.Body | None:
+        kind = envelope.mirror_kind
+        if kind is None or kind not in (mirror.MirrorKind.ENTRIES, mirror.MirrorKind.REFUSED):
+            return None
+        try:
+            body = mirror.decode_body(kind, envelope.mirror_body or b"")
+        except (RemoteProtocolError, UnsupportedVersion) as exc:
+            return mirror.Refused(mirror.RefusalCode.MALFORMED, f"bad answer: {exc}"[:200])
+        if body.request != request:
+            raise Rejected("an answer to another request (a stale copy)")
+        return body
+
+    return read
 
 
 async def _fetch_one(
@@ -156,35 +164,29 @@ async def _fetch_one(
         _Unavailable: not found, unreachable, refused or silent.
         MirrorInvalid: it served something that does not verify.
     """
-    try:
-        keys = await directory.keylog(peer)
-        record = await directory.endpoint(peer)
-    except TalosError as exc:
-        raise _Unavailable(f"not found: {exc}") from None
-    session = _Session(identity, peer, keys, clock=clock, rng=rng)
-    transport = Transport(session.on_frame, clock=clock)
     copy = PeerLog(identity.agent_id, peer, origin_keys, current=current)
     try:
-        try:
-            link = await transport.connect(record.endpoint)
-        except TalosError as exc:
-            raise _Unavailable(str(exc)) from None
-        while True:
-            answer = await session.fetch(link, copy.size)
-            if isinstance(answer, mirror.Refused):
-                if answer.code is mirror.RefusalCode.MALFORMED:
-                    raise MirrorInvalid(peer, copy.size, answer.reason)
-                raise _Unavailable(f"refused: {answer.code} ({answer.reason})")
-            assert isinstance(answer, mirror.Entries)  # noqa: S101 -- only these are queued
-            if not answer.entries:
-                if answer.held > copy.size:
-                    raise MirrorInvalid(
-                        peer, copy.size, f"says it holds {answer.held} but serves no more"
-                    )
-                return copy
-            copy.add(answer)
-    finally:
-        await transport.close()
+        found = await look_up(directory, peer)
+        async with Asking(
+            found, me=identity.agent_id, kind=wire.EnvelopeType.MIRROR, clock=clock
+        ) as asking:
+            session = _Session(identity, asking, clock=clock, rng=rng)
+            while True:
+                answer = await session.fetch(peer, copy.size)
+                if isinstance(answer, mirror.Refused):
+                    if answer.code is mirror.RefusalCode.MALFORMED:
+                        raise MirrorInvalid(peer, copy.size, answer.reason)
+                    raise _Unavailable(f"refused: {answer.code} ({answer.reason})")
+                assert isinstance(answer, mirror.Entries)  # noqa: S101 -- only these are read
+                if not answer.entries:
+                    if answer.held > copy.size:
+                        raise MirrorInvalid(
+                            peer, copy.size, f"says it holds {answer.held} but serves no more"
+                        )
+                    return copy
+                copy.add(answer)
+    except AskFailed as exc:
+        raise _Unavailable(str(exc)) from None
 
 
 async def fetch_from_mirrors(

@@ -6,6 +6,16 @@ lists for an identity and sends a PRESENCE ``CHALLENGE``
 only challenges signed by its own identity's current key, fresh, within a
 rate limit, with a ``PROOF`` naming its instance id and signed by the same
 key; everything else is dropped (``presence_refused``, rate-limited lines).
+Two more refusals bind a proof to the listing challenged:
+
+* a challenge naming an endpoint this instance neither listens on nor
+  announces (:meth:`PresenceAnswers.listening_at`) was relayed to it from
+  another listing: no proof, or the relay would make this instance answer
+  for that listing and hide it (``presence_relayed``; a challenge of an
+  older version, naming no endpoint, is still answered);
+* a challenge already answered (its nonce among the last
+  :data:`ANSWERED_KEPT`) is a replay: no second proof (``presence_replayed``).
+
 The diagnose process holds no lock: it is a client like any peer.
 """
 
@@ -13,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Final
 
 from talos.client.own_keys import OwnIdentity
@@ -25,12 +37,15 @@ from talos.logs import LimitedLog
 from talos.metrics import AgentMetrics
 from talos.transport import Link
 
-__all__ = ["CHALLENGES_PER_SECOND", "PresenceAnswers"]
+__all__ = ["ANSWERED_KEPT", "CHALLENGES_PER_SECOND", "PresenceAnswers"]
 
 _log = logging.getLogger("talos.client")
 
 #: Challenges answered per second per remote host (after a burst of :attr:`PresenceAnswers.BURST`).
 CHALLENGES_PER_SECOND: Final = 1.0
+#: Nonces of answered challenges remembered (a replay within the freshness
+#: window needs one among these: at one a second, 1,024 s > 2 x 60 s).
+ANSWERED_KEPT: Final = 1024
 
 
 class PresenceAnswers:
@@ -46,6 +61,13 @@ class PresenceAnswers:
         self._metrics = metrics
         self._limiter = RateLimiter(rate=CHALLENGES_PER_SECOND, burst=self.BURST)
         self._logs = LimitedLog(_log, clock)
+        self._endpoints: frozenset[str] = frozenset()
+        self._answered: OrderedDict[bytes, None] = OrderedDict()
+
+    def listening_at(self, endpoints: Iterable[str]) -> None:
+        """The endpoints this instance listens on and announces: the only ones a
+        challenge may name (until this is called, none: a challenge naming one is refused)."""
+        self._endpoints = frozenset(endpoints)
 
     async def on_presence(self, link: Link, unverified: wire.UnverifiedEnvelope) -> None:
         """Answer a challenge with a signed proof, or drop the frame."""
@@ -67,6 +89,16 @@ class PresenceAnswers:
         if abs(envelope.timestamp_ms - now) > presence.MAX_PROOF_SKEW_MS:
             self._refused(link, "stale challenge")
             return
+        assert isinstance(body, presence.Challenge)  # noqa: S101 -- decoded as a CHALLENGE
+        if body.endpoint is not None and body.endpoint not in self._endpoints:
+            self._relayed(link, body.endpoint)
+            return
+        if body.nonce in self._answered:
+            self._replayed(link)
+            return
+        self._answered[body.nonce] = None
+        while len(self._answered) > ANSWERED_KEPT:
+            self._answered.popitem(last=False)
         await self._prove(link, body.nonce, now)
         self._metrics.presence_challenged("proved")
         _log.info(
@@ -89,6 +121,29 @@ class PresenceAnswers:
         )
         with contextlib.suppress(PeerUnreachable):
             await link.send(wire.seal(envelope, self._own.current.signing_key))
+
+    def _relayed(self, link: Link, endpoint: str) -> None:
+        self._metrics.presence_challenged("relayed")
+        self._logs.warning(
+            "presence_relayed",
+            "not answering a presence challenge from %s: it was sent to %s, an endpoint "
+            "this instance neither listens on nor announces (relayed from another listing)",
+            link.remote,
+            endpoint,
+            source=link.remote_host,
+            remote=link.remote,
+            endpoint=endpoint,
+        )
+
+    def _replayed(self, link: Link) -> None:
+        self._metrics.presence_challenged("replayed")
+        self._logs.warning(
+            "presence_replayed",
+            "not answering a presence challenge from %s: already answered (a replay)",
+            link.remote,
+            source=link.remote_host,
+            remote=link.remote,
+        )
 
     def _refused(self, link: Link, why: str) -> None:
         self._metrics.presence_challenged("refused")

@@ -264,8 +264,9 @@ class Resources:
         parts.sender.on_expiring = outbox.expiring
         self.spawn(outbox.run_expiry())
         announced_host, announced_port = config.announce
-        host = announced_host or host
-        self._endpoint = f"ws://{f'[{host}]' if ':' in host else host}:{announced_port or port}"
+        self._endpoint = _endpoint(announced_host or host, announced_port or port)
+        if parts.presence is not None:  # a presence challenge must name one of these
+            parts.presence.listening_at({self._endpoint, _endpoint(host, port)})
         await self._start_background(state, parts)
         return Opened(
             own=own,
@@ -486,3 +487,8 @@ class Resources:
             self._mirrors.close()
         if self._log is not None:
             self._log.close()
+
+
+def _endpoint(host: str, port: int) -> str:
+    """``ws://host:port`` (an IPv6 host in brackets)."""
+    return f"ws://{f'[{host}]' if ':' in host else host}:{port}"

@@ -55,6 +55,7 @@ class Parts:
     witnessing: Witnessing
     mirroring: Mirroring | None = None
     auditor: Auditor | None = None
+    presence: PresenceAnswers | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,9 +240,8 @@ def assemble(base: Foundation) -> Parts:
             closed=closed,
         )
         receiver.on_mirror = mirroring.on_mirror
-    receiver.on_presence = PresenceAnswers(
-        own=own, instance=instance, metrics=metrics, clock=clock, rng=rng
-    ).on_presence
+    presence = PresenceAnswers(own=own, instance=instance, metrics=metrics, clock=clock, rng=rng)
+    receiver.on_presence = presence.on_presence
     return Parts(
         own,
         peers,
@@ -257,4 +257,5 @@ def assemble(base: Foundation) -> Parts:
         witnessing,
         mirroring,
         auditor,
+        presence,
     )

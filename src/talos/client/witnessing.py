@@ -130,7 +130,6 @@ class Witnessing:
             tokens=tokens,
             clock=clock,
             answer=self._answer,
-            refuse=self._refuse,
             metrics=metrics,
         )
 

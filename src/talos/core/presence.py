@@ -6,10 +6,17 @@ name its instance id. A PRESENCE envelope
 (:data:`talos.core.wire.EnvelopeType.PRESENCE`) carries one
 :class:`PresenceKind` and a body, a canonical CBOR map decoded here, strictly:
 
-* ``CHALLENGE`` (diagnose → instance): a fresh random ``nonce``. The
-  envelope is sent as the identity itself (sender = recipient) and signed by
-  its current key: an instance answers only whoever holds its own key, so a
-  stranger learns no instance id.
+* ``CHALLENGE`` (diagnose → instance): a fresh random ``nonce`` and ``e``,
+  the endpoint the challenger dialled (``ws://host:port``, at most
+  :data:`MAX_ENDPOINT` characters). The envelope is sent as the identity
+  itself (sender = recipient) and signed by its current key: an instance
+  answers only whoever holds its own key, so a stranger learns no instance
+  id; and only a challenge naming an endpoint it listens on or announces,
+  so a relay from a stale listing to the real instance gets no proof for
+  the listing (docs/design/diagnose.md, "The live challenge"). ``e`` was
+  added after the first version and is optional on decoding: a challenge
+  without it (from an older ``talos diagnose``) decodes with
+  ``endpoint=None``.
 * ``PROOF`` (instance → diagnose): the ``nonce`` echoed, the answering
   instance's id and its clock (``time_ms``). The envelope's signature, by the
   identity's current key, covers all three: nonce + instance id + time.
@@ -28,13 +35,14 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Final
 
-from talos.core.encoding import canonical_dumps, strict_versioned_map
+from talos.core.encoding import canonical_dumps, check_versioned_map, strict_loads
 from talos.errors import MalformedFrame
 
 __all__ = [
     "BODY_VERSION",
     "INSTANCE_SIZE",
     "MAX_BODY_SIZE",
+    "MAX_ENDPOINT",
     "MAX_PROOF_SKEW_MS",
     "NONCE_SIZE",
     "Challenge",
@@ -51,8 +59,10 @@ BODY_VERSION: Final = 1
 NONCE_SIZE: Final = 32
 #: Bytes of an instance id (``wire.new_instance_id``).
 INSTANCE_SIZE: Final = 16
-#: Largest body: a nonce, an instance id and a time, with their keys.
-MAX_BODY_SIZE: Final = 128
+#: Longest endpoint a challenge names, in characters.
+MAX_ENDPOINT: Final = 255
+#: Largest body: a nonce and an endpoint, or a nonce, an instance id and a time, with keys.
+MAX_BODY_SIZE: Final = 128 + 4 * MAX_ENDPOINT
 #: How far a proof's time may be from the challenger's clock.
 MAX_PROOF_SKEW_MS: Final = 60_000
 _MAX_U64: Final = 2**64 - 1
@@ -68,6 +78,8 @@ class PresenceKind(enum.IntEnum):
 @dataclass(frozen=True, slots=True)
 class Challenge:
     nonce: bytes
+    #: The endpoint the challenger dialled (``None``: a challenge of an older version).
+    endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +103,8 @@ def kind_of(body: Body) -> PresenceKind:
 
 def encode_body(body: Body) -> bytes:
     raw: dict[str, Any] = {"v": BODY_VERSION, "n": _bytes(body.nonce, "nonce", NONCE_SIZE)}
+    if isinstance(body, Challenge) and body.endpoint is not None:
+        raw["e"] = _endpoint(body.endpoint)
     if isinstance(body, Proof):
         raw["i"] = _bytes(body.instance_id, "instance id", INSTANCE_SIZE)
         raw["ts"] = _uint(body.time_ms, "time")
@@ -104,16 +118,16 @@ def decode_body(kind: PresenceKind, data: bytes) -> Body:
         MalformedFrame: not exactly the fields of ``kind``, or a field out of range.
         UnsupportedVersion: another body version.
     """
-    raw = strict_versioned_map(
-        data,
-        max_size=MAX_BODY_SIZE,
-        fields=_FIELDS[kind],
-        version=BODY_VERSION,
-        what=f"presence {kind.name.lower()}",
+    value = strict_loads(data, max_size=MAX_BODY_SIZE)
+    fields = _FIELDS[kind]
+    if kind is PresenceKind.CHALLENGE and type(value) is dict and "e" in value:
+        fields = fields | {"e"}
+    raw = check_versioned_map(
+        value, fields=fields, version=BODY_VERSION, what=f"presence {kind.name.lower()}"
     )
     nonce = _bytes(raw["n"], "nonce", NONCE_SIZE)
     if kind is PresenceKind.CHALLENGE:
-        return Challenge(nonce)
+        return Challenge(nonce, None if "e" not in raw else _endpoint(raw["e"]))
     return Proof(nonce, _bytes(raw["i"], "instance id", INSTANCE_SIZE), _uint(raw["ts"], "time"))
 
 
@@ -137,6 +151,12 @@ def check_proof(
 def _bytes(value: Any, name: str, size: int) -> bytes:
     if type(value) is not bytes or len(value) != size:
         raise MalformedFrame(f"presence {name} must be {size} bytes")
+    return value
+
+
+def _endpoint(value: Any) -> str:
+    if type(value) is not str or not 0 < len(value) <= MAX_ENDPOINT:
+        raise MalformedFrame(f"presence endpoint must be text of 1..{MAX_ENDPOINT} characters")
     return value
 
 

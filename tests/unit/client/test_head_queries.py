@@ -6,15 +6,14 @@ import time
 
 import pytest
 
-from talos.client.head_queries import FRESH_MS, _Asker
+from talos.client.asking import Rejected
+from talos.client.head_queries import FRESH_MS, _fresh
 from talos.core import wire
 from talos.core.identity import Identity
 from talos.testing import FakeClock, SeededRng
 
-pytestmark = pytest.mark.asyncio
 
-
-def _answer(witness: Identity, origin: str, timestamp_ms: int) -> bytes:
+def _answer(witness: Identity, origin: str, timestamp_ms: int) -> wire.Envelope:
     envelope = wire.Envelope(
         type=wire.EnvelopeType.COSIGNATURE,
         message_id=SeededRng(timestamp_ms).bytes(16),
@@ -28,19 +27,17 @@ def _answer(witness: Identity, origin: str, timestamp_ms: int) -> bytes:
         held_size=0,
         reason="no_head",
     )
-    return wire.seal(envelope, witness.signing_key)
+    sealed = wire.seal(envelope, witness.signing_key)
+    return wire.verify(wire.decode(sealed), witness.state.signing_key)
 
 
-async def test_an_answer_signed_before_the_query_is_ignored() -> None:
+def test_an_answer_signed_before_the_query_is_ignored() -> None:
     clock = FakeClock(start=time.time())
     origin = Identity.create("origin", rng=SeededRng(1), clock=clock)
     witness = Identity.create("witness", rng=SeededRng(2), clock=clock)
-    asker = _Asker(origin, witness.agent_id, witness.keylog, SeededRng(3))
-    asker.query(clock)
-    recorded = _answer(witness, origin.agent_id, asker.asked_ms - FRESH_MS - 1)
-    await asker.on_frame(None, recorded)  # type: ignore[arg-type]
-    assert not asker.answer.done()
-    fresh = _answer(witness, origin.agent_id, asker.asked_ms + 5)
-    await asker.on_frame(None, fresh)  # type: ignore[arg-type]
-    assert asker.answer.done()
-    assert asker.answer.result().timestamp_ms == asker.asked_ms + 5
+    asked_ms = int(clock.time() * 1000)
+    read = _fresh(asked_ms)
+    with pytest.raises(Rejected, match="replayed"):
+        read(_answer(witness, origin.agent_id, asked_ms - FRESH_MS - 1))
+    fresh = _answer(witness, origin.agent_id, asked_ms + 5)
+    assert read(fresh).timestamp_ms == asked_ms + 5

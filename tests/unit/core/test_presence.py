@@ -62,3 +62,24 @@ def test_a_proof_answers_this_challenge_from_its_envelope_and_now() -> None:
         check(proof, time_ms=999)
     with pytest.raises(MalformedFrame, match="off"):
         check(proof, now_ms=1001 + presence.MAX_PROOF_SKEW_MS)
+
+
+def test_a_challenge_names_the_endpoint_dialled_and_an_older_one_still_decodes() -> None:
+    named = presence.Challenge(NONCE, "ws://127.0.0.1:4242")
+    data = presence.encode_body(named)
+    assert presence.decode_body(presence.PresenceKind.CHALLENGE, data) == named
+    older = canonical_dumps({"v": 1, "n": NONCE})  # before the endpoint was added
+    assert presence.decode_body(presence.PresenceKind.CHALLENGE, older) == presence.Challenge(NONCE)
+
+
+@pytest.mark.parametrize("endpoint", ["", "x" * (presence.MAX_ENDPOINT + 1), b"ws://a:1", 7])
+def test_a_challenge_naming_a_bad_endpoint_is_malformed(endpoint: object) -> None:
+    data = canonical_dumps({"v": 1, "n": NONCE, "e": endpoint})
+    with pytest.raises(MalformedFrame, match="endpoint"):
+        presence.decode_body(presence.PresenceKind.CHALLENGE, data)
+
+
+def test_only_a_challenge_may_name_an_endpoint() -> None:
+    data = canonical_dumps({"v": 1, "n": NONCE, "i": INSTANCE, "ts": 1, "e": "ws://a:1"})
+    with pytest.raises(MalformedFrame):
+        presence.decode_body(presence.PresenceKind.PROOF, data)

@@ -2,16 +2,23 @@
 
 For every endpoint the registry lists as a live instance of this identity,
 diagnose opens a link (as a client: it needs no lock, the agent may be
-running), sends a PRESENCE ``CHALLENGE`` (a fresh random nonce, signed by the
-identity's key) and waits :data:`ANSWER_TIMEOUT` seconds for the ``PROOF``:
-the nonce, the instance id and its time, signed by the identity's current
-key as the home's key log has it (:func:`talos.core.presence.check_proof`).
+running), sends a PRESENCE ``CHALLENGE`` (a fresh random nonce and the
+endpoint dialled, signed by the identity's key) and waits
+:data:`ANSWER_TIMEOUT` seconds for the ``PROOF``: the nonce, the instance id
+and its time, signed by the identity's current key as the home's key log
+has it (:func:`talos.core.presence.check_proof`).
 
 * Two endpoints that prove with different instance ids: the identity runs
   twice *now* (fail, exit 1), found in seconds rather than at the next
   announcement.
-* An endpoint whose answer does not verify: an impostor (fail).
-* An endpoint that does not answer: warn (stopped since it announced).
+* An endpoint that answers, within the deadline, only with frames that do
+  not verify (another key, another challenge): an impostor (fail). A frame
+  that does not verify never ends the wait (:mod:`talos.client.asking`): a
+  proof that follows it still counts.
+* An endpoint that does not answer: warn, not proven (stopped since it
+  announced; or a relay from that listing to an instance listening
+  elsewhere, which refuses a challenge naming another endpoint, so a stale
+  listing cannot borrow a live instance's proof).
 """
 
 from __future__ import annotations
@@ -24,15 +31,15 @@ from typing import Final
 
 from talos.cli.diagnose.agent_view import DiskState, identity_for_checks
 from talos.cli.diagnose.findings import Finding
+from talos.client.asking import AskFailed, NoAnswer, Peer, Rejected, ask_once
 from talos.core import presence, wire
 from talos.core.clock import Clock, time_ms
 from talos.core.identity import Identity
 from talos.core.keylog import KeyLog
 from talos.core.rng import Rng
 from talos.discovery.registry_client import DuplicateReport
-from talos.errors import RemoteProtocolError, SignatureInvalid, TalosError
+from talos.errors import RemoteProtocolError
 from talos.storage.home import AgentHome
-from talos.transport import Link, Transport
 
 __all__ = [
     "ANSWER_TIMEOUT",
@@ -58,16 +65,11 @@ class Answer:
 
 
 class _Challenger:
-    """One link's challenge and the first PRESENCE frame that comes back."""
+    """One endpoint's challenge, and the verdict on the proofs that come back."""
 
-    def __init__(self, identity: Identity, keylog: KeyLog, *, clock: Clock, rng: Rng) -> None:
-        self._identity, self._keylog, self._clock, self._rng = identity, keylog, clock, rng
+    def __init__(self, identity: Identity, endpoint: str, *, clock: Clock, rng: Rng) -> None:
+        self._identity, self._endpoint, self._clock, self._rng = identity, endpoint, clock, rng
         self.nonce = rng.bytes(presence.NONCE_SIZE)
-        self.frames: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
-
-    async def on_frame(self, link: Link, frame: bytes) -> None:
-        if not self.frames.full():
-            self.frames.put_nowait(frame)
 
     def sealed_challenge(self) -> bytes:
         me = self._identity.agent_id
@@ -79,17 +81,18 @@ class _Challenger:
             recipient=me,
             timestamp_ms=time_ms(self._clock),
             presence_kind=presence.PresenceKind.CHALLENGE,
-            presence_body=presence.encode_body(presence.Challenge(self.nonce)),
+            presence_body=presence.encode_body(presence.Challenge(self.nonce, self._endpoint)),
         )
         return wire.seal(envelope, self._identity.signing_key)
 
-    def judge(self, endpoint: str, frame: bytes) -> Answer:
-        """The verdict on an answer: proven, or an impostor."""
+    def read(self, envelope: wire.Envelope) -> str:
+        """The proven instance id (hex) of a PRESENCE answer whose signature verified.
+
+        Raises:
+            Rejected: not a proof of this challenge (another kind, another nonce, a
+                body that contradicts its envelope, a time too far off).
+        """
         try:
-            unverified = wire.decode(frame)
-            if unverified.type is not wire.EnvelopeType.PRESENCE:
-                raise RemoteProtocolError(f"answered with a {unverified.type.name} frame")
-            envelope = wire.verify(unverified, self._keylog.state.signing_key)
             if envelope.presence_kind is not presence.PresenceKind.PROOF:
                 raise RemoteProtocolError("answered with another challenge")
             proof = presence.decode_body(envelope.presence_kind, envelope.presence_body or b"")
@@ -101,29 +104,35 @@ class _Challenger:
                 envelope_time_ms=envelope.timestamp_ms,
                 now_ms=time_ms(self._clock),
             )
-        except (RemoteProtocolError, SignatureInvalid) as exc:
-            return Answer(endpoint, problem=f"{type(exc).__name__}: {exc}", impostor=True)
-        return Answer(endpoint, instance_id=proof.instance_id.hex())
+        except RemoteProtocolError as exc:
+            raise Rejected(f"{type(exc).__name__}: {exc}") from None
+        return proof.instance_id.hex()
 
 
 async def _challenge(
     identity: Identity, keylog: KeyLog, endpoint: str, *, clock: Clock, rng: Rng
 ) -> Answer:
-    challenger = _Challenger(identity, keylog, clock=clock, rng=rng)
-    transport = Transport(challenger.on_frame, clock=clock)
+    """Challenge ``endpoint``: only a proof signed by ``keylog``'s current key counts;
+    anything else that came back instead makes the endpoint an impostor."""
+    challenger = _Challenger(identity, endpoint, clock=clock, rng=rng)
+    target = Peer(identity.agent_id, keylog, endpoint)
     try:
-        try:
-            link = await transport.connect(endpoint)
-            await link.send(challenger.sealed_challenge())
-        except TalosError as exc:
-            return Answer(endpoint, problem=f"unreachable: {exc}")
-        try:
-            frame = await asyncio.wait_for(challenger.frames.get(), ANSWER_TIMEOUT)
-        except TimeoutError:
-            return Answer(endpoint, problem=f"no answer within {ANSWER_TIMEOUT:.0f}s")
-        return challenger.judge(endpoint, frame)
-    finally:
-        await transport.close()
+        instance = await ask_once(
+            target,
+            challenger.sealed_challenge(),
+            challenger.read,
+            me=identity.agent_id,
+            kind=wire.EnvelopeType.PRESENCE,
+            within=ANSWER_TIMEOUT,
+            clock=clock,
+        )
+    except NoAnswer as exc:
+        if exc.set_aside:
+            return Answer(endpoint, problem="; ".join(exc.set_aside), impostor=True)
+        return Answer(endpoint, problem=str(exc))
+    except AskFailed as exc:
+        return Answer(endpoint, problem=str(exc))
+    return Answer(endpoint, instance_id=instance)
 
 
 async def challenge_all(
@@ -141,6 +150,11 @@ async def challenge_all(
 _HINT: Final = (
     "stop every instance, decide which one's state is authoritative, rotate the keys "
     "(`talos rotate`), then run that one instance only"
+)
+_SILENT_HINT: Final = (
+    "an instance stopped since it announced (its listing expires), or the listing is "
+    "relayed to an instance that listens elsewhere (it refuses a challenge for another "
+    "endpoint, logged presence_relayed there)"
 )
 _IMPOSTOR_HINT: Final = (
     "something at that endpoint announced this identity but cannot sign with its current key: "
@@ -171,8 +185,8 @@ def presence_findings(agent_id: str, answers: Sequence[Answer]) -> list[Finding]
                 Finding(
                     "presence",
                     "warn",
-                    f"{answer.endpoint} did not prove it is live: {answer.problem}",
-                    "an instance stopped since it announced; its listing expires",
+                    f"{answer.endpoint} did not prove it is live (not proven): {answer.problem}",
+                    _SILENT_HINT,
                     {"endpoint": answer.endpoint},
                 )
             )
