@@ -396,12 +396,16 @@ class Deliverer:
         link = self.links.get(peer)
         if link is not None and link.is_open:
             return link
+        return await asyncio.shield(self._open(peer))
+
+    def _open(self, peer: str) -> asyncio.Future[Link]:
+        """The connection attempt to ``peer`` in progress, or a new one (scheduled now)."""
         opening = self._opening.get(peer)
         if opening is None:
             opening = asyncio.ensure_future(self._connect(peer))
             self._opening[peer] = opening
             opening.add_done_callback(functools.partial(self._opened, peer))
-        return await asyncio.shield(opening)
+        return opening
 
     def _opened(self, peer: str, opening: asyncio.Future[Link]) -> None:
         if self._opening.get(peer) is opening:
@@ -419,13 +423,15 @@ class Deliverer:
         link = self.links.get(peer)
         if link is not None and link.is_open:
             return
-        task = asyncio.create_task(self._prepare(peer))
+        # The attempt is scheduled now, ahead of whatever the caller does next
+        # (its first send() commits before the loop turns).
+        task = asyncio.create_task(self._prepare(self._open(peer), peer))
         self._preparing.add(task)
         task.add_done_callback(self._preparing.discard)
 
-    async def _prepare(self, peer: str) -> None:
+    async def _prepare(self, opening: asyncio.Future[Link], peer: str) -> None:
         try:
-            await self.link(peer)
+            await asyncio.shield(opening)
         except TalosError as exc:
             _log.debug("link to %s not opened ahead: %s", peer, exc)
 
