@@ -299,6 +299,65 @@ def one_record_floor(directory: Path, count: int) -> dict[str, Any]:
     }
 
 
+def by_databases(
+    directory: Path, counts: tuple[int, ...] = (1, 2, 4, 6, 8), commits: int = 300
+) -> list[dict[str, Any]]:
+    """Time and pages of a durable commit that writes one 300-byte record into each of
+    ``n`` databases (each first filled with 3,000 rows, so that its tree has a branch
+    level like the agent's), for each ``n`` in ``counts``: whether the pages a commit
+    writes cost time on this disk, or only the number of commits in series does.
+
+    The rows are interleaved (one commit of each size in turn) so that a change
+    in the disk's speed during the run reaches every size alike.
+    """
+    envs = []
+    try:
+        for n in counts:
+            path = directory / f"dbs-{n}"
+            path.mkdir()
+            env = lmdb.open(str(path), map_size=256 << 20, max_dbs=16, sync=True, metasync=True)
+            dbs = [env.open_db(f"db{i}".encode()) for i in range(n)]
+            with env.begin(write=True) as txn:
+                for db in dbs:
+                    for _ in range(3000):
+                        txn.put(os.urandom(16), os.urandom(200), db=db)
+            envs.append((n, env, dbs))
+        times: dict[int, list[float]] = {n: [] for n in counts}
+        pages: dict[int, list[int]] = {n: [] for n in counts}
+        for _ in range(commits):
+            for n, env, dbs in envs:
+                txn = env.begin(write=True)
+                for db in dbs:
+                    txn.put(os.urandom(16), os.urandom(300), db=db)
+                before, started = _io(), time.perf_counter()
+                txn.commit()
+                times[n].append((time.perf_counter() - started) * 1e6)
+                pages[n].append((_io()[0] - before[0]) // PAGE)
+    finally:
+        for _, env, _ in envs:
+            env.close()
+    return [
+        {
+            "databases": n,
+            "pages_p50": statistics.median(pages[n]),
+            "commit_us_p50": statistics.median(times[n]),
+            "commit_us_p90": _p90([round(t) for t in times[n]]),
+        }
+        for n in counts
+    ]
+
+
+def render_by_databases(rows: list[dict[str, Any]]) -> str:
+    lines = ["durable commit by databases written (one record each, interleaved):"]
+    lines.append(f"  {'databases':>9} {'pages p50':>9} {'µs p50':>8} {'µs p90':>8}")
+    for row in rows:
+        lines.append(
+            f"  {row['databases']:>9} {row['pages_p50']:>9.0f} "
+            f"{row['commit_us_p50']:>8.0f} {row['commit_us_p90']:>8.0f}"
+        )
+    return "\n".join(lines)
+
+
 def render(phases: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> str:
     """One table per phase and side: label, commits, pages p50/p90/max, bytes, calls."""
     lines = []
@@ -347,3 +406,7 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         floor = {"commits": {"one record": one_record_floor(Path(tmp), 50)}}
         print(render({"floor": {"this process": floor}}))
+        rows = by_databases(Path(tmp))
+        print(render_by_databases(rows))
+        out = Path(__file__).resolve().parent / "results" / "commits.json"
+        out.write_text(json.dumps({"suite": "commits", "by_databases": rows}, indent=2) + "\n")

@@ -616,10 +616,13 @@ async def test_one_identity_in_two_processes_is_detected(tmp_path: Path) -> None
             assert b1.agent_id == b2.agent_id
             for bob in (b1, b2):
                 bob.add_contact(a.contact_card())
-                await bob.establish_session(a.agent_id, a.get_prekey_bundle())
             a.add_contact(card)
+            # establish_session opens the link at once (the first frames carry the
+            # instance id): the second instance is set up only after the first sent.
+            await b1.establish_session(a.agent_id, a.get_prekey_bundle())
             await b1.send(a.agent_id, "from one", timeout=10)
             assert a.status()["duplicate_instances"] == {}
+            await b2.establish_session(a.agent_id, a.get_prekey_bundle())
             await b2.send(a.agent_id, "from two", timeout=10, on_failure="queue")
             assert a.status()["duplicate_instances"] == {}  # could be a restart
             await b1.send(a.agent_id, "from one again", timeout=3, on_failure="queue")

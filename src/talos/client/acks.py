@@ -1,9 +1,10 @@
 """What comes back for the messages an agent sent: ACKs and refusals.
 
 An ACK names ids; those the outbox still holds for the sender are removed
-in a worker thread, one commit per batch of ACKs (LMDB releases the GIL
-while it syncs, so frames arriving meanwhile are verified and decrypted
-instead of waiting behind the fsync), with their MESSAGE_DELIVERED entries.
+one commit per batch of ACKs, with their MESSAGE_DELIVERED entries: a large
+batch in a worker thread (LMDB releases the GIL while it syncs, so frames
+arriving meanwhile are verified and decrypted instead of waiting behind the
+fsync), a small one on the event-loop thread.
 Only then are their senders released (persist before release). A signed
 ERROR either asks for the message again (rule 3 of
 :mod:`talos.core.delivery`) or refuses it for good.
@@ -28,6 +29,10 @@ from talos.metrics import AgentMetrics
 from talos.storage.agent_state import AgentState
 
 _log = logging.getLogger("talos.client")
+
+#: Batches of acknowledged messages smaller than this are removed from the outbox
+#: on the event-loop thread (see Acknowledgements._removal_loop).
+INLINE_REMOVALS = 8
 
 
 class Acknowledgements:
@@ -66,9 +71,25 @@ class Acknowledgements:
 
     async def _removal_loop(self) -> None:
         """Remove acknowledged messages from the outbox, one commit per batch of ACKs,
-        in a worker thread; ACKs that arrive meanwhile form the next batch."""
+        in a worker thread; ACKs that arrive meanwhile form the next batch.
+
+        A batch of fewer than :data:`INLINE_REMOVALS` messages (the common case when
+        messages go one at a time, as in a request and its answer) commits on this
+        thread instead: the hand-over to a worker thread and back costs more CPU
+        and GIL hand-offs than the fsync it would overlap, and there is nothing
+        else to overlap it with (measured: benchmarks/README.md, issue 19)."""
         while self._core.has_removals():
             acks = self._core.start_removal()
+            if len(acks) < INLINE_REMOVALS:
+                try:
+                    removed = self._remove_acked(acks)
+                except Exception as error:  # as a worker thread's failure is handled
+                    _log.error("removing acknowledged messages failed: %r", error)
+                    removed = False
+                self._core.removal_committed()
+                self._after_removal(acks, removed=removed)
+                await asyncio.sleep(0)  # ACKs that arrived meanwhile form the next batch
+                continue
             commit = asyncio.ensure_future(asyncio.to_thread(self._remove_acked, acks))
             try:
                 # A thread cannot be cancelled: whatever happens to this task, the

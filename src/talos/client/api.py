@@ -506,6 +506,7 @@ class TalosClient:
         contacts.require_bundle(peer_id, bundle, offline=self._config.offline)
         await self._drivers.sessions.establish(peer_id, bundle)
         self._drivers.deliverer.kick(peer_id)
+        self._drivers.deliverer.prepare_link(peer_id)
 
     async def reset_session(self, peer_id: str) -> None:
         """Forget the session with ``peer_id``; the next message establishes a new one.

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from talos.audit import AuditKind
 from talos.client import timing
@@ -90,6 +92,10 @@ class Deliverer:
         self.on_connected: Callable[[Link, str], Awaitable[None]] | None = None
         #: When send() was called (monotonic), by message id, until its outcome.
         self._accepted: dict[bytes, float] = {}
+        #: Links being opened, by peer: one connection attempt at a time per peer.
+        self._opening: dict[str, asyncio.Future[Link]] = {}
+        #: Links opened ahead of the first message (see prepare_link).
+        self._preparing: set[asyncio.Task[None]] = set()
 
     # -- send() calls --------------------------------------------------------------------
 
@@ -381,9 +387,62 @@ class Deliverer:
         window.outgoing.append((item.message_id, frame))
 
     async def link(self, peer: str) -> Link:
+        """The open link to ``peer``, connecting first if there is none (one attempt
+        at a time per peer: a caller arriving meanwhile waits for the same one).
+
+        Raises:
+            PeerUnreachable, DiscoveryError: as :meth:`_connect`.
+        """
         link = self.links.get(peer)
         if link is not None and link.is_open:
             return link
+        return await asyncio.shield(self._open(peer))
+
+    def _open(self, peer: str) -> asyncio.Future[Link]:
+        """The connection attempt to ``peer`` in progress, or a new one (scheduled now)."""
+        opening = self._opening.get(peer)
+        if opening is None:
+            opening = asyncio.ensure_future(self._connect(peer))
+            self._opening[peer] = opening
+            opening.add_done_callback(functools.partial(self._opened, peer))
+        return opening
+
+    def _opened(self, peer: str, opening: asyncio.Future[Link]) -> None:
+        if self._opening.get(peer) is opening:
+            del self._opening[peer]
+        if not opening.cancelled():
+            opening.exception()  # retrieved: every waiter got it (or none was left)
+
+    def prepare_link(self, peer: str) -> None:
+        """Open the link to ``peer`` in the background (after a session is set up, so
+        that the first message does not wait for the endpoint lookup and the
+        connection). A failure is only logged: the delivery loop connects again
+        when there is something to send, and counts its failures there."""
+        if self._offline or self._closed():
+            return
+        link = self.links.get(peer)
+        if link is not None and link.is_open:
+            return
+        # The attempt is scheduled now, ahead of whatever the caller does next
+        # (its first send() commits before the loop turns).
+        task = asyncio.create_task(self._prepare(self._open(peer), peer))
+        self._preparing.add(task)
+        task.add_done_callback(self._preparing.discard)
+
+    async def _prepare(self, opening: asyncio.Future[Link], peer: str) -> None:
+        try:
+            await asyncio.shield(opening)
+        except TalosError as exc:
+            _log.debug("link to %s not opened ahead: %s", peer, exc)
+
+    async def _connect(self, peer: str) -> Link:
+        """Look ``peer``'s endpoint up and connect (once more after a fresh lookup if the
+        cached endpoint does not answer).
+
+        Raises:
+            PeerUnreachable: no connection could be made.
+            DiscoveryError: the peer's endpoint cannot be found.
+        """
         record = await self._peers.endpoint(peer)
         try:
             link = await self._transport.connect(record.endpoint)
@@ -409,10 +468,15 @@ class Deliverer:
     # -- closing ---------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        """Stop every delivery loop."""
-        for task in self._loops.values():
+        """Stop every delivery loop (and the links being opened ahead)."""
+        tasks: list[asyncio.Future[Any]] = [
+            *self._loops.values(),
+            *self._preparing,
+            *self._opening.values(),
+        ]
+        for task in tasks:
             task.cancel()
-        for task in self._loops.values():
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 

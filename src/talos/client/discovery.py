@@ -128,10 +128,13 @@ class Discovery:
             await timing.sleep(self._clock, RECORD_LIFETIME / 4)
             await announce()
 
-    async def fetch_bundle(self, peer_id: str, log: KeyLog) -> PrekeyBundle:
+    async def fetch_bundle(self, peer_id: str, log: Awaitable[KeyLog]) -> PrekeyBundle:
         """The registry's bundle (with a one-time prekey when it has one); if the registry
         is down or does not know the peer, the signed-prekey-only bundle the peer
         publishes on the DHT (weaker forward secrecy for the first message only).
+
+        ``log`` is the peer's key log being fetched beside this call; only the
+        DHT lookup waits for it (a DHT value is checked against it).
 
         Raises:
             PeerNotFound: neither source has a bundle.
@@ -151,7 +154,8 @@ class Discovery:
                 return bundle
         if self.dht is not None:
             try:
-                entry = await self.dht.lookup(peer_id, now=self._clock.time(), known_log=log)
+                known = await log
+                entry = await self.dht.lookup(peer_id, now=self._clock.time(), known_log=known)
             except (PeerNotFound, DiscoveryError) as exc:
                 failure = failure or exc
             else:

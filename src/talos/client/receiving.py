@@ -164,6 +164,12 @@ class ReceiveBatch:
             return
         for peer, session in sessions.items():
             self._table.commit(peer, SessionEntry(session))
+        # The ACKs first: their task runs in the next turn of the event loop, before
+        # the receive() and request() calls woken below (an application that answers
+        # at once would otherwise hold the ACK back while it encrypts and commits).
+        task = asyncio.create_task(self._acknowledge([(s.link, s.envelope) for s in staged]))
+        self.acknowledging.add(task)
+        task.add_done_callback(self.acknowledging.discard)
         for reply in replies:
             hand_over(self.requests, reply.reply_to, reply.received.message)
         staged_rest = staged[len(replies) :]
@@ -172,9 +178,6 @@ class ReceiveBatch:
         self._inbox.follow(seqs, [s.received.message for s in staged_rest[len(takers) :]])
         for item in staged:
             self._metrics.message_received(len(item.received.message.data))
-        task = asyncio.create_task(self._acknowledge([(s.link, s.envelope) for s in staged]))
-        self.acknowledging.add(task)
-        task.add_done_callback(self.acknowledging.discard)
 
     async def _acknowledge(self, answers: list[tuple[Link, wire.Envelope]]) -> None:
         """ACK committed messages (one signed ACK per link and sender for the whole

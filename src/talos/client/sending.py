@@ -319,7 +319,7 @@ class Sender:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for result in results:
             if isinstance(result, OutboxItem) and result.peer in through:
                 try:
                     self._deliverer.hand_over(
@@ -327,14 +327,17 @@ class Sender:
                     )
                 except TalosError as exc:  # queued: the delivery loop takes it from here
                     _log.warning("send fast path not taken for a message: %s", exc)
+        # The delivery loops first: woken before the send() calls, they transmit the
+        # frames in the next turn of the event loop, ahead of the callers' bookkeeping.
+        for peer in through:
+            self._deliverer.kick(peer)
+        for (_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, OutboxItem):
                 future.set_result(None)
             else:
                 future.set_exception(result)
-        for peer in through:
-            self._deliverer.kick(peer)
 
     def _encrypt_through(self, requests: list[Enqueue], now: float) -> _Through:
         """The send fast path: encrypt now the messages to peers whose delivery is idle.

@@ -7,6 +7,7 @@ update the table) and owns the agent's prekeys, which X3DH consumes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -49,7 +50,7 @@ class Sessions:
         metrics: AgentMetrics,
         rng: Rng,
         settle: Callable[[], None],
-        fetch_bundle: Callable[[str, KeyLog], Awaitable[PrekeyBundle]],
+        fetch_bundle: Callable[[str, Awaitable[KeyLog]], Awaitable[PrekeyBundle]],
         clock: Clock,
     ) -> None:
         self.table = table
@@ -154,13 +155,23 @@ class Sessions:
 
     async def establish(self, peer: str, bundle: PrekeyBundle | None = None) -> None:
         """Run X3DH with ``peer`` (see TalosClient.establish_session); timed from the
-        bundle fetch, and a failure from there on counted by its reason."""
-        log = await self._peers.keylog(peer)
+        start, and a failure of the bundle or the key agreement counted by its reason.
+
+        Without a ``bundle``, the peer's key log and a bundle are asked for at
+        the same time: on first contact that is two registry requests in
+        parallel instead of in series. The bundle is only used once the key
+        log is verified (:func:`talos.core.x3dh.initiate` checks its keys
+        against the log).
+        """
         started = self._clock.monotonic()
+        if bundle is None:
+            log, fetching = await self._log_and_bundle(peer)
+        else:
+            log = await self._peers.keylog(peer)
+            fetching = asyncio.get_running_loop().create_future()
+            fetching.set_result(bundle)
         try:
-            if bundle is None:
-                bundle = await self._fetch_bundle(peer, log)
-            self._initiate(peer, log, bundle)
+            self._initiate(peer, log, await fetching)
         except SignatureInvalid:
             self._metrics.signature_failed("bad_signature", "prekey_bundle")
             self._metrics.session_failed("bad_bundle")
@@ -175,6 +186,22 @@ class Sessions:
             self._metrics.session_failed("key_agreement")
             raise
         self._metrics.session_established(self._clock.monotonic() - started)
+
+    async def _log_and_bundle(self, peer: str) -> tuple[KeyLog, asyncio.Future[PrekeyBundle]]:
+        """The peer's key log, and the bundle fetch running beside it (awaited by the
+        caller). If the key log cannot be had, the bundle fetch is cancelled and the
+        key log's error raised (not a session failure: nobody was asked for a session).
+        """
+        keylog = asyncio.ensure_future(self._peers.keylog(peer))
+        fetching = asyncio.ensure_future(self._fetch_bundle(peer, keylog))
+        try:
+            log = await asyncio.shield(keylog)
+        except BaseException:
+            keylog.cancel()
+            fetching.cancel()
+            await asyncio.gather(keylog, fetching, return_exceptions=True)
+            raise
+        return log, fetching
 
     def _initiate(self, peer: str, log: KeyLog, bundle: PrekeyBundle) -> None:
         state = log.state

@@ -1,0 +1,162 @@
+"""Setting up a session with a new peer: what runs side by side (issue 19).
+
+A recording TCP proxy in this process sits in front of a real registry (or a
+real agent's port) and notes when each connection's first bytes arrive and
+when its first answer comes back. No timing is asserted: only which
+requests overlapped and which connections exist before the first message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from talos.client import TalosClient
+from talos.testing.processes import RegistryProcess, free_port, registry_process
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    with registry_process(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+class RecordingProxy:
+    """Forwards 127.0.0.1:``port`` to ``target_port``; notes each connection's first
+    request line (HTTP) and the order of requests and answers, and holds each
+    connection's first client bytes for ``hold`` seconds (so that requests made
+    in series cannot overlap by chance)."""
+
+    def __init__(self, target_port: int, *, hold: float = 0.0) -> None:
+        self.target_port = target_port
+        self.hold = hold
+        #: ("request" | "answer", first request line) in the order they happened.
+        self.events: list[tuple[str, str]] = []
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self, port: int) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def requests(self, needle: str) -> list[int]:
+        """Positions in :attr:`events` of the requests whose first line has ``needle``."""
+        return [
+            i for i, (kind, line) in enumerate(self.events) if kind == "request" and needle in line
+        ]
+
+    def answer_of(self, needle: str) -> int:
+        return next(
+            i for i, (kind, line) in enumerate(self.events) if kind == "answer" and needle in line
+        )
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers.add(up_writer)
+        line = [""]
+        for source, sink, outbound in ((reader, up_writer, True), (up_reader, writer, False)):
+            task = asyncio.create_task(self._pump(source, sink, outbound, line))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        outbound: bool,
+        line: list[str],
+    ) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await source.read(65536):
+                if outbound:
+                    first = data.split(b"\r\n", 1)[0].decode("latin-1")
+                    if first.split(" ")[0] in ("GET", "PUT", "POST", "DELETE"):
+                        line[0] = first
+                        self.events.append(("request", first))
+                        await asyncio.sleep(self.hold)
+                elif line[0]:
+                    self.events.append(("answer", line[0]))
+                    line[0] = ""
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
+
+async def test_the_key_log_and_the_bundle_are_asked_for_side_by_side(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """On first contact the peer's key log and a prekey bundle are two registry requests:
+    the bundle's is made before the key log's answer is back."""
+    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]), hold=0.2)
+    port = free_port()
+    await proxy.start(port)
+    try:
+        async with (
+            TalosClient.create("bob", home=tmp_path / "b", registry_url=registry.url) as bob,
+            TalosClient.create(
+                "carol", home=tmp_path / "c", registry_url=f"http://127.0.0.1:{port}"
+            ) as carol,
+        ):
+            proxy.events.clear()
+            await carol.establish_session(bob.agent_id)
+            keylog = f"/v1/agents/{bob.agent_id}/keylog"
+            bundle = f"/v1/agents/{bob.agent_id}/bundle"
+            assert proxy.requests(keylog), proxy.events
+            assert proxy.requests(bundle), proxy.events
+            assert proxy.requests(bundle)[0] < proxy.answer_of(keylog), proxy.events
+    finally:
+        await proxy.close()
+
+
+async def test_establish_session_opens_the_link_before_the_first_message(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """The connection to the peer is made right after X3DH, in the background; the
+    first message then goes over it (one connection, opened before send())."""
+    bob_port, proxy_port = free_port(), free_port()
+    async with TalosClient.create(
+        "bob",
+        home=tmp_path / "b",
+        registry_url=registry.url,
+        listen=f"127.0.0.1:{bob_port}",
+        announce=f"127.0.0.1:{proxy_port}",
+        accept_policy="open",
+    ) as bob:
+        proxy = RecordingProxy(bob_port)
+        await proxy.start(proxy_port)
+        try:
+            async with TalosClient.create(
+                "carol", home=tmp_path / "c", registry_url=registry.url
+            ) as carol:
+                await carol.establish_session(bob.agent_id)
+                deadline = time.monotonic() + 10
+                while proxy.connections < 1:  # noqa: ASYNC110 -- counted by the proxy
+                    assert time.monotonic() < deadline, "carol did not connect ahead"
+                    await asyncio.sleep(0.01)
+                sent = await carol.send(bob.agent_id, "first", timeout=10)
+                assert sent.status == "delivered"
+                assert proxy.connections == 1
+                received = await bob.receive(timeout=5)
+                assert received is not None
+                assert received.data == "first"
+        finally:
+            await proxy.close()
