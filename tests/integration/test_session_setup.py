@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from talos.client import TalosClient
+from talos.errors import PeerUnreachable
 from talos.testing.processes import RegistryProcess, free_port, registry_process
 
 pytestmark = pytest.mark.asyncio
@@ -158,5 +159,35 @@ async def test_establish_session_opens_the_link_before_the_first_message(
                 received = await bob.receive(timeout=5)
                 assert received is not None
                 assert received.data == "first"
+        finally:
+            await proxy.close()
+
+
+async def test_no_connection_is_started_once_the_client_is_closing(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """A connection asked for while the client closes (a witness loop waking up late,
+    say) is refused at once: nothing connects after close() has begun."""
+    bob_port, proxy_port = free_port(), free_port()
+    async with TalosClient.create(
+        "bob",
+        home=tmp_path / "b",
+        registry_url=registry.url,
+        listen=f"127.0.0.1:{bob_port}",
+        announce=f"127.0.0.1:{proxy_port}",
+    ) as bob:
+        proxy = RecordingProxy(bob_port)
+        await proxy.start(proxy_port)
+        try:
+            carol = await TalosClient.create(
+                "carol", home=tmp_path / "c", registry_url=registry.url
+            )
+            deliverer = carol._drivers.deliverer  # noqa: SLF001 -- the loop a witness would use
+            closing = asyncio.create_task(carol.close())
+            await asyncio.sleep(0)  # close() has begun
+            with pytest.raises(PeerUnreachable, match="closing"):
+                await deliverer.link(bob.agent_id)
+            await closing
+            assert proxy.connections == 0
         finally:
             await proxy.close()

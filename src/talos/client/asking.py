@@ -17,11 +17,19 @@ Rules, in order, for every frame that arrives on the link:
    (not an answer to this question: ignored), or raises :class:`Rejected`
    (an answer that fails the question's own checks: set aside, reason kept).
 3. The first answer ``read`` accepts is returned. A frame set aside never
-   ends the wait: a frame injected or replayed by someone on the path cannot
-   pre-empt the real answer, only the deadline ends it (:class:`NoAnswer`,
+   ends the wait: a frame injected by someone on the path cannot pre-empt
+   the real answer, only the deadline ends it (:class:`NoAnswer`,
    which carries what was set aside, so a caller may still tell "silent"
    from "answered, wrongly").
 4. The link is closed when the exchange ends, however it ends.
+
+A *replayed* answer (a genuine frame of the peer, from an earlier exchange)
+is refused only if ``read`` ties answers to the question: the mirror fetch
+and PRESENCE do (the request id, the nonce); the witness head query only
+requires an answer signed no earlier than the allowed clock skew (60 s)
+before the query, so an answer the witness gave within that minute can be
+replayed ahead of the real one (it names a true, possibly older, head; see
+:mod:`talos.client.head_queries`).
 
 Errors are typed (:class:`AskFailed` and its three kinds); their messages
 name the peer's failure for an operator, never a secret.

@@ -394,14 +394,22 @@ class Deliverer:
             PeerUnreachable, DiscoveryError: as :meth:`_connect`.
         """
         link = self.links.get(peer)
-        if link is not None and link.is_open:
+        if link is not None and link.is_open and peer not in self._opening:
             return link
+        # An attempt in progress has published its link already but may not have
+        # sent its offers yet (the key log first: nothing may overtake it).
         return await asyncio.shield(self._open(peer))
 
     def _open(self, peer: str) -> asyncio.Future[Link]:
-        """The connection attempt to ``peer`` in progress, or a new one (scheduled now)."""
+        """The connection attempt to ``peer`` in progress, or a new one (scheduled now).
+
+        Raises:
+            PeerUnreachable: the client is closing (no new connection then).
+        """
         opening = self._opening.get(peer)
         if opening is None:
+            if self._closed():
+                raise PeerUnreachable(f"not connecting to {peer}: the client is closing")
             opening = asyncio.ensure_future(self._connect(peer))
             self._opening[peer] = opening
             opening.add_done_callback(functools.partial(self._opened, peer))
@@ -432,8 +440,8 @@ class Deliverer:
     async def _prepare(self, opening: asyncio.Future[Link], peer: str) -> None:
         try:
             await asyncio.shield(opening)
-        except TalosError as exc:
-            _log.debug("link to %s not opened ahead: %s", peer, exc)
+        except Exception as exc:  # the delivery loop meets it again, and counts it
+            _log.debug("link to %s not opened ahead: %r", peer, exc)
 
     async def _connect(self, peer: str) -> Link:
         """Look ``peer``'s endpoint up and connect (once more after a fresh lookup if the
@@ -468,17 +476,17 @@ class Deliverer:
     # -- closing ---------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        """Stop every delivery loop (and the links being opened ahead)."""
-        tasks: list[asyncio.Future[Any]] = [
-            *self._loops.values(),
-            *self._preparing,
-            *self._opening.values(),
-        ]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        """Stop every delivery loop (and the connection attempts in progress: none
+        starts once the client is closing, see :meth:`_open`)."""
+        tasks: list[asyncio.Future[Any]] = [*self._loops.values()]
+        while tasks:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            pending: list[asyncio.Future[Any]] = [*self._preparing, *self._opening.values()]
+            tasks = [task for task in pending if not task.done()]
 
     def release_waiters(self) -> None:
         """The client closed: every waiting send() learns its message stays queued."""

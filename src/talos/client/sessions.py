@@ -161,7 +161,9 @@ class Sessions:
         the same time: on first contact that is two registry requests in
         parallel instead of in series. The bundle is only used once the key
         log is verified (:func:`talos.core.x3dh.initiate` checks its keys
-        against the log).
+        against the log). The price: when the key log cannot be had, the
+        registry has usually handed out one of the peer's one-time prekeys
+        already, and it is wasted (the next attempt takes another).
         """
         started = self._clock.monotonic()
         if bundle is None:

@@ -157,8 +157,9 @@ _SILENT_HINT: Final = (
     "endpoint, logged presence_relayed there)"
 )
 _IMPOSTOR_HINT: Final = (
-    "something at that endpoint announced this identity but cannot sign with its current key: "
-    "a stale listing taken over, or an old key in use; rotate if the key may have leaked"
+    "only frames that do not verify under this identity's current key came back from that "
+    "endpoint: a stale listing taken over, an old key in use, or frames injected by something "
+    "on the path (they are unauthenticated); check what runs there before rotating the key"
 )
 
 
