@@ -52,7 +52,7 @@ anvil:
 	bash .ci/install-anvil.sh
 
 pytest: $(STAMP) faketime postgres anvil
-	$(BIN)/pytest -n 2 -q
+	$(BIN)/pytest -n 2 -q --durations=25
 
 # The long kill -9 soak (docs/soak.md): 10,000 messages both ways through ten kills of each agent.
 # Not part of `make test`; TALOS_SOAK_SEED=N replays a run's kill schedule.

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,15 +29,9 @@ from talos.storage.agent_state import AgentState
 from talos.storage.home import AgentHome
 from talos.testing import FakeClock
 from talos.testing.cli import TalosCli
-from talos.testing.processes import RegistryProcess, registry_process
+from talos.testing.processes import RegistryProcess
 
 CLI = TalosCli()
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
 
 
 def audit_kinds(home: Path) -> list[str]:

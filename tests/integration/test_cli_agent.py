@@ -18,15 +18,8 @@ from talos.cli.exit_codes import exit_code_for_name
 from talos.cli.lockfile import running_agent_pid
 from talos.testing.child import spawn
 from talos.testing.cli import TalosCli, clean_env, talos_argv
-from talos.testing.processes import AgentProcess, RegistryProcess, launched, registry_process
+from talos.testing.processes import AgentProcess, RegistryProcess, launched
 from talos.testing.waiting import wait_until
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
-
 
 CLI = TalosCli()
 talos = CLI.run

@@ -31,17 +31,10 @@ from talos.testing.processes import (
     RegistryProcess,
     free_port,
     launched,
-    registry_process,
 )
 from talos.testing.waiting import wait_until
 
 CHECKS = ["clock", "duplicates", "network", "storage"]
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
 
 
 CLI = TalosCli(timeout=120)

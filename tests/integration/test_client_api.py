@@ -11,7 +11,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -37,18 +37,12 @@ from talos.errors import (
 )
 from talos.storage.agent_state import AgentState
 from talos.testing import FakeClock
-from talos.testing.processes import RegistryProcess, free_port, registry_process
+from talos.testing.processes import RegistryProcess, free_port
 
 pytestmark = pytest.mark.asyncio
 
 #: A well-formed agent id nobody has (32 zero bytes).
 NOBODY = "did:talos:z" + "1" * 32
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
 
 
 def dropped_count(client: TalosClient, reason: str) -> float:

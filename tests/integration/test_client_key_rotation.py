@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from talos.core.crypto import VerifyKey
 from talos.errors import ConfigurationError
 from talos.storage.agent_state import AgentState
 from talos.storage.home import AgentHome
-from talos.testing.processes import RegistryProcess, registry_process
+from talos.testing.processes import RegistryProcess
 
 pytestmark = pytest.mark.asyncio
 
@@ -101,12 +101,6 @@ async def test_rotate_keys_while_running(tmp_path: Path) -> None:
         (1, "quarterly", False, False),
         (2, "compromise", True, True),
     ]
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
 
 
 async def test_messages_in_flight_during_a_rotation_arrive_once(

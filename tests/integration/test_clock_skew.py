@@ -35,7 +35,7 @@ import pytest
 
 from talos.cli.diagnose import REJECT_TOLERANCE
 from talos.testing.cli import CliResult, TalosCli, clean_env
-from talos.testing.processes import AgentProcess, RegistryProcess, launched, registry_process
+from talos.testing.processes import AgentProcess, RegistryProcess, launched
 
 FAKETIME = shutil.which(os.environ.get("FAKETIME", "faketime"))
 pytestmark = pytest.mark.skipif(
@@ -68,12 +68,6 @@ def ok(home: Path, *args: str, shift: str | None = None) -> str:
     result = talos(home, *args, shift=shift)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,7 +16,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import witness_cast
 from alert_rules import RULES, description
 from rotation_cast import WAIT
 from witness_cast import WitnessPeer
@@ -29,10 +28,6 @@ pytestmark = pytest.mark.slow
 SERIES = "talos_audit_equivocations_total"
 #: Minutes the last value is held for: past the alert's 24-hour window.
 HELD = 24 * 60 + 10
-
-
-# The shared fixture, bound here by name for pytest.
-registry = witness_cast.registry
 
 
 def _record(tmp_path: Path, registry: RegistryProcess) -> tuple[list[float], list[float]]:

@@ -24,7 +24,7 @@ from talos.storage.tokens import TokenStore
 from talos.storage.watermark import load_watermark
 from talos.testing.child import spawn
 from talos.testing.cli import TalosCli, clean_env, talos_argv
-from talos.testing.processes import AgentProcess, RegistryProcess, launched, registry_process
+from talos.testing.processes import AgentProcess, RegistryProcess, launched
 from talos.testing.waiting import wait_until
 
 CLI = TalosCli()
@@ -33,12 +33,6 @@ talos = CLI.run
 
 def ok(home: Path, *args: str) -> str:
     return CLI.ok(home, *args).strip()
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
 
 
 @pytest.fixture

@@ -24,16 +24,10 @@ from talos.core import wire
 from talos.demo.wiretap import inject
 from talos.system import SystemClock
 from talos.testing import SeededRng
-from talos.testing.processes import Launcher, RegistryProcess, launched, registry_process
+from talos.testing.processes import Launcher, RegistryProcess, launched
 from talos.testing.waiting import wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
 
 
 @pytest.fixture

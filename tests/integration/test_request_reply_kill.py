@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,11 @@ from talos.client import TalosClient
 from talos.storage.agent_state import AgentState
 from talos.testing.child import ChildProcess, spawn
 from talos.testing.cli import clean_env
-from talos.testing.processes import RegistryProcess, free_port, registry_process
+from talos.testing.processes import RegistryProcess, free_port
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
 SERVER = Path(__file__).with_name("tool_server.py")
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
 
 
 class ToolServer:

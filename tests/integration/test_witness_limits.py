@@ -35,7 +35,7 @@ from talos.testing.waiting import wait_until
 pytestmark = pytest.mark.slow
 
 # The shared fixtures, bound here by name for pytest.
-registry, launcher, cast = witness_cast.registry, witness_cast.launcher, witness_cast.cast
+launcher, cast = witness_cast.launcher, witness_cast.cast
 
 
 def _first_checkpoint(stranger: WitnessPeer, witness: WitnessPeer) -> wire.Envelope:

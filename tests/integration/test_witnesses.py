@@ -33,7 +33,7 @@ from talos.testing.waiting import wait_until
 pytestmark = pytest.mark.slow
 
 # The shared fixtures, bound here by name for pytest.
-registry, launcher, cast = witness_cast.registry, witness_cast.launcher, witness_cast.cast
+launcher, cast = witness_cast.launcher, witness_cast.cast
 
 
 def test_two_agents_that_talk_cosign_each_other(cast: Callable[..., WitnessPeer]) -> None:

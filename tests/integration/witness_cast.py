@@ -26,7 +26,7 @@ from talos.core.audit.checkpoint import Checkpoint
 from talos.core.identity import Identity
 from talos.system import SystemClock
 from talos.testing import SeededRng
-from talos.testing.processes import Launcher, RegistryProcess, launched, registry_process
+from talos.testing.processes import Launcher, RegistryProcess, launched
 
 
 @dataclasses.dataclass
@@ -52,13 +52,6 @@ class WitnessPeer(Peer):
         """Replace the (stopped) home with an earlier copy (the damaged one moved aside)."""
         self.home.rename(self.home.with_name(self.home.name + ".moved-aside"))
         shutil.copytree(copy, self.home)
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    """One registry process per test module."""
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
 
 
 @pytest.fixture
