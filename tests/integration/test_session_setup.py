@@ -11,22 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from talos.client import TalosClient
 from talos.errors import PeerUnreachable
-from talos.testing.processes import RegistryProcess, free_port, registry_process
+from talos.testing.processes import RegistryProcess, free_port
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    with registry_process(tmp_path_factory.mktemp("registry")) as server:
-        yield server
 
 
 class RecordingProxy:
