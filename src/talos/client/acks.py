@@ -77,7 +77,8 @@ class Acknowledgements:
         messages go one at a time, as in a request and its answer) commits on this
         thread instead: the hand-over to a worker thread and back costs more CPU
         and GIL hand-offs than the fsync it would overlap, and there is nothing
-        else to overlap it with (measured: benchmarks/README.md, issue 19)."""
+        else to overlap it with (measured: benchmarks/README.md, "Paired runs,
+        ninth session")."""
         while self._core.has_removals():
             acks = self._core.start_removal()
             if len(acks) < INLINE_REMOVALS:
