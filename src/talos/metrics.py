@@ -574,9 +574,6 @@ class AgentMetrics:
         name = reason.name.lower() if isinstance(reason, wire.ErrorCode) else reason
         self.messages_rejected.labels(reason=_label(name, REJECTION_REASONS)).inc()
 
-    def set_queue_depth(self, depth: int) -> None:
-        self.messages_queued.set(depth)
-
     # -- capabilities -----------------------------------------------------------
 
     def key_rotated(self, kind: str) -> None:
@@ -773,12 +770,14 @@ class AgentMetrics:
         audit_size_bytes: Callable[[], float],
         capabilities_granted: Callable[[], float],
         capabilities_revoked: Callable[[], float],
+        messages_queued: Callable[[], float],
     ) -> None:
         """Read these series from the agent's stores at each scrape instead of
         counting events: they then follow every path that changes the stores (a
         ``talos`` command next to the running agent included). A reader that
         fails gives NaN."""
         self.sessions_active.set_function(_or_nan(sessions_active))
+        self.messages_queued.set_function(_or_nan(messages_queued))
         self.audit_size_bytes.set_function(_or_nan(audit_size_bytes))
         for counter, read in (
             (self.audit_entries, audit_entries),

@@ -186,6 +186,10 @@ async def test_the_cli_goes_through_the_same_functions(
             "--expires-in",
             "1h",
         ).strip()
+        # Alice sends before she holds the token: refused, and her running agent has
+        # read her held tokens (none); the CLI's add below must still show through.
+        with pytest.raises(PeerRejected, match="capability"):
+            await alice.send(bob.agent_id, "too early", timeout=10, on_failure="raise")
         no_registry = CLI.run(alice_home, "capabilities", "add", token)
         assert no_registry.returncode == 1
         assert "--issuer-log" in no_registry.stderr

@@ -146,12 +146,10 @@ def test_message_events() -> None:
     metrics.message_rejected(wire.ErrorCode.STALE)
     metrics.message_rejected("capability_denied")
     metrics.message_rejected("made-up")
-    metrics.set_queue_depth(7)
     assert value(metrics, "talos_messages_sent_total") == 2
     assert value(metrics, "talos_messages_received_total") == 1
     assert value(metrics, "talos_messages_delivered_total") == 2
     assert value(metrics, "talos_message_send_seconds_count") == 1
-    assert value(metrics, "talos_messages_queued") == 7
     assert value(metrics, "talos_message_size_bytes_count", direction="sent") == 2
     assert value(metrics, "talos_message_size_bytes_sum", direction="sent") == 5100
     assert value(metrics, "talos_message_size_bytes_bucket", direction="sent", le="256.0") == 1
@@ -160,8 +158,6 @@ def test_message_events() -> None:
     assert value(metrics, "talos_messages_rejected_total", reason="capability_denied") == 1
     assert value(metrics, "talos_messages_rejected_total", reason=OTHER) == 1
     assert value(metrics, "talos_messages_rejected_total", reason="decrypt_failed") == 0
-    metrics.set_queue_depth(0)
-    assert value(metrics, "talos_messages_queued") == 0
 
 
 def test_capability_events() -> None:
@@ -296,7 +292,7 @@ def test_serve_answers_http_get_on_loopback() -> None:
 
 def test_series_read_when_scraped_follow_their_readers_and_a_failing_one_is_nan() -> None:
     metrics = AgentMetrics()
-    held = {"sessions": 2, "entries": 7, "granted": 3}
+    held = {"sessions": 2, "entries": 7, "granted": 3, "queued": 5}
 
     def broken() -> float:
         raise OSError("gone")
@@ -307,12 +303,15 @@ def test_series_read_when_scraped_follow_their_readers_and_a_failing_one_is_nan(
         audit_size_bytes=broken,
         capabilities_granted=lambda: held["granted"],
         capabilities_revoked=lambda: 1,
+        messages_queued=lambda: held["queued"],
     )
     assert value(metrics, "talos_sessions_active") == 2
+    assert value(metrics, "talos_messages_queued") == 5
     assert value(metrics, "talos_audit_entries_total") == 7
     assert math.isnan(value(metrics, "talos_audit_size_bytes"))
-    held.update(sessions=0, entries=9, granted=4)
+    held.update(sessions=0, entries=9, granted=4, queued=0)
     assert value(metrics, "talos_sessions_active") == 0
+    assert value(metrics, "talos_messages_queued") == 0
     assert value(metrics, "talos_audit_entries_total") == 9
     assert value(metrics, "talos_capabilities_granted_total") == 4
     assert value(metrics, "talos_capabilities_revoked_total") == 1

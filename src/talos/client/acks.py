@@ -161,7 +161,6 @@ class Acknowledgements:
             except TalosError as exc:  # removed and released already; the rest goes on
                 _log.warning("after an ACK from %s: %s", ack.sender, exc)
         self._wake({ack.sender for ack, _ in by_ack.values()})
-        self._metrics.set_queue_depth(self._state.outbox_count())
 
     def _delivered(self, ack: wire.Envelope, records: list[Pending | None]) -> None:
         """Note what an ACK (for messages removed and released) proves about the

@@ -172,7 +172,6 @@ class OutboxControl:
             extra={"event": event, "peer_id": peer, "message_id": message_id.hex()},
         )
         self._metrics.message_dropped(verb)
-        self._metrics.set_queue_depth(self._state.outbox_count())
         self._deliverer.wake({peer})
         settled = self._deliverer.outcomes.get(message_id)
         return settled or MessageOutcome(message_id.hex(), peer, verb, reason)  # type: ignore[arg-type]

@@ -76,6 +76,8 @@ class Capabilities:
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         #: Key log refreshes for tokens naming a key sequence we do not know yet.
         self._refreshes = RateLimiter(rate=1 / 30, burst=2)
+        #: The held tokens decoded, with the token store's generation they were read at.
+        self._held_tokens: tuple[int, list[Capability]] | None = None
         self._stale_logs = LimitedLog(_log, clock)
         #: Issuers whose list was due for a refresh that failed (the registry down).
         self._owed: set[str] = set()
@@ -143,13 +145,22 @@ class Capabilities:
                         await self._peers.keylog(issuer, refresh=True)
 
     def _held(self, peer: str) -> list[Capability]:
-        tokens = []
-        for data in self._tokens.held():
-            with contextlib.suppress(MalformedFrame, UnsupportedVersion):
-                token = Capability.from_bytes(data)
-                if token.audience == peer:
-                    tokens.append(token)
-        return tokens
+        """The tokens granted to this agent for sending to ``peer``.
+
+        Every ``send()`` asks (twice); the decoded tokens are kept until the token
+        store's write generation moves (a grant, an add or a revocation, by this
+        process or a ``talos`` command beside it), so a send reads one counter
+        instead of decoding every held token.
+        """
+        generation = self._tokens.generation()
+        if self._held_tokens is None or self._held_tokens[0] != generation:
+            tokens = []
+            for data in self._tokens.held():
+                with contextlib.suppress(MalformedFrame, UnsupportedVersion):
+                    tokens.append(Capability.from_bytes(data))
+            # Read after the generation: a write in between reloads on the next call.
+            self._held_tokens = (generation, tokens)
+        return [token for token in self._held_tokens[1] if token.audience == peer]
 
     def check(self, token: Capability, *, audience: str, holder: str) -> None:
         """Verify ``token`` for sending to ``audience`` as ``holder``.

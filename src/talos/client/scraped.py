@@ -20,9 +20,11 @@ from talos.storage.tokens import TokenStore
 def read_stores_when_scraped(
     metrics: AgentMetrics, *, me: str, log: AuditLog, state: AgentState, tokens: TokenStore
 ) -> None:
-    """Point ``talos_sessions_active``, ``talos_audit_entries_total``,
-    ``talos_audit_size_bytes`` and ``talos_capabilities_{granted,revoked}_total``
-    at the agent's stores."""
+    """Point ``talos_sessions_active``, ``talos_messages_queued``,
+    ``talos_audit_entries_total``, ``talos_audit_size_bytes`` and
+    ``talos_capabilities_{granted,revoked}_total`` at the agent's stores (the
+    queue depth was set on every send, removal and drop: one read of the
+    outbox per message on the send path, and stale beside a ``talos`` command)."""
 
     def revoked() -> int:
         stored = tokens.revocation_list(me)
@@ -34,4 +36,5 @@ def read_stores_when_scraped(
         audit_size_bytes=lambda: (log.path / DATA_FILE).stat().st_size,
         capabilities_granted=tokens.granted_count,
         capabilities_revoked=revoked,
+        messages_queued=state.outbox_count,
     )

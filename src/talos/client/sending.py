@@ -191,7 +191,6 @@ class Sender:
             return result  # committed by close(); delivered after the next start
         self._metrics.message_sent(len(payload))
         self._deliverer.accepted(message_id, started)
-        self._metrics.set_queue_depth(self._state.outbox_count())
         if expires_ms is not None and self.on_expiring is not None:
             self.on_expiring(message_id, peer_id, expires_ms)
         if self._offline:
