@@ -82,13 +82,7 @@ class Acknowledgements:
         while self._core.has_removals():
             acks = self._core.start_removal()
             if len(acks) < INLINE_REMOVALS:
-                try:
-                    removed = self._remove_acked(acks)
-                except Exception as error:  # as a worker thread's failure is handled
-                    _log.error("removing acknowledged messages failed: %r", error)
-                    removed = False
-                self._core.removal_committed()
-                self._after_removal(acks, removed=removed)
+                self._remove_now(acks)
                 await asyncio.sleep(0)  # ACKs that arrived meanwhile form the next batch
                 continue
             commit = asyncio.ensure_future(asyncio.to_thread(self._remove_acked, acks))
@@ -115,10 +109,18 @@ class Acknowledgements:
     def flush(self) -> None:
         """Remove the acknowledged messages not yet removed now, on this thread (close)."""
         if self._core.has_removals():
-            acks = self._core.start_removal()
+            self._remove_now(self._core.start_removal())
+
+    def _remove_now(self, acks: dict[bytes, wire.Envelope]) -> None:
+        """Commit the removal of ``acks`` on this thread and act on its outcome (a
+        failure is handled as a worker thread's is, in :meth:`_removal_done`)."""
+        try:
             removed = self._remove_acked(acks)
-            self._core.removal_committed()
-            self._after_removal(acks, removed=removed)
+        except Exception as error:
+            _log.error("removing acknowledged messages failed: %r", error)
+            removed = False
+        self._core.removal_committed()
+        self._after_removal(acks, removed=removed)
 
     def _remove_acked(self, acks: dict[bytes, wire.Envelope]) -> bool:
         """One commit removing ``acks`` from the outbox with their audit entries."""
