@@ -83,11 +83,8 @@ class Deliverer:
         self.links: dict[str, Link] = {}
         #: send() calls waiting for their message's outcome.
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
-        #: Resolved (and replaced) whenever a delivery attempt fails: send() calls
-        #: waiting for their ACK then check their retry count.
-        self._failure_tick: asyncio.Future[None] | None = None
-        #: The same news for send() calls waiting on the real clock (see
-        #: _news_or_deadline): each one's wake-up, called on every failed attempt.
+        #: The wake-up of each send() call waiting for its ACK, called whenever a
+        #: delivery attempt fails: it then checks its retry count (_news_or_deadline).
         self._failure_watchers: set[Callable[[], None]] = set()
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
@@ -134,24 +131,15 @@ class Deliverer:
                 return False
             if deadline - self._clock.monotonic() <= 0:
                 return False
-            # Woken by the ACK, or by any failed attempt (rare) to look at the count
-            # again: no polling, which cost thousands of wake-ups a second when
-            # thousands of send() calls wait at once.
-            if getattr(self._clock, "subscribe", None) is None:
-                await self._news_or_deadline(acked, deadline)
-                continue
-            tick = self._failure_tick
-            if tick is None or tick.done():
-                tick = self._failure_tick = asyncio.get_running_loop().create_future()
-            await timing.wait_first(self._clock, deadline, (acked, tick))
+            await self._news_or_deadline(acked, deadline)
 
     async def _news_or_deadline(self, acked: asyncio.Future[None], deadline: float) -> None:
-        """Until ``acked`` is done, any delivery attempt fails, or the (real-time)
-        ``deadline``: one future and one timer per wait, and nothing shared whose
-        callbacks grow with the number of send() calls waiting (every waiter's
-        callback on one shared future made each wake-up cost O(waiters))."""
-        loop = asyncio.get_running_loop()
-        news: asyncio.Future[None] = loop.create_future()
+        """Until ``acked`` is done, any delivery attempt fails (to look at the retry
+        count again), or ``deadline`` on the agent's clock. No polling, which cost
+        thousands of wake-ups a second when thousands of send() calls wait at once;
+        and nothing shared whose callbacks grow with the number of calls waiting
+        (a callback of every waiter on one future made each wake-up O(waiters))."""
+        news: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def wake(_: object = None) -> None:
             if not news.done():
@@ -159,11 +147,9 @@ class Deliverer:
 
         acked.add_done_callback(wake)
         self._failure_watchers.add(wake)
-        timer = loop.call_later(max(0.0, deadline - self._clock.monotonic()), wake)
         try:
-            await news
+            await timing.wait_first(self._clock, deadline, (news,))
         finally:
-            timer.cancel()
             self._failure_watchers.discard(wake)
             acked.remove_done_callback(wake)
 
@@ -278,9 +264,7 @@ class Deliverer:
                 # message that failed is the oldest one this attempt was about.
                 failure = f"{type(exc).__name__}: {exc}"
                 if head is not None and self.core.count_failure(head, failure):
-                    if self._failure_tick is not None and not self._failure_tick.done():
-                        self._failure_tick.set_result(None)  # send() calls look again
-                    for watcher in list(self._failure_watchers):
+                    for watcher in list(self._failure_watchers):  # send() calls look again
                         watcher()
                 delay = self._backoff.delay(attempt, self._rng)
                 attempt += 1
