@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,28 @@ class RecordingProxy:
         sink.close()
 
 
+@contextlib.asynccontextmanager
+async def bob_behind_proxy(
+    tmp_path: Path, registry: RegistryProcess
+) -> AsyncIterator[tuple[TalosClient, RecordingProxy]]:
+    """Bob (open to anyone), announcing a recording proxy's port in front of his own."""
+    bob_port, proxy_port = free_port(), free_port()
+    async with TalosClient.create(
+        "bob",
+        home=tmp_path / "b",
+        registry_url=registry.url,
+        listen=f"127.0.0.1:{bob_port}",
+        announce=f"127.0.0.1:{proxy_port}",
+        accept_policy="open",
+    ) as bob:
+        proxy = RecordingProxy(bob_port)
+        await proxy.start(proxy_port)
+        try:
+            yield bob, proxy
+        finally:
+            await proxy.close()
+
+
 async def test_the_key_log_and_the_bundle_are_asked_for_side_by_side(
     tmp_path: Path, registry: RegistryProcess
 ) -> None:
@@ -126,34 +149,21 @@ async def test_establish_session_opens_the_link_before_the_first_message(
 ) -> None:
     """The connection to the peer is made right after X3DH, in the background; the
     first message then goes over it (one connection, opened before send())."""
-    bob_port, proxy_port = free_port(), free_port()
-    async with TalosClient.create(
-        "bob",
-        home=tmp_path / "b",
-        registry_url=registry.url,
-        listen=f"127.0.0.1:{bob_port}",
-        announce=f"127.0.0.1:{proxy_port}",
-        accept_policy="open",
-    ) as bob:
-        proxy = RecordingProxy(bob_port)
-        await proxy.start(proxy_port)
-        try:
-            async with TalosClient.create(
-                "carol", home=tmp_path / "c", registry_url=registry.url
-            ) as carol:
-                await carol.establish_session(bob.agent_id)
-                deadline = time.monotonic() + 10
-                while proxy.connections < 1:  # noqa: ASYNC110 -- counted by the proxy
-                    assert time.monotonic() < deadline, "carol did not connect ahead"
-                    await asyncio.sleep(0.01)
-                sent = await carol.send(bob.agent_id, "first", timeout=10)
-                assert sent.status == "delivered"
-                assert proxy.connections == 1
-                received = await bob.receive(timeout=5)
-                assert received is not None
-                assert received.data == "first"
-        finally:
-            await proxy.close()
+    async with (
+        bob_behind_proxy(tmp_path, registry) as (bob, proxy),
+        TalosClient.create("carol", home=tmp_path / "c", registry_url=registry.url) as carol,
+    ):
+        await carol.establish_session(bob.agent_id)
+        deadline = time.monotonic() + 10
+        while proxy.connections < 1:  # noqa: ASYNC110 -- counted by the proxy
+            assert time.monotonic() < deadline, "carol did not connect ahead"
+            await asyncio.sleep(0.01)
+        sent = await carol.send(bob.agent_id, "first", timeout=10)
+        assert sent.status == "delivered"
+        assert proxy.connections == 1
+        received = await bob.receive(timeout=5)
+        assert received is not None
+        assert received.data == "first"
 
 
 async def test_no_connection_is_started_once_the_client_is_closing(
@@ -161,26 +171,12 @@ async def test_no_connection_is_started_once_the_client_is_closing(
 ) -> None:
     """A connection asked for while the client closes (a witness loop waking up late,
     say) is refused at once: nothing connects after close() has begun."""
-    bob_port, proxy_port = free_port(), free_port()
-    async with TalosClient.create(
-        "bob",
-        home=tmp_path / "b",
-        registry_url=registry.url,
-        listen=f"127.0.0.1:{bob_port}",
-        announce=f"127.0.0.1:{proxy_port}",
-    ) as bob:
-        proxy = RecordingProxy(bob_port)
-        await proxy.start(proxy_port)
-        try:
-            carol = await TalosClient.create(
-                "carol", home=tmp_path / "c", registry_url=registry.url
-            )
-            deliverer = carol._drivers.deliverer  # noqa: SLF001 -- the loop a witness would use
-            closing = asyncio.create_task(carol.close())
-            await asyncio.sleep(0)  # close() has begun
-            with pytest.raises(PeerUnreachable, match="closing"):
-                await deliverer.link(bob.agent_id)
-            await closing
-            assert proxy.connections == 0
-        finally:
-            await proxy.close()
+    async with bob_behind_proxy(tmp_path, registry) as (bob, proxy):
+        carol = await TalosClient.create("carol", home=tmp_path / "c", registry_url=registry.url)
+        deliverer = carol._drivers.deliverer  # noqa: SLF001 -- the loop a witness would use
+        closing = asyncio.create_task(carol.close())
+        await asyncio.sleep(0)  # close() has begun
+        with pytest.raises(PeerUnreachable, match="closing"):
+            await deliverer.link(bob.agent_id)
+        await closing
+        assert proxy.connections == 0
