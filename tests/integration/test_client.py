@@ -269,6 +269,35 @@ async def test_registry_down_peer_moved_is_found_through_the_dht(tmp_path: Path)
             assert alice.status()["registry_reachable"] is False
 
 
+async def test_first_contact_with_the_registry_down_comes_from_the_dht(tmp_path: Path) -> None:
+    """A first session while the registry is down: the peer's key log, bundle and
+    record come from its DHT value (one lookup), and the message is delivered."""
+    with registry_process(tmp_path / "registry") as server:
+        async with TalosClient.create(
+            "bob",
+            home=tmp_path / "b",
+            registry_url=server.url,
+            discovery=["registry", "dht"],
+            accept_policy="open",
+        ) as bob:
+            assert bob.dht_address is not None
+            server.stop()
+            async with TalosClient.create(
+                "carol",
+                home=tmp_path / "c",
+                registry_url=server.url,
+                discovery=["registry", "dht"],
+                dht_bootstrap=[bob.dht_address],
+            ) as carol:
+                await carol.establish_session(bob.agent_id)
+                sent = await carol.send(bob.agent_id, "no registry", timeout=20)
+                assert sent.status == "delivered"
+                got = await bob.receive(timeout=10)
+                assert got is not None
+                assert got.data == "no registry"
+                assert carol.status()["registry_reachable"] is False
+
+
 async def test_a_self_issued_capability_is_refused(tmp_path: Path) -> None:
     """Nobody can authorize themselves to write to someone else's inbox."""
     from talos.core.capability import issue

@@ -22,22 +22,32 @@ from talos.testing.processes import RegistryProcess, free_port
 
 pytestmark = pytest.mark.asyncio
 
+_NOT_FOUND = (
+    b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
+    b'content-length: 22\r\n\r\n{"detail":"Not Found"}'
+)
+
 
 class RecordingProxy:
     """Forwards 127.0.0.1:``port`` to ``target_port``; notes each connection's first
     request line (HTTP) and the order of requests and answers, and holds each
     connection's first client bytes for ``hold`` seconds (so that requests made
-    in series cannot overlap by chance)."""
+    in series cannot overlap by chance). A request whose first line holds
+    ``missing`` is answered 404 as a server without that route would (a
+    registry older than the route)."""
 
-    def __init__(self, target_port: int, *, hold: float = 0.0) -> None:
+    def __init__(self, target_port: int, *, hold: float = 0.0, missing: str | None = None) -> None:
         self.target_port = target_port
         self.hold = hold
+        self.missing = missing
         #: ("request" | "answer", first request line) in the order they happened.
         self.events: list[tuple[str, str]] = []
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        #: Upstream writer -> the client's writer on the same connection.
+        self._pairs: dict[asyncio.StreamWriter, asyncio.StreamWriter] = {}
 
     async def start(self, port: int) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
@@ -62,11 +72,15 @@ class RecordingProxy:
             i for i, (kind, line) in enumerate(self.events) if kind == "answer" and needle in line
         )
 
+    def _client_writer(self, upstream: asyncio.StreamWriter) -> asyncio.StreamWriter:
+        return self._pairs[upstream]
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self._writers.add(writer)
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers.add(up_writer)
+        self._pairs[up_writer] = writer
         line = [""]
         for source, sink, outbound in ((reader, up_writer, True), (up_reader, writer, False)):
             task = asyncio.create_task(self._pump(source, sink, outbound, line))
@@ -88,6 +102,11 @@ class RecordingProxy:
                         line[0] = first
                         self.events.append(("request", first))
                         await asyncio.sleep(self.hold)
+                        if self.missing is not None and self.missing in first:
+                            writer = self._client_writer(sink)
+                            writer.write(_NOT_FOUND)
+                            await writer.drain()
+                            continue
                 elif line[0]:
                     self.events.append(("answer", line[0]))
                     line[0] = ""
@@ -118,17 +137,53 @@ async def bob_behind_proxy(
             await proxy.close()
 
 
-async def test_the_key_log_and_the_bundle_are_asked_for_side_by_side(
-    tmp_path: Path, registry: RegistryProcess
+@pytest.mark.parametrize("establish_first", [True, False])
+async def test_a_first_contact_is_one_registry_request(
+    tmp_path: Path, registry: RegistryProcess, establish_first: bool
 ) -> None:
-    """On first contact the peer's key log and a prekey bundle are two registry requests:
-    the bundle's is made before the key log's answer is back."""
-    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]), hold=0.2)
+    """On first contact the peer's key log, a bundle and its record come in one
+    request (/contact), whether the session is set up first or by the first
+    send(): the session and the connection that follow ask the registry nothing."""
+    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]))
     port = free_port()
     await proxy.start(port)
     try:
         async with (
-            TalosClient.create("bob", home=tmp_path / "b", registry_url=registry.url) as bob,
+            TalosClient.create(
+                "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
+            ) as bob,
+            TalosClient.create(
+                "carol", home=tmp_path / "c", registry_url=f"http://127.0.0.1:{port}"
+            ) as carol,
+        ):
+            proxy.events.clear()
+            if establish_first:
+                await carol.establish_session(bob.agent_id)
+            sent = await carol.send(bob.agent_id, "first", timeout=10)
+            assert sent.status == "delivered"
+            about_bob = [line for kind, line in proxy.events if bob.agent_id in line]
+            assert about_bob == [
+                f"GET /v1/agents/{bob.agent_id}/contact HTTP/1.1",
+                f"GET /v1/agents/{bob.agent_id}/contact HTTP/1.1",  # its answer
+            ], proxy.events
+    finally:
+        await proxy.close()
+
+
+async def test_without_contact_the_key_log_and_the_bundle_are_asked_for_side_by_side(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """A registry older than /contact (404 for the route): the key log and a prekey
+    bundle are two requests, the bundle's made before the key log's answer is back,
+    and the session is set up all the same."""
+    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]), hold=0.2, missing="/contact")
+    port = free_port()
+    await proxy.start(port)
+    try:
+        async with (
+            TalosClient.create(
+                "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
+            ) as bob,
             TalosClient.create(
                 "carol", home=tmp_path / "c", registry_url=f"http://127.0.0.1:{port}"
             ) as carol,
@@ -137,9 +192,12 @@ async def test_the_key_log_and_the_bundle_are_asked_for_side_by_side(
             await carol.establish_session(bob.agent_id)
             keylog = f"/v1/agents/{bob.agent_id}/keylog"
             bundle = f"/v1/agents/{bob.agent_id}/bundle"
+            assert proxy.requests("/contact"), proxy.events
             assert proxy.requests(keylog), proxy.events
             assert proxy.requests(bundle), proxy.events
             assert proxy.requests(bundle)[0] < proxy.answer_of(keylog), proxy.events
+            sent = await carol.send(bob.agent_id, "first", timeout=10)
+            assert sent.status == "delivered"
     finally:
         await proxy.close()
 

@@ -10,6 +10,7 @@ owns what). The decisions those parts act on are pure and live in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -504,9 +505,13 @@ class TalosClient:
             KeyAgreementFailed: a bundle key is unusable.
         """
         contacts.require_bundle(peer_id, bundle, offline=self._config.offline)
-        await self._drivers.sessions.establish(peer_id, bundle)
-        self._drivers.deliverer.kick(peer_id)
-        self._drivers.deliverer.prepare_link(peer_id)
+        deliverer = self._drivers.deliverer
+        # The connection opens beside the key agreement, once the peer's key log
+        # (and on first contact its record) is known: the first send() finds it open.
+        await self._drivers.sessions.establish(
+            peer_id, bundle, looked_up=functools.partial(deliverer.prepare_link, peer_id)
+        )
+        deliverer.kick(peer_id)
 
     async def reset_session(self, peer_id: str) -> None:
         """Forget the session with ``peer_id``; the next message establishes a new one.

@@ -23,8 +23,18 @@ from talos.core.peer_record import PeerRecord
 from talos.core.prekeys import PrekeyUpload
 from talos.core.x3dh import PrekeyBundle
 from talos.discovery.dht import DhtNode
-from talos.discovery.registry_client import RegistryClient
-from talos.errors import DiscoveryError, LocalProtocolError, PeerNotFound, PeerRejected, TalosError
+from talos.discovery.registry_client import PeerContact, RegistryClient
+from talos.errors import (
+    DiscoveryError,
+    KeyLogInvalid,
+    LocalProtocolError,
+    MalformedFrame,
+    PeerNotFound,
+    PeerRejected,
+    SignatureInvalid,
+    TalosError,
+    UnsupportedVersion,
+)
 from talos.metrics import AgentMetrics
 
 _log = logging.getLogger("talos.client")
@@ -127,6 +137,48 @@ class Discovery:
         while not closed():
             await timing.sleep(self._clock, RECORD_LIFETIME / 4)
             await announce()
+
+    async def first_contact(self, peer_id: str) -> PeerContact | None:
+        """What a first session with ``peer_id`` needs, in one request: its key log, a
+        bundle and its record from the registry's ``/contact``; when the registry
+        cannot be reached, the same three from the DHT (one lookup). ``None`` when
+        this way gives nothing: no registry, an agent the registry does not know
+        or a registry older than ``/contact``, or an answer that does not check.
+        The caller then asks for the parts one by one, which names the failure.
+
+        Raises:
+            PeerNotFound: the registry is down and the DHT has no value either.
+        """
+        if self.registry is None:
+            return None
+        try:
+            contact = await self.registry.fetch_contact(peer_id)
+        except PeerNotFound:
+            return None
+        except DiscoveryError as exc:
+            self.source_down("registry", exc)
+            return await self._dht_contact(peer_id, exc)
+        except (MalformedFrame, UnsupportedVersion, KeyLogInvalid, SignatureInvalid) as exc:
+            _log.info("first-contact answer for %s refused (%s); asking part by part", peer_id, exc)
+            return None
+        self.source_up("registry")
+        return contact
+
+    async def _dht_contact(self, peer_id: str, failure: DiscoveryError) -> PeerContact:
+        """The DHT's value of ``peer_id`` as a first contact (its record and bundle
+        verified under its key log by the DHT node).
+
+        Raises:
+            PeerNotFound: no DHT, or no valid value in time.
+        """
+        if self.dht is not None:
+            try:
+                entry = await self.dht.lookup(peer_id, now=self._clock.time())
+            except DiscoveryError as exc:
+                _log.info("DHT has no value for %s: %s", peer_id, exc)
+            else:
+                return PeerContact(log=entry.log, bundle=entry.bundle, record=entry.record)
+        raise PeerNotFound(f"no key log for {peer_id}: {failure}")
 
     async def fetch_bundle(self, peer_id: str, log: Awaitable[KeyLog]) -> PrekeyBundle:
         """The registry's bundle (with a one-time prekey when it has one); if the registry

@@ -211,13 +211,16 @@ class Sender:
 
     async def _look_up(self, peer_id: str) -> None:
         """The peer's key log, to check a capability's issuer locally (fetched from
-        discovery on first contact).
+        discovery on first contact, with what the session needs: Sessions.look_up).
 
         Raises:
             PeerUnknown: every discovery source said no such agent (not offline).
         """
         try:
-            await self._peers.keylog(peer_id)
+            if self._offline:
+                await self._peers.keylog(peer_id)
+            else:
+                await self._sessions.look_up(peer_id)
         except PeerUnknown:
             if not self._offline:  # offline: nobody was asked, the message waits
                 raise

@@ -10,20 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
 
 from talos.audit import AuditKind
 from talos.client.own_keys import OwnIdentity, discard_sessions
 from talos.core.clock import Clock
 from talos.core.keylog import KeyLog
+from talos.core.peer_record import PeerRecord
 from talos.core.ratchet import Session
 from talos.core.rng import Rng
 from talos.core.sessions import SessionEntry, SessionTable, decode_record, encode_record
 from talos.core.x3dh import PrekeyBundle, PrekeyStore, initiate
+from talos.discovery.registry_client import PeerContact
 from talos.errors import (
     CryptoError,
     DiscoveryError,
     MalformedFrame,
     SignatureInvalid,
+    StaleMessage,
     StoreCorrupted,
     UnsupportedVersion,
 )
@@ -32,6 +36,10 @@ from talos.peers import PeerDirectory
 from talos.storage.agent_state import AgentState
 
 _log = logging.getLogger("talos.client")
+_T = TypeVar("_T")
+
+#: Seconds a first contact's bundle is kept for the session that follows.
+BUNDLE_KEPT: Final = 60.0
 
 #: One-time prekeys kept published at the registry.
 ONE_TIME_PREKEYS = 20
@@ -51,6 +59,7 @@ class Sessions:
         rng: Rng,
         settle: Callable[[], None],
         fetch_bundle: Callable[[str, Awaitable[KeyLog]], Awaitable[PrekeyBundle]],
+        first_contact: Callable[[str], Awaitable[PeerContact | None]],
         clock: Clock,
     ) -> None:
         self.table = table
@@ -59,6 +68,10 @@ class Sessions:
         #: Commits the receives staged in the table (see ReceiveBatch.settle).
         self._settle = settle
         self._fetch_bundle = fetch_bundle
+        self._first_contact = first_contact
+        #: First contacts' bundles, kept for the session set up next: peer -> (bundle,
+        #: monotonic deadline).
+        self._kept: dict[str, tuple[PrekeyBundle, float]] = {}
         self._clock = clock
         self._prekeys = self._load_prekeys()
 
@@ -153,25 +166,28 @@ class Sessions:
         entry = self.committed(peer)
         return None if entry is None else entry.session
 
-    async def establish(self, peer: str, bundle: PrekeyBundle | None = None) -> None:
+    async def establish(
+        self,
+        peer: str,
+        bundle: PrekeyBundle | None = None,
+        *,
+        looked_up: Callable[[], None] | None = None,
+    ) -> None:
         """Run X3DH with ``peer`` (see TalosClient.establish_session); timed from the
         start, and a failure of the bundle or the key agreement counted by its reason.
 
-        Without a ``bundle``, the peer's key log and a bundle are asked for at
-        the same time: on first contact that is two registry requests in
-        parallel instead of in series. The bundle is only used once the key
-        log is verified (:func:`talos.core.x3dh.initiate` checks its keys
-        against the log). The price: when the key log cannot be had, the
-        registry has usually handed out one of the peer's one-time prekeys
-        already, and it is wasted (the next attempt takes another).
+        Without a ``bundle``, what the session needs is looked up
+        (:meth:`_look_up`); ``looked_up()`` is called as soon as the peer's key log
+        is verified, before the key agreement (the client starts connecting then).
         """
         started = self._clock.monotonic()
         if bundle is None:
-            log, fetching = await self._log_and_bundle(peer)
+            log, fetching = await self._look_up(peer)
         else:
             log = await self._peers.keylog(peer)
-            fetching = asyncio.get_running_loop().create_future()
-            fetching.set_result(bundle)
+            fetching = _done(bundle)
+        if looked_up is not None:
+            looked_up()
         try:
             self._initiate(peer, log, await fetching)
         except SignatureInvalid:
@@ -188,6 +204,61 @@ class Sessions:
             self._metrics.session_failed("key_agreement")
             raise
         self._metrics.session_established(self._clock.monotonic() - started)
+
+    async def look_up(self, peer: str) -> KeyLog:
+        """The peer's verified key log (fetched on first contact, see
+        :meth:`PeerDirectory.keylog`).
+
+        On first contact one request brings the key log, a bundle and the
+        peer's record (:meth:`Discovery.first_contact`): the record goes to the
+        peer cache, so the connection that follows looks nothing up, and the
+        bundle is kept in memory for the session set up next (for
+        :data:`BUNDLE_KEPT` seconds; one not used by then is dropped, and its
+        one-time prekey wasted, as when a session attempt fails).
+
+        Raises:
+            PeerUnknown, PeerNotFound, KeyLogInvalid: as PeerDirectory.keylog.
+        """
+        log = await self._first_contact_log(peer)
+        return log if log is not None else await self._peers.keylog(peer)
+
+    async def _first_contact_log(self, peer: str) -> KeyLog | None:
+        """The key log of a first contact (keeping its bundle, caching its record), or
+        ``None`` when the peer is known already or the contact gave nothing."""
+        if self._peers.known_log(peer) is not None:
+            return None
+        contact = await self._first_contact(peer)
+        if contact is None:
+            return None
+        log = self._peers.learn_log(contact.log)
+        self._learn_record(contact.record)
+        if contact.bundle is not None:
+            self._kept[peer] = (contact.bundle, self._clock.monotonic() + BUNDLE_KEPT)
+        return log
+
+    async def _look_up(self, peer: str) -> tuple[KeyLog, asyncio.Future[PrekeyBundle]]:
+        """The peer's verified key log, and its bundle (possibly still being fetched):
+        a first contact's (:meth:`look_up`), or the key log and a bundle asked for
+        side by side (:meth:`_log_and_bundle`)."""
+        log = await self._first_contact_log(peer)
+        if log is None:
+            log = self._peers.known_log(peer)
+            if log is None:  # the first contact gave nothing: part by part
+                return await self._log_and_bundle(peer)
+        kept = self._kept.pop(peer, None)
+        if kept is not None and kept[1] > self._clock.monotonic():
+            return log, _done(kept[0])
+        return log, asyncio.ensure_future(self._fetch_bundle(peer, _done(log)))
+
+    def _learn_record(self, record: PeerRecord | None) -> None:
+        """Cache a first contact's record if it verifies under the log just learned
+        (if not, the connection looks the endpoint up itself, and says why)."""
+        if record is None:
+            return
+        try:
+            self._peers.learn_record(record)
+        except (SignatureInvalid, StaleMessage) as exc:
+            _log.info("record of %s not cached from its first contact: %s", record.agent_id, exc)
 
     async def _log_and_bundle(self, peer: str) -> tuple[KeyLog, asyncio.Future[PrekeyBundle]]:
         """The peer's key log, and the bundle fetch running beside it (awaited by the
@@ -246,3 +317,10 @@ class Sessions:
         if confirmed is not None:
             self._state.put_session(peer, encode_record(confirmed))
             self.table.commit(peer, confirmed)
+
+
+def _done(value: _T) -> asyncio.Future[_T]:
+    """A future already holding ``value``."""
+    future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future

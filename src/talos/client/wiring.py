@@ -132,6 +132,7 @@ def assemble(base: Foundation) -> Parts:
         rng=rng,
         settle=batch.settle,
         fetch_bundle=discovery.fetch_bundle,
+        first_contact=discovery.first_contact,
         clock=config.clock,
     )
     deliverer = Deliverer(

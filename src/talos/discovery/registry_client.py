@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
 import httpx
 
 from talos.core.agent_id import check_agent_id
 from talos.core.clock import Clock
+from talos.core.contact import Contact
 from talos.core.keylog import KeyLog, KeyLookup
 from talos.core.peer_record import PeerRecord
 from talos.core.prekeys import PrekeyUpload
@@ -80,12 +82,28 @@ __all__ = [
     "MAX_RESPONSE",
     "DuplicateInstance",
     "DuplicateReport",
+    "PeerContact",
     "PrekeyStatus",
     "RegistryClient",
     "RegistryRejected",
 ]
 
 log = logging.getLogger("talos.discovery")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerContact:
+    """What :meth:`RegistryClient.fetch_contact` returns."""
+
+    #: The agent's key log, verified (self-certifying), not yet checked against
+    #: any log the caller already holds.
+    log: KeyLog
+    #: A bundle whose signed prekey verifies under the bundle's own key (X3DH checks
+    #: that key against ``log``); ``None`` when the agent has no prekeys.
+    bundle: PrekeyBundle | None
+    #: The live record, decoded, naming the agent, its signature NOT checked yet
+    #: (verify it under ``log``); ``None`` when none is live.
+    record: PeerRecord | None
 
 
 class RegistryClient:
@@ -227,6 +245,37 @@ class RegistryClient:
             raise MalformedFrame(f"registry served another agent's bundle for {agent_id}")
         bundle.verify()
         return bundle
+
+    # -- first contact -------------------------------------------------------------------
+
+    async def fetch_contact(self, agent_id: str) -> PeerContact:
+        """The agent's key log, a prekey bundle and its live record in one request
+        (``/contact``, :mod:`talos.core.contact`), each checked as
+        :meth:`fetch_keylog`, :meth:`fetch_bundle` and :meth:`fetch_unverified_record`
+        check theirs. The bundle's one-time prekey is handed out, as by
+        :meth:`fetch_bundle`.
+
+        Raises:
+            PeerNotFound: no key log for ``agent_id``, or a registry older than
+                ``/contact``: ask for the parts one by one, which names the failure.
+            KeyLogInvalid, SignatureInvalid: a part does not verify.
+            MalformedFrame, UnsupportedVersion: undecodable, or another agent's.
+            RegistryUnavailable: see the module table.
+        """
+        agent_id = _agent(agent_id)
+        contact = Contact.from_bytes(await self._http.get(f"/v1/agents/{agent_id}/contact"))
+        log = KeyLog.from_bytes(contact.log)
+        if log.agent_id != agent_id:
+            raise KeyLogInvalid(f"registry served another agent's key log for {agent_id}")
+        bundle = None if contact.bundle is None else PrekeyBundle.from_bytes(contact.bundle)
+        if bundle is not None:
+            if bundle.agent_id != agent_id:
+                raise MalformedFrame(f"registry served another agent's bundle for {agent_id}")
+            bundle.verify()
+        record = None if contact.record is None else PeerRecord.from_bytes(contact.record)
+        if record is not None and record.agent_id != agent_id:
+            raise MalformedFrame(f"registry served another agent's record for {agent_id}")
+        return PeerContact(log=log, bundle=bundle, record=record)
 
     # -- peer records -------------------------------------------------------------------
 

@@ -39,10 +39,12 @@ from starlette.requests import ClientDisconnect
 
 from talos.core.agent_id import check_agent_id
 from talos.core.clock import Clock, time_ms
+from talos.core.contact import Contact
 from talos.core.keylog import KeyLog
 from talos.core.peer_record import PeerRecord
 from talos.core.prekeys import PrekeyUpload
 from talos.core.revocation import RevocationList
+from talos.core.x3dh import PrekeyBundle
 from talos.errors import PeerNotFound
 from talos.registry.admission import Refusal, RefusalKind, Refused, check_same_agent
 from talos.registry.answers import install_error_handlers, request_logs
@@ -263,6 +265,16 @@ async def get_bundle(agent_id: str, request: Request) -> Response:
         if limiter is not None:  # unknown agents must not push real buckets out
             await run_in_threadpool(limiter.forget, address, agent)
         raise PeerNotFound(f"no prekeys for {agent_id}")
+    _bundle_served(request, agent, address, bundle, one_time=one_time)
+    return _cbor(bundle.to_bytes())
+
+
+def _bundle_served(
+    request: Request, agent: str, address: str, bundle: PrekeyBundle, *, one_time: bool
+) -> None:
+    """Count a bundle handed out, and warn (rate-limited) when its one-time prekey was
+    withheld because ``address`` took its share."""
+    _, clock = _context(request)
     _metrics(request).bundle_served(
         with_one_time_prekey=bundle.one_time_prekey_id is not None, withheld=not one_time
     )
@@ -276,7 +288,51 @@ async def get_bundle(agent_id: str, request: Request) -> Response:
             peer_id=agent,
             address=address,
         )
-    return _cbor(bundle.to_bytes())
+
+
+@router.get(
+    "/agents/{agent_id}/contact",
+    summary="What a first contact needs: key log, a prekey bundle, the live record",
+    response_class=Response,
+    responses={
+        **binary_ok(
+            "a first-contact map (talos.core.contact): the key log, a bundle taken as "
+            "/bundle takes it (null without prekeys), the live record (null without one)"
+        ),
+        **error_docs(400, 404, 503),
+    },
+)
+async def get_contact(agent_id: str, request: Request) -> Response:
+    """``/keylog``, ``/bundle`` and ``/record`` in one answer, for an agent meeting
+    this one for the first time (one request instead of three).
+
+    The bundle is taken exactly as ``/bundle`` takes it, under the same
+    one-time prekey shares. Clients decode and verify each part as they would
+    the separate answers. An agent without a key log is a 404.
+    """
+    store, clock = _context(request)
+    agent = _agent(agent_id)
+    address = _client_key(request)
+    limiter: DrainShares | None = request.app.state.prekey_limiter
+
+    def work() -> tuple[bytes, PrekeyBundle | None, bool, bytes | None] | None:
+        log = store.keylog(agent)
+        if log is None:
+            return None
+        one_time = limiter is None or limiter.allow(address, agent, clock)
+        bundle = store.take_bundle(agent, one_time=one_time)
+        if bundle is None and limiter is not None:
+            limiter.forget(address, agent)
+        return log, bundle, one_time, store.record(agent, now_ms=time_ms(clock))
+
+    found = await run_in_threadpool(work)
+    if found is None:
+        raise PeerNotFound(f"no key log for {agent_id}")
+    log, bundle, one_time, record = found
+    if bundle is not None:
+        _bundle_served(request, agent, address, bundle, one_time=one_time)
+    contact = Contact(log=log, bundle=None if bundle is None else bundle.to_bytes(), record=record)
+    return _cbor(contact.to_bytes())
 
 
 @router.put(

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from registry_fixtures import CBOR, Agent, Served
 
 from talos.core.agent_id import agent_id_from_digest
+from talos.core.contact import Contact
 from talos.core.keylog import KeyLog
 from talos.core.peer_record import PeerRecord
 from talos.core.x3dh import PrekeyBundle
@@ -131,6 +132,58 @@ async def test_records(served: Served, alice: Agent, clock: FakeClock) -> None:
     assert error(await put(served, f"{base}/record", expired.to_bytes())) == (422, "StaleMessage")
 
 
+async def test_contact_is_keylog_bundle_and_record_in_one(
+    served: Served, alice: Agent, clock: FakeClock
+) -> None:
+    """/contact serves the exact bytes of /keylog, a bundle taken as /bundle takes it
+    (one-time prekeys handed out once, shared with /bundle), and /record; parts the
+    registry lacks are null, an agent without a key log is 404."""
+    base = f"/v1/agents/{alice.agent_id}"
+    assert error(await served.http.get(f"{base}/contact")) == (404, "PeerNotFound")
+    await publish(served, alice)
+
+    async def contact() -> Contact:
+        response = await served.http.get(f"{base}/contact")
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/cbor"
+        return Contact.from_bytes(response.content)
+
+    bare = await contact()
+    assert bare.log == (await served.http.get(f"{base}/keylog")).content
+    assert (bare.bundle, bare.record) == (None, None)
+    await put(served, f"{base}/prekeys", alice.upload(2).to_bytes())
+    record = alice.record(lifetime=60)
+    await put(served, f"{base}/record", record.to_bytes())
+    full = await contact()
+    assert full.record == record.to_bytes()
+    assert full.bundle is not None
+    first = PrekeyBundle.from_bytes(full.bundle)
+    first.verify()
+    second = PrekeyBundle.from_bytes((await served.http.get(f"{base}/bundle")).content)
+    third = await contact()
+    assert third.bundle is not None
+    ids = [first.one_time_prekey_id, second.one_time_prekey_id]
+    assert sorted(ids) == [0, 1]  # /contact and /bundle share one pool
+    assert PrekeyBundle.from_bytes(third.bundle).one_time_prekey_id is None
+    assert served.app.state.metrics.bundles_without_one_time_prekey._value.get() == 1
+    clock.advance(61)
+    assert (await contact()).record is None  # expired: no live record
+
+
+async def test_contact_takes_one_time_prekeys_under_the_same_share(
+    served: Served, alice: Agent
+) -> None:
+    await publish(served, alice)
+    base = f"/v1/agents/{alice.agent_id}"
+    await put(served, f"{base}/prekeys", alice.upload(ONE_TIME_PREKEYS_PER_MINUTE + 5).to_bytes())
+    for _ in range(ONE_TIME_PREKEYS_PER_MINUTE):
+        assert (await served.http.get(f"{base}/bundle")).status_code == 200
+    answer = Contact.from_bytes((await served.http.get(f"{base}/contact")).content)
+    assert answer.bundle is not None
+    assert PrekeyBundle.from_bytes(answer.bundle).one_time_prekey_id is None
+    assert served.app.state.metrics.one_time_prekeys_withheld._value.get() == 1
+
+
 async def test_revocations(served: Served, alice: Agent) -> None:
     path = f"/v1/revocations/{alice.agent_id}"
     assert error(await served.http.get(path)) == (404, "PeerNotFound")
@@ -199,6 +252,7 @@ async def test_openapi_documents_every_route(served: Served) -> None:
         "/v1/agents/{agent_id}/keylog",
         "/v1/agents/{agent_id}/prekeys",
         "/v1/agents/{agent_id}/bundle",
+        "/v1/agents/{agent_id}/contact",
         "/v1/agents/{agent_id}/record",
         "/v1/agents/{agent_id}/instances",
         "/v1/agents/{agent_id}/duplicates",
@@ -378,7 +432,7 @@ async def test_fuzz_submissions_never_5xx(
 )
 @given(
     agent=st.text(max_size=80),
-    route=st.sampled_from(["keylog", "prekeys", "bundle", "record", "instances"]),
+    route=st.sampled_from(["keylog", "prekeys", "bundle", "contact", "record", "instances"]),
 )
 async def test_fuzz_lookups_never_5xx(served: Served, agent: str, route: str) -> None:
     quoted = urllib.parse.quote(agent, safe="")

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from registry_fixtures import Agent, Served
 
+from talos.core.contact import Contact
 from talos.core.keylog import IssuerKeys
 from talos.discovery import RegistryClient, RegistryRejected
 from talos.errors import (
@@ -126,6 +127,7 @@ async def test_server_failures_are_registry_unavailable(alice: Agent) -> None:
     [
         (b"\xff\x00junk", "fetch_keylog"),
         (b"\xff\x00junk", "fetch_bundle"),
+        (b"\xff\x00junk", "fetch_contact"),
         (b"\xff\x00junk", "fetch_revocations"),
         (b"[1, 2", "time_ms"),
         (b'{"time_ms": -1}', "time_ms"),
@@ -156,6 +158,55 @@ async def test_another_agents_objects_are_refused(alice: Agent, bob: Agent) -> N
     async with fake(lambda request: httpx.Response(200, content=forged_bundle)) as registry:
         with pytest.raises(SignatureInvalid):
             await registry.fetch_bundle(bob.agent_id)
+
+
+async def test_fetch_contact(served: Served, alice: Agent, clock: FakeClock) -> None:
+    async with client_for(served) as registry:
+        with pytest.raises(PeerNotFound):
+            await registry.fetch_contact(alice.agent_id)
+        await registry.publish_keylog(alice.identity.keylog)
+        bare = await registry.fetch_contact(alice.agent_id)
+        assert (bare.log.to_bytes(), bare.bundle, bare.record) == (
+            alice.identity.keylog.to_bytes(),
+            None,
+            None,
+        )
+        await registry.publish_prekeys(alice.upload(1))
+        record = alice.record()
+        await registry.publish_record(record)
+        full = await registry.fetch_contact(alice.agent_id)
+        assert full.bundle is not None
+        assert full.bundle.one_time_prekey_id is not None
+        assert full.record == record
+        full.record.verify(IssuerKeys([full.log]), now=clock.time())
+
+
+async def test_contact_parts_of_another_agent_are_refused(alice: Agent, bob: Agent) -> None:
+    own = alice.identity.keylog.to_bytes()
+    cases = [
+        (Contact(log=bob.identity.keylog.to_bytes(), bundle=None, record=None), KeyLogInvalid),
+        (Contact(log=own, bundle=bob.prekeys.bundle().to_bytes(), record=None), MalformedFrame),
+        (Contact(log=own, bundle=None, record=bob.record().to_bytes()), MalformedFrame),
+        (
+            Contact(
+                log=own,
+                bundle=replace(
+                    alice.prekeys.bundle(), signed_prekey_signature=bytes(64)
+                ).to_bytes(),
+                record=None,
+            ),
+            SignatureInvalid,
+        ),
+    ]
+    for contact, refused in cases:
+        body = contact.to_bytes()
+
+        def serve(request: httpx.Request, body: bytes = body) -> httpx.Response:
+            return httpx.Response(200, content=body)
+
+        async with fake(serve) as registry:
+            with pytest.raises(refused):
+                await registry.fetch_contact(alice.agent_id)
 
 
 async def test_non_json_error_bodies(alice: Agent) -> None:
