@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sent_frames import record_sent
 
 from talos.client import TalosClient
+from talos.core import wire
 from talos.errors import PeerUnreachable
 from talos.testing.processes import RegistryProcess, free_port
 
@@ -238,3 +240,26 @@ async def test_no_connection_is_started_once_the_client_is_closing(
             await deliverer.link(bob.agent_id)
         await closing
         assert proxy.connections == 0
+
+
+async def test_the_checkpoint_offer_follows_the_first_message(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """On a link carol opens, her audit checkpoint (witness work, a durable write at
+    bob) goes out after the message that was waiting for the link, not before it."""
+    async with (
+        TalosClient.create(
+            "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
+        ) as bob,
+        TalosClient.create("carol", home=tmp_path / "c", registry_url=registry.url) as carol,
+    ):
+        frames = record_sent(carol)
+        sent = await carol.send(bob.agent_id, "first", timeout=10)
+        assert sent.status == "delivered"
+        deadline = time.monotonic() + 10
+        kinds: list[wire.EnvelopeType] = []
+        while wire.EnvelopeType.CHECKPOINT not in kinds:
+            assert time.monotonic() < deadline, f"no checkpoint offered; sent {kinds}"
+            await asyncio.sleep(0.02)
+            kinds = [wire.decode(frame).type for frame in frames]
+        assert kinds.index(wire.EnvelopeType.INITIAL) < kinds.index(wire.EnvelopeType.CHECKPOINT)

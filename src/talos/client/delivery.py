@@ -90,6 +90,14 @@ class Deliverer:
         self._wakeups: dict[str, asyncio.Event] = {}
         #: Also called on every link this agent opens (the key log offer, see wiring).
         self.on_connected: Callable[[Link, str], Awaitable[None]] | None = None
+        #: Called once per link this agent opens, as soon as that peer's delivery
+        #: loop has sent what was waiting (our audit checkpoint, see wiring):
+        #: background work that must not hold up the first messages.
+        self.on_settled: Callable[[Link, str], Awaitable[None]] | None = None
+        #: Set while a peer's delivery loop waits with nothing to transmit.
+        self._idle: dict[str, asyncio.Event] = {}
+        #: Background offers waiting for their link to settle.
+        self._settling: set[asyncio.Task[None]] = set()
         #: When send() was called (monotonic), by message id, until its outcome.
         self._accepted: dict[bytes, float] = {}
         #: Links being opened, by peer: one connection attempt at a time per peer.
@@ -219,9 +227,11 @@ class Deliverer:
         """
         attempt = 0
         wake = self._wakeups.setdefault(peer, asyncio.Event())
+        idle = self._idle.setdefault(peer, asyncio.Event())
         window = self.core.window(peer)
         while not self._closed():
             wake.clear()
+            idle.clear()
             head = window.head()
             try:
                 outgoing = window.take_outgoing()
@@ -249,6 +259,7 @@ class Deliverer:
                         head = head or items[0].message_id
                         if await self._transmit(peer, items, window):
                             continue
+                idle.set()
                 if not window.inflight:
                     # Nothing to send, or only messages whose ACK is being committed:
                     # an ACK, a refusal or a new message wakes this loop.
@@ -268,6 +279,7 @@ class Deliverer:
                         watcher()
                 delay = self._backoff.delay(attempt, self._rng)
                 attempt += 1
+                idle.set()
                 level = logging.INFO if attempt < 5 else logging.WARNING
                 _log.log(
                     level,
@@ -476,7 +488,29 @@ class Deliverer:
         await self._capabilities.offer(link, peer)
         if self.on_connected is not None:
             await self.on_connected(link, peer)
+        if self.on_settled is not None:
+            task = asyncio.create_task(self._when_settled(link, peer, self.on_settled))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
         return link
+
+    async def _when_settled(
+        self, link: Link, peer: str, then: Callable[[Link, str], Awaitable[None]]
+    ) -> None:
+        """Call ``then(link, peer)`` once ``peer``'s delivery loop has transmitted what
+        was waiting for this link (at once if no loop runs), if the link is still open."""
+        await asyncio.sleep(0)  # the caller of link() gets the link first
+        while True:
+            loop, idle = self._loops.get(peer), self._idle.get(peer)
+            if loop is None or loop.done() or idle is None or idle.is_set():
+                break
+            waiting = asyncio.ensure_future(idle.wait())
+            try:
+                await asyncio.wait((waiting, loop), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()
+        if link.is_open and not self._closed():
+            await then(link, peer)
 
     def resend(self, peer: str) -> None:
         """The sessions with ``peer`` were discarded (it rotated its keys): what is in
@@ -499,7 +533,11 @@ class Deliverer:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            pending: list[asyncio.Future[Any]] = [*self._preparing, *self._opening.values()]
+            pending: list[asyncio.Future[Any]] = [
+                *self._preparing,
+                *self._opening.values(),
+                *self._settling,
+            ]
             tasks = [task for task in pending if not task.done()]
 
     def release_waiters(self) -> None:

@@ -325,8 +325,10 @@ class Receiver:
         elif kind is wire.EnvelopeType.KEYLOG:
             await self._keylogs.on_keylog(link, envelope, log)
         elif kind is wire.EnvelopeType.CHECKPOINT and self._witnessing is not None:
+            await _background()
             await self._witnessing.on_checkpoint(link, envelope, log)
         elif kind is wire.EnvelopeType.COSIGNATURE and self._witnessing is not None:
+            await _background()
             await self._witnessing.on_cosignature(link, envelope, log)
         elif kind is wire.EnvelopeType.MIRROR and self.on_mirror is not None:
             await self.on_mirror(link, envelope, log)  # talos.client.mirroring
@@ -529,3 +531,12 @@ class Receiver:
             envelope.ratchet_header, envelope.ciphertext, now=now
         )
         return plaintext, successor, None, False
+
+
+async def _background() -> None:
+    """Let what earlier frames started run before witness work (a checkpoint's
+    durable write): the tasks already scheduled (an ACK's outbox removal), then
+    what they wake (the send() call that removal releases). A peer answers our
+    first message's ACK and then its checkpoint, back to back."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)

@@ -34,7 +34,7 @@ from talos.metrics import AgentMetrics
 from talos.peers import DhtSource, PeerDirectory, RecordSource, RegistrySource
 from talos.storage.agent_state import AgentState
 from talos.storage.tokens import TokenStore
-from talos.transport import Link, Transport
+from talos.transport import Transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +175,10 @@ def assemble(base: Foundation) -> Parts:
         session_peers=state.session_peers,
     )
 
-    async def connected(link: Link, peer: str) -> None:
-        await keylogs.offer(link, peer)
-        await witnessing.offer_safely(link, peer)
-
-    deliverer.on_connected = connected
+    # On a link we open, our key log goes first (nothing may overtake it); our
+    # checkpoint follows once the messages waiting for the link are out.
+    deliverer.on_connected = keylogs.offer
+    deliverer.on_settled = witnessing.offer_safely
     acks = Acknowledgements(
         core=deliverer.core,
         state=state,
