@@ -10,6 +10,8 @@ Unavailable").
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
@@ -84,6 +86,8 @@ class PeerDirectory:
         self._sources = list(sources)
         self._clock = clock
         self._logs: dict[str, KeyLog] = {own.agent_id: own}
+        #: Unknown agents' key logs being fetched, shared by every caller.
+        self._fetching: dict[str, asyncio.Future[KeyLog]] = {}
         self._on_source_down = on_source_down
         self._on_source_up = on_source_up
         #: Called with (the log we held, the newer one) whenever a peer's known log
@@ -136,6 +140,10 @@ class PeerDirectory:
     async def keylog(self, agent_id: str, *, refresh: bool = False) -> KeyLog:
         """A peer's verified key log; asks discovery when unknown (or ``refresh``).
 
+        Callers asking for the same unknown log at once share one fetch (an
+        incoming link's first frame waits for the fetch its handshake started,
+        see :meth:`talos.client.keylogs.KeyLogs.prefetch`).
+
         Raises:
             PeerUnknown: not cached, and every source answered that it knows no such
                 agent (also the answer without sources).
@@ -145,6 +153,23 @@ class PeerDirectory:
         known = self.known_log(agent_id)
         if known is not None and not refresh:
             return known
+        if refresh:
+            return await self._fetch_log(agent_id, known)
+        fetching = self._fetching.get(agent_id)
+        if fetching is None:
+            fetching = asyncio.ensure_future(self._fetch_log(agent_id, None))
+            self._fetching[agent_id] = fetching
+            fetching.add_done_callback(functools.partial(self._fetched, agent_id))
+        # A caller that is cancelled leaves the fetch to the others (its result is cached).
+        return await asyncio.shield(fetching)
+
+    def _fetched(self, agent_id: str, fetching: asyncio.Future[KeyLog]) -> None:
+        if self._fetching.get(agent_id) is fetching:
+            del self._fetching[agent_id]
+        if not fetching.cancelled():
+            fetching.exception()  # retrieved: every waiter got it (or none was left)
+
+    async def _fetch_log(self, agent_id: str, known: KeyLog | None) -> KeyLog:
         misses: list[str] = []
         for source in self._sources:
             try:

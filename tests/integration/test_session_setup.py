@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 from sent_frames import record_sent
+from websockets.asyncio.client import connect
 
 from talos.client import TalosClient
+from talos.client.keylogs import PREFETCH_BURST
 from talos.core import wire
+from talos.core.agent_id import agent_id_from_digest
 from talos.errors import PeerUnreachable
 from talos.testing.processes import RegistryProcess, free_port
 
@@ -38,10 +41,20 @@ class RecordingProxy:
     ``missing`` is answered 404 as a server without that route would (a
     registry older than the route)."""
 
-    def __init__(self, target_port: int, *, hold: float = 0.0, missing: str | None = None) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        *,
+        hold: float = 0.0,
+        missing: str | None = None,
+        release: asyncio.Event | None = None,
+    ) -> None:
         self.target_port = target_port
         self.hold = hold
         self.missing = missing
+        #: When given: a client's bytes after its first request and its answer (a
+        #: WebSocket's frames after its handshake) wait for this event.
+        self.release = release
         #: ("request" | "answer", first request line) in the order they happened.
         self.events: list[tuple[str, str]] = []
         self.connections = 0
@@ -98,6 +111,8 @@ class RecordingProxy:
     ) -> None:
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await source.read(65536):
+                if outbound and self.release is not None and line[0] == "done":
+                    await self.release.wait()
                 if outbound:
                     first = data.split(b"\r\n", 1)[0].decode("latin-1")
                     if first.split(" ")[0] in ("GET", "PUT", "POST", "DELETE"):
@@ -109,9 +124,9 @@ class RecordingProxy:
                             writer.write(_NOT_FOUND)
                             await writer.drain()
                             continue
-                elif line[0]:
+                elif line[0] and line[0] != "done":
                     self.events.append(("answer", line[0]))
-                    line[0] = ""
+                    line[0] = "done" if self.release is not None else ""
                 sink.write(data)
                 await sink.drain()
         sink.close()
@@ -119,7 +134,7 @@ class RecordingProxy:
 
 @contextlib.asynccontextmanager
 async def bob_behind_proxy(
-    tmp_path: Path, registry: RegistryProcess
+    tmp_path: Path, registry: RegistryProcess, *, release: asyncio.Event | None = None
 ) -> AsyncIterator[tuple[TalosClient, RecordingProxy]]:
     """Bob (open to anyone), announcing a recording proxy's port in front of his own."""
     bob_port, proxy_port = free_port(), free_port()
@@ -131,7 +146,7 @@ async def bob_behind_proxy(
         announce=f"127.0.0.1:{proxy_port}",
         accept_policy="open",
     ) as bob:
-        proxy = RecordingProxy(bob_port)
+        proxy = RecordingProxy(bob_port, release=release)
         await proxy.start(proxy_port)
         try:
             yield bob, proxy
@@ -263,3 +278,57 @@ async def test_the_checkpoint_offer_follows_the_first_message(
             await asyncio.sleep(0.02)
             kinds = [wire.decode(frame).type for frame in frames]
         assert kinds.index(wire.EnvelopeType.INITIAL) < kinds.index(wire.EnvelopeType.CHECKPOINT)
+
+
+async def test_the_handshake_starts_the_key_log_lookup(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """Carol's handshake names her (Talos-Agent): bob fetches her key log while her
+    frames are still on their way (held here by the proxy), not after the first
+    one arrives; the frames then verify and the message is delivered."""
+    release = asyncio.Event()
+    async with (
+        bob_behind_proxy(tmp_path, registry, release=release) as (bob, _),
+        TalosClient.create("carol", home=tmp_path / "c", registry_url=registry.url) as carol,
+    ):
+        sending = asyncio.ensure_future(carol.send(bob.agent_id, "first", timeout=20))
+        deadline = time.monotonic() + 10
+        while bob._drivers.peers.known_log(carol.agent_id) is None:
+            assert time.monotonic() < deadline, "bob did not look carol's key log up"
+            await asyncio.sleep(0.01)
+        assert not sending.done()  # nothing of carol's but the handshake reached bob
+        release.set()
+        assert (await sending).status == "delivered"
+        received = await bob.receive(timeout=5)
+        assert received is not None
+        assert received.data == "first"
+
+
+async def test_names_in_handshakes_fetch_only_their_share(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """The handshake's name is unauthenticated: one remote address makes bob look up
+    at most PREFETCH_BURST unknown agents, and a name that is no agent id none."""
+    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]))
+    port = free_port()
+    await proxy.start(port)
+    try:
+        async with TalosClient.create(
+            "bob", home=tmp_path / "b", registry_url=f"http://127.0.0.1:{port}"
+        ) as bob:
+            assert bob.endpoint is not None
+            proxy.events.clear()
+            names = [agent_id_from_digest(bytes([n]) * 32) for n in range(PREFETCH_BURST + 5)]
+            for name in ["not an agent id", *names]:
+                async with connect(bob.endpoint, additional_headers={"Talos-Agent": name}):
+                    pass
+            deadline = time.monotonic() + 10
+            while len(proxy.requests("/keylog")) < PREFETCH_BURST:
+                assert time.monotonic() < deadline, proxy.events
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            asked = proxy.requests("/keylog")
+            assert len(asked) == PREFETCH_BURST, proxy.events
+            assert all("not%20an" not in proxy.events[i][1] for i in asked)
+    finally:
+        await proxy.close()

@@ -52,6 +52,54 @@ async def test_one_link_carries_frames_both_ways() -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("headers", "claimed"),
+    [
+        ([("Talos-Agent", "did:talos:zAlice")], "did:talos:zAlice"),
+        ([], None),
+        ([("Talos-Agent", "x" * 129)], None),  # longer than any agent id
+        ([("Talos-Agent", "a"), ("Talos-Agent", "b")], None),  # which one?
+    ],
+)
+async def test_an_incoming_link_carries_the_name_its_handshake_gave(
+    headers: list[tuple[str, str]], claimed: str | None
+) -> None:
+    """Link.claimed is the Talos-Agent handshake header when there is exactly one
+    short printable value, else None; it reaches on_link before any frame."""
+    seen: list[Link] = []
+    server = Transport(Inbox())
+    server.on_link = seen.append
+    try:
+        host, port = await server.listen("127.0.0.1", 0)
+        async with connect(f"ws://{host}:{port}", additional_headers=headers):
+            for _ in range(200):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+        assert len(seen) == 1
+        assert seen[0].claimed == claimed
+    finally:
+        await server.close()
+
+
+@pytest.mark.asyncio
+async def test_connect_names_the_connecting_agent() -> None:
+    seen: list[Link] = []
+    a, b = Transport(Inbox()), Transport(Inbox())
+    b.on_link = seen.append
+    try:
+        host, port = await b.listen("127.0.0.1", 0)
+        link = await a.connect(f"ws://{host}:{port}", hello="did:talos:zCarol")
+        await link.send(b"\x00hello")
+        await asyncio.sleep(0.05)
+        assert [incoming.claimed for incoming in seen] == ["did:talos:zCarol"]
+        assert link.claimed is None  # only incoming links are told a name
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.asyncio
 async def test_unreachable_peer() -> None:
     transport = Transport(Inbox())
     try:

@@ -479,10 +479,10 @@ class Deliverer:
         """
         record = await self._peers.endpoint(peer)
         try:
-            link = await self._transport.connect(record.endpoint)
+            link = await self._transport.connect(record.endpoint, hello=self._own.agent_id)
         except PeerUnreachable:
             record = await self._peers.endpoint(peer, refresh=True)
-            link = await self._transport.connect(record.endpoint)
+            link = await self._transport.connect(record.endpoint, hello=self._own.agent_id)
         link.peer = peer
         self.links[peer] = link
         await self._capabilities.offer(link, peer)

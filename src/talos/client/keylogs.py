@@ -42,6 +42,7 @@ from talos.audit import AuditKind
 from talos.client.control import Auditor, Signer
 from talos.client.sessions import Sessions
 from talos.core import wire
+from talos.core.agent_id import check_agent_id
 from talos.core.clock import Clock
 from talos.core.keylog import KeyLog
 from talos.core.ratelimit import RateLimiter
@@ -60,6 +61,8 @@ from talos.transport import Link
 __all__ = [
     "GLOBAL_REFRESH_RATE",
     "MAX_EARLIER_KEYS",
+    "PREFETCH_BURST",
+    "PREFETCH_RATE",
     "REFRESH_BURST",
     "REFRESH_INTERVAL",
     "KeyLogs",
@@ -80,6 +83,10 @@ REFRESH_INTERVAL: Final = 60.0
 #: Refreshes per second over all senders (forged frames can name any sender).
 GLOBAL_REFRESH_RATE: Final = 1.0
 GLOBAL_REFRESH_BURST: Final = 10
+#: Key logs fetched ahead for incoming handshakes that name an agent we do not know,
+#: per remote address: a burst, then this many a second (the name is unauthenticated).
+PREFETCH_BURST: Final = 10
+PREFETCH_RATE: Final = 1.0
 
 
 class RefreshLimit:
@@ -165,6 +172,8 @@ class KeyLogs:
         self._incoming: weakref.WeakValueDictionary[str, Link] = weakref.WeakValueDictionary()
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         self._limit = RefreshLimit()
+        self._prefetches = RateLimiter(rate=PREFETCH_RATE, burst=PREFETCH_BURST)
+        self._prefetching: set[asyncio.Task[None]] = set()
         self._logs = LimitedLog(_log, clock)
         peers.on_rotated = self.rotated
 
@@ -175,6 +184,41 @@ class KeyLogs:
         log = self._own()
         if len(log) > 1:
             await self._signer.send(link, peer, wire.EnvelopeType.KEYLOG, key_log=log.to_bytes())
+
+    def prefetch(self, link: Link) -> None:
+        """An incoming link's handshake named an agent (:attr:`Link.claimed`): if we
+        do not hold its key log, start fetching it now, so that its first frame
+        does not wait for the lookup (that frame's check joins this fetch, see
+        :meth:`PeerDirectory.keylog`).
+
+        The name is unauthenticated, so this only warms the cache with a log
+        verified as any other, and at most :data:`PREFETCH_BURST` times per
+        remote address, then :data:`PREFETCH_RATE` a second.
+        """
+        agent = link.claimed
+        if link.outgoing or agent is None or self._peers.known_log(agent) is not None:
+            return
+        try:
+            check_agent_id(agent)
+        except MalformedFrame:
+            return
+        if not self._prefetches.allow(link.remote_host, self._clock.monotonic()):
+            return
+        task = asyncio.ensure_future(self._prefetch(agent))
+        self._prefetching.add(task)
+        task.add_done_callback(self._prefetching.discard)
+
+    async def _prefetch(self, agent: str) -> None:
+        try:
+            await self._peers.keylog(agent)
+        except TalosError as exc:  # the first frame, if one comes, meets it again
+            _log.debug("key log of %s not fetched ahead: %s", agent, exc)
+
+    async def stop(self) -> None:
+        """Cancel the fetches started ahead (the client is closing)."""
+        for task in list(self._prefetching):
+            task.cancel()
+        await asyncio.gather(*self._prefetching, return_exceptions=True)
 
     async def answer(self, link: Link, sender: str) -> None:
         """A frame from ``sender`` verified on ``link``: offer our log once on an

@@ -445,6 +445,7 @@ class Resources:
                 await parts.mirroring.stop()
             await parts.acks.stop()
             await parts.deliverer.stop()
+            await parts.keylogs.stop()
         await self._cancel_tasks(parts)
         # Commits in worker threads (acknowledge, cancel, expiry) finish before the store closes.
         if parts is not None:

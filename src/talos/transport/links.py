@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -51,6 +51,7 @@ from talos.transport.link import (
 
 __all__ = [
     "EVICTABLE_AFTER",
+    "HELLO_HEADER",
     "MAX_INCOMING",
     "MAX_INCOMING_PER_HOST",
     "MAX_VERIFIED_PER_PEER",
@@ -61,6 +62,11 @@ __all__ = [
 ]
 
 _log = logging.getLogger("talos.transport")
+
+#: The handshake header in which a connecting agent names itself (a hint only).
+HELLO_HEADER: Final = "Talos-Agent"
+#: Longest value of it taken (an agent id is far shorter).
+MAX_HELLO: Final = 128
 
 
 class Transport:
@@ -286,6 +292,7 @@ class Transport:
 
     async def _accept(self, socket: ServerConnection) -> None:
         link = Link(socket, outgoing=False, clock=self._clock, logs=self._logs)
+        link.claimed = _claimed(socket)
         self._track(link)
         self._make_room(link)
         if self._expiry is None and link.is_open:
@@ -319,15 +326,24 @@ class Transport:
             delay = max(0.0, deadline - self._clock.monotonic())
             self._expiry = asyncio.get_running_loop().call_later(delay, self.close_overdue)
 
-    async def connect(self, endpoint: str) -> Link:
+    async def connect(self, endpoint: str, *, hello: str | None = None) -> Link:
         """Open a link to ``endpoint`` (``ws://host:port``) and start pumping its frames.
+
+        ``hello`` (our agent id) goes in the handshake's :data:`HELLO_HEADER`, so
+        that the peer can start looking our key log up before our first frame
+        arrives (:attr:`Link.claimed`).
 
         Raises:
             PeerUnreachable: refused, unreachable, timed out, or not a WebSocket peer.
         """
+        headers = None if hello is None else {HELLO_HEADER: hello}
         try:
             socket = await connect(
-                endpoint, open_timeout=self._open_timeout, proxy=None, **self._options
+                endpoint,
+                open_timeout=self._open_timeout,
+                proxy=None,
+                additional_headers=headers,
+                **self._options,
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI, WebSocketException) as exc:
             raise PeerUnreachable(f"cannot connect to {endpoint}: {exc}") from exc
@@ -371,3 +387,18 @@ class Transport:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _claimed(socket: ServerConnection) -> str | None:
+    """The :data:`HELLO_HEADER` of an incoming handshake, if it is one short printable
+    value (unauthenticated: see :attr:`Link.claimed`)."""
+    request = socket.request
+    if request is None:
+        return None
+    values = request.headers.get_all(HELLO_HEADER)
+    if len(values) != 1:
+        return None
+    value = values[0]
+    if not 0 < len(value) <= MAX_HELLO or not value.isprintable():
+        return None
+    return value
