@@ -61,39 +61,42 @@ async def test_one_link_carries_frames_both_ways() -> None:
         ([("Talos-Agent", "a"), ("Talos-Agent", "b")], None),  # which one?
     ],
 )
-async def test_an_incoming_link_carries_the_name_its_handshake_gave(
+async def test_an_admitted_handshake_tells_the_name_it_gives(
     headers: list[tuple[str, str]], claimed: str | None
 ) -> None:
-    """Link.claimed is the Talos-Agent handshake header when there is exactly one
-    short printable value, else None; it reaches on_link before any frame."""
-    seen: list[Link] = []
+    """on_hello gets the Talos-Agent handshake header (and the remote host) when there
+    is exactly one short printable value, before the link exists; else nothing."""
+    heard: list[tuple[str, str]] = []
+    links: list[Link] = []
     server = Transport(Inbox())
-    server.on_link = seen.append
+    server.on_hello = lambda name, host: heard.append((name, host))
+    server.on_link = links.append
     try:
         host, port = await server.listen("127.0.0.1", 0)
         async with connect(f"ws://{host}:{port}", additional_headers=headers):
             for _ in range(200):
-                if seen:
+                if links:
                     break
                 await asyncio.sleep(0.01)
-        assert len(seen) == 1
-        assert seen[0].claimed == claimed
+        assert len(links) == 1
+        assert heard == ([] if claimed is None else [(claimed, "127.0.0.1")])
     finally:
         await server.close()
 
 
 @pytest.mark.asyncio
 async def test_connect_names_the_connecting_agent() -> None:
-    seen: list[Link] = []
+    heard: list[str] = []
     a, b = Transport(Inbox()), Transport(Inbox())
-    b.on_link = seen.append
+    b.on_hello = lambda name, host: heard.append(name)
+    a.on_hello = lambda name, host: heard.append("wrong side: " + name)
     try:
         host, port = await b.listen("127.0.0.1", 0)
+        await a.listen("127.0.0.1", 0)
         link = await a.connect(f"ws://{host}:{port}", hello="did:talos:zCarol")
         await link.send(b"\x00hello")
         await asyncio.sleep(0.05)
-        assert [incoming.claimed for incoming in seen] == ["did:talos:zCarol"]
-        assert link.claimed is None  # only incoming links are told a name
+        assert heard == ["did:talos:zCarol"]
     finally:
         await a.close()
         await b.close()

@@ -185,24 +185,23 @@ class KeyLogs:
         if len(log) > 1:
             await self._signer.send(link, peer, wire.EnvelopeType.KEYLOG, key_log=log.to_bytes())
 
-    def prefetch(self, link: Link) -> None:
-        """An incoming link's handshake named an agent (:attr:`Link.claimed`): if we
-        do not hold its key log, start fetching it now, so that its first frame
-        does not wait for the lookup (that frame's check joins this fetch, see
-        :meth:`PeerDirectory.keylog`).
+    def prefetch(self, agent: str, host: str) -> None:
+        """An incoming handshake from ``host`` named ``agent``
+        (:attr:`Transport.on_hello`): if we do not hold its key log, start
+        fetching it now, so that its first frame does not wait for the lookup
+        (that frame's check joins this fetch, see :meth:`PeerDirectory.keylog`).
 
         The name is unauthenticated, so this only warms the cache with a log
         verified as any other, and at most :data:`PREFETCH_BURST` times per
         remote address, then :data:`PREFETCH_RATE` a second.
         """
-        agent = link.claimed
-        if link.outgoing or agent is None or self._peers.known_log(agent) is not None:
-            return
         try:
             check_agent_id(agent)
         except MalformedFrame:
             return
-        if not self._prefetches.allow(link.remote_host, self._clock.monotonic()):
+        if self._peers.known_log(agent) is not None:
+            return
+        if not self._prefetches.allow(host, self._clock.monotonic()):
             return
         task = asyncio.ensure_future(self._prefetch(agent))
         self._prefetching.add(task)

@@ -178,7 +178,7 @@ def assemble(base: Foundation) -> Parts:
     # On a link we open, our key log goes first (nothing may overtake it); our
     # checkpoint follows once the messages waiting for the link are out.
     deliverer.on_connected = keylogs.offer
-    transport.on_link = keylogs.prefetch
+    transport.on_hello = keylogs.prefetch
     deliverer.on_settled = witnessing.offer_safely
     acks = Acknowledgements(
         core=deliverer.core,

@@ -77,10 +77,6 @@ class Link:
         self.serial = next(_serials)
         #: The agent at the other end, once an authenticated envelope named it.
         self.peer: str | None = None
-        #: Who the other side said it was when it connected (an incoming link's
-        #: ``Talos-Agent`` handshake header). Unauthenticated: a hint to start
-        #: fetching that agent's key log early, never a reason to trust a frame.
-        self.claimed: str | None = None
         #: The agent whose accepted message arrived here (:meth:`mark_verified`).
         self.verified_by: str | None = None
         #: When its first one did, and when the link opened, on ``clock.monotonic()``.

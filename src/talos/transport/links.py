@@ -151,6 +151,10 @@ class Transport:
         self._expiry: asyncio.TimerHandle | None = None
         self._closing = False
         self.on_link: Callable[[Link], None] | None = None
+        #: Called with (the agent an incoming handshake names in :data:`HELLO_HEADER`,
+        #: the remote host) as the handshake is admitted, before its link exists.
+        #: The name is unauthenticated: a hint to start looking its key log up.
+        self.on_hello: Callable[[str, str], None] | None = None
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         """Start accepting links; returns the bound address (``port=0`` picks one).
@@ -172,7 +176,6 @@ class Transport:
         incoming links, or ``max_per_host`` from the same remote address) and none
         can be displaced. Nothing is displaced here: only a completed handshake
         does that (:meth:`_make_room`), so a malformed request cannot."""
-        del request
         address: Any = connection.remote_address
         host = str(address[0]) if address else "?"
         now = self._clock.monotonic()
@@ -192,6 +195,9 @@ class Transport:
             return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "throttled\n")
         decision = self._policy.decide(host, self._incoming(), now)
         if not isinstance(decision, Refuse):
+            claimed = _claimed(request)
+            if claimed is not None and self.on_hello is not None:
+                self.on_hello(claimed, host)
             return None
         self.refused += 1
         self._logs.warning(
@@ -292,7 +298,6 @@ class Transport:
 
     async def _accept(self, socket: ServerConnection) -> None:
         link = Link(socket, outgoing=False, clock=self._clock, logs=self._logs)
-        link.claimed = _claimed(socket)
         self._track(link)
         self._make_room(link)
         if self._expiry is None and link.is_open:
@@ -331,7 +336,7 @@ class Transport:
 
         ``hello`` (our agent id) goes in the handshake's :data:`HELLO_HEADER`, so
         that the peer can start looking our key log up before our first frame
-        arrives (:attr:`Link.claimed`).
+        arrives (:attr:`on_hello`).
 
         Raises:
             PeerUnreachable: refused, unreachable, timed out, or not a WebSocket peer.
@@ -389,16 +394,16 @@ class Transport:
                 await task
 
 
-def _claimed(socket: ServerConnection) -> str | None:
-    """The :data:`HELLO_HEADER` of an incoming handshake, if it is one short printable
-    value (unauthenticated: see :attr:`Link.claimed`)."""
-    request = socket.request
-    if request is None:
+def _claimed(request: Any) -> str | None:
+    """The :data:`HELLO_HEADER` of an incoming handshake request, if it is one short
+    printable value (unauthenticated: see :attr:`Transport.on_hello`)."""
+    headers = getattr(request, "headers", None)
+    if headers is None:
         return None
-    values = request.headers.get_all(HELLO_HEADER)
+    values = headers.get_all(HELLO_HEADER)
     if len(values) != 1:
         return None
     value = values[0]
-    if not 0 < len(value) <= MAX_HELLO or not value.isprintable():
+    if type(value) is not str or not 0 < len(value) <= MAX_HELLO or not value.isprintable():
         return None
     return value
