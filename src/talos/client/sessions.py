@@ -233,7 +233,10 @@ class Sessions:
         log = self._peers.learn_log(contact.log)
         self._learn_record(contact.record)
         if contact.bundle is not None:
-            self._kept[peer] = (contact.bundle, self._clock.monotonic() + BUNDLE_KEPT)
+            now = self._clock.monotonic()
+            for stale in [p for p, (_, until) in self._kept.items() if until <= now]:
+                del self._kept[stale]  # never used: their sessions were not set up
+            self._kept[peer] = (contact.bundle, now + BUNDLE_KEPT)
         return log
 
     async def _look_up(self, peer: str) -> tuple[KeyLog, asyncio.Future[PrekeyBundle]]:
