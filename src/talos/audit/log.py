@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Self
 
@@ -295,12 +296,15 @@ class AuditLog:
         """
         return self._environment.database(name)
 
-    @contextlib.contextmanager
-    def snapshot(self) -> Iterator[lmdb.Transaction[bytes]]:
-        """A read transaction: a consistent view of the log and the extra databases."""
+    def snapshot(self) -> AbstractContextManager[lmdb.Transaction[bytes]]:
+        """A read transaction: a consistent view of the log and the extra databases
+        (``with log.snapshot() as txn``).
+
+        Raises:
+            LocalProtocolError: the log is closed (at once, not on entering).
+        """
         self._check_open()
-        with self._store.read() as txn:
-            yield txn
+        return self._store.read()
 
     def append_many(self, records: _Records) -> list[int]:
         """Append several entries in one durable transaction; all or none are written.

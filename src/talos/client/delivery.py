@@ -156,7 +156,7 @@ class Deliverer:
         acked.add_done_callback(wake)
         self._failure_watchers.add(wake)
         try:
-            await timing.wait_first(self._clock, deadline, (news,))
+            await timing.wait_own(self._clock, deadline, news)
         finally:
             self._failure_watchers.discard(wake)
             acked.remove_done_callback(wake)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from talos.core.clock import Clock
 
-__all__ = ["sleep", "wait_first"]
+__all__ = ["sleep", "wait_first", "wait_own"]
 
 
 class _Subscribable(Protocol):
@@ -48,6 +48,26 @@ async def wait_first(
         finally:
             unsubscribe()
             moved.cancel()
+
+
+async def wait_own(clock: Clock, deadline: float, future: asyncio.Future[None]) -> None:
+    """:func:`wait_first` for one future that the caller made for this wait alone:
+    on the real clock the deadline is a timer that resolves ``future`` itself
+    (no ``asyncio.wait``, whose waiter, callbacks and timeout handle cost about
+    twice as much, once per waiting ``send()``)."""
+    if getattr(clock, "subscribe", None) is not None:
+        await wait_first(clock, deadline, (future,))
+        return
+
+    def due() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    timer = asyncio.get_running_loop().call_later(max(0.0, deadline - clock.monotonic()), due)
+    try:
+        await future
+    finally:
+        timer.cancel()
 
 
 async def sleep(clock: Clock, seconds: float, wake: asyncio.Event | None = None) -> None:

@@ -50,6 +50,7 @@ from talos.storage.lmdb import (
     FILE_MODE,
     MAX_EXTRA_DATABASES,
     MIN_SIZE_BYTES,
+    ReadTransaction,
     lmdb_errors,
     open_environment,
 )
@@ -90,6 +91,7 @@ class Environment:
     ) -> None:
         self._env = env
         self.path = path
+        self._where = str(path)
         self.max_size_bytes = max_size_bytes
         self.readonly = readonly
         with lmdb_errors(str(path)):
@@ -189,15 +191,10 @@ class Environment:
         except KeyError:
             raise LocalProtocolError(f"no extra database {name!r} in {self.path}") from None
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[lmdb.Transaction[bytes]]:
-        """A read transaction (a consistent snapshot), errors translated."""
-        with lmdb_errors(str(self.path)):
-            txn = self._env.begin()
-            try:
-                yield txn
-            finally:
-                txn.abort()
+    def read(self) -> ReadTransaction:
+        """A read transaction (a consistent snapshot), errors translated: ``with
+        environment.read() as txn``."""
+        return ReadTransaction(self._env, self._where)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[lmdb.Transaction[bytes]]:

@@ -39,6 +39,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, BinaryIO, Final
 
 import lmdb
@@ -56,6 +57,7 @@ __all__ = [
     "MIN_SIZE_BYTES",
     "NEARLY_FULL_BYTES",
     "DataFileInfo",
+    "ReadTransaction",
     "check_data_file",
     "disk_nearly_full",
     "lmdb_errors",
@@ -337,13 +339,70 @@ def disk_nearly_full(path: Path) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def lmdb_errors(where: str | Path, *, store: str = "audit log") -> Iterator[None]:
-    """Turn ``lmdb.Error`` raised inside the block into its Talos exception."""
-    try:
-        yield
-    except lmdb.Error as exc:
-        raise translate(exc, where, store=store) from exc
+class lmdb_errors:  # noqa: N801 -- used like the function it was
+    """Turn ``lmdb.Error`` raised inside the block into its Talos exception.
+
+    A class, not a generator-based context manager: it wraps every LMDB
+    transaction, and a generator costs several times as much to enter and
+    leave (issue 19, docs/design/performance.md).
+    """
+
+    __slots__ = ("_store", "_where")
+
+    def __init__(self, where: str | Path, *, store: str = "audit log") -> None:
+        self._where, self._store = where, store
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, lmdb.Error):
+            raise translate(exc, self._where, store=self._store) from exc
+
+
+class ReadTransaction:
+    """``with`` block over one LMDB read transaction, aborted at the end; an
+    ``lmdb.Error`` inside it (or on opening it) is raised as its Talos exception
+    (:func:`translate`, naming ``store``).
+
+    A class rather than a generator-based context manager: every read of the
+    agent's state, audit log and capabilities goes through it, several per
+    message (issue 19).
+    """
+
+    __slots__ = ("_env", "_store", "_txn", "_where")
+
+    def __init__(self, env: lmdb.Environment, where: str, *, store: str = "audit log") -> None:
+        self._env, self._where, self._store = env, where, store
+        self._txn: lmdb.Transaction[bytes] | None = None
+
+    def __enter__(self) -> lmdb.Transaction[bytes]:
+        try:
+            self._txn = self._env.begin()
+        except lmdb.Error as exc:
+            raise translate(exc, self._where, store=self._store) from exc
+        return self._txn
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        txn, self._txn = self._txn, None
+        if txn is not None:
+            try:
+                txn.abort()
+            except lmdb.Error as failure:
+                if exc is None:
+                    raise translate(failure, self._where, store=self._store) from failure
+        if isinstance(exc, lmdb.Error):
+            raise translate(exc, self._where, store=self._store) from exc
 
 
 # -- the one safe open -------------------------------------------------------------

@@ -31,7 +31,6 @@ SIGBUS; its files are 0600; a full disk or map is
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -41,7 +40,7 @@ import lmdb
 
 from talos.core.encoding import canonical_dumps, strict_loads
 from talos.errors import MalformedFrame, StoreCorrupted, UnsupportedVersion
-from talos.storage.lmdb import lmdb_errors, open_environment, read_u64, u64
+from talos.storage.lmdb import ReadTransaction, lmdb_errors, open_environment, read_u64, u64
 
 __all__ = ["TokenStore"]
 
@@ -276,11 +275,9 @@ class TokenStore:
         for callback in self._watchers:
             callback(generation)
 
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[lmdb.Transaction[bytes]]:
+    def _read(self) -> ReadTransaction:
         """A read transaction; a damaged file is StoreCorrupted naming it."""
-        with lmdb_errors(self._path, store=_STORE), self._env.begin() as txn:
-            yield txn
+        return ReadTransaction(self._env, str(self._path), store=_STORE)
 
     def _values(self, db: bytes) -> Iterator[bytes]:
         with self._read() as txn:
