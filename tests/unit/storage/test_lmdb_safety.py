@@ -11,7 +11,14 @@ import lmdb
 import pytest
 
 from talos.errors import AuditFull, StorageError, StoreCorrupted
-from talos.storage.lmdb import DATA_FILE, LOCK_FILE, open_environment, translate
+from talos.storage.lmdb import (
+    DATA_FILE,
+    LOCK_FILE,
+    ReadTransaction,
+    lmdb_errors,
+    open_environment,
+    translate,
+)
 from talos.storage.tokens import TokenStore
 
 
@@ -81,3 +88,26 @@ def test_new_store_files_are_0600_and_old_ones_are_tightened(tmp_path: Path) -> 
         (path / name).chmod(0o644)  # as an older Talos left them
     open_environment(path, store="test store", max_dbs=2).close()
     assert {stat.S_IMODE((path / n).stat().st_mode) for n in (DATA_FILE, LOCK_FILE)} == {0o600}
+
+
+def test_a_read_transaction_translates_errors_and_always_aborts(tmp_path: Path) -> None:
+    env = open_environment(tmp_path / "db", store="capabilities store", max_dbs=2)
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(b"k", b"v")
+        read = ReadTransaction(env, str(tmp_path / "db"), store="capabilities store")
+        with read as txn:
+            assert txn.get(b"k") == b"v"
+        with pytest.raises(StoreCorrupted, match="capabilities store"), read as txn:
+            raise lmdb.CorruptedError("damaged page")
+        with pytest.raises(KeyError), read as txn:  # other errors pass unchanged
+            raise KeyError("x")
+        with read as txn:  # each use is a new transaction, none left open
+            assert txn.get(b"k") == b"v"
+        with pytest.raises(StoreCorrupted), lmdb_errors(tmp_path, store="capabilities store"):
+            raise lmdb.CorruptedError("damaged page")
+    finally:
+        env.close()
+    with pytest.raises(StorageError):  # opening on a closed environment is translated too
+        with ReadTransaction(env, str(tmp_path / "db")):
+            pass
