@@ -11,6 +11,7 @@ Unavailable").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Final, Protocol
 
 from talos.core.clock import Clock
 from talos.core.crypto import VerifyKey
-from talos.core.keylog import KeyLog, KeyLookup, check_not_revoked
+from talos.core.keylog import IssuerKeys, KeyLog, KeyLookup, check_not_revoked
 from talos.core.peer_record import PeerRecord
 from talos.discovery.dht import DhtNode
 from talos.discovery.registry_client import RegistryClient
@@ -48,6 +49,10 @@ class PeerCache(Protocol):
     def put_keylog(self, agent_id: str, data: bytes, /) -> object: ...
     def peer_record(self, agent_id: str, /) -> bytes | None: ...
     def put_peer_record(self, record: bytes, /) -> object: ...
+    def put_contact(self, agent_id: str, keylog: bytes, record: bytes | None, /) -> object:
+        """A first contact's key log and (if not ``None``) record, both verified, in
+        one write."""
+        ...
 
 
 class RecordSource(Protocol):
@@ -201,6 +206,34 @@ class PeerDirectory:
             return None
         check_not_revoked(log, sequence)
         return log.key_at(sequence)
+
+    def learn_contact(self, log: KeyLog, record: PeerRecord | None) -> KeyLog:
+        """:meth:`learn_log` and :meth:`learn_record` for what a first contact brought,
+        in one write of the cache (one durable commit instead of two on a new
+        session's path). A record that does not verify under ``log`` is left out
+        (the connection then looks the endpoint up itself, and says why).
+
+        Raises:
+            KeyLogInvalid: ``log`` forks or rolls back the one we hold (when we
+                hold one already, this is learn_log and learn_record).
+        """
+        if self.known_log(log.agent_id) is not None:
+            learned = self.learn_log(log)
+            if record is not None:
+                with contextlib.suppress(SignatureInvalid, StaleMessage):
+                    self.learn_record(record)
+            return learned
+        keep: bytes | None = None
+        if record is not None:
+            try:
+                record.verify(IssuerKeys([log]), now=self._clock.time())
+            except (SignatureInvalid, StaleMessage) as exc:
+                _log.info("record of %s not cached from its first contact: %s", log.agent_id, exc)
+            else:
+                keep = record.to_bytes()
+        self._cache.put_contact(log.agent_id, log.to_bytes(), keep)
+        self._logs[log.agent_id] = log
+        return log
 
     # -- endpoints ----------------------------------------------------------------
 

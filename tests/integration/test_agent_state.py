@@ -209,6 +209,7 @@ def _mutations(clock: FakeClock) -> dict[str, Any]:
         "drop_session": lambda s, a: s.drop_session(ALICE, audit=a),
         "put_peer_record": lambda s, a: s.put_peer_record(_peer_record(clock, 1), audit=a),
         "put_keylog": lambda s, a: s.put_keylog(BOB, b"log", audit=a),
+        "put_contact": lambda s, a: s.put_contact(BOB, b"log", _peer_record(clock, 1), audit=a),
     }
 
 
@@ -528,6 +529,23 @@ def test_peer_record_cache_keeps_the_newest(state: AgentState, clock: FakeClock)
     assert state.peer_record(BOB) == _peer_record(clock, 3)
     with pytest.raises(MalformedFrame):
         state.put_peer_record(b"not a record")
+
+
+def test_a_first_contact_is_one_commit(state: AgentState, log: AuditLog, clock: FakeClock) -> None:
+    """put_contact: the key log and the record in one durable commit; the record only if
+    newer than the cached one (the key log is written all the same)."""
+    before = log.environment.last_transaction()
+    state.put_contact(BOB, b"bob log", _peer_record(clock, 2))
+    assert log.environment.last_transaction() == before + 1
+    assert state.keylog(BOB) == b"bob log"
+    assert state.peer_record(BOB) == _peer_record(clock, 2)
+    state.put_contact(BOB, b"bob log 2", _peer_record(clock, 1))
+    assert (state.keylog(BOB), state.peer_record(BOB)) == (b"bob log 2", _peer_record(clock, 2))
+    state.put_contact(BOB, b"bob log 3", None)
+    assert (state.keylog(BOB), state.peer_record(BOB)) == (b"bob log 3", _peer_record(clock, 2))
+    with pytest.raises(MalformedFrame):
+        state.put_contact(BOB, b"bob log 4", b"not a record")
+    assert state.keylog(BOB) == b"bob log 3"  # nothing written
 
 
 # -- corruption ------------------------------------------------------------------------

@@ -27,6 +27,9 @@ class _NoCache:
     def put_peer_record(self, record: bytes, /) -> None:
         return None
 
+    def put_contact(self, agent_id: str, keylog: bytes, record: bytes | None, /) -> None:
+        return None
+
 
 class _Nobody:
     """A discovery source that answers: no such agent."""

@@ -284,6 +284,10 @@ class _Cache:
     def put_peer_record(self, record: bytes, /) -> object:
         return None
 
+    def put_contact(self, agent_id: str, keylog: bytes, record: bytes | None, /) -> object:
+        self._keylogs[agent_id] = keylog
+        return None
+
 
 class _DownRegistry:
     name = "registry"

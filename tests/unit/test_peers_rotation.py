@@ -30,6 +30,9 @@ class _Cache:
     def put_peer_record(self, record: bytes, /) -> None:
         return None
 
+    def put_contact(self, agent_id: str, keylog: bytes, record: bytes | None, /) -> None:
+        self.logs[agent_id] = keylog
+
 
 class _Registry:
     """A discovery source that serves one log."""
@@ -127,3 +130,53 @@ async def test_a_record_under_a_newer_key_fetches_the_newer_log_first(world: Any
     with pytest.raises(PeerNotFound):
         await directory.endpoint(alice.agent_id, refresh=True)
     assert seen == [(1, 2)]
+
+
+class _RecordingCache(_Cache):
+    def __init__(self) -> None:
+        super().__init__()
+        self.contacts: list[tuple[str, bytes, bytes | None]] = []
+
+    def put_contact(self, agent_id: str, keylog: bytes, record: bytes | None, /) -> None:
+        self.contacts.append((agent_id, keylog, record))
+        self.logs[agent_id] = keylog
+
+
+def test_a_first_contact_is_cached_in_one_write() -> None:
+    """learn_contact: the key log and a record that verifies under it in one write;
+    a record that does not verify (another key, expired) is left out, the log kept;
+    a peer already known goes through learn_log (extend-only) instead."""
+    rng, clock = SeededRng(3), FakeClock()
+    me = Identity.create("me", rng=rng, clock=clock)
+    alice, bob, carol = (Identity.create(n, rng=rng, clock=clock) for n in ("a", "b", "c"))
+    cache = _RecordingCache()
+    directory = PeerDirectory(cache, [], clock=clock, own=me.keylog)
+    record = _record(alice, clock)
+    assert directory.learn_contact(alice.keylog, record).events == alice.keylog.events
+    assert cache.contacts == [(alice.agent_id, alice.keylog.to_bytes(), record.to_bytes())]
+    known = directory.known_log(alice.agent_id)
+    assert known is not None
+    assert directory.signing_key(alice.agent_id, 0) == alice.signing_key.public_key
+
+    forged = PeerRecord.create(
+        bob.signing_key,
+        agent_id=carol.agent_id,
+        key_sequence=0,
+        instance_id=b"\x02" * 16,
+        endpoint="ws://127.0.0.1:9002",
+        sequence=1,
+        now=clock.time(),
+        lifetime=300,
+    )
+    directory.learn_contact(carol.keylog, forged)
+    assert cache.contacts[-1] == (carol.agent_id, carol.keylog.to_bytes(), None)
+
+    stale = _record(bob, clock)
+    clock.advance(3600)  # far past its lifetime and any allowed skew
+    directory.learn_contact(bob.keylog, stale)
+    assert cache.contacts[-1] == (bob.agent_id, bob.keylog.to_bytes(), None)
+
+    rotated = alice.rotate(rng=SeededRng(9), clock=clock)
+    assert directory.learn_contact(rotated.keylog, None).events == rotated.keylog.events
+    assert len(cache.contacts) == 3  # known already: learn_log, not a first contact
+    assert cache.logs[alice.agent_id] == rotated.keylog.to_bytes()

@@ -131,6 +131,9 @@ class StoreKeyLogs:
     def put_peer_record(self, record: bytes, /) -> None:
         return None
 
+    def put_contact(self, agent_id: str, keylog: bytes, record: bytes | None, /) -> None:
+        self._tokens.put_keylog(agent_id, keylog)
+
 
 @contextmanager
 def open_book(ctx: CliContext, key_passphrase_file: Path | None) -> Iterator[Book]:

@@ -73,6 +73,9 @@ class MemoryPeerCache:
     def put_peer_record(self, record: bytes, /) -> None:
         return None
 
+    def put_contact(self, agent_id: str, keylog: bytes, record: bytes | None, /) -> None:
+        self._keylogs[agent_id] = keylog
+
 
 @dataclass
 class FetchOutcome:

@@ -16,7 +16,6 @@ from talos.audit import AuditKind
 from talos.client.own_keys import OwnIdentity, discard_sessions
 from talos.core.clock import Clock
 from talos.core.keylog import KeyLog
-from talos.core.peer_record import PeerRecord
 from talos.core.ratchet import Session
 from talos.core.rng import Rng
 from talos.core.sessions import SessionEntry, SessionTable, decode_record, encode_record
@@ -27,7 +26,6 @@ from talos.errors import (
     DiscoveryError,
     MalformedFrame,
     SignatureInvalid,
-    StaleMessage,
     StoreCorrupted,
     UnsupportedVersion,
 )
@@ -230,8 +228,7 @@ class Sessions:
         contact = await self._first_contact(peer)
         if contact is None:
             return None
-        log = self._peers.learn_log(contact.log)
-        self._learn_record(contact.record)
+        log = self._peers.learn_contact(contact.log, contact.record)
         if contact.bundle is not None:
             now = self._clock.monotonic()
             for stale in [p for p, (_, until) in self._kept.items() if until <= now]:
@@ -252,16 +249,6 @@ class Sessions:
         if kept is not None and kept[1] > self._clock.monotonic():
             return log, _done(kept[0])
         return log, asyncio.ensure_future(self._fetch_bundle(peer, _done(log)))
-
-    def _learn_record(self, record: PeerRecord | None) -> None:
-        """Cache a first contact's record if it verifies under the log just learned
-        (if not, the connection looks the endpoint up itself, and says why)."""
-        if record is None:
-            return
-        try:
-            self._peers.learn_record(record)
-        except (SignatureInvalid, StaleMessage) as exc:
-            _log.info("record of %s not cached from its first contact: %s", record.agent_id, exc)
 
     async def _log_and_bundle(self, peer: str) -> tuple[KeyLog, asyncio.Future[PrekeyBundle]]:
         """The peer's key log, and the bundle fetch running beside it (awaited by the

@@ -11,6 +11,7 @@ keeps are in :mod:`talos.storage.state` and docs/design/agent-state.md.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -24,7 +25,7 @@ from talos.core.replay import (
 )
 from talos.core.rng import Rng
 from talos.errors import ConfigurationError, LocalProtocolError, QueueFull
-from talos.storage.state.commit import Apply, AuditRecords, UnitOfWork
+from talos.storage.state.commit import Apply, AuditRecords, Unchanged, UnitOfWork
 from talos.storage.state.inbox import Inbox, InboxMessage, seq_keys
 from talos.storage.state.meta import Meta
 from talos.storage.state.outbox import Enqueue, Outbox, OutboxItem, QueuedMessage
@@ -523,6 +524,31 @@ class AgentState:
         key = record_key(parsed.agent_id)
         sequence = parsed.sequence
         return self._commit(audit, lambda txn: self._peers.put_record(txn, key, record, sequence))
+
+    def put_contact(
+        self, agent_id: str, keylog: bytes, record: bytes | None, *, audit: AuditRecords = ()
+    ) -> None:
+        """Cache a first contact's key log and record (both verified by the caller) in one
+        commit; the record only if it is newer than a cached one, as in
+        :meth:`put_peer_record`.
+
+        Raises:
+            MalformedFrame, UnsupportedVersion: ``record`` is not a peer record.
+            LocalProtocolError: bad agent id, data or audit record.
+            AuditFull, StorageError: nothing was written.
+        """
+        log_key = keylog_key(agent_id)
+        keylog = as_bytes("key log", keylog)
+        parsed = None if record is None else PeerRecord.from_bytes(record)
+
+        def write(txn: lmdb.Transaction[bytes]) -> None:
+            self._peers.put_keylog(txn, log_key, keylog)
+            if parsed is not None and record is not None:
+                with contextlib.suppress(Unchanged):
+                    key = record_key(parsed.agent_id)
+                    self._peers.put_record(txn, key, record, parsed.sequence)
+
+        self._commit(audit, write)
 
     def peer_record(self, agent_id: str) -> bytes | None:
         """The cached peer record of ``agent_id`` (verify it again before use), or None.
