@@ -134,19 +134,8 @@ def test_interrupted_demo_stops_everything_it_started(tmp_path: Path) -> None:
     try:
         seen = demo.read_until("STEP 2", 120)
         assert "STEP 2" in seen, seen
-        # Ctrl-C, delivered to the demo alone. Pressed again only if the demo starts
-        # another step instead of stopping: once, on a loaded CI machine, the first
-        # one was not acted on (cause not found; a Ctrl-C during the shutdown it
-        # starts is ignored by design, see talos.demo.__main__.abort).
-        demo.signal(signal.SIGINT)
-        rest = ""
-        for _ in range(3):
-            more = demo.read_until("STEP ", 120)
-            rest += more
-            if "STEP " not in more:
-                break  # stdout closed: the demo ended
-            demo.signal(signal.SIGINT)
-        rest += demo.finish(60)
+        demo.signal(signal.SIGINT)  # Ctrl-C, delivered to the demo alone
+        rest = demo.finish(60)
     finally:
         if demo.running:
             demo.kill()

@@ -47,6 +47,9 @@ def main() -> int:
     """Run the demo; 0 on success, 1 on a failed step, 130 when interrupted."""
     started = time.monotonic()
     previous = signal.signal(signal.SIGTERM, _interrupted)
+    # Ctrl-C stops the demo even when it was started where SIGINT is ignored (a
+    # shell's background job inherits SIG_IGN, and Python then keeps it ignored).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     children: list[ChildProcess] = []
     code = 0
     try:
@@ -69,6 +72,7 @@ def main() -> int:
         code = 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     left = [child.pid for child in children if still_running(child.pid)]
     console.print(f"demo pids: {' '.join(str(child.pid) for child in children)}")
     if left:
