@@ -168,6 +168,14 @@ class PeerDirectory:
         # A caller that is cancelled leaves the fetch to the others (its result is cached).
         return await asyncio.shield(fetching)
 
+    async def stop(self) -> None:
+        """Cancel the shared key-log lookups still running (the client is closing;
+        their callers were cancelled already)."""
+        fetching = list(self._fetching.values())
+        for task in fetching:
+            task.cancel()
+        await asyncio.gather(*fetching, return_exceptions=True)
+
     def _fetched(self, agent_id: str, fetching: asyncio.Future[KeyLog]) -> None:
         if self._fetching.get(agent_id) is fetching:
             del self._fetching[agent_id]

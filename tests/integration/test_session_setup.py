@@ -19,7 +19,7 @@ from sent_frames import record_sent
 from websockets.asyncio.client import connect
 
 from talos.client import TalosClient
-from talos.client.keylogs import PREFETCH_BURST
+from talos.client.keylogs import MAX_PREFETCHING, PREFETCH_BURST, PREFETCH_GLOBAL_BURST
 from talos.core import wire
 from talos.core.agent_id import agent_id_from_digest
 from talos.errors import PeerUnreachable
@@ -330,5 +330,65 @@ async def test_names_in_handshakes_fetch_only_their_share(
             asked = proxy.requests("/keylog")
             assert len(asked) == PREFETCH_BURST, proxy.events
             assert all("not%20an" not in proxy.events[i][1] for i in asked)
+    finally:
+        await proxy.close()
+
+
+async def test_lookups_ahead_are_bounded_over_all_addresses(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """However many addresses name unknown agents, at most MAX_PREFETCHING lookups run
+    at once and PREFETCH_GLOBAL_BURST are made before the overall allowance refills."""
+    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]))
+    port = free_port()
+    await proxy.start(port)
+    try:
+        async with TalosClient.create(
+            "bob", home=tmp_path / "b", registry_url=f"http://127.0.0.1:{port}"
+        ) as bob:
+            proxy.events.clear()
+            keylogs = bob._drivers.keylogs
+            names = iter(agent_id_from_digest(bytes([n]) * 32) for n in range(200))
+            for n in range(40):  # forty addresses, each well within its own share
+                keylogs.prefetch(next(names), f"10.0.0.{n}")
+            assert len(keylogs._prefetching) == MAX_PREFETCHING
+            deadline = time.monotonic() + 10
+            while keylogs._prefetching:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            for n in range(40, 80):
+                keylogs.prefetch(next(names), f"10.0.0.{n}")
+            while keylogs._prefetching:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert len(proxy.requests("/keylog")) == PREFETCH_GLOBAL_BURST, proxy.events
+    finally:
+        await proxy.close()
+
+
+async def test_a_send_beside_establish_session_shares_one_first_contact(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """establish_session() and send() to the same new peer at once: one /contact
+    request (one one-time prekey), and the message is delivered."""
+    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]), hold=0.1)
+    port = free_port()
+    await proxy.start(port)
+    try:
+        async with (
+            TalosClient.create(
+                "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
+            ) as bob,
+            TalosClient.create(
+                "carol", home=tmp_path / "c", registry_url=f"http://127.0.0.1:{port}"
+            ) as carol,
+        ):
+            proxy.events.clear()
+            sent, _ = await asyncio.gather(
+                carol.send(bob.agent_id, "first", timeout=10),
+                carol.establish_session(bob.agent_id),
+            )
+            assert sent.status == "delivered"
+            assert len(proxy.requests(f"/v1/agents/{bob.agent_id}/contact")) == 1, proxy.events
     finally:
         await proxy.close()

@@ -206,6 +206,8 @@ class Deliverer:
         if self._offline or self._closed():
             return
         self._wakeups.setdefault(peer, asyncio.Event()).set()
+        # Not idle until the loop has looked at what woke it (see _when_settled).
+        self._idle.setdefault(peer, asyncio.Event()).clear()
         task = self._loops.get(peer)
         if task is None or task.done():
             self._loops[peer] = asyncio.create_task(self._deliver_loop(peer))

@@ -87,6 +87,11 @@ GLOBAL_REFRESH_BURST: Final = 10
 #: per remote address: a burst, then this many a second (the name is unauthenticated).
 PREFETCH_BURST: Final = 10
 PREFETCH_RATE: Final = 1.0
+#: And over all addresses (an attacker may have many): a burst, then per second;
+#: never more than MAX_PREFETCHING lookups at once.
+PREFETCH_GLOBAL_BURST: Final = 20
+PREFETCH_GLOBAL_RATE: Final = 2.0
+MAX_PREFETCHING: Final = 16
 
 
 class RefreshLimit:
@@ -173,7 +178,9 @@ class KeyLogs:
         self._answered: weakref.WeakSet[Link] = weakref.WeakSet()
         self._limit = RefreshLimit()
         self._prefetches = RateLimiter(rate=PREFETCH_RATE, burst=PREFETCH_BURST)
+        self._all_prefetches = RateLimiter(rate=PREFETCH_GLOBAL_RATE, burst=PREFETCH_GLOBAL_BURST)
         self._prefetching: set[asyncio.Task[None]] = set()
+        self._stopped = False
         self._logs = LimitedLog(_log, clock)
         peers.on_rotated = self.rotated
 
@@ -192,16 +199,26 @@ class KeyLogs:
         (that frame's check joins this fetch, see :meth:`PeerDirectory.keylog`).
 
         The name is unauthenticated, so this only warms the cache with a log
-        verified as any other, and at most :data:`PREFETCH_BURST` times per
-        remote address, then :data:`PREFETCH_RATE` a second.
+        verified as any other, within two allowances: :data:`PREFETCH_BURST`
+        per remote address then :data:`PREFETCH_RATE` a second, and
+        :data:`PREFETCH_GLOBAL_BURST` over all addresses then
+        :data:`PREFETCH_GLOBAL_RATE` a second, at most :data:`MAX_PREFETCHING`
+        at once. Nothing once the client is closing.
         """
+        if self._stopped or len(self._prefetching) >= MAX_PREFETCHING:
+            return
         try:
             check_agent_id(agent)
         except MalformedFrame:
             return
         if self._peers.known_log(agent) is not None:
             return
-        if not self._prefetches.allow(host, self._clock.monotonic()):
+        now = self._clock.monotonic()
+        if not (
+            self._prefetches.available(host, now) and self._all_prefetches.available(None, now)
+        ):
+            return
+        if not (self._prefetches.allow(host, now) and self._all_prefetches.allow(None, now)):
             return
         task = asyncio.ensure_future(self._prefetch(agent))
         self._prefetching.add(task)
@@ -210,11 +227,13 @@ class KeyLogs:
     async def _prefetch(self, agent: str) -> None:
         try:
             await self._peers.keylog(agent)
-        except TalosError as exc:  # the first frame, if one comes, meets it again
-            _log.debug("key log of %s not fetched ahead: %s", agent, exc)
+        except Exception as exc:  # the first frame, if one comes, meets it again
+            _log.debug("key log of %s not fetched ahead: %r", agent, exc)
 
     async def stop(self) -> None:
-        """Cancel the fetches started ahead (the client is closing)."""
+        """Cancel the fetches started ahead, and start none any more (the client is
+        closing; :meth:`PeerDirectory.stop` ends the lookups they joined)."""
+        self._stopped = True
         for task in list(self._prefetching):
             task.cancel()
         await asyncio.gather(*self._prefetching, return_exceptions=True)

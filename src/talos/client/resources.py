@@ -446,6 +446,8 @@ class Resources:
             await parts.acks.stop()
             await parts.deliverer.stop()
             await parts.keylogs.stop()
+            await parts.sessions.stop()
+            await parts.peers.stop()
         await self._cancel_tasks(parts)
         # Commits in worker threads (acknowledge, cancel, expiry) finish before the store closes.
         if parts is not None:

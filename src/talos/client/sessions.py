@@ -8,6 +8,7 @@ update the table) and owns the agent's prekeys, which X3DH consumes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
@@ -68,8 +69,11 @@ class Sessions:
         self._fetch_bundle = fetch_bundle
         self._first_contact = first_contact
         #: First contacts' bundles, kept for the session set up next: peer -> (bundle,
-        #: monotonic deadline).
+        #: monotonic deadline); expired ones are dropped whenever one is added, so
+        #: it holds at most the first contacts of the last BUNDLE_KEPT seconds.
         self._kept: dict[str, tuple[PrekeyBundle, float]] = {}
+        #: First-contact requests in flight, shared by every caller.
+        self._contacting: dict[str, asyncio.Future[KeyLog | None]] = {}
         self._clock = clock
         self._prekeys = self._load_prekeys()
 
@@ -176,7 +180,9 @@ class Sessions:
 
         Without a ``bundle``, what the session needs is looked up
         (:meth:`_look_up`); ``looked_up()`` is called as soon as the peer's key log
-        is verified, before the key agreement (the client starts connecting then).
+        is verified, before the key agreement (the client starts connecting then;
+        if the agreement then fails, that link carries only the set-up offers and
+        is closed by the peer like any link that brings no message).
         """
         started = self._clock.monotonic()
         if bundle is None:
@@ -222,9 +228,34 @@ class Sessions:
 
     async def _first_contact_log(self, peer: str) -> KeyLog | None:
         """The key log of a first contact (keeping its bundle, caching its record), or
-        ``None`` when the peer is known already or the contact gave nothing."""
+        ``None`` when the peer is known already or the contact gave nothing.
+
+        Callers asking at once share one request (a ``send()`` beside an
+        ``establish_session()`` would otherwise take two one-time prekeys).
+        """
         if self._peers.known_log(peer) is not None:
             return None
+        pending = self._contacting.get(peer)
+        if pending is None:
+            pending = asyncio.ensure_future(self._contact(peer))
+            self._contacting[peer] = pending
+            pending.add_done_callback(functools.partial(self._contacted, peer))
+        return await asyncio.shield(pending)
+
+    def _contacted(self, peer: str, pending: asyncio.Future[KeyLog | None]) -> None:
+        if self._contacting.get(peer) is pending:
+            del self._contacting[peer]
+        if not pending.cancelled():
+            pending.exception()  # retrieved: every waiter got it (or none was left)
+
+    async def stop(self) -> None:
+        """Cancel the first-contact requests still running (the client is closing)."""
+        pending = list(self._contacting.values())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _contact(self, peer: str) -> KeyLog | None:
         contact = await self._first_contact(peer)
         if contact is None:
             return None

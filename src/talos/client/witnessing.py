@@ -196,7 +196,8 @@ class Witnessing:
 
     async def answer(self, link: Link, sender: str) -> None:
         """A frame from ``sender`` verified on ``link``: offer our checkpoint once on an
-        incoming link (a link we opened got it when it opened)."""
+        incoming link (a link we opened gets it once the messages waiting for it
+        are out, see Deliverer.on_settled)."""
         if link.outgoing or link in self._answered:
             return
         self._answered.add(link)

@@ -72,7 +72,8 @@ def main() -> int:
         code = 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
+        if previous_int is not None:  # None: not installed from Python
+            signal.signal(signal.SIGINT, previous_int)
     left = [child.pid for child in children if still_running(child.pid)]
     console.print(f"demo pids: {' '.join(str(child.pid) for child in children)}")
     if left:

@@ -151,9 +151,10 @@ class Transport:
         self._expiry: asyncio.TimerHandle | None = None
         self._closing = False
         self.on_link: Callable[[Link], None] | None = None
-        #: Called with (the agent an incoming handshake names in :data:`HELLO_HEADER`,
-        #: the remote host) as the handshake is admitted, before its link exists.
-        #: The name is unauthenticated: a hint to start looking its key log up.
+        #: Called with (the agent an incoming request names in :data:`HELLO_HEADER`,
+        #: the remote host) when the request passes admission, before the upgrade
+        #: is validated and before any link exists. The name is unauthenticated:
+        #: a hint to start looking its key log up, nothing more.
         self.on_hello: Callable[[str, str], None] | None = None
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
