@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sent_frames import record_sent
@@ -133,6 +134,21 @@ class RecordingProxy:
 
 
 @contextlib.asynccontextmanager
+async def registry_behind_proxy(
+    registry: RegistryProcess, **options: Any
+) -> AsyncIterator[tuple[str, RecordingProxy]]:
+    """A recording proxy (``options`` as RecordingProxy's) in front of the registry:
+    its URL, and the proxy."""
+    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]), **options)
+    port = free_port()
+    await proxy.start(port)
+    try:
+        yield f"http://127.0.0.1:{port}", proxy
+    finally:
+        await proxy.close()
+
+
+@contextlib.asynccontextmanager
 async def bob_behind_proxy(
     tmp_path: Path, registry: RegistryProcess, *, release: asyncio.Event | None = None
 ) -> AsyncIterator[tuple[TalosClient, RecordingProxy]]:
@@ -161,17 +177,12 @@ async def test_a_first_contact_is_one_registry_request(
     """On first contact the peer's key log, a bundle and its record come in one
     request (/contact), whether the session is set up first or by the first
     send(): the session and the connection that follow ask the registry nothing."""
-    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]))
-    port = free_port()
-    await proxy.start(port)
-    try:
+    async with registry_behind_proxy(registry) as (url, proxy):
         async with (
             TalosClient.create(
                 "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
             ) as bob,
-            TalosClient.create(
-                "carol", home=tmp_path / "c", registry_url=f"http://127.0.0.1:{port}"
-            ) as carol,
+            TalosClient.create("carol", home=tmp_path / "c", registry_url=url) as carol,
         ):
             proxy.events.clear()
             if establish_first:
@@ -183,8 +194,6 @@ async def test_a_first_contact_is_one_registry_request(
                 f"GET /v1/agents/{bob.agent_id}/contact HTTP/1.1",
                 f"GET /v1/agents/{bob.agent_id}/contact HTTP/1.1",  # its answer
             ], proxy.events
-    finally:
-        await proxy.close()
 
 
 async def test_without_contact_the_key_log_and_the_bundle_are_asked_for_side_by_side(
@@ -193,17 +202,12 @@ async def test_without_contact_the_key_log_and_the_bundle_are_asked_for_side_by_
     """A registry older than /contact (404 for the route): the key log and a prekey
     bundle are two requests, the bundle's made before the key log's answer is back,
     and the session is set up all the same."""
-    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]), hold=0.2, missing="/contact")
-    port = free_port()
-    await proxy.start(port)
-    try:
+    async with registry_behind_proxy(registry, hold=0.2, missing="/contact") as (url, proxy):
         async with (
             TalosClient.create(
                 "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
             ) as bob,
-            TalosClient.create(
-                "carol", home=tmp_path / "c", registry_url=f"http://127.0.0.1:{port}"
-            ) as carol,
+            TalosClient.create("carol", home=tmp_path / "c", registry_url=url) as carol,
         ):
             proxy.events.clear()
             await carol.establish_session(bob.agent_id)
@@ -215,8 +219,6 @@ async def test_without_contact_the_key_log_and_the_bundle_are_asked_for_side_by_
             assert proxy.requests(bundle)[0] < proxy.answer_of(keylog), proxy.events
             sent = await carol.send(bob.agent_id, "first", timeout=10)
             assert sent.status == "delivered"
-    finally:
-        await proxy.close()
 
 
 async def test_establish_session_opens_the_link_before_the_first_message(
@@ -309,13 +311,8 @@ async def test_names_in_handshakes_fetch_only_their_share(
 ) -> None:
     """The handshake's name is unauthenticated: one remote address makes bob look up
     at most PREFETCH_BURST unknown agents, and a name that is no agent id none."""
-    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]))
-    port = free_port()
-    await proxy.start(port)
-    try:
-        async with TalosClient.create(
-            "bob", home=tmp_path / "b", registry_url=f"http://127.0.0.1:{port}"
-        ) as bob:
+    async with registry_behind_proxy(registry) as (url, proxy):
+        async with TalosClient.create("bob", home=tmp_path / "b", registry_url=url) as bob:
             assert bob.endpoint is not None
             proxy.events.clear()
             names = [agent_id_from_digest(bytes([n]) * 32) for n in range(PREFETCH_BURST + 5)]
@@ -330,8 +327,6 @@ async def test_names_in_handshakes_fetch_only_their_share(
             asked = proxy.requests("/keylog")
             assert len(asked) == PREFETCH_BURST, proxy.events
             assert all("not%20an" not in proxy.events[i][1] for i in asked)
-    finally:
-        await proxy.close()
 
 
 async def test_lookups_ahead_are_bounded_over_all_addresses(
@@ -339,13 +334,8 @@ async def test_lookups_ahead_are_bounded_over_all_addresses(
 ) -> None:
     """However many addresses name unknown agents, at most MAX_PREFETCHING lookups run
     at once and PREFETCH_GLOBAL_BURST are made before the overall allowance refills."""
-    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]))
-    port = free_port()
-    await proxy.start(port)
-    try:
-        async with TalosClient.create(
-            "bob", home=tmp_path / "b", registry_url=f"http://127.0.0.1:{port}"
-        ) as bob:
+    async with registry_behind_proxy(registry) as (url, proxy):
+        async with TalosClient.create("bob", home=tmp_path / "b", registry_url=url) as bob:
             proxy.events.clear()
             keylogs = bob._drivers.keylogs
             names = iter(agent_id_from_digest(bytes([n]) * 32) for n in range(200))
@@ -362,8 +352,6 @@ async def test_lookups_ahead_are_bounded_over_all_addresses(
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.01)
             assert len(proxy.requests("/keylog")) == PREFETCH_GLOBAL_BURST, proxy.events
-    finally:
-        await proxy.close()
 
 
 async def test_a_send_beside_establish_session_shares_one_first_contact(
@@ -371,17 +359,12 @@ async def test_a_send_beside_establish_session_shares_one_first_contact(
 ) -> None:
     """establish_session() and send() to the same new peer at once: one /contact
     request (one one-time prekey), and the message is delivered."""
-    proxy = RecordingProxy(int(registry.url.rsplit(":", 1)[1]), hold=0.1)
-    port = free_port()
-    await proxy.start(port)
-    try:
+    async with registry_behind_proxy(registry, hold=0.1) as (url, proxy):
         async with (
             TalosClient.create(
                 "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
             ) as bob,
-            TalosClient.create(
-                "carol", home=tmp_path / "c", registry_url=f"http://127.0.0.1:{port}"
-            ) as carol,
+            TalosClient.create("carol", home=tmp_path / "c", registry_url=url) as carol,
         ):
             proxy.events.clear()
             sent, _ = await asyncio.gather(
@@ -390,5 +373,3 @@ async def test_a_send_beside_establish_session_shares_one_first_contact(
             )
             assert sent.status == "delivered"
             assert len(proxy.requests(f"/v1/agents/{bob.agent_id}/contact")) == 1, proxy.events
-    finally:
-        await proxy.close()
