@@ -278,7 +278,9 @@ class Pruner:
             txn.put(b"pruned_entries", u64(done + count), db=store.meta)
 
         record = prepare(AuditKind.AUDIT_PRUNED.value, data, None)
-        [seq] = self._writer.commit([record], apply, room=False)
+        # index=True: the entries it prunes keep (or lose) their index rows
+        # here, and the pruning point never passes the index (audit.store).
+        [seq] = self._writer.commit([record], apply, room=False, index=True)
         step = PruneStep(plan.start, plan.end, count, data["anchor_size"], seq)
         _log.info(
             "pruned %d audit entries below %d (anchored at size %d)",

@@ -2,8 +2,11 @@
 
 Rules this module keeps:
 
-* Kind and peer filters walk the ``index`` database (``b"k"``/``b"p"`` rows);
-  time filters are binary searches over entry times, which never decrease.
+* Kind and peer filters walk the ``index`` database (``b"k"``/``b"p"`` rows)
+  below the index point (``meta["indexed"]``) and read every entry from it
+  on: the index trails the log by fewer than
+  :data:`~talos.audit.writer.INDEX_BATCH` entries. Time filters are binary
+  searches over entry times, which never decrease.
 * The index is a hint, never trusted: every returned entry is read with
   :meth:`talos.audit.store.AuditStore.entry` (re-hashed, decoded strictly)
   and re-checked against the filters, so a damaged index row cannot smuggle
@@ -81,9 +84,11 @@ class Query:
         high = size if until is None else _first_at_or_after(store, txn, until, size, pruned)
         reverse = last is not None
         if kind is not None:
-            seqs = _index_seqs(txn, store, b"k", kind, low, high, reverse=reverse)
+            indexed = store.indexed_below(txn, size)
+            seqs = _trailing_index_seqs(txn, store, b"k", kind, low, high, indexed, reverse)
         elif peer is not None:
-            seqs = _index_seqs(txn, store, b"p", peer, low, high, reverse=reverse)
+            indexed = store.indexed_below(txn, size)
+            seqs = _trailing_index_seqs(txn, store, b"p", peer, low, high, indexed, reverse)
         else:
             seqs = _plain_seqs(txn, store, low, high, pruned, reverse=reverse)
         found: list[AuditEntry] = []
@@ -146,6 +151,27 @@ def _plain_seqs(
     else:
         yield from kept
         yield from rest
+
+
+def _trailing_index_seqs(
+    txn: lmdb.Transaction[bytes],
+    store: AuditStore,
+    prefix: bytes,
+    value: str,
+    low: int,
+    high: int,
+    indexed: int,
+    reverse: bool,
+) -> Iterator[int]:
+    """Seqs in ``[low, high)`` that may match: the index's below ``indexed``, every one after."""
+    indexed_part = _index_seqs(txn, store, prefix, value, low, min(high, indexed), reverse=reverse)
+    tail = range(max(low, indexed), high)
+    if reverse:
+        yield from reversed(tail)
+        yield from indexed_part
+    else:
+        yield from indexed_part
+        yield from tail
 
 
 def _index_seqs(

@@ -8,7 +8,8 @@ the log; this module says what is in them::
     blocks    u64be(height)                  -> block CBOR
     index     b"k" kind 0x00 u64be(seq)      -> b""  (and b"p" peer 0x00 u64be(seq))
     meta      b"size", b"root", b"time", b"blocks", b"block_hash", b"format",
-              b"pruned" (the pruning point), b"pruned_entries" (payloads dropped)
+              b"pruned" (the pruning point), b"pruned_entries" (payloads dropped),
+              b"indexed" (entries below it have their index rows)
 
 Perfect-subtree nodes are keyed by the index of their *last* leaf, then their
 level: appending leaf ``i`` completes exactly the nodes whose last leaf is
@@ -24,6 +25,12 @@ Rules this module keeps:
   seq; :meth:`AuditStore.node` the hash length; :meth:`AuditStore.block` the
   decoding and the height.
 * Nothing here is cached: each read works inside the caller's transaction.
+* The index trails the log (format 2): entries below ``meta["indexed"]``
+  have their index rows, the newest few (fewer than
+  :data:`~talos.audit.writer.INDEX_BATCH`) may not yet, and queries read
+  those directly (:mod:`talos.audit.reading`). Without the row (format 1,
+  or a rebuilt log) every entry is indexed. The pruning point never passes
+  it: pruning indexes the tail in its own transaction.
 * Below the pruning point (``meta["pruned"]``, see
   :mod:`talos.core.audit.pruning`) an entry row may be its leaf hash alone:
   :meth:`AuditStore.entry` raises :class:`EntryPruned` for it, and
@@ -74,8 +81,12 @@ __all__ = [
     "node_key",
 ]
 
-#: Version of the audit log's layout (``meta["format"]``).
-FORMAT_VERSION: Final = 1
+#: Version of the audit log's layout (``meta["format"]``). Format 2 added
+#: ``meta["indexed"]``: a log of format 1 reads as fully indexed, and becomes
+#: format 2 at its first write; a Talos that knows only format 1 refuses it.
+FORMAT_VERSION: Final = 2
+#: Layouts this version reads.
+READABLE_FORMATS: Final = frozenset({1, 2})
 
 _NODE = struct.Struct(">QB")
 
@@ -174,6 +185,23 @@ class AuditStore:
         root = self.meta_value(txn, b"root")
         return Head(self.meta_count(txn, b"size"), EMPTY_ROOT if root is None else bytes(root))
 
+    def indexed_below(self, txn: lmdb.Transaction[bytes], size: int) -> int:
+        """Entries below this have their index rows (``size`` when no row says otherwise).
+
+        Raises:
+            StoreCorrupted: the row is malformed or past ``size``.
+        """
+        raw = self.meta_value(txn, b"indexed")
+        if raw is None:
+            return size
+        if len(raw) != 8 or read_u64(raw) > size:
+            raise StoreCorrupted(
+                f"audit log index point {bytes(raw).hex()} is malformed or past size {size}",
+                where="meta indexed",
+                what="index point",
+            )
+        return read_u64(raw)
+
     def pruned_below(self, txn: lmdb.Transaction[bytes]) -> int:
         """The pruning point: entries below it may hold their leaf hash alone (0: none)."""
         return self.meta_count(txn, b"pruned")
@@ -185,7 +213,7 @@ class AuditStore:
             UnsupportedVersion: written by a newer Talos.
         """
         raw = self.meta_value(txn, b"format")
-        if raw is not None and read_u64(raw) != FORMAT_VERSION:
+        if raw is not None and read_u64(raw) not in READABLE_FORMATS:
             raise UnsupportedVersion(f"audit log format {read_u64(raw)} is not supported")
 
     # -- checked reads -------------------------------------------------------------

@@ -3,9 +3,16 @@
 Rules this module keeps:
 
 * Append-only. Entry ``n`` is leaf ``n``; appending it stores the entry (with
-  its leaf hash), every perfect subtree it completes, the index rows for
-  queries, the new size and root, and, when one is due, a signed block, all
-  in one LMDB write transaction, durable when :meth:`LogWriter.commit` returns.
+  its leaf hash), every perfect subtree it completes, the new size and root,
+  and, when one is due, a signed block, all in one LMDB write transaction,
+  durable when :meth:`LogWriter.commit` returns.
+* The index trails the log: an entry's index rows are written with the
+  commit that brings the unindexed entries to :data:`INDEX_BATCH` (so a
+  one-message commit writes no index page, and the batch's rows share
+  their pages), with a commit that asks for it (``index=True``: pruning),
+  and never later than that. ``meta["indexed"]`` says how far they go, in
+  the same transaction; the rows are derived from the entries, so nothing
+  the log promises waits on them.
 * Entry times never go backwards: a batch gets ``max(clock, previous time)``,
   so the log is ordered by time as well as by sequence.
 * In-memory state (border, size, root, open block) is built on a copy and
@@ -43,7 +50,7 @@ import lmdb
 
 from talos.audit.blocks import BlockSealer, OpenBlock
 from talos.audit.records import PreparedRecord
-from talos.audit.store import FORMAT_VERSION, AuditStore, Head
+from talos.audit.store import FORMAT_VERSION, AuditStore, Head, index_key
 from talos.core.audit.checkpoint import Block
 from talos.core.audit.entry import finish_entries
 from talos.core.audit.merkle import EMPTY_ROOT, fold_subtrees
@@ -51,11 +58,14 @@ from talos.core.clock import Clock, time_ms
 from talos.errors import AuditFull, LocalProtocolError, StorageError, StoreCorrupted
 from talos.storage.lmdb import u64
 
-__all__ = ["LogWriter", "WriterState"]
+__all__ = ["INDEX_BATCH", "LogWriter", "WriterState"]
 
 _log = logging.getLogger("talos.audit")
 
 _STALE_RETRIES: Final = 5
+#: Unindexed entries that make a commit write their index rows. A query reads
+#: at most this many entries beyond the index; 64 rows share a few pages.
+INDEX_BATCH: Final = 64
 _T = TypeVar("_T")
 _sha256 = hashlib.sha256
 _pack_u64 = struct.Struct(">Q").pack  # storage.lmdb.u64
@@ -75,11 +85,23 @@ class WriterState:
     time_ms: int
     chain: OpenBlock
     root: bytes = field(default=EMPTY_ROOT)
+    #: Entries below this have their index rows on disk (``meta["indexed"]``).
+    indexed: int = 0
+    #: The index keys of the entries from :attr:`indexed` to :attr:`size`, not yet written.
+    unindexed: list[bytes] = field(default_factory=list)
     #: The last block sealed by the transaction this state was built in.
     sealed: Block | None = None
 
     def copy(self) -> WriterState:
-        return WriterState(self.size, list(self.stack), self.time_ms, self.chain.copy(), self.root)
+        return WriterState(
+            self.size,
+            list(self.stack),
+            self.time_ms,
+            self.chain.copy(),
+            self.root,
+            self.indexed,
+            list(self.unindexed),
+        )
 
     def fold(self) -> bytes:
         return fold_subtrees(self.stack) if self.stack else EMPTY_ROOT
@@ -151,11 +173,14 @@ class LogWriter:
         apply: Callable[[lmdb.Transaction[bytes]], None] | None = None,
         *,
         room: bool = True,
+        index: bool = False,
     ) -> list[int]:
         """Append ``records`` (and run ``apply(txn)``) in one durable transaction.
 
         Returns the entries' sequence numbers. When it does not fit and
-        ``room`` is true, :attr:`make_room` may free space first.
+        ``room`` is true, :attr:`make_room` may free space first. With
+        ``index``, every entry's index rows are written by this transaction
+        (before ``apply`` runs), whatever :data:`INDEX_BATCH` says.
 
         Raises:
             LocalProtocolError: the log is read-only or closed.
@@ -164,25 +189,26 @@ class LogWriter:
             StorageError: LMDB failed, or the log kept changing under this writer.
         """
         if not room or self.make_room is None:
-            return self._commit(records, apply)
+            return self._commit(records, apply, index)
         try:
             self._quiet.full = True
-            return self._commit(records, apply)
+            return self._commit(records, apply, index)
         except AuditFull as full:
             if not self.make_room():
                 _log.warning("%s", full, extra={"event": "audit_full"})
                 raise
         finally:
             self._quiet.full = False
-        return self._commit(records, apply)
+        return self._commit(records, apply, index)
 
     def _commit(
         self,
         records: Sequence[PreparedRecord],
         apply: Callable[[lmdb.Transaction[bytes]], None] | None,
+        index: bool,
     ) -> list[int]:
         with self.lock:
-            seqs = self._with_fresh_state(lambda: self._commit_once(records, apply))
+            seqs = self._with_fresh_state(lambda: self._commit_once(records, apply, index))
         if self._watchers:
             self._tell_watchers()
         return seqs
@@ -255,13 +281,15 @@ class LogWriter:
         self,
         records: Sequence[PreparedRecord],
         apply: Callable[[lmdb.Transaction[bytes]], None] | None = None,
+        index: bool = False,
     ) -> list[int]:
         """One write transaction for ``records`` (lock held). State changes only on success.
 
         The whole batch gets one time, ``max(clock, previous time)``: that is
         what stamping each entry in turn gave too, as times never go back.
-        Entries, nodes and index rows are built first and then written with
-        one ``putmulti`` per sub-database; entry and node keys only grow.
+        Entries, nodes and (when due) index rows are built first and then
+        written with one ``putmulti`` per sub-database; entry and node keys
+        only grow.
         """
         self.check_writable()
         state = self._loaded().copy()
@@ -277,7 +305,7 @@ class LogWriter:
             raws = finish_entries(first, state.time_ms, [r.middle for r in records])
             entry_rows: list[tuple[bytes, bytes]] = []
             node_rows: list[tuple[bytes, bytes]] = []
-            index_rows: list[tuple[bytes, bytes]] = []
+            unindexed = state.unindexed
             stack = state.stack
             for seq, (raw, record) in enumerate(zip(raws, records, strict=True), first):
                 leaf = _sha256(b"\x00" + raw).digest()  # RFC 9162 leaf, as merkle.leaf_hash
@@ -292,9 +320,9 @@ class LogWriter:
                     level += 1
                     node_rows.append((_pack_node(seq, level), value))
                 stack.append(value)
-                index_rows.append((record.kind_key + key, b""))
+                unindexed.append(record.kind_key + key)
                 if record.peer_key is not None:
-                    index_rows.append((record.peer_key + key, b""))
+                    unindexed.append(record.peer_key + key)
                 state.size = seq + 1
                 if chain.oldest_unsealed_ms is None:
                     chain.oldest_unsealed_ms = state.time_ms
@@ -302,9 +330,12 @@ class LogWriter:
                     self._seal(txn, state, now)
             self._append_rows(txn, store.entries, entry_rows)
             self._append_rows(txn, store.nodes, node_rows)
-            # In arrival order: sorting them first was no faster and left the
-            # index a third larger (more half-full pages after splits).
-            txn.cursor(db=store.index).putmulti(index_rows)
+            if index or state.size - state.indexed >= INDEX_BATCH:
+                # In arrival order: sorting them first was no faster and left the
+                # index a third larger (more half-full pages after splits).
+                txn.cursor(db=store.index).putmulti([(key, b"") for key in unindexed])
+                unindexed.clear()
+                state.indexed = state.size
             if records or state.sealed is not None or not first:
                 # Without entries or a block the head is unchanged: rewriting it
                 # would cost the commit a page of the meta database for nothing.
@@ -371,6 +402,7 @@ class LogWriter:
         txn.put(b"size", u64(state.size), db=meta)
         txn.put(b"root", state.root, db=meta)
         txn.put(b"time", u64(state.time_ms), db=meta)
+        txn.put(b"indexed", u64(state.indexed), db=meta)
 
     def _install(self, state: WriterState) -> None:
         if state.sealed is not None:
@@ -393,7 +425,16 @@ class LogWriter:
         with store.read() as txn:
             stack = store.border(txn, size)
             chain = OpenBlock.load(store, txn, size)
-            state = WriterState(size, stack, store.meta_count(txn, b"time"), chain, root)
+            indexed = store.indexed_below(txn, size)
+            state = WriterState(
+                size,
+                stack,
+                store.meta_count(txn, b"time"),
+                chain,
+                root,
+                indexed,
+                _index_keys(store, txn, indexed, size),
+            )
         if state.fold() != root or chain.sealed_size > size:
             raise StoreCorrupted(
                 f"audit log {store.path}: stored tree does not match the stored root; "
@@ -403,3 +444,27 @@ class LogWriter:
             )
         self._state = state
         return state
+
+
+def _index_keys(
+    store: AuditStore, txn: lmdb.Transaction[bytes], start: int, size: int
+) -> list[bytes]:
+    """The index keys of entries ``[start, size)``, read back (fewer than INDEX_BATCH).
+
+    Raises:
+        StoreCorrupted: an entry is missing, damaged or pruned.
+    """
+    keys: list[bytes] = []
+    for seq in range(start, size):
+        try:
+            entry = store.entry(txn, seq, size)
+        except LocalProtocolError:  # EntryPruned: the pruning point never passes the index
+            raise StoreCorrupted(
+                f"audit entry {seq} lost its payload before it was indexed",
+                where=f"seq {seq}",
+                what="pruned before indexed",
+            ) from None
+        keys.append(index_key(b"k", entry.kind, seq))
+        if entry.peer is not None:
+            keys.append(index_key(b"p", entry.peer, seq))
+    return keys
