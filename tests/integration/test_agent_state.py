@@ -13,6 +13,7 @@ from typing import Any
 
 import lmdb
 import pytest
+from written_databases import record_written
 
 from talos.audit import AuditFull, AuditKind, AuditLog, AuditRecord
 from talos.core.agent_id import agent_id_from_digest
@@ -27,6 +28,7 @@ from talos.errors import (
     QueueFull,
     StaleMessage,
     StoreCorrupted,
+    UnsupportedVersion,
 )
 from talos.storage.agent_state import (
     AgentState,
@@ -35,6 +37,9 @@ from talos.storage.agent_state import (
     Received,
 )
 from talos.storage.lmdb import MIN_SIZE_BYTES
+from talos.storage.state.inbox import NEXT_KEY as INBOX_NEXT
+from talos.storage.state.outbox import NEXT_KEY as OUTBOX_NEXT
+from talos.storage.state.replay import FLOOR_STEP_MS
 from talos.testing import FakeClock, SeededRng
 
 KEY = bytes(range(32))
@@ -481,6 +486,118 @@ def test_replay_rows_are_pruned_and_the_floor_survives_a_clock_step(
                 message=_message(clock, b"old0", b"replayed"),
             )
         assert state.inbox_count() == 6
+
+
+def test_message_commits_leave_the_agent_database_alone(
+    log: AuditLog, state: AgentState, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layout 2: the counters live beside their rows and the replay floor trails, so
+    a queued or received message writes no row of ``agent`` (one page less a commit)."""
+    _enqueue(state, ALICE, b"m0")
+    _receive(state, clock, b"r0")  # the first receive stores the floor
+    agent = log.database("agent")
+    written = record_written(log.environment, monkeypatch)
+    for n in range(1, 4):
+        clock.advance(0.1)
+        _enqueue(state, ALICE, b"m%d" % n)
+        _receive(state, clock, b"r%d" % n)
+        assert state.remove(b"m%d" % n, audit=_sent(b"m%d" % n, ALICE))
+    assert log.database("outbox") in written
+    assert log.database("inbox") in written
+    assert agent not in written
+    clock.advance(FLOOR_STEP_MS / 1000)
+    _receive(state, clock, b"r9")
+    assert agent in written  # the floor moved a step: stored
+
+
+def test_sequence_numbers_never_repeat_after_emptying_and_reopening(
+    home: Path, clock: FakeClock
+) -> None:
+    with _open(home, clock) as log:
+        state = _state(log, clock)
+        for n in range(3):
+            _enqueue(state, ALICE, b"m%d" % n)
+            assert _receive(state, clock, b"r%d" % n) == n
+        for n in range(3):
+            assert state.remove(b"m%d" % n)
+        assert len(state.take(10)) == 3
+        assert (state.outbox_count(), state.inbox_count()) == (0, 0)
+    with _open(home, clock) as log:
+        state = _state(log, clock)
+        assert (state.outbox_count(), state.inbox_count()) == (0, 0)
+        assert state.enqueue(ALICE, b"m9", b"x", capability=None, queue_limit=10).seq == 3
+        assert _receive(state, clock, b"r9") == 3
+        assert [m.message_id for m in state.take(10)] == [b"r9"]
+
+
+def test_a_layout_1_state_keeps_its_counters_and_moves_to_layout_2(
+    home: Path, clock: FakeClock
+) -> None:
+    """Written before layout 2: counters in ``agent``, none beside the rows."""
+    with _open(home, clock) as log:
+        state = _state(log, clock)
+        _enqueue(state, ALICE, b"m0")
+        _receive(state, clock, b"r0")
+    env = _raw_env(home)
+    with env.begin(write=True) as txn:
+        agent = env.open_db(b"x:agent", txn=txn)
+        txn.put(b"format", (1).to_bytes(8, "big"), db=agent)
+        txn.put(b"outbox_next", (50).to_bytes(8, "big"), db=agent)
+        txn.put(b"inbox_next", (70).to_bytes(8, "big"), db=agent)
+        assert txn.delete(OUTBOX_NEXT, db=env.open_db(b"x:outbox_index", txn=txn))
+        assert txn.delete(INBOX_NEXT, db=env.open_db(b"x:inbox", txn=txn))
+    env.close()
+    with _open(home, clock) as log:
+        state = _state(log, clock)
+        assert state.inbox_count() == 1
+        assert state.enqueue(ALICE, b"m1", b"x", capability=None, queue_limit=10).seq == 50
+        assert _receive(state, clock, b"r1") == 70
+        assert state.enqueue(ALICE, b"m2", b"x", capability=None, queue_limit=10).seq == 51
+        assert _receive(state, clock, b"r2") == 71
+        assert [m.message_id for m in state.take(10)] == [b"r0", b"r1", b"r2"]
+    env = _raw_env(home)
+    with env.begin() as txn:
+        assert txn.get(b"format", db=env.open_db(b"x:agent", txn=txn)) == (2).to_bytes(8, "big")
+    env.close()
+
+
+def test_a_newer_layout_is_refused(home: Path, clock: FakeClock) -> None:
+    with _open(home, clock) as log:
+        _enqueue(_state(log, clock), ALICE, b"m0")
+    _rewrite(home, "agent", b"format", (3).to_bytes(8, "big"))
+    with _open(home, clock) as log, pytest.raises(UnsupportedVersion, match="format 3"):
+        _state(log, clock)
+
+
+def test_a_trailing_replay_floor_never_lets_an_id_back_in(home: Path, clock: FakeClock) -> None:
+    """Rows go only below the stored floor: an id the running window forgot, but the
+    stored floor still covers, is refused after a restart with the clock stepped back."""
+    with _open(home, clock) as log:
+        state = _state(log, clock, replay_window_ms=60_000)
+        start = time_ms(clock)
+        _receive(state, clock, b"a")
+        clock.advance(59.8)
+        _receive(state, clock, b"c")  # stores the floor: start - 200 ms
+        clock.advance(0.6)
+        _receive(state, clock, b"b")  # the window's floor passes "a"; less than a step
+        with pytest.raises(StaleMessage):
+            state.replay_window.check(b"a", start, time_ms(clock))
+    env = _raw_env(home)
+    with env.begin() as txn:
+        replay = env.open_db(b"x:replay", txn=txn)
+        assert txn.get(b"ia", db=replay) is not None  # kept: above the stored floor
+    env.close()
+    clock.set_time(clock.time() - 30)
+    with _open(home, clock) as log:
+        state = _state(log, clock, replay_window_ms=60_000)
+        with pytest.raises((DuplicateMessage, StaleMessage)):
+            state.commit_receive(
+                BOB,
+                session=b"s",
+                replay_id=b"a",
+                timestamp_ms=start,
+                message=_message(clock, b"a", b"replayed"),
+            )
 
 
 def test_initial_message_commits_the_prekey_store(state: AgentState, clock: FakeClock) -> None:

@@ -32,7 +32,14 @@ from talos.storage.state.outbox import Enqueue, Outbox, OutboxItem, QueuedMessag
 from talos.storage.state.peers import PeerCache, keylog_key, record_key
 from talos.storage.state.receiving import Received, Receiving
 from talos.storage.state.replay import PRUNE_BATCH, ReplayRows
-from talos.storage.state.rows import FORMAT_VERSION, MAX_PAYLOAD_SIZE, U64, as_bytes, peer_key
+from talos.storage.state.rows import (
+    FORMAT_VERSION,
+    LAYOUT_VERSION,
+    MAX_PAYLOAD_SIZE,
+    U64,
+    as_bytes,
+    peer_key,
+)
 from talos.storage.state.sealing import Sealer, derive_storage_key
 from talos.storage.state.sending import Sending
 from talos.storage.state.sessions import Sessions
@@ -46,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMAT_VERSION",
+    "LAYOUT_VERSION",
     "MAX_PAYLOAD_SIZE",
     "PRUNE_BATCH",
     "AgentState",

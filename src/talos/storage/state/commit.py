@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from talos.storage.state.meta import Meta
+from talos.storage.state.rows import LAYOUT_VERSION
 
 if TYPE_CHECKING:
     import lmdb
@@ -31,7 +32,8 @@ class Unchanged(Exception):
 
 
 class UnitOfWork:
-    """Commits through ``log.append_with``; the first commit also writes the header."""
+    """Commits through ``log.append_with``; the first commit also writes the header
+    (or, for a state of an older layout, the current layout's number)."""
 
     def __init__(self, log: AuditLog, meta: Meta, *, initialized: bool) -> None:
         self.log = log
@@ -39,6 +41,7 @@ class UnitOfWork:
         self.lock = threading.Lock()
         self._meta = meta
         self._initialized = initialized
+        self._current = not initialized or meta.layout == LAYOUT_VERSION
 
     def commit(self, audit: AuditRecords, apply: Apply) -> bool:
         """Run ``apply`` and append ``audit`` in one transaction; False if ``apply`` said
@@ -51,12 +54,17 @@ class UnitOfWork:
             StorageError: LMDB failed; nothing was written.
         """
         records = list(audit)
-        run = apply if self._initialized else self._with_header(apply)
+        if not self._initialized:
+            run = self._with_header(apply)
+        elif not self._current:
+            run = self._with_layout(apply)
+        else:
+            run = apply
         try:
             self.log.append_with(records, run)
         except Unchanged:
             return False
-        self._initialized = True
+        self._initialized = self._current = True
         return True
 
     def _with_header(self, apply: Apply) -> Apply:
@@ -65,5 +73,14 @@ class UnitOfWork:
         def run(txn: lmdb.Transaction[bytes]) -> None:
             apply(txn)
             meta.write_header(txn)
+
+        return run
+
+    def _with_layout(self, apply: Apply) -> Apply:
+        meta = self._meta
+
+        def run(txn: lmdb.Transaction[bytes]) -> None:
+            apply(txn)
+            meta.write_layout(txn)
 
         return run

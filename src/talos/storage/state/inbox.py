@@ -1,9 +1,13 @@
 """The inbox: received, verified, decrypted messages waiting for the application.
 
-Owns the ``inbox`` database (u64be(seq) -> CBOR row ``{v, from, id, ct, sent,
+Owns the ``inbox`` database: u64be(seq) -> CBOR row ``{v, from, id, ct, sent,
 recv, cap}`` whose ``ct`` is the data sealed with associated data
-``("inbox", sender, message id)``) and the ``inbox_next`` counter of ``agent``,
-so a sequence number is never reused, even after the inbox was emptied.
+``("inbox", sender, message id)``, and, after every row, the counter
+(:data:`NEXT_KEY` -> u64be(next seq), layout 2), so a sequence number is
+never reused, even after the inbox was emptied. New rows go just before the
+counter, so writing it costs a receive no page of its own (layout 1 kept it
+in ``agent`` as ``inbox_next``, now read as its floor). Every read of rows
+stops at the counter.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
     import lmdb
 
 _FIELDS: Final = frozenset({"v", "from", "id", "ct", "sent", "recv", "cap"})
+#: The counter's key: 9 bytes, after every u64 row key.
+NEXT_KEY: Final = b"\xff" * 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +54,7 @@ class InboxMessage:
 
 
 class Inbox:
-    """The ``inbox`` database and the ``agent["inbox_next"]`` counter."""
+    """The ``inbox`` database, its rows and its counter (:data:`NEXT_KEY`)."""
 
     def __init__(self, db: lmdb._Database, meta: Meta, sealer: Sealer) -> None:
         self._db = db
@@ -114,7 +120,7 @@ class Inbox:
         db, meta = self._db, self._meta
         seqs = []
         for row in rows:
-            seq = meta.next_seq(txn, b"inbox_next")
+            seq = meta.next_seq(txn, db, NEXT_KEY, b"inbox_next")
             txn.put(U64.pack(seq), row, db=db)
             seqs.append(seq)
         return seqs
@@ -132,6 +138,8 @@ class Inbox:
         cursor = txn.cursor(db=self._db)
         if limit > 0 and cursor.set_range(U64.pack(max(after + 1, 0))):
             for key, value in cursor.iternext():
+                if key == NEXT_KEY:
+                    break
                 rows.append((key, value))
                 if len(rows) >= limit:
                     break
@@ -139,7 +147,8 @@ class Inbox:
 
     def count(self, txn: lmdb.Transaction[bytes]) -> int:
         """How many messages wait."""
-        return int(txn.stat(self._db)["entries"])
+        counter = txn.get(NEXT_KEY, db=self._db) is not None
+        return int(txn.stat(self._db)["entries"]) - counter
 
     def take(self, txn: lmdb.Transaction[bytes], limit: int) -> list[InboxMessage]:
         """Delete and return the oldest ``limit`` messages.
@@ -152,6 +161,8 @@ class Inbox:
         cursor = txn.cursor(db=self._db)
         if limit > 0 and cursor.first():
             for key, value in cursor.iternext():
+                if key == NEXT_KEY:
+                    break
                 rows.append((key, value))
                 if len(rows) >= limit:
                     break

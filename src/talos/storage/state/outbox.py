@@ -1,11 +1,15 @@
 """The outbox: messages waiting for their recipient's signed ACK.
 
-Owns the ``outbox`` database, its index and the ``outbox_next`` counter of
-``agent``::
+Owns the ``outbox`` database and its index, which holds the counter::
 
     outbox        u64be(seq)                   -> {v, peer, id, ct, cap, enq, n, last[, exp]}
     outbox_index  b"m" message id              -> u64be(seq)
+                  b"n"                         -> u64be(next seq)  (layout 2)
                   b"p" u8(len) peer u64be(seq) -> b""   (per-peer order)
+
+A queued message writes its index rows anyway, so the counter beside them
+costs the commit no page of its own (layout 1 kept it in ``agent`` as
+``outbox_next``, now read as its floor).
 
 ``ct`` is the plaintext payload sealed with associated data ``("outbox",
 peer, message id)``: after a session reset every queued message is encrypted
@@ -44,6 +48,8 @@ if TYPE_CHECKING:
     import lmdb
 
 _FIELDS: Final = frozenset({"v", "peer", "id", "ct", "cap", "enq", "n", "last"})
+#: The counter's key in ``outbox_index`` (between the ``m`` and ``p`` rows).
+NEXT_KEY: Final = b"n"
 #: The fields of a row queued with an expiry.
 _EXPIRING_FIELDS: Final = _FIELDS | {"exp"}
 
@@ -136,7 +142,7 @@ def peer_prefix(peer: str) -> bytes:
 
 
 class Outbox:
-    """The ``outbox`` and ``outbox_index`` databases and the ``agent["outbox_next"]`` counter."""
+    """The ``outbox`` and ``outbox_index`` databases (with the counter, ``outbox_index[b"n"]``)."""
 
     def __init__(
         self, db: lmdb._Database, index: lmdb._Database, meta: Meta, sealer: Sealer
@@ -216,7 +222,7 @@ class Outbox:
             raise QueueFull("the outbox filled up meanwhile (another writer)")
         results = admission.results
         for position, request, sealed in admission.accepted:
-            seq = meta.next_seq(txn, b"outbox_next")
+            seq = meta.next_seq(txn, index, NEXT_KEY, b"outbox_next")
             tried = request.peer in attempted
             item = OutboxItem(
                 seq,

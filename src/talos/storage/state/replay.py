@@ -10,6 +10,14 @@ and the ``replay_floor`` row of ``agent``. The in-memory
 (:meth:`ReplayRows.load`); the façade records into it only after a commit.
 The stored floor keeps ids forgotten before a restart stale even if the clock
 was stepped back.
+
+The stored floor trails the window's by less than :data:`FLOOR_STEP_MS`: a
+receive writes it only when the window's floor has moved that far past it,
+so most receive commits leave ``agent`` alone (one B-tree page less). Rows
+are deleted only below the *stored* floor, never below the window's, so
+every id at or above the stored floor keeps its row, and a restart that
+reloads from the stored floor refuses each of them again: a trailing floor
+makes the reloaded window stricter than the running one, never looser.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ if TYPE_CHECKING:
 
 #: Most replay rows deleted per receive; the rest go in later commits (reads skip them).
 PRUNE_BATCH: Final = 1024
+#: How far the window's floor moves before a receive stores it (and prunes below it).
+FLOOR_STEP_MS: Final = 1000
 
 
 class ReplayRows:
@@ -71,7 +81,8 @@ class ReplayRows:
     def put(
         self, txn: lmdb.Transaction[bytes], replay_id: bytes, timestamp_ms: int, floor: int
     ) -> None:
-        """Record ``replay_id`` at ``timestamp_ms``, prune below ``floor``, store ``floor``.
+        """Record ``replay_id`` at ``timestamp_ms``; store ``floor`` (the window's) once it
+        is :data:`FLOOR_STEP_MS` past the stored one; prune below the stored floor.
 
         Raises:
             DuplicateMessage: ``replay_id`` is stored at or above ``floor``.
@@ -89,8 +100,11 @@ class ReplayRows:
         stamp = U64.pack(timestamp_ms)
         txn.put(id_key, stamp, db=db)
         txn.put(b"t" + stamp + replay_id, b"", db=db)
-        self._prune(txn, floor)
-        txn.put(b"replay_floor", U64.pack(floor), db=self._meta.db)
+        stored = self._meta.counter(txn, b"replay_floor")
+        if floor >= stored + FLOOR_STEP_MS:
+            txn.put(b"replay_floor", U64.pack(floor), db=self._meta.db)
+            stored = floor
+        self._prune(txn, stored)
 
     def _prune(self, txn: lmdb.Transaction[bytes], floor: int) -> None:
         """Delete up to PRUNE_BATCH rows older than ``floor`` (reads skip any left)."""

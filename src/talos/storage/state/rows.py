@@ -11,8 +11,17 @@ from talos.core.encoding import strict_versioned_map
 from talos.core.replay import MAX_ID_SIZE
 from talos.errors import LocalProtocolError, MalformedFrame, StoreCorrupted, UnsupportedVersion
 
-#: Version of the layout (``agent["format"]``) and of every structured row.
+#: Version of every structured row (its ``v`` field).
 FORMAT_VERSION: Final = 1
+#: Version of the layout (``agent["format"]``). Layout 2 keeps the outbox and
+#: inbox counters beside their rows (``outbox_index[b"n"]``, ``inbox[NEXT_KEY]``)
+#: instead of in ``agent``, which a message commit then does not touch. A
+#: layout-1 state reads as before (its ``agent`` counters stay the floor of
+#: the new ones) and becomes layout 2 with its first commit; a Talos that
+#: knows only layout 1 refuses layout 2 (it would reuse sequence numbers).
+LAYOUT_VERSION: Final = 2
+#: Layouts this version reads.
+READABLE_LAYOUTS: Final = frozenset({1, 2})
 #: Largest outbox payload or inbox message accepted.
 MAX_PAYLOAD_SIZE: Final = 16 << 20
 
