@@ -473,7 +473,7 @@ def test_replay_rows_are_pruned_and_the_floor_survives_a_clock_step(
     with env.begin() as txn:
         keys = list(txn.cursor(db=env.open_db(b"x:replay", txn=txn)).iternext(values=False))
     env.close()
-    assert sorted(keys) == [b"inew", b"t" + time_ms(clock).to_bytes(8, "big") + b"new"]
+    assert sorted(keys) == [b"t" + time_ms(clock).to_bytes(8, "big") + b"new"]
     clock.set_time(clock.time() - 90)  # back to 30 s after the old ones
     with _open(home, clock) as log:
         state = _state(log, clock, replay_window_ms=60_000)
@@ -585,7 +585,8 @@ def test_a_trailing_replay_floor_never_lets_an_id_back_in(home: Path, clock: Fak
     env = _raw_env(home)
     with env.begin() as txn:
         replay = env.open_db(b"x:replay", txn=txn)
-        assert txn.get(b"ia", db=replay) is not None  # kept: above the stored floor
+        kept = b"t" + start.to_bytes(8, "big") + b"a"
+        assert txn.get(kept, db=replay) is not None  # kept: above the stored floor
     env.close()
     clock.set_time(clock.time() - 30)
     with _open(home, clock) as log:
@@ -598,6 +599,57 @@ def test_a_trailing_replay_floor_never_lets_an_id_back_in(home: Path, clock: Fak
                 timestamp_ms=start,
                 message=_message(clock, b"a", b"replayed"),
             )
+
+
+def test_an_id_accepted_again_after_the_window_forgot_it_reloads(
+    home: Path, clock: FakeClock
+) -> None:
+    """Two time rows for one id (the older above the trailing stored floor): the
+    state opens, and the later acceptance is the one remembered."""
+    with _open(home, clock) as log:
+        state = _state(log, clock, replay_window_ms=60_000)
+        _receive(state, clock, b"x")
+        clock.advance(59.8)
+        _receive(state, clock, b"c")  # stores the floor just below "x"
+        clock.advance(0.6)
+        _receive(state, clock, b"d")  # the window's floor passes "x", which it forgets
+        again = time_ms(clock)
+        _receive(state, clock, b"x")  # a new message, for the window
+    with _open(home, clock) as log:
+        state = _state(log, clock, replay_window_ms=60_000)
+        with pytest.raises(DuplicateMessage):
+            state.replay_window.check(b"x", again, time_ms(clock))
+        with pytest.raises(DuplicateMessage):
+            state.commit_receive(
+                BOB,
+                session=b"s",
+                replay_id=b"x",
+                timestamp_ms=again,
+                message=_message(clock, b"x", b"replayed"),
+            )
+
+
+def test_layout_1_replay_rows_load_and_expire(home: Path, clock: FakeClock) -> None:
+    """Per-id rows written before layout 2 are read past and deleted with their ids."""
+    with _open(home, clock) as log:
+        state = _state(log, clock, replay_window_ms=60_000)
+        start = time_ms(clock)
+        _receive(state, clock, b"old")
+    env = _raw_env(home)
+    with env.begin(write=True) as txn:
+        txn.put(b"iold", start.to_bytes(8, "big"), db=env.open_db(b"x:replay", txn=txn))
+    env.close()
+    with _open(home, clock) as log:
+        state = _state(log, clock, replay_window_ms=60_000)
+        with pytest.raises(DuplicateMessage):
+            state.replay_window.check(b"old", start, time_ms(clock))
+        clock.advance(120)
+        _receive(state, clock, b"new")
+    env = _raw_env(home)
+    with env.begin() as txn:
+        keys = list(txn.cursor(db=env.open_db(b"x:replay", txn=txn)).iternext(values=False))
+    env.close()
+    assert keys == [b"t" + time_ms(clock).to_bytes(8, "big") + b"new"]
 
 
 def test_initial_message_commits_the_prekey_store(state: AgentState, clock: FakeClock) -> None:

@@ -1,9 +1,9 @@
-"""The replay set on disk: one row per accepted id, a time index, and a floor.
+"""The replay set on disk: one time-ordered row per accepted id, and a floor.
 
 Owns the ``replay`` database::
 
-    b"i" id                   -> u64be(timestamp ms)
-    b"t" u64be(timestamp) id  -> b""        (time index, for pruning and rebuilding)
+    b"t" u64be(timestamp) id  -> b""        (for pruning and rebuilding, in time order)
+    b"i" id                   -> u64be(timestamp ms)   (layout 1 only; see below)
 
 and the ``replay_floor`` row of ``agent``. The in-memory
 :class:`~talos.core.replay.ReplayWindow` is rebuilt from these rows on open
@@ -18,6 +18,14 @@ are deleted only below the *stored* floor, never below the window's, so
 every id at or above the stored floor keeps its row, and a restart that
 reloads from the stored floor refuses each of them again: a trailing floor
 makes the reloaded window stricter than the running one, never looser.
+
+Layout 2 writes no ``b"i"`` row: the window, checked before every receive
+commit and rebuilt from the ``b"t"`` rows, is what refuses a known id, so a
+per-id row only cost each receive a page at a random place in the tree (ids
+are random) and each pruned id another. An id accepted again after the
+window forgot it (its timestamp fell below the floor) may then hold two
+``b"t"`` rows until the older one is pruned: :meth:`ReplayRows.load` keeps
+the later one. Layout-1 ``b"i"`` rows are deleted as their ids expire.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ class ReplayRows:
             StoreCorrupted: a time-index key or the floor row is damaged.
         """
         floor = self._meta.counter(txn, b"replay_floor")
-        ids: list[list[Any]] = []
+        latest: dict[bytes, int] = {}
         cursor = txn.cursor(db=self._db)
         if cursor.set_range(b"t"):
             for key in cursor.iternext(keys=True, values=False):
@@ -63,7 +71,10 @@ class ReplayRows:
                     raise corrupt("replay", key.hex(), "malformed time-index key")
                 timestamp = U64.unpack_from(key, 1)[0]
                 if timestamp >= floor:
-                    ids.append([key[9:], timestamp])
+                    latest[key[9:]] = timestamp  # in time order: an id's later row wins
+        ids: list[list[Any]] = [
+            [mid, timestamp] for mid, timestamp in sorted(latest.items(), key=_by_time)
+        ]
         state = canonical_dumps({"v": REPLAY_FORMAT_VERSION, "floor": floor, "ids": ids})
         try:
             loaded = ReplayWindow.from_bytes(
@@ -85,21 +96,12 @@ class ReplayRows:
         is :data:`FLOOR_STEP_MS` past the stored one; prune below the stored floor.
 
         Raises:
-            DuplicateMessage: ``replay_id`` is stored at or above ``floor``.
-            StoreCorrupted: its stored row is damaged.
+            DuplicateMessage: ``replay_id`` is stored with this very timestamp (the
+                window refuses every other known id before the transaction).
         """
         db = self._db
-        id_key = b"i" + replay_id
-        old = txn.get(id_key, db=db)
-        if old is not None:
-            if len(old) != 8:
-                raise corrupt("replay", id_key.hex(), "not a u64")
-            if U64.unpack(old)[0] >= floor:
-                raise DuplicateMessage("message id was already received")
-            txn.delete(b"t" + old + replay_id, db=db)
-        stamp = U64.pack(timestamp_ms)
-        txn.put(id_key, stamp, db=db)
-        txn.put(b"t" + stamp + replay_id, b"", db=db)
+        if not txn.put(b"t" + U64.pack(timestamp_ms) + replay_id, b"", db=db, overwrite=False):
+            raise DuplicateMessage("message id was already received")
         stored = self._meta.counter(txn, b"replay_floor")
         if floor >= stored + FLOOR_STEP_MS:
             txn.put(b"replay_floor", U64.pack(floor), db=self._meta.db)
@@ -120,6 +122,10 @@ class ReplayRows:
                 stale.append(key)
         for key in stale:
             txn.delete(key, db=db)
-            id_key = b"i" + key[9:]
+            id_key = b"i" + key[9:]  # layout 1's per-id row, if this id has one
             if txn.get(id_key, db=db) == key[1:9]:
                 txn.delete(id_key, db=db)
+
+
+def _by_time(item: tuple[bytes, int]) -> tuple[int, bytes]:
+    return item[1], item[0]
