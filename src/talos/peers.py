@@ -51,7 +51,8 @@ class PeerCache(Protocol):
     def put_peer_record(self, record: bytes, /) -> object: ...
     def put_contact(self, agent_id: str, keylog: bytes, record: bytes | None, /) -> object:
         """A first contact's key log and (if not ``None``) record, both verified, in
-        one write."""
+        one write, which may wait for the cache's next commit (it is fetched again
+        if lost); reads answer it meanwhile."""
         ...
 
 
@@ -135,7 +136,9 @@ class PeerDirectory:
                     raise KeyLogInvalid(f"key log of {log.agent_id} forks the known one")
                 return known
             log = known.extend(log.events)
-        if known is None or len(log) != len(known):
+        if known is None:  # a first contact: its write may wait for the next commit
+            self._cache.put_contact(log.agent_id, log.to_bytes(), None)
+        elif len(log) != len(known):  # a rotation: written at once, never forgotten
             self._cache.put_keylog(log.agent_id, log.to_bytes())
         self._logs[log.agent_id] = log
         if known is not None and len(log) > len(known) and self.on_rotated is not None:
@@ -217,9 +220,10 @@ class PeerDirectory:
 
     def learn_contact(self, log: KeyLog, record: PeerRecord | None) -> KeyLog:
         """:meth:`learn_log` and :meth:`learn_record` for what a first contact brought,
-        in one write of the cache (one durable commit instead of two on a new
-        session's path). A record that does not verify under ``log`` is left out
-        (the connection then looks the endpoint up itself, and says why).
+        in one write of the cache, which rides with the cache's next commit (the
+        session's, on a new session's path: no commit of its own). A record that
+        does not verify under ``log`` is left out (the connection then looks the
+        endpoint up itself, and says why).
 
         Raises:
             KeyLogInvalid: ``log`` forks or rolls back the one we hold (when we

@@ -31,6 +31,7 @@ from talos.errors import (
     UnsupportedVersion,
 )
 from talos.storage.agent_state import (
+    MAX_DEFERRED,
     AgentState,
     Enqueue,
     InboxMessage,
@@ -214,7 +215,6 @@ def _mutations(clock: FakeClock) -> dict[str, Any]:
         "drop_session": lambda s, a: s.drop_session(ALICE, audit=a),
         "put_peer_record": lambda s, a: s.put_peer_record(_peer_record(clock, 1), audit=a),
         "put_keylog": lambda s, a: s.put_keylog(BOB, b"log", audit=a),
-        "put_contact": lambda s, a: s.put_contact(BOB, b"log", _peer_record(clock, 1), audit=a),
     }
 
 
@@ -700,21 +700,67 @@ def test_peer_record_cache_keeps_the_newest(state: AgentState, clock: FakeClock)
         state.put_peer_record(b"not a record")
 
 
-def test_a_first_contact_is_one_commit(state: AgentState, log: AuditLog, clock: FakeClock) -> None:
-    """put_contact: the key log and the record in one durable commit; the record only if
-    newer than the cached one (the key log is written all the same)."""
+def test_a_first_contact_rides_with_the_next_commit(
+    home: Path, state: AgentState, log: AuditLog, clock: FakeClock
+) -> None:
+    """put_contact writes nothing by itself: reads answer it, and the next commit (here
+    the session's) carries it; the record only if newer than the cached one."""
     before = log.environment.last_transaction()
     state.put_contact(BOB, b"bob log", _peer_record(clock, 2))
-    assert log.environment.last_transaction() == before + 1
+    assert log.environment.last_transaction() == before
     assert state.keylog(BOB) == b"bob log"
     assert state.peer_record(BOB) == _peer_record(clock, 2)
+    assert not state.remove(b"not queued")  # a commit that changes nothing carries nothing
+    assert log.environment.last_transaction() == before
+    state.put_session(BOB, b"session")
+    assert log.environment.last_transaction() == before + 1
+    reopened = _state(log, clock)  # reads the disk alone: nothing waits in it
+    assert (reopened.keylog(BOB), reopened.peer_record(BOB)) == (b"bob log", _peer_record(clock, 2))
     state.put_contact(BOB, b"bob log 2", _peer_record(clock, 1))
     assert (state.keylog(BOB), state.peer_record(BOB)) == (b"bob log 2", _peer_record(clock, 2))
     state.put_contact(BOB, b"bob log 3", None)
     assert (state.keylog(BOB), state.peer_record(BOB)) == (b"bob log 3", _peer_record(clock, 2))
     with pytest.raises(MalformedFrame):
         state.put_contact(BOB, b"bob log 4", b"not a record")
-    assert state.keylog(BOB) == b"bob log 3"  # nothing written
+    assert state.keylog(BOB) == b"bob log 3"  # nothing waits for it
+    state.flush()
+    assert log.environment.last_transaction() == before + 2
+    reopened = _state(log, clock)
+    assert (reopened.keylog(BOB), reopened.peer_record(BOB)) == (
+        b"bob log 3",
+        _peer_record(clock, 2),
+    )
+    state.flush()  # nothing waits: no commit
+    assert log.environment.last_transaction() == before + 2
+
+
+def test_first_contacts_waiting_are_bounded(state: AgentState, log: AuditLog) -> None:
+    before = log.environment.last_transaction()
+    peers = [agent_id_from_digest(bytes([n]) * 32) for n in range(MAX_DEFERRED + 1)]
+    for peer in peers[:-1]:
+        state.put_contact(peer, b"log " + peer.encode(), None)
+    assert log.environment.last_transaction() == before
+    state.put_contact(peers[-1], b"last", None)
+    assert log.environment.last_transaction() == before + 1
+    reopened = _state(log, FakeClock())
+    assert reopened.keylog(peers[0]) == b"log " + peers[0].encode()
+    assert reopened.keylog(peers[-1]) == b"last"
+
+
+def test_what_waits_is_written_by_flush_and_lost_only_without_it(
+    home: Path, clock: FakeClock
+) -> None:
+    """A first contact not yet written is lost to a crash (here: no flush) and fetched
+    again; flush() writes it (the client calls it before its log closes)."""
+    with _open(home, clock) as log:
+        _state(log, clock).put_contact(BOB, b"bob log", None)
+    with _open(home, clock) as log:
+        assert _state(log, clock).keylog(BOB) is None  # no flush: a crash's outcome
+        state = _state(log, clock)
+        state.put_contact(BOB, b"bob log", None)
+        state.flush()
+    with _open(home, clock) as log:
+        assert _state(log, clock).keylog(BOB) == b"bob log"
 
 
 # -- corruption ------------------------------------------------------------------------

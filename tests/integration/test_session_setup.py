@@ -23,7 +23,7 @@ from talos.client import TalosClient
 from talos.client.keylogs import MAX_PREFETCHING, PREFETCH_BURST, PREFETCH_GLOBAL_BURST
 from talos.core import wire
 from talos.core.agent_id import agent_id_from_digest
-from talos.errors import PeerUnreachable
+from talos.errors import MalformedFrame, PeerUnreachable
 from talos.testing.processes import RegistryProcess, free_port
 
 pytestmark = pytest.mark.asyncio
@@ -373,3 +373,28 @@ async def test_a_send_beside_establish_session_shares_one_first_contact(
             )
             assert sent.status == "delivered"
             assert len(proxy.requests(f"/v1/agents/{bob.agent_id}/contact")) == 1, proxy.events
+
+
+async def test_a_first_contact_with_no_commit_after_it_is_written_at_close(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """A first contact's cache rows wait for the next commit of the agent state; a
+    send() refused after its look-up makes none, so close() writes them: the next
+    start asks the registry only for a bundle."""
+    async with registry_behind_proxy(registry) as (url, proxy):
+        async with TalosClient.create(
+            "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
+        ) as bob:
+            async with TalosClient.create("carol", home=tmp_path / "c", registry_url=url) as carol:
+                with pytest.raises(MalformedFrame):  # refused after the look-up
+                    await carol.send(bob.agent_id, "first", capability="not a token")
+            assert [line for _, line in proxy.events if bob.agent_id in line] == [
+                f"GET /v1/agents/{bob.agent_id}/contact HTTP/1.1",
+                f"GET /v1/agents/{bob.agent_id}/contact HTTP/1.1",
+            ]
+            proxy.events.clear()
+            async with TalosClient.create("carol", home=tmp_path / "c", registry_url=url) as carol:
+                sent = await carol.send(bob.agent_id, "first", timeout=10)
+                assert sent.status == "delivered"
+            about_bob = {line for _, line in proxy.events if bob.agent_id in line}
+            assert about_bob == {f"GET /v1/agents/{bob.agent_id}/bundle HTTP/1.1"}, proxy.events

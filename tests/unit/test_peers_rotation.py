@@ -136,6 +136,11 @@ class _RecordingCache(_Cache):
     def __init__(self) -> None:
         super().__init__()
         self.contacts: list[tuple[str, bytes, bytes | None]] = []
+        self.at_once: list[str] = []
+
+    def put_keylog(self, agent_id: str, data: bytes, /) -> None:
+        self.at_once.append(agent_id)
+        super().put_keylog(agent_id, data)
 
     def put_contact(self, agent_id: str, keylog: bytes, record: bytes | None, /) -> None:
         self.contacts.append((agent_id, keylog, record))
@@ -180,3 +185,22 @@ def test_a_first_contact_is_cached_in_one_write() -> None:
     assert directory.learn_contact(rotated.keylog, None).events == rotated.keylog.events
     assert len(cache.contacts) == 3  # known already: learn_log, not a first contact
     assert cache.logs[alice.agent_id] == rotated.keylog.to_bytes()
+
+
+def test_a_first_key_log_may_wait_and_a_rotation_is_written_at_once() -> None:
+    """learn_log: a peer's first log goes through put_contact (its write may wait for
+    the next commit: it is fetched again if lost); a longer log of a known peer
+    (a rotation, perhaps revoking a stolen key) through put_keylog, at once."""
+    rng, clock = SeededRng(4), FakeClock()
+    me = Identity.create("me", rng=rng, clock=clock)
+    alice = Identity.create("a", rng=rng, clock=clock)
+    cache = _RecordingCache()
+    directory = PeerDirectory(cache, [], clock=clock, own=me.keylog)
+    directory.learn_log(alice.keylog)
+    assert cache.contacts == [(alice.agent_id, alice.keylog.to_bytes(), None)]
+    assert cache.at_once == []
+    rotated = alice.rotate(rng=SeededRng(9), clock=clock)
+    directory.learn_log(rotated.keylog)
+    assert cache.at_once == [alice.agent_id]
+    assert cache.logs[alice.agent_id] == rotated.keylog.to_bytes()
+    assert len(cache.contacts) == 1

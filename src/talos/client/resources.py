@@ -52,6 +52,7 @@ from talos.errors import (
     LocalProtocolError,
     PeerUnreachable,
     StoreCorrupted,
+    TalosError,
 )
 from talos.metrics import AgentMetrics
 from talos.peers import PeerDirectory
@@ -134,6 +135,7 @@ class Resources:
         self._lock: HomeLock | None = None
         self._own: OwnIdentity | None = None
         self._log: AuditLog | None = None
+        self._state: AgentState | None = None
         self._tokens: TokenStore | None = None
         self._mirrors: MirrorStore | None = None
         self._transport: Transport | None = None
@@ -197,7 +199,7 @@ class Resources:
         # Cheap (O(log n)) start-up check; the full scan is `talos audit verify-chain`.
         trusted = [VerifyKey(event.signing_key) for event in identity.keylog.events]
         refuse_damaged_head(log.environment, trusted)
-        state = AgentState(
+        state = self._state = AgentState(
             log,
             storage_key=derive_storage_key(identity.storage_secret),
             clock=clock,
@@ -488,6 +490,9 @@ class Resources:
             self._tokens.close()
         if self._mirrors is not None:
             self._mirrors.close()
+        if self._state is not None:
+            with contextlib.suppress(TalosError):  # a cache: fetched again if lost
+                self._state.flush()  # first contacts waiting for a commit
         if self._log is not None:
             self._log.close()
 

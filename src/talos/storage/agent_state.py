@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from talos.core.clock import Clock, time_ms
 from talos.core.peer_record import PeerRecord
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_VERSION",
     "LAYOUT_VERSION",
+    "MAX_DEFERRED",
     "MAX_PAYLOAD_SIZE",
     "PRUNE_BATCH",
     "AgentState",
@@ -65,6 +66,19 @@ __all__ = [
     "Received",
     "derive_storage_key",
 ]
+
+
+#: First contacts that may wait for a commit (:meth:`AgentState.put_contact`).
+MAX_DEFERRED: Final = 64
+
+
+class _Contact(NamedTuple):
+    """A first contact waiting for a commit: what the cache reads answer meanwhile."""
+
+    keylog: bytes
+    record: bytes | None
+    #: The record's sequence (-1 without one): a cached newer record still wins.
+    sequence: int
 
 
 class AgentState:
@@ -533,17 +547,22 @@ class AgentState:
         sequence = parsed.sequence
         return self._commit(audit, lambda txn: self._peers.put_record(txn, key, record, sequence))
 
-    def put_contact(
-        self, agent_id: str, keylog: bytes, record: bytes | None, *, audit: AuditRecords = ()
-    ) -> None:
-        """Cache a first contact's key log and record (both verified by the caller) in one
-        commit; the record only if it is newer than a cached one, as in
-        :meth:`put_peer_record`.
+    def put_contact(self, agent_id: str, keylog: bytes, record: bytes | None) -> None:
+        """Cache a first contact's key log and record (both verified by the caller) with
+        the next commit of this state (or :meth:`flush`); the record only if it is
+        newer than a cached one, as in :meth:`put_peer_record`.
+
+        Meanwhile :meth:`keylog` and :meth:`peer_record` answer them. Only what is
+        fetched again when lost may wait: a first contact (a crash before the next
+        commit forgets it, and the peer is looked up again); an update of a key
+        log we hold (a rotation) is written at once with :meth:`put_keylog`. No
+        more than :data:`MAX_DEFERRED` contacts wait: one more commits them.
 
         Raises:
             MalformedFrame, UnsupportedVersion: ``record`` is not a peer record.
-            LocalProtocolError: bad agent id, data or audit record.
-            AuditFull, StorageError: nothing was written.
+            LocalProtocolError: bad agent id or data.
+            AuditFull, StorageError: when they were committed at once: nothing was
+                written, and they still wait.
         """
         log_key = keylog_key(agent_id)
         keylog = as_bytes("key log", keylog)
@@ -556,7 +575,25 @@ class AgentState:
                     key = record_key(parsed.agent_id)
                     self._peers.put_record(txn, key, record, parsed.sequence)
 
-        self._commit(audit, write)
+        with self._work.lock:
+            sequence = -1 if parsed is None else parsed.sequence
+            contact = _Contact(keylog, record, sequence)
+            waiting = self._work.defer(("contact", agent_id), contact, write)
+            if waiting > MAX_DEFERRED:
+                self._work.flush()
+
+    def flush(self) -> None:
+        """Commit the first contacts still waiting for a commit (before closing).
+
+        Raises:
+            AuditFull, StorageError: nothing was written.
+        """
+        with self._work.lock:
+            self._work.flush()
+
+    def _contact(self, agent_id: str) -> _Contact | None:
+        waiting = self._work.deferred(("contact", agent_id))
+        return waiting if isinstance(waiting, _Contact) else None
 
     def peer_record(self, agent_id: str) -> bytes | None:
         """The cached peer record of ``agent_id`` (verify it again before use), or None.
@@ -566,7 +603,13 @@ class AgentState:
         """
         key = record_key(agent_id)
         with self._log.snapshot() as txn:
-            return self._peers.record(txn, key, agent_id)
+            cached = self._peers.record(txn, key, agent_id)
+        contact = self._contact(agent_id)
+        if contact is None or contact.record is None:
+            return cached
+        if cached is not None and PeerRecord.from_bytes(cached).sequence >= contact.sequence:
+            return cached
+        return contact.record
 
     def peer_records(self) -> list[bytes]:
         """Every cached peer record, in agent-id order (verify each before use)."""
@@ -586,6 +629,9 @@ class AgentState:
 
     def keylog(self, agent_id: str) -> bytes | None:
         """The cached key event log of ``agent_id`` (verify it before use), or None."""
+        contact = self._contact(agent_id)
+        if contact is not None:
+            return contact.keylog
         key = keylog_key(agent_id)
         with self._log.snapshot() as txn:
             return self._peers.keylog(txn, key)

@@ -5,13 +5,18 @@ The parts write through functions that take the open transaction; the façade
 and the flows (:mod:`.receiving`, :mod:`.sending`) gather those writes into one
 ``apply(txn)`` and hand it to :meth:`UnitOfWork.commit`. Mutations hold
 :attr:`UnitOfWork.lock` from their first read to their commit.
+
+A write that may wait (:meth:`UnitOfWork.defer`: what a cache learned, which
+is fetched again if it is lost) rides with the next commit, before that
+commit's own rows, and is dropped from the waiting ones only once that commit
+is durable; :meth:`UnitOfWork.flush` commits what waits alone.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from talos.storage.state.meta import Meta
 from talos.storage.state.rows import LAYOUT_VERSION
@@ -31,6 +36,11 @@ class Unchanged(Exception):
     """Raised inside a commit that would change nothing: aborts it, audit entries included."""
 
 
+class _Deferred(NamedTuple):
+    value: object
+    write: Apply
+
+
 class UnitOfWork:
     """Commits through ``log.append_with``; the first commit also writes the header
     (or, for a state of an older layout, the current layout's number)."""
@@ -42,6 +52,28 @@ class UnitOfWork:
         self._meta = meta
         self._initialized = initialized
         self._current = not initialized or meta.layout == LAYOUT_VERSION
+        self._deferred: dict[Hashable, _Deferred] = {}
+
+    def defer(self, key: Hashable, value: object, write: Apply) -> int:
+        """(Lock held.) Run ``write`` in the next commit; a later one for ``key``
+        replaces it. ``value`` is what :meth:`deferred` answers meanwhile.
+        Returns how many writes wait."""
+        self._deferred[key] = _Deferred(value, write)
+        return len(self._deferred)
+
+    def deferred(self, key: Hashable) -> object | None:
+        """The value of the write waiting for ``key``, or None."""
+        waiting = self._deferred.get(key)
+        return None if waiting is None else waiting.value
+
+    def flush(self) -> None:
+        """(Lock held.) Commit the writes that wait, if any.
+
+        Raises:
+            AuditFull, StorageError: nothing was written (they still wait).
+        """
+        if self._deferred:
+            self.commit((), _nothing)
 
     def commit(self, audit: AuditRecords, apply: Apply) -> bool:
         """Run ``apply`` and append ``audit`` in one transaction; False if ``apply`` said
@@ -54,6 +86,9 @@ class UnitOfWork:
             StorageError: LMDB failed; nothing was written.
         """
         records = list(audit)
+        deferred = dict(self._deferred)
+        if deferred:
+            apply = _after([waiting.write for waiting in deferred.values()], apply)
         if not self._initialized:
             run = self._with_header(apply)
         elif not self._current:
@@ -65,6 +100,9 @@ class UnitOfWork:
         except Unchanged:
             return False
         self._initialized = self._current = True
+        for key, waiting in deferred.items():
+            if self._deferred.get(key) is waiting:
+                del self._deferred[key]
         return True
 
     def _with_header(self, apply: Apply) -> Apply:
@@ -84,3 +122,16 @@ class UnitOfWork:
             meta.write_layout(txn)
 
         return run
+
+
+def _nothing(txn: lmdb.Transaction[bytes]) -> None:
+    """A commit's own rows when it only carries deferred writes."""
+
+
+def _after(writes: list[Apply], apply: Apply) -> Apply:
+    def run(txn: lmdb.Transaction[bytes]) -> None:
+        for write in writes:
+            write(txn)
+        apply(txn)
+
+    return run
