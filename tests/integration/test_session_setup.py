@@ -24,6 +24,7 @@ from talos.client.keylogs import MAX_PREFETCHING, PREFETCH_BURST, PREFETCH_GLOBA
 from talos.core import wire
 from talos.core.agent_id import agent_id_from_digest
 from talos.errors import MalformedFrame, PeerUnreachable
+from talos.storage.agent_state import AgentState
 from talos.testing.processes import RegistryProcess, free_port
 
 pytestmark = pytest.mark.asyncio
@@ -398,3 +399,46 @@ async def test_a_first_contact_with_no_commit_after_it_is_written_at_close(
                 assert sent.status == "delivered"
             about_bob = {line for _, line in proxy.events if bob.agent_id in line}
             assert about_bob == {f"GET /v1/agents/{bob.agent_id}/bundle HTTP/1.1"}, proxy.events
+
+
+async def test_the_first_message_after_establish_session_is_committed_once(
+    tmp_path: Path, registry: RegistryProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The send fast path takes a session still awaiting confirmation (one message at
+    a time, carrying the handshake) on a link still opening: the first message's
+    attempt and ratchet go with its enqueue, so the delivery loop commits nothing
+    more before it leaves. Two at once wait for the loop (one in flight until the
+    peer confirms), and arrive all the same."""
+    counted: list[int] = []
+    original = AgentState.record_attempts
+
+    def counting(
+        state: AgentState, peer: str, ids: list[bytes], now: float, *, session: bytes
+    ) -> list[bytes]:
+        counted.append(len(ids))
+        return original(state, peer, ids, now, session=session)
+
+    monkeypatch.setattr(AgentState, "record_attempts", counting)
+    async with (
+        TalosClient.create(
+            "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
+        ) as bob,
+        TalosClient.create("carol", home=tmp_path / "c", registry_url=registry.url) as carol,
+        TalosClient.create("dave", home=tmp_path / "d", registry_url=registry.url) as dave,
+    ):
+        await carol.establish_session(bob.agent_id)
+        sent = await carol.send(bob.agent_id, "first", timeout=10)
+        assert sent.status == "delivered"
+        assert counted == []
+        second = await carol.send(bob.agent_id, "second", timeout=10)  # confirmed by now
+        assert second.status == "delivered"
+        assert counted == []
+
+        await dave.establish_session(bob.agent_id)
+        both = await asyncio.gather(
+            dave.send(bob.agent_id, "a", timeout=10), dave.send(bob.agent_id, "b", timeout=10)
+        )
+        assert [result.status for result in both] == ["delivered", "delivered"]
+        assert counted  # the delivery loop encrypted them
+        received = [await bob.receive(timeout=5) for _ in range(4)]
+        assert sorted(m.data for m in received if m is not None) == ["a", "b", "first", "second"]

@@ -239,6 +239,8 @@ class Deliverer:
                 outgoing = window.take_outgoing()
                 if outgoing:  # encrypted by the send fast path, in flight already
                     link = self.links.get(peer)
+                    if peer in self._opening:  # handed over while it opened
+                        link = await self.link(peer)
                     if link is None or not link.is_open:
                         raise PeerUnreachable(f"the connection to {peer} closed")
                     for message_id, frame in outgoing:
@@ -399,14 +401,26 @@ class Deliverer:
             self._own.current.signing_key,
         )
 
-    def hand_over(self, item: OutboxItem, sealed: tuple[bytes, bytes], now: float) -> None:
+    def linked(self, peer: str) -> bool:
+        """Whether the link to ``peer`` is open, or being opened (a frame handed over
+        now is sent once it is)."""
+        link = self.links.get(peer)
+        return (link is not None and link.is_open) or peer in self._opening
+
+    def hand_over(
+        self, item: OutboxItem, sealed: tuple[bytes, bytes], now: float, handshake: bytes | None
+    ) -> None:
         """Sign a fast-path message (its ratchet is durable) and give it to the delivery
-        loop to transmit, as in flight."""
+        loop to transmit, as in flight; with the session's ``handshake`` while the
+        peer has not confirmed it (an ACK to this message confirms it)."""
         header, ciphertext = sealed
-        frame = self.seal(item, header, ciphertext, None)
+        frame = self.seal(item, header, ciphertext, handshake)
+        record = self.core.track(item.message_id, item.peer)
+        if handshake is not None:
+            record.handshake = handshake
         window = self.core.window(item.peer)
         window.transmitted(
-            self.core.track(item.message_id, item.peer),
+            record,
             seq=item.seq,
             size=len(item.payload),
             sent_at=now,

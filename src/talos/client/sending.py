@@ -5,9 +5,12 @@ Authorize (local capability check) → persist to the outbox together with
 its audit entry → encrypt (the new ratchet state is persisted before the
 ciphertext leaves) → sign → transmit → wait for the recipient's signed ACK
 → remove from the outbox (with its audit entry). Sends made in the same
-event-loop tick share one commit. On the fast path (an idle, confirmed
-session on an open link) that one commit also counts the attempt and
-stores the advanced ratchet, and the delivery loop transmits at once.
+event-loop tick share one commit. On the fast path (an idle session on a
+link that is open or opening) that one commit also counts the attempt and
+stores the advanced ratchet, and the delivery loop transmits at once (once
+the link is open). A session still awaiting confirmation takes it too, one
+message at a time, each carrying the handshake: so the first message after
+``establish_session()`` is committed once, not twice, before it leaves.
 """
 
 from __future__ import annotations
@@ -33,9 +36,8 @@ from talos.client.sessions import Sessions
 from talos.core import wire
 from talos.core.capability import Capability
 from talos.core.clock import Clock, time_ms
-from talos.core.delivery import SEND_WINDOW, SEND_WINDOW_BYTES, expires_at_ms
+from talos.core.delivery import SEND_WINDOW_BYTES, expires_at_ms, window_size
 from talos.core.message import encode_payload
-from talos.core.ratchet import Session
 from talos.core.rng import Rng
 from talos.core.sessions import SessionEntry, encode_record
 from talos.errors import (
@@ -51,9 +53,18 @@ from talos.storage.agent_state import AgentState, Enqueue, OutboxItem
 
 _log = logging.getLogger("talos.client")
 
-#: Encrypted fast-path messages, by peer: the advanced session and each message's
-#: (ratchet header, ciphertext).
-_Through = dict[str, tuple[Session, dict[bytes, tuple[bytes, bytes]]]]
+
+@dataclass(slots=True)
+class _FastSend:
+    """One peer's messages encrypted on the send fast path."""
+
+    #: The session they advanced (stored with the enqueue commit), and its handshake.
+    entry: SessionEntry
+    #: Message id -> (ratchet header, ciphertext).
+    sealed: dict[bytes, tuple[bytes, bytes]]
+
+
+_Through = dict[str, _FastSend]
 
 
 @dataclass(frozen=True)
@@ -310,10 +321,7 @@ class Sender:
             results = self._state.enqueue_many(
                 requests,
                 queue_limit=self._queue_limit,
-                attempted={
-                    peer: encode_record(SessionEntry(session))
-                    for peer, (session, _) in through.items()
-                },
+                attempted={peer: encode_record(fast.entry) for peer, fast in through.items()},
                 attempt_at=now,
             )
         except Exception as exc:  # handed to every sender in the batch
@@ -324,8 +332,9 @@ class Sender:
         for result in results:
             if isinstance(result, OutboxItem) and result.peer in through:
                 try:
+                    fast = through[result.peer]
                     self._deliverer.hand_over(
-                        result, through[result.peer][1][result.message_id], now
+                        result, fast.sealed[result.message_id], now, fast.entry.handshake
                     )
                 except TalosError as exc:  # queued: the delivery loop takes it from here
                     _log.warning("send fast path not taken for a message: %s", exc)
@@ -344,11 +353,13 @@ class Sender:
     def _encrypt_through(self, requests: list[Enqueue], now: float) -> _Through:
         """The send fast path: encrypt now the messages to peers whose delivery is idle.
 
-        A peer qualifies when its session is established and acknowledged,
-        its link is open, everything queued for it is in flight already (so
-        order is kept) and the window has room. Its messages are encrypted
-        here, in order, so that queueing them, counting the attempt and
-        persisting the ratchet is one commit instead of two.
+        A peer qualifies when its session is established (and not advanced by
+        a receive not yet committed), its link is open or being opened,
+        everything queued for it is in flight already (so order is kept) and
+        the window has room (one message while the session awaits the peer's
+        confirmation). Its messages are encrypted here, in order, so that
+        queueing them, counting the attempt and persisting the ratchet is one
+        commit instead of two.
         """
         if self._offline or self._closed():
             return {}
@@ -359,21 +370,18 @@ class Sender:
             return {}  # some may be refused: leave them all to the delivery loop
         through: _Through = {}
         for peer, mine in wanted.items():
-            session = self._sessions.table.usable_for_fast_send(peer)
-            link = self._deliverer.links.get(peer)
+            entry = self._sessions.table.for_fast_send(peer)
             window = self._deliverer.core.window(peer)
             if (
-                session is None
-                or link is None
-                or not link.is_open
-                or len(window) + len(mine) > SEND_WINDOW
+                entry is None
+                or not self._deliverer.linked(peer)
+                or len(window) + len(mine) > window_size(entry.confirmed)
                 or window.bytes_in_flight() + sum(len(r.payload) for r in mine) > SEND_WINDOW_BYTES
             ):
                 continue
             if self._state.pending(peer, after=window.last_seq(), limit=1):
                 continue  # older messages wait for the delivery loop: keep the order
-            through[peer] = (
-                session,
-                {r.message_id: session.encrypt(r.payload, now=now) for r in mine},
-            )
+            session = entry.session
+            sealed = {r.message_id: session.encrypt(r.payload, now=now) for r in mine}
+            through[peer] = _FastSend(entry, sealed)
         return through

@@ -113,13 +113,14 @@ class SessionTable:
         entry = self._committed.get(peer)
         return entry is not None and entry.handshake is not None
 
-    def usable_for_fast_send(self, peer: str) -> Session | None:
-        """The session to encrypt with on the send fast path: committed, confirmed,
-        and not advanced by a receive that is not committed yet."""
+    def for_fast_send(self, peer: str) -> SessionEntry | None:
+        """The session to encrypt with on the send fast path: committed and not
+        advanced by a receive that is not committed yet. It may still await
+        confirmation: then each message carries its handshake, one at a time."""
         entry = self._committed.get(peer)
-        if entry is None or entry.handshake is not None or peer in self._staged:
+        if entry is None or peer in self._staged:
             return None
-        return entry.session
+        return entry
 
     # -- staged sessions -----------------------------------------------------------------
 

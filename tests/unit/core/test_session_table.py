@@ -21,7 +21,10 @@ def test_a_session_opened_here_awaits_confirmation_of_its_own_handshake() -> Non
     table = SessionTable()
     table.commit("bob", SessionEntry(_session(1), b"handshake-1"))
     assert table.awaiting_confirmation("bob")
-    assert table.usable_for_fast_send("bob") is None  # every message repeats the handshake
+    # The fast path may send with it: every message repeats the handshake.
+    assert table.for_fast_send("bob") == SessionEntry(
+        table.committed("bob").session, b"handshake-1"
+    )
     assert table.confirmable("bob", {b"an-older-handshake", None}) is None
     confirmed = table.confirmable("bob", {b"handshake-1"})
     assert confirmed is not None
@@ -29,7 +32,7 @@ def test_a_session_opened_here_awaits_confirmation_of_its_own_handshake() -> Non
     assert table.awaiting_confirmation("bob")  # unchanged until the owner commits it
     table.commit("bob", confirmed)
     assert not table.awaiting_confirmation("bob")
-    assert table.usable_for_fast_send("bob") is confirmed.session
+    assert table.for_fast_send("bob") == confirmed
 
 
 def test_staged_sessions_chain_decryption_but_are_not_sent_with() -> None:
@@ -40,7 +43,7 @@ def test_staged_sessions_chain_decryption_but_are_not_sent_with() -> None:
     table.stage("bob", staged)
     assert table.staged("bob") is staged
     assert table.committed("bob") == SessionEntry(committed)
-    assert table.usable_for_fast_send("bob") is None
+    assert table.for_fast_send("bob") is None
     assert table.take_staged() == {"bob": staged}
     assert table.staged("bob") is None
     assert table.committed("bob") == SessionEntry(committed)
