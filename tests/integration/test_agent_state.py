@@ -734,6 +734,29 @@ def test_a_first_contact_rides_with_the_next_commit(
     assert log.environment.last_transaction() == before + 2
 
 
+def test_a_confirmed_session_rides_with_the_next_commit(
+    home: Path, state: AgentState, log: AuditLog, clock: FakeClock
+) -> None:
+    """confirm_session writes nothing by itself; session() answers it; the next commit
+    writes it before its own rows, so a newer session or a reset still wins."""
+    state.put_session(BOB, b"awaiting")
+    before = log.environment.last_transaction()
+    state.confirm_session(BOB, b"confirmed")
+    assert log.environment.last_transaction() == before
+    assert state.session(BOB) == b"confirmed"
+    assert _state(log, clock).session(BOB) == b"awaiting"  # on disk: not yet
+    _enqueue(state, ALICE, b"m0")
+    assert _state(log, clock).session(BOB) == b"confirmed"
+    state.confirm_session(BOB, b"confirmed again")
+    state.put_session(BOB, b"newer")  # one commit: the deferred row, then this one
+    assert log.environment.last_transaction() == before + 2
+    assert _state(log, clock).session(BOB) == b"newer"
+    state.confirm_session(BOB, b"confirmed, then reset")
+    assert state.drop_session(BOB)
+    assert state.session(BOB) is None
+    assert _state(log, clock).session(BOB) is None
+
+
 def test_first_contacts_waiting_are_bounded(state: AgentState, log: AuditLog) -> None:
     before = log.environment.last_transaction()
     peers = [agent_id_from_digest(bytes([n]) * 32) for n in range(MAX_DEFERRED + 1)]

@@ -336,7 +336,10 @@ class Sessions:
             self._settle()  # a staged receive may have advanced (and confirmed) the session
         confirmed = self.table.confirmable(peer, handshakes)
         if confirmed is not None:
-            self._state.put_session(peer, encode_record(confirmed))
+            # With the next commit: a confirmation lost to a crash only makes the
+            # next message repeat the handshake (no commit of its own on the
+            # first message's path).
+            self._state.confirm_session(peer, encode_record(confirmed))
             self.table.commit(peer, confirmed)
 
 

@@ -68,7 +68,8 @@ __all__ = [
 ]
 
 
-#: First contacts that may wait for a commit (:meth:`AgentState.put_contact`).
+#: Writes that may wait for a commit (:meth:`AgentState.put_contact`,
+#: :meth:`AgentState.confirm_session`): one more commits them.
 MAX_DEFERRED: Final = 64
 
 
@@ -170,6 +171,9 @@ class AgentState:
             StoreCorrupted: the stored session is damaged.
         """
         key = peer_key(peer)
+        waiting = self._work.deferred(("session", peer))
+        if isinstance(waiting, bytes):
+            return waiting
         with self._log.snapshot() as txn:
             return self._sessions.get(txn, key, peer)
 
@@ -187,6 +191,27 @@ class AgentState:
         """
         key, sealed = self._sessions.seal(peer, session)
         self._commit(audit, lambda txn: self._sessions.put(txn, key, sealed))
+
+    def confirm_session(self, peer: str, session: bytes) -> None:
+        """Store the session with ``peer`` once the peer confirmed it (an ACK to a
+        message carrying its handshake), with the next commit of this state:
+        losing it to a crash only makes the next message repeat the handshake,
+        which the peer knows. :meth:`session` answers it meanwhile; a later
+        commit writes it before its own rows (a newer session, a reset).
+
+        Raises:
+            LocalProtocolError: bad peer.
+            AuditFull, StorageError: as :meth:`put_contact` (when more than
+                :data:`MAX_DEFERRED` writes wait).
+        """
+        key, sealed = self._sessions.seal(peer, session)
+        plain = as_bytes("session", session)
+        with self._work.lock:
+            waiting = self._work.defer(
+                ("session", peer), plain, lambda txn: self._sessions.put(txn, key, sealed)
+            )
+            if waiting > MAX_DEFERRED:
+                self._work.flush()
 
     def drop_session(self, peer: str, *, audit: AuditRecords = ()) -> bool:
         """Forget the session with ``peer`` (reset); False, and nothing written, if none.
