@@ -400,6 +400,66 @@ def render(phases: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> str:
     return "\n".join(lines)
 
 
+def message_commits(directory: Path, cycles: int) -> dict[str, Any]:
+    """Wall time per commit and CPU per cycle of the agent-state commits of one message
+    each way, on a real environment and without the network: queue one (with its
+    ``MESSAGE_SENT``), receive one (session, replay row, inbox, ``MESSAGE_RECEIVED``),
+    remove the first on its ACK (``MESSAGE_DELIVERED``), take the second from the
+    inbox. The storage layout's share of a round trip, measurable in paired runs
+    (it uses only ``AgentState``'s public calls, so the same harness runs any
+    commit); the first 100 cycles warm the trees and are not counted."""
+    from talos.audit import AuditKind, AuditLog, AuditRecord
+    from talos.core.agent_id import agent_id_from_digest
+    from talos.core.clock import time_ms
+    from talos.storage.agent_state import AgentState, InboxMessage
+    from talos.testing import FakeClock, SeededRng
+
+    peer = agent_id_from_digest(b"\x02" * 32)
+    rng = SeededRng(5)
+    clock = FakeClock()
+    times: dict[str, list[float]] = {"enqueue": [], "commit_receive": [], "remove": []}
+    with AuditLog.open(directory, clock=clock, extra_databases=AgentState.DATABASES) as log:
+        state = AgentState(log, storage_key=bytes(32), clock=clock, rng=rng)
+        state.put_session(peer, rng.bytes(800))
+        cpu = 0.0
+        for n in range(cycles + 100):
+            clock.advance(0.003)
+            sent, received = rng.bytes(16), rng.bytes(16)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            state.enqueue(
+                peer,
+                sent,
+                b"x" * 100,
+                capability=None,
+                queue_limit=1000,
+                audit=[AuditRecord(AuditKind.MESSAGE_SENT, {"id": sent}, peer)],
+            )
+            queued = time.perf_counter()
+            now = time_ms(clock)
+            state.commit_receive(
+                peer,
+                session=rng.bytes(800),
+                replay_id=received,
+                timestamp_ms=now,
+                message=InboxMessage(peer, received, b"y" * 100, now - 5, now, None),
+                audit=[AuditRecord(AuditKind.MESSAGE_RECEIVED, {"id": received}, peer)],
+            )
+            received_at = time.perf_counter()
+            state.remove(sent, audit=[AuditRecord(AuditKind.MESSAGE_DELIVERED, {"id": sent}, peer)])
+            removed = time.perf_counter()
+            state.take(1)
+            if n >= 100:
+                cpu += time.process_time() - cpu_started
+                times["enqueue"].append(queued - started)
+                times["commit_receive"].append(received_at - queued)
+                times["remove"].append(removed - received_at)
+    return {
+        "cycles": cycles,
+        **{f"{label}_us_p50": round(statistics.median(v) * 1e6, 1) for label, v in times.items()},
+        "cpu_us_per_cycle": round(cpu / cycles * 1e6, 1),
+    }
+
+
 if __name__ == "__main__":
     import tempfile
 
@@ -408,5 +468,15 @@ if __name__ == "__main__":
         print(render({"floor": {"this process": floor}}))
         rows = by_databases(Path(tmp))
         print(render_by_databases(rows))
+        cycle = message_commits(Path(tmp) / "state", 1500)
+        print(
+            "\nagent-state commits of a message each way (p50 wall per commit, CPU per cycle):\n  "
+            + "  ".join(f"{k} {v}" for k, v in cycle.items())
+        )
         out = Path(__file__).resolve().parent / "results" / "commits.json"
-        out.write_text(json.dumps({"suite": "commits", "by_databases": rows}, indent=2) + "\n")
+        out.write_text(
+            json.dumps(
+                {"suite": "commits", "by_databases": rows, "message_commits": cycle}, indent=2
+            )
+            + "\n"
+        )
