@@ -1,7 +1,11 @@
 """HTTP plumbing of the registry client: one request, its bounded answer, failures as Talos errors.
 
 :class:`RegistryHttp` owns one connection pool per registry URL (replicas of
-one registry). It sends a request with the CBOR/JSON content headers, reads
+one registry): :class:`talos.discovery.http1.Http1Pool` (kept-alive HTTP/1.1
+connections, a third of httpx's CPU per request) where it behaves as httpx
+would (:func:`talos.discovery.http1.usable`: no proxy configured, no
+credentials in the URL), an httpx client otherwise, and always when a
+``transport`` replaces the network. It sends a request with the CBOR/JSON content headers, reads
 at most :data:`MAX_RESPONSE` bytes of the answer, and maps every failure to a
 Talos error (the table is in :mod:`talos.discovery.registry_client`). A URL
 that does not answer (no connection, timeout, 5xx) is replaced by the next
@@ -19,10 +23,12 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Final
 
+import h11
 import httpx
 
 from talos.core.clock import Clock
 from talos.discovery.failover import Failover, Switch, public_url
+from talos.discovery.http1 import AnswerTooLarge, Http1Pool, usable
 from talos.errors import (
     ConfigurationError,
     MalformedFrame,
@@ -85,11 +91,17 @@ class RegistryHttp:
         urls = check_urls(base_url)
         self.urls = tuple(public_url(url) for url in urls)
         self.base_url = self.urls[0]
+        self._pools = [
+            Http1Pool(url, timeout=timeout) if transport is None and usable(url) else None
+            for url in urls
+        ]
         self._clients = [
-            httpx.AsyncClient(
+            None
+            if pool is not None
+            else httpx.AsyncClient(
                 base_url=url, timeout=timeout, transport=transport, follow_redirects=False
             )
-            for url in urls
+            for url, pool in zip(urls, self._pools, strict=True)
         ]
         self._failover = Failover(len(urls))
         self._clock = clock
@@ -102,8 +114,12 @@ class RegistryHttp:
 
     async def aclose(self) -> None:
         """Close the connection pools."""
+        for pool in self._pools:
+            if pool is not None:
+                await pool.aclose()
         for client in self._clients:
-            await client.aclose()
+            if client is not None:
+                await client.aclose()
 
     async def get(self, path: str) -> bytes:
         """The body of a 2xx answer to ``GET path``; raises as :meth:`request`."""
@@ -144,6 +160,23 @@ class RegistryHttp:
         if body is not None:
             headers["content-type"] = _CBOR
         client, url = self._clients[index], self.urls[index]
+        pool = self._pools[index]
+        if pool is not None:
+            try:
+                status, data = await pool.request(
+                    method, path, headers=list(headers.items()), body=body, limit=MAX_RESPONSE
+                )
+            except AnswerTooLarge:
+                raise MalformedFrame(f"registry answer exceeds {MAX_RESPONSE} bytes") from None
+            except (OSError, TimeoutError, h11.ProtocolError) as exc:
+                raise RegistryUnavailable(
+                    f"registry {url} unreachable: {type(exc).__name__}: {exc}"
+                ) from None
+            if status >= 500:
+                kind, reason = _error_body(data)
+                raise RegistryUnavailable(f"registry {url} failed ({status} {kind}): {reason}")
+            return _Answer(status, data, url)
+        assert client is not None  # noqa: S101 -- a URL has a pool or an httpx client
         try:
             request = client.build_request(method, path, content=body, headers=headers)
             response = await client.send(request, stream=True)
