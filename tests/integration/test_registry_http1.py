@@ -69,6 +69,8 @@ async def serving(handler: Handler) -> AsyncIterator[str]:
         writers.append(writer)
         try:
             await handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client hung up
         finally:
             writer.close()
             running.discard(task)
@@ -240,26 +242,72 @@ async def test_silence_and_garbage_are_an_unreachable_registry() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_cancelled_request_leaves_no_connection_behind() -> None:
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(1 << 16)
-        await asyncio.sleep(0.3)
-        writer.write(ok(b"late"))
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+async def test_a_cancelled_request_closes_its_connection() -> None:
+    """A request cancelled before its answer closes the connection (the server sees
+    the end of it) and the next request opens a new one."""
+    ended = asyncio.Event()
+    connections = 0
 
-    async with serving(slow) as url:
-        pool = http1.Http1Pool(url, timeout=5)
-        task = asyncio.ensure_future(
-            pool.request("GET", "/v1/time", headers=[], body=None, limit=100)
-        )
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert pool._idle == []  # the half-used connection was closed, not kept
-        await pool.aclose()
+    async def slow_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        request = await reader.read(1 << 16)
+        if connections == 1:
+            if await reader.read(1) == b"":  # the client hung up
+                ended.set()
+            return
+        assert request.startswith(b"GET ")
+        writer.write(ok(b"second"))
+        await writer.drain()
+
+    async with serving(slow_first) as url:
+        http = RegistryHttp(url)
+        try:
+            task = asyncio.ensure_future(http.get("/v1/time"))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.wait_for(ended.wait(), 2)
+            assert await http.get("/v1/time") == b"second"
+        finally:
+            await http.aclose()
+    assert connections == 2
+
+
+@pytest.mark.asyncio
+async def test_bytes_after_an_answer_are_never_the_next_answer() -> None:
+    """A proxy may answer 408 on an idle kept-alive connection (or a server send more
+    than asked): such a connection is closed, and the next request goes on a new one."""
+    stray = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n"
+    connections = 0
+
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        mine = connections
+        while await reader.readuntil(b"\r\n\r\n"):
+            if mine == 1:
+                writer.write(ok(b"first") + stray)  # in the same packet
+            elif mine == 2:
+                writer.write(ok(b"second"))
+                await writer.drain()
+                await asyncio.sleep(0.02)
+                writer.write(stray)  # later, on the idle connection
+            else:
+                writer.write(ok(b"third"))
+            await writer.drain()
+
+    async with serving(chatty) as url:
+        http = RegistryHttp(url)
+        try:
+            assert await http.get("/v1/time") == b"first"
+            assert await http.get("/v1/time") == b"second"
+            await asyncio.sleep(0.1)
+            assert await http.get("/v1/time") == b"third"
+        finally:
+            await http.aclose()
+    assert connections == 3
 
 
 def test_only_plain_urls_without_a_proxy_use_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ import pytest
 from sent_frames import record_sent
 from websockets.asyncio.client import connect
 
-from talos.client import TalosClient
+from talos.client import TalosClient, delivery
 from talos.client.keylogs import MAX_PREFETCHING, PREFETCH_BURST, PREFETCH_GLOBAL_BURST
 from talos.core import wire
 from talos.core.agent_id import agent_id_from_digest
@@ -442,3 +442,34 @@ async def test_the_first_message_after_establish_session_is_committed_once(
         assert counted  # the delivery loop encrypted them
         received = [await bob.receive(timeout=5) for _ in range(4)]
         assert sorted(m.data for m in received if m is not None) == ["a", "b", "first", "second"]
+
+
+async def test_a_message_handed_over_while_its_link_opens_is_due_from_its_sending(
+    tmp_path: Path, registry: RegistryProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path hands the first message over while the link still opens; its ACK
+    is due ACK_TIMEOUT after it actually leaves, not after the hand-over (else a slow
+    connection fails a message that was delivered)."""
+    monkeypatch.setattr(delivery, "ACK_TIMEOUT", 1.0)
+    bob_port, proxy_port = free_port(), free_port()
+    async with TalosClient.create(
+        "bob",
+        home=tmp_path / "b",
+        registry_url=registry.url,
+        listen=f"127.0.0.1:{bob_port}",
+        announce=f"127.0.0.1:{proxy_port}",
+        accept_policy="open",
+    ) as bob:
+        proxy = RecordingProxy(bob_port, hold=1.5)  # each connection's first bytes wait
+        await proxy.start(proxy_port)
+        try:
+            async with TalosClient.create(
+                "carol", home=tmp_path / "c", registry_url=registry.url
+            ) as carol:
+                await carol.establish_session(bob.agent_id)
+                sent = await carol.send(
+                    bob.agent_id, "first", timeout=15, retry_count=0, on_failure="raise"
+                )
+                assert sent.status == "delivered"
+        finally:
+            await proxy.close()

@@ -186,21 +186,24 @@ class AuditStore:
         return Head(self.meta_count(txn, b"size"), EMPTY_ROOT if root is None else bytes(root))
 
     def indexed_below(self, txn: lmdb.Transaction[bytes], size: int) -> int:
-        """Entries below this have their index rows (``size`` when no row says otherwise).
+        """Entries below this (at most ``size``) have their index rows; ``size`` when no
+        row says otherwise. ``size`` may be older than ``txn`` (a head read before it,
+        while a writer in another thread or process went on): an index point past it
+        then only covers entries the caller does not look at.
 
         Raises:
-            StoreCorrupted: the row is malformed or past ``size``.
+            StoreCorrupted: the row is not a u64.
         """
         raw = self.meta_value(txn, b"indexed")
         if raw is None:
             return size
-        if len(raw) != 8 or read_u64(raw) > size:
+        if len(raw) != 8:
             raise StoreCorrupted(
-                f"audit log index point {bytes(raw).hex()} is malformed or past size {size}",
+                f"audit log index point {bytes(raw).hex()} is malformed",
                 where="meta indexed",
                 what="index point",
             )
-        return read_u64(raw)
+        return min(read_u64(raw), size)
 
     def pruned_below(self, txn: lmdb.Transaction[bytes]) -> int:
         """The pruning point: entries below it may hold their leaf hash alone (0: none)."""

@@ -451,19 +451,23 @@ def _index_keys(
 ) -> list[bytes]:
     """The index keys of entries ``[start, size)``, read back (fewer than INDEX_BATCH).
 
-    Raises:
-        StoreCorrupted: an entry is missing, damaged or pruned.
+    An entry that cannot be read (damaged; or pruned, which the pruning point's
+    rule forbids) gets no index rows and a warning: writing goes on, as it did
+    when index rows were written with their entry, and a query that reaches the
+    entry still says what is wrong with it.
     """
     keys: list[bytes] = []
     for seq in range(start, size):
         try:
             entry = store.entry(txn, seq, size)
-        except LocalProtocolError:  # EntryPruned: the pruning point never passes the index
-            raise StoreCorrupted(
-                f"audit entry {seq} lost its payload before it was indexed",
-                where=f"seq {seq}",
-                what="pruned before indexed",
-            ) from None
+        except (StoreCorrupted, LocalProtocolError) as exc:
+            _log.warning(
+                "audit entry %d not indexed: %s",
+                seq,
+                exc,
+                extra={"event": "audit_entry_not_indexed", "entry": seq},
+            )
+            continue
         keys.append(index_key(b"k", entry.kind, seq))
         if entry.peer is not None:
             keys.append(index_key(b"p", entry.peer, seq))

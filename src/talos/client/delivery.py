@@ -239,13 +239,19 @@ class Deliverer:
                 outgoing = window.take_outgoing()
                 if outgoing:  # encrypted by the send fast path, in flight already
                     link = self.links.get(peer)
-                    if peer in self._opening:  # handed over while it opened
+                    waited = peer in self._opening
+                    if waited:  # handed over while the link opened
                         link = await self.link(peer)
                     if link is None or not link.is_open:
                         raise PeerUnreachable(f"the connection to {peer} closed")
                     for message_id, frame in outgoing:
-                        if self.core.get(message_id) is not None:  # not given up or refused
-                            await link.send(frame)
+                        record = self.core.get(message_id)
+                        if record is None:  # given up or refused
+                            continue
+                        if waited:  # its ACK is due from now, not from the hand-over
+                            record.sent_at = self._clock.time()
+                            record.deadline = self._clock.monotonic() + ACK_TIMEOUT
+                        await link.send(frame)
                 check = window.tick(self._clock.monotonic(), self.core)
                 if check.failure is not None:
                     raise check.failure

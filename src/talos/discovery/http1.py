@@ -21,11 +21,12 @@ Rules it keeps:
   :class:`AnswerTooLarge` before more is read; a connection, each write and
   each read wait at most ``timeout`` seconds.
 * **A connection is reused only when it is clean**: the answer was read to
-  its end, both sides may keep the connection alive (h11 says so), the
-  server has not closed it, and it has been idle for less than
-  :data:`IDLE_LIMIT` seconds (uvicorn closes idle connections after five).
-  Anything else (an error, a cancelled request, ``Connection: close``)
-  closes it.
+  its end, both sides may keep the connection alive (h11 says so), nothing
+  came after the answer (a proxy's ``408`` on an idle connection must never
+  be taken for the next request's answer), the server has not closed it,
+  and it has been idle for less than :data:`IDLE_LIMIT` seconds (uvicorn
+  closes idle connections after five). Anything else (an error, a
+  cancelled request, ``Connection: close``) closes it.
 * **Failures are named, not mapped.** ``OSError`` (connection, TLS),
   ``TimeoutError`` and :class:`h11.ProtocolError` (a malformed answer)
   escape; :mod:`talos.discovery.registry_http` turns them into
@@ -54,6 +55,13 @@ IDLE_LIMIT: Final = 2.0
 #: Finished connections kept per pool.
 MAX_IDLE: Final = 4
 _READ: Final = 65536
+
+
+def _buffered(reader: asyncio.StreamReader) -> bool:
+    """Whether bytes arrived on an idle connection (read into the stream's buffer by
+    the event loop, unasked for). The stream has no public way to say so; if its
+    buffer cannot be seen, the connection counts as unclean and is not reused."""
+    return bool(getattr(reader, "_buffer", b"unknown"))
 
 
 class AnswerTooLarge(Exception):
@@ -144,7 +152,8 @@ class Http1Pool:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
-            if connection.reader.at_eof() or now - connection.idle_since > IDLE_LIMIT:
+            reader = connection.reader
+            if reader.at_eof() or _buffered(reader) or now - connection.idle_since > IDLE_LIMIT:
                 connection.close()
                 continue
             return connection
@@ -172,6 +181,7 @@ class Http1Pool:
             or len(self._idle) >= MAX_IDLE
             or protocol.our_state is not h11.DONE
             or protocol.their_state is not h11.DONE
+            or protocol.trailing_data[0]  # bytes after the answer: not ours to guess at
         ):
             connection.close()
             return

@@ -171,11 +171,15 @@ class AgentState:
             StoreCorrupted: the stored session is damaged.
         """
         key = peer_key(peer)
-        waiting = self._work.deferred(("session", peer))
-        if isinstance(waiting, bytes):
-            return waiting
-        with self._log.snapshot() as txn:
-            return self._sessions.get(txn, key, peer)
+        if self._work.deferred(("session", peer)) is None:
+            with self._log.snapshot() as txn:
+                return self._sessions.get(txn, key, peer)
+        with self._work.lock:  # a commit and the end of its deferred writes are one step
+            waiting = self._work.deferred(("session", peer))
+            if isinstance(waiting, bytes):
+                return waiting
+            with self._log.snapshot() as txn:
+                return self._sessions.get(txn, key, peer)
 
     def session_peers(self) -> list[str]:
         """The peers this agent holds a session with, sorted."""
@@ -627,9 +631,13 @@ class AgentState:
             StoreCorrupted: the cached record does not decode.
         """
         key = record_key(agent_id)
-        with self._log.snapshot() as txn:
-            cached = self._peers.record(txn, key, agent_id)
-        contact = self._contact(agent_id)
+        if self._contact(agent_id) is None:
+            with self._log.snapshot() as txn:
+                return self._peers.record(txn, key, agent_id)
+        with self._work.lock:  # a commit and the end of its deferred writes are one step
+            with self._log.snapshot() as txn:
+                cached = self._peers.record(txn, key, agent_id)
+            contact = self._contact(agent_id)
         if contact is None or contact.record is None:
             return cached
         if cached is not None and PeerRecord.from_bytes(cached).sequence >= contact.sequence:
@@ -654,9 +662,13 @@ class AgentState:
 
     def keylog(self, agent_id: str) -> bytes | None:
         """The cached key event log of ``agent_id`` (verify it before use), or None."""
-        contact = self._contact(agent_id)
-        if contact is not None:
-            return contact.keylog
         key = keylog_key(agent_id)
-        with self._log.snapshot() as txn:
-            return self._peers.keylog(txn, key)
+        if self._contact(agent_id) is None:
+            with self._log.snapshot() as txn:
+                return self._peers.keylog(txn, key)
+        with self._work.lock:  # a commit and the end of its deferred writes are one step
+            contact = self._contact(agent_id)
+            if contact is not None:
+                return contact.keylog
+            with self._log.snapshot() as txn:
+                return self._peers.keylog(txn, key)

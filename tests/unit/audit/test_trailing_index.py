@@ -161,16 +161,53 @@ def test_a_newer_format_is_refused(tmp_path: Path) -> None:
         _open(tmp_path / "log", clock)
 
 
-@pytest.mark.parametrize("value", [u64(10_000), b"\x01"])
-def test_a_damaged_index_point_is_named(tmp_path: Path, value: bytes) -> None:
+def test_a_malformed_index_point_is_named(tmp_path: Path) -> None:
     clock = FakeClock()
     with _open(tmp_path / "log", clock) as log:
         _append(log, 5)
         environment = log._environment
         with environment.write() as txn:
-            txn.put(b"indexed", value, db=environment.audit.meta)
+            txn.put(b"indexed", b"\x01", db=environment.audit.meta)
         with pytest.raises(StoreCorrupted, match="index point"):
             log.query(kind=KINDS[0])
+
+
+def test_an_index_point_past_the_size_a_reader_knows_reads_as_that_size(
+    tmp_path: Path,
+) -> None:
+    """A reader's size may be older than its transaction (a writer in another thread
+    or process went on): the index point past it covers nothing it looks at."""
+    clock = FakeClock()
+    with _open(tmp_path / "log", clock) as log:
+        records = [prepare(KINDS[i % 3], {"n": i}, PEERS[i % 3]) for i in range(5)]
+        log._writer.commit(records, index=True)
+        environment = log._environment
+        with environment.write() as txn:
+            txn.put(b"indexed", u64(10_000), db=environment.audit.meta)
+        _check_queries(log)
+
+
+def test_a_damaged_entry_past_the_index_does_not_stop_writing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    with _open(tmp_path / "log", clock) as log:
+        _append(log, 10)
+        environment = log._environment
+        with environment.write() as txn:
+            row = bytearray(txn.get(u64(3), db=environment.audit.entries))
+            row[-1] ^= 0x01
+            txn.put(u64(3), bytes(row), db=environment.audit.entries)
+    with _open(tmp_path / "log", clock) as log, caplog.at_level("WARNING", "talos.audit"):
+        _append(log, INDEX_BATCH, 10)  # the writer loads the tail: entry 3 is skipped
+        assert any(r.event == "audit_entry_not_indexed" for r in caplog.records)  # type: ignore[attr-defined]
+        rows = _index_rows(log)
+        assert index_key(b"k", KINDS[3 % 3], 3) not in rows
+        assert index_key(b"k", KINDS[4 % 3], 4) in rows
+        assert log.size == 10 + INDEX_BATCH
+        report = log.verify_chain(deep=True)
+        assert not report.ok
+        assert "3" in str(report.problem)
 
 
 def test_pruning_indexes_the_tail_so_kept_entries_stay_found(tmp_path: Path) -> None:
