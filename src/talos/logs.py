@@ -93,6 +93,7 @@ EVENTS: Final = frozenset(
         "peer_cache_invalid",
         "frame_handler_failed",
         "audit_full",
+        "audit_entry_not_indexed",
         "audit_restored",
         "audit_rebuilt",
         "agent_state_reset",
