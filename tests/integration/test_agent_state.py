@@ -97,6 +97,29 @@ def _receive(state: AgentState, clock: FakeClock, mid: bytes, data: bytes = b"hi
     )
 
 
+def _receive_again(
+    state: AgentState, clock: FakeClock, mid: bytes, timestamp_ms: int, data: bytes = b"replayed"
+) -> int:
+    """A message ``mid`` stamped ``timestamp_ms`` (a replay, when ``mid`` was seen)."""
+    return state.commit_receive(
+        BOB,
+        session=b"s",
+        replay_id=mid,
+        timestamp_ms=timestamp_ms,
+        message=_message(clock, mid, data),
+    )
+
+
+def _replay_keys(home: Path) -> list[bytes]:
+    """The keys of the stored replay rows, read through LMDB directly."""
+    env = _raw_env(home)
+    try:
+        with env.begin() as txn:
+            return list(txn.cursor(db=env.open_db(b"x:replay", txn=txn)).iternext(values=False))
+    finally:
+        env.close()
+
+
 def _enqueue(state: AgentState, peer: str, mid: bytes, payload: bytes = b"x", **kw: Any) -> None:
     kw.setdefault("queue_limit", 100)
     state.enqueue(peer, mid, payload, capability=None, audit=_sent(mid, peer), **kw)
@@ -449,13 +472,7 @@ def test_duplicates_are_refused_before_and_after_restart(home: Path, clock: Fake
         with pytest.raises(DuplicateMessage):
             state.replay_window.check(b"r1", time_ms(clock) - 60_000, time_ms(clock))
         with pytest.raises(DuplicateMessage):
-            state.commit_receive(
-                BOB,
-                session=b"s",
-                replay_id=b"r1",
-                timestamp_ms=time_ms(clock) - 60_000,
-                message=_message(clock, b"r1", b"again"),
-            )
+            _receive_again(state, clock, b"r1", time_ms(clock) - 60_000, b"again")
         assert state.inbox_count() == 1
 
 
@@ -469,22 +486,13 @@ def test_replay_rows_are_pruned_and_the_floor_survives_a_clock_step(
             _receive(state, clock, b"old%d" % i)
         clock.advance(120)
         _receive(state, clock, b"new")
-    env = _raw_env(home)
-    with env.begin() as txn:
-        keys = list(txn.cursor(db=env.open_db(b"x:replay", txn=txn)).iternext(values=False))
-    env.close()
+    keys = _replay_keys(home)
     assert sorted(keys) == [b"t" + time_ms(clock).to_bytes(8, "big") + b"new"]
     clock.set_time(clock.time() - 90)  # back to 30 s after the old ones
     with _open(home, clock) as log:
         state = _state(log, clock, replay_window_ms=60_000)
         with pytest.raises(StaleMessage):
-            state.commit_receive(
-                BOB,
-                session=b"s",
-                replay_id=b"old0",
-                timestamp_ms=start,
-                message=_message(clock, b"old0", b"replayed"),
-            )
+            _receive_again(state, clock, b"old0", start)
         assert state.inbox_count() == 6
 
 
@@ -592,13 +600,7 @@ def test_a_trailing_replay_floor_never_lets_an_id_back_in(home: Path, clock: Fak
     with _open(home, clock) as log:
         state = _state(log, clock, replay_window_ms=60_000)
         with pytest.raises((DuplicateMessage, StaleMessage)):
-            state.commit_receive(
-                BOB,
-                session=b"s",
-                replay_id=b"a",
-                timestamp_ms=start,
-                message=_message(clock, b"a", b"replayed"),
-            )
+            _receive_again(state, clock, b"a", start)
 
 
 def test_an_id_accepted_again_after_the_window_forgot_it_reloads(
@@ -620,13 +622,7 @@ def test_an_id_accepted_again_after_the_window_forgot_it_reloads(
         with pytest.raises(DuplicateMessage):
             state.replay_window.check(b"x", again, time_ms(clock))
         with pytest.raises(DuplicateMessage):
-            state.commit_receive(
-                BOB,
-                session=b"s",
-                replay_id=b"x",
-                timestamp_ms=again,
-                message=_message(clock, b"x", b"replayed"),
-            )
+            _receive_again(state, clock, b"x", again)
 
 
 def test_layout_1_replay_rows_load_and_expire(home: Path, clock: FakeClock) -> None:
@@ -645,10 +641,7 @@ def test_layout_1_replay_rows_load_and_expire(home: Path, clock: FakeClock) -> N
             state.replay_window.check(b"old", start, time_ms(clock))
         clock.advance(120)
         _receive(state, clock, b"new")
-    env = _raw_env(home)
-    with env.begin() as txn:
-        keys = list(txn.cursor(db=env.open_db(b"x:replay", txn=txn)).iternext(values=False))
-    env.close()
+    keys = _replay_keys(home)
     assert keys == [b"t" + time_ms(clock).to_bytes(8, "big") + b"new"]
 
 

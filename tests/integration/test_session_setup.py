@@ -151,9 +151,10 @@ async def registry_behind_proxy(
 
 @contextlib.asynccontextmanager
 async def bob_behind_proxy(
-    tmp_path: Path, registry: RegistryProcess, *, release: asyncio.Event | None = None
+    tmp_path: Path, registry: RegistryProcess, **options: Any
 ) -> AsyncIterator[tuple[TalosClient, RecordingProxy]]:
-    """Bob (open to anyone), announcing a recording proxy's port in front of his own."""
+    """Bob (open to anyone), announcing a recording proxy's port (``options`` as
+    RecordingProxy's) in front of his own."""
     bob_port, proxy_port = free_port(), free_port()
     async with TalosClient.create(
         "bob",
@@ -163,7 +164,7 @@ async def bob_behind_proxy(
         announce=f"127.0.0.1:{proxy_port}",
         accept_policy="open",
     ) as bob:
-        proxy = RecordingProxy(bob_port, release=release)
+        proxy = RecordingProxy(bob_port, **options)
         await proxy.start(proxy_port)
         try:
             yield bob, proxy
@@ -451,25 +452,13 @@ async def test_a_message_handed_over_while_its_link_opens_is_due_from_its_sendin
     is due ACK_TIMEOUT after it actually leaves, not after the hand-over (else a slow
     connection fails a message that was delivered)."""
     monkeypatch.setattr(delivery, "ACK_TIMEOUT", 1.0)
-    bob_port, proxy_port = free_port(), free_port()
-    async with TalosClient.create(
-        "bob",
-        home=tmp_path / "b",
-        registry_url=registry.url,
-        listen=f"127.0.0.1:{bob_port}",
-        announce=f"127.0.0.1:{proxy_port}",
-        accept_policy="open",
-    ) as bob:
-        proxy = RecordingProxy(bob_port, hold=1.5)  # each connection's first bytes wait
-        await proxy.start(proxy_port)
-        try:
-            async with TalosClient.create(
-                "carol", home=tmp_path / "c", registry_url=registry.url
-            ) as carol:
-                await carol.establish_session(bob.agent_id)
-                sent = await carol.send(
-                    bob.agent_id, "first", timeout=15, retry_count=0, on_failure="raise"
-                )
-                assert sent.status == "delivered"
-        finally:
-            await proxy.close()
+    # Each connection's first bytes wait 1.5 s at the proxy in front of bob.
+    async with (
+        bob_behind_proxy(tmp_path, registry, hold=1.5) as (bob, _),
+        TalosClient.create("carol", home=tmp_path / "c", registry_url=registry.url) as carol,
+    ):
+        await carol.establish_session(bob.agent_id)
+        sent = await carol.send(
+            bob.agent_id, "first", timeout=15, retry_count=0, on_failure="raise"
+        )
+        assert sent.status == "delivered"

@@ -23,7 +23,7 @@ Imported by :mod:`talos.audit.log`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import lmdb
@@ -144,13 +144,7 @@ def _plain_seqs(
         for kind in KEPT_KINDS
         for seq in _index_seqs(txn, store, b"k", kind, low, min(high, pruned), reverse=False)
     )
-    rest = range(max(low, pruned), high)
-    if reverse:
-        yield from reversed(rest)
-        yield from reversed(kept)
-    else:
-        yield from kept
-        yield from rest
+    return _then(reversed(kept) if reverse else kept, range(max(low, pruned), high), reverse)
 
 
 def _trailing_index_seqs(
@@ -165,13 +159,18 @@ def _trailing_index_seqs(
 ) -> Iterator[int]:
     """Seqs in ``[low, high)`` that may match: the index's below ``indexed``, every one after."""
     indexed_part = _index_seqs(txn, store, prefix, value, low, min(high, indexed), reverse=reverse)
-    tail = range(max(low, indexed), high)
+    return _then(indexed_part, range(max(low, indexed), high), reverse)
+
+
+def _then(below: Iterable[int], rest: range, reverse: bool) -> Iterator[int]:
+    """Seqs ``below`` (all under ``rest``, already in the wanted order), then ``rest``;
+    reversed, ``rest`` backwards first."""
     if reverse:
-        yield from reversed(tail)
-        yield from indexed_part
+        yield from reversed(rest)
+        yield from below
     else:
-        yield from indexed_part
-        yield from tail
+        yield from below
+        yield from rest
 
 
 def _index_seqs(

@@ -171,10 +171,7 @@ class AgentState:
             StoreCorrupted: the stored session is damaged.
         """
         key = peer_key(peer)
-        if self._work.deferred(("session", peer)) is None:
-            with self._log.snapshot() as txn:
-                return self._sessions.get(txn, key, peer)
-        with self._work.lock:  # a commit and the end of its deferred writes are one step
+        with self._work.settled(("session", peer)):
             waiting = self._work.deferred(("session", peer))
             if isinstance(waiting, bytes):
                 return waiting
@@ -631,10 +628,7 @@ class AgentState:
             StoreCorrupted: the cached record does not decode.
         """
         key = record_key(agent_id)
-        if self._contact(agent_id) is None:
-            with self._log.snapshot() as txn:
-                return self._peers.record(txn, key, agent_id)
-        with self._work.lock:  # a commit and the end of its deferred writes are one step
+        with self._work.settled(("contact", agent_id)):
             with self._log.snapshot() as txn:
                 cached = self._peers.record(txn, key, agent_id)
             contact = self._contact(agent_id)
@@ -663,10 +657,7 @@ class AgentState:
     def keylog(self, agent_id: str) -> bytes | None:
         """The cached key event log of ``agent_id`` (verify it before use), or None."""
         key = keylog_key(agent_id)
-        if self._contact(agent_id) is None:
-            with self._log.snapshot() as txn:
-                return self._peers.keylog(txn, key)
-        with self._work.lock:  # a commit and the end of its deferred writes are one step
+        with self._work.settled(("contact", agent_id)):
             contact = self._contact(agent_id)
             if contact is not None:
                 return contact.keylog

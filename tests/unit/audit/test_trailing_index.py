@@ -49,6 +49,22 @@ def _expected_rows(log: AuditLog, below: int) -> set[bytes]:
     return rows
 
 
+def _set_meta(log: AuditLog, key: bytes, value: bytes | None) -> None:
+    """Write (or with None delete) a row of the log's ``meta`` database directly."""
+    environment = log._environment
+    with environment.write() as txn:
+        if value is None:
+            txn.delete(key, db=environment.audit.meta)
+        else:
+            txn.put(key, value, db=environment.audit.meta)
+
+
+def _append_indexed(log: AuditLog, n: int) -> None:
+    """``n`` entries in one commit that writes their index rows (as format 1 did)."""
+    records = [prepare(KINDS[i % 3], {"n": i}, PEERS[i % 3]) for i in range(n)]
+    log._writer.commit(records, index=True)
+
+
 def _append(log: AuditLog, n: int, start: int = 0) -> None:
     for i in range(start, start + n):
         log.append(KINDS[i % 3], {"n": i}, peer=PEERS[i % 3])
@@ -135,12 +151,9 @@ def test_a_format_1_log_reads_as_indexed_and_moves_to_format_2(tmp_path: Path) -
     """A log written before the index trailed: no ``indexed`` row, every entry indexed."""
     clock = FakeClock()
     with _open(tmp_path / "log", clock) as log:
-        records = [prepare(KINDS[i % 3], {"n": i}, PEERS[i % 3]) for i in range(20)]
-        log._writer.commit(records, index=True)
-        environment = log._environment
-        with environment.write() as txn:
-            txn.put(b"format", u64(1), db=environment.audit.meta)
-            txn.delete(b"indexed", db=environment.audit.meta)
+        _append_indexed(log, 20)
+        _set_meta(log, b"format", u64(1))
+        _set_meta(log, b"indexed", None)
     with _open(tmp_path / "log", clock) as log:
         assert _meta(log, b"indexed") is None
         _check_queries(log)
@@ -154,9 +167,7 @@ def test_a_newer_format_is_refused(tmp_path: Path) -> None:
     clock = FakeClock()
     with _open(tmp_path / "log", clock) as log:
         _append(log, 2)
-        environment = log._environment
-        with environment.write() as txn:
-            txn.put(b"format", u64(3), db=environment.audit.meta)
+        _set_meta(log, b"format", u64(3))
     with pytest.raises(UnsupportedVersion, match="format 3"):
         _open(tmp_path / "log", clock)
 
@@ -165,9 +176,7 @@ def test_a_malformed_index_point_is_named(tmp_path: Path) -> None:
     clock = FakeClock()
     with _open(tmp_path / "log", clock) as log:
         _append(log, 5)
-        environment = log._environment
-        with environment.write() as txn:
-            txn.put(b"indexed", b"\x01", db=environment.audit.meta)
+        _set_meta(log, b"indexed", b"\x01")
         with pytest.raises(StoreCorrupted, match="index point"):
             log.query(kind=KINDS[0])
 
@@ -179,11 +188,8 @@ def test_an_index_point_past_the_size_a_reader_knows_reads_as_that_size(
     or process went on): the index point past it covers nothing it looks at."""
     clock = FakeClock()
     with _open(tmp_path / "log", clock) as log:
-        records = [prepare(KINDS[i % 3], {"n": i}, PEERS[i % 3]) for i in range(5)]
-        log._writer.commit(records, index=True)
-        environment = log._environment
-        with environment.write() as txn:
-            txn.put(b"indexed", u64(10_000), db=environment.audit.meta)
+        _append_indexed(log, 5)
+        _set_meta(log, b"indexed", u64(10_000))
         _check_queries(log)
 
 

@@ -14,8 +14,10 @@ is durable; :meth:`UnitOfWork.flush` commits what waits alone.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from talos.storage.state.meta import Meta
@@ -66,6 +68,12 @@ class UnitOfWork:
         waiting = self._deferred.get(key)
         return None if waiting is None else waiting.value
 
+    def settled(self, key: Hashable) -> AbstractContextManager[object]:
+        """Hold this around a read of ``key`` that consults :meth:`deferred`: while a write
+        for it waits, the lock (a commit and the end of its deferred writes are one step
+        to the reader); otherwise nothing."""
+        return self.lock if key in self._deferred else contextlib.nullcontext()
+
     def flush(self) -> None:
         """(Lock held.) Commit the writes that wait, if any.
 
@@ -88,11 +96,11 @@ class UnitOfWork:
         records = list(audit)
         deferred = dict(self._deferred)
         if deferred:
-            apply = _after([waiting.write for waiting in deferred.values()], apply)
+            apply = _in_order(*(waiting.write for waiting in deferred.values()), apply)
         if not self._initialized:
-            run = self._with_header(apply)
+            run = _in_order(apply, self._meta.write_header)
         elif not self._current:
-            run = self._with_layout(apply)
+            run = _in_order(apply, self._meta.write_layout)
         else:
             run = apply
         try:
@@ -105,33 +113,16 @@ class UnitOfWork:
                 del self._deferred[key]
         return True
 
-    def _with_header(self, apply: Apply) -> Apply:
-        meta = self._meta
-
-        def run(txn: lmdb.Transaction[bytes]) -> None:
-            apply(txn)
-            meta.write_header(txn)
-
-        return run
-
-    def _with_layout(self, apply: Apply) -> Apply:
-        meta = self._meta
-
-        def run(txn: lmdb.Transaction[bytes]) -> None:
-            apply(txn)
-            meta.write_layout(txn)
-
-        return run
-
 
 def _nothing(txn: lmdb.Transaction[bytes]) -> None:
     """A commit's own rows when it only carries deferred writes."""
 
 
-def _after(writes: list[Apply], apply: Apply) -> Apply:
+def _in_order(*writes: Apply) -> Apply:
+    """One write that runs ``writes`` in order, in the same transaction."""
+
     def run(txn: lmdb.Transaction[bytes]) -> None:
         for write in writes:
             write(txn)
-        apply(txn)
 
     return run
