@@ -4,7 +4,8 @@
 # shifted wall clock. When it is missing and we run as root with apt-get
 # available, it is installed; otherwise we say how to get it and exit 0: the
 # clock-skew tests then skip with that reason instead of failing the run.
-# FAKETIME=/path/to/faketime is honoured by the tests (not by this script).
+# TALOS_TEST_LIBFAKETIME=/path/to/libfaketime.so.1 is honoured by the tests
+# (not by this script); they preload the library rather than run the wrapper.
 set -euo pipefail
 
 if command -v faketime >/dev/null 2>&1; then

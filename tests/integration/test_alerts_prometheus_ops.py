@@ -17,7 +17,7 @@ long, in which no alert is even pending; then causes each failure:
   announce at once; Alice, the copy, then Alice again message Dave, who
   hears one identity from two instances.
 * ``TalosClockOffsetHigh``: an agent whose wall clock is 20 s ahead, for
-  real (``talos run`` under libfaketime's ``faketime``), measures its offset
+  real (``talos run`` with libfaketime preloaded), measures its offset
   from the registry.
 * ``AuditEquivocation``: Bob cosigns Alice's checkpoints; Alice's home is put
   back from an earlier copy and she messages him again: Bob, her witness,
@@ -32,13 +32,14 @@ The alerts' states are read from Prometheus' HTTP API.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 from alert_rules import RULES
+from shifted_clock import LIBRARY, MISSING
+from shifted_clock import prefix as shifted
 from witness_cast import WitnessPeer
 
 from talos.audit.anchoring.contract import anchor_calldata, log_id
@@ -60,7 +61,6 @@ CLI = TalosCli(timeout=120)
 QUEUED = 5
 #: How far ahead the skewed agent's wall clock is (the alert's threshold: 5 s).
 AHEAD = 20
-FAKETIME = shutil.which(os.environ.get("FAKETIME", "faketime"))
 #: Seconds of healthy running (one evaluation a second) in which nothing may be pending.
 HEALTHY = 4
 
@@ -92,8 +92,8 @@ def address(client: TalosClient) -> str:
 
 
 async def test_queue_split_brain_and_clock_alerts_fire(tmp_path: Path) -> None:
-    if FAKETIME is None:
-        pytest.fail("faketime is not on PATH: apt-get install faketime (.ci/run installs it)")
+    if LIBRARY is None:
+        pytest.fail(MISSING)
     homes = {name: tmp_path / name for name in ("alice", "bob", "dave", "skewed")}
     ids = {name: cli(home, "init", "--name", name) for name, home in homes.items()}
     twin = tmp_path / "alice-copy"
@@ -102,7 +102,7 @@ async def test_queue_split_brain_and_clock_alerts_fire(tmp_path: Path) -> None:
                               extra=["--metrics-port", "0"])  # fmt: skip
     skewed_metrics = f"127.0.0.1:{free_port()}"
     prometheus = None
-    env = clean_env({"FAKETIME_DONT_FAKE_MONOTONIC": "1"}, drop=("TALOS_", "FAKETIME"))
+    env = clean_env(drop=("TALOS_", "FAKETIME", "LD_PRELOAD"))
     started = time.monotonic()
     # Alice's clock is fake only to let her quarter-hourly re-announcement come now:
     # its wall time is kept at the real time (real_time()) before she does anything.
@@ -163,7 +163,7 @@ async def test_queue_split_brain_and_clock_alerts_fire(tmp_path: Path) -> None:
                 # A host clock AHEAD seconds fast, for real: the agent measures it.
                 port = skewed_metrics.rsplit(":", 1)[1]
                 launcher.agent(homes["skewed"], "--registry", url, "--metrics-port", port,
-                               prefix=[FAKETIME, "-f", f"+{AHEAD}s"])  # fmt: skip
+                               prefix=shifted(f"+{AHEAD}s"))  # fmt: skip
                 (clock,) = await prometheus.until_firing("TalosClockOffsetHigh")
                 assert clock["labels"]["instance"] == skewed_metrics
                 assert AHEAD - 3 < float(clock["value"]) < AHEAD + 3

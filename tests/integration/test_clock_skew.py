@@ -3,7 +3,7 @@
 Failure-Modes ("Clock Skew"): a clock that is significantly wrong makes
 timestamp checks fail and capabilities look mistimed; ``talos diagnose
 --check-clock`` detects it. Here whole ``talos`` processes run under Debian's
-``faketime`` (libfaketime, preloaded), which shifts what the process reads
+libfaketime (preloaded), which shifts what the process reads
 from the wall clock, and every other process keeps the true time:
 
 * ``diagnose --check-clock`` measures the shift against a real registry;
@@ -12,19 +12,19 @@ from the wall clock, and every other process keeps the true time:
 * a capability issued by that agent is rejected by the other agent, with a
   reason that names clock skew (it was issued in the other's future).
 
-``faketime`` forks the program it runs, so every process here gets its own
-process group and is stopped through it. ``FAKETIME_DONT_FAKE_MONOTONIC``
-keeps the monotonic clock (asyncio's timers) true; only the wall clock is
-shifted. Without ``faketime`` on PATH (``.ci/install-faketime.sh`` installs
-it) these tests are skipped.
+Each shifted process preloads the library itself (``shifted_clock``): Debian's
+``faketime`` wrapper names a semaphore after its pid and leaves it behind when
+it is stopped by a signal, and a later wrapper given the same pid refuses to
+start. ``FAKETIME_DONT_FAKE_MONOTONIC`` keeps the monotonic clock (asyncio's
+timers) true; only the wall clock is shifted. Every process still gets its
+own process group and is stopped through it. Without libfaketime
+(``.ci/install-faketime.sh`` installs it) these tests are skipped.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -32,28 +32,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from shifted_clock import LIBRARY, MISSING, prefix, sweep
 
 from talos.cli.diagnose import REJECT_TOLERANCE
 from talos.testing.cli import CliResult, TalosCli, clean_env
 from talos.testing.processes import AgentProcess, RegistryProcess, launched
 
-FAKETIME = shutil.which(os.environ.get("FAKETIME", "faketime"))
-pytestmark = pytest.mark.skipif(
-    FAKETIME is None,
-    reason="faketime is not on PATH: install the Debian package 'faketime' "
-    "(.ci/install-faketime.sh does)",
-)
+pytestmark = pytest.mark.skipif(LIBRARY is None, reason=MISSING)
 
-AHEAD = 600.0  # seconds: faketime -f '+10m'
+AHEAD = 600.0  # seconds: FAKETIME=+10m
 
 
 def _env() -> dict[str, str]:
-    return clean_env({"FAKETIME_DONT_FAKE_MONOTONIC": "1"}, drop=("TALOS_", "FAKETIME"))
+    return clean_env(drop=("TALOS_", "FAKETIME", "LD_PRELOAD"))
 
 
 def _command(args: tuple[str, ...], shift: str | None) -> list[str]:
-    assert FAKETIME is not None
-    return [FAKETIME, "-f", shift, *args] if shift else list(args)
+    return [*prefix(shift), *args] if shift else list(args)
 
 
 def talos(home: Path, *args: str, shift: str | None = None) -> CliResult:
@@ -71,8 +66,12 @@ def ok(home: Path, *args: str, shift: str | None = None) -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def faketime_works() -> None:
-    """faketime must shift Python's wall clock here, or these tests would prove nothing."""
+def faketime_works() -> Iterator[None]:
+    """libfaketime must shift Python's wall clock here, or these tests would prove nothing.
+
+    What it leaves in /dev/shm for processes that are gone is removed before and after.
+    """
+    sweep()
     probe = subprocess.run(
         _command((sys.executable, "-c", "import time; print(time.time())"), "+10m"),
         env=_env(),
@@ -83,12 +82,14 @@ def faketime_works() -> None:
     )
     shifted = float(probe.stdout.strip() or 0) - time.time()
     if not AHEAD - 30 < shifted < AHEAD + 30:
-        pytest.fail(f"faketime does not shift Python's clock ({shifted:.1f} s): {probe.stderr}")
+        pytest.fail(f"libfaketime does not shift Python's clock ({shifted:.1f} s): {probe.stderr}")
+    yield
+    sweep()
 
 
 @pytest.fixture
 def start() -> Iterator[Callable[..., AgentProcess]]:
-    """Starts ``talos run`` processes, each under faketime when given a ``shift``."""
+    """Starts ``talos run`` processes, each with a shifted clock when given a ``shift``."""
     with launched(_env()) as launcher:
 
         def launch(home: Path, *args: str, shift: str | None = None) -> AgentProcess:
