@@ -277,6 +277,51 @@ def test_a_pending_anchor_is_replaced_with_higher_fees(rig: Rig) -> None:
     assert len(_anchored_events(rig)) == 1
 
 
+class _MinedAfterTheLook(Chain):
+    """The real chain, whose next block is mined just after the driver reads its nonce.
+
+    That is the moment anvil's automine, a moment late on a busy machine, can
+    pick: the driver has seen the anchor unmined and its nonce unused, and then
+    rebroadcasts a transaction that is already in a block.
+    """
+
+    def __init__(self, anvil: AnvilProcess) -> None:
+        super().__init__(anvil.url, timeout=5.0)
+        self._anvil = anvil
+        self.armed = False
+
+    def nonce(self, address: str, tag: str = "pending") -> int:
+        found = super().nonce(address, tag)
+        if self.armed and tag == "latest":
+            self.armed = False
+            self._anvil.mine(1)
+        return found
+
+
+def test_an_anchor_mined_between_the_look_and_its_rebroadcast_is_included_not_failed(
+    rig: Rig,
+) -> None:
+    rig.anvil.rpc("evm_setAutomine", [False])
+    chain = _MinedAfterTheLook(rig.anvil)
+    try:
+        anchorer = _anchorer(rig.log, chain, rig.wallet, rig.contract, rig.clock, rig.metrics)
+        anchorer.step()
+        sent = anchorer.store.current()
+        assert sent is not None
+        chain.armed = True
+        anchorer.step()
+        assert not chain.armed  # the block came between the look and the rebroadcast
+        assert anchorer.last.error is None, anchorer.last.error
+        assert anchorer.last.outcome is Outcome.INCLUDED
+        assert rig.failures() == 0
+        rig.anvil.mine(3)
+        anchorer.step()
+        assert anchorer.last.outcome is Outcome.FINAL
+        assert len(_anchored_events(rig)) == 1
+    finally:
+        chain.close()
+
+
 def test_a_reorg_that_drops_the_anchor_sends_it_back_to_pending(rig: Rig) -> None:
     anchorer = rig.anchorer
     anchorer.step()

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from talos.audit.anchoring.chain import Chain, RpcError, check_address
+from talos.audit.anchoring.chain import Chain, NonceTooLow, RpcError, check_address
 from talos.audit.anchoring.contract import anchor_calldata, artifact, log_id
 from talos.audit.anchoring.store import AnchorStore
 from talos.audit.anchoring.wallet import Wallet
@@ -226,7 +226,9 @@ class Anchorer:
 
     # -- following the anchor in flight ------------------------------------------------
 
-    def _follow(self, anchor: Anchor, now: float) -> tuple[Anchor | None, Outcome]:
+    def _follow(
+        self, anchor: Anchor, now: float, *, again: bool = True
+    ) -> tuple[Anchor | None, Outcome]:
         moved, outcome = follow(anchor, self._observe(anchor), self._finality)
         if outcome is Outcome.FINAL:
             self._finish(moved)
@@ -246,17 +248,25 @@ class Anchorer:
                 extra={"event": "anchor_reorged", "tree_size": moved.tree_size},
             )
         if moved.state is AnchorState.PENDING:
-            moved = self._push(moved, now)
+            moved = self._renewed(moved, now)
+            try:
+                self._chain.send_raw(moved.latest.raw)
+            except NonceTooLow:
+                if not again:
+                    raise
+                # Its nonce was used after the look: this anchor was mined meanwhile (anvil's
+                # automine, a block landing), or another transaction took it. One more look
+                # tells which; only a second refusal in a row is a failure.
+                return self._follow(moved, now, again=False)
         return moved, outcome
 
-    def _push(self, anchor: Anchor, now: float) -> Anchor:
-        """Broadcast a pending anchor again, replacing it with higher fees when it waited long."""
+    def _renewed(self, anchor: Anchor, now: float) -> Anchor:
+        """A pending anchor to broadcast again: replaced with higher fees when it waited long."""
         if self._sent_at is None:
             self._sent_at = now
         elif now - self._sent_at >= self._replace_after:
             anchor = self._replace(anchor)
             self._sent_at = now
-        self._chain.send_raw(anchor.latest.raw)
         return anchor
 
     def _replace(self, anchor: Anchor) -> Anchor:
