@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 import pytest
 from websockets.asyncio.client import connect
@@ -12,6 +13,7 @@ from talos.errors import PeerUnreachable
 from talos.testing import FakeClock
 from talos.testing.processes import free_port
 from talos.transport import Link, Transport
+from talos.transport.link import FRAMES_PER_WRITE
 
 
 class Inbox:
@@ -121,7 +123,55 @@ async def test_closed_peer_makes_send_fail_cleanly() -> None:
     await asyncio.wait_for(link.closed.wait(), 5)
     with pytest.raises(PeerUnreachable):
         await link.send(b"x")
+    with pytest.raises(PeerUnreachable):
+        await link.send_many([b"x", b"y"])
     await a.close()
+
+
+class _Writes:
+    """Counts the writes handed to one connection's transport (the real transport
+    does them; a ``writelines`` that calls ``write`` itself counts once)."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.calls = 0
+        self._inside = False
+        write, writelines = transport.write, transport.writelines
+
+        def counted_write(data: bytes | bytearray | memoryview) -> None:
+            self.calls += not self._inside
+            write(data)
+
+        def counted_writelines(chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+            self.calls += 1
+            self._inside = True
+            try:
+                writelines(chunks)
+            finally:
+                self._inside = False
+
+        transport.write = counted_write  # type: ignore[method-assign]
+        transport.writelines = counted_writelines  # type: ignore[method-assign]
+
+
+@pytest.mark.asyncio
+async def test_a_batch_of_frames_arrives_whole_and_in_order_with_few_writes() -> None:
+    inbox = Inbox()
+    a, b = Transport(Inbox()), Transport(inbox)
+    try:
+        host, port = await b.listen("127.0.0.1", 0)
+        link = await a.connect(f"ws://{host}:{port}")
+        writes = _Writes(link._socket.transport)
+        frames = [bytes([n]) * (n + 1) for n in range(20)]
+        await link.send_many(frames)
+        assert [(await inbox.next())[1] for _ in frames] == frames  # 20 messages, not 3
+        assert writes.calls == -(-len(frames) // FRAMES_PER_WRITE)  # one write per group
+        await link.send_many([])
+        await link.send_many([b"alone"])
+        assert (await inbox.next())[1] == b"alone"
+        assert inbox.frames.empty()
+    finally:
+        await a.close()
+        await b.close()
 
 
 @pytest.mark.asyncio

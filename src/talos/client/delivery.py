@@ -244,6 +244,7 @@ class Deliverer:
                         link = await self.link(peer)
                     if link is None or not link.is_open:
                         raise PeerUnreachable(f"the connection to {peer} closed")
+                    frames: list[bytes] = []
                     for message_id, frame in outgoing:
                         record = self.core.get(message_id)
                         if record is None:  # given up or refused
@@ -251,7 +252,8 @@ class Deliverer:
                         if waited:  # its ACK is due from now, not from the hand-over
                             record.sent_at = self._clock.time()
                             record.deadline = self._clock.monotonic() + ACK_TIMEOUT
-                        await link.send(frame)
+                        frames.append(frame)
+                    await link.send_many(frames)
                 check = window.tick(self._clock.monotonic(), self.core)
                 if check.failure is not None:
                     raise check.failure
@@ -326,8 +328,8 @@ class Deliverer:
             raise PeerUnreachable(f"the connection to {peer} closed before the ACKs")
 
     async def _transmit(self, peer: str, items: list[OutboxItem], window: Window) -> int:
-        """Encrypt ``items`` (one commit), transmit them back to back and note them in
-        flight; returns how many were transmitted.
+        """Encrypt ``items`` (one commit), note them in flight and transmit them back to
+        back (:meth:`Link.send_many`); returns how many were transmitted.
 
         Raises:
             PeerUnreachable, DiscoveryError, SessionError: no link or session (retried).
@@ -346,7 +348,7 @@ class Deliverer:
             if not self.core.being_removed(gone):
                 self.finish(gone, Outcome.UNQUEUED)
         deadline = self._clock.monotonic() + ACK_TIMEOUT
-        for item, frame in sealed:
+        for item, _ in sealed:
             window.transmitted(
                 records[item.message_id],
                 seq=item.seq,
@@ -354,7 +356,7 @@ class Deliverer:
                 sent_at=self._clock.time(),
                 deadline=deadline,
             )
-            await link.send(frame)
+        await link.send_many([frame for _, frame in sealed])
         return len(sealed)
 
     async def _encrypt(
