@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import talos
 from talos.audit import AuditLog
 from talos.client import TalosClient
+from talos.client.inbox import INLINE_ACKNOWLEDGEMENTS
 from talos.core.agent_id import agent_id_from_digest
 from talos.errors import (
     CannotCancel,
@@ -364,11 +365,15 @@ async def test_a_waiting_send_learns_its_message_expired(tmp_path: Path) -> None
 # -- receiving ------------------------------------------------------------------------
 
 
-async def test_acknowledge_is_awaited_and_commits_off_the_event_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("count", [1, INLINE_ACKNOWLEDGEMENTS - 1, INLINE_ACKNOWLEDGEMENTS])
+async def test_acknowledge_commits_a_large_batch_off_the_event_loop(
+    tmp_path: Path, count: int
+) -> None:
     async with pair(tmp_path) as (a, b):
-        await a.send(b.agent_id, "at least once", timeout=10)
-        got = await b.receive(timeout=10, auto_ack=False)
-        assert got is not None
+        for n in range(count):
+            await a.send(b.agent_id, n, timeout=10)
+        got = [await b.receive(timeout=10, auto_ack=False) for _ in range(count)]
+        assert None not in got
         threads: list[int] = []
         state = b._state  # noqa: SLF001 -- a spy on the real commit, to see its thread
         real = state.acknowledge
@@ -378,9 +383,10 @@ async def test_acknowledge_is_awaited_and_commits_off_the_event_loop(tmp_path: P
             return real(*seqs)
 
         state.acknowledge = spy  # type: ignore[method-assign]
-        await b.acknowledge(got)
-        assert threads
-        assert threads[0] != threading.get_ident()
+        await b.acknowledge(*got)  # type: ignore[arg-type]
+        assert len(threads) == 1  # one commit
+        in_worker = threads[0] != threading.get_ident()
+        assert in_worker is (count >= INLINE_ACKNOWLEDGEMENTS)
         assert state.inbox_count() == 0
 
 

@@ -30,6 +30,14 @@ _log = logging.getLogger("talos.client")
 #: Messages, and payload bytes, receive(auto_ack=False) may have waiting in memory.
 READ_AHEAD_LIMIT: Final = 4096
 READ_AHEAD_BYTES: Final = 8 * 1024 * 1024
+#: An acknowledge() of fewer messages commits on the event loop, a larger one in a
+#: worker thread. For one or a few messages the thread's hand-over and the GIL it
+#: takes from the frames being handled cost more than the sync it lets the loop
+#: overlap: acknowledging one request as the next one arrives (a request and
+#: its answer, at least once) made round trips 0.94x as long inline, in paired
+#: runs (docs/design/performance.md, twelfth session). Removals on an ACK use the
+#: same bound (:data:`talos.client.acks.INLINE_REMOVALS`).
+INLINE_ACKNOWLEDGEMENTS: Final = 8
 
 
 class InboxReader:
@@ -164,7 +172,8 @@ class InboxReader:
         self._read_ahead_bytes = size
 
     async def acknowledge(self, *messages: Message) -> None:
-        """See :meth:`TalosClient.acknowledge`: one commit, in a worker thread."""
+        """See :meth:`TalosClient.acknowledge`: one commit, in a worker thread unless
+        fewer than :data:`INLINE_ACKNOWLEDGEMENTS` messages."""
         seqs = []
         for message in messages:
             if not isinstance(message, Message) or message.inbox_seq is None:
@@ -172,7 +181,11 @@ class InboxReader:
                     "only messages received with auto_ack=False are acknowledged"
                 )
             seqs.append(message.inbox_seq)
-        if seqs:
+        if not seqs:
+            return
+        if len(seqs) < INLINE_ACKNOWLEDGEMENTS:
+            self._state.acknowledge(*seqs)
+        else:
             commit = asyncio.ensure_future(asyncio.to_thread(self._state.acknowledge, *seqs))
             self._commits.add(commit)
             commit.add_done_callback(self._commits.discard)
