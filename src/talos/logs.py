@@ -131,6 +131,7 @@ EVENTS: Final = frozenset(
         "anchor_submitted",
         "anchor_replaced",
         "anchor_reorged",
+        "anchor_nonce_used",
         "anchor_final",
         "anchor_failed",
         "anchor_recovered",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sysconfig
 from pathlib import Path
 
 #: Where Debian's ``libfaketime`` package puts the library (the multiarch
@@ -35,6 +36,11 @@ def _library() -> str | None:
     named = os.environ.get("TALOS_TEST_LIBFAKETIME")
     if named:
         return named if Path(named).is_file() else None
+    own = Path(
+        "/usr/lib", sysconfig.get_config_var("MULTIARCH") or "-", "faketime/libfaketime.so.1"
+    )
+    if own.is_file():  # this interpreter's architecture, not another one installed beside it
+        return str(own)
     for place in _PLACES:
         found = sorted(Path("/").glob(place.lstrip("/")))
         if found:

@@ -299,8 +299,9 @@ class _MinedAfterTheLook(Chain):
 
 
 def test_an_anchor_mined_between_the_look_and_its_rebroadcast_is_included_not_failed(
-    rig: Rig,
+    rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="talos.audit.anchoring")
     rig.anvil.rpc("evm_setAutomine", [False])
     chain = _MinedAfterTheLook(rig.anvil)
     try:
@@ -314,6 +315,9 @@ def test_an_anchor_mined_between_the_look_and_its_rebroadcast_is_included_not_fa
         assert anchorer.last.error is None, anchorer.last.error
         assert anchorer.last.outcome is Outcome.INCLUDED
         assert rig.failures() == 0
+        assert [
+            r.tree_size for r in caplog.records if r.__dict__.get("event") == "anchor_nonce_used"
+        ] == [sent.tree_size]
         rig.anvil.mine(3)
         anchorer.step()
         assert anchorer.last.outcome is Outcome.FINAL

@@ -244,6 +244,9 @@ class Deliverer:
                         link = await self.link(peer)
                     if link is None or not link.is_open:
                         raise PeerUnreachable(f"the connection to {peer} closed")
+                    # Checked once for the batch: a message given up while an earlier
+                    # group waits for the socket to drain is sent all the same (as any
+                    # transmitted message, it may be delivered).
                     frames: list[bytes] = []
                     for message_id, frame in outgoing:
                         record = self.core.get(message_id)

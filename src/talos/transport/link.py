@@ -162,8 +162,11 @@ class Link:
         socket = self._socket
         try:
             for start in range(0, len(frames), FRAMES_PER_WRITE):
+                if self.closed.is_set():  # closed while the last group drained
+                    raise PeerUnreachable(f"connection to {self.peer or self.remote} closed")
                 # websockets' own send() path, with its state check, flow control and
                 # error handling on the way out, around several frames instead of one.
+                # (Talos never sends a fragmented message, which send() would wait for.)
                 async with socket.send_context():
                     for frame in frames[start : start + FRAMES_PER_WRITE]:
                         socket.protocol.send_binary(frame)
@@ -240,9 +243,12 @@ class Link:
 
 def _write_together(socket: ClientConnection | ServerConnection, data: list[bytes]) -> None:
     """Write the protocol's output in one call; an empty chunk (end of stream, which
-    sending frames does not produce) ends the connection as websockets does."""
+    sending frames does not produce) ends the connection as websockets does.
+
+    One ``write`` of the joined bytes rather than ``writelines``: some asyncio
+    versions' ``writelines`` skip the transport's flow control."""
     if all(data):
-        socket.transport.writelines(data)
+        socket.transport.write(b"".join(data))
         return
     for chunk in data:
         if chunk:

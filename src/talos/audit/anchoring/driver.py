@@ -7,9 +7,11 @@ chain (:class:`~talos.audit.anchoring.chain.Chain`), the store
 
 1. the anchor in flight, if any, is looked up on chain (receipts of each of
    its broadcasts, the head, the ``finalized`` block, the wallet's nonce) and
-   moved on: rebroadcast while pending ("already known" is success), replaced
-   with higher fees when pending longer than ``replace_after``, recorded with
-   its ``AUDIT_ANCHORED`` entry once final, back to pending after a reorg;
+   moved on: rebroadcast while pending ("already known" is success; "nonce
+   too low" means it was mined, or lost its nonce, after the look: the step
+   looks once more, logged as ``anchor_nonce_used``), replaced with higher
+   fees when pending longer than ``replace_after``, recorded with its
+   ``AUDIT_ANCHORED`` entry once final, back to pending after a reorg;
 2. with none in flight, the newest signed checkpoint is anchored if the log
    grew past the last final anchor and the interval since the last start has
    passed: signed, **saved, then broadcast**;
@@ -248,7 +250,8 @@ class Anchorer:
                 extra={"event": "anchor_reorged", "tree_size": moved.tree_size},
             )
         if moved.state is AnchorState.PENDING:
-            moved = self._renewed(moved, now)
+            if again:  # the look after a refusal only rebroadcasts what was sent
+                moved = self._renewed(moved, now)
             try:
                 self._chain.send_raw(moved.latest.raw)
             except NonceTooLow:
@@ -257,6 +260,12 @@ class Anchorer:
                 # Its nonce was used after the look: this anchor was mined meanwhile (anvil's
                 # automine, a block landing), or another transaction took it. One more look
                 # tells which; only a second refusal in a row is a failure.
+                _log.info(
+                    "the anchor of size %d lost its nonce after the look (mined meanwhile, or "
+                    "another transaction took it): looking again",
+                    moved.tree_size,
+                    extra={"event": "anchor_nonce_used", "tree_size": moved.tree_size},
+                )
                 return self._follow(moved, now, again=False)
         return moved, outcome
 
