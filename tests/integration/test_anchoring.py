@@ -326,6 +326,53 @@ def test_an_anchor_mined_between_the_look_and_its_rebroadcast_is_included_not_fa
         chain.close()
 
 
+class _TakenAfterTheLook(Chain):
+    """The real chain, on which the wallet's nonce goes to another transaction (a
+    self-transfer at far higher fees, mined at once) just after the driver reads it."""
+
+    def __init__(self, anvil: AnvilProcess, wallet: Wallet) -> None:
+        super().__init__(anvil.url, timeout=5.0)
+        self._anvil, self._wallet = anvil, wallet
+        self.armed = False
+
+    def nonce(self, address: str, tag: str = "pending") -> int:
+        found = super().nonce(address, tag)
+        if self.armed and tag == "latest":
+            self.armed = False
+            other = self._wallet.sign(
+                {
+                    "chainId": self.chain_id(),
+                    "nonce": found,
+                    "to": self._wallet.address,
+                    "value": 0,
+                    "gas": 21_000,
+                    **self.fees().raised(400).fields(),
+                }
+            )
+            self.send_raw(other.raw)
+            self._anvil.mine(1)
+        return found
+
+
+def test_a_nonce_taken_after_the_look_is_found_on_the_second_look(rig: Rig) -> None:
+    rig.anvil.rpc("evm_setAutomine", [False])
+    chain = _TakenAfterTheLook(rig.anvil, rig.wallet)
+    try:
+        anchorer = _anchorer(rig.log, chain, rig.wallet, rig.contract, rig.clock, rig.metrics)
+        anchorer.step()
+        assert anchorer.store.current() is not None
+        chain.armed = True
+        anchorer.step()
+        assert not chain.armed
+        assert isinstance(anchorer.last.error, AnchorRejected)
+        assert "lost its nonce to another one" in str(anchorer.last.error)
+        assert anchorer.store.current() is None  # dropped: the next step anchors anew
+        assert rig.failures() == 1
+        assert _anchored_events(rig) == []
+    finally:
+        chain.close()
+
+
 def test_a_reorg_that_drops_the_anchor_sends_it_back_to_pending(rig: Rig) -> None:
     anchorer = rig.anchorer
     anchorer.step()
