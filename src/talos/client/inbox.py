@@ -34,8 +34,8 @@ READ_AHEAD_BYTES: Final = 8 * 1024 * 1024
 #: worker thread. For one or a few messages the thread's hand-over and the GIL it
 #: takes from the frames being handled cost more than the sync it lets the loop
 #: overlap: acknowledging one request as the next one arrives (a request and
-#: its answer, at least once) made round trips 0.94x as long inline, in paired
-#: runs (docs/design/performance.md, twelfth session). Removals on an ACK use the
+#: its answer, at least once) made round trips 0.94-0.98x as long inline, in
+#: paired runs (docs/design/performance.md, twelfth session). Removals on an ACK use the
 #: same bound (:data:`talos.client.acks.INLINE_REMOVALS`).
 INLINE_ACKNOWLEDGEMENTS: Final = 8
 

@@ -48,8 +48,9 @@ CLOSE_POLICY_VIOLATION: Final = 1008
 #: Frames of a batch written to the socket at once by :meth:`Link.send_many`.
 #: One write per frame costs a system call each on both ends; one write for a
 #: whole window (up to 256 frames) makes the receiver wait for all of it before it
-#: starts. Eight was the fastest of 1, 4, 8, 16, 32 and 256 in paired runs of
-#: ``benchmarks.network`` (docs/design/performance.md, twelfth session).
+#: starts. Of 1, 4, 8, 16, 32 and 256 in alternated runs of ``benchmarks.network``,
+#: four and eight were the fastest, eight by a little (docs/design/performance.md,
+#: twelfth session).
 FRAMES_PER_WRITE: Final = 8
 
 #: Seconds a condemned link's closing handshake may take before the TCP
