@@ -24,6 +24,8 @@ import shutil
 import sysconfig
 from pathlib import Path
 
+from talos.testing.child import still_running
+
 #: Where Debian's ``libfaketime`` package puts the library (the multiarch
 #: directory first); ``TALOS_TEST_LIBFAKETIME`` names another one.
 _PLACES = ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
@@ -68,16 +70,6 @@ def prefix(shift: str) -> tuple[str, ...]:
     return (env, f"LD_PRELOAD={LIBRARY}", f"FAKETIME={shift}", "FAKETIME_DONT_FAKE_MONOTONIC=1")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep(shm: Path = _SHM) -> list[str]:
     """Remove the semaphores and shared memory libfaketime left for dead processes.
 
@@ -90,7 +82,7 @@ def sweep(shm: Path = _SHM) -> list[str]:
         return removed
     for name in names:
         match = _LEFT_BEHIND.match(name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or still_running(int(match.group(1))):
             continue
         try:
             (shm / name).unlink()
