@@ -64,7 +64,7 @@ from talos.core.message import Message
 from talos.testing import SeededRng
 from talos.testing.processes import RegistryProcess, start_registry
 
-from . import commits
+from . import commits, stack_floor
 from .core import measure
 from .profiling import breakdown, commit_summary, top_entries
 from .profiling import render as render_breakdown
@@ -331,6 +331,11 @@ async def bench(
     messages, trips, sessions, profiled = (
         (500, 100, 5, 300) if quick else (10_000, 1_000, 15, 2_000)
     )
+    # The same round trip with only what the rules require, on the same stack and disk.
+    stack = {
+        audit: await stack_floor.round_trips(root / f"stack-floor-{audit}", trips, audit=audit)
+        for audit in (False, True)
+    }
     process, bob = await start_bob(root / "bob", registry.url)
     commits.install()
     pages: dict[str, Any] = {"floor": {"this process": {"commits": {"one record": floor_pages}}}}
@@ -438,6 +443,22 @@ async def bench(
                 value <= times * rtt_floor,
                 f"request + response through both applications, {trips} round trips; "
                 f"{value / rtt_floor:.1f}× the round-trip floor",
+            )
+        )
+    for audit, samples in stack.items():
+        value = statistics.median(samples)
+        results.append(
+            Result(
+                "stack_rtt_p50" + ("_audited" if audit else ""),
+                value,
+                "µs",
+                value,
+                value / floor,
+                None,
+                None,
+                f"benchmarks.stack_floor{' --audit' if audit else ''}: "
+                f"{value / rtt_floor:.2f}× the round-trip floor; "
+                f"rtt_p50 is {p50 / value:.2f}× this",
             )
         )
     limits = {"establish": 3000.0, "first_message": 6000.0}
