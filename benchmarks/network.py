@@ -333,8 +333,8 @@ async def bench(
     )
     # The same round trip with only what the rules require, on the same stack and disk.
     stack = {
-        audit: await stack_floor.round_trips(root / f"stack-floor-{audit}", trips, audit=audit)
-        for audit in (False, True)
+        store: await stack_floor.round_trips(root / f"stack-floor-{store}", trips, store=store)
+        for store in stack_floor.STORES
     }
     process, bob = await start_bob(root / "bob", registry.url)
     commits.install()
@@ -445,18 +445,18 @@ async def bench(
                 f"{value / rtt_floor:.1f}× the round-trip floor",
             )
         )
-    for audit, samples in stack.items():
+    for store, samples in stack.items():
         value = statistics.median(samples)
         results.append(
             Result(
-                "stack_rtt_p50" + ("_audited" if audit else ""),
+                f"stack_rtt_p50_{store}",
                 value,
                 "µs",
                 value,
                 value / floor,
                 None,
                 None,
-                f"benchmarks.stack_floor{' --audit' if audit else ''}: "
+                f"benchmarks.stack_floor --store {store}: "
                 f"{value / rtt_floor:.2f}× the round-trip floor; "
                 f"rtt_p50 is {p50 / value:.2f}× this",
             )

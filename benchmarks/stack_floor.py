@@ -1,7 +1,8 @@
-"""The least a durable, signed, encrypted round trip costs on this stack, without Talos.
+"""The least a durable, signed, encrypted round trip costs on this stack, and what Talos adds.
 
-Run with ``python -m benchmarks.stack_floor [--trips N]``; :mod:`benchmarks.network`
-runs it too, in the same run as its own round trips, so the two compare.
+Run with ``python -m benchmarks.stack_floor [--trips N] [--store bare|audited|talos]``;
+:mod:`benchmarks.network` runs all three in the same run as its own round trips,
+so they compare.
 
 The round-trip floor of :mod:`benchmarks.network` (four one-record commits and
 two messages' crypto, summed) leaves out what no implementation on this stack
@@ -25,11 +26,22 @@ measured rather than guessed:
   when the answer is committed and its ACK sent.
 
 So each process commits three times per round trip (queue, receipt, removal),
-four of the six in series, each one record in one table. Not done, because
-the protocol does not need it for a round trip: audit entries, capability
-checks, replay windows, canonical-CBOR checks, sealing at rest, metrics; the
-benchmark application's at-least-once acknowledgement commit. Frames are
-plain ``cbor2`` maps.
+four of the six in series. ``--store`` says what each commit writes:
+
+- ``bare``: one 300-byte record in one table, the one-record floor's commit;
+- ``audited``: that and a hash-chained audit entry with its head row beside it
+  in a second table, the least an append-only audit log in the same
+  transaction writes;
+- ``talos``: Talos's own agent-state commits (``AgentState.enqueue_many``,
+  ``commit_receive_many``, ``remove_many``: its tables, sealing at rest, the
+  audit log with its Merkle tree), called as the client calls them.
+
+So ``bare`` to ``audited`` is what recording every message costs at least,
+``audited`` to ``talos`` is what Talos's storage layer adds, and ``talos`` to
+the RTT of :mod:`benchmarks.network` is what the rest of Talos adds (envelope
+fields and canonical CBOR, the delivery machinery, freshness checks, sessions,
+metrics, the benchmark application's at-least-once acknowledgement commit).
+Frames here are plain ``cbor2`` maps.
 """
 
 from __future__ import annotations
@@ -59,29 +71,53 @@ from nacl.bindings import crypto_sign, crypto_sign_open, crypto_sign_seed_keypai
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from talos.audit import AuditKind
+from talos.audit.log import AuditLog
+from talos.core.agent_id import agent_id_from_digest
+from talos.core.clock import time_ms
+from talos.storage.agent_state import AgentState, Enqueue, InboxMessage, Received
+from talos.system import SYSTEM_CLOCK
+
 CHECKOUT = Path(__file__).resolve().parents[1]
 PAYLOAD = b"x" * 100
 RECORD = b"r" * 300
+#: What each commit writes: one record in one table; that and an audit entry beside it;
+#: Talos's own agent-state commits (its tables, sealing, audit log with its tree).
+STORES = ("bare", "audited", "talos")
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 
 class Peer:
     """One side's keys, ratchet and store: the minimum each message touches."""
 
-    def __init__(self, directory: Path, seed: bytes, peer_seed: bytes, *, audit: bool) -> None:
-        self.env = lmdb.open(str(directory), map_size=64 << 20, sync=True, metasync=True, max_dbs=2)
-        self.state = self.env.open_db(b"state")
-        #: With ``audit``, every commit also appends a hash-chained entry here (one row,
-        #: and the head row beside it): the least an append-only audit log writes.
-        self.audit = self.env.open_db(b"audit") if audit else None
-        self.head = hashlib.sha256(b"audit").digest()
-        self.entries = 0
+    def __init__(self, directory: Path, seed: bytes, peer_seed: bytes, *, store: str) -> None:
         self.public, self.secret = crypto_sign_seed_keypair(seed)
         self.peer_public, _ = crypto_sign_seed_keypair(peer_seed)
+        self.peer = agent_id_from_digest(hashlib.sha256(peer_seed).digest())
         self.root = hashlib.sha256(seed + peer_seed).digest()
         self.chain = hashlib.sha256(b"chain" + seed).digest()
         self.ratchet = X25519PrivateKey.generate()
-        self.seq = 0
+        self.store = store
+        self.log: AuditLog | None = None
+        if store == "talos":
+            self.log = AuditLog.open(directory, extra_databases=AgentState.DATABASES)
+            self.agent = AgentState(
+                self.log, storage_key=hashlib.sha256(seed).digest(), clock=SYSTEM_CLOCK
+            )
+            return
+        self.env = lmdb.open(str(directory), map_size=64 << 20, sync=True, metasync=True, max_dbs=2)
+        self.state = self.env.open_db(b"state")
+        #: ``audited``: every commit also appends a hash-chained entry here (one row,
+        #: and the head row beside it): the least an append-only audit log writes.
+        self.audit = self.env.open_db(b"audit") if store == "audited" else None
+        self.head = hashlib.sha256(b"audit").digest()
+        self.entries = 0
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        else:
+            self.env.close()
 
     def commit(self, key: bytes, value: bytes | None) -> None:
         """One durable commit of one record (put, or delete when ``value`` is None)."""
@@ -99,6 +135,47 @@ class Peer:
                 txn.put(b"\xffhead", self.head + self.entries.to_bytes(8, "big"), db=self.audit)
                 self.entries += 1
 
+    # With ``store="talos"`` the three commits are Talos's own (AgentState: its tables,
+    # sealing at rest and audit entries), called as the client calls them.
+
+    def queued(self, message_id: bytes) -> None:
+        if self.log is None:
+            self.commit(b"o" + message_id, RECORD)
+            return
+        audit = {"id": message_id, "sha256": hashlib.sha256(PAYLOAD).digest(), "size": 100}
+        request = Enqueue(
+            self.peer, message_id, PAYLOAD, None, [(AuditKind.MESSAGE_SENT, audit, self.peer)]
+        )
+        self.agent.enqueue_many(
+            [request], queue_limit=1000, attempted={self.peer: RECORD}, attempt_at=time.time()
+        )
+
+    def received(self, message_id: bytes, *, taken: bool) -> None:
+        if self.log is None:
+            self.commit(b"i" + message_id, RECORD)
+            return
+        now = time_ms(SYSTEM_CLOCK)
+        message = InboxMessage(self.peer, message_id, PAYLOAD, now, now)
+        audit = {"id": message_id, "sha256": hashlib.sha256(PAYLOAD).digest()}
+        replay = hashlib.sha256(self.peer.encode() + message_id).digest()
+        received = Received(
+            self.peer,
+            RECORD,
+            replay,
+            now,
+            message,
+            None,
+            [(AuditKind.MESSAGE_RECEIVED, audit, self.peer)],
+        )
+        self.agent.commit_receive_many([received], taken=int(taken))
+
+    def removed(self, message_id: bytes) -> None:
+        if self.log is None:
+            self.commit(b"o" + message_id, None)
+            return
+        audit = {"id": message_id, "status": 0}
+        self.agent.remove_many([(message_id, [(AuditKind.MESSAGE_DELIVERED, audit, self.peer)])])
+
     def seal(self, kind: int, body: dict[str, Any]) -> bytes:
         frame = cbor2.dumps({"k": kind, **body})
         return crypto_sign(frame, self.secret)
@@ -111,7 +188,6 @@ class Peer:
         """A message id, the ratchet header (our public key) and the ciphertext."""
         key = hmac.digest(self.chain, b"\x01", "sha256")
         self.chain = hmac.digest(self.chain, b"\x02", "sha256")
-        self.seq += 1
         message_id = os.urandom(16)
         header = self.ratchet.public_key().public_bytes(*_RAW)
         sealed = AESGCM(key).encrypt(os.urandom(12), PAYLOAD, header)
@@ -137,29 +213,29 @@ class Peer:
 
     async def send_message(self, socket: Any) -> bytes:
         message_id, header, sealed = self.encrypt()
-        self.commit(b"o" + message_id, RECORD)  # queued (and the ratchet) before it leaves
+        self.queued(message_id)  # queued (and the ratchet) before it leaves
         await socket.send(self.seal(1, {"i": message_id, "h": header, "c": sealed}))
         return message_id
 
-    async def receive_message(self, socket: Any, body: dict[str, Any]) -> None:
+    async def receive_message(self, socket: Any, body: dict[str, Any], *, taken: bool) -> None:
         self.decrypt(body)
-        self.commit(b"i" + body["i"], RECORD)  # received, before the ACK
+        self.received(body["i"], taken=taken)  # received, before the ACK
         await socket.send(self.seal(2, {"r": body["i"]}))
 
     def acknowledged(self, body: dict[str, Any]) -> None:
-        self.commit(b"o" + body["r"], None)  # removed, before send() returns
+        self.removed(body["r"])  # removed, before send() returns
 
 
-async def worker(directory: Path, *, audit: bool) -> None:
+async def worker(directory: Path, *, store: str) -> None:
     """The answering process: prints its port, answers every message, until stdin closes."""
-    peer = Peer(directory, b"b" * 32, b"a" * 32, audit=audit)
+    peer = Peer(directory, b"b" * 32, b"a" * 32, store=store)
 
     async def handle(socket: ServerConnection) -> None:
         async for data in socket:
             assert isinstance(data, bytes)
             body = peer.opened(data)
             if body["k"] == 1:
-                await peer.receive_message(socket, body)
+                await peer.receive_message(socket, body, taken=False)  # at least once
                 await peer.send_message(socket)
             else:
                 peer.acknowledged(body)
@@ -170,7 +246,7 @@ async def worker(directory: Path, *, audit: bool) -> None:
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
-async def round_trips(directory: Path, trips: int, *, audit: bool, warm: int = 50) -> list[float]:
+async def round_trips(directory: Path, trips: int, *, store: str, warm: int = 50) -> list[float]:
     """µs of each of ``trips`` round trips (after ``warm`` not counted)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -178,7 +254,8 @@ async def round_trips(directory: Path, trips: int, *, audit: bool, warm: int = 5
         "benchmarks.stack_floor",
         "--worker",
         str(directory / "answerer"),
-        *(["--audit"] if audit else []),
+        "--store",
+        store,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         cwd=CHECKOUT,
@@ -186,7 +263,7 @@ async def round_trips(directory: Path, trips: int, *, audit: bool, warm: int = 5
     assert process.stdout is not None
     assert process.stdin is not None
     port = int((await process.stdout.readline()).decode())
-    peer = Peer(directory / "asker", b"a" * 32, b"b" * 32, audit=audit)
+    peer = Peer(directory / "asker", b"a" * 32, b"b" * 32, store=store)
     times: list[float] = []
     try:
         async with connect(f"ws://127.0.0.1:{port}", compression=None) as socket:
@@ -202,7 +279,7 @@ async def round_trips(directory: Path, trips: int, *, audit: bool, warm: int = 5
                         if delivered is not None and not delivered.done():
                             delivered.set_result(None)
                     else:
-                        await peer.receive_message(socket, body)
+                        await peer.receive_message(socket, body, taken=True)  # handed over
                         if answered is not None and not answered.done():
                             answered.set_result(None)
 
@@ -220,14 +297,14 @@ async def round_trips(directory: Path, trips: int, *, audit: bool, warm: int = 5
     finally:
         process.stdin.close()
         await process.wait()
-        peer.env.close()
+        peer.close()
     return times
 
 
-def measure(trips: int, *, audit: bool) -> dict[str, float]:
+def measure(trips: int, *, store: str) -> dict[str, float]:
     """p50 and p99 (µs) of ``trips`` stack-floor round trips, in a fresh directory."""
     with tempfile.TemporaryDirectory(prefix="talos-stack-floor-") as root:
-        times = asyncio.run(round_trips(Path(root), trips, audit=audit))
+        times = asyncio.run(round_trips(Path(root), trips, store=store))
     cuts = statistics.quantiles(times, n=100)
     return {"p50": statistics.median(times), "p99": cuts[98], "trips": len(times)}
 
@@ -235,14 +312,14 @@ def measure(trips: int, *, audit: bool) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trips", type=int, default=1000)
-    parser.add_argument("--audit", action="store_true", help="an audit entry in every commit")
+    parser.add_argument("--store", choices=STORES, default="bare", help="what each commit writes")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         args.worker.mkdir(parents=True, exist_ok=True)
-        asyncio.run(worker(args.worker, audit=args.audit))
+        asyncio.run(worker(args.worker, store=args.store))
         return
-    print(json.dumps(measure(args.trips, audit=args.audit), indent=1))
+    print(json.dumps(measure(args.trips, store=args.store), indent=1))
 
 
 if __name__ == "__main__":
