@@ -23,7 +23,7 @@ from talos.client import TalosClient, delivery
 from talos.client.keylogs import MAX_PREFETCHING, PREFETCH_BURST, PREFETCH_GLOBAL_BURST
 from talos.core import wire
 from talos.core.agent_id import agent_id_from_digest
-from talos.errors import MalformedFrame, PeerUnreachable
+from talos.errors import CapabilityDenied, InvalidArgument, PeerUnreachable
 from talos.storage.agent_state import AgentState
 from talos.testing.processes import RegistryProcess, free_port
 
@@ -387,9 +387,11 @@ async def test_a_first_contact_with_no_commit_after_it_is_written_at_close(
         async with TalosClient.create(
             "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
         ) as bob:
+            # Granted by bob to another agent: it decodes, and is refused after the look-up.
+            not_carols = await bob.grant(agent_id_from_digest(b"\x05" * 32), expires_in=600)
             async with TalosClient.create("carol", home=tmp_path / "c", registry_url=url) as carol:
-                with pytest.raises(MalformedFrame):  # refused after the look-up
-                    await carol.send(bob.agent_id, "first", capability="not a token")
+                with pytest.raises(CapabilityDenied):
+                    await carol.send(bob.agent_id, "first", capability=not_carols)
             assert [line for _, line in proxy.events if bob.agent_id in line] == [
                 f"GET /v1/agents/{bob.agent_id}/contact HTTP/1.1",
                 f"GET /v1/agents/{bob.agent_id}/contact HTTP/1.1",
@@ -400,6 +402,27 @@ async def test_a_first_contact_with_no_commit_after_it_is_written_at_close(
                 assert sent.status == "delivered"
             about_bob = {line for _, line in proxy.events if bob.agent_id in line}
             assert about_bob == {f"GET /v1/agents/{bob.agent_id}/bundle HTTP/1.1"}, proxy.events
+
+
+async def test_a_capability_that_is_not_a_token_is_refused_before_the_look_up(
+    tmp_path: Path, registry: RegistryProcess
+) -> None:
+    """send() checks its capability argument first: text that does not decode costs
+    no registry request, so a new peer's one-time prekey is not spent on a call
+    that cannot go on."""
+    async with registry_behind_proxy(registry) as (url, proxy):
+        async with TalosClient.create(
+            "bob", home=tmp_path / "b", registry_url=registry.url, accept_policy="open"
+        ) as bob:
+            async with TalosClient.create("carol", home=tmp_path / "c", registry_url=url) as carol:
+                proxy.events.clear()
+                for bad in ("not a token", "tcap1.AAAA", b"tcap1.", 7):
+                    with pytest.raises(InvalidArgument):
+                        await carol.send(bob.agent_id, "first", capability=bad)  # type: ignore[arg-type]
+                    with pytest.raises(InvalidArgument):
+                        await carol.request(bob.agent_id, "q", timeout=5, capability=bad)  # type: ignore[arg-type]
+                assert not [line for _, line in proxy.events if bob.agent_id in line]
+                assert carol.outbox() == {}
 
 
 async def test_the_first_message_after_establish_session_is_committed_once(

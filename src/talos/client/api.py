@@ -281,7 +281,8 @@ class TalosClient:
 
         Raises:
             InvalidArgument: a malformed ``peer_id`` or a bad ``timeout``,
-                ``retry_count``, ``on_failure``, ``wait`` or ``expires_in``.
+                ``retry_count``, ``on_failure``, ``wait`` or ``expires_in``, or a
+                ``capability`` that is not a token (checked before any look-up).
             PeerUnknown: discovery answered that no such agent exists.
             CapabilityDenied: the capability to attach is invalid (nothing sent or queued).
             QueueFull: ``queue_limit`` messages are queued already (nothing queued).
@@ -321,7 +322,8 @@ class TalosClient:
         :class:`Message` has ``in_reply_to`` set to the request's id.
 
         Raises:
-            InvalidArgument: a malformed ``peer_id``, or a bad ``timeout`` or ``retry_count``.
+            InvalidArgument: a malformed ``peer_id``, a bad ``timeout`` or ``retry_count``,
+                or a ``capability`` that is not a token.
             DeliveryTimeout: the request itself was not acknowledged in time
                 (removed from the outbox).
             ReplyTimeout: the request was delivered but no reply came in time.

@@ -30,6 +30,7 @@ from talos.client.arguments import (
     check_retry_count,
     check_timeout,
 )
+from talos.client.capability_arguments import check_token
 from talos.client.delivery import Deliverer
 from talos.client.revocations import Capabilities
 from talos.client.sessions import Sessions
@@ -160,6 +161,9 @@ class Sender:
             raise InvalidArgument(f"on_failure must be 'queue' or 'raise', not {on_failure!r}")
         if type(wait) is not bool:
             raise InvalidArgument(f"wait must be True or False, not {wait!r}")
+        # Parsed before the look-up: a token that does not decode must not cost a
+        # registry request, nor a new peer one of its one-time prekeys.
+        given = None if capability is None else check_token(capability)
         link = correlation or Correlation()
         payload = encode_payload(
             data, request_expires_ms=link.request_expires_ms, reply_to=link.reply_to
@@ -169,8 +173,8 @@ class Sender:
             await self._look_up(peer_id)
             token = None
             if link.reply_to is None:  # a reply needs no capability (request-reply.md)
-                await self._capabilities.fetch_issuers(peer_id, capability)
-                token = self._capabilities.for_sending(peer_id, capability)
+                await self._capabilities.fetch_issuers(peer_id, given)
+                token = self._capabilities.for_sending(peer_id, given)
             message_id = link.message_id or wire.new_message_id(self._rng)
             trace_id = self._rng.bytes(8).hex()
             expires_ms = None if expires is None else expires_at_ms(time_ms(self._clock), expires)
