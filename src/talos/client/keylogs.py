@@ -61,7 +61,10 @@ from talos.transport import Link
 __all__ = [
     "GLOBAL_REFRESH_RATE",
     "MAX_EARLIER_KEYS",
+    "MAX_PREFETCHING",
     "PREFETCH_BURST",
+    "PREFETCH_GLOBAL_BURST",
+    "PREFETCH_GLOBAL_RATE",
     "PREFETCH_RATE",
     "REFRESH_BURST",
     "REFRESH_INTERVAL",

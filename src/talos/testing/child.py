@@ -5,8 +5,8 @@
 (kept for the failure message). Stopping is SIGTERM, a bounded wait, then
 SIGKILL; :func:`stop_all` does that for many children at once so that they
 shut down in parallel. A child started with ``new_session`` leads a process
-group of its own and is signalled through it, so that a wrapper (such as
-``faketime``) and the program under it stop together.
+group of its own and is signalled through it, so that a wrapping command
+(such as ``env`` or ``timeout``) and the program under it stop together.
 
 Nothing here knows about Talos: :mod:`talos.testing.processes` builds the
 registry and agent processes on it.

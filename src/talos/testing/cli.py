@@ -69,9 +69,9 @@ class TalosCli:
     """How to run ``talos``: the environment, a wrapper command, a timeout.
 
     ``env`` is the whole environment of the command (default: :func:`clean_env`
-    at the time of each call). ``prefix`` goes before the interpreter, e.g. a
-    ``faketime`` wrapper; ``new_session`` then makes the wrapper and the
-    command one process group.
+    at the time of each call). ``prefix`` goes before the interpreter, e.g.
+    ``env LD_PRELOAD=… FAKETIME=…`` for a shifted clock; ``new_session`` then
+    makes a wrapping command and the command under it one process group.
     """
 
     env: Mapping[str, str] | None = None

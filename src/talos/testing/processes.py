@@ -230,7 +230,7 @@ def start_agent(
     new_session: bool = True,
     name: str | None = None,
 ) -> AgentProcess:
-    """Start ``talos --home HOME run ARGS`` (behind ``prefix``, e.g. a faketime wrapper).
+    """Start ``talos --home HOME run ARGS`` (behind ``prefix``, e.g. a shifted clock's).
 
     Returns at once; call :meth:`AgentProcess.wait_ready`. With
     ``new_session`` the agent (and its wrapper) lead a process group of their own.
