@@ -32,7 +32,10 @@ least any signed, encrypted, decrypted message costs. Each figure is also
 given as a ratio to it. The round-trip floor is four durable LMDB commits
 in series (measured on the same disk, with Talos's sync settings) plus two
 messages' crypto: a request/response that is durable on both sides cannot
-be faster. A final profiling pass (not timed) runs cProfile on
+be faster. The stack floor (:mod:`benchmarks.stack_floor`) is measured in
+the same run too: the same round trip with only what the rules require, on
+the same libraries and disk, with three kinds of commit (``stack_rtt_p50_*``).
+A final profiling pass (not timed) runs cProfile on
 both sides while alice sends messages, and prints where the time goes.
 """
 
