@@ -14,7 +14,7 @@ that does exactly what Talos's durability and crypto rules require, in the
 least Python we could write, so what Talos adds on top of the stack is
 measured rather than guessed:
 
-- the sender derives a message key (two HMACs), encrypts it (AES-GCM),
+- the sender derives a message key (two HMACs and an HKDF), encrypts (AES-GCM),
   **commits** the sealed message before it leaves (one 300-byte record, one
   table: the one-record floor's commit), signs the frame (Ed25519) and sends it;
 - the receiver verifies the signature, takes a DH ratchet step (a new key pair,
@@ -34,7 +34,8 @@ four of the six in series. ``--store`` says what each commit writes:
   transaction writes;
 - ``talos``: Talos's own agent-state commits (``AgentState.enqueue_many``,
   ``commit_receive_many``, ``remove_many``: its tables, sealing at rest, the
-  audit log with its Merkle tree), called as the client calls them.
+  audit log with its Merkle tree), called as the client calls them (the log
+  here has no block signer: a block is signed once per many entries).
 
 So ``bare`` to ``audited`` is what recording every message costs at least,
 ``audited`` to ``talos`` is what Talos's storage layer adds, and ``talos`` to
@@ -75,7 +76,7 @@ from talos.audit import AuditKind
 from talos.audit.log import AuditLog
 from talos.core.agent_id import agent_id_from_digest
 from talos.core.clock import time_ms
-from talos.storage.agent_state import AgentState, Enqueue, InboxMessage, Received
+from talos.storage.agent_state import AgentState, Enqueue, InboxMessage, OutboxItem, Received
 from talos.system import SYSTEM_CLOCK
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -142,13 +143,20 @@ class Peer:
         if self.log is None:
             self.commit(b"o" + message_id, RECORD)
             return
-        audit = {"id": message_id, "sha256": hashlib.sha256(PAYLOAD).digest(), "size": 100}
+        audit = {
+            "id": message_id,
+            "sha256": hashlib.sha256(PAYLOAD).digest(),
+            "size": 100,
+            "trace": os.urandom(8).hex(),
+        }
         request = Enqueue(
             self.peer, message_id, PAYLOAD, None, [(AuditKind.MESSAGE_SENT, audit, self.peer)]
         )
-        self.agent.enqueue_many(
+        [outcome] = self.agent.enqueue_many(
             [request], queue_limit=1000, attempted={self.peer: RECORD}, attempt_at=time.time()
         )
+        if not isinstance(outcome, OutboxItem):
+            raise outcome  # a run that did not commit would measure nothing
 
     def received(self, message_id: bytes, *, taken: bool) -> None:
         if self.log is None:
@@ -174,7 +182,9 @@ class Peer:
             self.commit(b"o" + message_id, None)
             return
         audit = {"id": message_id, "status": 0}
-        self.agent.remove_many([(message_id, [(AuditKind.MESSAGE_DELIVERED, audit, self.peer)])])
+        records = [(AuditKind.MESSAGE_DELIVERED, audit, self.peer)]
+        if self.agent.remove_many([(message_id, records)]) != [True]:
+            raise RuntimeError("the acknowledged message was not in the outbox")
 
     def seal(self, kind: int, body: dict[str, Any]) -> bytes:
         frame = cbor2.dumps({"k": kind, **body})
@@ -184,13 +194,19 @@ class Peer:
         body: dict[str, Any] = cbor2.loads(crypto_sign_open(data, self.peer_public))
         return body
 
+    def message_key(self) -> tuple[bytes, bytes]:
+        """The next message key and nonce: a chain step (two HMACs) and an HKDF."""
+        seed = hmac.digest(self.chain, b"\x01", "sha256")
+        self.chain = hmac.digest(self.chain, b"\x02", "sha256")
+        keys = HKDF(hashes.SHA256(), 44, None, b"message").derive(seed)
+        return keys[:32], keys[32:]
+
     def encrypt(self) -> tuple[bytes, bytes, bytes]:
         """A message id, the ratchet header (our public key) and the ciphertext."""
-        key = hmac.digest(self.chain, b"\x01", "sha256")
-        self.chain = hmac.digest(self.chain, b"\x02", "sha256")
+        key, nonce = self.message_key()
         message_id = os.urandom(16)
         header = self.ratchet.public_key().public_bytes(*_RAW)
-        sealed = AESGCM(key).encrypt(os.urandom(12), PAYLOAD, header)
+        sealed = AESGCM(key).encrypt(nonce, PAYLOAD, header)
         return message_id, header, sealed
 
     def step(self, header: bytes) -> None:
@@ -204,12 +220,11 @@ class Peer:
 
     def decrypt(self, body: dict[str, Any]) -> None:
         self.step(body["h"])
-        key = hmac.digest(self.chain, b"\x01", "sha256")
-        self.chain = hmac.digest(self.chain, b"\x02", "sha256")
+        key, nonce = self.message_key()
         # The two sides' keys are not agreed (no X3DH here), so the tag fails to
         # verify; AES-GCM does the same work either way.
         with contextlib.suppress(InvalidTag):
-            AESGCM(key).decrypt(os.urandom(12), body["c"], body["h"])
+            AESGCM(key).decrypt(nonce, body["c"], body["h"])
 
     async def send_message(self, socket: Any) -> bytes:
         message_id, header, sealed = self.encrypt()
@@ -240,10 +255,13 @@ async def worker(directory: Path, *, store: str) -> None:
             else:
                 peer.acknowledged(body)
 
-    async with serve(handle, "127.0.0.1", 0, compression=None) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        print(port, flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    try:
+        async with serve(handle, "127.0.0.1", 0, compression=None) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            print(port, flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    finally:
+        peer.close()
 
 
 async def round_trips(directory: Path, trips: int, *, store: str, warm: int = 50) -> list[float]:
@@ -263,9 +281,10 @@ async def round_trips(directory: Path, trips: int, *, store: str, warm: int = 50
     assert process.stdout is not None
     assert process.stdin is not None
     port = int((await process.stdout.readline()).decode())
-    peer = Peer(directory / "asker", b"a" * 32, b"b" * 32, store=store)
     times: list[float] = []
+    peer: Peer | None = None
     try:
+        peer = asker = Peer(directory / "asker", b"a" * 32, b"b" * 32, store=store)
         async with connect(f"ws://127.0.0.1:{port}", compression=None) as socket:
             delivered: asyncio.Future[None] | None = None
             answered: asyncio.Future[None] | None = None
@@ -273,31 +292,40 @@ async def round_trips(directory: Path, trips: int, *, store: str, warm: int = 50
             async def read() -> None:
                 async for data in socket:
                     assert isinstance(data, bytes)
-                    body = peer.opened(data)
+                    body = asker.opened(data)
                     if body["k"] == 2:
-                        peer.acknowledged(body)
+                        asker.acknowledged(body)
                         if delivered is not None and not delivered.done():
                             delivered.set_result(None)
                     else:
-                        await peer.receive_message(socket, body, taken=True)  # handed over
+                        await asker.receive_message(socket, body, taken=True)  # handed over
                         if answered is not None and not answered.done():
                             answered.set_result(None)
 
             reader = asyncio.create_task(read())
+
+            async def until(event: asyncio.Future[None]) -> None:
+                """Wait for ``event``; if the reader ends first, say why."""
+                done, _ = await asyncio.wait({event, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if event not in done:
+                    reader.result()  # what ended it, if it failed
+                    raise RuntimeError("the answering process closed the connection")
+
             loop = asyncio.get_running_loop()
             for n in range(warm + trips):
                 start = time.perf_counter()
                 delivered, answered = loop.create_future(), loop.create_future()
-                await peer.send_message(socket)
-                await delivered
-                await answered
+                await asker.send_message(socket)
+                await until(delivered)
+                await until(answered)
                 if n >= warm:
                     times.append((time.perf_counter() - start) * 1e6)
             reader.cancel()
     finally:
         process.stdin.close()
         await process.wait()
-        peer.close()
+        if peer is not None:
+            peer.close()
     return times
 
 

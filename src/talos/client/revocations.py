@@ -103,15 +103,14 @@ class Capabilities:
 
     # -- tokens ---------------------------------------------------------------------
 
-    def for_sending(self, peer: str, given: str | Capability | None) -> Capability | None:
-        """The token to attach: the one given, else a held one for message.send to ``peer``.
+    def for_sending(self, peer: str, given: Capability | None) -> Capability | None:
+        """The token to attach: the one given (decoded by the caller, see
+        :func:`talos.client.capability_arguments.check_token`), else a held one for
+        message.send to ``peer``.
 
         Raises:
             CapabilityDenied: the token does not authorize sending to ``peer`` now.
-            MalformedFrame: ``given`` is not a token.
         """
-        if isinstance(given, str):
-            given = Capability.from_text(given)
         candidates = [given] if given is not None else self._held(peer)
         denial: CapabilityDenied | None = None
         for token in candidates:
@@ -125,19 +124,14 @@ class Capabilities:
             raise denial
         return None
 
-    async def fetch_issuers(self, peer: str, given: str | Capability | None) -> None:
+    async def fetch_issuers(self, peer: str, given: Capability | None) -> None:
         """Before :meth:`for_sending`: fetch again the key log of every issuer of the
         token(s) that names a key we do not know yet (the issuer rotated since we
         cached its log, and granted this token under its new key).
 
         Raises:
-            nothing: a token that does not parse is refused by :meth:`for_sending`.
+            nothing: a log that cannot be fetched leaves the check to :meth:`for_sending`.
         """
-        try:
-            if isinstance(given, str):
-                given = Capability.from_text(given)
-        except (MalformedFrame, UnsupportedVersion):
-            return
         for token in [given] if given is not None else self._held(peer):
             for issuer, sequence in _newest_keys(token).items():
                 if issuer != self._me and self._needs_newer_log(issuer, sequence):
