@@ -23,8 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 import talos
 from talos.audit import AuditLog
 from talos.client import TalosClient
+from talos.client import inbox as inbox_module
 from talos.client.inbox import INLINE_ACKNOWLEDGEMENTS
 from talos.core.agent_id import agent_id_from_digest
+from talos.core.message import Message
 from talos.errors import (
     CannotCancel,
     ConfigurationError,
@@ -365,29 +367,138 @@ async def test_a_waiting_send_learns_its_message_expired(tmp_path: Path) -> None
 # -- receiving ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("count", [1, INLINE_ACKNOWLEDGEMENTS - 1, INLINE_ACKNOWLEDGEMENTS])
-async def test_acknowledge_commits_a_large_batch_off_the_event_loop(
+async def _received(a: TalosClient, b: TalosClient, count: int) -> list[Message]:
+    """``count`` messages from a, received by b at least once (still in its inbox)."""
+    for n in range(count):
+        await a.send(b.agent_id, n, timeout=10)
+    got = [await b.receive(timeout=10, auto_ack=False) for _ in range(count)]
+    assert None not in got
+    return got  # type: ignore[return-value]
+
+
+def _spy(state: AgentState, name: str) -> list[int]:
+    """The threads that call ``state.<name>`` from now on (the real one still runs)."""
+    threads: list[int] = []
+    real = getattr(state, name)
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.get_ident())
+        return real(*args)
+
+    setattr(state, name, spy)
+    return threads
+
+
+async def test_acknowledge_commits_a_large_batch_off_the_event_loop(tmp_path: Path) -> None:
+    async with pair(tmp_path) as (a, b):
+        got = await _received(a, b, INLINE_ACKNOWLEDGEMENTS)
+        state = b._state  # noqa: SLF001 -- a spy on the real commit, to see its thread
+        threads = _spy(state, "acknowledge")
+        await b.acknowledge(*got)
+        assert len(threads) == 1  # one commit
+        assert threads[0] != threading.get_ident()
+        assert state.inbox_count() == 0
+
+
+@pytest.mark.parametrize("count", [1, INLINE_ACKNOWLEDGEMENTS - 1])
+async def test_a_small_acknowledgement_with_nothing_to_ride_commits_alone(
     tmp_path: Path, count: int
 ) -> None:
+    """No other commit within ACKNOWLEDGE_LINGER: one commit of its own, on the loop."""
     async with pair(tmp_path) as (a, b):
-        for n in range(count):
-            await a.send(b.agent_id, n, timeout=10)
-        got = [await b.receive(timeout=10, auto_ack=False) for _ in range(count)]
-        assert None not in got
-        threads: list[int] = []
-        state = b._state  # noqa: SLF001 -- a spy on the real commit, to see its thread
-        real = state.acknowledge
-
-        def spy(*seqs: int) -> bool:
-            threads.append(threading.get_ident())
-            return real(*seqs)
-
-        state.acknowledge = spy  # type: ignore[method-assign]
-        await b.acknowledge(*got)  # type: ignore[arg-type]
-        assert len(threads) == 1  # one commit
-        in_worker = threads[0] != threading.get_ident()
-        assert in_worker is (count >= INLINE_ACKNOWLEDGEMENTS)
+        got = await _received(a, b, count)
+        state = b._state  # noqa: SLF001 -- spies on the real commits
+        alone, in_thread = _spy(state, "flush"), _spy(state, "acknowledge")
+        await b.acknowledge(*got)
+        assert alone == [threading.get_ident()]
+        assert in_thread == []
         assert state.inbox_count() == 0
+
+
+async def test_a_small_acknowledgement_rides_the_next_receive_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An application acknowledging a request as the next one arrives: the next
+    receive commit removes it, no commit of its own, and acknowledge() returns
+    only once that commit is durable."""
+    monkeypatch.setattr(inbox_module, "ACKNOWLEDGE_LINGER", 60.0)  # only a ride ends it
+    async with pair(tmp_path) as (a, b):
+        [first] = await _received(a, b, 1)
+        state = b._state  # noqa: SLF001 -- a spy on the commit it would make alone
+        alone = _spy(state, "flush")
+        acknowledging = asyncio.ensure_future(b.acknowledge(first))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not acknowledging.done()
+        assert state.inbox_count() == 1  # nothing removed before a commit carries it
+        await a.send(b.agent_id, "next", timeout=10)
+        await asyncio.wait_for(acknowledging, 10)
+        assert alone == []
+        assert [seq for seq, _ in state.inbox()] == [first.inbox_seq + 1]  # type: ignore[operator]
+    async with TalosClient.create("bob", home=tmp_path / "b", discovery=[]) as b:
+        message = await b.receive(timeout=0, auto_ack=False)
+        assert message is not None
+        assert message.data == "next"  # the acknowledged one is gone for good
+
+
+async def test_a_commit_in_a_worker_thread_carries_a_small_acknowledgement_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large batches of removals and acknowledgements commit in worker threads: the
+    acknowledgement waiting on the loop learns of that commit as well."""
+    monkeypatch.setattr(inbox_module, "ACKNOWLEDGE_LINGER", 60.0)
+    async with pair(tmp_path) as (a, b):
+        [first] = await _received(a, b, 1)
+        acknowledging = asyncio.ensure_future(b.acknowledge(first))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not acknowledging.done()
+        state = b._state  # noqa: SLF001 -- a commit made by another thread
+        committing = threading.get_ident()
+
+        def commit_elsewhere() -> int:
+            state.flush()
+            return threading.get_ident()
+
+        assert await asyncio.to_thread(commit_elsewhere) != committing
+        await asyncio.wait_for(acknowledging, 10)
+        assert state.inbox_count() == 0
+
+
+async def test_a_cancelled_acknowledgement_removes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inbox_module, "ACKNOWLEDGE_LINGER", 60.0)
+    async with pair(tmp_path) as (a, b):
+        [first] = await _received(a, b, 1)
+        acknowledging = asyncio.ensure_future(b.acknowledge(first))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        acknowledging.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await acknowledging
+        await a.send(b.agent_id, "next", timeout=10)  # a commit it could have ridden
+        assert b._state.inbox_count() == 2  # noqa: SLF001 -- the first one is still there
+
+
+async def test_acknowledging_again_does_not_stop_the_commit_it_rides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An acknowledgement of a message already removed rides a receive commit that
+    must still happen: removing nothing is not an error that aborts it."""
+    async with pair(tmp_path) as (a, b):
+        [first] = await _received(a, b, 1)
+        await b.acknowledge(first)
+        monkeypatch.setattr(inbox_module, "ACKNOWLEDGE_LINGER", 60.0)
+        again = asyncio.ensure_future(b.acknowledge(first))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        sent = await a.send(b.agent_id, "next", timeout=10)
+        assert sent.status == "delivered"  # the receive commit it rode went through
+        await asyncio.wait_for(again, 10)
+        message = await b.receive(timeout=0, auto_ack=False)
+        assert message is not None
+        assert message.data == "next"
 
 
 async def test_messages_offers_both_receive_modes(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
@@ -30,14 +31,17 @@ _log = logging.getLogger("talos.client")
 #: Messages, and payload bytes, receive(auto_ack=False) may have waiting in memory.
 READ_AHEAD_LIMIT: Final = 4096
 READ_AHEAD_BYTES: Final = 8 * 1024 * 1024
-#: An acknowledge() of fewer messages commits on the event loop, a larger one in a
-#: worker thread. For one or a few messages the thread's hand-over and the GIL it
-#: takes from the frames being handled cost more than the sync it lets the loop
-#: overlap: acknowledging one request as the next one arrives (a request and
-#: its answer, at least once) made round trips 0.94-0.98x as long inline, in
-#: paired runs (docs/design/performance.md, twelfth session). Removals on an ACK use the
-#: same bound (:data:`talos.client.acks.INLINE_REMOVALS`).
+#: An acknowledge() of fewer messages rides the next commit of the agent state
+#: (see ACKNOWLEDGE_LINGER), a larger one commits in a worker thread. An
+#: application acknowledging one request as it answers it does so just as the next
+#: request arrives: committed on its own, on the loop (twelfth session) or in a
+#: thread (before), the acknowledgement held that request back by about a commit
+#: (docs/design/performance.md). Removals on an ACK use the same bound
+#: (:data:`talos.client.acks.INLINE_REMOVALS`).
 INLINE_ACKNOWLEDGEMENTS: Final = 8
+#: How long (seconds) a small acknowledge() waits for a commit of the agent state
+#: to carry it (typically the receipt of the next message) before it commits alone.
+ACKNOWLEDGE_LINGER: Final = 0.002
 
 
 class InboxReader:
@@ -54,6 +58,11 @@ class InboxReader:
         self._cursor = -1
         #: acknowledge() commits running in worker threads (close() waits for them).
         self._commits: set[asyncio.Future[Any]] = set()
+        #: Small acknowledge() calls waiting for a commit to carry them: woken by every
+        #: durable commit of the agent state (see _ride).
+        self._riders: set[asyncio.Future[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self.read_ahead: collections.deque[tuple[int, InboxMessage]] | None = None
         self._read_ahead_bytes = 0
         #: Makes a request able to reply (``Replies.attach``, set once request/reply is up).
@@ -184,12 +193,59 @@ class InboxReader:
         if not seqs:
             return
         if len(seqs) < INLINE_ACKNOWLEDGEMENTS:
-            self._state.acknowledge(*seqs)
+            await self._ride(seqs)
         else:
             commit = asyncio.ensure_future(asyncio.to_thread(self._state.acknowledge, *seqs))
             self._commits.add(commit)
             commit.add_done_callback(self._commits.discard)
             await asyncio.shield(commit)
+
+    async def _ride(self, seqs: list[int]) -> None:
+        """Acknowledge ``seqs`` with the next commit of the agent state, or alone after
+        :data:`ACKNOWLEDGE_LINGER`; return once that commit is durable.
+
+        An application that answers a request and then acknowledges it does so as
+        the next request arrives: the receive commit of that request carries the
+        acknowledgement, which costs neither a commit of its own nor the time the
+        request would wait behind one. Until it returns nothing is promised (a
+        crash then delivers the messages again, as at least once allows); if it
+        raises or is cancelled before a commit carried it, nothing is removed.
+        """
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+            self._state.on_commit(self._committed)
+        key = self._state.acknowledge_later(*seqs)
+        deadline = self._clock.monotonic() + ACKNOWLEDGE_LINGER
+        try:
+            while self._state.is_waiting(key):
+                if self._clock.monotonic() >= deadline:
+                    self._state.flush()  # alone: no other commit came
+                    continue
+                woken = self._loop.create_future()
+                self._riders.add(woken)
+                try:
+                    await timing.wait_own(self._clock, deadline, woken)
+                finally:
+                    self._riders.discard(woken)
+        finally:
+            self._state.withdraw(key)  # not carried by a commit: not written
+
+    def _committed(self) -> None:
+        """A commit of the agent state is durable (called in the thread that made it,
+        under the state's lock): the waiting acknowledge() calls look again."""
+        if not self._riders or self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._wake_riders()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(self._wake_riders)
+
+    def _wake_riders(self) -> None:
+        for woken in list(self._riders):
+            if not woken.done():
+                woken.set_result(None)
 
     async def stop(self) -> None:
         """Wait for acknowledge() commits running in worker threads."""

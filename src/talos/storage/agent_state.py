@@ -12,7 +12,8 @@ keeps are in :mod:`talos.storage.state` and docs/design/agent-state.md.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from talos.core.clock import Clock, time_ms
@@ -138,6 +139,7 @@ class AgentState:
             self._work, clock, window, replay=replay, sessions=self._sessions, inbox=self._inbox
         )
         self._sending = Sending(self._work, clock, outbox=self._outbox, sessions=self._sessions)
+        self._acknowledgements = itertools.count()
 
     @classmethod
     def start_after_loss(cls, environment: Environment, *, floor_ms: int) -> None:
@@ -378,6 +380,48 @@ class AgentState:
         """
         keys = seq_keys(seqs)
         return self._commit(audit, lambda txn: self._inbox.delete(txn, keys))
+
+    def acknowledge_later(self, *seqs: int) -> Hashable:
+        """Have the next commit of this state remove inbox messages ``seqs`` (an
+        application's acknowledgement riding a commit made anyway, e.g. the receipt
+        of the next message); returns the key to follow it with
+        :meth:`is_waiting`, :meth:`withdraw` and :meth:`flush`.
+
+        Nothing is durable until a commit carries it; more than
+        :data:`MAX_DEFERRED` waiting writes commit at once.
+
+        Raises:
+            LocalProtocolError: a bad sequence number.
+            AuditFull, StorageError: the commit made for too many waiting writes
+                failed (they still wait).
+        """
+        keys = seq_keys(seqs)
+
+        def write(txn: lmdb.Transaction[bytes]) -> None:
+            self._inbox.delete_present(txn, keys)
+
+        with self._work.lock:
+            key = ("acknowledge", next(self._acknowledgements))
+            waiting = self._work.defer(key, True, write)
+            if waiting > MAX_DEFERRED:
+                self._work.flush()
+        return key
+
+    def is_waiting(self, key: Hashable) -> bool:
+        """Whether the write deferred as ``key`` still waits for a commit."""
+        return self._work.waiting(key)
+
+    def withdraw(self, key: Hashable) -> bool:
+        """Take back the write deferred as ``key`` if no commit carried it yet (then
+        True: it will not be written)."""
+        with self._work.lock:
+            return self._work.withdraw(key)
+
+    def on_commit(self, listener: Callable[[], None] | None) -> None:
+        """Have ``listener`` called after every durable commit of this state, in the
+        thread that made it and with the state's lock held (so: quick, and no call
+        back into this state); None stops it."""
+        self._work.on_commit = listener
 
     # -- outbox ----------------------------------------------------------------------
 

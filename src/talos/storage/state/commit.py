@@ -7,9 +7,14 @@ and the flows (:mod:`.receiving`, :mod:`.sending`) gather those writes into one
 :attr:`UnitOfWork.lock` from their first read to their commit.
 
 A write that may wait (:meth:`UnitOfWork.defer`: what a cache learned, which
-is fetched again if it is lost) rides with the next commit, before that
-commit's own rows, and is dropped from the waiting ones only once that commit
-is durable; :meth:`UnitOfWork.flush` commits what waits alone.
+is fetched again if it is lost; an application's acknowledgement, whose caller
+waits for it) rides with the next commit, before that commit's own rows, and
+is dropped from the waiting ones only once that commit is durable;
+:meth:`UnitOfWork.flush` commits what waits alone, and
+:meth:`UnitOfWork.withdraw` takes one back before any commit carries it.
+:attr:`UnitOfWork.on_commit` is told of every durable commit (from the
+thread that made it), so a caller waiting for its write learns when a commit
+has carried it.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class UnitOfWork:
         self._initialized = initialized
         self._current = not initialized or meta.layout == LAYOUT_VERSION
         self._deferred: dict[Hashable, _Deferred] = {}
+        #: Called (lock held, in the committing thread) after every durable commit.
+        self.on_commit: Callable[[], None] | None = None
 
     def defer(self, key: Hashable, value: object, write: Apply) -> int:
         """(Lock held.) Run ``write`` in the next commit; a later one for ``key``
@@ -67,6 +74,15 @@ class UnitOfWork:
         """The value of the write waiting for ``key``, or None."""
         waiting = self._deferred.get(key)
         return None if waiting is None else waiting.value
+
+    def waiting(self, key: Hashable) -> bool:
+        """Whether a write for ``key`` waits for a commit."""
+        return key in self._deferred
+
+    def withdraw(self, key: Hashable) -> bool:
+        """(Lock held.) Drop the write waiting for ``key``; False if none waits (a
+        commit carried it already, or it was never deferred)."""
+        return self._deferred.pop(key, None) is not None
 
     def settled(self, key: Hashable) -> AbstractContextManager[object]:
         """Hold this around a read of ``key`` that consults :meth:`deferred`: while a write
@@ -111,6 +127,8 @@ class UnitOfWork:
         for key, waiting in deferred.items():
             if self._deferred.get(key) is waiting:
                 del self._deferred[key]
+        if self.on_commit is not None:
+            self.on_commit()
         return True
 
 

@@ -179,10 +179,14 @@ class Inbox:
         Raises:
             Unchanged: none of them was there.
         """
-        db = self._db
-        removed = [txn.delete(key, db=db) for key in keys]
-        if not any(removed):
+        if not self.delete_present(txn, keys):
             raise Unchanged
+
+    def delete_present(self, txn: lmdb.Transaction[bytes], keys: Sequence[bytes]) -> bool:
+        """Delete those of the rows at ``keys`` still there; whether any was (never
+        raises :class:`Unchanged`: a write riding another commit must not abort it)."""
+        db = self._db
+        return any([txn.delete(key, db=db) for key in keys])
 
 
 def seq_keys(seqs: Sequence[int]) -> list[bytes]:
