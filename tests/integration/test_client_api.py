@@ -415,6 +415,24 @@ async def test_a_small_acknowledgement_with_nothing_to_ride_commits_alone(
         assert state.inbox_count() == 0
 
 
+async def test_a_small_acknowledgement_does_not_wait_for_a_test_clock(tmp_path: Path) -> None:
+    """The linger is measured on the event loop's clock: an agent on a clock that
+    stands still (FakeClock) still gets its acknowledgement committed."""
+    clock = FakeClock(start=time.time())
+    async with (
+        TalosClient.create("alice", home=tmp_path / "a", discovery=[], accept_policy="open") as a,
+        TalosClient.create(
+            "bob", home=tmp_path / "b", discovery=[], accept_policy="open", clock=clock
+        ) as b,
+    ):
+        a.add_contact(b.contact_card())
+        b.add_contact(a.contact_card())
+        await a.establish_session(b.agent_id, b.get_prekey_bundle())
+        [first] = await _received(a, b, 1)
+        await asyncio.wait_for(b.acknowledge(first), 10)
+        assert b._state.inbox_count() == 0  # noqa: SLF001
+
+
 async def test_a_small_acknowledgement_rides_the_next_receive_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

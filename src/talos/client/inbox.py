@@ -39,8 +39,9 @@ READ_AHEAD_BYTES: Final = 8 * 1024 * 1024
 #: (docs/design/performance.md). Removals on an ACK use the same bound
 #: (:data:`talos.client.acks.INLINE_REMOVALS`).
 INLINE_ACKNOWLEDGEMENTS: Final = 8
-#: How long (seconds) a small acknowledge() waits for a commit of the agent state
-#: to carry it (typically the receipt of the next message) before it commits alone.
+#: How long (seconds, on the event loop's clock) a small acknowledge() waits for a
+#: commit of the agent state to carry it (typically the receipt of the next
+#: message) before it commits alone.
 ACKNOWLEDGE_LINGER: Final = 0.002
 
 
@@ -216,17 +217,22 @@ class InboxReader:
             self._loop_thread = threading.get_ident()
             self._state.on_commit(self._committed)
         key = self._state.acknowledge_later(*seqs)
-        deadline = self._clock.monotonic() + ACKNOWLEDGE_LINGER
+        # On the event loop's clock, not the agent's: the linger is about the disk,
+        # and a test clock that stands still must not hold an acknowledgement back.
+        loop = self._loop
+        deadline = loop.time() + ACKNOWLEDGE_LINGER
         try:
             while self._state.is_waiting(key):
-                if self._clock.monotonic() >= deadline:
+                if loop.time() >= deadline:
                     self._state.flush()  # alone: no other commit came
                     continue
-                woken = self._loop.create_future()
+                woken = loop.create_future()
                 self._riders.add(woken)
+                timer = loop.call_at(deadline, _resolve, woken)
                 try:
-                    await timing.wait_own(self._clock, deadline, woken)
+                    await woken
                 finally:
+                    timer.cancel()
                     self._riders.discard(woken)
         finally:
             self._state.withdraw(key)  # not carried by a commit: not written
@@ -244,8 +250,7 @@ class InboxReader:
 
     def _wake_riders(self) -> None:
         for woken in list(self._riders):
-            if not woken.done():
-                woken.set_result(None)
+            _resolve(woken)
 
     async def stop(self) -> None:
         """Wait for acknowledge() commits running in worker threads."""
@@ -257,6 +262,11 @@ class InboxReader:
             message = await self.receive(None, auto_ack=auto_ack)
             if message is not None:
                 yield message
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def to_message(item: InboxMessage, inbox_seq: int | None = None) -> Message:
