@@ -393,7 +393,7 @@ class AgentState:
         Raises:
             LocalProtocolError: a bad sequence number.
             AuditFull, StorageError: the commit made for too many waiting writes
-                failed (they still wait).
+                failed (the others still wait; this one is withdrawn).
         """
         keys = seq_keys(seqs)
 
@@ -404,7 +404,11 @@ class AgentState:
             key = ("acknowledge", next(self._acknowledgements))
             waiting = self._work.defer(key, True, write)
             if waiting > MAX_DEFERRED:
-                self._work.flush()
+                try:
+                    self._work.flush()
+                except BaseException:
+                    self._work.withdraw(key)  # the caller is told it failed: not later
+                    raise
         return key
 
     def is_waiting(self, key: Hashable) -> bool:
@@ -414,6 +418,8 @@ class AgentState:
     def withdraw(self, key: Hashable) -> bool:
         """Take back the write deferred as ``key`` if no commit carried it yet (then
         True: it will not be written)."""
+        if not self._work.waiting(key):
+            return False  # carried already (or never deferred): no need for the lock
         with self._work.lock:
             return self._work.withdraw(key)
 
