@@ -336,8 +336,10 @@ async def bench(
     )
     # The same round trip with only what the rules require, on the same stack and disk.
     stack = {
-        store: await stack_floor.round_trips(root / f"stack-floor-{store}", trips, store=store)
-        for store in stack_floor.STORES
+        store + ("_wire" if wire else ""): await stack_floor.round_trips(
+            root / f"stack-floor-{store}-{wire}", trips, store=store, wire=wire
+        )
+        for store, wire in stack_floor.VARIANTS
     }
     process, bob = await start_bob(root / "bob", registry.url)
     commits.install()
@@ -459,7 +461,8 @@ async def bench(
                 value / floor,
                 None,
                 None,
-                f"benchmarks.stack_floor --store {store}: "
+                f"benchmarks.stack_floor --store {store.removesuffix('_wire')}"
+                f"{' --wire' if store.endswith('_wire') else ''}: "
                 f"{value / rtt_floor:.2f}× the round-trip floor; "
                 f"rtt_p50 is {p50 / value:.2f}× this",
             )

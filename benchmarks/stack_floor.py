@@ -74,8 +74,10 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from talos.audit import AuditKind
 from talos.audit.log import AuditLog
+from talos.core import wire
 from talos.core.agent_id import agent_id_from_digest
 from talos.core.clock import time_ms
+from talos.core.crypto import SigningKey
 from talos.storage.agent_state import AgentState, Enqueue, InboxMessage, OutboxItem, Received
 from talos.system import SYSTEM_CLOCK
 
@@ -85,16 +87,28 @@ RECORD = b"r" * 300
 #: What each commit writes: one record in one table; that and an audit entry beside it;
 #: Talos's own agent-state commits (its tables, sealing, audit log with its tree).
 STORES = ("bare", "audited", "talos")
+#: What benchmarks.network runs: each store with plain frames, and Talos's commits with
+#: Talos's envelopes (``--store talos --wire``).
+VARIANTS = (("bare", False), ("audited", False), ("talos", False), ("talos", True))
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 
 class Peer:
     """One side's keys, ratchet and store: the minimum each message touches."""
 
-    def __init__(self, directory: Path, seed: bytes, peer_seed: bytes, *, store: str) -> None:
+    def __init__(
+        self, directory: Path, seed: bytes, peer_seed: bytes, *, store: str, wire: bool = False
+    ) -> None:
         self.public, self.secret = crypto_sign_seed_keypair(seed)
         self.peer_public, _ = crypto_sign_seed_keypair(peer_seed)
         self.peer = agent_id_from_digest(hashlib.sha256(peer_seed).digest())
+        self.me = agent_id_from_digest(hashlib.sha256(seed).digest())
+        #: With ``wire``, frames are Talos's envelopes: built, encoded, signed, and on
+        #: receipt decoded strictly and verified, by :mod:`talos.core.wire`.
+        self.wire = wire
+        self.signing = SigningKey(seed)
+        self.peer_key = SigningKey(peer_seed).public_key
+        self.instance = hashlib.sha256(b"instance" + seed).digest()[:16]
         self.root = hashlib.sha256(seed + peer_seed).digest()
         self.chain = hashlib.sha256(b"chain" + seed).digest()
         self.ratchet = X25519PrivateKey.generate()
@@ -187,12 +201,37 @@ class Peer:
             raise RuntimeError("the acknowledged message was not in the outbox")
 
     def seal(self, kind: int, body: dict[str, Any]) -> bytes:
-        frame = cbor2.dumps({"k": kind, **body})
-        return crypto_sign(frame, self.secret)
+        if not self.wire:
+            return crypto_sign(cbor2.dumps({"k": kind, **body}), self.secret)
+        message = kind == 1
+        envelope = wire.Envelope(
+            type=wire.EnvelopeType.MESSAGE if message else wire.EnvelopeType.ACK,
+            message_id=body["i"] if message else os.urandom(16),
+            sender=self.me,
+            sender_instance=self.instance,
+            recipient=self.peer,
+            timestamp_ms=time_ms(SYSTEM_CLOCK),
+            ratchet_header=body["h"] if message else b"",
+            ciphertext=body["c"] if message else b"",
+            ref_ids=None if message else (body["r"],),
+            status=None if message else wire.AckStatus.ACCEPTED,
+        )
+        return wire.seal(envelope, self.signing)
 
     def opened(self, data: bytes) -> dict[str, Any]:
-        body: dict[str, Any] = cbor2.loads(crypto_sign_open(data, self.peer_public))
-        return body
+        if not self.wire:
+            body: dict[str, Any] = cbor2.loads(crypto_sign_open(data, self.peer_public))
+            return body
+        envelope = wire.verify(wire.decode(data), self.peer_key)
+        if envelope.type is wire.EnvelopeType.ACK:
+            assert envelope.ref_ids is not None
+            return {"k": 2, "r": envelope.ref_ids[0]}
+        return {
+            "k": 1,
+            "i": envelope.message_id,
+            "h": envelope.ratchet_header,
+            "c": envelope.ciphertext,
+        }
 
     def message_key(self) -> tuple[bytes, bytes]:
         """The next message key and nonce: a chain step (two HMACs) and an HKDF."""
@@ -241,9 +280,9 @@ class Peer:
         self.removed(body["r"])  # removed, before send() returns
 
 
-async def worker(directory: Path, *, store: str) -> None:
+async def worker(directory: Path, *, store: str, wire: bool) -> None:
     """The answering process: prints its port, answers every message, until stdin closes."""
-    peer = Peer(directory, b"b" * 32, b"a" * 32, store=store)
+    peer = Peer(directory, b"b" * 32, b"a" * 32, store=store, wire=wire)
 
     async def handle(socket: ServerConnection) -> None:
         async for data in socket:
@@ -264,7 +303,9 @@ async def worker(directory: Path, *, store: str) -> None:
         peer.close()
 
 
-async def round_trips(directory: Path, trips: int, *, store: str, warm: int = 50) -> list[float]:
+async def round_trips(
+    directory: Path, trips: int, *, store: str, wire: bool = False, warm: int = 50
+) -> list[float]:
     """µs of each of ``trips`` round trips (after ``warm`` not counted)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -274,6 +315,7 @@ async def round_trips(directory: Path, trips: int, *, store: str, warm: int = 50
         str(directory / "answerer"),
         "--store",
         store,
+        *(["--wire"] if wire else []),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         cwd=CHECKOUT,
@@ -284,7 +326,7 @@ async def round_trips(directory: Path, trips: int, *, store: str, warm: int = 50
     times: list[float] = []
     peer: Peer | None = None
     try:
-        peer = asker = Peer(directory / "asker", b"a" * 32, b"b" * 32, store=store)
+        peer = asker = Peer(directory / "asker", b"a" * 32, b"b" * 32, store=store, wire=wire)
         async with connect(f"ws://127.0.0.1:{port}", compression=None) as socket:
             delivered: asyncio.Future[None] | None = None
             answered: asyncio.Future[None] | None = None
@@ -329,10 +371,10 @@ async def round_trips(directory: Path, trips: int, *, store: str, warm: int = 50
     return times
 
 
-def measure(trips: int, *, store: str) -> dict[str, float]:
+def measure(trips: int, *, store: str, wire: bool) -> dict[str, float]:
     """p50 and p99 (µs) of ``trips`` stack-floor round trips, in a fresh directory."""
     with tempfile.TemporaryDirectory(prefix="talos-stack-floor-") as root:
-        times = asyncio.run(round_trips(Path(root), trips, store=store))
+        times = asyncio.run(round_trips(Path(root), trips, store=store, wire=wire))
     cuts = statistics.quantiles(times, n=100)
     return {"p50": statistics.median(times), "p99": cuts[98], "trips": len(times)}
 
@@ -341,13 +383,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trips", type=int, default=1000)
     parser.add_argument("--store", choices=STORES, default="bare", help="what each commit writes")
+    parser.add_argument("--wire", action="store_true", help="Talos's envelopes as the frames")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         args.worker.mkdir(parents=True, exist_ok=True)
-        asyncio.run(worker(args.worker, store=args.store))
+        asyncio.run(worker(args.worker, store=args.store, wire=args.wire))
         return
-    print(json.dumps(measure(args.trips, store=args.store), indent=1))
+    print(json.dumps(measure(args.trips, store=args.store, wire=args.wire), indent=1))
 
 
 if __name__ == "__main__":
