@@ -34,7 +34,8 @@ in series (measured on the same disk, with Talos's sync settings) plus two
 messages' crypto: a request/response that is durable on both sides cannot
 be faster. The stack floor (:mod:`benchmarks.stack_floor`) is measured in
 the same run too: the same round trip with only what the rules require, on
-the same libraries and disk, with three kinds of commit (``stack_rtt_p50_*``).
+the same libraries and disk, with three kinds of commit and, for Talos's
+commits, Talos's envelopes as the frames too (``stack_rtt_p50_*``).
 A final profiling pass (not timed) runs cProfile on
 both sides while alice sends messages, and prints where the time goes.
 """

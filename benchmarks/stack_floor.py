@@ -1,8 +1,8 @@
 """The least a durable, signed, encrypted round trip costs on this stack, and what Talos adds.
 
-Run with ``python -m benchmarks.stack_floor [--trips N] [--store bare|audited|talos]``;
-:mod:`benchmarks.network` runs all three in the same run as its own round trips,
-so they compare.
+Run with ``python -m benchmarks.stack_floor [--trips N] [--store bare|audited|talos]
+[--wire]``; :mod:`benchmarks.network` runs the variants in :data:`VARIANTS` in the
+same run as its own round trips, so they compare.
 
 The round-trip floor of :mod:`benchmarks.network` (four one-record commits and
 two messages' crypto, summed) leaves out what no implementation on this stack
@@ -37,12 +37,16 @@ four of the six in series. ``--store`` says what each commit writes:
   audit log with its Merkle tree), called as the client calls them (the log
   here has no block signer: a block is signed once per many entries).
 
+``--wire`` makes the frames Talos's envelopes (:mod:`talos.core.wire`: built,
+canonical CBOR, signed; on receipt decoded strictly and verified) instead of
+plain ``cbor2`` maps signed with Ed25519.
+
 So ``bare`` to ``audited`` is what recording every message costs at least,
-``audited`` to ``talos`` is what Talos's storage layer adds, and ``talos`` to
-the RTT of :mod:`benchmarks.network` is what the rest of Talos adds (envelope
-fields and canonical CBOR, the delivery machinery, freshness checks, sessions,
-metrics, the benchmark application's at-least-once acknowledgement commit).
-Frames here are plain ``cbor2`` maps.
+``audited`` to ``talos`` is what Talos's storage layer adds, ``--wire`` what
+its envelopes add, and ``talos --wire`` to the RTT of :mod:`benchmarks.network`
+is what the rest of Talos adds (the delivery machinery, the sessions'
+serialization, replay and freshness checks, metrics, the benchmark
+application's at-least-once acknowledgement).
 """
 
 from __future__ import annotations
