@@ -483,6 +483,28 @@ async def test_a_commit_in_a_worker_thread_carries_a_small_acknowledgement_too(
         assert state.inbox_count() == 0
 
 
+async def test_a_large_acknowledgement_of_rows_small_ones_wait_to_remove_removes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two small acknowledgements wait for a commit; a large one of the same messages
+    commits them all (the waiting removals run first in its transaction, and it must
+    not then count itself as removing nothing and throw them away)."""
+    monkeypatch.setattr(inbox_module, "ACKNOWLEDGE_LINGER", 60.0)
+    async with pair(tmp_path) as (a, b):
+        got = await _received(a, b, INLINE_ACKNOWLEDGEMENTS)
+        half = INLINE_ACKNOWLEDGEMENTS // 2
+        small = [
+            asyncio.ensure_future(b.acknowledge(*got[:half])),
+            asyncio.ensure_future(b.acknowledge(*got[half:])),
+        ]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not any(task.done() for task in small)
+        await b.acknowledge(*got)  # eight: in a worker thread, carrying the two
+        await asyncio.wait_for(asyncio.gather(*small), 10)
+        assert b._state.inbox_count() == 0  # noqa: SLF001
+
+
 async def test_a_cancelled_acknowledgement_removes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -222,17 +222,23 @@ class InboxReader:
         loop = self._loop
         deadline = loop.time() + ACKNOWLEDGE_LINGER
         try:
-            while self._state.is_waiting(key):
-                if loop.time() >= deadline:
-                    self._state.flush()  # alone: no other commit came
-                    continue
+            while True:
+                # Listening before looking: a commit after the look wakes this call,
+                # one before it shows in the look.
                 woken = loop.create_future()
                 self._riders.add(woken)
-                timer = loop.call_at(deadline, _resolve, woken)
                 try:
-                    await woken
+                    if not self._state.is_waiting(key):
+                        break
+                    if loop.time() >= deadline:
+                        self._state.flush()  # alone: no other commit came
+                        continue
+                    timer = loop.call_at(deadline, _resolve, woken)
+                    try:
+                        await woken
+                    finally:
+                        timer.cancel()
                 finally:
-                    timer.cancel()
                     self._riders.discard(woken)
         finally:
             self._state.withdraw(key)  # not carried by a commit: not written

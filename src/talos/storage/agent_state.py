@@ -371,15 +371,27 @@ class AgentState:
     def acknowledge(self, *seqs: int, audit: AuditRecords = ()) -> bool:
         """Remove inbox messages ``seqs`` after processing them, in one commit.
 
-        True if any was still there; False, and nothing written (not even
-        ``audit``), if none was.
+        True if any was still there (or if acknowledgements waiting for a commit,
+        see :meth:`acknowledge_later`, ran in this one: they may have removed
+        them); False, and nothing written (not even ``audit``), if none was.
 
         Raises:
             LocalProtocolError: a bad sequence number or audit record.
             AuditFull, StorageError: nothing removed.
         """
         keys = seq_keys(seqs)
-        return self._commit(audit, lambda txn: self._inbox.delete(txn, keys))
+        work = self._work
+        with work.lock:
+            # Waiting acknowledgements run first in this transaction and may remove
+            # these very rows: then this one is done, not Unchanged (which would
+            # throw their deletions away with it).
+            riding = work.waiting_kind("acknowledge")
+
+            def apply(txn: lmdb.Transaction[bytes]) -> None:
+                if not self._inbox.delete_present(txn, keys) and not riding:
+                    raise Unchanged
+
+            return work.commit(audit, apply)
 
     def acknowledge_later(self, *seqs: int) -> Hashable:
         """Have the next commit of this state remove inbox messages ``seqs`` (an
@@ -401,7 +413,7 @@ class AgentState:
             self._inbox.delete_present(txn, keys)
 
         with self._work.lock:
-            key = ("acknowledge", next(self._acknowledgements))
+            key = ("acknowledge", next(self._acknowledgements))  # see waiting_kind
             waiting = self._work.defer(key, True, write)
             if waiting > MAX_DEFERRED:
                 try:

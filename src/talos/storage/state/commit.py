@@ -79,6 +79,11 @@ class UnitOfWork:
         """Whether a write for ``key`` waits for a commit."""
         return key in self._deferred
 
+    def waiting_kind(self, kind: str) -> bool:
+        """(Lock held.) Whether a write whose key is a tuple starting with ``kind`` waits
+        (it will run first in the next commit)."""
+        return any(type(key) is tuple and key[:1] == (kind,) for key in self._deferred)
+
     def withdraw(self, key: Hashable) -> bool:
         """(Lock held.) Drop the write waiting for ``key``; False if none waits (a
         commit carried it already, or it was never deferred)."""
