@@ -11,7 +11,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -376,6 +376,15 @@ async def _received(a: TalosClient, b: TalosClient, count: int) -> list[Message]
     return got  # type: ignore[return-value]
 
 
+async def _waiting(*acknowledgements: Awaitable[None]) -> list[asyncio.Future[None]]:
+    """Start ``acknowledgements`` and let each reach its wait for a commit to carry it."""
+    started = [asyncio.ensure_future(call) for call in acknowledgements]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not any(call.done() for call in started)
+    return started
+
+
 def _spy(state: AgentState, name: str) -> list[int]:
     """The threads that call ``state.<name>`` from now on (the real one still runs)."""
     threads: list[int] = []
@@ -444,10 +453,7 @@ async def test_a_small_acknowledgement_rides_the_next_receive_commit(
         [first] = await _received(a, b, 1)
         state = b._state  # noqa: SLF001 -- a spy on the commit it would make alone
         alone = _spy(state, "flush")
-        acknowledging = asyncio.ensure_future(b.acknowledge(first))
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert not acknowledging.done()
+        [acknowledging] = await _waiting(b.acknowledge(first))
         assert state.inbox_count() == 1  # nothing removed before a commit carries it
         await a.send(b.agent_id, "next", timeout=10)
         await asyncio.wait_for(acknowledging, 10)
@@ -467,10 +473,7 @@ async def test_a_commit_in_a_worker_thread_carries_a_small_acknowledgement_too(
     monkeypatch.setattr(inbox_module, "ACKNOWLEDGE_LINGER", 60.0)
     async with pair(tmp_path) as (a, b):
         [first] = await _received(a, b, 1)
-        acknowledging = asyncio.ensure_future(b.acknowledge(first))
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert not acknowledging.done()
+        [acknowledging] = await _waiting(b.acknowledge(first))
         state = b._state  # noqa: SLF001 -- a commit made by another thread
         committing = threading.get_ident()
 
@@ -493,13 +496,7 @@ async def test_a_large_acknowledgement_of_rows_small_ones_wait_to_remove_removes
     async with pair(tmp_path) as (a, b):
         got = await _received(a, b, INLINE_ACKNOWLEDGEMENTS)
         half = INLINE_ACKNOWLEDGEMENTS // 2
-        small = [
-            asyncio.ensure_future(b.acknowledge(*got[:half])),
-            asyncio.ensure_future(b.acknowledge(*got[half:])),
-        ]
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert not any(task.done() for task in small)
+        small = await _waiting(b.acknowledge(*got[:half]), b.acknowledge(*got[half:]))
         await b.acknowledge(*got)  # eight: in a worker thread, carrying the two
         await asyncio.wait_for(asyncio.gather(*small), 10)
         assert b._state.inbox_count() == 0  # noqa: SLF001
@@ -511,9 +508,7 @@ async def test_a_cancelled_acknowledgement_removes_nothing(
     monkeypatch.setattr(inbox_module, "ACKNOWLEDGE_LINGER", 60.0)
     async with pair(tmp_path) as (a, b):
         [first] = await _received(a, b, 1)
-        acknowledging = asyncio.ensure_future(b.acknowledge(first))
-        for _ in range(20):
-            await asyncio.sleep(0)
+        [acknowledging] = await _waiting(b.acknowledge(first))
         acknowledging.cancel()
         with pytest.raises(asyncio.CancelledError):
             await acknowledging
@@ -530,9 +525,7 @@ async def test_acknowledging_again_does_not_stop_the_commit_it_rides(
         [first] = await _received(a, b, 1)
         await b.acknowledge(first)
         monkeypatch.setattr(inbox_module, "ACKNOWLEDGE_LINGER", 60.0)
-        again = asyncio.ensure_future(b.acknowledge(first))
-        for _ in range(20):
-            await asyncio.sleep(0)
+        [again] = await _waiting(b.acknowledge(first))
         sent = await a.send(b.agent_id, "next", timeout=10)
         assert sent.status == "delivered"  # the receive commit it rode went through
         await asyncio.wait_for(again, 10)
