@@ -41,13 +41,14 @@ def _wallet(tmp_path: Path, key: str) -> Wallet:
     return load_wallet(path, lambda: None)
 
 
-def send_anchor(chain: Chain, wallet: Wallet, contract: str, size: int, root: bytes) -> bytes:
-    """``anchor(logId, size, root)`` sent by ``wallet`` (anvil mines it at once)."""
+def send_anchor(watched: Watched, wallet: Wallet, size: int, root: bytes) -> bytes:
+    """``anchor(logId, size, root)`` sent by ``wallet``, once anvil has mined it."""
+    chain = watched.chain
     call = "0x" + anchor_calldata(log_id(ORIGIN), size, root).hex()
     transaction = {
         "chainId": chain.chain_id(),
         "nonce": chain.nonce(wallet.address),
-        "to": contract,
+        "to": watched.contract,
         "data": call,
         "value": 0,
         "gas": 100_000,
@@ -55,6 +56,7 @@ def send_anchor(chain: Chain, wallet: Wallet, contract: str, size: int, root: by
     }
     signed = wallet.sign(transaction)
     chain.send_raw(signed.raw)
+    watched.anvil.wait_mined(bytes(signed.tx_hash))
     return bytes(signed.tx_hash)
 
 
@@ -137,7 +139,7 @@ def test_a_root_the_log_never_had_by_the_agent_s_wallet_is_audited_logged_and_co
     caplog.set_level(logging.INFO, logger="talos.audit.anchoring")
     watched.anchor_final()
     # Someone else holds the wallet's key and anchors another history of this log.
-    forged = send_anchor(watched.chain, watched.wallet, watched.contract, 3, b"\x66" * 32)
+    forged = send_anchor(watched, watched.wallet, 3, b"\x66" * 32)
     watched.clock.advance(INTERVAL)
     watched.anchorer.step()  # the watch runs after the driver's own work
     assert watched.anchorer.last.error is None
@@ -162,7 +164,7 @@ def test_a_root_the_log_never_had_by_the_agent_s_wallet_is_audited_logged_and_co
 
 
 def test_a_size_past_the_log_s_end_by_the_agent_s_wallet_is_a_mismatch(watched: Watched) -> None:
-    send_anchor(watched.chain, watched.wallet, watched.contract, 99, b"\x01" * 32)
+    send_anchor(watched, watched.wallet, 99, b"\x01" * 32)
     [check] = watched.watch().check(0.0)
     assert check.verdict == "mismatch"
     assert "claims 99 entries" in check.reason
@@ -174,8 +176,8 @@ def test_other_wallets_anchors_are_reported_as_foreign_never_audited(
 ) -> None:
     caplog.set_level(logging.INFO, logger="talos.audit.anchoring")
     stranger = _wallet(tmp_path, DEV_KEYS[1])
-    send_anchor(watched.chain, stranger, watched.contract, 3, b"\x66" * 32)
-    send_anchor(watched.chain, stranger, watched.contract, 2, watched.log.root_at(2))
+    send_anchor(watched, stranger, 3, b"\x66" * 32)
+    send_anchor(watched, stranger, 2, watched.log.root_at(2))
     watch = watched.watch()
     checks = watch.check(0.0)
     assert [(c.verdict, c.agrees) for c in checks] == [("foreign", False), ("foreign", True)]
@@ -193,7 +195,7 @@ def test_a_wallet_the_log_anchored_with_before_still_counts_as_the_log_s(
     watched: Watched, tmp_path: Path
 ) -> None:
     watched.anchor_final()  # by DEV_KEYS[0], recorded in an AUDIT_ANCHORED entry
-    send_anchor(watched.chain, watched.wallet, watched.contract, 2, b"\x66" * 32)
+    send_anchor(watched, watched.wallet, 2, b"\x66" * 32)
     # The operator moved to a new wallet; the old one's anchors still speak for the log.
     checks = watched.watch(_wallet(tmp_path, DEV_KEYS[1])).check(0.0)
     assert [c.verdict for c in checks] == ["ok", "mismatch"]
@@ -213,7 +215,7 @@ def test_a_chain_that_does_not_answer_fails_the_step_like_any_anchoring_failure(
 
 def test_a_drained_wallet_does_not_blind_the_watch(watched: Watched) -> None:
     # Someone holding the wallet's key anchors a false root, then empties the wallet.
-    send_anchor(watched.chain, watched.wallet, watched.contract, 2, b"\x66" * 32)
+    send_anchor(watched, watched.wallet, 2, b"\x66" * 32)
     watched.anvil.rpc("anvil_setBalance", [watched.wallet.address, "0x0"])
     watched.anchorer.step()  # the agent's own anchor cannot be paid for ...
     assert isinstance(watched.anchorer.last.error, AnchorRejected)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from talos.audit.anchoring.eth import Account
 from talos.audit.anchoring.store import DATABASE
 from talos.audit.anchoring.verify import verify_anchors
 from talos.audit.anchoring.wallet import Wallet, load_wallet
-from talos.core.anchoring import Anchor, AnchorState, Broadcast, Finality, Outcome, Schedule
+from talos.core.anchoring import Anchor, AnchorState, Finality, Outcome, Schedule
 from talos.core.crypto import SigningKey
 from talos.errors import AnchorMismatch, AnchorRejected, ChainUnavailable
 from talos.metrics import AgentMetrics
@@ -471,15 +470,6 @@ async def test_run_anchors_until_stopped(rig: Rig) -> None:
     assert rig.anchorer.last.error is None
 
 
-def _mined(rig: Rig, broadcast: Broadcast) -> None:
-    """Wait until ``broadcast`` is in a block: anvil's automine answers the send
-    first and mines just after, and an anchor not yet mined is no anchor yet."""
-    deadline = time.monotonic() + 30
-    while rig.chain.receipt(broadcast.tx_hash) is None:
-        assert time.monotonic() < deadline, "anvil did not mine the transaction"
-        time.sleep(0.01)
-
-
 def _finalize(rig: Rig) -> None:
     rig.anchorer.step()
     rig.anvil.mine(3)
@@ -502,7 +492,7 @@ def test_verify_anchors_finds_a_split_view_by_the_log_s_wallet(rig: Rig) -> None
     other._check_chain()
     forged = other._sign(3, b"\x66" * 32, rig.chain.nonce(rig.wallet.address), rig.chain.fees())
     rig.chain.send_raw(forged.raw)
-    _mined(rig, forged)
+    rig.anvil.wait_mined(forged.tx_hash)
     with pytest.raises(AnchorMismatch, match="size 3"):
         verify_anchors(rig.log, rig.chain)
 
@@ -516,6 +506,6 @@ def test_verify_anchors_lists_but_does_not_hold_other_wallets_anchors(
     other._check_chain()
     forged = other._sign(3, b"\x66" * 32, rig.chain.nonce(stranger.address), rig.chain.fees())
     rig.chain.send_raw(forged.raw)
-    _mined(rig, forged)
+    rig.anvil.wait_mined(forged.tx_hash)
     checks = verify_anchors(rig.log, rig.chain)
     assert [c.verdict for c in checks] == ["ok", "foreign"]

@@ -153,7 +153,7 @@ def _send_anchor(anvil: AnvilProcess, contract: str, log: bytes, size: int, root
         "eth_sendTransaction",
         [{"from": STRANGER, "to": contract, "data": "0x" + anchor_calldata(log, size, root).hex()}],
     )
-    wait_until(lambda: anvil.rpc("eth_getTransactionReceipt", [tx]), 10.0, what="mined")
+    anvil.wait_mined(bytes.fromhex(tx[2:]), 10.0)
     return str(tx)
 
 

@@ -9,7 +9,8 @@ tool is an error that says how to install it, never a skipped test.
   loads the chain from the file at start and writes it back when anvil stops
   on SIGTERM), waits until it listens, and returns an :class:`AnvilProcess`
   whose :meth:`~AnvilProcess.rpc` sends raw JSON-RPC calls (``anvil_mine``,
-  ``anvil_reorg``, ``evm_snapshot``) for tests that move the chain;
+  ``anvil_reorg``, ``evm_snapshot``) for tests that move the chain, and
+  :meth:`~AnvilProcess.wait_mined` waits for a transaction a test sent itself;
 * :data:`DEV_KEYS` are anvil's well-known funded development accounts (public
   knowledge: never use them on a real chain);
 * :func:`compile_contract` compiles Solidity with the pinned solcjs, the way
@@ -174,6 +175,21 @@ class AnvilProcess:
 
     def block_number(self) -> int:
         return int(self.rpc("eth_blockNumber"), 16)
+
+    def wait_mined(self, tx_hash: bytes, timeout: float = 30.0) -> None:
+        """Wait until transaction ``tx_hash`` is in a block. Automine answers
+        ``eth_sendRawTransaction`` first and mines just after, so a test that reads
+        the chain right after sending its own transaction waits for it here.
+
+        Raises:
+            TimeoutError: not mined within ``timeout`` seconds.
+        """
+        wait_until(
+            lambda: self.rpc("eth_getTransactionReceipt", ["0x" + tx_hash.hex()]),
+            timeout,
+            what=f"transaction 0x{tx_hash.hex()} mined",
+            interval=0.01,
+        )
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (anvil then writes ``--state``), wait; SIGKILL after ``timeout``."""
